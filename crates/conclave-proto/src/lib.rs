@@ -1,0 +1,38 @@
+//! Conclave's wire protocol: the version exchange, frames, requests, replies, events and error
+//! codes.
+//!
+//! This crate does no I/O and does not depend on tokio: it turns bytes into typed messages and
+//! back, and states the limits that the I/O layers must enforce. The server, the client library
+//! and the fuzzers all share it, so a decoding rule lives in exactly one place.
+//!
+//! A connection is: TLS 1.3, then an 8-byte [`hello`] from each side, then length-prefixed
+//! frames (a 4-byte big-endian length and a postcard-encoded [`ClientFrame`] or [`ServerFrame`]).
+
+pub mod error;
+pub mod frame;
+pub mod hello;
+pub mod msg;
+pub mod names;
+
+pub use error::{ErrorBody, ErrorCode};
+pub use frame::{DecodeError, decode_client, decode_server, encode_client, encode_server};
+pub use msg::*;
+
+/// The protocol version this build speaks. Bumped on any incompatible change to [`msg`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The default TCP port (not a well-known port; chosen to avoid the usual IRC/XMPP ones).
+pub const DEFAULT_PORT: u16 = 7667;
+
+/// Size of the length prefix in front of every frame.
+pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// Default upper bound of one frame's body. The I/O layer refuses a larger length prefix before
+/// it allocates anything.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 * 1024;
+
+/// Default upper bound of one message body (text or opaque payload).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Content type of a plain text body.
+pub const CONTENT_TYPE_TEXT: &str = "text/plain";

@@ -1,0 +1,280 @@
+//! Requests, replies and events.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorBody;
+
+/// Client-chosen id of a request; the reply names it.
+pub type RequestId = u64;
+
+/// Everything a client sends after the hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    pub id: RequestId,
+    pub req: Request,
+}
+
+/// Everything a server sends after the hello: a reply to a request, or an event pushed at any
+/// time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    Reply {
+        id: RequestId,
+        result: Result<Reply, ErrorBody>,
+    },
+    Event(Event),
+}
+
+/// A message body: opaque to routing and storage, so end-to-end encrypted payloads travel the
+/// same paths as plain text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Body {
+    pub content_type: String,
+    pub data: Vec<u8>,
+}
+
+impl Body {
+    /// A plain text body.
+    pub fn text(text: impl Into<String>) -> Self {
+        Body {
+            content_type: crate::CONTENT_TYPE_TEXT.to_string(),
+            data: text.into().into_bytes(),
+        }
+    }
+
+    /// The text, if this is a UTF-8 text body.
+    pub fn as_text(&self) -> Option<&str> {
+        if self.content_type == crate::CONTENT_TYPE_TEXT {
+            std::str::from_utf8(&self.data).ok()
+        } else {
+            None
+        }
+    }
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// The room's members (broadcast), minus `except` (blockcast) when it is not empty.
+    Room { room: String, except: Vec<String> },
+    /// The named users only (unicast for one, multicast for several). The conversation is keyed
+    /// by the set of participants, the sender included.
+    Users { to: Vec<String> },
+}
+
+/// A conversation: a room, or a direct conversation keyed by its participants (sorted, unique,
+/// canonical names, sender included).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Conv {
+    Room(String),
+    Direct(Vec<String>),
+}
+
+/// Which conversation a history request is about, as the caller names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConvRef {
+    Room(String),
+    /// The direct conversation of the caller with these users.
+    With(Vec<String>),
+}
+
+/// A stored, sequenced message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Server-assigned unique id (UUID v7 text).
+    pub msg_id: String,
+    pub conv: Conv,
+    pub from: String,
+    /// Per-conversation sequence number, gap-free, starting at 1.
+    pub seq: u64,
+    /// Server time of acceptance, milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+    pub body: Body,
+}
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Log in to an existing account. Must be the first request (with `Register`).
+    Login {
+        user: String,
+        password: String,
+        server_password: Option<String>,
+    },
+    /// Create an account and log in to it.
+    Register {
+        user: String,
+        password: String,
+        server_password: Option<String>,
+        invite_code: Option<String>,
+    },
+    CreateRoom {
+        room: String,
+        private: bool,
+        password: Option<String>,
+    },
+    Join {
+        room: String,
+        password: Option<String>,
+    },
+    Part {
+        room: String,
+    },
+    Invite {
+        room: String,
+        user: String,
+    },
+    /// Rooms visible to the caller.
+    Rooms,
+    /// Online users, globally or in one room.
+    Who {
+        room: Option<String>,
+    },
+    Send {
+        target: Target,
+        body: Body,
+        /// Client-generated key: a retried send with the same key is stored and delivered once.
+        idempotency_key: Option<String>,
+    },
+    /// Admins only: a notice to everyone online.
+    Announce {
+        text: String,
+    },
+    History {
+        conv: ConvRef,
+        limit: u32,
+        /// Page backwards from before this sequence number; from the newest when absent.
+        before: Option<u64>,
+    },
+    /// Keep-alive; answered with [`Reply::Pong`].
+    Ping {
+        nonce: u64,
+    },
+    /// Leave cleanly: the server answers and closes the connection.
+    Quit,
+}
+
+/// Presence of one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserPresence {
+    pub user: String,
+    pub online: bool,
+    /// Live connections of this user.
+    pub connections: u32,
+    pub admin: bool,
+}
+
+/// A room as listed to a caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInfo {
+    pub room: String,
+    pub private: bool,
+    pub has_password: bool,
+    pub members: u32,
+    pub online: u32,
+    pub member: bool,
+    pub owner: Option<String>,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Ok,
+    LoggedIn {
+        user: String,
+        admin: bool,
+        /// Rooms the account is a member of.
+        rooms: Vec<String>,
+    },
+    Sent {
+        msg_id: String,
+        seq: u64,
+        ts_ms: i64,
+        /// True when this send was a retry of an already stored message.
+        duplicate: bool,
+    },
+    Joined {
+        room: String,
+        members: Vec<String>,
+    },
+    Rooms(Vec<RoomInfo>),
+    Users(Vec<UserPresence>),
+    /// History, oldest first.
+    Messages(Vec<Message>),
+    Pong {
+        nonce: u64,
+    },
+}
+
+/// Why a connection is being closed by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DisconnectReason {
+    /// The client asked to quit.
+    Quit,
+    /// The server is shutting down.
+    Shutdown,
+    /// The client sent something that is not a valid frame.
+    Malformed,
+    /// A frame or message was over a limit.
+    TooLarge,
+    /// The client did not read fast enough and its outbound queue filled up.
+    SlowConsumer,
+    /// No login within the login timeout, or no traffic within the idle timeout.
+    Timeout,
+    /// An operator removed the connection.
+    Kicked,
+    /// Another error; see the text.
+    Other,
+}
+
+impl DisconnectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::Quit => "quit",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::Malformed => "malformed",
+            DisconnectReason::TooLarge => "too_large",
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::Timeout => "timeout",
+            DisconnectReason::Kicked => "kicked",
+            DisconnectReason::Other => "other",
+        }
+    }
+}
+
+/// Something the server pushes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    Message(Message),
+    /// A user became a member of a room.
+    Join {
+        room: String,
+        user: String,
+    },
+    /// A user left a room.
+    Part {
+        room: String,
+        user: String,
+    },
+    /// A user came online (first connection) or went offline (last connection closed).
+    Presence {
+        user: String,
+        online: bool,
+    },
+    /// The caller was invited to a private room.
+    Invited {
+        room: String,
+        by: String,
+    },
+    /// An operator's notice to everyone online.
+    Announce {
+        from: String,
+        text: String,
+        ts_ms: i64,
+    },
+    /// The server is closing this connection; nothing follows.
+    Disconnect {
+        reason: DisconnectReason,
+        message: String,
+    },
+}
