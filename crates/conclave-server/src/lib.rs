@@ -1,1 +1,14 @@
+//! The Conclave server: the listener, one session per connection, the hub that decides who
+//! receives what, and the store.
+//!
+//! Sockets, TLS and disk live at the edges ([`server`], [`session`], [`store`]); the routing and
+//! permission decisions live in [`hub`], which is plain data and functions that tests drive
+//! without sockets.
 
+pub mod accounts;
+pub mod at_rest;
+pub mod config;
+pub mod fsutil;
+pub mod hub;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,274 @@
+//! Server configuration: every tunable and limit, with its documented default.
+//!
+//! Values come from `conclave.toml` in the data directory (or `--config`), then command-line
+//! flags override them. Unknown keys are refused so a typo never silently does nothing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default listen address: loopback only, so a first start exposes nothing to the network.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7667";
+
+/// Name of the config file inside the data directory.
+pub const CONFIG_FILE: &str = "conclave.toml";
+
+/// Who may create an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationPolicy {
+    /// Open when the server listens on loopback only, closed otherwise. The safe default: a
+    /// quick start on one machine just works, and a server exposed to a network never lets
+    /// strangers sign up unless the operator says so.
+    Auto,
+    /// Anyone who can connect (and knows the server password, if one is set) may register.
+    Open,
+    /// Registration needs a one-time invite code made by an admin (`conclave user invite`).
+    Invite,
+    /// Only admins create accounts (`conclave user add`).
+    Closed,
+}
+
+impl RegistrationPolicy {
+    /// The policy in force for a server bound to `listen`.
+    pub fn effective(self, listen: SocketAddr) -> RegistrationPolicy {
+        match self {
+            RegistrationPolicy::Auto if listen.ip().is_loopback() => RegistrationPolicy::Open,
+            RegistrationPolicy::Auto => RegistrationPolicy::Closed,
+            other => other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegistrationPolicy::Auto => "auto",
+            RegistrationPolicy::Open => "open",
+            RegistrationPolicy::Invite => "invite",
+            RegistrationPolicy::Closed => "closed",
+        }
+    }
+}
+
+/// The limits, each named with its unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame body accepted from a client; a larger length prefix ends the connection
+    /// before anything is allocated.
+    pub max_frame_bytes: usize,
+    /// Largest message body.
+    pub max_message_bytes: usize,
+    /// Most recipients named in one direct message (`to`) or `except` list.
+    pub max_recipients: usize,
+    /// Connections served at once; further ones are refused.
+    pub max_connections: usize,
+    /// Frames queued for one client; a client that lets it fill is disconnected as too slow.
+    pub outbound_queue_frames: usize,
+    /// Sends of one connection awaiting their durable commit at once (pipelining depth).
+    pub max_inflight_sends: usize,
+    /// Time allowed for the TLS handshake and the hello.
+    pub handshake_timeout_ms: u64,
+    /// Time allowed from the hello to a successful login.
+    pub login_timeout_ms: u64,
+    /// A connection that sends nothing for this long is closed (clients ping to stay alive).
+    pub idle_timeout_ms: u64,
+    /// Most messages returned by one history request.
+    pub max_history_page: u32,
+    /// Most rooms in the server.
+    pub max_rooms: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: conclave_proto::DEFAULT_MAX_FRAME_BYTES,
+            max_message_bytes: conclave_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            max_recipients: 100,
+            max_connections: 50_000,
+            outbound_queue_frames: 4096,
+            max_inflight_sends: 256,
+            handshake_timeout_ms: 10_000,
+            login_timeout_ms: 30_000,
+            idle_timeout_ms: 300_000,
+            max_history_page: 500,
+            max_rooms: 100_000,
+        }
+    }
+}
+
+impl Limits {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.login_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+/// The config file's shape.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Address and port to listen on.
+    pub listen: Option<String>,
+    /// Registration policy: auto, open, invite or closed.
+    pub registration: Option<RegistrationPolicy>,
+    /// Name of the default room every new account joins.
+    pub default_room: Option<String>,
+    pub limits: Limits,
+}
+
+/// The configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub registration: RegistrationPolicy,
+    /// Needed (when set) to log in or register. Never written to disk by the server.
+    pub server_password: Option<String>,
+    pub default_room: String,
+    pub limits: Limits,
+}
+
+impl Config {
+    /// A configuration with every default, for `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            data_dir: data_dir.into(),
+            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| {
+                SocketAddr::from(([127, 0, 0, 1], conclave_proto::DEFAULT_PORT))
+            }),
+            registration: RegistrationPolicy::Auto,
+            server_password: None,
+            default_room: "general".to_string(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Reads the config file (`path`, or `conclave.toml` in the data directory if it exists)
+    /// over the defaults.
+    pub fn load(data_dir: &Path, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = Config::new(data_dir);
+        let default_path = data_dir.join(CONFIG_FILE);
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None if default_path.exists() => Some(default_path),
+            None => None,
+        };
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+                path: path.clone(),
+                error: e.to_string(),
+            })?;
+            let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.clone(),
+                error: e.to_string(),
+            })?;
+            if let Some(listen) = file.listen {
+                config.listen = parse_listen(&listen)?;
+            }
+            if let Some(r) = file.registration {
+                config.registration = r;
+            }
+            if let Some(room) = file.default_room {
+                config.default_room = conclave_proto::names::canonical_room(&room)
+                    .map_err(|e| ConfigError::Invalid(format!("default_room {room:?}: {e}")))?;
+            }
+            config.limits = file.limits;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses values that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |what: &str| Err(ConfigError::Invalid(what.to_string()));
+        if l.max_frame_bytes < 1024 {
+            return bad("limits.max_frame_bytes must be at least 1024");
+        }
+        if l.max_message_bytes + 1024 > l.max_frame_bytes {
+            return bad(
+                "limits.max_message_bytes must be at least 1024 below limits.max_frame_bytes",
+            );
+        }
+        if l.outbound_queue_frames == 0 || l.max_inflight_sends == 0 || l.max_connections == 0 {
+            return bad(
+                "limits.outbound_queue_frames, max_inflight_sends and max_connections must be above 0",
+            );
+        }
+        if l.max_recipients == 0 || l.max_history_page == 0 {
+            return bad("limits.max_recipients and max_history_page must be above 0");
+        }
+        Ok(())
+    }
+}
+
+/// Parses `ADDR:PORT` with an error that says what to write instead.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        ConfigError::Invalid(format!(
+            "listen address {text:?} is not ADDR:PORT (for example 127.0.0.1:7667, 0.0.0.0:7667 or [::1]:7667)"
+        ))
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {error}", path.display())]
+    Read { path: PathBuf, error: String },
+    #[error("config file {}: {error}", path.display())]
+    Parse { path: PathBuf, error: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_refused_with_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:1\"\n[limits]\nmax_frame_bites = 5\n",
+        )
+        .expect("write");
+        let err = Config::load(dir.path(), Some(&p))
+            .expect_err("must refuse")
+            .to_string();
+        assert!(err.contains("max_frame_bites"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn auto_registration_is_open_only_on_loopback() {
+        let lo: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let any: SocketAddr = "0.0.0.0:1".parse().expect("addr");
+        assert_eq!(
+            RegistrationPolicy::Auto.effective(lo),
+            RegistrationPolicy::Open
+        );
+        assert_eq!(
+            RegistrationPolicy::Auto.effective(any),
+            RegistrationPolicy::Closed
+        );
+        assert_eq!(
+            RegistrationPolicy::Invite.effective(lo),
+            RegistrationPolicy::Invite
+        );
+    }
+
+    #[test]
+    fn bad_listen_says_what_to_write() {
+        let err = parse_listen("localhost").expect_err("refused").to_string();
+        assert!(err.contains("ADDR:PORT"), "{err}");
+    }
+}

@@ -1,0 +1,768 @@
+//! The hub: who is online, which rooms exist and who is in them, and every decision about who
+//! may do what and who receives what.
+//!
+//! It is plain state with no I/O, generic over the handle `O` used to reach a connection, so
+//! tests drive it directly with any handle type. The server keeps one `Hub` behind a mutex and
+//! writes every change through to the store before applying it here.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use conclave_proto::{Conv, ErrorBody, ErrorCode, RoomInfo, Target, UserPresence, names};
+
+use crate::store::RoomRow;
+
+/// Identifies one connection.
+pub type SessionId = u64;
+
+/// Limits the hub enforces.
+#[derive(Debug, Clone)]
+pub struct HubLimits {
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    pub max_rooms: usize,
+}
+
+/// A room as the hub knows it.
+#[derive(Debug, Clone, Default)]
+pub struct Room {
+    pub private: bool,
+    pub pw_hash: Option<String>,
+    pub owner: Option<String>,
+    pub members: BTreeSet<String>,
+    pub invited: HashSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct User {
+    admin: bool,
+    sessions: Vec<SessionId>,
+}
+
+/// What a join needs before it can be applied.
+#[derive(Debug, PartialEq, Eq)]
+pub enum JoinCheck {
+    /// Already a member: nothing to do.
+    AlreadyMember,
+    /// May join; if `pw_hash` is set the given password must verify against it first.
+    Allowed { pw_hash: Option<String> },
+}
+
+/// A send that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedSend {
+    pub conv: Conv,
+    pub except: Vec<String>,
+}
+
+/// The hub's state.
+pub struct Hub<O> {
+    limits: HubLimits,
+    users: HashMap<String, User>,
+    rooms: HashMap<String, Room>,
+    sessions: HashMap<SessionId, (String, O)>,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(code, message)
+}
+
+fn no_such_room(room: &str) -> ErrorBody {
+    err(
+        ErrorCode::NoSuchRoom,
+        format!("there is no room {room:?} that you can see; `rooms` lists the ones you can"),
+    )
+}
+
+impl<O> Hub<O> {
+    /// A hub over the stored accounts `(name, admin)` and rooms.
+    pub fn new(
+        limits: HubLimits,
+        users: impl IntoIterator<Item = (String, bool)>,
+        rooms: impl IntoIterator<Item = RoomRow>,
+    ) -> Self {
+        let users = users
+            .into_iter()
+            .map(|(name, admin)| {
+                (
+                    name,
+                    User {
+                        admin,
+                        sessions: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        let rooms = rooms
+            .into_iter()
+            .map(|r| {
+                (
+                    r.name,
+                    Room {
+                        private: r.private,
+                        pw_hash: r.pw_hash,
+                        owner: r.owner,
+                        members: r.members.into_iter().collect(),
+                        invited: r.invited.into_iter().collect(),
+                    },
+                )
+            })
+            .collect();
+        Hub {
+            limits,
+            users,
+            rooms,
+            sessions: HashMap::new(),
+        }
+    }
+
+    pub fn knows_user(&self, name: &str) -> bool {
+        self.users.contains_key(name)
+    }
+
+    /// Learns an account (created or changed while serving).
+    pub fn upsert_user(&mut self, name: &str, admin: bool) {
+        self.users.entry(name.to_string()).or_default().admin = admin;
+    }
+
+    pub fn is_admin(&self, name: &str) -> bool {
+        self.users.get(name).is_some_and(|u| u.admin)
+    }
+
+    /// Registers a live connection. Returns true when this made the user come online.
+    pub fn connect(&mut self, user: &str, sid: SessionId, outbox: O) -> bool {
+        let u = self.users.entry(user.to_string()).or_default();
+        u.sessions.push(sid);
+        self.sessions.insert(sid, (user.to_string(), outbox));
+        u.sessions.len() == 1
+    }
+
+    /// Forgets a connection. Returns its user and whether the user went offline.
+    pub fn disconnect(&mut self, sid: SessionId) -> Option<(String, bool)> {
+        let (user, _) = self.sessions.remove(&sid)?;
+        let offline = match self.users.get_mut(&user) {
+            Some(u) => {
+                u.sessions.retain(|s| *s != sid);
+                u.sessions.is_empty()
+            }
+            None => true,
+        };
+        Some((user, offline))
+    }
+
+    pub fn online(&self, user: &str) -> bool {
+        self.users.get(user).is_some_and(|u| !u.sessions.is_empty())
+    }
+
+    pub fn room(&self, name: &str) -> Option<&Room> {
+        self.rooms.get(name)
+    }
+
+    /// Rooms `user` belongs to, sorted.
+    pub fn rooms_of(&self, user: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.members.contains(user))
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether `user` may see `room` exists: public rooms, or private ones they belong to or
+    /// were invited to.
+    pub fn can_see(&self, user: &str, room: &Room) -> bool {
+        !room.private || room.members.contains(user) || room.invited.contains(user)
+    }
+
+    /// Checks a new room's name and that it is free; returns the canonical name.
+    pub fn check_create(&self, room: &str) -> Result<String, ErrorBody> {
+        let name = names::canonical_room(room)
+            .map_err(|e| err(ErrorCode::InvalidName, format!("room name {room:?}: {e}")))?;
+        if self.rooms.contains_key(&name) {
+            return Err(err(
+                ErrorCode::RoomExists,
+                format!("a room named {name:?} exists already; choose another name"),
+            ));
+        }
+        if self.rooms.len() >= self.limits.max_rooms {
+            return Err(err(
+                ErrorCode::TooLarge,
+                format!(
+                    "the server has reached its limit of {} rooms",
+                    self.limits.max_rooms
+                ),
+            ));
+        }
+        Ok(name)
+    }
+
+    pub fn insert_room(&mut self, name: &str, room: Room) {
+        self.rooms.insert(name.to_string(), room);
+    }
+
+    /// Whether `user` may join `room`, and what must be checked first.
+    pub fn check_join(&self, user: &str, room: &str) -> Result<(String, JoinCheck), ErrorBody> {
+        let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
+        let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
+        if r.members.contains(user) {
+            return Ok((name, JoinCheck::AlreadyMember));
+        }
+        if r.private && !r.invited.contains(user) && !self.is_admin(user) {
+            // The same answer as for a room that does not exist: private rooms stay hidden.
+            return Err(no_such_room(room));
+        }
+        // An invitation lets the invitee in without the room's password.
+        let pw_hash = if r.invited.contains(user) {
+            None
+        } else {
+            r.pw_hash.clone()
+        };
+        Ok((name, JoinCheck::Allowed { pw_hash }))
+    }
+
+    pub fn add_member(&mut self, room: &str, user: &str) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.invited.remove(user);
+            r.members.insert(user.to_string());
+        }
+    }
+
+    /// Checks a part; returns the canonical room name.
+    pub fn check_part(&self, user: &str, room: &str) -> Result<String, ErrorBody> {
+        let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
+        let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
+        if !r.members.contains(user) {
+            if !self.can_see(user, r) {
+                return Err(no_such_room(room));
+            }
+            return Err(err(
+                ErrorCode::NotMember,
+                format!("you are not a member of {name:?}"),
+            ));
+        }
+        Ok(name)
+    }
+
+    pub fn remove_member(&mut self, room: &str, user: &str) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.members.remove(user);
+        }
+    }
+
+    /// Checks an invitation; returns the canonical room and user names.
+    pub fn check_invite(
+        &self,
+        by: &str,
+        room: &str,
+        user: &str,
+    ) -> Result<(String, String), ErrorBody> {
+        let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
+        let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
+        if !r.members.contains(by) {
+            if !self.can_see(by, r) {
+                return Err(no_such_room(room));
+            }
+            return Err(err(
+                ErrorCode::NotMember,
+                format!("only members of {name:?} can invite to it; join it first"),
+            ));
+        }
+        let invitee = names::canonical(user).ok().filter(|u| self.knows_user(u));
+        let Some(invitee) = invitee else {
+            return Err(err(
+                ErrorCode::NoSuchUser,
+                format!("there is no user {user:?}"),
+            ));
+        };
+        if r.members.contains(&invitee) {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("{invitee:?} is already a member of {name:?}"),
+            ));
+        }
+        Ok((name, invitee))
+    }
+
+    pub fn add_invite(&mut self, room: &str, user: &str) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.invited.insert(user.to_string());
+        }
+    }
+
+    /// Resolves user names to canonical known accounts, or names the unknown ones.
+    fn resolve_users(&self, names_in: &[String], what: &str) -> Result<Vec<String>, ErrorBody> {
+        let mut known = BTreeSet::new();
+        let mut unknown = Vec::new();
+        for n in names_in {
+            match names::canonical(n) {
+                Ok(c) if self.knows_user(&c) => {
+                    known.insert(c);
+                }
+                _ => unknown.push(n.clone()),
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(err(
+                ErrorCode::NoSuchUser,
+                format!("no such user in {what}: {}", unknown.join(", ")),
+            ));
+        }
+        Ok(known.into_iter().collect())
+    }
+
+    /// Names in `names_in` that are not known accounts (so the caller can look them up in the
+    /// store before refusing).
+    pub fn unknown_users(&self, names_in: &[String]) -> Vec<String> {
+        names_in
+            .iter()
+            .filter_map(|n| names::canonical(n).ok().or_else(|| Some(n.clone())))
+            .filter(|c| !self.knows_user(c))
+            .collect()
+    }
+
+    /// Checks a send from `from` and decides its conversation.
+    pub fn check_send(
+        &self,
+        from: &str,
+        target: &Target,
+        body_bytes: usize,
+    ) -> Result<CheckedSend, ErrorBody> {
+        if body_bytes > self.limits.max_message_bytes {
+            return Err(err(
+                ErrorCode::TooLarge,
+                format!(
+                    "the message is {body_bytes} bytes; the limit is {} (send long text as a file)",
+                    self.limits.max_message_bytes
+                ),
+            ));
+        }
+        match target {
+            Target::Room { room, except } => {
+                let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
+                let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
+                if !r.members.contains(from) {
+                    if !self.can_see(from, r) {
+                        return Err(no_such_room(room));
+                    }
+                    return Err(err(
+                        ErrorCode::NotMember,
+                        format!("you are not a member of {name:?}; join it first"),
+                    ));
+                }
+                if except.len() > self.limits.max_recipients {
+                    return Err(err(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "at most {} users in an except list",
+                            self.limits.max_recipients
+                        ),
+                    ));
+                }
+                let except = self.resolve_users(except, "except")?;
+                Ok(CheckedSend {
+                    conv: Conv::Room(name),
+                    except,
+                })
+            }
+            Target::Users { to } => {
+                if to.is_empty() {
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        "a direct message needs at least one user in \"to\"",
+                    ));
+                }
+                if to.len() > self.limits.max_recipients {
+                    return Err(err(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "at most {} users in one direct message",
+                            self.limits.max_recipients
+                        ),
+                    ));
+                }
+                let mut participants = self.resolve_users(to, "to")?;
+                if !participants.iter().any(|p| p == from) {
+                    participants.push(from.to_string());
+                    participants.sort();
+                }
+                Ok(CheckedSend {
+                    conv: Conv::Direct(participants),
+                    except: Vec::new(),
+                })
+            }
+        }
+    }
+
+    /// The conversation `viewer` asks history for, if they may read it.
+    pub fn check_history(
+        &self,
+        viewer: &str,
+        conv: &conclave_proto::ConvRef,
+    ) -> Result<Conv, ErrorBody> {
+        match conv {
+            conclave_proto::ConvRef::Room(room) => {
+                let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
+                let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
+                if r.private && !r.members.contains(viewer) {
+                    return Err(no_such_room(room));
+                }
+                Ok(Conv::Room(name))
+            }
+            conclave_proto::ConvRef::With(users) => {
+                let mut set: BTreeSet<String> = users
+                    .iter()
+                    .filter_map(|u| names::canonical(u).ok())
+                    .collect();
+                if set.is_empty() {
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        "history \"with\" needs at least one user name",
+                    ));
+                }
+                set.insert(viewer.to_string());
+                Ok(Conv::Direct(set.into_iter().collect()))
+            }
+        }
+    }
+
+    /// The users who receive a message in `conv`, minus `except`.
+    pub fn audience<'a>(
+        &'a self,
+        conv: &'a Conv,
+        except: &'a [String],
+    ) -> Box<dyn Iterator<Item = &'a str> + 'a> {
+        match conv {
+            Conv::Room(room) => match self.rooms.get(room) {
+                Some(r) => Box::new(
+                    r.members
+                        .iter()
+                        .map(String::as_str)
+                        .filter(move |m| !except.iter().any(|e| e == m)),
+                ),
+                None => Box::new(std::iter::empty()),
+            },
+            Conv::Direct(users) => Box::new(users.iter().map(String::as_str)),
+        }
+    }
+
+    /// The connections of `users`, except `skip` (the connection that caused the event).
+    pub fn sessions_of<'a>(
+        &'a self,
+        users: impl Iterator<Item = &'a str> + 'a,
+        skip: Option<SessionId>,
+    ) -> impl Iterator<Item = &'a O> + 'a {
+        users
+            .filter_map(|u| self.users.get(u))
+            .flat_map(|u| u.sessions.iter())
+            .filter(move |s| Some(**s) != skip)
+            .filter_map(|s| self.sessions.get(s).map(|(_, o)| o))
+    }
+
+    /// Connections that receive a message in `conv`.
+    pub fn recipients<'a>(
+        &'a self,
+        conv: &'a Conv,
+        except: &'a [String],
+        skip: Option<SessionId>,
+    ) -> impl Iterator<Item = &'a O> + 'a {
+        self.sessions_of(self.audience(conv, except), skip)
+    }
+
+    /// Connections of the users who share a room with `user` (not `user` itself): they see
+    /// `user` come and go.
+    pub fn presence_audience(&self, user: &str) -> Vec<&O> {
+        let mut peers: HashSet<&str> = HashSet::new();
+        for r in self.rooms.values() {
+            if r.members.contains(user) {
+                peers.extend(r.members.iter().map(String::as_str));
+            }
+        }
+        peers.remove(user);
+        self.sessions_of(peers.into_iter(), None).collect()
+    }
+
+    /// Every live connection.
+    pub fn all_sessions(&self) -> impl Iterator<Item = &O> {
+        self.sessions.values().map(|(_, o)| o)
+    }
+
+    fn presence(&self, user: &str) -> UserPresence {
+        let u = self.users.get(user);
+        UserPresence {
+            user: user.to_string(),
+            online: u.is_some_and(|u| !u.sessions.is_empty()),
+            connections: u.map(|u| u.sessions.len() as u32).unwrap_or(0),
+            admin: u.is_some_and(|u| u.admin),
+        }
+    }
+
+    /// `who`: online users, or a room's members with their presence.
+    pub fn who(&self, viewer: &str, room: Option<&str>) -> Result<Vec<UserPresence>, ErrorBody> {
+        match room {
+            None => {
+                let mut v: Vec<UserPresence> = self
+                    .users
+                    .iter()
+                    .filter(|(_, u)| !u.sessions.is_empty())
+                    .map(|(n, _)| self.presence(n))
+                    .collect();
+                v.sort_by(|a, b| a.user.cmp(&b.user));
+                Ok(v)
+            }
+            Some(room) => {
+                let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
+                let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
+                if r.private && !r.members.contains(viewer) {
+                    return Err(no_such_room(room));
+                }
+                Ok(r.members.iter().map(|m| self.presence(m)).collect())
+            }
+        }
+    }
+
+    /// Rooms `viewer` can see.
+    pub fn rooms_visible(&self, viewer: &str) -> Vec<RoomInfo> {
+        let mut v: Vec<RoomInfo> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| self.can_see(viewer, r))
+            .map(|(name, r)| RoomInfo {
+                room: name.clone(),
+                private: r.private,
+                has_password: r.pw_hash.is_some(),
+                members: r.members.len() as u32,
+                online: r.members.iter().filter(|m| self.online(m)).count() as u32,
+                member: r.members.contains(viewer),
+                owner: r.owner.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.room.cmp(&b.room));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conclave_proto::ConvRef;
+
+    fn hub() -> Hub<&'static str> {
+        let users = ["alice", "bob", "carol", "dave", "mallory"]
+            .iter()
+            .map(|u| (u.to_string(), *u == "alice"));
+        let rooms = vec![
+            RoomRow {
+                name: "general".into(),
+                private: false,
+                pw_hash: None,
+                owner: None,
+                members: vec!["alice".into(), "bob".into(), "carol".into(), "dave".into()],
+                invited: vec![],
+            },
+            RoomRow {
+                name: "ops".into(),
+                private: true,
+                pw_hash: None,
+                owner: Some("bob".into()),
+                members: vec!["bob".into(), "carol".into()],
+                invited: vec!["dave".into()],
+            },
+        ];
+        let mut h = Hub::new(
+            HubLimits {
+                max_message_bytes: 100,
+                max_recipients: 3,
+                max_rooms: 10,
+            },
+            users,
+            rooms,
+        );
+        for (sid, (u, o)) in [
+            ("alice", "alice#1"),
+            ("alice", "alice#2"),
+            ("bob", "bob#1"),
+            ("carol", "carol#1"),
+            ("dave", "dave#1"),
+            ("mallory", "mallory#1"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            h.connect(u, sid as u64, o);
+        }
+        h
+    }
+
+    fn route(h: &Hub<&'static str>, from: &str, t: Target, skip: SessionId) -> Vec<&'static str> {
+        let c = h.check_send(from, &t, 5).expect("allowed");
+        let mut v: Vec<_> = h
+            .recipients(&c.conv, &c.except, Some(skip))
+            .copied()
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn broadcast_reaches_every_member_connection_but_the_origin() {
+        let h = hub();
+        let got = route(
+            &h,
+            "bob",
+            Target::Room {
+                room: "General".into(),
+                except: vec![],
+            },
+            2,
+        );
+        assert_eq!(got, vec!["alice#1", "alice#2", "carol#1", "dave#1"]);
+    }
+
+    #[test]
+    fn blockcast_leaves_out_the_excepted() {
+        let h = hub();
+        let got = route(
+            &h,
+            "bob",
+            Target::Room {
+                room: "general".into(),
+                except: vec!["Carol".into(), "alice".into()],
+            },
+            2,
+        );
+        assert_eq!(got, vec!["dave#1"]);
+    }
+
+    #[test]
+    fn unicast_and_multicast_reach_only_the_named_and_the_senders_other_connections() {
+        let h = hub();
+        let got = route(
+            &h,
+            "alice",
+            Target::Users {
+                to: vec!["bob".into()],
+            },
+            0,
+        );
+        assert_eq!(got, vec!["alice#2", "bob#1"]);
+        let got = route(
+            &h,
+            "bob",
+            Target::Users {
+                to: vec!["carol".into(), "mallory".into()],
+            },
+            2,
+        );
+        assert_eq!(got, vec!["carol#1", "mallory#1"]);
+        let c = h
+            .check_send(
+                "bob",
+                &Target::Users {
+                    to: vec!["mallory".into(), "carol".into()],
+                },
+                1,
+            )
+            .expect("ok");
+        assert_eq!(
+            c.conv,
+            Conv::Direct(vec!["bob".into(), "carol".into(), "mallory".into()])
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let h = hub();
+        let code = |r: Result<CheckedSend, ErrorBody>| r.expect_err("refused").code;
+        let room = |r: &str| Target::Room {
+            room: r.into(),
+            except: vec![],
+        };
+        // Not a member of a private room: looks like it does not exist.
+        assert_eq!(
+            code(h.check_send("alice", &room("ops"), 1)),
+            ErrorCode::NoSuchRoom
+        );
+        assert_eq!(
+            code(h.check_send("alice", &room("nope"), 1)),
+            ErrorCode::NoSuchRoom
+        );
+        // Member of nothing but a public room exists: told to join.
+        assert_eq!(
+            code(h.check_send("mallory", &room("general"), 1)),
+            ErrorCode::NotMember
+        );
+        let e = h
+            .check_send(
+                "alice",
+                &Target::Users {
+                    to: vec!["bob".into(), "zed".into(), "q q".into()],
+                },
+                1,
+            )
+            .expect_err("unknown");
+        assert_eq!(e.code, ErrorCode::NoSuchUser);
+        assert!(
+            e.message.contains("zed") && e.message.contains("q q"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            code(h.check_send("alice", &room("general"), 101)),
+            ErrorCode::TooLarge
+        );
+        assert_eq!(
+            code(h.check_send("alice", &Target::Users { to: vec![] }, 1)),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(h.check_send(
+                "alice",
+                &Target::Users {
+                    to: vec!["a".into(), "b".into(), "c".into(), "d".into()]
+                },
+                1
+            )),
+            ErrorCode::TooLarge
+        );
+    }
+
+    #[test]
+    fn private_rooms_are_hidden_from_non_members() {
+        let h = hub();
+        assert!(h.rooms_visible("mallory").iter().all(|r| r.room != "ops"));
+        assert!(
+            h.rooms_visible("dave").iter().any(|r| r.room == "ops"),
+            "invited sees it"
+        );
+        assert_eq!(
+            h.check_history("mallory", &ConvRef::Room("ops".into()))
+                .expect_err("hidden")
+                .code,
+            ErrorCode::NoSuchRoom
+        );
+        assert_eq!(
+            h.who("mallory", Some("ops")).expect_err("hidden").code,
+            ErrorCode::NoSuchRoom
+        );
+        assert_eq!(
+            h.check_join("mallory", "ops").expect_err("hidden").code,
+            ErrorCode::NoSuchRoom
+        );
+        assert_eq!(
+            h.check_join("dave", "ops").expect("invited"),
+            ("ops".into(), JoinCheck::Allowed { pw_hash: None })
+        );
+    }
+
+    #[test]
+    fn presence_goes_to_room_peers_only() {
+        let mut h = hub();
+        let mut got: Vec<_> = h.presence_audience("carol").into_iter().copied().collect();
+        got.sort();
+        assert_eq!(got, vec!["alice#1", "alice#2", "bob#1", "dave#1"]);
+        assert_eq!(h.disconnect(0), Some(("alice".into(), false)));
+        assert_eq!(h.disconnect(1), Some(("alice".into(), true)));
+        assert!(!h.online("alice"));
+    }
+}
