@@ -39,7 +39,7 @@ struct User {
 }
 
 /// What a join needs before it can be applied.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JoinCheck {
     /// Already a member: nothing to do.
     AlreadyMember,

@@ -7,8 +7,16 @@
 
 pub mod accounts;
 pub mod at_rest;
+pub mod cmd;
 pub mod config;
+pub mod dispatch;
 pub mod fsutil;
 pub mod hub;
+pub mod outbox;
+pub mod server;
+pub mod session;
 pub mod store;
 pub mod tls;
+
+pub use config::{Config, RegistrationPolicy};
+pub use server::{Server, StartError};

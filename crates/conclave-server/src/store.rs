@@ -398,6 +398,15 @@ impl Db {
         Ok(())
     }
 
+    /// Creates a public room with no owner if no room has that name (the default room).
+    pub fn ensure_public_room(&mut self, name: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO rooms (name, private, pw_hash, owner, created_ms) VALUES (?1, 0, NULL, NULL, ?2)",
+            params![name, now_ms()],
+        )?;
+        Ok(())
+    }
+
     pub fn add_room_invite(&mut self, room: &str, user: &str) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT OR IGNORE INTO room_invites (room, user) VALUES (?1, ?2)",
@@ -612,6 +621,7 @@ type Call = Box<dyn FnOnce(&mut Db) + Send>;
 enum Op<C> {
     Append(AppendJob<C>),
     Call(Call),
+    Stop,
 }
 
 /// The async handle to the store thread. Cheap to clone.
@@ -668,6 +678,11 @@ impl<C: Send + 'static> Store<C> {
         wait.await.map_err(|_| StoreError::Stopped)?
     }
 
+    /// Asks the thread to finish everything queued before this call, then stop.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Op::Stop).await;
+    }
+
     /// Queues an append; its answer arrives on the commit sink.
     pub async fn append(&self, job: AppendJob<C>) -> Result<(), StoreError> {
         self.tx
@@ -689,6 +704,7 @@ fn run<C>(mut db: Db, mut rx: mpsc::Receiver<Op<C>>, sink: mpsc::Sender<Committe
         };
         match op {
             Op::Call(f) => f(&mut db),
+            Op::Stop => break,
             Op::Append(first) => {
                 let mut jobs = vec![first];
                 while jobs.len() < MAX_BATCH {

@@ -1,0 +1,187 @@
+//! Login, registration and logout.
+
+use conclave_proto::{ErrorBody, ErrorCode, Event, Reply, names};
+
+use super::{blocking, store_error};
+use crate::accounts;
+use crate::config::RegistrationPolicy;
+use crate::session::{Conn, broadcast};
+use crate::store::StoreError;
+
+fn auth_failed() -> ErrorBody {
+    ErrorBody::new(ErrorCode::AuthFailed, "wrong user name or password")
+}
+
+fn check_server_password(conn: &Conn, given: Option<&str>) -> Result<(), ErrorBody> {
+    let Some(expected) = conn.shared.config.server_password.as_deref() else {
+        return Ok(());
+    };
+    match given {
+        Some(g) if accounts::secrets_equal(g, expected) => Ok(()),
+        Some(_) => Err(ErrorBody::new(
+            ErrorCode::ServerPassword,
+            "wrong server password; ask the operator for it",
+        )),
+        None => Err(ErrorBody::new(
+            ErrorCode::ServerPassword,
+            "this server needs a server password (--server-password-env in the client); ask the operator for it",
+        )),
+    }
+}
+
+pub async fn login(
+    conn: &mut Conn,
+    user: String,
+    password: String,
+    server_password: Option<String>,
+) -> Result<Reply, ErrorBody> {
+    check_server_password(conn, server_password.as_deref())?;
+    let name = names::canonical(&user).ok();
+    let row = match name.clone() {
+        Some(n) => conn
+            .shared
+            .store
+            .call(move |db| db.user(&n))
+            .await
+            .map_err(store_error)?,
+        None => None,
+    };
+    // The same work whether or not the account exists, so timing does not tell.
+    let row = blocking(move || match row {
+        Some(r) if accounts::verify_password(&password, &r.pw_hash) => Some(r),
+        Some(_) => None,
+        None => {
+            accounts::verify_dummy(&password);
+            None
+        }
+    })
+    .await?;
+    let Some(row) = row else {
+        tracing::info!(peer = %conn.peer, "login failed");
+        return Err(auth_failed());
+    };
+    Ok(finish_login(conn, row.name, row.admin))
+}
+
+pub async fn register(
+    conn: &mut Conn,
+    user: String,
+    password: String,
+    server_password: Option<String>,
+    invite_code: Option<String>,
+) -> Result<Reply, ErrorBody> {
+    check_server_password(conn, server_password.as_deref())?;
+    let policy = conn.shared.registration;
+    let code_hash = match (policy, invite_code) {
+        (RegistrationPolicy::Closed, _) => {
+            return Err(ErrorBody::new(
+                ErrorCode::RegistrationClosed,
+                "registration is closed on this server; ask an operator to create your account (conclave user add)",
+            ));
+        }
+        (RegistrationPolicy::Invite, None) => {
+            return Err(ErrorBody::new(
+                ErrorCode::InviteRequired,
+                "this server registers by invitation: ask an operator for an invite code (conclave user invite) and pass it",
+            ));
+        }
+        (RegistrationPolicy::Invite, Some(code)) => Some(accounts::invite_code_hash(&code)),
+        _ => None,
+    };
+    let name = names::canonical(&user)
+        .map_err(|e| ErrorBody::new(ErrorCode::InvalidName, format!("user name {user:?}: {e}")))?;
+    accounts::check_new_password(&password)
+        .map_err(|m| ErrorBody::new(ErrorCode::BadRequest, m))?;
+    let hash = blocking(move || accounts::hash_password(&password))
+        .await?
+        .map_err(|m| ErrorBody::new(ErrorCode::Internal, m))?;
+    let default_room = conn.shared.config.default_room.clone();
+    let n = name.clone();
+    let created = conn
+        .shared
+        .store
+        .call(move |db| {
+            let ok = match code_hash {
+                Some(code) => db.register_with_code(&code, &n, &hash)?,
+                None => db.create_user(&n, &hash, false).map(|_| true)?,
+            };
+            if ok {
+                db.ensure_public_room(&default_room)?;
+                db.add_member(&default_room, &n)?;
+            }
+            Ok(ok)
+        })
+        .await;
+    match created {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(ErrorBody::new(
+                ErrorCode::InviteRequired,
+                "that invite code is not valid (unknown or already used); ask an operator for a new one",
+            ));
+        }
+        Err(StoreError::Exists) => {
+            return Err(ErrorBody::new(
+                ErrorCode::NameTaken,
+                format!("the name {name:?} is taken; choose another"),
+            ));
+        }
+        Err(e) => return Err(store_error(e)),
+    }
+    tracing::info!(peer = %conn.peer, user = %name, "account registered");
+    {
+        let mut hub = conn.shared.hub.lock();
+        hub.upsert_user(&name, false);
+        hub.add_member(&conn.shared.config.default_room, &name);
+        let room = conn.shared.config.default_room.clone();
+        let c = conclave_proto::Conv::Room(room.clone());
+        broadcast(
+            hub.recipients(&c, &[], None),
+            Event::Join {
+                room,
+                user: name.clone(),
+            },
+        );
+    }
+    Ok(finish_login(conn, name, false))
+}
+
+fn finish_login(conn: &mut Conn, name: String, admin: bool) -> Reply {
+    let mut hub = conn.shared.hub.lock();
+    hub.upsert_user(&name, admin);
+    let came_online = hub.connect(&name, conn.sid, conn.outbox.clone());
+    if came_online {
+        broadcast(
+            hub.presence_audience(&name),
+            Event::Presence {
+                user: name.clone(),
+                online: true,
+            },
+        );
+    }
+    let rooms = hub.rooms_of(&name);
+    drop(hub);
+    tracing::info!(peer = %conn.peer, user = %name, "login");
+    conn.user = Some(name.clone());
+    Reply::LoggedIn {
+        user: name,
+        admin,
+        rooms,
+    }
+}
+
+/// Forgets the connection; tells room peers when its user went offline.
+pub fn logout(conn: &Conn) {
+    let mut hub = conn.shared.hub.lock();
+    if let Some((user, offline)) = hub.disconnect(conn.sid) {
+        if offline {
+            broadcast(
+                hub.presence_audience(&user),
+                Event::Presence {
+                    user,
+                    online: false,
+                },
+            );
+        }
+    }
+}

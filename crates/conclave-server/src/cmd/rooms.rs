@@ -1,0 +1,171 @@
+//! Rooms: create, join, part, invite.
+
+use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply};
+
+use super::{blocking, store_error};
+use crate::accounts;
+use crate::hub::{JoinCheck, Room};
+use crate::session::{Conn, broadcast};
+use crate::store::{RoomRow, StoreError};
+
+pub async fn create(
+    conn: &Conn,
+    user: &str,
+    room: String,
+    private: bool,
+    password: Option<String>,
+) -> Result<Reply, ErrorBody> {
+    let name = conn.shared.hub.lock().check_create(&room)?;
+    let pw_hash = match password.filter(|p| !p.is_empty()) {
+        Some(p) => {
+            if p.len() > accounts::MAX_PASSWORD_BYTES {
+                return Err(ErrorBody::new(
+                    ErrorCode::TooLarge,
+                    "the room password is too long",
+                ));
+            }
+            Some(
+                blocking(move || accounts::hash_password(&p))
+                    .await?
+                    .map_err(|m| ErrorBody::new(ErrorCode::Internal, m))?,
+            )
+        }
+        None => None,
+    };
+    let row = RoomRow {
+        name: name.clone(),
+        private,
+        pw_hash: pw_hash.clone(),
+        owner: Some(user.to_string()),
+        members: vec![user.to_string()],
+        invited: vec![],
+    };
+    match conn.shared.store.call(move |db| db.create_room(&row)).await {
+        Ok(()) => {}
+        Err(StoreError::Exists) => {
+            return Err(ErrorBody::new(
+                ErrorCode::RoomExists,
+                format!("a room named {name:?} exists already; choose another name"),
+            ));
+        }
+        Err(e) => return Err(store_error(e)),
+    }
+    let mut hub = conn.shared.hub.lock();
+    hub.insert_room(
+        &name,
+        Room {
+            private,
+            pw_hash,
+            owner: Some(user.to_string()),
+            members: [user.to_string()].into_iter().collect(),
+            invited: Default::default(),
+        },
+    );
+    // The creator's other connections learn of it too.
+    let c = Conv::Room(name.clone());
+    broadcast(
+        hub.recipients(&c, &[], Some(conn.sid)),
+        Event::Join {
+            room: name.clone(),
+            user: user.to_string(),
+        },
+    );
+    Ok(Reply::Joined {
+        room: name,
+        members: vec![user.to_string()],
+    })
+}
+
+pub async fn join(
+    conn: &Conn,
+    user: &str,
+    room: String,
+    password: Option<String>,
+) -> Result<Reply, ErrorBody> {
+    let (name, check) = conn.shared.hub.lock().check_join(user, &room)?;
+    if let JoinCheck::Allowed {
+        pw_hash: Some(hash),
+    } = check.clone()
+    {
+        let Some(given) = password else {
+            return Err(ErrorBody::new(
+                ErrorCode::RoomPassword,
+                format!("room {name:?} needs a password; pass \"password\""),
+            ));
+        };
+        if !blocking(move || accounts::verify_password(&given, &hash)).await? {
+            return Err(ErrorBody::new(
+                ErrorCode::RoomPassword,
+                format!("wrong password for room {name:?}"),
+            ));
+        }
+    }
+    if check != JoinCheck::AlreadyMember {
+        let (n, u) = (name.clone(), user.to_string());
+        conn.shared
+            .store
+            .call(move |db| db.add_member(&n, &u))
+            .await
+            .map_err(store_error)?;
+    }
+    let mut hub = conn.shared.hub.lock();
+    if check != JoinCheck::AlreadyMember {
+        hub.add_member(&name, user);
+        let c = Conv::Room(name.clone());
+        broadcast(
+            hub.recipients(&c, &[], Some(conn.sid)),
+            Event::Join {
+                room: name.clone(),
+                user: user.to_string(),
+            },
+        );
+    }
+    let members = hub
+        .room(&name)
+        .map(|r| r.members.iter().cloned().collect())
+        .unwrap_or_default();
+    Ok(Reply::Joined {
+        room: name,
+        members,
+    })
+}
+
+pub async fn part(conn: &Conn, user: &str, room: String) -> Result<Reply, ErrorBody> {
+    let name = conn.shared.hub.lock().check_part(user, &room)?;
+    let (n, u) = (name.clone(), user.to_string());
+    conn.shared
+        .store
+        .call(move |db| db.remove_member(&n, &u))
+        .await
+        .map_err(store_error)?;
+    let mut hub = conn.shared.hub.lock();
+    let event = Event::Part {
+        room: name.clone(),
+        user: user.to_string(),
+    };
+    let c = Conv::Room(name.clone());
+    // Tell the members (before removal, so the parting user's other connections hear it too).
+    broadcast(hub.recipients(&c, &[], Some(conn.sid)), event);
+    hub.remove_member(&name, user);
+    Ok(Reply::Ok)
+}
+
+pub async fn invite(conn: &Conn, by: &str, room: String, user: String) -> Result<Reply, ErrorBody> {
+    let (name, invitee) = conn.shared.hub.lock().check_invite(by, &room, &user)?;
+    let (n, u) = (name.clone(), invitee.clone());
+    conn.shared
+        .store
+        .call(move |db| db.add_room_invite(&n, &u))
+        .await
+        .map_err(store_error)?;
+    let mut hub = conn.shared.hub.lock();
+    hub.add_invite(&name, &invitee);
+    broadcast(
+        hub.sessions_of(std::iter::once(invitee.as_str()), None),
+        Event::Invited {
+            room: name,
+            by: by.to_string(),
+        },
+    );
+    Ok(Reply::Ok)
+}

@@ -1,0 +1,100 @@
+//! Sending: messages to rooms and users, and admin announcements.
+
+use conclave_proto::{Body, ErrorBody, ErrorCode, Event, Reply, Target};
+
+use super::store_error;
+use crate::dispatch::SendCtx;
+use crate::session::{Conn, broadcast};
+use crate::store::{AppendJob, NewMessage};
+
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
+/// Checks a send and queues it for storage; the dispatcher answers once it is durable.
+pub async fn send(
+    conn: &Conn,
+    user: &str,
+    id: u64,
+    target: Target,
+    body: Body,
+    idempotency_key: Option<String>,
+) -> Result<(), ErrorBody> {
+    if idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.len() > MAX_IDEMPOTENCY_KEY_BYTES)
+    {
+        return Err(ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!("an idempotency key is at most {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+        ));
+    }
+    let size = body.data.len() + body.content_type.len();
+    let mut checked = conn.shared.hub.lock().check_send(user, &target, size);
+    if matches!(&checked, Err(e) if e.code == ErrorCode::NoSuchUser) {
+        // Accounts created on the data directory while serving: learn them, then re-check.
+        learn_users(conn, &target).await;
+        checked = conn.shared.hub.lock().check_send(user, &target, size);
+    }
+    let checked = checked?;
+    let permit = conn
+        .inflight
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ErrorBody::new(ErrorCode::Internal, "internal error; try again"))?;
+    let job = AppendJob {
+        msg: NewMessage {
+            conv: checked.conv,
+            from: user.to_string(),
+            body,
+            except: checked.except,
+            idempotency_key,
+        },
+        ctx: SendCtx {
+            origin: conn.sid,
+            outbox: conn.outbox.clone(),
+            req_id: id,
+            permit,
+        },
+    };
+    conn.shared.store.append(job).await.map_err(store_error)
+}
+
+async fn learn_users(conn: &Conn, target: &Target) {
+    let names = match target {
+        Target::Room { except, .. } => except,
+        Target::Users { to } => to,
+    };
+    let unknown = conn.shared.hub.lock().unknown_users(names);
+    for name in unknown {
+        if let Ok(Some(row)) = conn.shared.store.call(move |db| db.user(&name)).await {
+            conn.shared.hub.lock().upsert_user(&row.name, row.admin);
+        }
+    }
+}
+
+pub fn announce(conn: &Conn, user: &str, text: String) -> Result<Reply, ErrorBody> {
+    let hub = conn.shared.hub.lock();
+    if !hub.is_admin(user) {
+        return Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            "only admins can announce",
+        ));
+    }
+    if text.len() > conn.shared.config.limits.max_message_bytes {
+        return Err(ErrorBody::new(
+            ErrorCode::TooLarge,
+            "the announcement is too long",
+        ));
+    }
+    tracing::info!(user, "announcement sent");
+    broadcast(
+        hub.all_sessions(),
+        Event::Announce {
+            from: user.to_string(),
+            text,
+            ts_ms: crate::store::now_ms(),
+        },
+    );
+    Ok(Reply::Ok)
+}

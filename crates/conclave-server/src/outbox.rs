@@ -1,0 +1,157 @@
+//! A connection's outbound side: a bounded queue of encoded frames and the task that writes
+//! them to the TLS stream.
+//!
+//! Why bounded: a client that stops reading must never make the server's memory grow. When its
+//! queue is full, the connection is closed as a slow consumer (it can reconnect and catch up
+//! from history), and nobody else waits for it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use conclave_proto::{DisconnectReason, Event, FRAME_HEADER_BYTES, ServerFrame};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+/// Bytes buffered before a write reaches TLS: many small frames share one TLS record.
+pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Frames written between flushes when many are queued.
+pub const WRITE_BATCH_FRAMES: usize = 256;
+/// Time allowed to say goodbye (last frames, the disconnect event, TLS close_notify).
+pub const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Encodes a server frame with its length prefix, ready to queue (once for any number of
+/// recipients: `Bytes` clones share the buffer).
+pub fn encode(frame: &ServerFrame) -> Bytes {
+    let body = conclave_proto::encode_server(frame);
+    let mut b = BytesMut::with_capacity(FRAME_HEADER_BYTES + body.len());
+    b.put_u32(body.len() as u32);
+    b.extend_from_slice(&body);
+    b.freeze()
+}
+
+type Reason = Arc<Mutex<Option<(DisconnectReason, String)>>>;
+
+/// A handle to queue frames for one connection, and to close it with a reason.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    close: CancellationToken,
+    reason: Reason,
+}
+
+impl Outbox {
+    /// A new outbox with room for `capacity` frames. It closes by itself when `parent` is
+    /// cancelled (server shutdown).
+    pub fn new(capacity: usize, parent: &CancellationToken) -> (Outbox, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Outbox {
+                tx,
+                close: parent.child_token(),
+                reason: Arc::new(Mutex::new(None)),
+            },
+            rx,
+        )
+    }
+
+    /// Queues an encoded frame; closes the connection if its queue is full.
+    pub fn push(&self, frame: Bytes) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(frame) {
+            self.close(
+                DisconnectReason::SlowConsumer,
+                format!(
+                    "your connection fell behind: {} messages were waiting to be sent to you; reconnect to catch up",
+                    self.tx.max_capacity()
+                ),
+            );
+        }
+    }
+
+    /// Encodes and queues a frame.
+    pub fn send(&self, frame: &ServerFrame) {
+        self.push(encode(frame));
+    }
+
+    /// Closes the connection, telling the client why (the first reason given wins).
+    pub fn close(&self, reason: DisconnectReason, message: impl Into<String>) {
+        if let Ok(mut r) = self.reason.lock() {
+            if r.is_none() {
+                *r = Some((reason, message.into()));
+            }
+        }
+        self.close.cancel();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.close.is_cancelled()
+    }
+
+    /// Completes when the connection is being closed.
+    pub fn closed(&self) -> WaitForCancellationFuture<'_> {
+        self.close.cancelled()
+    }
+
+    /// Why the connection is closing.
+    pub fn reason(&self) -> (DisconnectReason, String) {
+        self.reason.lock().ok().and_then(|r| r.clone()).unwrap_or((
+            DisconnectReason::Shutdown,
+            "the server is shutting down; reconnect later".to_string(),
+        ))
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    rx: &mut mpsc::Receiver<Bytes>,
+    idle: &mut bool,
+) -> std::io::Result<()> {
+    loop {
+        *idle = true;
+        let Some(frame) = rx.recv().await else {
+            return Ok(());
+        };
+        *idle = false;
+        w.write_all(&frame).await?;
+        for _ in 0..WRITE_BATCH_FRAMES {
+            match rx.try_recv() {
+                Ok(f) => w.write_all(&f).await?,
+                Err(_) => break,
+            }
+        }
+        w.flush().await?;
+    }
+}
+
+/// Writes queued frames until the outbox closes, then says goodbye: the frames still queued
+/// (unless the client was too slow), the disconnect event, and a TLS close_notify.
+pub async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Bytes>, outbox: Outbox) {
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, w);
+    let mut idle = true;
+    let ended_by_itself = tokio::select! {
+        _ = outbox.closed() => false,
+        r = write_loop(&mut w, &mut rx, &mut idle) => {
+            if let Err(e) = r {
+                outbox.close(DisconnectReason::Other, format!("write failed: {e}"));
+            }
+            true
+        }
+    };
+    let (reason, message) = outbox.reason();
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        // Mid-frame (cancelled inside a write) nothing more can be framed correctly.
+        if !ended_by_itself && idle {
+            if reason != DisconnectReason::SlowConsumer {
+                while let Ok(f) = rx.try_recv() {
+                    w.write_all(&f).await?;
+                }
+            }
+            let bye = encode(&ServerFrame::Event(Event::Disconnect { reason, message }));
+            w.write_all(&bye).await?;
+            w.flush().await?;
+        }
+        w.shutdown().await
+    })
+    .await;
+}

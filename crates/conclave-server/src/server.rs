@@ -1,0 +1,228 @@
+//! The listener: binds, accepts, limits the number of connections, and shuts down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::at_rest::DataKey;
+use crate::config::{Config, RegistrationPolicy};
+use crate::dispatch::{self, SendCtx};
+use crate::hub::{Hub, HubLimits, SessionId};
+use crate::outbox::Outbox;
+use crate::store::{Db, Store, StoreThread};
+use crate::{fsutil, session, tls};
+
+/// Time given to connections to say goodbye at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Commits waiting for fan-out.
+const COMMIT_QUEUE: usize = 16 * 1024;
+
+/// The hub behind its lock. A panic while holding the lock must not take every later request
+/// down with it, so a poisoned lock is recovered (the hub's state is updated in single steps).
+pub struct SharedHub(Mutex<Hub<Outbox>>);
+
+impl SharedHub {
+    pub fn lock(&self) -> MutexGuard<'_, Hub<Outbox>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    pub config: Config,
+    /// The registration policy in force (auto resolved for the listen address).
+    pub registration: RegistrationPolicy,
+    pub hub: Arc<SharedHub>,
+    pub store: Store<SendCtx>,
+    pub shutdown: CancellationToken,
+    next_session: AtomicU64,
+}
+
+impl Shared {
+    pub fn next_session_id(&self) -> SessionId {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Why the server could not start, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Message(String),
+}
+
+fn start_err(m: impl Into<String>) -> StartError {
+    StartError::Message(m.into())
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    store_thread: StoreThread,
+    dispatcher: tokio::task::JoinHandle<()>,
+    local_addr: SocketAddr,
+    fingerprint: String,
+    identity_created: bool,
+}
+
+/// Opens (creating if needed) the data directory's database with its data key.
+pub fn open_db(config: &Config) -> Result<Db, StartError> {
+    fsutil::create_private_dir(&config.data_dir).map_err(|e| {
+        start_err(format!(
+            "cannot create the data directory {}: {e}; pass --data-dir to choose another",
+            config.data_dir.display()
+        ))
+    })?;
+    let key = DataKey::load_or_create(&config.data_dir).map_err(|e| start_err(e.to_string()))?;
+    let mut db = Db::open(&config.data_dir, key).map_err(|e| start_err(e.to_string()))?;
+    db.ensure_public_room(&config.default_room)
+        .map_err(|e| start_err(e.to_string()))?;
+    Ok(db)
+}
+
+impl Server {
+    /// Prepares the data directory and binds the listening socket.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        config.validate().map_err(|e| start_err(e.to_string()))?;
+        let db = open_db(&config)?;
+        let identity =
+            tls::load_or_create(&config.data_dir).map_err(|e| start_err(e.to_string()))?;
+        let acceptor =
+            TlsAcceptor::from(tls::server_config(&identity).map_err(|e| start_err(e.to_string()))?);
+        let users = db.users().map_err(|e| start_err(e.to_string()))?;
+        let rooms = db.rooms().map_err(|e| start_err(e.to_string()))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| bind_error(config.listen, e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| start_err(e.to_string()))?;
+        let hub = Arc::new(SharedHub(Mutex::new(Hub::new(
+            HubLimits {
+                max_message_bytes: config.limits.max_message_bytes,
+                max_recipients: config.limits.max_recipients,
+                max_rooms: config.limits.max_rooms,
+            },
+            users.into_iter().map(|u| (u.name, u.admin)),
+            rooms,
+        ))));
+        let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
+        let (store, store_thread) = Store::start(db, sink);
+        let dispatcher = tokio::spawn(dispatch::run(hub.clone(), commits));
+        let registration = config.registration.effective(local_addr);
+        Ok(Server {
+            shared: Arc::new(Shared {
+                config,
+                registration,
+                hub,
+                store,
+                shutdown: CancellationToken::new(),
+                next_session: AtomicU64::new(1),
+            }),
+            listener,
+            acceptor,
+            store_thread,
+            dispatcher,
+            local_addr,
+            fingerprint: identity.fingerprint,
+            identity_created: identity.created,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The certificate's SHA-256 fingerprint, lower-case hex.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// True when this start created the TLS identity (first start).
+    pub fn identity_created(&self) -> bool {
+        self.identity_created
+    }
+
+    pub fn registration(&self) -> RegistrationPolicy {
+        self.shared.registration
+    }
+
+    /// Cancel this token to shut the server down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then closes every connection with a
+    /// reason, commits what is queued, and closes the database.
+    pub async fn run(self) -> Result<(), StartError> {
+        let Server {
+            shared,
+            listener,
+            acceptor,
+            store_thread,
+            dispatcher,
+            ..
+        } = self;
+        let connections = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+        let tracker = TaskTracker::new();
+        tracing::info!(listen = %shared.config.listen, "serving");
+        loop {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let Ok(permit) = connections.clone().try_acquire_owned() else {
+                            tracing::warn!(%peer, "connection refused: max_connections reached");
+                            drop(tcp);
+                            continue;
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        tracker.spawn(session::run(shared.clone(), acceptor.clone(), tcp, peer, permit));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and similar: wait a little instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: closing connections");
+        tracker.close();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await;
+        shared.store.stop().await;
+        let _ = dispatcher.await;
+        let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn bind_error(addr: SocketAddr, e: std::io::Error) -> StartError {
+    use std::io::ErrorKind;
+    let port = addr.port();
+    start_err(match e.kind() {
+        ErrorKind::AddrInUse => format!(
+            "port {port} is already in use on {} (another conclave?); pass --listen ADDR:PORT to choose another",
+            addr.ip()
+        ),
+        ErrorKind::PermissionDenied => format!(
+            "not allowed to listen on {addr} (ports below 1024 need privileges); pass --listen with a port above 1024"
+        ),
+        ErrorKind::AddrNotAvailable => format!(
+            "address {} is not an address of this machine; pass --listen with one that is (127.0.0.1, 0.0.0.0, ...)",
+            addr.ip()
+        ),
+        _ => format!("cannot listen on {addr}: {e}"),
+    })
+}

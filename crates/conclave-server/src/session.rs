@@ -1,0 +1,281 @@
+//! One connection: the TLS handshake, the hello, the login, then the request loop.
+//!
+//! Requests are read and answered one at a time, except sends, which are handed to the store
+//! and answered by the dispatcher once durable, so a client can pipeline many sends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use conclave_proto::hello::{self, HELLO_BYTES, HelloStatus};
+use conclave_proto::{
+    ClientFrame, DisconnectReason, ErrorBody, ErrorCode, Event, PROTOCOL_VERSION, Reply, Request,
+    ServerFrame,
+};
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, timeout};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+
+use crate::cmd;
+use crate::hub::SessionId;
+use crate::outbox::{self, GOODBYE_TIMEOUT, Outbox};
+use crate::server::Shared;
+
+/// One logged-in (or logging-in) connection, as the command handlers see it.
+pub struct Conn {
+    pub shared: Arc<Shared>,
+    pub sid: SessionId,
+    pub peer: SocketAddr,
+    pub outbox: Outbox,
+    pub user: Option<String>,
+    /// Bounds this connection's sends awaiting their commit.
+    pub inflight: Arc<Semaphore>,
+}
+
+impl Conn {
+    pub fn reply(&self, id: u64, result: Result<Reply, ErrorBody>) {
+        self.outbox.send(&ServerFrame::Reply { id, result });
+    }
+}
+
+/// Serves one accepted TCP connection to the end.
+pub async fn run(
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let limits = shared.config.limits.clone();
+    let handshake_deadline = Instant::now() + limits.handshake_timeout();
+    let mut tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let mut theirs = [0u8; HELLO_BYTES];
+    match tokio::time::timeout_at(handshake_deadline, tls.read_exact(&mut theirs)).await {
+        Ok(Ok(_)) => {}
+        _ => {
+            tracing::debug!(%peer, "no hello");
+            return;
+        }
+    }
+    let hello_ok = match hello::decode(&theirs) {
+        Ok(h) => h.version == PROTOCOL_VERSION,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "bad hello");
+            return;
+        }
+    };
+    let status = if hello_ok {
+        HelloStatus::Ok
+    } else {
+        HelloStatus::UnsupportedVersion
+    };
+    let ours = hello::encode(PROTOCOL_VERSION, status);
+    if tokio::time::timeout_at(handshake_deadline, async {
+        tls.write_all(&ours).await?;
+        tls.flush().await
+    })
+    .await
+    .map_or(true, |r| r.is_err())
+        || !hello_ok
+    {
+        let _ = timeout(GOODBYE_TIMEOUT, tls.shutdown()).await;
+        return;
+    }
+
+    let (read_half, write_half) = tokio::io::split(tls);
+    let (outbox, queue) = Outbox::new(limits.outbound_queue_frames, &shared.shutdown);
+    let writer = tokio::spawn(outbox::writer(write_half, queue, outbox.clone()));
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(limits.max_frame_bytes)
+        .new_codec();
+    let mut frames = FramedRead::new(read_half, codec);
+    let mut conn = Conn {
+        sid: shared.next_session_id(),
+        shared: shared.clone(),
+        peer,
+        outbox: outbox.clone(),
+        user: None,
+        inflight: Arc::new(Semaphore::new(limits.max_inflight_sends)),
+    };
+    let login_deadline = Instant::now() + limits.login_timeout();
+    loop {
+        let deadline = match conn.user {
+            None => login_deadline,
+            Some(_) => Instant::now() + limits.idle_timeout(),
+        };
+        let next = tokio::select! {
+            biased;
+            _ = outbox.closed() => break,
+            n = tokio::time::timeout_at(deadline, frames.next()) => n,
+        };
+        let bytes = match next {
+            Err(_) => {
+                let message = match conn.user {
+                    None => format!(
+                        "no login within {} s; log in right after connecting",
+                        limits.login_timeout_ms / 1000
+                    ),
+                    Some(_) => format!(
+                        "nothing received for {} s; clients send a ping to stay connected",
+                        limits.idle_timeout_ms / 1000
+                    ),
+                };
+                outbox.close(DisconnectReason::Timeout, message);
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    outbox.close(
+                        DisconnectReason::TooLarge,
+                        format!(
+                            "a frame was larger than the server's limit of {} bytes",
+                            limits.max_frame_bytes
+                        ),
+                    );
+                    tracing::info!(%peer, user = ?conn.user, "connection closed: oversize frame");
+                }
+                break;
+            }
+            Ok(Some(Ok(bytes))) => bytes,
+        };
+        let frame = match conclave_proto::decode_client(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                outbox.close(DisconnectReason::Malformed, e.to_string());
+                tracing::info!(%peer, user = ?conn.user, "connection closed: malformed frame");
+                break;
+            }
+        };
+        if handle(&mut conn, frame).await == Flow::Stop {
+            break;
+        }
+    }
+
+    if conn.user.is_some() {
+        cmd::auth::logout(&conn);
+    }
+    outbox.close(DisconnectReason::Quit, "goodbye");
+    let _ = timeout(GOODBYE_TIMEOUT * 2, writer).await;
+}
+
+/// Whether the session goes on after a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+fn not_logged_in() -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::NotLoggedIn,
+        "log in (or register) first: that must be the first request",
+    )
+}
+
+async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
+    let ClientFrame { id, req } = frame;
+    let result = match (conn.user.clone(), req) {
+        (_, Request::Ping { nonce }) => Ok(Reply::Pong { nonce }),
+        (_, Request::Quit) => {
+            conn.reply(id, Ok(Reply::Ok));
+            conn.outbox
+                .close(DisconnectReason::Quit, "goodbye: you asked to quit");
+            return Flow::Stop;
+        }
+        (
+            None,
+            Request::Login {
+                user,
+                password,
+                server_password,
+            },
+        ) => cmd::auth::login(conn, user, password, server_password).await,
+        (
+            None,
+            Request::Register {
+                user,
+                password,
+                server_password,
+                invite_code,
+            },
+        ) => cmd::auth::register(conn, user, password, server_password, invite_code).await,
+        (None, _) => Err(not_logged_in()),
+        (Some(_), Request::Login { .. } | Request::Register { .. }) => Err(ErrorBody::new(
+            ErrorCode::AlreadyLoggedIn,
+            "this connection is already logged in; open another connection for another account",
+        )),
+        (
+            Some(user),
+            Request::Send {
+                target,
+                body,
+                idempotency_key,
+            },
+        ) => match cmd::send::send(conn, &user, id, target, body, idempotency_key).await {
+            // Answered by the dispatcher once the message is durable.
+            Ok(()) => return Flow::Continue,
+            Err(e) => Err(e),
+        },
+        (Some(user), Request::Announce { text }) => cmd::send::announce(conn, &user, text),
+        (
+            Some(user),
+            Request::CreateRoom {
+                room,
+                private,
+                password,
+            },
+        ) => cmd::rooms::create(conn, &user, room, private, password).await,
+        (Some(user), Request::Join { room, password }) => {
+            cmd::rooms::join(conn, &user, room, password).await
+        }
+        (Some(user), Request::Part { room }) => cmd::rooms::part(conn, &user, room).await,
+        (
+            Some(user),
+            Request::Invite {
+                room,
+                user: invitee,
+            },
+        ) => cmd::rooms::invite(conn, &user, room, invitee).await,
+        (Some(user), Request::Rooms) => {
+            Ok(Reply::Rooms(conn.shared.hub.lock().rooms_visible(&user)))
+        }
+        (Some(user), Request::Who { room }) => conn
+            .shared
+            .hub
+            .lock()
+            .who(&user, room.as_deref())
+            .map(Reply::Users),
+        (
+            Some(user),
+            Request::History {
+                conv,
+                limit,
+                before,
+            },
+        ) => cmd::history::history(conn, &user, conv, limit, before).await,
+    };
+    conn.reply(id, result);
+    Flow::Continue
+}
+
+/// Sends an event to a set of connections.
+pub fn broadcast<'a>(targets: impl IntoIterator<Item = &'a Outbox>, event: Event) {
+    let frame = outbox::encode(&ServerFrame::Event(event));
+    for o in targets {
+        o.push(frame.clone());
+    }
+}
