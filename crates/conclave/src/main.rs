@@ -1,1 +1,30 @@
-fn main() {}
+//! `conclave`: one binary for the server, its operator tools and its clients. This crate only
+//! parses arguments and calls into the library crates.
+
+mod cli;
+mod client;
+mod serve;
+mod user;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("conclave: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: cli::Cli) -> anyhow::Result<std::process::ExitCode> {
+    use cli::Command;
+    match cli.command {
+        Command::Serve(args) => serve::serve(args),
+        Command::Fingerprint(args) => serve::fingerprint(args),
+        Command::User(args) => user::run(args),
+        Command::Client(args) => serve::client(args),
+    }
+}

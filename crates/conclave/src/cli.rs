@@ -1,0 +1,133 @@
+//! The command line (the contract in DESIGN.md).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./conclave-data";
+
+#[derive(Parser)]
+#[command(
+    name = "conclave",
+    version,
+    about = "Conclave: a self-hosted secure chat-room server and its clients",
+    after_help = "Start a server:   conclave serve\nConnect a client: conclave client --json --server 127.0.0.1:7667 --user alice --register --trust-on-first-use"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the server.
+    #[command(after_help = "Example:\n  conclave serve --data-dir ./conclave-data --listen 0.0.0.0:7667")]
+    Serve(ServeArgs),
+    /// Print the server certificate's SHA-256 fingerprint (hex) and nothing else.
+    #[command(after_help = "Example:\n  conclave fingerprint --data-dir ./conclave-data")]
+    Fingerprint(DataDirArg),
+    /// Manage accounts on a data directory.
+    #[command(after_help = "Example:\n  CONCLAVE_PW=... conclave user add alice --admin --password-env CONCLAVE_PW")]
+    User(UserArgs),
+    /// Connect to a server as a client (JSON lines on stdin and stdout).
+    #[command(after_help = "Example:\n  conclave client --json --server 127.0.0.1:7667 --user alice --password-env PW --fingerprint 3f2a...\n  then type: {\"cmd\":\"send\",\"room\":\"general\",\"text\":\"hi\"}")]
+    Client(ClientArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct DataDirArg {
+    /// The server's data directory (config, keys, database, logs).
+    #[arg(long, env = "CONCLAVE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// Address and port to listen on (default 127.0.0.1:7667, loopback only).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// Config file (default: conclave.toml in the data directory, if present).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Who may create accounts: auto (open on loopback, closed otherwise), open, invite, closed.
+    #[arg(long, value_name = "POLICY")]
+    pub registration: Option<String>,
+    /// Require this server password (read from the named environment variable) to log in or
+    /// register.
+    #[arg(long, value_name = "VAR")]
+    pub server_password_env: Option<String>,
+}
+
+#[derive(Args)]
+pub struct UserArgs {
+    #[command(flatten)]
+    pub data: DataDirArg,
+    #[command(subcommand)]
+    pub action: UserAction,
+}
+
+#[derive(Subcommand)]
+pub enum UserAction {
+    /// Create an account (the password is prompted for, or read from --password-env).
+    Add {
+        name: String,
+        /// Give the account the admin role.
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from this environment variable instead of prompting.
+        #[arg(long, value_name = "VAR")]
+        password_env: Option<String>,
+    },
+    /// Delete an account.
+    Del { name: String },
+    /// Set an account's password.
+    Passwd {
+        name: String,
+        #[arg(long, value_name = "VAR")]
+        password_env: Option<String>,
+    },
+    /// List accounts.
+    List,
+    /// Make a one-time invite code (for registration policy "invite").
+    Invite,
+}
+
+#[derive(Args)]
+pub struct ClientArgs {
+    /// JSON lines mode: commands on stdin, replies and events on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// The server, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub server: String,
+    /// Your account name.
+    #[arg(long)]
+    pub user: String,
+    /// Read your password from this environment variable (otherwise it is prompted for).
+    #[arg(long, value_name = "VAR")]
+    pub password_env: Option<String>,
+    /// The server certificate's SHA-256 fingerprint (hex, colons and case ignored).
+    #[arg(long, value_name = "HEX", conflicts_with_all = ["trust_on_first_use", "ca"])]
+    pub fingerprint: Option<String>,
+    /// Accept and pin an unknown server's certificate on this first connection.
+    #[arg(long)]
+    pub trust_on_first_use: bool,
+    /// Verify the server with this CA certificate (PEM) instead of a pinned fingerprint.
+    #[arg(long, value_name = "FILE", conflicts_with = "trust_on_first_use")]
+    pub ca: Option<PathBuf>,
+    /// Create the account (if the server's registration policy allows it).
+    #[arg(long)]
+    pub register: bool,
+    /// Read an invite code for registration from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub invite_code_env: Option<String>,
+    /// Read the server password from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub server_password_env: Option<String>,
+    /// Where pinned server fingerprints are kept (default: ~/.config/conclave).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}

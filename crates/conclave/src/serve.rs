@@ -1,0 +1,124 @@
+//! `conclave serve`, `conclave fingerprint` and `conclave client`.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use conclave_server::config::parse_listen;
+use conclave_server::{Config, RegistrationPolicy, Server, tls};
+
+use crate::cli::{ClientArgs, DataDirArg, ServeArgs};
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONCLAVE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_logging("info");
+    let mut config = Config::load(&args.data.data_dir, args.config.as_deref())?;
+    if let Some(listen) = &args.listen {
+        config.listen = parse_listen(listen)?;
+    }
+    if let Some(policy) = &args.registration {
+        config.registration = match policy.as_str() {
+            "auto" => RegistrationPolicy::Auto,
+            "open" => RegistrationPolicy::Open,
+            "invite" => RegistrationPolicy::Invite,
+            "closed" => RegistrationPolicy::Closed,
+            other => bail!("--registration {other:?}: choose auto, open, invite or closed"),
+        };
+    }
+    if let Some(var) = &args.server_password_env {
+        let pw = std::env::var(var).with_context(|| {
+            format!("environment variable {var} (from --server-password-env) is not set")
+        })?;
+        if pw.is_empty() {
+            bail!("the server password in {var} is empty");
+        }
+        config.server_password = Some(pw);
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let server = Server::bind(config.clone()).await?;
+        let addr = server.local_addr();
+        let fp = server.fingerprint().to_string();
+        if server.identity_created() {
+            println!("Created a new TLS key and certificate in {}", config.data_dir.display());
+        }
+        println!("Conclave {} serving on {addr} (data: {})", env!("CARGO_PKG_VERSION"), config.data_dir.display());
+        println!("TLS certificate SHA-256: {}", tls::display_fingerprint(&fp));
+        let reg = server.registration();
+        println!(
+            "Registration: {}{}",
+            reg.as_str(),
+            match (config.registration, reg) {
+                (RegistrationPolicy::Auto, RegistrationPolicy::Open) => " (auto: open because the server listens on loopback only)",
+                (RegistrationPolicy::Auto, _) => " (auto: closed because the server listens beyond loopback; create accounts with `conclave user add`)",
+                _ => "",
+            }
+        );
+        let host = if addr.ip().is_unspecified() { "HOST".to_string() } else { addr.ip().to_string() };
+        let server_arg = if addr.is_ipv6() { format!("[{host}]:{}", addr.port()) } else { format!("{host}:{}", addr.port()) };
+        let register = if reg == RegistrationPolicy::Open { " --register" } else { "" };
+        println!("Connect a client:");
+        println!("  conclave client --json --server {server_arg} --user YOUR_NAME{register} --fingerprint {fp}");
+        println!("Stop with Ctrl-C.");
+        let token = server.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; shutting down");
+            token.cancel();
+        });
+        server.run().await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+pub fn fingerprint(args: DataDirArg) -> anyhow::Result<ExitCode> {
+    let cert = args.data_dir.join(tls::TLS_DIR).join(tls::CERT_FILE);
+    if !cert.exists() {
+        bail!(
+            "no certificate in {} yet; start the server once (conclave serve --data-dir {}) to create it",
+            args.data_dir.display(),
+            args.data_dir.display()
+        );
+    }
+    let id = tls::load_or_create(&args.data_dir)?;
+    println!("{}", id.fingerprint);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    init_logging("warn");
+    if !args.json {
+        bail!("only the JSON client exists so far: pass --json (the terminal UI, conclave chat, is coming)");
+    }
+    crate::client::run_json(args)
+}

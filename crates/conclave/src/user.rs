@@ -1,0 +1,85 @@
+//! `conclave user ...`: accounts on a data directory.
+
+use anyhow::{Context, bail};
+use conclave_server::store::StoreError;
+use conclave_server::{Config, accounts, server};
+
+use crate::cli::{UserAction, UserArgs};
+
+/// Reads a password from `env`, or prompts for it (twice for a new one).
+pub fn read_password(env: Option<&str>, prompt: &str, confirm: bool) -> anyhow::Result<String> {
+    if let Some(var) = env {
+        return std::env::var(var).with_context(|| {
+            format!("environment variable {var} (from --password-env) is not set")
+        });
+    }
+    let pw = rpassword::prompt_password(prompt)
+        .context("cannot read a password from the terminal; pass --password-env VAR instead")?;
+    if confirm {
+        let again = rpassword::prompt_password("Repeat it: ")
+            .context("cannot read a password from the terminal")?;
+        if again != pw {
+            bail!("the two passwords differ; nothing was changed");
+        }
+    }
+    Ok(pw)
+}
+
+pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
+    let config = Config::load(&args.data.data_dir, None)?;
+    let mut db = server::open_db(&config)?;
+    match args.action {
+        UserAction::Add {
+            name,
+            admin,
+            password_env,
+        } => {
+            let name = conclave_proto::names::canonical(&name)
+                .map_err(|e| anyhow::anyhow!("user name {name:?}: {e}"))?;
+            let pw = read_password(password_env.as_deref(), &format!("Password for {name}: "), true)?;
+            accounts::check_new_password(&pw).map_err(anyhow::Error::msg)?;
+            let hash = accounts::hash_password(&pw).map_err(anyhow::Error::msg)?;
+            match db.create_user(&name, &hash, admin) {
+                Ok(()) => {}
+                Err(StoreError::Exists) => bail!("the account {name:?} exists already"),
+                Err(e) => return Err(e.into()),
+            }
+            db.add_member(&config.default_room, &name)?;
+            let role = if admin { "admin" } else { "user" };
+            println!("created {role} {name}");
+        }
+        UserAction::Del { name } => {
+            let name = name.to_ascii_lowercase();
+            if !db.delete_user(&name)? {
+                bail!("there is no account {name:?} (conclave user list shows them)");
+            }
+            println!("deleted {name} (a running server closes its sessions at restart)");
+        }
+        UserAction::Passwd { name, password_env } => {
+            let name = name.to_ascii_lowercase();
+            if db.user(&name)?.is_none() {
+                bail!("there is no account {name:?} (conclave user list shows them)");
+            }
+            let pw = read_password(
+                password_env.as_deref(),
+                &format!("New password for {name}: "),
+                true,
+            )?;
+            accounts::check_new_password(&pw).map_err(anyhow::Error::msg)?;
+            let hash = accounts::hash_password(&pw).map_err(anyhow::Error::msg)?;
+            db.set_password(&name, &hash)?;
+            println!("password changed for {name}");
+        }
+        UserAction::List => {
+            for u in db.users()? {
+                println!("{}\t{}", u.name, if u.admin { "admin" } else { "user" });
+            }
+        }
+        UserAction::Invite => {
+            let code = accounts::new_invite_code();
+            db.add_invite_code(&accounts::invite_code_hash(&code))?;
+            println!("{code}");
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
