@@ -5,25 +5,43 @@
 //! associated data that binds the ciphertext to its record (message id and conversation), so
 //! that someone editing the database file cannot move a body to another message unnoticed.
 //!
-//! What it protects against: a copy of the database file (or its WAL, or a backup of it)
-//! without the data key reveals no message text. It does not protect against someone who
-//! holds the whole data directory, key included.
+//! Two ways to hold the key, and what each protects against:
+//! - **Key file** (default): `data.key`, 32 random bytes, mode 0600. A copy of the database file
+//!   (or its WAL, or a backup of just the database) reveals no message text. Someone who copies
+//!   the whole data directory, key included, can read everything.
+//! - **Passphrase** (`conclave serve --data-key-env VAR`): the key is derived with Argon2id from a
+//!   passphrase given at each start and a random salt in `data.salt`; nothing on disk suffices,
+//!   so a stolen disk or whole-directory backup reveals no message text. The price: the server
+//!   cannot start unattended without the passphrase.
+//!
+//! Sub-keys for each purpose (message bodies, the search index, ...) are derived from the data
+//! key with HKDF-SHA256, so one purpose's key never serves another.
 
 use std::path::Path;
 
+use argon2::Argon2;
 use chacha20poly1305::aead::{Aead, Generate, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::fsutil;
 
 /// File name of the data key inside the data directory.
 pub const DATA_KEY_FILE: &str = "data.key";
+/// File name of the passphrase salt inside the data directory.
+pub const SALT_FILE: &str = "data.salt";
 const KEY_BYTES: usize = 32;
+const SALT_BYTES: usize = 16;
+/// Argon2id cost for the passphrase: 64 MiB, 3 passes (one derivation per start).
+const PASSPHRASE_MEMORY_KIB: u32 = 64 * 1024;
+const PASSPHRASE_PASSES: u32 = 3;
 const NONCE_BYTES: usize = 24;
 
 /// The key that seals records at rest.
 pub struct DataKey {
+    raw: Zeroizing<[u8; KEY_BYTES]>,
     cipher: XChaCha20Poly1305,
 }
 
@@ -31,6 +49,12 @@ pub struct DataKey {
 pub enum KeyError {
     #[error("cannot read or write the data key {path}: {error}")]
     Io { path: String, error: String },
+    #[error("cannot derive the data key from the passphrase: {0}")]
+    Derive(String),
+    #[error(
+        "this data directory keeps its data key in {0}, but a passphrase was given; start without --data-key-env, or restore the directory that was created with the passphrase"
+    )]
+    FileKeyPresent(String),
     #[error(
         "the data key {path} is damaged ({len} bytes, expected {KEY_BYTES}); restore it from a backup. Without it the stored messages cannot be read, so it is never replaced automatically"
     )]
@@ -62,13 +86,55 @@ impl DataKey {
         })
     }
 
+    /// Derives the key from a passphrase and the directory's salt (created on first use).
+    pub fn from_passphrase(data_dir: &Path, passphrase: &str) -> Result<DataKey, KeyError> {
+        let key_file = data_dir.join(DATA_KEY_FILE);
+        if key_file.exists() {
+            return Err(KeyError::FileKeyPresent(key_file.display().to_string()));
+        }
+        let path = data_dir.join(SALT_FILE);
+        let io = |e: std::io::Error| KeyError::Io {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        };
+        if !path.exists() {
+            let mut salt = [0u8; SALT_BYTES];
+            rand::Rng::fill(&mut rand::rng(), &mut salt[..]);
+            fsutil::write_private(&path, &salt).map_err(io)?;
+        }
+        let salt = std::fs::read(&path).map_err(io)?;
+        if salt.len() != SALT_BYTES {
+            return Err(KeyError::Damaged {
+                path: path.display().to_string(),
+                len: salt.len(),
+            });
+        }
+        let params =
+            argon2::Params::new(PASSPHRASE_MEMORY_KIB, PASSPHRASE_PASSES, 1, Some(KEY_BYTES))
+                .map_err(|e| KeyError::Derive(e.to_string()))?;
+        let argon = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut raw = Zeroizing::new([0u8; KEY_BYTES]);
+        argon
+            .hash_password_into(passphrase.as_bytes(), &salt, &mut raw[..])
+            .map_err(|e| KeyError::Derive(e.to_string()))?;
+        Self::from_bytes(&raw[..]).ok_or(KeyError::Derive("bad key length".into()))
+    }
+
     /// A key from its raw 32 bytes.
     pub fn from_bytes(bytes: &[u8]) -> Option<DataKey> {
         if bytes.len() != KEY_BYTES {
             return None;
         }
-        let cipher = XChaCha20Poly1305::new_from_slice(bytes).ok()?;
-        Some(DataKey { cipher })
+        let mut raw = Zeroizing::new([0u8; KEY_BYTES]);
+        raw.copy_from_slice(bytes);
+        let body_key = Zeroizing::new(derive(&raw, "conclave message bodies v1"));
+        let cipher = XChaCha20Poly1305::new_from_slice(&body_key[..]).ok()?;
+        Some(DataKey { raw, cipher })
+    }
+
+    /// A 32-byte sub-key for `purpose`.
+    pub fn subkey(&self, purpose: &str) -> Zeroizing<[u8; KEY_BYTES]> {
+        Zeroizing::new(derive(&self.raw, purpose))
     }
 
     /// Seals `plain`, bound to `ad`. Output: nonce, then ciphertext and tag.
@@ -104,6 +170,14 @@ impl DataKey {
     }
 }
 
+fn derive(raw: &[u8; KEY_BYTES], purpose: &str) -> [u8; KEY_BYTES] {
+    let hk = Hkdf::<Sha256>::new(Some(b"conclave-data-key"), raw);
+    let mut out = [0u8; KEY_BYTES];
+    // 32 bytes is always a valid HKDF-SHA256 output length.
+    let _ = hk.expand(purpose.as_bytes(), &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +198,19 @@ mod tests {
             again.open(b"id1", &sealed).expect("same key"),
             b"secret words"
         );
+    }
+
+    #[test]
+    fn passphrase_keys_are_stable_and_distinct() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = DataKey::from_passphrase(dir.path(), "correct horse").expect("derive");
+        let sealed = a.seal(b"x", b"text");
+        let again = DataKey::from_passphrase(dir.path(), "correct horse").expect("derive");
+        assert_eq!(again.open(b"x", &sealed).expect("same key"), b"text");
+        let wrong = DataKey::from_passphrase(dir.path(), "wrong horse").expect("derive");
+        assert!(wrong.open(b"x", &sealed).is_err());
+        assert_ne!(*a.subkey("one"), *a.subkey("two"));
+        assert!(!dir.path().join(DATA_KEY_FILE).exists(), "no key on disk");
     }
 
     #[test]

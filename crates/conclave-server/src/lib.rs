@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod fsutil;
 pub mod hub;
 pub mod outbox;
+pub mod search;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -22,6 +22,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::at_rest::DataKey;
+use crate::search::{self, SearchKey};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "conclave.db";
@@ -32,6 +33,10 @@ pub const STORE_QUEUE: usize = 16 * 1024;
 
 const SCHEMA_VERSION: i64 = 1;
 const SCHEMA: &str = "
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE users (
     name       TEXT PRIMARY KEY,
     pw_hash    TEXT NOT NULL,
@@ -78,7 +83,20 @@ CREATE TABLE messages (
     PRIMARY KEY (conv_id, seq)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX messages_idem ON messages(sender, idem_key) WHERE idem_key IS NOT NULL;
+CREATE TABLE conv_members (
+    user    TEXT NOT NULL,
+    conv_id INTEGER NOT NULL REFERENCES convs(id),
+    PRIMARY KEY (user, conv_id)
+) WITHOUT ROWID;
+CREATE TABLE search_index (
+    token   INTEGER NOT NULL,
+    conv_id INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (token, conv_id, seq)
+) WITHOUT ROWID;
 ";
+const KEY_CHECK_AD: &[u8] = b"conclave-key-check-v1";
+const KEY_CHECK_PLAIN: &[u8] = b"conclave data key check";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -96,6 +114,10 @@ pub enum StoreError {
     TooNew { found: i64 },
     #[error("a stored message does not decrypt: the data key is wrong or the record was altered")]
     Corrupt,
+    #[error(
+        "the data key does not match the database in {0}: a wrong passphrase (--data-key-env), or a data.key from another data directory. Nothing was changed; start again with the right key"
+    )]
+    WrongKey(PathBuf),
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -171,7 +193,15 @@ pub struct Appended {
 pub struct Db {
     conn: Connection,
     key: DataKey,
+    search: SearchKey,
     conv_ids: HashMap<String, i64>,
+}
+
+/// How long messages are kept. `None` keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age_days: Option<u32>,
+    pub max_messages: Option<u64>,
 }
 
 impl Db {
@@ -205,9 +235,32 @@ impl Db {
             ))
             .map_err(open_err)?;
         }
+        // A wrong key must stop the server before it writes anything sealed under it.
+        let check: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(open_err)?;
+        match check {
+            Some(sealed) => {
+                if key.open(KEY_CHECK_AD, &sealed).ok().as_deref() != Some(KEY_CHECK_PLAIN) {
+                    return Err(StoreError::WrongKey(data_dir.to_path_buf()));
+                }
+            }
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
+                    [key.seal(KEY_CHECK_AD, KEY_CHECK_PLAIN)],
+                )
+                .map_err(open_err)?;
+            }
+        }
+        let search = SearchKey::new(&key.subkey("conclave search index v1"));
         Ok(Db {
             conn,
             key,
+            search,
             conv_ids: HashMap::new(),
         })
     }
@@ -419,11 +472,23 @@ impl Db {
         if let Some(&id) = self.conv_ids.get(key) {
             return Ok(id);
         }
-        self.conn
-            .execute("INSERT OR IGNORE INTO convs (key) VALUES (?1)", [key])?;
+        let created = self
+            .conn
+            .execute("INSERT OR IGNORE INTO convs (key) VALUES (?1)", [key])?
+            == 1;
         let id: i64 = self
             .conn
             .query_row("SELECT id FROM convs WHERE key = ?1", [key], |r| r.get(0))?;
+        if created {
+            if let Conv::Direct(users) = conv_from_key(key) {
+                for u in users {
+                    self.conn.execute(
+                        "INSERT OR IGNORE INTO conv_members (user, conv_id) VALUES (?1, ?2)",
+                        params![u, id],
+                    )?;
+                }
+            }
+        }
         self.conv_ids.insert(key.to_string(), id);
         Ok(id)
     }
@@ -530,6 +595,14 @@ impl Db {
                 except,
                 m.idempotency_key
             ])?;
+        if let Some(text) = m.body.as_text() {
+            let mut st = self.conn.prepare_cached(
+                "INSERT OR IGNORE INTO search_index (token, conv_id, seq) VALUES (?1, ?2, ?3)",
+            )?;
+            for w in search::words(text) {
+                st.execute(params![self.search.token(&w), conv_id, seq])?;
+            }
+        }
         Ok(Appended {
             msg: Message {
                 msg_id,
@@ -578,11 +651,7 @@ impl Db {
         let mut out = Vec::new();
         for row in rows {
             let (msg_id, seq, from, ts_ms, sealed) = row?;
-            let plain = self
-                .key
-                .open(&seal_ad(&msg_id, &key, seq as u64), &sealed)
-                .map_err(|_| StoreError::Corrupt)?;
-            let body: Body = postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)?;
+            let body = self.open_body(&msg_id, &key, seq, &sealed)?;
             out.push(Message {
                 msg_id,
                 conv: conv_from_key(&key),
@@ -594,6 +663,207 @@ impl Db {
         }
         out.reverse();
         Ok(out)
+    }
+
+    fn open_body(
+        &self,
+        msg_id: &str,
+        key: &str,
+        seq: i64,
+        sealed: &[u8],
+    ) -> Result<Body, StoreError> {
+        let plain = self
+            .key
+            .open(&seal_ad(msg_id, key, seq as u64), sealed)
+            .map_err(|_| StoreError::Corrupt)?;
+        postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)
+    }
+
+    /// Messages containing every word of `query_words` (normalised with [`search::words`]) in
+    /// the rooms `rooms` and, if `direct`, the viewer's direct conversations; newest first, at
+    /// most `limit`, older than message id `before` when given.
+    pub fn search(
+        &mut self,
+        viewer: &str,
+        rooms: &[String],
+        direct: bool,
+        query_words: &[String],
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let Some((first, rest)) = query_words.split_first() else {
+            return Ok(Vec::new());
+        };
+        let mut conv_ids: Vec<i64> = Vec::new();
+        for r in rooms {
+            if let Some(id) = self.existing_conv_id(&format!("r:{r}"))? {
+                conv_ids.push(id);
+            }
+        }
+        if direct {
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT conv_id FROM conv_members WHERE user = ?1")?;
+            for id in st.query_map([viewer], |r| r.get::<_, i64>(0))? {
+                conv_ids.push(id?);
+            }
+        }
+        if conv_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids_json = format!(
+            "[{}]",
+            conv_ids
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mut sql = String::from(
+            "SELECT m.msg_id, m.seq, m.sender, m.ts_ms, m.body, c.key
+             FROM search_index a
+             JOIN messages m ON m.conv_id = a.conv_id AND m.seq = a.seq
+             JOIN convs c ON c.id = m.conv_id
+             WHERE a.token = ?1 AND a.conv_id IN (SELECT value FROM json_each(?2))
+               AND (m.except_list IS NULL OR instr(m.except_list, ',' || ?3 || ',') = 0)
+               AND m.msg_id < ?4",
+        );
+        let mut tokens: Vec<i64> = Vec::new();
+        for (i, w) in rest.iter().enumerate() {
+            sql.push_str(&format!(
+                " AND EXISTS (SELECT 1 FROM search_index b WHERE b.token = ?{} AND b.conv_id = a.conv_id AND b.seq = a.seq)",
+                i + 6
+            ));
+            tokens.push(self.search.token(w));
+        }
+        sql.push_str(" ORDER BY m.msg_id DESC LIMIT ?5");
+        let mut values: Vec<rusqlite::types::Value> = vec![
+            self.search.token(first).into(),
+            ids_json.into(),
+            viewer.to_string().into(),
+            before.unwrap_or("\u{10FFFF}").to_string().into(),
+            i64::from(limit).into(),
+        ];
+        values.extend(tokens.into_iter().map(rusqlite::types::Value::from));
+        let rows: Vec<(String, i64, String, i64, Vec<u8>, String)> = {
+            let mut st = self.conn.prepare(&sql)?;
+            st.query_map(rusqlite::params_from_iter(values), |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for (msg_id, seq, from, ts_ms, sealed, key) in rows {
+            let body = self.open_body(&msg_id, &key, seq, &sealed)?;
+            // Truncated tokens can collide; the opened text decides.
+            if !body
+                .as_text()
+                .is_some_and(|t| search::matches_all(t, query_words))
+            {
+                continue;
+            }
+            out.push(Message {
+                msg_id,
+                conv: conv_from_key(&key),
+                from,
+                seq: seq as u64,
+                ts_ms,
+                body,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes messages (and their index entries) past their retention. `rule_for` gives the
+    /// rule for a conversation key. Returns how many messages were deleted.
+    pub fn apply_retention(
+        &mut self,
+        now_ms: i64,
+        rule_for: &dyn Fn(&str) -> Retention,
+    ) -> Result<u64, StoreError> {
+        let convs: Vec<(i64, String, i64)> = {
+            let mut st = self.conn.prepare("SELECT id, key, last_seq FROM convs")?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut deleted = 0u64;
+        for (conv_id, key, last_seq) in convs {
+            let rule = rule_for(&key);
+            let mut cutoff: i64 = 0;
+            if let Some(n) = rule.max_messages {
+                cutoff = cutoff.max(last_seq - n.min(i64::MAX as u64) as i64);
+            }
+            if let Some(days) = rule.max_age_days {
+                let before_ms = now_ms - i64::from(days) * 86_400_000;
+                let by_age: Option<i64> = self.conn.query_row(
+                    "SELECT max(seq) FROM messages WHERE conv_id = ?1 AND ts_ms < ?2",
+                    params![conv_id, before_ms],
+                    |r| r.get(0),
+                )?;
+                cutoff = cutoff.max(by_age.unwrap_or(0));
+            }
+            if cutoff <= 0 {
+                continue;
+            }
+            deleted += self.delete_through(conv_id, &key, cutoff)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes a conversation's messages with `seq <= cutoff`, in bounded transactions.
+    fn delete_through(&mut self, conv_id: i64, key: &str, cutoff: i64) -> Result<u64, StoreError> {
+        const CHUNK: i64 = 1000;
+        let mut deleted = 0u64;
+        loop {
+            let rows: Vec<(String, i64, Vec<u8>)> = {
+                let mut st = self.conn.prepare_cached(
+                    "SELECT msg_id, seq, body FROM messages WHERE conv_id = ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                st.query_map(params![conv_id, cutoff, CHUNK], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?
+            };
+            if rows.is_empty() {
+                return Ok(deleted);
+            }
+            let tx = self.conn.transaction()?;
+            for (msg_id, seq, sealed) in &rows {
+                let words = self
+                    .key
+                    .open(&seal_ad(msg_id, key, *seq as u64), sealed)
+                    .ok()
+                    .and_then(|p| postcard::from_bytes::<Body>(&p).ok())
+                    .and_then(|b| b.as_text().map(search::words))
+                    .unwrap_or_default();
+                for w in words {
+                    tx.execute(
+                        "DELETE FROM search_index WHERE token = ?1 AND conv_id = ?2 AND seq = ?3",
+                        params![self.search.token(&w), conv_id, seq],
+                    )?;
+                }
+                tx.execute(
+                    "DELETE FROM messages WHERE conv_id = ?1 AND seq = ?2",
+                    params![conv_id, seq],
+                )?;
+                deleted += 1;
+            }
+            tx.commit()?;
+        }
+    }
+
+    /// Counts rows in the search index (for tests and diagnostics).
+    pub fn search_index_rows(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM search_index", [], |r| r.get(0))?)
     }
 
     /// Runs SQLite's own consistency check; "ok" when sound.
@@ -808,6 +1078,118 @@ mod tests {
         db.append_batch(&[m]).expect("append");
         assert_eq!(db.history(&room, "bob", None, 10).expect("h").len(), 1);
         assert_eq!(db.history(&room, "carol", None, 10).expect("h").len(), 0);
+    }
+
+    #[test]
+    fn search_finds_all_words_in_visible_conversations_only() {
+        let (_d, mut db) = db();
+        let general = Conv::Room("general".into());
+        let ops = Conv::Room("ops".into());
+        let dm = Conv::Direct(vec!["alice".into(), "bob".into()]);
+        db.append_batch(&[
+            msg(general.clone(), "alice", "We DEPLOY on Friday", None),
+            msg(ops.clone(), "bob", "deploy friday secret", None),
+            msg(dm.clone(), "bob", "Déploiement friday?", None),
+            msg(general.clone(), "bob", "deploy maybe monday", None),
+        ])
+        .expect("append");
+        let q = search::words("friday deploy");
+        let found = db
+            .search("alice", &["general".into()], true, &q, None, 10)
+            .expect("search");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].body.as_text(), Some("We DEPLOY on Friday"));
+        let q = search::words("deploiement");
+        let found = db
+            .search("alice", &["general".into()], true, &q, None, 10)
+            .expect("search");
+        assert_eq!(
+            found.len(),
+            1,
+            "accent-insensitive, direct conversations included"
+        );
+        let found = db
+            .search("carol", &["general".into()], true, &q, None, 10)
+            .expect("search");
+        assert!(found.is_empty(), "not carol's conversation");
+        let q = search::words("deploy");
+        let all = db
+            .search(
+                "alice",
+                &["general".into(), "ops".into()],
+                true,
+                &q,
+                None,
+                10,
+            )
+            .expect("search");
+        assert_eq!(all.len(), 3);
+        assert!(all[0].msg_id > all[1].msg_id, "newest first");
+        let page = db
+            .search(
+                "alice",
+                &["general".into(), "ops".into()],
+                true,
+                &q,
+                Some(&all[0].msg_id),
+                10,
+            )
+            .expect("search");
+        assert_eq!(page.len(), 2);
+    }
+
+    #[test]
+    fn retention_removes_messages_and_their_index_entries() {
+        let (_d, mut db) = db();
+        let room = Conv::Room("r".into());
+        let batch: Vec<_> = (0..10)
+            .map(|i| msg(room.clone(), "a", &format!("word{i} common"), None))
+            .collect();
+        db.append_batch(&batch).expect("append");
+        let rows_before = db.search_index_rows().expect("rows");
+        assert_eq!(rows_before, 20);
+        let n = db
+            .apply_retention(now_ms(), &|_| Retention {
+                max_age_days: None,
+                max_messages: Some(4),
+            })
+            .expect("retention");
+        assert_eq!(n, 6);
+        let h = db.history(&room, "a", None, 100).expect("h");
+        assert_eq!(
+            h.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![7, 8, 9, 10]
+        );
+        assert_eq!(db.search_index_rows().expect("rows"), 8);
+        // By age: everything is younger than a day.
+        let n = db
+            .apply_retention(now_ms(), &|_| Retention {
+                max_age_days: Some(1),
+                max_messages: None,
+            })
+            .expect("retention");
+        assert_eq!(n, 0);
+        let n = db
+            .apply_retention(now_ms() + 2 * 86_400_000, &|_| Retention {
+                max_age_days: Some(1),
+                max_messages: None,
+            })
+            .expect("retention");
+        assert_eq!(n, 4);
+        assert_eq!(db.search_index_rows().expect("rows"), 0);
+    }
+
+    #[test]
+    fn a_wrong_key_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = DataKey::load_or_create(dir.path()).expect("key");
+        drop(Db::open(dir.path(), key).expect("open"));
+        let other = DataKey::from_bytes(&[7u8; 32]).expect("key");
+        match Db::open(dir.path(), other) {
+            Err(StoreError::WrongKey(_)) => {}
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a wrong key must be refused"),
+        }
     }
 
     #[test]

@@ -1,0 +1,109 @@
+//! Searching sealed history without storing plaintext: a keyed blind index.
+//!
+//! Each word of a text message is normalised (Unicode NFKD, accents removed, lower case) and
+//! replaced by the first 8 bytes of HMAC-SHA256 under a search key derived from the data key.
+//! The index holds only those 64-bit tokens next to the (conversation, sequence) they occur
+//! in. A query computes the same tokens, finds the messages that have all of them, then opens
+//! each candidate and checks the words really are there (which also removes the rare false
+//! match of a truncated token).
+//!
+//! What the index reveals to someone holding the database file but not the key: for each
+//! message, how many distinct words it has, and which messages share a word (equal tokens), so
+//! word frequencies can be counted and messages grouped by common words. It reveals no word
+//! itself: tokens cannot be computed or reversed without the key, so a guess cannot be checked.
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::char::is_combining_mark;
+
+/// Longest word indexed or searched, in characters; longer words are cut to this.
+pub const MAX_WORD_CHARS: usize = 64;
+/// Most distinct words indexed per message.
+pub const MAX_WORDS_PER_MESSAGE: usize = 1024;
+/// Most words in one query.
+pub const MAX_QUERY_WORDS: usize = 16;
+/// Longest query, in bytes.
+pub const MAX_QUERY_BYTES: usize = 512;
+
+/// The distinct normalised words of `text`, in first-seen order.
+pub fn words(text: &str) -> Vec<String> {
+    let folded: String = text
+        .nfkd()
+        .filter(|c| !is_combining_mark(*c))
+        .flat_map(char::to_lowercase)
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for w in folded.split(|c: char| !c.is_alphanumeric()) {
+        if w.is_empty() {
+            continue;
+        }
+        let w: String = w.chars().take(MAX_WORD_CHARS).collect();
+        if !out.contains(&w) {
+            out.push(w);
+            if out.len() >= MAX_WORDS_PER_MESSAGE {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Whether `text` contains every word of `query_words` (both normalised by [`words`]).
+pub fn matches_all(text: &str, query_words: &[String]) -> bool {
+    let have = words(text);
+    query_words.iter().all(|q| have.contains(q))
+}
+
+/// The key that turns words into index tokens.
+#[derive(Clone)]
+pub struct SearchKey {
+    mac: Hmac<Sha256>,
+}
+
+impl SearchKey {
+    /// A search key from 32 bytes of key material (derived from the data key).
+    pub fn new(key: &[u8; 32]) -> SearchKey {
+        // HMAC accepts keys of any length; this cannot fail.
+        let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        SearchKey { mac }
+    }
+
+    /// The index token of one normalised word.
+    pub fn token(&self, word: &str) -> i64 {
+        let mut mac = self.mac.clone();
+        mac.update(b"conclave-search-v1:");
+        mac.update(word.as_bytes());
+        let out = mac.finalize().into_bytes();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&out[..8]);
+        i64::from_be_bytes(first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_case_accents_and_punctuation() {
+        assert_eq!(
+            words("Déploiement, DEPLOY! déploiement"),
+            vec!["deploiement", "deploy"]
+        );
+        assert_eq!(words("Ｆｕｌｌwidth café"), vec!["fullwidth", "cafe"]);
+        assert!(words("  ...  ").is_empty());
+        assert!(matches_all("We deploy at FIVE", &words("five deploy")));
+        assert!(!matches_all("We deploy at five", &words("deploy six")));
+    }
+
+    #[test]
+    fn tokens_depend_on_the_key() {
+        let a = SearchKey::new(&[1; 32]);
+        let b = SearchKey::new(&[2; 32]);
+        assert_eq!(a.token("deploy"), a.token("deploy"));
+        assert_ne!(a.token("deploy"), b.token("deploy"));
+        assert_ne!(a.token("deploy"), a.token("deplay"));
+    }
+}
