@@ -110,6 +110,66 @@ impl Limits {
     }
 }
 
+/// How long messages are kept: everything by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delete messages older than this many days; 0 keeps them for ever.
+    pub max_age_days: u32,
+    /// Keep at most this many messages per conversation; 0 keeps all.
+    pub max_messages: u64,
+    /// How often the background clean-up runs, in seconds.
+    pub interval_s: u64,
+    /// Per-room rules that replace the server-wide one: `[retention.rooms.NAME]`.
+    pub rooms: std::collections::BTreeMap<String, RoomRetention>,
+}
+
+/// One room's retention rule.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomRetention {
+    pub max_age_days: u32,
+    pub max_messages: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_age_days: 0,
+            max_messages: 0,
+            interval_s: 600,
+            rooms: Default::default(),
+        }
+    }
+}
+
+fn rule(max_age_days: u32, max_messages: u64) -> crate::store::Retention {
+    crate::store::Retention {
+        max_age_days: (max_age_days > 0).then_some(max_age_days),
+        max_messages: (max_messages > 0).then_some(max_messages),
+    }
+}
+
+impl RetentionConfig {
+    /// The rule for a conversation (by its storage key): the room's own, or the server's.
+    pub fn rule_for(&self, conv_key: &str) -> crate::store::Retention {
+        match conv_key.strip_prefix("r:").and_then(|r| self.rooms.get(r)) {
+            Some(r) => rule(r.max_age_days, r.max_messages),
+            None => rule(self.max_age_days, self.max_messages),
+        }
+    }
+
+    /// Whether any rule deletes anything.
+    pub fn enabled(&self) -> bool {
+        self.max_age_days > 0
+            || self.max_messages > 0
+            || self
+                .rooms
+                .values()
+                .any(|r| r.max_age_days > 0 || r.max_messages > 0)
+    }
+}
+
 /// The config file's shape.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -121,6 +181,7 @@ pub struct FileConfig {
     /// Name of the default room every new account joins.
     pub default_room: Option<String>,
     pub limits: Limits,
+    pub retention: RetentionConfig,
 }
 
 /// The configuration the server runs with.
@@ -133,6 +194,10 @@ pub struct Config {
     pub server_password: Option<String>,
     pub default_room: String,
     pub limits: Limits,
+    pub retention: RetentionConfig,
+    /// When set, the data key is derived from this passphrase instead of `data.key`. Never
+    /// written to disk.
+    pub data_key_passphrase: Option<String>,
 }
 
 impl Config {
@@ -147,6 +212,8 @@ impl Config {
             server_password: None,
             default_room: "general".to_string(),
             limits: Limits::default(),
+            retention: RetentionConfig::default(),
+            data_key_passphrase: None,
         }
     }
 
@@ -180,6 +247,7 @@ impl Config {
                     .map_err(|e| ConfigError::Invalid(format!("default_room {room:?}: {e}")))?;
             }
             config.limits = file.limits;
+            config.retention = file.retention;
         }
         config.validate()?;
         Ok(config)
@@ -204,6 +272,16 @@ impl Config {
         }
         if l.max_recipients == 0 || l.max_history_page == 0 {
             return bad("limits.max_recipients and max_history_page must be above 0");
+        }
+        if self.retention.interval_s == 0 {
+            return bad("retention.interval_s must be above 0");
+        }
+        for room in self.retention.rooms.keys() {
+            if conclave_proto::names::canonical_room(room).as_deref() != Ok(room.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "retention.rooms.{room}: not a valid lower-case room name"
+                )));
+            }
         }
         Ok(())
     }

@@ -33,10 +33,8 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resul
     f.sync_all()?;
     drop(f);
     fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        if let Ok(d) = fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
+    if let Some(d) = path.parent().and_then(|p| fs::File::open(p).ok()) {
+        let _ = d.sync_all();
     }
     Ok(())
 }

@@ -76,10 +76,10 @@ impl Outbox {
 
     /// Closes the connection, telling the client why (the first reason given wins).
     pub fn close(&self, reason: DisconnectReason, message: impl Into<String>) {
-        if let Ok(mut r) = self.reason.lock() {
-            if r.is_none() {
-                *r = Some((reason, message.into()));
-            }
+        if let Ok(mut r) = self.reason.lock()
+            && r.is_none()
+        {
+            *r = Some((reason, message.into()));
         }
         self.close.cancel();
     }

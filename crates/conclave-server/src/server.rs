@@ -82,7 +82,11 @@ pub fn open_db(config: &Config) -> Result<Db, StartError> {
             config.data_dir.display()
         ))
     })?;
-    let key = DataKey::load_or_create(&config.data_dir).map_err(|e| start_err(e.to_string()))?;
+    let key = match &config.data_key_passphrase {
+        Some(p) => DataKey::from_passphrase(&config.data_dir, p),
+        None => DataKey::load_or_create(&config.data_dir),
+    }
+    .map_err(|e| start_err(e.to_string()))?;
     let mut db = Db::open(&config.data_dir, key).map_err(|e| start_err(e.to_string()))?;
     db.ensure_public_room(&config.default_room)
         .map_err(|e| start_err(e.to_string()))?;
@@ -174,6 +178,9 @@ impl Server {
         } = self;
         let connections = Arc::new(Semaphore::new(shared.config.limits.max_connections));
         let tracker = TaskTracker::new();
+        if shared.config.retention.enabled() {
+            tracker.spawn(retention_task(shared.clone()));
+        }
         tracing::info!(listen = %shared.config.listen, "serving");
         loop {
             tokio::select! {
@@ -205,6 +212,28 @@ impl Server {
         let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Deletes expired messages now and then, until shutdown.
+async fn retention_task(shared: Arc<Shared>) {
+    let every = Duration::from_secs(shared.config.retention.interval_s);
+    loop {
+        let rules = shared.config.retention.clone();
+        let now = crate::store::now_ms();
+        match shared
+            .store
+            .call(move |db| db.apply_retention(now, &|k| rules.rule_for(k)))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "retention: expired messages deleted"),
+            Err(e) => tracing::warn!(error = %e, "retention run failed"),
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

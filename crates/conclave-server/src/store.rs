@@ -479,14 +479,12 @@ impl Db {
         let id: i64 = self
             .conn
             .query_row("SELECT id FROM convs WHERE key = ?1", [key], |r| r.get(0))?;
-        if created {
-            if let Conv::Direct(users) = conv_from_key(key) {
-                for u in users {
-                    self.conn.execute(
-                        "INSERT OR IGNORE INTO conv_members (user, conv_id) VALUES (?1, ?2)",
-                        params![u, id],
-                    )?;
-                }
+        if created && let Conv::Direct(users) = conv_from_key(key) {
+            for u in users {
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO conv_members (user, conv_id) VALUES (?1, ?2)",
+                    params![u, id],
+                )?;
             }
         }
         self.conv_ids.insert(key.to_string(), id);

@@ -22,16 +22,22 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the server.
-    #[command(after_help = "Example:\n  conclave serve --data-dir ./conclave-data --listen 0.0.0.0:7667")]
+    #[command(
+        after_help = "Example:\n  conclave serve --data-dir ./conclave-data --listen 0.0.0.0:7667"
+    )]
     Serve(ServeArgs),
     /// Print the server certificate's SHA-256 fingerprint (hex) and nothing else.
     #[command(after_help = "Example:\n  conclave fingerprint --data-dir ./conclave-data")]
     Fingerprint(DataDirArg),
     /// Manage accounts on a data directory.
-    #[command(after_help = "Example:\n  CONCLAVE_PW=... conclave user add alice --admin --password-env CONCLAVE_PW")]
+    #[command(
+        after_help = "Example:\n  CONCLAVE_PW=... conclave user add alice --admin --password-env CONCLAVE_PW"
+    )]
     User(UserArgs),
     /// Connect to a server as a client (JSON lines on stdin and stdout).
-    #[command(after_help = "Example:\n  conclave client --json --server 127.0.0.1:7667 --user alice --password-env PW --fingerprint 3f2a...\n  then type: {\"cmd\":\"send\",\"room\":\"general\",\"text\":\"hi\"}")]
+    #[command(
+        after_help = "Example:\n  conclave client --json --server 127.0.0.1:7667 --user alice --password-env PW --fingerprint 3f2a...\n  then type: {\"cmd\":\"send\",\"room\":\"general\",\"text\":\"hi\"}"
+    )]
     Client(ClientArgs),
 }
 

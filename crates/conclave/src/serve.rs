@@ -13,6 +13,7 @@ fn init_logging(default: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -118,7 +119,9 @@ pub fn fingerprint(args: DataDirArg) -> anyhow::Result<ExitCode> {
 pub fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     init_logging("warn");
     if !args.json {
-        bail!("only the JSON client exists so far: pass --json (the terminal UI, conclave chat, is coming)");
+        bail!(
+            "only the JSON client exists so far: pass --json (the terminal UI, conclave chat, is coming)"
+        );
     }
     crate::client::run_json(args)
 }

@@ -36,7 +36,11 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
         } => {
             let name = conclave_proto::names::canonical(&name)
                 .map_err(|e| anyhow::anyhow!("user name {name:?}: {e}"))?;
-            let pw = read_password(password_env.as_deref(), &format!("Password for {name}: "), true)?;
+            let pw = read_password(
+                password_env.as_deref(),
+                &format!("Password for {name}: "),
+                true,
+            )?;
             accounts::check_new_password(&pw).map_err(anyhow::Error::msg)?;
             let hash = accounts::hash_password(&pw).map_err(anyhow::Error::msg)?;
             match db.create_user(&name, &hash, admin) {

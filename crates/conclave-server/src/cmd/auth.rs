@@ -173,15 +173,13 @@ fn finish_login(conn: &mut Conn, name: String, admin: bool) -> Reply {
 /// Forgets the connection; tells room peers when its user went offline.
 pub fn logout(conn: &Conn) {
     let mut hub = conn.shared.hub.lock();
-    if let Some((user, offline)) = hub.disconnect(conn.sid) {
-        if offline {
-            broadcast(
-                hub.presence_audience(&user),
-                Event::Presence {
-                    user,
-                    online: false,
-                },
-            );
-        }
+    if let Some((user, true)) = hub.disconnect(conn.sid) {
+        broadcast(
+            hub.presence_audience(&user),
+            Event::Presence {
+                user,
+                online: false,
+            },
+        );
     }
 }

@@ -1,0 +1,475 @@
+//! Parsing one line of `conclave client --json` input into a request.
+//!
+//! Pure: no I/O, so every command's mapping is unit-tested. Fields beyond the ones a command
+//! uses are ignored, so scripts written for later versions keep working where they can.
+
+use conclave_proto::{Body, ConvRef, Request, Target};
+use serde_json::{Map, Value};
+
+/// Default `limit` of `history` when the command has none.
+pub const DEFAULT_HISTORY_LIMIT: u32 = 50;
+
+/// Every command name, for the "unknown command" message.
+pub const COMMANDS: &[&str] = &[
+    "join",
+    "part",
+    "create_room",
+    "invite",
+    "rooms",
+    "who",
+    "send",
+    "announce",
+    "history",
+    "search",
+    "kick",
+    "votekick",
+    "send_file",
+    "accept_file",
+    "quit",
+];
+
+/// A parsed input line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// The command's `id`, any JSON value, echoed in its reply.
+    pub id: Option<Value>,
+    pub action: Action,
+}
+
+/// What a command does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send this request and reply with its result.
+    Request(Request),
+    /// Leave: send [`Request::Quit`], reply, exit.
+    Quit,
+    /// A command of the contract that this version cannot carry out.
+    Unsupported { cmd: &'static str },
+}
+
+/// A line that is not a valid command: reply with `bad_request`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadCommand {
+    /// The line's `id`, when the line was a JSON object that had one.
+    pub id: Option<Value>,
+    pub message: String,
+}
+
+/// Parses one input line.
+pub fn parse(line: &str) -> Result<Command, BadCommand> {
+    let value: Value = serde_json::from_str(line).map_err(|e| BadCommand {
+        id: None,
+        message: format!("the line is not JSON ({e}); send one JSON object per line"),
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(BadCommand {
+            id: None,
+            message: "the line is JSON but not an object; send {\"cmd\": ...}".to_string(),
+        });
+    };
+    let id = obj.get("id").cloned();
+    match parse_action(&obj) {
+        Ok(action) => Ok(Command { id, action }),
+        Err(message) => Err(BadCommand { id, message }),
+    }
+}
+
+fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
+    let f = Fields(obj);
+    let cmd = f.req_str("cmd")?;
+    let request = match cmd.as_str() {
+        "join" => Request::Join {
+            room: f.req_str("room")?,
+            password: f.opt_str("password")?,
+        },
+        "part" => Request::Part {
+            room: f.req_str("room")?,
+        },
+        "create_room" => Request::CreateRoom {
+            room: f.req_str("room")?,
+            private: f.opt_bool("private")?.unwrap_or(false),
+            password: f.opt_str("password")?,
+        },
+        "invite" => Request::Invite {
+            room: f.req_str("room")?,
+            user: f.req_str("user")?,
+        },
+        "rooms" => Request::Rooms,
+        "who" => Request::Who {
+            room: f.opt_str("room")?,
+        },
+        "send" => parse_send(&f)?,
+        "announce" => Request::Announce {
+            text: f.req_str("text")?,
+        },
+        "history" => parse_history(&f)?,
+        "quit" => return Ok(Action::Quit),
+        "search" => return Ok(Action::Unsupported { cmd: "search" }),
+        "kick" => return Ok(Action::Unsupported { cmd: "kick" }),
+        "votekick" => return Ok(Action::Unsupported { cmd: "votekick" }),
+        "send_file" => return Ok(Action::Unsupported { cmd: "send_file" }),
+        "accept_file" => return Ok(Action::Unsupported { cmd: "accept_file" }),
+        other => {
+            return Err(format!(
+                "unknown command {other:?}; the commands are: {}",
+                COMMANDS.join(", ")
+            ));
+        }
+    };
+    Ok(Action::Request(request))
+}
+
+fn parse_send(f: &Fields<'_>) -> Result<Request, String> {
+    let room = f.opt_str("room")?;
+    let to = f.opt_names("to")?;
+    let except = f.opt_names("except")?.unwrap_or_default();
+    let target = match (room, to) {
+        (Some(_), Some(_)) => return Err("send takes \"room\" or \"to\", not both".into()),
+        (None, None) => {
+            return Err("send needs \"room\" (a room) or \"to\" (a list of users)".into());
+        }
+        (Some(room), None) => Target::Room { room, except },
+        (None, Some(to)) => {
+            if !except.is_empty() {
+                return Err(
+                    "\"except\" only goes with \"room\"; leave those users out of \
+                            \"to\" instead"
+                        .into(),
+                );
+            }
+            if to.is_empty() {
+                return Err("\"to\" needs at least one user".into());
+            }
+            Target::Users { to }
+        }
+    };
+    let text = f.opt_str("text")?;
+    let content_type = f.opt_str("content_type")?;
+    let data_hex = f.opt_str("data_hex")?;
+    let body = match (text, content_type, data_hex) {
+        (Some(text), None, None) => Body::text(text),
+        (None, Some(content_type), Some(data_hex)) => Body {
+            content_type,
+            data: hex::decode(&data_hex).map_err(|e| format!("\"data_hex\" is not hex: {e}"))?,
+        },
+        (None, None, None) => return Err("send needs \"text\"".into()),
+        _ => {
+            return Err("send takes either \"text\", or \"content_type\" with \"data_hex\"".into());
+        }
+    };
+    Ok(Request::Send {
+        target,
+        body,
+        idempotency_key: f.opt_str("idempotency_key")?,
+    })
+}
+
+fn parse_history(f: &Fields<'_>) -> Result<Request, String> {
+    let conv = match (f.opt_str("room")?, f.opt_names("with")?) {
+        (Some(_), Some(_)) => return Err("history takes \"room\" or \"with\", not both".into()),
+        (None, None) => {
+            return Err("history needs \"room\" or \"with\" (a user or a list of users)".into());
+        }
+        (Some(room), None) => ConvRef::Room(room),
+        (None, Some(with)) if with.is_empty() => {
+            return Err("\"with\" needs at least one user".into());
+        }
+        (None, Some(with)) => ConvRef::With(with),
+    };
+    let limit = match f.opt_u64("limit")? {
+        None => DEFAULT_HISTORY_LIMIT,
+        Some(n) => u32::try_from(n).map_err(|_| "\"limit\" is too large".to_string())?,
+    };
+    Ok(Request::History {
+        conv,
+        limit,
+        before: f.opt_u64("before")?,
+    })
+}
+
+/// Typed access to a command's fields, with messages that name the field.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn req_str(&self, key: &str) -> Result<String, String> {
+        self.opt_str(key)?
+            .ok_or_else(|| format!("missing \"{key}\" (a string)"))
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<String>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!("\"{key}\" must be a string")),
+        }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(format!("\"{key}\" must be true or false")),
+        }
+    }
+
+    fn opt_u64(&self, key: &str) -> Result<Option<u64>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| format!("\"{key}\" must be a whole number of 0 or more")),
+        }
+    }
+
+    /// A list of user names; a single string is taken as a list of one.
+    fn opt_names(&self, key: &str) -> Result<Option<Vec<String>>, String> {
+        let bad = || format!("\"{key}\" must be a list of user names");
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(vec![s.clone()])),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(bad()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn req(line: &str) -> Request {
+        match parse(line) {
+            Ok(Command {
+                action: Action::Request(r),
+                ..
+            }) => r,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    fn bad(line: &str) -> BadCommand {
+        parse(line).expect_err(line)
+    }
+
+    #[test]
+    fn contract_commands_map_to_requests() {
+        assert_eq!(
+            req(r#"{"cmd":"join","room":"general"}"#),
+            Request::Join {
+                room: "general".into(),
+                password: None
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"join","room":"general","password":"pw"}"#),
+            Request::Join {
+                room: "general".into(),
+                password: Some("pw".into())
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"part","room":"general"}"#),
+            Request::Part {
+                room: "general".into()
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"create_room","room":"ops","private":true}"#),
+            Request::CreateRoom {
+                room: "ops".into(),
+                private: true,
+                password: None
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"create_room","room":"ops","password":"x"}"#),
+            Request::CreateRoom {
+                room: "ops".into(),
+                private: false,
+                password: Some("x".into())
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"invite","room":"ops","user":"bob"}"#),
+            Request::Invite {
+                room: "ops".into(),
+                user: "bob".into()
+            }
+        );
+        assert_eq!(req(r#"{"cmd":"rooms"}"#), Request::Rooms);
+        assert_eq!(req(r#"{"cmd":"who"}"#), Request::Who { room: None });
+        assert_eq!(
+            req(r#"{"cmd":"who","room":"general"}"#),
+            Request::Who {
+                room: Some("general".into())
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"announce","text":"maintenance at 5"}"#),
+            Request::Announce {
+                text: "maintenance at 5".into()
+            }
+        );
+    }
+
+    #[test]
+    fn send_targets_and_bodies() {
+        assert_eq!(
+            req(r#"{"cmd":"send","room":"general","text":"hi"}"#),
+            Request::Send {
+                target: Target::Room {
+                    room: "general".into(),
+                    except: vec![]
+                },
+                body: Body::text("hi"),
+                idempotency_key: None
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"send","room":"general","text":"hi","except":["carol"]}"#),
+            Request::Send {
+                target: Target::Room {
+                    room: "general".into(),
+                    except: vec!["carol".into()]
+                },
+                body: Body::text("hi"),
+                idempotency_key: None
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"send","to":["bob","carol"],"text":"hi","idempotency_key":"k"}"#),
+            Request::Send {
+                target: Target::Users {
+                    to: vec!["bob".into(), "carol".into()]
+                },
+                body: Body::text("hi"),
+                idempotency_key: Some("k".into())
+            }
+        );
+        assert_eq!(
+            req(
+                r#"{"cmd":"send","to":"bob","content_type":"application/x-e2e","data_hex":"00ff"}"#
+            ),
+            Request::Send {
+                target: Target::Users {
+                    to: vec!["bob".into()]
+                },
+                body: Body {
+                    content_type: "application/x-e2e".into(),
+                    data: vec![0, 255]
+                },
+                idempotency_key: None
+            }
+        );
+        for line in [
+            r#"{"cmd":"send","text":"hi"}"#,
+            r#"{"cmd":"send","room":"a","to":["b"],"text":"hi"}"#,
+            r#"{"cmd":"send","to":[],"text":"hi"}"#,
+            r#"{"cmd":"send","to":["b"],"except":["c"],"text":"hi"}"#,
+            r#"{"cmd":"send","room":"a"}"#,
+            r#"{"cmd":"send","room":"a","text":"x","data_hex":"00"}"#,
+            r#"{"cmd":"send","room":"a","content_type":"x","data_hex":"zz"}"#,
+            r#"{"cmd":"send","room":"a","text":5}"#,
+            r#"{"cmd":"send","to":[1],"text":"x"}"#,
+        ] {
+            bad(line);
+        }
+    }
+
+    #[test]
+    fn history_forms() {
+        assert_eq!(
+            req(r#"{"cmd":"history","room":"general","limit":50}"#),
+            Request::History {
+                conv: ConvRef::Room("general".into()),
+                limit: 50,
+                before: None
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"history","with":"bob","limit":10,"before":7}"#),
+            Request::History {
+                conv: ConvRef::With(vec!["bob".into()]),
+                limit: 10,
+                before: Some(7)
+            }
+        );
+        assert_eq!(
+            req(r#"{"cmd":"history","with":["bob","carol"]}"#),
+            Request::History {
+                conv: ConvRef::With(vec!["bob".into(), "carol".into()]),
+                limit: DEFAULT_HISTORY_LIMIT,
+                before: None
+            }
+        );
+        bad(r#"{"cmd":"history"}"#);
+        bad(r#"{"cmd":"history","room":"a","with":"b"}"#);
+        bad(r#"{"cmd":"history","room":"a","limit":-1}"#);
+        bad(r#"{"cmd":"history","room":"a","limit":1.5}"#);
+        bad(r#"{"cmd":"history","room":"a","limit":5000000000}"#);
+    }
+
+    #[test]
+    fn ids_are_kept_whatever_their_type() {
+        for id in [json!(1), json!("a"), json!({"n": [1, 2]}), json!(null)] {
+            let line = json!({"cmd": "rooms", "id": id}).to_string();
+            assert_eq!(parse(&line).unwrap().id, Some(id));
+        }
+        assert_eq!(parse(r#"{"cmd":"rooms"}"#).unwrap().id, None);
+        // A bad command still reports its id.
+        assert_eq!(bad(r#"{"cmd":"nope","id":9}"#).id, Some(json!(9)));
+        assert_eq!(bad(r#"{"id":9}"#).id, Some(json!(9)));
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong() {
+        let b = bad("not json");
+        assert_eq!(b.id, None);
+        assert!(b.message.contains("not JSON"), "{}", b.message);
+        assert!(bad("[1,2]").message.contains("not an object"));
+        assert!(bad(r#"{"cmd":"join"}"#).message.contains("\"room\""));
+        assert!(
+            bad(r#"{"cmd":"join","room":1}"#)
+                .message
+                .contains("must be a string")
+        );
+        assert!(
+            bad(r#"{"cmd":"fly"}"#)
+                .message
+                .contains("unknown command \"fly\"")
+        );
+        assert!(bad(r#"{"cmd":7}"#).message.contains("\"cmd\""));
+        assert!(
+            bad(r#"{"cmd":"create_room","room":"a","private":"yes"}"#)
+                .message
+                .contains("true or false")
+        );
+    }
+
+    #[test]
+    fn quit_and_unsupported() {
+        assert_eq!(parse(r#"{"cmd":"quit"}"#).unwrap().action, Action::Quit);
+        for cmd in ["search", "kick", "votekick", "send_file", "accept_file"] {
+            let line = json!({"cmd": cmd, "id": 1}).to_string();
+            assert_eq!(parse(&line).unwrap().action, Action::Unsupported { cmd });
+        }
+    }
+
+    #[test]
+    fn extra_fields_are_ignored() {
+        assert_eq!(
+            req(r#"{"cmd":"part","room":"a","future":{"x":1}}"#),
+            Request::Part { room: "a".into() }
+        );
+    }
+}

@@ -1,0 +1,473 @@
+//! `conclave client --json`: one JSON command per line on stdin, one JSON reply or event per
+//! line on stdout, nothing else on stdout (diagnostics go to stderr). The schema is in
+//! docs/json-client.md; [`command`] parses input and [`render`] shapes output.
+//!
+//! Four activities run at once and meet only through channels:
+//! - the driver reads stdin and submits requests *in input order* (so a `join` followed by a
+//!   `send` reaches the server in that order), then leaves each reply to a small task;
+//! - those tasks await their reply and queue the reply line, so replies appear in the order
+//!   the commands complete;
+//! - the event forwarder queues event lines;
+//! - the output writer is the only thing that touches stdout, so lines never interleave.
+//!
+//! All queues are bounded: a reader of stdout that stops reading eventually stops us reading
+//! the connection, and the server then disconnects us as a slow consumer rather than either
+//! side buffering without limit.
+
+pub mod command;
+pub mod render;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use conclave_proto::{DisconnectReason, Event, Request};
+use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::{Client, Events, Session};
+use crate::error::ClientError;
+use crate::options::ConnectOptions;
+use crate::trust::{PinOutcome, format_fingerprint};
+use command::{Action, Command};
+
+/// Default longest input line. Longer lines are refused with `bad_request` (and skipped)
+/// without being held in memory.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1024 * 1024;
+/// Default number of output lines queued for stdout.
+pub const DEFAULT_OUTPUT_QUEUE_LINES: usize = 1024;
+/// How long to wait, after the server acknowledged `quit`, for it to close the connection.
+pub const QUIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Options of `conclave client --json`.
+#[derive(Debug, Clone)]
+pub struct JsonOptions {
+    pub connect: ConnectOptions,
+    pub max_line_bytes: usize,
+    pub output_queue_lines: usize,
+}
+
+impl JsonOptions {
+    pub fn new(connect: ConnectOptions) -> Self {
+        JsonOptions {
+            connect,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            output_queue_lines: DEFAULT_OUTPUT_QUEUE_LINES,
+        }
+    }
+}
+
+/// Why the connection ended, as the event forwarder saw it.
+type Ended = Option<(DisconnectReason, String)>;
+
+/// Runs the JSON client until `quit`, the end of `stdin`, or the server's disconnect.
+///
+/// Returns `Ok` after a clean quit (the `quit` command or end of input), and an error when
+/// the connection could not be made, when the server ended it (after printing the
+/// `disconnected` event), or when stdout could not be written.
+pub async fn run(
+    opts: JsonOptions,
+    stdin: impl AsyncBufRead + Unpin,
+    stdout: impl AsyncWrite + Unpin,
+) -> Result<(), ClientError> {
+    let request_slots = opts.connect.max_pending_requests.max(1);
+    let (client, events, session) = Client::connect(opts.connect).await?;
+    report_trust(&session);
+
+    let (out, out_rx) = mpsc::channel::<String>(opts.output_queue_lines.max(1));
+    // Nothing else can be queued yet, so the connected line is first.
+    let _ = out.send(line(&render::connected(&session))).await;
+
+    let output_failed = CancellationToken::new();
+    let quitting = Arc::new(AtomicBool::new(false));
+    let (ended_tx, ended_rx) = watch::channel::<Ended>(None);
+
+    let driver = Driver {
+        client,
+        out: out.clone(),
+        slots: Arc::new(Semaphore::new(request_slots)),
+        slot_count: request_slots,
+        quitting: quitting.clone(),
+        ended: ended_rx,
+        output_failed: output_failed.clone(),
+        max_line_bytes: opts.max_line_bytes,
+    };
+    let forwarder = forward_events(events, out, quitting, ended_tx);
+    let writer = write_output(stdout, out_rx, output_failed);
+    let (outcome, (), written) = tokio::join!(driver.run(stdin), forwarder, writer);
+    written?;
+    outcome
+}
+
+fn line(value: &Value) -> String {
+    // serde_json escapes control characters, so the text is a single line.
+    let mut text = value.to_string();
+    text.push('\n');
+    text
+}
+
+fn report_trust(session: &Session) {
+    match &session.trust {
+        PinOutcome::NewlyPinned { known_servers } => eprintln!(
+            "conclave: {} was not a known server; trusting its certificate on first use.\n\
+             conclave:   fingerprint {}\n\
+             conclave:   pinned in {}; a different certificate will be refused from now on.",
+            session.server,
+            format_fingerprint(&session.fingerprint),
+            known_servers.display()
+        ),
+        PinOutcome::Given {
+            known_servers: Some(path),
+            replaced: Some(old),
+        } => eprintln!(
+            "conclave: replaced the pinned fingerprint of {} in {} (it was {})",
+            session.server,
+            path.display(),
+            format_fingerprint(old)
+        ),
+        _ => {}
+    }
+}
+
+/// Reads commands and submits them.
+struct Driver {
+    client: Client,
+    out: mpsc::Sender<String>,
+    /// One per request awaiting its reply; taking all of them waits for every reply.
+    slots: Arc<Semaphore>,
+    slot_count: usize,
+    quitting: Arc<AtomicBool>,
+    ended: watch::Receiver<Ended>,
+    output_failed: CancellationToken,
+    max_line_bytes: usize,
+}
+
+impl Driver {
+    async fn run(mut self, mut stdin: impl AsyncBufRead + Unpin) -> Result<(), ClientError> {
+        let mut buf = Vec::new();
+        let result = loop {
+            let next = tokio::select! {
+                biased;
+                _ = self.output_failed.cancelled() => {
+                    // The writer reports its own error; just stop.
+                    self.client.close();
+                    break Ok(());
+                }
+                ended = self.ended.wait_for(Option::is_some) => {
+                    let (reason, message) = ended
+                        .ok()
+                        .and_then(|e| e.clone())
+                        .unwrap_or((DisconnectReason::Other, "the connection ended".into()));
+                    break Err(ClientError::Disconnected { reason, message });
+                }
+                next = read_line(&mut stdin, &mut buf, self.max_line_bytes) => next,
+            };
+            match next {
+                Err(e) => {
+                    eprintln!("conclave: could not read standard input ({e}); quitting");
+                    break self.quit(None).await;
+                }
+                Ok(None) => break self.quit(None).await,
+                Ok(Some(LineRead::TooLong { bytes })) => {
+                    let message = format!(
+                        "the line is {bytes} bytes, over the limit of {} bytes; it was skipped",
+                        self.max_line_bytes
+                    );
+                    self.emit(render::error(None, "bad_request", &message))
+                        .await;
+                }
+                Ok(Some(LineRead::Line)) => {
+                    if let Some(quit_id) = self.handle(&buf).await {
+                        break self.quit(Some(quit_id)).await;
+                    }
+                }
+            }
+        };
+        // Let the replies of commands still in flight be printed (they fail fast once the
+        // connection is gone), then make sure the connection is closed.
+        let _ = self.slots.acquire_many(self.slot_count as u32).await;
+        self.client.close();
+        result
+    }
+
+    /// Handles one line; returns `Some(id)` for `quit`.
+    async fn handle(&mut self, raw: &[u8]) -> Option<Option<Value>> {
+        let Ok(text) = std::str::from_utf8(raw) else {
+            let reply = render::error(None, "bad_request", "the line is not valid UTF-8");
+            self.emit(reply).await;
+            return None;
+        };
+        if text.trim().is_empty() {
+            return None;
+        }
+        let Command { id, action } = match command::parse(text) {
+            Ok(command) => command,
+            Err(bad) => {
+                self.emit(render::error(bad.id, "bad_request", &bad.message))
+                    .await;
+                return None;
+            }
+        };
+        let req = match action {
+            Action::Quit => return Some(id),
+            Action::Unsupported { cmd } => {
+                let message = format!(
+                    "\"{cmd}\" is not available in this version of Conclave (the server has no \
+                     such request yet)"
+                );
+                self.emit(render::error(id, "unsupported", &message)).await;
+                return None;
+            }
+            Action::Request(req) => with_idempotency_key(req),
+        };
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return None;
+        };
+        match self.client.submit(req).await {
+            Err(e) => self.emit(render::client_error(id, &e)).await,
+            Ok(pending) => {
+                let out = self.out.clone();
+                tokio::spawn(async move {
+                    let result = pending.reply().await;
+                    let _ = out.send(line(&render::result(id, &result))).await;
+                    drop(slot);
+                });
+            }
+        }
+        None
+    }
+
+    /// Leaves cleanly. `id` is `Some` for the `quit` command (which gets a reply) and `None`
+    /// at the end of input.
+    async fn quit(&mut self, id: Option<Option<Value>>) -> Result<(), ClientError> {
+        // Replies to earlier commands come before the quit.
+        let all = self.slots.acquire_many(self.slot_count as u32).await;
+        self.quitting.store(true, Ordering::SeqCst);
+        let result = match self.client.quit().await {
+            Ok(()) => Ok(conclave_proto::Reply::Ok),
+            Err(e) => Err(e),
+        };
+        if let Some(id) = id {
+            self.emit(render::result(id, &result)).await;
+        }
+        drop(all);
+        result?;
+        // The server closes the connection after acknowledging; give it a moment so the
+        // events it sent before that are printed.
+        let _ = tokio::time::timeout(QUIT_GRACE, self.ended.wait_for(Option::is_some)).await;
+        Ok(())
+    }
+
+    async fn emit(&self, value: Value) {
+        // Fails only when the writer stopped, which `output_failed` reports.
+        let _ = self.out.send(line(&value)).await;
+    }
+}
+
+/// Sends carry an idempotency key, generated unless the command gave one.
+fn with_idempotency_key(req: Request) -> Request {
+    match req {
+        Request::Send {
+            target,
+            body,
+            idempotency_key: None,
+        } => Request::Send {
+            target,
+            body,
+            idempotency_key: Some(uuid::Uuid::now_v7().to_string()),
+        },
+        other => other,
+    }
+}
+
+/// Prints events until the connection ends, and says why it ended.
+async fn forward_events(
+    mut events: Events,
+    out: mpsc::Sender<String>,
+    quitting: Arc<AtomicBool>,
+    ended: watch::Sender<Ended>,
+) {
+    while let Some(event) = events.recv().await {
+        if let Event::Disconnect { reason, message } = &event {
+            // The disconnect that answers our own quit is not news.
+            let ours = *reason == DisconnectReason::Quit && quitting.load(Ordering::SeqCst);
+            if !ours {
+                let _ = out.send(line(&render::event(&event))).await;
+            }
+            ended.send_replace(Some((*reason, message.clone())));
+        } else {
+            let _ = out.send(line(&render::event(&event))).await;
+        }
+    }
+    ended.send_if_modified(|e| {
+        if e.is_none() {
+            *e = Some((DisconnectReason::Other, "the connection ended".into()));
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// The only writer of stdout: whole lines, flushed whenever the queue runs empty.
+async fn write_output(
+    mut stdout: impl AsyncWrite + Unpin,
+    mut lines: mpsc::Receiver<String>,
+    failed: CancellationToken,
+) -> Result<(), ClientError> {
+    let mut result = Ok(());
+    while let Some(text) = lines.recv().await {
+        let write = async {
+            stdout.write_all(text.as_bytes()).await?;
+            if lines.is_empty() {
+                stdout.flush().await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        if let Err(source) = write.await {
+            result = Err(source);
+            break;
+        }
+    }
+    if result.is_ok() {
+        result = stdout.flush().await;
+    }
+    result.map_err(|source| {
+        failed.cancel();
+        ClientError::Io {
+            what: "could not write to standard output".into(),
+            source,
+        }
+    })
+}
+
+/// What [`read_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// A line (without its `\n` or `\r\n`) is in the buffer.
+    Line,
+    /// A line longer than the limit was read and thrown away.
+    TooLong { bytes: usize },
+}
+
+/// Reads one line into `buf` without ever holding more than `max_bytes` of it. `None` at the
+/// end of input.
+async fn read_line(
+    reader: &mut (impl AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+    max_bytes: usize,
+) -> std::io::Result<Option<LineRead>> {
+    buf.clear();
+    let mut seen_any = false;
+    let mut total = 0usize;
+    let mut too_long = false;
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            if !seen_any {
+                return Ok(None);
+            }
+            break;
+        }
+        seen_any = true;
+        let (used, content, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, &chunk[..i], true),
+            None => (chunk.len(), chunk, false),
+        };
+        total += content.len();
+        if !too_long {
+            if buf.len() + content.len() > max_bytes {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(content);
+            }
+        }
+        reader.consume(used);
+        if done {
+            break;
+        }
+    }
+    if too_long {
+        return Ok(Some(LineRead::TooLong { bytes: total }));
+    }
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    Ok(Some(LineRead::Line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conclave_proto::{Body, Target};
+
+    #[tokio::test]
+    async fn read_line_splits_bounds_and_ends() {
+        let input = b"one\r\n\ntoolongline\nlast".as_slice();
+        // A small BufReader capacity exercises lines spanning several chunks.
+        let mut reader = tokio::io::BufReader::with_capacity(3, input);
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        while let Some(r) = read_line(&mut reader, &mut buf, 5).await.unwrap() {
+            got.push((r, String::from_utf8(buf.clone()).unwrap()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (LineRead::Line, "one".to_string()),
+                (LineRead::Line, String::new()),
+                (LineRead::TooLong { bytes: 11 }, String::new()),
+                (LineRead::Line, "last".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn sends_get_an_idempotency_key() {
+        let send = |key: Option<&str>| Request::Send {
+            target: Target::Users {
+                to: vec!["b".into()],
+            },
+            body: Body::text("x"),
+            idempotency_key: key.map(str::to_string),
+        };
+        match with_idempotency_key(send(None)) {
+            Request::Send {
+                idempotency_key: Some(k),
+                ..
+            } => assert_eq!(k.len(), 36),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(with_idempotency_key(send(Some("mine"))), send(Some("mine")));
+        assert_eq!(with_idempotency_key(Request::Rooms), Request::Rooms);
+    }
+
+    #[tokio::test]
+    async fn output_lines_are_whole_and_in_queue_order() {
+        let (tx, rx) = mpsc::channel(4);
+        let failed = CancellationToken::new();
+        let mut sink = Vec::new();
+        let writer = write_output(&mut sink, rx, failed.clone());
+        let feeder = async move {
+            for i in 0..10 {
+                tx.send(line(&serde_json::json!({"n": i, "s": "a\nb"})))
+                    .await
+                    .unwrap();
+            }
+        };
+        let (written, ()) = tokio::join!(writer, feeder);
+        written.unwrap();
+        let text = String::from_utf8(sink).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 10);
+        for (i, l) in lines.iter().enumerate() {
+            let v: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["n"], i);
+            assert_eq!(v["s"], "a\nb");
+        }
+        assert!(!failed.is_cancelled());
+    }
+}

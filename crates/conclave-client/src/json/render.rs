@@ -1,0 +1,359 @@
+//! The JSON shapes `conclave client --json` prints: replies, events and errors.
+//!
+//! Pure functions from protocol values to `serde_json::Value`, so the shapes documented in
+//! docs/json-client.md are pinned by tests here.
+
+use conclave_proto::{Conv, Event, Message, Reply, RoomInfo, UserPresence};
+use serde_json::{Map, Value, json};
+
+use crate::connection::Session;
+use crate::error::ClientError;
+
+/// A message, as in the `message` event and in `history` replies.
+pub fn message(m: &Message) -> Value {
+    let mut out = Map::new();
+    out.insert("event".into(), json!("message"));
+    match &m.conv {
+        Conv::Room(room) => {
+            out.insert("room".into(), json!(room));
+        }
+        Conv::Direct(participants) => {
+            out.insert("to".into(), json!(direct_recipients(participants, &m.from)));
+        }
+    }
+    out.insert("from".into(), json!(m.from));
+    match m.body.as_text() {
+        Some(text) => {
+            out.insert("text".into(), json!(text));
+        }
+        None => {
+            out.insert("content_type".into(), json!(m.body.content_type));
+            out.insert("data_hex".into(), json!(hex::encode(&m.body.data)));
+        }
+    }
+    out.insert("msg_id".into(), json!(m.msg_id));
+    out.insert("seq".into(), json!(m.seq));
+    out.insert("ts".into(), json!(m.ts_ms));
+    Value::Object(out)
+}
+
+/// The participants of a direct conversation other than the sender, sorted; a note to
+/// oneself is addressed to oneself.
+pub fn direct_recipients(participants: &[String], from: &str) -> Vec<String> {
+    let mut to: Vec<String> = participants
+        .iter()
+        .filter(|p| p.as_str() != from)
+        .cloned()
+        .collect();
+    if to.is_empty() {
+        to.push(from.to_string());
+    }
+    to.sort();
+    to.dedup();
+    to
+}
+
+/// An event line.
+pub fn event(e: &Event) -> Value {
+    match e {
+        Event::Message(m) => message(m),
+        Event::Join { room, user } => json!({"event": "join", "room": room, "user": user}),
+        Event::Part { room, user } => json!({"event": "part", "room": room, "user": user}),
+        Event::Presence { user, online } => {
+            json!({"event": "presence", "user": user, "online": online})
+        }
+        Event::Invited { room, by } => json!({"event": "invited", "room": room, "by": by}),
+        Event::Announce { from, text, ts_ms } => {
+            json!({"event": "announce", "from": from, "text": text, "ts": ts_ms})
+        }
+        Event::Disconnect { reason, message } => {
+            json!({"event": "disconnected", "reason": reason.as_str(), "message": message})
+        }
+    }
+}
+
+/// The first line after login.
+pub fn connected(s: &Session) -> Value {
+    json!({
+        "event": "connected",
+        "user": s.user,
+        "server": s.server,
+        "fingerprint": s.fingerprint,
+        "trust": s.trust.as_str(),
+        "admin": s.admin,
+        "rooms": s.rooms,
+        "tls": s.tls_version,
+    })
+}
+
+fn room_info(r: &RoomInfo) -> Value {
+    json!({
+        "room": r.room,
+        "private": r.private,
+        "has_password": r.has_password,
+        "members": r.members,
+        "online": r.online,
+        "member": r.member,
+        "owner": r.owner,
+    })
+}
+
+fn user_presence(u: &UserPresence) -> Value {
+    json!({
+        "user": u.user,
+        "online": u.online,
+        "connections": u.connections,
+        "admin": u.admin,
+    })
+}
+
+/// The result fields of a successful reply (without `ok` and `id`).
+fn reply_fields(reply: &Reply) -> Map<String, Value> {
+    let value = match reply {
+        Reply::Ok => json!({}),
+        Reply::LoggedIn { user, admin, rooms } => {
+            json!({"user": user, "admin": admin, "rooms": rooms})
+        }
+        Reply::Sent {
+            msg_id,
+            seq,
+            ts_ms,
+            duplicate,
+        } => json!({"msg_id": msg_id, "seq": seq, "ts": ts_ms, "duplicate": duplicate}),
+        Reply::Joined { room, members } => json!({"room": room, "members": members}),
+        Reply::Rooms(rooms) => json!({"rooms": rooms.iter().map(room_info).collect::<Vec<_>>()}),
+        Reply::Users(users) => {
+            json!({"users": users.iter().map(user_presence).collect::<Vec<_>>()})
+        }
+        Reply::Messages(messages) => {
+            json!({"messages": messages.iter().map(message).collect::<Vec<_>>()})
+        }
+        Reply::Pong { nonce } => json!({"nonce": nonce}),
+    };
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
+fn with_id(mut map: Map<String, Value>, id: Option<Value>) -> Value {
+    if let Some(id) = id {
+        map.insert("id".into(), id);
+    }
+    Value::Object(map)
+}
+
+/// `{"id":..,"ok":true, ...fields}`.
+pub fn ok(id: Option<Value>, reply: &Reply) -> Value {
+    let mut map = reply_fields(reply);
+    map.insert("ok".into(), json!(true));
+    with_id(map, id)
+}
+
+/// `{"id":..,"error":{"code":..,"message":..}}`.
+pub fn error(id: Option<Value>, code: &str, message: &str) -> Value {
+    let mut map = Map::new();
+    map.insert("error".into(), json!({"code": code, "message": message}));
+    with_id(map, id)
+}
+
+/// A request's outcome as a reply line.
+pub fn result(id: Option<Value>, result: &Result<Reply, ClientError>) -> Value {
+    match result {
+        Ok(reply) => ok(id, reply),
+        Err(e) => client_error(id, e),
+    }
+}
+
+pub fn client_error(id: Option<Value>, e: &ClientError) -> Value {
+    error(id, e.code(), &e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conclave_proto::{Body, DisconnectReason, ErrorBody, ErrorCode};
+
+    fn msg(conv: Conv, from: &str, body: Body) -> Message {
+        Message {
+            msg_id: "0190-abc".into(),
+            conv,
+            from: from.into(),
+            seq: 7,
+            ts_ms: 1_700_000_000_123,
+            body,
+        }
+    }
+
+    #[test]
+    fn room_message_shape() {
+        let m = msg(Conv::Room("general".into()), "alice", Body::text("hi"));
+        assert_eq!(
+            message(&m),
+            json!({"event":"message","room":"general","from":"alice","text":"hi",
+                   "msg_id":"0190-abc","seq":7,"ts":1_700_000_000_123_i64})
+        );
+        assert_eq!(event(&Event::Message(m.clone())), message(&m));
+    }
+
+    #[test]
+    fn direct_message_is_to_the_others_sorted() {
+        let m = msg(
+            Conv::Direct(vec!["alice".into(), "bob".into(), "carol".into()]),
+            "bob",
+            Body::text("hi"),
+        );
+        let v = message(&m);
+        assert_eq!(v["to"], json!(["alice", "carol"]));
+        assert!(v.get("room").is_none());
+        let note = msg(Conv::Direct(vec!["alice".into()]), "alice", Body::text("x"));
+        assert_eq!(message(&note)["to"], json!(["alice"]));
+    }
+
+    #[test]
+    fn opaque_bodies_are_hex() {
+        let m = msg(
+            Conv::Room("r".into()),
+            "a",
+            Body {
+                content_type: "application/x-e2e".into(),
+                data: vec![1, 0xab],
+            },
+        );
+        let v = message(&m);
+        assert_eq!(v["content_type"], json!("application/x-e2e"));
+        assert_eq!(v["data_hex"], json!("01ab"));
+        assert!(v.get("text").is_none());
+    }
+
+    #[test]
+    fn event_shapes() {
+        let cases = [
+            (
+                Event::Join {
+                    room: "r".into(),
+                    user: "u".into(),
+                },
+                json!({"event":"join","room":"r","user":"u"}),
+            ),
+            (
+                Event::Part {
+                    room: "r".into(),
+                    user: "u".into(),
+                },
+                json!({"event":"part","room":"r","user":"u"}),
+            ),
+            (
+                Event::Presence {
+                    user: "u".into(),
+                    online: false,
+                },
+                json!({"event":"presence","user":"u","online":false}),
+            ),
+            (
+                Event::Invited {
+                    room: "r".into(),
+                    by: "b".into(),
+                },
+                json!({"event":"invited","room":"r","by":"b"}),
+            ),
+            (
+                Event::Announce {
+                    from: "admin".into(),
+                    text: "t".into(),
+                    ts_ms: 5,
+                },
+                json!({"event":"announce","from":"admin","text":"t","ts":5}),
+            ),
+            (
+                Event::Disconnect {
+                    reason: DisconnectReason::SlowConsumer,
+                    message: "m".into(),
+                },
+                json!({"event":"disconnected","reason":"slow_consumer","message":"m"}),
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(event(&e), want);
+        }
+    }
+
+    #[test]
+    fn reply_shapes() {
+        assert_eq!(ok(Some(json!(1)), &Reply::Ok), json!({"id":1,"ok":true}));
+        assert_eq!(ok(None, &Reply::Ok), json!({"ok":true}));
+        assert_eq!(
+            ok(
+                Some(json!("s")),
+                &Reply::Sent {
+                    msg_id: "m".into(),
+                    seq: 3,
+                    ts_ms: 9,
+                    duplicate: false
+                }
+            ),
+            json!({"id":"s","ok":true,"msg_id":"m","seq":3,"ts":9,"duplicate":false})
+        );
+        assert_eq!(
+            ok(
+                None,
+                &Reply::Joined {
+                    room: "g".into(),
+                    members: vec!["a".into()]
+                }
+            ),
+            json!({"ok":true,"room":"g","members":["a"]})
+        );
+        assert_eq!(
+            ok(
+                None,
+                &Reply::Users(vec![UserPresence {
+                    user: "a".into(),
+                    online: true,
+                    connections: 2,
+                    admin: false
+                }])
+            ),
+            json!({"ok":true,"users":[{"user":"a","online":true,"connections":2,"admin":false}]})
+        );
+        assert_eq!(
+            ok(
+                None,
+                &Reply::Rooms(vec![RoomInfo {
+                    room: "g".into(),
+                    private: false,
+                    has_password: false,
+                    members: 3,
+                    online: 1,
+                    member: true,
+                    owner: None
+                }])
+            ),
+            json!({"ok":true,"rooms":[{"room":"g","private":false,"has_password":false,
+                   "members":3,"online":1,"member":true,"owner":null}]})
+        );
+        let m = msg(Conv::Room("g".into()), "a", Body::text("x"));
+        assert_eq!(
+            ok(None, &Reply::Messages(vec![m.clone()])),
+            json!({"ok":true,"messages":[message(&m)]})
+        );
+    }
+
+    #[test]
+    fn error_shapes() {
+        assert_eq!(
+            error(Some(json!(2)), "bad_request", "no"),
+            json!({"id":2,"error":{"code":"bad_request","message":"no"}})
+        );
+        let e = ClientError::Server(ErrorBody::new(ErrorCode::NotMember, "join it first"));
+        assert_eq!(
+            result(None, &Err(e)),
+            json!({"error":{"code":"not_member","message":"join it first"}})
+        );
+        let e = ClientError::disconnected(DisconnectReason::Shutdown, "bye");
+        assert_eq!(
+            client_error(None, &e)["error"]["code"],
+            json!("disconnected")
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! `conclave client --json`.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use conclave_client::json::{self, JsonOptions};
+use conclave_client::trust::Trust;
+use conclave_client::{Auth, ConnectOptions};
+
+use crate::cli::ClientArgs;
+
+fn env_secret(var: &Option<String>, flag: &str) -> anyhow::Result<Option<String>> {
+    match var {
+        None => Ok(None),
+        Some(v) => std::env::var(v)
+            .map(Some)
+            .with_context(|| format!("environment variable {v} (from {flag}) is not set")),
+    }
+}
+
+pub fn run_json(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let trust = match (&args.fingerprint, &args.ca, args.trust_on_first_use) {
+        (Some(fp), _, _) => {
+            Trust::fingerprint(fp).map_err(|e| anyhow::anyhow!("--fingerprint: {e}"))?
+        }
+        (None, Some(ca), _) => Trust::Ca(ca.clone()),
+        (None, None, true) => Trust::TrustOnFirstUse,
+        (None, None, false) => Trust::PinnedOnly,
+    };
+    let password = crate::user::read_password(
+        args.password_env.as_deref(),
+        &format!("Password for {}: ", args.user),
+        args.register && args.password_env.is_none(),
+    )?;
+    let server_password = env_secret(&args.server_password_env, "--server-password-env")?;
+    let auth = if args.register {
+        Auth::Register {
+            user: args.user.clone(),
+            password,
+            server_password,
+            invite_code: env_secret(&args.invite_code_env, "--invite-code-env")?,
+        }
+    } else {
+        Auth::Login {
+            user: args.user.clone(),
+            password,
+            server_password,
+        }
+    };
+    let mut connect = ConnectOptions::new(args.server.clone(), auth);
+    connect.trust = trust;
+    connect.state_dir = args.state_dir.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        json::run(
+            JsonOptions::new(connect),
+            tokio::io::BufReader::new(tokio::io::stdin()),
+            tokio::io::stdout(),
+        )
+        .await
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(ExitCode::SUCCESS)
+}
