@@ -59,6 +59,7 @@ impl Auth {
                 user,
                 password,
                 server_password,
+                resume: Vec::new(),
             },
             Auth::Register {
                 user,

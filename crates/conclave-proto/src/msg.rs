@@ -78,6 +78,13 @@ pub enum ConvRef {
     With(Vec<String>),
 }
 
+/// The last sequence number a client has seen in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub conv: Conv,
+    pub seq: u64,
+}
+
 /// A stored, sequenced message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -96,10 +103,15 @@ pub struct Message {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Log in to an existing account. Must be the first request (with `Register`).
+    ///
+    /// After the reply the server sends every message the account missed (after `resume`'s
+    /// cursors, or else after what the account last acknowledged with [`Request::Ack`]), then
+    /// [`Event::CaughtUp`], then live traffic: nothing lost, nothing twice, in order.
     Login {
         user: String,
         password: String,
         server_password: Option<String>,
+        resume: Vec<Cursor>,
     },
     /// Create an account and log in to it.
     Register {
@@ -145,6 +157,20 @@ pub enum Request {
         limit: u32,
         /// Page backwards from before this sequence number; from the newest when absent.
         before: Option<u64>,
+    },
+    /// Messages containing all the query's words (case- and accent-insensitive) that the caller
+    /// may see, newest first; in one room, or everywhere the caller is.
+    Search {
+        query: String,
+        room: Option<String>,
+        limit: u32,
+        /// Page: only results older than this message id.
+        before: Option<String>,
+    },
+    /// The account has received messages up to these cursors; used to deliver what it missed
+    /// when it next connects.
+    Ack {
+        cursors: Vec<Cursor>,
     },
     /// Keep-alive; answered with [`Reply::Pong`].
     Ping {
@@ -201,6 +227,8 @@ pub enum Reply {
     Users(Vec<UserPresence>),
     /// History, oldest first.
     Messages(Vec<Message>),
+    /// Search results, newest first.
+    Results(Vec<Message>),
     Pong {
         nonce: u64,
     },
@@ -265,6 +293,13 @@ pub enum Event {
     Invited {
         room: String,
         by: String,
+    },
+    /// The messages missed while away have all been sent (`count` of them); live traffic
+    /// follows. `truncated` when more were missed than are sent at login (page back with
+    /// history for the rest).
+    CaughtUp {
+        count: u32,
+        truncated: bool,
     },
     /// An operator's notice to everyone online.
     Announce {

@@ -78,6 +78,13 @@ pub struct Limits {
     pub max_history_page: u32,
     /// Most rooms in the server.
     pub max_rooms: usize,
+    /// Most missed messages sent per conversation at login (the newest; older ones are in
+    /// history).
+    pub max_catchup_per_conv: u32,
+    /// Most missed messages sent in all at login (also capped at half the outbound queue).
+    pub max_catchup_total: u32,
+    /// Most cursors in one ack or resume.
+    pub max_cursors: usize,
 }
 
 impl Default for Limits {
@@ -94,6 +101,9 @@ impl Default for Limits {
             idle_timeout_ms: 300_000,
             max_history_page: 500,
             max_rooms: 100_000,
+            max_catchup_per_conv: 1000,
+            max_catchup_total: 2000,
+            max_cursors: 10_000,
         }
     }
 }

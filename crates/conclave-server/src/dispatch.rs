@@ -1,9 +1,11 @@
 //! Fan-out of stored messages, in commit order.
 //!
-//! The store thread answers appends on one channel in the order it assigned their sequence
-//! numbers; this task takes them one by one, encodes each message once, queues it for every
-//! recipient connection, and answers the sender. Because one task does it in order, every
-//! client sees a conversation's messages in sequence order.
+//! The store thread reports its work on one channel in the order it did it (commits with their
+//! sequence numbers, and catch-up reads); this task takes the reports one by one, encodes each
+//! message once, queues it for every recipient connection, and answers the sender. Because one
+//! task does it in order, every client sees a conversation's messages in sequence order, and a
+//! connection that catches up gets everything committed before its catch-up from the catch-up
+//! and everything after it live: nothing lost, nothing twice.
 
 use std::sync::Arc;
 
@@ -13,46 +15,72 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use crate::hub::SessionId;
 use crate::outbox::{self, Outbox};
 use crate::server::SharedHub;
-use crate::store::Committed;
+use crate::store::Done;
 
-/// What the dispatcher needs to answer a send.
+/// Who a store report is for.
 pub struct SendCtx {
     pub origin: SessionId,
     pub outbox: Outbox,
     pub req_id: u64,
-    /// Held until the send is answered: bounds each connection's sends in flight.
-    pub permit: OwnedSemaphorePermit,
+    /// Held until a send is answered: bounds each connection's sends in flight.
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Runs until the store thread stops.
-pub async fn run(hub: Arc<SharedHub>, mut commits: mpsc::Receiver<Committed<SendCtx>>) {
-    while let Some(c) = commits.recv().await {
-        let ctx = c.ctx;
-        let result = match c.result {
-            Ok(a) => {
-                if !a.duplicate {
-                    let frame = outbox::encode(&ServerFrame::Event(Event::Message(a.msg.clone())));
-                    let hub = hub.lock();
-                    for o in hub.recipients(&a.msg.conv, &a.except, Some(ctx.origin)) {
-                        o.push(frame.clone());
-                    }
-                }
-                Ok(Reply::Sent {
-                    msg_id: a.msg.msg_id,
-                    seq: a.msg.seq,
-                    ts_ms: a.msg.ts_ms,
-                    duplicate: a.duplicate,
-                })
-            }
-            Err(_) => Err(ErrorBody::new(
-                ErrorCode::Internal,
-                "the message could not be stored; it was not sent. Try again",
-            )),
-        };
-        ctx.outbox.send(&ServerFrame::Reply {
-            id: ctx.req_id,
-            result,
-        });
-        drop(ctx.permit);
+pub async fn run(hub: Arc<SharedHub>, mut done: mpsc::Receiver<Done<SendCtx>>) {
+    while let Some(d) = done.recv().await {
+        match d {
+            Done::Appended { result, ctx } => appended(&hub, result, ctx),
+            Done::CaughtUp { result, ctx } => caught_up(&hub, result, ctx),
+        }
     }
+}
+
+fn appended(hub: &SharedHub, result: Result<crate::store::Appended, String>, ctx: SendCtx) {
+    let result = match result {
+        Ok(a) => {
+            if !a.duplicate {
+                let frame = outbox::encode(&ServerFrame::Event(Event::Message(a.msg.clone())));
+                let hub = hub.lock();
+                for o in hub.recipients(&a.msg.conv, &a.except, Some(ctx.origin)) {
+                    o.push(frame.clone());
+                }
+            }
+            Ok(Reply::Sent {
+                msg_id: a.msg.msg_id,
+                seq: a.msg.seq,
+                ts_ms: a.msg.ts_ms,
+                duplicate: a.duplicate,
+            })
+        }
+        Err(_) => Err(ErrorBody::new(
+            ErrorCode::Internal,
+            "the message could not be stored; it was not sent. Try again",
+        )),
+    };
+    ctx.outbox.send(&ServerFrame::Reply {
+        id: ctx.req_id,
+        result,
+    });
+}
+
+fn caught_up(
+    hub: &SharedHub,
+    result: Result<(Vec<conclave_proto::Message>, bool), String>,
+    ctx: SendCtx,
+) {
+    let (messages, truncated) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "catch-up failed");
+            (Vec::new(), true)
+        }
+    };
+    let count = messages.len() as u32;
+    for m in messages {
+        ctx.outbox.send(&ServerFrame::Event(Event::Message(m)));
+    }
+    ctx.outbox
+        .send(&ServerFrame::Event(Event::CaughtUp { count, truncated }));
+    hub.lock().set_live(ctx.origin);
 }

@@ -59,7 +59,9 @@ pub struct Hub<O> {
     limits: HubLimits,
     users: HashMap<String, User>,
     rooms: HashMap<String, Room>,
-    sessions: HashMap<SessionId, (String, O)>,
+    /// Connection → (user, handle, live). A connection is live once it has caught up: only
+    /// then does it receive new messages, so catch-up and live traffic never overlap.
+    sessions: HashMap<SessionId, (String, O, bool)>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -132,13 +134,20 @@ impl<O> Hub<O> {
     pub fn connect(&mut self, user: &str, sid: SessionId, outbox: O) -> bool {
         let u = self.users.entry(user.to_string()).or_default();
         u.sessions.push(sid);
-        self.sessions.insert(sid, (user.to_string(), outbox));
+        self.sessions.insert(sid, (user.to_string(), outbox, false));
         u.sessions.len() == 1
+    }
+
+    /// Marks a connection as caught up: new messages go to it from now on.
+    pub fn set_live(&mut self, sid: SessionId) {
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.2 = true;
+        }
     }
 
     /// Forgets a connection. Returns its user and whether the user went offline.
     pub fn disconnect(&mut self, sid: SessionId) -> Option<(String, bool)> {
-        let (user, _) = self.sessions.remove(&sid)?;
+        let (user, _, _) = self.sessions.remove(&sid)?;
         let offline = match self.users.get_mut(&user) {
             Some(u) => {
                 u.sessions.retain(|s| *s != sid);
@@ -456,17 +465,24 @@ impl<O> Hub<O> {
             .filter_map(|u| self.users.get(u))
             .flat_map(|u| u.sessions.iter())
             .filter(move |s| Some(**s) != skip)
-            .filter_map(|s| self.sessions.get(s).map(|(_, o)| o))
+            .filter_map(|s| self.sessions.get(s).map(|(_, o, _)| o))
     }
 
-    /// Connections that receive a message in `conv`.
+    /// Caught-up connections that receive a new message in `conv`.
     pub fn recipients<'a>(
         &'a self,
         conv: &'a Conv,
         except: &'a [String],
         skip: Option<SessionId>,
     ) -> impl Iterator<Item = &'a O> + 'a {
-        self.sessions_of(self.audience(conv, except), skip)
+        self.audience(conv, except)
+            .filter_map(|u| self.users.get(u))
+            .flat_map(|u| u.sessions.iter())
+            .filter(move |s| Some(**s) != skip)
+            .filter_map(|s| match self.sessions.get(s) {
+                Some((_, o, true)) => Some(o),
+                _ => None,
+            })
     }
 
     /// Connections of the users who share a room with `user` (not `user` itself): they see
@@ -484,7 +500,7 @@ impl<O> Hub<O> {
 
     /// Every live connection.
     pub fn all_sessions(&self) -> impl Iterator<Item = &O> {
-        self.sessions.values().map(|(_, o)| o)
+        self.sessions.values().map(|(_, o, _)| o)
     }
 
     fn presence(&self, user: &str) -> UserPresence {
@@ -590,6 +606,7 @@ mod tests {
         .enumerate()
         {
             h.connect(u, sid as u64, o);
+            h.set_live(sid as u64);
         }
         h
     }
@@ -753,6 +770,16 @@ mod tests {
             h.check_join("dave", "ops").expect("invited"),
             ("ops".into(), JoinCheck::Allowed { pw_hash: None })
         );
+    }
+
+    #[test]
+    fn connections_that_have_not_caught_up_get_no_new_messages() {
+        let mut h = hub();
+        h.connect("bob", 99, "bob#new");
+        let c = Conv::Room("general".into());
+        assert!(!h.recipients(&c, &[], None).any(|o| *o == "bob#new"));
+        h.set_live(99);
+        assert!(h.recipients(&c, &[], None).any(|o| *o == "bob#new"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::dispatch::{self, SendCtx};
 use crate::hub::{Hub, HubLimits, SessionId};
 use crate::outbox::Outbox;
 use crate::store::{Db, Store, StoreThread};
+
 use crate::{fsutil, session, tls};
 
 /// Time given to connections to say goodbye at shutdown.

@@ -202,8 +202,13 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
                 user,
                 password,
                 server_password,
+                resume,
             },
-        ) => cmd::auth::login(conn, user, password, server_password).await,
+        ) => match cmd::auth::login(conn, id, user, password, server_password, resume).await {
+            // Answered inside, ahead of the catch-up it starts.
+            Ok(()) => return Flow::Continue,
+            Err(e) => Err(e),
+        },
         (
             None,
             Request::Register {
@@ -212,7 +217,13 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
                 server_password,
                 invite_code,
             },
-        ) => cmd::auth::register(conn, user, password, server_password, invite_code).await,
+        ) => {
+            match cmd::auth::register(conn, id, user, password, server_password, invite_code).await
+            {
+                Ok(()) => return Flow::Continue,
+                Err(e) => Err(e),
+            }
+        }
         (None, _) => Err(not_logged_in()),
         (Some(_), Request::Login { .. } | Request::Register { .. }) => Err(ErrorBody::new(
             ErrorCode::AlreadyLoggedIn,
@@ -231,6 +242,16 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
             Err(e) => Err(e),
         },
         (Some(user), Request::Announce { text }) => cmd::send::announce(conn, &user, text),
+        (
+            Some(user),
+            Request::Search {
+                query,
+                room,
+                limit,
+                before,
+            },
+        ) => cmd::history::search(conn, &user, query, room, limit, before).await,
+        (Some(user), Request::Ack { cursors }) => cmd::history::ack(conn, &user, cursors).await,
         (
             Some(user),
             Request::CreateRoom {

@@ -88,6 +88,12 @@ CREATE TABLE conv_members (
     conv_id INTEGER NOT NULL REFERENCES convs(id),
     PRIMARY KEY (user, conv_id)
 ) WITHOUT ROWID;
+CREATE TABLE acks (
+    user    TEXT NOT NULL,
+    conv_id INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (user, conv_id)
+) WITHOUT ROWID;
 CREATE TABLE search_index (
     token   INTEGER NOT NULL,
     conv_id INTEGER NOT NULL,
@@ -428,8 +434,10 @@ impl Db {
         Ok(rooms)
     }
 
-    /// Adds a member (and clears their invite).
+    /// Adds a member (and clears their invite). What the room said before they joined does not
+    /// count as missed: their acknowledged position starts at the room's newest message.
     pub fn add_member(&mut self, room: &str, user: &str) -> Result<(), StoreError> {
+        let conv_id = self.conv_id(&format!("r:{room}"))?;
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT OR IGNORE INTO members (room, user, joined_ms) VALUES (?1, ?2, ?3)",
@@ -439,8 +447,105 @@ impl Db {
             "DELETE FROM room_invites WHERE room = ?1 AND user = ?2",
             params![room, user],
         )?;
+        tx.execute(
+            "INSERT INTO acks (user, conv_id, seq) SELECT ?1, id, last_seq FROM convs WHERE id = ?2
+             ON CONFLICT (user, conv_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+            params![user, conv_id],
+        )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records what `user` has received (positions only move forward).
+    pub fn ack(&mut self, user: &str, cursors: &[(Conv, u64)]) -> Result<(), StoreError> {
+        let tx_ids: Vec<(i64, u64)> = cursors
+            .iter()
+            .filter_map(|(c, s)| {
+                self.existing_conv_id(&conv_key(c))
+                    .ok()
+                    .flatten()
+                    .map(|id| (id, *s))
+            })
+            .collect();
+        let tx = self.conn.transaction()?;
+        for (conv_id, seq) in tx_ids {
+            tx.execute(
+                "INSERT INTO acks (user, conv_id, seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user, conv_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+                params![user, conv_id, seq.min(i64::MAX as u64) as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// What `user` missed: for each of their conversations, the messages after the client's
+    /// cursor (`resume`) or else after their acknowledged position; at most `per_conv` (the
+    /// newest) per conversation and `total` in all. Returns them (each conversation in order)
+    /// and whether anything was left out.
+    pub fn catch_up(
+        &mut self,
+        user: &str,
+        resume: &[(Conv, u64)],
+        per_conv: u32,
+        total: u32,
+    ) -> Result<(Vec<Message>, bool), StoreError> {
+        let resume: HashMap<String, u64> = resume.iter().map(|(c, s)| (conv_key(c), *s)).collect();
+        let convs: Vec<(i64, String, i64, Option<i64>)> = {
+            let mut st = self.conn.prepare_cached(
+                "SELECT c.id, c.key, c.last_seq, a.seq FROM convs c
+                 LEFT JOIN acks a ON a.user = ?1 AND a.conv_id = c.id
+                 WHERE c.key IN (SELECT 'r:' || room FROM members WHERE user = ?1)
+                    OR c.id IN (SELECT conv_id FROM conv_members WHERE user = ?1)",
+            )?;
+            st.query_map([user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        let mut truncated = false;
+        for (conv_id, key, last_seq, acked) in convs {
+            let from = resume
+                .get(&key)
+                .map(|s| (*s).min(i64::MAX as u64) as i64)
+                .or(acked)
+                .unwrap_or(0);
+            if last_seq <= from {
+                continue;
+            }
+            let room_left = total.saturating_sub(out.len() as u32);
+            let take = per_conv.min(room_left);
+            if (last_seq - from) as u64 > u64::from(take) {
+                truncated = true;
+            }
+            if take == 0 {
+                continue;
+            }
+            let rows: Vec<(String, i64, String, i64, Vec<u8>)> = {
+                let mut st = self.conn.prepare_cached(
+                    "SELECT msg_id, seq, sender, ts_ms, body FROM messages
+                     WHERE conv_id = ?1 AND seq > ?2
+                       AND (except_list IS NULL OR instr(except_list, ',' || ?3 || ',') = 0)
+                     ORDER BY seq DESC LIMIT ?4",
+                )?;
+                st.query_map(params![conv_id, from, user, take], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<Result<_, _>>()?
+            };
+            let conv = conv_from_key(&key);
+            for (msg_id, seq, from, ts_ms, sealed) in rows.into_iter().rev() {
+                let body = self.open_body(&msg_id, &key, seq, &sealed)?;
+                out.push(Message {
+                    msg_id,
+                    conv: conv.clone(),
+                    from,
+                    seq: seq as u64,
+                    ts_ms,
+                    body,
+                });
+            }
+        }
+        Ok((out, truncated))
     }
 
     pub fn remove_member(&mut self, room: &str, user: &str) -> Result<(), StoreError> {
@@ -878,9 +983,27 @@ pub struct AppendJob<C> {
     pub ctx: C,
 }
 
-/// The answer to an append, delivered on the commit sink in commit order.
-pub struct Committed<C> {
-    pub result: Result<Appended, String>,
+/// What the store thread reports on the commit sink, in the order it did the work.
+pub enum Done<C> {
+    /// An append was committed (or failed).
+    Appended {
+        result: Result<Appended, String>,
+        ctx: C,
+    },
+    /// A catch-up was read: every message committed before it is included, every later one
+    /// comes after it on the sink.
+    CaughtUp {
+        result: Result<(Vec<Message>, bool), String>,
+        ctx: C,
+    },
+}
+
+/// A catch-up request: see [`Db::catch_up`].
+pub struct CatchUpJob<C> {
+    pub user: String,
+    pub resume: Vec<(Conv, u64)>,
+    pub per_conv: u32,
+    pub total: u32,
     pub ctx: C,
 }
 
@@ -888,6 +1011,7 @@ type Call = Box<dyn FnOnce(&mut Db) + Send>;
 
 enum Op<C> {
     Append(AppendJob<C>),
+    CatchUp(CatchUpJob<C>),
     Call(Call),
     Stop,
 }
@@ -917,7 +1041,7 @@ impl StoreThread {
 
 impl<C: Send + 'static> Store<C> {
     /// Starts the store thread on `db`. Committed appends are answered on `sink`.
-    pub fn start(db: Db, sink: mpsc::Sender<Committed<C>>) -> (Store<C>, StoreThread) {
+    pub fn start(db: Db, sink: mpsc::Sender<Done<C>>) -> (Store<C>, StoreThread) {
         let (tx, rx) = mpsc::channel(STORE_QUEUE);
         let handle = std::thread::Builder::new()
             .name("conclave-store".into())
@@ -951,6 +1075,14 @@ impl<C: Send + 'static> Store<C> {
         let _ = self.tx.send(Op::Stop).await;
     }
 
+    /// Queues a catch-up; its answer arrives on the commit sink, in order with commits.
+    pub async fn catch_up(&self, job: CatchUpJob<C>) -> Result<(), StoreError> {
+        self.tx
+            .send(Op::CatchUp(job))
+            .await
+            .map_err(|_| StoreError::Stopped)
+    }
+
     /// Queues an append; its answer arrives on the commit sink.
     pub async fn append(&self, job: AppendJob<C>) -> Result<(), StoreError> {
         self.tx
@@ -960,7 +1092,7 @@ impl<C: Send + 'static> Store<C> {
     }
 }
 
-fn run<C>(mut db: Db, mut rx: mpsc::Receiver<Op<C>>, sink: mpsc::Sender<Committed<C>>) {
+fn run<C>(mut db: Db, mut rx: mpsc::Receiver<Op<C>>, sink: mpsc::Sender<Done<C>>) {
     let mut pending: Option<Op<C>> = None;
     loop {
         let op = match pending.take() {
@@ -973,6 +1105,15 @@ fn run<C>(mut db: Db, mut rx: mpsc::Receiver<Op<C>>, sink: mpsc::Sender<Committe
         match op {
             Op::Call(f) => f(&mut db),
             Op::Stop => break,
+            Op::CatchUp(job) => {
+                let result = db
+                    .catch_up(&job.user, &job.resume, job.per_conv, job.total)
+                    .map_err(|e| e.to_string());
+                let _ = sink.blocking_send(Done::CaughtUp {
+                    result,
+                    ctx: job.ctx,
+                });
+            }
             Op::Append(first) => {
                 let mut jobs = vec![first];
                 while jobs.len() < MAX_BATCH {
@@ -990,13 +1131,13 @@ fn run<C>(mut db: Db, mut rx: mpsc::Receiver<Op<C>>, sink: mpsc::Sender<Committe
                 match db.append_batch(&msgs) {
                     Ok(done) => {
                         for (a, ctx) in done.into_iter().zip(ctxs) {
-                            let _ = sink.blocking_send(Committed { result: Ok(a), ctx });
+                            let _ = sink.blocking_send(Done::Appended { result: Ok(a), ctx });
                         }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "message batch could not be stored");
                         for ctx in ctxs {
-                            let _ = sink.blocking_send(Committed {
+                            let _ = sink.blocking_send(Done::Appended {
                                 result: Err(e.to_string()),
                                 ctx,
                             });
@@ -1188,6 +1329,53 @@ mod tests {
             Err(e) => panic!("wrong error: {e}"),
             Ok(_) => panic!("a wrong key must be refused"),
         }
+    }
+
+    #[test]
+    fn catch_up_uses_cursors_then_acks_and_skips_history_before_joining() {
+        let (_d, mut db) = db();
+        let room = Conv::Room("general".into());
+        db.ensure_public_room("general").expect("room");
+        db.create_user("alice", "h", false).expect("user");
+        db.create_user("bob", "h", false).expect("user");
+        db.add_member("general", "alice").expect("member");
+        db.append_batch(&[msg(room.clone(), "alice", "before bob", None)])
+            .expect("append");
+        db.add_member("general", "bob").expect("member");
+        let dm = Conv::Direct(vec!["alice".into(), "bob".into()]);
+        db.append_batch(&[
+            msg(room.clone(), "alice", "r2", None),
+            msg(room.clone(), "alice", "r3", None),
+            msg(dm.clone(), "alice", "d1", None),
+        ])
+        .expect("append");
+        let texts = |v: &[Message]| {
+            v.iter()
+                .map(|m| m.body.as_text().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        };
+        let (got, truncated) = db.catch_up("bob", &[], 100, 100).expect("catch up");
+        let mut t = texts(&got);
+        t.sort();
+        assert_eq!(t, vec!["d1", "r2", "r3"]);
+        assert!(!truncated);
+        db.ack("bob", &[(room.clone(), 2)]).expect("ack");
+        let (got, _) = db.catch_up("bob", &[], 100, 100).expect("catch up");
+        let mut t = texts(&got);
+        t.sort();
+        assert_eq!(t, vec!["d1", "r3"]);
+        // A client's own cursor wins over the account's acknowledged position.
+        let (got, _) = db
+            .catch_up("bob", &[(room.clone(), 3), (dm.clone(), 1)], 100, 100)
+            .expect("catch up");
+        assert!(got.is_empty());
+        // Limits: newest first kept, the rest flagged.
+        let (got, truncated) = db
+            .catch_up("bob", &[(room.clone(), 0)], 1, 100)
+            .expect("catch up");
+        assert!(truncated);
+        assert!(texts(&got).contains(&"r3".to_string()));
+        assert!(!texts(&got).contains(&"r2".to_string()));
     }
 
     #[test]

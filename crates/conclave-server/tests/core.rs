@@ -54,6 +54,7 @@ async fn register_login_and_refusals() {
             user: "alice".into(),
             password: "not the password".into(),
             server_password: None,
+            resume: vec![],
         })
         .await
         .expect_err("wrong password");
@@ -62,6 +63,7 @@ async fn register_login_and_refusals() {
             user: "nobody".into(),
             password: "not the password".into(),
             server_password: None,
+            resume: vec![],
         })
         .await
         .expect_err("unknown user");
@@ -74,6 +76,7 @@ async fn register_login_and_refusals() {
             user: "aLiCe".into(),
             password: PW.into(),
             server_password: None,
+            resume: vec![],
         })
         .await
         .expect("login");
@@ -90,7 +93,8 @@ async fn register_login_and_refusals() {
             c.request(Request::Login {
                 user: "alice".into(),
                 password: PW.into(),
-                server_password: None
+                server_password: None,
+                resume: vec![]
             })
             .await
         ),
@@ -112,6 +116,7 @@ async fn server_password_and_registration_policies() {
         user: "carol".into(),
         password: PW.into(),
         server_password: sp.map(str::to_string),
+        resume: vec![],
     };
     assert_eq!(
         code(c.request(login(None)).await),
@@ -523,6 +528,7 @@ async fn membership_and_sequences_survive_a_restart() {
             user: "alice".into(),
             password: PW.into(),
             server_password: None,
+            resume: vec![],
         })
         .await
         .expect("login");

@@ -104,7 +104,12 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
         },
         "history" => parse_history(&f)?,
         "quit" => return Ok(Action::Quit),
-        "search" => return Ok(Action::Unsupported { cmd: "search" }),
+        "search" => Request::Search {
+            query: f.req_str("query")?,
+            room: f.opt_str("room")?,
+            limit: limit_field(&f)?,
+            before: f.opt_str("before")?,
+        },
         "kick" => return Ok(Action::Unsupported { cmd: "kick" }),
         "votekick" => return Ok(Action::Unsupported { cmd: "votekick" }),
         "send_file" => return Ok(Action::Unsupported { cmd: "send_file" }),
@@ -176,15 +181,19 @@ fn parse_history(f: &Fields<'_>) -> Result<Request, String> {
         }
         (None, Some(with)) => ConvRef::With(with),
     };
-    let limit = match f.opt_u64("limit")? {
-        None => DEFAULT_HISTORY_LIMIT,
-        Some(n) => u32::try_from(n).map_err(|_| "\"limit\" is too large".to_string())?,
-    };
     Ok(Request::History {
         conv,
-        limit,
+        limit: limit_field(f)?,
         before: f.opt_u64("before")?,
     })
+}
+
+/// `"limit"`, defaulting to [`DEFAULT_HISTORY_LIMIT`].
+fn limit_field(f: &Fields<'_>) -> Result<u32, String> {
+    match f.opt_u64("limit")? {
+        None => Ok(DEFAULT_HISTORY_LIMIT),
+        Some(n) => u32::try_from(n).map_err(|_| "\"limit\" is too large".to_string()),
+    }
 }
 
 /// Typed access to a command's fields, with messages that name the field.
@@ -459,7 +468,7 @@ mod tests {
     #[test]
     fn quit_and_unsupported() {
         assert_eq!(parse(r#"{"cmd":"quit"}"#).unwrap().action, Action::Quit);
-        for cmd in ["search", "kick", "votekick", "send_file", "accept_file"] {
+        for cmd in ["kick", "votekick", "send_file", "accept_file"] {
             let line = json!({"cmd": cmd, "id": 1}).to_string();
             assert_eq!(parse(&line).unwrap().action, Action::Unsupported { cmd });
         }

@@ -66,6 +66,9 @@ pub fn event(e: &Event) -> Value {
         Event::Announce { from, text, ts_ms } => {
             json!({"event": "announce", "from": from, "text": text, "ts": ts_ms})
         }
+        Event::CaughtUp { count, truncated } => {
+            json!({"event": "caught_up", "count": count, "truncated": truncated})
+        }
         Event::Disconnect { reason, message } => {
             json!({"event": "disconnected", "reason": reason.as_str(), "message": message})
         }
@@ -127,6 +130,9 @@ fn reply_fields(reply: &Reply) -> Map<String, Value> {
         }
         Reply::Messages(messages) => {
             json!({"messages": messages.iter().map(message).collect::<Vec<_>>()})
+        }
+        Reply::Results(messages) => {
+            json!({"results": messages.iter().map(message).collect::<Vec<_>>()})
         }
         Reply::Pong { nonce } => json!({"nonce": nonce}),
     };

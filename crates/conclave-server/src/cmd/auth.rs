@@ -5,8 +5,9 @@ use conclave_proto::{ErrorBody, ErrorCode, Event, Reply, names};
 use super::{blocking, store_error};
 use crate::accounts;
 use crate::config::RegistrationPolicy;
+use crate::dispatch::SendCtx;
 use crate::session::{Conn, broadcast};
-use crate::store::StoreError;
+use crate::store::{CatchUpJob, StoreError};
 
 fn auth_failed() -> ErrorBody {
     ErrorBody::new(ErrorCode::AuthFailed, "wrong user name or password")
@@ -29,13 +30,25 @@ fn check_server_password(conn: &Conn, given: Option<&str>) -> Result<(), ErrorBo
     }
 }
 
+/// Logs in; on success the reply is sent here (before the catch-up it starts).
 pub async fn login(
     conn: &mut Conn,
+    id: u64,
     user: String,
     password: String,
     server_password: Option<String>,
-) -> Result<Reply, ErrorBody> {
+    resume: Vec<conclave_proto::Cursor>,
+) -> Result<(), ErrorBody> {
     check_server_password(conn, server_password.as_deref())?;
+    if resume.len() > conn.shared.config.limits.max_cursors {
+        return Err(ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!(
+                "at most {} cursors in a resume",
+                conn.shared.config.limits.max_cursors
+            ),
+        ));
+    }
     let name = names::canonical(&user).ok();
     let row = match name.clone() {
         Some(n) => conn
@@ -60,16 +73,19 @@ pub async fn login(
         tracing::info!(peer = %conn.peer, "login failed");
         return Err(auth_failed());
     };
-    Ok(finish_login(conn, row.name, row.admin))
+    finish_login(conn, id, row.name, row.admin, resume).await;
+    Ok(())
 }
 
+/// Registers and logs in; on success the reply is sent here.
 pub async fn register(
     conn: &mut Conn,
+    id: u64,
     user: String,
     password: String,
     server_password: Option<String>,
     invite_code: Option<String>,
-) -> Result<Reply, ErrorBody> {
+) -> Result<(), ErrorBody> {
     check_server_password(conn, server_password.as_deref())?;
     let policy = conn.shared.registration;
     let code_hash = match (policy, invite_code) {
@@ -143,10 +159,44 @@ pub async fn register(
             },
         );
     }
-    Ok(finish_login(conn, name, false))
+    finish_login(conn, id, name, false, Vec::new()).await;
+    Ok(())
 }
 
-fn finish_login(conn: &mut Conn, name: String, admin: bool) -> Reply {
+async fn finish_login(
+    conn: &mut Conn,
+    id: u64,
+    name: String,
+    admin: bool,
+    resume: Vec<conclave_proto::Cursor>,
+) {
+    let reply = connect(conn, name.clone(), admin);
+    conn.reply(id, Ok(reply));
+    // The reply goes out first; the catch-up follows it, then live traffic.
+    let limits = &conn.shared.config.limits;
+    let job = CatchUpJob {
+        user: name,
+        resume: resume.into_iter().map(|c| (c.conv, c.seq)).collect(),
+        per_conv: limits.max_catchup_per_conv,
+        total: limits
+            .max_catchup_total
+            .min((limits.outbound_queue_frames / 2) as u32),
+        ctx: SendCtx {
+            origin: conn.sid,
+            outbox: conn.outbox.clone(),
+            req_id: 0,
+            permit: None,
+        },
+    };
+    if conn.shared.store.catch_up(job).await.is_err() {
+        conn.outbox.close(
+            conclave_proto::DisconnectReason::Shutdown,
+            "the server is shutting down; reconnect later",
+        );
+    }
+}
+
+fn connect(conn: &mut Conn, name: String, admin: bool) -> Reply {
     let mut hub = conn.shared.hub.lock();
     hub.upsert_user(&name, admin);
     let came_online = hub.connect(&name, conn.sid, conn.outbox.clone());

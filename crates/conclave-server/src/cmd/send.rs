@@ -54,7 +54,7 @@ pub async fn send(
             origin: conn.sid,
             outbox: conn.outbox.clone(),
             req_id: id,
-            permit,
+            permit: Some(permit),
         },
     };
     conn.shared.store.append(job).await.map_err(store_error)

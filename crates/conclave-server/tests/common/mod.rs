@@ -219,6 +219,7 @@ impl Raw {
                 user: user.into(),
                 password: password.into(),
                 server_password: None,
+                resume: vec![],
             })
             .await;
         assert!(
