@@ -65,12 +65,20 @@ pub struct ServeArgs {
     /// register.
     #[arg(long, value_name = "VAR")]
     pub server_password_env: Option<String>,
+    /// Derive the data key (encryption at rest) from the passphrase in this environment
+    /// variable instead of keeping it in data.key. Needed at every start.
+    #[arg(long, value_name = "VAR")]
+    pub data_key_env: Option<String>,
 }
 
 #[derive(Args)]
 pub struct UserArgs {
     #[command(flatten)]
     pub data: DataDirArg,
+    /// The data key passphrase's environment variable, for a server started with
+    /// --data-key-env.
+    #[arg(long, value_name = "VAR", global = true)]
+    pub data_key_env: Option<String>,
     #[command(subcommand)]
     pub action: UserAction,
 }

@@ -49,6 +49,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         config.server_password = Some(pw);
     }
+    if let Some(var) = &args.data_key_env {
+        config.data_key_passphrase = Some(read_passphrase(var)?);
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         let server = Server::bind(config.clone()).await?;
@@ -85,6 +88,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a data-key passphrase from the environment variable `var`.
+pub fn read_passphrase(var: &str) -> anyhow::Result<String> {
+    let p = std::env::var(var)
+        .with_context(|| format!("environment variable {var} (from --data-key-env) is not set"))?;
+    if p.chars().count() < 12 {
+        bail!("the data key passphrase in {var} is too short: use at least 12 characters");
+    }
+    Ok(p)
 }
 
 async fn wait_for_signal() {

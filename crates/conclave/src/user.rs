@@ -26,7 +26,10 @@ pub fn read_password(env: Option<&str>, prompt: &str, confirm: bool) -> anyhow::
 }
 
 pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
-    let config = Config::load(&args.data.data_dir, None)?;
+    let mut config = Config::load(&args.data.data_dir, None)?;
+    if let Some(var) = &args.data_key_env {
+        config.data_key_passphrase = Some(crate::serve::read_passphrase(var)?);
+    }
     let mut db = server::open_db(&config)?;
     match args.action {
         UserAction::Add {
