@@ -182,7 +182,7 @@ impl Server {
         if shared.config.retention.enabled() {
             tracker.spawn(retention_task(shared.clone()));
         }
-        tracing::info!(listen = %shared.config.listen, "serving");
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break,

@@ -168,7 +168,14 @@ pub async fn run(
     if conn.user.is_some() {
         cmd::auth::logout(&conn);
     }
-    outbox.close(DisconnectReason::Quit, "goodbye");
+    if shared.shutdown.is_cancelled() {
+        outbox.close(
+            DisconnectReason::Shutdown,
+            "the server is shutting down; reconnect later",
+        );
+    } else {
+        outbox.close(DisconnectReason::Quit, "goodbye");
+    }
     let _ = timeout(GOODBYE_TIMEOUT * 2, writer).await;
 }
 

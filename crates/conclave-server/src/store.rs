@@ -548,6 +548,15 @@ impl Db {
         Ok((out, truncated))
     }
 
+    /// Rooms `user` belongs to, as stored.
+    pub fn rooms_of_user(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT room FROM members WHERE user = ?1 ORDER BY room")?;
+        let rows = st.query_map([user], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn remove_member(&mut self, room: &str, user: &str) -> Result<(), StoreError> {
         self.conn.execute(
             "DELETE FROM members WHERE room = ?1 AND user = ?2",

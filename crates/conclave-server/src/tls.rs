@@ -47,6 +47,15 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
 }
 
+/// The fingerprint of a PEM certificate file (the private key is not needed).
+pub fn cert_file_fingerprint(path: &Path) -> Result<String, TlsError> {
+    let cert = CertificateDer::from_pem_file(path).map_err(|e| TlsError::Bad {
+        path: path.to_path_buf(),
+        error: e.to_string(),
+    })?;
+    Ok(fingerprint(&cert))
+}
+
 /// Loads the identity from `data_dir/tls`, creating it on first start.
 pub fn load_or_create(data_dir: &Path) -> Result<Identity, TlsError> {
     let dir = data_dir.join(TLS_DIR);

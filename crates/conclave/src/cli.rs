@@ -44,7 +44,7 @@ pub enum Command {
 #[derive(Args, Clone)]
 pub struct DataDirArg {
     /// The server's data directory (config, keys, database, logs).
-    #[arg(long, env = "CONCLAVE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    #[arg(long, env = "CONCLAVE_DATA_DIR", default_value = DEFAULT_DATA_DIR, global = true)]
     pub data_dir: PathBuf,
 }
 

@@ -55,14 +55,17 @@ pub fn run_json(args: ClientArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         json::run(
             JsonOptions::new(connect),
             tokio::io::BufReader::new(tokio::io::stdin()),
             tokio::io::stdout(),
         )
         .await
-    })
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    });
+    // Tokio's stdin reader blocks in a thread that never returns while stdin stays open; do
+    // not wait for it, or a client the server disconnected would hang until input arrives.
+    rt.shutdown_background();
+    result.map_err(|e| anyhow::anyhow!("{e} [{}]", e.code()))?;
     Ok(ExitCode::SUCCESS)
 }

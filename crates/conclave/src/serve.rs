@@ -54,6 +54,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let rt = runtime()?;
     rt.block_on(async move {
+        // Listen for signals before anything is announced: a SIGTERM right after the banner
+        // must already mean a graceful stop.
+        let signals = Signals::new()?;
         let server = Server::bind(config.clone()).await?;
         let addr = server.local_addr();
         let fp = server.fingerprint().to_string();
@@ -80,7 +83,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         println!("Stop with Ctrl-C.");
         let token = server.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::info!("signal received; shutting down");
             token.cancel();
         });
@@ -100,17 +103,25 @@ pub fn read_passphrase(var: &str) -> anyhow::Result<String> {
     Ok(p)
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGINT and SIGTERM, registered up front.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
     }
 }
@@ -124,8 +135,7 @@ pub fn fingerprint(args: DataDirArg) -> anyhow::Result<ExitCode> {
             args.data_dir.display()
         );
     }
-    let id = tls::load_or_create(&args.data_dir)?;
-    println!("{}", id.fingerprint);
+    println!("{}", tls::cert_file_fingerprint(&cert)?);
     Ok(ExitCode::SUCCESS)
 }
 

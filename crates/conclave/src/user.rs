@@ -25,6 +25,10 @@ pub fn read_password(env: Option<&str>, prompt: &str, confirm: bool) -> anyhow::
     Ok(pw)
 }
 
+fn canonical(name: &str) -> anyhow::Result<String> {
+    conclave_proto::names::canonical(name).map_err(|e| anyhow::anyhow!("user name {name:?}: {e}"))
+}
+
 pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
     let mut config = Config::load(&args.data.data_dir, None)?;
     if let Some(var) = &args.data_key_env {
@@ -37,8 +41,7 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
             admin,
             password_env,
         } => {
-            let name = conclave_proto::names::canonical(&name)
-                .map_err(|e| anyhow::anyhow!("user name {name:?}: {e}"))?;
+            let name = canonical(&name)?;
             let pw = read_password(
                 password_env.as_deref(),
                 &format!("Password for {name}: "),
@@ -56,14 +59,14 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
             println!("created {role} {name}");
         }
         UserAction::Del { name } => {
-            let name = name.to_ascii_lowercase();
+            let name = canonical(&name)?;
             if !db.delete_user(&name)? {
                 bail!("there is no account {name:?} (conclave user list shows them)");
             }
             println!("deleted {name} (a running server closes its sessions at restart)");
         }
         UserAction::Passwd { name, password_env } => {
-            let name = name.to_ascii_lowercase();
+            let name = canonical(&name)?;
             if db.user(&name)?.is_none() {
                 bail!("there is no account {name:?} (conclave user list shows them)");
             }

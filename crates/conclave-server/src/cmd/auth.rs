@@ -50,14 +50,25 @@ pub async fn login(
         ));
     }
     let name = names::canonical(&user).ok();
-    let row = match name.clone() {
+    // The account and its rooms as stored: `conclave user add` may have written them while the
+    // server runs.
+    let found = match name.clone() {
         Some(n) => conn
             .shared
             .store
-            .call(move |db| db.user(&n))
+            .call(move |db| {
+                Ok(match db.user(&n)? {
+                    Some(u) => Some((u, db.rooms_of_user(&n)?)),
+                    None => None,
+                })
+            })
             .await
             .map_err(store_error)?,
         None => None,
+    };
+    let (row, rooms) = match found {
+        Some((u, r)) => (Some(u), r),
+        None => (None, Vec::new()),
     };
     // The same work whether or not the account exists, so timing does not tell.
     let row = blocking(move || match row {
@@ -73,6 +84,17 @@ pub async fn login(
         tracing::info!(peer = %conn.peer, "login failed");
         return Err(auth_failed());
     };
+    {
+        let mut hub = conn.shared.hub.lock();
+        for room in &rooms {
+            if hub
+                .room(room)
+                .is_some_and(|r| !r.members.contains(&row.name))
+            {
+                hub.add_member(room, &row.name);
+            }
+        }
+    }
     finish_login(conn, id, row.name, row.admin, resume).await;
     Ok(())
 }
