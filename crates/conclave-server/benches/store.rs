@@ -167,6 +167,43 @@ fn durable_appends(c: &mut Criterion) {
     group.finish();
 }
 
+/// One transaction of 1000 appends, called directly: the per-message cost of the store without
+/// any waiting for senders.
+fn append_batch(c: &mut Criterion) {
+    let dir = bench_dir("batch");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::create_dir_all(&dir);
+    let key = DataKey::load_or_create(&dir).expect("key");
+    let mut db = Db::open(&dir, key).expect("db");
+    let mut words = Words::new();
+    let mut group = c.benchmark_group("append_batch");
+    group.throughput(Throughput::Elements(1000));
+    for (name, idem) in [("1000_plain", false), ("1000_with_idempotency_keys", true)] {
+        let mut n = 0u64;
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    (0..1000)
+                        .map(|i| {
+                            n += 1;
+                            NewMessage {
+                                conv: Conv::Room(format!("room{}", i % 10)),
+                                from: format!("u{}", i % 100),
+                                body: Body::text(words.sentence(8)),
+                                except: vec![],
+                                idempotency_key: idem.then(|| format!("k{n}")),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                },
+                |batch| db.append_batch(&batch).expect("append"),
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
 fn history_and_search(c: &mut Criterion) {
     let mut db = big_db();
     let room = Conv::Room("room3".into());
@@ -197,5 +234,5 @@ fn history_and_search(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, durable_appends, history_and_search);
+criterion_group!(benches, append_batch, durable_appends, history_and_search);
 criterion_main!(benches);

@@ -2,8 +2,10 @@
 //!
 //! Each word of a text message is normalised (Unicode NFKD, accents removed, lower case) and
 //! replaced by the first 8 bytes of HMAC-SHA256 under a search key derived from the data key.
-//! The index holds only those 64-bit tokens next to the (conversation, sequence) they occur
-//! in. A query computes the same tokens, finds the messages that have all of them, then opens
+//! The index holds only those 64-bit tokens (as 16 hex digits) for each message's global
+//! sequence number, in a contentless SQLite FTS5 table: FTS5 never sees a word, only tokens,
+//! and its segment merging keeps index writes cheap (a b-tree keyed by token would dirty one
+//! random page per word per commit). A query computes the same tokens, finds the messages that have all of them, then opens
 //! each candidate and checks the words really are there (which also removes the rare false
 //! match of a truncated token).
 //!
@@ -68,6 +70,11 @@ impl SearchKey {
         let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         SearchKey { mac }
+    }
+
+    /// The index token of one normalised word, as the 16 hex digits stored in the index.
+    pub fn token_text(&self, word: &str) -> String {
+        format!("{:016x}", self.token(word) as u64)
     }
 
     /// The index token of one normalised word.

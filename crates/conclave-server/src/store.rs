@@ -72,6 +72,7 @@ CREATE TABLE convs (
     last_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE messages (
+    gseq     INTEGER PRIMARY KEY,
     conv_id  INTEGER NOT NULL REFERENCES convs(id),
     seq      INTEGER NOT NULL,
     msg_id   TEXT NOT NULL UNIQUE,
@@ -79,9 +80,9 @@ CREATE TABLE messages (
     ts_ms    INTEGER NOT NULL,
     body     BLOB NOT NULL,
     except_list TEXT,
-    idem_key TEXT,
-    PRIMARY KEY (conv_id, seq)
-) WITHOUT ROWID;
+    idem_key TEXT
+);
+CREATE UNIQUE INDEX messages_conv_seq ON messages(conv_id, seq);
 CREATE UNIQUE INDEX messages_idem ON messages(sender, idem_key) WHERE idem_key IS NOT NULL;
 CREATE TABLE conv_members (
     user    TEXT NOT NULL,
@@ -94,12 +95,9 @@ CREATE TABLE acks (
     seq     INTEGER NOT NULL,
     PRIMARY KEY (user, conv_id)
 ) WITHOUT ROWID;
-CREATE TABLE search_index (
-    token   INTEGER NOT NULL,
-    conv_id INTEGER NOT NULL,
-    seq     INTEGER NOT NULL,
-    PRIMARY KEY (token, conv_id, seq)
-) WITHOUT ROWID;
+CREATE VIRTUAL TABLE search_index USING fts5(
+    tokens, content = '', contentless_delete = 1, detail = none
+);
 ";
 const KEY_CHECK_AD: &[u8] = b"conclave-key-check-v1";
 const KEY_CHECK_PLAIN: &[u8] = b"conclave data key check";
@@ -629,13 +627,48 @@ impl Db {
     fn append_batch_inner(&mut self, batch: &[NewMessage]) -> Result<Vec<Appended>, StoreError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let mut out = Vec::with_capacity(batch.len());
+        let mut index: Vec<(i64, String)> = Vec::new();
+        // Each conversation's last sequence number is read once per batch, counted here, and
+        // written back once at the end.
+        let mut seqs: HashMap<i64, i64> = HashMap::new();
         for m in batch {
-            match self.append_one(m) {
+            match self.append_one(m, &mut seqs, &mut index) {
                 Ok(a) => out.push(a),
                 Err(e) => {
                     let _ = self.conn.execute_batch("ROLLBACK");
                     return Err(e);
                 }
+            }
+        }
+        // One statement for the whole batch: FTS5 flushes its pending terms at every
+        // statement, so row-by-row inserts would write (and merge) a tiny segment each.
+        if !index.is_empty() {
+            let rows = serde_json::Value::Object(
+                index
+                    .into_iter()
+                    .map(|(g, t)| (g.to_string(), serde_json::Value::String(t)))
+                    .collect(),
+            )
+            .to_string();
+            if let Err(e) = self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO search_index (rowid, tokens) SELECT CAST(key AS INTEGER), value FROM json_each(?1)",
+                )
+                .and_then(|mut st| st.execute([rows]))
+            {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
+        }
+        for (conv_id, last) in seqs {
+            if let Err(e) = self
+                .conn
+                .prepare_cached("UPDATE convs SET last_seq = ?2 WHERE id = ?1")
+                .and_then(|mut st| st.execute(params![conv_id, last]))
+            {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(e.into());
             }
         }
         if let Err(e) = self.conn.execute_batch("COMMIT") {
@@ -645,7 +678,12 @@ impl Db {
         Ok(out)
     }
 
-    fn append_one(&mut self, m: &NewMessage) -> Result<Appended, StoreError> {
+    fn append_one(
+        &mut self,
+        m: &NewMessage,
+        seqs: &mut HashMap<i64, i64>,
+        index: &mut Vec<(i64, String)>,
+    ) -> Result<Appended, StoreError> {
         let key = conv_key(&m.conv);
         if let Some(idem) = &m.idempotency_key {
             let found = self
@@ -677,12 +715,20 @@ impl Db {
             }
         }
         let conv_id = self.conv_id(&key)?;
-        let seq: i64 = self
-            .conn
-            .prepare_cached(
-                "UPDATE convs SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
-            )?
-            .query_row([conv_id], |r| r.get(0))?;
+        let seq = match seqs.get_mut(&conv_id) {
+            Some(s) => {
+                *s += 1;
+                *s
+            }
+            None => {
+                let last: i64 = self
+                    .conn
+                    .prepare_cached("SELECT last_seq FROM convs WHERE id = ?1")?
+                    .query_row([conv_id], |r| r.get(0))?;
+                seqs.insert(conv_id, last + 1);
+                last + 1
+            }
+        };
         let msg_id = uuid::Uuid::now_v7().to_string();
         let ts_ms = now_ms();
         let plain = postcard::to_stdvec(&m.body).unwrap_or_default();
@@ -708,11 +754,13 @@ impl Db {
                 m.idempotency_key
             ])?;
         if let Some(text) = m.body.as_text() {
-            let mut st = self.conn.prepare_cached(
-                "INSERT OR IGNORE INTO search_index (token, conv_id, seq) VALUES (?1, ?2, ?3)",
-            )?;
-            for w in search::words(text) {
-                st.execute(params![self.search.token(&w), conv_id, seq])?;
+            let tokens = search::words(text)
+                .iter()
+                .map(|w| self.search.token_text(w))
+                .collect::<Vec<_>>()
+                .join(" ");
+            if !tokens.is_empty() {
+                index.push((self.conn.last_insert_rowid(), tokens));
             }
         }
         Ok(Appended {
@@ -803,9 +851,9 @@ impl Db {
         before: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        let Some((first, rest)) = query_words.split_first() else {
+        if query_words.is_empty() {
             return Ok(Vec::new());
-        };
+        }
         let mut conv_ids: Vec<i64> = Vec::new();
         for r in rooms {
             if let Some(id) = self.existing_conv_id(&format!("r:{r}"))? {
@@ -823,6 +871,15 @@ impl Db {
         if conv_ids.is_empty() {
             return Ok(Vec::new());
         }
+        let before_gseq: i64 = match before {
+            None => i64::MAX,
+            Some(id) => self
+                .conn
+                .prepare_cached("SELECT gseq FROM messages WHERE msg_id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0),
+        };
         let ids_json = format!(
             "[{}]",
             conv_ids
@@ -831,44 +888,36 @@ impl Db {
                 .collect::<Vec<_>>()
                 .join(",")
         );
-        let mut sql = String::from(
-            "SELECT m.msg_id, m.seq, m.sender, m.ts_ms, m.body, c.key
-             FROM search_index a
-             JOIN messages m ON m.conv_id = a.conv_id AND m.seq = a.seq
-             JOIN convs c ON c.id = m.conv_id
-             WHERE a.token = ?1 AND a.conv_id IN (SELECT value FROM json_each(?2))
-               AND (m.except_list IS NULL OR instr(m.except_list, ',' || ?3 || ',') = 0)
-               AND m.msg_id < ?4",
-        );
-        let mut tokens: Vec<i64> = Vec::new();
-        for (i, w) in rest.iter().enumerate() {
-            sql.push_str(&format!(
-                " AND EXISTS (SELECT 1 FROM search_index b WHERE b.token = ?{} AND b.conv_id = a.conv_id AND b.seq = a.seq)",
-                i + 6
-            ));
-            tokens.push(self.search.token(w));
-        }
-        sql.push_str(" ORDER BY m.msg_id DESC LIMIT ?5");
-        let mut values: Vec<rusqlite::types::Value> = vec![
-            self.search.token(first).into(),
-            ids_json.into(),
-            viewer.to_string().into(),
-            before.unwrap_or("\u{10FFFF}").to_string().into(),
-            i64::from(limit).into(),
-        ];
-        values.extend(tokens.into_iter().map(rusqlite::types::Value::from));
+        // Tokens are hex, so quoting them makes an exact-token AND query.
+        let matcher = query_words
+            .iter()
+            .map(|w| format!("\"{}\"", self.search.token_text(w)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
         let rows: Vec<(String, i64, String, i64, Vec<u8>, String)> = {
-            let mut st = self.conn.prepare(&sql)?;
-            st.query_map(rusqlite::params_from_iter(values), |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?
+            let mut st = self.conn.prepare_cached(
+                "SELECT m.msg_id, m.seq, m.sender, m.ts_ms, m.body, c.key
+                 FROM search_index f
+                 JOIN messages m ON m.gseq = f.rowid
+                 JOIN convs c ON c.id = m.conv_id
+                 WHERE search_index MATCH ?1 AND f.rowid < ?2
+                   AND m.conv_id IN (SELECT value FROM json_each(?3))
+                   AND (m.except_list IS NULL OR instr(m.except_list, ',' || ?4 || ',') = 0)
+                 ORDER BY f.rowid DESC LIMIT ?5",
+            )?;
+            st.query_map(
+                params![matcher, before_gseq, ids_json, viewer, limit],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )?
             .collect::<Result<_, _>>()?
         };
         let mut out = Vec::new();
@@ -924,58 +973,35 @@ impl Db {
             if cutoff <= 0 {
                 continue;
             }
-            deleted += self.delete_through(conv_id, &key, cutoff)?;
+            deleted += self.delete_through(conv_id, cutoff)?;
         }
         Ok(deleted)
     }
 
-    /// Deletes a conversation's messages with `seq <= cutoff`, in bounded transactions.
-    fn delete_through(&mut self, conv_id: i64, key: &str, cutoff: i64) -> Result<u64, StoreError> {
+    /// Deletes a conversation's messages with `seq <= cutoff` and their index entries, in
+    /// bounded transactions (so commits are never stalled for long).
+    fn delete_through(&mut self, conv_id: i64, cutoff: i64) -> Result<u64, StoreError> {
         const CHUNK: i64 = 1000;
         let mut deleted = 0u64;
         loop {
-            let rows: Vec<(String, i64, Vec<u8>)> = {
-                let mut st = self.conn.prepare_cached(
-                    "SELECT msg_id, seq, body FROM messages WHERE conv_id = ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+            let tx = self.conn.transaction()?;
+            let gseqs: Vec<i64> = {
+                let mut st = tx.prepare_cached(
+                    "SELECT gseq FROM messages WHERE conv_id = ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
                 )?;
-                st.query_map(params![conv_id, cutoff, CHUNK], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
-                .collect::<Result<_, _>>()?
+                st.query_map(params![conv_id, cutoff, CHUNK], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?
             };
-            if rows.is_empty() {
+            if gseqs.is_empty() {
                 return Ok(deleted);
             }
-            let tx = self.conn.transaction()?;
-            for (msg_id, seq, sealed) in &rows {
-                let words = self
-                    .key
-                    .open(&seal_ad(msg_id, key, *seq as u64), sealed)
-                    .ok()
-                    .and_then(|p| postcard::from_bytes::<Body>(&p).ok())
-                    .and_then(|b| b.as_text().map(search::words))
-                    .unwrap_or_default();
-                for w in words {
-                    tx.execute(
-                        "DELETE FROM search_index WHERE token = ?1 AND conv_id = ?2 AND seq = ?3",
-                        params![self.search.token(&w), conv_id, seq],
-                    )?;
-                }
-                tx.execute(
-                    "DELETE FROM messages WHERE conv_id = ?1 AND seq = ?2",
-                    params![conv_id, seq],
-                )?;
-                deleted += 1;
+            for g in &gseqs {
+                tx.execute("DELETE FROM search_index WHERE rowid = ?1", [g])?;
+                tx.execute("DELETE FROM messages WHERE gseq = ?1", [g])?;
             }
             tx.commit()?;
+            deleted += gseqs.len() as u64;
         }
-    }
-
-    /// Counts rows in the search index (for tests and diagnostics).
-    pub fn search_index_rows(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT count(*) FROM search_index", [], |r| r.get(0))?)
     }
 
     /// Runs SQLite's own consistency check; "ok" when sound.
@@ -1294,8 +1320,13 @@ mod tests {
             .map(|i| msg(room.clone(), "a", &format!("word{i} common"), None))
             .collect();
         db.append_batch(&batch).expect("append");
-        let rows_before = db.search_index_rows().expect("rows");
-        assert_eq!(rows_before, 20);
+        let rooms = vec!["r".to_string()];
+        let found = |db: &mut Db, q: &str| {
+            db.search("a", &rooms, false, &search::words(q), None, 100)
+                .expect("search")
+                .len()
+        };
+        assert_eq!(found(&mut db, "common"), 10);
         let n = db
             .apply_retention(now_ms(), &|_| Retention {
                 max_age_days: None,
@@ -1308,7 +1339,12 @@ mod tests {
             h.iter().map(|m| m.seq).collect::<Vec<_>>(),
             vec![7, 8, 9, 10]
         );
-        assert_eq!(db.search_index_rows().expect("rows"), 8);
+        assert_eq!(found(&mut db, "common"), 4);
+        assert_eq!(
+            found(&mut db, "word2"),
+            0,
+            "index entry gone with its message"
+        );
         // By age: everything is younger than a day.
         let n = db
             .apply_retention(now_ms(), &|_| Retention {
@@ -1324,7 +1360,7 @@ mod tests {
             })
             .expect("retention");
         assert_eq!(n, 4);
-        assert_eq!(db.search_index_rows().expect("rows"), 0);
+        assert_eq!(found(&mut db, "common"), 0);
     }
 
     #[test]
