@@ -251,6 +251,10 @@ pub enum DisconnectReason {
     Timeout,
     /// An operator removed the connection.
     Kicked,
+    /// The account or address is banned (the message says until when and why).
+    Banned,
+    /// Too many requests too fast, for too long.
+    Flooding,
     /// Another error; see the text.
     Other,
 }
@@ -265,6 +269,8 @@ impl DisconnectReason {
             DisconnectReason::SlowConsumer => "slow_consumer",
             DisconnectReason::Timeout => "timeout",
             DisconnectReason::Kicked => "kicked",
+            DisconnectReason::Banned => "banned",
+            DisconnectReason::Flooding => "flooding",
             DisconnectReason::Other => "other",
         }
     }

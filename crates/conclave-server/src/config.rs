@@ -85,6 +85,12 @@ pub struct Limits {
     pub max_catchup_total: u32,
     /// Most cursors in one ack or resume.
     pub max_cursors: usize,
+    /// Requests per second per connection (token bucket); excess gets `rate_limited`.
+    pub requests_per_second: u32,
+    /// The bucket's size: how many requests may come at once.
+    pub request_burst: u32,
+    /// Refused requests within 10 s after which the connection is closed as flooding.
+    pub rate_strikes_before_disconnect: u32,
 }
 
 impl Default for Limits {
@@ -104,6 +110,9 @@ impl Default for Limits {
             max_catchup_per_conv: 1000,
             max_catchup_total: 2000,
             max_cursors: 10_000,
+            requests_per_second: 50,
+            request_burst: 200,
+            rate_strikes_before_disconnect: 100,
         }
     }
 }
@@ -117,6 +126,131 @@ impl Limits {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+/// The server's defences (`[security]`): IP lists, per-IP limits, login lock-out, automatic
+/// bans. Lists here are fixed in the file; `conclave admin allow|deny` adds persisted ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Security {
+    /// Only these networks (CIDR or single addresses) may connect, when not empty.
+    pub allow: Vec<String>,
+    /// These networks may never connect.
+    pub deny: Vec<String>,
+    pub max_connections_per_ip: u32,
+    /// New connections per IP per minute.
+    pub connections_per_ip_per_minute: u32,
+    /// Failed logins to one account before it is locked for a while.
+    pub login_failures_per_account: u32,
+    /// The first lock-out, in seconds; it doubles with each further failure.
+    pub lockout_base_s: u64,
+    pub lockout_max_s: u64,
+    /// Failed logins from one IP (any accounts) within the window before an automatic ban.
+    pub login_failures_per_ip: u32,
+    /// Refused connection attempts (over the rate) from one IP within the window before an
+    /// automatic ban.
+    pub flood_refusals_per_ip: u32,
+    pub failure_window_s: u64,
+    /// Automatic temporary IP bans for login-failure bursts and connection floods.
+    pub auto_ban: bool,
+    pub auto_ban_minutes: u64,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_connections_per_ip: 64,
+            connections_per_ip_per_minute: 120,
+            login_failures_per_account: 5,
+            lockout_base_s: 30,
+            lockout_max_s: 3600,
+            login_failures_per_ip: 30,
+            flood_refusals_per_ip: 60,
+            failure_window_s: 600,
+            auto_ban: true,
+            auto_ban_minutes: 15,
+        }
+    }
+}
+
+/// Parses a CIDR or a single address.
+pub fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let t = text.trim();
+    t.parse::<ipnet::IpNet>()
+        .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| {
+            format!(
+                "{text:?} is not an IP network: write an address (192.0.2.7, 2001:db8::1) or a CIDR (192.0.2.0/24, 2001:db8::/32)"
+            )
+        })
+}
+
+impl Security {
+    /// The guard's rules from this section plus persisted lists.
+    pub fn rules(
+        &self,
+        extra_allow: &[ipnet::IpNet],
+        extra_deny: &[ipnet::IpNet],
+    ) -> Result<crate::guard::GuardRules, ConfigError> {
+        let nets = |v: &[String], what: &str| {
+            v.iter()
+                .map(|t| {
+                    parse_net(t).map_err(|e| ConfigError::Invalid(format!("security.{what}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let mut allow = nets(&self.allow, "allow")?;
+        allow.extend_from_slice(extra_allow);
+        let mut deny = nets(&self.deny, "deny")?;
+        deny.extend_from_slice(extra_deny);
+        let s = |secs: u64| (secs.min(i64::MAX as u64 / 1000) * 1000) as i64;
+        Ok(crate::guard::GuardRules {
+            allow,
+            deny,
+            max_connections_per_ip: self.max_connections_per_ip,
+            connections_per_ip_per_minute: self.connections_per_ip_per_minute,
+            login_failures_per_account: self.login_failures_per_account,
+            lockout_base_ms: s(self.lockout_base_s),
+            lockout_max_ms: s(self.lockout_max_s),
+            login_failures_per_ip: self.login_failures_per_ip,
+            failure_window_ms: s(self.failure_window_s),
+            flood_refusals_per_ip: self.flood_refusals_per_ip,
+            auto_ban: self.auto_ban,
+            auto_ban_ms: s(self.auto_ban_minutes.saturating_mul(60)),
+        })
+    }
+}
+
+/// Vote-kick (`[votekick]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VoteKick {
+    /// Whether rooms allow vote-kicks unless their owner turns them off.
+    pub enabled: bool,
+    /// Distinct votes needed.
+    pub votes: u32,
+    /// When above 0, the votes needed are at least this fraction of the room's members online
+    /// (the target excluded), if that is more than `votes`.
+    pub fraction: f64,
+    /// Votes older than this no longer count.
+    pub window_s: u64,
+    /// How long a vote-kicked user cannot rejoin the room.
+    pub ban_minutes: u64,
+}
+
+impl Default for VoteKick {
+    fn default() -> Self {
+        VoteKick {
+            enabled: true,
+            votes: 2,
+            fraction: 0.0,
+            window_s: 300,
+            ban_minutes: 10,
+        }
     }
 }
 
@@ -192,6 +326,8 @@ pub struct FileConfig {
     pub default_room: Option<String>,
     pub limits: Limits,
     pub retention: RetentionConfig,
+    pub security: Security,
+    pub votekick: VoteKick,
 }
 
 /// The configuration the server runs with.
@@ -205,6 +341,8 @@ pub struct Config {
     pub default_room: String,
     pub limits: Limits,
     pub retention: RetentionConfig,
+    pub security: Security,
+    pub votekick: VoteKick,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -223,6 +361,8 @@ impl Config {
             default_room: "general".to_string(),
             limits: Limits::default(),
             retention: RetentionConfig::default(),
+            security: Security::default(),
+            votekick: VoteKick::default(),
             data_key_passphrase: None,
         }
     }
@@ -258,6 +398,8 @@ impl Config {
             }
             config.limits = file.limits;
             config.retention = file.retention;
+            config.security = file.security;
+            config.votekick = file.votekick;
         }
         config.validate()?;
         Ok(config)
@@ -282,6 +424,27 @@ impl Config {
         }
         if l.max_recipients == 0 || l.max_history_page == 0 {
             return bad("limits.max_recipients and max_history_page must be above 0");
+        }
+        self.security.rules(&[], &[])?;
+        if l.requests_per_second == 0 || l.request_burst == 0 {
+            return bad("limits.requests_per_second and request_burst must be above 0");
+        }
+        let sec = &self.security;
+        if sec.max_connections_per_ip == 0 || sec.connections_per_ip_per_minute == 0 {
+            return bad(
+                "security.max_connections_per_ip and connections_per_ip_per_minute must be above 0",
+            );
+        }
+        if sec.login_failures_per_account == 0
+            || sec.login_failures_per_ip == 0
+            || sec.flood_refusals_per_ip == 0
+        {
+            return bad(
+                "security.login_failures_per_account, login_failures_per_ip and flood_refusals_per_ip must be above 0",
+            );
+        }
+        if self.votekick.votes == 0 || !(0.0..=1.0).contains(&self.votekick.fraction) {
+            return bad("votekick.votes must be above 0 and votekick.fraction between 0 and 1");
         }
         if self.retention.interval_s == 0 {
             return bad("retention.interval_s must be above 0");
@@ -334,6 +497,28 @@ mod tests {
             .to_string();
         assert!(err.contains("max_frame_bites"), "{err}");
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_networks_are_refused_with_the_accepted_forms() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[security]\nallow = [\"10.0.0.0/33\"]\n").expect("write");
+        let err = Config::load(dir.path(), Some(&p))
+            .expect_err("must refuse")
+            .to_string();
+        assert!(
+            err.contains("security.allow") && err.contains("CIDR"),
+            "{err}"
+        );
+        assert_eq!(
+            parse_net("192.0.2.7").expect("addr").to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            parse_net("10.1.2.3/8").expect("net").to_string(),
+            "10.0.0.0/8"
+        );
     }
 
     #[test]

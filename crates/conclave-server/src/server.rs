@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::at_rest::DataKey;
 use crate::config::{Config, RegistrationPolicy};
 use crate::dispatch::{self, SendCtx};
+use crate::guard::Guard;
 use crate::hub::{Hub, HubLimits, SessionId};
 use crate::outbox::Outbox;
 use crate::store::{Db, Store, StoreThread};
@@ -37,10 +38,15 @@ impl SharedHub {
 
 /// State shared by every connection.
 pub struct Shared {
-    pub config: Config,
-    /// The registration policy in force (auto resolved for the listen address).
-    pub registration: RegistrationPolicy,
+    /// The configuration in force; replaced whole by a reload.
+    config: RwLock<Arc<Config>>,
+    /// The address actually bound (for the `auto` registration policy).
+    pub local_addr: SocketAddr,
     pub hub: Arc<SharedHub>,
+    /// IP rules, bans, per-IP limits, login lock-out.
+    pub guard: Mutex<Guard>,
+    /// Every live connection.
+    pub registry: crate::registry::Registry,
     pub store: Store<SendCtx>,
     pub shutdown: CancellationToken,
     next_session: AtomicU64,
@@ -49,6 +55,23 @@ pub struct Shared {
 impl Shared {
     pub fn next_session_id(&self) -> SessionId {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A snapshot of the configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// The registration policy in force (auto resolved for the bound address).
+    pub fn registration(&self) -> RegistrationPolicy {
+        self.config().registration.effective(self.local_addr)
+    }
+
+    pub fn guard(&self) -> MutexGuard<'_, Guard> {
+        self.guard.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -98,13 +121,21 @@ impl Server {
     /// Prepares the data directory and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         config.validate().map_err(|e| start_err(e.to_string()))?;
-        let db = open_db(&config)?;
+        let mut db = open_db(&config)?;
         let identity =
             tls::load_or_create(&config.data_dir).map_err(|e| start_err(e.to_string()))?;
         let acceptor =
             TlsAcceptor::from(tls::server_config(&identity).map_err(|e| start_err(e.to_string()))?);
         let users = db.users().map_err(|e| start_err(e.to_string()))?;
         let rooms = db.rooms().map_err(|e| start_err(e.to_string()))?;
+        let bans = db
+            .bans(crate::store::now_ms())
+            .map_err(|e| start_err(e.to_string()))?;
+        let (allow, deny) = db.ip_rules().map_err(|e| start_err(e.to_string()))?;
+        let rules = config
+            .security
+            .rules(&allow, &deny)
+            .map_err(|e| start_err(e.to_string()))?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| bind_error(config.listen, e))?;
@@ -123,12 +154,13 @@ impl Server {
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
         let (store, store_thread) = Store::start(db, sink);
         let dispatcher = tokio::spawn(dispatch::run(hub.clone(), commits));
-        let registration = config.registration.effective(local_addr);
         Ok(Server {
             shared: Arc::new(Shared {
-                config,
-                registration,
+                config: RwLock::new(Arc::new(config)),
+                local_addr,
                 hub,
+                guard: Mutex::new(Guard::new(rules, bans)),
+                registry: Default::default(),
                 store,
                 shutdown: CancellationToken::new(),
                 next_session: AtomicU64::new(1),
@@ -158,7 +190,7 @@ impl Server {
     }
 
     pub fn registration(&self) -> RegistrationPolicy {
-        self.shared.registration
+        self.shared.registration()
     }
 
     /// Cancel this token to shut the server down gracefully.
@@ -177,11 +209,9 @@ impl Server {
             dispatcher,
             ..
         } = self;
-        let connections = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+        let connections = Arc::new(Semaphore::new(shared.config().limits.max_connections));
         let tracker = TaskTracker::new();
-        if shared.config.retention.enabled() {
-            tracker.spawn(retention_task(shared.clone()));
-        }
+        tracker.spawn(housekeeping_task(shared.clone()));
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
         loop {
             tokio::select! {
@@ -193,8 +223,23 @@ impl Server {
                             drop(tcp);
                             continue;
                         };
+                        // Before any TLS work: allow/deny lists, bans, per-IP limits.
+                        let admitted = shared.guard().admit(peer.ip(), crate::store::now_ms());
+                        if let Err((refusal, auto)) = admitted {
+                            tracing::info!(%peer, refused = refusal.as_str(), "connection refused");
+                            drop(tcp);
+                            if let Some(auto) = auto {
+                                crate::cmd::admin::persist_auto_ban(&shared, auto).await;
+                            }
+                            continue;
+                        }
                         let _ = tcp.set_nodelay(true);
-                        tracker.spawn(session::run(shared.clone(), acceptor.clone(), tcp, peer, permit));
+                        let ip_slot = IpSlot { shared: shared.clone(), ip: peer.ip() };
+                        let acceptor = acceptor.clone();
+                        tracker.spawn(async move {
+                            session::run(ip_slot.shared.clone(), acceptor.clone(), tcp, peer, permit).await;
+                            drop(ip_slot);
+                        });
                     }
                     Err(e) => {
                         // Out of file descriptors and similar: wait a little instead of spinning.
@@ -216,24 +261,50 @@ impl Server {
     }
 }
 
-/// Deletes expired messages now and then, until shutdown.
-async fn retention_task(shared: Arc<Shared>) {
-    let every = Duration::from_secs(shared.config.retention.interval_s);
+/// Gives a connection's per-IP slot back when the connection ends, however it ends.
+struct IpSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        self.shared.guard().release(self.ip);
+    }
+}
+
+/// How often the guard forgets stale counters and expired bans.
+const GUARD_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Background upkeep until shutdown: expired messages (retention) and the guard's sweep.
+async fn housekeeping_task(shared: Arc<Shared>) {
+    let mut last_retention: Option<tokio::time::Instant> = None;
     loop {
-        let rules = shared.config.retention.clone();
+        let config = shared.config();
         let now = crate::store::now_ms();
-        match shared
-            .store
-            .call(move |db| db.apply_retention(now, &|k| rules.rule_for(k)))
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(deleted = n, "retention: expired messages deleted"),
-            Err(e) => tracing::warn!(error = %e, "retention run failed"),
+        shared.guard().sweep(now);
+        let every = Duration::from_secs(config.retention.interval_s);
+        if config.retention.enabled() && last_retention.is_none_or(|t| t.elapsed() >= every) {
+            last_retention = Some(tokio::time::Instant::now());
+            let rules = config.retention.clone();
+            match shared
+                .store
+                .call(move |db| db.apply_retention(now, &|k| rules.rule_for(k)))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "retention: expired messages deleted"),
+                Err(e) => tracing::warn!(error = %e, "retention run failed"),
+            }
         }
+        let nap = if config.retention.enabled() {
+            every.min(GUARD_SWEEP_EVERY)
+        } else {
+            GUARD_SWEEP_EVERY
+        };
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(nap) => {}
         }
     }
 }

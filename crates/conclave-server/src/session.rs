@@ -22,6 +22,7 @@ use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use crate::cmd;
 use crate::hub::SessionId;
 use crate::outbox::{self, GOODBYE_TIMEOUT, Outbox};
+use crate::registry::{ConnInfo, Counted, Counters};
 use crate::server::Shared;
 
 /// One logged-in (or logging-in) connection, as the command handlers see it.
@@ -49,8 +50,10 @@ pub async fn run(
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
-    let limits = shared.config.limits.clone();
+    let limits = shared.config().limits.clone();
     let handshake_deadline = Instant::now() + limits.handshake_timeout();
+    let counters = Arc::new(Counters::default());
+    let tcp = Counted::new(tcp, counters.clone());
     let mut tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -95,6 +98,21 @@ pub async fn run(
         return;
     }
 
+    let (tls_version, cipher) = {
+        let (_, state) = tls.get_ref();
+        (
+            state
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("?")
+                .replace("TLSv1_3", "TLS 1.3"),
+            state
+                .negotiated_cipher_suite()
+                .and_then(|c| c.suite().as_str())
+                .unwrap_or("?")
+                .to_string(),
+        )
+    };
     let (read_half, write_half) = tokio::io::split(tls);
     let (outbox, queue) = Outbox::new(limits.outbound_queue_frames, &shared.shutdown);
     let writer = tokio::spawn(outbox::writer(write_half, queue, outbox.clone()));
@@ -110,6 +128,17 @@ pub async fn run(
         user: None,
         inflight: Arc::new(Semaphore::new(limits.max_inflight_sends)),
     };
+    shared.registry.insert(ConnInfo {
+        sid: conn.sid,
+        peer,
+        user: None,
+        since_ms: crate::store::now_ms(),
+        tls_version,
+        cipher,
+        counters: counters.clone(),
+        outbox: outbox.clone(),
+    });
+    let rate = RequestRate::new(&limits);
     let login_deadline = Instant::now() + limits.login_timeout();
     loop {
         let deadline = match conn.user {
@@ -152,6 +181,9 @@ pub async fn run(
             }
             Ok(Some(Ok(bytes))) => bytes,
         };
+        counters
+            .frames_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let frame = match conclave_proto::decode_client(&bytes) {
             Ok(f) => f,
             Err(e) => {
@@ -160,10 +192,35 @@ pub async fn run(
                 break;
             }
         };
+        if !matches!(frame.req, Request::Ping { .. } | Request::Quit) && !rate.allow() {
+            if rate.strike() {
+                outbox.close(
+                    DisconnectReason::Flooding,
+                    format!(
+                        "more than {} requests per second for too long; slow down",
+                        limits.requests_per_second
+                    ),
+                );
+                tracing::info!(%peer, user = ?conn.user, "connection closed: flooding");
+                break;
+            }
+            conn.reply(
+                frame.id,
+                Err(ErrorBody::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "too many requests: at most {} per second; this one was not done, retry it later",
+                        limits.requests_per_second
+                    ),
+                )),
+            );
+            continue;
+        }
         if handle(&mut conn, frame).await == Flow::Stop {
             break;
         }
     }
+    shared.registry.remove(conn.sid);
 
     if conn.user.is_some() {
         cmd::auth::logout(&conn);
@@ -177,6 +234,48 @@ pub async fn run(
         outbox.close(DisconnectReason::Quit, "goodbye");
     }
     let _ = timeout(GOODBYE_TIMEOUT * 2, writer).await;
+}
+
+/// A connection's request budget: a token bucket, and the count of recent refusals.
+struct RequestRate {
+    bucket: governor::DefaultDirectRateLimiter,
+    strikes: std::cell::Cell<u32>,
+    since: std::cell::Cell<Instant>,
+    max_strikes: u32,
+}
+
+/// Refusals are counted over this window.
+const STRIKE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl RequestRate {
+    fn new(limits: &crate::config::Limits) -> Self {
+        let per_s = std::num::NonZeroU32::new(limits.requests_per_second)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst =
+            std::num::NonZeroU32::new(limits.request_burst).unwrap_or(std::num::NonZeroU32::MIN);
+        RequestRate {
+            bucket: governor::RateLimiter::direct(
+                governor::Quota::per_second(per_s).allow_burst(burst),
+            ),
+            strikes: std::cell::Cell::new(0),
+            since: std::cell::Cell::new(Instant::now()),
+            max_strikes: limits.rate_strikes_before_disconnect,
+        }
+    }
+
+    fn allow(&self) -> bool {
+        self.bucket.check().is_ok()
+    }
+
+    /// Counts a refusal; true when there were too many recently.
+    fn strike(&self) -> bool {
+        if self.since.get().elapsed() > STRIKE_WINDOW {
+            self.since.set(Instant::now());
+            self.strikes.set(0);
+        }
+        self.strikes.set(self.strikes.get() + 1);
+        self.strikes.get() > self.max_strikes
+    }
 }
 
 /// Whether the session goes on after a request.

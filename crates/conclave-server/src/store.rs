@@ -48,7 +48,29 @@ CREATE TABLE rooms (
     private    INTEGER NOT NULL,
     pw_hash    TEXT,
     owner      TEXT,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    votekick   INTEGER NOT NULL DEFAULT 1
+) WITHOUT ROWID;
+CREATE TABLE bans (
+    kind       TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    until_ms   INTEGER,
+    reason     TEXT NOT NULL,
+    by         TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (kind, target)
+) WITHOUT ROWID;
+CREATE TABLE ip_rules (
+    action     TEXT NOT NULL,
+    cidr       TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (action, cidr)
+) WITHOUT ROWID;
+CREATE TABLE room_bans (
+    room     TEXT NOT NULL,
+    user     TEXT NOT NULL,
+    until_ms INTEGER NOT NULL,
+    PRIMARY KEY (room, user)
 ) WITHOUT ROWID;
 CREATE TABLE members (
     room      TEXT NOT NULL REFERENCES rooms(name) ON DELETE CASCADE,
@@ -559,6 +581,144 @@ impl Db {
         self.conn.execute(
             "DELETE FROM members WHERE room = ?1 AND user = ?2",
             params![room, user],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored ban (expired ones are removed first).
+    pub fn bans(&mut self, now_ms: i64) -> Result<Vec<crate::guard::Ban>, StoreError> {
+        self.conn.execute(
+            "DELETE FROM bans WHERE until_ms IS NOT NULL AND until_ms <= ?1",
+            [now_ms],
+        )?;
+        let mut st = self
+            .conn
+            .prepare("SELECT kind, target, until_ms, reason, by, created_ms FROM bans")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, target, until_ms, reason, by, created_ms) = row?;
+            let target = match kind.as_str() {
+                "user" => crate::guard::BanTarget::User(target),
+                _ => match target.parse() {
+                    Ok(net) => crate::guard::BanTarget::Net(net),
+                    Err(_) => continue,
+                },
+            };
+            out.push(crate::guard::Ban {
+                target,
+                until_ms,
+                reason,
+                by,
+                created_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn add_ban(&mut self, ban: &crate::guard::Ban) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO bans (kind, target, until_ms, reason, by, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                ban.target.kind(),
+                ban.target.value(),
+                ban.until_ms,
+                ban.reason,
+                ban.by,
+                ban.created_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a ban; false when there was none.
+    pub fn remove_ban(&mut self, target: &crate::guard::BanTarget) -> Result<bool, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM bans WHERE kind = ?1 AND target = ?2",
+            params![target.kind(), target.value()],
+        )? == 1)
+    }
+
+    /// The persisted IP rules: (allow, deny).
+    pub fn ip_rules(&self) -> Result<(Vec<ipnet::IpNet>, Vec<ipnet::IpNet>), StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT action, cidr FROM ip_rules ORDER BY created_ms")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let (mut allow, mut deny) = (Vec::new(), Vec::new());
+        for row in rows {
+            let (action, cidr) = row?;
+            if let Ok(net) = cidr.parse() {
+                if action == "allow" {
+                    allow.push(net);
+                } else {
+                    deny.push(net);
+                }
+            }
+        }
+        Ok((allow, deny))
+    }
+
+    /// Adds (`add`) or removes an IP rule; returns whether anything changed.
+    pub fn set_ip_rule(
+        &mut self,
+        action: &str,
+        net: &ipnet::IpNet,
+        add: bool,
+    ) -> Result<bool, StoreError> {
+        let n = if add {
+            self.conn.execute(
+                "INSERT OR IGNORE INTO ip_rules (action, cidr, created_ms) VALUES (?1, ?2, ?3)",
+                params![action, net.to_string(), now_ms()],
+            )?
+        } else {
+            self.conn.execute(
+                "DELETE FROM ip_rules WHERE action = ?1 AND cidr = ?2",
+                params![action, net.to_string()],
+            )?
+        };
+        Ok(n == 1)
+    }
+
+    /// Keeps `user` out of `room` until `until_ms` (a vote-kick).
+    pub fn add_room_ban(
+        &mut self,
+        room: &str,
+        user: &str,
+        until_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO room_bans (room, user, until_ms) VALUES (?1, ?2, ?3)",
+            params![room, user, until_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Active room bans: (room, user, until_ms).
+    pub fn room_bans(&mut self, now_ms: i64) -> Result<Vec<(String, String, i64)>, StoreError> {
+        self.conn
+            .execute("DELETE FROM room_bans WHERE until_ms <= ?1", [now_ms])?;
+        let mut st = self
+            .conn
+            .prepare("SELECT room, user, until_ms FROM room_bans")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Turns vote-kick on or off for a room.
+    pub fn set_room_votekick(&mut self, room: &str, on: bool) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE rooms SET votekick = ?2 WHERE name = ?1",
+            params![room, on],
         )?;
         Ok(())
     }

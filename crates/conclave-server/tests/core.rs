@@ -589,7 +589,7 @@ async fn graceful_shutdown_tells_clients_and_keeps_acknowledged_messages() {
 
 #[tokio::test]
 async fn pipelined_sends_and_large_writes_are_handled_in_order() {
-    let srv = TestServer::start(|_| {}).await;
+    let srv = TestServer::start(|c| c.limits.request_burst = 1000).await;
     let mut alice = Raw::register(&srv, "alice").await;
     let mut bob = Raw::register(&srv, "bob").await;
     // 200 frames in one write: many frames per TLS record, answered in order.

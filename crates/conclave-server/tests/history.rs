@@ -111,7 +111,8 @@ async fn resume_cursors_bring_exactly_what_was_missed() {
 
 #[tokio::test]
 async fn catching_up_while_others_send_loses_and_doubles_nothing() {
-    let srv = TestServer::start(|_| {}).await;
+    // Pipelining faster than the default request rate is the point here.
+    let srv = TestServer::start(|c| c.limits.request_burst = 1000).await;
     srv.add_user("bob", PW, false);
     let mut alice = Raw::register(&srv, "alice").await;
     const N: u64 = 300;

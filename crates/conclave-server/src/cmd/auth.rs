@@ -14,7 +14,8 @@ fn auth_failed() -> ErrorBody {
 }
 
 fn check_server_password(conn: &Conn, given: Option<&str>) -> Result<(), ErrorBody> {
-    let Some(expected) = conn.shared.config.server_password.as_deref() else {
+    let config = conn.shared.config();
+    let Some(expected) = config.server_password.as_deref() else {
         return Ok(());
     };
     match given {
@@ -40,16 +41,27 @@ pub async fn login(
     resume: Vec<conclave_proto::Cursor>,
 ) -> Result<(), ErrorBody> {
     check_server_password(conn, server_password.as_deref())?;
-    if resume.len() > conn.shared.config.limits.max_cursors {
+    if resume.len() > conn.shared.config().limits.max_cursors {
         return Err(ErrorBody::new(
             ErrorCode::TooLarge,
             format!(
                 "at most {} cursors in a resume",
-                conn.shared.config.limits.max_cursors
+                conn.shared.config().limits.max_cursors
             ),
         ));
     }
     let name = names::canonical(&user).ok();
+    let now = crate::store::now_ms();
+    let lock_key = name.clone().unwrap_or_else(|| user.to_lowercase());
+    if let Some(left) = conn.shared.guard().login_locked(&lock_key, now) {
+        return Err(ErrorBody::new(
+            ErrorCode::RateLimited,
+            format!(
+                "too many failed logins for this account; wait {} s and try again",
+                (left + 999) / 1000
+            ),
+        ));
+    }
     // The account and its rooms as stored: `conclave user add` may have written them while the
     // server runs.
     let found = match name.clone() {
@@ -82,8 +94,27 @@ pub async fn login(
     .await?;
     let Some(row) = row else {
         tracing::info!(peer = %conn.peer, "login failed");
+        let auto =
+            conn.shared
+                .guard()
+                .login_failed(&lock_key, conn.peer.ip(), crate::store::now_ms());
+        if let Some(auto) = auto {
+            super::admin::persist_auto_ban(&conn.shared, auto).await;
+        }
         return Err(auth_failed());
     };
+    conn.shared.guard().login_ok(&row.name);
+    if let Some(ban) = conn
+        .shared
+        .guard()
+        .user_ban(&row.name, crate::store::now_ms())
+        .cloned()
+    {
+        return Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            format!("this account is {}", super::admin::ban_text(&ban)),
+        ));
+    }
     {
         let mut hub = conn.shared.hub.lock();
         for room in &rooms {
@@ -109,7 +140,7 @@ pub async fn register(
     invite_code: Option<String>,
 ) -> Result<(), ErrorBody> {
     check_server_password(conn, server_password.as_deref())?;
-    let policy = conn.shared.registration;
+    let policy = conn.shared.registration();
     let code_hash = match (policy, invite_code) {
         (RegistrationPolicy::Closed, _) => {
             return Err(ErrorBody::new(
@@ -133,7 +164,7 @@ pub async fn register(
     let hash = blocking(move || accounts::hash_password(&password))
         .await?
         .map_err(|m| ErrorBody::new(ErrorCode::Internal, m))?;
-    let default_room = conn.shared.config.default_room.clone();
+    let default_room = conn.shared.config().default_room.clone();
     let n = name.clone();
     let created = conn
         .shared
@@ -170,8 +201,8 @@ pub async fn register(
     {
         let mut hub = conn.shared.hub.lock();
         hub.upsert_user(&name, false);
-        hub.add_member(&conn.shared.config.default_room, &name);
-        let room = conn.shared.config.default_room.clone();
+        hub.add_member(&conn.shared.config().default_room, &name);
+        let room = conn.shared.config().default_room.clone();
         let c = conclave_proto::Conv::Room(room.clone());
         broadcast(
             hub.recipients(&c, &[], None),
@@ -195,7 +226,8 @@ async fn finish_login(
     let reply = connect(conn, name.clone(), admin);
     conn.reply(id, Ok(reply));
     // The reply goes out first; the catch-up follows it, then live traffic.
-    let limits = &conn.shared.config.limits;
+    let config = conn.shared.config();
+    let limits = &config.limits;
     let job = CatchUpJob {
         user: name,
         resume: resume.into_iter().map(|c| (c.conv, c.seq)).collect(),
@@ -234,6 +266,7 @@ fn connect(conn: &mut Conn, name: String, admin: bool) -> Reply {
     let rooms = hub.rooms_of(&name);
     drop(hub);
     tracing::info!(peer = %conn.peer, user = %name, "login");
+    conn.shared.registry.set_user(conn.sid, &name);
     conn.user = Some(name.clone());
     Reply::LoggedIn {
         user: name,

@@ -13,7 +13,7 @@ pub async fn history(
     limit: u32,
     before: Option<u64>,
 ) -> Result<Reply, ErrorBody> {
-    let max = conn.shared.config.limits.max_history_page;
+    let max = conn.shared.config().limits.max_history_page;
     if limit == 0 || limit > max {
         return Err(ErrorBody::new(
             ErrorCode::BadRequest,
@@ -39,7 +39,7 @@ pub async fn search(
     limit: u32,
     before: Option<String>,
 ) -> Result<Reply, ErrorBody> {
-    let max = conn.shared.config.limits.max_history_page;
+    let max = conn.shared.config().limits.max_history_page;
     if limit == 0 || limit > max {
         return Err(ErrorBody::new(
             ErrorCode::BadRequest,
@@ -92,7 +92,7 @@ pub async fn search(
 }
 
 pub async fn ack(conn: &Conn, user: &str, cursors: Vec<Cursor>) -> Result<Reply, ErrorBody> {
-    let max = conn.shared.config.limits.max_cursors;
+    let max = conn.shared.config().limits.max_cursors;
     if cursors.len() > max {
         return Err(ErrorBody::new(
             ErrorCode::TooLarge,

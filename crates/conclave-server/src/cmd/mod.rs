@@ -1,6 +1,7 @@
 //! One module per kind of request. Each handler checks with the hub, writes through to the
 //! store, applies the change to the hub, and tells whoever it concerns.
 
+pub mod admin;
 pub mod auth;
 pub mod history;
 pub mod rooms;

@@ -81,7 +81,7 @@ pub fn announce(conn: &Conn, user: &str, text: String) -> Result<Reply, ErrorBod
             "only admins can announce",
         ));
     }
-    if text.len() > conn.shared.config.limits.max_message_bytes {
+    if text.len() > conn.shared.config().limits.max_message_bytes {
         return Err(ErrorBody::new(
             ErrorCode::TooLarge,
             "the announcement is too long",

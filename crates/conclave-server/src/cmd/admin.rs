@@ -1,0 +1,140 @@
+//! Operator actions shared by the admin socket and admins' clients: bans, unbans, kicks from
+//! the server.
+
+use std::sync::Arc;
+
+use conclave_proto::{DisconnectReason, ErrorBody, ErrorCode};
+
+use super::store_error;
+use crate::guard::{AutoBan, Ban, BanTarget};
+use crate::server::Shared;
+use crate::store::now_ms;
+
+/// "banned for N more minutes: reason".
+pub fn ban_text(ban: &Ban) -> String {
+    let until = match ban.until_ms {
+        None => "for ever".to_string(),
+        Some(u) => format!(
+            "for {} more minutes",
+            ((u - now_ms()).max(0) + 59_999) / 60_000
+        ),
+    };
+    format!("banned {until}: {}", ban.reason)
+}
+
+/// Persists an automatic ban and closes the connections it covers.
+pub async fn persist_auto_ban(shared: &Arc<Shared>, auto: AutoBan) {
+    tracing::warn!(target = %auto.ban.target.value(), reason = %auto.ban.reason, "automatic ban");
+    let ban = auto.ban.clone();
+    if let Err(e) = shared.store.call(move |db| db.add_ban(&ban)).await {
+        tracing::warn!(error = %e, "could not store an automatic ban");
+    }
+    if let BanTarget::Net(net) = &auto.ban.target {
+        shared
+            .registry
+            .close_net(net, DisconnectReason::Banned, &ban_text(&auto.ban));
+    }
+}
+
+/// Bans a user or a network. Refuses to ban oneself or the last admin.
+pub async fn ban(
+    shared: &Arc<Shared>,
+    by: &str,
+    target: BanTarget,
+    duration_ms: Option<i64>,
+    reason: String,
+) -> Result<Ban, ErrorBody> {
+    if let BanTarget::User(u) = &target {
+        if u == by {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "you cannot ban yourself",
+            ));
+        }
+        let (exists, admin) = {
+            let name = u.clone();
+            shared
+                .store
+                .call(move |db| Ok(db.user(&name)?.map(|r| r.admin)))
+                .await
+                .map_err(store_error)?
+                .map_or((false, false), |a| (true, a))
+        };
+        if !exists {
+            return Err(ErrorBody::new(
+                ErrorCode::NoSuchUser,
+                format!("there is no user {u:?}"),
+            ));
+        }
+        if admin {
+            let admins = shared
+                .store
+                .call(|db| Ok(db.users()?.iter().filter(|u| u.admin).count()))
+                .await
+                .map_err(store_error)?;
+            if admins <= 1 {
+                return Err(ErrorBody::new(
+                    ErrorCode::Forbidden,
+                    format!("{u:?} is the last admin; make another admin first"),
+                ));
+            }
+        }
+    }
+    let now = now_ms();
+    let ban = Ban {
+        target,
+        until_ms: duration_ms.map(|d| now.saturating_add(d)),
+        reason: if reason.trim().is_empty() {
+            "no reason given".into()
+        } else {
+            reason
+        },
+        by: by.to_string(),
+        created_ms: now,
+    };
+    let stored = ban.clone();
+    shared
+        .store
+        .call(move |db| db.add_ban(&stored))
+        .await
+        .map_err(store_error)?;
+    shared.guard().add_ban(ban.clone());
+    let message = ban_text(&ban);
+    match &ban.target {
+        BanTarget::User(u) => shared
+            .registry
+            .close_user(u, DisconnectReason::Banned, &message),
+        BanTarget::Net(n) => shared
+            .registry
+            .close_net(n, DisconnectReason::Banned, &message),
+    };
+    tracing::info!(by, target = %ban.target.value(), "ban");
+    Ok(ban)
+}
+
+/// Lifts a ban.
+pub async fn unban(shared: &Arc<Shared>, target: BanTarget) -> Result<(), ErrorBody> {
+    let t = target.clone();
+    let stored = shared
+        .store
+        .call(move |db| db.remove_ban(&t))
+        .await
+        .map_err(store_error)?;
+    let live = shared.guard().remove_ban(&target);
+    if !stored && !live {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!("there is no ban on {}", target.value()),
+        ));
+    }
+    Ok(())
+}
+
+/// Closes every connection of `user` (a kick from the server; they may reconnect).
+pub fn kick_from_server(shared: &Shared, user: &str, by: &str, reason: &str) -> usize {
+    shared.registry.close_user(
+        user,
+        DisconnectReason::Kicked,
+        &format!("kicked by {by}: {reason}"),
+    )
+}
