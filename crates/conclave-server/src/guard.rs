@@ -103,6 +103,13 @@ impl Refusal {
     }
 }
 
+/// A refused connection, and the automatic ban it triggered, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub refusal: Refusal,
+    pub auto_ban: Option<AutoBan>,
+}
+
 /// An automatic ban the guard decided on; the caller persists, audits and enforces it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AutoBan {
@@ -215,19 +222,20 @@ where
     /// Decides on a new connection from `ip`, right after accept. On success the caller must
     /// call [`Guard::release`] when the connection ends. A refusal may come with an automatic
     /// ban (a connection flood).
-    pub fn admit(&mut self, ip: IpAddr, now_ms: i64) -> Result<(), (Refusal, Option<AutoBan>)> {
+    pub fn admit(&mut self, ip: IpAddr, now_ms: i64) -> Result<(), Box<Refused>> {
+        let refused = |refusal, auto_ban| Box::new(Refused { refusal, auto_ban });
         let ip = canonical_ip(ip);
-        self.ip_permitted(ip).map_err(|r| (r, None))?;
+        self.ip_permitted(ip).map_err(|r| refused(r, None))?;
         if let Some(b) = self.ip_ban(ip, now_ms) {
-            return Err((Refusal::Banned(b.clone()), None));
+            return Err(refused(Refusal::Banned(b.clone()), None));
         }
         if self.conn_rate.check_key(&ip).is_err() {
             let auto = self.note_flood(ip, now_ms);
-            return Err((Refusal::RateLimited, auto));
+            return Err(refused(Refusal::RateLimited, auto));
         }
         let n = self.per_ip.entry(ip).or_insert(0);
         if *n >= self.rules.max_connections_per_ip {
-            return Err((
+            return Err(refused(
                 Refusal::TooManyFromIp(self.rules.max_connections_per_ip),
                 None,
             ));
@@ -446,10 +454,10 @@ mod tests {
         for _ in 0..3 {
             assert!(g.admit(a, 0).is_ok());
         }
-        assert!(matches!(
-            g.admit(a, 0),
+        assert_eq!(
+            g.admit(a, 0).map_err(|r| (r.refusal, r.auto_ban)),
             Err((Refusal::TooManyFromIp(3), None))
-        ));
+        );
         g.release(a);
         assert!(g.admit(a, 0).is_ok(), "a released slot is usable");
         // 5 per minute (the refused one counted too): the 6th within the minute is refused,
@@ -461,14 +469,20 @@ mod tests {
         for _ in 0..2 {
             last = Some(g.admit(a, 0));
         }
-        assert!(matches!(last, Some(Err((Refusal::RateLimited, None)))));
-        let r = g.admit(a, 0);
+        assert_eq!(
+            last.map(|r| r.map_err(|r| (r.refusal, r.auto_ban))),
+            Some(Err((Refusal::RateLimited, None)))
+        );
+        let r = g.admit(a, 0).map_err(|r| (r.refusal, r.auto_ban));
         let Err((Refusal::RateLimited, Some(auto))) = r else {
             panic!("{r:?}")
         };
         assert_eq!(auto.ban.until_ms, Some(900_000));
         clock.advance(Duration::from_secs(120));
-        assert!(matches!(g.admit(a, 1000), Err((Refusal::Banned(_), None))));
+        assert!(matches!(
+            g.admit(a, 1000).map_err(|r| r.refusal),
+            Err(Refusal::Banned(_))
+        ));
         assert!(g.admit(ip("192.0.2.2"), 1000).is_ok(), "others unaffected");
         assert!(g.admit(a, 900_001).is_ok(), "the ban expires");
     }

@@ -225,10 +225,10 @@ impl Server {
                         };
                         // Before any TLS work: allow/deny lists, bans, per-IP limits.
                         let admitted = shared.guard().admit(peer.ip(), crate::store::now_ms());
-                        if let Err((refusal, auto)) = admitted {
-                            tracing::info!(%peer, refused = refusal.as_str(), "connection refused");
+                        if let Err(refused) = admitted {
+                            tracing::info!(%peer, refused = refused.refusal.as_str(), "connection refused");
                             drop(tcp);
-                            if let Some(auto) = auto {
+                            if let Some(auto) = refused.auto_ban {
                                 crate::cmd::admin::persist_auto_ban(&shared, auto).await;
                             }
                             continue;
