@@ -172,6 +172,36 @@ pub enum Request {
     Ack {
         cursors: Vec<Cursor>,
     },
+    /// Remove a user from a room (admins, and the room's owner), or with no room from the
+    /// server (admins: their connections are closed; they may come back).
+    Kick {
+        room: Option<String>,
+        user: String,
+        reason: Option<String>,
+    },
+    /// A vote to remove `user` from `room`; enough distinct votes within the window kick them
+    /// out for a while.
+    VoteKick {
+        room: String,
+        user: String,
+    },
+    /// Admins: ban an account or an address/network (CIDR), for `duration_s` or for ever.
+    Ban {
+        user: Option<String>,
+        ip: Option<String>,
+        duration_s: Option<u64>,
+        reason: Option<String>,
+    },
+    /// Admins: lift a ban.
+    Unban {
+        user: Option<String>,
+        ip: Option<String>,
+    },
+    /// The room's owner or an admin: change a room's settings.
+    SetRoom {
+        room: String,
+        votekick: Option<bool>,
+    },
     /// Keep-alive; answered with [`Reply::Pong`].
     Ping {
         nonce: u64,
@@ -231,6 +261,12 @@ pub enum Reply {
     Results(Vec<Message>),
     Pong {
         nonce: u64,
+    },
+    /// A vote was counted; `kicked` when it reached the threshold.
+    VoteCounted {
+        votes: u32,
+        needed: u32,
+        kicked: bool,
     },
 }
 
@@ -306,6 +342,22 @@ pub enum Event {
     CaughtUp {
         count: u32,
         truncated: bool,
+    },
+    /// `user` was removed from `room` (or, with no room, from the server) by `by` (a user
+    /// name, or "vote").
+    Kicked {
+        room: Option<String>,
+        user: String,
+        by: String,
+        reason: String,
+    },
+    /// A vote-kick is under way in `room`.
+    VoteKick {
+        room: String,
+        target: String,
+        voter: String,
+        votes: u32,
+        needed: u32,
     },
     /// An operator's notice to everyone online.
     Announce {

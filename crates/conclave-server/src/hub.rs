@@ -30,6 +30,30 @@ pub struct Room {
     pub owner: Option<String>,
     pub members: BTreeSet<String>,
     pub invited: HashSet<String>,
+    pub votekick: bool,
+    /// Users kept out until a time (ms): vote-kicked.
+    pub banned_until: HashMap<String, i64>,
+    /// Vote-kicks under way: target → (voter, when).
+    pub votes: HashMap<String, Vec<(String, i64)>>,
+}
+
+/// How vote-kicks are counted.
+#[derive(Debug, Clone)]
+pub struct VoteRules {
+    pub votes: u32,
+    pub fraction: f64,
+    pub window_ms: i64,
+}
+
+/// A counted vote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoteTally {
+    pub room: String,
+    pub target: String,
+    pub votes: u32,
+    pub needed: u32,
+    /// The threshold was reached: the caller removes the target.
+    pub kicked: bool,
 }
 
 #[derive(Debug, Default)]
@@ -105,6 +129,9 @@ impl<O> Hub<O> {
                         owner: r.owner,
                         members: r.members.into_iter().collect(),
                         invited: r.invited.into_iter().collect(),
+                        votekick: r.votekick,
+                        banned_until: HashMap::new(),
+                        votes: HashMap::new(),
                     },
                 )
             })
@@ -217,6 +244,14 @@ impl<O> Hub<O> {
         if r.members.contains(user) {
             return Ok((name, JoinCheck::AlreadyMember));
         }
+        if let Some(until) = r.banned_until.get(user) {
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!(
+                    "you were voted out of {name:?}; you can rejoin after {until} (ms since the epoch)"
+                ),
+            ));
+        }
         if r.private && !r.invited.contains(user) && !self.is_admin(user) {
             // The same answer as for a room that does not exist: private rooms stay hidden.
             return Err(no_such_room(room));
@@ -234,6 +269,157 @@ impl<O> Hub<O> {
         if let Some(r) = self.rooms.get_mut(room) {
             r.invited.remove(user);
             r.members.insert(user.to_string());
+        }
+    }
+
+    /// Until when `user` is kept out of `room` (a vote-kick), if they are.
+    pub fn room_banned(&self, room: &str, user: &str, now_ms: i64) -> Option<i64> {
+        self.rooms
+            .get(room)
+            .and_then(|r| r.banned_until.get(user))
+            .copied()
+            .filter(|u| *u > now_ms)
+    }
+
+    /// Keeps `user` out of `room` until `until_ms`.
+    pub fn ban_from_room(&mut self, room: &str, user: &str, until_ms: i64) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.banned_until.insert(user.to_string(), until_ms);
+        }
+    }
+
+    /// Checks a kick of `target` from `room` by `by`: admins anywhere, owners in their room.
+    /// Returns the canonical room and target names.
+    pub fn check_kick(
+        &self,
+        by: &str,
+        room: &str,
+        target: &str,
+    ) -> Result<(String, String), ErrorBody> {
+        let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
+        let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
+        if !self.can_see(by, r) && !self.is_admin(by) {
+            return Err(no_such_room(room));
+        }
+        if !(self.is_admin(by) || r.owner.as_deref() == Some(by)) {
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!("only admins and the owner of {name:?} can kick from it; try votekick"),
+            ));
+        }
+        let target = names::canonical(target).unwrap_or_else(|_| target.to_string());
+        if target == by {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "you cannot kick yourself; part instead",
+            ));
+        }
+        if !r.members.contains(&target) {
+            return Err(err(
+                ErrorCode::NoSuchUser,
+                format!("{target:?} is not a member of {name:?}"),
+            ));
+        }
+        Ok((name, target))
+    }
+
+    /// Counts `voter`'s vote to kick `target` out of `room`.
+    pub fn vote(
+        &mut self,
+        voter: &str,
+        room: &str,
+        target: &str,
+        now_ms: i64,
+        rules: &VoteRules,
+    ) -> Result<VoteTally, ErrorBody> {
+        let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
+        let target = names::canonical(target).unwrap_or_else(|_| target.to_string());
+        let online: u32 = {
+            let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
+            if !r.members.contains(voter) {
+                if !self.can_see(voter, r) {
+                    return Err(no_such_room(room));
+                }
+                return Err(err(
+                    ErrorCode::NotMember,
+                    format!("only members of {name:?} can vote there; join it first"),
+                ));
+            }
+            if !r.votekick {
+                return Err(err(
+                    ErrorCode::Forbidden,
+                    format!("vote-kick is turned off in {name:?}"),
+                ));
+            }
+            if target == voter {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    "you cannot vote to kick yourself",
+                ));
+            }
+            if !r.members.contains(&target) {
+                return Err(err(
+                    ErrorCode::NoSuchUser,
+                    format!("{target:?} is not a member of {name:?}"),
+                ));
+            }
+            r.members
+                .iter()
+                .filter(|m| **m != target && self.online(m))
+                .count() as u32
+        };
+        let needed = rules
+            .votes
+            .max((rules.fraction * f64::from(online)).ceil() as u32)
+            .max(1);
+        let Some(r) = self.rooms.get_mut(&name) else {
+            return Err(no_such_room(room));
+        };
+        let votes = r.votes.entry(target.clone()).or_default();
+        votes.retain(|(_, at)| now_ms - at <= rules.window_ms);
+        if votes.iter().any(|(v, _)| v == voter) {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("you already voted to kick {target:?}"),
+            ));
+        }
+        votes.push((voter.to_string(), now_ms));
+        let count = votes.len() as u32;
+        let kicked = count >= needed;
+        if kicked {
+            r.votes.remove(&target);
+        }
+        Ok(VoteTally {
+            room: name,
+            target,
+            votes: count,
+            needed,
+            kicked,
+        })
+    }
+
+    /// Turns vote-kick on or off; only the owner or an admin.
+    pub fn check_set_room(&self, by: &str, room: &str) -> Result<String, ErrorBody> {
+        let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
+        let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
+        if !(self.is_admin(by) || r.owner.as_deref() == Some(by)) {
+            if !self.can_see(by, r) {
+                return Err(no_such_room(room));
+            }
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!("only admins and the owner of {name:?} can change it"),
+            ));
+        }
+        Ok(name)
+    }
+
+    pub fn set_votekick(&mut self, room: &str, on: bool) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.votekick = on;
+            if !on {
+                r.votes.clear();
+            }
         }
     }
 
@@ -575,6 +761,7 @@ mod tests {
                 owner: None,
                 members: vec!["alice".into(), "bob".into(), "carol".into(), "dave".into()],
                 invited: vec![],
+                votekick: true,
             },
             RoomRow {
                 name: "ops".into(),
@@ -583,6 +770,7 @@ mod tests {
                 owner: Some("bob".into()),
                 members: vec!["bob".into(), "carol".into()],
                 invited: vec!["dave".into()],
+                votekick: false,
             },
         ];
         let mut h = Hub::new(
@@ -780,6 +968,88 @@ mod tests {
         assert!(!h.recipients(&c, &[], None).any(|o| *o == "bob#new"));
         h.set_live(99);
         assert!(h.recipients(&c, &[], None).any(|o| *o == "bob#new"));
+    }
+
+    #[test]
+    fn vote_kick_counts_distinct_member_votes_in_a_window() {
+        let mut h = hub();
+        let rules = VoteRules {
+            votes: 2,
+            fraction: 0.0,
+            window_ms: 1000,
+        };
+        let code = |r: Result<VoteTally, ErrorBody>| r.expect_err("refused").code;
+        assert_eq!(
+            code(h.vote("mallory", "general", "dave", 0, &rules)),
+            ErrorCode::NotMember
+        );
+        assert_eq!(
+            code(h.vote("dave", "general", "dave", 0, &rules)),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(h.vote("bob", "ops", "carol", 0, &rules)),
+            ErrorCode::Forbidden,
+            "off"
+        );
+        assert_eq!(
+            code(h.vote("bob", "general", "mallory", 0, &rules)),
+            ErrorCode::NoSuchUser
+        );
+        let t = h
+            .vote("alice", "general", "Dave", 0, &rules)
+            .expect("counted");
+        assert_eq!((t.votes, t.needed, t.kicked), (1, 2, false));
+        assert_eq!(
+            code(h.vote("alice", "general", "dave", 10, &rules)),
+            ErrorCode::BadRequest
+        );
+        // Outside the window the first vote no longer counts.
+        let t = h
+            .vote("bob", "general", "dave", 2000, &rules)
+            .expect("counted");
+        assert_eq!((t.votes, t.kicked), (1, false));
+        let t = h
+            .vote("carol", "general", "dave", 2100, &rules)
+            .expect("counted");
+        assert_eq!((t.votes, t.needed, t.kicked), (2, 2, true));
+        // A fraction of the members online raises the bar: 3 online besides dave.
+        let frac = VoteRules {
+            votes: 1,
+            fraction: 1.0,
+            window_ms: 1000,
+        };
+        let t = h
+            .vote("alice", "general", "dave", 0, &frac)
+            .expect("counted");
+        assert_eq!(t.needed, 3);
+    }
+
+    #[test]
+    fn kicks_need_an_admin_or_the_owner() {
+        let h = hub();
+        assert_eq!(
+            h.check_kick("bob", "ops", "carol").expect("owner"),
+            ("ops".into(), "carol".into())
+        );
+        assert_eq!(
+            h.check_kick("alice", "general", "bob").expect("admin").1,
+            "bob"
+        );
+        assert_eq!(
+            h.check_kick("carol", "ops", "bob").expect_err("no").code,
+            ErrorCode::Forbidden
+        );
+        assert_eq!(
+            h.check_kick("bob", "ops", "bob").expect_err("self").code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            h.check_kick("mallory", "ops", "bob")
+                .expect_err("hidden")
+                .code,
+            ErrorCode::NoSuchRoom
+        );
     }
 
     #[test]

@@ -132,6 +132,9 @@ impl Server {
             .bans(crate::store::now_ms())
             .map_err(|e| start_err(e.to_string()))?;
         let (allow, deny) = db.ip_rules().map_err(|e| start_err(e.to_string()))?;
+        let room_bans = db
+            .room_bans(crate::store::now_ms())
+            .map_err(|e| start_err(e.to_string()))?;
         let rules = config
             .security
             .rules(&allow, &deny)
@@ -151,6 +154,12 @@ impl Server {
             users.into_iter().map(|u| (u.name, u.admin)),
             rooms,
         ))));
+        {
+            let mut h = hub.lock();
+            for (room, user, until) in room_bans {
+                h.ban_from_room(&room, &user, until);
+            }
+        }
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
         let (store, store_thread) = Store::start(db, sink);
         let dispatcher = tokio::spawn(dispatch::run(hub.clone(), commits));

@@ -360,6 +360,32 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
         (Some(user), Request::Ack { cursors }) => cmd::history::ack(conn, &user, cursors).await,
         (
             Some(user),
+            Request::Kick {
+                room,
+                user: target,
+                reason,
+            },
+        ) => cmd::moderation::kick(conn, &user, room, target, reason).await,
+        (Some(user), Request::VoteKick { room, user: target }) => {
+            cmd::moderation::votekick(conn, &user, room, target).await
+        }
+        (
+            Some(user),
+            Request::Ban {
+                user: target,
+                ip,
+                duration_s,
+                reason,
+            },
+        ) => cmd::moderation::ban(conn, &user, target, ip, duration_s, reason).await,
+        (Some(user), Request::Unban { user: target, ip }) => {
+            cmd::moderation::unban(conn, &user, target, ip).await
+        }
+        (Some(user), Request::SetRoom { room, votekick }) => {
+            cmd::moderation::set_room(conn, &user, room, votekick).await
+        }
+        (
+            Some(user),
             Request::CreateRoom {
                 room,
                 private,

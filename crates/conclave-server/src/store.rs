@@ -193,6 +193,8 @@ pub struct RoomRow {
     pub owner: Option<String>,
     pub members: Vec<String>,
     pub invited: Vec<String>,
+    /// Whether vote-kicks are allowed in this room.
+    pub votekick: bool,
 }
 
 /// A message to store.
@@ -395,8 +397,8 @@ impl Db {
     pub fn create_room(&mut self, room: &RoomRow) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
-            "INSERT OR IGNORE INTO rooms (name, private, pw_hash, owner, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![room.name, room.private, room.pw_hash, room.owner, now_ms()],
+            "INSERT OR IGNORE INTO rooms (name, private, pw_hash, owner, created_ms, votekick) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![room.name, room.private, room.pw_hash, room.owner, now_ms(), room.votekick],
         )?;
         if n == 0 {
             return Err(StoreError::Exists);
@@ -414,9 +416,9 @@ impl Db {
     /// Every room with its members and invites (loaded once at start into the hub).
     pub fn rooms(&self) -> Result<Vec<RoomRow>, StoreError> {
         let mut rooms: Vec<RoomRow> = {
-            let mut st = self
-                .conn
-                .prepare("SELECT name, private, pw_hash, owner FROM rooms ORDER BY name")?;
+            let mut st = self.conn.prepare(
+                "SELECT name, private, pw_hash, owner, votekick FROM rooms ORDER BY name",
+            )?;
             st.query_map([], |r| {
                 Ok(RoomRow {
                     name: r.get(0)?,
@@ -425,6 +427,7 @@ impl Db {
                     owner: r.get(3)?,
                     members: Vec::new(),
                     invited: Vec::new(),
+                    votekick: r.get(4)?,
                 })
             })?
             .collect::<Result<_, _>>()?

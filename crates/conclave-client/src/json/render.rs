@@ -6,7 +6,7 @@
 use conclave_proto::{Conv, Event, Message, Reply, RoomInfo, UserPresence};
 use serde_json::{Map, Value, json};
 
-use crate::connection::Session;
+use crate::connection::{ClientEvent, Session};
 use crate::error::ClientError;
 
 /// A message, as in the `message` event and in `history` replies.
@@ -66,11 +66,47 @@ pub fn event(e: &Event) -> Value {
         Event::Announce { from, text, ts_ms } => {
             json!({"event": "announce", "from": from, "text": text, "ts": ts_ms})
         }
+        Event::Kicked {
+            room,
+            user,
+            by,
+            reason,
+        } => json!({"event": "kicked", "room": room, "user": user, "by": by, "reason": reason}),
+        Event::VoteKick {
+            room,
+            target,
+            voter,
+            votes,
+            needed,
+        } => json!({
+            "event": "votekick", "room": room, "target": target, "voter": voter,
+            "votes": votes, "needed": needed
+        }),
         Event::CaughtUp { count, truncated } => {
             json!({"event": "caught_up", "count": count, "truncated": truncated})
         }
         Event::Disconnect { reason, message } => {
             json!({"event": "disconnected", "reason": reason.as_str(), "message": message})
+        }
+    }
+}
+
+/// An event line for anything [`crate::Events`] yields.
+pub fn client_event(e: &ClientEvent) -> Value {
+    match e {
+        ClientEvent::Server(e) => event(e),
+        ClientEvent::Disconnected {
+            reason,
+            message,
+            reconnecting,
+        } => json!({
+            "event": "disconnected",
+            "reason": reason.as_str(),
+            "message": message,
+            "reconnecting": reconnecting,
+        }),
+        ClientEvent::Reconnected { missed, truncated } => {
+            json!({"event": "reconnected", "missed": missed, "truncated": truncated})
         }
     }
 }
@@ -135,6 +171,11 @@ fn reply_fields(reply: &Reply) -> Map<String, Value> {
             json!({"results": messages.iter().map(message).collect::<Vec<_>>()})
         }
         Reply::Pong { nonce } => json!({"nonce": nonce}),
+        Reply::VoteCounted {
+            votes,
+            needed,
+            kicked,
+        } => json!({"votes": votes, "needed": needed, "kicked": kicked}),
     };
     match value {
         Value::Object(map) => map,
@@ -282,6 +323,33 @@ mod tests {
         for (e, want) in cases {
             assert_eq!(event(&e), want);
         }
+    }
+
+    #[test]
+    fn connection_event_shapes() {
+        assert_eq!(
+            client_event(&ClientEvent::Disconnected {
+                reason: DisconnectReason::Shutdown,
+                message: "bye".into(),
+                reconnecting: true
+            }),
+            json!({"event":"disconnected","reason":"shutdown","message":"bye","reconnecting":true})
+        );
+        assert_eq!(
+            client_event(&ClientEvent::Reconnected {
+                missed: 3,
+                truncated: false
+            }),
+            json!({"event":"reconnected","missed":3,"truncated":false})
+        );
+        let e = Event::CaughtUp {
+            count: 2,
+            truncated: true,
+        };
+        assert_eq!(
+            client_event(&ClientEvent::Server(e)),
+            json!({"event":"caught_up","count":2,"truncated":true})
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod history;
+pub mod moderation;
 pub mod rooms;
 pub mod send;
 

@@ -39,6 +39,7 @@ pub async fn create(
         owner: Some(user.to_string()),
         members: vec![user.to_string()],
         invited: vec![],
+        votekick: conn.shared.config().votekick.enabled,
     };
     match conn.shared.store.call(move |db| db.create_room(&row)).await {
         Ok(()) => {}
@@ -58,7 +59,8 @@ pub async fn create(
             pw_hash,
             owner: Some(user.to_string()),
             members: [user.to_string()].into_iter().collect(),
-            invited: Default::default(),
+            votekick: conn.shared.config().votekick.enabled,
+            ..Default::default()
         },
     );
     // The creator's other connections learn of it too.
