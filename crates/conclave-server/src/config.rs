@@ -346,6 +346,10 @@ pub struct Config {
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
+    /// The config file read (`None`: defaults only); a reload reads it again.
+    pub config_file: Option<PathBuf>,
+    /// The registration policy came from the command line, which a reload does not override.
+    pub registration_from_cli: bool,
 }
 
 impl Config {
@@ -364,6 +368,8 @@ impl Config {
             security: Security::default(),
             votekick: VoteKick::default(),
             data_key_passphrase: None,
+            config_file: None,
+            registration_from_cli: false,
         }
     }
 
@@ -377,6 +383,7 @@ impl Config {
             None if default_path.exists() => Some(default_path),
             None => None,
         };
+        config.config_file = path.clone();
         if let Some(path) = path {
             let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
                 path: path.clone(),
@@ -403,6 +410,22 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration a reload brings: the file read again over the defaults, keeping what
+    /// cannot change while serving (data directory, listen address, secrets) and what the
+    /// command line fixed.
+    pub fn reloaded(&self) -> Result<Config, ConfigError> {
+        let mut new = Config::load(&self.data_dir, self.config_file.as_deref())?;
+        new.listen = self.listen;
+        new.server_password = self.server_password.clone();
+        new.data_key_passphrase = self.data_key_passphrase.clone();
+        new.registration_from_cli = self.registration_from_cli;
+        if self.registration_from_cli {
+            new.registration = self.registration;
+        }
+        new.config_file = self.config_file.clone();
+        Ok(new)
     }
 
     /// Refuses values that cannot work.

@@ -144,6 +144,20 @@ impl<O> Hub<O> {
         }
     }
 
+    /// New limits (config reload).
+    pub fn set_limits(&mut self, limits: HubLimits) {
+        self.limits = limits;
+    }
+
+    /// Forgets an account (deleted): its memberships and invitations.
+    pub fn remove_user(&mut self, name: &str) {
+        self.users.remove(name);
+        for r in self.rooms.values_mut() {
+            r.members.remove(name);
+            r.invited.remove(name);
+        }
+    }
+
     pub fn knows_user(&self, name: &str) -> bool {
         self.users.contains_key(name)
     }
@@ -723,24 +737,30 @@ impl<O> Hub<O> {
         }
     }
 
-    /// Rooms `viewer` can see.
-    pub fn rooms_visible(&self, viewer: &str) -> Vec<RoomInfo> {
+    /// Rooms `viewer` can see (every room when `viewer` is `None`: the operator).
+    pub fn rooms_visible_to(&self, viewer: Option<&str>) -> Vec<RoomInfo> {
+        let viewer_name = viewer.unwrap_or("");
         let mut v: Vec<RoomInfo> = self
             .rooms
             .iter()
-            .filter(|(_, r)| self.can_see(viewer, r))
+            .filter(|(_, r)| viewer.is_none_or(|u| self.can_see(u, r)))
             .map(|(name, r)| RoomInfo {
                 room: name.clone(),
                 private: r.private,
                 has_password: r.pw_hash.is_some(),
                 members: r.members.len() as u32,
                 online: r.members.iter().filter(|m| self.online(m)).count() as u32,
-                member: r.members.contains(viewer),
+                member: r.members.contains(viewer_name),
                 owner: r.owner.clone(),
             })
             .collect();
         v.sort_by(|a, b| a.room.cmp(&b.room));
         v
+    }
+
+    /// Rooms `viewer` can see.
+    pub fn rooms_visible(&self, viewer: &str) -> Vec<RoomInfo> {
+        self.rooms_visible_to(Some(viewer))
     }
 }
 

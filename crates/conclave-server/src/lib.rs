@@ -6,6 +6,7 @@
 //! without sockets.
 
 pub mod accounts;
+pub mod admin_socket;
 pub mod at_rest;
 pub mod cmd;
 pub mod config;

@@ -47,6 +47,8 @@ pub struct Shared {
     pub guard: Mutex<Guard>,
     /// Every live connection.
     pub registry: crate::registry::Registry,
+    /// When the server started.
+    pub started: std::time::Instant,
     pub store: Store<SendCtx>,
     pub shutdown: CancellationToken,
     next_session: AtomicU64,
@@ -73,6 +75,44 @@ impl Shared {
     pub fn guard(&self) -> MutexGuard<'_, Guard> {
         self.guard.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Reads the config file again and applies it: IP lists, limits, policies. On any error
+    /// the configuration in force stays as it is, and the error says why.
+    pub async fn reload(&self) -> Result<(), String> {
+        let old = self.config();
+        let new = old.reloaded().map_err(|e| e.to_string())?;
+        new.validate().map_err(|e| e.to_string())?;
+        self.apply_rules(&new).await?;
+        self.hub.lock().set_limits(hub_limits(&new));
+        if let Ok(mut c) = self.config.write() {
+            *c = Arc::new(new);
+        }
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Rebuilds the guard's rules from `config` and the persisted IP lists.
+    pub async fn apply_rules(&self, config: &Config) -> Result<(), String> {
+        let (allow, deny) = self
+            .store
+            .call(|db| db.ip_rules())
+            .await
+            .map_err(|e| e.to_string())?;
+        let rules = config
+            .security
+            .rules(&allow, &deny)
+            .map_err(|e| e.to_string())?;
+        self.guard().set_rules(rules);
+        Ok(())
+    }
+}
+
+fn hub_limits(config: &Config) -> HubLimits {
+    HubLimits {
+        max_message_bytes: config.limits.max_message_bytes,
+        max_recipients: config.limits.max_recipients,
+        max_rooms: config.limits.max_rooms,
+    }
 }
 
 /// Why the server could not start, in words an operator can act on.
@@ -86,10 +126,21 @@ fn start_err(m: impl Into<String>) -> StartError {
     StartError::Message(m.into())
 }
 
+/// Reloads a running server's configuration.
+#[derive(Clone)]
+pub struct Reloader(Arc<Shared>);
+
+impl Reloader {
+    pub async fn reload(&self) -> Result<(), String> {
+        self.0.reload().await
+    }
+}
+
 /// A bound server, ready to run.
 pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
+    admin: tokio::net::UnixListener,
     acceptor: TlsAcceptor,
     store_thread: StoreThread,
     dispatcher: tokio::task::JoinHandle<()>,
@@ -139,6 +190,9 @@ impl Server {
             .security
             .rules(&allow, &deny)
             .map_err(|e| start_err(e.to_string()))?;
+        let admin = crate::admin_socket::bind(&config.data_dir)
+            .await
+            .map_err(start_err)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| bind_error(config.listen, e))?;
@@ -146,11 +200,7 @@ impl Server {
             .local_addr()
             .map_err(|e| start_err(e.to_string()))?;
         let hub = Arc::new(SharedHub(Mutex::new(Hub::new(
-            HubLimits {
-                max_message_bytes: config.limits.max_message_bytes,
-                max_recipients: config.limits.max_recipients,
-                max_rooms: config.limits.max_rooms,
-            },
+            hub_limits(&config),
             users.into_iter().map(|u| (u.name, u.admin)),
             rooms,
         ))));
@@ -170,11 +220,13 @@ impl Server {
                 hub,
                 guard: Mutex::new(Guard::new(rules, bans)),
                 registry: Default::default(),
+                started: std::time::Instant::now(),
                 store,
                 shutdown: CancellationToken::new(),
                 next_session: AtomicU64::new(1),
             }),
             listener,
+            admin,
             acceptor,
             store_thread,
             dispatcher,
@@ -202,6 +254,11 @@ impl Server {
         self.shared.registration()
     }
 
+    /// A handle to reload the configuration while the server runs (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.shared.clone())
+    }
+
     /// Cancel this token to shut the server down gracefully.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shared.shutdown.clone()
@@ -213,6 +270,7 @@ impl Server {
         let Server {
             shared,
             listener,
+            admin,
             acceptor,
             store_thread,
             dispatcher,
@@ -221,6 +279,7 @@ impl Server {
         let connections = Arc::new(Semaphore::new(shared.config().limits.max_connections));
         let tracker = TaskTracker::new();
         tracker.spawn(housekeeping_task(shared.clone()));
+        tracker.spawn(crate::admin_socket::serve(shared.clone(), admin));
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
         loop {
             tokio::select! {

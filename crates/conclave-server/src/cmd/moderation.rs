@@ -5,6 +5,7 @@ use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply, names};
 use super::{admin, store_error};
 use crate::guard::BanTarget;
 use crate::hub::VoteRules;
+use crate::server::Shared;
 use crate::session::{Conn, broadcast};
 use crate::store::now_ms;
 
@@ -21,19 +22,19 @@ fn require_admin(conn: &Conn, user: &str, what: &str) -> Result<(), ErrorBody> {
 
 /// Removes `target` from `room`: membership gone (stored), everyone concerned told.
 pub async fn remove_from_room(
-    conn: &Conn,
+    shared: &Shared,
     room: &str,
     target: &str,
     by: &str,
     reason: &str,
 ) -> Result<(), ErrorBody> {
     let (r, t) = (room.to_string(), target.to_string());
-    conn.shared
+    shared
         .store
         .call(move |db| db.remove_member(&r, &t))
         .await
         .map_err(store_error)?;
-    let mut hub = conn.shared.hub.lock();
+    let mut hub = shared.hub.lock();
     let c = Conv::Room(room.to_string());
     // Members (the target included) hear it before the target is removed.
     broadcast(
@@ -63,7 +64,7 @@ pub async fn kick(
     match room {
         Some(room) => {
             let (room, target) = conn.shared.hub.lock().check_kick(by, &room, &user)?;
-            remove_from_room(conn, &room, &target, by, &reason).await?;
+            remove_from_room(&conn.shared, &room, &target, by, &reason).await?;
         }
         None => {
             require_admin(conn, by, "kick users off the server")?;
@@ -134,7 +135,7 @@ pub async fn votekick(
             "voted out ({} votes); may rejoin in {} minutes",
             tally.votes, config.votekick.ban_minutes
         );
-        remove_from_room(conn, &tally.room, &tally.target, "vote", &reason).await?;
+        remove_from_room(&conn.shared, &tally.room, &tally.target, "vote", &reason).await?;
     }
     Ok(Reply::VoteCounted {
         votes: tally.votes,
@@ -143,7 +144,7 @@ pub async fn votekick(
     })
 }
 
-fn ban_target(user: Option<String>, ip: Option<String>) -> Result<BanTarget, ErrorBody> {
+pub fn ban_target(user: Option<String>, ip: Option<String>) -> Result<BanTarget, ErrorBody> {
     match (user, ip) {
         (Some(u), None) => names::canonical(&u)
             .map(BanTarget::User)
