@@ -79,6 +79,14 @@ pub enum ClientError {
     #[error("no reply from the server within {seconds} s")]
     Timeout { seconds: u64 },
 
+    /// The connection dropped and the client is reconnecting, but no connection came back
+    /// within the request timeout.
+    #[error(
+        "not connected to the server (reconnecting after the connection dropped) and no \
+         connection came back within {seconds} s; try again later"
+    )]
+    NotConnected { seconds: u64 },
+
     #[error(
         "the request is {bytes} bytes when encoded, over the frame limit of {max} bytes; \
          send less at once"
@@ -105,7 +113,7 @@ impl ClientError {
     pub fn code(&self) -> &'static str {
         match self {
             ClientError::Server(body) => body.code.as_str(),
-            ClientError::Disconnected { .. } => "disconnected",
+            ClientError::Disconnected { .. } | ClientError::NotConnected { .. } => "disconnected",
             ClientError::Timeout { .. } => "timeout",
             ClientError::TooLarge { .. } => "too_large",
             ClientError::UnexpectedReply { .. } => "protocol",

@@ -158,6 +158,20 @@ fn describe_tls(conn: &rustls::ClientConnection) -> (String, String) {
     (version, suite)
 }
 
+/// How [`tls_error`] starts the message of a certificate that does not check out: a trust
+/// failure, which retrying will not fix.
+const CERTIFICATE_REFUSED: &str = "the server's certificate";
+
+/// Whether `e` says the server's certificate was refused (by a pin or by the CA): retrying
+/// the same server will not help.
+pub(crate) fn is_trust_failure(e: &ClientError) -> bool {
+    match e {
+        ClientError::Trust(_) => true,
+        ClientError::Tls { message, .. } => message.starts_with(CERTIFICATE_REFUSED),
+        _ => false,
+    }
+}
+
 /// Rephrases a failed TLS handshake. Trust refusals are handled before this.
 fn tls_error(server: &str, e: &io::Error, ca_file: Option<&std::path::Path>) -> ClientError {
     let tls = e
@@ -166,12 +180,12 @@ fn tls_error(server: &str, e: &io::Error, ca_file: Option<&std::path::Path>) -> 
     let message = match tls {
         Some(rustls::Error::InvalidCertificate(_)) => match ca_file {
             Some(ca) => format!(
-                "the server's certificate is not valid for {server} according to {} ({})",
+                "{CERTIFICATE_REFUSED} is not valid for {server} according to {} ({})",
                 ca.display(),
                 tls.map(|t| t.to_string()).unwrap_or_default()
             ),
             None => format!(
-                "the server's certificate was refused ({})",
+                "{CERTIFICATE_REFUSED} was refused ({})",
                 tls.map(|t| t.to_string()).unwrap_or_default()
             ),
         },
@@ -278,6 +292,19 @@ mod tests {
             check_hello(b"HTTP/1.1", "s"),
             Err(ClientError::NotConclave { .. })
         ));
+    }
+
+    #[test]
+    fn certificate_refusals_are_trust_failures() {
+        let bad_cert = io::Error::other(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired,
+        ));
+        for ca in [None, Some(std::path::Path::new("/ca.pem"))] {
+            let e = tls_error("h:1", &bad_cert, ca);
+            assert!(is_trust_failure(&e), "{e}");
+        }
+        let closed = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert!(!is_trust_failure(&tls_error("h:1", &closed, None)));
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@
 //! client.join("general", None).await?;
 //! client.send_to_room("general", "hello", &[]).await?;
 //! while let Some(event) = events.recv().await {
+//!     // Server events, and `Disconnected` / `Reconnected` around a reconnect.
 //!     println!("{event:?}");
 //! }
 //! # Ok(()) }
@@ -25,7 +26,9 @@
 //! Map:
 //! - [`trust`]: is this the right server? Fingerprint pins, `known_servers`, CA files.
 //! - `handshake`: TCP, TLS 1.3 and the version exchange, each with a timeout.
-//! - `connection`: [`Client`] (requests and replies), [`Events`] (pushed events).
+//! - `connection`: [`Client`] (requests and replies), [`Events`] (pushed events), and the
+//!   reconnect with resume that keeps both valid when the connection drops.
+//! - [`cursor`]: what has been delivered, per conversation: no message twice, none lost.
 //! - [`json`]: `conclave client --json`.
 //! - `options`, `address`, `error`: what a connection needs, `--server` parsing, errors.
 //!
@@ -33,6 +36,7 @@
 
 mod address;
 mod connection;
+pub mod cursor;
 mod error;
 mod handshake;
 pub mod json;
@@ -40,7 +44,7 @@ mod options;
 pub mod trust;
 
 pub use address::{AddrError, ServerAddr};
-pub use connection::{Client, Events, PendingReply, SendReceipt, Session};
+pub use connection::{Client, ClientEvent, Events, PendingReply, SendReceipt, Session};
 pub use error::ClientError;
 pub use options::*;
 pub use trust::{PinOutcome, Trust, TrustError};

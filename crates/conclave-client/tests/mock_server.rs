@@ -1,15 +1,20 @@
 //! The client against a small in-process server that speaks the real wire (TLS 1.3, hello,
-//! length-prefixed postcard frames). It checks the client's side of the contract before the
-//! real server exists; end-to-end tests against `conclave-server` live with the server.
+//! length-prefixed postcard frames). It checks the client's side of the contract, including
+//! replies and behaviours the real server does not produce on demand; reconnecting is not used
+//! here (see `reconnect.rs`, against the real server).
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use conclave_client::json::{self, JsonOptions};
 use conclave_client::trust::{KnownServers, fingerprint_of_der};
-use conclave_client::{Auth, Client, ClientError, ConnectOptions, PinOutcome, Trust, TrustError};
+use conclave_client::{
+    Auth, Client, ClientError, ClientEvent, ConnectOptions, PinOutcome, Reconnect, Trust,
+    TrustError,
+};
 use conclave_proto::hello::{self, HELLO_BYTES, HelloStatus};
 use conclave_proto::*;
 use futures_util::{SinkExt, StreamExt};
@@ -40,12 +45,10 @@ async fn mock(answer: HelloAnswer) -> Mock {
     mock_with(cert, key.into(), answer).await
 }
 
-async fn mock_with(
+fn acceptor(
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
-    answer: HelloAnswer,
-) -> Mock {
-    let fingerprint = fingerprint_of_der(cert.as_ref());
+) -> tokio_rustls::TlsAcceptor {
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -54,7 +57,16 @@ async fn mock_with(
     .with_no_client_auth()
     .with_single_cert(vec![cert], key)
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn mock_with(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    answer: HelloAnswer,
+) -> Mock {
+    let fingerprint = fingerprint_of_der(cert.as_ref());
+    let acceptor = acceptor(cert, key);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
@@ -135,14 +147,21 @@ async fn serve(
                         Conv::Direct(to)
                     }
                 };
-                events.push(Event::Message(Message {
-                    msg_id: "m-1".into(),
-                    conv,
-                    from: user.clone(),
-                    seq: 1,
-                    ts_ms: 1000,
-                    body,
-                }));
+                // Bob repeats it (as seq 2), then the sender's own message comes back as if
+                // in a catch-up, then bob's again: the client delivers only the first.
+                let echo = |msg_id: &str, from: &str, seq| {
+                    Event::Message(Message {
+                        msg_id: msg_id.into(),
+                        conv: conv.clone(),
+                        from: from.into(),
+                        seq,
+                        ts_ms: 1000 + seq as i64,
+                        body: body.clone(),
+                    })
+                };
+                events.push(echo("m-2", "bob", 2));
+                events.push(echo("m-1", &user, 1));
+                events.push(echo("m-2", "bob", 2));
                 Ok(Reply::Sent {
                     msg_id: "m-1".into(),
                     seq: 1,
@@ -207,6 +226,142 @@ async fn serve(
     Ok(())
 }
 
+/// What the flaky mock saw, across its connections.
+#[derive(Default)]
+struct Flaky {
+    connections: AtomicUsize,
+    /// The `resume` of each login.
+    resumes: Mutex<Vec<Vec<Cursor>>>,
+    /// The idempotency key of each send.
+    keys: Mutex<Vec<Option<String>>>,
+}
+
+/// A server that goes down mid-request once. First connection: catch-up with bob's seq 1 in
+/// general; a `join` is never answered; a `send` is stored (as seq 2) but the server shuts
+/// down before replying. Second connection: the catch-up has that stored send and bob's
+/// seq 3, and the repeated send is answered as a duplicate.
+async fn mock_flaky() -> (Mock, Arc<Flaky>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = ck.cert.der().clone();
+    let fingerprint = fingerprint_of_der(cert.as_ref());
+    let key = PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der());
+    let acceptor = acceptor(cert, key.into());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let state = Arc::new(Flaky::default());
+    let seen = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, state) = (acceptor.clone(), state.clone());
+            tokio::spawn(async move {
+                let _ = serve_flaky(acceptor, tcp, state).await;
+            });
+        }
+    });
+    (Mock { addr, fingerprint }, seen)
+}
+
+async fn serve_flaky(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    state: Arc<Flaky>,
+) -> std::io::Result<()> {
+    let first = state.connections.fetch_add(1, Ordering::SeqCst) == 0;
+    let mut tls = acceptor.accept(tcp).await?;
+    let mut hello_bytes = [0u8; HELLO_BYTES];
+    tls.read_exact(&mut hello_bytes).await?;
+    tls.write_all(&hello::encode(PROTOCOL_VERSION, HelloStatus::Ok))
+        .await?;
+    tls.flush().await?;
+    let mut framed = Framed::new(tls, LengthDelimitedCodec::new());
+    let general = Conv::Room("general".into());
+    let msg = |msg_id: &str, from: &str, seq: u64, text: &str| {
+        ServerFrame::Event(Event::Message(Message {
+            msg_id: msg_id.into(),
+            conv: general.clone(),
+            from: from.into(),
+            seq,
+            ts_ms: 1000 + seq as i64,
+            body: Body::text(text),
+        }))
+    };
+    while let Some(frame) = framed.next().await {
+        let ClientFrame { id, req } = decode_client(&frame?).expect("client frames decode");
+        let reply = |result| ServerFrame::Reply { id, result };
+        let frames = match req {
+            Request::Login { resume, .. } => {
+                state.resumes.lock().unwrap().push(resume);
+                let logged_in = reply(Ok(Reply::LoggedIn {
+                    user: "alice".into(),
+                    admin: false,
+                    rooms: vec!["general".into()],
+                }));
+                if first {
+                    vec![
+                        logged_in,
+                        msg("m-1", "bob", 1, "before"),
+                        ServerFrame::Event(Event::CaughtUp {
+                            count: 1,
+                            truncated: false,
+                        }),
+                    ]
+                } else {
+                    vec![
+                        logged_in,
+                        msg("m-2", "alice", 2, "mine"),
+                        msg("m-3", "bob", 3, "meanwhile"),
+                        ServerFrame::Event(Event::CaughtUp {
+                            count: 2,
+                            truncated: false,
+                        }),
+                    ]
+                }
+            }
+            Request::Join { .. } if first => vec![],
+            Request::Send {
+                idempotency_key, ..
+            } => {
+                state.keys.lock().unwrap().push(idempotency_key);
+                if first {
+                    let bye = ServerFrame::Event(Event::Disconnect {
+                        reason: DisconnectReason::Shutdown,
+                        message: "restarting".into(),
+                    });
+                    framed.send(Bytes::from(encode_server(&bye))).await?;
+                    framed.get_mut().shutdown().await?;
+                    return Ok(());
+                }
+                vec![reply(Ok(Reply::Sent {
+                    msg_id: "m-2".into(),
+                    seq: 2,
+                    ts_ms: 1002,
+                    duplicate: true,
+                }))]
+            }
+            Request::Ping { nonce } => vec![reply(Ok(Reply::Pong { nonce }))],
+            Request::Ack { .. } => vec![reply(Ok(Reply::Ok))],
+            Request::Quit => {
+                framed
+                    .send(Bytes::from(encode_server(&reply(Ok(Reply::Ok)))))
+                    .await?;
+                framed.get_mut().shutdown().await?;
+                return Ok(());
+            }
+            _ => vec![reply(Err(ErrorBody::new(
+                ErrorCode::Unsupported,
+                "the mock does not do that",
+            )))],
+        };
+        for f in frames {
+            framed.send(Bytes::from(encode_server(&f))).await?;
+        }
+    }
+    Ok(())
+}
+
 fn options(m: &Mock, state_dir: &Path, trust: Trust) -> ConnectOptions {
     let mut opts = ConnectOptions::new(
         m.addr.clone(),
@@ -221,6 +376,7 @@ fn options(m: &Mock, state_dir: &Path, trust: Trust) -> ConnectOptions {
     opts.connect_timeout = WAIT;
     opts.handshake_timeout = WAIT;
     opts.request_timeout = WAIT;
+    opts.reconnect = Reconnect::never();
     opts
 }
 
@@ -401,10 +557,10 @@ async fn requests_replies_events_and_quit() {
     );
     assert_eq!(
         events.recv().await,
-        Some(Event::Join {
+        Some(ClientEvent::Server(Event::Join {
             room: "general".into(),
             user: "alice".into()
-        })
+        }))
     );
     let receipt = client
         .send_to_users(&["bob".to_string()], "hi")
@@ -412,12 +568,23 @@ async fn requests_replies_events_and_quit() {
         .unwrap();
     assert_eq!(receipt.seq, 1);
     match events.recv().await {
-        Some(Event::Message(m)) => {
+        Some(ClientEvent::Server(Event::Message(m))) => {
             assert_eq!(m.conv, Conv::Direct(vec!["alice".into(), "bob".into()]));
             assert_eq!(m.body.as_text(), Some("hi"));
+            assert_eq!((m.from.as_str(), m.seq), ("bob", 2));
         }
         other => panic!("{other:?}"),
     }
+    // Neither our own seq 1 nor bob's seq 2 again.
+    assert!(client.ping().await.is_ok());
+    assert_eq!(events.try_recv(), None);
+    assert_eq!(
+        client.cursors(),
+        vec![Cursor {
+            conv: Conv::Direct(vec!["alice".into(), "bob".into()]),
+            seq: 2
+        }]
+    );
     assert!(client.ping().await.is_ok());
     match client.rooms().await {
         Err(ClientError::Server(body)) => assert_eq!(body.code, ErrorCode::Unsupported),
@@ -437,8 +604,9 @@ async fn requests_replies_events_and_quit() {
     client.quit().await.unwrap();
     assert!(matches!(
         events.recv().await,
-        Some(Event::Disconnect {
+        Some(ClientEvent::Disconnected {
             reason: DisconnectReason::Quit,
+            reconnecting: false,
             ..
         })
     ));
@@ -471,8 +639,9 @@ async fn a_server_disconnect_fails_waiting_requests_and_ends_events() {
     }
     assert!(matches!(
         last,
-        Some(Event::Disconnect {
+        Some(ClientEvent::Disconnected {
             reason: DisconnectReason::Shutdown,
+            reconnecting: false,
             ..
         })
     ));
@@ -498,8 +667,9 @@ async fn an_oversize_frame_ends_the_connection_with_a_reason() {
     }
     assert!(matches!(
         events.recv().await,
-        Some(Event::Disconnect {
+        Some(ClientEvent::Disconnected {
             reason: DisconnectReason::Other,
+            reconnecting: false,
             ..
         })
     ));
@@ -521,6 +691,126 @@ async fn a_request_without_reply_times_out() {
     ));
     // The connection is still usable.
     client.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_send_in_flight_at_a_drop_is_sent_again_and_its_copy_not_delivered() {
+    let (m, seen) = mock_flaky().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(&m, dir.path(), Trust::TrustOnFirstUse);
+    opts.reconnect = Reconnect {
+        initial_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(100),
+        max_attempts: Some(20),
+        give_up_after: WAIT,
+    };
+    let (client, mut events, _session) = Client::connect(opts).await.unwrap();
+    let general = Conv::Room("general".into());
+    assert!(matches!(
+        next_event(&mut events).await,
+        ClientEvent::Server(Event::Message(Message { seq: 1, .. }))
+    ));
+
+    // A join that is never answered, then a send during which the server goes down.
+    let join = client
+        .submit(Request::Join {
+            room: "slow".into(),
+            password: None,
+        })
+        .await
+        .unwrap();
+    let send = client
+        .submit(Request::Send {
+            target: Target::Room {
+                room: "general".into(),
+                except: vec![],
+            },
+            body: Body::text("mine"),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    match join.reply().await {
+        Err(ClientError::Disconnected { reason, message }) => {
+            assert_eq!(reason, DisconnectReason::Shutdown);
+            assert!(message.contains("may or may not"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The send is answered on the new connection: stored once, by the first attempt.
+    assert_eq!(
+        send.reply().await.unwrap(),
+        Reply::Sent {
+            msg_id: "m-2".into(),
+            seq: 2,
+            ts_ms: 1002,
+            duplicate: true
+        }
+    );
+
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let e = next_event(&mut events).await;
+        let done = matches!(e, ClientEvent::Reconnected { .. });
+        got.push(e);
+        if done {
+            break;
+        }
+    }
+    assert!(matches!(
+        got[0],
+        ClientEvent::Server(Event::CaughtUp { count: 1, .. })
+    ));
+    assert!(matches!(
+        &got[1],
+        ClientEvent::Disconnected { reason: DisconnectReason::Shutdown, message, reconnecting: true }
+            if message == "restarting"
+    ));
+    // Our own stored send is not delivered back; bob's message is, then the reconnect.
+    match &got[2] {
+        ClientEvent::Server(Event::Message(m)) => assert_eq!((m.from.as_str(), m.seq), ("bob", 3)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        got[3..],
+        [ClientEvent::Reconnected {
+            missed: 1,
+            truncated: false
+        }]
+    );
+    client.ping().await.unwrap();
+    assert_eq!(events.try_recv(), None);
+
+    // The repeat carried the same key, and the login resumed after what was delivered.
+    let keys = seen.keys.lock().unwrap().clone();
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0].is_some());
+    assert_eq!(keys[0], keys[1]);
+    assert_eq!(
+        *seen.resumes.lock().unwrap(),
+        vec![
+            vec![],
+            vec![Cursor {
+                conv: general.clone(),
+                seq: 1
+            }]
+        ]
+    );
+    assert_eq!(
+        client.cursors(),
+        vec![Cursor {
+            conv: general,
+            seq: 3
+        }]
+    );
+    client.quit().await.unwrap();
+}
+
+async fn next_event(events: &mut conclave_client::Events) -> ClientEvent {
+    tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("event in time")
+        .expect("events go on")
 }
 
 /// Runs the JSON client on the given input and returns its output lines.
@@ -590,9 +880,11 @@ async fn json_client_session() {
         .unwrap();
     assert_eq!(
         direct,
-        &json!({"event":"message","to":["bob"],"from":"alice","text":"psst","msg_id":"m-1",
-                "seq":1,"ts":1000})
+        &json!({"event":"message","to":["alice"],"from":"bob","text":"psst","msg_id":"m-2",
+                "seq":2,"ts":1002})
     );
+    // Each conversation's message once: the echo of our own and the repeat are dropped.
+    assert_eq!(lines.iter().filter(|l| l["event"] == "message").count(), 2);
     let bad = lines
         .iter()
         .find(|l| l.get("id").is_none() && l.get("error").is_some())
@@ -662,7 +954,8 @@ async fn json_client_reports_a_server_disconnect_and_fails() {
         .collect();
     assert_eq!(
         find(&lines, "event", json!("disconnected")),
-        &json!({"event":"disconnected","reason":"shutdown","message":"the server is shutting down"})
+        &json!({"event":"disconnected","reason":"shutdown","message":"the server is shutting down",
+                "reconnecting":false})
     );
     assert_eq!(
         find(&lines, "id", json!(1))["error"]["code"],

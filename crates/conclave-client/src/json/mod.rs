@@ -21,13 +21,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use conclave_proto::{DisconnectReason, Event, Request};
+use conclave_proto::DisconnectReason;
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{Client, Events, Session};
+use crate::connection::{Client, ClientEvent, Events, Session};
 use crate::error::ClientError;
 use crate::options::ConnectOptions;
 use crate::trust::{PinOutcome, format_fingerprint};
@@ -62,11 +62,12 @@ impl JsonOptions {
 /// Why the connection ended, as the event forwarder saw it.
 type Ended = Option<(DisconnectReason, String)>;
 
-/// Runs the JSON client until `quit`, the end of `stdin`, or the server's disconnect.
+/// Runs the JSON client until `quit`, the end of `stdin`, or the final loss of the connection.
 ///
 /// Returns `Ok` after a clean quit (the `quit` command or end of input), and an error when
-/// the connection could not be made, when the server ended it (after printing the
-/// `disconnected` event), or when stdout could not be written.
+/// the connection could not be made, when it was lost for good (after printing the
+/// `disconnected` event: a final reason such as `kicked`, or reconnect attempts that ran out),
+/// or when stdout could not be written. Drops the client recovers from are only printed.
 pub async fn run(
     opts: JsonOptions,
     stdin: impl AsyncBufRead + Unpin,
@@ -220,7 +221,8 @@ impl Driver {
                 self.emit(render::error(id, "unsupported", &message)).await;
                 return None;
             }
-            Action::Request(req) => with_idempotency_key(req),
+            // `submit` gives a send without an idempotency key one.
+            Action::Request(req) => req,
         };
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
             return None;
@@ -266,23 +268,9 @@ impl Driver {
     }
 }
 
-/// Sends carry an idempotency key, generated unless the command gave one.
-fn with_idempotency_key(req: Request) -> Request {
-    match req {
-        Request::Send {
-            target,
-            body,
-            idempotency_key: None,
-        } => Request::Send {
-            target,
-            body,
-            idempotency_key: Some(uuid::Uuid::now_v7().to_string()),
-        },
-        other => other,
-    }
-}
-
-/// Prints events until the connection ends, and says why it ended.
+/// Prints events until the session ends, and says why it ended. A drop the client recovers
+/// from is printed (`disconnected` with `"reconnecting":true`, later `reconnected`) but does not
+/// end anything.
 async fn forward_events(
     mut events: Events,
     out: mpsc::Sender<String>,
@@ -290,15 +278,20 @@ async fn forward_events(
     ended: watch::Sender<Ended>,
 ) {
     while let Some(event) = events.recv().await {
-        if let Event::Disconnect { reason, message } = &event {
+        if let ClientEvent::Disconnected {
+            reason,
+            message,
+            reconnecting: false,
+        } = &event
+        {
             // The disconnect that answers our own quit is not news.
             let ours = *reason == DisconnectReason::Quit && quitting.load(Ordering::SeqCst);
             if !ours {
-                let _ = out.send(line(&render::event(&event))).await;
+                let _ = out.send(line(&render::client_event(&event))).await;
             }
             ended.send_replace(Some((*reason, message.clone())));
         } else {
-            let _ = out.send(line(&render::event(&event))).await;
+            let _ = out.send(line(&render::client_event(&event))).await;
         }
     }
     ended.send_if_modified(|e| {
@@ -402,7 +395,6 @@ async fn read_line(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use conclave_proto::{Body, Target};
 
     #[tokio::test]
     async fn read_line_splits_bounds_and_ends() {
@@ -423,26 +415,6 @@ mod tests {
                 (LineRead::Line, "last".to_string()),
             ]
         );
-    }
-
-    #[test]
-    fn sends_get_an_idempotency_key() {
-        let send = |key: Option<&str>| Request::Send {
-            target: Target::Users {
-                to: vec!["b".into()],
-            },
-            body: Body::text("x"),
-            idempotency_key: key.map(str::to_string),
-        };
-        match with_idempotency_key(send(None)) {
-            Request::Send {
-                idempotency_key: Some(k),
-                ..
-            } => assert_eq!(k.len(), 36),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(with_idempotency_key(send(Some("mine"))), send(Some("mine")));
-        assert_eq!(with_idempotency_key(Request::Rooms), Request::Rooms);
     }
 
     #[tokio::test]
