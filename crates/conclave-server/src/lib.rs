@@ -8,6 +8,7 @@
 pub mod accounts;
 pub mod admin_socket;
 pub mod at_rest;
+pub mod audit;
 pub mod cmd;
 pub mod config;
 pub mod dispatch;

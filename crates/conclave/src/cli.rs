@@ -39,7 +39,26 @@ pub enum Command {
         after_help = "Example:\n  conclave client --json --server 127.0.0.1:7667 --user alice --password-env PW --fingerprint 3f2a...\n  then type: {\"cmd\":\"send\",\"room\":\"general\",\"text\":\"hi\"}"
     )]
     Client(ClientArgs),
+    /// The operator's console for a running server (over its admin socket).
+    #[command(
+        after_help = "Examples:\n  conclave admin who\n  conclave admin ban mallory --for 2h --reason spam\n  conclave admin deny add 203.0.113.0/24\n  conclave admin reload"
+    )]
+    Admin(crate::admin::AdminArgs),
+    /// Show, filter, follow or verify the tamper-evident audit log.
+    #[command(after_help = LOGS_HELP)]
+    Logs(LogsArgs),
 }
+
+const LOGS_HELP: &str = "\
+Times (T): RFC 3339 (2026-11-21T10:00:00Z), a date (2026-11-21: midnight UTC), or a time ago
+(30s, 15m, 2h, 7d). --since and --until both include T.
+
+Examples:
+  conclave logs --since 2h --kind login_failed,ban
+  conclave logs --ip 203.0.113.0/24 --since 2026-11-21 --until 2026-11-22
+  conclave logs --user alice --json | jq .
+  conclave logs --follow
+  conclave logs --verify";
 
 #[derive(Args, Clone)]
 pub struct DataDirArg {
@@ -144,4 +163,39 @@ pub struct ClientArgs {
     /// Where pinned server fingerprints are kept (default: ~/.config/conclave).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Keep trying to reconnect after a lost connection for this many seconds (default 3600);
+    /// 0 exits at once when the connection is lost.
+    #[arg(long, value_name = "SECS")]
+    pub reconnect_for: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// Only records at or after T.
+    #[arg(long, value_name = "T")]
+    pub since: Option<String>,
+    /// Only records at or before T.
+    #[arg(long, value_name = "T")]
+    pub until: Option<String>,
+    /// Only records from this network or address, IPv4 or IPv6 (203.0.113.0/24,
+    /// 2001:db8::/32, 203.0.113.7).
+    #[arg(long, value_name = "CIDR")]
+    pub ip: Option<String>,
+    /// Only records about this account.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Only records of these kinds, comma-separated (login_failed,ban,kick ...).
+    #[arg(long, value_name = "K[,K..]", value_delimiter = ',')]
+    pub kind: Vec<String>,
+    /// Keep printing records as they are written, until interrupted.
+    #[arg(long, conflicts_with = "verify")]
+    pub follow: bool,
+    /// Print the records' stored JSON lines exactly (with --verify: the report as JSON).
+    #[arg(long)]
+    pub json: bool,
+    /// Check every hash and link of the chain; exit non-zero if anything is wrong.
+    #[arg(long)]
+    pub verify: bool,
 }

@@ -50,6 +50,11 @@ pub fn run_json(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let mut connect = ConnectOptions::new(args.server.clone(), auth);
     connect.trust = trust;
     connect.state_dir = args.state_dir.clone();
+    match args.reconnect_for {
+        Some(0) => connect.reconnect = conclave_client::Reconnect::never(),
+        Some(s) => connect.reconnect.give_up_after = std::time::Duration::from_secs(s),
+        None => {}
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

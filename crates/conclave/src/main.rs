@@ -1,8 +1,10 @@
 //! `conclave`: one binary for the server, its operator tools and its clients. This crate only
 //! parses arguments and calls into the library crates.
 
+mod admin;
 mod cli;
 mod client;
+mod logs;
 mod serve;
 mod user;
 
@@ -26,5 +28,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Fingerprint(args) => serve::fingerprint(args),
         Command::User(args) => user::run(args),
         Command::Client(args) => serve::client(args),
+        Command::Logs(args) => logs::run(args),
+        Command::Admin(args) => admin::run(args),
     }
 }

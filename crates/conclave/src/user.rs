@@ -29,7 +29,73 @@ fn canonical(name: &str) -> anyhow::Result<String> {
     conclave_proto::names::canonical(name).map_err(|e| anyhow::anyhow!("user name {name:?}: {e}"))
 }
 
+/// While a server runs on the data directory, accounts are managed through its admin socket,
+/// so the change takes effect at once (a deleted account's sessions are closed).
+fn through_server(args: &UserArgs) -> anyhow::Result<bool> {
+    let dir = &args.data.data_dir;
+    if !crate::admin::server_running(dir) {
+        return Ok(false);
+    }
+    let req = match &args.action {
+        UserAction::Add {
+            name,
+            admin,
+            password_env,
+        } => {
+            let name = canonical(name)?;
+            let pw = read_password(
+                password_env.as_deref(),
+                &format!("Password for {name}: "),
+                true,
+            )?;
+            accounts::check_new_password(&pw).map_err(anyhow::Error::msg)?;
+            serde_json::json!({"cmd": "user_add", "user": name, "password": pw, "admin": admin})
+        }
+        UserAction::Del { name } => {
+            serde_json::json!({"cmd": "user_del", "user": canonical(name)?})
+        }
+        UserAction::Passwd { name, password_env } => {
+            let name = canonical(name)?;
+            let pw = read_password(
+                password_env.as_deref(),
+                &format!("New password for {name}: "),
+                true,
+            )?;
+            accounts::check_new_password(&pw).map_err(anyhow::Error::msg)?;
+            serde_json::json!({"cmd": "user_passwd", "user": name, "password": pw})
+        }
+        UserAction::List => serde_json::json!({"cmd": "user_list"}),
+        UserAction::Invite => serde_json::json!({"cmd": "user_invite"}),
+    };
+    let answer = crate::admin::ok(crate::admin::request(dir, &req)?)?;
+    match &args.action {
+        UserAction::Add { admin, .. } => {
+            let role = if *admin { "admin" } else { "user" };
+            println!("created {role} {}", answer["user"].as_str().unwrap_or("?"));
+        }
+        UserAction::Del { name } => println!("deleted {}", name.to_ascii_lowercase()),
+        UserAction::Passwd { name, .. } => {
+            println!("password changed for {}", name.to_ascii_lowercase())
+        }
+        UserAction::List => {
+            for u in answer["users"].as_array().cloned().unwrap_or_default() {
+                let role = if u["admin"].as_bool() == Some(true) {
+                    "admin"
+                } else {
+                    "user"
+                };
+                println!("{}\t{}", u["user"].as_str().unwrap_or("?"), role);
+            }
+        }
+        UserAction::Invite => println!("{}", answer["code"].as_str().unwrap_or("?")),
+    }
+    Ok(true)
+}
+
 pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
+    if through_server(&args)? {
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let mut config = Config::load(&args.data.data_dir, None)?;
     if let Some(var) = &args.data_key_env {
         config.data_key_passphrase = Some(crate::serve::read_passphrase(var)?);

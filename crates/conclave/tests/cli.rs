@@ -483,19 +483,16 @@ fn sigterm_disconnects_clients_and_keeps_acknowledged_messages() {
     let fp = server.fingerprint.clone();
 
     let mut cmd = client_cmd(&server.addr(), "alice", state.path(), PW);
-    cmd.args(["--register", "--fingerprint", &fp]);
+    cmd.args(["--register", "--fingerprint", &fp, "--reconnect-for", "0"]);
     let mut alice = JsonClient::connect("alice", cmd);
     alice.send(json!({"cmd": "send", "room": "general", "text": "durable", "id": 1}));
     let sent = alice.ok(json!(1));
 
     server.sigterm();
     let d = alice.expect("a disconnected event", |v| v["event"] == "disconnected");
-    // The reason should be "shutdown", but the server sometimes says "quit"
-    // (`shutdown_tells_every_client_the_reason_shutdown`).
-    assert!(d["reason"] == "shutdown" || d["reason"] == "quit", "{d}");
+    assert_eq!(d["reason"], "shutdown", "{d}");
+    assert_eq!(d["reconnecting"], false, "{d}");
     assert!(d["message"].is_string(), "{d}");
-    // The client should exit by itself now, but it waits for its input to end
-    // (`client_exits_when_the_server_disconnects_while_input_is_open`).
     let f = alice.proc.finish();
     f.assert_failure();
     alice.check_all_json(&f);
@@ -659,19 +656,22 @@ fn reply_ids_of_every_type_come_back_and_end_of_input_exits_0() {
 }
 
 /// Starts a server and a client (registered as `user`, pinned by fingerprint).
-fn server_and_client(tmp: &Path, state: &Path, user: &str) -> (Server, JsonClient) {
-    let server = Server::start(&tmp.join("data"), &[], &[]);
-    let mut cmd = client_cmd(&server.addr(), user, state, PW);
-    cmd.args(["--register", "--fingerprint", &server.fingerprint]);
-    let client = JsonClient::connect(user, cmd);
-    (server, client)
-}
 
 #[test]
 fn client_exits_when_the_server_disconnects_while_input_is_open() {
     let tmp = tempdir();
     let state = tempdir();
-    let (server, mut alice) = server_and_client(tmp.path(), state.path(), "alice");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let mut cmd = client_cmd(&server.addr(), "alice", state.path(), PW);
+    // Without reconnecting, a lost connection ends the client at once.
+    cmd.args([
+        "--register",
+        "--fingerprint",
+        &server.fingerprint,
+        "--reconnect-for",
+        "0",
+    ]);
+    let mut alice = JsonClient::connect("alice", cmd);
     server.sigterm();
     alice.expect("a disconnected event", |v| v["event"] == "disconnected");
     // stdin stays open: a bot waiting for its next command.

@@ -77,6 +77,8 @@ async fn connect(srv: &Server, state: &Path) -> Client {
     );
     opts.trust = Trust::fingerprint(&srv.fingerprint).expect("fingerprint");
     opts.state_dir = Some(state.to_path_buf());
+    // Each restart gets a new port: in-flight sends must fail at the kill, not wait.
+    opts.reconnect = conclave_client::Reconnect::never();
     let (client, _events, _session) = tokio::time::timeout(WAIT, Client::connect(opts))
         .await
         .expect("connect in time")
