@@ -147,6 +147,30 @@ fn ban_json(b: &crate::guard::Ban) -> Value {
 
 /// Runs one operator command.
 async fn run(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody> {
+    let result = run_inner(shared, req).await;
+    let mut args = req.clone();
+    if let Some(obj) = args.as_object_mut() {
+        obj.remove("password");
+        obj.remove("text");
+    }
+    let mut fields = crate::audit::Fields::new()
+        .with("cmd", req.get("cmd").cloned().unwrap_or(Value::Null))
+        .with("args", args)
+        .with("ok", result.is_ok());
+    if let Err(e) = &result {
+        fields = fields.reason(e.message.clone());
+    }
+    // Read-only queries are not worth a record each.
+    let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
+    let read_only = matches!(cmd, "who" | "bans" | "rooms" | "stats" | "user_list")
+        || req.get("op").and_then(Value::as_str) == Some("list");
+    if !read_only {
+        shared.audit(crate::audit::Kind::Admin, fields);
+    }
+    result
+}
+
+async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody> {
     let cmd = need(req, "cmd")?;
     let operator = "operator";
     Ok(match cmd.as_str() {
@@ -225,7 +249,7 @@ async fn run(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody> {
         }
         "unban" => {
             let target = moderation::ban_target(str_field(req, "user"), str_field(req, "ip"))?;
-            admin::unban(shared, target).await?;
+            admin::unban(shared, operator, target).await?;
             json!({"ok": true})
         }
         "bans" => {

@@ -328,6 +328,7 @@ pub struct FileConfig {
     pub retention: RetentionConfig,
     pub security: Security,
     pub votekick: VoteKick,
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// The configuration the server runs with.
@@ -343,6 +344,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub security: Security,
     pub votekick: VoteKick,
+    pub audit: crate::audit::AuditConfig,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -367,6 +369,7 @@ impl Config {
             retention: RetentionConfig::default(),
             security: Security::default(),
             votekick: VoteKick::default(),
+            audit: crate::audit::AuditConfig::default(),
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
@@ -407,6 +410,7 @@ impl Config {
             config.retention = file.retention;
             config.security = file.security;
             config.votekick = file.votekick;
+            config.audit = file.audit;
         }
         config.validate()?;
         Ok(config)

@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::at_rest::DataKey;
+use crate::audit::{AuditLog, Fields, Kind};
 use crate::config::{Config, RegistrationPolicy};
 use crate::dispatch::{self, SendCtx};
-use crate::guard::Guard;
+use crate::guard::{Guard, Refusal};
 use crate::hub::{Hub, HubLimits, SessionId};
 use crate::outbox::Outbox;
 use crate::store::{Db, Store, StoreThread};
@@ -49,6 +50,8 @@ pub struct Shared {
     pub registry: crate::registry::Registry,
     /// When the server started.
     pub started: std::time::Instant,
+    /// The tamper-evident audit log (never message text).
+    pub audit: AuditLog,
     pub store: Store<SendCtx>,
     pub shutdown: CancellationToken,
     next_session: AtomicU64,
@@ -72,6 +75,11 @@ impl Shared {
         self.config().registration.effective(self.local_addr)
     }
 
+    /// Records an audit event.
+    pub fn audit(&self, kind: Kind, fields: Fields) {
+        self.audit.record(kind, fields);
+    }
+
     pub fn guard(&self) -> MutexGuard<'_, Guard> {
         self.guard.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -79,6 +87,16 @@ impl Shared {
     /// Reads the config file again and applies it: IP lists, limits, policies. On any error
     /// the configuration in force stays as it is, and the error says why.
     pub async fn reload(&self) -> Result<(), String> {
+        let result = self.reload_inner().await;
+        let fields = match &result {
+            Ok(()) => Fields::new().with("ok", true),
+            Err(e) => Fields::new().with("ok", false).reason(e.clone()),
+        };
+        self.audit(Kind::Reload, fields);
+        result
+    }
+
+    async fn reload_inner(&self) -> Result<(), String> {
         let old = self.config();
         let new = old.reloaded().map_err(|e| e.to_string())?;
         new.validate().map_err(|e| e.to_string())?;
@@ -193,6 +211,8 @@ impl Server {
         let admin = crate::admin_socket::bind(&config.data_dir)
             .await
             .map_err(start_err)?;
+        let audit = AuditLog::open(&config.data_dir, config.audit.clone())
+            .map_err(|e| start_err(format!("cannot open the audit log: {e}")))?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| bind_error(config.listen, e))?;
@@ -221,6 +241,7 @@ impl Server {
                 guard: Mutex::new(Guard::new(rules, bans)),
                 registry: Default::default(),
                 started: std::time::Instant::now(),
+                audit,
                 store,
                 shutdown: CancellationToken::new(),
                 next_session: AtomicU64::new(1),
@@ -280,7 +301,18 @@ impl Server {
         let tracker = TaskTracker::new();
         tracker.spawn(housekeeping_task(shared.clone()));
         tracker.spawn(crate::admin_socket::serve(shared.clone(), admin));
-        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+        let bound = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(listen = %bound, "serving");
+        shared.audit(
+            Kind::Start,
+            Fields::new()
+                .with("listen", &bound)
+                .with("version", env!("CARGO_PKG_VERSION"))
+                .with("registration", shared.registration().as_str()),
+        );
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
@@ -294,6 +326,14 @@ impl Server {
                         // Before any TLS work: allow/deny lists, bans, per-IP limits.
                         let admitted = shared.guard().admit(peer.ip(), crate::store::now_ms());
                         if let Err(refused) = admitted {
+                            // Banned addresses were recorded when banned; the rest are bounded
+                            // by the automatic flood ban.
+                            if !matches!(refused.refusal, Refusal::Banned(_)) {
+                                shared.audit(
+                                    Kind::IpRejected,
+                                    Fields::new().ip(peer).reason(refused.refusal.as_str()),
+                                );
+                            }
                             tracing::info!(%peer, refused = refused.refusal.as_str(), "connection refused");
                             drop(tcp);
                             if let Some(auto) = refused.auto_ban {
@@ -324,6 +364,9 @@ impl Server {
         shared.store.stop().await;
         let _ = dispatcher.await;
         let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+        shared.audit(Kind::Stop, Fields::new());
+        let audit = shared.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
         tracing::info!("stopped");
         Ok(())
     }

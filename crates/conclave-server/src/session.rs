@@ -19,6 +19,7 @@ use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
+use crate::audit::{Fields, Kind};
 use crate::cmd;
 use crate::hub::SessionId;
 use crate::outbox::{self, GOODBYE_TIMEOUT, Outbox};
@@ -128,6 +129,14 @@ pub async fn run(
         user: None,
         inflight: Arc::new(Semaphore::new(limits.max_inflight_sends)),
     };
+    shared.audit(
+        Kind::Connect,
+        Fields::new()
+            .ip(peer)
+            .with("tls", &tls_version)
+            .with("cipher", &cipher),
+    );
+    let connected_at = Instant::now();
     shared.registry.insert(ConnInfo {
         sid: conn.sid,
         peer,
@@ -193,6 +202,13 @@ pub async fn run(
             }
         };
         if !matches!(frame.req, Request::Ping { .. } | Request::Quit) && !rate.allow() {
+            if rate.first_strike() {
+                let mut f = Fields::new().ip(peer).reason("rate_limited");
+                if let Some(u) = &conn.user {
+                    f = f.user(u);
+                }
+                shared.audit(Kind::Limit, f);
+            }
             if rate.strike() {
                 outbox.close(
                     DisconnectReason::Flooding,
@@ -221,6 +237,46 @@ pub async fn run(
         }
     }
     shared.registry.remove(conn.sid);
+    let (reason, message) = if outbox.is_closed() {
+        outbox.reason()
+    } else {
+        (
+            DisconnectReason::Quit,
+            "the client closed the connection".to_string(),
+        )
+    };
+    if matches!(
+        reason,
+        DisconnectReason::SlowConsumer
+            | DisconnectReason::TooLarge
+            | DisconnectReason::Malformed
+            | DisconnectReason::Flooding
+    ) {
+        let mut f = Fields::new().ip(peer).reason(reason.as_str());
+        if let Some(u) = &conn.user {
+            f = f.user(u);
+        }
+        shared.audit(Kind::Limit, f);
+    }
+    let mut f = Fields::new()
+        .ip(peer)
+        .reason(reason.as_str())
+        .with("detail", &message)
+        .with("duration_ms", connected_at.elapsed().as_millis() as u64)
+        .with(
+            "bytes_in",
+            counters.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .with(
+            "bytes_out",
+            counters
+                .bytes_out
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+    if let Some(u) = &conn.user {
+        f = f.user(u);
+    }
+    shared.audit(Kind::Disconnect, f);
 
     if conn.user.is_some() {
         cmd::auth::logout(&conn);
@@ -265,6 +321,11 @@ impl RequestRate {
 
     fn allow(&self) -> bool {
         self.bucket.check().is_ok()
+    }
+
+    /// Whether no refusal was counted in the current window yet.
+    fn first_strike(&self) -> bool {
+        self.strikes.get() == 0 || self.since.get().elapsed() > STRIKE_WINDOW
     }
 
     /// Counts a refusal; true when there were too many recently.
@@ -421,6 +482,15 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
             },
         ) => cmd::history::history(conn, &user, conv, limit, before).await,
     };
+    if let Err(e) = &result
+        && e.code == ErrorCode::Internal
+    {
+        let mut f = Fields::new().ip(conn.peer).reason(e.message.clone());
+        if let Some(u) = &conn.user {
+            f = f.user(u);
+        }
+        conn.shared.audit(Kind::Error, f);
+    }
     conn.reply(id, result);
     Flow::Continue
 }

@@ -248,7 +248,8 @@ fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 todo.push(p);
-            } else {
+            } else if p.is_file() {
+                // Regular files only (not the admin socket).
                 out.push(p);
             }
         }

@@ -31,7 +31,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(listen) = &args.listen {
         config.listen = parse_listen(listen)?;
     }
+    if args.config.is_some() {
+        config.config_file = args.config.clone();
+    }
     if let Some(policy) = &args.registration {
+        config.registration_from_cli = true;
         config.registration = match policy.as_str() {
             "auto" => RegistrationPolicy::Auto,
             "open" => RegistrationPolicy::Open,
@@ -82,6 +86,23 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         println!("  conclave client --json --server {server_arg} --user YOUR_NAME{register} --fingerprint {fp}");
         println!("Stop with Ctrl-C.");
         let token = server.shutdown_token();
+        let reloader = server.reloader();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        match reloader.reload().await {
+                            Ok(()) => tracing::info!("SIGHUP: configuration reloaded"),
+                            Err(e) => tracing::error!(
+                                error = %e,
+                                "SIGHUP: reload failed; the previous configuration stays in force"
+                            ),
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; use `conclave admin reload`"),
+        }
         tokio::spawn(async move {
             signals.wait().await;
             tracing::info!("signal received; shutting down");

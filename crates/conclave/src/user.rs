@@ -92,6 +92,22 @@ fn through_server(args: &UserArgs) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// Records an offline account change in the audit log (best effort: the change is made).
+fn audit(config: &Config, cmd: &str, user: Option<&str>) {
+    use conclave_server::audit::{AuditLog, Fields, Kind};
+    match AuditLog::open(&config.data_dir, config.audit.clone()) {
+        Ok(log) => {
+            let mut f = Fields::new().with("cmd", cmd).with("via", "data directory");
+            if let Some(u) = user {
+                f = f.user(u);
+            }
+            log.record(Kind::Admin, f);
+            log.close();
+        }
+        Err(e) => eprintln!("conclave: warning: the change was made but not audited: {e}"),
+    }
+}
+
 pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
     if through_server(&args)? {
         return Ok(std::process::ExitCode::SUCCESS);
@@ -122,6 +138,7 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
             }
             db.add_member(&config.default_room, &name)?;
             let role = if admin { "admin" } else { "user" };
+            audit(&config, "user_add", Some(&name));
             println!("created {role} {name}");
         }
         UserAction::Del { name } => {
@@ -129,7 +146,8 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
             if !db.delete_user(&name)? {
                 bail!("there is no account {name:?} (conclave user list shows them)");
             }
-            println!("deleted {name} (a running server closes its sessions at restart)");
+            audit(&config, "user_del", Some(&name));
+            println!("deleted {name}");
         }
         UserAction::Passwd { name, password_env } => {
             let name = canonical(&name)?;
@@ -144,6 +162,7 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
             accounts::check_new_password(&pw).map_err(anyhow::Error::msg)?;
             let hash = accounts::hash_password(&pw).map_err(anyhow::Error::msg)?;
             db.set_password(&name, &hash)?;
+            audit(&config, "user_passwd", Some(&name));
             println!("password changed for {name}");
         }
         UserAction::List => {
@@ -154,6 +173,7 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
         UserAction::Invite => {
             let code = accounts::new_invite_code();
             db.add_invite_code(&accounts::invite_code_hash(&code))?;
+            audit(&config, "user_invite", None);
             println!("{code}");
         }
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use conclave_proto::{DisconnectReason, ErrorBody, ErrorCode};
 
 use super::store_error;
+use crate::audit::{Fields, Kind};
 use crate::guard::{AutoBan, Ban, BanTarget};
 use crate::server::Shared;
 use crate::store::now_ms;
@@ -25,6 +26,7 @@ pub fn ban_text(ban: &Ban) -> String {
 /// Persists an automatic ban and closes the connections it covers.
 pub async fn persist_auto_ban(shared: &Arc<Shared>, auto: AutoBan) {
     tracing::warn!(target = %auto.ban.target.value(), reason = %auto.ban.reason, "automatic ban");
+    audit_ban(shared, &auto.ban);
     let ban = auto.ban.clone();
     if let Err(e) = shared.store.call(move |db| db.add_ban(&ban)).await {
         tracing::warn!(error = %e, "could not store an automatic ban");
@@ -109,11 +111,12 @@ pub async fn ban(
             .close_net(n, DisconnectReason::Banned, &message),
     };
     tracing::info!(by, target = %ban.target.value(), "ban");
+    audit_ban(shared, &ban);
     Ok(ban)
 }
 
 /// Lifts a ban.
-pub async fn unban(shared: &Arc<Shared>, target: BanTarget) -> Result<(), ErrorBody> {
+pub async fn unban(shared: &Arc<Shared>, by: &str, target: BanTarget) -> Result<(), ErrorBody> {
     let t = target.clone();
     let stored = shared
         .store
@@ -127,11 +130,35 @@ pub async fn unban(shared: &Arc<Shared>, target: BanTarget) -> Result<(), ErrorB
             format!("there is no ban on {}", target.value()),
         ));
     }
+    shared.audit(
+        Kind::Unban,
+        Fields::new()
+            .with("target_kind", target.kind())
+            .with("target", target.value())
+            .with("by", by),
+    );
     Ok(())
+}
+
+fn audit_ban(shared: &Shared, ban: &Ban) {
+    let mut f = Fields::new()
+        .with("target_kind", ban.target.kind())
+        .with("target", ban.target.value())
+        .with("by", &ban.by)
+        .with("until_ms", ban.until_ms)
+        .reason(&ban.reason);
+    if let BanTarget::User(u) = &ban.target {
+        f = f.user(u);
+    }
+    shared.audit(Kind::Ban, f);
 }
 
 /// Closes every connection of `user` (a kick from the server; they may reconnect).
 pub fn kick_from_server(shared: &Shared, user: &str, by: &str, reason: &str) -> usize {
+    shared.audit(
+        Kind::Kick,
+        Fields::new().user(user).with("by", by).reason(reason),
+    );
     shared.registry.close_user(
         user,
         DisconnectReason::Kicked,

@@ -4,6 +4,7 @@ use conclave_proto::{ErrorBody, ErrorCode, Event, Reply, names};
 
 use super::{blocking, store_error};
 use crate::accounts;
+use crate::audit::{Fields, Kind};
 use crate::config::RegistrationPolicy;
 use crate::dispatch::SendCtx;
 use crate::session::{Conn, broadcast};
@@ -53,7 +54,15 @@ pub async fn login(
     let name = names::canonical(&user).ok();
     let now = crate::store::now_ms();
     let lock_key = name.clone().unwrap_or_else(|| user.to_lowercase());
-    if let Some(left) = conn.shared.guard().login_locked(&lock_key, now) {
+    let locked = conn.shared.guard().login_locked(&lock_key, now);
+    if let Some(left) = locked {
+        conn.shared.audit(
+            Kind::Limit,
+            Fields::new()
+                .ip(conn.peer)
+                .user(&lock_key)
+                .reason("login_locked"),
+        );
         return Err(ErrorBody::new(
             ErrorCode::RateLimited,
             format!(
@@ -94,6 +103,10 @@ pub async fn login(
     .await?;
     let Some(row) = row else {
         tracing::info!(peer = %conn.peer, "login failed");
+        conn.shared.audit(
+            Kind::LoginFailed,
+            Fields::new().ip(conn.peer).user(&lock_key),
+        );
         let auto =
             conn.shared
                 .guard()
@@ -110,6 +123,10 @@ pub async fn login(
         .user_ban(&row.name, crate::store::now_ms())
         .cloned()
     {
+        conn.shared.audit(
+            Kind::LoginFailed,
+            Fields::new().ip(conn.peer).user(&row.name).reason("banned"),
+        );
         return Err(ErrorBody::new(
             ErrorCode::Forbidden,
             format!("this account is {}", super::admin::ban_text(&ban)),
@@ -198,6 +215,13 @@ pub async fn register(
         Err(e) => return Err(store_error(e)),
     }
     tracing::info!(peer = %conn.peer, user = %name, "account registered");
+    conn.shared.audit(
+        Kind::Register,
+        Fields::new()
+            .ip(conn.peer)
+            .user(&name)
+            .with("policy", policy.as_str()),
+    );
     {
         let mut hub = conn.shared.hub.lock();
         hub.upsert_user(&name, false);
@@ -266,6 +290,10 @@ fn connect(conn: &mut Conn, name: String, admin: bool) -> Reply {
     let rooms = hub.rooms_of(&name);
     drop(hub);
     tracing::info!(peer = %conn.peer, user = %name, "login");
+    conn.shared.audit(
+        Kind::LoginOk,
+        Fields::new().ip(conn.peer).user(&name).with("admin", admin),
+    );
     conn.shared.registry.set_user(conn.sid, &name);
     conn.user = Some(name.clone());
     Reply::LoggedIn {

@@ -3,6 +3,7 @@
 use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply, names};
 
 use super::{admin, store_error};
+use crate::audit::{Fields, Kind};
 use crate::guard::BanTarget;
 use crate::hub::VoteRules;
 use crate::server::Shared;
@@ -48,6 +49,14 @@ pub async fn remove_from_room(
     );
     hub.remove_member(room, target);
     tracing::info!(room, target, by, "kicked from room");
+    shared.audit(
+        Kind::Kick,
+        Fields::new()
+            .user(target)
+            .room(room)
+            .with("by", by)
+            .reason(reason),
+    );
     Ok(())
 }
 
@@ -119,6 +128,25 @@ pub async fn votekick(
         );
     }
     tracing::info!(room = %tally.room, target = %tally.target, voter, votes = tally.votes, needed = tally.needed, "vote-kick vote");
+    conn.shared.audit(
+        Kind::Vote,
+        Fields::new()
+            .user(voter)
+            .room(&tally.room)
+            .with("target", &tally.target)
+            .with("votes", tally.votes)
+            .with("needed", tally.needed),
+    );
+    if tally.kicked {
+        conn.shared.audit(
+            Kind::VoteResult,
+            Fields::new()
+                .user(&tally.target)
+                .room(&tally.room)
+                .with("votes", tally.votes)
+                .with("kicked", true),
+        );
+    }
     if tally.kicked {
         let until = now.saturating_add((config.votekick.ban_minutes.min(1 << 40) * 60_000) as i64);
         let (r, t) = (tally.room.clone(), tally.target.clone());
@@ -188,7 +216,7 @@ pub async fn unban(
     ip: Option<String>,
 ) -> Result<Reply, ErrorBody> {
     require_admin(conn, by, "lift bans")?;
-    admin::unban(&conn.shared, ban_target(user, ip)?).await?;
+    admin::unban(&conn.shared, by, ban_target(user, ip)?).await?;
     Ok(Reply::Ok)
 }
 

@@ -4,6 +4,7 @@ use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply};
 
 use super::{blocking, store_error};
 use crate::accounts;
+use crate::audit::{Fields, Kind};
 use crate::hub::{JoinCheck, Room};
 use crate::session::{Conn, broadcast};
 use crate::store::{RoomRow, StoreError};
@@ -72,6 +73,14 @@ pub async fn create(
             user: user.to_string(),
         },
     );
+    conn.shared.audit(
+        Kind::Join,
+        Fields::new()
+            .user(user)
+            .room(&name)
+            .with("created", true)
+            .with("private", private),
+    );
     Ok(Reply::Joined {
         room: name,
         members: vec![user.to_string()],
@@ -110,6 +119,10 @@ pub async fn join(
             .await
             .map_err(store_error)?;
     }
+    if check != JoinCheck::AlreadyMember {
+        conn.shared
+            .audit(Kind::Join, Fields::new().user(user).room(&name));
+    }
     let mut hub = conn.shared.hub.lock();
     if check != JoinCheck::AlreadyMember {
         hub.add_member(&name, user);
@@ -140,6 +153,8 @@ pub async fn part(conn: &Conn, user: &str, room: String) -> Result<Reply, ErrorB
         .call(move |db| db.remove_member(&n, &u))
         .await
         .map_err(store_error)?;
+    conn.shared
+        .audit(Kind::Part, Fields::new().user(user).room(&name));
     let mut hub = conn.shared.hub.lock();
     let event = Event::Part {
         room: name.clone(),

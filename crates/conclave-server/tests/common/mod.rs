@@ -353,3 +353,69 @@ impl Raw {
 pub fn code(r: Result<Reply, ErrorBody>) -> ErrorCode {
     r.expect_err("expected an error").code
 }
+
+impl Raw {
+    /// Like [`Raw::connect_to`], but `None` instead of a panic when the server refuses the
+    /// connection (hangs up before the TLS handshake or the hello completes).
+    pub async fn try_connect_to(addr: SocketAddr, fingerprint: &str) -> Option<Raw> {
+        let attempt = async {
+            let mut tls = tls_connect(addr, fingerprint).await.ok()?;
+            tls.write_all(&hello::encode(PROTOCOL_VERSION, HelloStatus::Ok))
+                .await
+                .ok()?;
+            let mut theirs = [0u8; HELLO_BYTES];
+            tokio::io::AsyncReadExt::read_exact(&mut tls, &mut theirs)
+                .await
+                .ok()?;
+            if hello::decode(&theirs).ok()?.status != HelloStatus::Ok {
+                return None;
+            }
+            let (r, w) = tokio::io::split(tls);
+            let codec = LengthDelimitedCodec::builder()
+                .max_frame_length(16 * 1024 * 1024)
+                .new_codec();
+            Some(Raw {
+                r: FramedRead::new(r, codec),
+                w,
+                next_id: 1,
+                events: Vec::new(),
+            })
+        };
+        tokio::time::timeout(WAIT, attempt)
+            .await
+            .expect("connection accepted or refused in time")
+    }
+
+    pub async fn try_connect(srv: &TestServer) -> Option<Raw> {
+        Self::try_connect_to(srv.addr, &srv.fingerprint).await
+    }
+}
+
+/// One operator command through the admin socket of the server on `data_dir`: one JSON line
+/// out, one JSON line back.
+pub async fn admin_at(data_dir: &std::path::Path, req: serde_json::Value) -> serde_json::Value {
+    use tokio::io::AsyncBufReadExt;
+    let path = conclave_server::admin_socket::socket_path(data_dir);
+    let exchange = async {
+        let mut s = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("admin socket connects");
+        let mut line = req.to_string();
+        line.push('\n');
+        s.write_all(line.as_bytes()).await.expect("admin write");
+        let mut answer = String::new();
+        tokio::io::BufReader::new(s)
+            .read_line(&mut answer)
+            .await
+            .expect("admin read");
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("admin answer {answer:?}: {e}"))
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("admin socket answers in time")
+}
+
+/// One operator command through `srv`'s admin socket.
+pub async fn admin(srv: &TestServer, req: serde_json::Value) -> serde_json::Value {
+    admin_at(srv.dir.path(), req).await
+}
