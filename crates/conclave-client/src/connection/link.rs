@@ -168,6 +168,8 @@ impl Ended {
                 self.reason,
                 DisconnectReason::Quit
                     | DisconnectReason::Kicked
+                    | DisconnectReason::Banned
+                    | DisconnectReason::Flooding
                     | DisconnectReason::Malformed
                     | DisconnectReason::TooLarge
             ),
@@ -603,7 +605,7 @@ mod tests {
         for reason in [Shutdown, SlowConsumer, Timeout, Other] {
             assert!(!ended(reason, Cause::Server).is_final(), "{reason:?}");
         }
-        for reason in [Quit, Kicked, Malformed, TooLarge] {
+        for reason in [Quit, Kicked, Banned, Flooding, Malformed, TooLarge] {
             assert!(ended(reason, Cause::Server).is_final(), "{reason:?}");
         }
         assert!(!ended(Other, Cause::Broken).is_final());

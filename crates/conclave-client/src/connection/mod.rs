@@ -19,7 +19,7 @@
 //! # Which drops are final
 //!
 //! Final: [`Client::close`], [`Client::quit`], dropping every handle; the server's `Quit`,
-//! `Kicked`, `Malformed` or `TooLarge`; a frame from the server this client cannot read or
+//! `Kicked`, `Banned`, `Flooding`, `Malformed` or `TooLarge`; a frame from the server this client cannot read or
 //! that is over its limit (a catch-up would send it again); and, when reconnecting, a login
 //! the server refuses (wrong password, ...) or a certificate that is no longer trusted. Not
 //! final: I/O errors, end of stream, a dead connection, and the server's `Shutdown`,

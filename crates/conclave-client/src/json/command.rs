@@ -23,6 +23,9 @@ pub const COMMANDS: &[&str] = &[
     "search",
     "kick",
     "votekick",
+    "ban",
+    "unban",
+    "set_room",
     "send_file",
     "accept_file",
     "quit",
@@ -110,8 +113,29 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
             limit: limit_field(&f)?,
             before: f.opt_str("before")?,
         },
-        "kick" => return Ok(Action::Unsupported { cmd: "kick" }),
-        "votekick" => return Ok(Action::Unsupported { cmd: "votekick" }),
+        "kick" => Request::Kick {
+            room: f.opt_str("room")?,
+            user: f.req_str("user")?,
+            reason: f.opt_str("reason")?,
+        },
+        "votekick" => Request::VoteKick {
+            room: f.req_str("room")?,
+            user: f.req_str("user")?,
+        },
+        "ban" => Request::Ban {
+            user: f.opt_str("user")?,
+            ip: f.opt_str("ip")?,
+            duration_s: f.opt_u64("duration_s")?,
+            reason: f.opt_str("reason")?,
+        },
+        "unban" => Request::Unban {
+            user: f.opt_str("user")?,
+            ip: f.opt_str("ip")?,
+        },
+        "set_room" => Request::SetRoom {
+            room: f.req_str("room")?,
+            votekick: f.opt_bool("votekick")?,
+        },
         "send_file" => return Ok(Action::Unsupported { cmd: "send_file" }),
         "accept_file" => return Ok(Action::Unsupported { cmd: "accept_file" }),
         other => {
@@ -468,7 +492,7 @@ mod tests {
     #[test]
     fn quit_and_unsupported() {
         assert_eq!(parse(r#"{"cmd":"quit"}"#).unwrap().action, Action::Quit);
-        for cmd in ["kick", "votekick", "send_file", "accept_file"] {
+        for cmd in ["send_file", "accept_file"] {
             let line = json!({"cmd": cmd, "id": 1}).to_string();
             assert_eq!(parse(&line).unwrap().action, Action::Unsupported { cmd });
         }
