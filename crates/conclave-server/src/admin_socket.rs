@@ -342,7 +342,7 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
             let password = need(req, "password")?;
             let is_admin = req.get("admin").and_then(Value::as_bool).unwrap_or(false);
             accounts::check_new_password(&password).map_err(bad)?;
-            let hash = crate::cmd::blocking(move || accounts::hash_password(&password))
+            let hash = crate::cmd::hashing(shared, move || accounts::hash_password(&password))
                 .await?
                 .map_err(|m| ErrorBody::new(ErrorCode::Internal, m))?;
             let room = shared.config().default_room.clone();
@@ -395,7 +395,7 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
             let name = names::canonical(&need(req, "user")?).map_err(|e| bad(e.to_string()))?;
             let password = need(req, "password")?;
             accounts::check_new_password(&password).map_err(bad)?;
-            let hash = crate::cmd::blocking(move || accounts::hash_password(&password))
+            let hash = crate::cmd::hashing(shared, move || accounts::hash_password(&password))
                 .await?
                 .map_err(|m| ErrorBody::new(ErrorCode::Internal, m))?;
             let n = name.clone();

@@ -52,6 +52,8 @@ pub struct Shared {
     pub started: std::time::Instant,
     /// The tamper-evident audit log (never message text).
     pub audit: AuditLog,
+    /// Password hashes computed at once (one per core).
+    pub hashing: Semaphore,
     pub store: Store<SendCtx>,
     pub shutdown: CancellationToken,
     next_session: AtomicU64,
@@ -242,6 +244,9 @@ impl Server {
                 registry: Default::default(),
                 started: std::time::Instant::now(),
                 audit,
+                hashing: Semaphore::new(
+                    std::thread::available_parallelism().map_or(2, |n| n.get()),
+                ),
                 store,
                 shutdown: CancellationToken::new(),
                 next_session: AtomicU64::new(1),

@@ -2,7 +2,7 @@
 
 use conclave_proto::{ErrorBody, ErrorCode, Event, Reply, names};
 
-use super::{blocking, store_error};
+use super::{hashing, store_error};
 use crate::accounts;
 use crate::audit::{Fields, Kind};
 use crate::config::RegistrationPolicy;
@@ -92,7 +92,7 @@ pub async fn login(
         None => (None, Vec::new()),
     };
     // The same work whether or not the account exists, so timing does not tell.
-    let row = blocking(move || match row {
+    let row = hashing(&conn.shared, move || match row {
         Some(r) if accounts::verify_password(&password, &r.pw_hash) => Some(r),
         Some(_) => None,
         None => {
@@ -178,7 +178,7 @@ pub async fn register(
         .map_err(|e| ErrorBody::new(ErrorCode::InvalidName, format!("user name {user:?}: {e}")))?;
     accounts::check_new_password(&password)
         .map_err(|m| ErrorBody::new(ErrorCode::BadRequest, m))?;
-    let hash = blocking(move || accounts::hash_password(&password))
+    let hash = hashing(&conn.shared, move || accounts::hash_password(&password))
         .await?
         .map_err(|m| ErrorBody::new(ErrorCode::Internal, m))?;
     let default_room = conn.shared.config().default_room.clone();

@@ -29,11 +29,14 @@ pub fn store_error(e: StoreError) -> ErrorBody {
     }
 }
 
-/// Runs CPU-heavy work (password hashing) off the async threads.
-pub async fn blocking<R: Send + 'static>(
+/// Runs password hashing (Argon2id: CPU-heavy, 19 MiB each) off the async threads, at most
+/// one per core at a time. Unbounded, a burst of logins would start hundreds of blocking
+/// threads holding 19 MiB each (and a login flood would take the whole machine).
+pub async fn hashing<R: Send + 'static>(
+    shared: &crate::server::Shared,
     f: impl FnOnce() -> R + Send + 'static,
 ) -> Result<R, ErrorBody> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| ErrorBody::new(ErrorCode::Internal, "internal error; try again"))
+    let internal = || ErrorBody::new(ErrorCode::Internal, "internal error; try again");
+    let _permit = shared.hashing.acquire().await.map_err(|_| internal())?;
+    tokio::task::spawn_blocking(f).await.map_err(|_| internal())
 }

@@ -2,7 +2,7 @@
 
 use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply};
 
-use super::{blocking, store_error};
+use super::{hashing, store_error};
 use crate::accounts;
 use crate::audit::{Fields, Kind};
 use crate::hub::{JoinCheck, Room};
@@ -26,7 +26,7 @@ pub async fn create(
                 ));
             }
             Some(
-                blocking(move || accounts::hash_password(&p))
+                hashing(&conn.shared, move || accounts::hash_password(&p))
                     .await?
                     .map_err(|m| ErrorBody::new(ErrorCode::Internal, m))?,
             )
@@ -104,7 +104,11 @@ pub async fn join(
                 format!("room {name:?} needs a password; pass \"password\""),
             ));
         };
-        if !blocking(move || accounts::verify_password(&given, &hash)).await? {
+        if !hashing(&conn.shared, move || {
+            accounts::verify_password(&given, &hash)
+        })
+        .await?
+        {
             return Err(ErrorBody::new(
                 ErrorCode::RoomPassword,
                 format!("wrong password for room {name:?}"),
