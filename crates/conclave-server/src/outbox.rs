@@ -10,14 +10,13 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use conclave_proto::{DisconnectReason, Event, FRAME_HEADER_BYTES, ServerFrame};
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-/// Bytes buffered before a write reaches TLS: many small frames share one TLS record.
-pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// Frames written between flushes when many are queued.
-pub const WRITE_BATCH_FRAMES: usize = 256;
+/// Queued frames are gathered up to this many bytes per write, so many small frames share one
+/// TLS record. The gathering buffer lives only for that write: an idle connection holds none.
+pub const WRITE_BATCH_BYTES: usize = 16 * 1024;
 /// Time allowed to say goodbye (last frames, the disconnect event, TLS close_notify).
 pub const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -103,7 +102,7 @@ impl Outbox {
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
-    w: &mut BufWriter<W>,
+    w: &mut W,
     rx: &mut mpsc::Receiver<Bytes>,
     idle: &mut bool,
 ) -> std::io::Result<()> {
@@ -113,11 +112,20 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             return Ok(());
         };
         *idle = false;
-        w.write_all(&frame).await?;
-        for _ in 0..WRITE_BATCH_FRAMES {
-            match rx.try_recv() {
-                Ok(f) => w.write_all(&f).await?,
-                Err(_) => break,
+        match rx.try_recv() {
+            // The common case: one frame, written as it is (no copy).
+            Err(_) => w.write_all(&frame).await?,
+            Ok(next) => {
+                let mut batch = Vec::with_capacity(WRITE_BATCH_BYTES.max(frame.len() + next.len()));
+                batch.extend_from_slice(&frame);
+                batch.extend_from_slice(&next);
+                while batch.len() < WRITE_BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(f) => batch.extend_from_slice(&f),
+                        Err(_) => break,
+                    }
+                }
+                w.write_all(&batch).await?;
             }
         }
         w.flush().await?;
@@ -126,8 +134,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 
 /// Writes queued frames until the outbox closes, then says goodbye: the frames still queued
 /// (unless the client was too slow), the disconnect event, and a TLS close_notify.
-pub async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Bytes>, outbox: Outbox) {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, w);
+pub async fn writer<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::Receiver<Bytes>,
+    outbox: Outbox,
+) {
     let mut idle = true;
     let ended_by_itself = tokio::select! {
         _ = outbox.closed() => false,

@@ -11,13 +11,11 @@ use conclave_proto::{
     ClientFrame, DisconnectReason, ErrorBody, ErrorCode, Event, PROTOCOL_VERSION, Reply, Request,
     ServerFrame,
 };
-use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::audit::{Fields, Kind};
 use crate::cmd;
@@ -117,10 +115,7 @@ pub async fn run(
     let (read_half, write_half) = tokio::io::split(tls);
     let (outbox, queue) = Outbox::new(limits.outbound_queue_frames, &shared.shutdown);
     let writer = tokio::spawn(outbox::writer(write_half, queue, outbox.clone()));
-    let codec = LengthDelimitedCodec::builder()
-        .max_frame_length(limits.max_frame_bytes)
-        .new_codec();
-    let mut frames = FramedRead::new(read_half, codec);
+    let mut frames = read_half;
     let mut conn = Conn {
         sid: shared.next_session_id(),
         shared: shared.clone(),
@@ -157,7 +152,7 @@ pub async fn run(
         let next = tokio::select! {
             biased;
             _ = outbox.closed() => break,
-            n = tokio::time::timeout_at(deadline, frames.next()) => n,
+            n = tokio::time::timeout_at(deadline, read_frame(&mut frames, limits.max_frame_bytes)) => n,
         };
         let bytes = match next {
             Err(_) => {
@@ -337,6 +332,31 @@ impl RequestRate {
         self.strikes.set(self.strikes.get() + 1);
         self.strikes.get() > self.max_strikes
     }
+}
+
+/// Reads one frame: the 4-byte length, refused before any allocation when over `max`, then
+/// exactly that many bytes. No buffer is kept between frames, so an idle connection holds
+/// none. `None` at a clean end of stream. Not cancel-safe: the caller drops the connection
+/// whenever it stops waiting.
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Option<std::io::Result<Vec<u8>>> {
+    let mut len = [0u8; conclave_proto::FRAME_HEADER_BYTES];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+        Err(e) => return Some(Err(e)),
+    }
+    let n = u32::from_be_bytes(len) as usize;
+    if n > max {
+        return Some(Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame too large",
+        )));
+    }
+    let mut body = vec![0u8; n];
+    Some(r.read_exact(&mut body).await.map(|_| body))
 }
 
 /// Whether the session goes on after a request.

@@ -25,7 +25,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Large allocations go straight back to the OS when freed. Without this, glibc raises its
+/// mmap threshold after the first Argon2id buffer (19 MiB) is freed, and from then on keeps
+/// those buffers in per-thread arenas: measured, 100+ KiB of resident memory per connection
+/// instead of 20.
+fn return_large_allocations_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; called once before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    return_large_allocations_to_the_os();
     init_logging("info");
     let mut config = Config::load(&args.data.data_dir, args.config.as_deref())?;
     if let Some(listen) = &args.listen {
