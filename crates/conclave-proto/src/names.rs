@@ -9,6 +9,10 @@
 /// Longest account or room name, in characters.
 pub const MAX_NAME_CHARS: usize = 32;
 
+/// Names the server itself uses in events (`by` of kicks and bans, `from` of announcements),
+/// so no account may take them.
+pub const RESERVED_ACCOUNT_NAMES: &[&str] = &["operator", "server", "vote"];
+
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -20,6 +24,8 @@ pub enum NameError {
     BadStart,
     #[error("a name may contain only letters a-z, digits, '_', '-' and '.' (found {0:?})")]
     BadChar(char),
+    #[error("{0:?} is reserved for the server; choose another name")]
+    Reserved(String),
 }
 
 /// Checks a name and returns its canonical (lower-case) form.
@@ -39,6 +45,15 @@ pub fn canonical(name: &str) -> Result<String, NameError> {
         return Err(NameError::BadChar(c));
     }
     Ok(name.to_ascii_lowercase())
+}
+
+/// Like [`canonical`], for a new account: also refuses the reserved names.
+pub fn canonical_new_account(name: &str) -> Result<String, NameError> {
+    let c = canonical(name)?;
+    if RESERVED_ACCOUNT_NAMES.contains(&c.as_str()) {
+        return Err(NameError::Reserved(c));
+    }
+    Ok(c)
 }
 
 /// Like [`canonical`], for room names (a leading `#` is allowed and dropped).
@@ -61,5 +76,10 @@ mod tests {
         assert_eq!(canonical("é"), Err(NameError::BadStart));
         assert_eq!(canonical(&"a".repeat(33)), Err(NameError::TooLong));
         assert_eq!(canonical_room("#General"), Ok("general".into()));
+        assert_eq!(
+            canonical_new_account("Operator"),
+            Err(NameError::Reserved("operator".into()))
+        );
+        assert_eq!(canonical_new_account("alice"), Ok("alice".into()));
     }
 }

@@ -217,7 +217,8 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
                         }
                         Some(true) => {}
                     }
-                    moderation::remove_from_room(shared, &room, &user, operator, &reason).await?;
+                    moderation::remove_from_room(shared, None, &room, &user, operator, &reason)
+                        .await?;
                     json!({"ok": true})
                 }
                 None => {
@@ -337,7 +338,7 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
             json!({"ok": true, "users": users})
         }
         "user_add" => {
-            let name = names::canonical(&need(req, "user")?)
+            let name = names::canonical_new_account(&need(req, "user")?)
                 .map_err(|e| ErrorBody::new(ErrorCode::InvalidName, e.to_string()))?;
             let password = need(req, "password")?;
             let is_admin = req.get("admin").and_then(Value::as_bool).unwrap_or(false);
@@ -466,14 +467,8 @@ async fn ip_rule(shared: &Arc<Shared>, action: &str, req: &Value) -> Result<Valu
                     format!("{net} is not in the stored {action} list"),
                 ));
             }
+            // Closes live connections the new lists refuse.
             shared.apply_rules(&shared.config()).await.map_err(bad)?;
-            if add && action == "deny" {
-                shared.registry.close_net(
-                    &net,
-                    conclave_proto::DisconnectReason::Banned,
-                    "your address is on the deny list",
-                );
-            }
             Ok(json!({"ok": true, "changed": changed}))
         }
         other => Err(bad(format!(

@@ -252,18 +252,22 @@ impl<O> Hub<O> {
     }
 
     /// Whether `user` may join `room`, and what must be checked first.
-    pub fn check_join(&self, user: &str, room: &str) -> Result<(String, JoinCheck), ErrorBody> {
+    pub fn check_join(
+        &self,
+        user: &str,
+        room: &str,
+        now_ms: i64,
+    ) -> Result<(String, JoinCheck), ErrorBody> {
         let name = names::canonical_room(room).map_err(|_| no_such_room(room))?;
         let r = self.rooms.get(&name).ok_or_else(|| no_such_room(room))?;
         if r.members.contains(user) {
             return Ok((name, JoinCheck::AlreadyMember));
         }
-        if let Some(until) = r.banned_until.get(user) {
+        if let Some(until) = self.room_banned(&name, user, now_ms) {
+            let minutes = ((until - now_ms) + 59_999) / 60_000;
             return Err(err(
                 ErrorCode::Forbidden,
-                format!(
-                    "you were voted out of {name:?}; you can rejoin after {until} (ms since the epoch)"
-                ),
+                format!("you were voted out of {name:?}; you can rejoin in {minutes} minute(s)"),
             ));
         }
         if r.private && !r.invited.contains(user) && !self.is_admin(user) {
@@ -971,11 +975,11 @@ mod tests {
             ErrorCode::NoSuchRoom
         );
         assert_eq!(
-            h.check_join("mallory", "ops").expect_err("hidden").code,
+            h.check_join("mallory", "ops", 0).expect_err("hidden").code,
             ErrorCode::NoSuchRoom
         );
         assert_eq!(
-            h.check_join("dave", "ops").expect("invited"),
+            h.check_join("dave", "ops", 0).expect("invited"),
             ("ops".into(), JoinCheck::Allowed { pw_hash: None })
         );
     }

@@ -123,6 +123,16 @@ impl Shared {
             .rules(&allow, &deny)
             .map_err(|e| e.to_string())?;
         self.guard().set_rules(rules);
+        // Connections from networks the new lists refuse are closed, as a new `deny` is.
+        let guard = self.guard();
+        for c in self.registry.snapshot() {
+            if guard.ip_permitted(c.peer.ip()).is_err() {
+                c.outbox.close(
+                    conclave_proto::DisconnectReason::Banned,
+                    "your address is now refused (deny list, or not on the allow list)",
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -192,6 +202,16 @@ impl Server {
     /// Prepares the data directory and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         config.validate().map_err(|e| start_err(e.to_string()))?;
+        // First: refuse if another server runs on this data directory, before touching it.
+        fsutil::create_private_dir(&config.data_dir).map_err(|e| {
+            start_err(format!(
+                "cannot create the data directory {}: {e}; pass --data-dir to choose another",
+                config.data_dir.display()
+            ))
+        })?;
+        let admin = crate::admin_socket::bind(&config.data_dir)
+            .await
+            .map_err(start_err)?;
         let mut db = open_db(&config)?;
         let identity =
             tls::load_or_create(&config.data_dir).map_err(|e| start_err(e.to_string()))?;
@@ -210,9 +230,6 @@ impl Server {
             .security
             .rules(&allow, &deny)
             .map_err(|e| start_err(e.to_string()))?;
-        let admin = crate::admin_socket::bind(&config.data_dir)
-            .await
-            .map_err(start_err)?;
         let audit = AuditLog::open(&config.data_dir, config.audit.clone())
             .map_err(|e| start_err(format!("cannot open the audit log: {e}")))?;
         let listener = TcpListener::bind(config.listen)

@@ -158,12 +158,12 @@ pub async fn run(
             Err(_) => {
                 let message = match conn.user {
                     None => format!(
-                        "no login within {} s; log in right after connecting",
-                        limits.login_timeout_ms / 1000
+                        "no login within {}; log in right after connecting",
+                        human_ms(limits.login_timeout_ms)
                     ),
                     Some(_) => format!(
-                        "nothing received for {} s; clients send a ping to stay connected",
-                        limits.idle_timeout_ms / 1000
+                        "nothing received for {}; clients send a ping to stay connected",
+                        human_ms(limits.idle_timeout_ms)
                     ),
                 };
                 outbox.close(DisconnectReason::Timeout, message);
@@ -196,7 +196,7 @@ pub async fn run(
                 break;
             }
         };
-        if !matches!(frame.req, Request::Ping { .. } | Request::Quit) && !rate.allow() {
+        if !matches!(frame.req, Request::Quit) && !rate.allow() {
             if rate.first_strike() {
                 let mut f = Fields::new().ip(peer).reason("rate_limited");
                 if let Some(u) = &conn.user {
@@ -331,6 +331,15 @@ impl RequestRate {
         }
         self.strikes.set(self.strikes.get() + 1);
         self.strikes.get() > self.max_strikes
+    }
+}
+
+/// "300 ms", "30 s": a duration for people.
+fn human_ms(ms: u64) -> String {
+    if ms < 1000 || !ms.is_multiple_of(1000) {
+        format!("{ms} ms")
+    } else {
+        format!("{} s", ms / 1000)
     }
 }
 

@@ -42,7 +42,8 @@ fn through_server(args: &UserArgs) -> anyhow::Result<bool> {
             admin,
             password_env,
         } => {
-            let name = canonical(name)?;
+            let name = conclave_proto::names::canonical_new_account(name)
+                .map_err(|e| anyhow::anyhow!("user name {name:?}: {e}"))?;
             let pw = read_password(
                 password_env.as_deref(),
                 &format!("Password for {name}: "),
@@ -123,7 +124,8 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
             admin,
             password_env,
         } => {
-            let name = canonical(&name)?;
+            let name = conclave_proto::names::canonical_new_account(&name)
+                .map_err(|e| anyhow::anyhow!("user name {name:?}: {e}"))?;
             let pw = read_password(
                 password_env.as_deref(),
                 &format!("Password for {name}: "),

@@ -11,14 +11,18 @@ use crate::guard::{AutoBan, Ban, BanTarget};
 use crate::server::Shared;
 use crate::store::now_ms;
 
-/// "banned for N more minutes: reason".
+/// "banned for N more minutes: reason" (seconds under two minutes).
 pub fn ban_text(ban: &Ban) -> String {
     let until = match ban.until_ms {
         None => "for ever".to_string(),
-        Some(u) => format!(
-            "for {} more minutes",
-            ((u - now_ms()).max(0) + 59_999) / 60_000
-        ),
+        Some(u) => {
+            let left_s = ((u - now_ms()).max(0) + 999) / 1000;
+            if left_s < 120 {
+                format!("for {left_s} more seconds")
+            } else {
+                format!("for {} more minutes", (left_s + 59) / 60)
+            }
+        }
     };
     format!("banned {until}: {}", ban.reason)
 }

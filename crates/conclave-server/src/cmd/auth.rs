@@ -174,7 +174,7 @@ pub async fn register(
         (RegistrationPolicy::Invite, Some(code)) => Some(accounts::invite_code_hash(&code)),
         _ => None,
     };
-    let name = names::canonical(&user)
+    let name = names::canonical_new_account(&user)
         .map_err(|e| ErrorBody::new(ErrorCode::InvalidName, format!("user name {user:?}: {e}")))?;
     accounts::check_new_password(&password)
         .map_err(|m| ErrorBody::new(ErrorCode::BadRequest, m))?;

@@ -5,7 +5,7 @@ use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply, names};
 use super::{admin, store_error};
 use crate::audit::{Fields, Kind};
 use crate::guard::BanTarget;
-use crate::hub::VoteRules;
+use crate::hub::{SessionId, VoteRules};
 use crate::server::Shared;
 use crate::session::{Conn, broadcast};
 use crate::store::now_ms;
@@ -22,8 +22,10 @@ fn require_admin(conn: &Conn, user: &str, what: &str) -> Result<(), ErrorBody> {
 }
 
 /// Removes `target` from `room`: membership gone (stored), everyone concerned told.
+/// `origin` is the connection that asked (it gets a reply, not the event).
 pub async fn remove_from_room(
     shared: &Shared,
+    origin: Option<SessionId>,
     room: &str,
     target: &str,
     by: &str,
@@ -39,7 +41,7 @@ pub async fn remove_from_room(
     let c = Conv::Room(room.to_string());
     // Members (the target included) hear it before the target is removed.
     broadcast(
-        hub.recipients(&c, &[], None),
+        hub.recipients(&c, &[], origin),
         Event::Kicked {
             room: Some(room.to_string()),
             user: target.to_string(),
@@ -73,7 +75,7 @@ pub async fn kick(
     match room {
         Some(room) => {
             let (room, target) = conn.shared.hub.lock().check_kick(by, &room, &user)?;
-            remove_from_room(&conn.shared, &room, &target, by, &reason).await?;
+            remove_from_room(&conn.shared, Some(conn.sid), &room, &target, by, &reason).await?;
         }
         None => {
             require_admin(conn, by, "kick users off the server")?;
@@ -117,7 +119,7 @@ pub async fn votekick(
         let hub = conn.shared.hub.lock();
         let c = Conv::Room(tally.room.clone());
         broadcast(
-            hub.recipients(&c, &[], None),
+            hub.recipients(&c, &[], Some(conn.sid)),
             Event::VoteKick {
                 room: tally.room.clone(),
                 target: tally.target.clone(),
@@ -163,7 +165,15 @@ pub async fn votekick(
             "voted out ({} votes); may rejoin in {} minutes",
             tally.votes, config.votekick.ban_minutes
         );
-        remove_from_room(&conn.shared, &tally.room, &tally.target, "vote", &reason).await?;
+        remove_from_room(
+            &conn.shared,
+            None,
+            &tally.room,
+            &tally.target,
+            "vote",
+            &reason,
+        )
+        .await?;
     }
     Ok(Reply::VoteCounted {
         votes: tally.votes,

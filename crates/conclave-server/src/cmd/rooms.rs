@@ -93,7 +93,11 @@ pub async fn join(
     room: String,
     password: Option<String>,
 ) -> Result<Reply, ErrorBody> {
-    let (name, check) = conn.shared.hub.lock().check_join(user, &room)?;
+    let (name, check) = conn
+        .shared
+        .hub
+        .lock()
+        .check_join(user, &room, crate::store::now_ms())?;
     if let JoinCheck::Allowed {
         pw_hash: Some(hash),
     } = check.clone()
