@@ -760,3 +760,65 @@ fn user_added_while_serving_is_in_the_default_room() {
     late.quit();
     server.stop().assert_success();
 }
+
+/// `conclave admin ...` against a running server, and `conclave logs` over what it did.
+#[test]
+fn admin_console_and_logs_through_the_binary() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    let d = data.to_str().expect("utf-8 path");
+    let server = Server::start(&data, &[], &[]);
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin", "--data-dir", d];
+        all.extend_from_slice(args);
+        run("admin", conclave(all))
+    };
+    let f = admin(&["stats"]);
+    f.assert_success();
+    assert!(f.stdout_text().contains("connections"), "{f:#?}");
+    let f = admin(&["--json", "stats"]);
+    f.assert_success();
+    let v: serde_json::Value = serde_json::from_str(f.stdout_text().trim()).expect("json");
+    assert_eq!(v["ok"], true);
+    admin(&["deny", "add", "198.51.100.0/24"]).assert_success();
+    let f = admin(&["deny", "list"]);
+    f.assert_success();
+    assert!(f.stdout_text().contains("198.51.100.0/24"), "{f:#?}");
+    admin(&["deny", "add", "not-a-network"])
+        .assert_failure()
+        .assert_stderr_has("CIDR");
+    admin(&["ban", "nobody-here"])
+        .assert_failure()
+        .assert_stderr_has("no user");
+    admin(&[
+        "ban",
+        "--ip",
+        "203.0.113.9",
+        "--for",
+        "2h",
+        "--reason",
+        "test",
+    ])
+    .assert_success();
+    let f = admin(&["bans"]);
+    assert!(f.stdout_text().contains("203.0.113.9/32"), "{f:#?}");
+    admin(&["who"]).assert_success();
+    drop(server);
+
+    // No server: a clear error.
+    admin(&["who"])
+        .assert_failure()
+        .assert_stderr_has("is `conclave serve");
+    // The audit log has what the operator did.
+    let f = run(
+        "logs",
+        conclave(["logs", "--data-dir", d, "--kind", "admin,ban", "--json"]),
+    );
+    f.assert_success();
+    let text = f.stdout_text();
+    assert!(
+        text.contains("198.51.100.0/24") && text.contains("203.0.113.9"),
+        "{text}"
+    );
+    run("verify", conclave(["logs", "--data-dir", d, "--verify"])).assert_success();
+}
