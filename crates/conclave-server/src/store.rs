@@ -208,6 +208,24 @@ pub struct NewMessage {
     pub idempotency_key: Option<String>,
 }
 
+impl NewMessage {
+    /// This message as stored under `msg_id` and `seq`.
+    fn appended(&self, msg_id: String, seq: u64, ts_ms: i64, duplicate: bool) -> Appended {
+        Appended {
+            msg: Message {
+                msg_id,
+                conv: self.conv.clone(),
+                from: self.from.clone(),
+                seq,
+                ts_ms,
+                body: self.body.clone(),
+            },
+            except: self.except.clone(),
+            duplicate,
+        }
+    }
+}
+
 /// A stored message.
 #[derive(Debug, Clone)]
 pub struct Appended {
@@ -863,18 +881,7 @@ impl Db {
                 })
                 .optional()?;
             if let Some((msg_id, seq, ts_ms)) = found {
-                return Ok(Appended {
-                    msg: Message {
-                        msg_id,
-                        conv: m.conv.clone(),
-                        from: m.from.clone(),
-                        seq: seq as u64,
-                        ts_ms,
-                        body: m.body.clone(),
-                    },
-                    except: m.except.clone(),
-                    duplicate: true,
-                });
+                return Ok(m.appended(msg_id, seq as u64, ts_ms, true));
             }
         }
         let conv_id = self.conv_id(&key)?;
@@ -926,18 +933,7 @@ impl Db {
                 index.push((self.conn.last_insert_rowid(), tokens));
             }
         }
-        Ok(Appended {
-            msg: Message {
-                msg_id,
-                conv: m.conv.clone(),
-                from: m.from.clone(),
-                seq: seq as u64,
-                ts_ms,
-                body: m.body.clone(),
-            },
-            except: m.except.clone(),
-            duplicate: false,
-        })
+        Ok(m.appended(msg_id, seq as u64, ts_ms, false))
     }
 
     /// A page of history for `viewer`, oldest first: up to `limit` messages before `before`

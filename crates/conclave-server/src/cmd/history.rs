@@ -6,13 +6,8 @@ use super::store_error;
 use crate::search;
 use crate::session::Conn;
 
-pub async fn history(
-    conn: &Conn,
-    user: &str,
-    conv: ConvRef,
-    limit: u32,
-    before: Option<u64>,
-) -> Result<Reply, ErrorBody> {
+/// A page size must be between 1 and the configured maximum.
+fn check_limit(conn: &Conn, limit: u32) -> Result<(), ErrorBody> {
     let max = conn.shared.config().limits.max_history_page;
     if limit == 0 || limit > max {
         return Err(ErrorBody::new(
@@ -20,6 +15,17 @@ pub async fn history(
             format!("limit must be between 1 and {max}"),
         ));
     }
+    Ok(())
+}
+
+pub async fn history(
+    conn: &Conn,
+    user: &str,
+    conv: ConvRef,
+    limit: u32,
+    before: Option<u64>,
+) -> Result<Reply, ErrorBody> {
+    check_limit(conn, limit)?;
     let conv = conn.shared.hub.lock().check_history(user, &conv)?;
     let viewer = user.to_string();
     let messages = conn
@@ -39,13 +45,7 @@ pub async fn search(
     limit: u32,
     before: Option<String>,
 ) -> Result<Reply, ErrorBody> {
-    let max = conn.shared.config().limits.max_history_page;
-    if limit == 0 || limit > max {
-        return Err(ErrorBody::new(
-            ErrorCode::BadRequest,
-            format!("limit must be between 1 and {max}"),
-        ));
-    }
+    check_limit(conn, limit)?;
     if query.len() > search::MAX_QUERY_BYTES {
         return Err(ErrorBody::new(
             ErrorCode::TooLarge,
