@@ -162,8 +162,10 @@ async fn run(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody> {
     }
     // Read-only queries are not worth a record each.
     let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
-    let read_only = matches!(cmd, "who" | "bans" | "rooms" | "stats" | "user_list")
-        || req.get("op").and_then(Value::as_str) == Some("list");
+    let read_only = matches!(
+        cmd,
+        "who" | "bans" | "rooms" | "stats" | "user_list" | "monitor"
+    ) || req.get("op").and_then(Value::as_str) == Some("list");
     if !read_only {
         shared.audit(crate::audit::Kind::Admin, fields);
     }
@@ -266,6 +268,7 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
                 ));
             }
             let hub = shared.hub.lock();
+            shared.metrics.announce(hub.all_sessions().count());
             broadcast(
                 hub.all_sessions(),
                 Event::Announce {
@@ -324,6 +327,8 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
             json!({"ok": true})
         }
         "allow" | "deny" => ip_rule(shared, &cmd, req).await?,
+        "monitor" => crate::monitor::snapshot(shared, req)?,
+        "canary" => json!({"ok": true, "canary": crate::canary::plant(shared).await?}),
         "user_list" => {
             let users = shared
                 .store

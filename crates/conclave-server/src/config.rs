@@ -314,6 +314,86 @@ impl RetentionConfig {
     }
 }
 
+/// Anomaly detection (`[anomaly]`): rules over sliding windows that raise alerts (in the
+/// monitor, the audit log and the metrics) and may ban for a while. Each rule is a table of
+/// its own (`[anomaly.failed_logins]`); a key left out takes that rule's default, listed in
+/// docs/monitoring.md and in [`crate::anomaly::Rule::defaults`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomalyConfig {
+    /// All rules on or off.
+    pub enabled: bool,
+    /// Addresses and networks an anomaly never bans (alerts are still raised). Loopback by
+    /// default: a reverse proxy or the operator's own tools must not lock everyone out.
+    pub never_ban: Vec<String>,
+    /// The "subnet" of an IPv4 address, for the per-subnet thresholds.
+    pub subnet_v4_prefix: u8,
+    /// The "subnet" of an IPv6 address.
+    pub subnet_v6_prefix: u8,
+    /// New TCP connections.
+    pub connection_flood: AnomalyRule,
+    /// Failed logins (wrong password, unknown account, banned account).
+    pub failed_logins: AnomalyRule,
+    /// Connections that never finish the TLS handshake and the protocol hello (scans).
+    pub handshake_scan: AnomalyRule,
+    /// Malformed or oversize frames (each ends its connection).
+    pub bad_frames: AnomalyRule,
+    /// Messages sent.
+    pub message_flood: AnomalyRule,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        AnomalyConfig {
+            enabled: true,
+            never_ban: vec!["127.0.0.0/8".into(), "::1".into()],
+            subnet_v4_prefix: 24,
+            subnet_v6_prefix: 64,
+            connection_flood: AnomalyRule::default(),
+            failed_logins: AnomalyRule::default(),
+            handshake_scan: AnomalyRule::default(),
+            bad_frames: AnomalyRule::default(),
+            message_flood: AnomalyRule::default(),
+        }
+    }
+}
+
+impl AnomalyConfig {
+    /// Refuses values that cannot work (resolving every rule against its defaults).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::anomaly::Settings::from_config(self)
+            .map(|_| ())
+            .map_err(ConfigError::Invalid)
+    }
+}
+
+/// One anomaly rule as written in the file; what is left out takes the rule's default. A
+/// threshold of 0 turns that count off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomalyRule {
+    pub enabled: Option<bool>,
+    /// The sliding window, in seconds.
+    pub window_s: Option<u64>,
+    /// Events from one address within the window that raise an alert.
+    pub per_address: Option<u32>,
+    /// Events from one subnet (see `subnet_v4_prefix`) within the window.
+    pub per_subnet: Option<u32>,
+    /// Events of one account within the window (failed logins, message floods only).
+    pub per_user: Option<u32>,
+    /// How long an alert bans the address, subnet or user; 0 only alerts.
+    pub ban_minutes: Option<u64>,
+}
+
+/// The Prometheus endpoint (`[metrics]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `http://ADDR:PORT/metrics` (the Prometheus text format). Absent: off. Loopback
+    /// is the expected choice; another address is allowed, with a warning in the log.
+    pub listen: Option<SocketAddr>,
+}
+
 /// The config file's shape.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -329,6 +409,8 @@ pub struct FileConfig {
     pub security: Security,
     pub votekick: VoteKick,
     pub audit: crate::audit::AuditConfig,
+    pub anomaly: AnomalyConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// The configuration the server runs with.
@@ -345,6 +427,10 @@ pub struct Config {
     pub security: Security,
     pub votekick: VoteKick,
     pub audit: crate::audit::AuditConfig,
+    /// Anomaly detection rules (`[anomaly]`).
+    pub anomaly: AnomalyConfig,
+    /// The Prometheus endpoint (`[metrics]`); off unless an address is given.
+    pub metrics: MetricsConfig,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -370,6 +456,8 @@ impl Config {
             security: Security::default(),
             votekick: VoteKick::default(),
             audit: crate::audit::AuditConfig::default(),
+            anomaly: AnomalyConfig::default(),
+            metrics: MetricsConfig::default(),
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
@@ -411,6 +499,8 @@ impl Config {
             config.security = file.security;
             config.votekick = file.votekick;
             config.audit = file.audit;
+            config.anomaly = file.anomaly;
+            config.metrics = file.metrics;
         }
         config.validate()?;
         Ok(config)
@@ -422,6 +512,7 @@ impl Config {
     pub fn reloaded(&self) -> Result<Config, ConfigError> {
         let mut new = Config::load(&self.data_dir, self.config_file.as_deref())?;
         new.listen = self.listen;
+        new.metrics = self.metrics.clone();
         new.server_password = self.server_password.clone();
         new.data_key_passphrase = self.data_key_passphrase.clone();
         new.registration_from_cli = self.registration_from_cli;
@@ -476,6 +567,7 @@ impl Config {
         if self.retention.interval_s == 0 {
             return bad("retention.interval_s must be above 0");
         }
+        self.anomaly.validate()?;
         for room in self.retention.rooms.keys() {
             if conclave_proto::names::canonical_room(room).as_deref() != Ok(room.as_str()) {
                 return Err(ConfigError::Invalid(format!(

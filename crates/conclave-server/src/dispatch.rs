@@ -13,6 +13,7 @@ use conclave_proto::{ErrorBody, ErrorCode, Event, Reply, ServerFrame};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::hub::SessionId;
+use crate::metrics::Metrics;
 use crate::outbox::{self, Outbox};
 use crate::server::SharedHub;
 use crate::store::Done;
@@ -27,24 +28,36 @@ pub struct SendCtx {
 }
 
 /// Runs until the store thread stops.
-pub async fn run(hub: Arc<SharedHub>, mut done: mpsc::Receiver<Done<SendCtx>>) {
+pub async fn run(
+    hub: Arc<SharedHub>,
+    mut done: mpsc::Receiver<Done<SendCtx>>,
+    metrics: Arc<Metrics>,
+) {
     while let Some(d) = done.recv().await {
         match d {
-            Done::Appended { result, ctx } => appended(&hub, result, ctx),
-            Done::CaughtUp { result, ctx } => caught_up(&hub, result, ctx),
+            Done::Appended { result, ctx } => appended(&hub, result, ctx, &metrics),
+            Done::CaughtUp { result, ctx } => caught_up(&hub, result, ctx, &metrics),
         }
     }
 }
 
-fn appended(hub: &SharedHub, result: Result<crate::store::Appended, String>, ctx: SendCtx) {
+fn appended(
+    hub: &SharedHub,
+    result: Result<crate::store::Appended, String>,
+    ctx: SendCtx,
+    metrics: &Metrics,
+) {
     let result = match result {
         Ok(a) => {
             if !a.duplicate {
                 let frame = outbox::encode(&ServerFrame::Event(Event::Message(a.msg.clone())));
                 let hub = hub.lock();
+                let mut recipients = 0;
                 for o in hub.recipients(&a.msg.conv, &a.except, Some(ctx.origin)) {
                     o.push(frame.clone());
+                    recipients += 1;
                 }
+                metrics.message(&a.msg.conv, recipients);
             }
             Ok(Reply::Sent {
                 msg_id: a.msg.msg_id,
@@ -68,6 +81,7 @@ fn caught_up(
     hub: &SharedHub,
     result: Result<(Vec<conclave_proto::Message>, bool), String>,
     ctx: SendCtx,
+    metrics: &Metrics,
 ) {
     let (messages, truncated) = match result {
         Ok(r) => r,
@@ -77,6 +91,7 @@ fn caught_up(
         }
     };
     let count = messages.len() as u32;
+    metrics.catch_up(messages.len());
     for m in messages {
         ctx.outbox.send(&ServerFrame::Event(Event::Message(m)));
     }

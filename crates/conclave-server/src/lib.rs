@@ -7,14 +7,18 @@
 
 pub mod accounts;
 pub mod admin_socket;
+pub mod anomaly;
 pub mod at_rest;
 pub mod audit;
+pub mod canary;
 pub mod cmd;
 pub mod config;
 pub mod dispatch;
 pub mod fsutil;
 pub mod guard;
 pub mod hub;
+pub mod metrics;
+pub mod monitor;
 pub mod outbox;
 pub mod registry;
 pub mod search;

@@ -5,6 +5,7 @@
 //! queue is full, the connection is closed as a slow consumer (it can reconnect and catch up
 //! from history), and nobody else waits for it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ pub struct Outbox {
     tx: mpsc::Sender<Bytes>,
     close: CancellationToken,
     reason: Reason,
+    /// Frames queued so far (for the monitor and the metrics).
+    queued: Arc<AtomicU64>,
 }
 
 impl Outbox {
@@ -50,6 +53,7 @@ impl Outbox {
                 tx,
                 close: parent.child_token(),
                 reason: Arc::new(Mutex::new(None)),
+                queued: Arc::default(),
             },
             rx,
         )
@@ -57,7 +61,10 @@ impl Outbox {
 
     /// Queues an encoded frame; closes the connection if its queue is full.
     pub fn push(&self, frame: Bytes) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(frame) {
+        let sent = self.tx.try_send(frame);
+        if sent.is_ok() {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+        } else if let Err(mpsc::error::TrySendError::Full(_)) = sent {
             self.close(
                 DisconnectReason::SlowConsumer,
                 format!(
@@ -81,6 +88,16 @@ impl Outbox {
             *r = Some((reason, message.into()));
         }
         self.close.cancel();
+    }
+
+    /// Frames waiting to be written.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Frames queued since the connection opened.
+    pub fn frames_queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     pub fn is_closed(&self) -> bool {

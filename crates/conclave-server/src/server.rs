@@ -56,6 +56,10 @@ pub struct Shared {
     pub hashing: Semaphore,
     pub store: Store<SendCtx>,
     pub shutdown: CancellationToken,
+    /// Counters and histograms for the Prometheus endpoint and the monitor.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Anomaly rules, recent alerts, per-connection rates (`conclave monitor`).
+    pub monitor: crate::monitor::Monitor,
     next_session: AtomicU64,
 }
 
@@ -79,7 +83,9 @@ impl Shared {
 
     /// Records an audit event.
     pub fn audit(&self, kind: Kind, fields: Fields) {
+        let alerts = crate::monitor::observe_audit(self, kind, &fields);
         self.audit.record(kind, fields);
+        crate::monitor::raise(self, alerts);
     }
 
     pub fn guard(&self) -> MutexGuard<'_, Guard> {
@@ -171,6 +177,7 @@ pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: tokio::net::UnixListener,
+    metrics_listener: Option<TcpListener>,
     acceptor: TlsAcceptor,
     store_thread: StoreThread,
     dispatcher: tokio::task::JoinHandle<()>,
@@ -249,9 +256,17 @@ impl Server {
                 h.ban_from_room(&room, &user, until);
             }
         }
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let observed = metrics.clone();
+        db.on_commit(Box::new(move |d| observed.store_commit.observe(d)));
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(crate::metrics::bind(addr).await.map_err(start_err)?),
+            None => None,
+        };
+        let anomaly = crate::anomaly::Settings::from_config(&config.anomaly).map_err(start_err)?;
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
         let (store, store_thread) = Store::start(db, sink);
-        let dispatcher = tokio::spawn(dispatch::run(hub.clone(), commits));
+        let dispatcher = tokio::spawn(dispatch::run(hub.clone(), commits, metrics.clone()));
         Ok(Server {
             shared: Arc::new(Shared {
                 config: RwLock::new(Arc::new(config)),
@@ -266,10 +281,13 @@ impl Server {
                 ),
                 store,
                 shutdown: CancellationToken::new(),
+                metrics,
+                monitor: crate::monitor::Monitor::new(anomaly),
                 next_session: AtomicU64::new(1),
             }),
             listener,
             admin,
+            metrics_listener,
             acceptor,
             store_thread,
             dispatcher,
@@ -281,6 +299,13 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the Prometheus endpoint listens, when it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The certificate's SHA-256 fingerprint, lower-case hex.
@@ -314,6 +339,7 @@ impl Server {
             shared,
             listener,
             admin,
+            metrics_listener,
             acceptor,
             store_thread,
             dispatcher,
@@ -323,6 +349,10 @@ impl Server {
         let tracker = TaskTracker::new();
         tracker.spawn(housekeeping_task(shared.clone()));
         tracker.spawn(crate::admin_socket::serve(shared.clone(), admin));
+        tracker.spawn(crate::monitor::run(shared.clone()));
+        if let Some(l) = metrics_listener {
+            tracker.spawn(crate::metrics::serve(shared.clone(), l));
+        }
         let bound = listener
             .local_addr()
             .map(|a| a.to_string())
@@ -342,11 +372,13 @@ impl Server {
                     Ok((tcp, peer)) => {
                         let Ok(permit) = connections.clone().try_acquire_owned() else {
                             tracing::warn!(%peer, "connection refused: max_connections reached");
+                            shared.metrics.refused("max_connections");
                             drop(tcp);
                             continue;
                         };
                         // Before any TLS work: allow/deny lists, bans, per-IP limits.
                         let admitted = shared.guard().admit(peer.ip(), crate::store::now_ms());
+                        crate::monitor::note_accept(&shared, peer, &admitted);
                         if let Err(refused) = admitted {
                             // Banned addresses were recorded when banned; the rest are bounded
                             // by the automatic flood ban.
@@ -364,7 +396,7 @@ impl Server {
                             continue;
                         }
                         let _ = tcp.set_nodelay(true);
-                        let ip_slot = IpSlot { shared: shared.clone(), ip: peer.ip() };
+                        let ip_slot = IpSlot { shared: shared.clone(), ip: peer.ip(), peer };
                         let acceptor = acceptor.clone();
                         tracker.spawn(async move {
                             session::run(ip_slot.shared.clone(), acceptor.clone(), tcp, peer, permit).await;
@@ -398,10 +430,12 @@ impl Server {
 struct IpSlot {
     shared: Arc<Shared>,
     ip: std::net::IpAddr,
+    peer: SocketAddr,
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
+        crate::monitor::connection_closed(&self.shared, self.peer);
         self.shared.guard().release(self.ip);
     }
 }

@@ -196,6 +196,7 @@ pub async fn run(
                 break;
             }
         };
+        counters.note_request(&frame.req);
         if !matches!(frame.req, Request::Quit) && !rate.allow() {
             if rate.first_strike() {
                 let mut f = Fields::new().ip(peer).reason("rate_limited");

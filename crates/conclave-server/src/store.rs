@@ -241,7 +241,12 @@ pub struct Db {
     key: DataKey,
     search: SearchKey,
     conv_ids: HashMap<String, i64>,
+    /// Told how long each message batch took to commit (the metrics' histogram).
+    on_commit: Option<CommitObserver>,
 }
+
+/// Receives the duration of each committed batch of messages.
+pub type CommitObserver = Box<dyn Fn(std::time::Duration) + Send>;
 
 /// How long messages are kept. `None` keeps everything.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -308,7 +313,13 @@ impl Db {
             key,
             search,
             conv_ids: HashMap::new(),
+            on_commit: None,
         })
+    }
+
+    /// Reports the duration of every batch of messages committed from now on.
+    pub fn on_commit(&mut self, observer: CommitObserver) {
+        self.on_commit = Some(observer);
     }
 
     pub fn create_user(
@@ -798,7 +809,11 @@ impl Db {
     pub fn append_batch(&mut self, batch: &[NewMessage]) -> Result<Vec<Appended>, StoreError> {
         // A failed batch must not leave cached conversation ids that were rolled back.
         let cached = self.conv_ids.len();
+        let started = std::time::Instant::now();
         let result = self.append_batch_inner(batch);
+        if let (Ok(_), Some(observe)) = (&result, &self.on_commit) {
+            observe(started.elapsed());
+        }
         if result.is_err() && self.conv_ids.len() != cached {
             self.conv_ids.clear();
         }
@@ -1262,6 +1277,11 @@ impl<C: Send + 'static> Store<C> {
             .await
             .map_err(|_| StoreError::Stopped)?;
         wait.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Operations waiting for the store thread.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Asks the thread to finish everything queued before this call, then stop.

@@ -47,6 +47,15 @@ pub enum Command {
     /// Show, filter, follow or verify the tamper-evident audit log.
     #[command(after_help = LOGS_HELP)]
     Logs(LogsArgs),
+    /// Live traffic and alerts of a running server (a terminal view, or JSON lines).
+    #[command(after_help = crate::monitor::MONITOR_HELP)]
+    Monitor(crate::monitor::MonitorArgs),
+    /// Check a data directory (and the running server) for security problems.
+    #[command(after_help = crate::doctor::DOCTOR_HELP)]
+    Doctor(crate::doctor::DoctorArgs),
+    /// Load generator: connections, fan-out, latency, server CPU and memory (also against IRC).
+    #[command(after_help = conclave_bench::BENCH_HELP)]
+    Bench(conclave_bench::BenchArgs),
 }
 
 const LOGS_HELP: &str = "\
@@ -88,6 +97,10 @@ pub struct ServeArgs {
     /// variable instead of keeping it in data.key. Needed at every start.
     #[arg(long, value_name = "VAR")]
     pub data_key_env: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default; a bare PORT
+    /// means 127.0.0.1:PORT). Keep it on loopback: the endpoint has no authentication.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Args)]

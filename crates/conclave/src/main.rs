@@ -4,7 +4,9 @@
 mod admin;
 mod cli;
 mod client;
+mod doctor;
 mod logs;
+mod monitor;
 mod serve;
 mod user;
 
@@ -30,5 +32,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Client(args) => serve::client(args),
         Command::Logs(args) => logs::run(args),
         Command::Admin(args) => admin::run(args),
+        Command::Monitor(args) => monitor::run(args),
+        Command::Doctor(args) => doctor::run(args),
+        Command::Bench(args) => Ok(conclave_bench::run(args)?),
     }
 }

@@ -69,6 +69,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(var) = &args.data_key_env {
         config.data_key_passphrase = Some(read_passphrase(var)?);
     }
+    if let Some(m) = &args.metrics_listen {
+        config.metrics.listen = Some(match m.parse::<u16>() {
+            Ok(port) => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Err(_) => parse_listen(m).context("--metrics-listen")?,
+        });
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         // Listen for signals before anything is announced: a SIGTERM right after the banner
@@ -82,6 +88,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         println!("Conclave {} serving on {addr} (data: {})", env!("CARGO_PKG_VERSION"), config.data_dir.display());
         println!("TLS certificate SHA-256: {}", tls::display_fingerprint(&fp));
+        if let Some(m) = server.metrics_addr() {
+            println!("Metrics: http://{m}/metrics");
+        }
         let reg = server.registration();
         println!(
             "Registration: {}{}",

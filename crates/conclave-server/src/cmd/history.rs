@@ -82,6 +82,7 @@ pub async fn search(
         }
     };
     let viewer = user.to_string();
+    let _timer = conn.shared.metrics.search_timer();
     let results = conn
         .shared
         .store

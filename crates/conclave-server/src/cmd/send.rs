@@ -88,6 +88,7 @@ pub fn announce(conn: &Conn, user: &str, text: String) -> Result<Reply, ErrorBod
         ));
     }
     tracing::info!(user, "announcement sent");
+    conn.shared.metrics.announce(hub.all_sessions().count());
     broadcast(
         hub.all_sessions(),
         Event::Announce {

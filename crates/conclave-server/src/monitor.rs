@@ -1,0 +1,593 @@
+//! What the operator watches: the anomaly rules fed with the server's events, the alerts they
+//! raise (audited, counted, kept for the monitor, and maybe a ban), and once a second a sample
+//! of every connection's counters that gives the rates `conclave monitor` shows.
+//!
+//! Where the events come from, so the hot path stays untouched: logins, limits, disconnects
+//! and bans are read off the audit records as [`crate::server::Shared::audit`] writes them
+//! ([`observe_audit`]); new connections and connections that ended before their hello are
+//! reported by the listener ([`note_accept`], [`connection_closed`]); messages are counted per
+//! connection with a relaxed atomic and summed by the sampler ([`run`]), which feeds the
+//! message-flood rule. The rules themselves are in [`crate::anomaly`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use conclave_proto::{DisconnectReason, ErrorBody, ErrorCode};
+use serde_json::{Value, json};
+
+use crate::anomaly::{Alert, Detector, Event, Scope, Settings};
+use crate::audit::{Fields, Kind};
+use crate::guard::{Ban, BanTarget, Refused};
+use crate::hub::SessionId;
+use crate::metrics::HistogramSnapshot;
+use crate::registry::ConnInfo;
+use crate::server::Shared;
+use crate::store::now_ms;
+
+/// How often connections are sampled for rates and the message-flood rule.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the anomaly rules forget stale counts (in samples).
+const SWEEP_EVERY_SAMPLES: u64 = 60;
+/// Alerts kept for the monitor.
+pub const RECENT_ALERTS: usize = 200;
+/// Connections in one monitor answer, by default and at most.
+pub const DEFAULT_CONNECTIONS_SHOWN: usize = 1000;
+pub const MAX_CONNECTIONS_SHOWN: usize = 10_000;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One alert as the monitor lists it.
+#[derive(Debug, Clone)]
+pub struct AlertRecord {
+    pub id: u64,
+    pub alert: Alert,
+    /// What was done about it ("banned for 15 min", "alert only: ...").
+    pub action: String,
+}
+
+impl AlertRecord {
+    pub fn to_json(&self) -> Value {
+        let a = &self.alert;
+        json!({
+            "id": self.id, "ts_ms": a.ts_ms, "rule": a.rule.as_str(),
+            "scope": a.scope.kind(), "target": a.scope.value(), "count": a.count,
+            "threshold": a.threshold, "window_s": a.window_ms / 1000,
+            "action": self.action, "text": a.describe(),
+        })
+    }
+}
+
+/// One connection's counters at a sample.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    bytes_in: u64,
+    bytes_out: u64,
+    frames_in: u64,
+    frames_out: u64,
+    messages_in: u64,
+}
+
+impl Counts {
+    fn read(c: &ConnInfo) -> Counts {
+        Counts {
+            bytes_in: c.counters.bytes_in.load(Ordering::Relaxed),
+            bytes_out: c.counters.bytes_out.load(Ordering::Relaxed),
+            frames_in: c.counters.frames_in.load(Ordering::Relaxed),
+            frames_out: c.outbox.frames_queued(),
+            messages_in: c.counters.messages_in.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Per-second rates over the last sample interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rates {
+    pub bytes_in: f64,
+    pub bytes_out: f64,
+    pub frames_in: f64,
+    pub frames_out: f64,
+    pub messages: f64,
+}
+
+impl Rates {
+    fn between(now: &Counts, before: &Counts, secs: f64) -> Rates {
+        let r = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+        Rates {
+            bytes_in: r(now.bytes_in, before.bytes_in),
+            bytes_out: r(now.bytes_out, before.bytes_out),
+            frames_in: r(now.frames_in, before.frames_in),
+            frames_out: r(now.frames_out, before.frames_out),
+            messages: r(now.messages_in, before.messages_in),
+        }
+    }
+}
+
+/// The server's rates over the last sample interval.
+#[derive(Debug, Clone, Default)]
+struct TotalRates {
+    traffic: Rates,
+    messages_stored: f64,
+    deliveries: f64,
+    commits: f64,
+    commit: HistogramSnapshot,
+}
+
+#[derive(Debug, Default)]
+struct Sampled {
+    at_ms: i64,
+    interval_ms: i64,
+    counts: HashMap<SessionId, Counts>,
+    rates: HashMap<SessionId, Rates>,
+    traffic: Counts,
+    messages_stored: u64,
+    deliveries: u64,
+    commit: HistogramSnapshot,
+    totals: TotalRates,
+}
+
+/// The monitor's state, one per server.
+pub struct Monitor {
+    detector: Mutex<Detector>,
+    alerts: Mutex<VecDeque<AlertRecord>>,
+    next_alert: AtomicU64,
+    /// Peers that finished their TLS handshake and hello (to tell, when a connection ends,
+    /// whether it ever did). At most one entry per open connection.
+    established: Mutex<HashSet<SocketAddr>>,
+    sampled: Mutex<Sampled>,
+    started_ms: i64,
+}
+
+impl Monitor {
+    pub fn new(settings: Settings) -> Monitor {
+        Monitor {
+            detector: Mutex::new(Detector::new(settings)),
+            alerts: Mutex::new(VecDeque::with_capacity(RECENT_ALERTS)),
+            next_alert: AtomicU64::new(1),
+            established: Mutex::new(HashSet::new()),
+            sampled: Mutex::new(Sampled::default()),
+            started_ms: now_ms(),
+        }
+    }
+
+    pub fn started_ms(&self) -> i64 {
+        self.started_ms
+    }
+
+    /// Keys the rules count now, and events they could not count.
+    pub fn detector_load(&self) -> (usize, u64) {
+        let d = lock(&self.detector);
+        (d.tracked(), d.untracked())
+    }
+
+    fn observe(&self, event: Event<'_>) -> Vec<Alert> {
+        lock(&self.detector).observe(event, now_ms())
+    }
+
+    /// The most recent alerts, oldest first.
+    pub fn recent_alerts(&self, n: usize) -> Vec<AlertRecord> {
+        let a = lock(&self.alerts);
+        a.iter().skip(a.len().saturating_sub(n)).cloned().collect()
+    }
+}
+
+/// Reads an audit record as it is written: counts it, and feeds the rules it concerns.
+/// Returns the alerts raised; the caller passes them to [`raise`] once the record is written,
+/// so the log reads cause first.
+pub fn observe_audit(shared: &Shared, kind: Kind, f: &Fields) -> Vec<Alert> {
+    let m = &shared.metrics;
+    let extra = |k: &str| f.extra.get(k).and_then(Value::as_str);
+    match kind {
+        Kind::Connect => {
+            m.connections_established.fetch_add(1, Ordering::Relaxed);
+            if let (Some(ip), Some(port)) = (f.ip, f.port) {
+                lock(&shared.monitor.established).insert(SocketAddr::new(ip, port));
+            }
+            Vec::new()
+        }
+        Kind::Disconnect => {
+            m.disconnect(f.reason.as_deref().unwrap_or("other"));
+            Vec::new()
+        }
+        Kind::LoginOk => {
+            m.logins_ok.fetch_add(1, Ordering::Relaxed);
+            Vec::new()
+        }
+        Kind::Register => {
+            m.registrations.fetch_add(1, Ordering::Relaxed);
+            Vec::new()
+        }
+        Kind::LoginFailed => {
+            m.logins_failed.fetch_add(1, Ordering::Relaxed);
+            match f.ip {
+                Some(ip) => shared.monitor.observe(Event::LoginFailed {
+                    ip,
+                    account: f.user.as_deref(),
+                }),
+                None => Vec::new(),
+            }
+        }
+        Kind::Limit => {
+            let reason = f.reason.as_deref().unwrap_or("other");
+            m.limit(reason);
+            match (reason, f.ip) {
+                ("malformed" | "too_large", Some(ip)) => {
+                    shared.monitor.observe(Event::BadFrame { ip })
+                }
+                _ => Vec::new(),
+            }
+        }
+        Kind::Ban => {
+            m.ban(extra("by") == Some("server"));
+            Vec::new()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// A new TCP connection, admitted or refused by the guard (before any TLS work).
+pub fn note_accept(shared: &Shared, peer: SocketAddr, admitted: &Result<(), Box<Refused>>) {
+    let m = &shared.metrics;
+    match admitted {
+        Ok(()) => {
+            m.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(r) => m.refused(r.refusal.as_str()),
+    }
+    // A banned address knocking again is already dealt with: no new alerts for it.
+    if let Err(r) = admitted
+        && matches!(r.refusal, crate::guard::Refusal::Banned(_))
+    {
+        return;
+    }
+    let alerts = shared.monitor.observe(Event::Connection { ip: peer.ip() });
+    raise(shared, alerts);
+}
+
+/// An admitted connection ended: if it never finished its TLS handshake and hello, that
+/// counts as incomplete (a scan, most often).
+pub fn connection_closed(shared: &Shared, peer: SocketAddr) {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    if lock(&shared.monitor.established).remove(&peer) || shared.shutdown.is_cancelled() {
+        return;
+    }
+    shared
+        .metrics
+        .handshakes_incomplete
+        .fetch_add(1, Ordering::Relaxed);
+    let alerts = shared
+        .monitor
+        .observe(Event::HandshakeIncomplete { ip: peer.ip() });
+    raise(shared, alerts);
+}
+
+/// Acts on alerts: counts, logs and audits each, keeps it for the monitor, and applies the ban
+/// it asks for (unless one is already in force).
+pub fn raise(shared: &Shared, alerts: Vec<Alert>) {
+    for alert in alerts {
+        shared.metrics.alert(alert.rule);
+        let ban = alert.ban.as_ref().and_then(|plan| {
+            let now = now_ms();
+            let guard = shared.guard();
+            let already = match &plan.target {
+                BanTarget::Net(net) => guard.ip_ban(net.network(), now).is_some(),
+                BanTarget::User(u) => guard.user_ban(u, now).is_some(),
+            };
+            (!already).then(|| Ban {
+                target: plan.target.clone(),
+                until_ms: Some(plan.until_ms),
+                reason: format!("automatic: {}", alert.describe()),
+                by: "server".into(),
+                created_ms: now,
+            })
+        });
+        let action = match (&alert.ban, &ban) {
+            (Some(_), None) => "alert only: already banned".to_string(),
+            _ => alert.action(),
+        };
+        tracing::warn!(rule = alert.rule.as_str(), alert = %alert.describe(), action = %action, "anomaly");
+        let record = AlertRecord {
+            id: shared.monitor.next_alert.fetch_add(1, Ordering::Relaxed),
+            alert: alert.clone(),
+            action: action.clone(),
+        };
+        {
+            let mut recent = lock(&shared.monitor.alerts);
+            if recent.len() >= RECENT_ALERTS {
+                recent.pop_front();
+            }
+            recent.push_back(record);
+        }
+        let mut f = Fields::new()
+            .reason(alert.describe())
+            .with("rule", alert.rule.as_str())
+            .with("scope", alert.scope.kind())
+            .with("target", alert.scope.value())
+            .with("count", alert.count)
+            .with("threshold", alert.threshold)
+            .with("window_s", alert.window_ms / 1000)
+            .with("action", &action);
+        match &alert.scope {
+            Scope::Address(ip) => f = f.ip_addr(*ip),
+            Scope::User(u) => f = f.user(u),
+            Scope::Subnet(_) => {}
+        }
+        shared.audit(Kind::Alert, f);
+        if let Some(ban) = ban {
+            apply_ban(shared, ban);
+        }
+    }
+}
+
+/// Enforces a ban at once, audits it, and stores it in the background.
+fn apply_ban(shared: &Shared, ban: Ban) {
+    shared.guard().add_ban(ban.clone());
+    let message = crate::cmd::admin::ban_text(&ban);
+    match &ban.target {
+        BanTarget::Net(net) => shared
+            .registry
+            .close_net(net, DisconnectReason::Banned, &message),
+        BanTarget::User(u) => shared
+            .registry
+            .close_user(u, DisconnectReason::Banned, &message),
+    };
+    let mut f = Fields::new()
+        .with("target_kind", ban.target.kind())
+        .with("target", ban.target.value())
+        .with("by", &ban.by)
+        .with("until_ms", ban.until_ms)
+        .reason(&ban.reason);
+    if let BanTarget::User(u) = &ban.target {
+        f = f.user(u);
+    }
+    shared.audit(Kind::Ban, f);
+    let store = shared.store.clone();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            if let Err(e) = store.call(move |db| db.add_ban(&ban)).await {
+                tracing::warn!(error = %e, "could not store an anomaly ban");
+            }
+        });
+    }
+}
+
+/// Samples every connection once a second until shutdown: rates for the monitor, message
+/// counts for the message-flood rule; applies reloaded anomaly settings; sweeps the rules.
+pub async fn run(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut config = shared.config();
+    for n in 0u64.. {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = shared.config();
+        if !Arc::ptr_eq(&now, &config) {
+            config = now;
+            match Settings::from_config(&config.anomaly) {
+                Ok(s) => lock(&shared.monitor.detector).set_settings(s),
+                Err(e) => tracing::warn!(error = %e, "anomaly settings not applied"),
+            }
+        }
+        let alerts = sample(&shared, now_ms());
+        raise(&shared, alerts);
+        if n % SWEEP_EVERY_SAMPLES == SWEEP_EVERY_SAMPLES - 1 {
+            lock(&shared.monitor.detector).sweep(now_ms());
+        }
+    }
+}
+
+/// Takes one sample; returns the alerts of the message-flood rule.
+fn sample(shared: &Shared, now: i64) -> Vec<Alert> {
+    let mut current: Vec<(SessionId, IpAddr, Option<String>, Counts)> = Vec::new();
+    shared.registry.with_each(|c| {
+        current.push((c.sid, c.peer.ip(), c.user.clone(), Counts::read(c)));
+    });
+    let traffic = shared.registry.totals();
+    let traffic = Counts {
+        bytes_in: traffic.bytes_in,
+        bytes_out: traffic.bytes_out,
+        frames_in: traffic.frames_in,
+        frames_out: traffic.frames_out,
+        messages_in: traffic.messages_in,
+    };
+    let messages_stored = shared.metrics.messages_total();
+    let deliveries = shared.metrics.deliveries_total();
+    let commit = shared.metrics.store_commit.snapshot();
+    let mut floods: Vec<(IpAddr, Option<String>, u32)> = Vec::new();
+    {
+        let mut s = lock(&shared.monitor.sampled);
+        let first = s.at_ms == 0;
+        let interval_ms = if first {
+            SAMPLE_INTERVAL.as_millis() as i64
+        } else {
+            (now - s.at_ms).max(1)
+        };
+        let secs = interval_ms as f64 / 1000.0;
+        let mut counts = HashMap::with_capacity(current.len());
+        let mut rates = HashMap::with_capacity(current.len());
+        for (sid, ip, user, c) in current {
+            let before = s.counts.get(&sid).copied().unwrap_or_default();
+            rates.insert(sid, Rates::between(&c, &before, secs));
+            let sent = c.messages_in.saturating_sub(before.messages_in);
+            if sent > 0 {
+                floods.push((ip, user, u32::try_from(sent).unwrap_or(u32::MAX)));
+            }
+            counts.insert(sid, c);
+        }
+        let per_s = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+        let commit_delta = commit.since(&s.commit);
+        s.totals = if first {
+            TotalRates::default()
+        } else {
+            TotalRates {
+                traffic: Rates::between(&traffic, &s.traffic, secs),
+                messages_stored: per_s(messages_stored, s.messages_stored),
+                deliveries: per_s(deliveries, s.deliveries),
+                commits: commit_delta.count() as f64 / secs,
+                commit: commit_delta,
+            }
+        };
+        s.at_ms = now;
+        s.interval_ms = interval_ms;
+        s.counts = counts;
+        s.rates = rates;
+        s.traffic = traffic;
+        s.messages_stored = messages_stored;
+        s.deliveries = deliveries;
+        s.commit = commit;
+    }
+    let mut detector = lock(&shared.monitor.detector);
+    let mut alerts = Vec::new();
+    for (ip, user, count) in floods {
+        alerts.extend(detector.observe(
+            Event::Messages {
+                ip,
+                user: user.as_deref(),
+                count,
+            },
+            now,
+        ));
+    }
+    alerts
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// The answer to the admin socket's `{"cmd":"monitor"}`: the server, its totals and rates,
+/// every connection (sorted by `"sort"`, at most `"limit"`), and the recent alerts.
+pub fn snapshot(shared: &Shared, req: &Value) -> Result<Value, ErrorBody> {
+    let sort = req.get("sort").and_then(Value::as_str).unwrap_or("id");
+    let limit = match req.get("limit") {
+        None => DEFAULT_CONNECTIONS_SHOWN,
+        Some(v) => v
+            .as_u64()
+            .map(|n| (n as usize).min(MAX_CONNECTIONS_SHOWN))
+            .ok_or_else(|| bad("\"limit\" must be a number"))?,
+    };
+    let alerts_shown = req
+        .get("alerts")
+        .and_then(Value::as_u64)
+        .map_or(50, |n| (n as usize).min(RECENT_ALERTS));
+    let config = shared.config();
+    let (at_ms, interval_ms, rates, totals) = {
+        let s = lock(&shared.monitor.sampled);
+        (s.at_ms, s.interval_ms, s.rates.clone(), s.totals.clone())
+    };
+    let mut conns: Vec<(ConnInfo, Rates)> = shared
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|c| {
+            let r = rates.get(&c.sid).copied().unwrap_or_default();
+            (c, r)
+        })
+        .collect();
+    let total_conns = conns.len();
+    let key_f64 = |r: &Rates| r.bytes_in + r.bytes_out;
+    match sort {
+        "id" | "since" => {}
+        "user" => conns.sort_by(|a, b| a.0.user.cmp(&b.0.user)),
+        "ip" => conns.sort_by_key(|(c, _)| c.peer),
+        "bytes" => conns.sort_by_key(|(c, _)| {
+            std::cmp::Reverse(
+                c.counters.bytes_in.load(Ordering::Relaxed)
+                    + c.counters.bytes_out.load(Ordering::Relaxed),
+            )
+        }),
+        "rate" => conns.sort_by(|a, b| key_f64(&b.1).total_cmp(&key_f64(&a.1))),
+        "rtt" => conns.sort_by_key(|(c, _)| std::cmp::Reverse(c.counters.rtt())),
+        "queue" => conns.sort_by_key(|(c, _)| std::cmp::Reverse(c.outbox.depth())),
+        other => {
+            return Err(bad(format!(
+                "unknown sort {other:?}: use id, user, ip, bytes, rate, rtt or queue"
+            )));
+        }
+    }
+    let shown: Vec<Value> = conns
+        .iter()
+        .take(limit)
+        .map(|(c, r)| {
+            let n = Counts::read(c);
+            json!({
+                "id": c.sid, "user": c.user, "ip": c.peer.ip().to_canonical().to_string(),
+                "port": c.peer.port(), "tls": c.tls_version, "cipher": c.cipher,
+                "since_ms": c.since_ms,
+                "bytes_in": n.bytes_in, "bytes_out": n.bytes_out,
+                "frames_in": n.frames_in, "frames_out": n.frames_out,
+                "messages_in": n.messages_in,
+                "bytes_in_per_s": round(r.bytes_in), "bytes_out_per_s": round(r.bytes_out),
+                "frames_in_per_s": round(r.frames_in), "frames_out_per_s": round(r.frames_out),
+                "messages_per_s": round(r.messages),
+                "rtt_ms": c.counters.rtt().map(|d| d.as_secs_f64() * 1000.0),
+                "queue": c.outbox.depth(),
+            })
+        })
+        .collect();
+    let m = &shared.metrics;
+    let traffic = shared.registry.totals();
+    let queues = shared.registry.queue_depths();
+    let users_online = shared.hub.lock().who("", None).map_or(0, |v| v.len());
+    let bans_active = shared.guard().bans(now_ms()).len();
+    let alerts: Vec<Value> = shared
+        .monitor
+        .recent_alerts(alerts_shown)
+        .iter()
+        .map(AlertRecord::to_json)
+        .collect();
+    Ok(json!({
+        "ok": true,
+        "ts_ms": now_ms(),
+        "sampled_ms": at_ms,
+        "interval_ms": interval_ms,
+        "server": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "listen": shared.local_addr.to_string(),
+            "registration": shared.registration().as_str(),
+            "server_password": config.server_password.is_some(),
+            "metrics_listen": config.metrics.listen.map(|a| a.to_string()),
+            "anomaly_enabled": config.anomaly.enabled,
+            "uptime_s": shared.started.elapsed().as_secs(),
+        },
+        "totals": {
+            "connections": traffic.connections,
+            "users_online": users_online,
+            "messages_total": m.messages_total(),
+            "deliveries_total": m.deliveries_total(),
+            "bytes_in_total": traffic.bytes_in,
+            "bytes_out_total": traffic.bytes_out,
+            "frames_in_total": traffic.frames_in,
+            "frames_out_total": traffic.frames_out,
+            "logins_ok": m.logins_ok.load(Ordering::Relaxed),
+            "logins_failed": m.logins_failed.load(Ordering::Relaxed),
+            "alerts_total": m.alerts.sum(),
+            "bans_active": bans_active,
+            "messages_per_s": round(totals.messages_stored),
+            "deliveries_per_s": round(totals.deliveries),
+            "bytes_in_per_s": round(totals.traffic.bytes_in),
+            "bytes_out_per_s": round(totals.traffic.bytes_out),
+            "frames_in_per_s": round(totals.traffic.frames_in),
+            "frames_out_per_s": round(totals.traffic.frames_out),
+            "store_commits_per_s": round(totals.commits),
+            "store_commit_ms_mean": totals.commit.mean_ms(),
+            "store_commit_ms_p99": totals.commit.quantile_ms(0.99),
+            "store_queue": shared.store.queued(),
+            "outbound_queue_total": queues.total,
+            "outbound_queue_max": queues.max,
+        },
+        "connections_total": total_conns,
+        "connections": shown,
+        "alerts": alerts,
+    }))
+}
+
+fn bad(message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(ErrorCode::BadRequest, message)
+}
