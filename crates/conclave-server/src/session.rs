@@ -228,7 +228,9 @@ pub async fn run(
             );
             continue;
         }
-        if handle(&mut conn, frame).await == Flow::Stop {
+        // Boxed: the request handlers' state would otherwise sit inline in every idle
+        // session's future (kilobytes per connection).
+        if Box::pin(handle(&mut conn, frame)).await == Flow::Stop {
             break;
         }
     }
