@@ -57,9 +57,11 @@ fn fanout(c: &mut Criterion) {
                 })
             },
         );
-        g.bench_with_input(BenchmarkId::new("presence_audience", members), &members, |b, _| {
-            b.iter(|| h.presence_audience("user0").len())
-        });
+        g.bench_with_input(
+            BenchmarkId::new("presence_audience", members),
+            &members,
+            |b, _| b.iter(|| h.presence_audience("user0").len()),
+        );
     }
     g.finish();
 }
@@ -72,10 +74,18 @@ fn seal(c: &mut Criterion) {
         let sealed = key.seal(b"ad", &body);
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_function(format!("seal_{size}"), |b| {
-            b.iter(|| key.seal(b"conclave-msg-v1|id|r:general|1", std::hint::black_box(&body)))
+            b.iter(|| {
+                key.seal(
+                    b"conclave-msg-v1|id|r:general|1",
+                    std::hint::black_box(&body),
+                )
+            })
         });
         g.bench_function(format!("open_{size}"), |b| {
-            b.iter(|| key.open(b"ad", std::hint::black_box(&sealed)).expect("opens"))
+            b.iter(|| {
+                key.open(b"ad", std::hint::black_box(&sealed))
+                    .expect("opens")
+            })
         });
     }
     g.finish();
