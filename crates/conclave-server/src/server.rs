@@ -348,6 +348,7 @@ impl Server {
         let connections = Arc::new(Semaphore::new(shared.config().limits.max_connections));
         let tracker = TaskTracker::new();
         tracker.spawn(housekeeping_task(shared.clone()));
+        tracker.spawn(index_task(shared.clone()));
         tracker.spawn(crate::admin_socket::serve(shared.clone(), admin));
         tracker.spawn(crate::monitor::run(shared.clone()));
         if let Some(l) = metrics_listener {
@@ -437,6 +438,23 @@ impl Drop for IpSlot {
     fn drop(&mut self) {
         crate::monitor::connection_closed(&self.shared, self.peer);
         self.shared.guard().release(self.ip);
+    }
+}
+
+/// How often waiting search tokens are written to the index.
+const INDEX_FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// Writes waiting search tokens regularly, until shutdown (the store flushes the rest when it
+/// stops). Between flushes, a search flushes first, so results never miss a stored message.
+async fn index_task(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(INDEX_FLUSH_EVERY) => {}
+        }
+        if let Err(e) = shared.store.call(|db| db.flush_index()).await {
+            tracing::warn!(error = %e, "search index flush failed; it is retried");
+        }
     }
 }
 

@@ -241,6 +241,11 @@ pub struct Db {
     key: DataKey,
     search: SearchKey,
     conv_ids: HashMap<String, i64>,
+    /// Search tokens of committed messages not yet in the index: (global sequence, tokens).
+    /// Kept out of the message's own transaction so a durable commit costs only the message;
+    /// flushed by [`Db::flush_index`] (before every search and retention run, and regularly),
+    /// and rebuilt from the messages at open after a crash.
+    pending_index: Vec<(i64, String)>,
     /// Told how long each message batch took to commit (the metrics' histogram).
     on_commit: Option<CommitObserver>,
 }
@@ -308,13 +313,101 @@ impl Db {
             }
         }
         let search = SearchKey::new(&key.subkey("conclave search index v1"));
-        Ok(Db {
+        Db {
             conn,
             key,
             search,
             conv_ids: HashMap::new(),
             on_commit: None,
-        })
+            pending_index: Vec::new(),
+        }
+        .reindex_tail()
+    }
+
+    /// Most messages whose tokens wait in memory before they are written regardless.
+    pub const MAX_PENDING_INDEX: usize = 4096;
+
+    /// Indexes the messages committed after the last index flush (after a crash, their tokens
+    /// were only in memory). Called at open.
+    fn reindex_tail(mut self) -> Result<Db, StoreError> {
+        let done: i64 = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'indexed_through'",
+                [],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()?
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0);
+        let rows: Vec<(i64, String, i64, String, Vec<u8>)> = {
+            let mut st = self.conn.prepare(
+                "SELECT m.gseq, m.msg_id, m.seq, c.key, m.body FROM messages m
+                 JOIN convs c ON c.id = m.conv_id WHERE m.gseq > ?1 ORDER BY m.gseq",
+            )?;
+            st.query_map([done], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        for (gseq, msg_id, seq, key, sealed) in rows {
+            let body = self.open_body(&msg_id, &key, seq, &sealed)?;
+            if let Some(tokens) = self.tokens_of(&body) {
+                // A message indexed just before a crash is replaced, not doubled.
+                self.conn
+                    .execute("DELETE FROM search_index WHERE rowid = ?1", [gseq])?;
+                self.pending_index.push((gseq, tokens));
+            }
+        }
+        self.flush_index()?;
+        Ok(self)
+    }
+
+    fn tokens_of(&self, body: &Body) -> Option<String> {
+        let text = body.as_text()?;
+        let tokens = search::words(text)
+            .iter()
+            .map(|w| self.search.token_text(w))
+            .collect::<Vec<_>>()
+            .join(" ");
+        (!tokens.is_empty()).then_some(tokens)
+    }
+
+    /// Writes the waiting search tokens in one transaction. It is not synced on its own: the
+    /// index can always be rebuilt from the (synced) messages, which [`Db::open`] does.
+    pub fn flush_index(&mut self) -> Result<(), StoreError> {
+        let Some(&(last, _)) = self.pending_index.last() else {
+            return Ok(());
+        };
+        let rows = serde_json::Value::Object(
+            self.pending_index
+                .iter()
+                .map(|(g, t)| (g.to_string(), serde_json::Value::String(t.clone())))
+                .collect(),
+        )
+        .to_string();
+        self.conn
+            .execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")?;
+        let result = (|| -> Result<(), rusqlite::Error> {
+            // One statement: FTS5 flushes its pending terms at every statement.
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO search_index (rowid, tokens) SELECT CAST(key AS INTEGER), value FROM json_each(?1)",
+                )?
+                .execute([rows])?;
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('indexed_through', ?1)",
+                [last.to_string().into_bytes()],
+            )?;
+            self.conn.execute_batch("COMMIT")
+        })();
+        if result.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        self.conn.execute_batch("PRAGMA synchronous = FULL")?;
+        result?;
+        self.pending_index.clear();
+        Ok(())
     }
 
     /// Reports the duration of every batch of messages committed from now on.
@@ -836,27 +929,7 @@ impl Db {
                 }
             }
         }
-        // One statement for the whole batch: FTS5 flushes its pending terms at every
-        // statement, so row-by-row inserts would write (and merge) a tiny segment each.
-        if !index.is_empty() {
-            let rows = serde_json::Value::Object(
-                index
-                    .into_iter()
-                    .map(|(g, t)| (g.to_string(), serde_json::Value::String(t)))
-                    .collect(),
-            )
-            .to_string();
-            if let Err(e) = self
-                .conn
-                .prepare_cached(
-                    "INSERT INTO search_index (rowid, tokens) SELECT CAST(key AS INTEGER), value FROM json_each(?1)",
-                )
-                .and_then(|mut st| st.execute([rows]))
-            {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                return Err(e.into());
-            }
-        }
+
         for (conv_id, last) in seqs {
             if let Err(e) = self
                 .conn
@@ -870,6 +943,14 @@ impl Db {
         if let Err(e) = self.conn.execute_batch("COMMIT") {
             let _ = self.conn.execute_batch("ROLLBACK");
             return Err(e.into());
+        }
+        // Committed: its search tokens wait for the next index flush.
+        self.pending_index.extend(index);
+        if self.pending_index.len() >= Self::MAX_PENDING_INDEX {
+            // The messages are stored; an index failure is logged and healed at next open.
+            if let Err(e) = self.flush_index() {
+                tracing::warn!(error = %e, "search index flush failed");
+            }
         }
         Ok(out)
     }
@@ -938,15 +1019,8 @@ impl Db {
                 except,
                 m.idempotency_key
             ])?;
-        if let Some(text) = m.body.as_text() {
-            let tokens = search::words(text)
-                .iter()
-                .map(|w| self.search.token_text(w))
-                .collect::<Vec<_>>()
-                .join(" ");
-            if !tokens.is_empty() {
-                index.push((self.conn.last_insert_rowid(), tokens));
-            }
+        if let Some(tokens) = self.tokens_of(&m.body) {
+            index.push((self.conn.last_insert_rowid(), tokens));
         }
         Ok(m.appended(msg_id, seq as u64, ts_ms, false))
     }
@@ -1025,6 +1099,7 @@ impl Db {
         before: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
+        self.flush_index()?;
         if query_words.is_empty() {
             return Ok(Vec::new());
         }
@@ -1123,6 +1198,7 @@ impl Db {
         now_ms: i64,
         rule_for: &dyn Fn(&str) -> Retention,
     ) -> Result<u64, StoreError> {
+        self.flush_index()?;
         let convs: Vec<(i64, String, i64)> = {
             let mut st = self.conn.prepare("SELECT id, key, last_seq FROM convs")?;
             st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
@@ -1360,6 +1436,9 @@ fn run<C>(mut db: Db, mut rx: mpsc::Receiver<Op<C>>, sink: mpsc::Sender<Done<C>>
                 }
             }
         }
+    }
+    if let Err(e) = db.flush_index() {
+        tracing::warn!(error = %e, "search index flush at shutdown failed (rebuilt at next start)");
     }
     // Leave a clean database: fold the WAL back into the main file.
     let _ = db.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
@@ -1600,6 +1679,37 @@ mod tests {
         assert!(truncated);
         assert!(texts(&got).contains(&"r3".to_string()));
         assert!(!texts(&got).contains(&"r2".to_string()));
+    }
+
+    #[test]
+    fn index_tokens_lost_in_a_crash_are_rebuilt_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let room = Conv::Room("r".into());
+        let rooms = vec!["r".to_string()];
+        {
+            let key = DataKey::load_or_create(dir.path()).expect("key");
+            let mut db = Db::open(dir.path(), key).expect("open");
+            db.append_batch(&[msg(room.clone(), "a", "alpha flushed", None)])
+                .expect("append");
+            db.flush_index().expect("flush");
+            db.append_batch(&[msg(room.clone(), "a", "beta pending", None)])
+                .expect("append");
+            assert!(!db.pending_index.is_empty());
+            // Dropped without a flush: the crash case.
+        }
+        let key = DataKey::load_or_create(dir.path()).expect("key");
+        let mut db = Db::open(dir.path(), key).expect("reopen");
+        let found = |db: &mut Db, q: &str| {
+            db.search("a", &rooms, false, &search::words(q), None, 10)
+                .expect("search")
+                .len()
+        };
+        assert_eq!(found(&mut db, "beta"), 1, "rebuilt from the stored message");
+        assert_eq!(found(&mut db, "alpha"), 1, "indexed before, not doubled");
+        // A search flushes what waits, so it never misses a stored message.
+        db.append_batch(&[msg(room.clone(), "a", "gamma fresh", None)])
+            .expect("append");
+        assert_eq!(found(&mut db, "gamma"), 1);
     }
 
     #[test]
