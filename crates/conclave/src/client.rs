@@ -62,7 +62,11 @@ pub fn run_json(args: ClientArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let result = rt.block_on(async move {
         json::run(
-            JsonOptions::new(connect),
+            {
+                let mut o = JsonOptions::new(connect);
+                o.window = args.window;
+                o
+            },
             tokio::io::BufReader::new(tokio::io::stdin()),
             tokio::io::stdout(),
         )
