@@ -65,6 +65,9 @@ pub fn run_json(args: ClientArgs) -> anyhow::Result<ExitCode> {
             {
                 let mut o = JsonOptions::new(connect);
                 o.window = args.window;
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    o.progress_hook = Some(crate::progress::bars());
+                }
                 o
             },
             tokio::io::BufReader::new(tokio::io::stdin()),

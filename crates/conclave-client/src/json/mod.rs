@@ -42,13 +42,27 @@ pub const DEFAULT_OUTPUT_QUEUE_LINES: usize = 1024;
 pub const QUIT_GRACE: Duration = Duration::from_secs(5);
 
 /// Options of `conclave client --json`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct JsonOptions {
     pub connect: ConnectOptions,
     pub max_line_bytes: usize,
     pub output_queue_lines: usize,
     /// Default transfer window in bytes (`--window`); `None`: the library's defaults.
     pub window: Option<u64>,
+    /// Also told about transfer progress (the command line draws progress bars with it on a
+    /// terminal's standard error).
+    pub progress_hook: Option<crate::files::ProgressFn>,
+}
+
+impl std::fmt::Debug for JsonOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonOptions")
+            .field("connect", &self.connect)
+            .field("max_line_bytes", &self.max_line_bytes)
+            .field("output_queue_lines", &self.output_queue_lines)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
 }
 
 impl JsonOptions {
@@ -58,6 +72,7 @@ impl JsonOptions {
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             output_queue_lines: DEFAULT_OUTPUT_QUEUE_LINES,
             window: None,
+            progress_hook: None,
         }
     }
 }
@@ -98,6 +113,7 @@ pub async fn run(
         output_failed: output_failed.clone(),
         max_line_bytes: opts.max_line_bytes,
         window: opts.window,
+        progress_hook: opts.progress_hook.clone(),
     };
     let forwarder = forward_events(events, out, quitting, ended_tx);
     let writer = write_output(stdout, out_rx, output_failed);
@@ -149,6 +165,7 @@ struct Driver {
     max_line_bytes: usize,
     /// Transfer window given on the command line (`--window`), for commands without one.
     window: Option<u64>,
+    progress_hook: Option<crate::files::ProgressFn>,
 }
 
 impl Driver {
@@ -311,11 +328,15 @@ impl Driver {
     /// than waited for when the output queue is full: a later one says more).
     fn file_options(&self, p2p: bool, window: Option<u64>) -> crate::files::FileOptions {
         let out = self.out.clone();
+        let hook = self.progress_hook.clone();
         crate::files::FileOptions {
             p2p,
             window: window.or(self.window),
             progress: Some(Arc::new(move |p| {
                 let _ = out.try_send(line(&render::file_progress(p)));
+                if let Some(h) = &hook {
+                    h(p);
+                }
             })),
             ..Default::default()
         }
