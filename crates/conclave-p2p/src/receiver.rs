@@ -71,7 +71,8 @@ pub struct FetchStats {
 /// Fetches the offered file into `req.dest_part`, calling `progress(bytes_so_far, total)` as
 /// data arrives. On success the part file holds the whole file, synced to disk and verified.
 ///
-/// On [`P2pError::HashMismatch`] the part file is **removed** (it cannot be known which bytes
+/// The part file is created if it does not exist (so it exists, possibly empty, even after
+/// [`P2pError::Unreachable`]). On [`P2pError::HashMismatch`] the part file is **removed** (it cannot be known which bytes
 /// are wrong), so a retry starts from zero. On any other error the part file keeps what arrived,
 /// so a retry with the same token resumes.
 pub async fn fetch<F>(req: FetchRequest, mut progress: F) -> Result<FetchStats, P2pError>
@@ -354,35 +355,52 @@ async fn exchange<F: FnMut(u64, u64)>(
         .into());
     }
 
-    let mut pos = offset;
+    // Stream reads return a datagram's worth at a time; gather them into one chunk per file
+    // write (each write is a trip to a blocking thread).
+    let mut pos = offset; // bytes in the file
+    let mut filled = 0usize; // bytes in `buf` not yet written
+    let mut cut: Option<P2pError> = None;
     progress(pos, req.size);
     let mut buf = vec![0u8; CHUNK_BYTES];
     loop {
-        let n = match timeout(STALL_TIMEOUT, recv.read(&mut buf)).await {
+        let n = match timeout(STALL_TIMEOUT, recv.read(&mut buf[filled..])).await {
             Err(_) => {
-                return Err(P2pError::Connection(format!(
-                    "no data for {STALL_TIMEOUT:?} at byte {pos}"
-                ))
-                .into());
+                cut = Some(P2pError::Connection(format!(
+                    "no data for {STALL_TIMEOUT:?} at byte {}",
+                    pos + filled as u64
+                )));
+                break;
             }
-            Ok(Err(e)) => return Err(read_error(&e, req).into()),
+            Ok(Err(e)) => {
+                cut = Some(read_error(&e, req));
+                break;
+            }
             Ok(Ok(None)) => break,
             Ok(Ok(Some(n))) => n,
         };
-        if pos + n as u64 > req.size {
+        filled += n;
+        if pos + filled as u64 > req.size {
             return Err(P2pError::Protocol(format!(
                 "the sender sent more than the {} bytes offered",
                 req.size
             ))
             .into());
         }
-        let chunk = &buf[..n];
-        file.write_all(chunk)
-            .await
-            .map_err(P2pError::io(&req.dest_part))?;
-        hasher.update(chunk);
-        pos += n as u64;
+        if filled == buf.len() {
+            write_chunk(file, &mut hasher, &buf[..filled], &req.dest_part).await?;
+            pos += filled as u64;
+            filled = 0;
+            progress(pos, req.size);
+        }
+    }
+    // Keep what arrived before a cut, so a retry resumes after it.
+    if filled > 0 {
+        write_chunk(file, &mut hasher, &buf[..filled], &req.dest_part).await?;
+        pos += filled as u64;
         progress(pos, req.size);
+    }
+    if let Some(e) = cut {
+        return Err(e.into());
     }
     let elapsed = started.elapsed();
     if pos != req.size {
@@ -401,6 +419,17 @@ async fn exchange<F: FnMut(u64, u64)>(
         return Err(Failure::Mismatch(send, actual));
     }
     Ok((elapsed, send))
+}
+
+async fn write_chunk(
+    file: &mut tokio::fs::File,
+    hasher: &mut Sha256,
+    chunk: &[u8],
+    path: &Path,
+) -> Result<(), P2pError> {
+    file.write_all(chunk).await.map_err(P2pError::io(path))?;
+    hasher.update(chunk);
+    Ok(())
 }
 
 fn status_error(status: Status, offset: u64, size: u64) -> P2pError {
