@@ -71,7 +71,9 @@
 //! # Windows
 //!
 //! See [`Window`]: the receiver's stream and connection receive windows and the sender's send
-//! window bound the data in flight (default 8 MiB each, 16 KiB to 1 GiB). Both sides apply the
+//! window bound the data in flight (default 8 MiB each, 16 KiB to 1 GiB), and so does the
+//! sender's congestion controller ([`Congestion`], default Cubic; BBR copes far better with
+//! random loss). Both sides apply the
 //! one they are given; the smaller of the receiver's receive windows and the sender's send
 //! window wins. The sender reads its file in [`CHUNK_BYTES`] chunks and never holds more than
 //! one chunk plus its send window per recipient. [`FetchStats`] reports the throughput each
@@ -118,4 +120,4 @@ pub use error::P2pError;
 pub use receiver::{FetchRequest, FetchStats, fetch};
 pub use sender::{CHUNK_BYTES, P2pSender, SenderLimits, TokenProgress};
 pub use tls::fingerprint;
-pub use window::{DEFAULT_WINDOW_BYTES, MAX_WINDOW_BYTES, MIN_WINDOW_BYTES, Window};
+pub use window::{Congestion, DEFAULT_WINDOW_BYTES, MAX_WINDOW_BYTES, MIN_WINDOW_BYTES, Window};

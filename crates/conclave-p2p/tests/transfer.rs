@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use conclave_p2p::impair::ImpairedPath;
-use conclave_p2p::{FetchRequest, FetchStats, P2pError, P2pSender, SenderLimits, Window, fetch};
+use conclave_p2p::{
+    Congestion, FetchRequest, FetchStats, P2pError, P2pSender, SenderLimits, Window, fetch,
+};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 
@@ -342,6 +344,28 @@ async fn a_transfer_through_an_impaired_path_arrives_intact() {
     assert!(impaired.forwarded > 100, "{impaired:?}");
     // The handshake alone takes a round trip of 40 ms.
     assert!(stats.connect_elapsed >= Duration::from_millis(40));
+}
+
+#[tokio::test]
+async fn a_bbr_sender_through_an_impaired_path_arrives_intact() {
+    let offer = make_offer(MIB, 15);
+    let window = Window::default().with_congestion(Congestion::Bbr);
+    let sender = start(&offer, window).await;
+    sender.allow(token(1), "bob").unwrap();
+    let path = ImpairedPath::start(
+        sender.local_addr().unwrap(),
+        Duration::from_millis(20),
+        0.01,
+        43,
+    )
+    .await
+    .unwrap();
+    let part = offer.dir.path().join("bob.part");
+    let mut req = request(&offer, &sender, token(1), &part);
+    req.addrs = vec![path.local_addr()];
+    req.window = window;
+    get(req).await.unwrap();
+    assert_eq!(std::fs::read(&part).unwrap(), offer.data);
 }
 
 #[tokio::test]

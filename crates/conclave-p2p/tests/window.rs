@@ -97,3 +97,20 @@ async fn invalid_windows_are_refused_by_both_sides() {
         .unwrap();
     assert!(matches!(fetched, Err(P2pError::InvalidWindow { .. })));
 }
+
+#[test]
+fn congestion_controllers_parse_and_apply() {
+    use conclave_p2p::Congestion;
+    assert_eq!(Congestion::parse("BBR"), Some(Congestion::Bbr));
+    assert_eq!(Congestion::parse("cubic"), Some(Congestion::Cubic));
+    assert_eq!(Congestion::parse("newreno"), Some(Congestion::NewReno));
+    assert_eq!(Congestion::parse("vegas"), None);
+    assert_eq!(Window::default().congestion, Congestion::Cubic);
+    for cc in [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr] {
+        let mut config = quinn::TransportConfig::default();
+        Window::default()
+            .with_congestion(cc)
+            .apply(&mut config)
+            .unwrap();
+    }
+}
