@@ -103,6 +103,15 @@ pub struct FileOptions {
     pub p2p_timeout: Duration,
     /// How long a recipient waits for the relay copy after falling back.
     pub relay_wait: Duration,
+    /// How long a peer-to-peer sender serves at most (recipients that have not fetched by
+    /// then use the relay).
+    pub p2p_linger: Duration,
+    /// Where a peer-to-peer sender listens (default: the address this host uses to reach the
+    /// server, any port).
+    pub p2p_bind: Option<std::net::SocketAddr>,
+    /// The addresses a peer-to-peer sender announces instead of the one it listens on (for
+    /// a forwarded port; tests use it to announce an unreachable one).
+    pub p2p_advertise: Option<Vec<std::net::SocketAddr>>,
     pub progress: Option<ProgressFn>,
 }
 
@@ -113,6 +122,9 @@ impl Default for FileOptions {
             window: None,
             p2p_timeout: Duration::from_secs(5),
             relay_wait: DEFAULT_RELAY_WAIT,
+            p2p_linger: crate::p2p_glue::DEFAULT_P2P_LINGER,
+            p2p_bind: None,
+            p2p_advertise: None,
             progress: None,
         }
     }
@@ -299,7 +311,7 @@ fn open_source(path: &Path) -> Result<File, ClientError> {
     })
 }
 
-fn file_name(path: &Path) -> Result<String, ClientError> {
+pub(crate) fn file_name(path: &Path) -> Result<String, ClientError> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())

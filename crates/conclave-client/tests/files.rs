@@ -556,3 +556,171 @@ async fn no_plaintext_of_a_file_reaches_the_data_directory() {
     let stored = dir.path().join("files").join(&sent.file_id);
     assert!(std::fs::metadata(&stored).unwrap().len() > data.len() as u64);
 }
+
+fn p2p(window: Option<u64>) -> FileOptions {
+    FileOptions {
+        p2p: true,
+        window,
+        p2p_timeout: Duration::from_secs(3),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn p2p_serves_three_recipients_in_parallel_without_the_relay() {
+    let (srv, state) = setup(&["alice", "bob", "carol", "dave"], |_| {}).await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, mut alice_ev) = connect(&srv, "alice", state.path()).await;
+    let mut others = Vec::new();
+    for name in ["bob", "carol", "dave"] {
+        others.push((name, connect(&srv, name, state.path()).await));
+    }
+    let (path, sha) = make_file(work.path(), "p2p.bin", 3 * 1024 * 1024 + 11, b"");
+    let sending = {
+        let alice = alice.clone();
+        let path = path.clone();
+        tokio::spawn(async move {
+            alice
+                .send_file_any(&path, room("general", &[]), p2p(Some(1 << 20)))
+                .await
+        })
+    };
+    let mut receiving = Vec::new();
+    for (name, (client, mut events)) in others {
+        let offer = next_offer(&mut events).await;
+        assert!(offer.p2p.is_some(), "{name}: a direct offer");
+        assert!(!offer.relay_ready);
+        assert_eq!(offer.sha256, sha);
+        let down = tempfile::tempdir().expect("down");
+        receiving.push(tokio::spawn(async move {
+            let got = client
+                .accept_file(&offer.file_id, down.path(), p2p(None))
+                .await
+                .expect("direct accept");
+            let bytes = std::fs::read(&got.path).unwrap();
+            (got, bytes, down, client)
+        }));
+    }
+    let original = std::fs::read(&path).unwrap();
+    for r in receiving {
+        let (got, bytes, _down, _client) = tokio::time::timeout(WAIT, r)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert_eq!(got.via, Via::P2p, "{got:?}");
+        assert_eq!(got.fallback, None);
+        assert!(bytes == original, "intact");
+    }
+    let sent = tokio::time::timeout(WAIT, sending)
+        .await
+        .expect("sender settles")
+        .expect("task")
+        .expect("send");
+    assert!(!sent.relayed, "nobody needed the relay");
+    // The server never held the bytes: its stored file is empty.
+    let stored = srv.dir.path().join("files").join(&sent.file_id);
+    assert_eq!(std::fs::metadata(&stored).unwrap().len(), 0);
+    let ev = next_matching(&mut alice_ev, |e| matches!(e, Event::FileReceived { .. })).await;
+    assert!(matches!(ev, Event::FileReceived { via_p2p: true, .. }));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn p2p_falls_back_to_the_relay_when_the_sender_cannot_be_reached() {
+    let (srv, state) = setup(&["alice", "bob"], |_| {}).await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, _alice_ev) = connect(&srv, "alice", state.path()).await;
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+    let (path, _) = make_file(work.path(), "far.bin", 700_001, b"");
+    // Announce a UDP port where nothing listens (as behind a firewall).
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let mut opts = p2p(None);
+    opts.p2p_advertise = Some(vec![dead]);
+    let sending = {
+        let alice = alice.clone();
+        let path = path.clone();
+        tokio::spawn(async move {
+            alice
+                .send_file_any(
+                    &path,
+                    Target::Users {
+                        to: vec!["bob".into()],
+                    },
+                    opts,
+                )
+                .await
+        })
+    };
+    let offer = next_offer(&mut bob_ev).await;
+    assert_eq!(
+        offer.p2p.as_ref().map(|p| p.addrs.clone()),
+        Some(vec![dead])
+    );
+    let down = tempfile::tempdir().expect("down");
+    let got = bob
+        .accept_file(&offer.file_id, down.path(), p2p(None))
+        .await
+        .expect("accept through the relay");
+    assert_eq!(got.via, Via::Relay);
+    let why = got.fallback.clone().expect("says why it fell back");
+    assert!(why.contains("no direct connection"), "{why}");
+    assert_eq!(
+        std::fs::read(&got.path).unwrap(),
+        std::fs::read(&path).unwrap()
+    );
+    let sent = tokio::time::timeout(WAIT, sending)
+        .await
+        .expect("sender settles")
+        .expect("task")
+        .expect("send");
+    assert!(sent.relayed, "the relay copy was uploaded on demand");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn p2p_to_an_offline_recipient_uploads_to_the_relay_at_once() {
+    let (srv, state) = setup(&["alice", "bob", "carol"], |_| {}).await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, _alice_ev) = connect(&srv, "alice", state.path()).await;
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+    let (path, _) = make_file(work.path(), "both.bin", 400_000, b"");
+    let sending = {
+        let alice = alice.clone();
+        let path = path.clone();
+        tokio::spawn(async move {
+            alice
+                .send_file_any(&path, room("general", &[]), p2p(None))
+                .await
+        })
+    };
+    let offer = next_offer(&mut bob_ev).await;
+    let down = tempfile::tempdir().expect("down");
+    let got = bob
+        .accept_file(&offer.file_id, down.path(), p2p(None))
+        .await
+        .expect("bob direct");
+    assert_eq!(got.via, Via::P2p);
+    let sent = tokio::time::timeout(WAIT, sending)
+        .await
+        .expect("sender settles")
+        .expect("task")
+        .expect("send");
+    assert!(sent.relayed, "carol was offline: the relay copy was made");
+    // Carol comes later and gets it from the relay.
+    let (carol, mut carol_ev) = connect(&srv, "carol", state.path()).await;
+    let offer = next_offer(&mut carol_ev).await;
+    assert!(offer.relay_ready);
+    assert!(offer.p2p.is_none());
+    let got = carol
+        .accept_file(&offer.file_id, down.path(), FileOptions::default())
+        .await
+        .expect("carol from the relay");
+    assert_eq!(got.via, Via::Relay);
+    assert_eq!(
+        std::fs::read(&got.path).unwrap(),
+        std::fs::read(&path).unwrap()
+    );
+    srv.stop().await;
+}

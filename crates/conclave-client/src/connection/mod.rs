@@ -233,7 +233,9 @@ impl Core {
                 }
                 offers.insert(offer.file_id.clone(), (**offer).clone());
             }
-            Event::FileReady { .. } | Event::FileRelayWanted { .. } => {
+            Event::FileReady { .. }
+            | Event::FileRelayWanted { .. }
+            | Event::FileDeclined { .. } => {
                 let _ = self.file_events.send(event.clone());
             }
             _ => {}
@@ -691,6 +693,11 @@ impl Client {
     /// File events from now on (`FileReady`, `FileRelayWanted`), for transfers that wait.
     pub(crate) fn file_events(&self) -> tokio::sync::broadcast::Receiver<Event> {
         self.core().file_events.subscribe()
+    }
+
+    /// The server, `host:port`.
+    pub fn server(&self) -> String {
+        self.core().addr.to_string()
     }
 
     /// The account this session is logged in as.
