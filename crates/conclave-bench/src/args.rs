@@ -28,7 +28,8 @@ Examples:
   conclave bench --preset paced-100 --json
   conclave bench --clients 200 --rooms 4 --senders 8 --messages 500 --rate 100
   conclave bench --server 127.0.0.1:7667 --fingerprint 3f2a... --server-pid 4242 --preset fanout-100
-  conclave bench --irc --server 127.0.0.1:6697 --fingerprint 9c1e... --server-pid 4343 --preset fanout-100";
+  conclave bench --irc --server 127.0.0.1:6697 --fingerprint 9c1e... --server-pid 4343 --preset fanout-100
+  conclave bench --files 1M,100M,1G";
 
 /// `conclave bench`: a load generator and its report.
 #[derive(Args, Debug, Clone, Default)]
@@ -104,4 +105,11 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// File transfer mode: measure the relay, peer to peer and a plain TLS copy for each of
+    /// these sizes (e.g. 1M,100M,1G) against a server it starts.
+    #[arg(long, value_name = "SIZES", conflicts_with_all = ["preset", "irc", "server"])]
+    pub files: Option<String>,
+    /// File transfer mode: bytes in flight (relay chunks, QUIC windows), e.g. 4194304.
+    #[arg(long, value_name = "BYTES", requires = "files")]
+    pub file_window: Option<u64>,
 }

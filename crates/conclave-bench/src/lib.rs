@@ -24,6 +24,7 @@
 
 pub mod args;
 pub mod conclave_driver;
+pub mod files;
 pub mod irc_driver;
 pub mod measure;
 pub mod net;
@@ -79,6 +80,18 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode, BenchError> {
         .build()
         .map_err(|e| BenchError::Setup(format!("cannot start the async runtime: {e}")))?;
     let json = args.json;
+    if let Some(sizes) = &args.files {
+        let sizes = files::parse_sizes(sizes)?;
+        let bin = std::env::current_exe()
+            .map_err(|e| BenchError::Setup(format!("cannot find the conclave binary: {e}")))?;
+        let rows = rt.block_on(files::run(bin, &sizes, args.file_window, pin))?;
+        if json {
+            println!("{}", files::json(&rows));
+        } else {
+            print!("{}", files::table(&rows));
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let report = rt.block_on(bench(args, workers))?;
     if json {
         println!("{}", report.to_json());
