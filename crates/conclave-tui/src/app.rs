@@ -137,7 +137,7 @@ pub struct LoginForm {
 
 #[derive(Debug, Clone)]
 pub enum Phase {
-    Login(LoginForm),
+    Login(Box<LoginForm>),
     Connecting,
     ConfirmFingerprint { fingerprint: String },
     Mismatch { text: String },
@@ -254,7 +254,7 @@ impl App {
         }
         App {
             opts,
-            phase: Phase::Login(form),
+            phase: Phase::Login(Box::new(form)),
             overlay: Overlay::None,
             session: None,
             buffers: vec![Buffer::new(ConvKey::Status)],
@@ -469,7 +469,7 @@ impl App {
         self.ticks += 1;
         if matches!(self.phase, Phase::Chat)
             && self.conn == ConnState::Connected
-            && self.ticks % PING_EVERY_TICKS == 0
+            && self.ticks.is_multiple_of(PING_EVERY_TICKS)
         {
             return vec![Action::Ping];
         }
@@ -592,7 +592,7 @@ impl App {
                 if self.opts.register {
                     form.confirm = Some(LineEditor::masked());
                 }
-                self.phase = Phase::Login(form);
+                self.phase = Phase::Login(Box::new(form));
             }
             ConnectFailure::Refused { message, .. } | ConnectFailure::Other { message } => {
                 self.phase = Phase::Failed { message };
@@ -805,9 +805,7 @@ impl App {
                 b.mention = false;
             }
             KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) && !alt => {
-                if !self.input.insert(c) {
-                    self.error("the input is full");
-                }
+                self.type_char(c);
             }
             KeyCode::Backspace => self.input.backspace(),
             KeyCode::Delete => self.input.delete(),
@@ -830,6 +828,12 @@ impl App {
             _ => {}
         }
         Vec::new()
+    }
+
+    fn type_char(&mut self, c: char) {
+        if !self.input.insert(c) {
+            self.error("the input is full");
+        }
     }
 
     fn scroll_up(&mut self, rows: usize) -> Vec<Action> {

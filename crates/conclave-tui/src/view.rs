@@ -23,6 +23,8 @@ const TIME_COLUMNS: usize = 6;
 const NICK_COLUMNS: usize = 10;
 /// Between the sender and the text.
 const SEPARATOR: &str = " │ ";
+/// Columns of the command column in the help.
+const HELP_COMMAND_COLUMNS: usize = 36;
 /// Fingerprint pairs per row on the confirmation screen.
 const FINGERPRINT_PAIRS_PER_ROW: usize = 16;
 /// Hex digits of the fingerprint in the status bar.
@@ -519,7 +521,10 @@ fn render_chat(frame: &mut Frame, area: Rect, app: &App) {
     render_input(frame, a.input, app);
     match &app.overlay {
         Overlay::None => {}
-        Overlay::Help { scroll } => render_help(frame, a.chat, *scroll),
+        Overlay::Help { scroll } => {
+            let r = Rect::new(area.x, area.y, area.width, area.height.saturating_sub(2));
+            render_help(frame, r, *scroll);
+        }
         Overlay::Search {
             query,
             results,
@@ -773,10 +778,13 @@ pub fn help_lines() -> Vec<Line<'static>> {
     for c in COMMANDS {
         lines.push(Line::from(vec![
             Span::styled(
-                format!("  /{} {}", c.name, c.args),
+                format!(
+                    "  {:<HELP_COMMAND_COLUMNS$}",
+                    format!("/{} {}", c.name, c.args)
+                ),
                 Style::default().fg(Color::Cyan),
             ),
-            Span::raw(format!("  {}", c.help)),
+            Span::raw(format!(" {}", c.help)),
         ]));
     }
     lines
