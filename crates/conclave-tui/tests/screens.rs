@@ -857,3 +857,20 @@ fn peer_text_cannot_reach_the_terminal_raw() {
     assert!(!text.contains('\x1b'), "{text:?}");
     assert!(text.contains("evil�]0;title��[2J"), "{text}");
 }
+
+/// Prints the chat screen (for docs/chat.md): `cargo test -p conclave-tui --test screens
+/// print_chat_screen -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn print_chat_screen() {
+    let mut app = chatting((100, 20));
+    app.update(Input::Client(ClientEvent::Server(Event::Message(message(
+        1,
+        Conv::Direct(vec!["alice".into(), "bob".into()]),
+        "bob",
+        "psst",
+        T0 + 2 * MINUTE,
+    )))));
+    type_line(&mut app, "thanks bob, checking now");
+    println!("{}", screen(&app));
+}
