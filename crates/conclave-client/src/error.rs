@@ -99,6 +99,11 @@ pub enum ClientError {
         reply: String,
     },
 
+    /// A local file problem in a transfer (`code`: `path_not_found`, `unreadable`,
+    /// `not_writable`, `hash_mismatch`, `p2p_unreachable`, `p2p_failed`).
+    #[error("{message}")]
+    File { code: &'static str, message: String },
+
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -127,6 +132,7 @@ impl ClientError {
             | ClientError::ConnectTimeout { .. }
             | ClientError::HandshakeTimeout { .. } => "connect",
             ClientError::Io { .. } => "io",
+            ClientError::File { code, .. } => code,
         }
     }
 

@@ -38,14 +38,17 @@ mod address;
 mod connection;
 pub mod cursor;
 mod error;
+pub mod files;
 mod handshake;
 pub mod json;
 mod options;
+mod p2p_glue;
 pub mod trust;
 
 pub use address::{AddrError, ServerAddr};
 pub use connection::{Client, ClientEvent, Events, PendingReply, SendReceipt, Session};
 pub use error::ClientError;
+pub use files::{Direction, FileOptions, FileProgress, FileReceived, FileSent, ProgressFn, Via};
 pub use options::*;
 pub use trust::{PinOutcome, Trust, TrustError};
 

@@ -48,6 +48,14 @@ pub enum ErrorCode {
     Internal,
     /// Nothing matched (a conversation with no messages, an unknown id).
     NotFound,
+    /// Storing this would take the user over their file quota.
+    QuotaExceeded,
+    /// The file has expired and was deleted.
+    Expired,
+    /// The file is not (yet) complete on the server.
+    NotReady,
+    /// The caller declined this file.
+    Declined,
 }
 
 impl ErrorCode {
@@ -75,6 +83,10 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::Expired => "expired",
+            ErrorCode::NotReady => "not_ready",
+            ErrorCode::Declined => "declined",
         }
     }
 }

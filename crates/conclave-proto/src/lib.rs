@@ -9,12 +9,14 @@
 //! frames (a 4-byte big-endian length and a postcard-encoded [`ClientFrame`] or [`ServerFrame`]).
 
 pub mod error;
+pub mod files;
 pub mod frame;
 pub mod hello;
 pub mod msg;
 pub mod names;
 
 pub use error::{ErrorBody, ErrorCode};
+pub use files::{Chunk, FileOffer, P2pGrant, P2pInvite, P2pOffer};
 pub use frame::{DecodeError, decode_client, decode_server, encode_client, encode_server};
 pub use msg::*;
 

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
+use crate::files::{Chunk, FileOffer, P2pGrant, P2pOffer, SHA256_BYTES};
 
 /// Client-chosen id of a request; the reply names it.
 pub type RequestId = u64;
@@ -208,6 +209,52 @@ pub enum Request {
     },
     /// Leave cleanly: the server answers and closes the connection.
     Quit,
+    /// Offer a file to a room or users (see [`crate::files`]). Answered with
+    /// [`Reply::FileCreated`].
+    FileOffer {
+        target: Target,
+        name: String,
+        size: u64,
+        sha256: [u8; SHA256_BYTES],
+        /// The sender also serves it directly over QUIC.
+        p2p: Option<P2pOffer>,
+    },
+    /// The sender: how much of an upload the server holds. Answered with
+    /// [`Reply::FileUploaded`].
+    FileStatus {
+        file_id: String,
+    },
+    /// The sender: the next piece of the file, at `offset` (which must equal what the server
+    /// holds). Every chunk but the last is exactly the chunk size. Answered with
+    /// [`Reply::FileUploaded`].
+    FileChunk {
+        file_id: String,
+        offset: u64,
+        data: Chunk,
+    },
+    /// A recipient: one chunk of a stored file from `offset`. Answered with
+    /// [`Reply::FileData`].
+    FileFetch {
+        file_id: String,
+        offset: u64,
+    },
+    /// A recipient: no thanks. The offer is not made again.
+    FileDecline {
+        file_id: String,
+    },
+    /// A recipient: received and verified (its SHA-256 matched). The sender is told.
+    FileReceived {
+        file_id: String,
+        via_p2p: bool,
+    },
+    /// A recipient of a peer-to-peer offer that cannot reach the sender: please relay it.
+    /// Answered with [`Reply::FileUploaded`]; when the copy is not complete yet,
+    /// [`Event::FileReady`] follows when it is.
+    FileWantRelay {
+        file_id: String,
+    },
+    /// Files offered to the caller that it has neither taken nor declined, oldest first.
+    Files,
 }
 
 /// Presence of one user.
@@ -268,6 +315,30 @@ pub enum Reply {
         needed: u32,
         kicked: bool,
     },
+    /// A file offer was accepted. Upload from `uploaded` in chunks of `chunk_size`. With a
+    /// peer-to-peer offer, `tokens` lists each recipient's one-time token, and `relay_needed`
+    /// says whether to upload now (some recipients are offline) or only when asked.
+    FileCreated {
+        file_id: String,
+        chunk_size: u32,
+        uploaded: u64,
+        expires_ms: i64,
+        relay_needed: bool,
+        tokens: Vec<P2pGrant>,
+    },
+    /// How much of the file the server holds, and whether it is complete and verified.
+    FileUploaded {
+        uploaded: u64,
+        complete: bool,
+        chunk_size: u32,
+    },
+    /// A piece of a stored file; empty at the end.
+    FileData {
+        offset: u64,
+        data: Chunk,
+    },
+    /// Pending file offers.
+    Files(Vec<FileOffer>),
 }
 
 /// Why a connection is being closed by the server.
@@ -369,5 +440,28 @@ pub enum Event {
     Disconnect {
         reason: DisconnectReason,
         message: String,
+    },
+    /// A file for the caller (sent live, and again at each login until taken, declined or
+    /// expired).
+    FileOffer(Box<FileOffer>),
+    /// The relay copy of a file the caller asked for is complete.
+    FileReady {
+        file_id: String,
+    },
+    /// To the sender of a peer-to-peer offer: a recipient needs the relay copy; upload it.
+    FileRelayWanted {
+        file_id: String,
+        by: String,
+    },
+    /// To the sender: `by` declined the file.
+    FileDeclined {
+        file_id: String,
+        by: String,
+    },
+    /// To the sender: `by` received the file and its hash matched.
+    FileReceived {
+        file_id: String,
+        by: String,
+        via_p2p: bool,
     },
 }

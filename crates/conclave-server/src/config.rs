@@ -394,6 +394,41 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// File transfer (`[files]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesConfig {
+    /// Largest file accepted.
+    pub max_file_bytes: u64,
+    /// Most bytes of stored (unexpired) files per sending account.
+    pub quota_bytes_per_user: u64,
+    /// Seconds a file is kept for its recipients (offline ones included); then it is deleted.
+    pub expiry_secs: u64,
+    /// Upload and download chunks per second per connection (token bucket; excess waits).
+    /// These do not count against `limits.requests_per_second`.
+    pub chunks_per_second: u32,
+    /// Most files offered to one user that are pending at once (sent at login).
+    pub max_pending_offers: u32,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig {
+            max_file_bytes: 2 * 1024 * 1024 * 1024,
+            quota_bytes_per_user: 4 * 1024 * 1024 * 1024,
+            expiry_secs: 7 * 24 * 3600,
+            chunks_per_second: 20_000,
+            max_pending_offers: 200,
+        }
+    }
+}
+
+impl FilesConfig {
+    pub fn expiry_ms(&self) -> i64 {
+        i64::try_from(self.expiry_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+}
+
 /// The config file's shape.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -411,6 +446,7 @@ pub struct FileConfig {
     pub audit: crate::audit::AuditConfig,
     pub anomaly: AnomalyConfig,
     pub metrics: MetricsConfig,
+    pub files: FilesConfig,
 }
 
 /// The configuration the server runs with.
@@ -431,6 +467,8 @@ pub struct Config {
     pub anomaly: AnomalyConfig,
     /// The Prometheus endpoint (`[metrics]`); off unless an address is given.
     pub metrics: MetricsConfig,
+    /// File transfer limits (`[files]`).
+    pub files: FilesConfig,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -458,6 +496,7 @@ impl Config {
             audit: crate::audit::AuditConfig::default(),
             anomaly: AnomalyConfig::default(),
             metrics: MetricsConfig::default(),
+            files: FilesConfig::default(),
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
@@ -501,6 +540,7 @@ impl Config {
             config.audit = file.audit;
             config.anomaly = file.anomaly;
             config.metrics = file.metrics;
+            config.files = file.files;
         }
         config.validate()?;
         Ok(config)
@@ -544,6 +584,15 @@ impl Config {
             return bad("limits.max_recipients and max_history_page must be above 0");
         }
         self.security.rules(&[], &[])?;
+        let f = &self.files;
+        if f.max_file_bytes == 0
+            || f.quota_bytes_per_user == 0
+            || f.expiry_secs == 0
+            || f.chunks_per_second == 0
+            || f.max_pending_offers == 0
+        {
+            return bad("every value in [files] must be above 0");
+        }
         if l.requests_per_second == 0 || l.request_burst == 0 {
             return bad("limits.requests_per_second and request_burst must be above 0");
         }

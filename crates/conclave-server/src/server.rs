@@ -60,6 +60,9 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Anomaly rules, recent alerts, per-connection rates (`conclave monitor`).
     pub monitor: crate::monitor::Monitor,
+    /// Stored files (sealed chunks in `files/`).
+    pub files: Arc<crate::files::FileStore>,
+    pub files_cache: crate::cmd::files::FilesCache,
     next_session: AtomicU64,
 }
 
@@ -264,6 +267,13 @@ impl Server {
             None => None,
         };
         let anomaly = crate::anomaly::Settings::from_config(&config.anomaly).map_err(start_err)?;
+        let files =
+            crate::files::FileStore::open(&config.data_dir, db.file_key()).map_err(|e| {
+                start_err(format!(
+                    "cannot create the file store in {}: {e}",
+                    config.data_dir.display()
+                ))
+            })?;
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
         let (store, store_thread) = Store::start(db, sink);
         let dispatcher = tokio::spawn(dispatch::run(hub.clone(), commits, metrics.clone()));
@@ -283,6 +293,8 @@ impl Server {
                 shutdown: CancellationToken::new(),
                 metrics,
                 monitor: crate::monitor::Monitor::new(anomaly),
+                files: Arc::new(files),
+                files_cache: Default::default(),
                 next_session: AtomicU64::new(1),
             }),
             listener,
@@ -464,10 +476,14 @@ const GUARD_SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Background upkeep until shutdown: expired messages (retention) and the guard's sweep.
 async fn housekeeping_task(shared: Arc<Shared>) {
     let mut last_retention: Option<tokio::time::Instant> = None;
+    let mut first = true;
     loop {
         let config = shared.config();
         let now = crate::store::now_ms();
         shared.guard().sweep(now);
+        // Expired files; at start also bytes left without a record by a crash.
+        crate::cmd::files::expire(&shared, first).await;
+        first = false;
         let every = Duration::from_secs(config.retention.interval_s);
         if config.retention.enabled() && last_retention.is_none_or(|t| t.elapsed() >= every) {
             last_retention = Some(tokio::time::Instant::now());

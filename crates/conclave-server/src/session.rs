@@ -142,7 +142,7 @@ pub async fn run(
         counters: counters.clone(),
         outbox: outbox.clone(),
     });
-    let rate = RequestRate::new(&limits);
+    let rate = RequestRate::new(&limits, &shared.config().files);
     let login_deadline = Instant::now() + limits.login_timeout();
     loop {
         let deadline = match conn.user {
@@ -197,7 +197,14 @@ pub async fn run(
             }
         };
         counters.note_request(&frame.req);
-        if !matches!(frame.req, Request::Quit) && !rate.allow() {
+        // File chunks have their own budget (they come by the thousand in a transfer): over
+        // it they wait rather than fail.
+        if matches!(
+            frame.req,
+            Request::FileChunk { .. } | Request::FileFetch { .. }
+        ) {
+            rate.chunks.until_ready().await;
+        } else if !matches!(frame.req, Request::Quit) && !rate.allow() {
             if rate.first_strike() {
                 let mut f = Fields::new().ip(peer).reason("rate_limited");
                 if let Some(u) = &conn.user {
@@ -293,6 +300,8 @@ pub async fn run(
 /// A connection's request budget: a token bucket, and the count of recent refusals.
 struct RequestRate {
     bucket: governor::DefaultDirectRateLimiter,
+    /// File chunks (uploads and downloads).
+    chunks: governor::DefaultDirectRateLimiter,
     strikes: std::cell::Cell<u32>,
     since: std::cell::Cell<Instant>,
     max_strikes: u32,
@@ -302,7 +311,9 @@ struct RequestRate {
 const STRIKE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl RequestRate {
-    fn new(limits: &crate::config::Limits) -> Self {
+    fn new(limits: &crate::config::Limits, files: &crate::config::FilesConfig) -> Self {
+        let chunks =
+            std::num::NonZeroU32::new(files.chunks_per_second).unwrap_or(std::num::NonZeroU32::MIN);
         let per_s = std::num::NonZeroU32::new(limits.requests_per_second)
             .unwrap_or(std::num::NonZeroU32::MIN);
         let burst =
@@ -311,6 +322,7 @@ impl RequestRate {
             bucket: governor::RateLimiter::direct(
                 governor::Quota::per_second(per_s).allow_burst(burst),
             ),
+            chunks: governor::RateLimiter::direct(governor::Quota::per_second(chunks)),
             strikes: std::cell::Cell::new(0),
             since: std::cell::Cell::new(Instant::now()),
             max_strikes: limits.rate_strikes_before_disconnect,
@@ -513,6 +525,40 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
                 before,
             },
         ) => cmd::history::history(conn, &user, conv, limit, before).await,
+        (
+            Some(user),
+            Request::FileOffer {
+                target,
+                name,
+                size,
+                sha256,
+                p2p,
+            },
+        ) => cmd::files::offer(conn, &user, target, name, size, sha256, p2p).await,
+        (Some(user), Request::FileStatus { file_id }) => {
+            cmd::files::status(conn, &user, file_id).await
+        }
+        (
+            Some(user),
+            Request::FileChunk {
+                file_id,
+                offset,
+                data,
+            },
+        ) => cmd::files::chunk(conn, &user, file_id, offset, data).await,
+        (Some(user), Request::FileFetch { file_id, offset }) => {
+            cmd::files::fetch(conn, &user, file_id, offset).await
+        }
+        (Some(user), Request::FileDecline { file_id }) => {
+            cmd::files::answer(conn, &user, file_id, None).await
+        }
+        (Some(user), Request::FileReceived { file_id, via_p2p }) => {
+            cmd::files::answer(conn, &user, file_id, Some(via_p2p)).await
+        }
+        (Some(user), Request::FileWantRelay { file_id }) => {
+            cmd::files::want_relay(conn, &user, file_id).await
+        }
+        (Some(user), Request::Files) => cmd::files::pending(conn, &user).await.map(Reply::Files),
     };
     if let Err(e) = &result
         && e.code == ErrorCode::Internal

@@ -24,6 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::at_rest::DataKey;
 use crate::search::{self, SearchKey};
 
+mod files;
+pub use files::{FileRow, RecipientState};
+
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "conclave.db";
 /// Most appends committed in one transaction.
@@ -31,7 +34,7 @@ pub const MAX_BATCH: usize = 1024;
 /// Operations waiting for the store thread; senders wait (back-pressure) beyond this.
 pub const STORE_QUEUE: usize = 16 * 1024;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = "
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
@@ -287,7 +290,15 @@ impl Db {
         }
         if version == 0 {
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA} {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                files::FILES_SCHEMA
+            ))
+            .map_err(open_err)?;
+        } else if version == 1 {
+            // Version 2 added file transfer.
+            conn.execute_batch(&format!(
+                "BEGIN; {} PRAGMA user_version = 2; COMMIT;",
+                files::FILES_SCHEMA
             ))
             .map_err(open_err)?;
         }

@@ -37,6 +37,8 @@ pub const MAX_JUMP_PAGES: u32 = 20;
 pub const MAX_BUFFERS: usize = 200;
 /// Most transfers shown at once.
 pub const MAX_TRANSFERS: usize = 16;
+/// Most file offers whose names are remembered (for the progress bars of `/accept`).
+pub const MAX_OFFERS: usize = 256;
 
 /// What the I/O shell feeds in.
 #[derive(Debug, Clone)]
@@ -228,6 +230,8 @@ pub struct App {
     /// Wall clock, milliseconds since the epoch (set by the shell; fixed in tests).
     pub now_ms: i64,
     pub transfers: Vec<Transfer>,
+    /// Names of the files offered to me, by file id.
+    offers: HashMap<String, String>,
     pub quit: bool,
     auth: Option<Auth>,
     pending: HashMap<u64, Pending>,
@@ -269,6 +273,7 @@ impl App {
             tz,
             now_ms,
             transfers: Vec::new(),
+            offers: HashMap::new(),
             quit: false,
             auth: None,
             pending: HashMap::new(),
@@ -1454,6 +1459,12 @@ impl App {
             }
             // The library reports it as `ClientEvent::Disconnected`.
             Event::Disconnect { .. } => {}
+            // Handled by `files::file_event` above.
+            Event::FileOffer(_)
+            | Event::FileReady { .. }
+            | Event::FileRelayWanted { .. }
+            | Event::FileDeclined { .. }
+            | Event::FileReceived { .. } => {}
         }
         Vec::new()
     }
@@ -1474,6 +1485,11 @@ impl App {
                     view::human_bytes(size),
                     sha256.get(..16).unwrap_or(&sha256)
                 );
+                if self.offers.len() >= MAX_OFFERS {
+                    self.offers.clear();
+                }
+                self.offers
+                    .insert(file_id, crate::text::sanitize(&name, false));
                 let i = self.buffer_index(&conv);
                 let entry = Entry::notice(self.now_ms, NoticeKind::Info, &text);
                 self.push_entry(i, entry, true);
@@ -1485,7 +1501,10 @@ impl App {
                 done,
                 total,
             } => {
-                let name = crate::text::sanitize(&name, false);
+                let name = match self.offers.get(&file_id) {
+                    Some(offered) if !sending => offered.clone(),
+                    _ => crate::text::sanitize(&name, false),
+                };
                 let count = self.transfers.len();
                 match self.transfers.iter_mut().find(|t| t.file_id == file_id) {
                     Some(t) => {
@@ -1528,6 +1547,14 @@ impl App {
                 );
                 self.notice_in(&ConvKey::Status, NoticeKind::Error, &text);
             }
+            FileEvent::Notice { text } => {
+                let text = crate::text::sanitize(&text, false);
+                self.notice_in(&ConvKey::Status, NoticeKind::Info, &text);
+                if self.current != 0 {
+                    self.say(NoticeKind::Info, &text);
+                }
+            }
+            FileEvent::Quiet => {}
         }
     }
 

@@ -183,11 +183,10 @@ impl Shell {
             Action::SendFile { tag, path, target } => {
                 let client = self.client.clone();
                 let tx = self.tx.clone();
+                let report = self.file_report();
                 tokio::spawn(async move {
                     let result = match client {
-                        Some(c) => files::send_file(&c, &path, &target)
-                            .await
-                            .map(|id| format!("offered {} (file id {id})", path.display())),
+                        Some(c) => files::send_file(&c, &path, &target, report).await,
                         None => Err("not connected".to_string()),
                     };
                     let _ = tx
@@ -198,11 +197,10 @@ impl Shell {
             Action::AcceptFile { tag, file_id, dir } => {
                 let client = self.client.clone();
                 let tx = self.tx.clone();
+                let report = self.file_report();
                 tokio::spawn(async move {
                     let result = match client {
-                        Some(c) => files::accept_file(&c, &file_id, &dir)
-                            .await
-                            .map(|p| format!("receiving into {}", p.display())),
+                        Some(c) => files::accept_file(&c, &file_id, &dir, report).await,
                         None => Err("not connected".to_string()),
                     };
                     let _ = tx
@@ -213,6 +211,15 @@ impl Shell {
             // Handled by the loop (it needs to stop).
             Action::Quit => {}
         }
+    }
+
+    /// Progress and completion of transfers, to the screen. A progress report that finds
+    /// the queue full is dropped (another follows).
+    fn file_report(&self) -> files::Report {
+        let tx = self.tx.clone();
+        std::sync::Arc::new(move |event| {
+            let _ = tx.try_send(Msg::Input(Input::File(event)));
+        })
     }
 
     fn connected(&mut self, client: Client, mut events: Events) {

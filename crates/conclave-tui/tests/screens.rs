@@ -8,7 +8,7 @@ use conclave_client::proto::{Body, Conv, DisconnectReason, Event, Message, Reply
 use conclave_client::{ClientEvent, PinOutcome, Session, Trust};
 use conclave_tui::app::{Action, App, AppOptions, ConnectFailure, Failure, Input, Overlay};
 use conclave_tui::buffer::ConvKey;
-use conclave_tui::files::{FileEvent, UNAVAILABLE};
+use conclave_tui::files::FileEvent;
 use conclave_tui::view;
 use jiff::tz::TimeZone;
 use ratatui::Terminal;
@@ -802,8 +802,8 @@ fn commands_become_requests() {
 }
 
 #[test]
-fn files_say_when_they_are_not_available_and_show_progress() {
-    let mut app = chatting((100, 20));
+fn file_offers_progress_and_errors() {
+    let mut app = chatting((150, 24));
     let actions = type_line(&mut app, "/file /tmp/report.pdf");
     let [
         Action::SendFile {
@@ -819,20 +819,55 @@ fn files_say_when_they_are_not_available_and_show_progress() {
     assert_eq!(target, &ConvKey::Room("general".into()));
     app.update(Input::FileStarted {
         tag,
-        result: Err(UNAVAILABLE.into()),
+        result: Err("file /tmp/report.pdf: no such file".into()),
     });
-    assert_shows(&app, &["file transfer: not available in this build"]);
-    // When the library reports progress, bars show it.
-    app.update(Input::File(FileEvent::Progress {
-        file_id: "f1".into(),
+    assert_shows(&app, &["!! │ file /tmp/report.pdf: no such file"]);
+    // An offer shows in its conversation, with what to type.
+    let offer = conclave_client::proto::FileOffer {
+        file_id: "0193-f1".into(),
+        from: "bob".into(),
+        conv: Conv::Room("general".into()),
+        except: Vec::new(),
         name: "report.pdf".into(),
+        size: 1024 * 1024,
+        sha256: [0xab; 32],
+        chunk_size: 128 * 1024,
+        ts_ms: T0,
+        expires_ms: T0 + 7 * 24 * 60 * MINUTE,
+        relay_ready: true,
+        p2p: None,
+    };
+    app.update(server(Event::FileOffer(Box::new(offer))));
+    assert_shows(
+        &app,
+        &["bob offers the file report.pdf (1.0 MiB, sha256 abababababababab…): /accept 0193-f1"],
+    );
+    let actions = type_line(&mut app, "/accept 0193-f1 /tmp/in");
+    let [
+        Action::AcceptFile {
+            ref file_id,
+            ref dir,
+            ..
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(
+        (file_id.as_str(), dir),
+        ("0193-f1", &PathBuf::from("/tmp/in"))
+    );
+    // Progress bars, named after the offer.
+    app.update(Input::File(FileEvent::Progress {
+        file_id: "0193-f1".into(),
+        name: "0193-f1".into(),
         sending: false,
         done: 512 * 1024,
         total: 1024 * 1024,
     }));
     assert_shows(&app, &["↓ report.pdf [", "50% 512.0 KiB / 1.0 MiB"]);
     app.update(Input::File(FileEvent::Done {
-        file_id: "f1".into(),
+        file_id: "0193-f1".into(),
         name: "report.pdf".into(),
         path: Some(PathBuf::from("/tmp/in/report.pdf")),
     }));

@@ -62,7 +62,14 @@ pub fn run_json(args: ClientArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let result = rt.block_on(async move {
         json::run(
-            JsonOptions::new(connect),
+            {
+                let mut o = JsonOptions::new(connect);
+                o.window = args.window;
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    o.progress_hook = Some(crate::progress::bars());
+                }
+                o
+            },
             tokio::io::BufReader::new(tokio::io::stdin()),
             tokio::io::stdout(),
         )

@@ -8,6 +8,7 @@ mod client;
 mod doctor;
 mod logs;
 mod monitor;
+mod progress;
 mod serve;
 mod user;
 

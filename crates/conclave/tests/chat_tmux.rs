@@ -238,8 +238,42 @@ fn two_people_talk_through_the_terminal_client() {
     // Commands answer on the screen.
     tmux.type_line("alice", "/who");
     tmux.wait_for("alice", &["online (2): alice, bob"]);
-    tmux.type_line("alice", "/file /etc/hostname");
-    tmux.wait_for("alice", &["file transfer: not available in this build"]);
+
+    // Files, both ways. Alice offers one to Bob (the conversation on screen); he takes it.
+    let notes = tmp.path().join("notes.txt");
+    std::fs::write(&notes, "minutes of the meeting\n".repeat(1000)).expect("write a file");
+    tmux.type_line("alice", &format!("/file {}", notes.display()));
+    let offer = bob.expect("a file_offer", |v| v["event"] == "file_offer");
+    assert_eq!(offer["from"], "alice");
+    assert_eq!(offer["name"], "notes.txt");
+    tmux.wait_for("alice", &["offered notes.txt (23000 bytes) to @bob"]);
+    let bob_dir = tmp.path().join("bob-files");
+    std::fs::create_dir_all(&bob_dir).expect("a directory");
+    bob.send(json!({"cmd": "accept_file", "file_id": offer["file_id"], "dir": bob_dir, "id": 3}));
+    bob.ok(json!(3));
+    assert_eq!(
+        std::fs::read(bob_dir.join("notes.txt")).expect("received"),
+        std::fs::read(&notes).expect("sent")
+    );
+    tmux.wait_for("alice", &["bob received your file"]);
+    // Bob offers one to Alice; she sees the offer and accepts it.
+    let photo = tmp.path().join("photo.bin");
+    std::fs::write(&photo, vec![7u8; 300_000]).expect("write a file");
+    bob.send(json!({"cmd": "send_file", "path": photo, "to": ["alice"], "id": 4}));
+    let sent = bob.ok(json!(4));
+    let file_id = sent["file_id"].as_str().expect("a file id").to_string();
+    tmux.wait_for("alice", &["bob offers the file photo.bin"]);
+    let alice_dir = tmp.path().join("alice-files");
+    std::fs::create_dir_all(&alice_dir).expect("a directory");
+    tmux.type_line(
+        "alice",
+        &format!("/accept {file_id} {}", alice_dir.display()),
+    );
+    tmux.wait_for("alice", &["received 300000 bytes into"]);
+    assert_eq!(
+        std::fs::read(alice_dir.join("photo.bin")).expect("received"),
+        vec![7u8; 300_000]
+    );
 
     // Quit: exit status 0.
     tmux.type_line("alice", "/quit");

@@ -403,7 +403,10 @@ impl Reader {
                 }
                 None
             }
-            ServerFrame::Event(event) => self.hold_or_push(ClientEvent::Server(event)).await,
+            ServerFrame::Event(event) => {
+                self.core.on_file_event(&event);
+                self.hold_or_push(ClientEvent::Server(event)).await
+            }
         }
     }
 

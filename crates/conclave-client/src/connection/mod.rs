@@ -91,6 +91,11 @@ const MAX_EARLY_EVENTS: usize = 1024;
 /// Most events held back after a reconnect while sends sent again await their receipts
 /// (see `Reader::hold_or_push`).
 const MAX_HELD_EVENTS: usize = 4096;
+/// File events buffered for transfers in progress.
+const FILE_EVENT_QUEUE: usize = 256;
+/// Most file offers remembered for [`Client::accept_file`].
+pub(crate) const MAX_REMEMBERED_OFFERS: usize = 1024;
+
 /// Most acknowledgement requests [`Client::flush_acks`] sends in one call.
 const MAX_FLUSH_ROUNDS: usize = 64;
 
@@ -181,6 +186,10 @@ struct Core {
     /// Cancelled to end the session.
     close: CancellationToken,
     ack_in_flight: AtomicBool,
+    /// File offers seen (by id), for [`Client::accept_file`]; bounded.
+    offers: Mutex<HashMap<String, conclave_proto::FileOffer>>,
+    /// File events that transfers in progress wait for (`FileReady`, `FileRelayWanted`).
+    file_events: tokio::sync::broadcast::Sender<Event>,
 }
 
 struct State {
@@ -214,6 +223,23 @@ struct Pending {
 }
 
 impl Core {
+    /// Remembers an offer, and tells transfers waiting for file events.
+    fn on_file_event(&self, event: &Event) {
+        match event {
+            Event::FileOffer(offer) => {
+                let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+                if offers.len() >= MAX_REMEMBERED_OFFERS {
+                    offers.clear();
+                }
+                offers.insert(offer.file_id.clone(), (**offer).clone());
+            }
+            Event::FileReady { .. } | Event::FileRelayWanted { .. } => {
+                let _ = self.file_events.send(event.clone());
+            }
+            _ => {}
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Critical sections only move values in and out; a panic in one cannot leave the
         // state half-updated, so a poisoned lock is still usable.
@@ -634,6 +660,8 @@ impl Client {
             link_changed,
             close: CancellationToken::new(),
             ack_in_flight: AtomicBool::new(false),
+            offers: Mutex::new(HashMap::new()),
+            file_events: tokio::sync::broadcast::channel(FILE_EVENT_QUEUE).0,
         });
         let live = core.go_live(opened, events_tx.clone(), false).await;
         tokio::spawn(supervise(core.clone(), live, events_tx));
@@ -648,6 +676,26 @@ impl Client {
             events,
             session,
         ))
+    }
+
+    /// A file offer this session has seen, by id.
+    pub fn offer(&self, file_id: &str) -> Option<conclave_proto::FileOffer> {
+        self.core()
+            .offers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(file_id)
+            .cloned()
+    }
+
+    /// File events from now on (`FileReady`, `FileRelayWanted`), for transfers that wait.
+    pub(crate) fn file_events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.core().file_events.subscribe()
+    }
+
+    /// The account this session is logged in as.
+    pub fn user(&self) -> &str {
+        &self.core().user
     }
 
     fn core(&self) -> &Arc<Core> {
@@ -970,6 +1018,13 @@ fn is_resendable(req: &Request) -> bool {
             idempotency_key, ..
         } => idempotency_key.is_some(),
         Request::History { .. }
+        | Request::FileStatus { .. }
+        | Request::FileChunk { .. }
+        | Request::FileFetch { .. }
+        | Request::FileDecline { .. }
+        | Request::FileReceived { .. }
+        | Request::FileWantRelay { .. }
+        | Request::Files
         | Request::Search { .. }
         | Request::Rooms
         | Request::Who { .. }
@@ -987,6 +1042,7 @@ fn is_resendable(req: &Request) -> bool {
         | Request::Ban { .. }
         | Request::Unban { .. }
         | Request::SetRoom { .. }
+        | Request::FileOffer { .. }
         | Request::Quit => false,
     }
 }

@@ -36,7 +36,8 @@ pub(super) fn attempt_is_final(e: &ClientError) -> bool {
         | ClientError::Disconnected { .. }
         | ClientError::Timeout { .. }
         | ClientError::NotConnected { .. }
-        | ClientError::Io { .. } => false,
+        | ClientError::Io { .. }
+        | ClientError::File { .. } => false,
     }
 }
 

@@ -28,6 +28,8 @@ pub const COMMANDS: &[&str] = &[
     "set_room",
     "send_file",
     "accept_file",
+    "decline_file",
+    "files",
     "quit",
 ];
 
@@ -46,8 +48,20 @@ pub enum Action {
     Request(Request),
     /// Leave: send [`Request::Quit`], reply, exit.
     Quit,
-    /// A command of the contract that this version cannot carry out.
-    Unsupported { cmd: &'static str },
+    /// Send a file (the reply comes when the server holds it, or for peer to peer when it
+    /// is offered).
+    SendFile {
+        path: std::path::PathBuf,
+        target: Target,
+        p2p: bool,
+        window: Option<u64>,
+    },
+    /// Receive an offered file into a directory (the reply comes when it is verified).
+    AcceptFile {
+        file_id: String,
+        dir: std::path::PathBuf,
+        window: Option<u64>,
+    },
 }
 
 /// A line that is not a valid command: reply with `bad_request`.
@@ -136,8 +150,25 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
             room: f.req_str("room")?,
             votekick: f.opt_bool("votekick")?,
         },
-        "send_file" => return Ok(Action::Unsupported { cmd: "send_file" }),
-        "accept_file" => return Ok(Action::Unsupported { cmd: "accept_file" }),
+        "send_file" => {
+            return Ok(Action::SendFile {
+                path: f.req_str("path")?.into(),
+                target: parse_target(&f, "send_file")?,
+                p2p: f.opt_bool("p2p")?.unwrap_or(false),
+                window: f.opt_u64("window")?,
+            });
+        }
+        "accept_file" => {
+            return Ok(Action::AcceptFile {
+                file_id: f.req_str("file_id")?,
+                dir: f.req_str("dir")?.into(),
+                window: f.opt_u64("window")?,
+            });
+        }
+        "decline_file" => Request::FileDecline {
+            file_id: f.req_str("file_id")?,
+        },
+        "files" => Request::Files,
         other => {
             return Err(format!(
                 "unknown command {other:?}; the commands are: {}",
@@ -148,14 +179,16 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
     Ok(Action::Request(request))
 }
 
-fn parse_send(f: &Fields<'_>) -> Result<Request, String> {
+fn parse_target(f: &Fields<'_>, cmd: &str) -> Result<Target, String> {
     let room = f.opt_str("room")?;
     let to = f.opt_names("to")?;
     let except = f.opt_names("except")?.unwrap_or_default();
-    let target = match (room, to) {
-        (Some(_), Some(_)) => return Err("send takes \"room\" or \"to\", not both".into()),
+    Ok(match (room, to) {
+        (Some(_), Some(_)) => return Err(format!("{cmd} takes \"room\" or \"to\", not both")),
         (None, None) => {
-            return Err("send needs \"room\" (a room) or \"to\" (a list of users)".into());
+            return Err(format!(
+                "{cmd} needs \"room\" (a room) or \"to\" (a list of users)"
+            ));
         }
         (Some(room), None) => Target::Room { room, except },
         (None, Some(to)) => {
@@ -171,7 +204,11 @@ fn parse_send(f: &Fields<'_>) -> Result<Request, String> {
             }
             Target::Users { to }
         }
-    };
+    })
+}
+
+fn parse_send(f: &Fields<'_>) -> Result<Request, String> {
+    let target = parse_target(f, "send")?;
     let text = f.opt_str("text")?;
     let content_type = f.opt_str("content_type")?;
     let data_hex = f.opt_str("data_hex")?;
@@ -490,12 +527,66 @@ mod tests {
     }
 
     #[test]
-    fn quit_and_unsupported() {
+    fn quit_and_files() {
         assert_eq!(parse(r#"{"cmd":"quit"}"#).unwrap().action, Action::Quit);
-        for cmd in ["send_file", "accept_file"] {
-            let line = json!({"cmd": cmd, "id": 1}).to_string();
-            assert_eq!(parse(&line).unwrap().action, Action::Unsupported { cmd });
-        }
+        assert_eq!(
+            parse(r#"{"cmd":"send_file","path":"/tmp/a","room":"general","except":["carol"],"p2p":true,"window":65536}"#)
+                .unwrap()
+                .action,
+            Action::SendFile {
+                path: "/tmp/a".into(),
+                target: Target::Room {
+                    room: "general".into(),
+                    except: vec!["carol".into()]
+                },
+                p2p: true,
+                window: Some(65536),
+            }
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"send_file","path":"/tmp/a","to":["bob"]}"#)
+                .unwrap()
+                .action,
+            Action::SendFile {
+                path: "/tmp/a".into(),
+                target: Target::Users {
+                    to: vec!["bob".into()]
+                },
+                p2p: false,
+                window: None,
+            }
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"accept_file","file_id":"x","dir":"/tmp"}"#)
+                .unwrap()
+                .action,
+            Action::AcceptFile {
+                file_id: "x".into(),
+                dir: "/tmp".into(),
+                window: None,
+            }
+        );
+        assert!(
+            bad(r#"{"cmd":"send_file","room":"g"}"#)
+                .message
+                .contains("\"path\"")
+        );
+        assert!(
+            bad(r#"{"cmd":"send_file","path":"/a"}"#)
+                .message
+                .contains("send_file needs")
+        );
+        assert!(
+            bad(r#"{"cmd":"accept_file","file_id":"x"}"#)
+                .message
+                .contains("\"dir\"")
+        );
+        assert!(
+            bad(r#"{"cmd":"send_file","path":"/a","to":["b"],"except":["c"]}"#)
+                .message
+                .contains("except")
+        );
+        let _ = json!({});
     }
 
     #[test]

@@ -42,11 +42,27 @@ pub const DEFAULT_OUTPUT_QUEUE_LINES: usize = 1024;
 pub const QUIT_GRACE: Duration = Duration::from_secs(5);
 
 /// Options of `conclave client --json`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct JsonOptions {
     pub connect: ConnectOptions,
     pub max_line_bytes: usize,
     pub output_queue_lines: usize,
+    /// Default transfer window in bytes (`--window`); `None`: the library's defaults.
+    pub window: Option<u64>,
+    /// Also told about transfer progress (the command line draws progress bars with it on a
+    /// terminal's standard error).
+    pub progress_hook: Option<crate::files::ProgressFn>,
+}
+
+impl std::fmt::Debug for JsonOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonOptions")
+            .field("connect", &self.connect)
+            .field("max_line_bytes", &self.max_line_bytes)
+            .field("output_queue_lines", &self.output_queue_lines)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
 }
 
 impl JsonOptions {
@@ -55,6 +71,8 @@ impl JsonOptions {
             connect,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             output_queue_lines: DEFAULT_OUTPUT_QUEUE_LINES,
+            window: None,
+            progress_hook: None,
         }
     }
 }
@@ -94,6 +112,8 @@ pub async fn run(
         ended: ended_rx,
         output_failed: output_failed.clone(),
         max_line_bytes: opts.max_line_bytes,
+        window: opts.window,
+        progress_hook: opts.progress_hook.clone(),
     };
     let forwarder = forward_events(events, out, quitting, ended_tx);
     let writer = write_output(stdout, out_rx, output_failed);
@@ -143,6 +163,9 @@ struct Driver {
     ended: watch::Receiver<Ended>,
     output_failed: CancellationToken,
     max_line_bytes: usize,
+    /// Transfer window given on the command line (`--window`), for commands without one.
+    window: Option<u64>,
+    progress_hook: Option<crate::files::ProgressFn>,
 }
 
 impl Driver {
@@ -213,12 +236,51 @@ impl Driver {
         };
         let req = match action {
             Action::Quit => return Some(id),
-            Action::Unsupported { cmd } => {
-                let message = format!(
-                    "\"{cmd}\" is not available in this version of Conclave (the server has no \
-                     such request yet)"
-                );
-                self.emit(render::error(id, "unsupported", &message)).await;
+            Action::SendFile {
+                path,
+                target,
+                p2p,
+                window,
+            } => {
+                let opts = self.file_options(p2p, window);
+                let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                    return None;
+                };
+                let (client, out) = (self.client.clone(), self.out.clone());
+                tokio::spawn(async move {
+                    let value = match client.send_file_any(&path, target, opts).await {
+                        Ok(sent) => render::ok_fields(id, render::file_sent(&sent)),
+                        Err(e) => render::client_error(id, &e),
+                    };
+                    let _ = out.send(line(&value)).await;
+                    drop(slot);
+                });
+                return None;
+            }
+            Action::AcceptFile {
+                file_id,
+                dir,
+                window,
+            } => {
+                let opts = self.file_options(false, window);
+                let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                    return None;
+                };
+                let (client, out) = (self.client.clone(), self.out.clone());
+                tokio::spawn(async move {
+                    let value = match client.accept_file(&file_id, &dir, opts).await {
+                        Ok(got) => {
+                            let mut done = render::file_received(&got);
+                            done.insert("event".into(), "file_done".into());
+                            done.insert("direction".into(), "download".into());
+                            let _ = out.send(line(&Value::Object(done))).await;
+                            render::ok_fields(id, render::file_received(&got))
+                        }
+                        Err(e) => render::client_error(id, &e),
+                    };
+                    let _ = out.send(line(&value)).await;
+                    drop(slot);
+                });
                 return None;
             }
             // `submit` gives a send without an idempotency key one.
@@ -260,6 +322,24 @@ impl Driver {
         // events it sent before that are printed.
         let _ = tokio::time::timeout(QUIT_GRACE, self.ended.wait_for(Option::is_some)).await;
         Ok(())
+    }
+
+    /// Transfer options whose progress goes out as `file_progress` events (dropped rather
+    /// than waited for when the output queue is full: a later one says more).
+    fn file_options(&self, p2p: bool, window: Option<u64>) -> crate::files::FileOptions {
+        let out = self.out.clone();
+        let hook = self.progress_hook.clone();
+        crate::files::FileOptions {
+            p2p,
+            window: window.or(self.window),
+            progress: Some(Arc::new(move |p| {
+                let _ = out.try_send(line(&render::file_progress(p)));
+                if let Some(h) = &hook {
+                    h(p);
+                }
+            })),
+            ..Default::default()
+        }
     }
 
     async fn emit(&self, value: Value) {

@@ -88,7 +88,108 @@ pub fn event(e: &Event) -> Value {
         Event::Disconnect { reason, message } => {
             json!({"event": "disconnected", "reason": reason.as_str(), "message": message})
         }
+        Event::FileOffer(o) => file_offer(o),
+        Event::FileReady { file_id } => json!({"event": "file_ready", "file_id": file_id}),
+        Event::FileRelayWanted { file_id, by } => {
+            json!({"event": "file_relay_wanted", "file_id": file_id, "by": by})
+        }
+        Event::FileReceived {
+            file_id,
+            by,
+            via_p2p,
+        } => json!({
+            "event": "file_received", "file_id": file_id, "by": by,
+            "via": if *via_p2p { "p2p" } else { "relay" }
+        }),
+        Event::FileDeclined { file_id, by } => {
+            json!({"event": "file_declined", "file_id": file_id, "by": by})
+        }
     }
+}
+
+/// A file offer, as in the `file_offer` event and the `files` reply.
+pub fn file_offer(o: &conclave_proto::FileOffer) -> Value {
+    let mut out = Map::new();
+    out.insert("event".into(), json!("file_offer"));
+    out.insert("file_id".into(), json!(o.file_id));
+    out.insert("from".into(), json!(o.from));
+    match &o.conv {
+        Conv::Room(room) => {
+            out.insert("room".into(), json!(room));
+            if !o.except.is_empty() {
+                out.insert("except".into(), json!(o.except));
+            }
+        }
+        Conv::Direct(participants) => {
+            out.insert("to".into(), json!(direct_recipients(participants, &o.from)));
+        }
+    }
+    out.insert("name".into(), json!(o.name));
+    out.insert("size".into(), json!(o.size));
+    out.insert("sha256".into(), json!(hex::encode(o.sha256)));
+    out.insert("ts".into(), json!(o.ts_ms));
+    out.insert("expires".into(), json!(o.expires_ms));
+    out.insert("relay_ready".into(), json!(o.relay_ready));
+    out.insert("p2p".into(), json!(o.p2p.is_some()));
+    Value::Object(out)
+}
+
+/// A `file_progress` event.
+pub fn file_progress(p: &crate::files::FileProgress) -> Value {
+    let mut v = json!({
+        "event": "file_progress",
+        "file_id": p.file_id,
+        "direction": p.direction.as_str(),
+        "bytes": p.bytes,
+        "total": p.total,
+        "rate": p.rate.round(),
+        "eta_s": p.eta_s.map(|e| (e * 10.0).round() / 10.0),
+    });
+    if let (Some(peer), Value::Object(m)) = (&p.peer, &mut v) {
+        m.insert("peer".into(), json!(peer));
+    }
+    v
+}
+
+/// The fields of a `send_file` reply.
+pub fn file_sent(s: &crate::files::FileSent) -> Map<String, Value> {
+    let v = json!({
+        "file_id": s.file_id,
+        "name": s.name,
+        "size": s.size,
+        "sha256": s.sha256,
+        "relayed": s.relayed,
+        "elapsed_ms": s.elapsed.as_millis() as u64,
+        "throughput": s.throughput.round(),
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// The fields of an `accept_file` reply (and of the `file_done` event).
+pub fn file_received(r: &crate::files::FileReceived) -> Map<String, Value> {
+    let v = json!({
+        "file_id": r.file_id,
+        "path": r.path.display().to_string(),
+        "size": r.size,
+        "via": r.via.as_str(),
+        "fallback": r.fallback,
+        "resumed_from": r.resumed_from,
+        "elapsed_ms": r.elapsed.as_millis() as u64,
+        "throughput": r.throughput.round(),
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// `{"id":..,"ok":true, ...fields}` from ready-made fields.
+pub fn ok_fields(id: Option<Value>, mut map: Map<String, Value>) -> Value {
+    map.insert("ok".into(), json!(true));
+    with_id(map, id)
 }
 
 /// An event line for anything [`crate::Events`] yields.
@@ -176,6 +277,26 @@ fn reply_fields(reply: &Reply) -> Map<String, Value> {
             needed,
             kicked,
         } => json!({"votes": votes, "needed": needed, "kicked": kicked}),
+        Reply::Files(offers) => {
+            json!({"files": offers.iter().map(file_offer).collect::<Vec<_>>()})
+        }
+        Reply::FileCreated {
+            file_id,
+            chunk_size,
+            uploaded,
+            expires_ms,
+            relay_needed,
+            ..
+        } => json!({
+            "file_id": file_id, "chunk_size": chunk_size, "uploaded": uploaded,
+            "expires": expires_ms, "relay_needed": relay_needed
+        }),
+        Reply::FileUploaded {
+            uploaded,
+            complete,
+            chunk_size,
+        } => json!({"uploaded": uploaded, "complete": complete, "chunk_size": chunk_size}),
+        Reply::FileData { offset, data } => json!({"offset": offset, "bytes": data.0.len()}),
     };
     match value {
         Value::Object(map) => map,

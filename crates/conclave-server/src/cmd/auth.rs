@@ -271,6 +271,10 @@ async fn finish_login(
             conclave_proto::DisconnectReason::Shutdown,
             "the server is shutting down; reconnect later",
         );
+        return;
+    }
+    if let Some(user) = conn.user.clone() {
+        super::files::offer_pending(conn, &user).await;
     }
 }
 

@@ -1,0 +1,558 @@
+//! File transfer through the relay, end to end: the client library against the real server
+//! (in-process, real TLS, real SQLite and file store in a temporary directory).
+//!
+//! Every wait is bounded by a timeout and every loop by a count.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use conclave_client::proto::{Conv, Event, FileOffer, Target};
+use conclave_client::{
+    Auth, Client, ClientError, ClientEvent, ConnectOptions, Events, FileOptions, Reconnect, Trust,
+    Via,
+};
+use conclave_server::{Config, Server};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const PASSWORD: &str = "correct horse battery";
+
+struct TestServer {
+    addr: SocketAddr,
+    fingerprint: String,
+    dir: Arc<TempDir>,
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    async fn start(
+        dir: Arc<TempDir>,
+        listen: SocketAddr,
+        tweak: impl Fn(&mut Config),
+    ) -> TestServer {
+        let mut last_error = String::new();
+        for _ in 0..100 {
+            let mut config = Config::new(dir.path());
+            config.listen = listen;
+            tweak(&mut config);
+            match Server::bind(config).await {
+                Ok(server) => {
+                    let addr = server.local_addr();
+                    let fingerprint = server.fingerprint().to_string();
+                    let token = server.shutdown_token();
+                    let handle = tokio::spawn(async move {
+                        server.run().await.expect("server runs");
+                    });
+                    return TestServer {
+                        addr,
+                        fingerprint,
+                        dir,
+                        token,
+                        handle,
+                    };
+                }
+                Err(e) => {
+                    last_error = e.to_string();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        panic!("the server does not start on {listen}: {last_error}");
+    }
+
+    async fn stop(self) -> Arc<TempDir> {
+        self.token.cancel();
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("server stops in time")
+            .expect("server task");
+        self.dir
+    }
+}
+
+fn add_users(dir: &Path, names: &[&str]) {
+    let config = Config::new(dir);
+    let mut db = conclave_server::server::open_db(&config).expect("db");
+    for name in names {
+        let hash = conclave_server::accounts::hash_password(PASSWORD).expect("hash");
+        db.create_user(name, &hash, false).expect("create");
+        db.add_member(&config.default_room, name).expect("member");
+    }
+}
+
+async fn setup(names: &[&str], tweak: impl Fn(&mut Config)) -> (TestServer, TempDir) {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), names);
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().expect("addr"), tweak).await;
+    (srv, tempfile::tempdir().expect("state dir"))
+}
+
+fn options(srv: &TestServer, user: &str, state: &Path) -> ConnectOptions {
+    let auth = Auth::Login {
+        user: user.into(),
+        password: PASSWORD.into(),
+        server_password: None,
+    };
+    let mut opts = ConnectOptions::new(srv.addr.to_string(), auth);
+    opts.trust = Trust::fingerprint(&srv.fingerprint).expect("fingerprint");
+    opts.state_dir = Some(state.to_path_buf());
+    opts.connect_timeout = WAIT;
+    opts.handshake_timeout = WAIT;
+    opts.request_timeout = WAIT;
+    opts.reconnect = Reconnect {
+        initial_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(400),
+        max_attempts: Some(200),
+        give_up_after: WAIT,
+    };
+    opts
+}
+
+async fn connect(srv: &TestServer, user: &str, state: &Path) -> (Client, Events) {
+    let (client, events, _) =
+        tokio::time::timeout(WAIT, Client::connect(options(srv, user, state)))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+    (client, events)
+}
+
+/// A file of `size` pseudo-random bytes (seeded), containing `marker` at its start.
+fn make_file(dir: &Path, name: &str, size: usize, marker: &[u8]) -> (PathBuf, [u8; 32]) {
+    let mut data = Vec::with_capacity(size);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ size as u64;
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    let m = marker.len().min(size);
+    data[..m].copy_from_slice(&marker[..m]);
+    let path = dir.join(name);
+    std::fs::write(&path, &data).expect("write file");
+    (path, Sha256::digest(&data).into())
+}
+
+/// Waits for the next file offer (skipping other events).
+async fn next_offer(events: &mut Events) -> FileOffer {
+    for _ in 0..1000 {
+        let e = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("an offer in time")
+            .expect("events go on");
+        if let ClientEvent::Server(Event::FileOffer(o)) = e {
+            return *o;
+        }
+    }
+    panic!("no file offer");
+}
+
+/// Waits for a server event matching `f`.
+async fn next_matching(events: &mut Events, f: impl Fn(&Event) -> bool) -> Event {
+    for _ in 0..1000 {
+        let e = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("the event in time")
+            .expect("events go on");
+        if let ClientEvent::Server(ev) = e
+            && f(&ev)
+        {
+            return ev;
+        }
+    }
+    panic!("no matching event");
+}
+
+/// Proves no file offer is waiting: a round trip, a moment, then none queued.
+async fn assert_no_offer(client: &Client, events: &mut Events) {
+    client.ping().await.expect("ping");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..10_000 {
+        match events.try_recv() {
+            Some(ClientEvent::Server(Event::FileOffer(o))) => panic!("unexpected offer {o:?}"),
+            Some(_) => {}
+            None => return,
+        }
+    }
+}
+
+fn room(room: &str, except: &[&str]) -> Target {
+    Target::Room {
+        room: room.into(),
+        except: except.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn code(e: &ClientError) -> &str {
+    e.code()
+}
+
+#[tokio::test]
+async fn relay_to_a_room_with_except_reaches_exactly_the_right_set_intact() {
+    let (srv, state) = setup(&["alice", "bob", "carol", "dave"], |_| {}).await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, mut alice_ev) = connect(&srv, "alice", state.path()).await;
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+    let (carol, mut carol_ev) = connect(&srv, "carol", state.path()).await;
+    // Not chunk-aligned, over several chunks.
+    let (path, sha) = make_file(work.path(), "data.bin", 1_000_003, b"");
+    let progress = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = progress.clone();
+    let opts = FileOptions {
+        window: Some(256 * 1024),
+        progress: Some(Arc::new(move |p| {
+            seen.lock().unwrap().push(p.bytes);
+        })),
+        ..Default::default()
+    };
+    let sent = alice
+        .send_file(&path, room("general", &["carol"]), opts)
+        .await
+        .expect("send");
+    assert_eq!(sent.size, 1_000_003);
+    assert_eq!(sent.sha256, hex::encode(sha));
+    assert_eq!(progress.lock().unwrap().last(), Some(&1_000_003));
+
+    let offer = next_offer(&mut bob_ev).await;
+    assert_eq!(offer.file_id, sent.file_id);
+    assert_eq!(offer.from, "alice");
+    assert_eq!(offer.name, "data.bin");
+    assert_eq!(offer.size, 1_000_003);
+    assert_eq!(offer.sha256, sha);
+    assert_eq!(offer.conv, Conv::Room("general".into()));
+    assert_eq!(offer.except, vec!["carol".to_string()]);
+    assert!(offer.relay_ready);
+    assert_no_offer(&carol, &mut carol_ev).await;
+    // Carol cannot fetch it even knowing its id.
+    let down = tempfile::tempdir().expect("down");
+    let e = carol
+        .accept_file(&sent.file_id, down.path(), FileOptions::default())
+        .await
+        .expect_err("carol is excepted");
+    assert_eq!(code(&e), "not_found", "{e}");
+
+    let got = bob
+        .accept_file(&offer.file_id, down.path(), FileOptions::default())
+        .await
+        .expect("accept");
+    assert_eq!(got.via, Via::Relay);
+    assert_eq!(got.path, down.path().join("data.bin"));
+    assert_eq!(
+        std::fs::read(&got.path).unwrap(),
+        std::fs::read(&path).unwrap()
+    );
+    // No part file is left behind.
+    assert_eq!(std::fs::read_dir(down.path()).unwrap().count(), 1);
+    // The sender hears that bob has it.
+    let ev = next_matching(&mut alice_ev, |e| matches!(e, Event::FileReceived { .. })).await;
+    assert_eq!(
+        ev,
+        Event::FileReceived {
+            file_id: sent.file_id.clone(),
+            by: "bob".into(),
+            via_p2p: false
+        }
+    );
+    // A second accept of the same file names the copy "data (1).bin".
+    let again = bob
+        .accept_file(&offer.file_id, down.path(), FileOptions::default())
+        .await
+        .expect("accept again");
+    assert_eq!(again.path, down.path().join("data (1).bin"));
+
+    // Dave was offline: the offer waits for him and comes at login.
+    let (dave, mut dave_ev) = connect(&srv, "dave", state.path()).await;
+    let offer = next_offer(&mut dave_ev).await;
+    assert_eq!(offer.file_id, sent.file_id);
+    let got = dave
+        .accept_file(&offer.file_id, down.path(), FileOptions::default())
+        .await
+        .expect("dave accepts later");
+    assert_eq!(
+        std::fs::read(&got.path).unwrap(),
+        std::fs::read(&path).unwrap()
+    );
+    drop((alice, bob, carol, dave));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn to_users_and_private_rooms_never_reach_others() {
+    let (srv, state) = setup(&["alice", "bob", "carol"], |_| {}).await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, _alice_ev) = connect(&srv, "alice", state.path()).await;
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+    let (carol, mut carol_ev) = connect(&srv, "carol", state.path()).await;
+    let (path, _) = make_file(work.path(), "note.txt", 5000, b"to bob only");
+    let to_bob = Target::Users {
+        to: vec!["bob".into()],
+    };
+    let sent = alice
+        .send_file(&path, to_bob, FileOptions::default())
+        .await
+        .expect("send to bob");
+    let offer = next_offer(&mut bob_ev).await;
+    assert_eq!(offer.file_id, sent.file_id);
+    assert_eq!(offer.conv, Conv::Direct(vec!["alice".into(), "bob".into()]));
+    assert_no_offer(&carol, &mut carol_ev).await;
+
+    alice.create_room("ops", true, None).await.expect("create");
+    alice.invite("ops", "bob").await.expect("invite");
+    bob.join("ops", None).await.expect("join");
+    let (secret, _) = make_file(work.path(), "plan.txt", 70_000, b"private plan");
+    let sent = alice
+        .send_file(&secret, room("ops", &[]), FileOptions::default())
+        .await
+        .expect("send to ops");
+    let offer = next_offer(&mut bob_ev).await;
+    assert_eq!(offer.file_id, sent.file_id);
+    assert_no_offer(&carol, &mut carol_ev).await;
+    let down = tempfile::tempdir().expect("down");
+    let e = carol
+        .accept_file(&sent.file_id, down.path(), FileOptions::default())
+        .await
+        .expect_err("carol is no member");
+    assert_eq!(code(&e), "not_found");
+    // A non-member cannot send into the private room either.
+    let e = carol
+        .send_file(&path, room("ops", &[]), FileOptions::default())
+        .await
+        .expect_err("not a member");
+    assert_eq!(code(&e), "no_such_room", "{e}");
+    drop((alice, bob, carol));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn every_refusal_is_clear() {
+    let (srv, state) = setup(&["alice", "bob"], |c| {
+        c.files.max_file_bytes = 200_000;
+        c.files.quota_bytes_per_user = 300_000;
+        c.files.expiry_secs = 3;
+    })
+    .await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, mut alice_ev) = connect(&srv, "alice", state.path()).await;
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+    let general = || room("general", &[]);
+    let opts = FileOptions::default;
+
+    // Too large.
+    let (big, _) = make_file(work.path(), "big.bin", 200_001, b"");
+    let e = alice
+        .send_file(&big, general(), opts())
+        .await
+        .expect_err("too large");
+    assert_eq!(code(&e), "too_large");
+    assert!(e.to_string().contains("accepts files up to"), "{e}");
+
+    // Quota: two files of 150,000 fit, a third does not.
+    let (f1, _) = make_file(work.path(), "one.bin", 150_000, b"");
+    alice
+        .send_file(&f1, general(), opts())
+        .await
+        .expect("first");
+    alice
+        .send_file(&f1, general(), opts())
+        .await
+        .expect("second");
+    let e = alice
+        .send_file(&f1, general(), opts())
+        .await
+        .expect_err("over quota");
+    assert_eq!(code(&e), "quota_exceeded");
+    assert!(e.to_string().contains("quota"), "{e}");
+
+    // The path is missing, or not a readable file.
+    let e = alice
+        .send_file(&work.path().join("nope.bin"), general(), opts())
+        .await
+        .expect_err("missing");
+    assert_eq!(code(&e), "path_not_found");
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    let e = alice
+        .send_file(work.path(), general(), opts())
+        .await
+        .expect_err("a directory");
+    assert_eq!(code(&e), "unreadable");
+
+    // The target directory is not usable.
+    let first = next_offer(&mut bob_ev).await;
+    let e = bob
+        .accept_file(&first.file_id, &work.path().join("no/such/dir"), opts())
+        .await
+        .expect_err("no directory");
+    assert_eq!(code(&e), "not_writable");
+    let e = bob
+        .accept_file(&first.file_id, &f1, opts())
+        .await
+        .expect_err("a file, not a directory");
+    assert_eq!(code(&e), "not_writable");
+    assert!(e.to_string().contains("not a directory"), "{e}");
+
+    // The recipient declines: the sender is told, and the file is no longer offered.
+    bob.decline_file(&first.file_id).await.expect("decline");
+    let ev = next_matching(&mut alice_ev, |e| matches!(e, Event::FileDeclined { .. })).await;
+    assert_eq!(
+        ev,
+        Event::FileDeclined {
+            file_id: first.file_id.clone(),
+            by: "bob".into()
+        }
+    );
+    let e = bob
+        .accept_file(&first.file_id, work.path(), opts())
+        .await
+        .expect_err("declined");
+    assert_eq!(code(&e), "declined");
+    let pending = bob.pending_files().await.expect("pending");
+    assert!(pending.iter().all(|o| o.file_id != first.file_id));
+
+    // Expired: after 3 s the file is refused as expired.
+    let second = next_offer(&mut bob_ev).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let e = bob
+        .accept_file(&second.file_id, work.path(), opts())
+        .await
+        .expect_err("expired");
+    assert_eq!(code(&e), "expired", "{e}");
+    assert!(e.to_string().contains("expired"), "{e}");
+    // And expired files no longer count against the quota.
+    alice
+        .send_file(&f1, general(), opts())
+        .await
+        .expect("quota freed");
+    drop((alice, bob));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn downloads_resume_from_a_part_file_and_uploads_survive_a_server_restart() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob"]);
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap(), |_| {}).await;
+    let addr = srv.addr;
+    let state = tempfile::tempdir().expect("state");
+    let work = tempfile::tempdir().expect("work");
+    let (alice, _alice_ev) = connect(&srv, "alice", state.path()).await;
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+
+    // Upload 24 MiB with a small window while the server restarts underneath.
+    let (path, sha) = make_file(work.path(), "big.bin", 24 * 1024 * 1024 + 17, b"");
+    let uploading = {
+        let alice = alice.clone();
+        let path = path.clone();
+        tokio::spawn(async move {
+            let opts = FileOptions {
+                window: Some(128 * 1024),
+                ..Default::default()
+            };
+            alice.send_file(&path, room("general", &[]), opts).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !uploading.is_finished(),
+        "the upload must still run when the server stops"
+    );
+    let dir = srv.stop().await;
+    let srv = TestServer::start(dir, addr, |_| {}).await;
+    let sent = tokio::time::timeout(Duration::from_secs(120), uploading)
+        .await
+        .expect("upload finishes in time")
+        .expect("task")
+        .expect("upload completes after the restart");
+    assert_eq!(sent.sha256, hex::encode(sha));
+
+    let offer = next_offer(&mut bob_ev).await;
+    assert_eq!(offer.file_id, sent.file_id);
+    // A download that stopped after 5 MiB + 3 bytes left its part file: the next attempt
+    // continues from there.
+    let down = tempfile::tempdir().expect("down");
+    let original = std::fs::read(&path).unwrap();
+    let short: String = offer.file_id.chars().filter(|c| *c != '-').collect();
+    let part = down.path().join(format!(".big.bin.{short}.part"));
+    let cut = 5 * 1024 * 1024 + 3;
+    std::fs::write(&part, &original[..cut]).unwrap();
+    let got = bob
+        .accept_file(&offer.file_id, down.path(), FileOptions::default())
+        .await
+        .expect("resumed download");
+    assert_eq!(got.resumed_from, cut as u64);
+    assert_eq!(std::fs::read(&got.path).unwrap(), original);
+    assert!(!part.exists());
+
+    // A corrupted part file is caught by the hash and discarded.
+    let mut bad = original[..cut].to_vec();
+    bad[1000] ^= 0xff;
+    std::fs::write(&part, &bad).unwrap();
+    let e = bob
+        .accept_file(&offer.file_id, down.path(), FileOptions::default())
+        .await
+        .expect_err("hash mismatch");
+    assert_eq!(code(&e), "hash_mismatch");
+    assert!(!part.exists());
+    drop((alice, bob));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn no_plaintext_of_a_file_reaches_the_data_directory() {
+    let (srv, state) = setup(&["alice", "bob"], |_| {}).await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, _a) = connect(&srv, "alice", state.path()).await;
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+    let marker = b"CONCLAVE-FILE-MARKER-7f3a9c41e2";
+    // The marker repeated through the file, and in its name.
+    let mut data = Vec::new();
+    for i in 0..20_000u32 {
+        data.extend_from_slice(marker);
+        data.extend_from_slice(&i.to_le_bytes());
+    }
+    let name = "CONCLAVE-NAME-MARKER-55d1.txt";
+    let path = work.path().join(name);
+    std::fs::write(&path, &data).unwrap();
+    let sent = alice
+        .send_file(&path, room("general", &[]), FileOptions::default())
+        .await
+        .expect("send");
+    let offer = next_offer(&mut bob_ev).await;
+    let down = tempfile::tempdir().expect("down");
+    bob.accept_file(&offer.file_id, down.path(), FileOptions::default())
+        .await
+        .expect("accept");
+    drop((alice, bob));
+    let dir = srv.stop().await;
+    let mut scanned = 0;
+    let mut stack = vec![dir.path().to_path_buf()];
+    for _ in 0..10_000 {
+        let Some(d) = stack.pop() else { break };
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                let bytes = std::fs::read(&p).unwrap();
+                for needle in [&marker[..], name.as_bytes()] {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle),
+                        "plaintext in {}",
+                        p.display()
+                    );
+                }
+                scanned += 1;
+            }
+        }
+    }
+    assert!(scanned >= 3, "scanned {scanned} files");
+    // The stored file is there, sealed: larger than the plaintext by the per-chunk overhead.
+    let stored = dir.path().join("files").join(&sent.file_id);
+    assert!(std::fs::metadata(&stored).unwrap().len() > data.len() as u64);
+}

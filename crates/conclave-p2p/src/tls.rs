@@ -1,0 +1,167 @@
+//! TLS for the direct transfer: a fresh self-signed certificate per offer on the sender, and a
+//! verifier on the receiver that pins the certificate's SHA-256 instead of asking a CA.
+//!
+//! Both sides use rustls with the ring provider and TLS 1.3 only, with the ALPN
+//! [`crate::wire::ALPN`].
+
+use std::sync::{Arc, Mutex};
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::P2pError;
+use crate::wire::ALPN;
+
+/// The name in the sender's certificate and the one the receiver asks for. It is not checked
+/// (the fingerprint is), but TLS needs one.
+pub const SERVER_NAME: &str = "conclave-p2p";
+
+/// The provider used everywhere: ring.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// SHA-256 of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
+}
+
+/// A fresh ECDSA P-256 key and self-signed certificate, for one offer.
+pub struct OfferIdentity {
+    pub cert: CertificateDer<'static>,
+    pub key: PrivateKeyDer<'static>,
+    pub fingerprint: [u8; 32],
+}
+
+pub fn generate_identity() -> Result<OfferIdentity, P2pError> {
+    let setup = |e: rcgen::Error| P2pError::Setup(format!("cannot create the certificate: {e}"));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(setup)?;
+    let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(setup)?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "conclave file offer");
+    let cert = params.self_signed(&key).map_err(setup)?;
+    let cert = cert.der().clone();
+    Ok(OfferIdentity {
+        fingerprint: fingerprint(&cert),
+        cert,
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    })
+}
+
+/// The sender's QUIC crypto configuration.
+pub fn server_crypto(identity: &OfferIdentity) -> Result<QuicServerConfig, P2pError> {
+    let setup = |e: rustls::Error| P2pError::Setup(format!("cannot build the TLS server: {e}"));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(setup)?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+        .map_err(setup)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    QuicServerConfig::try_from(config)
+        .map_err(|e| P2pError::Setup(format!("cannot use the TLS server for QUIC: {e}")))
+}
+
+/// The receiver's QUIC crypto configuration, pinned to `expected`. The returned verifier
+/// remembers the fingerprint it was last shown, so a failed connection can say why.
+pub fn client_crypto(
+    expected: [u8; 32],
+) -> Result<(QuicClientConfig, Arc<PinnedVerifier>), P2pError> {
+    let setup = |e: rustls::Error| P2pError::Setup(format!("cannot build the TLS client: {e}"));
+    let provider = provider();
+    let verifier = Arc::new(PinnedVerifier {
+        expected,
+        provider: provider.clone(),
+        mismatch: Mutex::new(None),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(setup)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(config)
+        .map_err(|e| P2pError::Setup(format!("cannot use the TLS client for QUIC: {e}")))?;
+    Ok((quic, verifier))
+}
+
+/// Accepts exactly one certificate: the one whose SHA-256 the server announced with the offer.
+/// The handshake signature is still verified (with ring), which proves the sender holds that
+/// certificate's private key.
+#[derive(Debug)]
+pub struct PinnedVerifier {
+    expected: [u8; 32],
+    provider: Arc<CryptoProvider>,
+    /// The fingerprint of the last certificate refused, if any.
+    mismatch: Mutex<Option<[u8; 32]>>,
+}
+
+impl PinnedVerifier {
+    /// The fingerprint of a certificate this verifier refused, if it refused one.
+    pub fn refused(&self) -> Option<[u8; 32]> {
+        self.mismatch.lock().ok().and_then(|m| *m)
+    }
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let actual = fingerprint(end_entity);
+        if bool::from(actual.ct_eq(&self.expected)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            if let Ok(mut m) = self.mismatch.lock() {
+                *m = Some(actual);
+            }
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered, so this is never reached; refuse rather than trust.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

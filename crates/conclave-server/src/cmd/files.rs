@@ -1,0 +1,644 @@
+//! File transfer: offers, uploads, downloads, and the recipients' answers (see
+//! `conclave_proto::files` for the exchange, and `crate::files` for how bytes are stored).
+
+use std::sync::Arc;
+
+use conclave_proto::files::{MAX_P2P_ADDRS, check_file_name};
+use conclave_proto::{
+    Chunk, Conv, ErrorBody, ErrorCode, Event, FileOffer, P2pGrant, P2pInvite, P2pOffer, Reply,
+    Target,
+};
+
+use super::store_error;
+use crate::files::{FileError, FileStore, Progress, chunk_size_for, parse_id};
+use crate::session::{Conn, broadcast};
+use crate::store::{FileRow, RecipientState, now_ms};
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(code, message)
+}
+
+fn no_such_file() -> ErrorBody {
+    err(
+        ErrorCode::NotFound,
+        "no such file for you: check the file id in the offer (or it expired and was deleted; ask the sender to send it again)",
+    )
+}
+
+fn internal() -> ErrorBody {
+    err(
+        ErrorCode::Internal,
+        "the server could not complete this because of a storage error; try again",
+    )
+}
+
+/// "1.5 GiB": a size for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Runs blocking file-store work off the async threads.
+async fn blocking<R: Send + 'static>(
+    files: &Arc<FileStore>,
+    f: impl FnOnce(&FileStore) -> R + Send + 'static,
+) -> Result<R, ErrorBody> {
+    let files = files.clone();
+    tokio::task::spawn_blocking(move || f(&files))
+        .await
+        .map_err(|_| internal())
+}
+
+fn file_error(e: FileError) -> ErrorBody {
+    match e {
+        FileError::WrongOffset { expected } => err(
+            ErrorCode::BadRequest,
+            format!("the server expects the chunk at offset {expected}; continue from there"),
+        ),
+        FileError::WrongLength { expected } => err(
+            ErrorCode::BadRequest,
+            format!("this chunk must be {expected} bytes long"),
+        ),
+        FileError::HashMismatch => err(
+            ErrorCode::BadRequest,
+            "the uploaded bytes do not match the SHA-256 given in the offer (the file changed while it was sent?); offer it again",
+        ),
+        FileError::Io(e) => {
+            tracing::error!(error = %e, "file store I/O error");
+            internal()
+        }
+        FileError::Corrupt => {
+            tracing::error!("a stored file chunk does not decrypt");
+            err(
+                ErrorCode::Internal,
+                "a stored chunk of this file is damaged; ask the sender to send it again",
+            )
+        }
+    }
+}
+
+async fn row(conn: &Conn, file_id: &str) -> Result<(String, FileRow), ErrorBody> {
+    let id = parse_id(file_id).ok_or_else(no_such_file)?;
+    let lookup = id.clone();
+    let row = conn
+        .shared
+        .store
+        .call(move |db| db.file(&lookup))
+        .await
+        .map_err(store_error)?
+        .ok_or_else(no_such_file)?;
+    Ok((id, row))
+}
+
+fn expired(row: &FileRow) -> Result<(), ErrorBody> {
+    if row.expires_ms <= now_ms() {
+        return Err(err(
+            ErrorCode::Expired,
+            "this file has expired and was deleted from the server; ask the sender to send it again",
+        ));
+    }
+    Ok(())
+}
+
+/// Offers a file: checks the target, limits and quota, records it, and (peer to peer) tells
+/// the online recipients at once.
+pub async fn offer(
+    conn: &Conn,
+    user: &str,
+    target: Target,
+    name: String,
+    size: u64,
+    sha256: [u8; 32],
+    p2p: Option<P2pOffer>,
+) -> Result<Reply, ErrorBody> {
+    check_file_name(&name).map_err(|why| {
+        err(
+            ErrorCode::BadRequest,
+            format!("{why}; send the file under another name"),
+        )
+    })?;
+    let config = conn.shared.config();
+    let limits = &config.files;
+    if size > limits.max_file_bytes {
+        return Err(err(
+            ErrorCode::TooLarge,
+            format!(
+                "the file is {}; this server accepts files up to {}",
+                human_bytes(size),
+                human_bytes(limits.max_file_bytes)
+            ),
+        ));
+    }
+    if let Some(p) = &p2p
+        && (p.addrs.is_empty() || p.addrs.len() > MAX_P2P_ADDRS)
+    {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!("a peer-to-peer offer lists 1 to {MAX_P2P_ADDRS} addresses"),
+        ));
+    }
+    let checked = conn.shared.hub.lock().check_send(user, &target, 0)?;
+    let recipients: Vec<String> = {
+        let hub = conn.shared.hub.lock();
+        hub.audience(&checked.conv, &checked.except)
+            .filter(|u| *u != user)
+            .map(str::to_string)
+            .collect()
+    };
+    if recipients.is_empty() {
+        return Err(err(
+            ErrorCode::BadRequest,
+            "nobody else would receive this file: the room has no other members (or all are excepted)",
+        ));
+    }
+    let now = now_ms();
+    let quota = limits.quota_bytes_per_user;
+    let sender = user.to_string();
+    let used = conn
+        .shared
+        .store
+        .call(move |db| db.file_bytes_of(&sender, now))
+        .await
+        .map_err(store_error)?;
+    if used.saturating_add(size) > quota {
+        return Err(err(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "this file ({}) would take your stored files to {} of your {} quota; wait until earlier files expire, or ask an operator to raise files.quota_bytes_per_user",
+                human_bytes(size),
+                human_bytes(used.saturating_add(size)),
+                human_bytes(quota)
+            ),
+        ));
+    }
+    let file_id = uuid::Uuid::now_v7().hyphenated().to_string();
+    let chunk_size = chunk_size_for(config.limits.max_frame_bytes);
+    let mut row = FileRow {
+        file_id: file_id.clone(),
+        sender: user.to_string(),
+        conv: checked.conv,
+        except: checked.except,
+        name,
+        sha256,
+        size,
+        chunk_size,
+        created_ms: now,
+        expires_ms: now.saturating_add(limits.expiry_ms()),
+        complete: false,
+        p2p: p2p.is_some(),
+    };
+    let id = file_id.clone();
+    blocking(&conn.shared.files, move |f| f.create(&id))
+        .await?
+        .map_err(|e| file_error(e.into()))?;
+    if size == 0 {
+        if !FileStore::empty_ok(&row) {
+            conn.shared.files.delete(&file_id);
+            return Err(file_error(FileError::HashMismatch));
+        }
+        row.complete = true;
+    }
+    let stored = row.clone();
+    let to = recipients.clone();
+    if let Err(e) = conn
+        .shared
+        .store
+        .call(move |db| db.create_file(&stored, &to))
+        .await
+    {
+        conn.shared.files.delete(&file_id);
+        return Err(store_error(e));
+    }
+    tracing::info!(user, file_id, size, p2p = row.p2p, "file offered");
+    let mut tokens = Vec::new();
+    let mut relay_needed = !row.complete;
+    if row.complete {
+        offer_to(conn, &row, &recipients);
+    } else if let Some(p) = p2p {
+        let hub = conn.shared.hub.lock();
+        relay_needed = false;
+        for r in &recipients {
+            if !hub.online(r) {
+                relay_needed = true;
+                continue;
+            }
+            let mut token = [0u8; conclave_proto::files::P2P_TOKEN_BYTES];
+            rand::Rng::fill(&mut rand::rng(), &mut token[..]);
+            tokens.push(P2pGrant {
+                user: r.clone(),
+                token,
+            });
+            let mut offer = row.offer();
+            offer.p2p = Some(P2pInvite {
+                addrs: p.addrs.clone(),
+                fingerprint: p.fingerprint,
+                token,
+            });
+            broadcast(
+                hub.sessions_of(std::iter::once(r.as_str()), None),
+                Event::FileOffer(Box::new(offer)),
+            );
+        }
+    }
+    Ok(Reply::FileCreated {
+        file_id,
+        chunk_size,
+        uploaded: if row.complete { size } else { 0 },
+        expires_ms: row.expires_ms,
+        relay_needed,
+        tokens,
+    })
+}
+
+/// Sends the (relay) offer of a complete file to those of `users` who are online.
+fn offer_to(conn: &Conn, row: &FileRow, users: &[String]) {
+    let hub = conn.shared.hub.lock();
+    broadcast(
+        hub.sessions_of(users.iter().map(String::as_str), None),
+        Event::FileOffer(Box::new(row.offer())),
+    );
+}
+
+/// The sender: how much the server holds.
+pub async fn status(conn: &Conn, user: &str, file_id: String) -> Result<Reply, ErrorBody> {
+    let (_, row) = row(conn, &file_id).await?;
+    if row.sender != user {
+        return Err(no_such_file());
+    }
+    expired(&row)?;
+    let chunk_size = row.chunk_size;
+    let complete = row.complete;
+    let uploaded = blocking(&conn.shared.files, move |f| f.uploaded(&row))
+        .await?
+        .map_err(file_error)?;
+    Ok(Reply::FileUploaded {
+        uploaded,
+        complete,
+        chunk_size,
+    })
+}
+
+/// The sender: one more chunk. On the last one the file is checked, synced, marked complete
+/// and offered (or, peer to peer, announced ready to those who asked for the relay).
+pub async fn chunk(
+    conn: &Conn,
+    user: &str,
+    file_id: String,
+    offset: u64,
+    data: Chunk,
+) -> Result<Reply, ErrorBody> {
+    let (id, row) = conn.shared.files_cache.row(conn, &file_id).await?;
+    if row.sender != user {
+        return Err(no_such_file());
+    }
+    expired(&row)?;
+    let chunk_size = row.chunk_size;
+    let r = row.clone();
+    let progress = blocking(&conn.shared.files, move |f| f.append(&r, offset, &data.0))
+        .await?
+        .map_err(file_error)?;
+    if let Progress {
+        complete: true,
+        uploaded,
+    } = progress
+        && !row.complete
+    {
+        conn.shared.files_cache.forget(&id);
+        let waiting = conn
+            .shared
+            .store
+            .call(move |db| db.complete_file(&id))
+            .await
+            .map_err(store_error)?;
+        tracing::info!(user, file_id, size = uploaded, "file upload complete");
+        let mut done = row.clone();
+        done.complete = true;
+        if done.p2p {
+            let hub = conn.shared.hub.lock();
+            broadcast(
+                hub.sessions_of(waiting.iter().map(String::as_str), None),
+                Event::FileReady {
+                    file_id: done.file_id.clone(),
+                },
+            );
+        } else {
+            offer_to(conn, &done, &waiting);
+        }
+    }
+    Ok(Reply::FileUploaded {
+        uploaded: progress.uploaded,
+        complete: progress.complete,
+        chunk_size,
+    })
+}
+
+/// Checks that `user` may fetch `row`: a recipient who has not declined, still in the room.
+fn may_fetch(
+    conn: &Conn,
+    user: &str,
+    row: &FileRow,
+    state: Option<RecipientState>,
+) -> Result<(), ErrorBody> {
+    match state {
+        None => return Err(no_such_file()),
+        Some(RecipientState::Declined) => {
+            return Err(err(
+                ErrorCode::Declined,
+                "you declined this file; ask the sender to send it again",
+            ));
+        }
+        Some(_) => {}
+    }
+    if let Conv::Room(room) = &row.conv {
+        let hub = conn.shared.hub.lock();
+        if !hub.room(room).is_some_and(|r| r.members.contains(user)) {
+            return Err(no_such_file());
+        }
+    }
+    expired(row)
+}
+
+/// A recipient: one chunk from `offset`.
+pub async fn fetch(
+    conn: &Conn,
+    user: &str,
+    file_id: String,
+    offset: u64,
+) -> Result<Reply, ErrorBody> {
+    let (id, row) = conn.shared.files_cache.row(conn, &file_id).await?;
+    let state = conn.shared.files_cache.recipient(conn, &id, user).await?;
+    may_fetch(conn, user, &row, state)?;
+    if !row.complete {
+        return Err(err(
+            ErrorCode::NotReady,
+            "the server does not hold this file yet; wait for file_ready (the sender uploads it)",
+        ));
+    }
+    if offset > row.size {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!(
+                "offset {offset} is past the end of the file ({} bytes)",
+                row.size
+            ),
+        ));
+    }
+    let data = blocking(&conn.shared.files, move |f| f.read(&row, offset))
+        .await?
+        .map_err(file_error)?;
+    Ok(Reply::FileData {
+        offset,
+        data: Chunk(data),
+    })
+}
+
+/// A recipient declines (`received` false) or confirms receipt; the sender is told.
+pub async fn answer(
+    conn: &Conn,
+    user: &str,
+    file_id: String,
+    received: Option<bool>,
+) -> Result<Reply, ErrorBody> {
+    let (id, row) = row(conn, &file_id).await?;
+    let who = user.to_string();
+    let lookup = id.clone();
+    let state = conn
+        .shared
+        .store
+        .call(move |db| db.file_recipient(&lookup, &who))
+        .await
+        .map_err(store_error)?;
+    if state.is_none() {
+        return Err(no_such_file());
+    }
+    let new = match received {
+        Some(_) => RecipientState::Received,
+        None => RecipientState::Declined,
+    };
+    let who = user.to_string();
+    let key = id.clone();
+    conn.shared
+        .store
+        .call(move |db| db.set_file_recipient(&key, &who, new))
+        .await
+        .map_err(store_error)?;
+    conn.shared.files_cache.forget_recipient(&id, user);
+    let event = match received {
+        Some(via_p2p) => Event::FileReceived {
+            file_id: id,
+            by: user.to_string(),
+            via_p2p,
+        },
+        None => Event::FileDeclined {
+            file_id: id,
+            by: user.to_string(),
+        },
+    };
+    let hub = conn.shared.hub.lock();
+    broadcast(
+        hub.sessions_of(std::iter::once(row.sender.as_str()), None),
+        event,
+    );
+    Ok(Reply::Ok)
+}
+
+/// A recipient of a peer-to-peer offer needs the relay copy.
+pub async fn want_relay(conn: &Conn, user: &str, file_id: String) -> Result<Reply, ErrorBody> {
+    let (id, row) = row(conn, &file_id).await?;
+    let who = user.to_string();
+    let key = id.clone();
+    let state = conn
+        .shared
+        .store
+        .call(move |db| {
+            let state = db.file_recipient(&key, &who)?;
+            if state.is_some() {
+                db.want_relay(&key, &who)?;
+            }
+            Ok(state)
+        })
+        .await
+        .map_err(store_error)?;
+    may_fetch(conn, user, &row, state)?;
+    if row.complete {
+        return Ok(Reply::FileUploaded {
+            uploaded: row.size,
+            complete: true,
+            chunk_size: row.chunk_size,
+        });
+    }
+    let hub = conn.shared.hub.lock();
+    if !hub.online(&row.sender) {
+        return Err(err(
+            ErrorCode::NotReady,
+            format!(
+                "{} is offline and the server does not hold this file yet; it comes when they are back online (file_ready)",
+                row.sender
+            ),
+        ));
+    }
+    broadcast(
+        hub.sessions_of(std::iter::once(row.sender.as_str()), None),
+        Event::FileRelayWanted {
+            file_id: id,
+            by: user.to_string(),
+        },
+    );
+    Ok(Reply::FileUploaded {
+        uploaded: 0,
+        complete: false,
+        chunk_size: row.chunk_size,
+    })
+}
+
+/// Pending offers for `user`.
+pub async fn pending(conn: &Conn, user: &str) -> Result<Vec<FileOffer>, ErrorBody> {
+    let who = user.to_string();
+    let now = now_ms();
+    let limit = conn.shared.config().files.max_pending_offers;
+    let rows = conn
+        .shared
+        .store
+        .call(move |db| db.pending_files(&who, now, limit))
+        .await
+        .map_err(store_error)?;
+    Ok(rows.iter().map(FileRow::offer).collect())
+}
+
+/// At login: the files waiting for this account, as events.
+pub async fn offer_pending(conn: &Conn, user: &str) {
+    match pending(conn, user).await {
+        Ok(offers) => {
+            for o in offers {
+                conn.outbox
+                    .send(&conclave_proto::ServerFrame::Event(Event::FileOffer(
+                        Box::new(o),
+                    )));
+            }
+        }
+        Err(e) => tracing::warn!(user, error = %e.message, "cannot list pending files"),
+    }
+}
+
+/// Deletes expired files (records, then bytes), and bytes on disk with no record.
+pub async fn expire(shared: &crate::server::Shared, sweep_strays: bool) {
+    let now = now_ms();
+    let ids = match shared.store.call(move |db| db.expire_files(now)).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(error = %e, "file expiry failed");
+            return;
+        }
+    };
+    for id in &ids {
+        shared.files.delete(id);
+        shared.files_cache.forget(id);
+    }
+    if !ids.is_empty() {
+        tracing::info!(count = ids.len(), "expired files deleted");
+    }
+    if sweep_strays {
+        let known = match shared.store.call(|db| db.file_ids()).await {
+            Ok(k) => k.into_iter().collect::<std::collections::HashSet<_>>(),
+            Err(_) => return,
+        };
+        let files = shared.files.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(on_disk) = files.on_disk() {
+                for id in on_disk.iter().filter(|id| !known.contains(*id)) {
+                    files.delete(id);
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// File rows and recipient states, cached briefly so a transfer of thousands of chunks does
+/// not ask the store thread (busy with message commits) for each one.
+#[derive(Default)]
+pub struct FilesCache {
+    rows: std::sync::Mutex<std::collections::HashMap<String, (FileRow, std::time::Instant)>>,
+    recipients: std::sync::Mutex<std::collections::HashMap<(String, String), CachedState>>,
+}
+
+type CachedState = (Option<RecipientState>, std::time::Instant);
+
+/// How long a cached row or recipient state is trusted.
+const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most cached entries of each kind (the cache is emptied when full).
+const CACHE_ENTRIES: usize = 4096;
+
+impl FilesCache {
+    async fn row(&self, conn: &Conn, file_id: &str) -> Result<(String, FileRow), ErrorBody> {
+        if let Some(id) = parse_id(file_id) {
+            let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((row, at)) = rows.get(&id)
+                && at.elapsed() < CACHE_TTL
+            {
+                return Ok((id, row.clone()));
+            }
+        }
+        let (id, row) = row(conn, file_id).await?;
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        if rows.len() >= CACHE_ENTRIES {
+            rows.clear();
+        }
+        rows.insert(id.clone(), (row.clone(), std::time::Instant::now()));
+        Ok((id, row))
+    }
+
+    async fn recipient(
+        &self,
+        conn: &Conn,
+        file_id: &str,
+        user: &str,
+    ) -> Result<Option<RecipientState>, ErrorBody> {
+        let key = (file_id.to_string(), user.to_string());
+        {
+            let map = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((state, at)) = map.get(&key)
+                && at.elapsed() < CACHE_TTL
+            {
+                return Ok(*state);
+            }
+        }
+        let (f, u) = key.clone();
+        let state = conn
+            .shared
+            .store
+            .call(move |db| db.file_recipient(&f, &u))
+            .await
+            .map_err(store_error)?;
+        let mut map = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(key, (state, std::time::Instant::now()));
+        Ok(state)
+    }
+
+    fn forget(&self, file_id: &str) {
+        self.rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(file_id);
+    }
+
+    fn forget_recipient(&self, file_id: &str, user: &str) {
+        self.recipients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(file_id.to_string(), user.to_string()));
+    }
+}
