@@ -39,6 +39,9 @@ pub enum Command {
         after_help = "Example:\n  conclave client --json --server 127.0.0.1:7667 --user alice --password-env PW --fingerprint 3f2a...\n  then type: {\"cmd\":\"send\",\"room\":\"general\",\"text\":\"hi\"}"
     )]
     Client(ClientArgs),
+    /// The terminal chat client: conversations, members, commands, scrollback.
+    #[command(after_help = CHAT_HELP)]
+    Chat(ChatArgs),
     /// The operator's console for a running server (over its admin socket).
     #[command(
         after_help = "Examples:\n  conclave admin who\n  conclave admin ban mallory --for 2h --reason spam\n  conclave admin deny add 203.0.113.0/24\n  conclave admin reload"
@@ -201,6 +204,49 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("{s:?} is not a size; write bytes, or a number with K, M or G"))
+}
+
+const CHAT_HELP: &str = "\
+The first connection to a server shows its certificate fingerprint and asks before trusting it
+(compare it with `conclave fingerprint` on the server). The password is asked for on the screen
+(nothing is shown), or read from the variable named by --password-env. Inside, /help lists the
+commands and keys. Logs go to chat.log in the state directory.
+
+Examples:
+  conclave chat --server chat.example.org:7667 --user alice
+  conclave chat --server 127.0.0.1:7667 --user bob --register
+  PW=... conclave chat --server 127.0.0.1:7667 --user bob --password-env PW --fingerprint 3f2a...";
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// The server, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub server: String,
+    /// Your account name.
+    #[arg(long)]
+    pub user: String,
+    /// Read your password from this environment variable (otherwise the screen asks for it).
+    #[arg(long, value_name = "VAR")]
+    pub password_env: Option<String>,
+    /// The server certificate's SHA-256 fingerprint (hex, colons and case ignored); without
+    /// it, an unknown server's fingerprint is shown for you to confirm.
+    #[arg(long, value_name = "HEX", conflicts_with = "ca")]
+    pub fingerprint: Option<String>,
+    /// Verify the server with this CA certificate (PEM) instead of a pinned fingerprint.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Create the account (if the server's registration policy allows it).
+    #[arg(long)]
+    pub register: bool,
+    /// Read an invite code for registration from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub invite_code_env: Option<String>,
+    /// Read the server password from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub server_password_env: Option<String>,
+    /// Where pinned server fingerprints and chat.log are kept (default: ~/.config/conclave).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -9,7 +9,7 @@ use conclave_client::{Auth, ConnectOptions};
 
 use crate::cli::ClientArgs;
 
-fn env_secret(var: &Option<String>, flag: &str) -> anyhow::Result<Option<String>> {
+pub(crate) fn env_secret(var: &Option<String>, flag: &str) -> anyhow::Result<Option<String>> {
     match var {
         None => Ok(None),
         Some(v) => std::env::var(v)

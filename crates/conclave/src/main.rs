@@ -2,6 +2,7 @@
 //! parses arguments and calls into the library crates.
 
 mod admin;
+mod chat;
 mod cli;
 mod client;
 mod doctor;
@@ -31,6 +32,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Fingerprint(args) => serve::fingerprint(args),
         Command::User(args) => user::run(args),
         Command::Client(args) => serve::client(args),
+        Command::Chat(args) => chat::run(args),
         Command::Logs(args) => logs::run(args),
         Command::Admin(args) => admin::run(args),
         Command::Monitor(args) => monitor::run(args),

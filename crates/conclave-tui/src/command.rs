@@ -1,0 +1,447 @@
+//! Slash commands: the table behind `/help` and tab completion, and the parser.
+
+use std::net::IpAddr;
+
+/// Messages `/history` loads when no count is given.
+pub const DEFAULT_HISTORY_PAGE: u32 = 50;
+/// Most messages one `/history` asks for (the server may cap lower).
+pub const MAX_HISTORY_PAGE: u32 = 500;
+
+/// One command, as `/help` lists it.
+#[derive(Debug, Clone, Copy)]
+pub struct CommandSpec {
+    pub name: &'static str,
+    pub args: &'static str,
+    pub help: &'static str,
+}
+
+/// Every command, in the order `/help` shows them.
+#[rustfmt::skip]
+pub const COMMANDS: &[CommandSpec] = &[
+    CommandSpec { name: "help", args: "[command]", help: "this list, or one command's help" },
+    CommandSpec { name: "join", args: "room [password]", help: "join a room and show it" },
+    CommandSpec { name: "part", args: "[room]", help: "leave a room (default: this one)" },
+    CommandSpec { name: "create", args: "room [private] [password]", help: "create a room (private: visible to members and invitees only)" },
+    CommandSpec { name: "invite", args: "user [room]", help: "let a user into a private room (default: this one)" },
+    CommandSpec { name: "msg", args: "user[,user...] text", help: "a direct message to one or several people (opens the conversation)" },
+    CommandSpec { name: "query", args: "user[,user...]", help: "open a direct conversation without sending" },
+    CommandSpec { name: "except", args: "user[,user...] text", help: "say something to this room, except to these people" },
+    CommandSpec { name: "who", args: "[room]", help: "who is online (everywhere, or the room's members)" },
+    CommandSpec { name: "rooms", args: "", help: "the rooms you can see" },
+    CommandSpec { name: "history", args: "[count]", help: "load older messages of this conversation" },
+    CommandSpec { name: "search", args: "words", help: "search your conversations; Enter on a result jumps to it" },
+    CommandSpec { name: "kick", args: "user [reason]", help: "remove a user from this room (owner, admins); in the status buffer, from the server (admins)" },
+    CommandSpec { name: "votekick", args: "user", help: "vote to remove a user from this room" },
+    CommandSpec { name: "ban", args: "user|ip[/bits] [duration] [reason]", help: "admins: ban an account or a network (duration like 30m, 2h, 7d; default for ever)" },
+    CommandSpec { name: "unban", args: "user|ip[/bits]", help: "admins: lift a ban" },
+    CommandSpec { name: "announce", args: "text", help: "admins: a notice to everyone online" },
+    CommandSpec { name: "file", args: "path", help: "offer a file to this conversation" },
+    CommandSpec { name: "accept", args: "file-id [dir]", help: "accept a file offered to you (saved in dir, default the current directory)" },
+    CommandSpec { name: "members", args: "", help: "show or hide the members pane (also F2)" },
+    CommandSpec { name: "close", args: "", help: "close this direct conversation's buffer" },
+    CommandSpec { name: "quit", args: "", help: "leave (also Ctrl-C)" },
+];
+
+/// Who a ban is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BanTarget {
+    User(String),
+    Ip(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Help(Option<String>),
+    Join {
+        room: String,
+        password: Option<String>,
+    },
+    Part {
+        room: Option<String>,
+    },
+    Create {
+        room: String,
+        private: bool,
+        password: Option<String>,
+    },
+    Invite {
+        user: String,
+        room: Option<String>,
+    },
+    Msg {
+        to: Vec<String>,
+        text: String,
+    },
+    Query {
+        to: Vec<String>,
+    },
+    Except {
+        except: Vec<String>,
+        text: String,
+    },
+    Who {
+        room: Option<String>,
+    },
+    Rooms,
+    History {
+        count: u32,
+    },
+    Search {
+        query: String,
+    },
+    Kick {
+        user: String,
+        reason: Option<String>,
+    },
+    VoteKick {
+        user: String,
+    },
+    Ban {
+        target: BanTarget,
+        duration_s: Option<u64>,
+        reason: Option<String>,
+    },
+    Unban {
+        target: BanTarget,
+    },
+    Announce {
+        text: String,
+    },
+    File {
+        path: String,
+    },
+    Accept {
+        file_id: String,
+        dir: Option<String>,
+    },
+    Members,
+    Close,
+    Quit,
+}
+
+impl Command {
+    /// Whether the line may be kept in the input history (not when it holds a password).
+    pub fn may_remember(&self) -> bool {
+        !matches!(
+            self,
+            Command::Join {
+                password: Some(_),
+                ..
+            } | Command::Create {
+                password: Some(_),
+                ..
+            }
+        )
+    }
+}
+
+pub fn spec(name: &str) -> Option<&'static CommandSpec> {
+    COMMANDS.iter().find(|c| c.name == name)
+}
+
+/// `#room` or `room` → `room`.
+fn room_arg(s: &str) -> String {
+    s.trim_start_matches('#').to_string()
+}
+
+fn user_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|u| u.trim().trim_start_matches('@'))
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn usage(name: &str) -> String {
+    match spec(name) {
+        Some(s) => format!("usage: /{} {}", s.name, s.args),
+        None => format!("unknown command /{name}"),
+    }
+}
+
+/// Splits off the first word: (word, rest with leading spaces removed).
+fn first_word(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    match s.split_once(char::is_whitespace) {
+        Some((w, rest)) => (w, rest.trim_start()),
+        None => (s, ""),
+    }
+}
+
+fn nonempty(s: &str) -> Option<String> {
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// `30s`, `15m`, `2h`, `7d`, `1w`, or plain seconds.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().ok()?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return None,
+    };
+    n.checked_mul(factor).filter(|&d| d > 0)
+}
+
+fn ban_target(s: &str) -> BanTarget {
+    let is_ip = match s.split_once('/') {
+        Some((addr, bits)) => addr.parse::<IpAddr>().is_ok() && bits.parse::<u8>().is_ok(),
+        None => s.parse::<IpAddr>().is_ok(),
+    };
+    if is_ip {
+        BanTarget::Ip(s.to_string())
+    } else {
+        BanTarget::User(s.trim_start_matches('@').to_string())
+    }
+}
+
+/// Parses a line that starts with `/`. The error is the sentence to show.
+pub fn parse(line: &str) -> Result<Command, String> {
+    let line = line.strip_prefix('/').unwrap_or(line);
+    let (name, rest) = first_word(line);
+    let name = name.to_lowercase();
+    let need = |ok: bool| if ok { Ok(()) } else { Err(usage(&name)) };
+    let command = match name.as_str() {
+        "help" | "h" | "?" => {
+            Command::Help(nonempty(rest).map(|s| s.trim_start_matches('/').to_string()))
+        }
+        "join" | "j" => {
+            let (room, rest) = first_word(rest);
+            need(!room.is_empty())?;
+            Command::Join {
+                room: room_arg(room),
+                password: nonempty(rest),
+            }
+        }
+        "part" | "leave" => Command::Part {
+            room: nonempty(rest).map(|r| room_arg(&r)),
+        },
+        "create" => {
+            let (room, mut rest) = first_word(rest);
+            need(!room.is_empty())?;
+            let mut private = false;
+            let (word, after) = first_word(rest);
+            if word.eq_ignore_ascii_case("private") {
+                private = true;
+                rest = after;
+            }
+            Command::Create {
+                room: room_arg(room),
+                private,
+                password: nonempty(rest),
+            }
+        }
+        "invite" => {
+            let (user, rest) = first_word(rest);
+            need(!user.is_empty())?;
+            Command::Invite {
+                user: user.trim_start_matches('@').to_string(),
+                room: nonempty(rest).map(|r| room_arg(&r)),
+            }
+        }
+        "msg" | "m" => {
+            let (to, text) = first_word(rest);
+            let to = user_list(to);
+            need(!to.is_empty() && !text.is_empty())?;
+            Command::Msg {
+                to,
+                text: text.to_string(),
+            }
+        }
+        "query" | "q" => {
+            let to = user_list(rest.trim());
+            need(!to.is_empty())?;
+            Command::Query { to }
+        }
+        "except" => {
+            let (except, text) = first_word(rest);
+            let except = user_list(except);
+            need(!except.is_empty() && !text.is_empty())?;
+            Command::Except {
+                except,
+                text: text.to_string(),
+            }
+        }
+        "who" | "w" => Command::Who {
+            room: nonempty(rest).map(|r| room_arg(&r)),
+        },
+        "rooms" | "list" => Command::Rooms,
+        "history" => {
+            let count = match nonempty(rest) {
+                None => DEFAULT_HISTORY_PAGE,
+                Some(n) => n
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=MAX_HISTORY_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        format!("/history takes a count from 1 to {MAX_HISTORY_PAGE}")
+                    })?,
+            };
+            Command::History { count }
+        }
+        "search" | "s" => {
+            let query = nonempty(rest).ok_or_else(|| usage("search"))?;
+            Command::Search { query }
+        }
+        "kick" => {
+            let (user, reason) = first_word(rest);
+            need(!user.is_empty())?;
+            Command::Kick {
+                user: user.trim_start_matches('@').to_string(),
+                reason: nonempty(reason),
+            }
+        }
+        "votekick" => {
+            let (user, _) = first_word(rest);
+            need(!user.is_empty())?;
+            Command::VoteKick {
+                user: user.trim_start_matches('@').to_string(),
+            }
+        }
+        "ban" => {
+            let (who, rest) = first_word(rest);
+            need(!who.is_empty())?;
+            let (maybe_duration, after) = first_word(rest);
+            let (duration_s, reason) = match parse_duration(maybe_duration) {
+                Some(d) => (Some(d), nonempty(after)),
+                None if maybe_duration.eq_ignore_ascii_case("forever") => (None, nonempty(after)),
+                None => (None, nonempty(rest)),
+            };
+            Command::Ban {
+                target: ban_target(who),
+                duration_s,
+                reason,
+            }
+        }
+        "unban" => {
+            let (who, _) = first_word(rest);
+            need(!who.is_empty())?;
+            Command::Unban {
+                target: ban_target(who),
+            }
+        }
+        "announce" => {
+            let text = nonempty(rest).ok_or_else(|| usage("announce"))?;
+            Command::Announce { text }
+        }
+        "file" => {
+            let path = nonempty(rest).ok_or_else(|| usage("file"))?;
+            Command::File { path }
+        }
+        "accept" => {
+            let (file_id, dir) = first_word(rest);
+            need(!file_id.is_empty())?;
+            Command::Accept {
+                file_id: file_id.to_string(),
+                dir: nonempty(dir),
+            }
+        }
+        "members" | "nicklist" => Command::Members,
+        "close" => Command::Close,
+        "quit" | "exit" => Command::Quit,
+        "" => return Err("type a command after /, or /help for the list".to_string()),
+        other => {
+            return Err(format!(
+                "unknown command /{other}; /help lists them (to send a line starting with /, \
+                 start it with //)"
+            ));
+        }
+    };
+    Ok(command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_kind_of_target() {
+        assert_eq!(
+            parse("/msg bob,@carol hi there").unwrap(),
+            Command::Msg {
+                to: vec!["bob".into(), "carol".into()],
+                text: "hi there".into()
+            }
+        );
+        assert_eq!(
+            parse("/except carol not for you").unwrap(),
+            Command::Except {
+                except: vec!["carol".into()],
+                text: "not for you".into()
+            }
+        );
+        assert_eq!(
+            parse("/join #ops hunter2").unwrap(),
+            Command::Join {
+                room: "ops".into(),
+                password: Some("hunter2".into())
+            }
+        );
+        assert!(!parse("/join #ops hunter2").unwrap().may_remember());
+        assert!(parse("/join ops").unwrap().may_remember());
+        assert_eq!(
+            parse("/create lab private").unwrap(),
+            Command::Create {
+                room: "lab".into(),
+                private: true,
+                password: None
+            }
+        );
+        assert_eq!(parse("/part").unwrap(), Command::Part { room: None });
+        assert_eq!(
+            parse("/history 20").unwrap(),
+            Command::History { count: 20 }
+        );
+        assert!(parse("/history 0").is_err());
+    }
+
+    #[test]
+    fn bans_tell_users_from_networks() {
+        assert_eq!(
+            parse("/ban mallory 2h spamming links").unwrap(),
+            Command::Ban {
+                target: BanTarget::User("mallory".into()),
+                duration_s: Some(7200),
+                reason: Some("spamming links".into())
+            }
+        );
+        assert_eq!(
+            parse("/ban 203.0.113.0/24 abuse").unwrap(),
+            Command::Ban {
+                target: BanTarget::Ip("203.0.113.0/24".into()),
+                duration_s: None,
+                reason: Some("abuse".into())
+            }
+        );
+        assert_eq!(
+            parse("/unban bob.smith").unwrap(),
+            Command::Unban {
+                target: BanTarget::User("bob.smith".into())
+            }
+        );
+        assert_eq!(parse_duration("7d"), Some(604_800));
+        assert_eq!(parse_duration("0"), None);
+        assert_eq!(parse_duration("2x"), None);
+    }
+
+    #[test]
+    fn mistakes_say_what_to_type() {
+        assert_eq!(
+            parse("/msg bob").unwrap_err(),
+            "usage: /msg user[,user...] text"
+        );
+        assert!(parse("/fly").unwrap_err().contains("/help"));
+        assert!(parse("/").is_err());
+        // Every command in the table parses (with plausible arguments).
+        for spec in COMMANDS {
+            let args = if spec.name == "history" { "5" } else { "a b c" };
+            let line = format!("/{} {args}", spec.name);
+            assert!(parse(&line).is_ok(), "{line}");
+        }
+    }
+}

@@ -1,0 +1,911 @@
+//! The main screens, drawn with ratatui's `TestBackend` from an `App` driven by inputs: no
+//! terminal, no socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use conclave_client::proto::{Body, Conv, DisconnectReason, Event, Message, Reply, Request};
+use conclave_client::{ClientEvent, PinOutcome, Session, Trust};
+use conclave_tui::app::{Action, App, AppOptions, ConnectFailure, Failure, Input, Overlay};
+use conclave_tui::buffer::ConvKey;
+use conclave_tui::files::FileEvent;
+use conclave_tui::view;
+use jiff::tz::TimeZone;
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers, MouseEvent, MouseEventKind};
+
+const FP: &str = "7ddc9d8b6a773c3a63307dead2c3fdb47617e76ba9c05727e98899f6253f3f5e";
+/// 2026-11-21T10:00:00Z.
+const T0: i64 = 1_795_255_200_000;
+const MINUTE: i64 = 60_000;
+
+fn options(password: Option<&str>) -> AppOptions {
+    AppOptions {
+        server: "chat.example.org:7667".into(),
+        user: "alice".into(),
+        register: false,
+        trust: Trust::PinnedOnly,
+        password: password.map(str::to_string),
+        server_password: None,
+        invite_code: None,
+    }
+}
+
+fn new_app(size: (u16, u16)) -> App {
+    App::new(options(Some("pw")), size, TimeZone::UTC, T0 + 30 * MINUTE)
+}
+
+/// The screen as text, a line per row (trailing spaces kept).
+fn screen(app: &App) -> String {
+    let (w, h) = app.size;
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+    terminal.draw(|f| view::render(f, app)).unwrap();
+    let buffer = terminal.backend().buffer().clone();
+    let mut out = String::new();
+    for y in 0..h {
+        for x in 0..w {
+            out.push_str(buffer[(x, y)].symbol());
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[track_caller]
+fn assert_shows(app: &App, needles: &[&str]) {
+    let text = screen(app);
+    for needle in needles {
+        assert!(
+            text.contains(needle),
+            "the screen lacks {needle:?}:\n{text}"
+        );
+    }
+}
+
+fn key(code: KeyCode) -> Input {
+    Input::Key(KeyEvent::new(code, KeyModifiers::NONE))
+}
+
+fn type_line(app: &mut App, line: &str) -> Vec<Action> {
+    for c in line.chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Enter))
+}
+
+fn session() -> Session {
+    Session {
+        user: "alice".into(),
+        admin: false,
+        rooms: vec!["general".into()],
+        server: "chat.example.org:7667".into(),
+        fingerprint: FP.into(),
+        trust: PinOutcome::Known {
+            known_servers: PathBuf::from("/home/alice/.config/conclave/known_servers"),
+            line: 3,
+        },
+        tls_version: "TLS 1.3".into(),
+        cipher_suite: "TLS13_AES_256_GCM_SHA384".into(),
+    }
+}
+
+fn message(seq: u64, conv: Conv, from: &str, text: &str, ts_ms: i64) -> Message {
+    Message {
+        msg_id: format!("m-{seq}-{from}"),
+        conv,
+        from: from.into(),
+        seq,
+        ts_ms,
+        body: Body::text(text),
+    }
+}
+
+fn room_message(seq: u64, from: &str, text: &str, ts_ms: i64) -> Input {
+    Input::Client(ClientEvent::Server(Event::Message(message(
+        seq,
+        Conv::Room("general".into()),
+        from,
+        text,
+        ts_ms,
+    ))))
+}
+
+fn server(event: Event) -> Input {
+    Input::Client(ClientEvent::Server(event))
+}
+
+/// The tags of the requests of this kind among `actions`.
+fn tags(actions: &[Action], pred: impl Fn(&Request) -> bool) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Request { tag, req } if pred(req) => Some(*tag),
+            _ => None,
+        })
+        .collect()
+}
+
+fn presence(user: &str, online: bool) -> conclave_client::proto::UserPresence {
+    conclave_client::proto::UserPresence {
+        user: user.into(),
+        online,
+        connections: u32::from(online),
+        admin: false,
+    }
+}
+
+/// Connected to a server, in #general (whose history page is `history`), with bob and
+/// carol (offline) as members.
+fn connected(size: (u16, u16), history: Vec<Message>) -> App {
+    let mut app = new_app(size);
+    let actions = app.start();
+    assert!(
+        matches!(actions[..], [Action::Connect { .. }]),
+        "{actions:?}"
+    );
+    app.now_ms = T0 - 2 * 24 * 60 * MINUTE;
+    let actions = app.update(Input::Connected(Box::new(session())));
+    let who = tags(&actions, |r| matches!(r, Request::Who { room: Some(_) }));
+    let hist = tags(&actions, |r| {
+        matches!(r, Request::History { before: None, .. })
+    });
+    assert_eq!((who.len(), hist.len()), (1, 1), "{actions:?}");
+    app.update(Input::Reply {
+        tag: who[0],
+        result: Ok(Reply::Users(vec![
+            presence("alice", true),
+            presence("bob", true),
+            presence("carol", false),
+        ])),
+    });
+    app.update(Input::Reply {
+        tag: hist[0],
+        result: Ok(Reply::Messages(history)),
+    });
+    app.now_ms = T0 + 30 * MINUTE;
+    app
+}
+
+/// Connected, in #general, with a few messages.
+fn chatting(size: (u16, u16)) -> App {
+    let history = vec![
+        message(
+            1,
+            Conv::Room("general".into()),
+            "bob",
+            "morning all",
+            T0 - 24 * 60 * MINUTE,
+        ),
+        message(
+            2,
+            Conv::Room("general".into()),
+            "bob",
+            "hey alice, the deploy is done",
+            T0,
+        ),
+    ];
+    let mut app = connected(size, history);
+    app.update(room_message(3, "carol", "nice", T0 + MINUTE));
+    app.update(server(Event::Join {
+        room: "general".into(),
+        user: "dave".into(),
+    }));
+    app.update(Input::Latency(Some(Duration::from_millis(12))));
+    app
+}
+
+#[test]
+fn chat_view() {
+    let app = chatting((110, 24));
+    assert_eq!(app.current_buffer().key, ConvKey::Room("general".into()));
+    assert_shows(
+        &app,
+        &[
+            // Sidebar, title, members.
+            "1.conclave",
+            "2.#general",
+            "#general · 4 members, 3 online",
+            "● bob",
+            "○ carol",
+            // Conversation: day separators, timestamps, senders, notices.
+            "Friday 20 November 2026",
+            "Saturday 21 November 2026",
+            "10:00        bob │ hey alice, the deploy is done",
+            "10:01      carol │ nice",
+            "--> │ dave joined #general",
+            // Status bar.
+            "chat.example.org:7667 │ ● connected │ TLS 1.3 7D:DC:9D:8B │ 12 ms │ #general │ alice",
+            // Input line.
+            "[#general]",
+        ],
+    );
+}
+
+#[test]
+fn mentions_and_unread_counts_in_the_sidebar() {
+    let mut app = chatting((110, 24));
+    app.update(Input::Client(ClientEvent::Server(Event::Message(message(
+        1,
+        Conv::Direct(vec!["alice".into(), "bob".into()]),
+        "bob",
+        "psst",
+        T0 + 2 * MINUTE,
+    )))));
+    app.update(Input::Client(ClientEvent::Server(Event::Message(message(
+        2,
+        Conv::Direct(vec!["alice".into(), "bob".into()]),
+        "bob",
+        "still there?",
+        T0 + 3 * MINUTE,
+    )))));
+    let dm = app
+        .buffers
+        .iter()
+        .find(|b| b.key == ConvKey::Direct(vec!["bob".into()]))
+        .unwrap();
+    assert_eq!(dm.unread, 2);
+    assert!(dm.mention);
+    assert_shows(&app, &["3.@bob            2", "act: 3"]);
+    // Switching there clears it.
+    app.update(Input::Key(KeyEvent::new(
+        KeyCode::Char('n'),
+        KeyModifiers::CONTROL,
+    )));
+    assert_eq!(app.current_buffer().unread, 0);
+    assert_shows(
+        &app,
+        &["bob │ still there?", "@bob · direct conversation with bob"],
+    );
+}
+
+#[test]
+fn sending_shows_the_line_then_its_receipt() {
+    let mut app = chatting((100, 20));
+    let actions = type_line(&mut app, "hello everyone");
+    let [
+        Action::Request {
+            tag,
+            req: Request::Send { .. },
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    assert_shows(&app, &["alice │ hello everyone …"]);
+    app.update(Input::Reply {
+        tag,
+        result: Ok(Reply::Sent {
+            msg_id: "x".into(),
+            seq: 4,
+            ts_ms: T0 + 5 * MINUTE,
+            duplicate: false,
+        }),
+    });
+    assert_shows(&app, &["10:05      alice │ hello everyone"]);
+    // A refused send says so.
+    let actions = type_line(&mut app, "/except carol,dave not for them");
+    let [
+        Action::Request {
+            tag,
+            req: Request::Send { ref target, .. },
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(
+        *target,
+        conclave_client::proto::Target::Room {
+            room: "general".into(),
+            except: vec!["carol".into(), "dave".into()]
+        }
+    );
+    app.update(Input::Reply {
+        tag,
+        result: Err(Failure {
+            code: "no_such_user".into(),
+            message: "no user dave".into(),
+        }),
+    });
+    assert_shows(&app, &["not for them ✗ not sent", "not sent: no user dave"]);
+}
+
+#[test]
+fn long_messages_wrap_and_pastes_keep_their_lines() {
+    let mut app = chatting((60, 20));
+    let long = "word ".repeat(60);
+    app.update(room_message(4, "bob", &long, T0 + 2 * MINUTE));
+    let text = screen(&app);
+    assert!(text.matches("word word").count() >= 5, "{text}");
+    // No row is wider than the terminal (TestBackend would panic, but check the wrap too).
+    app.update(Input::Paste("line one\r\nline two\x1b[2J".into()));
+    assert_eq!(app.input.text(), "line one\nline two[2J");
+    assert_shows(&app, &["line one↵line two[2J"]);
+    let actions = app.update(key(KeyCode::Enter));
+    let [
+        Action::Request {
+            req: Request::Send { ref body, .. },
+            ..
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(body.as_text(), Some("line one\nline two[2J"));
+    assert_shows(&app, &["alice │ line one", "│ line two[2J"]);
+}
+
+#[test]
+fn help() {
+    let mut app = chatting((110, 40));
+    type_line(&mut app, "/help");
+    assert!(matches!(app.overlay, Overlay::Help { .. }));
+    assert_shows(
+        &app,
+        &[
+            "Help",
+            "PgUp / PgDn",
+            "/msg user[,user...] text",
+            "/votekick user",
+            "/quit",
+        ],
+    );
+    app.update(key(KeyCode::Esc));
+    assert_eq!(app.overlay, Overlay::None);
+    type_line(&mut app, "/help kick");
+    assert_shows(&app, &["/kick user [reason]: remove a user"]);
+}
+
+#[test]
+fn search_results_and_jumping_to_one() {
+    let mut app = chatting((100, 24));
+    let actions = type_line(&mut app, "/search deploy");
+    let [
+        Action::Request {
+            tag,
+            req: Request::Search { ref query, .. },
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(query, "deploy");
+    let results = vec![
+        message(
+            9,
+            Conv::Room("ops".into()),
+            "dave",
+            "deploy at 5",
+            T0 + 3 * MINUTE,
+        ),
+        message(
+            2,
+            Conv::Room("general".into()),
+            "bob",
+            "hey alice, the deploy is done",
+            T0,
+        ),
+    ];
+    app.update(Input::Reply {
+        tag,
+        result: Ok(Reply::Results(results)),
+    });
+    assert_shows(
+        &app,
+        &[
+            "search \"deploy\": 2 result(s)",
+            "2026-11-21 10:03 #ops dave: deploy at 5",
+            "2026-11-21 10:00 #general bob: hey alice, the deploy is done",
+        ],
+    );
+    // The first result is in a room not loaded: jumping asks for its history.
+    let actions = app.update(key(KeyCode::Enter));
+    assert_eq!(app.current_buffer().key, ConvKey::Room("ops".into()));
+    let [
+        Action::Request {
+            tag,
+            req: Request::History { .. },
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    let page: Vec<Message> = (1..=9)
+        .map(|s| {
+            let text = if s == 9 {
+                "deploy at 5".to_string()
+            } else {
+                format!("ops line {s}")
+            };
+            message(
+                s,
+                Conv::Room("ops".into()),
+                "dave",
+                &text,
+                T0 + s as i64 * 1000,
+            )
+        })
+        .collect();
+    app.update(Input::Reply {
+        tag,
+        result: Ok(Reply::Messages(page)),
+    });
+    assert_eq!(app.current_buffer().highlight.as_deref(), Some("m-9-dave"));
+    assert_shows(&app, &["dave │ deploy at 5"]);
+}
+
+#[test]
+fn fingerprint_confirmation() {
+    let mut app = new_app((100, 30));
+    app.start();
+    app.update(Input::ConnectFailed(ConnectFailure::UnknownServer {
+        fingerprint: FP.into(),
+    }));
+    assert_shows(
+        &app,
+        &[
+            "Is this the right server?",
+            "First connection to chat.example.org:7667",
+            "7D:DC:9D:8B:6A:77:3C:3A:63:30:7D:EA:D2:C3:FD:B4",
+            "76:17:E7:6B:A9:C0:57:27:E9:88:99:F6:25:3F:3F:5E",
+            "conclave fingerprint",
+            "y: it matches",
+        ],
+    );
+    let actions = app.update(key(KeyCode::Char('y')));
+    let [Action::Connect { ref trust, .. }] = actions[..] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(*trust, Trust::Fingerprint(FP.into()));
+    // Refusing quits.
+    let mut app = new_app((100, 30));
+    app.start();
+    app.update(Input::ConnectFailed(ConnectFailure::UnknownServer {
+        fingerprint: FP.into(),
+    }));
+    assert_eq!(app.update(key(KeyCode::Char('n'))), vec![Action::Quit]);
+}
+
+#[test]
+fn changed_fingerprint_warning() {
+    let mut app = new_app((100, 30));
+    app.start();
+    let text = conclave_client::TrustError::Mismatch {
+        server: "chat.example.org:7667".into(),
+        expected: FP.into(),
+        seen: "ab".repeat(32),
+        pinned_in: conclave_client::trust::PinSource::KnownServers {
+            path: PathBuf::from("/home/alice/.config/conclave/known_servers"),
+            line: 3,
+        },
+    }
+    .to_string();
+    app.update(Input::ConnectFailed(ConnectFailure::Mismatch { text }));
+    assert_shows(
+        &app,
+        &[
+            "THE SERVER'S CERTIFICATE HAS CHANGED",
+            "WARNING: THE CERTIFICATE OF chat.example.org:7667 IS NOT THE EXPECTED ONE",
+            "AB:AB:AB",
+            "remove line 3",
+            "Press q to quit",
+        ],
+    );
+    assert_eq!(app.update(key(KeyCode::Char('q'))), vec![Action::Quit]);
+}
+
+#[test]
+fn login_form_masks_the_password() {
+    let mut opts = options(None);
+    opts.register = true;
+    let mut app = App::new(opts, (80, 24), TimeZone::UTC, T0);
+    assert!(app.start().is_empty());
+    for c in "s3cret!".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    let text = screen(&app);
+    assert!(
+        text.contains("Register alice on chat.example.org:7667"),
+        "{text}"
+    );
+    assert!(text.contains("•••••••"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+    app.update(key(KeyCode::Enter));
+    for c in "s3cret?".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    assert!(app.update(key(KeyCode::Enter)).is_empty());
+    assert_shows(&app, &["the two passwords differ"]);
+    for _ in 0..2 {
+        for c in "s3cret!".chars() {
+            app.update(key(KeyCode::Char(c)));
+        }
+        app.update(key(KeyCode::Enter));
+    }
+    // The second Enter (on the confirmation) connects.
+    assert!(matches!(app.phase, conclave_tui::app::Phase::Connecting));
+    // A wrong password brings the form back with the server's sentence.
+    app.update(Input::ConnectFailed(ConnectFailure::Refused {
+        code: "auth_failed".into(),
+        message: "wrong user name or password".into(),
+    }));
+    assert_shows(&app, &["wrong user name or password"]);
+}
+
+#[test]
+fn too_small_and_every_size_in_between() {
+    let mut app = chatting((30, 8));
+    assert_shows(&app, &["terminal too small", "30x8, need 40x10"]);
+    // Every size from tiny to large draws without panicking, help and search included.
+    for overlay in [false, true] {
+        if overlay {
+            type_line(&mut app, "/help");
+        }
+        for w in (1..=130).step_by(3) {
+            for h in (1..=45).step_by(2) {
+                app.update(Input::Resize(w, h));
+                screen(&app);
+            }
+        }
+    }
+    app.update(Input::Resize(40, 10));
+    app.update(key(KeyCode::Esc));
+    assert_shows(&app, &["[#general]"]);
+}
+
+#[test]
+fn scrolling_past_the_top_loads_older_history() {
+    // A full first page: there may be more before it.
+    let page: Vec<Message> = (51..=100)
+        .map(|s| {
+            let text = format!("line {s}");
+            message(
+                s,
+                Conv::Room("general".into()),
+                "bob",
+                &text,
+                T0 + s as i64 * 1000,
+            )
+        })
+        .collect();
+    let mut app = connected((80, 14), page);
+    assert_shows(&app, &["line 100"]);
+    let mut asked = None;
+    for _ in 0..40 {
+        let actions = app.update(key(KeyCode::PageUp));
+        if let Some(Action::Request {
+            tag,
+            req: Request::History { before, .. },
+        }) = actions.first()
+        {
+            asked = Some((*tag, *before));
+            break;
+        }
+    }
+    let (tag, before) = asked.expect("a history request at the top");
+    assert_eq!(before, Some(51), "older than the oldest loaded");
+    assert_shows(&app, &["line 51"]);
+    assert!(!screen(&app).contains("line 100"));
+    let older: Vec<Message> = (1..=50)
+        .map(|s| {
+            message(
+                s,
+                Conv::Room("general".into()),
+                "bob",
+                &format!("old {s}"),
+                T0 + s as i64 * 1000,
+            )
+        })
+        .collect();
+    app.update(Input::Reply {
+        tag,
+        result: Ok(Reply::Messages(older)),
+    });
+    // The view stays where it was; further up are the older ones.
+    assert_shows(&app, &["line 51"]);
+    app.update(key(KeyCode::PageUp));
+    assert_shows(&app, &["old 50"]);
+    // The wheel scrolls back down.
+    for _ in 0..100 {
+        app.update(Input::Mouse(MouseEvent {
+            kind: MouseEventKind::ScrollDown,
+            column: 10,
+            row: 5,
+            modifiers: KeyModifiers::NONE,
+        }));
+    }
+    assert_shows(&app, &["line 100"]);
+}
+
+#[test]
+fn reconnecting_and_back() {
+    let mut app = chatting((100, 20));
+    app.update(Input::Client(ClientEvent::Disconnected {
+        reason: DisconnectReason::Shutdown,
+        message: "the server is shutting down".into(),
+        reconnecting: true,
+    }));
+    app.now_ms += 7_000;
+    assert_shows(
+        &app,
+        &[
+            "◌ reconnecting (7s)",
+            "connection lost (the server is shutting",
+        ],
+    );
+    // Missed messages come, then the library says it is back.
+    app.update(room_message(
+        4,
+        "bob",
+        "while you were away",
+        T0 + 10 * MINUTE,
+    ));
+    let actions = app.update(Input::Client(ClientEvent::Reconnected {
+        missed: 1,
+        truncated: false,
+    }));
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Request {
+            req: Request::Who { .. },
+            ..
+        }
+    )));
+    assert_shows(&app, &["● connected", "while you were away", "reconnected"]);
+    // A message delivered twice (history overlapping live) shows once.
+    app.update(room_message(
+        4,
+        "bob",
+        "while you were away",
+        T0 + 10 * MINUTE,
+    ));
+    assert_eq!(screen(&app).matches("while you were away").count(), 1);
+    // For good.
+    app.update(Input::Client(ClientEvent::Disconnected {
+        reason: DisconnectReason::Kicked,
+        message: "removed by an operator".into(),
+        reconnecting: false,
+    }));
+    assert_shows(&app, &["✗ disconnected", "disconnected for good (kicked)"]);
+}
+
+#[test]
+fn tab_completes_commands_names_and_rooms() {
+    let mut app = chatting((100, 20));
+    for c in "/vo".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "/votekick ");
+    for c in "ca".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "/votekick carol ");
+    app.input.clear();
+    for c in "b".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "bob: ");
+    app.input.clear();
+    for c in "see #ge".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "see #general ");
+    // Up brings back what was sent.
+    app.input.clear();
+    type_line(&mut app, "first line");
+    app.update(key(KeyCode::Up));
+    assert_eq!(app.input.text(), "first line");
+}
+
+#[test]
+fn commands_become_requests() {
+    let mut app = chatting((100, 20));
+    let cases: Vec<(&str, Request)> = vec![
+        (
+            "/join #ops",
+            Request::Join {
+                room: "ops".into(),
+                password: None,
+            },
+        ),
+        (
+            "/create lab private",
+            Request::CreateRoom {
+                room: "lab".into(),
+                private: true,
+                password: None,
+            },
+        ),
+        (
+            "/invite bob",
+            Request::Invite {
+                room: "general".into(),
+                user: "bob".into(),
+            },
+        ),
+        ("/who", Request::Who { room: None }),
+        ("/rooms", Request::Rooms),
+        (
+            "/kick mallory spam",
+            Request::Kick {
+                room: Some("general".into()),
+                user: "mallory".into(),
+                reason: Some("spam".into()),
+            },
+        ),
+        (
+            "/votekick mallory",
+            Request::VoteKick {
+                room: "general".into(),
+                user: "mallory".into(),
+            },
+        ),
+        (
+            "/ban mallory 2h spam",
+            Request::Ban {
+                user: Some("mallory".into()),
+                ip: None,
+                duration_s: Some(7200),
+                reason: Some("spam".into()),
+            },
+        ),
+        (
+            "/unban 203.0.113.0/24",
+            Request::Unban {
+                user: None,
+                ip: Some("203.0.113.0/24".into()),
+            },
+        ),
+        (
+            "/announce maintenance at 5",
+            Request::Announce {
+                text: "maintenance at 5".into(),
+            },
+        ),
+    ];
+    for (line, expected) in cases {
+        let actions = type_line(&mut app, line);
+        match &actions[..] {
+            [Action::Request { req, .. }] => assert_eq!(*req, expected, "{line}"),
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+    // /msg opens the direct conversation and sends to exactly those people.
+    let actions = type_line(&mut app, "/msg Bob,carol hi both");
+    let send = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Request {
+                req: Request::Send { target, .. },
+                ..
+            } => Some(target.clone()),
+            _ => None,
+        })
+        .expect("a send");
+    assert_eq!(
+        send,
+        conclave_client::proto::Target::Users {
+            to: vec!["bob".into(), "carol".into()]
+        }
+    );
+    assert_eq!(
+        app.current_buffer().key,
+        ConvKey::Direct(vec!["bob".into(), "carol".into()])
+    );
+    // /quit.
+    assert_eq!(type_line(&mut app, "/quit"), vec![Action::Quit]);
+}
+
+#[test]
+fn file_offers_progress_and_errors() {
+    let mut app = chatting((150, 24));
+    let actions = type_line(&mut app, "/file /tmp/report.pdf");
+    let [
+        Action::SendFile {
+            tag,
+            ref path,
+            ref target,
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(path, &PathBuf::from("/tmp/report.pdf"));
+    assert_eq!(target, &ConvKey::Room("general".into()));
+    app.update(Input::FileStarted {
+        tag,
+        result: Err("file /tmp/report.pdf: no such file".into()),
+    });
+    assert_shows(&app, &["!! │ file /tmp/report.pdf: no such file"]);
+    // An offer shows in its conversation, with what to type.
+    let offer = conclave_client::proto::FileOffer {
+        file_id: "0193-f1".into(),
+        from: "bob".into(),
+        conv: Conv::Room("general".into()),
+        except: Vec::new(),
+        name: "report.pdf".into(),
+        size: 1024 * 1024,
+        sha256: [0xab; 32],
+        chunk_size: 128 * 1024,
+        ts_ms: T0,
+        expires_ms: T0 + 7 * 24 * 60 * MINUTE,
+        relay_ready: true,
+        p2p: None,
+    };
+    app.update(server(Event::FileOffer(Box::new(offer))));
+    assert_shows(
+        &app,
+        &["bob offers the file report.pdf (1.0 MiB, sha256 abababababababab…): /accept 0193-f1"],
+    );
+    let actions = type_line(&mut app, "/accept 0193-f1 /tmp/in");
+    let [
+        Action::AcceptFile {
+            ref file_id,
+            ref dir,
+            ..
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(
+        (file_id.as_str(), dir),
+        ("0193-f1", &PathBuf::from("/tmp/in"))
+    );
+    // Progress bars, named after the offer.
+    app.update(Input::File(FileEvent::Progress {
+        file_id: "0193-f1".into(),
+        name: "0193-f1".into(),
+        sending: false,
+        done: 512 * 1024,
+        total: 1024 * 1024,
+    }));
+    assert_shows(&app, &["↓ report.pdf [", "50% 512.0 KiB / 1.0 MiB"]);
+    app.update(Input::File(FileEvent::Done {
+        file_id: "0193-f1".into(),
+        name: "report.pdf".into(),
+        path: Some(PathBuf::from("/tmp/in/report.pdf")),
+    }));
+    assert!(app.transfers.is_empty());
+}
+
+#[test]
+fn peer_text_cannot_reach_the_terminal_raw() {
+    let mut app = chatting((100, 20));
+    app.update(room_message(
+        9,
+        "bob",
+        "evil\x1b]0;title\x07\x1b[2J",
+        T0 + 9 * MINUTE,
+    ));
+    app.update(server(Event::Announce {
+        from: "admin".into(),
+        text: "\x1b[31mred".into(),
+        ts_ms: T0,
+    }));
+    let text = screen(&app);
+    assert!(!text.contains('\x1b'), "{text:?}");
+    assert!(text.contains("evil�]0;title��[2J"), "{text}");
+}
+
+/// Prints the chat screen (for docs/chat.md): `cargo test -p conclave-tui --test screens
+/// print_chat_screen -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn print_chat_screen() {
+    let mut app = chatting((100, 20));
+    app.update(Input::Client(ClientEvent::Server(Event::Message(message(
+        1,
+        Conv::Direct(vec!["alice".into(), "bob".into()]),
+        "bob",
+        "psst",
+        T0 + 2 * MINUTE,
+    )))));
+    type_line(&mut app, "thanks bob, checking now");
+    println!("{}", screen(&app));
+}

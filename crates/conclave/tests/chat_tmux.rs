@@ -1,0 +1,297 @@
+//! End to end: the real `conclave chat` in a real terminal (tmux), against a real server,
+//! talking with a JSON client. Keys go in with `tmux send-keys`; the screen comes out with
+//! `tmux capture-pane`, polled until it shows what is expected or a deadline passes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{JsonClient, PW, PW_VAR, Server, client_cmd, colon_upper};
+use serde_json::json;
+
+/// Terminal size of the panes.
+const COLUMNS: u16 = 120;
+const ROWS: u16 = 32;
+/// How long a screen may take to show something.
+const SCREEN_WAIT: Duration = Duration::from_secs(20);
+/// How often the screen is read while waiting.
+const POLL: Duration = Duration::from_millis(100);
+
+/// A private tmux server (its own socket), killed when dropped.
+struct Tmux {
+    socket: String,
+    /// Where the exit statuses are written.
+    dir: PathBuf,
+}
+
+fn tmux_installed() -> bool {
+    Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+impl Tmux {
+    fn new(tag: &str, dir: &Path) -> Tmux {
+        Tmux {
+            socket: format!("conclave-test-{}-{tag}", std::process::id()),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("tmux {args:?}: {e}"))
+    }
+
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "tmux {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `conclave chat ARGS` in a new session `name`, with `env` set.
+    fn start_chat(&self, name: &str, args: &[&str], env: &[(&str, &str)]) {
+        let mut command = shell_quote(common::bin());
+        command.push_str(" chat");
+        for a in args {
+            command.push(' ');
+            command.push_str(&shell_quote(a));
+        }
+        let (w, h) = (COLUMNS.to_string(), ROWS.to_string());
+        let mut tmux_args: Vec<String> = ["new-session", "-d", "-s", name, "-x", &w, "-y", &h]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (k, v) in env {
+            tmux_args.push("-e".into());
+            tmux_args.push(format!("{k}={v}"));
+        }
+        let status = self.status_file(name);
+        command.push_str(&format!(
+            "; echo $? > {}",
+            shell_quote(status.to_str().expect("a UTF-8 temporary path"))
+        ));
+        tmux_args.push(command);
+        let refs: Vec<&str> = tmux_args.iter().map(String::as_str).collect();
+        self.ok(&refs);
+    }
+
+    /// Types `text` literally, then Enter.
+    fn type_line(&self, name: &str, text: &str) {
+        self.ok(&["send-keys", "-t", name, "-l", text]);
+        self.ok(&["send-keys", "-t", name, "Enter"]);
+    }
+
+    fn key(&self, name: &str, key: &str) {
+        self.ok(&["send-keys", "-t", name, key]);
+    }
+
+    fn screen(&self, name: &str) -> String {
+        self.ok(&["capture-pane", "-p", "-t", name])
+    }
+
+    /// Waits until the screen shows every one of `needles`; panics with the screen after
+    /// [`SCREEN_WAIT`].
+    #[track_caller]
+    fn wait_for(&self, name: &str, needles: &[&str]) -> String {
+        let deadline = Instant::now() + SCREEN_WAIT;
+        let max_polls = SCREEN_WAIT.as_millis() / POLL.as_millis() + 1;
+        let mut screen = String::new();
+        for _ in 0..max_polls {
+            screen = self.screen(name);
+            if needles.iter().all(|n| screen.contains(n)) {
+                return screen;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            thread::sleep(POLL);
+        }
+        let missing: Vec<&&str> = needles.iter().filter(|n| !screen.contains(**n)).collect();
+        panic!("{name}: the screen never showed {missing:?} within {SCREEN_WAIT:?}:\n{screen}");
+    }
+
+    /// Waits for the program in `name` to exit; returns its exit status (written by the
+    /// shell that runs it: tmux does not always learn a dead pane's status).
+    #[track_caller]
+    fn wait_exit(&self, name: &str) -> i32 {
+        let path = self.status_file(name);
+        let max_polls = SCREEN_WAIT.as_millis() / POLL.as_millis() + 1;
+        for _ in 0..max_polls {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(status) = text.trim().parse()
+            {
+                return status;
+            }
+            thread::sleep(POLL);
+        }
+        panic!(
+            "{name}: conclave chat did not exit within {SCREEN_WAIT:?}:\n{}",
+            self.screen(name)
+        );
+    }
+
+    fn status_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.status"))
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn chat_args<'a>(addr: &'a str, user: &'a str, state: &'a Path) -> Vec<&'a str> {
+    vec![
+        "--server",
+        addr,
+        "--user",
+        user,
+        "--password-env",
+        PW_VAR,
+        "--state-dir",
+        state.to_str().expect("a UTF-8 temporary path"),
+    ]
+}
+
+#[test]
+fn two_people_talk_through_the_terminal_client() {
+    if !tmux_installed() {
+        eprintln!(
+            "SKIPPED two_people_talk_through_the_terminal_client: tmux is not installed \
+             (apt-get install tmux)"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let addr = server.addr();
+    let fp = server.fingerprint.clone();
+
+    // Bob: a JSON client.
+    let bob_state = tmp.path().join("bob");
+    let mut cmd = client_cmd(&addr, "bob", &bob_state, PW);
+    cmd.args(["--register", "--fingerprint", &fp]);
+    let mut bob = JsonClient::connect("bob", cmd);
+
+    // Alice: the terminal client, first contact: the fingerprint is shown and confirmed.
+    let tmux = Tmux::new("talk", tmp.path());
+    let alice_state = tmp.path().join("alice");
+    let mut args = chat_args(&addr, "alice", &alice_state);
+    args.push("--register");
+    let home = alice_state.to_string_lossy().into_owned();
+    let env = [(PW_VAR, PW), ("HOME", home.as_str())];
+    tmux.start_chat("alice", &args, &env);
+    let first_half = &colon_upper(&fp)[..47];
+    tmux.wait_for("alice", &["Is this the right server?", first_half]);
+    tmux.key("alice", "y");
+    tmux.wait_for(
+        "alice",
+        &["● connected", "TLS 1.3", "[#general]", "#general"],
+    );
+    let pins = std::fs::read_to_string(alice_state.join("known_servers")).expect("a pin");
+    assert!(pins.contains(&fp), "{pins}");
+
+    // Bob speaks in the room; Alice sees it.
+    bob.send(json!({"cmd": "send", "room": "general", "text": "hello alice from bob", "id": 1}));
+    bob.ok(json!(1));
+    tmux.wait_for("alice", &["bob │ hello alice from bob"]);
+
+    // Alice answers; Bob gets it.
+    tmux.type_line("alice", "hi bob, from the terminal");
+    let m = bob.message("hi bob, from the terminal");
+    assert_eq!(m["room"], "general");
+    assert_eq!(m["from"], "alice");
+    tmux.wait_for("alice", &["alice │ hi bob, from the terminal"]);
+
+    // A direct message opens a conversation with an unread count.
+    bob.send(json!({"cmd": "send", "to": ["alice"], "text": "just for you", "id": 2}));
+    bob.ok(json!(2));
+    tmux.wait_for("alice", &["@bob", "act:"]);
+    tmux.type_line("alice", "/msg bob and just for you");
+    let m = bob.message("and just for you");
+    assert_eq!(m["to"], json!(["bob"]));
+    tmux.wait_for(
+        "alice",
+        &["@bob · direct conversation with bob", "bob │ just for you"],
+    );
+
+    // Commands answer on the screen.
+    tmux.type_line("alice", "/who");
+    tmux.wait_for("alice", &["online (2): alice, bob"]);
+
+    // Files, both ways. Alice offers one to Bob (the conversation on screen); he takes it.
+    let notes = tmp.path().join("notes.txt");
+    std::fs::write(&notes, "minutes of the meeting\n".repeat(1000)).expect("write a file");
+    tmux.type_line("alice", &format!("/file {}", notes.display()));
+    let offer = bob.expect("a file_offer", |v| v["event"] == "file_offer");
+    assert_eq!(offer["from"], "alice");
+    assert_eq!(offer["name"], "notes.txt");
+    tmux.wait_for("alice", &["offered notes.txt (23000 bytes) to @bob"]);
+    let bob_dir = tmp.path().join("bob-files");
+    std::fs::create_dir_all(&bob_dir).expect("a directory");
+    bob.send(json!({"cmd": "accept_file", "file_id": offer["file_id"], "dir": bob_dir, "id": 3}));
+    bob.ok(json!(3));
+    assert_eq!(
+        std::fs::read(bob_dir.join("notes.txt")).expect("received"),
+        std::fs::read(&notes).expect("sent")
+    );
+    tmux.wait_for("alice", &["bob received your file"]);
+    // Bob offers one to Alice; she sees the offer and accepts it.
+    let photo = tmp.path().join("photo.bin");
+    std::fs::write(&photo, vec![7u8; 300_000]).expect("write a file");
+    bob.send(json!({"cmd": "send_file", "path": photo, "to": ["alice"], "id": 4}));
+    let sent = bob.ok(json!(4));
+    let file_id = sent["file_id"].as_str().expect("a file id").to_string();
+    tmux.wait_for("alice", &["bob offers the file photo.bin"]);
+    let alice_dir = tmp.path().join("alice-files");
+    std::fs::create_dir_all(&alice_dir).expect("a directory");
+    tmux.type_line(
+        "alice",
+        &format!("/accept {file_id} {}", alice_dir.display()),
+    );
+    tmux.wait_for("alice", &["received 300000 bytes into"]);
+    assert_eq!(
+        std::fs::read(alice_dir.join("photo.bin")).expect("received"),
+        vec![7u8; 300_000]
+    );
+
+    // Quit: exit status 0.
+    tmux.type_line("alice", "/quit");
+    assert_eq!(tmux.wait_exit("alice"), 0);
+
+    // Next time the pin is known: straight in, and the history is there.
+    let args = chat_args(&addr, "alice", &alice_state);
+    tmux.start_chat("again", &args, &env);
+    let screen = tmux.wait_for(
+        "again",
+        &[
+            "● connected",
+            "bob │ hello alice from bob",
+            "alice │ hi bob, from the terminal",
+        ],
+    );
+    assert!(!screen.contains("Is this the right server?"), "{screen}");
+    tmux.key("again", "C-c");
+    assert_eq!(tmux.wait_exit("again"), 0);
+    bob.quit().assert_success();
+}
