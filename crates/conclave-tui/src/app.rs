@@ -229,6 +229,8 @@ pub struct App {
     pub tz: TimeZone,
     /// Wall clock, milliseconds since the epoch (set by the shell; fixed in tests).
     pub now_ms: i64,
+    /// While reconnecting: when the client library tries next (set by the shell).
+    pub next_attempt_ms: Option<i64>,
     pub transfers: Vec<Transfer>,
     /// Names of the files offered to me, by file id.
     offers: HashMap<String, String>,
@@ -272,6 +274,7 @@ impl App {
             show_members: true,
             tz,
             now_ms,
+            next_attempt_ms: None,
             transfers: Vec::new(),
             offers: HashMap::new(),
             quit: false,

@@ -271,6 +271,7 @@ pub async fn run(opts: ChatOptions, terminal: &mut Term, mut app: App) -> std::i
     }
     let result = loop {
         app.now_ms = now_ms();
+        app.next_attempt_ms = shell.client.as_ref().and_then(Client::next_attempt_ms);
         if let Err(e) = terminal.draw(|f| view::render(f, &app)) {
             break Err(e);
         }

@@ -671,8 +671,17 @@ fn render_status(frame: &mut Frame, r: Rect, app: &App) {
     let (state, state_style) = match &app.conn {
         ConnState::Connected => ("● connected".to_string(), bar.fg(Color::Green)),
         ConnState::Reconnecting { since_ms, .. } => {
-            let secs = (app.now_ms - since_ms).max(0) / 1000;
-            (format!("◌ reconnecting ({secs}s)"), bar.fg(Color::Yellow))
+            let text = match app.next_attempt_ms {
+                // Rounded up: "in 1s" until the attempt starts.
+                Some(at) if at > app.now_ms => {
+                    format!("◌ reconnecting in {}s", (at - app.now_ms + 999) / 1000)
+                }
+                _ => {
+                    let secs = (app.now_ms - since_ms).max(0) / 1000;
+                    format!("◌ reconnecting… ({secs}s offline)")
+                }
+            };
+            (text, bar.fg(Color::Yellow))
         }
         ConnState::Closed { .. } => ("✗ disconnected".to_string(), bar.fg(Color::Red)),
     };

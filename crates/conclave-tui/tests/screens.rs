@@ -630,10 +630,14 @@ fn reconnecting_and_back() {
     assert_shows(
         &app,
         &[
-            "◌ reconnecting (7s)",
+            "◌ reconnecting… (7s offline)",
             "connection lost (the server is shutting",
         ],
     );
+    // Waiting for the next attempt: the countdown.
+    app.next_attempt_ms = Some(app.now_ms + 2_500);
+    assert_shows(&app, &["◌ reconnecting in 3s"]);
+    app.next_attempt_ms = None;
     // Missed messages come, then the library says it is back.
     app.update(room_message(
         4,

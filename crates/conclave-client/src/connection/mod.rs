@@ -188,6 +188,8 @@ struct Core {
     ack_in_flight: AtomicBool,
     /// File offers seen (by id), for [`Client::accept_file`]; bounded.
     offers: Mutex<HashMap<String, conclave_proto::FileOffer>>,
+    /// While reconnecting: when the next attempt starts (milliseconds since the Unix epoch).
+    next_attempt_ms: Mutex<Option<i64>>,
     /// File events that transfers in progress wait for (`FileReady`, `FileRelayWanted`).
     file_events: tokio::sync::broadcast::Sender<Event>,
 }
@@ -223,6 +225,20 @@ struct Pending {
 }
 
 impl Core {
+    fn set_next_attempt(&self, at: Option<Duration>) {
+        let ms = at.map(|d| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|t| t.as_millis() as i64)
+                .unwrap_or(0);
+            now + d.as_millis() as i64
+        });
+        *self
+            .next_attempt_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = ms;
+    }
+
     /// Remembers an offer, and tells transfers waiting for file events.
     fn on_file_event(&self, event: &Event) {
         match event {
@@ -663,6 +679,7 @@ impl Client {
             close: CancellationToken::new(),
             ack_in_flight: AtomicBool::new(false),
             offers: Mutex::new(HashMap::new()),
+            next_attempt_ms: Mutex::new(None),
             file_events: tokio::sync::broadcast::channel(FILE_EVENT_QUEUE).0,
         });
         let live = core.go_live(opened, events_tx.clone(), false).await;
@@ -693,6 +710,16 @@ impl Client {
     /// File events from now on (`FileReady`, `FileRelayWanted`), for transfers that wait.
     pub(crate) fn file_events(&self) -> tokio::sync::broadcast::Receiver<Event> {
         self.core().file_events.subscribe()
+    }
+
+    /// While the client is reconnecting and waiting to try again: when the next attempt
+    /// starts, in milliseconds since the Unix epoch (`None` while connected or trying).
+    pub fn next_attempt_ms(&self) -> Option<i64> {
+        *self
+            .core()
+            .next_attempt_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The server, `host:port`.

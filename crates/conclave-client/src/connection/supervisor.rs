@@ -135,10 +135,15 @@ pub(super) async fn reconnect(
     // Bounded by the policy: a number of attempts, and a time.
     while policy.allows(attempt, started.elapsed()) {
         let delay = policy.delay(attempt, jitter());
+        core.set_next_attempt(Some(delay));
         tokio::select! {
-            _ = core.close.cancelled() => return Err(closed_by_us()),
+            _ = core.close.cancelled() => {
+                core.set_next_attempt(None);
+                return Err(closed_by_us());
+            }
             _ = tokio::time::sleep(delay) => {}
         }
+        core.set_next_attempt(None);
         let resume = core.lock().cursors.resume();
         let id = core.next_id();
         let frame = login_frame(id, &core.opts, |r| core.opts.auth.to_login(r), &resume)
