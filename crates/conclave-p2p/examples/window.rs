@@ -320,21 +320,28 @@ async fn run(args: Args) -> Result<(), String> {
 
     println!("## Throughput against the window (one recipient)\n");
     println!(
-        "| window | congestion | loopback MB/s | impaired MB/s | loss seen | window / RTT bound MB/s |"
+        "| window | congestion | loopback MB/s | delay only MB/s | impaired MB/s | loss seen | window / RTT bound MB/s |"
     );
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    let delay_only = Route::Impaired {
+        delay: args.delay,
+        loss: 0.0,
+        seed: args.seed,
+    };
     for &cc in &args.congestion {
         for &w in &args.windows {
             let window = Window::uniform(w).with_congestion(cc);
             window.validate().map_err(|e| e.to_string())?;
             let base = measure(&offer, window, Route::Loopback, 1, true, args.timeout).await?;
+            let slow = measure(&offer, window, delay_only, 1, true, args.timeout).await?;
             let imp = measure(&offer, window, impaired, 1, true, args.timeout).await?;
             let rtt = 2.0 * args.delay.as_secs_f64();
             println!(
-                "| {} | {} | {:.1} | {:.1} | {} | {:.1} |",
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} |",
                 human(w),
                 cc.name(),
                 base.fetches[0].throughput_bytes_per_sec / 1e6,
+                slow.fetches[0].throughput_bytes_per_sec / 1e6,
                 imp.fetches[0].throughput_bytes_per_sec / 1e6,
                 loss_seen(imp.impaired),
                 mb_s(w as f64, rtt)
