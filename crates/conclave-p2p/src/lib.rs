@@ -100,7 +100,10 @@
 //! - **The receiver trusts nothing it has not checked.** The file is accepted only if its size and
 //!   SHA-256 match the offer; a resumed prefix is re-hashed from disk, not trusted.
 //! - **Exhaustion is bounded**: at most `max_peers` connections, each with one stream, a request
-//!   deadline, an idle timeout, and the offer's total lifetime.
+//!   deadline, an idle timeout, and the offer's total lifetime. Tokens do not stop a stranger
+//!   from occupying those slots (for up to the request timeout per connection); recipients then
+//!   get [`P2pError::Busy`] and fall back to the relay. Denial of the direct path is possible;
+//!   disclosure of the file is not.
 //!
 //! # Benchmarks
 //!

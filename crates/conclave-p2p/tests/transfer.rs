@@ -505,3 +505,22 @@ async fn the_sender_refuses_peers_beyond_its_limit() {
     assert!(matches!(err, P2pError::Busy), "{err}");
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_different_file_is_refused_and_frees_the_token_at_once() {
+    let offer = make_offer(2 * MIB, 16);
+    let sender = start(&offer, Window::default()).await;
+    sender.allow(token(1), "bob").unwrap();
+    let part = offer.dir.path().join("bob.part");
+    let mut wrong = request(&offer, &sender, token(1), &part);
+    wrong.sha256[0] ^= 1;
+    let err = get(wrong).await.unwrap_err();
+    assert!(matches!(err, P2pError::OfferMismatch { .. }), "{err}");
+    // The receiver's close reaches the sender, which releases the token: a retry is not busy.
+    let started = Instant::now();
+    get(request(&offer, &sender, token(1), &part))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(std::fs::read(&part).unwrap(), offer.data);
+}
