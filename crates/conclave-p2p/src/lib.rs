@@ -102,7 +102,7 @@
 //! - **Exhaustion is bounded**: at most `max_peers` connections, each with one stream, a request
 //!   deadline, an idle timeout, and the offer's total lifetime. Tokens do not stop a stranger
 //!   from occupying those slots (for up to the request timeout per connection); recipients then
-//!   get [`P2pError::Busy`] and fall back to the relay. Denial of the direct path is possible;
+//!   get [`P2pError::Refused`] and fall back to the relay. Denial of the direct path is possible;
 //!   disclosure of the file is not.
 //!
 //! # Benchmarks

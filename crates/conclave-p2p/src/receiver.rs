@@ -287,7 +287,7 @@ async fn connect(
 fn rank(e: &P2pError) -> u8 {
     match e {
         P2pError::FingerprintMismatch { .. } => 3,
-        P2pError::Busy => 2,
+        P2pError::Refused => 2,
         P2pError::Closed { .. } => 1,
         _ => 0,
     }
@@ -476,7 +476,7 @@ fn connection_error(e: &ConnectionError, req: &FetchRequest) -> P2pError {
         ConnectionError::ConnectionClosed(c)
             if c.error_code == TransportErrorCode::CONNECTION_REFUSED =>
         {
-            P2pError::Busy
+            P2pError::Refused
         }
         other => P2pError::Connection(other.to_string()),
     }

@@ -28,7 +28,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct SenderLimits {
     /// Recipients served at once; more connections are refused at the QUIC level (the receiver
-    /// gets [`P2pError::Busy`]). Default 16.
+    /// gets [`P2pError::Refused`]). Default 16.
     pub max_peers: usize,
     /// Tokens that may be registered with [`P2pSender::allow`]. Default 1,024.
     pub max_tokens: usize,

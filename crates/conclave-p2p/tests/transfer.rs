@@ -502,7 +502,7 @@ async fn the_sender_refuses_peers_beyond_its_limit() {
     ))
     .await
     .unwrap_err();
-    assert!(matches!(err, P2pError::Busy), "{err}");
+    assert!(matches!(err, P2pError::Refused), "{err}");
     running.await.unwrap().unwrap();
 }
 
@@ -523,4 +523,39 @@ async fn a_different_file_is_refused_and_frees_the_token_at_once() {
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(std::fs::read(&part).unwrap(), offer.data);
+}
+
+#[tokio::test]
+async fn an_expired_offer_is_refused() {
+    let offer = make_offer(100_000, 17);
+    let limits = SenderLimits {
+        lifetime: Duration::from_millis(300),
+        ..SenderLimits::default()
+    };
+    let sender = P2pSender::start(
+        &offer.path,
+        offer.data.len() as u64,
+        offer.sha256,
+        localhost(),
+        Window::default(),
+        limits,
+    )
+    .await
+    .unwrap();
+    sender.allow(token(1), "bob").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let err = get(request(
+        &offer,
+        &sender,
+        token(1),
+        &offer.dir.path().join("bob.part"),
+    ))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, P2pError::Refused), "{err}");
+    assert!(
+        started.elapsed() < CONNECT_TIMEOUT,
+        "refused at once, not timed out"
+    );
 }
