@@ -559,3 +559,28 @@ async fn an_expired_offer_is_refused() {
         "refused at once, not timed out"
     );
 }
+
+#[tokio::test]
+async fn a_sender_on_all_interfaces_names_a_reachable_address() {
+    let offer = make_offer(100_000, 18);
+    let sender = P2pSender::start(
+        &offer.path,
+        offer.data.len() as u64,
+        offer.sha256,
+        (Ipv4Addr::UNSPECIFIED, 0).into(),
+        Window::default(),
+        SenderLimits::default(),
+    )
+    .await
+    .unwrap();
+    let addrs = sender.local_addrs().unwrap();
+    assert_eq!(addrs.len(), 1);
+    assert!(!addrs[0].ip().is_unspecified());
+    assert_eq!(addrs[0].port(), sender.local_addr().unwrap().port());
+    sender.allow(token(1), "bob").unwrap();
+    let part = offer.dir.path().join("bob.part");
+    get(request(&offer, &sender, token(1), &part))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&part).unwrap(), offer.data);
+}
