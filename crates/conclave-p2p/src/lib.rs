@@ -112,6 +112,7 @@
 
 mod error;
 pub mod impair;
+mod net;
 pub mod receiver;
 mod sender;
 mod tls;
@@ -120,6 +121,7 @@ mod window;
 pub mod wire;
 
 pub use error::P2pError;
+pub use net::SOCKET_BUFFER_BYTES;
 pub use receiver::{FetchRequest, FetchStats, fetch};
 pub use sender::{CHUNK_BYTES, P2pSender, SenderLimits, TokenProgress};
 pub use tls::fingerprint;

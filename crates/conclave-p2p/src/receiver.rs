@@ -16,7 +16,7 @@ use tokio::time::{Instant, timeout};
 use crate::sender::CHUNK_BYTES;
 use crate::tls;
 use crate::wire::{self, Ack, Request, Response, Status, close};
-use crate::{P2pError, Window};
+use crate::{P2pError, Window, net};
 
 /// QUIC idle timeout on the receiving side (keep-alives every third of it).
 pub const RECEIVER_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -227,7 +227,7 @@ async fn connect(
         } else {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = Endpoint::client(bind)
+        let endpoint = net::endpoint(bind, None)
             .map_err(|e| P2pError::Setup(format!("cannot open a UDP socket on {bind}: {e}")))?;
         for addr in family {
             match endpoint.connect_with(config.clone(), addr, tls::SERVER_NAME) {
