@@ -168,6 +168,19 @@ struct Run {
     fetches: Vec<FetchStats>,
     wall: Duration,
     impaired: Option<ImpairStats>,
+    /// UDP datagrams the kernel dropped for want of socket buffer during the run, machine-wide
+    /// (Linux `/proc/net/snmp` RcvbufErrors), if readable.
+    kernel_drops: Option<u64>,
+}
+
+/// The machine's count of UDP datagrams dropped on full receive buffers.
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names = udp.next()?;
+    let values = udp.next()?;
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 async fn measure(
@@ -222,6 +235,7 @@ async fn measure(
         });
     }
     let parts: Vec<PathBuf> = requests.iter().map(|r| r.dest_part.clone()).collect();
+    let drops_before = udp_rcvbuf_errors();
     let started = Instant::now();
     let mut fetches = Vec::new();
     if parallel {
@@ -249,10 +263,14 @@ async fn measure(
     for part in parts {
         let _ = std::fs::remove_file(part);
     }
+    let kernel_drops = drops_before
+        .zip(udp_rcvbuf_errors())
+        .map(|(before, after)| after.saturating_sub(before));
     Ok(Run {
         fetches,
         wall,
         impaired: path.as_ref().map(|p| p.stats()),
+        kernel_drops,
     })
 }
 
@@ -266,6 +284,14 @@ fn human(bytes: u64) -> String {
     } else {
         format!("{} KiB", bytes / 1024)
     }
+}
+
+/// Kernel drops summed over runs, or "-" when unknown.
+fn drops(runs: &[&Run]) -> String {
+    runs.iter()
+        .map(|r| r.kernel_drops)
+        .sum::<Option<u64>>()
+        .map_or("-".to_string(), |d| d.to_string())
 }
 
 fn loss_seen(stats: Option<ImpairStats>) -> String {
@@ -320,23 +346,31 @@ async fn run(args: Args) -> Result<(), String> {
 
     println!("## Throughput against the window (one recipient)\n");
     println!(
-        "| window | congestion | loopback MB/s | impaired MB/s | loss seen | window / RTT bound MB/s |"
+        "| window | congestion | loopback MB/s | delay only MB/s | impaired MB/s | loss seen | kernel drops | window / RTT bound MB/s |"
     );
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    let delay_only = Route::Impaired {
+        delay: args.delay,
+        loss: 0.0,
+        seed: args.seed,
+    };
     for &cc in &args.congestion {
         for &w in &args.windows {
             let window = Window::uniform(w).with_congestion(cc);
             window.validate().map_err(|e| e.to_string())?;
             let base = measure(&offer, window, Route::Loopback, 1, true, args.timeout).await?;
+            let slow = measure(&offer, window, delay_only, 1, true, args.timeout).await?;
             let imp = measure(&offer, window, impaired, 1, true, args.timeout).await?;
             let rtt = 2.0 * args.delay.as_secs_f64();
             println!(
-                "| {} | {} | {:.1} | {:.1} | {} | {:.1} |",
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} |",
                 human(w),
                 cc.name(),
                 base.fetches[0].throughput_bytes_per_sec / 1e6,
+                slow.fetches[0].throughput_bytes_per_sec / 1e6,
                 imp.fetches[0].throughput_bytes_per_sec / 1e6,
                 loss_seen(imp.impaired),
+                drops(&[&base, &slow, &imp]),
                 mb_s(w as f64, rtt)
             );
         }
@@ -347,9 +381,9 @@ async fn run(args: Args) -> Result<(), String> {
         human(Window::default().stream_receive_window)
     );
     println!(
-        "| recipients | congestion | path | parallel wall s | parallel total MB/s | slowest recipient MB/s | sequential wall s | sequential total MB/s |"
+        "| recipients | congestion | path | parallel wall s | parallel total MB/s | slowest recipient MB/s | sequential wall s | sequential total MB/s | kernel drops |"
     );
-    println!("|---:|---|---|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|");
     let mut cases = Vec::new();
     for &cc in &args.congestion {
         for &n in &args.recipients {
@@ -369,7 +403,7 @@ async fn run(args: Args) -> Result<(), String> {
                 .map(|f| f.throughput_bytes_per_sec)
                 .fold(f64::INFINITY, f64::min);
             println!(
-                "| {n} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} |",
+                "| {n} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
                 cc.name(),
                 route.name(),
                 par.wall.as_secs_f64(),
@@ -377,6 +411,7 @@ async fn run(args: Args) -> Result<(), String> {
                 slowest / 1e6,
                 seq.wall.as_secs_f64(),
                 mb_s(total, seq.wall.as_secs_f64()),
+                drops(&[&par, &seq]),
             );
         }
     }

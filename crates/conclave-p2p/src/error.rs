@@ -49,11 +49,13 @@ pub enum P2pError {
     )]
     BadOffset { offset: u64, size: u64 },
 
-    /// The sender is already serving its maximum number of peers.
+    /// The sender refused the connection at the QUIC level: it is already serving its maximum
+    /// number of peers, or its offer has expired or been closed (QUIC gives no reason, so the
+    /// two cannot be told apart).
     #[error(
-        "the sender is serving as many recipients as it allows; retry in a moment or use the relay"
+        "the sender refused the connection: it is serving as many recipients as it allows, or its offer has ended; retry in a moment or use the relay"
     )]
-    Busy,
+    Refused,
 
     /// The sender's offer or session has ended (expired or closed by the sender).
     #[error("the sender has closed this offer ({reason}); ask for a new offer or use the relay")]

@@ -11,7 +11,9 @@
 //! Every delivery queue is FIFO with one fixed delay, so datagrams are never reordered; each
 //! holds at most [`MAX_QUEUED_DATAGRAMS`], and a datagram arriving at a full queue is dropped
 //! (as a router's full buffer would) and counted in [`ImpairStats::dropped_queue`]. There is no
-//! bandwidth limit: the path is as fast as loopback and the forwarder's CPU allow.
+//! bandwidth limit: the path is as fast as loopback and the forwarder's CPU allow. Its sockets
+//! ask for [`SOCKET_BUFFER_BYTES`](crate::SOCKET_BUFFER_BYTES) of kernel buffer so bursts are
+//! not dropped by the kernel on top of the configured loss.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,6 +28,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+
+use crate::net;
 
 /// Datagrams waiting in one direction for one client: at 20 ms and 1,200-byte datagrams this
 /// holds about 1 GB/s worth of delay, far more than loopback QUIC reaches here.
@@ -84,7 +88,7 @@ impl ImpairedPath {
                 format!("loss must be between 0.0 and 1.0, not {loss}"),
             ));
         }
-        let front = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?);
+        let front = Arc::new(net::tokio_udp_socket((Ipv4Addr::LOCALHOST, 0).into())?);
         let local = front.local_addr()?;
         let counters = Arc::new(Counters::default());
         let task = tokio::spawn(front_loop(
@@ -238,7 +242,7 @@ async fn new_client(
     } else {
         (Ipv4Addr::LOCALHOST, 0).into()
     };
-    let upstream = Arc::new(UdpSocket::bind(bind).await?);
+    let upstream = Arc::new(net::tokio_udp_socket(bind)?);
     upstream.connect(target).await?;
 
     let (to_target, to_target_rx) = mpsc::channel(MAX_QUEUED_DATAGRAMS);

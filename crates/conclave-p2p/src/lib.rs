@@ -100,7 +100,10 @@
 //! - **The receiver trusts nothing it has not checked.** The file is accepted only if its size and
 //!   SHA-256 match the offer; a resumed prefix is re-hashed from disk, not trusted.
 //! - **Exhaustion is bounded**: at most `max_peers` connections, each with one stream, a request
-//!   deadline, an idle timeout, and the offer's total lifetime.
+//!   deadline, an idle timeout, and the offer's total lifetime. Tokens do not stop a stranger
+//!   from occupying those slots (for up to the request timeout per connection); recipients then
+//!   get [`P2pError::Refused`] and fall back to the relay. Denial of the direct path is possible;
+//!   disclosure of the file is not.
 //!
 //! # Benchmarks
 //!
@@ -109,6 +112,7 @@
 
 mod error;
 pub mod impair;
+mod net;
 pub mod receiver;
 mod sender;
 mod tls;
@@ -117,6 +121,7 @@ mod window;
 pub mod wire;
 
 pub use error::P2pError;
+pub use net::SOCKET_BUFFER_BYTES;
 pub use receiver::{FetchRequest, FetchStats, fetch};
 pub use sender::{CHUNK_BYTES, P2pSender, SenderLimits, TokenProgress};
 pub use tls::fingerprint;

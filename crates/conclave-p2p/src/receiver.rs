@@ -16,7 +16,7 @@ use tokio::time::{Instant, timeout};
 use crate::sender::CHUNK_BYTES;
 use crate::tls;
 use crate::wire::{self, Ack, Request, Response, Status, close};
-use crate::{P2pError, Window};
+use crate::{P2pError, Window, net};
 
 /// QUIC idle timeout on the receiving side (keep-alives every third of it).
 pub const RECEIVER_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -227,7 +227,7 @@ async fn connect(
         } else {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = Endpoint::client(bind)
+        let endpoint = net::endpoint(bind, None)
             .map_err(|e| P2pError::Setup(format!("cannot open a UDP socket on {bind}: {e}")))?;
         for addr in family {
             match endpoint.connect_with(config.clone(), addr, tls::SERVER_NAME) {
@@ -287,7 +287,7 @@ async fn connect(
 fn rank(e: &P2pError) -> u8 {
     match e {
         P2pError::FingerprintMismatch { .. } => 3,
-        P2pError::Busy => 2,
+        P2pError::Refused => 2,
         P2pError::Closed { .. } => 1,
         _ => 0,
     }
@@ -476,7 +476,7 @@ fn connection_error(e: &ConnectionError, req: &FetchRequest) -> P2pError {
         ConnectionError::ConnectionClosed(c)
             if c.error_code == TransportErrorCode::CONNECTION_REFUSED =>
         {
-            P2pError::Busy
+            P2pError::Refused
         }
         other => P2pError::Connection(other.to_string()),
     }

@@ -14,7 +14,7 @@ use tokio::time::{Instant, timeout};
 
 use crate::tokens::{AllowError, Refusal, Tokens};
 use crate::wire::{self, Ack, Request, Response, Status, close};
-use crate::{P2pError, Window, tls};
+use crate::{P2pError, Window, net, tls};
 
 /// Bytes read from the file and written to the stream at a time. The file is never loaded
 /// whole; at most this much per recipient sits in our buffer, plus quinn's send window.
@@ -28,7 +28,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct SenderLimits {
     /// Recipients served at once; more connections are refused at the QUIC level (the receiver
-    /// gets [`P2pError::Busy`]). Default 16.
+    /// gets [`P2pError::Refused`]). Default 16.
     pub max_peers: usize,
     /// Tokens that may be registered with [`P2pSender::allow`]. Default 1,024.
     pub max_tokens: usize,
@@ -142,7 +142,7 @@ impl P2pSender {
         // Each peer opens one stream, the file stream; nothing else.
         config.transport_config(Arc::new(window.transport_config(limits.idle_timeout, 1)?));
         config.max_incoming(limits.max_peers);
-        let endpoint = Endpoint::server(config, bind).map_err(|e| {
+        let endpoint = net::endpoint(bind, Some(config)).map_err(|e| {
             P2pError::Setup(format!(
                 "cannot listen on UDP {bind}: {e}; choose another address or port"
             ))

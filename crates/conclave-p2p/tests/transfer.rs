@@ -502,6 +502,85 @@ async fn the_sender_refuses_peers_beyond_its_limit() {
     ))
     .await
     .unwrap_err();
-    assert!(matches!(err, P2pError::Busy), "{err}");
+    assert!(matches!(err, P2pError::Refused), "{err}");
     running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_different_file_is_refused_and_frees_the_token_at_once() {
+    let offer = make_offer(2 * MIB, 16);
+    let sender = start(&offer, Window::default()).await;
+    sender.allow(token(1), "bob").unwrap();
+    let part = offer.dir.path().join("bob.part");
+    let mut wrong = request(&offer, &sender, token(1), &part);
+    wrong.sha256[0] ^= 1;
+    let err = get(wrong).await.unwrap_err();
+    assert!(matches!(err, P2pError::OfferMismatch { .. }), "{err}");
+    // The receiver's close reaches the sender, which releases the token: a retry is not busy.
+    let started = Instant::now();
+    get(request(&offer, &sender, token(1), &part))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(std::fs::read(&part).unwrap(), offer.data);
+}
+
+#[tokio::test]
+async fn an_expired_offer_is_refused() {
+    let offer = make_offer(100_000, 17);
+    let limits = SenderLimits {
+        lifetime: Duration::from_millis(300),
+        ..SenderLimits::default()
+    };
+    let sender = P2pSender::start(
+        &offer.path,
+        offer.data.len() as u64,
+        offer.sha256,
+        localhost(),
+        Window::default(),
+        limits,
+    )
+    .await
+    .unwrap();
+    sender.allow(token(1), "bob").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let err = get(request(
+        &offer,
+        &sender,
+        token(1),
+        &offer.dir.path().join("bob.part"),
+    ))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, P2pError::Refused), "{err}");
+    assert!(
+        started.elapsed() < CONNECT_TIMEOUT,
+        "refused at once, not timed out"
+    );
+}
+
+#[tokio::test]
+async fn a_sender_on_all_interfaces_names_a_reachable_address() {
+    let offer = make_offer(100_000, 18);
+    let sender = P2pSender::start(
+        &offer.path,
+        offer.data.len() as u64,
+        offer.sha256,
+        (Ipv4Addr::UNSPECIFIED, 0).into(),
+        Window::default(),
+        SenderLimits::default(),
+    )
+    .await
+    .unwrap();
+    let addrs = sender.local_addrs().unwrap();
+    assert_eq!(addrs.len(), 1);
+    assert!(!addrs[0].ip().is_unspecified());
+    assert_eq!(addrs[0].port(), sender.local_addr().unwrap().port());
+    sender.allow(token(1), "bob").unwrap();
+    let part = offer.dir.path().join("bob.part");
+    get(request(&offer, &sender, token(1), &part))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&part).unwrap(), offer.data);
 }
