@@ -99,6 +99,9 @@ pub struct FileOptions {
     /// Bytes in flight: relay chunks, and the QUIC flow-control windows for peer to peer.
     /// `None`: the defaults.
     pub window: Option<u64>,
+    /// Peer to peer: the QUIC congestion controller, `cubic` (default), `newreno` or `bbr`
+    /// (much faster on lossy paths; quinn calls its BBR experimental).
+    pub congestion: Option<String>,
     /// How long a recipient tries to reach the sender directly before it falls back.
     pub p2p_timeout: Duration,
     /// How long a recipient waits for the relay copy after falling back.
@@ -120,6 +123,7 @@ impl Default for FileOptions {
         FileOptions {
             p2p: false,
             window: None,
+            congestion: None,
             p2p_timeout: Duration::from_secs(5),
             relay_wait: DEFAULT_RELAY_WAIT,
             p2p_linger: crate::p2p_glue::DEFAULT_P2P_LINGER,
@@ -135,6 +139,7 @@ impl std::fmt::Debug for FileOptions {
         f.debug_struct("FileOptions")
             .field("p2p", &self.p2p)
             .field("window", &self.window)
+            .field("congestion", &self.congestion)
             .field("p2p_timeout", &self.p2p_timeout)
             .finish_non_exhaustive()
     }
@@ -151,6 +156,14 @@ impl FileOptions {
                 message: format!(
                     "the window must be between {MIN_WINDOW_BYTES} bytes and 1 GiB (got {w})"
                 ),
+            });
+        }
+        if let Some(c) = &self.congestion
+            && conclave_p2p::Congestion::parse(c).is_none()
+        {
+            return Err(ClientError::File {
+                code: "bad_request",
+                message: format!("unknown congestion controller {c:?}: use cubic, newreno or bbr"),
             });
         }
         Ok(())

@@ -24,7 +24,15 @@ use crate::files::{Direction, FileOptions, FileSent, Reporter, hash_file};
 use crate::{Client, ClientError};
 
 fn window(opts: &FileOptions) -> Window {
-    opts.window.map(Window::uniform).unwrap_or_default()
+    let w = opts.window.map(Window::uniform).unwrap_or_default();
+    match opts
+        .congestion
+        .as_deref()
+        .and_then(conclave_p2p::Congestion::parse)
+    {
+        Some(c) => w.with_congestion(c),
+        None => w,
+    }
 }
 
 fn p2p_err(message: impl Into<String>) -> ClientError {
@@ -56,6 +64,7 @@ pub(crate) async fn send(
     target: Target,
     opts: FileOptions,
 ) -> Result<FileSent, ClientError> {
+    opts.check()?;
     let name = crate::files::file_name(path)?;
     let owned = path.to_path_buf();
     let (sha256, size) = tokio::task::spawn_blocking(move || hash_file(&owned))

@@ -580,9 +580,9 @@ async fn p2p_serves_three_recipients_in_parallel_without_the_relay() {
         let alice = alice.clone();
         let path = path.clone();
         tokio::spawn(async move {
-            alice
-                .send_file_any(&path, room("general", &[]), p2p(Some(1 << 20)))
-                .await
+            let mut opts = p2p(Some(1 << 20));
+            opts.congestion = Some("bbr".into());
+            alice.send_file_any(&path, room("general", &[]), opts).await
         })
     };
     let mut receiving = Vec::new();

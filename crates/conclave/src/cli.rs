@@ -187,6 +187,10 @@ pub struct ClientArgs {
     /// to peer), e.g. 65536, 256K, 4M; 16K to 1G. A command's "window" field overrides it.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub window: Option<u64>,
+    /// Direct (peer-to-peer) transfers: the QUIC congestion controller, cubic (default),
+    /// newreno or bbr (far faster on lossy paths; see docs/benchmarks.md).
+    #[arg(long, value_name = "NAME", value_parser = ["cubic", "newreno", "bbr"])]
+    pub congestion: Option<String>,
 }
 
 /// "65536", "256K", "4M", "1G" (binary units) as bytes.

@@ -65,6 +65,7 @@ pub fn run_json(args: ClientArgs) -> anyhow::Result<ExitCode> {
             {
                 let mut o = JsonOptions::new(connect);
                 o.window = args.window;
+                o.congestion = args.congestion.clone();
                 if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                     o.progress_hook = Some(crate::progress::bars());
                 }

@@ -87,6 +87,16 @@ fn json_send_file_and_accept_file_with_progress_and_done() {
     alice.send(json!({"cmd": "send_file", "path": src, "room": "general", "window": 10, "id": 6}));
     let r = alice.reply(json!(6));
     assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    alice.send(
+        json!({"cmd": "send_file", "path": src, "room": "general", "p2p": true,
+                      "congestion": "warp", "id": 8}),
+    );
+    let r = alice.reply(json!(8));
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("bbr"),
+        "{r}"
+    );
     bob.send(json!({"cmd": "decline_file", "file_id": "not-an-id", "id": 7}));
     let r: Value = bob.reply(json!(7));
     assert_eq!(r["error"]["code"], "not_found", "{r}");

@@ -55,12 +55,14 @@ pub enum Action {
         target: Target,
         p2p: bool,
         window: Option<u64>,
+        congestion: Option<String>,
     },
     /// Receive an offered file into a directory (the reply comes when it is verified).
     AcceptFile {
         file_id: String,
         dir: std::path::PathBuf,
         window: Option<u64>,
+        congestion: Option<String>,
     },
 }
 
@@ -156,6 +158,7 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
                 target: parse_target(&f, "send_file")?,
                 p2p: f.opt_bool("p2p")?.unwrap_or(false),
                 window: f.opt_u64("window")?,
+                congestion: f.opt_str("congestion")?,
             });
         }
         "accept_file" => {
@@ -163,6 +166,7 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
                 file_id: f.req_str("file_id")?,
                 dir: f.req_str("dir")?.into(),
                 window: f.opt_u64("window")?,
+                congestion: f.opt_str("congestion")?,
             });
         }
         "decline_file" => Request::FileDecline {
@@ -541,6 +545,7 @@ mod tests {
                 },
                 p2p: true,
                 window: Some(65536),
+                congestion: None,
             }
         );
         assert_eq!(
@@ -554,6 +559,7 @@ mod tests {
                 },
                 p2p: false,
                 window: None,
+                congestion: None,
             }
         );
         assert_eq!(
@@ -564,6 +570,7 @@ mod tests {
                 file_id: "x".into(),
                 dir: "/tmp".into(),
                 window: None,
+                congestion: None,
             }
         );
         assert!(

@@ -49,6 +49,8 @@ pub struct JsonOptions {
     pub output_queue_lines: usize,
     /// Default transfer window in bytes (`--window`); `None`: the library's defaults.
     pub window: Option<u64>,
+    /// Default QUIC congestion controller for direct transfers (`--congestion`).
+    pub congestion: Option<String>,
     /// Also told about transfer progress (the command line draws progress bars with it on a
     /// terminal's standard error).
     pub progress_hook: Option<crate::files::ProgressFn>,
@@ -72,6 +74,7 @@ impl JsonOptions {
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             output_queue_lines: DEFAULT_OUTPUT_QUEUE_LINES,
             window: None,
+            congestion: None,
             progress_hook: None,
         }
     }
@@ -113,6 +116,7 @@ pub async fn run(
         output_failed: output_failed.clone(),
         max_line_bytes: opts.max_line_bytes,
         window: opts.window,
+        congestion: opts.congestion.clone(),
         progress_hook: opts.progress_hook.clone(),
     };
     let forwarder = forward_events(events, out, quitting, ended_tx);
@@ -165,6 +169,7 @@ struct Driver {
     max_line_bytes: usize,
     /// Transfer window given on the command line (`--window`), for commands without one.
     window: Option<u64>,
+    congestion: Option<String>,
     progress_hook: Option<crate::files::ProgressFn>,
 }
 
@@ -241,8 +246,9 @@ impl Driver {
                 target,
                 p2p,
                 window,
+                congestion,
             } => {
-                let opts = self.file_options(p2p, window);
+                let opts = self.file_options(p2p, window, congestion);
                 let Ok(slot) = self.slots.clone().acquire_owned().await else {
                     return None;
                 };
@@ -261,8 +267,9 @@ impl Driver {
                 file_id,
                 dir,
                 window,
+                congestion,
             } => {
-                let opts = self.file_options(false, window);
+                let opts = self.file_options(false, window, congestion);
                 let Ok(slot) = self.slots.clone().acquire_owned().await else {
                     return None;
                 };
@@ -326,12 +333,18 @@ impl Driver {
 
     /// Transfer options whose progress goes out as `file_progress` events (dropped rather
     /// than waited for when the output queue is full: a later one says more).
-    fn file_options(&self, p2p: bool, window: Option<u64>) -> crate::files::FileOptions {
+    fn file_options(
+        &self,
+        p2p: bool,
+        window: Option<u64>,
+        congestion: Option<String>,
+    ) -> crate::files::FileOptions {
         let out = self.out.clone();
         let hook = self.progress_hook.clone();
         crate::files::FileOptions {
             p2p,
             window: window.or(self.window),
+            congestion: congestion.or_else(|| self.congestion.clone()),
             progress: Some(Arc::new(move |p| {
                 let _ = out.try_send(line(&render::file_progress(p)));
                 if let Some(h) = &hook {
