@@ -36,27 +36,14 @@ fn setup(e: impl std::fmt::Display) -> BenchError {
     BenchError::Setup(e.to_string())
 }
 
-/// "1M", "100M", "1G", "65536" (binary units).
+/// "1M,100M,1G": sizes in bytes or with K, M or G (binary units), each above 0.
 pub fn parse_sizes(text: &str) -> Result<Vec<u64>, BenchError> {
     text.split(',')
-        .map(|s| {
-            let t = s.trim();
-            let (digits, mult) = match t.chars().last() {
-                Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
-                Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
-                Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
-                _ => (t, 1),
-            };
-            digits
-                .parse::<u64>()
-                .ok()
-                .and_then(|n| n.checked_mul(mult))
-                .filter(|n| *n > 0)
-                .ok_or_else(|| {
-                    BenchError::Usage(format!(
-                        "--files: {s:?} is not a size (write 1M, 100M, 1G or bytes)"
-                    ))
-                })
+        .map(|s| match conclave_client::files::parse_size(s) {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(BenchError::Usage(format!(
+                "--files: {s:?} is not a size (write 1M, 100M, 1G or bytes)"
+            ))),
         })
         .collect()
 }

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use conclave_proto::{Event, FileOffer, Reply, Request, Target};
 use sha2::{Digest, Sha256};
 
+use crate::connection::unexpected;
 use crate::{Client, ClientError};
 
 /// Bytes of relay chunks kept in flight by default (the relay's window).
@@ -280,6 +281,23 @@ impl Reporter {
     }
 }
 
+/// "65536", "256K", "4M", "1G" (binary units) as bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&t[..i], 1u64 << 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&t[..i], 1 << 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size; write bytes, or a number with K, M or G"))
+}
+
 /// SHA-256 and size of a file, read in blocks (never whole into memory).
 pub fn hash_file(path: &Path) -> Result<([u8; 32], u64), ClientError> {
     let mut file = open_source(path)?;
@@ -324,7 +342,7 @@ fn open_source(path: &Path) -> Result<File, ClientError> {
     })
 }
 
-pub(crate) fn file_name(path: &Path) -> Result<String, ClientError> {
+fn file_name(path: &Path) -> Result<String, ClientError> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -358,6 +376,17 @@ fn window_chunks(window: Option<u64>, chunk_size: u32) -> usize {
     ((w / u64::from(chunk_size.max(1))) as usize).clamp(1, MAX_CHUNKS_IN_FLIGHT)
 }
 
+/// What an offer needs from the file: its name, SHA-256 and size (hashed off the async
+/// threads).
+pub(crate) async fn prepare(path: &Path) -> Result<(String, [u8; 32], u64), ClientError> {
+    let name = file_name(path)?;
+    let owned = path.to_path_buf();
+    let (sha256, size) = tokio::task::spawn_blocking(move || hash_file(&owned))
+        .await
+        .map_err(|_| file_err("unreadable", "hashing the file failed"))??;
+    Ok((name, sha256, size))
+}
+
 impl Client {
     /// Sends a file through the relay, or peer to peer when [`FileOptions::p2p`] is set.
     pub async fn send_file_any(
@@ -383,11 +412,7 @@ impl Client {
         opts: FileOptions,
     ) -> Result<FileSent, ClientError> {
         opts.check()?;
-        let name = file_name(path)?;
-        let owned = path.to_path_buf();
-        let (sha256, size) = tokio::task::spawn_blocking(move || hash_file(&owned))
-            .await
-            .map_err(|_| file_err("unreadable", "hashing the file failed"))??;
+        let (name, sha256, size) = prepare(path).await?;
         let reply = self
             .request(Request::FileOffer {
                 target,
@@ -743,15 +768,8 @@ impl Client {
                 Err(e) if resumable(&e) && resumes < MAX_RESUMES => {
                     resumes += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    // What is written is written: continue after it.
-                    have = file
-                        .metadata()
-                        .map_err(|e| file_err("not_writable", e.to_string()))?
-                        .len();
-                    let (f, h, s) = open_part(part, offer.size)?;
-                    file = f;
-                    hasher = h;
-                    have = have.min(s);
+                    // What is written is written: continue after it (hashed again).
+                    (file, hasher, have) = open_part(part, offer.size)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -823,15 +841,6 @@ impl Client {
                 other => return Err(unexpected("file fetch", &other)),
             }
         }
-    }
-}
-
-fn unexpected(request: &'static str, reply: &Reply) -> ClientError {
-    let mut text = format!("{reply:?}");
-    text.truncate(120);
-    ClientError::UnexpectedReply {
-        request,
-        reply: text,
     }
 }
 
@@ -941,4 +950,20 @@ pub(crate) fn finish(dir: &Path, offer: &FileOffer, part: &Path) -> Result<PathB
             dir.display()
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("256K"), Ok(256 * 1024));
+        assert_eq!(parse_size("4m"), Ok(4 << 20));
+        assert_eq!(parse_size(" 1G "), Ok(1 << 30));
+        for bad in ["", "lots", "1T", "K", "-1", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use conclave_p2p::{FetchRequest, P2pSender, SenderLimits, Window};
 use conclave_proto::{Event, FileOffer, P2pInvite, P2pOffer, Reply, Request, Target};
 
-use crate::files::{Direction, FileOptions, FileSent, Reporter, hash_file};
+use crate::files::{Direction, FileOptions, FileSent, Reporter};
 use crate::{Client, ClientError};
 
 fn window(opts: &FileOptions) -> Window {
@@ -65,11 +65,7 @@ pub(crate) async fn send(
     opts: FileOptions,
 ) -> Result<FileSent, ClientError> {
     opts.check()?;
-    let name = crate::files::file_name(path)?;
-    let owned = path.to_path_buf();
-    let (sha256, size) = tokio::task::spawn_blocking(move || hash_file(&owned))
-        .await
-        .map_err(|_| p2p_err("hashing the file failed"))??;
+    let (name, sha256, size) = crate::files::prepare(path).await?;
     let bind = match opts.p2p_bind {
         Some(b) => b,
         None => {

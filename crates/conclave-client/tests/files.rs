@@ -3,87 +3,22 @@
 //!
 //! Every wait is bounded by a timeout and every loop by a count.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{TestServer, add_users};
 use conclave_client::proto::{Conv, Event, FileOffer, Target};
 use conclave_client::{
-    Auth, Client, ClientError, ClientEvent, ConnectOptions, Events, FileOptions, Reconnect, Trust,
-    Via,
+    Client, ClientError, ClientEvent, ConnectOptions, Events, FileOptions, Reconnect, Via,
 };
-use conclave_server::{Config, Server};
+use conclave_server::Config;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
-const PASSWORD: &str = "correct horse battery";
-
-struct TestServer {
-    addr: SocketAddr,
-    fingerprint: String,
-    dir: Arc<TempDir>,
-    token: CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
-}
-
-impl TestServer {
-    async fn start(
-        dir: Arc<TempDir>,
-        listen: SocketAddr,
-        tweak: impl Fn(&mut Config),
-    ) -> TestServer {
-        let mut last_error = String::new();
-        for _ in 0..100 {
-            let mut config = Config::new(dir.path());
-            config.listen = listen;
-            tweak(&mut config);
-            match Server::bind(config).await {
-                Ok(server) => {
-                    let addr = server.local_addr();
-                    let fingerprint = server.fingerprint().to_string();
-                    let token = server.shutdown_token();
-                    let handle = tokio::spawn(async move {
-                        server.run().await.expect("server runs");
-                    });
-                    return TestServer {
-                        addr,
-                        fingerprint,
-                        dir,
-                        token,
-                        handle,
-                    };
-                }
-                Err(e) => {
-                    last_error = e.to_string();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-        panic!("the server does not start on {listen}: {last_error}");
-    }
-
-    async fn stop(self) -> Arc<TempDir> {
-        self.token.cancel();
-        tokio::time::timeout(WAIT, self.handle)
-            .await
-            .expect("server stops in time")
-            .expect("server task");
-        self.dir
-    }
-}
-
-fn add_users(dir: &Path, names: &[&str]) {
-    let config = Config::new(dir);
-    let mut db = conclave_server::server::open_db(&config).expect("db");
-    for name in names {
-        let hash = conclave_server::accounts::hash_password(PASSWORD).expect("hash");
-        db.create_user(name, &hash, false).expect("create");
-        db.add_member(&config.default_room, name).expect("member");
-    }
-}
 
 async fn setup(names: &[&str], tweak: impl Fn(&mut Config)) -> (TestServer, TempDir) {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
@@ -93,17 +28,7 @@ async fn setup(names: &[&str], tweak: impl Fn(&mut Config)) -> (TestServer, Temp
 }
 
 fn options(srv: &TestServer, user: &str, state: &Path) -> ConnectOptions {
-    let auth = Auth::Login {
-        user: user.into(),
-        password: PASSWORD.into(),
-        server_password: None,
-    };
-    let mut opts = ConnectOptions::new(srv.addr.to_string(), auth);
-    opts.trust = Trust::fingerprint(&srv.fingerprint).expect("fingerprint");
-    opts.state_dir = Some(state.to_path_buf());
-    opts.connect_timeout = WAIT;
-    opts.handshake_timeout = WAIT;
-    opts.request_timeout = WAIT;
+    let mut opts = common::options(srv, user, state, WAIT);
     opts.reconnect = Reconnect {
         initial_delay: Duration::from_millis(50),
         max_delay: Duration::from_millis(400),
@@ -280,7 +205,7 @@ async fn relay_to_a_room_with_except_reaches_exactly_the_right_set_intact() {
         std::fs::read(&path).unwrap()
     );
     drop((alice, bob, carol, dave));
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }
 
 #[tokio::test]
@@ -327,7 +252,7 @@ async fn to_users_and_private_rooms_never_reach_others() {
         .expect_err("not a member");
     assert_eq!(code(&e), "no_such_room", "{e}");
     drop((alice, bob, carol));
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }
 
 #[tokio::test]
@@ -430,7 +355,7 @@ async fn every_refusal_is_clear() {
         .await
         .expect("quota freed");
     drop((alice, bob));
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }
 
 #[tokio::test]
@@ -462,7 +387,7 @@ async fn downloads_resume_from_a_part_file_and_uploads_survive_a_server_restart(
         !uploading.is_finished(),
         "the upload must still run when the server stops"
     );
-    let dir = srv.stop().await;
+    let dir = srv.stop(WAIT).await;
     let srv = TestServer::start(dir, addr, |_| {}).await;
     let sent = tokio::time::timeout(Duration::from_secs(120), uploading)
         .await
@@ -500,7 +425,7 @@ async fn downloads_resume_from_a_part_file_and_uploads_survive_a_server_restart(
     assert_eq!(code(&e), "hash_mismatch");
     assert!(!part.exists());
     drop((alice, bob));
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }
 
 #[tokio::test]
@@ -529,7 +454,7 @@ async fn no_plaintext_of_a_file_reaches_the_data_directory() {
         .await
         .expect("accept");
     drop((alice, bob));
-    let dir = srv.stop().await;
+    let dir = srv.stop(WAIT).await;
     let mut scanned = 0;
     let mut stack = vec![dir.path().to_path_buf()];
     for _ in 0..10_000 {
@@ -622,7 +547,7 @@ async fn p2p_serves_three_recipients_in_parallel_without_the_relay() {
     assert_eq!(std::fs::metadata(&stored).unwrap().len(), 0);
     let ev = next_matching(&mut alice_ev, |e| matches!(e, Event::FileReceived { .. })).await;
     assert!(matches!(ev, Event::FileReceived { via_p2p: true, .. }));
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }
 
 #[tokio::test]
@@ -676,7 +601,7 @@ async fn p2p_falls_back_to_the_relay_when_the_sender_cannot_be_reached() {
         .expect("task")
         .expect("send");
     assert!(sent.relayed, "the relay copy was uploaded on demand");
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }
 
 #[tokio::test]
@@ -722,5 +647,5 @@ async fn p2p_to_an_offline_recipient_uploads_to_the_relay_at_once() {
         std::fs::read(&got.path).unwrap(),
         std::fs::read(&path).unwrap()
     );
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }

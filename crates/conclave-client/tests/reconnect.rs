@@ -4,111 +4,33 @@
 //!
 //! Every wait is bounded by a timeout and every loop by a count.
 
+mod common;
+
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{TestServer, add_users};
 use conclave_client::json::{self, JsonOptions};
 use conclave_client::proto::{
     Body, Conv, ConvRef, DisconnectReason, Event, Message, Reply, Request, Target,
 };
-use conclave_client::{
-    Auth, Client, ClientError, ClientEvent, ConnectOptions, Events, Reconnect, Trust,
-};
+use conclave_client::{Client, ClientError, ClientEvent, ConnectOptions, Events, Reconnect};
+use conclave_server::Config;
 use conclave_server::store::NewMessage;
-use conclave_server::{Config, Server};
 use serde_json::{Value, json};
-use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio_util::sync::CancellationToken;
 
 /// Upper bound for any single wait.
 const WAIT: Duration = Duration::from_secs(20);
-const PASSWORD: &str = "correct horse battery";
-
-struct TestServer {
-    addr: SocketAddr,
-    fingerprint: String,
-    dir: Arc<TempDir>,
-    token: CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
-}
-
-impl TestServer {
-    /// Starts a server on `dir`, listening on `listen` (port 0: any). Binding the port of a
-    /// server that just stopped is retried for a while.
-    async fn start(dir: Arc<TempDir>, listen: SocketAddr) -> TestServer {
-        let mut last_error = String::new();
-        for _ in 0..100 {
-            let mut config = Config::new(dir.path());
-            config.listen = listen;
-            match Server::bind(config).await {
-                Ok(server) => {
-                    let addr = server.local_addr();
-                    let fingerprint = server.fingerprint().to_string();
-                    let token = server.shutdown_token();
-                    let handle = tokio::spawn(async move {
-                        server.run().await.expect("server runs");
-                    });
-                    return TestServer {
-                        addr,
-                        fingerprint,
-                        dir,
-                        token,
-                        handle,
-                    };
-                }
-                Err(e) => {
-                    last_error = e.to_string();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-        panic!("the server does not start on {listen}: {last_error}");
-    }
-
-    /// Graceful stop; waits for it.
-    async fn stop(self) -> Arc<TempDir> {
-        self.token.cancel();
-        tokio::time::timeout(WAIT, self.handle)
-            .await
-            .expect("server stops in time")
-            .expect("server task");
-        self.dir
-    }
-}
 
 fn config(dir: &Path) -> Config {
     Config::new(dir)
 }
 
-/// Creates accounts (members of the default room) on a data directory, like `conclave user
-/// add`, before the server starts.
-fn add_users(dir: &Path, names: &[&str]) {
-    let config = config(dir);
-    let mut db = conclave_server::server::open_db(&config).expect("db");
-    db.ensure_public_room(&config.default_room).expect("room");
-    for name in names {
-        let hash = conclave_server::accounts::hash_password(PASSWORD).expect("hash");
-        db.create_user(name, &hash, false).expect("create");
-        db.add_member(&config.default_room, name).expect("member");
-    }
-}
-
 fn options(srv: &TestServer, user: &str, state: &Path) -> ConnectOptions {
-    let auth = Auth::Login {
-        user: user.into(),
-        password: PASSWORD.into(),
-        server_password: None,
-    };
-    let mut opts = ConnectOptions::new(srv.addr.to_string(), auth);
-    opts.trust = Trust::fingerprint(&srv.fingerprint).expect("fingerprint");
-    opts.state_dir = Some(state.to_path_buf());
-    opts.connect_timeout = WAIT;
-    opts.handshake_timeout = WAIT;
-    opts.request_timeout = WAIT;
+    let mut opts = common::options(srv, user, state, WAIT);
     opts.ack_interval = Duration::from_millis(50);
     opts.reconnect = Reconnect {
         initial_delay: Duration::from_millis(50),
@@ -220,7 +142,7 @@ async fn full_history(client: &Client, conv: ConvRef) -> Vec<Message> {
 async fn offline_messages_are_delivered_once_to_a_fresh_client() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     add_users(dir.path(), &["alice", "bob"]);
-    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap()).await;
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap(), |_| {}).await;
     let state = tempfile::tempdir().expect("state");
 
     // Bob is offline; alice writes to him and to the room.
@@ -303,7 +225,7 @@ async fn offline_messages_are_delivered_once_to_a_fresh_client() {
     assert!(acknowledged, "the periodic ack was never recorded");
     bob.close();
     alice.quit().await.expect("alice quits");
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,7 +237,7 @@ async fn a_server_restart_mid_stream_loses_nothing_and_repeats_nothing() {
 
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     add_users(dir.path(), &["alice", "bob"]);
-    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap()).await;
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap(), |_| {}).await;
     let addr = srv.addr;
     let state = tempfile::tempdir().expect("state");
     let (bob, mut bob_events) = connect(options(&srv, "bob", state.path())).await;
@@ -385,10 +307,10 @@ async fn a_server_restart_mid_stream_loses_nothing_and_repeats_nothing() {
         .await
         .expect("the stream reaches the burst")
         .expect("burst signal");
-    let dir = srv.stop().await;
+    let dir = srv.stop(WAIT).await;
     // Down for a moment: the clients' first attempts are refused.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let srv = TestServer::start(dir, addr).await;
+    let srv = TestServer::start(dir, addr, |_| {}).await;
     assert_eq!(srv.addr, addr);
 
     let receipts = tokio::time::timeout(WAIT * 2, sender)
@@ -494,27 +416,27 @@ async fn a_server_restart_mid_stream_loses_nothing_and_repeats_nothing() {
     assert!(alice.is_connected() && bob.is_connected());
     alice.quit().await.expect("alice quits");
     bob.quit().await.expect("bob quits");
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_login_on_reconnect_ends_the_session() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     add_users(dir.path(), &["bob"]);
-    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap()).await;
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap(), |_| {}).await;
     let addr = srv.addr;
     let state = tempfile::tempdir().expect("state");
     let (bob, mut events) = connect(options(&srv, "bob", state.path())).await;
     events_until(&mut events, 10, is_caught_up).await;
 
-    let dir = srv.stop().await;
+    let dir = srv.stop(WAIT).await;
     // While the server is down, bob's password changes.
     {
         let mut db = conclave_server::server::open_db(&config(dir.path())).expect("db");
         let hash = conclave_server::accounts::hash_password("a new password!").expect("hash");
         assert!(db.set_password("bob", &hash).expect("set password"));
     }
-    let srv = TestServer::start(dir, addr).await;
+    let srv = TestServer::start(dir, addr, |_| {}).await;
 
     let got = events_until(&mut events, 10, |e| {
         matches!(
@@ -551,7 +473,7 @@ async fn a_refused_login_on_reconnect_ends_the_session() {
         bob.ping().await,
         Err(ClientError::Disconnected { .. })
     ));
-    srv.stop().await;
+    srv.stop(WAIT).await;
 }
 
 /// Lines of the JSON client's stdout, one at a time.
@@ -574,7 +496,7 @@ impl Lines {
 async fn the_json_client_reports_disconnected_then_reconnected_and_fails_only_at_the_end() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     add_users(dir.path(), &["alice", "bob"]);
-    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap()).await;
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap(), |_| {}).await;
     let addr = srv.addr;
     let state = tempfile::tempdir().expect("state");
 
@@ -598,7 +520,7 @@ async fn the_json_client_reports_disconnected_then_reconnected_and_fails_only_at
 
     // The server stops; while it is down a message is stored for bob (as if written just
     // before), and it starts again on the same port.
-    let dir = srv.stop().await;
+    let dir = srv.stop(WAIT).await;
     let line = out.next().await;
     assert_eq!(line["event"], "disconnected");
     assert_eq!(line["reason"], "shutdown");
@@ -615,7 +537,7 @@ async fn the_json_client_reports_disconnected_then_reconnected_and_fails_only_at
         }])
         .expect("append");
     }
-    let srv = TestServer::start(dir, addr).await;
+    let srv = TestServer::start(dir, addr, |_| {}).await;
     let line = out.next().await;
     assert_eq!(line["event"], "message");
     assert_eq!(line["text"], "while you were away");
@@ -635,7 +557,7 @@ async fn the_json_client_reports_disconnected_then_reconnected_and_fails_only_at
     assert_eq!(reply["results"][0]["text"], "while you were away");
 
     // Stopped for good: the attempts run out, the client says so and fails.
-    srv.stop().await;
+    srv.stop(WAIT).await;
     let line = out.next().await;
     assert_eq!(line["event"], "disconnected");
     assert_eq!(line["reconnecting"], true);

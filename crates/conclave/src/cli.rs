@@ -185,29 +185,12 @@ pub struct ClientArgs {
     pub reconnect_for: Option<u64>,
     /// File transfers: bytes in flight (relay chunks, and the QUIC flow-control windows peer
     /// to peer), e.g. 65536, 256K, 4M; 16K to 1G. A command's "window" field overrides it.
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", value_parser = conclave_client::files::parse_size)]
     pub window: Option<u64>,
     /// Direct (peer-to-peer) transfers: the QUIC congestion controller, cubic (default),
     /// newreno or bbr (far faster on lossy paths; see docs/benchmarks.md).
     #[arg(long, value_name = "NAME", value_parser = ["cubic", "newreno", "bbr"])]
     pub congestion: Option<String>,
-}
-
-/// "65536", "256K", "4M", "1G" (binary units) as bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&t[..i], 1u64 << 10),
-        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&t[..i], 1 << 20),
-        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    digits
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size; write bytes, or a number with K, M or G"))
 }
 
 const CHAT_HELP: &str = "\

@@ -1012,7 +1012,7 @@ impl Client {
     }
 }
 
-fn unexpected(request: &'static str, reply: &Reply) -> ClientError {
+pub(crate) fn unexpected(request: &'static str, reply: &Reply) -> ClientError {
     let mut text = format!("{reply:?}");
     if text.len() > 120 {
         let mut end = 120;

@@ -147,13 +147,16 @@ pub async fn offer(
             format!("a peer-to-peer offer lists 1 to {MAX_P2P_ADDRS} addresses"),
         ));
     }
-    let checked = conn.shared.hub.lock().check_send(user, &target, 0)?;
-    let recipients: Vec<String> = {
+    // One look at the hub: the recipients are the members the check saw.
+    let (checked, recipients) = {
         let hub = conn.shared.hub.lock();
-        hub.audience(&checked.conv, &checked.except)
+        let checked = hub.check_send(user, &target, 0)?;
+        let recipients: Vec<String> = hub
+            .audience(&checked.conv, &checked.except)
             .filter(|u| *u != user)
             .map(str::to_string)
-            .collect()
+            .collect();
+        (checked, recipients)
     };
     if recipients.is_empty() {
         return Err(err(

@@ -1,0 +1,104 @@
+//! Harness shared by the client library's end-to-end tests: the real server in-process (real
+//! TLS, real SQLite in a temporary directory) on a loopback port, accounts made on its data
+//! directory, and connection options pinned to its certificate.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use conclave_client::{Auth, ConnectOptions, Trust};
+use conclave_server::{Config, Server};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+pub const PASSWORD: &str = "correct horse battery";
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub fingerprint: String,
+    pub dir: Arc<TempDir>,
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    /// Starts a server on `dir`, listening on `listen` (port 0: any), with `tweak` applied to
+    /// its configuration. Binding the port of a server that just stopped is retried for a
+    /// while.
+    pub async fn start(
+        dir: Arc<TempDir>,
+        listen: SocketAddr,
+        tweak: impl Fn(&mut Config),
+    ) -> TestServer {
+        let mut last_error = String::new();
+        for _ in 0..100 {
+            let mut config = Config::new(dir.path());
+            config.listen = listen;
+            tweak(&mut config);
+            match Server::bind(config).await {
+                Ok(server) => {
+                    let addr = server.local_addr();
+                    let fingerprint = server.fingerprint().to_string();
+                    let token = server.shutdown_token();
+                    let handle = tokio::spawn(async move {
+                        server.run().await.expect("server runs");
+                    });
+                    return TestServer {
+                        addr,
+                        fingerprint,
+                        dir,
+                        token,
+                        handle,
+                    };
+                }
+                Err(e) => {
+                    last_error = e.to_string();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        panic!("the server does not start on {listen}: {last_error}");
+    }
+
+    /// Graceful stop, waited for (at most `wait`); gives the data directory back.
+    pub async fn stop(self, wait: Duration) -> Arc<TempDir> {
+        self.token.cancel();
+        tokio::time::timeout(wait, self.handle)
+            .await
+            .expect("server stops in time")
+            .expect("server task");
+        self.dir
+    }
+}
+
+/// Creates accounts (members of the default room) on a data directory, like `conclave user
+/// add`, before the server starts.
+pub fn add_users(dir: &Path, names: &[&str]) {
+    let config = Config::new(dir);
+    let mut db = conclave_server::server::open_db(&config).expect("db");
+    db.ensure_public_room(&config.default_room).expect("room");
+    for name in names {
+        let hash = conclave_server::accounts::hash_password(PASSWORD).expect("hash");
+        db.create_user(name, &hash, false).expect("create");
+        db.add_member(&config.default_room, name).expect("member");
+    }
+}
+
+/// Options to log in as `user` (password [`PASSWORD`]) with the server's certificate pinned,
+/// every timeout `wait`; the caller sets its reconnect policy.
+pub fn options(srv: &TestServer, user: &str, state: &Path, wait: Duration) -> ConnectOptions {
+    let auth = Auth::Login {
+        user: user.into(),
+        password: PASSWORD.into(),
+        server_password: None,
+    };
+    let mut opts = ConnectOptions::new(srv.addr.to_string(), auth);
+    opts.trust = Trust::fingerprint(&srv.fingerprint).expect("fingerprint");
+    opts.state_dir = Some(state.to_path_buf());
+    opts.connect_timeout = wait;
+    opts.handshake_timeout = wait;
+    opts.request_timeout = wait;
+    opts
+}
