@@ -272,10 +272,12 @@ fn json_clients_talk_through_a_server() {
         pins.lines().any(|l| l.trim() == format!("{addr} {fp}")),
         "{pins}"
     );
+    let stderr = alice
+        .proc
+        .stderr_when(WAIT, |text| shows_fingerprint(text, &fp));
     assert!(
-        shows_fingerprint(&alice.proc.stderr(), &fp),
-        "TOFU shows the fingerprint on stderr: {}",
-        alice.proc.stderr()
+        shows_fingerprint(&stderr, &fp),
+        "TOFU shows the fingerprint on stderr: {stderr}"
     );
 
     // The colon-separated upper-case form is accepted, as is plain hex.

@@ -130,6 +130,19 @@ impl Proc {
             .clone()
     }
 
+    /// Stderr once `pred` holds for it, or as it is after `timeout` (its reader thread may
+    /// not have caught up with what the child wrote before a stdout line).
+    pub fn stderr_when(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.stderr();
+            if pred(&text) || Instant::now() >= deadline {
+                return text;
+            }
+            thread::sleep(POLL);
+        }
+    }
+
     fn context(&self) -> String {
         format!(
             "{}: stdout so far:\n{}\nstderr so far:\n{}",
