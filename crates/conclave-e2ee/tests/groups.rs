@@ -1,0 +1,213 @@
+//! The MLS halves together, without the network: devices and the server's validator.
+
+use conclave_e2ee::E2eeError;
+use conclave_e2ee::device::{Device, Processed};
+use conclave_e2ee::ds::{GroupState, ServerSigner};
+use conclave_e2ee::payload::Payload;
+
+const CONV: &str = "r:lab";
+
+/// The server's log of the conversation, as a test sees it: (seq, from, bytes).
+struct Log {
+    state: GroupState,
+    entries: Vec<(u64, String, Vec<u8>)>,
+}
+
+impl Log {
+    fn commit(&mut self, from: &str, bytes: &[u8]) -> Result<u64, E2eeError> {
+        let v = self.state.validate_commit(bytes, from)?;
+        self.state = v.into_state();
+        Ok(self.push(from, bytes))
+    }
+    fn push(&mut self, from: &str, bytes: &[u8]) -> u64 {
+        let seq = self.entries.len() as u64 + 1;
+        self.entries.push((seq, from.to_string(), bytes.to_vec()));
+        seq
+    }
+    fn catch_up(&self, d: &Device) -> Vec<Processed> {
+        self.entries
+            .iter()
+            .map(|(seq, from, b)| d.process(CONV, *seq, from, 0, b).expect("process"))
+            .collect()
+    }
+}
+
+fn text(p: &Processed) -> Option<String> {
+    match p {
+        Processed::App {
+            payload: Payload::Body { data, .. },
+            ..
+        } => Some(String::from_utf8_lossy(data).into_owned()),
+        _ => None,
+    }
+}
+
+fn body(s: &str) -> Payload {
+    Payload::Body {
+        content_type: "text/plain".into(),
+        data: s.as_bytes().to_vec(),
+    }
+}
+
+#[test]
+fn create_invite_talk_kick_join_restart() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let server = ServerSigner::generate().expect("server key");
+    let alice = Device::open(dirs[0].path(), "alice", "pw-a").expect("alice");
+    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("bob");
+    let carol = Device::open(dirs[2].path(), "carol", "pw-c").expect("carol");
+
+    let gi = alice.create_group(CONV, server.public()).expect("create");
+    let state = GroupState::create(&gi, "alice", server.public()).expect("server follows");
+    // A group naming another external sender, or created for someone else, is refused.
+    assert!(GroupState::create(&gi, "bob", server.public()).is_err());
+    let other = ServerSigner::generate().expect("key");
+    assert!(GroupState::create(&gi, "alice", other.public()).is_err());
+    let mut log = Log {
+        state,
+        entries: Vec::new(),
+    };
+
+    // Alice invites Bob and Carol with their key packages.
+    let kps = vec![
+        bob.key_packages(1).expect("kp").remove(0),
+        carol.key_packages(1).expect("kp").remove(0),
+    ];
+    let out = alice.add_members(CONV, &kps).expect("add");
+    let seq = log.commit("alice", &out.commit).expect("accepted");
+    // The same commit again (a replay) is refused: its epoch is gone.
+    assert!(matches!(
+        log.state.validate_commit(&out.commit, "alice"),
+        Err(E2eeError::WrongEpoch)
+    ));
+    alice.confirm(CONV, seq).expect("merge");
+    let welcome = out.welcome.expect("welcome");
+    bob.join_welcome(CONV, &welcome, seq).expect("bob joins");
+    carol
+        .join_welcome(CONV, &welcome, seq)
+        .expect("carol joins");
+    assert_eq!(alice.members(CONV).expect("members").len(), 3);
+
+    // Messages.
+    let m = alice.encrypt(CONV, &body("hello lab")).expect("encrypt");
+    log.state.check_app(&m, 0).expect("server accepts");
+    let seq = log.push("alice", &m);
+    alice
+        .record_own(CONV, seq, 0, &body("hello lab"))
+        .expect("own");
+    let got = log.catch_up(&bob);
+    assert_eq!(text(got.last().expect("one")), Some("hello lab".into()));
+    log.catch_up(&carol);
+
+    // Two members commit at once: the server takes one; the other is refused and follows.
+    let b_upd = bob.self_update(CONV).expect("bob update");
+    let c_upd = carol.self_update(CONV).expect("carol update");
+    let seq = log.commit("bob", &b_upd.commit).expect("first wins");
+    bob.confirm(CONV, seq).expect("bob merges");
+    assert!(log.commit("carol", &c_upd.commit).is_err());
+    carol.discard(CONV).expect("carol discards");
+    log.catch_up(&carol);
+    log.catch_up(&alice);
+    assert_eq!(alice.epoch(CONV).expect("e"), carol.epoch(CONV).expect("e"));
+    assert_eq!(bob.epoch(CONV).expect("e"), carol.epoch(CONV).expect("e"));
+
+    // A member cannot remove another on its own.
+    let rm = {
+        // Bob's forged attempt: a commit by Carol's account name is refused too.
+        assert!(log.state.validate_commit(&b_upd.commit, "carol").is_err());
+        alice.self_update(CONV).expect("upd")
+    };
+    alice.discard(CONV).expect("discard");
+    drop(rm);
+
+    // The operator kicks Carol: the server proposes, Alice commits.
+    let props = log
+        .state
+        .remove_proposals(&server, "carol")
+        .expect("proposals");
+    assert_eq!(props.len(), 1);
+    for p in &props {
+        log.push("", p);
+    }
+    log.catch_up(&alice);
+    log.catch_up(&bob);
+    // With the removal pending, nobody sends.
+    assert!(alice.encrypt(CONV, &body("too early")).is_err());
+    let out = alice
+        .commit_pending(CONV)
+        .expect("commit")
+        .expect("something pending");
+    let kick_epoch_commit = log.commit("alice", &out.commit).expect("accepted");
+    alice.confirm(CONV, kick_epoch_commit).expect("merge");
+    log.catch_up(&bob);
+    let carol_saw = log.catch_up(&carol);
+    assert!(carol_saw.iter().any(|p| matches!(
+        p,
+        Processed::Commit {
+            removed_self: true,
+            ..
+        }
+    )));
+    let secret = alice
+        .encrypt(CONV, &body("after the kick"))
+        .expect("encrypt");
+    let min_epoch = log.state.epoch().expect("epoch");
+    log.state
+        .check_app(&secret, min_epoch)
+        .expect("current epoch");
+    let seq = log.push("alice", &secret);
+    assert_eq!(
+        text(&bob.process(CONV, seq, "alice", 0, &secret).expect("bob")),
+        Some("after the kick".into())
+    );
+    assert!(matches!(
+        carol
+            .process(CONV, seq, "alice", 0, &secret)
+            .expect("carol"),
+        Processed::Unreadable(_)
+    ));
+
+    // Dave joins by external commit; he cannot read what came before.
+    let dave = Device::open(dirs[3].path(), "dave", "pw-d").expect("dave");
+    let gi = alice.group_info(CONV).expect("gi");
+    let out = dave.join_external(CONV, &gi).expect("external");
+    // Someone else's account cannot push Dave's join.
+    assert!(log.state.validate_commit(&out.commit, "bob").is_err());
+    let seq = log.commit("dave", &out.commit).expect("join accepted");
+    dave.confirm_join(CONV, seq).expect("merge");
+    log.catch_up(&alice);
+    log.catch_up(&bob);
+    assert!(matches!(
+        dave.process(CONV, 1, "alice", 0, &log.entries[1].2)
+            .expect("old"),
+        Processed::Duplicate
+    ));
+    let m = bob.encrypt(CONV, &body("welcome dave")).expect("enc");
+    let seq = log.push("bob", &m);
+    assert_eq!(
+        text(&dave.process(CONV, seq, "bob", 0, &m).expect("dave reads")),
+        Some("welcome dave".into())
+    );
+
+    // Restart: Bob's device reopens from its directory and keeps working.
+    drop(bob);
+    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("reopen");
+    let m = alice.encrypt(CONV, &body("still there?")).expect("enc");
+    let seq = log.push("alice", &m);
+    assert_eq!(
+        text(&bob.process(CONV, seq, "alice", 0, &m).expect("bob")),
+        Some("still there?".into())
+    );
+    // A wrong password does not open the local history.
+    drop(bob);
+    assert!(Device::open(dirs[1].path(), "bob", "wrong").is_err());
+    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("reopen");
+    let hits = bob.search("STILL", Some(CONV), 10).expect("search");
+    assert_eq!(hits.len(), 1);
+    // The state database holds no plaintext.
+    for entry in std::fs::read_dir(dirs[1].path()).expect("dir") {
+        let raw = std::fs::read(entry.expect("entry").path()).expect("read");
+        assert!(!raw.windows(5).any(|w| w == b"still"));
+        assert!(!raw.windows(5).any(|w| w == b"hello"));
+    }
+}
