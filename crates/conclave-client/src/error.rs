@@ -104,6 +104,10 @@ pub enum ClientError {
     #[error("{message}")]
     File { code: &'static str, message: String },
 
+    /// End-to-end encryption could not do what was asked (the message says why and what to do).
+    #[error("end-to-end encryption: {message}")]
+    E2ee { message: String },
+
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -133,6 +137,7 @@ impl ClientError {
             | ClientError::HandshakeTimeout { .. } => "connect",
             ClientError::Io { .. } => "io",
             ClientError::File { code, .. } => code,
+            ClientError::E2ee { .. } => "e2ee",
         }
     }
 

@@ -37,6 +37,7 @@
 mod address;
 mod connection;
 pub mod cursor;
+pub mod e2ee;
 mod error;
 pub mod files;
 mod handshake;

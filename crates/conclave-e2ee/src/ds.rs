@@ -415,8 +415,8 @@ impl GroupState {
 }
 
 /// Checks a device's key package: valid signatures and lifetime, Conclave's ciphersuite, and a
-/// credential naming `user`. Returns the device id it names.
-pub fn check_key_package(bytes: &[u8], user: &str) -> Result<String, E2eeError> {
+/// credential naming `user`. Returns the device id it names and its signature key.
+pub fn check_key_package(bytes: &[u8], user: &str) -> Result<(String, Vec<u8>), E2eeError> {
     let crypto = RustCrypto::default();
     let kp = KeyPackageIn::tls_deserialize_exact(bytes)
         .map_err(|e| E2eeError::Malformed(e.to_string()))?
@@ -434,5 +434,5 @@ pub fn check_key_package(bytes: &[u8], user: &str) -> Result<String, E2eeError> 
             "a key package of {u} cannot be published by {user}"
         )));
     }
-    Ok(device)
+    Ok((device, kp.leaf_node().signature_key().as_slice().to_vec()))
 }

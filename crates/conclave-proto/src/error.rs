@@ -56,6 +56,11 @@ pub enum ErrorCode {
     NotReady,
     /// The caller declined this file.
     Declined,
+    /// End-to-end encryption: the message or commit is for an epoch that is not the group's
+    /// current one (another commit came first). Process the conversation and try again.
+    StaleEpoch,
+    /// The conversation is end-to-end encrypted: send MLS messages, not plain bodies.
+    E2eeRequired,
 }
 
 impl ErrorCode {
@@ -87,6 +92,8 @@ impl ErrorCode {
             ErrorCode::Expired => "expired",
             ErrorCode::NotReady => "not_ready",
             ErrorCode::Declined => "declined",
+            ErrorCode::StaleEpoch => "stale_epoch",
+            ErrorCode::E2eeRequired => "e2ee_required",
         }
     }
 }

@@ -255,6 +255,76 @@ pub enum Request {
     },
     /// Files offered to the caller that it has neither taken nor declined, oldest first.
     Files,
+    /// End-to-end encryption: binds this connection to one of the account's devices and adds
+    /// key packages for it (each handed out once). Answered with [`Reply::E2eeReady`]; after
+    /// it, Welcomes for this device arrive as [`Event::E2eeWelcome`].
+    E2eePublish {
+        device: String,
+        key_packages: Vec<Bytes>,
+    },
+    /// Claims one key package of every device of each user, to add them to a group. Each
+    /// package is given out once. Answered with [`Reply::E2eeKeyPackages`].
+    E2eeClaim {
+        users: Vec<String>,
+    },
+    /// Makes a conversation end-to-end encrypted: the group's first GroupInfo (with its
+    /// ratchet tree). For a room: its owner (or an admin), before any message. For a direct
+    /// conversation: one of its participants.
+    E2eeCreate {
+        conv: ConvRef,
+        group_info: Bytes,
+    },
+    /// The conversation's latest GroupInfo, to join by external commit; `None` when the
+    /// conversation is not end-to-end encrypted. Members only.
+    E2eeGroupInfo {
+        conv: ConvRef,
+    },
+    /// A commit for the group's current epoch, the GroupInfo of the epoch it makes, and the
+    /// Welcome for the devices it adds. The server validates it and orders it in the
+    /// conversation's log: answered with [`Reply::Sent`] (merge it then), or refused (another
+    /// commit took the epoch: process the log and try again).
+    E2eeCommit {
+        conv: ConvRef,
+        commit: Bytes,
+        group_info: Bytes,
+        welcome: Option<Bytes>,
+    },
+    /// A Welcome was processed; the server forgets it.
+    E2eeWelcomeDone {
+        id: u64,
+    },
+    /// The devices of a user the server knows (for safety numbers).
+    E2eeDevices {
+        user: String,
+    },
+}
+
+/// Opaque bytes (MLS messages), compact on the wire.
+pub type Bytes = serde_bytes::ByteBuf;
+
+/// A key package handed out by [`Request::E2eeClaim`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimedKeyPackage {
+    pub user: String,
+    pub device: String,
+    pub key_package: Bytes,
+}
+
+/// The public state a joiner needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfoData {
+    pub group_info: Bytes,
+    pub epoch: u64,
+    /// Sequence number of the commit that made this epoch (0 for a new group).
+    pub seq: u64,
+}
+
+/// A device of an account, as the server knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub user: String,
+    pub device: String,
+    pub signature_key: Bytes,
 }
 
 /// Presence of one user.
@@ -277,6 +347,8 @@ pub struct RoomInfo {
     pub online: u32,
     pub member: bool,
     pub owner: Option<String>,
+    /// End-to-end encrypted (the server cannot read it).
+    pub e2ee: bool,
 }
 
 /// A successful reply.
@@ -339,6 +411,15 @@ pub enum Reply {
     },
     /// Pending file offers.
     Files(Vec<FileOffer>),
+    /// The device is registered. `server_key` is the server's signature key, to name as
+    /// external sender in new groups; `key_packages` how many the device has in store.
+    E2eeReady {
+        server_key: Bytes,
+        key_packages: u32,
+    },
+    E2eeKeyPackages(Vec<ClaimedKeyPackage>),
+    E2eeGroupInfo(Option<GroupInfoData>),
+    E2eeDevices(Vec<DeviceInfo>),
 }
 
 /// Why a connection is being closed by the server.
@@ -463,5 +544,16 @@ pub enum Event {
         file_id: String,
         by: String,
         via_p2p: bool,
+    },
+    /// A Welcome into a conversation's group for this connection's device; the commit that
+    /// added it is `seq` of the conversation's log. Sent live and at each
+    /// [`Request::E2eePublish`] until [`Request::E2eeWelcomeDone`].
+    E2eeWelcome {
+        id: u64,
+        /// The device it is for (other devices of the account ignore it).
+        device: String,
+        conv: Conv,
+        seq: u64,
+        welcome: Bytes,
     },
 }

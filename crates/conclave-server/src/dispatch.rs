@@ -25,6 +25,10 @@ pub struct SendCtx {
     pub req_id: u64,
     /// Held until a send is answered: bounds each connection's sends in flight.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Told the stored message (or `None` on failure) once it is durable and fanned out.
+    pub notify: Option<tokio::sync::oneshot::Sender<Option<conclave_proto::Message>>>,
+    /// No reply (a message the server itself stores).
+    pub silent: bool,
 }
 
 /// Runs until the store thread stops.
@@ -44,9 +48,12 @@ pub async fn run(
 fn appended(
     hub: &SharedHub,
     result: Result<crate::store::Appended, String>,
-    ctx: SendCtx,
+    mut ctx: SendCtx,
     metrics: &Metrics,
 ) {
+    if let Some(n) = ctx.notify.take() {
+        let _ = n.send(result.as_ref().ok().map(|a| a.msg.clone()));
+    }
     let result = match result {
         Ok(a) => {
             if !a.duplicate {
@@ -71,10 +78,12 @@ fn appended(
             "the message could not be stored; it was not sent. Try again",
         )),
     };
-    ctx.outbox.send(&ServerFrame::Reply {
-        id: ctx.req_id,
-        result,
-    });
+    if !ctx.silent {
+        ctx.outbox.send(&ServerFrame::Reply {
+            id: ctx.req_id,
+            result,
+        });
+    }
 }
 
 fn caught_up(

@@ -756,6 +756,7 @@ impl<O> Hub<O> {
                 online: r.members.iter().filter(|m| self.online(m)).count() as u32,
                 member: r.members.contains(viewer_name),
                 owner: r.owner.clone(),
+                e2ee: false,
             })
             .collect();
         v.sort_by(|a, b| a.room.cmp(&b.room));

@@ -14,6 +14,7 @@ pub mod canary;
 pub mod cmd;
 pub mod config;
 pub mod dispatch;
+pub mod e2ee;
 pub mod files;
 pub mod fsutil;
 pub mod guard;

@@ -63,6 +63,8 @@ pub struct Shared {
     /// Stored files (sealed chunks in `files/`).
     pub files: Arc<crate::files::FileStore>,
     pub files_cache: crate::cmd::files::FilesCache,
+    /// End-to-end encrypted conversations (public group state) and the server's MLS key.
+    pub e2ee: crate::e2ee::E2ee,
     next_session: AtomicU64,
 }
 
@@ -274,6 +276,8 @@ impl Server {
                     config.data_dir.display()
                 ))
             })?;
+        let e2ee = crate::e2ee::E2ee::load(&mut db)
+            .map_err(|e| start_err(format!("cannot load the end-to-end groups: {e}")))?;
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
         let (store, store_thread) = Store::start(db, sink);
         let dispatcher = tokio::spawn(dispatch::run(hub.clone(), commits, metrics.clone()));
@@ -295,6 +299,7 @@ impl Server {
                 monitor: crate::monitor::Monitor::new(anomaly),
                 files: Arc::new(files),
                 files_cache: Default::default(),
+                e2ee,
                 next_session: AtomicU64::new(1),
             }),
             listener,

@@ -33,6 +33,8 @@ pub struct Conn {
     pub user: Option<String>,
     /// Bounds this connection's sends awaiting their commit.
     pub inflight: Arc<Semaphore>,
+    /// The end-to-end device this connection speaks for (after `E2eePublish`).
+    pub device: Option<String>,
 }
 
 impl Conn {
@@ -123,6 +125,7 @@ pub async fn run(
         outbox: outbox.clone(),
         user: None,
         inflight: Arc::new(Semaphore::new(limits.max_inflight_sends)),
+        device: None,
     };
     shared.audit(
         Kind::Connect,
@@ -509,7 +512,11 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
             },
         ) => cmd::rooms::invite(conn, &user, room, invitee).await,
         (Some(user), Request::Rooms) => {
-            Ok(Reply::Rooms(conn.shared.hub.lock().rooms_visible(&user)))
+            let mut rooms = conn.shared.hub.lock().rooms_visible(&user);
+            for r in &mut rooms {
+                r.e2ee = conn.shared.e2ee.is_e2ee(&format!("r:{}", r.room));
+            }
+            Ok(Reply::Rooms(rooms))
         }
         (Some(user), Request::Who { room }) => conn
             .shared
@@ -559,6 +566,51 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
             cmd::files::want_relay(conn, &user, file_id).await
         }
         (Some(user), Request::Files) => cmd::files::pending(conn, &user).await.map(Reply::Files),
+        (
+            Some(user),
+            Request::E2eePublish {
+                device,
+                key_packages,
+            },
+        ) => match cmd::e2ee::publish(conn, &user, id, device, key_packages).await {
+            // Answered inside, ahead of the Welcomes that waited.
+            Ok(()) => return Flow::Continue,
+            Err(e) => Err(e),
+        },
+        (Some(_), Request::E2eeClaim { users }) => cmd::e2ee::claim(conn, users).await,
+        (Some(user), Request::E2eeCreate { conv, group_info }) => {
+            cmd::e2ee::create(conn, &user, conv, group_info).await
+        }
+        (Some(user), Request::E2eeGroupInfo { conv }) => {
+            cmd::e2ee::group_info(conn, &user, conv).await
+        }
+        (
+            Some(user),
+            Request::E2eeCommit {
+                conv,
+                commit,
+                group_info,
+                welcome,
+            },
+        ) => match cmd::e2ee::commit(conn, &user, id, conv, commit, group_info, welcome).await {
+            // Answered by the dispatcher once the commit is durable.
+            Ok(()) => return Flow::Continue,
+            Err(e) => Err(e),
+        },
+        (Some(user), Request::E2eeWelcomeDone { id: wid }) => match conn.device.clone() {
+            Some(device) => conn
+                .shared
+                .store
+                .call(move |db| db.e2ee_welcome_done(&user, &device, wid))
+                .await
+                .map(|()| Reply::Ok)
+                .map_err(cmd::store_error),
+            None => Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "publish this connection's device first (E2eePublish)",
+            )),
+        },
+        (Some(_), Request::E2eeDevices { user }) => cmd::e2ee::devices(conn, user).await,
     };
     if let Err(e) = &result
         && e.code == ErrorCode::Internal

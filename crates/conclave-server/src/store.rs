@@ -24,7 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::at_rest::DataKey;
 use crate::search::{self, SearchKey};
 
+mod e2ee;
 mod files;
+pub use e2ee::{GroupRow, WelcomeRow};
 pub use files::{FileRow, RecipientState};
 
 /// File name of the database inside the data directory.
@@ -34,7 +36,7 @@ pub const MAX_BATCH: usize = 1024;
 /// Operations waiting for the store thread; senders wait (back-pressure) beyond this.
 pub const STORE_QUEUE: usize = 16 * 1024;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 const SCHEMA: &str = "
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
@@ -166,7 +168,7 @@ pub fn conv_key(conv: &Conv) -> String {
     }
 }
 
-fn conv_from_key(key: &str) -> Conv {
+pub fn conv_from_key(key: &str) -> Conv {
     match key.split_once(':') {
         Some(("r", room)) => Conv::Room(room.to_string()),
         Some((_, users)) => Conv::Direct(users.split(',').map(str::to_string).collect()),
@@ -290,17 +292,28 @@ impl Db {
         }
         if version == 0 {
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
-                files::FILES_SCHEMA
+                "BEGIN; {SCHEMA} {} {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                files::FILES_SCHEMA,
+                e2ee::E2EE_SCHEMA
             ))
             .map_err(open_err)?;
-        } else if version == 1 {
-            // Version 2 added file transfer.
-            conn.execute_batch(&format!(
-                "BEGIN; {} PRAGMA user_version = 2; COMMIT;",
-                files::FILES_SCHEMA
-            ))
-            .map_err(open_err)?;
+        } else {
+            if version == 1 {
+                // Version 2 added file transfer.
+                conn.execute_batch(&format!(
+                    "BEGIN; {} PRAGMA user_version = 2; COMMIT;",
+                    files::FILES_SCHEMA
+                ))
+                .map_err(open_err)?;
+            }
+            if version <= 2 {
+                // Version 3 added end-to-end encryption.
+                conn.execute_batch(&format!(
+                    "BEGIN; {} PRAGMA user_version = 3; COMMIT;",
+                    e2ee::E2EE_SCHEMA
+                ))
+                .map_err(open_err)?;
+            }
         }
         // A wrong key must stop the server before it writes anything sealed under it.
         let check: Option<Vec<u8>> = conn

@@ -378,6 +378,49 @@ impl App {
     }
 
     /// A notice in the buffer of `key` (created if needed).
+    /// End-to-end encryption news, as notices in the conversation they concern.
+    fn e2ee_notice(&mut self, n: conclave_client::e2ee::E2eeNotice) {
+        use conclave_client::e2ee::E2eeNotice as N;
+        let me = self.me().to_string();
+        let (conv, kind, text) = match n {
+            N::Joined { conv } => (
+                conv,
+                NoticeKind::Info,
+                "end-to-end encrypted: only members can read it; messages from before you joined are not readable".to_string(),
+            ),
+            N::Members { conv, added, removed, .. } => {
+                let mut parts = Vec::new();
+                if !added.is_empty() {
+                    parts.push(format!("added {}", added.join(", ")));
+                }
+                if !removed.is_empty() {
+                    parts.push(format!("removed {}", removed.join(", ")));
+                }
+                (conv, NoticeKind::Info, format!("encryption group: {}", parts.join("; ")))
+            }
+            N::NewDevice { conv, user, device, fingerprint, changed } => (
+                conv,
+                if changed { NoticeKind::Error } else { NoticeKind::Info },
+                format!(
+                    "{} device {user}/{device}: safety number {fingerprint}",
+                    if changed { "CHANGED" } else { "new" }
+                ),
+            ),
+            N::Removed { conv } => (
+                conv,
+                NoticeKind::Kick,
+                "you were removed from this conversation's encryption group".to_string(),
+            ),
+            N::Unreadable { conv, seq, .. } => (
+                conv,
+                NoticeKind::Info,
+                format!("message {seq} cannot be read on this device (sent before it joined)"),
+            ),
+        };
+        let key = ConvKey::from_conv(&conv, &me);
+        self.notice_in(&key, kind, &crate::text::sanitize(&text, false));
+    }
+
     fn notice_in(&mut self, key: &ConvKey, kind: NoticeKind, text: &str) {
         let i = self.buffer_index(key);
         let entry = Entry::notice(self.now_ms, kind, text);
@@ -1274,6 +1317,10 @@ impl App {
     fn client_event(&mut self, event: ClientEvent) -> Vec<Action> {
         match event {
             ClientEvent::Server(event) => self.server_event(event),
+            ClientEvent::E2ee(n) => {
+                self.e2ee_notice(n);
+                Vec::new()
+            }
             ClientEvent::Disconnected {
                 reason,
                 message,
@@ -1346,6 +1393,7 @@ impl App {
         }
         let me = self.me().to_string();
         match event {
+            Event::E2eeWelcome { .. } => {}
             Event::Message(m) => {
                 let key = ConvKey::from_conv(&m.conv, &me);
                 self.known_users.insert(m.from.clone());

@@ -150,6 +150,8 @@ pub enum ClientEvent {
     /// disconnected were delivered just before this event. `truncated` when more were missed
     /// than the server sends at login (page back with history for the rest).
     Reconnected { missed: u32, truncated: bool },
+    /// End-to-end encryption news (after [`Client::enable_e2ee`]).
+    E2ee(crate::e2ee::E2eeNotice),
 }
 
 /// A handle to one session. Clone it freely; all clones share it. The session ends when
@@ -172,7 +174,7 @@ impl Drop for Handle {
 }
 
 /// State shared by the handles, the supervisor and the connection tasks.
-struct Core {
+pub(crate) struct Core {
     opts: ConnectOptions,
     addr: ServerAddr,
     /// Canonical account name (for the conversation of direct sends).
@@ -192,6 +194,23 @@ struct Core {
     next_attempt_ms: Mutex<Option<i64>>,
     /// File events that transfers in progress wait for (`FileReady`, `FileRelayWanted`).
     file_events: tokio::sync::broadcast::Sender<Event>,
+    /// End-to-end encryption, once [`Client::enable_e2ee`] turned it on.
+    pub(crate) secure: std::sync::OnceLock<Arc<crate::e2ee::Secure>>,
+}
+
+impl Core {
+    pub(crate) fn event_queue_len(&self) -> usize {
+        self.opts.event_queue_len.max(1)
+    }
+}
+
+/// A handle that does not keep the session open (for tasks that serve it).
+pub(crate) struct WeakClient(std::sync::Weak<Handle>);
+
+impl WeakClient {
+    pub(crate) fn upgrade(&self) -> Option<Client> {
+        self.0.upgrade().map(|handle| Client { handle })
+    }
 }
 
 struct State {
@@ -581,6 +600,10 @@ pub struct Events {
 }
 
 impl Events {
+    pub(crate) fn from_parts(rx: mpsc::Receiver<ClientEvent>, core: Arc<Core>) -> Events {
+        Events { rx, core }
+    }
+
     pub async fn recv(&mut self) -> Option<ClientEvent> {
         let event = self.rx.recv().await;
         self.taken(event.as_ref());
@@ -681,6 +704,7 @@ impl Client {
             offers: Mutex::new(HashMap::new()),
             next_attempt_ms: Mutex::new(None),
             file_events: tokio::sync::broadcast::channel(FILE_EVENT_QUEUE).0,
+            secure: std::sync::OnceLock::new(),
         });
         let live = core.go_live(opened, events_tx.clone(), false).await;
         tokio::spawn(supervise(core.clone(), live, events_tx));
@@ -732,8 +756,12 @@ impl Client {
         &self.core().user
     }
 
-    fn core(&self) -> &Arc<Core> {
+    pub(crate) fn core(&self) -> &Arc<Core> {
         &self.handle.core
+    }
+
+    pub(crate) fn clone_weak(&self) -> WeakClient {
+        WeakClient(Arc::downgrade(&self.handle))
     }
 
     /// Queues a request and returns once it is in the outbound queue: requests submitted one
@@ -760,6 +788,18 @@ impl Client {
         body: Body,
         idempotency_key: Option<String>,
     ) -> Result<SendReceipt, ClientError> {
+        if let Some(done) = self
+            .send_e2ee(&target, &body, idempotency_key.clone())
+            .await
+        {
+            let (seq, msg_id, ts_ms) = done?;
+            return Ok(SendReceipt {
+                msg_id,
+                seq,
+                ts_ms,
+                duplicate: false,
+            });
+        }
         match self
             .request(Request::Send {
                 target,
@@ -817,11 +857,13 @@ impl Client {
             room: room.to_string(),
             password: password.map(str::to_string),
         };
-        match self.request(req).await? {
-            Reply::Joined { members, .. } => Ok(members),
-            Reply::Ok => Ok(Vec::new()),
-            other => Err(unexpected("join", &other)),
-        }
+        let members = match self.request(req).await? {
+            Reply::Joined { members, .. } => members,
+            Reply::Ok => Vec::new(),
+            other => return Err(unexpected("join", &other)),
+        };
+        self.after_join(room).await?;
+        Ok(members)
     }
 
     pub async fn part(&self, room: &str) -> Result<(), ClientError> {
@@ -852,8 +894,8 @@ impl Client {
             room: room.to_string(),
             user: user.to_string(),
         })
-        .await
-        .map(drop)
+        .await?;
+        self.after_invite(room, user).await
     }
 
     /// Admins only: a notice to everyone online.
@@ -887,8 +929,34 @@ impl Client {
     }
 
     /// Up to `limit` messages of a conversation before `before` (newest when `None`), oldest
-    /// first.
+    /// first. End-to-end encrypted conversations are read from this device's own history
+    /// (what it received since it joined).
     pub async fn history(
+        &self,
+        conv: ConvRef,
+        limit: u32,
+        before: Option<u64>,
+    ) -> Result<Vec<Message>, ClientError> {
+        let local = match &conv {
+            ConvRef::Room(r) => {
+                Conv::Room(conclave_proto::names::canonical_room(r).unwrap_or_else(|_| r.clone()))
+            }
+            ConvRef::With(users) => {
+                let mut all = users.clone();
+                all.push(self.user().to_string());
+                all.sort();
+                all.dedup();
+                Conv::Direct(all)
+            }
+        };
+        if let Some(found) = self.local_history(&local, limit, before) {
+            return found;
+        }
+        self.history_raw(conv, limit, before).await
+    }
+
+    /// The server's history of a conversation (for end-to-end ones: the MLS log).
+    pub async fn history_raw(
         &self,
         conv: ConvRef,
         limit: u32,
@@ -925,7 +993,15 @@ impl Client {
             })
             .await?
         {
-            Reply::Results(messages) => Ok(messages),
+            Reply::Results(mut messages) => {
+                // End-to-end conversations are searched here, in this device's history.
+                if before.is_none() {
+                    messages.extend(self.local_search(query, room, limit));
+                    messages.sort_by_key(|m| std::cmp::Reverse(m.ts_ms));
+                    messages.truncate(limit as usize);
+                }
+                Ok(messages)
+            }
             other => Err(unexpected("search", &other)),
         }
     }
@@ -1063,7 +1139,14 @@ fn is_resendable(req: &Request) -> bool {
         | Request::Rooms
         | Request::Who { .. }
         | Request::Ping { .. }
+        | Request::E2eeClaim { .. }
+        | Request::E2eeGroupInfo { .. }
+        | Request::E2eeDevices { .. }
+        | Request::E2eeWelcomeDone { .. }
         | Request::Ack { .. } => true,
+        Request::E2eePublish { .. } | Request::E2eeCreate { .. } | Request::E2eeCommit { .. } => {
+            false
+        }
         Request::Login { .. }
         | Request::Register { .. }
         | Request::CreateRoom { .. }

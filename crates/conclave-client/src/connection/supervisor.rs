@@ -27,7 +27,8 @@ pub(super) fn attempt_is_final(e: &ClientError) -> bool {
         | ClientError::NotConclave { .. }
         | ClientError::BadAddress(_)
         | ClientError::TooLarge { .. }
-        | ClientError::UnexpectedReply { .. } => true,
+        | ClientError::UnexpectedReply { .. }
+        | ClientError::E2ee { .. } => true,
         ClientError::Tls { .. } => is_trust_failure(e),
         ClientError::Resolve { .. }
         | ClientError::Connect { .. }

@@ -58,6 +58,10 @@ pub fn event(e: &Event) -> Value {
     match e {
         Event::Message(m) => message(m),
         Event::Join { room, user } => json!({"event": "join", "room": room, "user": user}),
+        // Handled by the end-to-end layer; never shown.
+        Event::E2eeWelcome { conv, .. } => {
+            json!({"event": "e2ee_welcome", "conv": format!("{conv:?}")})
+        }
         Event::Part { room, user } => json!({"event": "part", "room": room, "user": user}),
         Event::Presence { user, online } => {
             json!({"event": "presence", "user": user, "online": online})
@@ -209,7 +213,60 @@ pub fn client_event(e: &ClientEvent) -> Value {
         ClientEvent::Reconnected { missed, truncated } => {
             json!({"event": "reconnected", "missed": missed, "truncated": truncated})
         }
+        ClientEvent::E2ee(n) => e2ee_notice(n),
     }
+}
+
+fn conv_fields(conv: &conclave_proto::Conv) -> Value {
+    match conv {
+        conclave_proto::Conv::Room(r) => json!({"room": r}),
+        conclave_proto::Conv::Direct(users) => json!({"with": users}),
+    }
+}
+
+/// End-to-end encryption news, as `e2ee` events (`"kind"` says which).
+fn e2ee_notice(n: &crate::e2ee::E2eeNotice) -> Value {
+    use crate::e2ee::E2eeNotice as N;
+    let (kind, conv, mut extra) = match n {
+        N::Joined { conv } => (
+            "joined",
+            conv,
+            json!({
+                "note": "end-to-end encrypted: messages from before you joined cannot be read"
+            }),
+        ),
+        N::Members {
+            conv,
+            epoch,
+            added,
+            removed,
+        } => (
+            "members",
+            conv,
+            json!({"epoch": epoch, "added": added, "removed": removed}),
+        ),
+        N::NewDevice {
+            conv,
+            user,
+            device,
+            fingerprint,
+            changed,
+        } => (
+            "new_device",
+            conv,
+            json!({"user": user, "device": device, "fingerprint": fingerprint, "changed": changed}),
+        ),
+        N::Removed { conv } => ("removed", conv, json!({})),
+        N::Unreadable { conv, seq, reason } => {
+            ("unreadable", conv, json!({"seq": seq, "reason": reason}))
+        }
+    };
+    if let (Value::Object(m), Value::Object(c)) = (&mut extra, conv_fields(conv)) {
+        m.extend(c);
+        m.insert("event".into(), json!("e2ee"));
+        m.insert("kind".into(), json!(kind));
+    }
+    extra
 }
 
 /// The first line after login.
@@ -235,6 +292,7 @@ fn room_info(r: &RoomInfo) -> Value {
         "online": r.online,
         "member": r.member,
         "owner": r.owner,
+        "e2ee": r.e2ee,
     })
 }
 
@@ -272,6 +330,14 @@ fn reply_fields(reply: &Reply) -> Map<String, Value> {
             json!({"results": messages.iter().map(message).collect::<Vec<_>>()})
         }
         Reply::Pong { nonce } => json!({"nonce": nonce}),
+        Reply::E2eeReady { key_packages, .. } => json!({"key_packages": key_packages}),
+        Reply::E2eeKeyPackages(k) => json!({"key_packages": k.len()}),
+        Reply::E2eeGroupInfo(g) => json!({"e2ee": g.is_some()}),
+        Reply::E2eeDevices(d) => json!({"devices": d.iter().map(|d| json!({
+            "user": d.user,
+            "device": d.device,
+            "fingerprint": conclave_e2ee::key_fingerprint(&d.signature_key),
+        })).collect::<Vec<_>>()}),
         Reply::VoteCounted {
             votes,
             needed,
@@ -521,7 +587,8 @@ mod tests {
                     members: 3,
                     online: 1,
                     member: true,
-                    owner: None
+                    owner: None,
+                    e2ee: false,
                 }])
             ),
             json!({"ok":true,"rooms":[{"room":"g","private":false,"has_password":false,

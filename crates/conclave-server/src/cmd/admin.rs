@@ -116,6 +116,13 @@ pub async fn ban(
     };
     tracing::info!(by, target = %ban.target.value(), "ban");
     audit_ban(shared, &ban);
+    if let BanTarget::User(u) = &ban.target {
+        // A banned account's devices leave every end-to-end group it is in.
+        let rooms = shared.hub.lock().rooms_of(u);
+        for room in rooms {
+            super::e2ee::remove_user(shared, &conclave_proto::Conv::Room(room), u).await;
+        }
+    }
     Ok(ban)
 }
 

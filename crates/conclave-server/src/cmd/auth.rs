@@ -264,6 +264,8 @@ async fn finish_login(
             outbox: conn.outbox.clone(),
             req_id: 0,
             permit: None,
+            notify: None,
+            silent: false,
         },
     };
     if conn.shared.store.catch_up(job).await.is_err() {

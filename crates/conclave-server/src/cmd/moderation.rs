@@ -37,19 +37,24 @@ pub async fn remove_from_room(
         .call(move |db| db.remove_member(&r, &t))
         .await
         .map_err(store_error)?;
-    let mut hub = shared.hub.lock();
     let c = Conv::Room(room.to_string());
-    // Members (the target included) hear it before the target is removed.
-    broadcast(
-        hub.recipients(&c, &[], origin),
-        Event::Kicked {
-            room: Some(room.to_string()),
-            user: target.to_string(),
-            by: by.to_string(),
-            reason: reason.to_string(),
-        },
-    );
-    hub.remove_member(room, target);
+    {
+        let mut hub = shared.hub.lock();
+        // Members (the target included) hear it before the target is removed.
+        broadcast(
+            hub.recipients(&c, &[], origin),
+            Event::Kicked {
+                room: Some(room.to_string()),
+                user: target.to_string(),
+                by: by.to_string(),
+                reason: reason.to_string(),
+            },
+        );
+        hub.remove_member(room, target);
+    }
+    // In an end-to-end encrypted room, the server proposes the removal of the target's
+    // devices; nothing more is accepted there until a member commits it.
+    super::e2ee::remove_user(shared, &c, target).await;
     tracing::info!(room, target, by, "kicked from room");
     shared.audit(
         Kind::Kick,

@@ -163,15 +163,18 @@ pub async fn part(conn: &Conn, user: &str, room: String) -> Result<Reply, ErrorB
         .map_err(store_error)?;
     conn.shared
         .audit(Kind::Part, Fields::new().user(user).room(&name));
-    let mut hub = conn.shared.hub.lock();
-    let event = Event::Part {
-        room: name.clone(),
-        user: user.to_string(),
-    };
     let c = Conv::Room(name.clone());
-    // Tell the members (before removal, so the parting user's other connections hear it too).
-    broadcast(hub.recipients(&c, &[], Some(conn.sid)), event);
-    hub.remove_member(&name, user);
+    {
+        let mut hub = conn.shared.hub.lock();
+        let event = Event::Part {
+            room: name.clone(),
+            user: user.to_string(),
+        };
+        // Tell the members (before removal, so the parting user's other connections hear it too).
+        broadcast(hub.recipients(&c, &[], Some(conn.sid)), event);
+        hub.remove_member(&name, user);
+    }
+    super::e2ee::remove_user(&conn.shared, &c, user).await;
     Ok(Reply::Ok)
 }
 

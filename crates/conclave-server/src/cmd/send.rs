@@ -36,6 +36,7 @@ pub async fn send(
         checked = conn.shared.hub.lock().check_send(user, &target, size);
     }
     let checked = checked?;
+    super::e2ee::check_send(&conn.shared, &checked.conv, &body).await?;
     let permit = conn
         .inflight
         .clone()
@@ -55,6 +56,8 @@ pub async fn send(
             outbox: conn.outbox.clone(),
             req_id: id,
             permit: Some(permit),
+            notify: None,
+            silent: false,
         },
     };
     conn.shared.store.append(job).await.map_err(store_error)

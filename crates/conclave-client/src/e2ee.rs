@@ -1,0 +1,752 @@
+//! End-to-end encryption in the client: this device's MLS state (`conclave_e2ee::device`),
+//! kept in `<state dir>/e2ee/<server>/<user>/`, driven from the session.
+//!
+//! [`Client::enable_e2ee`] publishes the device and its key packages, joins (by external
+//! commit) the end-to-end rooms the account is in whose group this device is not in yet, and
+//! returns the session's events with MLS handled: one task takes the server's events in
+//! order, processes every MLS message of the conversations' logs (commits, the server's
+//! removal proposals, application messages), decrypts application messages into ordinary
+//! [`Event::Message`]s, joins groups from Welcomes, commits pending removals, and reports group
+//! changes as [`ClientEvent::E2ee`]. Sends, invitations, joins and history of end-to-end
+//! conversations go through here too (see [`Client::send`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use conclave_e2ee::device::{Device, Outgoing, Processed};
+use conclave_e2ee::payload::Payload;
+use conclave_e2ee::{CT_APP, CT_COMMIT, CT_PROPOSAL};
+use conclave_proto::{
+    Body, Bytes, Conv, ConvRef, ErrorCode, Event, GroupInfoData, Message, Reply, Request, Target,
+};
+use tokio::sync::mpsc;
+
+use crate::connection::{ClientEvent, Events};
+use crate::{Client, ClientError};
+
+/// Key packages published when the server holds fewer than [`KEY_PACKAGES_LOW`].
+const KEY_PACKAGES_BATCH: usize = 20;
+const KEY_PACKAGES_LOW: u32 = 10;
+/// Messages kept for a conversation whose Welcome has not arrived yet.
+const EARLY_MESSAGES: usize = 1000;
+/// Attempts at a send refused for a stale epoch (each after the log was processed).
+const SEND_ATTEMPTS: u32 = 40;
+const SEND_RETRY_WAIT: Duration = Duration::from_millis(100);
+
+/// What end-to-end encryption reports besides decrypted messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum E2eeNotice {
+    /// This device joined the conversation's group (messages from before are not readable).
+    Joined { conv: Conv },
+    /// The group changed: devices added or removed (user/device).
+    Members {
+        conv: Conv,
+        epoch: u64,
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
+    /// A device this device has not seen before (or with a new key) is in the conversation:
+    /// compare its safety number with its owner.
+    NewDevice {
+        conv: Conv,
+        user: String,
+        device: String,
+        fingerprint: String,
+        changed: bool,
+    },
+    /// This device was removed from the conversation's group.
+    Removed { conv: Conv },
+    /// A message this device cannot read (sent before it joined, or not meant for it).
+    Unreadable {
+        conv: Conv,
+        seq: u64,
+        reason: String,
+    },
+}
+
+/// The device and what the session knows around it.
+pub(crate) struct Secure {
+    device: Mutex<Device>,
+    server_key: Mutex<Vec<u8>>,
+    /// Held while a conversation's log is processed or a commit is in flight, so a commit is
+    /// built and merged against the state the server validates it against.
+    ops: tokio::sync::Mutex<()>,
+}
+
+fn e2ee_err(e: impl std::fmt::Display) -> ClientError {
+    ClientError::E2ee {
+        message: e.to_string(),
+    }
+}
+
+/// Where a device's state lives: one directory per server and account.
+pub fn device_dir(state_dir: &Path, server: &str, user: &str) -> PathBuf {
+    let server: String = server
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    state_dir.join("e2ee").join(server).join(user)
+}
+
+/// The conversation key (`r:ROOM`, `d:A,B`) of a conversation.
+pub fn conv_key(conv: &Conv) -> String {
+    match conv {
+        Conv::Room(r) => format!("r:{r}"),
+        Conv::Direct(users) => format!("d:{}", users.join(",")),
+    }
+}
+
+fn room_key(room: &str) -> String {
+    let name = conclave_proto::names::canonical_room(room).unwrap_or_else(|_| room.to_string());
+    format!("r:{name}")
+}
+
+impl Secure {
+    fn with<R>(&self, f: impl FnOnce(&Device) -> R) -> R {
+        let d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        f(&d)
+    }
+
+    fn has_group(&self, conv: &str) -> bool {
+        self.with(|d| d.has_group(conv).unwrap_or(false))
+    }
+}
+
+impl Client {
+    fn secure(&self) -> Option<Arc<Secure>> {
+        self.core().secure.get().cloned()
+    }
+
+    /// Turns on end-to-end encryption for this session, with the device state under
+    /// `state_dir` (the local history is sealed under a key wrapped by `password`). Returns the
+    /// events to read from now on, with MLS handled (see the module documentation).
+    pub async fn enable_e2ee(
+        &self,
+        events: Events,
+        state_dir: &Path,
+        password: &str,
+    ) -> Result<Events, ClientError> {
+        let dir = device_dir(state_dir, &self.server(), self.user());
+        let (user, pw) = (self.user().to_string(), password.to_string());
+        let device = tokio::task::spawn_blocking(move || Device::open(&dir, &user, &pw))
+            .await
+            .map_err(e2ee_err)?
+            .map_err(e2ee_err)?;
+        let secure = Arc::new(Secure {
+            device: Mutex::new(device),
+            server_key: Mutex::new(Vec::new()),
+            ops: tokio::sync::Mutex::new(()),
+        });
+        if self.core().secure.set(secure.clone()).is_err() {
+            return Err(e2ee_err("end-to-end encryption is on already"));
+        }
+        // Events: the raw ones go to the task; the application reads the processed ones.
+        let (tx, rx) = mpsc::channel(self.core().event_queue_len());
+        let out = Events::from_parts(rx, self.core().clone());
+        // Publishing first: Welcomes that waited for this device follow its reply.
+        self.publish_device(&secure).await?;
+        tokio::spawn(run(self.clone_weak(), secure.clone(), events, tx));
+        self.join_missing_groups(&secure).await;
+        Ok(out)
+    }
+
+    /// This device's id and safety number.
+    pub fn device_fingerprint(&self) -> Option<(String, String)> {
+        self.secure()
+            .map(|s| s.with(|d| (d.device_id().to_string(), d.fingerprint())))
+    }
+
+    /// The safety numbers of `user`'s devices as this device knows them (from the groups it
+    /// shares with them).
+    pub fn safety_numbers(&self, user: &str) -> Result<Vec<(String, String)>, ClientError> {
+        let s = self
+            .secure()
+            .ok_or_else(|| e2ee_err("end-to-end encryption is off"))?;
+        s.with(|d| d.known_devices(user))
+            .map(|v| v.into_iter().map(|m| (m.device, m.fingerprint)).collect())
+            .map_err(e2ee_err)
+    }
+
+    /// Whether a conversation is end-to-end encrypted for this device.
+    pub fn is_e2ee(&self, conv: &Conv) -> bool {
+        self.secure().is_some_and(|s| s.has_group(&conv_key(conv)))
+    }
+
+    async fn publish_device(&self, s: &Secure) -> Result<(), ClientError> {
+        let (device, kps) = s.with(|d| {
+            (
+                d.device_id().to_string(),
+                d.key_packages(1).unwrap_or_default(),
+            )
+        });
+        let reply = self
+            .request(Request::E2eePublish {
+                device: device.clone(),
+                key_packages: kps.into_iter().map(Bytes::from).collect(),
+            })
+            .await?;
+        let Reply::E2eeReady {
+            server_key,
+            key_packages,
+        } = reply
+        else {
+            return Err(crate::connection::unexpected("e2ee_publish", &reply));
+        };
+        *s.server_key.lock().unwrap_or_else(|e| e.into_inner()) = server_key.into_vec();
+        if key_packages < KEY_PACKAGES_LOW {
+            let kps = s.with(|d| d.key_packages(KEY_PACKAGES_BATCH).unwrap_or_default());
+            let _ = self
+                .request(Request::E2eePublish {
+                    device,
+                    key_packages: kps.into_iter().map(Bytes::from).collect(),
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Joins, by external commit, the end-to-end rooms this account is a member of but this
+    /// device is not in (a new device, or one that missed its Welcome).
+    async fn join_missing_groups(&self, s: &Arc<Secure>) {
+        let Ok(rooms) = self.rooms().await else {
+            return;
+        };
+        for r in rooms.into_iter().filter(|r| r.member && r.e2ee) {
+            if !s.has_group(&room_key(&r.room))
+                && let Err(e) = self.join_group(s, ConvRef::Room(r.room.clone())).await
+            {
+                tracing::warn!(room = %r.room, error = %e, "could not join the end-to-end group");
+            }
+        }
+    }
+
+    /// Joins a conversation's group by external commit; `Ok(false)` when it is not end-to-end
+    /// encrypted.
+    async fn join_group(&self, s: &Arc<Secure>, conv: ConvRef) -> Result<bool, ClientError> {
+        let key = match &conv {
+            ConvRef::Room(r) => room_key(r),
+            ConvRef::With(_) => return Ok(false),
+        };
+        for _ in 0..SEND_ATTEMPTS {
+            let _ops = s.ops.lock().await;
+            let info = match self
+                .request(Request::E2eeGroupInfo { conv: conv.clone() })
+                .await?
+            {
+                Reply::E2eeGroupInfo(Some(GroupInfoData { group_info, .. })) => group_info,
+                Reply::E2eeGroupInfo(None) => return Ok(false),
+                other => return Err(crate::connection::unexpected("e2ee_group_info", &other)),
+            };
+            let out = s.with(|d| d.join_external(&key, &info)).map_err(e2ee_err)?;
+            match self.commit(s, &conv, &key, out, true).await {
+                Ok(_) => return Ok(true),
+                Err(ClientError::Server(b)) if b.code == ErrorCode::StaleEpoch => {
+                    drop(_ops);
+                    tokio::time::sleep(SEND_RETRY_WAIT).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e2ee_err(
+            "the group kept changing while joining; try again later",
+        ))
+    }
+
+    /// Sends a commit; merges it once the server accepted it, drops it when refused.
+    async fn commit(
+        &self,
+        s: &Secure,
+        conv: &ConvRef,
+        key: &str,
+        out: Outgoing,
+        join: bool,
+    ) -> Result<u64, ClientError> {
+        let req = Request::E2eeCommit {
+            conv: conv.clone(),
+            commit: Bytes::from(out.commit),
+            group_info: Bytes::from(out.group_info),
+            welcome: out.welcome.map(Bytes::from),
+        };
+        match self.request(req).await {
+            Ok(Reply::Sent { seq, .. }) => {
+                s.with(|d| {
+                    if join {
+                        d.confirm_join(key, seq)
+                    } else {
+                        d.confirm(key, seq)
+                    }
+                })
+                .map_err(e2ee_err)?;
+                Ok(seq)
+            }
+            Ok(other) => {
+                let _ = s.with(|d| d.discard(key));
+                Err(crate::connection::unexpected("e2ee_commit", &other))
+            }
+            Err(e) => {
+                let _ = s.with(|d| d.discard(key));
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates a room whose messages only its members can read.
+    pub async fn create_room_e2ee(
+        &self,
+        room: &str,
+        private: bool,
+        password: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let s = self
+            .secure()
+            .ok_or_else(|| e2ee_err("end-to-end encryption is off for this session"))?;
+        self.create_room(room, private, password).await?;
+        let key = room_key(room);
+        let server_key = s
+            .server_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let _ops = s.ops.lock().await;
+        let gi = s
+            .with(|d| d.create_group(&key, &server_key))
+            .map_err(e2ee_err)?;
+        self.request(Request::E2eeCreate {
+            conv: ConvRef::Room(room.to_string()),
+            group_info: Bytes::from(gi),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// After joining a room on the server: its group too, when it is end-to-end encrypted.
+    pub(crate) async fn after_join(&self, room: &str) -> Result<(), ClientError> {
+        if let Some(s) = self.secure()
+            && !s.has_group(&room_key(room))
+        {
+            self.join_group(&s, ConvRef::Room(room.to_string())).await?;
+        }
+        Ok(())
+    }
+
+    /// After inviting a user to an end-to-end room: add their devices to the group (those
+    /// without key packages join by external commit when they join the room).
+    pub(crate) async fn after_invite(&self, room: &str, user: &str) -> Result<(), ClientError> {
+        let Some(s) = self.secure() else {
+            return Ok(());
+        };
+        let key = room_key(room);
+        if !s.has_group(&key) {
+            return Ok(());
+        }
+        for _ in 0..SEND_ATTEMPTS {
+            let _ops = s.ops.lock().await;
+            let kps = match self
+                .request(Request::E2eeClaim {
+                    users: vec![user.to_string()],
+                })
+                .await?
+            {
+                Reply::E2eeKeyPackages(k) => k,
+                other => return Err(crate::connection::unexpected("e2ee_claim", &other)),
+            };
+            if kps.is_empty() {
+                return Ok(());
+            }
+            let kps: Vec<Vec<u8>> = kps.into_iter().map(|k| k.key_package.into_vec()).collect();
+            let out = s.with(|d| d.add_members(&key, &kps)).map_err(e2ee_err)?;
+            match self
+                .commit(&s, &ConvRef::Room(room.to_string()), &key, out, false)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(ClientError::Server(b)) if b.code == ErrorCode::StaleEpoch => {
+                    drop(_ops);
+                    tokio::time::sleep(SEND_RETRY_WAIT).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e2ee_err("the group kept changing; invite again"))
+    }
+
+    /// Encrypts and sends to an end-to-end conversation; `None` when `target` is not one.
+    pub(crate) async fn send_e2ee(
+        &self,
+        target: &Target,
+        body: &Body,
+        idempotency_key: Option<String>,
+    ) -> Option<Result<(u64, String, i64), ClientError>> {
+        let s = self.secure()?;
+        let key = match target {
+            Target::Room { room, .. } => room_key(room),
+            Target::Users { to } => {
+                let mut all: Vec<String> = to.clone();
+                all.push(self.user().to_string());
+                all.sort();
+                all.dedup();
+                format!("d:{}", all.join(","))
+            }
+        };
+        if !s.has_group(&key) {
+            return None;
+        }
+        if let Target::Room { except, .. } = target
+            && !except.is_empty()
+        {
+            return Some(Err(e2ee_err(
+                "leaving members out (\"except\") is not available in end-to-end encrypted rooms yet; send a direct message to the others instead",
+            )));
+        }
+        let payload = Payload::Body {
+            content_type: body.content_type.clone(),
+            data: body.data.clone(),
+        };
+        let idem = idempotency_key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        for _ in 0..SEND_ATTEMPTS {
+            let _ops = s.ops.lock().await;
+            let data = match s.with(|d| d.encrypt(&key, &payload)) {
+                Ok(d) => d,
+                Err(conclave_e2ee::E2eeError::Refused(_)) => {
+                    // A removal is pending: the events task commits it; wait for that.
+                    drop(_ops);
+                    tokio::time::sleep(SEND_RETRY_WAIT).await;
+                    continue;
+                }
+                Err(e) => return Some(Err(e2ee_err(e))),
+            };
+            let req = Request::Send {
+                target: target.clone(),
+                body: Body {
+                    content_type: CT_APP.into(),
+                    data,
+                },
+                idempotency_key: Some(idem.clone()),
+            };
+            match self.request(req).await {
+                Ok(Reply::Sent {
+                    msg_id, seq, ts_ms, ..
+                }) => {
+                    let _ = s.with(|d| d.record_own(&key, seq, ts_ms, &payload));
+                    return Some(Ok((seq, msg_id, ts_ms)));
+                }
+                Ok(other) => return Some(Err(crate::connection::unexpected("send", &other))),
+                Err(ClientError::Server(b)) if b.code == ErrorCode::StaleEpoch => {
+                    drop(_ops);
+                    tokio::time::sleep(SEND_RETRY_WAIT).await;
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Err(e2ee_err(
+            "the conversation's group kept changing; the message was not sent. Try again",
+        )))
+    }
+
+    /// Local history of an end-to-end conversation; `None` when it is not one.
+    pub(crate) fn local_history(
+        &self,
+        conv: &Conv,
+        limit: u32,
+        before: Option<u64>,
+    ) -> Option<Result<Vec<Message>, ClientError>> {
+        let s = self.secure()?;
+        let key = conv_key(conv);
+        if !s.has_group(&key) {
+            return None;
+        }
+        Some(
+            s.with(|d| d.history(&key, limit, before))
+                .map(|v| {
+                    v.into_iter()
+                        .filter_map(|e| entry_message(conv.clone(), e))
+                        .collect()
+                })
+                .map_err(e2ee_err),
+        )
+    }
+
+    /// Local search in end-to-end conversations (the server cannot search them).
+    pub(crate) fn local_search(&self, query: &str, room: Option<&str>, limit: u32) -> Vec<Message> {
+        let Some(s) = self.secure() else {
+            return Vec::new();
+        };
+        let conv = room.map(room_key);
+        s.with(|d| d.search(query, conv.as_deref(), limit))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| {
+                let c = conv_from_key(&e.conv);
+                entry_message(c, e)
+            })
+            .collect()
+    }
+}
+
+fn conv_from_key(key: &str) -> Conv {
+    match key.split_once(':') {
+        Some(("r", room)) => Conv::Room(room.to_string()),
+        Some((_, users)) => Conv::Direct(users.split(',').map(str::to_string).collect()),
+        None => Conv::Room(key.to_string()),
+    }
+}
+
+fn entry_message(conv: Conv, e: conclave_e2ee::device::HistoryEntry) -> Option<Message> {
+    match e.payload {
+        Payload::Body { content_type, data } => Some(Message {
+            msg_id: format!("e2ee-{}-{}", e.conv, e.seq),
+            conv,
+            from: e.from,
+            seq: e.seq,
+            ts_ms: e.ts_ms,
+            body: Body { content_type, data },
+        }),
+        Payload::File { .. } => None,
+    }
+}
+
+/// The events task: takes the server's events in order and hands the application what it
+/// should see.
+async fn run(
+    client: crate::connection::WeakClient,
+    s: Arc<Secure>,
+    mut raw: Events,
+    tx: mpsc::Sender<ClientEvent>,
+) {
+    let mut early: HashMap<String, Vec<Message>> = HashMap::new();
+    while let Some(event) = raw.recv().await {
+        let Some(client) = client.upgrade() else {
+            break;
+        };
+        match event {
+            ClientEvent::Server(Event::Message(m)) if is_mls(&m.body.content_type) => {
+                let key = conv_key(&m.conv);
+                if !s.has_group(&key) {
+                    let q = early.entry(key).or_default();
+                    if q.len() < EARLY_MESSAGES {
+                        q.push(m);
+                    }
+                    continue;
+                }
+                process(&client, &s, m, &tx).await;
+            }
+            ClientEvent::Server(Event::E2eeWelcome {
+                id,
+                device,
+                conv,
+                seq,
+                welcome,
+            }) => {
+                if s.with(|d| d.device_id() != device) {
+                    continue;
+                }
+                let key = conv_key(&conv);
+                let joined = {
+                    let _ops = s.ops.lock().await;
+                    s.with(|d| d.join_welcome(&key, &welcome, seq))
+                };
+                match joined {
+                    Ok(()) => {
+                        let _ = tx
+                            .send(ClientEvent::E2ee(E2eeNotice::Joined { conv: conv.clone() }))
+                            .await;
+                        announce_devices(&s, &conv, &key, &tx).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "a Welcome could not be used"),
+                }
+                let _ = client.request(Request::E2eeWelcomeDone { id }).await;
+                for m in early.remove(&key).unwrap_or_default() {
+                    process(&client, &s, m, &tx).await;
+                }
+            }
+            ClientEvent::Reconnected { .. } => {
+                // The new connection speaks for this device again.
+                let _ = client.publish_device(&s).await;
+                if tx.send(event).await.is_err() {
+                    break;
+                }
+            }
+            other => {
+                if tx.send(other).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn is_mls(ct: &str) -> bool {
+    ct == CT_APP || ct == CT_COMMIT || ct == CT_PROPOSAL
+}
+
+async fn announce_devices(s: &Secure, conv: &Conv, key: &str, tx: &mpsc::Sender<ClientEvent>) {
+    let _ = (s, key);
+    let _ = (conv, tx);
+}
+
+/// Processes one MLS message of a conversation's log (filling a gap from history first).
+async fn process(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Sender<ClientEvent>) {
+    let key = conv_key(&m.conv);
+    let last = s.with(|d| d.last_seq(&key).ok().flatten()).unwrap_or(0);
+    if m.seq <= last {
+        return;
+    }
+    if m.seq > last + 1 {
+        // Missed entries (another device of the account took them): read them first.
+        let conv_ref = match &m.conv {
+            Conv::Room(r) => ConvRef::Room(r.clone()),
+            Conv::Direct(users) => ConvRef::With(
+                users
+                    .iter()
+                    .filter(|u| *u != client.user())
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        let want = (m.seq - last - 1).min(200) as u32;
+        if let Ok(earlier) = client.history_raw(conv_ref, want, Some(m.seq)).await {
+            for e in earlier.into_iter().filter(|e| e.seq > last) {
+                Box::pin(process_one(client, s, e, tx)).await;
+            }
+        }
+    }
+    process_one(client, s, m, tx).await;
+}
+
+async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Sender<ClientEvent>) {
+    let key = conv_key(&m.conv);
+    let result = {
+        let _ops = s.ops.lock().await;
+        s.with(|d| {
+            let before = d.members(&key).unwrap_or_default();
+            let r = d.process(&key, m.seq, &m.from, m.ts_ms, &m.body.data);
+            (r, before)
+        })
+    };
+    let (result, _before) = result;
+    match result {
+        Ok(Processed::App { payload, .. }) => match payload {
+            Payload::Body { content_type, data } => {
+                let mut plain = m.clone();
+                plain.body = Body { content_type, data };
+                let _ = tx.send(ClientEvent::Server(Event::Message(plain))).await;
+            }
+            Payload::File { .. } => {}
+        },
+        Ok(Processed::Commit {
+            epoch,
+            added,
+            removed,
+            removed_self,
+        }) => {
+            if removed_self {
+                let _ = tx
+                    .send(ClientEvent::E2ee(E2eeNotice::Removed {
+                        conv: m.conv.clone(),
+                    }))
+                    .await;
+                return;
+            }
+            let changes = s.with(|d| d.device_changes(&added).unwrap_or_default());
+            let _ = tx
+                .send(ClientEvent::E2ee(E2eeNotice::Members {
+                    conv: m.conv.clone(),
+                    epoch,
+                    added: added
+                        .iter()
+                        .map(|a| format!("{}/{}", a.user, a.device))
+                        .collect(),
+                    removed: removed
+                        .iter()
+                        .map(|a| format!("{}/{}", a.user, a.device))
+                        .collect(),
+                }))
+                .await;
+            for c in changes {
+                let _ = tx
+                    .send(ClientEvent::E2ee(E2eeNotice::NewDevice {
+                        conv: m.conv.clone(),
+                        user: c.user,
+                        device: c.device,
+                        fingerprint: c.fingerprint,
+                        changed: c.changed,
+                    }))
+                    .await;
+            }
+        }
+        Ok(Processed::Proposal) => {
+            commit_pending(client, s, &m.conv, &key, tx).await;
+        }
+        Ok(Processed::Duplicate) => {}
+        Ok(Processed::Unreadable(reason)) => {
+            if m.body.content_type == CT_APP {
+                let _ = tx
+                    .send(ClientEvent::E2ee(E2eeNotice::Unreadable {
+                        conv: m.conv.clone(),
+                        seq: m.seq,
+                        reason,
+                    }))
+                    .await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "end-to-end state"),
+    }
+}
+
+/// Commits the server's pending removal proposals (some member must; the server takes the
+/// first commit and refuses the others, which then follow it).
+async fn commit_pending(
+    client: &Client,
+    s: &Arc<Secure>,
+    conv: &Conv,
+    key: &str,
+    tx: &mpsc::Sender<ClientEvent>,
+) {
+    // A short random pause so that not every member races for the same epoch.
+    let pause = rand::random_range(0..150u64);
+    tokio::time::sleep(Duration::from_millis(pause)).await;
+    let _ops = s.ops.lock().await;
+    let out = match s.with(|d| d.commit_pending(key)) {
+        Ok(Some(out)) => out,
+        _ => return,
+    };
+    let conv_ref = match conv {
+        Conv::Room(r) => ConvRef::Room(r.clone()),
+        Conv::Direct(users) => ConvRef::With(
+            users
+                .iter()
+                .filter(|u| *u != client.user())
+                .cloned()
+                .collect(),
+        ),
+    };
+    let before = s.with(|d| d.members(key).unwrap_or_default());
+    match client.commit(s, &conv_ref, key, out, false).await {
+        Ok(_) => {
+            let after = s.with(|d| d.members(key).unwrap_or_default());
+            let removed = before
+                .iter()
+                .filter(|m| !after.contains(m))
+                .map(|m| format!("{}/{}", m.user, m.device))
+                .collect();
+            let epoch = s.with(|d| d.epoch(key).unwrap_or_default());
+            let _ = tx
+                .send(ClientEvent::E2ee(E2eeNotice::Members {
+                    conv: conv.clone(),
+                    epoch,
+                    added: Vec::new(),
+                    removed,
+                }))
+                .await;
+        }
+        Err(e) => tracing::debug!(error = %e, "another member committed the removal first"),
+    }
+}

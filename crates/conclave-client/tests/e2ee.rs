@@ -1,0 +1,252 @@
+//! End-to-end encryption with the real server (in-process, real TLS, real SQLite) and real
+//! clients: only the members of a room's MLS group read it.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{TestServer, add_users};
+use conclave_client::e2ee::E2eeNotice;
+use conclave_client::proto::{Bytes, ConvRef, ErrorCode, Event, Request};
+use conclave_client::{Client, ClientError, ClientEvent, Events};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn connect(srv: &TestServer, user: &str, state: &Path) -> (Client, Events) {
+    let opts = common::options(srv, user, state, WAIT);
+    let (client, events, _) = tokio::time::timeout(WAIT, Client::connect(opts))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let events = client
+        .enable_e2ee(events, state, common::PASSWORD)
+        .await
+        .expect("e2ee on");
+    (client, events)
+}
+
+/// Waits (bounded) for the first event that `f` picks.
+#[track_caller]
+fn wait_for<'a, T: 'a>(
+    events: &'a mut Events,
+    mut f: impl FnMut(&ClientEvent) -> Option<T> + 'a,
+) -> impl std::future::Future<Output = T> + 'a {
+    let line = std::panic::Location::caller().line();
+    async move {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let e = events.recv().await.expect("events go on");
+                if let Some(t) = f(&e) {
+                    return t;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the event comes in time (line {line})"))
+    }
+}
+
+fn text_in(e: &ClientEvent, room: &str) -> Option<String> {
+    match e {
+        ClientEvent::Server(Event::Message(m)) if matches!(&m.conv, conclave_client::proto::Conv::Room(r) if r == room) => {
+            m.body.as_text().map(str::to_string)
+        }
+        _ => None,
+    }
+}
+
+/// Nothing more arrives for a while that `f` picks (bounded).
+async fn none_for(events: &mut Events, d: Duration, mut f: impl FnMut(&ClientEvent) -> bool) {
+    let _ = tokio::time::timeout(d, async {
+        while let Some(e) = events.recv().await {
+            assert!(!f(&e), "unexpected event: {e:?}");
+        }
+    })
+    .await;
+}
+
+fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("dir").flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2ee_room_invite_join_kick_restart() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob", "carol", "dave"]);
+    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let states: Vec<_> = (0..4)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, mut a_ev) = connect(&srv, "alice", states[0].path()).await;
+    let (bob, mut b_ev) = connect(&srv, "bob", states[1].path()).await;
+    let (carol, mut c_ev) = connect(&srv, "carol", states[2].path()).await;
+
+    // Alice creates an end-to-end room and invites Bob (his device is added with a key
+    // package); Carol joins it herself (external commit).
+    alice
+        .create_room_e2ee("lab", false, None)
+        .await
+        .expect("create");
+    alice.invite("lab", "bob").await.expect("invite bob");
+    wait_for(&mut b_ev, |e| {
+        matches!(e, ClientEvent::E2ee(E2eeNotice::Joined { .. })).then_some(())
+    })
+    .await;
+    carol.join("lab", None).await.expect("carol joins");
+    let rooms = carol.rooms().await.expect("rooms");
+    assert!(rooms.iter().any(|r| r.room == "lab" && r.e2ee));
+
+    let secret = "the-launch-code-is-orange-42";
+    alice.send_to_room("lab", secret, &[]).await.expect("send");
+    assert_eq!(wait_for(&mut b_ev, |e| text_in(e, "lab")).await, secret);
+    assert_eq!(wait_for(&mut c_ev, |e| text_in(e, "lab")).await, secret);
+    bob.send_to_room("lab", "bob-says-hi", &[])
+        .await
+        .expect("bob sends");
+    assert_eq!(
+        wait_for(&mut a_ev, |e| text_in(e, "lab")).await,
+        "bob-says-hi"
+    );
+
+    // The server refuses readable text in the room, and forged or replayed commits.
+    let plain = conclave_client::proto::Request::Send {
+        target: conclave_client::proto::Target::Room {
+            room: "lab".into(),
+            except: vec![],
+        },
+        body: conclave_client::proto::Body::text("not encrypted"),
+        idempotency_key: None,
+    };
+    match bob.request(plain).await {
+        Err(ClientError::Server(b)) => assert_eq!(b.code, ErrorCode::E2eeRequired),
+        other => panic!("plain text accepted: {other:?}"),
+    }
+    let log = bob
+        .history_raw(ConvRef::Room("lab".into()), 50, None)
+        .await
+        .expect("raw log");
+    let old_commit = log
+        .iter()
+        .find(|m| m.body.content_type == conclave_e2ee::CT_COMMIT)
+        .expect("a commit in the log");
+    let replay = Request::E2eeCommit {
+        conv: ConvRef::Room("lab".into()),
+        commit: Bytes::from(old_commit.body.data.clone()),
+        group_info: Bytes::from(vec![0u8; 8]),
+        welcome: None,
+    };
+    match bob.request(replay).await {
+        Err(ClientError::Server(b)) => assert_eq!(b.code, ErrorCode::StaleEpoch),
+        other => panic!("a replayed commit was accepted: {other:?}"),
+    }
+    let mut forged = old_commit.body.data.clone();
+    let n = forged.len();
+    forged[n - 10] ^= 0x55;
+    let forged = Request::E2eeCommit {
+        conv: ConvRef::Room("lab".into()),
+        commit: Bytes::from(forged),
+        group_info: Bytes::from(vec![0u8; 8]),
+        welcome: None,
+    };
+    assert!(
+        bob.request(forged).await.is_err(),
+        "a forged commit was accepted"
+    );
+
+    // The room's owner kicks Carol: the server proposes her removal, a member commits it,
+    // and she cannot read what follows.
+    alice
+        .request(Request::Kick {
+            room: Some("lab".into()),
+            user: "carol".into(),
+            reason: Some("test".into()),
+        })
+        .await
+        .expect("kick");
+    wait_for(&mut c_ev, |e| {
+        matches!(e, ClientEvent::Server(Event::Kicked { .. })).then_some(())
+    })
+    .await;
+    // A member's client commits the server's removal of Carol's device (Alice's or Bob's:
+    // both hear of it).
+    wait_for(&mut b_ev, |e| match e {
+        ClientEvent::E2ee(E2eeNotice::Members { removed, .. })
+            if removed.iter().any(|r| r.starts_with("carol/")) =>
+        {
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+    let after = "after-the-kick-purple-7";
+    alice
+        .send_to_room("lab", after, &[])
+        .await
+        .expect("send after kick");
+    assert_eq!(wait_for(&mut b_ev, |e| text_in(e, "lab")).await, after);
+    none_for(&mut c_ev, Duration::from_millis(500), |e| {
+        text_in(e, "lab").is_some_and(|t| t == after)
+    })
+    .await;
+
+    // Dave joins later: he reads what comes next, not what came before.
+    let (dave, mut d_ev) = connect(&srv, "dave", states[3].path()).await;
+    dave.join("lab", None).await.expect("dave joins");
+    let local = dave
+        .history(ConvRef::Room("lab".into()), 50, None)
+        .await
+        .expect("history");
+    assert!(local.iter().all(|m| m.body.as_text() != Some(secret)));
+    bob.send_to_room("lab", "welcome-dave", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        wait_for(&mut d_ev, |e| text_in(e, "lab")).await,
+        "welcome-dave"
+    );
+
+    // Bob's client restarts from its state directory and keeps working; his history is kept
+    // locally and searchable.
+    bob.close();
+    drop(b_ev);
+    let (bob, mut b_ev) = connect(&srv, "bob", states[1].path()).await;
+    alice
+        .send_to_room("lab", "still-secret-9", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        wait_for(&mut b_ev, |e| text_in(e, "lab")).await,
+        "still-secret-9"
+    );
+    let found = bob
+        .search("launch code", Some("lab"), 10, None)
+        .await
+        .expect("search");
+    assert!(found.iter().any(|m| m.body.as_text() == Some(secret)));
+
+    // Neither the server's data directory nor any client's state holds the text in clear.
+    for needle in [secret.as_bytes(), after.as_bytes()] {
+        assert!(grep_dir(dir.path(), needle).is_empty());
+        for s in &states {
+            assert!(grep_dir(s.path(), needle).is_empty());
+        }
+    }
+    drop((alice, carol, dave, bob));
+    srv.stop(WAIT).await;
+}

@@ -1,0 +1,540 @@
+//! End-to-end encryption requests: devices and key packages, creating a conversation's
+//! group, GroupInfo for external joins, commits (validated, then ordered in the log), and
+//! the removals the server proposes when someone is kicked, banned or leaves.
+
+use conclave_e2ee::ds::{GroupState, check_key_package};
+use conclave_e2ee::{CT_APP, CT_COMMIT, CT_PROPOSAL, E2eeError};
+use conclave_proto::{
+    Body, Bytes, ClaimedKeyPackage, Conv, ConvRef, DeviceInfo, ErrorBody, ErrorCode, Event,
+    GroupInfoData, Message, Reply, ServerFrame,
+};
+use tokio::sync::oneshot;
+
+use super::store_error;
+use crate::dispatch::SendCtx;
+use crate::e2ee::ConvGroup;
+use crate::server::Shared;
+use crate::session::{Conn, broadcast};
+use crate::store::{AppendJob, NewMessage, conv_key, now_ms};
+
+/// Most key packages accepted in one request.
+pub const MAX_KEY_PACKAGES_PER_REQUEST: usize = 100;
+/// Most users in one claim.
+pub const MAX_CLAIM_USERS: usize = 100;
+
+fn refused(e: E2eeError) -> ErrorBody {
+    match e {
+        E2eeError::WrongEpoch => ErrorBody::new(
+            ErrorCode::StaleEpoch,
+            "another commit came first (the group moved to a newer epoch): process the conversation and try again",
+        ),
+        E2eeError::Malformed(m) => ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("not a valid MLS message: {m}"),
+        ),
+        E2eeError::Refused(m) => ErrorBody::new(ErrorCode::Forbidden, m),
+        other => ErrorBody::new(ErrorCode::BadRequest, other.to_string()),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ErrorBody {
+    tracing::error!(error = %e, "end-to-end state");
+    ErrorBody::new(ErrorCode::Internal, "internal error; try again")
+}
+
+/// Answered inside (the reply goes ahead of the Welcomes that waited for the device).
+pub async fn publish(
+    conn: &mut Conn,
+    user: &str,
+    id: u64,
+    device: String,
+    key_packages: Vec<Bytes>,
+) -> Result<(), ErrorBody> {
+    if key_packages.len() > MAX_KEY_PACKAGES_PER_REQUEST {
+        return Err(ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_KEY_PACKAGES_PER_REQUEST} key packages at a time"),
+        ));
+    }
+    if device.is_empty() || device.len() > 64 || !device.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "a device id is 1 to 64 hex digits",
+        ));
+    }
+    let mut sig_key: Option<Vec<u8>> = None;
+    let mut kps = Vec::with_capacity(key_packages.len());
+    for kp in key_packages {
+        let (d, key) = check_key_package(&kp, user).map_err(refused)?;
+        if d != device || sig_key.as_ref().is_some_and(|k| *k != key) {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "every key package must be this device's",
+            ));
+        }
+        sig_key = Some(key);
+        kps.push(kp.into_vec());
+    }
+    let (u, d) = (user.to_string(), device.clone());
+    let known = conn
+        .shared
+        .store
+        .call(move |db| db.e2ee_devices(&u))
+        .await
+        .map_err(store_error)?;
+    let sig_key = match (sig_key, known.iter().find(|(id, _)| *id == d)) {
+        (Some(k), _) => k,
+        (None, Some((_, k))) => k.clone(),
+        (None, None) => {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "a new device must publish at least one key package",
+            ));
+        }
+    };
+    let (u, d) = (user.to_string(), device.clone());
+    let count = match conn
+        .shared
+        .store
+        .call(move |db| db.e2ee_publish(&u, &d, &sig_key, &kps, now_ms()))
+        .await
+    {
+        Ok(n) => n,
+        Err(crate::store::StoreError::Exists) => {
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                "this device id is registered with another key; a new device needs a new state directory",
+            ));
+        }
+        Err(e) => return Err(store_error(e)),
+    };
+    conn.device = Some(device.clone());
+    let (u, d) = (user.to_string(), device.clone());
+    let welcomes = conn
+        .shared
+        .store
+        .call(move |db| db.e2ee_welcomes(&u, &d))
+        .await
+        .map_err(store_error)?;
+    let reply = Reply::E2eeReady {
+        server_key: Bytes::from(conn.shared.e2ee.signer.public().to_vec()),
+        key_packages: count,
+    };
+    // The reply first, then what waited for this device.
+    conn.reply(id, Ok(reply));
+    for w in welcomes {
+        conn.outbox.send(&ServerFrame::Event(Event::E2eeWelcome {
+            id: w.id,
+            device: device.clone(),
+            conv: crate::store::conv_from_key(&w.conv),
+            seq: w.seq,
+            welcome: Bytes::from(w.welcome),
+        }));
+    }
+    Ok(())
+}
+
+pub async fn claim(conn: &Conn, users: Vec<String>) -> Result<Reply, ErrorBody> {
+    if users.len() > MAX_CLAIM_USERS {
+        return Err(ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_CLAIM_USERS} users at a time"),
+        ));
+    }
+    let got = conn
+        .shared
+        .store
+        .call(move |db| db.e2ee_claim(&users))
+        .await
+        .map_err(store_error)?;
+    Ok(Reply::E2eeKeyPackages(
+        got.into_iter()
+            .map(|(user, device, kp)| ClaimedKeyPackage {
+                user,
+                device,
+                key_package: Bytes::from(kp),
+            })
+            .collect(),
+    ))
+}
+
+pub async fn devices(conn: &Conn, user: String) -> Result<Reply, ErrorBody> {
+    let u = user.clone();
+    let devs = conn
+        .shared
+        .store
+        .call(move |db| db.e2ee_devices(&u))
+        .await
+        .map_err(store_error)?;
+    Ok(Reply::E2eeDevices(
+        devs.into_iter()
+            .map(|(device, key)| DeviceInfo {
+                user: user.clone(),
+                device,
+                signature_key: Bytes::from(key),
+            })
+            .collect(),
+    ))
+}
+
+pub async fn create(
+    conn: &Conn,
+    user: &str,
+    conv: ConvRef,
+    group_info: Bytes,
+) -> Result<Reply, ErrorBody> {
+    let conv = conn.shared.hub.lock().check_history(user, &conv)?;
+    if let Conv::Room(room) = &conv {
+        let hub = conn.shared.hub.lock();
+        let owner = hub
+            .room(room)
+            .is_some_and(|r| r.owner.as_deref() == Some(user));
+        if !owner && !hub.is_admin(user) {
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                "only the room's owner (or an admin) makes it end-to-end encrypted",
+            ));
+        }
+    }
+    let key = conv_key(&conv);
+    if conn.shared.e2ee.is_e2ee(&key) {
+        return Err(ErrorBody::new(
+            ErrorCode::RoomExists,
+            "this conversation is end-to-end encrypted already; join its group instead",
+        ));
+    }
+    let state =
+        GroupState::create(&group_info, user, conn.shared.e2ee.signer.public()).map_err(refused)?;
+    let g = ConvGroup {
+        conv: key.clone(),
+        state,
+        applied_seq: 0,
+        group_info: group_info.into_vec(),
+        removal_epoch: 0,
+        pending: Default::default(),
+    };
+    let row = g.row().map_err(internal)?;
+    if !conn.shared.e2ee.insert(g) {
+        return Err(ErrorBody::new(
+            ErrorCode::RoomExists,
+            "this conversation is end-to-end encrypted already; join its group instead",
+        ));
+    }
+    conn.shared
+        .store
+        .call(move |db| db.e2ee_put_group(&row))
+        .await
+        .map_err(store_error)?;
+    tracing::info!(conv = %key, "end-to-end group created");
+    Ok(Reply::Ok)
+}
+
+pub async fn group_info(conn: &Conn, user: &str, conv: ConvRef) -> Result<Reply, ErrorBody> {
+    let conv = conn.shared.hub.lock().check_history(user, &conv)?;
+    let Some(g) = conn.shared.e2ee.get(&conv_key(&conv)) else {
+        return Ok(Reply::E2eeGroupInfo(None));
+    };
+    let g = g.lock().await;
+    Ok(Reply::E2eeGroupInfo(Some(GroupInfoData {
+        group_info: Bytes::from(g.group_info.clone()),
+        epoch: g.state.epoch().map_err(internal)?,
+        seq: g.applied_seq,
+    })))
+}
+
+/// Whether `user` may be in `conv`'s group: a member of the room (or let in by an invitation
+/// or an open room), a participant of the direct conversation.
+fn may_be_added(shared: &Shared, conv: &Conv, user: &str) -> bool {
+    match conv {
+        Conv::Direct(users) => users.iter().any(|u| u == user),
+        Conv::Room(room) => {
+            let hub = shared.hub.lock();
+            let Some(r) = hub.room(room) else {
+                return false;
+            };
+            if hub.room_banned(room, user, now_ms()).is_some() {
+                return false;
+            }
+            r.members.contains(user)
+                || r.invited.contains(user)
+                || (!r.private && r.pw_hash.is_none())
+        }
+    }
+}
+
+pub async fn commit(
+    conn: &Conn,
+    user: &str,
+    id: u64,
+    conv: ConvRef,
+    commit: Bytes,
+    group_info: Bytes,
+    welcome: Option<Bytes>,
+) -> Result<(), ErrorBody> {
+    let conv = conn.shared.hub.lock().check_history(user, &conv)?;
+    let key = conv_key(&conv);
+    let Some(handle) = conn.shared.e2ee.get(&key) else {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            "this conversation is not end-to-end encrypted",
+        ));
+    };
+    let max = conn.shared.config().limits.max_message_bytes.max(1 << 20) * 4;
+    if commit.len() + group_info.len() + welcome.as_ref().map_or(0, |w| w.len()) > max {
+        return Err(ErrorBody::new(
+            ErrorCode::TooLarge,
+            "the commit is too large",
+        ));
+    }
+    let mut g = handle.lock().await;
+    let validated = g.state.validate_commit(&commit, user).map_err(refused)?;
+    let change = validated.change.clone();
+    for (u, _) in &change.added {
+        if !may_be_added(&conn.shared, &conv, u) {
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{u} may not be in this conversation (not invited, banned, or the room needs its password)"
+                ),
+            ));
+        }
+    }
+    let next = validated.into_state();
+    next.check_group_info(&group_info, change.epoch)
+        .map_err(refused)?;
+    if !change.external && !change.added.is_empty() && welcome.is_none() {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "a commit that adds devices needs their Welcome",
+        ));
+    }
+    let stored = append(
+        &conn.shared,
+        conv.clone(),
+        user,
+        Body {
+            content_type: CT_COMMIT.into(),
+            data: commit.into_vec(),
+        },
+        Some((conn, id)),
+    )
+    .await
+    .ok_or_else(|| {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            "the commit could not be stored; try again",
+        )
+    })?;
+    // The commit is durable and ordered: the group moves on.
+    g.state = next;
+    g.applied_seq = stored.seq;
+    g.group_info = group_info.into_vec();
+    if !change.removed.is_empty() {
+        g.removal_epoch = change.epoch;
+    }
+    let members: Vec<String> = g
+        .state
+        .members()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|l| l.user)
+        .collect();
+    g.pending.retain(|u| members.contains(u));
+    let still_pending: Vec<String> = g.pending.iter().cloned().collect();
+    for u in still_pending {
+        propose_removal(&conn.shared, &mut g, &conv, &u).await;
+    }
+    save(&conn.shared, &g).await;
+    drop(g);
+    // Added accounts become members of the room; their devices get the Welcome.
+    if let Conv::Room(room) = &conv {
+        let mut added: Vec<String> = change.added.iter().map(|(u, _)| u.clone()).collect();
+        added.sort();
+        added.dedup();
+        for u in added {
+            let new = conn
+                .shared
+                .hub
+                .lock()
+                .room(room)
+                .is_some_and(|r| !r.members.contains(&u));
+            if new {
+                let (r, uu) = (room.clone(), u.clone());
+                if let Err(e) = conn
+                    .shared
+                    .store
+                    .call(move |db| db.add_member(&r, &uu))
+                    .await
+                {
+                    tracing::error!(error = %e, "adding a member after their commit");
+                    continue;
+                }
+                let mut hub = conn.shared.hub.lock();
+                hub.add_member(room, &u);
+                broadcast(
+                    hub.recipients(&conv, &[], None),
+                    Event::Join {
+                        room: room.clone(),
+                        user: u.clone(),
+                    },
+                );
+            }
+        }
+    }
+    if let Some(w) = welcome
+        && !change.external
+    {
+        let (k, devices, seq, bytes) =
+            (key.clone(), change.added.clone(), stored.seq, w.into_vec());
+        let stored_welcomes = conn
+            .shared
+            .store
+            .call(move |db| {
+                db.e2ee_add_welcomes(&devices, &k, seq, &bytes)
+                    .map(|ids| (ids, bytes))
+            })
+            .await;
+        let (ids, bytes) = match stored_welcomes {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "storing Welcomes");
+                return Ok(());
+            }
+        };
+        let hub = conn.shared.hub.lock();
+        for (u, device, wid) in ids {
+            broadcast(
+                hub.sessions_of(std::iter::once(u.as_str()), None),
+                Event::E2eeWelcome {
+                    id: wid,
+                    device,
+                    conv: conv.clone(),
+                    seq: stored.seq,
+                    welcome: Bytes::from(bytes.clone()),
+                },
+            );
+        }
+    }
+    tracing::info!(conv = %key, epoch = change.epoch, added = change.added.len(), removed = change.removed.len(), "commit accepted");
+    Ok(())
+}
+
+/// Stores a message in a conversation's log through the usual path (so it is fanned out in
+/// order with everything else) and waits until it is durable. With `reply`, that request is
+/// answered with [`Reply::Sent`].
+async fn append(
+    shared: &Shared,
+    conv: Conv,
+    from: &str,
+    body: Body,
+    reply: Option<(&Conn, u64)>,
+) -> Option<Message> {
+    let (tx, rx) = oneshot::channel();
+    let (origin, outbox, req_id) = match reply {
+        Some((c, id)) => (c.sid, c.outbox.clone(), id),
+        None => {
+            let (o, _) = crate::outbox::Outbox::new(1, &shared.shutdown);
+            (0, o, 0)
+        }
+    };
+    let job = AppendJob {
+        msg: NewMessage {
+            conv,
+            from: from.to_string(),
+            body,
+            except: Vec::new(),
+            idempotency_key: None,
+        },
+        ctx: SendCtx {
+            origin,
+            outbox,
+            req_id,
+            permit: None,
+            notify: Some(tx),
+            silent: reply.is_none(),
+        },
+    };
+    shared.store.append(job).await.ok()?;
+    rx.await.ok().flatten()
+}
+
+/// Appends the server's Remove proposals for `user`'s devices at the group's epoch.
+async fn propose_removal(shared: &Shared, g: &mut ConvGroup, conv: &Conv, user: &str) {
+    let proposals = match g.state.remove_proposals(&shared.e2ee.signer, user) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "removal proposal");
+            return;
+        }
+    };
+    if proposals.is_empty() {
+        g.pending.remove(user);
+        return;
+    }
+    g.pending.insert(user.to_string());
+    for p in proposals {
+        let body = Body {
+            content_type: CT_PROPOSAL.into(),
+            data: p,
+        };
+        if append(shared, conv.clone(), "", body, None).await.is_none() {
+            tracing::error!("a removal proposal could not be stored");
+        }
+    }
+}
+
+/// `user` is no longer in `conv` (kicked, banned, voted out or left): from now on the group
+/// refuses application messages until a member commits the server's removal.
+pub async fn remove_user(shared: &Shared, conv: &Conv, user: &str) {
+    let key = conv_key(conv);
+    let Some(handle) = shared.e2ee.get(&key) else {
+        return;
+    };
+    let mut g = handle.lock().await;
+    propose_removal(shared, &mut g, conv, user).await;
+    save(shared, &g).await;
+}
+
+/// Saves a group's state (a crash before this is repaired at start from the log).
+async fn save(shared: &Shared, g: &ConvGroup) {
+    match g.row() {
+        Ok(row) => {
+            if let Err(e) = shared.store.call(move |db| db.e2ee_put_group(&row)).await {
+                tracing::error!(error = %e, "saving an end-to-end group");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "saving an end-to-end group"),
+    }
+}
+
+/// Checks a message for an end-to-end encrypted conversation: an MLS application message of
+/// its group, at the current epoch or since the last removal, with no removal pending.
+/// Conversations that are not end-to-end encrypted refuse MLS content types.
+pub async fn check_send(shared: &Shared, conv: &Conv, body: &Body) -> Result<(), ErrorBody> {
+    let key = conv_key(conv);
+    let Some(handle) = shared.e2ee.get(&key) else {
+        if body.content_type.starts_with("application/mls-") {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "this conversation is not end-to-end encrypted; send plain bodies",
+            ));
+        }
+        return Ok(());
+    };
+    if body.content_type != CT_APP {
+        return Err(ErrorBody::new(
+            ErrorCode::E2eeRequired,
+            "this conversation is end-to-end encrypted: the server does not take readable messages here",
+        ));
+    }
+    let g = handle.lock().await;
+    if !g.pending.is_empty() {
+        return Err(ErrorBody::new(
+            ErrorCode::StaleEpoch,
+            "a removal is pending in this conversation: a member's client commits it, then send again",
+        ));
+    }
+    g.state
+        .check_app(&body.data, g.removal_epoch)
+        .map_err(refused)
+}

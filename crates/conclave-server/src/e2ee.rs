@@ -1,0 +1,121 @@
+//! End-to-end encrypted conversations, as the server sees them: the public state of each
+//! group (see `conclave_e2ee::ds`), one lock per conversation so that commits are validated
+//! and ordered one at a time (exactly one commit per epoch), and the removals (kicks, bans,
+//! parts) that are pending until a member commits them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use conclave_e2ee::ds::{GroupState, ServerSigner};
+
+use crate::store::{Db, GroupRow, StoreError};
+
+/// One conversation's group.
+pub struct ConvGroup {
+    pub conv: String,
+    pub state: GroupState,
+    /// Sequence number of the last commit applied to `state`.
+    pub applied_seq: u64,
+    /// The GroupInfo of the current epoch (for external joins).
+    pub group_info: Vec<u8>,
+    /// Application messages from epochs before this one are refused (the last removal).
+    pub removal_epoch: u64,
+    /// Users removed on the server whose leaves are still in the group.
+    pub pending: BTreeSet<String>,
+}
+
+impl ConvGroup {
+    pub fn row(&self) -> Result<GroupRow, String> {
+        Ok(GroupRow {
+            conv: self.conv.clone(),
+            group_id: self.state.group_id().to_vec(),
+            state: self.state.to_bytes().map_err(|e| e.to_string())?,
+            applied_seq: self.applied_seq,
+            group_info: self.group_info.clone(),
+            removal_epoch: self.removal_epoch,
+            pending: self.pending.iter().cloned().collect(),
+        })
+    }
+}
+
+pub type GroupHandle = Arc<tokio::sync::Mutex<ConvGroup>>;
+
+/// Every end-to-end encrypted conversation, and the server's signature key.
+pub struct E2ee {
+    pub signer: ServerSigner,
+    groups: Mutex<HashMap<String, GroupHandle>>,
+}
+
+impl E2ee {
+    /// Loads the signature key and every group, bringing each up to its log: commits stored
+    /// after the state was last saved (a crash between the two) are applied again.
+    pub fn load(db: &mut Db) -> Result<E2ee, String> {
+        let bytes = db
+            .e2ee_signer_bytes(|| {
+                ServerSigner::generate()
+                    .map(|s| s.to_bytes())
+                    .unwrap_or_default()
+            })
+            .map_err(|e| e.to_string())?;
+        let signer = ServerSigner::from_bytes(&bytes).map_err(|e| e.to_string())?;
+        let mut groups = HashMap::new();
+        for row in db.e2ee_groups().map_err(|e| e.to_string())? {
+            let mut g = ConvGroup {
+                state: GroupState::from_bytes(&row.group_id, &row.state)
+                    .map_err(|e| format!("group of {}: {e}", row.conv))?,
+                conv: row.conv.clone(),
+                applied_seq: row.applied_seq,
+                group_info: row.group_info,
+                removal_epoch: row.removal_epoch,
+                pending: row.pending.into_iter().collect(),
+            };
+            let missed = db
+                .e2ee_commits_after(&row.conv, row.applied_seq, conclave_e2ee::CT_COMMIT)
+                .map_err(|e| e.to_string())?;
+            if !missed.is_empty() {
+                for (seq, from, bytes) in missed {
+                    match g.state.validate_commit(&bytes, &from) {
+                        Ok(v) => {
+                            g.state = v.into_state();
+                            g.applied_seq = seq;
+                        }
+                        Err(e) => {
+                            tracing::error!(conv = %row.conv, seq, error = %e, "stored commit does not apply");
+                        }
+                    }
+                }
+                let row = g.row()?;
+                db.e2ee_put_group(&row)
+                    .map_err(|e: StoreError| e.to_string())?;
+                tracing::info!(conv = %g.conv, "end-to-end group brought up to its log");
+            }
+            groups.insert(row.conv.clone(), Arc::new(tokio::sync::Mutex::new(g)));
+        }
+        Ok(E2ee {
+            signer,
+            groups: Mutex::new(groups),
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, GroupHandle>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, conv: &str) -> Option<GroupHandle> {
+        self.map().get(conv).cloned()
+    }
+
+    pub fn is_e2ee(&self, conv: &str) -> bool {
+        self.map().contains_key(conv)
+    }
+
+    /// Registers a new group; false when the conversation has one already.
+    pub fn insert(&self, g: ConvGroup) -> bool {
+        let mut map = self.map();
+        if map.contains_key(&g.conv) {
+            return false;
+        }
+        map.insert(g.conv.clone(), Arc::new(tokio::sync::Mutex::new(g)));
+        true
+    }
+}
