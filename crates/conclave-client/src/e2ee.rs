@@ -175,6 +175,72 @@ impl Client {
             .map_err(e2ee_err)
     }
 
+    /// The conversations this device reads end to end.
+    pub fn e2ee_convs(&self) -> Vec<Conv> {
+        self.secure()
+            .map(|s| s.with(|d| d.convs().unwrap_or_default()))
+            .unwrap_or_default()
+            .iter()
+            .map(|k| conv_from_key(k))
+            .collect()
+    }
+
+    /// Sends a request the way the library's own methods do: for end-to-end conversations,
+    /// sends are encrypted, joins and invitations include the group, history and search are
+    /// local, and new rooms are end-to-end (when it is on). Other requests go as they are.
+    pub async fn call(&self, req: Request) -> Result<Reply, ClientError> {
+        Ok(match req {
+            Request::Send {
+                target,
+                body,
+                idempotency_key,
+            } => {
+                let r = self.send(target, body, idempotency_key).await?;
+                Reply::Sent {
+                    msg_id: r.msg_id,
+                    seq: r.seq,
+                    ts_ms: r.ts_ms,
+                    duplicate: r.duplicate,
+                }
+            }
+            Request::Join { room, password } => {
+                let members = self.join(&room, password.as_deref()).await?;
+                Reply::Joined { room, members }
+            }
+            Request::Invite { room, user } => {
+                self.invite(&room, &user).await?;
+                Reply::Ok
+            }
+            Request::CreateRoom {
+                room,
+                private,
+                password,
+            } if self.secure().is_some() => {
+                self.create_room_e2ee(&room, private, password.as_deref())
+                    .await?;
+                Reply::Joined {
+                    room,
+                    members: vec![self.user().to_string()],
+                }
+            }
+            Request::History {
+                conv,
+                limit,
+                before,
+            } => Reply::Messages(self.history(conv, limit, before).await?),
+            Request::Search {
+                query,
+                room,
+                limit,
+                before,
+            } => Reply::Results(
+                self.search(&query, room.as_deref(), limit, before.as_deref())
+                    .await?,
+            ),
+            other => self.request(other).await?,
+        })
+    }
+
     /// Whether a conversation is end-to-end encrypted for this device.
     pub fn is_e2ee(&self, conv: &Conv) -> bool {
         self.secure().is_some_and(|s| s.has_group(&conv_key(conv)))
@@ -378,6 +444,282 @@ impl Client {
         Err(e2ee_err("the group kept changing; invite again"))
     }
 
+    /// Makes the direct conversation with `to` end-to-end encrypted: a group of every
+    /// participant's devices. `Ok(false)` when some participant has no device (has never used
+    /// an end-to-end client): the conversation then stays server-encrypted.
+    async fn ensure_direct_group(
+        &self,
+        s: &Arc<Secure>,
+        to: &[String],
+        key: &str,
+    ) -> Result<bool, ClientError> {
+        let others: Vec<String> = to
+            .iter()
+            .filter(|u| u.as_str() != self.user())
+            .cloned()
+            .collect();
+        for u in &others {
+            match self
+                .request(Request::E2eeDevices { user: u.clone() })
+                .await?
+            {
+                Reply::E2eeDevices(d) if !d.is_empty() => {}
+                Reply::E2eeDevices(_) => return Ok(false),
+                other => return Err(crate::connection::unexpected("e2ee_devices", &other)),
+            }
+        }
+        let conv = ConvRef::With(others.clone());
+        let server_key = s
+            .server_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let _ops = s.ops.lock().await;
+        if s.has_group(key) {
+            return Ok(true);
+        }
+        let gi = s
+            .with(|d| d.create_group(key, &server_key))
+            .map_err(e2ee_err)?;
+        match self
+            .request(Request::E2eeCreate {
+                conv: conv.clone(),
+                group_info: Bytes::from(gi),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(ClientError::Server(b)) if b.code == ErrorCode::RoomExists => {
+                // The other side made it first: its Welcome is on the way.
+                let _ = s.with(|d| d.forget_group(key));
+                drop(_ops);
+                for _ in 0..SEND_ATTEMPTS {
+                    if s.has_group(key) {
+                        return Ok(true);
+                    }
+                    tokio::time::sleep(SEND_RETRY_WAIT).await;
+                }
+                return Err(e2ee_err(
+                    "the conversation is end-to-end encrypted but this device has not been added to it",
+                ));
+            }
+            Err(e) => {
+                let _ = s.with(|d| d.forget_group(key));
+                return Err(e);
+            }
+        }
+        let kps = match self
+            .request(Request::E2eeClaim {
+                users: others.clone(),
+            })
+            .await?
+        {
+            Reply::E2eeKeyPackages(k) => k,
+            other => return Err(crate::connection::unexpected("e2ee_claim", &other)),
+        };
+        if !kps.is_empty() {
+            let kps: Vec<Vec<u8>> = kps.into_iter().map(|k| k.key_package.into_vec()).collect();
+            let out = s.with(|d| d.add_members(key, &kps)).map_err(e2ee_err)?;
+            self.commit(s, &conv, key, out, false).await?;
+        }
+        Ok(true)
+    }
+
+    /// Sends a file to an end-to-end conversation: encrypted here under a fresh key
+    /// (XChaCha20-Poly1305 STREAM), the ciphertext relayed as any file, its key, name and
+    /// hash in an MLS message to the members. `None` when `target` is not end-to-end.
+    pub(crate) async fn send_file_e2ee(
+        &self,
+        path: &Path,
+        target: &Target,
+        opts: &crate::files::FileOptions,
+    ) -> Option<Result<crate::files::FileSent, ClientError>> {
+        let s = self.secure()?;
+        let key = match target {
+            Target::Room { room, .. } => room_key(room),
+            Target::Users { to } => {
+                let mut all: Vec<String> = to.clone();
+                all.push(self.user().to_string());
+                all.sort();
+                all.dedup();
+                format!("d:{}", all.join(","))
+            }
+        };
+        if !s.has_group(&key) {
+            return None;
+        }
+        Some(self.send_file_sealed(&s, path, target, opts).await)
+    }
+
+    async fn send_file_sealed(
+        &self,
+        s: &Arc<Secure>,
+        path: &Path,
+        target: &Target,
+        opts: &crate::files::FileOptions,
+    ) -> Result<crate::files::FileSent, ClientError> {
+        use sha2::Digest;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| ClientError::File {
+                code: "path_not_found",
+                message: format!("{} is not a file name", path.display()),
+            })?
+            .to_string();
+        let plain = std::fs::read(path).map_err(|e| ClientError::File {
+            code: if e.kind() == std::io::ErrorKind::NotFound {
+                "path_not_found"
+            } else {
+                "unreadable"
+            },
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        let sha256: [u8; 32] = sha2::Sha256::digest(&plain).into();
+        // The ciphertext under a random name: the server sees neither the name nor the bytes.
+        let tmp = tempfile::Builder::new()
+            .prefix("e2ee-")
+            .suffix(".bin")
+            .tempfile()
+            .map_err(|e| e2ee_err(format!("a temporary file: {e}")))?;
+        let sealed_path = tmp.path().to_path_buf();
+        let file_key =
+            conclave_e2ee::file_crypt::encrypt(&plain[..], tmp.as_file()).map_err(e2ee_err)?;
+        let mut relay = opts.clone();
+        relay.p2p = false;
+        let mut sent = self.send_file(&sealed_path, target.clone(), relay).await?;
+        drop(tmp);
+        let payload = Payload::File {
+            file_id: sent.file_id.clone(),
+            name: name.clone(),
+            size: plain.len() as u64,
+            sha256,
+            key: file_key,
+        };
+        self.send_payload(s, target, &payload).await?;
+        sent.name = name;
+        sent.size = plain.len() as u64;
+        sent.sha256 = hex::encode(sha256);
+        Ok(sent)
+    }
+
+    /// After a download: opens an end-to-end encrypted file (when this device has its key)
+    /// into its real name next to it, checks its hash, and removes the ciphertext.
+    pub(crate) fn open_received(
+        &self,
+        mut got: crate::files::FileReceived,
+    ) -> Result<crate::files::FileReceived, ClientError> {
+        use sha2::Digest;
+        let Some(s) = self.secure() else {
+            return Ok(got);
+        };
+        let Some(Payload::File {
+            name,
+            size,
+            sha256,
+            key,
+            ..
+        }) = s.with(|d| d.file(&got.file_id)).map_err(e2ee_err)?
+        else {
+            return Ok(got);
+        };
+        conclave_proto::files::check_file_name(&name)
+            .map_err(|why| e2ee_err(format!("the file's name is unsafe ({why}); refused")))?;
+        let dir = got.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let sealed = std::fs::File::open(&got.path).map_err(|e| ClientError::Io {
+            what: format!("reading {}", got.path.display()),
+            source: e,
+        })?;
+        let mut plain = Vec::with_capacity(size as usize);
+        conclave_e2ee::file_crypt::decrypt(&key, std::io::BufReader::new(sealed), &mut plain)
+            .map_err(e2ee_err)?;
+        let digest: [u8; 32] = sha2::Sha256::digest(&plain).into();
+        if digest != sha256 || plain.len() as u64 != size {
+            return Err(ClientError::File {
+                code: "hash_mismatch",
+                message:
+                    "the decrypted file does not match what the sender described; it was not kept"
+                        .into(),
+            });
+        }
+        let mut target = dir.join(&name);
+        let mut n = 1;
+        while target.exists() {
+            let (stem, ext) = match name.rsplit_once('.') {
+                Some((a, b)) if !a.is_empty() => (a.to_string(), format!(".{b}")),
+                _ => (name.clone(), String::new()),
+            };
+            target = dir.join(format!("{stem} ({n}){ext}"));
+            n += 1;
+        }
+        std::fs::write(&target, &plain).map_err(|e| ClientError::File {
+            code: "not_writable",
+            message: format!("cannot write {}: {e}", target.display()),
+        })?;
+        let _ = std::fs::remove_file(&got.path);
+        got.path = target;
+        got.size = size;
+        Ok(got)
+    }
+
+    /// Encrypts and sends a payload to an end-to-end conversation.
+    async fn send_payload(
+        &self,
+        s: &Arc<Secure>,
+        target: &Target,
+        payload: &Payload,
+    ) -> Result<(u64, String, i64), ClientError> {
+        let key = match target {
+            Target::Room { room, .. } => room_key(room),
+            Target::Users { to } => {
+                let mut all: Vec<String> = to.clone();
+                all.push(self.user().to_string());
+                all.sort();
+                all.dedup();
+                format!("d:{}", all.join(","))
+            }
+        };
+        let idem = uuid::Uuid::now_v7().to_string();
+        for _ in 0..SEND_ATTEMPTS {
+            let _ops = s.ops.lock().await;
+            let data = match s.with(|d| d.encrypt(&key, payload)) {
+                Ok(d) => d,
+                Err(conclave_e2ee::E2eeError::Refused(_)) => {
+                    // A removal is pending: the events task commits it; wait for that.
+                    drop(_ops);
+                    tokio::time::sleep(SEND_RETRY_WAIT).await;
+                    continue;
+                }
+                Err(e) => return Err(e2ee_err(e)),
+            };
+            let req = Request::Send {
+                target: target.clone(),
+                body: Body {
+                    content_type: CT_APP.into(),
+                    data,
+                },
+                idempotency_key: Some(idem.clone()),
+            };
+            match self.request(req).await {
+                Ok(Reply::Sent {
+                    msg_id, seq, ts_ms, ..
+                }) => {
+                    let _ = s.with(|d| d.record_own(&key, seq, ts_ms, payload));
+                    return Ok((seq, msg_id, ts_ms));
+                }
+                Ok(other) => return Err(crate::connection::unexpected("send", &other)),
+                Err(ClientError::Server(b)) if b.code == ErrorCode::StaleEpoch => {
+                    drop(_ops);
+                    tokio::time::sleep(SEND_RETRY_WAIT).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e2ee_err(
+            "the conversation's group kept changing; the message was not sent. Try again",
+        ))
+    }
+
     /// Encrypts and sends to an end-to-end conversation; `None` when `target` is not one.
     pub(crate) async fn send_e2ee(
         &self,
@@ -397,7 +739,14 @@ impl Client {
             }
         };
         if !s.has_group(&key) {
-            return None;
+            match target {
+                Target::Users { to } => match self.ensure_direct_group(&s, to, &key).await {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(e) => return Some(Err(e)),
+                },
+                Target::Room { .. } => return None,
+            }
         }
         if let Target::Room { except, .. } = target
             && !except.is_empty()
@@ -410,45 +759,8 @@ impl Client {
             content_type: body.content_type.clone(),
             data: body.data.clone(),
         };
-        let idem = idempotency_key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        for _ in 0..SEND_ATTEMPTS {
-            let _ops = s.ops.lock().await;
-            let data = match s.with(|d| d.encrypt(&key, &payload)) {
-                Ok(d) => d,
-                Err(conclave_e2ee::E2eeError::Refused(_)) => {
-                    // A removal is pending: the events task commits it; wait for that.
-                    drop(_ops);
-                    tokio::time::sleep(SEND_RETRY_WAIT).await;
-                    continue;
-                }
-                Err(e) => return Some(Err(e2ee_err(e))),
-            };
-            let req = Request::Send {
-                target: target.clone(),
-                body: Body {
-                    content_type: CT_APP.into(),
-                    data,
-                },
-                idempotency_key: Some(idem.clone()),
-            };
-            match self.request(req).await {
-                Ok(Reply::Sent {
-                    msg_id, seq, ts_ms, ..
-                }) => {
-                    let _ = s.with(|d| d.record_own(&key, seq, ts_ms, &payload));
-                    return Some(Ok((seq, msg_id, ts_ms)));
-                }
-                Ok(other) => return Some(Err(crate::connection::unexpected("send", &other))),
-                Err(ClientError::Server(b)) if b.code == ErrorCode::StaleEpoch => {
-                    drop(_ops);
-                    tokio::time::sleep(SEND_RETRY_WAIT).await;
-                }
-                Err(e) => return Some(Err(e)),
-            }
-        }
-        Some(Err(e2ee_err(
-            "the conversation's group kept changing; the message was not sent. Try again",
-        )))
+        let _ = idempotency_key;
+        Some(self.send_payload(&s, target, &payload).await)
     }
 
     /// Local history of an end-to-end conversation; `None` when it is not one.

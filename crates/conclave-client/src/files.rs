@@ -395,6 +395,9 @@ impl Client {
         target: Target,
         opts: FileOptions,
     ) -> Result<FileSent, ClientError> {
+        if let Some(sent) = self.send_file_e2ee(path, &target, &opts).await {
+            return sent;
+        }
         if opts.p2p {
             crate::p2p_glue::send(self, path, target, opts).await
         } else {
@@ -613,7 +616,19 @@ impl Client {
     /// Receives a file into `dir` (see the module documentation): peer to peer when the offer
     /// allows it and this build supports it, falling back to the relay; resumes a part file
     /// left by an earlier attempt; verifies size and SHA-256 before the file gets its name.
+    /// Receives an offered file into `dir`. A file of an end-to-end encrypted conversation is
+    /// decrypted there under its real name (and its hash checked) once downloaded.
     pub async fn accept_file(
+        &self,
+        file_id: &str,
+        dir: &Path,
+        opts: FileOptions,
+    ) -> Result<FileReceived, ClientError> {
+        let got = self.accept_file_raw(file_id, dir, opts).await?;
+        self.open_received(got)
+    }
+
+    async fn accept_file_raw(
         &self,
         file_id: &str,
         dir: &Path,

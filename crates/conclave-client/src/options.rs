@@ -60,6 +60,12 @@ impl Auth {
         }
     }
 
+    pub fn password(&self) -> &str {
+        match self {
+            Auth::Login { password, .. } | Auth::Register { password, .. } => password,
+        }
+    }
+
     /// The first request of a connection: log in (resuming after `resume`) or register.
     pub(crate) fn to_request(&self, resume: Vec<Cursor>) -> Request {
         match self.clone() {

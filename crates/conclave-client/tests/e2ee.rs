@@ -85,6 +85,202 @@ fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
     hits
 }
 
+async fn setup(names: &[&str], tweak: impl Fn(&mut conclave_server::Config)) -> TestServer {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), names);
+    TestServer::start(dir, "127.0.0.1:0".parse().expect("addr"), tweak).await
+}
+
+fn removed_user(e: &ClientEvent, who: &str) -> Option<()> {
+    match e {
+        ClientEvent::E2ee(E2eeNotice::Members { removed, .. })
+            if removed.iter().any(|r| r.starts_with(&format!("{who}/"))) =>
+        {
+            Some(())
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_member_catches_up_votekick_and_concurrent_commits() {
+    let srv = setup(&["alice", "bob", "carol", "dave", "erin"], |c| {
+        c.votekick.votes = 2;
+        c.votekick.fraction = 0.0;
+    })
+    .await;
+    let states: Vec<_> = (0..5)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, mut a_ev) = connect(&srv, "alice", states[0].path()).await;
+    let (bob, b_ev) = connect(&srv, "bob", states[1].path()).await;
+    let (carol, mut c_ev) = connect(&srv, "carol", states[2].path()).await;
+    let (dave, _d_ev) = connect(&srv, "dave", states[3].path()).await;
+    let (erin, mut e_ev) = connect(&srv, "erin", states[4].path()).await;
+    alice
+        .create_room_e2ee("ops", false, None)
+        .await
+        .expect("create");
+    bob.join("ops", None).await.expect("bob joins");
+    carol.join("ops", None).await.expect("carol joins");
+
+    // Bob goes offline; meanwhile the group changes several times.
+    bob.close();
+    drop(b_ev);
+    // Two members add people at the same moment: the server takes one commit per epoch, the
+    // other client follows and tries again; nobody forks.
+    let (r1, r2) = tokio::join!(dave.join("ops", None), erin.join("ops", None));
+    r1.expect("dave joins");
+    r2.expect("erin joins");
+    carol.part("ops").await.expect("carol leaves");
+    wait_for(&mut a_ev, |e| removed_user(e, "carol")).await;
+
+    // Bob comes back: the commits he missed are applied in order, and he reads what follows.
+    let (bob, mut b_ev) = connect(&srv, "bob", states[1].path()).await;
+    alice
+        .send_to_room("ops", "for-everyone-now", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        wait_for(&mut b_ev, |e| text_in(e, "ops")).await,
+        "for-everyone-now"
+    );
+    assert_eq!(
+        wait_for(&mut e_ev, |e| text_in(e, "ops")).await,
+        "for-everyone-now"
+    );
+    none_for(&mut c_ev, Duration::from_millis(300), |e| {
+        text_in(e, "ops").is_some()
+    })
+    .await;
+
+    // A vote-kick: two votes remove Erin, and she reads nothing after it.
+    for voter in [&alice, &bob] {
+        let _ = voter
+            .request(Request::VoteKick {
+                room: "ops".into(),
+                user: "erin".into(),
+            })
+            .await
+            .expect("vote");
+    }
+    wait_for(&mut b_ev, |e| removed_user(e, "erin")).await;
+    bob.send_to_room("ops", "after-the-vote", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        wait_for(&mut a_ev, |e| text_in(e, "ops")).await,
+        "after-the-vote"
+    );
+    none_for(&mut e_ev, Duration::from_millis(300), |e| {
+        text_in(e, "ops").is_some()
+    })
+    .await;
+    drop((alice, bob, carol, dave, erin));
+    srv.stop(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2ee_files_and_direct_messages() {
+    let srv = setup(&["alice", "bob", "carol"], |_| {}).await;
+    let states: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, _a_ev) = connect(&srv, "alice", states[0].path()).await;
+    let (bob, mut b_ev) = connect(&srv, "bob", states[1].path()).await;
+    let (carol, mut c_ev) = connect(&srv, "carol", states[2].path()).await;
+    alice
+        .create_room_e2ee("share", false, None)
+        .await
+        .expect("create");
+    bob.join("share", None).await.expect("join");
+    carol.join("share", None).await.expect("join");
+    alice
+        .request(Request::Kick {
+            room: Some("share".into()),
+            user: "carol".into(),
+            reason: None,
+        })
+        .await
+        .expect("kick");
+    wait_for(&mut b_ev, |e| removed_user(e, "carol")).await;
+
+    // A file: encrypted by Alice, relayed as ciphertext, opened by Bob under its real name.
+    let marker = b"TOP-SECRET-FILE-MARKER-1234";
+    let src_dir = tempfile::tempdir().expect("src");
+    let src = src_dir.path().join("plans.txt");
+    let mut content = marker.to_vec();
+    content.extend((0..200_000u32).map(|i| (i % 251) as u8));
+    std::fs::write(&src, &content).expect("write");
+    let sent = alice
+        .send_file_any(
+            &src,
+            conclave_client::proto::Target::Room {
+                room: "share".into(),
+                except: vec![],
+            },
+            Default::default(),
+        )
+        .await
+        .expect("send file");
+    let offer = wait_for(&mut b_ev, |e| match e {
+        ClientEvent::Server(Event::FileOffer(o)) => Some(o.file_id.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(offer, sent.file_id);
+    let inbox = tempfile::tempdir().expect("inbox");
+    let got = bob
+        .accept_file(&sent.file_id, inbox.path(), Default::default())
+        .await
+        .expect("accept");
+    assert_eq!(
+        got.path.file_name().and_then(|n| n.to_str()),
+        Some("plans.txt")
+    );
+    assert_eq!(std::fs::read(&got.path).expect("read"), content);
+    // The removed member was not offered it, and the server holds only ciphertext.
+    none_for(&mut c_ev, Duration::from_millis(300), |e| {
+        matches!(e, ClientEvent::Server(Event::FileOffer(_)))
+    })
+    .await;
+    assert!(
+        carol
+            .accept_file(&sent.file_id, inbox.path(), Default::default())
+            .await
+            .is_err()
+    );
+    assert!(grep_dir(srv.dir.path(), marker).is_empty());
+    assert!(grep_dir(srv.dir.path(), b"plans.txt").is_empty());
+
+    // A direct message is end-to-end encrypted too once both have devices.
+    alice
+        .send_to_users(&["bob".to_string()], "a-private-word-77")
+        .await
+        .expect("dm");
+    let dm = wait_for(&mut b_ev, |e| match e {
+        ClientEvent::Server(Event::Message(m))
+            if matches!(&m.conv, conclave_client::proto::Conv::Direct(_)) =>
+        {
+            m.body.as_text().map(str::to_string)
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(dm, "a-private-word-77");
+    let raw = bob
+        .history_raw(ConvRef::With(vec!["alice".into()]), 50, None)
+        .await
+        .expect("raw");
+    assert!(
+        raw.iter()
+            .all(|m| m.body.content_type.starts_with("application/mls-"))
+    );
+    assert!(grep_dir(srv.dir.path(), b"a-private-word-77").is_empty());
+    drop((alice, bob, carol));
+    srv.stop(WAIT).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2ee_room_invite_join_kick_restart() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
@@ -141,6 +337,18 @@ async fn e2ee_room_invite_join_kick_restart() {
         .history_raw(ConvRef::Room("lab".into()), 50, None)
         .await
         .expect("raw log");
+    // What the server holds and hands out for the room (its log, as any member may fetch it)
+    // is MLS only: the text is nowhere in it.
+    assert!(
+        log.iter()
+            .all(|m| m.body.content_type.starts_with("application/mls-"))
+    );
+    assert!(log.iter().all(|m| {
+        !m.body
+            .data
+            .windows(secret.len())
+            .any(|w| w == secret.as_bytes())
+    }));
     let old_commit = log
         .iter()
         .find(|m| m.body.content_type == conclave_e2ee::CT_COMMIT)

@@ -816,7 +816,9 @@ async fn next_event(events: &mut conclave_client::Events) -> ClientEvent {
 /// Runs the JSON client on the given input and returns its output lines.
 async fn run_json(m: &Mock, dir: &Path, input: &str) -> (Result<(), ClientError>, Vec<Value>) {
     let mut out = Vec::new();
-    let opts = JsonOptions::new(options(m, dir, Trust::TrustOnFirstUse));
+    let mut opts = JsonOptions::new(options(m, dir, Trust::TrustOnFirstUse));
+    // The mock speaks the core protocol only.
+    opts.e2ee = false;
     let result = tokio::time::timeout(WAIT, json::run(opts, input.as_bytes(), &mut out))
         .await
         .expect("the JSON client finishes");
@@ -933,7 +935,8 @@ async fn json_client_reports_a_server_disconnect_and_fails() {
         .await
         .unwrap();
     let mut out = Vec::new();
-    let opts = JsonOptions::new(options(&m, dir.path(), Trust::TrustOnFirstUse));
+    let mut opts = JsonOptions::new(options(&m, dir.path(), Trust::TrustOnFirstUse));
+    opts.e2ee = false;
     let result = tokio::time::timeout(
         WAIT,
         json::run(opts, tokio::io::BufReader::new(stdin_r), &mut out),

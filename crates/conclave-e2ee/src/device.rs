@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS conclave_history (
     record BLOB NOT NULL,
     PRIMARY KEY (conv, seq)
 );
+CREATE TABLE IF NOT EXISTS conclave_files (
+    file_id TEXT PRIMARY KEY,
+    record  BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS conclave_known_devices (
     user   TEXT NOT NULL,
     device TEXT NOT NULL,
@@ -150,6 +154,7 @@ pub struct Device {
     user: String,
     device: String,
     history: HistoryKey,
+    history_reset: bool,
 }
 
 impl Device {
@@ -173,6 +178,7 @@ impl Device {
         }
         conn.execute_batch(SCHEMA)?;
         let crypto = RustCrypto::default();
+        let mut history_reset = false;
         let row: Option<(String, String, Vec<u8>, Vec<u8>)> = conn
             .query_row(
                 "SELECT user, device, sig_public, history_key FROM conclave_device WHERE id = 1",
@@ -194,7 +200,21 @@ impl Device {
                         .ok_or_else(|| {
                             E2eeError::Mls("the device's signature key is missing".into())
                         })?;
-                let history = HistoryKey::unwrap(password, &wrapped)?;
+                let history = match HistoryKey::unwrap(password, &wrapped) {
+                    Ok(h) => h,
+                    Err(E2eeError::WrongKey) => {
+                        // The account's password changed (or this is the wrong one): the
+                        // history sealed so far stays sealed; a new key seals what follows.
+                        let (h, wrapped) = HistoryKey::create(password)?;
+                        conn.execute(
+                            "UPDATE conclave_device SET history_key = ?1 WHERE id = 1",
+                            [wrapped],
+                        )?;
+                        history_reset = true;
+                        h
+                    }
+                    Err(e) => return Err(e),
+                };
                 (device, signer, history)
             }
             None => {
@@ -221,7 +241,14 @@ impl Device {
             user: user.to_string(),
             device,
             history,
+            history_reset,
         })
+    }
+
+    /// The password did not open the local history (it changed since): what was kept before
+    /// stays sealed and unreadable here; new history is kept under the new password.
+    pub fn history_reset(&self) -> bool {
+        self.history_reset
     }
 
     pub fn user(&self) -> &str {
@@ -848,6 +875,33 @@ impl Device {
         Ok(out)
     }
 
+    /// The key and description of an end-to-end encrypted file this device was sent (or
+    /// sent), by the file's id.
+    pub fn file(&self, file_id: &str) -> Result<Option<Payload>, E2eeError> {
+        let sealed: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT record FROM conclave_files WHERE file_id = ?1",
+                [file_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match sealed {
+            None => Ok(None),
+            Some(s) => {
+                let ad = format!("conclave-file-v1|{file_id}");
+                Ok(Some(Payload::decode(
+                    &self.history.open(ad.as_bytes(), &s)?,
+                )?))
+            }
+        }
+    }
+
+    /// Leaves a conversation's group locally (a group the server did not take).
+    pub fn forget_group(&self, conv: &str) -> Result<(), E2eeError> {
+        self.tx(|d| d.forget_old_group(conv))
+    }
+
     fn put_history(
         &self,
         conv: &str,
@@ -856,6 +910,16 @@ impl Device {
         ts_ms: i64,
         payload: &Payload,
     ) -> Result<(), E2eeError> {
+        if let Payload::File { file_id, .. } = payload {
+            let ad = format!("conclave-file-v1|{file_id}");
+            self.conn.execute(
+                "INSERT OR REPLACE INTO conclave_files (file_id, record) VALUES (?1, ?2)",
+                params![
+                    file_id,
+                    self.history.seal(ad.as_bytes(), &payload.encode()?)
+                ],
+            )?;
+        }
         let ad = format!("conclave-local-v1|{conv}|{seq}");
         let sealed = self.history.seal(ad.as_bytes(), &payload.encode()?);
         self.conn.execute(
@@ -885,7 +949,11 @@ impl Device {
         for row in rows {
             let (conv, seq, from, ts_ms, sealed) = row?;
             let ad = format!("conclave-local-v1|{conv}|{seq}");
-            let payload = Payload::decode(&self.history.open(ad.as_bytes(), &sealed)?)?;
+            // Records sealed under an earlier password's key are not readable any more.
+            let Ok(plain) = self.history.open(ad.as_bytes(), &sealed) else {
+                continue;
+            };
+            let payload = Payload::decode(&plain)?;
             out.push(HistoryEntry {
                 conv,
                 seq: seq as u64,

@@ -2,7 +2,7 @@
 //! [`Input`] (a key, a paste, a server event, a reply, a tick) and returns the [`Action`]s the
 //! I/O shell (`run`) must carry out. Tests drive it directly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -243,6 +243,8 @@ pub struct App {
     known_users: BTreeSet<String>,
     known_rooms: BTreeSet<String>,
     jump_pages: u32,
+    /// Conversations this device reads end to end (set by the shell).
+    pub e2ee: HashSet<ConvKey>,
 }
 
 fn ctrl(key: &KeyEvent, c: char) -> bool {
@@ -286,6 +288,7 @@ impl App {
             known_users: BTreeSet::new(),
             known_rooms: BTreeSet::new(),
             jump_pages: 0,
+            e2ee: HashSet::new(),
         }
     }
 

@@ -103,6 +103,24 @@ async fn submit_in_order(
     tx: mpsc::Sender<Msg>,
 ) {
     while let Some((tag, req)) = requests.recv().await {
+        if matches!(
+            req,
+            Request::Send { .. }
+                | Request::Join { .. }
+                | Request::Invite { .. }
+                | Request::CreateRoom { .. }
+                | Request::History { .. }
+                | Request::Search { .. }
+        ) && client.device_fingerprint().is_some()
+        {
+            // End-to-end conversations: the library encrypts, adds to groups, reads locally.
+            let (client, tx) = (client.clone(), tx.clone());
+            tokio::spawn(async move {
+                let result = client.call(req).await.map_err(|e| failure(&e));
+                let _ = tx.send(Msg::Input(Input::Reply { tag, result })).await;
+            });
+            continue;
+        }
         match client.submit(req).await {
             Ok(pending) => {
                 let tx = tx.clone();
@@ -140,11 +158,25 @@ impl Shell {
                 connect.trust = trust;
                 connect.state_dir = self.opts.state_dir.clone();
                 let tx = self.tx.clone();
+                let state_dir = self
+                    .opts
+                    .state_dir
+                    .clone()
+                    .or_else(conclave_client::trust::default_state_dir);
+                let password = connect.auth.password().to_string();
                 tokio::spawn(async move {
                     let msg = match Client::connect(connect).await {
-                        Ok((client, events, session)) => {
-                            Msg::Connected(client, events, Box::new(session))
-                        }
+                        Ok((client, events, session)) => match state_dir {
+                            // End-to-end encryption: this device's keys in the state directory.
+                            Some(dir) => match client.enable_e2ee(events, &dir, &password).await {
+                                Ok(events) => Msg::Connected(client, events, Box::new(session)),
+                                Err(e) => {
+                                    client.close();
+                                    Msg::Input(Input::ConnectFailed(connect_failure(e)))
+                                }
+                            },
+                            None => Msg::Connected(client, events, Box::new(session)),
+                        },
                         Err(e) => {
                             tracing::info!(error = %e, "could not connect");
                             Msg::Input(Input::ConnectFailed(connect_failure(e)))
@@ -272,6 +304,14 @@ pub async fn run(opts: ChatOptions, terminal: &mut Term, mut app: App) -> std::i
     let result = loop {
         app.now_ms = now_ms();
         app.next_attempt_ms = shell.client.as_ref().and_then(Client::next_attempt_ms);
+        if let Some(c) = &shell.client {
+            let me = app.me().to_string();
+            app.e2ee = c
+                .e2ee_convs()
+                .iter()
+                .map(|conv| crate::buffer::ConvKey::from_conv(conv, &me))
+                .collect();
+        }
         if let Err(e) = terminal.draw(|f| view::render(f, &app)) {
             break Err(e);
         }

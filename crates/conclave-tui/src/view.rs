@@ -704,6 +704,16 @@ fn render_status(frame: &mut Frame, r: Rect, app: &App) {
         app.current_buffer().key.label(),
         bar.add_modifier(Modifier::BOLD),
     ));
+    // Which kind of conversation this is: end to end, or readable by the server.
+    let key = &app.current_buffer().key;
+    if matches!(key, ConvKey::Room(_) | ConvKey::Direct(_)) {
+        let (text, colour) = if app.e2ee.contains(key) {
+            (" E2EE", Color::Green)
+        } else {
+            (" server-enc", Color::Yellow)
+        };
+        spans.push(Span::styled(text, bar.fg(colour)));
+    }
     spans.push(sep);
     spans.push(Span::styled(
         app.me().to_string(),

@@ -215,11 +215,15 @@ fn chat_view() {
             "10:01      carol │ nice",
             "--> │ dave joined #general",
             // Status bar.
-            "chat.example.org:7667 │ ● connected │ TLS 1.3 7D:DC:9D:8B │ 12 ms │ #general │ alice",
+            "chat.example.org:7667 │ ● connected │ TLS 1.3 7D:DC:9D:8B │ 12 ms │ #general server-enc │ alice",
             // Input line.
             "[#general]",
         ],
     );
+    // An end-to-end conversation says so.
+    let mut app = app;
+    app.e2ee.insert(ConvKey::Room("general".into()));
+    assert_shows(&app, &["#general E2EE │ alice"]);
 }
 
 #[test]

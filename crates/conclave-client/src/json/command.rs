@@ -30,6 +30,7 @@ pub const COMMANDS: &[&str] = &[
     "accept_file",
     "decline_file",
     "files",
+    "devices",
     "quit",
 ];
 
@@ -57,6 +58,16 @@ pub enum Action {
         window: Option<u64>,
         congestion: Option<String>,
     },
+    /// Create a room: end-to-end encrypted unless `e2ee` is false (then the server can read
+    /// it, search it and give newcomers its history).
+    CreateRoom {
+        room: String,
+        private: bool,
+        password: Option<String>,
+        e2ee: bool,
+    },
+    /// Devices and their safety numbers: this device's with no user, else the user's.
+    Devices { user: Option<String> },
     /// Receive an offered file into a directory (the reply comes when it is verified).
     AcceptFile {
         file_id: String,
@@ -104,11 +115,19 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
         "part" => Request::Part {
             room: f.req_str("room")?,
         },
-        "create_room" => Request::CreateRoom {
-            room: f.req_str("room")?,
-            private: f.opt_bool("private")?.unwrap_or(false),
-            password: f.opt_str("password")?,
-        },
+        "create_room" => {
+            return Ok(Action::CreateRoom {
+                room: f.req_str("room")?,
+                private: f.opt_bool("private")?.unwrap_or(false),
+                password: f.opt_str("password")?,
+                e2ee: f.opt_bool("e2ee")?.unwrap_or(true),
+            });
+        }
+        "devices" => {
+            return Ok(Action::Devices {
+                user: f.opt_str("user")?,
+            });
+        }
         "invite" => Request::Invite {
             room: f.req_str("room")?,
             user: f.req_str("user")?,
@@ -358,20 +377,23 @@ mod tests {
             }
         );
         assert_eq!(
-            req(r#"{"cmd":"create_room","room":"ops","private":true}"#),
-            Request::CreateRoom {
+            parse(r#"{"cmd":"create_room","room":"ops","private":true}"#).map(|c| c.action),
+            Ok(Action::CreateRoom {
                 room: "ops".into(),
                 private: true,
-                password: None
-            }
+                password: None,
+                e2ee: true,
+            })
         );
         assert_eq!(
-            req(r#"{"cmd":"create_room","room":"ops","password":"x"}"#),
-            Request::CreateRoom {
+            parse(r#"{"cmd":"create_room","room":"ops","password":"x","e2ee":false}"#)
+                .map(|c| c.action),
+            Ok(Action::CreateRoom {
                 room: "ops".into(),
                 private: false,
-                password: Some("x".into())
-            }
+                password: Some("x".into()),
+                e2ee: false,
+            })
         );
         assert_eq!(
             req(r#"{"cmd":"invite","room":"ops","user":"bob"}"#),

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use conclave_proto::DisconnectReason;
-use serde_json::Value;
+use conclave_proto::{DisconnectReason, Request};
+use serde_json::{Map, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -54,6 +54,8 @@ pub struct JsonOptions {
     /// Also told about transfer progress (the command line draws progress bars with it on a
     /// terminal's standard error).
     pub progress_hook: Option<crate::files::ProgressFn>,
+    /// Turn on end-to-end encryption (device state under the state directory).
+    pub e2ee: bool,
 }
 
 impl std::fmt::Debug for JsonOptions {
@@ -76,6 +78,7 @@ impl JsonOptions {
             window: None,
             congestion: None,
             progress_hook: None,
+            e2ee: true,
         }
     }
 }
@@ -95,8 +98,26 @@ pub async fn run(
     stdout: impl AsyncWrite + Unpin,
 ) -> Result<(), ClientError> {
     let request_slots = opts.connect.max_pending_requests.max(1);
+    let state_dir = opts
+        .connect
+        .state_dir
+        .clone()
+        .or_else(crate::trust::default_state_dir);
+    let password = opts.connect.auth.password().to_string();
+    let e2ee_wanted = opts.e2ee;
     let (client, events, session) = Client::connect(opts.connect).await?;
     report_trust(&session);
+    // End-to-end encryption needs a state directory for the device's keys.
+    let (events, e2ee) = match (e2ee_wanted, state_dir) {
+        (true, Some(dir)) => (client.enable_e2ee(events, &dir, &password).await?, true),
+        (true, None) => {
+            eprintln!(
+                "conclave: no state directory (set --state-dir or HOME): end-to-end encryption is off"
+            );
+            (events, false)
+        }
+        (false, _) => (events, false),
+    };
 
     let (out, out_rx) = mpsc::channel::<String>(opts.output_queue_lines.max(1));
     // Nothing else can be queued yet, so the connected line is first.
@@ -118,12 +139,39 @@ pub async fn run(
         window: opts.window,
         congestion: opts.congestion.clone(),
         progress_hook: opts.progress_hook.clone(),
+        e2ee,
     };
     let forwarder = forward_events(events, out, quitting, ended_tx);
     let writer = write_output(stdout, out_rx, output_failed);
     let (outcome, (), written) = tokio::join!(driver.run(stdin), forwarder, writer);
     written?;
     outcome
+}
+
+/// Requests that go through the library's end-to-end handling rather than straight to the
+/// server: sends (encrypted), joins and invitations (the MLS group too), history and search
+/// (local for end-to-end conversations).
+fn needs_e2ee_path(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Send { .. }
+            | Request::Join { .. }
+            | Request::Invite { .. }
+            | Request::History { .. }
+            | Request::Search { .. }
+    )
+}
+
+async fn e2ee_request(client: &Client, req: Request) -> Result<Map<String, Value>, ClientError> {
+    let reply = client.call(req).await?;
+    match render::result(None, &Ok(reply)) {
+        Value::Object(mut m) => {
+            m.remove("ok");
+            m.remove("id");
+            Ok(m)
+        }
+        _ => Ok(Map::new()),
+    }
 }
 
 fn line(value: &Value) -> String {
@@ -171,6 +219,8 @@ struct Driver {
     window: Option<u64>,
     congestion: Option<String>,
     progress_hook: Option<crate::files::ProgressFn>,
+    /// End-to-end encryption is on for this session.
+    e2ee: bool,
 }
 
 impl Driver {
@@ -263,6 +313,40 @@ impl Driver {
                 });
                 return None;
             }
+            Action::CreateRoom {
+                room,
+                private,
+                password,
+                e2ee,
+            } => {
+                let client = self.client.clone();
+                let e2ee = e2ee && self.e2ee;
+                self.spawn_call(id, async move {
+                    if e2ee {
+                        client
+                            .create_room_e2ee(&room, private, password.as_deref())
+                            .await?;
+                    } else {
+                        client
+                            .create_room(&room, private, password.as_deref())
+                            .await?;
+                    }
+                    let mut m = Map::new();
+                    m.insert("room".into(), room.into());
+                    m.insert("e2ee".into(), e2ee.into());
+                    Ok(m)
+                })
+                .await;
+                return None;
+            }
+            Action::Devices { user } => {
+                let value = match self.devices(user).await {
+                    Ok(m) => render::ok_fields(id, m),
+                    Err(e) => render::client_error(id, &e),
+                };
+                self.emit(value).await;
+                return None;
+            }
             Action::AcceptFile {
                 file_id,
                 dir,
@@ -290,6 +374,13 @@ impl Driver {
                 });
                 return None;
             }
+            // End-to-end conversations need the client's own handling.
+            Action::Request(req) if self.e2ee && needs_e2ee_path(&req) => {
+                let client = self.client.clone();
+                self.spawn_call(id, async move { e2ee_request(&client, req).await })
+                    .await;
+                return None;
+            }
             // `submit` gives a send without an idempotency key one.
             Action::Request(req) => req,
         };
@@ -308,6 +399,66 @@ impl Driver {
             }
         }
         None
+    }
+
+    /// Runs a library call in its own task under a request slot; its reply is the result.
+    async fn spawn_call(
+        &self,
+        id: Option<Value>,
+        call: impl std::future::Future<Output = Result<Map<String, Value>, ClientError>>
+        + Send
+        + 'static,
+    ) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            let value = match call.await {
+                Ok(m) => render::ok_fields(id, m),
+                Err(e) => render::client_error(id, &e),
+            };
+            let _ = out.send(line(&value)).await;
+            drop(slot);
+        });
+    }
+
+    /// This device (no user), or a user's devices: ids and safety numbers, and whether this
+    /// device has seen that key in a shared conversation.
+    async fn devices(&self, user: Option<String>) -> Result<Map<String, Value>, ClientError> {
+        let mut m = Map::new();
+        let Some(user) = user else {
+            let (device, fingerprint) =
+                self.client
+                    .device_fingerprint()
+                    .ok_or_else(|| ClientError::E2ee {
+                        message: "end-to-end encryption is off for this session".into(),
+                    })?;
+            m.insert("user".into(), self.client.user().into());
+            m.insert("device".into(), device.into());
+            m.insert("fingerprint".into(), fingerprint.into());
+            return Ok(m);
+        };
+        let known = self.client.safety_numbers(&user).unwrap_or_default();
+        let listed = match self
+            .client
+            .request(Request::E2eeDevices { user: user.clone() })
+            .await?
+        {
+            conclave_proto::Reply::E2eeDevices(d) => d,
+            other => return Err(crate::connection::unexpected("devices", &other)),
+        };
+        let devices: Vec<Value> = listed
+            .iter()
+            .map(|d| {
+                let fp = conclave_e2ee::key_fingerprint(&d.signature_key);
+                let seen = known.iter().any(|(id, f)| *id == d.device && *f == fp);
+                serde_json::json!({"device": d.device, "fingerprint": fp, "seen": seen})
+            })
+            .collect();
+        m.insert("user".into(), user.into());
+        m.insert("devices".into(), devices.into());
+        Ok(m)
     }
 
     /// Leaves cleanly. `id` is `Some` for the `quit` command (which gets a reply) and `None`

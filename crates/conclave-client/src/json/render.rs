@@ -592,7 +592,7 @@ mod tests {
                 }])
             ),
             json!({"ok":true,"rooms":[{"room":"g","private":false,"has_password":false,
-                   "members":3,"online":1,"member":true,"owner":null}]})
+                   "members":3,"online":1,"member":true,"owner":null,"e2ee":false}]})
         );
         let m = msg(Conv::Room("g".into()), "a", Body::text("x"));
         assert_eq!(
