@@ -73,6 +73,8 @@ pub(crate) struct Secure {
     /// Held while a conversation's log is processed or a commit is in flight, so a commit is
     /// built and merged against the state the server validates it against.
     ops: tokio::sync::Mutex<()>,
+    /// Blockcast messages whose key has not arrived yet, by id (bounded).
+    sealed_waiting: Mutex<HashMap<[u8; 16], Message>>,
 }
 
 fn e2ee_err(e: impl std::fmt::Display) -> ClientError {
@@ -144,6 +146,7 @@ impl Client {
             device: Mutex::new(device),
             server_key: Mutex::new(Vec::new()),
             ops: tokio::sync::Mutex::new(()),
+            sealed_waiting: Mutex::new(HashMap::new()),
         });
         if self.core().secure.set(secure.clone()).is_err() {
             return Err(e2ee_err("end-to-end encryption is on already"));
@@ -748,12 +751,10 @@ impl Client {
                 Target::Room { .. } => return None,
             }
         }
-        if let Target::Room { except, .. } = target
+        if let Target::Room { room, except } = target
             && !except.is_empty()
         {
-            return Some(Err(e2ee_err(
-                "leaving members out (\"except\") is not available in end-to-end encrypted rooms yet; send a direct message to the others instead",
-            )));
+            return Some(self.blockcast(&s, room, except, &key, body).await);
         }
         let payload = Payload::Body {
             content_type: body.content_type.clone(),
@@ -761,6 +762,59 @@ impl Client {
         };
         let _ = idempotency_key;
         Some(self.send_payload(&s, target, &payload).await)
+    }
+
+    /// Blockcast in an end-to-end room: the body is sealed under a fresh key; the key goes
+    /// only to the intended members (in the end-to-end direct conversation of the sender and
+    /// them), the sealed body to the room with the left-out members excepted. A left-out
+    /// member's device never gets the key, so even a copy of the room's message is unreadable.
+    async fn blockcast(
+        &self,
+        s: &Arc<Secure>,
+        room: &str,
+        except: &[String],
+        key: &str,
+        body: &Body,
+    ) -> Result<(u64, String, i64), ClientError> {
+        let me = self.user().to_string();
+        let mut intended: Vec<String> = s
+            .with(|d| d.members(key))
+            .map_err(e2ee_err)?
+            .into_iter()
+            .map(|m| m.user)
+            .filter(|u| *u != me && !except.contains(u))
+            .collect();
+        intended.sort();
+        intended.dedup();
+        let (id, msg_key, sealed) =
+            conclave_e2ee::payload::seal_for_some(&body.content_type, &body.data)
+                .map_err(e2ee_err)?;
+        if !intended.is_empty() {
+            let mut all = intended.clone();
+            all.push(me.clone());
+            all.sort();
+            all.dedup();
+            let dm_key = format!("d:{}", all.join(","));
+            if !s.has_group(&dm_key) && !self.ensure_direct_group(s, &intended, &dm_key).await? {
+                return Err(e2ee_err(
+                    "a member has no end-to-end device; cannot leave others out here",
+                ));
+            }
+            let key_payload = Payload::SealedKey { id, key: msg_key };
+            self.send_payload(s, &Target::Users { to: intended }, &key_payload)
+                .await?;
+        }
+        let target = Target::Room {
+            room: room.to_string(),
+            except: except.to_vec(),
+        };
+        let sent = self.send_payload(s, &target, &sealed).await?;
+        let own = Payload::Body {
+            content_type: body.content_type.clone(),
+            data: body.data.clone(),
+        };
+        let _ = s.with(|d| d.record(key, sent.0, &me, sent.2, &own));
+        Ok(sent)
     }
 
     /// Local history of an end-to-end conversation; `None` when it is not one.
@@ -821,7 +875,7 @@ fn entry_message(conv: Conv, e: conclave_e2ee::device::HistoryEntry) -> Option<M
             ts_ms: e.ts_ms,
             body: Body { content_type, data },
         }),
-        Payload::File { .. } => None,
+        _ => None,
     }
 }
 
@@ -952,6 +1006,20 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
                 let _ = tx.send(ClientEvent::Server(Event::Message(plain))).await;
             }
             Payload::File { .. } => {}
+            Payload::SealedKey { id, .. } => {
+                // A blockcast's key: open its message if it came first.
+                let waiting = s
+                    .sealed_waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                if let Some(m) = waiting {
+                    open_sealed_message(s, m, tx).await;
+                }
+            }
+            Payload::Sealed { .. } => {
+                open_sealed_message(s, m.clone(), tx).await;
+            }
         },
         Ok(Processed::Commit {
             epoch,
@@ -1010,6 +1078,44 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
             }
         }
         Err(e) => tracing::warn!(error = %e, "end-to-end state"),
+    }
+}
+
+/// Opens a blockcast message with its key (which came in a direct conversation), or keeps it
+/// until the key comes.
+async fn open_sealed_message(s: &Arc<Secure>, m: Message, tx: &mpsc::Sender<ClientEvent>) {
+    let key = conv_key(&m.conv);
+    let found = s.with(|d| d.history(&key, 1, Some(m.seq + 1)));
+    let Some(Payload::Sealed {
+        id,
+        nonce,
+        ciphertext,
+    }) = found
+        .ok()
+        .and_then(|v| v.into_iter().find(|e| e.seq == m.seq))
+        .map(|e| e.payload)
+    else {
+        return;
+    };
+    let msg_key = s.with(|d| d.sealed_key(&id).ok().flatten());
+    let Some(msg_key) = msg_key else {
+        let mut waiting = s.sealed_waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if waiting.len() < EARLY_MESSAGES {
+            waiting.insert(id, m);
+        }
+        return;
+    };
+    match conclave_e2ee::payload::open_sealed(&msg_key, &id, &nonce, &ciphertext) {
+        Ok(inner @ Payload::Body { .. }) => {
+            let _ = s.with(|d| d.record(&key, m.seq, &m.from, m.ts_ms, &inner));
+            if let Payload::Body { content_type, data } = inner {
+                let mut plain = m;
+                plain.body = Body { content_type, data };
+                let _ = tx.send(ClientEvent::Server(Event::Message(plain))).await;
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "a blockcast message does not open"),
     }
 }
 

@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS conclave_history (
     record BLOB NOT NULL,
     PRIMARY KEY (conv, seq)
 );
+CREATE TABLE IF NOT EXISTS conclave_keys (
+    id     BLOB PRIMARY KEY,
+    record BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS conclave_files (
     file_id TEXT PRIMARY KEY,
     record  BLOB NOT NULL
@@ -897,6 +901,35 @@ impl Device {
         }
     }
 
+    /// The key of a blockcast message, if this device was given it.
+    pub fn sealed_key(&self, id: &[u8; 16]) -> Result<Option<[u8; 32]>, E2eeError> {
+        let sealed: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT record FROM conclave_keys WHERE id = ?1", [&id[..]], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match sealed {
+            None => Ok(None),
+            Some(s) => {
+                let plain = self.history.open(b"conclave-key-v1", &s)?;
+                Ok(<[u8; 32]>::try_from(plain.as_slice()).ok())
+            }
+        }
+    }
+
+    /// Replaces what the local history holds for `seq` (a blockcast message, once opened).
+    pub fn record(
+        &self,
+        conv: &str,
+        seq: u64,
+        from: &str,
+        ts_ms: i64,
+        payload: &Payload,
+    ) -> Result<(), E2eeError> {
+        self.put_history(conv, seq, from, ts_ms, payload)
+    }
+
     /// Leaves a conversation's group locally (a group the server did not take).
     pub fn forget_group(&self, conv: &str) -> Result<(), E2eeError> {
         self.tx(|d| d.forget_old_group(conv))
@@ -910,6 +943,13 @@ impl Device {
         ts_ms: i64,
         payload: &Payload,
     ) -> Result<(), E2eeError> {
+        if let Payload::SealedKey { id, key } = payload {
+            self.conn.execute(
+                "INSERT OR REPLACE INTO conclave_keys (id, record) VALUES (?1, ?2)",
+                params![&id[..], self.history.seal(b"conclave-key-v1", key)],
+            )?;
+            return Ok(());
+        }
         if let Payload::File { file_id, .. } = payload {
             let ad = format!("conclave-file-v1|{file_id}");
             self.conn.execute(
@@ -1014,6 +1054,7 @@ impl Device {
                     let name = name.to_lowercase();
                     !words.is_empty() && words.iter().all(|w| name.contains(w.as_str()))
                 }
+                Payload::SealedKey { .. } | Payload::Sealed { .. } => false,
             })
             .take(limit as usize)
             .collect())

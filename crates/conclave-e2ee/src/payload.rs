@@ -24,6 +24,61 @@ pub enum Payload {
         sha256: [u8; 32],
         key: [u8; 32],
     },
+    /// Blockcast in an end-to-end room, part 1: the key of one message, sent only to the
+    /// intended members (in the direct conversation of the sender and them).
+    SealedKey { id: [u8; 16], key: [u8; 32] },
+    /// Blockcast, part 2: the message itself in the room, sealed under that key
+    /// (XChaCha20-Poly1305, the id as associated data). Members left out get this (if at all)
+    /// but never the key.
+    Sealed {
+        id: [u8; 16],
+        nonce: [u8; 24],
+        #[serde(with = "serde_bytes")]
+        ciphertext: Vec<u8>,
+    },
+}
+
+/// Seals a body for blockcast under a fresh key: (id, key, the room's payload).
+pub fn seal_for_some(content_type: &str, data: &[u8]) -> Result<([u8; 16], [u8; 32], Payload), E2eeError> {
+    use chacha20poly1305::aead::{Aead, Payload as AeadPayload};
+    use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
+    let mut id = [0u8; 16];
+    let mut key = [0u8; 32];
+    let mut nonce = [0u8; 24];
+    rand::Rng::fill(&mut rand::rng(), &mut id[..]);
+    rand::Rng::fill(&mut rand::rng(), &mut key[..]);
+    rand::Rng::fill(&mut rand::rng(), &mut nonce[..]);
+    let inner = Payload::Body {
+        content_type: content_type.to_string(),
+        data: data.to_vec(),
+    }
+    .encode()?;
+    let ciphertext = XChaCha20Poly1305::new((&key).into())
+        .encrypt(
+            &XNonce::from(nonce),
+            AeadPayload {
+                msg: &inner,
+                aad: &id,
+            },
+        )
+        .map_err(|_| E2eeError::Mls("sealing failed".into()))?;
+    Ok((id, key, Payload::Sealed { id, nonce, ciphertext }))
+}
+
+/// Opens a [`Payload::Sealed`] with its key: the inner payload.
+pub fn open_sealed(key: &[u8; 32], id: &[u8; 16], nonce: &[u8; 24], ciphertext: &[u8]) -> Result<Payload, E2eeError> {
+    use chacha20poly1305::aead::{Aead, Payload as AeadPayload};
+    use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
+    let inner = XChaCha20Poly1305::new(key.into())
+        .decrypt(
+            &XNonce::from(*nonce),
+            AeadPayload {
+                msg: ciphertext,
+                aad: id,
+            },
+        )
+        .map_err(|_| E2eeError::Malformed("a sealed message does not open with its key".into()))?;
+    Payload::decode(&inner)
 }
 
 impl Payload {
