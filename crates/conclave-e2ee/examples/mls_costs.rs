@@ -596,7 +596,7 @@ impl<'a> Room<'a> {
         s.time("msg.encrypt", cost);
         s.bytes("msg.ciphertext_bytes", m.len());
         let min_epoch = self.state.epoch().ctx("epoch")?;
-        let (r, cost) = timed(|| self.state.check_app(&m, min_epoch));
+        let (r, cost) = timed(|| self.state.check_app(&m, min_epoch, min_epoch));
         r.ctx("server checks the message")?;
         s.time("msg.server", cost);
         self.seq += 1;

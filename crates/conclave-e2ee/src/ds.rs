@@ -384,13 +384,13 @@ impl GroupState {
     }
 
     /// Checks that an application message is for this group, at an epoch no older than
-    /// `min_epoch` (the epoch of the last removal) and not ahead of the current one.
-    pub fn check_app(&self, bytes: &[u8], min_epoch: u64) -> Result<(), E2eeError> {
+    /// `min_epoch` (the epoch of the last removal) and not ahead of `current` (the group's
+    /// epoch, which the caller keeps: reading it here would decode the whole group).
+    pub fn check_app(&self, bytes: &[u8], min_epoch: u64, current: u64) -> Result<(), E2eeError> {
         let (gid, epoch) = crate::app_message_header(bytes)?;
         if gid != self.group_id.as_slice() {
             return Err(E2eeError::Refused("a message for another group".into()));
         }
-        let current = self.epoch()?;
         if epoch < min_epoch || epoch > current {
             return Err(E2eeError::WrongEpoch);
         }

@@ -90,7 +90,8 @@ fn create_invite_talk_kick_join_restart() {
 
     // Messages.
     let m = alice.encrypt(CONV, &body("hello lab")).expect("encrypt");
-    log.state.check_app(&m, 0).expect("server accepts");
+    let e = log.state.epoch().expect("epoch");
+    log.state.check_app(&m, 0, e).expect("server accepts");
     let seq = log.push("alice", &m);
     alice
         .record_own(CONV, seq, 0, &body("hello lab"))
@@ -153,8 +154,11 @@ fn create_invite_talk_kick_join_restart() {
         .expect("encrypt");
     let min_epoch = log.state.epoch().expect("epoch");
     log.state
-        .check_app(&secret, min_epoch)
+        .check_app(&secret, min_epoch, min_epoch)
         .expect("current epoch");
+    // An older epoch (before the removal) is refused.
+    let stale = bob.encrypt(CONV, &body("x")).expect("enc");
+    assert!(log.state.check_app(&stale, min_epoch + 1, min_epoch + 1).is_err());
     let seq = log.push("alice", &secret);
     assert_eq!(
         text(&bob.process(CONV, seq, "alice", 0, &secret).expect("bob")),

@@ -16,6 +16,8 @@ pub struct ConvGroup {
     pub state: GroupState,
     /// Sequence number of the last commit applied to `state`.
     pub applied_seq: u64,
+    /// The group's epoch (kept, so checking a message does not decode the group).
+    pub epoch: u64,
     /// The GroupInfo of the current epoch (for external joins).
     pub group_info: Vec<u8>,
     /// Application messages from epochs before this one are refused (the last removal).
@@ -65,6 +67,7 @@ impl E2ee {
                     .map_err(|e| format!("group of {}: {e}", row.conv))?,
                 conv: row.conv.clone(),
                 applied_seq: row.applied_seq,
+                epoch: 0,
                 group_info: row.group_info,
                 removal_epoch: row.removal_epoch,
                 pending: row.pending.into_iter().collect(),

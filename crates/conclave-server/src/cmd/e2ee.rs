@@ -209,6 +209,7 @@ pub async fn create(
         conv: key.clone(),
         state,
         applied_seq: 0,
+        epoch: 0,
         group_info: group_info.into_vec(),
         removal_epoch: 0,
         pending: Default::default(),
@@ -237,7 +238,7 @@ pub async fn group_info(conn: &Conn, user: &str, conv: ConvRef) -> Result<Reply,
     let g = g.lock().await;
     Ok(Reply::E2eeGroupInfo(Some(GroupInfoData {
         group_info: Bytes::from(g.group_info.clone()),
-        epoch: g.state.epoch().map_err(internal)?,
+        epoch: g.epoch,
         seq: g.applied_seq,
     })))
 }
@@ -328,6 +329,7 @@ pub async fn commit(
     // The commit is durable and ordered: the group moves on.
     g.state = next;
     g.applied_seq = stored.seq;
+    g.epoch = change.epoch;
     g.group_info = group_info.into_vec();
     if !change.removed.is_empty() {
         g.removal_epoch = change.epoch;
@@ -535,6 +537,6 @@ pub async fn check_send(shared: &Shared, conv: &Conv, body: &Body) -> Result<(),
         ));
     }
     g.state
-        .check_app(&body.data, g.removal_epoch)
+        .check_app(&body.data, g.removal_epoch, g.epoch)
         .map_err(refused)
 }
