@@ -35,6 +35,8 @@ const EARLY_MESSAGES: usize = 1000;
 const SEND_ATTEMPTS: u32 = 40;
 const SEND_RETRY_WAIT: Duration = Duration::from_millis(100);
 
+pub use conclave_e2ee::key_fingerprint;
+
 /// What end-to-end encryption reports besides decrypted messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum E2eeNotice {
@@ -75,6 +77,8 @@ pub(crate) struct Secure {
     ops: tokio::sync::Mutex<()>,
     /// Blockcast messages whose key has not arrived yet, by id (bounded).
     sealed_waiting: Mutex<HashMap<[u8; 16], Message>>,
+    /// Offers of end-to-end files whose description (MLS message) has not arrived yet.
+    offers_waiting: Mutex<HashMap<String, Box<conclave_proto::FileOffer>>>,
 }
 
 fn e2ee_err(e: impl std::fmt::Display) -> ClientError {
@@ -147,6 +151,7 @@ impl Client {
             server_key: Mutex::new(Vec::new()),
             ops: tokio::sync::Mutex::new(()),
             sealed_waiting: Mutex::new(HashMap::new()),
+            offers_waiting: Mutex::new(HashMap::new()),
         });
         if self.core().secure.set(secure.clone()).is_err() {
             return Err(e2ee_err("end-to-end encryption is on already"));
@@ -933,6 +938,25 @@ async fn run(
                     process(&client, &s, m, &tx).await;
                 }
             }
+            ClientEvent::Server(Event::FileOffer(o)) if is_sealed_file(&o.name) => {
+                // An end-to-end file: shown with its real name and size once its description
+                // (an MLS message) is here.
+                let known = s.with(|d| d.file(&o.file_id).ok().flatten());
+                match known {
+                    Some(p) => {
+                        let _ = tx
+                            .send(ClientEvent::Server(Event::FileOffer(describe(o, &p))))
+                            .await;
+                    }
+                    None => {
+                        let mut waiting =
+                            s.offers_waiting.lock().unwrap_or_else(|e| e.into_inner());
+                        if waiting.len() < EARLY_MESSAGES {
+                            waiting.insert(o.file_id.clone(), o);
+                        }
+                    }
+                }
+            }
             ClientEvent::Reconnected { .. } => {
                 // The new connection speaks for this device again.
                 let _ = client.publish_device(&s).await;
@@ -947,6 +971,24 @@ async fn run(
             }
         }
     }
+}
+
+/// The name under which end-to-end files travel (the server never sees the real one).
+fn is_sealed_file(name: &str) -> bool {
+    name.starts_with("e2ee-") && name.ends_with(".bin")
+}
+
+/// An end-to-end file's offer as the user should see it: real name, size and hash.
+fn describe(mut o: Box<conclave_proto::FileOffer>, p: &Payload) -> Box<conclave_proto::FileOffer> {
+    if let Payload::File {
+        name, size, sha256, ..
+    } = p
+    {
+        o.name = name.clone();
+        o.size = *size;
+        o.sha256 = *sha256;
+    }
+    o
 }
 
 fn is_mls(ct: &str) -> bool {
@@ -1005,7 +1047,18 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
                 plain.body = Body { content_type, data };
                 let _ = tx.send(ClientEvent::Server(Event::Message(plain))).await;
             }
-            Payload::File { .. } => {}
+            Payload::File { ref file_id, .. } => {
+                let waiting = s
+                    .offers_waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(file_id);
+                if let Some(o) = waiting {
+                    let _ = tx
+                        .send(ClientEvent::Server(Event::FileOffer(describe(o, &payload))))
+                        .await;
+                }
+            }
             Payload::SealedKey { id, .. } => {
                 // A blockcast's key: open its message if it came first.
                 let waiting = s

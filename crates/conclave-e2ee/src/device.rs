@@ -905,9 +905,11 @@ impl Device {
     pub fn sealed_key(&self, id: &[u8; 16]) -> Result<Option<[u8; 32]>, E2eeError> {
         let sealed: Option<Vec<u8>> = self
             .conn
-            .query_row("SELECT record FROM conclave_keys WHERE id = ?1", [&id[..]], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT record FROM conclave_keys WHERE id = ?1",
+                [&id[..]],
+                |r| r.get(0),
+            )
             .optional()?;
         match sealed {
             None => Ok(None),

@@ -39,7 +39,10 @@ pub enum Payload {
 }
 
 /// Seals a body for blockcast under a fresh key: (id, key, the room's payload).
-pub fn seal_for_some(content_type: &str, data: &[u8]) -> Result<([u8; 16], [u8; 32], Payload), E2eeError> {
+pub fn seal_for_some(
+    content_type: &str,
+    data: &[u8],
+) -> Result<([u8; 16], [u8; 32], Payload), E2eeError> {
     use chacha20poly1305::aead::{Aead, Payload as AeadPayload};
     use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
     let mut id = [0u8; 16];
@@ -62,11 +65,24 @@ pub fn seal_for_some(content_type: &str, data: &[u8]) -> Result<([u8; 16], [u8; 
             },
         )
         .map_err(|_| E2eeError::Mls("sealing failed".into()))?;
-    Ok((id, key, Payload::Sealed { id, nonce, ciphertext }))
+    Ok((
+        id,
+        key,
+        Payload::Sealed {
+            id,
+            nonce,
+            ciphertext,
+        },
+    ))
 }
 
 /// Opens a [`Payload::Sealed`] with its key: the inner payload.
-pub fn open_sealed(key: &[u8; 32], id: &[u8; 16], nonce: &[u8; 24], ciphertext: &[u8]) -> Result<Payload, E2eeError> {
+pub fn open_sealed(
+    key: &[u8; 32],
+    id: &[u8; 16],
+    nonce: &[u8; 24],
+    ciphertext: &[u8],
+) -> Result<Payload, E2eeError> {
     use chacha20poly1305::aead::{Aead, Payload as AeadPayload};
     use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
     let inner = XChaCha20Poly1305::new(key.into())

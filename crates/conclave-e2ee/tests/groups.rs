@@ -158,7 +158,11 @@ fn create_invite_talk_kick_join_restart() {
         .expect("current epoch");
     // An older epoch (before the removal) is refused.
     let stale = bob.encrypt(CONV, &body("x")).expect("enc");
-    assert!(log.state.check_app(&stale, min_epoch + 1, min_epoch + 1).is_err());
+    assert!(
+        log.state
+            .check_app(&stale, min_epoch + 1, min_epoch + 1)
+            .is_err()
+    );
     let seq = log.push("alice", &secret);
     assert_eq!(
         text(&bob.process(CONV, seq, "alice", 0, &secret).expect("bob")),

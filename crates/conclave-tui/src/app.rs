@@ -191,6 +191,9 @@ enum Pending {
         room: Option<String>,
     },
     Rooms,
+    Devices {
+        user: String,
+    },
     History {
         key: ConvKey,
         limit: u32,
@@ -1203,6 +1206,11 @@ impl App {
                 vec![self.request(Pending::Who { room }, req)]
             }
             Command::Rooms => vec![self.request(Pending::Rooms, Request::Rooms)],
+            Command::Devices { user } => {
+                let user = user.unwrap_or_else(|| self.me().to_string());
+                let req = Request::E2eeDevices { user: user.clone() };
+                vec![self.request(Pending::Devices { user }, req)]
+            }
             Command::History { count } => {
                 let key = self.current_buffer().key.clone();
                 if key == ConvKey::Status {
@@ -1704,6 +1712,20 @@ impl App {
                 self.known_users.extend(users.into_iter().map(|u| u.user));
                 self.say(NoticeKind::Info, &text);
             }
+            (Pending::Devices { user }, Ok(Reply::E2eeDevices(devices))) => {
+                if devices.is_empty() {
+                    let text = format!("{user} has no end-to-end device yet");
+                    self.say(NoticeKind::Info, &text);
+                }
+                for d in &devices {
+                    let text = format!(
+                        "{user}/{}: safety number {}",
+                        d.device,
+                        conclave_client::e2ee::key_fingerprint(&d.signature_key)
+                    );
+                    self.say(NoticeKind::Info, &crate::text::sanitize(&text, false));
+                }
+            }
             (Pending::Rooms, Ok(Reply::Rooms(rooms))) => {
                 if rooms.is_empty() {
                     self.say(NoticeKind::Info, "no rooms yet: /create one");
@@ -1719,6 +1741,11 @@ impl App {
                     if r.has_password {
                         flags.push("password");
                     }
+                    flags.push(if r.e2ee {
+                        "end-to-end"
+                    } else {
+                        "server-encrypted"
+                    });
                     let text = format!(
                         "#{}: {} member(s), {} online{}{}",
                         r.room,

@@ -21,13 +21,14 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "help", args: "[command]", help: "this list, or one command's help" },
     CommandSpec { name: "join", args: "room [password]", help: "join a room and show it" },
     CommandSpec { name: "part", args: "[room]", help: "leave a room (default: this one)" },
-    CommandSpec { name: "create", args: "room [private] [password]", help: "create a room (private: visible to members and invitees only)" },
+    CommandSpec { name: "create", args: "room [private] [password]", help: "create an end-to-end encrypted room (private: visible to members and invitees only)" },
     CommandSpec { name: "invite", args: "user [room]", help: "let a user into a private room (default: this one)" },
     CommandSpec { name: "msg", args: "user[,user...] text", help: "a direct message to one or several people (opens the conversation)" },
     CommandSpec { name: "query", args: "user[,user...]", help: "open a direct conversation without sending" },
     CommandSpec { name: "except", args: "user[,user...] text", help: "say something to this room, except to these people" },
     CommandSpec { name: "who", args: "[room]", help: "who is online (everywhere, or the room's members)" },
     CommandSpec { name: "rooms", args: "", help: "the rooms you can see" },
+    CommandSpec { name: "devices", args: "[user]", help: "a user's devices and safety numbers (default: yours), to compare out of band" },
     CommandSpec { name: "history", args: "[count]", help: "load older messages of this conversation" },
     CommandSpec { name: "search", args: "words", help: "search your conversations; Enter on a result jumps to it" },
     CommandSpec { name: "kick", args: "user [reason]", help: "remove a user from this room (owner, admins); in the status buffer, from the server (admins)" },
@@ -83,6 +84,9 @@ pub enum Command {
         room: Option<String>,
     },
     Rooms,
+    Devices {
+        user: Option<String>,
+    },
     History {
         count: u32,
     },
@@ -271,6 +275,9 @@ pub fn parse(line: &str) -> Result<Command, String> {
             room: nonempty(rest).map(|r| room_arg(&r)),
         },
         "rooms" | "list" => Command::Rooms,
+        "devices" | "safety" => Command::Devices {
+            user: nonempty(rest),
+        },
         "history" => {
             let count = match nonempty(rest) {
                 None => DEFAULT_HISTORY_PAGE,

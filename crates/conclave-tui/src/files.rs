@@ -130,7 +130,7 @@ pub async fn send_file(
         progress: Some(progress(report.clone(), name.clone(), true)),
         ..FileOptions::default()
     };
-    match client.send_file(path, to, opts).await {
+    match client.send_file_any(path, to, opts).await {
         Ok(sent) => {
             report(FileEvent::Done {
                 file_id: sent.file_id.clone(),
