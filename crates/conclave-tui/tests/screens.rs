@@ -342,7 +342,7 @@ fn long_messages_wrap_and_pastes_keep_their_lines() {
 
 #[test]
 fn help() {
-    let mut app = chatting((110, 40));
+    let mut app = chatting((110, 42));
     type_line(&mut app, "/help");
     assert!(matches!(app.overlay, Overlay::Help { .. }));
     assert_shows(
