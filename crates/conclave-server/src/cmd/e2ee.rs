@@ -21,6 +21,8 @@ use crate::store::{AppendJob, NewMessage, conv_key, now_ms};
 pub const MAX_KEY_PACKAGES_PER_REQUEST: usize = 100;
 /// Most users in one claim.
 pub const MAX_CLAIM_USERS: usize = 100;
+/// Most end-to-end devices one account may register.
+pub const MAX_DEVICES_PER_ACCOUNT: usize = 20;
 
 fn refused(e: E2eeError) -> ErrorBody {
     match e {
@@ -82,6 +84,14 @@ pub async fn publish(
         .call(move |db| db.e2ee_devices(&u))
         .await
         .map_err(store_error)?;
+    if known.len() >= MAX_DEVICES_PER_ACCOUNT && !known.iter().any(|(id, _)| *id == d) {
+        return Err(ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!(
+                "this account has {MAX_DEVICES_PER_ACCOUNT} end-to-end devices already (the most it may have); use one of their state directories"
+            ),
+        ));
+    }
     let sig_key = match (sig_key, known.iter().find(|(id, _)| *id == d)) {
         (Some(k), _) => k,
         (None, Some((_, k))) => k.clone(),
