@@ -56,6 +56,9 @@ pub enum ErrorCode {
     NotReady,
     /// The caller declined this file.
     Declined,
+    /// The server's disk is full: nothing new can be stored until the operator frees space.
+    /// Reading, live presence and everything already stored keep working; retry later.
+    StorageFull,
 }
 
 impl ErrorCode {
@@ -87,6 +90,7 @@ impl ErrorCode {
             ErrorCode::Expired => "expired",
             ErrorCode::NotReady => "not_ready",
             ErrorCode::Declined => "declined",
+            ErrorCode::StorageFull => "storage_full",
         }
     }
 }
