@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for a bounded time, one after the other, one worker each (the
+# Runs every fuzz target for a bounded time, one after the other, in one process each (the
 # machine is shared), on the committed corpus plus fresh seeds; prints libFuzzer's execution
 # count per target and the total, and keeps each target's log in fuzz/logs/.
 #
@@ -25,7 +25,7 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 FUZZ=(cargo fuzz run -s none -O -a)
 # Per input: 2 s (a timeout is a finding) and 2 GiB; inputs at most 64 KiB.
-FLAGS=(-timeout=2 -rss_limit_mb=2048 -max_len=65536 -workers=1 -jobs=1 -print_final_stats=1)
+FLAGS=(-timeout=2 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1)
 
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: cargo install cargo-fuzz" >&2; exit 2; }
 cargo fuzz build -s none -O -a
