@@ -138,6 +138,38 @@ fn next(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Alice's messages in the room after `after` (a sequence number), from history, newest
+/// pages first (bounded).
+async fn backfill(carol: &Client, after: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut before = None;
+    for _ in 0..1000 {
+        let Ok(Reply::Messages(page)) = carol
+            .request(Request::History {
+                conv: ConvRef::Room("general".into()),
+                limit: 500,
+                before,
+            })
+            .await
+        else {
+            break;
+        };
+        let Some(first) = page.first().map(|m| m.seq) else {
+            break;
+        };
+        out.extend(
+            page.iter()
+                .filter(|m| m.seq > after && m.from == "alice")
+                .map(|m| m.body.as_text().unwrap_or_default().to_string()),
+        );
+        if first <= after + 1 {
+            break;
+        }
+        before = Some(first);
+    }
+    out
+}
+
 fn general() -> Target {
     Target::Room {
         room: "general".into(),
@@ -159,6 +191,8 @@ struct Load {
     stop: AtomicBool,
     /// What carol received from alice, in order.
     carol_got: Mutex<Vec<String>>,
+    /// Alice's messages carol read from history after a truncated catch-up.
+    carol_backfilled: Mutex<HashSet<String>>,
     carol_stop: AtomicBool,
 }
 
@@ -180,10 +214,12 @@ async fn sigkill_under_mixed_load_loses_nothing() {
         add_user(dir.path(), u);
     }
     // The load is as fast as the server takes it: the per-connection request rate limit (50
-    // per second by default, then `flooding`) is not what this test is about.
+    // per second by default, then `flooding`) is not what this test is about, nor the cap on
+    // the offers listed at once (200 by default; a long run uploads more).
     std::fs::write(
         dir.path().join("conclave.toml"),
-        "[limits]\nrequests_per_second = 5000\nrequest_burst = 5000\n",
+        "[limits]\nrequests_per_second = 5000\nrequest_burst = 5000\n\n\
+         [files]\nmax_pending_offers = 100000\n",
     )
     .expect("config");
     let port = free_port();
@@ -201,24 +237,42 @@ async fn sigkill_under_mixed_load_loses_nothing() {
     // Carol reads everything, across every restart: alice's messages as they come.
     let carol_reader = {
         let load = load.clone();
+        let carol = carol.clone();
         tokio::spawn(async move {
-            let mut reconnects = 0u32;
+            let (mut reconnects, mut truncated) = (0u32, 0u32);
+            // The highest sequence number carol has seen in the room, and what it was when the
+            // connection last dropped (a catch-up comes before `Reconnected`).
+            let (mut last_seq, mut at_drop) = (0u64, 0u64);
             // Bounded: ends when the test says so, or after an hour.
             let deadline = Instant::now() + Duration::from_secs(3600);
             while Instant::now() < deadline && !load.carol_stop.load(Ordering::Relaxed) {
                 let ev =
                     tokio::time::timeout(Duration::from_millis(200), carol_events.recv()).await;
                 match ev {
-                    Ok(Some(ClientEvent::Server(Event::Message(m)))) if m.from == "alice" => {
-                        let text = m.body.as_text().unwrap_or_default().to_string();
-                        load.carol_got.lock().expect("lock").push(text);
+                    Ok(Some(ClientEvent::Server(Event::Message(m)))) => {
+                        last_seq = last_seq.max(m.seq);
+                        if m.from == "alice" {
+                            let text = m.body.as_text().unwrap_or_default().to_string();
+                            load.carol_got.lock().expect("lock").push(text);
+                        }
+                    }
+                    // More was missed than a login sends (`max_catchup_per_conv`): like any
+                    // application, page back through history for the gap.
+                    Ok(Some(ClientEvent::Reconnected {
+                        truncated: true, ..
+                    })) => {
+                        reconnects += 1;
+                        truncated += 1;
+                        let gap = backfill(&carol, at_drop).await;
+                        load.carol_backfilled.lock().expect("lock").extend(gap);
                     }
                     Ok(Some(ClientEvent::Reconnected { .. })) => reconnects += 1,
+                    Ok(Some(ClientEvent::Disconnected { .. })) => at_drop = last_seq,
                     Ok(None) => break,
                     _ => {}
                 }
             }
-            reconnects
+            (reconnects, truncated)
         })
     };
 
@@ -406,15 +460,16 @@ async fn sigkill_under_mixed_load_loses_nothing() {
     // Carol, never restarted, received every acknowledged message exactly once.
     for _ in 0..600 {
         let got = load.carol_got.lock().expect("lock");
-        let have: HashSet<&String> = got.iter().collect();
+        let backfilled = load.carol_backfilled.lock().expect("lock");
+        let have: HashSet<&String> = got.iter().chain(backfilled.iter()).collect();
         if acked.keys().all(|t| have.contains(t)) {
             break;
         }
-        drop(got);
+        drop((got, backfilled));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     load.carol_stop.store(true, Ordering::Relaxed);
-    let reconnects = tokio::time::timeout(Duration::from_secs(10), carol_reader)
+    let (reconnects, truncated) = tokio::time::timeout(Duration::from_secs(10), carol_reader)
         .await
         .expect("carol's reader ends")
         .expect("carol task");
@@ -423,8 +478,12 @@ async fn sigkill_under_mixed_load_loses_nothing() {
     for t in &got {
         assert!(seen.insert(t.clone()), "carol received twice: {t}");
     }
+    let backfilled = load.carol_backfilled.lock().expect("lock").clone();
     for text in acked.keys() {
-        assert!(seen.contains(text), "carol never received {text}");
+        assert!(
+            seen.contains(text) || backfilled.contains(text),
+            "carol never received {text}"
+        );
     }
 
     // Rooms: created and joined, still there with carol in them.
@@ -455,6 +514,28 @@ async fn sigkill_under_mixed_load_loses_nothing() {
     for o in &offered {
         *offer_count.entry(o.file_id.clone()).or_default() += 1;
     }
+    let missing: Vec<&String> = files
+        .keys()
+        .filter(|id| offer_count.get(*id) != Some(&1))
+        .collect();
+    if !missing.is_empty() {
+        drop(srv);
+        let key = conclave_server::at_rest::DataKey::load_or_create(dir.path()).expect("key");
+        let db = conclave_server::store::Db::open(dir.path(), key).expect("db");
+        for id in &missing {
+            eprintln!(
+                "file {id}: row {:?}, carol {:?}, offers {:?}",
+                db.file(id)
+                    .map(|r| r.map(|r| (r.complete, r.size, r.created_ms))),
+                db.file_recipient(id, "carol"),
+                offer_count.get(*id)
+            );
+        }
+        panic!(
+            "{} completed uploads not offered exactly once",
+            missing.len()
+        );
+    }
     let download = tempfile::tempdir().expect("tempdir");
     for (file_id, sha) in &files {
         assert_eq!(
@@ -481,11 +562,12 @@ async fn sigkill_under_mixed_load_loses_nothing() {
     let db = conclave_server::store::Db::open(dir.path(), key).expect("db");
     assert_eq!(db.integrity_check().expect("check"), "ok");
     eprintln!(
-        "{rounds} SIGKILLs (seed {seed:#x}, kill delays {kill_times_ms:?} ms): {} messages acknowledged ({} sends failed), {} stored, carol received {} after {reconnects} reconnects; {} rooms created and joined, {} uploads completed and verified ({} operations failed at a kill); integrity ok",
+        "{rounds} SIGKILLs (seed {seed:#x}, kill delays {kill_times_ms:?} ms): {} messages acknowledged ({} sends failed), {} stored, carol received {} live after {reconnects} reconnects ({truncated} catch-ups truncated, {} read from history); {} rooms created and joined, {} uploads completed and verified ({} operations failed at a kill); integrity ok",
         acked.len(),
         load.failed_sends.load(Ordering::Relaxed),
         history.len(),
         got.len(),
+        backfilled.len(),
         rooms.len(),
         files.len(),
         load.failed_ops.load(Ordering::Relaxed),
