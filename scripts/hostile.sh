@@ -11,5 +11,8 @@ cd "$(dirname "$0")/.."
 export HOSTILE_CONNS="${HOSTILE_CONNS:-2000}"
 export HOSTILE_HONEST="${HOSTILE_HONEST:-50}"
 export HOSTILE_MESSAGES="${HOSTILE_MESSAGES:-20}"
+# 2,000 connections arriving at once cost seconds of TLS handshakes on two cores: the honest
+# p99 bound (a starvation check, not a speed check) is 10 s here, 5 s in the suite's run.
+export HOSTILE_P99_BOUND_MS="${HOSTILE_P99_BOUND_MS:-10000}"
 # Release build: the figures are about the server, not about debug assertions.
 exec cargo test --release -p conclave --test hostile -- --nocapture
