@@ -459,13 +459,15 @@ async fn sigkill_under_mixed_load_loses_nothing() {
 
     // Carol, never restarted, received every acknowledged message exactly once.
     for _ in 0..600 {
-        let got = load.carol_got.lock().expect("lock");
-        let backfilled = load.carol_backfilled.lock().expect("lock");
-        let have: HashSet<&String> = got.iter().chain(backfilled.iter()).collect();
-        if acked.keys().all(|t| have.contains(t)) {
+        let complete = {
+            let got = load.carol_got.lock().expect("lock");
+            let backfilled = load.carol_backfilled.lock().expect("lock");
+            let have: HashSet<&String> = got.iter().chain(backfilled.iter()).collect();
+            acked.keys().all(|t| have.contains(t))
+        };
+        if complete {
             break;
         }
-        drop((got, backfilled));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     load.carol_stop.store(true, Ordering::Relaxed);
