@@ -162,6 +162,9 @@ async fn virtual_user(
     }
 }
 
+/// One sample: seconds, RSS (KiB), descriptors, sessions, sent, received, p50 and p99 (ms).
+type Row = (u64, u64, usize, u64, u64, u64, u64, u64);
+
 fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted
         .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
@@ -204,7 +207,7 @@ async fn soak_with_churn_shows_no_growth() {
         tokio::time::sleep(Duration::from_millis(10_000 / clients.max(1) as u64)).await;
     }
 
-    let mut rows: Vec<(u64, u64, usize, u64, u64, u64, u64, u64)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     println!("t_s,rss_kib,fds,connects,sent,received,p50_ms,p99_ms");
     let started = Instant::now();
     let deadline = started + Duration::from_secs(secs);
@@ -258,9 +261,7 @@ async fn soak_with_churn_shows_no_growth() {
     drop(srv);
 
     let q = rows.len() / 4;
-    let mean = |s: &[(u64, u64, usize, u64, u64, u64, u64, u64)]| {
-        s.iter().map(|r| r.1).sum::<u64>() / s.len().max(1) as u64
-    };
+    let mean = |s: &[Row]| s.iter().map(|r| r.1).sum::<u64>() / s.len().max(1) as u64;
     let (second, last) = (mean(&rows[q..2 * q]), mean(&rows[rows.len() - q..]));
     let p99s: Vec<u64> = rows.iter().map(|r| r.7).collect();
     let by_quarter: HashMap<usize, u64> = (0..4)
