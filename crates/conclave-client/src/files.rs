@@ -481,14 +481,29 @@ impl Client {
                     report.report(size, true);
                     return Ok(());
                 }
+                if size > 0 {
+                    // Every chunk is stored but the file was never checked and completed (the
+                    // server stopped in between): sending the last chunk again completes it.
+                    start = (size - 1) / chunk * chunk;
+                }
             }
             match self
                 .upload_from(&file, file_id, size, chunk, start, window, &mut report)
                 .await
             {
-                Ok(()) => {
+                Ok(true) => {
                     report.report(size, true);
                     return Ok(());
+                }
+                Ok(false) if resumes < MAX_RESUMES => {
+                    resumes += 1;
+                    start = size;
+                }
+                Ok(false) => {
+                    return Err(file_err(
+                        "incomplete",
+                        "the server holds every chunk but did not complete the file",
+                    ));
                 }
                 Err(e) if resumable(&e) && resumes < MAX_RESUMES => {
                     resumes += 1;
@@ -530,7 +545,7 @@ impl Client {
         start: u64,
         window: usize,
         report: &mut Reporter,
-    ) -> Result<(), ClientError> {
+    ) -> Result<bool, ClientError> {
         let mut inflight = std::collections::VecDeque::new();
         let mut offset = start;
         loop {
@@ -560,8 +575,9 @@ impl Client {
                 inflight.push_back(pending);
                 offset += len;
             }
+            // Nothing more to send and no reply said "complete": the caller asks the server.
             let Some(next) = inflight.pop_front() else {
-                return Ok(());
+                return Ok(false);
             };
             match next.reply().await? {
                 Reply::FileUploaded {
@@ -569,7 +585,7 @@ impl Client {
                 } => {
                     report.report(uploaded, false);
                     if complete {
-                        return Ok(());
+                        return Ok(true);
                     }
                 }
                 other => return Err(unexpected("file chunk", &other)),

@@ -61,6 +61,9 @@ pub enum ErrorCode {
     StaleEpoch,
     /// The conversation is end-to-end encrypted: send MLS messages, not plain bodies.
     E2eeRequired,
+    /// The server's disk is full: nothing new can be stored until the operator frees space.
+    /// Reading, live presence and everything already stored keep working; retry later.
+    StorageFull,
 }
 
 impl ErrorCode {
@@ -94,6 +97,7 @@ impl ErrorCode {
             ErrorCode::Declined => "declined",
             ErrorCode::StaleEpoch => "stale_epoch",
             ErrorCode::E2eeRequired => "e2ee_required",
+            ErrorCode::StorageFull => "storage_full",
         }
     }
 }

@@ -519,31 +519,39 @@ impl Config {
                 path: path.clone(),
                 error: e.to_string(),
             })?;
-            let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.clone(),
-                error: e.to_string(),
-            })?;
-            if let Some(listen) = file.listen {
-                config.listen = parse_listen(&listen)?;
-            }
-            if let Some(r) = file.registration {
-                config.registration = r;
-            }
-            if let Some(room) = file.default_room {
-                config.default_room = conclave_proto::names::canonical_room(&room)
-                    .map_err(|e| ConfigError::Invalid(format!("default_room {room:?}: {e}")))?;
-            }
-            config.limits = file.limits;
-            config.retention = file.retention;
-            config.security = file.security;
-            config.votekick = file.votekick;
-            config.audit = file.audit;
-            config.anomaly = file.anomaly;
-            config.metrics = file.metrics;
-            config.files = file.files;
+            config.apply_file(&path, &text)?;
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Parses the text of a config file (read from `path`) over this configuration. The
+    /// caller validates the result. Split from [`Config::load`] so the parser can be fuzzed
+    /// without touching the disk.
+    pub fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            error: e.to_string(),
+        })?;
+        if let Some(listen) = file.listen {
+            self.listen = parse_listen(&listen)?;
+        }
+        if let Some(r) = file.registration {
+            self.registration = r;
+        }
+        if let Some(room) = file.default_room {
+            self.default_room = conclave_proto::names::canonical_room(&room)
+                .map_err(|e| ConfigError::Invalid(format!("default_room {room:?}: {e}")))?;
+        }
+        self.limits = file.limits;
+        self.retention = file.retention;
+        self.security = file.security;
+        self.votekick = file.votekick;
+        self.audit = file.audit;
+        self.anomaly = file.anomaly;
+        self.metrics = file.metrics;
+        self.files = file.files;
+        Ok(())
     }
 
     /// The configuration a reload brings: the file read again over the defaults, keeping what

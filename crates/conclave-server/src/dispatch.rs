@@ -56,6 +56,7 @@ fn appended(
     }
     let result = match result {
         Ok(a) => {
+            metrics.storage_ok();
             if !a.duplicate {
                 let frame = outbox::encode(&ServerFrame::Event(Event::Message(a.msg.clone())));
                 let hub = hub.lock();
@@ -72,6 +73,10 @@ fn appended(
                 ts_ms: a.msg.ts_ms,
                 duplicate: a.duplicate,
             })
+        }
+        Err(e) if e == crate::store::DISK_FULL => {
+            metrics.storage_full("message");
+            Err(crate::cmd::storage_full())
         }
         Err(_) => Err(ErrorBody::new(
             ErrorCode::Internal,

@@ -72,6 +72,58 @@ mod tests {
             assert!(frame.len() <= max, "{max}: {}", frame.len());
         }
     }
+
+    /// Found by the crash test (SIGKILL between the last chunk's write and the database's
+    /// "complete"): after the restart every chunk is on disk, and the sender's resent last
+    /// chunk must complete the file instead of being taken for an already stored one (which
+    /// left the file neither complete nor resumable).
+    #[test]
+    fn a_resent_last_chunk_completes_a_file_whose_completion_was_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = || DataKey::from_bytes(&[9u8; 32]).expect("key");
+        let data: Vec<u8> = (0..1300u32).map(|i| (i * 7) as u8).collect();
+        let row = FileRow {
+            file_id: "01936d7e-8f00-7000-8000-000000000002".to_string(),
+            sender: "alice".into(),
+            conv: conclave_proto::Conv::Room("general".into()),
+            except: Vec::new(),
+            name: "f".into(),
+            sha256: Sha256::digest(&data).into(),
+            size: data.len() as u64,
+            chunk_size: 512,
+            created_ms: 0,
+            expires_ms: i64::MAX,
+            complete: false,
+            p2p: false,
+        };
+        let store = FileStore::open(dir.path(), key()).expect("store");
+        store.create(&row.file_id).expect("create");
+        let mut last = None;
+        for at in (0..data.len()).step_by(512) {
+            let end = (at + 512).min(data.len());
+            last = Some(
+                store
+                    .append(&row, at as u64, &data[at..end])
+                    .expect("append"),
+            );
+        }
+        assert_eq!(last.map(|p| p.complete), Some(true));
+        // The process dies before the database says "complete"; a new one starts.
+        drop(store);
+        let store = FileStore::open(dir.path(), key()).expect("store");
+        assert_eq!(store.uploaded(&row).expect("uploaded"), row.size);
+        let p = store
+            .append(&row, 1024, &data[1024..])
+            .expect("resent last chunk");
+        assert_eq!(
+            p,
+            Progress {
+                uploaded: row.size,
+                complete: true
+            }
+        );
+        assert_eq!(store.read(&row, 0).expect("read"), &data[..512]);
+    }
 }
 
 /// A file id from a peer, checked: the canonical text of a UUID (so it is safe as a path).
@@ -248,34 +300,40 @@ impl FileStore {
         let state = self.state(row)?;
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         let chunk = u64::from(row.chunk_size);
-        if offset < s.uploaded && offset + data.len() as u64 <= s.uploaded {
-            return Ok(Progress {
-                uploaded: s.uploaded,
-                complete: false,
-            });
-        }
-        if offset != s.uploaded {
-            return Err(FileError::WrongOffset {
-                expected: s.uploaded,
-            });
-        }
-        let index = offset / chunk;
-        let expected = Self::record_len(row, index);
-        if data.len() as u64 != expected || expected == 0 {
-            return Err(FileError::WrongLength { expected });
-        }
-        let sealed = self.key.seal(&record_ad(&row.file_id, index), data);
         let file = OpenOptions::new()
             .write(true)
             .open(self.path(&row.file_id))?;
-        file.write_all_at(&sealed, index * (chunk + RECORD_OVERHEAD))?;
-        s.hasher.update(data);
-        s.uploaded += expected;
-        if s.uploaded < row.size {
+        // A chunk already stored (a resend after a reconnect) is not written again. When every
+        // chunk is stored but the file was never completed (the server was killed between the
+        // last write and the check), the resent last chunk completes it below.
+        let stored = offset < s.uploaded && offset.saturating_add(data.len() as u64) <= s.uploaded;
+        if stored && s.uploaded < row.size {
             return Ok(Progress {
                 uploaded: s.uploaded,
                 complete: false,
             });
+        }
+        if !stored {
+            if offset != s.uploaded {
+                return Err(FileError::WrongOffset {
+                    expected: s.uploaded,
+                });
+            }
+            let index = offset / chunk;
+            let expected = Self::record_len(row, index);
+            if data.len() as u64 != expected || expected == 0 {
+                return Err(FileError::WrongLength { expected });
+            }
+            let sealed = self.key.seal(&record_ad(&row.file_id, index), data);
+            file.write_all_at(&sealed, index * (chunk + RECORD_OVERHEAD))?;
+            s.hasher.update(data);
+            s.uploaded += expected;
+            if s.uploaded < row.size {
+                return Ok(Progress {
+                    uploaded: s.uploaded,
+                    complete: false,
+                });
+            }
         }
         let digest: [u8; 32] = std::mem::take(&mut s.hasher).finalize().into();
         if digest != row.sha256 {

@@ -38,3 +38,11 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resul
     }
     Ok(())
 }
+
+/// The write failed for lack of space: the file system is full (`ENOSPC`) or the user's disk
+/// quota is used up (`EDQUOT`). Retrying succeeds once space is freed.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}

@@ -47,12 +47,13 @@ pub const LIMITS: [&str; 7] = [
     "other",
 ];
 /// Why a new connection was refused before any TLS work.
-pub const REFUSALS: [&str; 6] = [
+pub const REFUSALS: [&str; 7] = [
     "deny_list",
     "not_in_allow_list",
     "banned",
     "connection_rate",
     "too_many_connections_from_ip",
+    "fd_limit",
     "max_connections",
 ];
 /// How a connection ended (the disconnect reasons of the protocol).
@@ -255,6 +256,10 @@ pub struct Metrics {
     pub limits: CounterVec<{ LIMITS.len() }>,
     pub bans: CounterVec<{ BAN_SOURCES.len() }>,
     pub alerts: CounterVec<{ Rule::ALL.len() }>,
+    /// 1 while the last write to the data directory failed for lack of space.
+    pub storage_full: std::sync::atomic::AtomicBool,
+    /// Writes refused because the disk was full.
+    pub storage_full_refusals: AtomicU64,
 }
 
 impl Metrics {
@@ -317,6 +322,28 @@ impl Metrics {
 
     pub fn deliveries_total(&self) -> u64 {
         self.deliveries.sum()
+    }
+
+    /// A write to the data directory failed because the disk is full (`what`: what was being
+    /// stored). Logged once when the disk becomes full, not at every refusal.
+    pub fn storage_full(&self, what: &str) {
+        self.storage_full_refusals.fetch_add(1, Ordering::Relaxed);
+        if !self.storage_full.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                what,
+                "disk full: new messages, uploads and other writes are refused with storage_full \
+                 until space is freed in the data directory; reads and connections keep working"
+            );
+        }
+    }
+
+    /// A write to the data directory succeeded: if the disk was full, it is no longer.
+    pub fn storage_ok(&self) {
+        if self.storage_full.load(Ordering::Relaxed)
+            && self.storage_full.swap(false, Ordering::Relaxed)
+        {
+            tracing::warn!("disk space is back: writes are accepted again");
+        }
     }
 }
 
@@ -426,6 +453,18 @@ pub fn render(shared: &Shared) -> String {
         "reason",
         &REFUSALS,
         &m.connections_refused,
+    );
+    e.single(
+        "conclave_storage_full",
+        "gauge",
+        "1 while writes to the data directory fail for lack of space (new writes are refused).",
+        u64::from(m.storage_full.load(Ordering::Relaxed)),
+    );
+    e.single(
+        "conclave_storage_full_refusals_total",
+        "counter",
+        "Writes (messages, uploads, account and room changes) refused because the disk was full.",
+        m.storage_full_refusals.load(Ordering::Relaxed),
     );
     e.single(
         "conclave_connections_established_total",

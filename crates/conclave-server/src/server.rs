@@ -375,6 +375,10 @@ impl Server {
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        // One descriptor held back for refusing connections cleanly when the process runs out
+        // (see `is_fd_exhaustion` below).
+        let mut reserve = std::fs::File::open("/dev/null").ok();
+        let mut fd_exhausted = false;
         tracing::info!(listen = %bound, "serving");
         shared.audit(
             Kind::Start,
@@ -388,6 +392,9 @@ impl Server {
                 _ = shared.shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        if std::mem::take(&mut fd_exhausted) {
+                            tracing::warn!("file descriptors are available again: accepting connections");
+                        }
                         let Ok(permit) = connections.clone().try_acquire_owned() else {
                             tracing::warn!(%peer, "connection refused: max_connections reached");
                             shared.metrics.refused("max_connections");
@@ -421,8 +428,36 @@ impl Server {
                             drop(ip_slot);
                         });
                     }
+                    Err(e) if is_fd_exhaustion(&e) => {
+                        if !fd_exhausted {
+                            fd_exhausted = true;
+                            tracing::error!(
+                                error = %e,
+                                "out of file descriptors: new connections are refused until some close \
+                                 (raise the limit with ulimit -n, or lower limits.max_connections)"
+                            );
+                        }
+                        // The connection waits in the kernel's backlog, and accept fails until a
+                        // descriptor is free: give back the one held in reserve, take the
+                        // connection and close it at once, so the peer learns now instead of
+                        // hanging, then take the reserve again.
+                        drop(reserve.take());
+                        if let Ok(Ok((tcp, peer))) =
+                            tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
+                        {
+                            drop(tcp);
+                            shared.metrics.refused("fd_limit");
+                            shared.audit(Kind::IpRejected, Fields::new().ip(peer).reason("fd_limit"));
+                        }
+                        reserve = std::fs::File::open("/dev/null").ok();
+                        if reserve.is_none() {
+                            // Nothing to give back next time: wait instead of spinning.
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
                     Err(e) => {
-                        // Out of file descriptors and similar: wait a little instead of spinning.
+                        // Other transient failures (a peer that reset before accept): wait a
+                        // little instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
@@ -442,6 +477,15 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// `accept` failed because this process (`EMFILE`) or the whole system (`ENFILE`) has no file
+/// descriptor left, or the kernel is short of socket memory.
+fn is_fd_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
 }
 
 /// Gives a connection's per-IP slot back when the connection ends, however it ends.

@@ -365,7 +365,7 @@ fn human_ms(ms: u64) -> String {
 /// exactly that many bytes. No buffer is kept between frames, so an idle connection holds
 /// none. `None` at a clean end of stream. Not cancel-safe: the caller drops the connection
 /// whenever it stops waiting.
-async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Option<std::io::Result<Vec<u8>>> {

@@ -151,6 +151,22 @@ pub enum StoreError {
     WrongKey(PathBuf),
 }
 
+impl StoreError {
+    /// SQLite could not write for lack of space (`SQLITE_FULL`: the disk, or the file system
+    /// holding the data directory, is full). Nothing was stored; the same write succeeds once
+    /// space is freed.
+    pub fn disk_full(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sql(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
+/// The error text the store thread reports for a batch refused by [`StoreError::disk_full`].
+pub const DISK_FULL: &str = "disk full";
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -1449,10 +1465,15 @@ fn run<C>(mut db: Db, mut rx: mpsc::Receiver<Op<C>>, sink: mpsc::Sender<Done<C>>
                         }
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "message batch could not be stored");
+                        let error = if e.disk_full() {
+                            DISK_FULL.to_string()
+                        } else {
+                            tracing::error!(error = %e, "message batch could not be stored");
+                            e.to_string()
+                        };
                         for ctx in ctxs {
                             let _ = sink.blocking_send(Done::Appended {
-                                result: Err(e.to_string()),
+                                result: Err(error.clone()),
                                 ctx,
                             });
                         }

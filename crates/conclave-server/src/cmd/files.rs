@@ -73,6 +73,7 @@ fn file_error(e: FileError) -> ErrorBody {
             ErrorCode::BadRequest,
             "the uploaded bytes do not match the SHA-256 given in the offer (the file changed while it was sent?); offer it again",
         ),
+        FileError::Io(e) if crate::fsutil::is_disk_full(&e) => super::storage_full(),
         FileError::Io(e) => {
             tracing::error!(error = %e, "file store I/O error");
             internal()
@@ -309,7 +310,13 @@ pub async fn chunk(
     let r = row.clone();
     let progress = blocking(&conn.shared.files, move |f| f.append(&r, offset, &data.0))
         .await?
-        .map_err(file_error)?;
+        .map_err(|e| {
+            if matches!(&e, FileError::Io(io) if crate::fsutil::is_disk_full(io)) {
+                conn.shared.metrics.storage_full("file chunk");
+            }
+            file_error(e)
+        })?;
+    conn.shared.metrics.storage_ok();
     if let Progress {
         complete: true,
         uploaded,

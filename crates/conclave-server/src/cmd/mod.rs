@@ -14,6 +14,15 @@ use conclave_proto::{ErrorBody, ErrorCode};
 
 use crate::store::StoreError;
 
+/// The answer to a write refused because the disk is full.
+pub fn storage_full() -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::StorageFull,
+        "the server's disk is full: nothing new can be stored right now (reading still works); \
+         try again later, the operator has been told",
+    )
+}
+
 /// A store failure as a reply: the request failed, the server goes on.
 pub fn store_error(e: StoreError) -> ErrorBody {
     match e {
@@ -21,6 +30,7 @@ pub fn store_error(e: StoreError) -> ErrorBody {
             ErrorCode::ShuttingDown,
             "the server is shutting down; try again after it restarts",
         ),
+        e if e.disk_full() => storage_full(),
         other => {
             tracing::error!(error = %other, "store error");
             ErrorBody::new(
