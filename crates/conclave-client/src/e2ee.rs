@@ -543,16 +543,7 @@ impl Client {
         opts: &crate::files::FileOptions,
     ) -> Option<Result<crate::files::FileSent, ClientError>> {
         let s = self.secure()?;
-        let key = match target {
-            Target::Room { room, .. } => room_key(room),
-            Target::Users { to } => {
-                let mut all: Vec<String> = to.clone();
-                all.push(self.user().to_string());
-                all.sort();
-                all.dedup();
-                format!("d:{}", all.join(","))
-            }
-        };
+        let key = self.target_key(target);
         if !s.has_group(&key) {
             return None;
         }
@@ -677,16 +668,7 @@ impl Client {
         target: &Target,
         payload: &Payload,
     ) -> Result<(u64, String, i64), ClientError> {
-        let key = match target {
-            Target::Room { room, .. } => room_key(room),
-            Target::Users { to } => {
-                let mut all: Vec<String> = to.clone();
-                all.push(self.user().to_string());
-                all.sort();
-                all.dedup();
-                format!("d:{}", all.join(","))
-            }
-        };
+        let key = self.target_key(target);
         let idem = uuid::Uuid::now_v7().to_string();
         for _ in 0..SEND_ATTEMPTS {
             let _ops = s.ops.lock().await;
@@ -728,15 +710,9 @@ impl Client {
         ))
     }
 
-    /// Encrypts and sends to an end-to-end conversation; `None` when `target` is not one.
-    pub(crate) async fn send_e2ee(
-        &self,
-        target: &Target,
-        body: &Body,
-        idempotency_key: Option<String>,
-    ) -> Option<Result<(u64, String, i64), ClientError>> {
-        let s = self.secure()?;
-        let key = match target {
+    /// The conversation key a send to `target` goes to (a direct conversation includes me).
+    fn target_key(&self, target: &Target) -> String {
+        match target {
             Target::Room { room, .. } => room_key(room),
             Target::Users { to } => {
                 let mut all: Vec<String> = to.clone();
@@ -745,7 +721,18 @@ impl Client {
                 all.dedup();
                 format!("d:{}", all.join(","))
             }
-        };
+        }
+    }
+
+    /// Encrypts and sends to an end-to-end conversation; `None` when `target` is not one.
+    pub(crate) async fn send_e2ee(
+        &self,
+        target: &Target,
+        body: &Body,
+        idempotency_key: Option<String>,
+    ) -> Option<Result<(u64, String, i64), ClientError>> {
+        let s = self.secure()?;
+        let key = self.target_key(target);
         if !s.has_group(&key) {
             match target {
                 Target::Users { to } => match self.ensure_direct_group(&s, to, &key).await {
