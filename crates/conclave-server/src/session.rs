@@ -41,7 +41,23 @@ impl Conn {
     }
 }
 
+/// A TLS stream on an accepted connection.
+type Tls = tokio_rustls::server::TlsStream<Counted<TcpStream>>;
+/// What a session has once the hello succeeded: both halves of the stream (each a pointer to
+/// the shared stream), its byte counters, and the TLS version and cipher for the registry.
+type Established = (
+    tokio::io::ReadHalf<Tls>,
+    tokio::io::WriteHalf<Tls>,
+    Arc<Counters>,
+    String,
+    String,
+);
+
 /// Serves one accepted TCP connection to the end.
+///
+/// A task's future is as large as its largest await point, and idle connections are counted
+/// in thousands: the handshake (a TLS connection being set up) and the end of the session are
+/// boxed, so only the request loop's small state stays in the task while it waits.
 pub async fn run(
     shared: Arc<Shared>,
     acceptor: TlsAcceptor,
@@ -49,19 +65,31 @@ pub async fn run(
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
-    let limits = shared.config().limits.clone();
-    let handshake_deadline = Instant::now() + limits.handshake_timeout();
+    let Some(established) = Box::pin(handshake(&shared, acceptor, tcp, peer)).await else {
+        return;
+    };
+    serve(shared, established, peer).await
+}
+
+/// The TLS handshake and the protocol hello; `None` when the connection ends there.
+async fn handshake(
+    shared: &Shared,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<Established> {
+    let handshake_deadline = Instant::now() + shared.config().limits.handshake_timeout();
     let counters = Arc::new(Counters::default());
     let tcp = Counted::new(tcp, counters.clone());
     let mut tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
-            return;
+            return None;
         }
     };
     let mut theirs = [0u8; HELLO_BYTES];
@@ -69,14 +97,14 @@ pub async fn run(
         Ok(Ok(_)) => {}
         _ => {
             tracing::debug!(%peer, "no hello");
-            return;
+            return None;
         }
     }
     let hello_ok = match hello::decode(&theirs) {
         Ok(h) => h.version == PROTOCOL_VERSION,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "bad hello");
-            return;
+            return None;
         }
     };
     let status = if hello_ok {
@@ -94,7 +122,7 @@ pub async fn run(
         || !hello_ok
     {
         let _ = timeout(GOODBYE_TIMEOUT, tls.shutdown()).await;
-        return;
+        return None;
     }
 
     let (tls_version, cipher) = {
@@ -112,7 +140,18 @@ pub async fn run(
                 .to_string(),
         )
     };
+    // Split here: an async function keeps its arguments for its whole life, so the stream
+    // itself (over a kilobyte) must not be one of `serve`'s.
     let (read_half, write_half) = tokio::io::split(tls);
+    Some((read_half, write_half, counters, tls_version, cipher))
+}
+
+/// The request loop of a connection whose hello succeeded, and its end.
+async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) {
+    let (read_half, write_half, counters, tls_version, cipher) = established;
+    // A snapshot for the connection's lifetime (as a copy of the limits would be), shared.
+    let config = shared.config();
+    let limits = &config.limits;
     let (outbox, queue) = Outbox::new(limits.outbound_queue_frames, &shared.shutdown);
     let writer = tokio::spawn(outbox::writer(write_half, queue, outbox.clone()));
     let mut frames = read_half;
@@ -142,7 +181,7 @@ pub async fn run(
         counters: counters.clone(),
         outbox: outbox.clone(),
     });
-    let rate = RequestRate::new(&limits, &shared.config().files);
+    let rate = RequestRate::new(limits, &config.files);
     let login_deadline = Instant::now() + limits.login_timeout();
     loop {
         let deadline = match conn.user {
@@ -203,7 +242,7 @@ pub async fn run(
             frame.req,
             Request::FileChunk { .. } | Request::FileFetch { .. }
         ) {
-            rate.chunks.until_ready().await;
+            Box::pin(rate.chunks.until_ready()).await;
         } else if !matches!(frame.req, Request::Quit) && !rate.allow() {
             if rate.first_strike() {
                 let mut f = Fields::new().ip(peer).reason("rate_limited");
@@ -241,6 +280,20 @@ pub async fn run(
             break;
         }
     }
+    // Boxed: only an ending connection needs this state.
+    Box::pin(finish(conn, counters, connected_at, writer)).await;
+}
+
+/// Ends a session: records why, logs the user out, and lets the writer say goodbye.
+async fn finish(
+    conn: Conn,
+    counters: Arc<Counters>,
+    connected_at: Instant,
+    writer: tokio::task::JoinHandle<()>,
+) {
+    let shared = &conn.shared;
+    let outbox = &conn.outbox;
+    let peer = conn.peer;
     shared.registry.remove(conn.sid);
     let (reason, message) = if outbox.is_closed() {
         outbox.reason()
