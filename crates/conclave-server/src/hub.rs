@@ -14,6 +14,30 @@ use crate::store::RoomRow;
 /// Identifies one connection.
 pub type SessionId = u64;
 
+/// Hashes session ids (counted by the server, never chosen by a peer) with one multiply
+/// instead of SipHash: the fan-out looks one up per recipient of every message.
+#[derive(Default, Clone, Copy)]
+pub struct SessionIdHasher(u64);
+
+impl std::hash::Hasher for SessionIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: spreads consecutive ids over the high bits too.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type SessionMap<V> = HashMap<SessionId, V, std::hash::BuildHasherDefault<SessionIdHasher>>;
+
 /// Limits the hub enforces.
 #[derive(Debug, Clone)]
 pub struct HubLimits {
@@ -85,7 +109,7 @@ pub struct Hub<O> {
     rooms: HashMap<String, Room>,
     /// Connection → (user, handle, live). A connection is live once it has caught up: only
     /// then does it receive new messages, so catch-up and live traffic never overlap.
-    sessions: HashMap<SessionId, (String, O, bool)>,
+    sessions: SessionMap<(String, O, bool)>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -140,7 +164,7 @@ impl<O> Hub<O> {
             limits,
             users,
             rooms,
-            sessions: HashMap::new(),
+            sessions: SessionMap::default(),
         }
     }
 

@@ -21,8 +21,9 @@ use crate::audit::{Fields, Kind};
 use crate::cmd;
 use crate::hub::SessionId;
 use crate::outbox::{self, GOODBYE_TIMEOUT, Outbox};
-use crate::registry::{ConnInfo, Counted, Counters};
+use crate::registry::{ConnInfo, Counters};
 use crate::server::Shared;
+use crate::tls_stream::{self, TlsReader, TlsWriter};
 
 /// One logged-in (or logging-in) connection, as the command handlers see it.
 pub struct Conn {
@@ -41,17 +42,10 @@ impl Conn {
     }
 }
 
-/// A TLS stream on an accepted connection.
-type Tls = tokio_rustls::server::TlsStream<Counted<TcpStream>>;
-/// What a session has once the hello succeeded: both halves of the stream (each a pointer to
-/// the shared stream), its byte counters, and the TLS version and cipher for the registry.
-type Established = (
-    tokio::io::ReadHalf<Tls>,
-    tokio::io::WriteHalf<Tls>,
-    Arc<Counters>,
-    String,
-    String,
-);
+/// What a session has once the hello succeeded: both halves of the TLS stream (each a
+/// pointer to the shared connection), its byte counters, and the TLS version and cipher for
+/// the registry.
+type Established = (TlsReader, TlsWriter, Arc<Counters>, String, String);
 
 /// Serves one accepted TCP connection to the end.
 ///
@@ -80,8 +74,8 @@ async fn handshake(
 ) -> Option<Established> {
     let handshake_deadline = Instant::now() + shared.config().limits.handshake_timeout();
     let counters = Arc::new(Counters::default());
-    let tcp = Counted::new(tcp, counters.clone());
-    let mut tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp)).await {
+    let accept = tls_stream::accept(tcp, acceptor.config().clone(), counters.clone());
+    let (mut reader, mut writer) = match tokio::time::timeout_at(handshake_deadline, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -93,7 +87,7 @@ async fn handshake(
         }
     };
     let mut theirs = [0u8; HELLO_BYTES];
-    match tokio::time::timeout_at(handshake_deadline, tls.read_exact(&mut theirs)).await {
+    match tokio::time::timeout_at(handshake_deadline, reader.read_exact(&mut theirs)).await {
         Ok(Ok(_)) => {}
         _ => {
             tracing::debug!(%peer, "no hello");
@@ -114,19 +108,18 @@ async fn handshake(
     };
     let ours = hello::encode(PROTOCOL_VERSION, status);
     if tokio::time::timeout_at(handshake_deadline, async {
-        tls.write_all(&ours).await?;
-        tls.flush().await
+        writer.write_all(&ours).await?;
+        writer.flush().await
     })
     .await
     .map_or(true, |r| r.is_err())
         || !hello_ok
     {
-        let _ = timeout(GOODBYE_TIMEOUT, tls.shutdown()).await;
+        let _ = timeout(GOODBYE_TIMEOUT, writer.shutdown()).await;
         return None;
     }
 
-    let (tls_version, cipher) = {
-        let (_, state) = tls.get_ref();
+    let (tls_version, cipher) = reader.with_common(|state| {
         (
             state
                 .protocol_version()
@@ -139,11 +132,8 @@ async fn handshake(
                 .unwrap_or("?")
                 .to_string(),
         )
-    };
-    // Split here: an async function keeps its arguments for its whole life, so the stream
-    // itself (over a kilobyte) must not be one of `serve`'s.
-    let (read_half, write_half) = tokio::io::split(tls);
-    Some((read_half, write_half, counters, tls_version, cipher))
+    });
+    Some((reader, writer, counters, tls_version, cipher))
 }
 
 /// The request loop of a connection whose hello succeeded, and its end.
