@@ -392,6 +392,13 @@ impl TlsReader {
     pub fn with_common<R>(&self, f: impl FnOnce(&CommonState) -> R) -> R {
         f(&self.shared.lock().conn)
     }
+
+    /// Bytes of buffer this connection holds outside rustls (received, decrypted and
+    /// encrypted bytes waiting): zero while it is idle.
+    pub fn buffered_bytes(&self) -> usize {
+        let st = self.shared.lock();
+        st.incoming.capacity() + st.plain.capacity() + st.outgoing.capacity()
+    }
 }
 
 impl AsyncRead for TlsReader {
