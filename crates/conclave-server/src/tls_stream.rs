@@ -63,6 +63,14 @@ struct State {
     writer: Option<Waker>,
 }
 
+/// What to do when the connection can send application data.
+#[derive(Clone, Copy)]
+enum Send<'a> {
+    Nothing,
+    Data(&'a [u8]),
+    CloseNotify,
+}
+
 /// Where [`State::advance`] stopped.
 #[derive(Debug, PartialEq, Eq)]
 enum Stop {
@@ -102,11 +110,13 @@ impl State {
     }
 
     /// Lets rustls process everything it can: decrypted data goes to `plain`, handshake
-    /// messages and alerts to `outgoing`. Wakes the side that has new work.
-    fn advance(&mut self) -> io::Result<Stop> {
+    /// messages and alerts to `outgoing`, and once application data can be sent, `send` is
+    /// encrypted onto `outgoing` (one pass through rustls for a write). Wakes the side that
+    /// has new work.
+    fn advance(&mut self, send: Send<'_>) -> io::Result<Stop> {
         self.check()?;
         let (plain_before, out_before) = (self.plain.len(), self.outgoing.len());
-        let result = self.advance_inner();
+        let result = self.advance_inner(send);
         if let Err(e) = &result {
             self.failed = Some(e.to_string());
             self.encode_alert();
@@ -124,7 +134,7 @@ impl State {
         result
     }
 
-    fn advance_inner(&mut self) -> io::Result<Stop> {
+    fn advance_inner(&mut self, send: Send<'_>) -> io::Result<Stop> {
         loop {
             let status = self.conn.process_tls_records(&mut self.incoming[..]);
             let mut discard = status.discard;
@@ -168,7 +178,22 @@ impl State {
                     None
                 }
                 ConnectionState::Closed => Some(Stop::Closed),
-                ConnectionState::WriteTraffic(_) => Some(Stop::Traffic),
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    match send {
+                        Send::Nothing => {}
+                        Send::Data(data) => {
+                            let records = data.len() / MAX_FRAGMENT_BYTES + 1;
+                            let room = data.len() + records * RECORD_OVERHEAD_BYTES;
+                            put(&mut self.outgoing, room, |out| traffic.encrypt(data, out))?;
+                        }
+                        Send::CloseNotify => {
+                            put(&mut self.outgoing, 64, |out| {
+                                traffic.queue_close_notify(out)
+                            })?;
+                        }
+                    }
+                    Some(Stop::Traffic)
+                }
                 ConnectionState::BlockedHandshake => Some(Stop::NeedInput),
                 // Early data is not enabled; anything else is a state this code does not know.
                 _ => return Err(tls_error("unexpected TLS state")),
@@ -207,58 +232,30 @@ impl State {
             }
         }
     }
+}
 
-    /// Encrypts `data` onto `outgoing`.
-    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
-        if self.advance()? != Stop::Traffic {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the TLS connection cannot send",
-            ));
-        }
-        // Nothing complete is left to read (that is when `advance` stops at `Traffic`), so
-        // this yields the same state again, with nothing to discard.
-        let status = self.conn.process_tls_records(&mut self.incoming[..]);
-        let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state else {
-            return Err(tls_error("the TLS connection cannot send"));
-        };
-        let start = self.outgoing.len();
-        let records = data.len() / MAX_FRAGMENT_BYTES + 1;
-        let mut room = data.len() + records * RECORD_OVERHEAD_BYTES;
-        loop {
-            self.outgoing.resize(start + room, 0);
-            match traffic.encrypt(data, &mut self.outgoing[start..]) {
-                Ok(n) => {
-                    self.outgoing.truncate(start + n);
-                    return Ok(());
-                }
-                Err(EncryptError::InsufficientSize(s)) if s.required_size > room => {
-                    room = s.required_size
-                }
-                Err(e) => {
-                    self.outgoing.truncate(start);
-                    return Err(tls_error(e));
-                }
+/// Appends what `encrypt` writes to `out`, given `room` bytes (more if it asks for more).
+fn put(
+    out: &mut Vec<u8>,
+    mut room: usize,
+    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> io::Result<()> {
+    let start = out.len();
+    loop {
+        out.resize(start + room, 0);
+        match encrypt(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(s)) if s.required_size > room => {
+                room = s.required_size
+            }
+            Err(e) => {
+                out.truncate(start);
+                return Err(tls_error(e));
             }
         }
-    }
-
-    /// Encrypts a close_notify alert onto `outgoing`.
-    fn close_notify(&mut self) -> io::Result<()> {
-        if self.advance()? != Stop::Traffic {
-            return Ok(());
-        }
-        let status = self.conn.process_tls_records(&mut self.incoming[..]);
-        let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state else {
-            return Ok(());
-        };
-        let start = self.outgoing.len();
-        self.outgoing.resize(start + 64, 0);
-        let n = traffic
-            .queue_close_notify(&mut self.outgoing[start..])
-            .map_err(tls_error)?;
-        self.outgoing.truncate(start + n);
-        Ok(())
     }
 }
 
@@ -346,7 +343,7 @@ pub async fn accept(
         counters,
     });
     loop {
-        let advanced = shared.lock().advance();
+        let advanced = shared.lock().advance(Send::Nothing);
         let drained = poll_fn(|cx| shared.poll_drain(cx)).await;
         // The alert that explains a failure goes out (above) before the error is returned.
         let stop = advanced?;
@@ -425,7 +422,7 @@ impl AsyncRead for TlsReader {
                 if st.peer_closed {
                     return Poll::Ready(Ok(()));
                 }
-                st.advance()?;
+                st.advance(Send::Nothing)?;
                 if st.plain_pos < st.plain.len() || st.peer_closed {
                     continue;
                 }
@@ -451,10 +448,20 @@ impl AsyncWrite for TlsWriter {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let shared = &*self.shared;
-        if shared.lock().outgoing.len() >= MAX_OUTGOING_BYTES {
-            ready!(shared.poll_drain(cx))?;
+        {
+            let mut st = shared.lock();
+            if st.outgoing.len() >= MAX_OUTGOING_BYTES {
+                drop(st);
+                ready!(shared.poll_drain(cx))?;
+                st = shared.lock();
+            }
+            if st.advance(Send::Data(buf))? != Stop::Traffic {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the TLS connection cannot send",
+                )));
+            }
         }
-        shared.lock().encrypt(buf)?;
         // Start sending now; whatever the socket does not take waits for the next write or
         // the flush.
         match shared.poll_drain(cx) {
@@ -464,10 +471,9 @@ impl AsyncWrite for TlsWriter {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let shared = &*self.shared;
-        // Output the reader's processing produced (such as a key update's answer) goes too.
-        shared.lock().advance()?;
-        shared.poll_drain(cx)
+        // Output the reader's processing produced (a key update's answer, session tickets)
+        // is already on `outgoing`, ahead of later data.
+        self.shared.poll_drain(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -476,7 +482,7 @@ impl AsyncWrite for TlsWriter {
             let mut st = shared.lock();
             if st.failed.is_none() && !st.sent_close {
                 st.sent_close = true;
-                st.close_notify()?;
+                st.advance(Send::CloseNotify)?;
             }
         }
         ready!(shared.poll_drain(cx))?;
