@@ -713,6 +713,24 @@ impl<O> Hub<O> {
             })
     }
 
+    /// Every caught-up connection of a room's members, with its user: what
+    /// [`Hub::recipients`] chooses from for the room's messages (before `except` and the
+    /// sender's own connection are left out).
+    pub fn room_audience(&self, room: &str) -> Vec<(SessionId, &str, &O)> {
+        let Some(r) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        r.members
+            .iter()
+            .filter_map(|m| self.users.get(m).map(|u| (m.as_str(), u)))
+            .flat_map(|(m, u)| u.sessions.iter().map(move |s| (m, *s)))
+            .filter_map(|(m, s)| match self.sessions.get(&s) {
+                Some((_, o, true)) => Some((s, m, o)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Connections of the users who share a room with `user` (not `user` itself): they see
     /// `user` come and go.
     pub fn presence_audience(&self, user: &str) -> Vec<&O> {
@@ -855,6 +873,37 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_rooms_audience_is_what_recipients_chooses_from() {
+        let mut h = hub();
+        // A connection not caught up yet is not in it.
+        h.connect("carol", 42, "carol#new");
+        let conv = Conv::Room("general".into());
+        let mut all: Vec<_> = h.recipients(&conv, &[], None).copied().collect();
+        let mut audience: Vec<_> = h
+            .room_audience("general")
+            .into_iter()
+            .map(|(_, _, o)| *o)
+            .collect();
+        all.sort();
+        audience.sort();
+        assert_eq!(audience, all);
+        assert!(!audience.contains(&"carol#new"));
+        let users: Vec<_> = h
+            .room_audience("ops")
+            .into_iter()
+            .map(|(sid, u, o)| (sid, u.to_string(), *o))
+            .collect();
+        assert_eq!(
+            users,
+            vec![
+                (2, "bob".to_string(), "bob#1"),
+                (3, "carol".to_string(), "carol#1")
+            ]
+        );
+        assert!(h.room_audience("nowhere").is_empty());
     }
 
     #[test]
