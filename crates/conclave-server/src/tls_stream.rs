@@ -53,6 +53,10 @@ struct State {
     outgoing: Vec<u8>,
     /// The peer sent close_notify: no more application data will come.
     peer_closed: bool,
+    /// Bytes that reading put on `outgoing` (key update answers, alerts) since it was last
+    /// empty: a peer that makes us answer without reading is cut off at
+    /// [`MAX_OUTGOING_BYTES`] instead of growing this connection's memory.
+    answers: usize,
     /// Our close_notify is queued.
     sent_close: bool,
     /// A TLS error ended the connection (the text, for the error returned from then on).
@@ -95,6 +99,7 @@ impl State {
             plain_pos: 0,
             outgoing: Vec::new(),
             peer_closed: false,
+            answers: 0,
             sent_close: false,
             failed: None,
             reader: None,
@@ -310,6 +315,7 @@ impl Shared {
             let mut st = self.lock();
             if st.outgoing.is_empty() {
                 st.outgoing = Vec::new();
+                st.answers = 0;
                 return Poll::Ready(Ok(()));
             }
             match self.tcp.try_write(&st.outgoing) {
@@ -422,7 +428,15 @@ impl AsyncRead for TlsReader {
                 if st.peer_closed {
                     return Poll::Ready(Ok(()));
                 }
+                let before = st.outgoing.len();
                 st.advance(Send::Nothing)?;
+                st.answers += st.outgoing.len().saturating_sub(before);
+                if st.answers > MAX_OUTGOING_BYTES {
+                    st.failed = Some("the peer made us answer more than allowed".into());
+                    return Poll::Ready(Err(tls_error(
+                        "the peer made us answer more than allowed without reading",
+                    )));
+                }
                 if st.plain_pos < st.plain.len() || st.peer_closed {
                     continue;
                 }
