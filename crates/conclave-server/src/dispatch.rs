@@ -7,9 +7,10 @@
 //! connection that catches up gets everything committed before its catch-up from the catch-up
 //! and everything after it live: nothing lost, nothing twice.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use conclave_proto::{ErrorBody, ErrorCode, Event, Reply, ServerFrame};
+use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply, ServerFrame};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::hub::SessionId;
@@ -31,22 +32,82 @@ pub struct SendCtx {
     pub silent: bool,
 }
 
+/// Most rooms whose audience the dispatcher keeps at once (beyond it, it starts over).
+const MAX_CACHED_ROOMS: usize = 1024;
+
+/// The caught-up connections of rooms with traffic, with their users, as the hub had them at
+/// `version`. Finding a room's recipients in the hub hashes every member's name and every
+/// connection id, for every message; with this, a room costs that once per change of the hub
+/// (a login, a join, a part...), and each message walks a list.
+#[derive(Default)]
+struct Audiences {
+    version: u64,
+    rooms: HashMap<String, Vec<(SessionId, String, Outbox)>>,
+}
+
 /// Runs until the store thread stops.
 pub async fn run(
     hub: Arc<SharedHub>,
     mut done: mpsc::Receiver<Done<SendCtx>>,
     metrics: Arc<Metrics>,
 ) {
+    let mut audiences = Audiences::default();
     while let Some(d) = done.recv().await {
         match d {
-            Done::Appended { result, ctx } => appended(&hub, result, ctx, &metrics),
+            Done::Appended { result, ctx } => appended(&hub, &mut audiences, result, ctx, &metrics),
             Done::CaughtUp { result, ctx } => caught_up(&hub, result, ctx, &metrics),
         }
     }
 }
 
+/// Queues `frame` for every recipient of a new message; returns how many.
+fn fan_out(
+    hub: &SharedHub,
+    audiences: &mut Audiences,
+    msg: &conclave_proto::Message,
+    except: &[String],
+    origin: SessionId,
+    frame: &bytes::Bytes,
+) -> usize {
+    let hub = hub.lock();
+    let Conv::Room(room) = &msg.conv else {
+        let mut recipients = 0;
+        for o in hub.recipients(&msg.conv, except, Some(origin)) {
+            o.push(frame.clone());
+            recipients += 1;
+        }
+        return recipients;
+    };
+    // Checked under the hub's lock: no change can slip in between.
+    if audiences.version != hub.version() {
+        audiences.rooms.clear();
+        audiences.version = hub.version();
+    }
+    if !audiences.rooms.contains_key(room) {
+        if audiences.rooms.len() >= MAX_CACHED_ROOMS {
+            audiences.rooms.clear();
+        }
+        let audience = hub
+            .room_audience(room)
+            .into_iter()
+            .map(|(sid, user, o)| (sid, user.to_string(), o.clone()))
+            .collect();
+        audiences.rooms.insert(room.clone(), audience);
+    }
+    let mut recipients = 0;
+    for (sid, user, o) in audiences.rooms.get(room).into_iter().flatten() {
+        if *sid == origin || except.iter().any(|e| e == user) {
+            continue;
+        }
+        o.push(frame.clone());
+        recipients += 1;
+    }
+    recipients
+}
+
 fn appended(
     hub: &SharedHub,
+    audiences: &mut Audiences,
     result: Result<crate::store::Appended, String>,
     mut ctx: SendCtx,
     metrics: &Metrics,
@@ -59,12 +120,7 @@ fn appended(
             metrics.storage_ok();
             if !a.duplicate {
                 let frame = outbox::encode(&ServerFrame::Event(Event::Message(a.msg.clone())));
-                let hub = hub.lock();
-                let mut recipients = 0;
-                for o in hub.recipients(&a.msg.conv, &a.except, Some(ctx.origin)) {
-                    o.push(frame.clone());
-                    recipients += 1;
-                }
+                let recipients = fan_out(hub, audiences, &a.msg, &a.except, ctx.origin, &frame);
                 metrics.message(&a.msg.conv, recipients);
             }
             Ok(Reply::Sent {
@@ -112,4 +168,78 @@ fn caught_up(
     ctx.outbox
         .send(&ServerFrame::Event(Event::CaughtUp { count, truncated }));
     hub.lock().set_live(ctx.origin);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{Hub, HubLimits};
+    use crate::outbox::OutboxQueue;
+    use crate::store::RoomRow;
+    use tokio_util::sync::CancellationToken;
+
+    fn message(room: &str) -> conclave_proto::Message {
+        conclave_proto::Message {
+            msg_id: "m".into(),
+            conv: Conv::Room(room.into()),
+            from: "alice".into(),
+            seq: 1,
+            ts_ms: 0,
+            body: conclave_proto::Body::text("hi"),
+        }
+    }
+
+    #[test]
+    fn a_cached_audience_follows_every_change_of_the_hub() {
+        let root = CancellationToken::new();
+        let users = ["alice", "bob", "carol"]
+            .iter()
+            .map(|u| (u.to_string(), false));
+        let rooms = vec![RoomRow {
+            name: "general".into(),
+            private: false,
+            pw_hash: None,
+            owner: None,
+            members: vec!["alice".into(), "bob".into(), "carol".into()],
+            invited: vec![],
+            votekick: true,
+        }];
+        let limits = HubLimits {
+            max_message_bytes: 100,
+            max_recipients: 3,
+            max_rooms: 10,
+        };
+        let hub = SharedHub::new(Hub::new(limits, users, rooms));
+        let mut queues: Vec<(Outbox, OutboxQueue)> = Vec::new();
+        for (sid, user) in ["alice", "bob", "carol"].into_iter().enumerate() {
+            let (o, q) = Outbox::new(16, &root);
+            queues.push((o.clone(), q));
+            let mut h = hub.lock();
+            h.connect(user, sid as u64, o);
+            h.set_live(sid as u64);
+        }
+        let mut audiences = Audiences::default();
+        let frame = bytes::Bytes::from_static(b"frame");
+        let m = message("general");
+        // From alice's connection: bob and carol.
+        assert_eq!(fan_out(&hub, &mut audiences, &m, &[], 0, &frame), 2);
+        // Blockcast: carol left out, from the same cached audience.
+        assert_eq!(
+            fan_out(&hub, &mut audiences, &m, &["carol".to_string()], 0, &frame),
+            1
+        );
+        // Carol leaves the room: the next message must not reach her.
+        hub.lock().remove_member("general", "carol");
+        assert_eq!(fan_out(&hub, &mut audiences, &m, &[], 0, &frame), 1);
+        // Bob disconnects: nobody else hears alice.
+        hub.lock().disconnect(1);
+        assert_eq!(fan_out(&hub, &mut audiences, &m, &[], 0, &frame), 0);
+        // A room nobody is in, and a room that does not exist.
+        assert_eq!(
+            fan_out(&hub, &mut audiences, &message("nowhere"), &[], 0, &frame),
+            0
+        );
+        let depths: Vec<usize> = queues.iter().map(|(o, _)| o.depth()).collect();
+        assert_eq!(depths, vec![0, 3, 1], "alice, bob, carol");
+    }
 }

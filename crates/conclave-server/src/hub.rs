@@ -14,6 +14,30 @@ use crate::store::RoomRow;
 /// Identifies one connection.
 pub type SessionId = u64;
 
+/// Hashes session ids (counted by the server, never chosen by a peer) with one multiply
+/// instead of SipHash: the fan-out looks one up per recipient of every message.
+#[derive(Default, Clone, Copy)]
+pub struct SessionIdHasher(u64);
+
+impl std::hash::Hasher for SessionIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: spreads consecutive ids over the high bits too.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type SessionMap<V> = HashMap<SessionId, V, std::hash::BuildHasherDefault<SessionIdHasher>>;
+
 /// Limits the hub enforces.
 #[derive(Debug, Clone)]
 pub struct HubLimits {
@@ -85,7 +109,7 @@ pub struct Hub<O> {
     rooms: HashMap<String, Room>,
     /// Connection → (user, handle, live). A connection is live once it has caught up: only
     /// then does it receive new messages, so catch-up and live traffic never overlap.
-    sessions: HashMap<SessionId, (String, O, bool)>,
+    sessions: SessionMap<(String, O, bool)>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -140,7 +164,7 @@ impl<O> Hub<O> {
             limits,
             users,
             rooms,
-            sessions: HashMap::new(),
+            sessions: SessionMap::default(),
         }
     }
 
@@ -689,6 +713,24 @@ impl<O> Hub<O> {
             })
     }
 
+    /// Every caught-up connection of a room's members, with its user: what
+    /// [`Hub::recipients`] chooses from for the room's messages (before `except` and the
+    /// sender's own connection are left out).
+    pub fn room_audience(&self, room: &str) -> Vec<(SessionId, &str, &O)> {
+        let Some(r) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        r.members
+            .iter()
+            .filter_map(|m| self.users.get(m).map(|u| (m.as_str(), u)))
+            .flat_map(|(m, u)| u.sessions.iter().map(move |s| (m, *s)))
+            .filter_map(|(m, s)| match self.sessions.get(&s) {
+                Some((_, o, true)) => Some((s, m, o)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Connections of the users who share a room with `user` (not `user` itself): they see
     /// `user` come and go.
     pub fn presence_audience(&self, user: &str) -> Vec<&O> {
@@ -832,6 +874,37 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_rooms_audience_is_what_recipients_chooses_from() {
+        let mut h = hub();
+        // A connection not caught up yet is not in it.
+        h.connect("carol", 42, "carol#new");
+        let conv = Conv::Room("general".into());
+        let mut all: Vec<_> = h.recipients(&conv, &[], None).copied().collect();
+        let mut audience: Vec<_> = h
+            .room_audience("general")
+            .into_iter()
+            .map(|(_, _, o)| *o)
+            .collect();
+        all.sort();
+        audience.sort();
+        assert_eq!(audience, all);
+        assert!(!audience.contains(&"carol#new"));
+        let users: Vec<_> = h
+            .room_audience("ops")
+            .into_iter()
+            .map(|(sid, u, o)| (sid, u.to_string(), *o))
+            .collect();
+        assert_eq!(
+            users,
+            vec![
+                (2, "bob".to_string(), "bob#1"),
+                (3, "carol".to_string(), "carol#1")
+            ]
+        );
+        assert!(h.room_audience("nowhere").is_empty());
     }
 
     #[test]

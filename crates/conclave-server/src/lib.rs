@@ -28,6 +28,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod tls;
+pub mod tls_stream;
 
 pub use config::{Config, RegistrationPolicy};
 pub use server::{Server, StartError};

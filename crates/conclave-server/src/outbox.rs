@@ -5,14 +5,15 @@
 //! queue is full, the connection is closed as a slow consumer (it can reconnect and catch up
 //! from history), and nobody else waits for it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use conclave_proto::{DisconnectReason, Event, FRAME_HEADER_BYTES, ServerFrame};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// Queued frames are gathered up to this many bytes per write, so many small frames share one
@@ -31,47 +32,113 @@ pub fn encode(frame: &ServerFrame) -> Bytes {
     b.freeze()
 }
 
-type Reason = Arc<Mutex<Option<(DisconnectReason, String)>>>;
-
 /// A handle to queue frames for one connection, and to close it with a reason.
+///
+/// The queue is a plain `VecDeque` behind a mutex rather than a channel: the writer takes
+/// everything waiting in one lock (fan-out queues many frames between two of its runs), and
+/// an idle connection holds no queue memory at all (a channel keeps its first block of slots
+/// allocated for the connection's lifetime).
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Bytes>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: Mutex<Queue>,
+    /// Wakes the writer; holds one permit when frames arrive while it is busy.
+    ready: Notify,
+    /// Most frames waiting at once.
+    capacity: usize,
     close: CancellationToken,
-    reason: Reason,
+    reason: Mutex<Option<(DisconnectReason, String)>>,
     /// Frames queued so far (for the monitor and the metrics).
-    queued: Arc<AtomicU64>,
+    queued: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    /// The writer has stopped: frames queued from now on are dropped.
+    writer_gone: bool,
+}
+
+/// The writer's end of an [`Outbox`] (one per connection).
+pub struct OutboxQueue {
+    inner: Arc<Inner>,
+}
+
+impl OutboxQueue {
+    /// Takes every frame waiting, oldest first (empty when none).
+    fn take(&self) -> VecDeque<Bytes> {
+        std::mem::take(&mut self.inner.lock_queue().frames)
+    }
+
+    /// Waits until frames may be waiting (a permit is kept when they arrived in between).
+    async fn wait(&self) {
+        self.inner.ready.notified().await
+    }
+}
+
+impl Drop for OutboxQueue {
+    fn drop(&mut self) {
+        let mut q = self.inner.lock_queue();
+        q.writer_gone = true;
+        q.frames = VecDeque::new();
+    }
+}
+
+impl Inner {
+    fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding this lock leaves a consistent queue: keep using it.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Outbox {
     /// A new outbox with room for `capacity` frames. It closes by itself when `parent` is
     /// cancelled (server shutdown).
-    pub fn new(capacity: usize, parent: &CancellationToken) -> (Outbox, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    pub fn new(capacity: usize, parent: &CancellationToken) -> (Outbox, OutboxQueue) {
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            capacity,
+            close: parent.child_token(),
+            reason: Mutex::new(None),
+            queued: AtomicU64::new(0),
+        });
         (
             Outbox {
-                tx,
-                close: parent.child_token(),
-                reason: Arc::new(Mutex::new(None)),
-                queued: Arc::default(),
+                inner: inner.clone(),
             },
-            rx,
+            OutboxQueue { inner },
         )
     }
 
     /// Queues an encoded frame; closes the connection if its queue is full.
     pub fn push(&self, frame: Bytes) {
-        let sent = self.tx.try_send(frame);
-        if sent.is_ok() {
-            self.queued.fetch_add(1, Ordering::Relaxed);
-        } else if let Err(mpsc::error::TrySendError::Full(_)) = sent {
+        let mut q = self.inner.lock_queue();
+        if q.writer_gone {
+            return;
+        }
+        if q.frames.len() >= self.inner.capacity {
+            drop(q);
             self.close(
                 DisconnectReason::SlowConsumer,
                 format!(
                     "your connection fell behind: {} messages were waiting to be sent to you; reconnect to catch up",
-                    self.tx.max_capacity()
+                    self.inner.capacity
                 ),
             );
+            return;
+        }
+        let was_empty = q.frames.is_empty();
+        q.frames.push_back(frame);
+        drop(q);
+        self.inner.queued.fetch_add(1, Ordering::Relaxed);
+        // The writer empties the whole queue each time it wakes: when frames were already
+        // waiting, it has been woken for them and will take this one too.
+        if was_empty {
+            self.inner.ready.notify_one();
         }
     }
 
@@ -82,98 +149,126 @@ impl Outbox {
 
     /// Closes the connection, telling the client why (the first reason given wins).
     pub fn close(&self, reason: DisconnectReason, message: impl Into<String>) {
-        if let Ok(mut r) = self.reason.lock()
+        if let Ok(mut r) = self.inner.reason.lock()
             && r.is_none()
         {
             *r = Some((reason, message.into()));
         }
-        self.close.cancel();
+        self.inner.close.cancel();
     }
 
     /// Frames waiting to be written.
     pub fn depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.inner.lock_queue().frames.len()
     }
 
     /// Frames queued since the connection opened.
     pub fn frames_queued(&self) -> u64 {
-        self.queued.load(Ordering::Relaxed)
+        self.inner.queued.load(Ordering::Relaxed)
     }
 
     pub fn is_closed(&self) -> bool {
-        self.close.is_cancelled()
+        self.inner.close.is_cancelled()
     }
 
     /// Completes when the connection is being closed.
     pub fn closed(&self) -> WaitForCancellationFuture<'_> {
-        self.close.cancelled()
+        self.inner.close.cancelled()
     }
 
     /// Why the connection is closing.
     pub fn reason(&self) -> (DisconnectReason, String) {
-        self.reason.lock().ok().and_then(|r| r.clone()).unwrap_or((
-            DisconnectReason::Shutdown,
-            "the server is shutting down; reconnect later".to_string(),
-        ))
+        self.inner
+            .reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or((
+                DisconnectReason::Shutdown,
+                "the server is shutting down; reconnect later".to_string(),
+            ))
     }
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     w: &mut W,
-    rx: &mut mpsc::Receiver<Bytes>,
+    queue: &OutboxQueue,
     idle: &mut bool,
 ) -> std::io::Result<()> {
     loop {
         *idle = true;
-        let Some(frame) = rx.recv().await else {
-            return Ok(());
-        };
-        *idle = false;
-        match rx.try_recv() {
-            // The common case: one frame, written as it is (no copy).
-            Err(_) => w.write_all(&frame).await?,
-            Ok(next) => {
-                let mut batch = Vec::with_capacity(WRITE_BATCH_BYTES.max(frame.len() + next.len()));
-                batch.extend_from_slice(&frame);
-                batch.extend_from_slice(&next);
-                while batch.len() < WRITE_BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(f) => batch.extend_from_slice(&f),
-                        Err(_) => break,
-                    }
-                }
-                w.write_all(&batch).await?;
-            }
+        let mut frames = queue.take();
+        if frames.is_empty() {
+            queue.wait().await;
+            continue;
         }
+        *idle = false;
+        write_frames(w, &mut frames).await?;
         w.flush().await?;
     }
 }
 
+/// Writes frames in order: a lone frame as it is (no copy), several gathered into writes of
+/// about [`WRITE_BATCH_BYTES`] so that they share TLS records and system calls.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &mut VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    if frames.len() == 1 {
+        if let Some(f) = frames.pop_front() {
+            w.write_all(&f).await?;
+        }
+        return Ok(());
+    }
+    let total: usize = frames.iter().map(Bytes::len).sum();
+    let mut batch = Vec::with_capacity(total.min(WRITE_BATCH_BYTES));
+    while let Some(f) = frames.pop_front() {
+        if !batch.is_empty() && batch.len() + f.len() > WRITE_BATCH_BYTES {
+            w.write_all(&batch).await?;
+            batch.clear();
+        }
+        if batch.is_empty() && f.len() >= WRITE_BATCH_BYTES {
+            w.write_all(&f).await?;
+        } else {
+            batch.extend_from_slice(&f);
+        }
+    }
+    if !batch.is_empty() {
+        w.write_all(&batch).await?;
+    }
+    Ok(())
+}
+
 /// Writes queued frames until the outbox closes, then says goodbye: the frames still queued
 /// (unless the client was too slow), the disconnect event, and a TLS close_notify.
-pub async fn writer<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::Receiver<Bytes>,
-    outbox: Outbox,
-) {
+pub async fn writer<W: AsyncWrite + Unpin>(mut w: W, queue: OutboxQueue, outbox: Outbox) {
     let mut idle = true;
     let ended_by_itself = tokio::select! {
         _ = outbox.closed() => false,
-        r = write_loop(&mut w, &mut rx, &mut idle) => {
+        r = write_loop(&mut w, &queue, &mut idle) => {
             if let Err(e) = r {
                 outbox.close(DisconnectReason::Other, format!("write failed: {e}"));
             }
             true
         }
     };
+    // Boxed: only a closing connection needs this state, not every idle writer.
+    Box::pin(goodbye(w, queue, outbox, ended_by_itself, idle)).await;
+}
+
+async fn goodbye<W: AsyncWrite + Unpin>(
+    mut w: W,
+    queue: OutboxQueue,
+    outbox: Outbox,
+    ended_by_itself: bool,
+    idle: bool,
+) {
     let (reason, message) = outbox.reason();
     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
         // Mid-frame (cancelled inside a write) nothing more can be framed correctly.
         if !ended_by_itself && idle {
             if reason != DisconnectReason::SlowConsumer {
-                while let Ok(f) = rx.try_recv() {
-                    w.write_all(&f).await?;
-                }
+                write_frames(&mut w, &mut queue.take()).await?;
             }
             let bye = encode(&ServerFrame::Event(Event::Disconnect { reason, message }));
             w.write_all(&bye).await?;
@@ -182,4 +277,84 @@ pub async fn writer<W: AsyncWrite + Unpin>(
         w.shutdown().await
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u8, len: usize) -> Bytes {
+        Bytes::from(vec![n; len])
+    }
+
+    #[tokio::test]
+    async fn frames_are_written_in_order_and_a_full_queue_closes_the_connection() {
+        let root = CancellationToken::new();
+        let (outbox, queue) = Outbox::new(4, &root);
+        for n in 0..4 {
+            outbox.push(frame(n, 10));
+        }
+        assert_eq!(outbox.depth(), 4);
+        assert!(!outbox.is_closed());
+        outbox.push(frame(9, 10));
+        assert!(
+            outbox.is_closed(),
+            "a fifth frame overflows a queue of four"
+        );
+        assert_eq!(outbox.reason().0, DisconnectReason::SlowConsumer);
+        let mut written = Vec::new();
+        write_frames(&mut written, &mut queue.take()).await.unwrap();
+        let expected: Vec<u8> = (0..4u8).flat_map(|n| vec![n; 10]).collect();
+        assert_eq!(written, expected);
+        assert_eq!(outbox.depth(), 0);
+        assert_eq!(outbox.frames_queued(), 4);
+    }
+
+    #[tokio::test]
+    async fn batches_split_at_the_batch_size_without_reordering() {
+        let root = CancellationToken::new();
+        let (outbox, queue) = Outbox::new(100, &root);
+        outbox.push(frame(1, WRITE_BATCH_BYTES - 5));
+        outbox.push(frame(2, 10));
+        outbox.push(frame(3, WRITE_BATCH_BYTES * 2));
+        outbox.push(frame(4, 3));
+        let mut written = Vec::new();
+        write_frames(&mut written, &mut queue.take()).await.unwrap();
+        let mut expected = vec![1u8; WRITE_BATCH_BYTES - 5];
+        expected.extend(vec![2u8; 10]);
+        expected.extend(vec![3u8; WRITE_BATCH_BYTES * 2]);
+        expected.extend(vec![4u8; 3]);
+        assert_eq!(written, expected);
+    }
+
+    #[tokio::test]
+    async fn the_writer_wakes_for_frames_and_says_goodbye() {
+        let root = CancellationToken::new();
+        let (outbox, queue) = Outbox::new(16, &root);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(writer(server, queue, outbox.clone()));
+        outbox.push(frame(7, 5));
+        let mut client = client;
+        let mut got = [0u8; 5];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(got, [7; 5]);
+        outbox.close(DisconnectReason::Quit, "bye");
+        task.await.unwrap();
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut rest)
+            .await
+            .unwrap();
+        let body = &rest[FRAME_HEADER_BYTES..];
+        match conclave_proto::decode_server(body).unwrap() {
+            ServerFrame::Event(Event::Disconnect { reason, .. }) => {
+                assert_eq!(reason, DisconnectReason::Quit)
+            }
+            other => panic!("expected a disconnect event, got {other:?}"),
+        }
+        // The writer is gone: later frames are dropped, not kept.
+        outbox.push(frame(8, 5));
+        assert_eq!(outbox.depth(), 0);
+    }
 }

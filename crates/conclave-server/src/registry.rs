@@ -68,7 +68,7 @@ impl Counters {
 
     /// Reads the round-trip time of socket `fd` from the kernel unless it was read less than
     /// [`RTT_SAMPLE_INTERVAL_MS`] ago. Called while the stream (and so `fd`) is alive.
-    fn sample_rtt(&self, fd: Option<RawFd>) {
+    pub(crate) fn sample_rtt(&self, fd: Option<RawFd>) {
         let Some(fd) = fd else { return };
         let now = self.created.elapsed().as_millis() as u64 + 1;
         let last = self.rtt_sampled.load(Ordering::Relaxed);

@@ -21,8 +21,9 @@ use crate::audit::{Fields, Kind};
 use crate::cmd;
 use crate::hub::SessionId;
 use crate::outbox::{self, GOODBYE_TIMEOUT, Outbox};
-use crate::registry::{ConnInfo, Counted, Counters};
+use crate::registry::{ConnInfo, Counters};
 use crate::server::Shared;
+use crate::tls_stream::{self, TlsReader, TlsWriter};
 
 /// One logged-in (or logging-in) connection, as the command handlers see it.
 pub struct Conn {
@@ -43,7 +44,16 @@ impl Conn {
     }
 }
 
+/// What a session has once the hello succeeded: both halves of the TLS stream (each a
+/// pointer to the shared connection), its byte counters, and the TLS version and cipher for
+/// the registry.
+type Established = (TlsReader, TlsWriter, Arc<Counters>, String, String);
+
 /// Serves one accepted TCP connection to the end.
+///
+/// A task's future is as large as its largest await point, and idle connections are counted
+/// in thousands: the handshake (a TLS connection being set up) and the end of the session are
+/// boxed, so only the request loop's small state stays in the task while it waits.
 pub async fn run(
     shared: Arc<Shared>,
     acceptor: TlsAcceptor,
@@ -51,34 +61,46 @@ pub async fn run(
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
-    let limits = shared.config().limits.clone();
-    let handshake_deadline = Instant::now() + limits.handshake_timeout();
+    let Some(established) = Box::pin(handshake(&shared, acceptor, tcp, peer)).await else {
+        return;
+    };
+    serve(shared, established, peer).await
+}
+
+/// The TLS handshake and the protocol hello; `None` when the connection ends there.
+async fn handshake(
+    shared: &Shared,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<Established> {
+    let handshake_deadline = Instant::now() + shared.config().limits.handshake_timeout();
     let counters = Arc::new(Counters::default());
-    let tcp = Counted::new(tcp, counters.clone());
-    let mut tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp)).await {
+    let accept = tls_stream::accept(tcp, acceptor.config().clone(), counters.clone());
+    let (mut reader, mut writer) = match tokio::time::timeout_at(handshake_deadline, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
-            return;
+            return None;
         }
     };
     let mut theirs = [0u8; HELLO_BYTES];
-    match tokio::time::timeout_at(handshake_deadline, tls.read_exact(&mut theirs)).await {
+    match tokio::time::timeout_at(handshake_deadline, reader.read_exact(&mut theirs)).await {
         Ok(Ok(_)) => {}
         _ => {
             tracing::debug!(%peer, "no hello");
-            return;
+            return None;
         }
     }
     let hello_ok = match hello::decode(&theirs) {
         Ok(h) => h.version == PROTOCOL_VERSION,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "bad hello");
-            return;
+            return None;
         }
     };
     let status = if hello_ok {
@@ -88,19 +110,18 @@ pub async fn run(
     };
     let ours = hello::encode(PROTOCOL_VERSION, status);
     if tokio::time::timeout_at(handshake_deadline, async {
-        tls.write_all(&ours).await?;
-        tls.flush().await
+        writer.write_all(&ours).await?;
+        writer.flush().await
     })
     .await
     .map_or(true, |r| r.is_err())
         || !hello_ok
     {
-        let _ = timeout(GOODBYE_TIMEOUT, tls.shutdown()).await;
-        return;
+        let _ = timeout(GOODBYE_TIMEOUT, writer.shutdown()).await;
+        return None;
     }
 
-    let (tls_version, cipher) = {
-        let (_, state) = tls.get_ref();
+    let (tls_version, cipher) = reader.with_common(|state| {
         (
             state
                 .protocol_version()
@@ -113,8 +134,16 @@ pub async fn run(
                 .unwrap_or("?")
                 .to_string(),
         )
-    };
-    let (read_half, write_half) = tokio::io::split(tls);
+    });
+    Some((reader, writer, counters, tls_version, cipher))
+}
+
+/// The request loop of a connection whose hello succeeded, and its end.
+async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) {
+    let (read_half, write_half, counters, tls_version, cipher) = established;
+    // A snapshot for the connection's lifetime (as a copy of the limits would be), shared.
+    let config = shared.config();
+    let limits = &config.limits;
     let (outbox, queue) = Outbox::new(limits.outbound_queue_frames, &shared.shutdown);
     let writer = tokio::spawn(outbox::writer(write_half, queue, outbox.clone()));
     let mut frames = read_half;
@@ -145,7 +174,7 @@ pub async fn run(
         counters: counters.clone(),
         outbox: outbox.clone(),
     });
-    let rate = RequestRate::new(&limits, &shared.config().files);
+    let rate = RequestRate::new(limits, &config.files);
     let login_deadline = Instant::now() + limits.login_timeout();
     loop {
         let deadline = match conn.user {
@@ -206,7 +235,7 @@ pub async fn run(
             frame.req,
             Request::FileChunk { .. } | Request::FileFetch { .. }
         ) {
-            rate.chunks.until_ready().await;
+            Box::pin(rate.chunks.until_ready()).await;
         } else if !matches!(frame.req, Request::Quit) && !rate.allow() {
             if rate.first_strike() {
                 let mut f = Fields::new().ip(peer).reason("rate_limited");
@@ -244,6 +273,20 @@ pub async fn run(
             break;
         }
     }
+    // Boxed: only an ending connection needs this state.
+    Box::pin(finish(conn, counters, connected_at, writer)).await;
+}
+
+/// Ends a session: records why, logs the user out, and lets the writer say goodbye.
+async fn finish(
+    conn: Conn,
+    counters: Arc<Counters>,
+    connected_at: Instant,
+    writer: tokio::task::JoinHandle<()>,
+) {
+    let shared = &conn.shared;
+    let outbox = &conn.outbox;
+    let peer = conn.peer;
     shared.registry.remove(conn.sid);
     let (reason, message) = if outbox.is_closed() {
         outbox.reason()

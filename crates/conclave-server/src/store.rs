@@ -1422,7 +1422,56 @@ impl<C: Send + 'static> Store<C> {
     }
 }
 
+/// How often the checkpointer copies committed WAL frames into the database. Rarely enough
+/// that a page changed by many commits (a table's last leaf) is copied once, not once per
+/// commit; often enough that the WAL stays a few megabytes at full speed.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Copies committed pages from the WAL into the database file on its own thread and
+/// connection (a passive checkpoint, which never blocks the writer), so that no commit waits
+/// for a checkpoint: SQLite's automatic checkpoint runs inside the commit that crosses 1,000
+/// WAL pages, and every message queued behind that commit waited for thousands of page
+/// writes and a sync of the database file. Once everything is copied, the next transaction
+/// starts the WAL over from its beginning, so commits overwrite the same file pages instead of
+/// growing the file. Stops when `stop` is dropped.
+fn checkpointer(path: PathBuf, stop: std::sync::mpsc::Receiver<()>) {
+    let conn = match Connection::open(&path).and_then(|c| {
+        c.execute_batch("PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")?;
+        Ok(c)
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "the WAL checkpointer could not open the database; commits checkpoint instead");
+            return;
+        }
+    };
+    loop {
+        match stop.recv_timeout(CHECKPOINT_EVERY) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        // (busy, frames in the WAL, frames copied); a busy or partial pass is retried.
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed; it is retried");
+        }
+    }
+}
+
 fn run<C>(mut db: Db, mut rx: mpsc::Receiver<Op<C>>, sink: mpsc::Sender<Done<C>>) {
+    // Checkpoints move to their own thread; without it, commits checkpoint as before.
+    let (stop_checkpointer, stop) = std::sync::mpsc::channel::<()>();
+    let checkpoints = db.conn.path().map(PathBuf::from).and_then(|path| {
+        std::thread::Builder::new()
+            .name("conclave-checkpoint".into())
+            .spawn(move || checkpointer(path, stop))
+            .ok()
+    });
+    if checkpoints.is_some()
+        && let Err(e) = db.conn.execute_batch("PRAGMA wal_autocheckpoint = 0")
+    {
+        tracing::warn!(error = %e, "could not hand checkpoints to their thread");
+    }
     let mut pending: Option<Op<C>> = None;
     loop {
         let op = match pending.take() {
@@ -1484,6 +1533,10 @@ fn run<C>(mut db: Db, mut rx: mpsc::Receiver<Op<C>>, sink: mpsc::Sender<Done<C>>
     }
     if let Err(e) = db.flush_index() {
         tracing::warn!(error = %e, "search index flush at shutdown failed (rebuilt at next start)");
+    }
+    drop(stop_checkpointer);
+    if let Some(t) = checkpoints {
+        let _ = t.join();
     }
     // Leave a clean database: fold the WAL back into the main file.
     let _ = db.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
