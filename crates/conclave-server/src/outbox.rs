@@ -58,6 +58,9 @@ struct Inner {
 #[derive(Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
+    /// Frames the writer has taken and not finished writing: they count against the
+    /// capacity too, so a connection never holds more than `capacity` frames in all.
+    taken: usize,
     /// The writer has stopped: frames queued from now on are dropped.
     writer_gone: bool,
 }
@@ -68,9 +71,18 @@ pub struct OutboxQueue {
 }
 
 impl OutboxQueue {
-    /// Takes every frame waiting, oldest first (empty when none).
+    /// Takes every frame waiting, oldest first (empty when none). They still count against
+    /// the capacity until [`OutboxQueue::written`].
     fn take(&self) -> VecDeque<Bytes> {
-        std::mem::take(&mut self.inner.lock_queue().frames)
+        let mut q = self.inner.lock_queue();
+        let frames = std::mem::take(&mut q.frames);
+        q.taken = frames.len();
+        frames
+    }
+
+    /// The frames last taken have been written.
+    fn written(&self) {
+        self.inner.lock_queue().taken = 0;
     }
 
     /// Waits until frames may be waiting (a permit is kept when they arrived in between).
@@ -120,7 +132,7 @@ impl Outbox {
         if q.writer_gone {
             return;
         }
-        if q.frames.len() >= self.inner.capacity {
+        if q.frames.len() + q.taken >= self.inner.capacity {
             drop(q);
             self.close(
                 DisconnectReason::SlowConsumer,
@@ -157,9 +169,10 @@ impl Outbox {
         self.inner.close.cancel();
     }
 
-    /// Frames waiting to be written.
+    /// Frames waiting to be written (including those the writer is writing).
     pub fn depth(&self) -> usize {
-        self.inner.lock_queue().frames.len()
+        let q = self.inner.lock_queue();
+        q.frames.len() + q.taken
     }
 
     /// Frames queued since the connection opened.
@@ -205,6 +218,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         *idle = false;
         write_frames(w, &mut frames).await?;
         w.flush().await?;
+        queue.written();
     }
 }
 
@@ -306,8 +320,28 @@ mod tests {
         write_frames(&mut written, &mut queue.take()).await.unwrap();
         let expected: Vec<u8> = (0..4u8).flat_map(|n| vec![n; 10]).collect();
         assert_eq!(written, expected);
+        assert_eq!(outbox.depth(), 4, "taken frames count until written");
+        queue.written();
         assert_eq!(outbox.depth(), 0);
         assert_eq!(outbox.frames_queued(), 4);
+    }
+
+    #[tokio::test]
+    async fn frames_the_writer_holds_count_against_the_capacity() {
+        let root = CancellationToken::new();
+        let (outbox, queue) = Outbox::new(4, &root);
+        for n in 0..3 {
+            outbox.push(frame(n, 10));
+        }
+        let held = queue.take();
+        assert_eq!(held.len(), 3);
+        outbox.push(frame(3, 10));
+        assert!(!outbox.is_closed(), "four frames in all fit");
+        outbox.push(frame(4, 10));
+        assert!(
+            outbox.is_closed(),
+            "three held by the writer and two queued overflow a capacity of four"
+        );
     }
 
     #[tokio::test]
