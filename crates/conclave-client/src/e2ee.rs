@@ -249,6 +249,33 @@ impl Client {
         })
     }
 
+    /// Whether [`Client::call`] handles `req` itself rather than passing it to the server as
+    /// it is: sends to and history of end-to-end conversations (and direct messages, which
+    /// may become one), joins, invitations, searches and new rooms while end-to-end
+    /// encryption is on.
+    pub fn handles_e2ee(&self, req: &Request) -> bool {
+        let Some(s) = self.secure() else {
+            return false;
+        };
+        match req {
+            Request::Send {
+                target: target @ Target::Room { .. },
+                ..
+            } => s.has_group(&self.target_key(target)),
+            Request::History {
+                conv: ConvRef::Room(room),
+                ..
+            } => s.has_group(&room_key(room)),
+            Request::Send { .. }
+            | Request::History { .. }
+            | Request::Join { .. }
+            | Request::Invite { .. }
+            | Request::CreateRoom { .. }
+            | Request::Search { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Whether a conversation is end-to-end encrypted for this device.
     pub fn is_e2ee(&self, conv: &Conv) -> bool {
         self.secure().is_some_and(|s| s.has_group(&conv_key(conv)))

@@ -114,6 +114,27 @@ fn json_e2ee_rooms_devices_and_server_encrypted_rooms() {
         .expect("open listed");
     assert_eq!(open["e2ee"], false);
 
+    // Commands given without waiting keep their order: a new end-to-end room, three sends to
+    // it, and the history, which has all three in the order given.
+    alice.send(json!({"cmd": "create_room", "room": "order", "id": 13}));
+    for (i, text) in ["first 41", "second 42", "third 43"].iter().enumerate() {
+        alice.send(json!({"cmd": "send", "room": "order", "text": text, "id": 14 + i}));
+    }
+    alice.send(json!({"cmd": "history", "room": "order", "id": 17}));
+    assert_eq!(alice.ok(json!(13))["e2ee"], true);
+    let seqs: Vec<u64> = (14..17)
+        .map(|id| alice.ok(json!(id))["seq"].as_u64().expect("seq"))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let h = alice.ok(json!(17));
+    let texts: Vec<&str> = h["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["first 41", "second 42", "third 43"], "{h}");
+
     // Carol is not in "sec": she never saw the secret.
     assert!(carol.seen.iter().all(|v| v["text"] != secret));
     for c in [&mut alice, &mut bob, &mut carol] {

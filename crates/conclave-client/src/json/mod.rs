@@ -140,6 +140,7 @@ pub async fn run(
         congestion: opts.congestion.clone(),
         progress_hook: opts.progress_hook.clone(),
         e2ee,
+        ordered: Ordered::default(),
     };
     let forwarder = forward_events(events, out, quitting, ended_tx);
     let writer = write_output(stdout, out_rx, output_failed);
@@ -221,6 +222,36 @@ struct Driver {
     progress_hook: Option<crate::files::ProgressFn>,
     /// End-to-end encryption is on for this session.
     e2ee: bool,
+    /// Requests the client library handles itself run one after another, in the order they
+    /// were given: each waits for the one before (so a send is in the history asked for
+    /// next, and messages keep their order).
+    ordered: Ordered,
+}
+
+/// Counts one request in the chain until dropped (however its task ends).
+struct PendingGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl PendingGuard {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        PendingGuard(count.clone())
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The chain of requests the library handles itself.
+#[derive(Default)]
+struct Ordered {
+    /// Completes when the last request in the chain has finished.
+    last: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Requests in the chain not finished yet: while there are any, requests that could go
+    /// straight to the server queue behind them too.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Driver {
@@ -321,7 +352,7 @@ impl Driver {
             } => {
                 let client = self.client.clone();
                 let e2ee = e2ee && self.e2ee;
-                self.spawn_call(id, async move {
+                self.spawn_ordered(id, async move {
                     if e2ee {
                         client
                             .create_room_e2ee(&room, private, password.as_deref())
@@ -374,10 +405,16 @@ impl Driver {
                 });
                 return None;
             }
-            // End-to-end conversations need the client's own handling.
-            Action::Request(req) if self.e2ee && needs_e2ee_path(&req) => {
+            // End-to-end conversations need the client's own handling; while such requests
+            // are under way, the requests that touch conversations queue behind them.
+            Action::Request(req)
+                if self.e2ee
+                    && needs_e2ee_path(&req)
+                    && (self.client.handles_e2ee(&req)
+                        || self.ordered.pending.load(Ordering::Acquire) > 0) =>
+            {
                 let client = self.client.clone();
-                self.spawn_call(id, async move { e2ee_request(&client, req).await })
+                self.spawn_ordered(id, async move { e2ee_request(&client, req).await })
                     .await;
                 return None;
             }
@@ -399,6 +436,31 @@ impl Driver {
             }
         }
         None
+    }
+
+    /// Like [`Driver::spawn_call`], after every request handed to it before has finished.
+    async fn spawn_ordered(
+        &mut self,
+        id: Option<Value>,
+        call: impl std::future::Future<Output = Result<Map<String, Value>, ClientError>>
+        + Send
+        + 'static,
+    ) {
+        let previous = self.ordered.last.take();
+        let (done, next) = tokio::sync::oneshot::channel();
+        self.ordered.last = Some(next);
+        let pending = PendingGuard::new(&self.ordered.pending);
+        self.spawn_call(id, async move {
+            if let Some(previous) = previous {
+                // An error only means the previous task is gone: it is finished either way.
+                let _ = previous.await;
+            }
+            let result = call.await;
+            drop(pending);
+            let _ = done.send(());
+            result
+        })
+        .await;
     }
 
     /// Runs a library call in its own task under a request slot; its reply is the result.
