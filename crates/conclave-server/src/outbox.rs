@@ -255,7 +255,14 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 
 /// Writes queued frames until the outbox closes, then says goodbye: the frames still queued
 /// (unless the client was too slow), the disconnect event, and a TLS close_notify.
-pub async fn writer<W: AsyncWrite + Unpin>(mut w: W, queue: OutboxQueue, outbox: Outbox) {
+///
+/// Returns the stream, and whether the goodbye was delivered to the peer's side within
+/// [`GOODBYE_TIMEOUT`] (when not, the peer has stopped reading: see `TlsWriter::reset`).
+pub async fn writer<W: AsyncWrite + Unpin>(
+    mut w: W,
+    queue: OutboxQueue,
+    outbox: Outbox,
+) -> (W, bool) {
     let mut idle = true;
     let ended_by_itself = tokio::select! {
         _ = outbox.closed() => false,
@@ -267,22 +274,23 @@ pub async fn writer<W: AsyncWrite + Unpin>(mut w: W, queue: OutboxQueue, outbox:
         }
     };
     // Boxed: only a closing connection needs this state, not every idle writer.
-    Box::pin(goodbye(w, queue, outbox, ended_by_itself, idle)).await;
+    let delivered = Box::pin(goodbye(&mut w, queue, outbox, ended_by_itself, idle)).await;
+    (w, delivered)
 }
 
 async fn goodbye<W: AsyncWrite + Unpin>(
-    mut w: W,
+    w: &mut W,
     queue: OutboxQueue,
     outbox: Outbox,
     ended_by_itself: bool,
     idle: bool,
-) {
+) -> bool {
     let (reason, message) = outbox.reason();
-    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+    let done = tokio::time::timeout(GOODBYE_TIMEOUT, async {
         // Mid-frame (cancelled inside a write) nothing more can be framed correctly.
         if !ended_by_itself && idle {
             if reason != DisconnectReason::SlowConsumer {
-                write_frames(&mut w, &mut queue.take()).await?;
+                write_frames(w, &mut queue.take()).await?;
             }
             let bye = encode(&ServerFrame::Event(Event::Disconnect { reason, message }));
             w.write_all(&bye).await?;
@@ -291,6 +299,7 @@ async fn goodbye<W: AsyncWrite + Unpin>(
         w.shutdown().await
     })
     .await;
+    matches!(done, Ok(Ok(())))
 }
 
 #[cfg(test)]
@@ -375,7 +384,8 @@ mod tests {
             .unwrap();
         assert_eq!(got, [7; 5]);
         outbox.close(DisconnectReason::Quit, "bye");
-        task.await.unwrap();
+        let (_, delivered) = task.await.unwrap();
+        assert!(delivered);
         let mut rest = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut client, &mut rest)
             .await

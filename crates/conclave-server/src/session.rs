@@ -282,7 +282,7 @@ async fn finish(
     conn: Conn,
     counters: Arc<Counters>,
     connected_at: Instant,
-    writer: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<(TlsWriter, bool)>,
 ) {
     let shared = &conn.shared;
     let outbox = &conn.outbox;
@@ -340,7 +340,10 @@ async fn finish(
     } else {
         outbox.close(DisconnectReason::Quit, "goodbye");
     }
-    let _ = timeout(GOODBYE_TIMEOUT * 2, writer).await;
+    // A writer that could not deliver its goodbye has a peer that stopped reading.
+    if let Ok(Ok((w, false))) = timeout(GOODBYE_TIMEOUT * 2, writer).await {
+        w.reset();
+    }
 }
 
 /// A connection's request budget: a token bucket, and the count of recent refusals.

@@ -455,6 +455,18 @@ impl AsyncRead for TlsReader {
     }
 }
 
+impl TlsWriter {
+    /// Makes the connection end with a TCP reset rather than an orderly close once both
+    /// halves are dropped. For a peer that stopped reading: the bytes already in the kernel's
+    /// buffers would otherwise stay there (the socket orphaned) until the kernel gives up
+    /// probing the peer's closed window, and a peer stuck at a closed window for long may then
+    /// never hear that the connection ended. The reset frees the buffers and tells it now.
+    pub fn reset(&self) {
+        let _ =
+            socket2::SockRef::from(&self.shared.tcp).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
 impl AsyncWrite for TlsWriter {
     fn poll_write(
         self: Pin<&mut Self>,
