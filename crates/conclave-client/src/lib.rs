@@ -30,6 +30,7 @@
 //!   reconnect with resume that keeps both valid when the connection drops.
 //! - [`cursor`]: what has been delivered, per conversation: no message twice, none lost.
 //! - [`json`]: `conclave client --json`.
+//! - [`order`]: requests the library handles itself, run in the order given.
 //! - `options`, `address`, `error`: what a connection needs, `--server` parsing, errors.
 //!
 //! This crate prints nothing to stdout or stderr except in [`json`]; it logs with `tracing`.
@@ -43,6 +44,7 @@ pub mod files;
 mod handshake;
 pub mod json;
 mod options;
+pub mod order;
 mod p2p_glue;
 pub mod trust;
 

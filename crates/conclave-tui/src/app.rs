@@ -96,6 +96,9 @@ pub enum Action {
     Request {
         tag: u64,
         req: Request,
+        /// Sent as it is, even where end-to-end encryption would handle it (a room created
+        /// server-encrypted).
+        plain: bool,
     },
     Ping,
     SendFile {
@@ -348,7 +351,11 @@ impl App {
 
     fn request(&mut self, pending: Pending, req: Request) -> Action {
         let tag = self.tag(pending);
-        Action::Request { tag, req }
+        Action::Request {
+            tag,
+            req,
+            plain: false,
+        }
     }
 
     /// The buffer of `key`, created if needed (bounded: past [`MAX_BUFFERS`], the status
@@ -1165,13 +1172,18 @@ impl App {
                 room,
                 private,
                 password,
+                e2ee,
             } => {
                 let req = Request::CreateRoom {
                     room: room.clone(),
                     private,
                     password,
                 };
-                vec![self.request(Pending::Create { room }, req)]
+                let mut action = self.request(Pending::Create { room }, req);
+                if let Action::Request { plain, .. } = &mut action {
+                    *plain = !e2ee;
+                }
+                vec![action]
             }
             Command::Invite { user, room } => {
                 let Some(room) = room.or_else(|| self.current_room("/invite without a room"))

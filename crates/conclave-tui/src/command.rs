@@ -21,7 +21,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "help", args: "[command]", help: "this list, or one command's help" },
     CommandSpec { name: "join", args: "room [password]", help: "join a room and show it" },
     CommandSpec { name: "part", args: "[room]", help: "leave a room (default: this one)" },
-    CommandSpec { name: "create", args: "room [private] [password]", help: "create an end-to-end encrypted room (private: members and invitees only)" },
+    CommandSpec { name: "create", args: "room [private] [server] [password]", help: "create an end-to-end encrypted room (private: members and invitees only; server: server-encrypted instead, so the server can search it and newcomers see its history)" },
     CommandSpec { name: "invite", args: "user [room]", help: "let a user into a private room (default: this one)" },
     CommandSpec { name: "msg", args: "user[,user...] text", help: "a direct message to one or several people (opens the conversation)" },
     CommandSpec { name: "query", args: "user[,user...]", help: "open a direct conversation without sending" },
@@ -64,6 +64,8 @@ pub enum Command {
         room: String,
         private: bool,
         password: Option<String>,
+        /// End-to-end encrypted (the default), or server-encrypted (`server`).
+        e2ee: bool,
     },
     Invite {
         user: String,
@@ -228,16 +230,24 @@ pub fn parse(line: &str) -> Result<Command, String> {
         "create" => {
             let (room, mut rest) = first_word(rest);
             need(!room.is_empty())?;
-            let mut private = false;
-            let (word, after) = first_word(rest);
-            if word.eq_ignore_ascii_case("private") {
-                private = true;
+            let (mut private, mut e2ee) = (false, true);
+            // The options, in any order, come before the password.
+            for _ in 0..2 {
+                let (word, after) = first_word(rest);
+                if word.eq_ignore_ascii_case("private") && !private {
+                    private = true;
+                } else if word.eq_ignore_ascii_case("server") && e2ee {
+                    e2ee = false;
+                } else {
+                    break;
+                }
                 rest = after;
             }
             Command::Create {
                 room: room_arg(room),
                 private,
                 password: nonempty(rest),
+                e2ee,
             }
         }
         "invite" => {
@@ -396,7 +406,26 @@ mod tests {
             Command::Create {
                 room: "lab".into(),
                 private: true,
-                password: None
+                password: None,
+                e2ee: true
+            }
+        );
+        assert_eq!(
+            parse("/create lab server private").unwrap(),
+            Command::Create {
+                room: "lab".into(),
+                private: true,
+                password: None,
+                e2ee: false
+            }
+        );
+        assert_eq!(
+            parse("/create lab server hunter2").unwrap(),
+            Command::Create {
+                room: "lab".into(),
+                private: false,
+                password: Some("hunter2".into()),
+                e2ee: false
             }
         );
         assert_eq!(parse("/part").unwrap(), Command::Part { room: None });

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use conclave_client::order::CallOrder;
 use conclave_client::proto::Request;
 use conclave_client::{Client, ClientError, ConnectOptions, Events, Session, TrustError};
 use ratatui::crossterm::event::{self, Event};
@@ -96,14 +97,17 @@ fn spawn_terminal_reader(tx: mpsc::Sender<Msg>, stop: Arc<AtomicBool>) {
     });
 }
 
-/// Submits requests in order, leaving each reply to a task of its own.
+/// Submits requests in order, leaving each reply to a task of its own. The requests the
+/// library handles for end-to-end encryption run in tasks that take turns, in the order
+/// given; while any is under way, the other conversation requests take a turn too.
 async fn submit_in_order(
     client: Client,
-    mut requests: mpsc::Receiver<(u64, Request)>,
+    mut requests: mpsc::Receiver<(u64, Request, bool)>,
     tx: mpsc::Sender<Msg>,
 ) {
-    while let Some((tag, req)) = requests.recv().await {
-        if matches!(
+    let mut order = CallOrder::default();
+    while let Some((tag, req, plain)) = requests.recv().await {
+        let conversation = matches!(
             req,
             Request::Send { .. }
                 | Request::Join { .. }
@@ -111,12 +115,20 @@ async fn submit_in_order(
                 | Request::CreateRoom { .. }
                 | Request::History { .. }
                 | Request::Search { .. }
-        ) && client.device_fingerprint().is_some()
-        {
+        );
+        if conversation && (order.busy() || (!plain && client.handles_e2ee(&req))) {
             // End-to-end conversations: the library encrypts, adds to groups, reads locally.
             let (client, tx) = (client.clone(), tx.clone());
+            let mut turn = order.turn();
             tokio::spawn(async move {
-                let result = client.call(req).await.map_err(|e| failure(&e));
+                turn.wait().await;
+                let result = if plain {
+                    client.request(req).await
+                } else {
+                    client.call(req).await
+                };
+                let result = result.map_err(|e| failure(&e));
+                drop(turn);
                 let _ = tx.send(Msg::Input(Input::Reply { tag, result })).await;
             });
             continue;
@@ -147,7 +159,7 @@ struct Shell {
     opts: ChatOptions,
     tx: mpsc::Sender<Msg>,
     client: Option<Client>,
-    requests: Option<mpsc::Sender<(u64, Request)>>,
+    requests: Option<mpsc::Sender<(u64, Request, bool)>>,
 }
 
 impl Shell {
@@ -185,11 +197,11 @@ impl Shell {
                     let _ = tx.send(msg).await;
                 });
             }
-            Action::Request { tag, req } => {
+            Action::Request { tag, req, plain } => {
                 let sent = self
                     .requests
                     .as_ref()
-                    .map(|r| r.try_send((tag, req)).is_ok())
+                    .map(|r| r.try_send((tag, req, plain)).is_ok())
                     .unwrap_or(false);
                 if !sent {
                     let tx = self.tx.clone();

@@ -120,7 +120,7 @@ fn tags(actions: &[Action], pred: impl Fn(&Request) -> bool) -> Vec<u64> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Request { tag, req } if pred(req) => Some(*tag),
+            Action::Request { tag, req, .. } if pred(req) => Some(*tag),
             _ => None,
         })
         .collect()
@@ -271,6 +271,7 @@ fn sending_shows_the_line_then_its_receipt() {
         Action::Request {
             tag,
             req: Request::Send { .. },
+            ..
         },
     ] = actions[..]
     else {
@@ -293,6 +294,7 @@ fn sending_shows_the_line_then_its_receipt() {
         Action::Request {
             tag,
             req: Request::Send { ref target, .. },
+            ..
         },
     ] = actions[..]
     else {
@@ -369,6 +371,7 @@ fn search_results_and_jumping_to_one() {
         Action::Request {
             tag,
             req: Request::Search { ref query, .. },
+            ..
         },
     ] = actions[..]
     else {
@@ -410,6 +413,7 @@ fn search_results_and_jumping_to_one() {
         Action::Request {
             tag,
             req: Request::History { .. },
+            ..
         },
     ] = actions[..]
     else {
@@ -581,6 +585,7 @@ fn scrolling_past_the_top_loads_older_history() {
         if let Some(Action::Request {
             tag,
             req: Request::History { before, .. },
+            ..
         }) = actions.first()
         {
             asked = Some((*tag, *before));

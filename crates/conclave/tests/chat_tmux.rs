@@ -275,6 +275,24 @@ fn two_people_talk_through_the_terminal_client() {
         vec![7u8; 300_000]
     );
 
+    // Rooms of both kinds, each marked in the status bar; the server lists their kind.
+    tmux.type_line("alice", "/create lab");
+    tmux.wait_for("alice", &["[#lab]", "E2EE"]);
+    tmux.type_line("alice", "/create plain server");
+    tmux.wait_for("alice", &["[#plain]", "server-enc"]);
+    bob.send(json!({"cmd": "rooms", "id": 5}));
+    let rooms = bob.ok(json!(5));
+    let kind = |name: &str| {
+        rooms["rooms"]
+            .as_array()
+            .expect("rooms")
+            .iter()
+            .find(|r| r["room"] == name)
+            .map(|r| r["e2ee"].clone())
+    };
+    assert_eq!(kind("lab"), Some(json!(true)), "{rooms}");
+    assert_eq!(kind("plain"), Some(json!(false)), "{rooms}");
+
     // Quit: exit status 0.
     tmux.type_line("alice", "/quit");
     assert_eq!(tmux.wait_exit("alice"), 0);

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::connection::{Client, ClientEvent, Events, Session};
 use crate::error::ClientError;
 use crate::options::ConnectOptions;
+use crate::order::CallOrder;
 use crate::trust::{PinOutcome, format_fingerprint};
 use command::{Action, Command};
 
@@ -140,7 +141,7 @@ pub async fn run(
         congestion: opts.congestion.clone(),
         progress_hook: opts.progress_hook.clone(),
         e2ee,
-        ordered: Ordered::default(),
+        order: CallOrder::default(),
     };
     let forwarder = forward_events(events, out, quitting, ended_tx);
     let writer = write_output(stdout, out_rx, output_failed);
@@ -225,33 +226,7 @@ struct Driver {
     /// Requests the client library handles itself run one after another, in the order they
     /// were given: each waits for the one before (so a send is in the history asked for
     /// next, and messages keep their order).
-    ordered: Ordered,
-}
-
-/// Counts one request in the chain until dropped (however its task ends).
-struct PendingGuard(Arc<std::sync::atomic::AtomicUsize>);
-
-impl PendingGuard {
-    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        PendingGuard(count.clone())
-    }
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The chain of requests the library handles itself.
-#[derive(Default)]
-struct Ordered {
-    /// Completes when the last request in the chain has finished.
-    last: Option<tokio::sync::oneshot::Receiver<()>>,
-    /// Requests in the chain not finished yet: while there are any, requests that could go
-    /// straight to the server queue behind them too.
-    pending: Arc<std::sync::atomic::AtomicUsize>,
+    order: CallOrder,
 }
 
 impl Driver {
@@ -410,8 +385,7 @@ impl Driver {
             Action::Request(req)
                 if self.e2ee
                     && needs_e2ee_path(&req)
-                    && (self.client.handles_e2ee(&req)
-                        || self.ordered.pending.load(Ordering::Acquire) > 0) =>
+                    && (self.client.handles_e2ee(&req) || self.order.busy()) =>
             {
                 let client = self.client.clone();
                 self.spawn_ordered(id, async move { e2ee_request(&client, req).await })
@@ -446,19 +420,10 @@ impl Driver {
         + Send
         + 'static,
     ) {
-        let previous = self.ordered.last.take();
-        let (done, next) = tokio::sync::oneshot::channel();
-        self.ordered.last = Some(next);
-        let pending = PendingGuard::new(&self.ordered.pending);
+        let mut turn = self.order.turn();
         self.spawn_call(id, async move {
-            if let Some(previous) = previous {
-                // An error only means the previous task is gone: it is finished either way.
-                let _ = previous.await;
-            }
-            let result = call.await;
-            drop(pending);
-            let _ = done.send(());
-            result
+            turn.wait().await;
+            call.await
         })
         .await;
     }
