@@ -5,6 +5,8 @@
 //! bookkeeping around it (the last sequence number processed, the history record), so a crash
 //! never leaves a half-merged group or a message processed twice.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::Path;
 
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -159,7 +161,15 @@ pub struct Device {
     device: String,
     history: HistoryKey,
     history_reset: bool,
+    /// Groups kept in memory between operations (by group id): loading one from the state
+    /// file decodes its whole ratchet tree, which grows with the group. OpenMLS writes every
+    /// change through to the state file, so a kept group is the stored one, as long as the
+    /// transaction of each change commits: whenever one fails, every kept group is dropped.
+    groups: RefCell<HashMap<Vec<u8>, MlsGroup>>,
 }
+
+/// At most this many groups are kept in memory (past it, the kept ones are dropped).
+const MAX_KEPT_GROUPS: usize = 64;
 
 impl Device {
     /// Opens (creating if needed) the state of `user`'s device in `dir`. The password unwraps
@@ -246,6 +256,7 @@ impl Device {
             device,
             history,
             history_reset,
+            groups: RefCell::new(HashMap::new()),
         })
     }
 
@@ -284,18 +295,38 @@ impl Device {
     }
 
     /// Runs `f` in one SQLite transaction: all of it lands, or none of it.
+    /// Groups kept in memory are dropped unless it lands (they may hold what was rolled back).
     fn tx<R>(&self, f: impl FnOnce(&Self) -> Result<R, E2eeError>) -> Result<R, E2eeError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         match f(self) {
-            Ok(r) => {
-                self.conn.execute_batch("COMMIT")?;
-                Ok(r)
-            }
+            Ok(r) => match self.conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(r),
+                Err(e) => {
+                    self.groups.borrow_mut().clear();
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    Err(e.into())
+                }
+            },
             Err(e) => {
+                self.groups.borrow_mut().clear();
                 let _ = self.conn.execute_batch("ROLLBACK");
                 Err(e)
             }
         }
+    }
+
+    /// Keeps a group in memory for the next operation on it (see [`Device::load`]).
+    fn keep(&self, group: MlsGroup) {
+        let mut groups = self.groups.borrow_mut();
+        if groups.len() >= MAX_KEPT_GROUPS {
+            groups.clear();
+        }
+        groups.insert(group.group_id().as_slice().to_vec(), group);
+    }
+
+    /// Drops the kept copy of a group that is changed or deleted without it.
+    fn evict(&self, gid: &GroupId) {
+        self.groups.borrow_mut().remove(gid.as_slice());
     }
 
     /// `n` fresh key packages (each usable once) for the server to hand to inviters.
@@ -335,10 +366,15 @@ impl Device {
             .optional()?)
     }
 
+    /// The conversation's group: the kept one (taken out; give it back with
+    /// [`Device::keep`] once the operation has succeeded), or else the stored one.
     fn load(&self, conv: &str) -> Result<MlsGroup, E2eeError> {
         let (gid, _, active) = self.group_row(conv)?.ok_or(E2eeError::NoGroup)?;
         if !active {
             return Err(E2eeError::NoGroup);
+        }
+        if let Some(group) = self.groups.borrow_mut().remove(gid.as_slice()) {
+            return Ok(group);
         }
         MlsGroup::load(self.provider().storage(), &gid)?.ok_or(E2eeError::NoGroup)
     }
@@ -364,7 +400,10 @@ impl Device {
 
     /// The group's epoch, as this device has it.
     pub fn epoch(&self, conv: &str) -> Result<u64, E2eeError> {
-        Ok(self.load(conv)?.epoch().as_u64())
+        let group = self.load(conv)?;
+        let epoch = group.epoch().as_u64();
+        self.keep(group);
+        Ok(epoch)
     }
 
     fn join_config() -> MlsGroupJoinConfig {
@@ -393,6 +432,7 @@ impl Device {
 
     fn forget_old_group(&self, conv: &str) -> Result<(), E2eeError> {
         if let Some((gid, _, _)) = self.group_row(conv)? {
+            self.evict(&gid);
             let provider = self.provider();
             if let Some(mut g) = MlsGroup::load(provider.storage(), &gid)? {
                 g.delete(provider.storage())?;
@@ -443,6 +483,7 @@ impl Device {
             let gi = group
                 .export_group_info(provider.crypto(), &d.signer, true)
                 .map_err(E2eeError::mls)?;
+            d.keep(group);
             out_bytes(&gi)
         })
     }
@@ -453,6 +494,7 @@ impl Device {
         let gi = group
             .export_group_info(&self.crypto, &self.signer, true)
             .map_err(E2eeError::mls)?;
+        self.keep(group);
         out_bytes(&gi)
     }
 
@@ -479,6 +521,7 @@ impl Device {
                 .map_err(E2eeError::mls)?
                 .stage_commit(&provider)
                 .map_err(E2eeError::mls)?;
+            d.keep(group);
             outgoing(bundle)
         })
     }
@@ -489,6 +532,7 @@ impl Device {
             let provider = d.provider();
             let mut group = d.load(conv)?;
             if group.pending_proposals().next().is_none() || group.pending_commit().is_some() {
+                d.keep(group);
                 return Ok(None);
             }
             let bundle = group
@@ -500,6 +544,7 @@ impl Device {
                 .map_err(E2eeError::mls)?
                 .stage_commit(&provider)
                 .map_err(E2eeError::mls)?;
+            d.keep(group);
             outgoing(bundle).map(Some)
         })
     }
@@ -518,6 +563,7 @@ impl Device {
                 .map_err(E2eeError::mls)?
                 .stage_commit(&provider)
                 .map_err(E2eeError::mls)?;
+            d.keep(group);
             outgoing(bundle)
         })
     }
@@ -536,6 +582,7 @@ impl Device {
                 params![conv, seq as i64],
             )?;
             d.note_members(&group)?;
+            d.keep(group);
             Ok(())
         })
     }
@@ -548,6 +595,7 @@ impl Device {
             let Some((gid, _, _)) = d.group_row(conv)? else {
                 return Ok(());
             };
+            d.evict(&gid);
             if let Some(mut group) = MlsGroup::load(provider.storage(), &gid)? {
                 let external_pending = group
                     .pending_commit()
@@ -586,6 +634,7 @@ impl Device {
             d.forget_old_group(conv)?;
             d.set_group(conv, group.group_id(), seq)?;
             d.note_members(&group)?;
+            d.keep(group);
             Ok(())
         })
     }
@@ -614,6 +663,7 @@ impl Device {
                  VALUES (?1, ?2, 0, -1, 1)",
                 params![conv, group.group_id().as_slice()],
             )?;
+            d.keep(group);
             outgoing(bundle)
         })
     }
@@ -642,6 +692,7 @@ impl Device {
             let m = group
                 .create_message(&provider, &d.signer, &plain)
                 .map_err(E2eeError::mls)?;
+            d.keep(group);
             out_bytes(&m)
         })
     }
@@ -746,6 +797,7 @@ impl Device {
                 }
                 let payload = Payload::decode(&app.into_bytes())?;
                 self.put_history(conv, seq, &user, ts_ms, &payload)?;
+                self.keep(group);
                 Ok(Processed::App {
                     user,
                     device,
@@ -764,6 +816,7 @@ impl Device {
                 group
                     .store_pending_proposal(provider.storage(), *p)
                     .map_err(E2eeError::mls)?;
+                self.keep(group);
                 Ok(Processed::Proposal)
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
@@ -791,8 +844,12 @@ impl Device {
                 } else {
                     self.note_members(&group)?;
                 }
+                let epoch = group.epoch().as_u64();
+                if !removed_self {
+                    self.keep(group);
+                }
                 Ok(Processed::Commit {
-                    epoch: group.epoch().as_u64(),
+                    epoch,
                     added,
                     removed,
                     removed_self,
@@ -808,7 +865,10 @@ impl Device {
 
     /// The members of the conversation's group.
     pub fn members(&self, conv: &str) -> Result<Vec<MemberInfo>, E2eeError> {
-        Ok(members_of(&self.load(conv)?))
+        let group = self.load(conv)?;
+        let members = members_of(&group);
+        self.keep(group);
+        Ok(members)
     }
 
     /// Remembers the devices of `group`'s members as known.

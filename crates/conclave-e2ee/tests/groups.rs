@@ -231,3 +231,48 @@ fn create_invite_talk_kick_join_restart() {
         assert!(!raw.windows(5).any(|w| w == b"hello"));
     }
 }
+
+/// A message whose processing fails after it has advanced the group's ratchet (the server
+/// names the wrong sender) leaves the group as stored before it: the same bytes, later named
+/// right, still decrypt. Holds for the group kept in memory between operations, and after a
+/// restart from the state directory.
+#[test]
+fn a_failed_operation_leaves_the_group_as_it_was() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let server = ServerSigner::generate().expect("server key");
+    let alice = Device::open(dirs[0].path(), "alice", "pw-a").expect("alice");
+    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("bob");
+    alice.create_group(CONV, server.public()).expect("create");
+    let kp = bob.key_packages(1).expect("kp");
+    let out = alice.add_members(CONV, &kp).expect("add");
+    alice.confirm(CONV, 1).expect("merge");
+    bob.join_welcome(CONV, &out.welcome.expect("welcome"), 1)
+        .expect("bob joins");
+
+    let first = alice.encrypt(CONV, &body("first")).expect("encrypt");
+    // Named as mallory's by the server: refused after decryption, so not stored.
+    let got = bob.process(CONV, 2, "mallory", 0, &first).expect("process");
+    assert!(matches!(got, Processed::Unreadable(_)), "{got:?}");
+    // The same bytes under the right name decrypt: the failed attempt consumed nothing.
+    let got = bob.process(CONV, 3, "alice", 0, &first).expect("process");
+    assert_eq!(text(&got), Some("first".into()));
+
+    // Again across a restart of Bob's device.
+    let second = alice.encrypt(CONV, &body("second")).expect("encrypt");
+    let got = bob
+        .process(CONV, 4, "mallory", 0, &second)
+        .expect("process");
+    assert!(matches!(got, Processed::Unreadable(_)), "{got:?}");
+    drop(bob);
+    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("bob again");
+    let got = bob.process(CONV, 5, "alice", 0, &second).expect("process");
+    assert_eq!(text(&got), Some("second".into()));
+    // And many messages in a row, through the kept group.
+    for i in 0..20u64 {
+        let m = alice
+            .encrypt(CONV, &body(&format!("m{i}")))
+            .expect("encrypt");
+        let got = bob.process(CONV, 6 + i, "alice", 0, &m).expect("process");
+        assert_eq!(text(&got), Some(format!("m{i}")));
+    }
+}
