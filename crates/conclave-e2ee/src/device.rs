@@ -315,6 +315,22 @@ impl Device {
         }
     }
 
+    /// Completes the commit `builder` began (pre-shared keys, the commit signed by this
+    /// device) and stages it: it is merged only once the server has accepted it.
+    fn stage(
+        &self,
+        provider: &Provider<'_>,
+        builder: CommitBuilder<'_, Initial>,
+    ) -> Result<CommitMessageBundle, E2eeError> {
+        builder
+            .load_psks(provider.storage())
+            .map_err(E2eeError::mls)?
+            .build(provider.rand(), provider.crypto(), &self.signer, |_| true)
+            .map_err(E2eeError::mls)?
+            .stage_commit(provider)
+            .map_err(E2eeError::mls)
+    }
+
     /// Keeps a group in memory for the next operation on it (see [`Device::load`]).
     fn keep(&self, group: MlsGroup) {
         let mut groups = self.groups.borrow_mut();
@@ -512,15 +528,7 @@ impl Device {
                     .map_err(|e| E2eeError::Refused(format!("invalid key package: {e:?}")))?;
                 kps.push(kp);
             }
-            let bundle = group
-                .commit_builder()
-                .propose_adds(kps)
-                .load_psks(provider.storage())
-                .map_err(E2eeError::mls)?
-                .build(provider.rand(), provider.crypto(), &d.signer, |_| true)
-                .map_err(E2eeError::mls)?
-                .stage_commit(&provider)
-                .map_err(E2eeError::mls)?;
+            let bundle = d.stage(&provider, group.commit_builder().propose_adds(kps))?;
             d.keep(group);
             outgoing(bundle)
         })
@@ -535,15 +543,10 @@ impl Device {
                 d.keep(group);
                 return Ok(None);
             }
-            let bundle = group
-                .commit_builder()
-                .consume_proposal_store(true)
-                .load_psks(provider.storage())
-                .map_err(E2eeError::mls)?
-                .build(provider.rand(), provider.crypto(), &d.signer, |_| true)
-                .map_err(E2eeError::mls)?
-                .stage_commit(&provider)
-                .map_err(E2eeError::mls)?;
+            let bundle = d.stage(
+                &provider,
+                group.commit_builder().consume_proposal_store(true),
+            )?;
             d.keep(group);
             outgoing(bundle).map(Some)
         })
@@ -554,15 +557,7 @@ impl Device {
         self.tx(|d| {
             let provider = d.provider();
             let mut group = d.load(conv)?;
-            let bundle = group
-                .commit_builder()
-                .force_self_update(true)
-                .load_psks(provider.storage())
-                .map_err(E2eeError::mls)?
-                .build(provider.rand(), provider.crypto(), &d.signer, |_| true)
-                .map_err(E2eeError::mls)?
-                .stage_commit(&provider)
-                .map_err(E2eeError::mls)?;
+            let bundle = d.stage(&provider, group.commit_builder().force_self_update(true))?;
             d.keep(group);
             outgoing(bundle)
         })
