@@ -318,7 +318,7 @@ pub fn hash_file(path: &Path) -> Result<([u8; 32], u64), ClientError> {
     Ok((hasher.finalize().into(), size))
 }
 
-fn open_source(path: &Path) -> Result<File, ClientError> {
+pub(crate) fn open_source(path: &Path) -> Result<File, ClientError> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => file_err(
             "path_not_found",
@@ -343,7 +343,7 @@ fn open_source(path: &Path) -> Result<File, ClientError> {
     })
 }
 
-fn file_name(path: &Path) -> Result<String, ClientError> {
+pub(crate) fn file_name(path: &Path) -> Result<String, ClientError> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -679,8 +679,8 @@ impl Client {
     /// Receives a file into `dir` (see the module documentation): peer to peer when the offer
     /// allows it and this build supports it, falling back to the relay; resumes a part file
     /// left by an earlier attempt; verifies size and SHA-256 before the file gets its name.
-    /// Receives an offered file into `dir`. A file of an end-to-end encrypted conversation is
-    /// decrypted there under its real name (and its hash checked) once downloaded.
+    /// A file of an end-to-end encrypted conversation is then decrypted in `dir` under its real
+    /// name (its size and hash checked first), and the downloaded ciphertext removed.
     pub async fn accept_file(
         &self,
         file_id: &str,
@@ -688,7 +688,7 @@ impl Client {
         opts: FileOptions,
     ) -> Result<FileReceived, ClientError> {
         let got = self.accept_file_raw(file_id, dir, opts).await?;
-        self.open_received(got)
+        self.open_received(got).await
     }
 
     async fn accept_file_raw(
@@ -995,13 +995,19 @@ pub(crate) fn open_part(part: &Path, size: u64) -> Result<(File, Sha256, u64), C
 
 /// Gives the verified part file its name: `NAME`, or `NAME (1)`, `NAME (2)` … if taken.
 pub(crate) fn finish(dir: &Path, offer: &FileOffer, part: &Path) -> Result<PathBuf, ClientError> {
-    let (stem, ext) = match offer.name.rsplit_once('.') {
+    finish_as(dir, &offer.name, part)
+}
+
+/// Gives the verified file `part` (in `dir`) the name `name`, or `NAME (1)`, `NAME (2)` … if
+/// taken; never replaces an existing file.
+pub(crate) fn finish_as(dir: &Path, name: &str, part: &Path) -> Result<PathBuf, ClientError> {
+    let (stem, ext) = match name.rsplit_once('.') {
         Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
-        _ => (offer.name.clone(), String::new()),
+        _ => (name.to_string(), String::new()),
     };
     for n in 0..1000u32 {
         let candidate = if n == 0 {
-            dir.join(&offer.name)
+            dir.join(name)
         } else {
             dir.join(format!("{stem} ({n}){ext}"))
         };
@@ -1023,8 +1029,7 @@ pub(crate) fn finish(dir: &Path, offer: &FileOffer, part: &Path) -> Result<PathB
     Err(file_err(
         "not_writable",
         format!(
-            "{} and 999 numbered variants exist in {}; clear some",
-            offer.name,
+            "{name} and 999 numbered variants exist in {}; clear some",
             dir.display()
         ),
     ))
