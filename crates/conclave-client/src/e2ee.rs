@@ -561,8 +561,9 @@ impl Client {
     }
 
     /// Sends a file to an end-to-end conversation: encrypted here under a fresh key
-    /// (XChaCha20-Poly1305 STREAM), the ciphertext relayed as any file, its key, name and
-    /// hash in an MLS message to the members. `None` when `target` is not end-to-end.
+    /// (XChaCha20-Poly1305 STREAM), the ciphertext sent as any file (relay, or peer to peer
+    /// with [`crate::FileOptions::p2p`]), its key, name and hash in an MLS message to the
+    /// members. `None` when `target` is not end-to-end.
     pub(crate) async fn send_file_e2ee(
         &self,
         path: &Path,
@@ -577,6 +578,11 @@ impl Client {
         Some(self.send_file_sealed(&s, path, target, opts).await)
     }
 
+    /// Seals the file into a temporary ciphertext (streamed: the plaintext is hashed as it is
+    /// read, never held whole), offers the ciphertext under that file's random name, sends the
+    /// description (`Payload::File`) as soon as the server has created the offer, and only
+    /// then transfers: a recipient holds the offer until the description arrives, and a
+    /// peer-to-peer send only ends once recipients have fetched it.
     async fn send_file_sealed(
         &self,
         s: &Arc<Secure>,
@@ -584,58 +590,74 @@ impl Client {
         target: &Target,
         opts: &crate::files::FileOptions,
     ) -> Result<crate::files::FileSent, ClientError> {
-        use sha2::Digest;
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| ClientError::File {
-                code: "path_not_found",
-                message: format!("{} is not a file name", path.display()),
-            })?
-            .to_string();
-        let plain = std::fs::read(path).map_err(|e| ClientError::File {
-            code: if e.kind() == std::io::ErrorKind::NotFound {
-                "path_not_found"
-            } else {
-                "unreadable"
-            },
-            message: format!("cannot read {}: {e}", path.display()),
-        })?;
-        let sha256: [u8; 32] = sha2::Sha256::digest(&plain).into();
+        opts.check()?;
+        let name = crate::files::file_name(path)?;
+        let source = crate::files::open_source(path)?;
         // The ciphertext under a random name: the server sees neither the name nor the bytes.
         let tmp = tempfile::Builder::new()
             .prefix("e2ee-")
             .suffix(".bin")
             .tempfile()
-            .map_err(|e| e2ee_err(format!("a temporary file: {e}")))?;
-        let sealed_path = tmp.path().to_path_buf();
-        let file_key =
-            conclave_e2ee::file_crypt::encrypt(&plain[..], tmp.as_file()).map_err(e2ee_err)?;
-        let mut relay = opts.clone();
-        relay.p2p = false;
-        let mut sent = self.send_file(&sealed_path, target.clone(), relay).await?;
-        drop(tmp);
-        let payload = Payload::File {
-            file_id: sent.file_id.clone(),
-            name: name.clone(),
-            size: plain.len() as u64,
-            sha256,
-            key: file_key,
+            .map_err(|e| ClientError::File {
+                code: "unreadable",
+                message: format!(
+                    "cannot make a temporary file for the encrypted copy: {e} (check TMPDIR)"
+                ),
+            })?;
+        let owned = path.to_path_buf();
+        let (tmp, sealed) = tokio::task::spawn_blocking(move || {
+            let sealed = crate::e2ee_file::seal(source, &owned, tmp.as_file());
+            (tmp, sealed)
+        })
+        .await
+        .map_err(|_| e2ee_err("encrypting the file failed"))?;
+        let sealed = sealed?;
+        let wire = crate::files::Prepared {
+            name: crate::files::file_name(tmp.path())?,
+            sha256: sealed.sealed_sha256,
+            size: sealed.sealed_size,
         };
-        self.send_payload(s, target, &payload).await?;
+        let (plain_size, plain_sha256) = (sealed.plain_size, sealed.plain_sha256);
+        let describe: crate::files::AfterOffer = {
+            let (client, s, target, name) = (self.clone(), s.clone(), target.clone(), name.clone());
+            let file_key = sealed.key;
+            Box::new(move |file_id| {
+                Box::pin(async move {
+                    let payload = Payload::File {
+                        file_id,
+                        name,
+                        size: plain_size,
+                        sha256: plain_sha256,
+                        key: file_key,
+                    };
+                    client.send_payload(&s, &target, &payload).await.map(drop)
+                })
+            })
+        };
+        let mut sent = self
+            .send_prepared(
+                tmp.path(),
+                target.clone(),
+                opts.clone(),
+                wire,
+                Some(describe),
+            )
+            .await?;
+        drop(tmp);
         sent.name = name;
-        sent.size = plain.len() as u64;
-        sent.sha256 = hex::encode(sha256);
+        sent.size = plain_size;
+        sent.sha256 = hex::encode(plain_sha256);
         Ok(sent)
     }
 
     /// After a download: opens an end-to-end encrypted file (when this device has its key)
-    /// into its real name next to it, checks its hash, and removes the ciphertext.
-    pub(crate) fn open_received(
+    /// into its real name next to it (streamed, through a temporary file that gets the name
+    /// only once its size and hash match the description), and removes the ciphertext, also
+    /// when opening fails (accepting the file again downloads it again).
+    pub(crate) async fn open_received(
         &self,
         mut got: crate::files::FileReceived,
     ) -> Result<crate::files::FileReceived, ClientError> {
-        use sha2::Digest;
         let Some(s) = self.secure() else {
             return Ok(got);
         };
@@ -649,41 +671,29 @@ impl Client {
         else {
             return Ok(got);
         };
-        conclave_proto::files::check_file_name(&name)
-            .map_err(|why| e2ee_err(format!("the file's name is unsafe ({why}); refused")))?;
-        let dir = got.path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let sealed = std::fs::File::open(&got.path).map_err(|e| ClientError::Io {
-            what: format!("reading {}", got.path.display()),
-            source: e,
-        })?;
-        let mut plain = Vec::with_capacity(size as usize);
-        conclave_e2ee::file_crypt::decrypt(&key, std::io::BufReader::new(sealed), &mut plain)
-            .map_err(e2ee_err)?;
-        let digest: [u8; 32] = sha2::Sha256::digest(&plain).into();
-        if digest != sha256 || plain.len() as u64 != size {
+        let sealed = got.path.clone();
+        if let Err(why) = conclave_proto::files::check_file_name(&name) {
+            let _ = std::fs::remove_file(&sealed);
             return Err(ClientError::File {
-                code: "hash_mismatch",
-                message:
-                    "the decrypted file does not match what the sender described; it was not kept"
-                        .into(),
+                code: "bad_request",
+                message: format!("the file's name is unsafe ({why}); refused"),
             });
         }
-        let mut target = dir.join(&name);
-        let mut n = 1;
-        while target.exists() {
-            let (stem, ext) = match name.rsplit_once('.') {
-                Some((a, b)) if !a.is_empty() => (a.to_string(), format!(".{b}")),
-                _ => (name.clone(), String::new()),
+        let dir = sealed.parent().map(Path::to_path_buf).unwrap_or_default();
+        let opened = tokio::task::spawn_blocking(move || {
+            let file = crate::e2ee_file::Description {
+                name: &name,
+                size,
+                sha256: &sha256,
+                key: &key,
             };
-            target = dir.join(format!("{stem} ({n}){ext}"));
-            n += 1;
-        }
-        std::fs::write(&target, &plain).map_err(|e| ClientError::File {
-            code: "not_writable",
-            message: format!("cannot write {}: {e}", target.display()),
-        })?;
-        let _ = std::fs::remove_file(&got.path);
-        got.path = target;
+            let opened = crate::e2ee_file::open(&sealed, &dir, &file);
+            let _ = std::fs::remove_file(&sealed);
+            opened
+        })
+        .await
+        .map_err(|_| e2ee_err("decrypting the file failed; accept it again"))?;
+        got.path = opened?;
         got.size = size;
         Ok(got)
     }

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conclave_proto::{Event, FileOffer, Reply, Request, Target};
+use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use crate::connection::unexpected;
@@ -317,7 +318,7 @@ pub fn hash_file(path: &Path) -> Result<([u8; 32], u64), ClientError> {
     Ok((hasher.finalize().into(), size))
 }
 
-fn open_source(path: &Path) -> Result<File, ClientError> {
+pub(crate) fn open_source(path: &Path) -> Result<File, ClientError> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => file_err(
             "path_not_found",
@@ -342,7 +343,7 @@ fn open_source(path: &Path) -> Result<File, ClientError> {
     })
 }
 
-fn file_name(path: &Path) -> Result<String, ClientError> {
+pub(crate) fn file_name(path: &Path) -> Result<String, ClientError> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -376,15 +377,29 @@ fn window_chunks(window: Option<u64>, chunk_size: u32) -> usize {
     ((w / u64::from(chunk_size.max(1))) as usize).clamp(1, MAX_CHUNKS_IN_FLIGHT)
 }
 
+/// What an offer says of the file: its name, SHA-256 and size.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub(crate) name: String,
+    pub(crate) sha256: [u8; 32],
+    pub(crate) size: u64,
+}
+
+/// Called with the file id once the server has created the offer, before any byte of the file
+/// moves (an end-to-end file's description goes to the conversation there). An error ends the
+/// send.
+pub(crate) type AfterOffer =
+    Box<dyn FnOnce(String) -> BoxFuture<'static, Result<(), ClientError>> + Send>;
+
 /// What an offer needs from the file: its name, SHA-256 and size (hashed off the async
 /// threads).
-pub(crate) async fn prepare(path: &Path) -> Result<(String, [u8; 32], u64), ClientError> {
+pub(crate) async fn prepare(path: &Path) -> Result<Prepared, ClientError> {
     let name = file_name(path)?;
     let owned = path.to_path_buf();
     let (sha256, size) = tokio::task::spawn_blocking(move || hash_file(&owned))
         .await
         .map_err(|_| file_err("unreadable", "hashing the file failed"))??;
-    Ok((name, sha256, size))
+    Ok(Prepared { name, sha256, size })
 }
 
 impl Client {
@@ -398,16 +413,32 @@ impl Client {
         if let Some(sent) = self.send_file_e2ee(path, &target, &opts).await {
             return sent;
         }
+        opts.check()?;
+        let file = prepare(path).await?;
+        self.send_prepared(path, target, opts, file, None).await
+    }
+
+    /// Sends `path`, whose offer is `file`, through the relay or peer to peer as `opts` say;
+    /// `after_offer` runs once the offer exists, before the transfer starts.
+    pub(crate) async fn send_prepared(
+        &self,
+        path: &Path,
+        target: Target,
+        opts: FileOptions,
+        file: Prepared,
+        after_offer: Option<AfterOffer>,
+    ) -> Result<FileSent, ClientError> {
         if opts.p2p {
-            crate::p2p_glue::send(self, path, target, opts).await
+            crate::p2p_glue::send(self, path, target, opts, file, after_offer).await
         } else {
-            self.send_file(path, target, opts).await
+            self.relay_send(path, target, &opts, file, after_offer)
+                .await
         }
     }
 
     /// Sends a file to a room (all members, or all but `except`) or to users, through the
-    /// server. Returns when the server holds all of it (verified). With [`FileOptions::p2p`],
-    /// see [`Client::send_file_p2p`] instead.
+    /// server. Returns when the server holds all of it (verified). For peer to peer
+    /// ([`FileOptions::p2p`]) and end-to-end conversations, use [`Client::send_file_any`].
     pub async fn send_file(
         &self,
         path: &Path,
@@ -415,7 +446,20 @@ impl Client {
         opts: FileOptions,
     ) -> Result<FileSent, ClientError> {
         opts.check()?;
-        let (name, sha256, size) = prepare(path).await?;
+        let file = prepare(path).await?;
+        self.relay_send(path, target, &opts, file, None).await
+    }
+
+    /// Offers `file` (already checked and hashed), runs `after_offer`, then uploads.
+    async fn relay_send(
+        &self,
+        path: &Path,
+        target: Target,
+        opts: &FileOptions,
+        file: Prepared,
+        after_offer: Option<AfterOffer>,
+    ) -> Result<FileSent, ClientError> {
+        let Prepared { name, sha256, size } = file;
         let reply = self
             .request(Request::FileOffer {
                 target,
@@ -434,8 +478,11 @@ impl Client {
         else {
             return Err(unexpected("file offer", &reply));
         };
+        if let Some(hook) = after_offer {
+            hook(file_id.clone()).await?;
+        }
         let started = Instant::now();
-        self.upload(path, &file_id, size, chunk_size, uploaded, &opts)
+        self.upload(path, &file_id, size, chunk_size, uploaded, opts)
             .await?;
         let elapsed = started.elapsed();
         Ok(FileSent {
@@ -632,8 +679,8 @@ impl Client {
     /// Receives a file into `dir` (see the module documentation): peer to peer when the offer
     /// allows it and this build supports it, falling back to the relay; resumes a part file
     /// left by an earlier attempt; verifies size and SHA-256 before the file gets its name.
-    /// Receives an offered file into `dir`. A file of an end-to-end encrypted conversation is
-    /// decrypted there under its real name (and its hash checked) once downloaded.
+    /// A file of an end-to-end encrypted conversation is then decrypted in `dir` under its real
+    /// name (its size and hash checked first), and the downloaded ciphertext removed.
     pub async fn accept_file(
         &self,
         file_id: &str,
@@ -641,7 +688,7 @@ impl Client {
         opts: FileOptions,
     ) -> Result<FileReceived, ClientError> {
         let got = self.accept_file_raw(file_id, dir, opts).await?;
-        self.open_received(got)
+        self.open_received(got).await
     }
 
     async fn accept_file_raw(
@@ -948,13 +995,19 @@ pub(crate) fn open_part(part: &Path, size: u64) -> Result<(File, Sha256, u64), C
 
 /// Gives the verified part file its name: `NAME`, or `NAME (1)`, `NAME (2)` … if taken.
 pub(crate) fn finish(dir: &Path, offer: &FileOffer, part: &Path) -> Result<PathBuf, ClientError> {
-    let (stem, ext) = match offer.name.rsplit_once('.') {
+    finish_as(dir, &offer.name, part)
+}
+
+/// Gives the verified file `part` (in `dir`) the name `name`, or `NAME (1)`, `NAME (2)` … if
+/// taken; never replaces an existing file.
+pub(crate) fn finish_as(dir: &Path, name: &str, part: &Path) -> Result<PathBuf, ClientError> {
+    let (stem, ext) = match name.rsplit_once('.') {
         Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
-        _ => (offer.name.clone(), String::new()),
+        _ => (name.to_string(), String::new()),
     };
     for n in 0..1000u32 {
         let candidate = if n == 0 {
-            dir.join(&offer.name)
+            dir.join(name)
         } else {
             dir.join(format!("{stem} ({n}){ext}"))
         };
@@ -976,8 +1029,7 @@ pub(crate) fn finish(dir: &Path, offer: &FileOffer, part: &Path) -> Result<PathB
     Err(file_err(
         "not_writable",
         format!(
-            "{} and 999 numbered variants exist in {}; clear some",
-            offer.name,
+            "{name} and 999 numbered variants exist in {}; clear some",
             dir.display()
         ),
     ))

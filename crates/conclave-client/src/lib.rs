@@ -39,6 +39,7 @@ mod address;
 mod connection;
 pub mod cursor;
 pub mod e2ee;
+mod e2ee_file;
 mod error;
 pub mod files;
 mod handshake;

@@ -1,12 +1,13 @@
 //! Peer-to-peer transfers: the client's side of `"p2p": true`, on [`conclave_p2p`] (QUIC).
 //!
-//! Sender ([`send`]): hash the file, start a [`P2pSender`] (a fresh certificate for this offer)
-//! on the address this host uses to reach the server, offer the file with that address and the
-//! certificate's fingerprint, register the one-time tokens the server returns (one per online
-//! recipient), and serve until every recipient is settled: received it directly, declined it,
-//! or asked for the relay copy. The relay copy is uploaded only when needed: at once when some
-//! recipient was offline at the offer, otherwise when the first recipient asks for it
-//! ([`Event::FileRelayWanted`]).
+//! Sender ([`send`]), given the file's name, hash and size: start a [`P2pSender`] (a fresh
+//! certificate for this offer) on the address this host uses to reach the server, offer the
+//! file with that address and the certificate's fingerprint, register the one-time tokens the
+//! server returns (one per online recipient), run the caller's step after the offer (an
+//! end-to-end file's description goes to the conversation there), and serve until every
+//! recipient is settled: received it directly, declined it, or asked for the relay copy. The
+//! relay copy is uploaded only when needed: at once when some recipient was offline at the
+//! offer, otherwise when the first recipient asks for it ([`Event::FileRelayWanted`]).
 //!
 //! Recipient ([`fetch`]): connect to the sender's addresses within [`FileOptions::p2p_timeout`],
 //! check the pinned fingerprint, present the token, receive into the part file (resuming it),
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use conclave_p2p::{FetchRequest, P2pSender, SenderLimits, Window};
 use conclave_proto::{Event, FileOffer, P2pInvite, P2pOffer, Reply, Request, Target};
 
-use crate::files::{Direction, FileOptions, FileSent, Reporter};
+use crate::files::{AfterOffer, Direction, FileOptions, FileSent, Prepared, Reporter};
 use crate::{Client, ClientError};
 
 fn window(opts: &FileOptions) -> Window {
@@ -56,16 +57,20 @@ async fn local_ip_towards(server: &str) -> Option<IpAddr> {
     Some(socket.local_addr().ok()?.ip())
 }
 
-/// Sends `path` peer to peer (see the module documentation). Returns when every recipient is
-/// settled, or [`FileOptions::p2p_linger`] has passed.
+/// Sends `path` (offered as `file`) peer to peer (see the module documentation). Returns when
+/// every recipient is settled, or [`FileOptions::p2p_linger`] has passed. `after_offer` runs
+/// once the offer exists and the recipients' tokens are registered (so a recipient it tells
+/// about the file can fetch at once), before any relay upload; if it fails, serving stops and
+/// the send fails.
 pub(crate) async fn send(
     client: &Client,
     path: &Path,
     target: Target,
     opts: FileOptions,
+    file: Prepared,
+    after_offer: Option<AfterOffer>,
 ) -> Result<FileSent, ClientError> {
-    opts.check()?;
-    let (name, sha256, size) = crate::files::prepare(path).await?;
+    let Prepared { name, sha256, size } = file;
     let bind = match opts.p2p_bind {
         Some(b) => b,
         None => {
@@ -119,6 +124,12 @@ pub(crate) async fn send(
             .allow(grant.token, grant.user.clone())
             .map_err(|e| p2p_err(e.to_string()))?;
         waiting.insert(grant.user.clone());
+    }
+    if let Some(hook) = after_offer
+        && let Err(e) = hook(file_id.clone()).await
+    {
+        sender.close();
+        return Err(e);
     }
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + opts.p2p_linger;

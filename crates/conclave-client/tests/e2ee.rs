@@ -458,3 +458,158 @@ async fn e2ee_room_invite_join_kick_restart() {
     drop((alice, carol, dave, bob));
     srv.stop(WAIT).await;
 }
+
+fn p2p_options() -> conclave_client::FileOptions {
+    conclave_client::FileOptions {
+        p2p: true,
+        p2p_timeout: Duration::from_secs(3),
+        ..Default::default()
+    }
+}
+
+/// The next file offer (skipping other events), as the application sees it.
+async fn next_offer(events: &mut Events) -> conclave_client::proto::FileOffer {
+    wait_for(events, |e| match e {
+        ClientEvent::Server(Event::FileOffer(o)) => Some((**o).clone()),
+        _ => None,
+    })
+    .await
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2ee_files_peer_to_peer_and_their_fallback() {
+    use conclave_client::Via;
+    use conclave_client::proto::Target;
+    use sha2::Digest;
+
+    let srv = setup(&["alice", "bob"], |_| {}).await;
+    let states: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, _a_ev) = connect(&srv, "alice", states[0].path()).await;
+    let (bob, mut b_ev) = connect(&srv, "bob", states[1].path()).await;
+    alice
+        .create_room_e2ee("vault", false, None)
+        .await
+        .expect("create");
+    bob.join("vault", None).await.expect("join");
+
+    // Several STREAM chunks, not a multiple of one; a marker in the content and the name.
+    let marker = b"P2P-E2EE-CONTENT-MARKER-90ab";
+    let name = "P2P-E2EE-NAME-MARKER-c4d2.txt";
+    let src_dir = tempfile::tempdir().expect("src");
+    let src = src_dir.path().join(name);
+    let mut content = Vec::new();
+    for i in 0..9_000u32 {
+        content.extend_from_slice(marker);
+        content.extend_from_slice(&i.to_le_bytes());
+    }
+    std::fs::write(&src, &content).expect("write");
+    let sha: [u8; 32] = sha2::Sha256::digest(&content).into();
+
+    // Peer to peer: the sender serves the ciphertext itself. It returns only once Bob has it,
+    // so it runs beside him; the description reached him before the transfer began.
+    let sending = {
+        let (alice, src) = (alice.clone(), src.clone());
+        tokio::spawn(async move {
+            let target = Target::Room {
+                room: "vault".into(),
+                except: vec![],
+            };
+            alice.send_file_any(&src, target, p2p_options()).await
+        })
+    };
+    let offer = next_offer(&mut b_ev).await;
+    assert_eq!(offer.name, name, "the real name, from the description");
+    assert_eq!(offer.size, content.len() as u64);
+    assert_eq!(offer.sha256, sha);
+    assert!(offer.p2p.is_some(), "a direct offer");
+    assert!(!offer.relay_ready);
+    let inbox = tempfile::tempdir().expect("inbox");
+    let got = tokio::time::timeout(
+        WAIT,
+        bob.accept_file(&offer.file_id, inbox.path(), p2p_options()),
+    )
+    .await
+    .expect("accept in time")
+    .expect("accept");
+    assert_eq!(got.via, Via::P2p, "{got:?}");
+    assert_eq!(got.fallback, None);
+    assert_eq!(got.path, inbox.path().join(name));
+    assert_eq!(got.size, content.len() as u64);
+    let bytes = std::fs::read(&got.path).expect("read");
+    assert!(bytes == content, "intact");
+    let got_sha: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+    assert_eq!(got_sha, sha);
+    // Neither the ciphertext nor a temporary file is left beside it.
+    assert_eq!(names_in(inbox.path()), vec![name.to_string()]);
+    let sent = tokio::time::timeout(WAIT, sending)
+        .await
+        .expect("the sender settles")
+        .expect("task")
+        .expect("send");
+    assert_eq!(sent.file_id, offer.file_id);
+    assert_eq!(sent.name, name);
+    assert_eq!(sent.sha256, hex::encode(sha));
+    assert!(!sent.relayed, "nobody needed the relay");
+    // The server never held a byte of it: its stored file is empty.
+    let stored = srv.dir.path().join("files").join(&sent.file_id);
+    assert_eq!(std::fs::metadata(&stored).expect("stored").len(), 0);
+
+    // Peer to peer that cannot connect (an address where nothing listens) falls back to the
+    // relay, which gets the ciphertext on demand; a direct conversation this time.
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let sending = {
+        let (alice, src) = (alice.clone(), src.clone());
+        tokio::spawn(async move {
+            let mut opts = p2p_options();
+            opts.p2p_advertise = Some(vec![dead]);
+            let target = Target::Users {
+                to: vec!["bob".into()],
+            };
+            alice.send_file_any(&src, target, opts).await
+        })
+    };
+    let offer = next_offer(&mut b_ev).await;
+    assert_eq!(offer.name, name);
+    assert!(matches!(
+        offer.conv,
+        conclave_client::proto::Conv::Direct(_)
+    ));
+    let got = tokio::time::timeout(
+        WAIT,
+        bob.accept_file(&offer.file_id, inbox.path(), p2p_options()),
+    )
+    .await
+    .expect("accept in time")
+    .expect("accept through the relay");
+    assert_eq!(got.via, Via::Relay);
+    assert!(got.fallback.is_some());
+    let (stem, ext) = name.rsplit_once('.').expect("ext");
+    assert_eq!(got.path, inbox.path().join(format!("{stem} (1).{ext}")));
+    assert!(std::fs::read(&got.path).expect("read") == content, "intact");
+    let sent = tokio::time::timeout(WAIT, sending)
+        .await
+        .expect("the sender settles")
+        .expect("task")
+        .expect("send");
+    assert!(sent.relayed, "the relay copy was uploaded on demand");
+
+    // What the server keeps: neither the content nor the name, in any file.
+    drop((alice, bob));
+    let dir = srv.stop(WAIT).await;
+    assert!(grep_dir(dir.path(), marker).is_empty());
+    assert!(grep_dir(dir.path(), name.as_bytes()).is_empty());
+}
