@@ -667,7 +667,9 @@ impl Client {
             sha256,
             key,
             ..
-        }) = s.with(|d| d.file(&got.file_id)).map_err(e2ee_err)?
+        }) = s
+            .with(|d| d.file(&got.file_id, &got.from))
+            .map_err(e2ee_err)?
         else {
             return Ok(got);
         };
@@ -965,7 +967,7 @@ async fn run(
             ClientEvent::Server(Event::FileOffer(o)) if is_sealed_file(&o.name) => {
                 // An end-to-end file: shown with its real name and size once its description
                 // (an MLS message) is here.
-                let known = s.with(|d| d.file(&o.file_id).ok().flatten());
+                let known = s.with(|d| d.file(&o.file_id, &o.from).ok().flatten());
                 match known {
                     Some(p) => {
                         let _ = tx
@@ -1072,11 +1074,14 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
                 let _ = tx.send(ClientEvent::Server(Event::Message(plain))).await;
             }
             Payload::File { ref file_id, .. } => {
-                let waiting = s
-                    .offers_waiting
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(file_id);
+                // Only the description by the file's own sender opens it.
+                let waiting = {
+                    let mut w = s.offers_waiting.lock().unwrap_or_else(|e| e.into_inner());
+                    match w.get(file_id) {
+                        Some(o) if o.from == m.from => w.remove(file_id),
+                        _ => None,
+                    }
+                };
                 if let Some(o) = waiting {
                     let _ = tx
                         .send(ClientEvent::Server(Event::FileOffer(describe(o, &payload))))

@@ -209,6 +209,8 @@ impl Via {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileReceived {
     pub file_id: String,
+    /// Who offered it.
+    pub from: String,
     pub path: PathBuf,
     pub size: u64,
     pub via: Via,
@@ -738,6 +740,7 @@ impl Client {
         let elapsed = started.elapsed();
         Ok(FileReceived {
             file_id: offer.file_id.clone(),
+            from: offer.from.clone(),
             path,
             size: offer.size,
             via,

@@ -54,9 +54,11 @@ CREATE TABLE IF NOT EXISTS conclave_keys (
     id     BLOB PRIMARY KEY,
     record BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS conclave_files (
-    file_id TEXT PRIMARY KEY,
-    record  BLOB NOT NULL
+CREATE TABLE IF NOT EXISTS conclave_file_keys (
+    file_id TEXT NOT NULL,
+    sender  TEXT NOT NULL,
+    record  BLOB NOT NULL,
+    PRIMARY KEY (file_id, sender)
 );
 CREATE TABLE IF NOT EXISTS conclave_known_devices (
     user   TEXT NOT NULL,
@@ -935,20 +937,21 @@ impl Device {
     }
 
     /// The key and description of an end-to-end encrypted file this device was sent (or
-    /// sent), by the file's id.
-    pub fn file(&self, file_id: &str) -> Result<Option<Payload>, E2eeError> {
+    /// sent), by the file's id and the account that offered it: a description sent by anyone
+    /// else for the same id is never used for it.
+    pub fn file(&self, file_id: &str, sender: &str) -> Result<Option<Payload>, E2eeError> {
         let sealed: Option<Vec<u8>> = self
             .conn
             .query_row(
-                "SELECT record FROM conclave_files WHERE file_id = ?1",
-                [file_id],
+                "SELECT record FROM conclave_file_keys WHERE file_id = ?1 AND sender = ?2",
+                [file_id, sender],
                 |r| r.get(0),
             )
             .optional()?;
         match sealed {
             None => Ok(None),
             Some(s) => {
-                let ad = format!("conclave-file-v1|{file_id}");
+                let ad = file_ad(file_id, sender);
                 Ok(Some(Payload::decode(
                     &self.history.open(ad.as_bytes(), &s)?,
                 )?))
@@ -1008,11 +1011,14 @@ impl Device {
             return Ok(());
         }
         if let Payload::File { file_id, .. } = payload {
-            let ad = format!("conclave-file-v1|{file_id}");
+            // Kept under its sender: only the account that offered a file can describe it.
+            let ad = file_ad(file_id, from);
             self.conn.execute(
-                "INSERT OR REPLACE INTO conclave_files (file_id, record) VALUES (?1, ?2)",
+                "INSERT OR REPLACE INTO conclave_file_keys (file_id, sender, record)
+                 VALUES (?1, ?2, ?3)",
                 params![
                     file_id,
+                    from,
                     self.history.seal(ad.as_bytes(), &payload.encode()?)
                 ],
             )?;
@@ -1116,6 +1122,11 @@ impl Device {
             .take(limit as usize)
             .collect())
     }
+}
+
+/// What a file's sealed description is bound to: the file and the account that sent it.
+fn file_ad(file_id: &str, sender: &str) -> String {
+    format!("conclave-file-v2|{file_id}|{sender}")
 }
 
 fn members_of(group: &MlsGroup) -> Vec<MemberInfo> {

@@ -276,3 +276,57 @@ fn a_failed_operation_leaves_the_group_as_it_was() {
         assert_eq!(text(&got), Some(format!("m{i}")));
     }
 }
+
+/// A file's description counts only from the account that offered the file: another member
+/// describing the same file id (to make it fail, or open as something else) is kept apart.
+#[test]
+fn a_file_description_is_bound_to_its_sender() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let server = ServerSigner::generate().expect("server key");
+    let alice = Device::open(dirs[0].path(), "alice", "pw-a").expect("alice");
+    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("bob");
+    let mallory = Device::open(dirs[2].path(), "mallory", "pw-m").expect("mallory");
+    alice.create_group(CONV, server.public()).expect("create");
+    let kps = vec![
+        bob.key_packages(1).expect("kp").remove(0),
+        mallory.key_packages(1).expect("kp").remove(0),
+    ];
+    let out = alice.add_members(CONV, &kps).expect("add");
+    alice.confirm(CONV, 1).expect("merge");
+    let welcome = out.welcome.expect("welcome");
+    bob.join_welcome(CONV, &welcome, 1).expect("bob joins");
+    mallory
+        .join_welcome(CONV, &welcome, 1)
+        .expect("mallory joins");
+
+    let described = |name: &str, key: u8| Payload::File {
+        file_id: "f-1".into(),
+        name: name.into(),
+        size: 5,
+        sha256: [key; 32],
+        key: [key; 32],
+    };
+    let real = alice
+        .encrypt(CONV, &described("report.pdf", 1))
+        .expect("encrypt");
+    let fake = mallory
+        .encrypt(CONV, &described("evil.exe", 2))
+        .expect("encrypt");
+    // Mallory's comes both before and after Alice's.
+    bob.process(CONV, 2, "mallory", 0, &fake).expect("process");
+    bob.process(CONV, 3, "alice", 0, &real).expect("process");
+    let fake_again = mallory
+        .encrypt(CONV, &described("evil.exe", 3))
+        .expect("encrypt");
+    bob.process(CONV, 4, "mallory", 0, &fake_again)
+        .expect("process");
+    assert_eq!(
+        bob.file("f-1", "alice").expect("read"),
+        Some(described("report.pdf", 1))
+    );
+    assert_eq!(
+        bob.file("f-1", "mallory").expect("read"),
+        Some(described("evil.exe", 3))
+    );
+    assert_eq!(bob.file("f-1", "carol").expect("read"), None);
+}
