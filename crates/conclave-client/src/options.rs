@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use conclave_proto::{Cursor, DEFAULT_MAX_FRAME_BYTES, Request};
+use conclave_proto::{CLIENT_MAX_FRAME_BYTES, Cursor, Request};
 
 use crate::trust::Trust;
 
@@ -194,7 +194,7 @@ impl ConnectOptions {
             trust: Trust::PinnedOnly,
             state_dir: None,
             auth,
-            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_frame_bytes: CLIENT_MAX_FRAME_BYTES,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,

@@ -32,6 +32,12 @@ pub const FRAME_HEADER_BYTES: usize = 4;
 /// Default upper bound of one frame's body. The I/O layer refuses a larger length prefix before
 /// it allocates anything.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 * 1024;
+/// Default largest frame from a logged-in client: end-to-end commits of groups of thousands of
+/// devices carry their ratchet tree twice (GroupInfo and Welcome).
+pub const MEMBER_MAX_FRAME_BYTES: usize = 2 * 1024 * 1024;
+/// Default largest frame a client accepts from its server (a GroupInfo, a Welcome or a commit
+/// of a large end-to-end group).
+pub const CLIENT_MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 
 /// Default upper bound of one message body (text or opaque payload).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;

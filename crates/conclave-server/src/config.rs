@@ -58,6 +58,10 @@ pub struct Limits {
     /// Largest frame body accepted from a client; a larger length prefix ends the connection
     /// before anything is allocated.
     pub max_frame_bytes: usize,
+    /// Largest frame body accepted once the client has logged in (at least
+    /// `max_frame_bytes`): an end-to-end commit carries its group's GroupInfo and Welcome,
+    /// each with the whole ratchet tree (about 200 to 280 bytes per member).
+    pub max_member_frame_bytes: usize,
     /// Largest message body.
     pub max_message_bytes: usize,
     /// Most recipients named in one direct message (`to`) or `except` list.
@@ -97,6 +101,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_frame_bytes: conclave_proto::DEFAULT_MAX_FRAME_BYTES,
+            max_member_frame_bytes: conclave_proto::MEMBER_MAX_FRAME_BYTES,
             max_message_bytes: conclave_proto::DEFAULT_MAX_MESSAGE_BYTES,
             max_recipients: 100,
             max_connections: 50_000,
@@ -577,6 +582,9 @@ impl Config {
         let bad = |what: &str| Err(ConfigError::Invalid(what.to_string()));
         if l.max_frame_bytes < 1024 {
             return bad("limits.max_frame_bytes must be at least 1024");
+        }
+        if l.max_member_frame_bytes < l.max_frame_bytes {
+            return bad("limits.max_member_frame_bytes must be at least limits.max_frame_bytes");
         }
         if l.max_message_bytes + 1024 > l.max_frame_bytes {
             return bad(

@@ -177,14 +177,17 @@ async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) 
     let rate = RequestRate::new(limits, &config.files);
     let login_deadline = Instant::now() + limits.login_timeout();
     loop {
-        let deadline = match conn.user {
-            None => login_deadline,
-            Some(_) => Instant::now() + limits.idle_timeout(),
+        let (deadline, max_frame) = match conn.user {
+            None => (login_deadline, limits.max_frame_bytes),
+            Some(_) => (
+                Instant::now() + limits.idle_timeout(),
+                limits.max_member_frame_bytes,
+            ),
         };
         let next = tokio::select! {
             biased;
             _ = outbox.closed() => break,
-            n = tokio::time::timeout_at(deadline, read_frame(&mut frames, limits.max_frame_bytes)) => n,
+            n = tokio::time::timeout_at(deadline, read_frame(&mut frames, max_frame)) => n,
         };
         let bytes = match next {
             Err(_) => {
@@ -206,10 +209,7 @@ async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) 
                 if e.kind() == std::io::ErrorKind::InvalidData {
                     outbox.close(
                         DisconnectReason::TooLarge,
-                        format!(
-                            "a frame was larger than the server's limit of {} bytes",
-                            limits.max_frame_bytes
-                        ),
+                        format!("a frame was larger than the server's limit of {max_frame} bytes"),
                     );
                     tracing::info!(%peer, user = ?conn.user, "connection closed: oversize frame");
                 }
@@ -428,9 +428,20 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
             "frame too large",
         )));
     }
-    let mut body = vec![0u8; n];
-    Some(r.read_exact(&mut body).await.map(|_| body))
+    // Grown as the bytes arrive: a length prefix alone reserves nothing.
+    let mut body = Vec::with_capacity(n.min(READ_RESERVE_BYTES));
+    match (&mut *r).take(n as u64).read_to_end(&mut body).await {
+        Ok(got) if got == n => Some(Ok(body)),
+        Ok(_) => Some(Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the connection ended inside a frame",
+        ))),
+        Err(e) => Some(Err(e)),
+    }
 }
+
+/// What a frame's buffer starts with; larger frames grow it as their bytes arrive.
+const READ_RESERVE_BYTES: usize = 64 * 1024;
 
 /// Whether the session goes on after a request.
 #[derive(Debug, PartialEq, Eq)]

@@ -101,6 +101,7 @@ async fn a_frame_over_the_limit_ends_the_connection_with_a_reason() {
     let srv = TestServer::start(|c| {
         c.limits.max_frame_bytes = 8 * 1024;
         c.limits.max_message_bytes = 4 * 1024;
+        c.limits.max_member_frame_bytes = 64 * 1024;
     })
     .await;
     let mut c = Raw::register(&srv, "alice").await;
@@ -111,8 +112,43 @@ async fn a_frame_over_the_limit_ends_the_connection_with_a_reason() {
     c.w.flush().await.expect("flush");
     let (reason, message) = c.disconnect_event().await.expect("told why");
     assert_eq!(reason, DisconnectReason::TooLarge);
-    assert!(message.contains("8192"), "{message}");
+    assert!(message.contains("65536"), "{message}");
     still_serving(&srv).await;
+    srv.stop().await;
+}
+
+/// Before login the frame limit is `max_frame_bytes`; a logged-in client may send frames up
+/// to `max_member_frame_bytes` (end-to-end commits of large groups), still bounded.
+#[tokio::test]
+async fn logged_in_clients_may_send_larger_frames_than_strangers() {
+    let srv = TestServer::start(|c| {
+        c.limits.max_frame_bytes = 8 * 1024;
+        c.limits.max_message_bytes = 4 * 1024;
+        c.limits.max_member_frame_bytes = 64 * 1024;
+    })
+    .await;
+    let mut stranger = Raw::connect(&srv).await;
+    stranger
+        .w
+        .write_all(&frame_bytes(&vec![0u8; 20 * 1024]))
+        .await
+        .expect("write");
+    stranger.w.flush().await.expect("flush");
+    let (reason, message) = stranger.disconnect_event().await.expect("told why");
+    assert_eq!(reason, DisconnectReason::TooLarge);
+    assert!(message.contains("8192"), "{message}");
+
+    // The same size from a member is read and answered: the message in it is too long.
+    let mut alice = Raw::register(&srv, "alice").await;
+    let r = alice.send_room("general", &"x".repeat(20 * 1024)).await;
+    assert!(
+        matches!(&r, Err(e) if e.code == ErrorCode::TooLarge),
+        "{r:?}"
+    );
+    assert!(matches!(
+        alice.request(Request::Ping { nonce: 3 }).await,
+        Ok(Reply::Pong { nonce: 3 })
+    ));
     srv.stop().await;
 }
 
