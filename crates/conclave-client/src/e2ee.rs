@@ -336,29 +336,28 @@ impl Client {
             ConvRef::Room(r) => room_key(r),
             ConvRef::With(_) => return Ok(false),
         };
-        for _ in 0..SEND_ATTEMPTS {
-            let _ops = s.ops.lock().await;
-            let info = match self
-                .request(Request::E2eeGroupInfo { conv: conv.clone() })
-                .await?
-            {
-                Reply::E2eeGroupInfo(Some(GroupInfoData { group_info, .. })) => group_info,
-                Reply::E2eeGroupInfo(None) => return Ok(false),
-                other => return Err(crate::connection::unexpected("e2ee_group_info", &other)),
-            };
-            let out = s.with(|d| d.join_external(&key, &info)).map_err(e2ee_err)?;
-            match self.commit(s, &conv, &key, out, true).await {
-                Ok(_) => return Ok(true),
-                Err(ClientError::Server(b)) if b.code == ErrorCode::StaleEpoch => {
-                    drop(_ops);
-                    tokio::time::sleep(SEND_RETRY_WAIT).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(e2ee_err(
+        let (conv, key) = (&conv, &key);
+        retry_group_op(
+            s,
             "the group kept changing while joining; try again later",
-        ))
+            || {
+                Box::pin(async move {
+                    let info = match self
+                        .request(Request::E2eeGroupInfo { conv: conv.clone() })
+                        .await?
+                    {
+                        Reply::E2eeGroupInfo(Some(GroupInfoData { group_info, .. })) => group_info,
+                        Reply::E2eeGroupInfo(None) => return Ok(Attempt::Done(false)),
+                        other => {
+                            return Err(crate::connection::unexpected("e2ee_group_info", &other));
+                        }
+                    };
+                    let out = s.with(|d| d.join_external(key, &info)).map_err(e2ee_err)?;
+                    again_if_stale(self.commit(s, conv, key, out, true).await.map(|_| true))
+                })
+            },
+        )
+        .await
     }
 
     /// Sends a commit; merges it once the server accepted it, drops it when refused.
@@ -448,35 +447,27 @@ impl Client {
         if !s.has_group(&key) {
             return Ok(());
         }
-        for _ in 0..SEND_ATTEMPTS {
-            let _ops = s.ops.lock().await;
-            let kps = match self
-                .request(Request::E2eeClaim {
-                    users: vec![user.to_string()],
-                })
-                .await?
-            {
-                Reply::E2eeKeyPackages(k) => k,
-                other => return Err(crate::connection::unexpected("e2ee_claim", &other)),
-            };
-            if kps.is_empty() {
-                return Ok(());
-            }
-            let kps: Vec<Vec<u8>> = kps.into_iter().map(|k| k.key_package.into_vec()).collect();
-            let out = s.with(|d| d.add_members(&key, &kps)).map_err(e2ee_err)?;
-            match self
-                .commit(&s, &ConvRef::Room(room.to_string()), &key, out, false)
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(ClientError::Server(b)) if b.code == ErrorCode::StaleEpoch => {
-                    drop(_ops);
-                    tokio::time::sleep(SEND_RETRY_WAIT).await;
+        let (s, key, conv) = (&s, &key, &ConvRef::Room(room.to_string()));
+        retry_group_op(s, "the group kept changing; invite again", || {
+            Box::pin(async move {
+                let kps = match self
+                    .request(Request::E2eeClaim {
+                        users: vec![user.to_string()],
+                    })
+                    .await?
+                {
+                    Reply::E2eeKeyPackages(k) => k,
+                    other => return Err(crate::connection::unexpected("e2ee_claim", &other)),
+                };
+                if kps.is_empty() {
+                    return Ok(Attempt::Done(()));
                 }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(e2ee_err("the group kept changing; invite again"))
+                let kps: Vec<Vec<u8>> = kps.into_iter().map(|k| k.key_package.into_vec()).collect();
+                let out = s.with(|d| d.add_members(key, &kps)).map_err(e2ee_err)?;
+                again_if_stale(self.commit(s, conv, key, out, false).await.map(|_| ()))
+            })
+        })
+        .await
     }
 
     /// Makes the direct conversation with `to` end-to-end encrypted: a group of every
@@ -709,44 +700,40 @@ impl Client {
     ) -> Result<(u64, String, i64), ClientError> {
         let key = self.target_key(target);
         let idem = uuid::Uuid::now_v7().to_string();
-        for _ in 0..SEND_ATTEMPTS {
-            let _ops = s.ops.lock().await;
-            let data = match s.with(|d| d.encrypt(&key, payload)) {
-                Ok(d) => d,
-                Err(conclave_e2ee::E2eeError::Refused(_)) => {
-                    // A removal is pending: the events task commits it; wait for that.
-                    drop(_ops);
-                    tokio::time::sleep(SEND_RETRY_WAIT).await;
-                    continue;
-                }
-                Err(e) => return Err(e2ee_err(e)),
-            };
-            let req = Request::Send {
-                target: target.clone(),
-                body: Body {
-                    content_type: CT_APP.into(),
-                    data,
-                },
-                idempotency_key: Some(idem.clone()),
-            };
-            match self.request(req).await {
-                Ok(Reply::Sent {
-                    msg_id, seq, ts_ms, ..
-                }) => {
-                    let _ = s.with(|d| d.record_own(&key, seq, ts_ms, payload));
-                    return Ok((seq, msg_id, ts_ms));
-                }
-                Ok(other) => return Err(crate::connection::unexpected("send", &other)),
-                Err(ClientError::Server(b)) if b.code == ErrorCode::StaleEpoch => {
-                    drop(_ops);
-                    tokio::time::sleep(SEND_RETRY_WAIT).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(e2ee_err(
+        let (key, idem) = (&key, &idem);
+        retry_group_op(
+            s,
             "the conversation's group kept changing; the message was not sent. Try again",
-        ))
+            || {
+                Box::pin(async move {
+                    let data = match s.with(|d| d.encrypt(key, payload)) {
+                        Ok(d) => d,
+                        // A removal is pending: the events task commits it; wait for that.
+                        Err(conclave_e2ee::E2eeError::Refused(_)) => return Ok(Attempt::Again),
+                        Err(e) => return Err(e2ee_err(e)),
+                    };
+                    let req = Request::Send {
+                        target: target.clone(),
+                        body: Body {
+                            content_type: CT_APP.into(),
+                            data,
+                        },
+                        idempotency_key: Some(idem.clone()),
+                    };
+                    match again_if_stale(self.request(req).await)? {
+                        Attempt::Done(Reply::Sent {
+                            msg_id, seq, ts_ms, ..
+                        }) => {
+                            let _ = s.with(|d| d.record_own(key, seq, ts_ms, payload));
+                            Ok(Attempt::Done((seq, msg_id, ts_ms)))
+                        }
+                        Attempt::Done(other) => Err(crate::connection::unexpected("send", &other)),
+                        Attempt::Again => Ok(Attempt::Again),
+                    }
+                })
+            },
+        )
+        .await
     }
 
     /// The conversation key a send to `target` goes to (a direct conversation includes me).
@@ -997,6 +984,48 @@ async fn run(
             }
         }
     }
+}
+
+/// One attempt at a group operation (boxed: the futures of the callers' closures are `Send`).
+type AttemptFuture<'a, T> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Attempt<T>, ClientError>> + Send + 'a>,
+>;
+
+/// What one attempt at a group operation came to.
+enum Attempt<T> {
+    Done(T),
+    /// The group changed under it (a commit won the epoch first, a removal is pending):
+    /// try again once this device has caught up.
+    Again,
+}
+
+/// A stale epoch means "try again"; anything else is the result.
+fn again_if_stale<T>(r: Result<T, ClientError>) -> Result<Attempt<T>, ClientError> {
+    match r {
+        Ok(t) => Ok(Attempt::Done(t)),
+        Err(ClientError::Server(b)) if b.code == ErrorCode::StaleEpoch => Ok(Attempt::Again),
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs a group operation under the device's operation lock until it is done, at most
+/// [`SEND_ATTEMPTS`] times, waiting [`SEND_RETRY_WAIT`] without the lock between attempts (so
+/// the events task can bring the group up to date); then fails with `give_up`.
+async fn retry_group_op<'a, T>(
+    s: &Secure,
+    give_up: &str,
+    mut attempt: impl FnMut() -> AttemptFuture<'a, T>,
+) -> Result<T, ClientError> {
+    for _ in 0..SEND_ATTEMPTS {
+        let ops = s.ops.lock().await;
+        let result = attempt().await;
+        drop(ops);
+        match result? {
+            Attempt::Done(t) => return Ok(t),
+            Attempt::Again => tokio::time::sleep(SEND_RETRY_WAIT).await,
+        }
+    }
+    Err(e2ee_err(give_up))
 }
 
 /// The name under which end-to-end files travel (the server never sees the real one).
