@@ -189,7 +189,9 @@ async fn serve(
                 return Ok(());
             }
             Request::Announce { text } if text == "big" => {
-                framed.send(Bytes::from(vec![0u8; 300 * 1024])).await?;
+                // Over the client's limit for frames from its server.
+                let over = conclave_proto::CLIENT_MAX_FRAME_BYTES + 1024;
+                framed.send(Bytes::from(vec![0u8; over])).await?;
                 continue;
             }
             Request::Announce { text } if text == "silent" => continue,
