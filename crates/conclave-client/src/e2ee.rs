@@ -79,7 +79,15 @@ pub(crate) struct Secure {
     sealed_waiting: Mutex<HashMap<[u8; 16], Message>>,
     /// Offers of end-to-end files whose description (MLS message) has not arrived yet.
     offers_waiting: Mutex<HashMap<String, Box<conclave_proto::FileOffer>>>,
+    /// Users found without a device, and when: direct messages to them go server-encrypted
+    /// without asking the server again for [`NO_DEVICE_RECHECK`] (bounded).
+    no_device: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a user found without a device is taken to still have none.
+const NO_DEVICE_RECHECK: Duration = Duration::from_secs(30);
+/// Most users remembered as having no device.
+const MAX_NO_DEVICE: usize = 1000;
 
 fn e2ee_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::E2ee {
@@ -152,6 +160,7 @@ impl Client {
             ops: tokio::sync::Mutex::new(()),
             sealed_waiting: Mutex::new(HashMap::new()),
             offers_waiting: Mutex::new(HashMap::new()),
+            no_device: Mutex::new(HashMap::new()),
         });
         if self.core().secure.set(secure.clone()).is_err() {
             return Err(e2ee_err("end-to-end encryption is on already"));
@@ -485,12 +494,28 @@ impl Client {
             .cloned()
             .collect();
         for u in &others {
+            let recently = s
+                .no_device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(u)
+                .is_some_and(|at| at.elapsed() < NO_DEVICE_RECHECK);
+            if recently {
+                return Ok(false);
+            }
             match self
                 .request(Request::E2eeDevices { user: u.clone() })
                 .await?
             {
                 Reply::E2eeDevices(d) if !d.is_empty() => {}
-                Reply::E2eeDevices(_) => return Ok(false),
+                Reply::E2eeDevices(_) => {
+                    let mut none = s.no_device.lock().unwrap_or_else(|e| e.into_inner());
+                    if none.len() >= MAX_NO_DEVICE {
+                        none.clear();
+                    }
+                    none.insert(u.clone(), std::time::Instant::now());
+                    return Ok(false);
+                }
                 other => return Err(crate::connection::unexpected("e2ee_devices", &other)),
             }
         }

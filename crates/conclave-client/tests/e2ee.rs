@@ -182,7 +182,7 @@ async fn offline_member_catches_up_votekick_and_concurrent_commits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2ee_files_and_direct_messages() {
-    let srv = setup(&["alice", "bob", "carol"], |_| {}).await;
+    let srv = setup(&["alice", "bob", "carol", "dave"], |_| {}).await;
     let states: Vec<_> = (0..3)
         .map(|_| tempfile::tempdir().expect("state"))
         .collect();
@@ -277,7 +277,30 @@ async fn e2ee_files_and_direct_messages() {
             .all(|m| m.body.content_type.starts_with("application/mls-"))
     );
     assert!(grep_dir(srv.dir.path(), b"a-private-word-77").is_empty());
-    drop((alice, bob, carol));
+
+    // Dave has never used an end-to-end client: a direct message to him is server-encrypted
+    // (readable by him, not end to end); the conversation has no group.
+    let dave_state = tempfile::tempdir().expect("state");
+    let opts = common::options(&srv, "dave", dave_state.path(), WAIT);
+    let (dave, mut d_ev, _) = tokio::time::timeout(WAIT, Client::connect(opts))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    for word in ["plain-to-dave-1", "plain-to-dave-2"] {
+        alice
+            .send_to_users(&["dave".to_string()], word)
+            .await
+            .expect("dm to dave");
+        let got = wait_for(&mut d_ev, |e| match e {
+            ClientEvent::Server(Event::Message(m)) => m.body.as_text().map(str::to_string),
+            _ => None,
+        })
+        .await;
+        assert_eq!(got, word);
+    }
+    let dave_conv = conclave_client::proto::Conv::Direct(vec!["alice".into(), "dave".into()]);
+    assert!(!alice.is_e2ee(&dave_conv));
+    drop((alice, bob, carol, dave));
     srv.stop(WAIT).await;
 }
 
