@@ -885,7 +885,7 @@ async fn json_client_session() {
     assert_eq!(
         direct,
         &json!({"event":"message","to":["alice"],"from":"bob","text":"psst","msg_id":"m-2",
-                "seq":2,"ts":1002})
+                "seq":2,"ts":1002,"e2ee":false})
     );
     // Each conversation's message once: the echo of our own and the repeat are dropped.
     assert_eq!(lines.iter().filter(|l| l["event"] == "message").count(), 2);

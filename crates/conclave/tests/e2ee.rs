@@ -58,6 +58,7 @@ fn json_e2ee_rooms_devices_and_server_encrypted_rooms() {
     alice.ok(json!(4));
     let m = bob.message(secret);
     assert_eq!(m["from"], "alice");
+    assert_eq!(m["e2ee"], true, "{m}");
     // Bob's history and search of it are his device's own.
     bob.send(json!({"cmd": "history", "room": "sec", "id": 5}));
     let h = bob.ok(json!(5));
@@ -102,7 +103,8 @@ fn json_e2ee_rooms_devices_and_server_encrypted_rooms() {
     carol.ok(json!(10));
     alice.send(json!({"cmd": "send", "room": "open", "text": "plain-ish words 32", "id": 11}));
     alice.ok(json!(11));
-    carol.message("plain-ish words 32");
+    let m = carol.message("plain-ish words 32");
+    assert_eq!(m["e2ee"], false, "{m}");
     carol.send(json!({"cmd": "rooms", "id": 12}));
     let rooms = carol.ok(json!(12));
     let open = rooms["rooms"]

@@ -143,7 +143,7 @@ pub async fn run(
         e2ee,
         order: CallOrder::default(),
     };
-    let forwarder = forward_events(events, out, quitting, ended_tx);
+    let forwarder = forward_events(events, driver.client.clone_weak(), out, quitting, ended_tx);
     let writer = write_output(stdout, out_rx, output_failed);
     let (outcome, (), written) = tokio::join!(driver.run(stdin), forwarder, writer);
     written?;
@@ -544,6 +544,7 @@ impl Driver {
 /// end anything.
 async fn forward_events(
     mut events: Events,
+    client: crate::connection::WeakClient,
     out: mpsc::Sender<String>,
     quitting: Arc<AtomicBool>,
     ended: watch::Sender<Ended>,
@@ -562,7 +563,15 @@ async fn forward_events(
             }
             ended.send_replace(Some((*reason, message.clone())));
         } else {
-            let _ = out.send(line(&render::client_event(&event))).await;
+            let mut value = render::client_event(&event);
+            // Which kind of conversation a message came in: end-to-end or server-encrypted.
+            if let (ClientEvent::Server(conclave_proto::Event::Message(m)), Value::Object(map)) =
+                (&event, &mut value)
+            {
+                let e2ee = client.upgrade().is_some_and(|c| c.is_e2ee(&m.conv));
+                map.insert("e2ee".into(), e2ee.into());
+            }
+            let _ = out.send(line(&value)).await;
         }
     }
     ended.send_if_modified(|e| {
