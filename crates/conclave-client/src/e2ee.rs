@@ -132,6 +132,17 @@ impl Secure {
     fn has_group(&self, conv: &str) -> bool {
         self.with(|d| d.has_group(conv).unwrap_or(false))
     }
+
+    /// Creates the conversation's group with the server as external sender; its GroupInfo.
+    fn create_group(&self, conv: &str) -> Result<Vec<u8>, ClientError> {
+        let server_key = self
+            .server_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.with(|d| d.create_group(conv, &server_key))
+            .map_err(e2ee_err)
+    }
 }
 
 impl Client {
@@ -275,13 +286,7 @@ impl Client {
                 conv: ConvRef::Room(room),
                 ..
             } => s.has_group(&room_key(room)),
-            Request::Send { .. }
-            | Request::History { .. }
-            | Request::Join { .. }
-            | Request::Invite { .. }
-            | Request::CreateRoom { .. }
-            | Request::Search { .. } => true,
-            _ => false,
+            other => crate::order::is_conversation_request(other),
         }
     }
 
@@ -419,15 +424,8 @@ impl Client {
             .ok_or_else(|| e2ee_err("end-to-end encryption is off for this session"))?;
         self.create_room(room, private, password).await?;
         let key = room_key(room);
-        let server_key = s
-            .server_key
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
         let _ops = s.ops.lock().await;
-        let gi = s
-            .with(|d| d.create_group(&key, &server_key))
-            .map_err(e2ee_err)?;
+        let gi = s.create_group(&key)?;
         self.request(Request::E2eeCreate {
             conv: ConvRef::Room(room.to_string()),
             group_info: Bytes::from(gi),
@@ -520,18 +518,11 @@ impl Client {
             }
         }
         let conv = ConvRef::With(others.clone());
-        let server_key = s
-            .server_key
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
         let _ops = s.ops.lock().await;
         if s.has_group(key) {
             return Ok(true);
         }
-        let gi = s
-            .with(|d| d.create_group(key, &server_key))
-            .map_err(e2ee_err)?;
+        let gi = s.create_group(key)?;
         match self
             .request(Request::E2eeCreate {
                 conv: conv.clone(),

@@ -8,7 +8,23 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use conclave_proto::Request;
 use tokio::sync::oneshot;
+
+/// The requests [`crate::Client::call`] may handle itself for end-to-end encryption (sends,
+/// joins, invitations, new rooms, history, search): while any of them is under way, the others
+/// take their turn behind it.
+pub fn is_conversation_request(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Send { .. }
+            | Request::Join { .. }
+            | Request::Invite { .. }
+            | Request::CreateRoom { .. }
+            | Request::History { .. }
+            | Request::Search { .. }
+    )
+}
 
 /// Hands out turns in the order they were asked for.
 #[derive(Default)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use conclave_client::order::CallOrder;
+use conclave_client::order::{CallOrder, is_conversation_request};
 use conclave_client::proto::Request;
 use conclave_client::{Client, ClientError, ConnectOptions, Events, Session, TrustError};
 use ratatui::crossterm::event::{self, Event};
@@ -107,16 +107,8 @@ async fn submit_in_order(
 ) {
     let mut order = CallOrder::default();
     while let Some((tag, req, plain)) = requests.recv().await {
-        let conversation = matches!(
-            req,
-            Request::Send { .. }
-                | Request::Join { .. }
-                | Request::Invite { .. }
-                | Request::CreateRoom { .. }
-                | Request::History { .. }
-                | Request::Search { .. }
-        );
-        if conversation && (order.busy() || (!plain && client.handles_e2ee(&req))) {
+        if is_conversation_request(&req) && (order.busy() || (!plain && client.handles_e2ee(&req)))
+        {
             // End-to-end conversations: the library encrypts, adds to groups, reads locally.
             let (client, tx) = (client.clone(), tx.clone());
             let mut turn = order.turn();

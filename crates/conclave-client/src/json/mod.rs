@@ -150,20 +150,6 @@ pub async fn run(
     outcome
 }
 
-/// Requests that go through the library's end-to-end handling rather than straight to the
-/// server: sends (encrypted), joins and invitations (the MLS group too), history and search
-/// (local for end-to-end conversations).
-fn needs_e2ee_path(req: &Request) -> bool {
-    matches!(
-        req,
-        Request::Send { .. }
-            | Request::Join { .. }
-            | Request::Invite { .. }
-            | Request::History { .. }
-            | Request::Search { .. }
-    )
-}
-
 async fn e2ee_request(client: &Client, req: Request) -> Result<Map<String, Value>, ClientError> {
     let reply = client.call(req).await?;
     match render::result(None, &Ok(reply)) {
@@ -384,7 +370,7 @@ impl Driver {
             // are under way, the requests that touch conversations queue behind them.
             Action::Request(req)
                 if self.e2ee
-                    && needs_e2ee_path(&req)
+                    && crate::order::is_conversation_request(&req)
                     && (self.client.handles_e2ee(&req) || self.order.busy()) =>
             {
                 let client = self.client.clone();
