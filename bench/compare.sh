@@ -234,7 +234,7 @@ done
     echo "Each server pinned to CPU 0, the generator on the others; TLS 1.3 on loopback."
     echo "Made by bench/compare.sh; settings changed from the defaults are listed there."
     echo
-    echo "| preset | server | connected | conn/s | deliveries/s | p50 ms | p99 ms | max ms | server CPU µs/delivery | server CPU use | RSS KiB/conn | peak RSS MiB | generator CPU use | errors |"
+    echo "| preset | server | connected | conn/s | deliveries/s | p50 ms | p99 ms | max ms | socket p50 / p99 ms | server CPU µs/delivery | server CPU use | RSS KiB/conn | peak RSS MiB | generator CPU use | errors |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     for preset in "${PRESETS[@]}"; do
         for name in ngircd inspircd conclave; do
@@ -243,7 +243,7 @@ done
             jq -r --arg preset "$preset" '
                 def n(d): if . == null then "-" else (. * pow(10; d) | round / pow(10; d) | tostring) end;
                 def pct: if . == null then "-" else ((. * 100 | round | tostring) + "%") end;
-                "| \($preset) | \(.server.label) | \(.clients_connected) | \(.connects_per_sec | n(0)) | \(.deliveries_per_sec | n(0)) | \(.latency_ms.p50 | n(2)) | \(.latency_ms.p99 | n(2)) | \(.latency_ms.max | n(1)) | \(.server_cpu_us_per_delivery | n(2)) | \(.server_cpu_util | pct) | \(.server_rss_kib_per_conn | n(1)) | \(if .server_peak_rss_kib == null then "-" else (.server_peak_rss_kib / 1024 | n(0)) end) | \(.generator_cpu_util | pct) | \(.errors)\(if .complete then "" else " (partial)" end) |"
+                "| \($preset) | \(.server.label) | \(.clients_connected) | \(.connects_per_sec | n(0)) | \(.deliveries_per_sec | n(0)) | \(.latency_ms.p50 | n(2)) | \(.latency_ms.p99 | n(2)) | \(.latency_ms.max | n(1)) | \(.socket_latency_ms.p50 | n(2)) / \(.socket_latency_ms.p99 | n(2)) | \(.server_cpu_us_per_delivery | n(2)) | \(.server_cpu_util | pct) | \(.server_rss_kib_per_conn | n(1)) | \(if .server_peak_rss_kib == null then "-" else (.server_peak_rss_kib / 1024 | n(0)) end) | \(.generator_cpu_util | pct) | \(.errors)\(if .complete then "" else " (partial)" end) |"
             ' "$f"
         done
     done

@@ -30,7 +30,6 @@ use conclave_client::{
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsConnector;
@@ -40,6 +39,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use crate::measure::{Recorder, now_ns, parse_stamp_bytes, stamp_text};
 use crate::net::{self, CertCheck};
 use crate::run::{CONNECT_TIMEOUT, Ctx, JOIN_TIMEOUT, Pacer, Phase, SETTLE};
+use crate::stamped::StampedTcp;
 
 /// The password of every benchmark account.
 pub const BENCH_PASSWORD: &str = "conclave-bench-password";
@@ -223,7 +223,8 @@ async fn receive(mut events: Events, ctx: Arc<Ctx>) -> Recorder {
         };
         match event {
             Some(ClientEvent::Server(Event::Message(m))) => {
-                record(&ctx, &mut rec, m.body.as_text());
+                // The library reads the socket itself: no kernel stamp here.
+                record(&ctx, &mut rec, m.body.as_text(), None);
             }
             Some(ClientEvent::Disconnected {
                 reason, message, ..
@@ -241,14 +242,19 @@ async fn receive(mut events: Events, ctx: Arc<Ctx>) -> Recorder {
     rec
 }
 
-fn record(ctx: &Ctx, rec: &mut Recorder, text: Option<&str>) {
-    record_bytes(ctx, rec, text.map(str::as_bytes).unwrap_or_default());
+fn record(ctx: &Ctx, rec: &mut Recorder, text: Option<&str>, arrived_ago_ns: Option<u64>) {
+    record_bytes(
+        ctx,
+        rec,
+        text.map(str::as_bytes).unwrap_or_default(),
+        arrived_ago_ns,
+    );
 }
 
-fn record_bytes(ctx: &Ctx, rec: &mut Recorder, text: &[u8]) {
+fn record_bytes(ctx: &Ctx, rec: &mut Recorder, text: &[u8], arrived_ago_ns: Option<u64>) {
     match parse_stamp_bytes(ctx.run_id, text) {
         Some(sent_ns) => {
-            rec.record(sent_ns);
+            rec.record(sent_ns, arrived_ago_ns);
             ctx.counters.delivered.fetch_add(1, Ordering::Relaxed);
         }
         None => {
@@ -434,7 +440,7 @@ async fn send_loop(client: Client, ctx: Arc<Ctx>, room: usize) {
 
 // ---- the raw client: idle connections and receivers -----------------------------------------
 
-type RawConn = Framed<TlsStream<TcpStream>, LengthDelimitedCodec>;
+type RawConn = Framed<TlsStream<StampedTcp>, LengthDelimitedCodec>;
 
 /// What every raw connection of a run shares.
 struct RawNet {
@@ -481,6 +487,7 @@ async fn raw_open(
     let source = net::source_ip(net.addr, i);
     let tcp = net::tcp_connect(net.addr, source)
         .await
+        .map(StampedTcp::new)
         .map_err(|e| fail("TCP connect", &e))?;
     let name = rustls::pki_types::ServerName::try_from("conclave-bench")
         .map_err(|e| fail("server name", &e))?;
@@ -571,6 +578,7 @@ async fn raw_request(
 /// else, pings now and then.
 async fn raw_loop(mut conn: RawConn, ctx: Arc<Ctx>) -> Recorder {
     let mut rec = Recorder::default();
+    let arrival = conn.get_ref().get_ref().0.arrival();
     let mut next_ping = Instant::now() + IDLE_PING_EVERY;
     let mut nonce = 0u64;
     loop {
@@ -579,9 +587,9 @@ async fn raw_loop(mut conn: RawConn, ctx: Arc<Ctx>) -> Recorder {
             _ = ctx.stop.cancelled() => break,
             frame = conn.next() => match frame {
                 Some(Ok(bytes)) => if let Some(text) = crate::wire_view::message_text(&bytes) {
-                    record_bytes(&ctx, &mut rec, text);
+                    record_bytes(&ctx, &mut rec, text, arrival.age_ns());
                 } else { match decode_server(&bytes) {
-                    Ok(ServerFrame::Event(Event::Message(m))) => record(&ctx, &mut rec, m.body.as_text()),
+                    Ok(ServerFrame::Event(Event::Message(m))) => record(&ctx, &mut rec, m.body.as_text(), arrival.age_ns()),
                     Ok(ServerFrame::Event(Event::Disconnect { reason, message })) => {
                         ctx.counters.disconnect(format!("disconnected ({}): {message}", reason.as_str()));
                         break;

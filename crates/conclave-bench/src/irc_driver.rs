@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
@@ -29,6 +28,7 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 use crate::measure::{Recorder, now_ns, parse_stamp, stamp_text};
 use crate::net;
 use crate::run::{CONNECT_TIMEOUT, Ctx, JOIN_TIMEOUT, Pacer, Phase, SETTLE};
+use crate::stamped::{Arrival, StampedTcp};
 
 /// Longest line accepted from the server (IRC says 512; servers with tags send more).
 const MAX_LINE_BYTES: usize = 16 * 1024;
@@ -41,7 +41,7 @@ const MAX_REGISTRATION_LINES: usize = 10_000;
 /// Bound on waiting for the tasks of a finished run to hand back their results.
 const COLLECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Stream = BufReader<TlsStream<TcpStream>>;
+type Stream = BufReader<TlsStream<StampedTcp>>;
 
 /// The nick of client `i` (short: some servers allow only 9 characters).
 pub fn nick(i: usize) -> String {
@@ -95,6 +95,7 @@ async fn register(target: &IrcTarget, i: usize) -> Result<Stream, String> {
     let source = net::source_ip(target.addr, i);
     let tcp = net::tcp_connect(target.addr, source)
         .await
+        .map(StampedTcp::new)
         .map_err(|e| format!("TCP connect: {e}"))?;
     let name = rustls::pki_types::ServerName::try_from("irc-bench")
         .map_err(|e| format!("server name: {e}"))?;
@@ -167,6 +168,7 @@ async fn write_loop(mut w: WriteHalf<Stream>, mut rx: mpsc::Receiver<String>) {
 /// own JOIN.
 async fn read_loop(
     r: ReadHalf<Stream>,
+    arrival: Arrival,
     out: mpsc::Sender<String>,
     ctx: Arc<Ctx>,
     me: String,
@@ -202,7 +204,7 @@ async fn read_loop(
         match p.command {
             "PRIVMSG" => match parse_stamp(ctx.run_id, trailing(p.params)) {
                 Some(sent_ns) => {
-                    rec.record(sent_ns);
+                    rec.record(sent_ns, arrival.age_ns());
                     ctx.counters.delivered.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {
@@ -238,12 +240,14 @@ async fn connect(ctx: &Arc<Ctx>, target: &IrcTarget, i: usize) -> Option<IrcConn
     match timeout_at(ctx.bounded(CONNECT_TIMEOUT), register(target, i)).await {
         Ok(Ok(stream)) => {
             ctx.connected.fetch_add(1, Ordering::Relaxed);
+            let arrival = stream.get_ref().get_ref().0.arrival();
             let (r, w) = tokio::io::split(stream);
             let (out, rx) = mpsc::channel(OUTBOUND_LINES);
             let (joined_tx, joined_rx) = oneshot::channel();
             tokio::spawn(write_loop(w, rx));
             let reader = tokio::spawn(read_loop(
                 r,
+                arrival,
                 out.clone(),
                 ctx.clone(),
                 nick(i),

@@ -32,6 +32,7 @@ pub mod preset;
 pub mod report;
 pub mod run;
 pub mod server_proc;
+pub mod stamped;
 pub mod wire_view;
 
 use std::sync::Arc;

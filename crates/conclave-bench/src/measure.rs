@@ -113,49 +113,78 @@ impl Counters {
     }
 }
 
-/// One receiver's latencies, in microseconds.
+/// One receiver's latencies, in microseconds: to the receiving task (`app`), and to the
+/// receiving socket (`socket`, from the kernel's receive stamp; see [`crate::stamped`]).
+/// Histograms are made on the first sample, so idle connections hold none.
+#[derive(Default)]
 pub struct Recorder {
-    hist: Histogram<u64>,
+    app: Option<Box<Histogram<u64>>>,
+    socket: Option<Box<Histogram<u64>>>,
 }
 
-impl Default for Recorder {
-    fn default() -> Self {
-        Recorder {
-            // Three significant digits: 0.1% resolution at any latency.
-            hist: Histogram::new_with_bounds(1, HIST_MAX_US, 3)
-                .unwrap_or_else(|_| Histogram::new(3).expect("3 significant digits is valid")),
-        }
+fn histogram() -> Box<Histogram<u64>> {
+    // Three significant digits: 0.1% resolution at any latency.
+    Box::new(
+        Histogram::new_with_bounds(1, HIST_MAX_US, 3)
+            .unwrap_or_else(|_| Histogram::new(3).expect("3 significant digits is valid")),
+    )
+}
+
+fn add(into: &mut Option<Box<Histogram<u64>>>, us: u64) {
+    into.get_or_insert_with(histogram)
+        .saturating_record(us.clamp(1, HIST_MAX_US));
+}
+
+fn summary(h: Option<&Histogram<u64>>) -> Latency {
+    let Some(h) = h.filter(|h| !h.is_empty()) else {
+        return Latency::default();
+    };
+    let ms = |us: u64| us as f64 / 1000.0;
+    Latency {
+        samples: h.len(),
+        p50: Some(ms(h.value_at_quantile(0.50))),
+        p90: Some(ms(h.value_at_quantile(0.90))),
+        p99: Some(ms(h.value_at_quantile(0.99))),
+        max: Some(ms(h.max())),
+        mean: Some(h.mean() / 1000.0),
     }
 }
 
 impl Recorder {
-    /// Records a message sent at `sent_ns` and received now.
-    pub fn record(&mut self, sent_ns: u64) {
-        let us = now_ns().saturating_sub(sent_ns) / 1000;
-        self.hist.saturating_record(us.clamp(1, HIST_MAX_US));
+    /// Records a message sent at `sent_ns` and received now. `arrived_ago_ns`: how long ago
+    /// its bytes reached the receiving socket, when the kernel said.
+    pub fn record(&mut self, sent_ns: u64, arrived_ago_ns: Option<u64>) {
+        let total = now_ns().saturating_sub(sent_ns);
+        add(&mut self.app, total / 1000);
+        if let Some(ago) = arrived_ago_ns {
+            add(&mut self.socket, total.saturating_sub(ago) / 1000);
+        }
     }
 
     pub fn merge(&mut self, other: &Recorder) {
-        // Same bounds on both sides: adding cannot fail.
-        let _ = self.hist.add(&other.hist);
+        for (into, from) in [
+            (&mut self.app, &other.app),
+            (&mut self.socket, &other.socket),
+        ] {
+            if let Some(from) = from {
+                // Same bounds on both sides: adding cannot fail.
+                let _ = into.get_or_insert_with(histogram).add(from.as_ref());
+            }
+        }
     }
 
     pub fn count(&self) -> u64 {
-        self.hist.len()
+        self.app.as_ref().map_or(0, |h| h.len())
     }
 
+    /// From send to the receiving task.
     pub fn summary(&self) -> Latency {
-        let ms = |us: u64| us as f64 / 1000.0;
-        let empty = self.hist.is_empty();
-        let at = |q: f64| (!empty).then(|| ms(self.hist.value_at_quantile(q)));
-        Latency {
-            samples: self.hist.len(),
-            p50: at(0.50),
-            p90: at(0.90),
-            p99: at(0.99),
-            max: (!empty).then(|| ms(self.hist.max())),
-            mean: (!empty).then(|| self.hist.mean() / 1000.0),
-        }
+        summary(self.app.as_deref())
+    }
+
+    /// From send to the receiving socket.
+    pub fn socket_summary(&self) -> Latency {
+        summary(self.socket.as_deref())
     }
 }
 
@@ -250,12 +279,31 @@ mod tests {
         let mut r = Recorder::default();
         assert!(r.summary().p50.is_none());
         let now = now_ns();
-        r.record(now);
+        r.record(now, None);
         let mut other = Recorder::default();
-        other.record(now);
+        other.record(now, Some(0));
         r.merge(&other);
         let s = r.summary();
         assert_eq!(s.samples, 2);
         assert!(s.p50.is_some() && s.p99 <= s.max);
+        assert_eq!(
+            r.socket_summary().samples,
+            1,
+            "only stamped receipts count there"
+        );
+    }
+
+    #[test]
+    fn socket_latency_leaves_out_the_wait_after_arrival() {
+        let mut r = Recorder::default();
+        // Sent, then 12 ms or more pass; the bytes arrived 8 ms before the receipt.
+        let sent = now_ns();
+        std::thread::sleep(Duration::from_millis(12));
+        r.record(sent, Some(8_000_000));
+        let app = r.summary().p50.unwrap();
+        let socket = r.socket_summary().p50.unwrap();
+        assert!(app >= 12.0, "{app}");
+        // 0.1% histogram precision on each side.
+        assert!((socket - (app - 8.0)).abs() < 0.05, "{socket} vs {app}");
     }
 }

@@ -44,6 +44,9 @@ pub struct Report {
     pub traffic_s: Option<f64>,
     pub deliveries_per_sec: Option<f64>,
     pub latency_ms: Latency,
+    /// From send to the receiving socket (kernel receive stamps): without the time messages
+    /// wait for the generator's CPU after arriving.
+    pub socket_latency_ms: Latency,
     pub server_cpu_s: Option<f64>,
     pub server_cpu_us_per_delivery: Option<f64>,
     /// Server CPU use during the traffic, as a fraction of one CPU.
@@ -86,6 +89,7 @@ impl Report {
             expected_deliveries: ctx.expected_deliveries(),
             deliveries: Counters::get(&c.delivered),
             latency_ms: ctx.latency(),
+            socket_latency_ms: ctx.socket_latency(),
             generator_cpus,
             errors: Counters::get(&c.errors),
             disconnects: Counters::get(&c.disconnects),
@@ -287,17 +291,21 @@ impl Report {
                     f2(self.traffic_s)
                 ),
             );
-            let l = &self.latency_ms;
-            row(
-                "latency ms p50 / p90 / p99 / max",
-                format!(
-                    "{} / {} / {} / {}",
-                    f3(l.p50),
-                    f3(l.p90),
-                    f3(l.p99),
-                    f3(l.max)
-                ),
-            );
+            for (what, l) in [
+                ("latency ms p50 / p90 / p99 / max", &self.latency_ms),
+                ("  to the socket (kernel stamp)", &self.socket_latency_ms),
+            ] {
+                row(
+                    what,
+                    format!(
+                        "{} / {} / {} / {}",
+                        f3(l.p50),
+                        f3(l.p90),
+                        f3(l.p99),
+                        f3(l.max)
+                    ),
+                );
+            }
             row(
                 "server CPU per delivery",
                 format!(

@@ -126,6 +126,13 @@ impl Ctx {
             .summary()
     }
 
+    pub fn socket_latency(&self) -> crate::measure::Latency {
+        self.latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .socket_summary()
+    }
+
     pub fn time_left(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
     }

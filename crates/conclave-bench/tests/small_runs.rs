@@ -84,6 +84,15 @@ async fn a_small_fanout_delivers_every_message_to_every_other_member() {
         l.max.unwrap(),
     );
     assert!(p50 <= p90 && p90 <= p99 && p99 <= max, "{l:?}");
+    // The receivers (raw clients; the senders use the client library and receive nothing
+    // here) also stamp each message's arrival at their socket: never later than the receipt
+    // by their task.
+    let s = &r.socket_latency_ms;
+    assert!(
+        s.samples > 0 && s.samples <= r.deliveries,
+        "stamped receipts: {s:?}"
+    );
+    assert!(s.max.unwrap() <= max, "{s:?} against {l:?}");
 
     let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("JSON");
     for key in [
@@ -96,6 +105,10 @@ async fn a_small_fanout_delivers_every_message_to_every_other_member() {
     }
     for key in ["p50", "p90", "p99", "max"] {
         assert!(json["latency_ms"][key].is_number(), "latency_ms.{key}");
+        assert!(
+            json["socket_latency_ms"][key].is_number(),
+            "socket_latency_ms.{key}"
+        );
     }
     assert!(r.to_table().contains("deliveries per second"));
     srv.stop().await;
