@@ -6,6 +6,8 @@
 #   bench/compare.sh                       fanout-100 fanout-500 paced-100 idle-10k
 #   bench/compare.sh idle-50k              any presets of `conclave bench`
 #   CONCLAVE=path/to/conclave bench/compare.sh
+#   BENCH_ARGS=--in-step bench/compare.sh paced-100    extra flags for every run
+#   OUT=bench/results-x.md bench/compare.sh            where the table goes
 #
 # Needs root for apt-get (skipped when the servers are installed already). A server whose
 # package cannot be installed or that does not start is reported and skipped. Each server is
@@ -25,7 +27,8 @@ fi
 NGIRCD_PORT=16697
 INSPIRCD_PORT=16698
 DATE=$(date -u +%Y-%m-%d)
-OUT=bench/results-$DATE.md
+OUT=${OUT:-bench/results-$DATE.md}
+read -r -a EXTRA <<<"${BENCH_ARGS:-}"
 WORK=$(mktemp -d /tmp/conclave-compare.XXXXXX)
 SERVER_PID=""
 
@@ -209,7 +212,7 @@ run_irc() {
     fi
     say "$label: $preset"
     "$CONCLAVE" bench --irc --server "127.0.0.1:$port" --fingerprint "$FINGERPRINT" \
-        --server-pid "$SERVER_PID" --preset "$preset" --label "$label" --json >"$json" \
+        --server-pid "$SERVER_PID" --preset "$preset" --label "$label" ${EXTRA[@]+"${EXTRA[@]}"} --json >"$json" \
         || say "$label $preset: the run reported errors (kept in the table)"
     stop_server
 }
@@ -222,7 +225,7 @@ for preset in "${PRESETS[@]}"; do
         run_irc inspircd "InspIRCd $(dpkg-query -W -f '${Version}' inspircd)" $INSPIRCD_PORT start_inspircd "$preset"
     fi
     say "Conclave: $preset"
-    "$CONCLAVE" bench --preset "$preset" --json >"$WORK/conclave-$preset.json" \
+    "$CONCLAVE" bench --preset "$preset" ${EXTRA[@]+"${EXTRA[@]}"} --json >"$WORK/conclave-$preset.json" \
         || say "Conclave $preset: the run reported errors (kept in the table)"
 done
 
@@ -233,9 +236,12 @@ done
     echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)."
     echo "Each server pinned to CPU 0, the generator on the others; TLS 1.3 on loopback."
     echo "Made by bench/compare.sh; settings changed from the defaults are listed there."
+    if [ -n "${BENCH_ARGS:-}" ]; then
+        echo "Extra flags for every run: \`$BENCH_ARGS\`."
+    fi
     echo
     echo "| preset | server | connected | conn/s | deliveries/s | p50 ms | p99 ms | max ms | socket p50 / p99 ms | server CPU µs/delivery | server CPU use | RSS KiB/conn | peak RSS MiB | generator CPU use | errors |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     for preset in "${PRESETS[@]}"; do
         for name in ngircd inspircd conclave; do
             f="$WORK/$name-$preset.json"

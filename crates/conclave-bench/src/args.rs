@@ -70,6 +70,10 @@ pub struct BenchArgs {
     /// Messages per second per sender (default: as fast as the window allows).
     #[arg(long, value_name = "PER_SEC")]
     pub rate: Option<f64>,
+    /// Paced senders all send at the same moments (bursts of S messages at once) instead of
+    /// being spread evenly over each interval.
+    #[arg(long)]
+    pub in_step: bool,
     /// Bytes of message text (at least the timestamp header, at most 400).
     #[arg(long, value_name = "BYTES")]
     pub size: Option<usize>,

@@ -309,7 +309,12 @@ async fn traffic(ctx: Arc<Ctx>, t: Arc<ConclaveTarget>) {
             let c = scn.sender_client(k);
             match (&members[c], scn.room_of(c)) {
                 (Some(Member::Lib { client, .. }), Some(room)) => {
-                    senders.push(tokio::spawn(send_loop(client.clone(), ctx.clone(), room)));
+                    senders.push(tokio::spawn(send_loop(
+                        client.clone(),
+                        ctx.clone(),
+                        room,
+                        k,
+                    )));
                 }
                 _ => ctx
                     .counters
@@ -382,10 +387,10 @@ async fn join_rooms(ctx: &Arc<Ctx>, members: &[Option<Member>]) {
 
 /// One sender: `messages` sends to its room, at most `window` awaiting acknowledgement, paced
 /// when a rate is set.
-async fn send_loop(client: Client, ctx: Arc<Ctx>, room: usize) {
+async fn send_loop(client: Client, ctx: Arc<Ctx>, room: usize, k: usize) {
     let scn = &ctx.scn;
     let name = ctx.room_name(room, false);
-    let pacer = Pacer::new(scn.rate);
+    let pacer = Pacer::new(scn.rate, scn.sender_phase(k));
     let mut inflight: FuturesUnordered<_> = FuturesUnordered::new();
     let settle = |r: Result<Reply, ClientError>| match r {
         Ok(Reply::Sent { .. }) => {

@@ -300,9 +300,12 @@ pub async fn run(ctx: Arc<Ctx>, target: Arc<IrcTarget>) {
             for k in 0..scn.senders {
                 let c = scn.sender_client(k);
                 match (&conns[c], scn.room_of(c)) {
-                    (Some(conn), Some(room)) => {
-                        senders.push(tokio::spawn(send_loop(conn.out.clone(), ctx.clone(), room)))
-                    }
+                    (Some(conn), Some(room)) => senders.push(tokio::spawn(send_loop(
+                        conn.out.clone(),
+                        ctx.clone(),
+                        room,
+                        k,
+                    ))),
                     _ => ctx
                         .counters
                         .error(format!("sender {} is not connected", nick(c))),
@@ -353,10 +356,10 @@ async fn join_channels(ctx: &Arc<Ctx>, conns: &mut [Option<IrcConn>]) {
         .await;
 }
 
-async fn send_loop(out: mpsc::Sender<String>, ctx: Arc<Ctx>, room: usize) {
+async fn send_loop(out: mpsc::Sender<String>, ctx: Arc<Ctx>, room: usize, k: usize) {
     let scn = &ctx.scn;
     let chan = ctx.room_name(room, true);
-    let pacer = Pacer::new(scn.rate);
+    let pacer = Pacer::new(scn.rate, scn.sender_phase(k));
     for i in 0..scn.messages {
         let due = pacer.due(i);
         if Instant::now() < due {

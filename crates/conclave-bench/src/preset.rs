@@ -105,6 +105,9 @@ pub struct Scenario {
     pub messages: u64,
     /// Per sender, messages per second; `None`: full speed.
     pub rate: Option<f64>,
+    /// Paced senders send at the same moments; otherwise sender k of S starts k/S of an
+    /// interval after the first, so the server sees a steady stream.
+    pub in_step: bool,
     pub size_bytes: usize,
     pub window: usize,
     #[serde(serialize_with = "secs")]
@@ -131,6 +134,7 @@ impl Default for Scenario {
             senders: 2,
             messages: 100,
             rate: None,
+            in_step: false,
             size_bytes: DEFAULT_SIZE_BYTES,
             window: DEFAULT_WINDOW,
             hold: Duration::ZERO,
@@ -166,6 +170,7 @@ impl Scenario {
         if args.rate.is_some() {
             s.rate = args.rate;
         }
+        s.in_step = args.in_step;
         if let Some(b) = args.size {
             s.size_bytes = b;
         }
@@ -253,6 +258,16 @@ impl Scenario {
 
     /// The client index of sender `k`: senders go round the rooms, each room's senders being
     /// its first members.
+    /// Where sender `k`'s first message falls within its interval, from 0 (at the start) to
+    /// below 1: spread evenly unless the senders go in step.
+    pub fn sender_phase(&self, k: usize) -> f64 {
+        if self.in_step || self.senders == 0 {
+            0.0
+        } else {
+            k as f64 / self.senders as f64
+        }
+    }
+
     pub fn sender_client(&self, k: usize) -> usize {
         let r = k % self.rooms.max(1);
         r + self.rooms.max(1) * (k / self.rooms.max(1))
@@ -301,6 +316,29 @@ mod tests {
             assert_eq!(s.room_of(*c), Some(k % 3));
             assert!(*c < s.clients);
         }
+    }
+
+    #[test]
+    fn paced_senders_are_spread_unless_in_step() {
+        let args = BenchArgs {
+            preset: Some(Preset::Paced100),
+            ..BenchArgs::default()
+        };
+        let spread = Scenario::from_args(&args).unwrap();
+        assert!(!spread.in_step);
+        let phases: Vec<f64> = (0..spread.senders)
+            .map(|k| spread.sender_phase(k))
+            .collect();
+        assert_eq!(phases.len(), 10);
+        assert_eq!(phases[0], 0.0);
+        assert_eq!(phases[5], 0.5);
+        assert!(phases.windows(2).all(|w| w[0] < w[1] && w[1] < 1.0));
+        let in_step = Scenario::from_args(&BenchArgs {
+            in_step: true,
+            ..args
+        })
+        .unwrap();
+        assert!((0..10).all(|k| in_step.sender_phase(k) == 0.0));
     }
 
     #[test]

@@ -251,7 +251,12 @@ impl Report {
                     "idle".to_string()
                 } else {
                     s.rate
-                        .map(|r| format!("{r} msg/s per sender"))
+                        .map(|r| {
+                            format!(
+                                "{r} msg/s per sender, {}",
+                                if s.in_step { "in step" } else { "spread" }
+                            )
+                        })
                         .unwrap_or_else(|| format!("full speed (window {})", s.window))
                 },
                 if s.hold.is_zero() {

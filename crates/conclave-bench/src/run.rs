@@ -197,18 +197,21 @@ impl Ctx {
     }
 }
 
-/// Spaces a sender's messages `1 / rate` apart from its start (no pacing without a rate).
-/// Late messages go at once, so the average rate holds.
+/// Spaces a sender's messages `1 / rate` apart from its start (no pacing without a rate),
+/// the first `phase` of an interval (0 to 1) after now. Late messages go at once, so the
+/// average rate holds.
 pub struct Pacer {
     start: Instant,
     interval: Option<Duration>,
 }
 
 impl Pacer {
-    pub fn new(rate: Option<f64>) -> Pacer {
+    pub fn new(rate: Option<f64>, phase: f64) -> Pacer {
+        let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r));
+        let offset = interval.map_or(Duration::ZERO, |iv| iv.mul_f64(phase.clamp(0.0, 1.0)));
         Pacer {
-            start: Instant::now(),
-            interval: rate.map(|r| Duration::from_secs_f64(1.0 / r)),
+            start: Instant::now() + offset,
+            interval,
         }
     }
 
@@ -241,9 +244,16 @@ mod tests {
 
     #[test]
     fn pacing_spreads_messages_evenly() {
-        let p = Pacer::new(Some(50.0));
+        let p = Pacer::new(Some(50.0), 0.0);
         assert_eq!(p.due(50) - p.due(0), Duration::from_secs(1));
-        let fast = Pacer::new(None);
+        let fast = Pacer::new(None, 0.5);
         assert_eq!(fast.due(1000), fast.due(0));
+        // A quarter of the way into the interval: 5 ms later than a sender in phase 0.
+        let late = Pacer::new(Some(50.0), 0.25);
+        let lag = late.due(0) - p.due(0);
+        assert!(
+            lag >= Duration::from_millis(5) && lag < Duration::from_millis(6),
+            "{lag:?}"
+        );
     }
 }
