@@ -96,14 +96,16 @@ async fn an_unknown_protocol_version_gets_a_clear_answer() {
     srv.stop().await;
 }
 
+/// Frame limits small enough to cross in a test: 8 KiB before login, 64 KiB after.
+fn small_frame_limits(c: &mut conclave_server::Config) {
+    c.limits.max_frame_bytes = 8 * 1024;
+    c.limits.max_message_bytes = 4 * 1024;
+    c.limits.max_member_frame_bytes = 64 * 1024;
+}
+
 #[tokio::test]
 async fn a_frame_over_the_limit_ends_the_connection_with_a_reason() {
-    let srv = TestServer::start(|c| {
-        c.limits.max_frame_bytes = 8 * 1024;
-        c.limits.max_message_bytes = 4 * 1024;
-        c.limits.max_member_frame_bytes = 64 * 1024;
-    })
-    .await;
+    let srv = TestServer::start(small_frame_limits).await;
     let mut c = Raw::register(&srv, "alice").await;
     // Announce a 1 GiB frame: refused from the length prefix, before any allocation.
     c.w.write_all(&(1u32 << 30).to_be_bytes())
@@ -121,12 +123,7 @@ async fn a_frame_over_the_limit_ends_the_connection_with_a_reason() {
 /// to `max_member_frame_bytes` (end-to-end commits of large groups), still bounded.
 #[tokio::test]
 async fn logged_in_clients_may_send_larger_frames_than_strangers() {
-    let srv = TestServer::start(|c| {
-        c.limits.max_frame_bytes = 8 * 1024;
-        c.limits.max_message_bytes = 4 * 1024;
-        c.limits.max_member_frame_bytes = 64 * 1024;
-    })
-    .await;
+    let srv = TestServer::start(small_frame_limits).await;
     let mut stranger = Raw::connect(&srv).await;
     stranger
         .w
