@@ -492,7 +492,6 @@ async fn raw_open(
     let source = net::source_ip(net.addr, i);
     let tcp = net::tcp_connect(net.addr, source)
         .await
-        .map(StampedTcp::new)
         .map_err(|e| fail("TCP connect", &e))?;
     let name = rustls::pki_types::ServerName::try_from("conclave-bench")
         .map_err(|e| fail("server name", &e))?;

@@ -95,7 +95,6 @@ async fn register(target: &IrcTarget, i: usize) -> Result<Stream, String> {
     let source = net::source_ip(target.addr, i);
     let tcp = net::tcp_connect(target.addr, source)
         .await
-        .map(StampedTcp::new)
         .map_err(|e| format!("TCP connect: {e}"))?;
     let name = rustls::pki_types::ServerName::try_from("irc-bench")
         .map_err(|e| format!("server name: {e}"))?;

@@ -9,7 +9,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
+
+use crate::stamped::StampedTcp;
 
 /// Connections per loopback source address: well under the ~28,000 ephemeral ports each
 /// (source address, destination) pair has, so tens of thousands of connections to one port do
@@ -124,8 +126,9 @@ pub fn source_ip(server: SocketAddr, i: usize) -> Option<IpAddr> {
     }
 }
 
-/// Opens a TCP connection, from `source` when given.
-pub async fn tcp_connect(server: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+/// Opens a TCP connection, from `source` when given, with receive stamps on (every
+/// benchmark connection measures latency to its socket: see [`crate::stamped`]).
+pub async fn tcp_connect(server: SocketAddr, source: Option<IpAddr>) -> io::Result<StampedTcp> {
     let socket = match server {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -135,7 +138,7 @@ pub async fn tcp_connect(server: SocketAddr, source: Option<IpAddr>) -> io::Resu
     }
     let tcp = socket.connect(server).await?;
     tcp.set_nodelay(true)?;
-    Ok(tcp)
+    Ok(StampedTcp::new(tcp))
 }
 
 /// Raises this process's open-file limit to at least `want` if it can (root may raise the hard
