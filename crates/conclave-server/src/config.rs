@@ -609,15 +609,6 @@ impl Config {
         {
             return bad("every value in [files] must be above 0");
         }
-        // A login queues the pending offers at once, after a catch-up of up to half the
-        // outbound queue: more would overflow it, drop the client as too slow, and do the same
-        // at every reconnection.
-        if f.max_pending_offers as usize > l.outbound_queue_frames / 4 {
-            return Err(ConfigError::Invalid(format!(
-                "files.max_pending_offers ({}) must be at most a quarter of limits.outbound_queue_frames ({}), since a login sends them all at once: lower it or raise limits.outbound_queue_frames",
-                f.max_pending_offers, l.outbound_queue_frames
-            )));
-        }
         if l.requests_per_second == 0 || l.request_burst == 0 {
             return bad("limits.requests_per_second and request_burst must be above 0");
         }
@@ -730,29 +721,6 @@ mod tests {
             RegistrationPolicy::Invite.effective(lo),
             RegistrationPolicy::Invite
         );
-    }
-
-    #[test]
-    fn pending_offers_must_fit_in_a_login() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("c.toml");
-        std::fs::write(&p, "[files]\nmax_pending_offers = 1025\n").expect("write");
-        let err = Config::load(dir.path(), Some(&p))
-            .expect_err("must refuse")
-            .to_string();
-        assert!(
-            err.contains("files.max_pending_offers (1025)")
-                && err.contains("limits.outbound_queue_frames (4096)"),
-            "{err}"
-        );
-        std::fs::write(&p, "[files]\nmax_pending_offers = 1024\n").expect("write");
-        Config::load(dir.path(), Some(&p)).expect("a quarter of the queue is accepted");
-        std::fs::write(
-            &p,
-            "[limits]\noutbound_queue_frames = 40000\n[files]\nmax_pending_offers = 10000\n",
-        )
-        .expect("write");
-        Config::load(dir.path(), Some(&p)).expect("a larger queue allows more");
     }
 
     #[test]
