@@ -651,3 +651,62 @@ async fn p2p_to_an_offline_recipient_uploads_to_the_relay_at_once() {
     );
     srv.stop(WAIT).await;
 }
+
+#[tokio::test]
+async fn a_login_sends_no_more_offers_than_its_queue_takes() {
+    // 80 files wait for bob; his outbound queue holds 64 frames. A login used to queue every
+    // pending offer at once (up to `max_pending_offers`, 200), dropping him as too slow at every
+    // login. Now a login sends a quarter of the queue (16) and `files` lists them all.
+    const FILES: usize = 80;
+    let (srv, state) = setup(&["alice", "bob"], |c| {
+        c.limits.outbound_queue_frames = 64;
+        c.limits.requests_per_second = 100_000;
+        c.limits.request_burst = 100_000;
+    })
+    .await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, _alice_ev) = connect(&srv, "alice", state.path()).await;
+    let to_bob = Target::Users {
+        to: vec!["bob".into()],
+    };
+    for i in 0..FILES {
+        let (path, _) = make_file(work.path(), &format!("f{i}.bin"), 10, b"x");
+        alice
+            .send_file(&path, to_bob.clone(), FileOptions::default())
+            .await
+            .expect("send while bob is offline");
+    }
+
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+    let listed = match bob
+        .request(conclave_client::proto::Request::Files)
+        .await
+        .expect("files")
+    {
+        conclave_client::proto::Reply::Files(f) => f,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(listed.len(), FILES, "files lists every pending offer");
+    // The login's offers came before the reply; nothing else may have cut the connection.
+    let mut at_login = 0;
+    for _ in 0..10_000 {
+        match bob_ev.try_recv() {
+            Some(ClientEvent::Server(Event::FileOffer(_))) => at_login += 1,
+            Some(ClientEvent::Disconnected {
+                reason, message, ..
+            }) => {
+                panic!("bob was dropped: {reason:?} {message}")
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(at_login, 16, "a quarter of the queue at login");
+    bob.ping().await.expect("bob is still connected");
+    assert!(
+        bob_ev.try_recv().is_none(),
+        "no disconnection after the login"
+    );
+    drop((alice, bob));
+    srv.stop(WAIT).await;
+}

@@ -27,7 +27,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Bytes of each uploaded file: several chunks, so kills land mid-upload too.
 const FILE_BYTES: usize = 600 * 1024;
 /// Rooms bob creates and files he uploads, at most (each upload must show in carol's listing of
-/// pending offers at the end, which holds at most 1,024).
+/// pending offers at the end, `max_pending_offers` below).
 const MAX_UPLOADS: u64 = 1_000;
 
 struct Server {
@@ -230,8 +230,7 @@ async fn sigkill_under_mixed_load_loses_nothing() {
     // The load is as fast as the server takes it: the per-connection request rate limit (50
     // per second by default, then `flooding`, which ends a client for good) is not what this
     // test is about (a release build takes more than 5,000 sends a second from alice alone),
-    // nor the cap on the offers listed at once (200 by default; the most a configuration
-    // accepts is a quarter of the outbound queue, 1,024, and bob uploads at most
+    // nor the cap on the offers listed at once (200 by default; bob uploads at most
     // `MAX_UPLOADS`, so every upload fits in one listing).
     std::fs::write(
         dir.path().join("conclave.toml"),

@@ -511,11 +511,23 @@ pub async fn want_relay(conn: &Conn, user: &str, file_id: String) -> Result<Repl
     })
 }
 
-/// Pending offers for `user`.
+/// Pending offers for `user` (the `files` request): up to `files.max_pending_offers`.
 pub async fn pending(conn: &Conn, user: &str) -> Result<Vec<FileOffer>, ErrorBody> {
+    let limit = conn.shared.config().files.max_pending_offers;
+    pending_up_to(conn, user, limit).await
+}
+
+/// How many pending offers a login sends: `files.max_pending_offers`, but at most a quarter of
+/// the outbound queue. They are queued at once, after a catch-up of up to half the queue; more
+/// would drop the client as too slow at every login, for good. The rest are in `files`.
+pub fn offers_at_login(config: &crate::Config) -> u32 {
+    let quarter = u32::try_from(config.limits.outbound_queue_frames / 4).unwrap_or(u32::MAX);
+    config.files.max_pending_offers.min(quarter.max(1))
+}
+
+async fn pending_up_to(conn: &Conn, user: &str, limit: u32) -> Result<Vec<FileOffer>, ErrorBody> {
     let who = user.to_string();
     let now = now_ms();
-    let limit = conn.shared.config().files.max_pending_offers;
     let rows = conn
         .shared
         .store
@@ -527,7 +539,8 @@ pub async fn pending(conn: &Conn, user: &str) -> Result<Vec<FileOffer>, ErrorBod
 
 /// At login: the files waiting for this account, as events.
 pub async fn offer_pending(conn: &Conn, user: &str) {
-    match pending(conn, user).await {
+    let limit = offers_at_login(&conn.shared.config());
+    match pending_up_to(conn, user, limit).await {
         Ok(offers) => {
             for o in offers {
                 conn.outbox
@@ -650,5 +663,28 @@ impl FilesCache {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(file_id.to_string(), user.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::offers_at_login;
+
+    #[test]
+    fn a_login_sends_at_most_a_quarter_of_the_outbound_queue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = crate::Config::load(dir.path(), None).expect("defaults");
+        assert_eq!(
+            offers_at_login(&c),
+            200,
+            "the default fits the default queue"
+        );
+        c.limits.outbound_queue_frames = 64;
+        assert_eq!(offers_at_login(&c), 16);
+        c.limits.outbound_queue_frames = 2;
+        assert_eq!(offers_at_login(&c), 1, "never none");
+        c.limits.outbound_queue_frames = 1_000_000;
+        c.files.max_pending_offers = 5000;
+        assert_eq!(offers_at_login(&c), 5000);
     }
 }
