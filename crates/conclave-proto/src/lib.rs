@@ -42,5 +42,10 @@ pub const CLIENT_MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 /// Default upper bound of one message body (text or opaque payload).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// Most bytes of message bodies the server puts in one history or search reply (but always at
+/// least one message), so a page of large messages stays well under
+/// [`CLIENT_MAX_FRAME_BYTES`]: such a page holds fewer messages than asked for; page on.
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
+
 /// Content type of a plain text body.
 pub const CONTENT_TYPE_TEXT: &str = "text/plain";

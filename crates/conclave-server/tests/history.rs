@@ -460,3 +460,78 @@ async fn history_refusals() {
     assert_eq!(code(r), ErrorCode::NoSuchRoom);
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn pages_of_large_messages_stay_under_what_a_client_accepts() {
+    // 40 messages of 60,000 bytes: a page of 100 would be 2.4 MB, and 70 of them more than a
+    // client takes in one frame (CLIENT_MAX_FRAME_BYTES). Pages hold at most MAX_PAGE_BYTES of
+    // bodies; paging on collects every message once, in order.
+    const N: usize = 40;
+    let srv = TestServer::start(|_| {}).await;
+    let mut alice = Raw::register(&srv, "alice").await;
+    for i in 0..N {
+        let text = format!("big{i} needle {}", "x".repeat(60_000));
+        alice.send_room("general", &text).await.expect("sent");
+    }
+    let size = |ms: &[Message]| ms.iter().map(|m| m.body.data.len()).sum::<usize>();
+
+    let mut seen = Vec::new();
+    let mut before = None;
+    for _ in 0..N + 1 {
+        let page = match alice
+            .request(Request::History {
+                conv: ConvRef::Room("general".into()),
+                limit: 100,
+                before,
+            })
+            .await
+        {
+            Ok(Reply::Messages(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        if page.is_empty() {
+            break;
+        }
+        assert!(size(&page) <= MAX_PAGE_BYTES, "{} bytes", size(&page));
+        assert!(
+            page.len() >= 10 || page.first().map(|m| m.seq) == Some(1),
+            "a page still holds many, unless it is the last: {}",
+            page.len()
+        );
+        if before.is_none() {
+            assert_eq!(
+                page.last().map(|m| m.seq),
+                Some(N as u64),
+                "the newest first"
+            );
+        }
+        before = page.first().map(|m| m.seq);
+        seen.splice(0..0, page.iter().map(|m| m.seq));
+    }
+    assert_eq!(seen, (1..=N as u64).collect::<Vec<_>>());
+
+    let mut found = Vec::new();
+    let mut before = None;
+    for _ in 0..N + 1 {
+        let page = match alice
+            .request(Request::Search {
+                query: "needle".into(),
+                room: None,
+                limit: 100,
+                before: before.clone(),
+            })
+            .await
+        {
+            Ok(Reply::Results(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        if page.is_empty() {
+            break;
+        }
+        assert!(size(&page) <= MAX_PAGE_BYTES, "{} bytes", size(&page));
+        before = page.last().map(|m| m.msg_id.clone());
+        found.extend(page.iter().map(|m| m.seq));
+    }
+    assert_eq!(found, (1..=N as u64).rev().collect::<Vec<_>>());
+    srv.stop().await;
+}

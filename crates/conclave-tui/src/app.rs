@@ -174,37 +174,16 @@ pub enum ConnState {
 /// What a request was for, to handle its reply.
 #[derive(Debug, Clone)]
 enum Pending {
-    Send {
-        key: ConvKey,
-        local: u64,
-    },
-    Join {
-        room: String,
-    },
-    Part {
-        room: String,
-    },
-    Create {
-        room: String,
-    },
-    Members {
-        room: String,
-    },
-    Who {
-        room: Option<String>,
-    },
+    Send { key: ConvKey, local: u64 },
+    Join { room: String },
+    Part { room: String },
+    Create { room: String },
+    Members { room: String },
+    Who { room: Option<String> },
     Rooms,
-    Devices {
-        user: String,
-    },
-    History {
-        key: ConvKey,
-        limit: u32,
-        asked: bool,
-    },
-    Search {
-        query: String,
-    },
+    Devices { user: String },
+    History { key: ConvKey, asked: bool },
+    Search { query: String },
     VoteKick,
     Done(String),
     File,
@@ -741,7 +720,6 @@ impl App {
         vec![self.request(
             Pending::History {
                 key: key.clone(),
-                limit,
                 asked,
             },
             Request::History {
@@ -1777,13 +1755,13 @@ impl App {
                 }
                 self.known_rooms.extend(rooms.into_iter().map(|r| r.room));
             }
-            (Pending::History { key, limit, asked }, Ok(Reply::Messages(messages))) => {
+            (Pending::History { key, asked }, Ok(Reply::Messages(messages))) => {
                 let me = self.me().to_string();
                 let page: Vec<Entry> = messages.iter().map(|m| Entry::message(m, &me)).collect();
                 let Some(i) = self.buffers.iter().position(|b| b.key == key) else {
                     return Vec::new();
                 };
-                let added = self.buffers[i].prepend_history(page, limit as usize);
+                let added = self.buffers[i].prepend_history(page);
                 if asked {
                     let text = if self.buffers[i].history == HistoryState::Complete {
                         format!(

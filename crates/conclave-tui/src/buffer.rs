@@ -270,11 +270,12 @@ impl Buffer {
         true
     }
 
-    /// Puts a page of older messages (oldest first) in front. `limit` is what was asked: a
-    /// shorter page means the beginning was reached. Returns how many were new.
-    pub fn prepend_history(&mut self, page: Vec<Entry>, limit: usize) -> usize {
+    /// Puts a page of older messages (oldest first) in front. An empty page, or one that
+    /// starts at the first message, means the beginning was reached; a shorter page than asked
+    /// does not (the server cuts pages of large messages). Returns how many were new.
+    pub fn prepend_history(&mut self, page: Vec<Entry>) -> usize {
         let reached_start =
-            page.len() < limit || page.first().and_then(Entry::seq).is_some_and(|s| s <= 1);
+            page.is_empty() || page.first().and_then(Entry::seq).is_some_and(|s| s <= 1);
         let room = MAX_ENTRIES_PER_BUFFER.saturating_sub(self.entries.len());
         let fresh: Vec<Entry> = page
             .into_iter()
@@ -389,15 +390,25 @@ mod tests {
             assert!(b.push(Entry::message(&msg(s, "bob", "x"), "alice")));
         }
         assert!(!b.push(Entry::message(&msg(5, "bob", "x"), "alice")));
-        // A page that overlaps: 2..=5 of a limit of 10, so the start is reached.
+        // A page that overlaps: 2..=5, shorter than asked, which does not say it is the
+        // start (a page of large messages is cut short too); an empty page does.
         let page: Vec<Entry> = (2..=5)
             .map(|s| Entry::message(&msg(s, "bob", "x"), "alice"))
             .collect();
-        assert_eq!(b.prepend_history(page, 10), 2);
+        assert_eq!(b.prepend_history(page), 2);
         let seqs: Vec<u64> = b.entries.iter().filter_map(Entry::seq).collect();
         assert_eq!(seqs, vec![2, 3, 4, 5]);
+        assert_eq!(b.history, HistoryState::More);
+        assert_eq!(b.prepend_history(Vec::new()), 0);
         assert_eq!(b.history, HistoryState::Complete);
         assert_eq!(b.oldest_seq(), Some(2));
+        // A page that starts at the first message is the start.
+        let mut c = Buffer::new(ConvKey::Room("general".into()));
+        let page: Vec<Entry> = (1..=3)
+            .map(|s| Entry::message(&msg(s, "bob", "x"), "alice"))
+            .collect();
+        assert_eq!(c.prepend_history(page), 3);
+        assert_eq!(c.history, HistoryState::Complete);
     }
 
     #[test]
@@ -420,7 +431,7 @@ mod tests {
         assert_eq!(b.entries[0].ts_ms, 42);
         // A history page that holds it adds nothing.
         assert_eq!(
-            b.prepend_history(vec![Entry::message(&msg(9, "alice", "hi"), "alice")], 50),
+            b.prepend_history(vec![Entry::message(&msg(9, "alice", "hi"), "alice")]),
             0
         );
         assert_eq!(b.entries.len(), 1);
@@ -450,6 +461,6 @@ mod tests {
         assert_eq!(b.history, HistoryState::More);
         // A full buffer takes no more history.
         let page = vec![Entry::message(&msg(5, "bob", "x"), "alice")];
-        assert_eq!(b.prepend_history(page, 50), 0);
+        assert_eq!(b.prepend_history(page), 0);
     }
 }
