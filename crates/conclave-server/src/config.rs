@@ -454,6 +454,10 @@ pub struct FileConfig {
     pub files: FilesConfig,
 }
 
+/// Room left in a client's frame limit for what the server adds around a relayed frame (the
+/// event's fields: names, ids, the conversation).
+pub const CLIENT_FRAME_MARGIN_BYTES: usize = 64 * 1024;
+
 /// The configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -591,6 +595,19 @@ impl Config {
                 "limits.max_message_bytes must be at least 1024 below limits.max_frame_bytes",
             );
         }
+        // What a member sends, the server sends on to the others in one frame with a little
+        // more around it: it must stay under what clients accept, or every member would be cut
+        // off by it, again at every login.
+        let client_max = conclave_proto::CLIENT_MAX_FRAME_BYTES;
+        if l.max_member_frame_bytes + CLIENT_FRAME_MARGIN_BYTES > client_max {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_member_frame_bytes ({}) must be at most {} ({} KiB below the {} bytes a client accepts from the server, which relays what members send)",
+                l.max_member_frame_bytes,
+                client_max - CLIENT_FRAME_MARGIN_BYTES,
+                CLIENT_FRAME_MARGIN_BYTES / 1024,
+                client_max
+            )));
+        }
         if l.outbound_queue_frames == 0 || l.max_inflight_sends == 0 || l.max_connections == 0 {
             return bad(
                 "limits.outbound_queue_frames, max_inflight_sends and max_connections must be above 0",
@@ -721,6 +738,26 @@ mod tests {
             RegistrationPolicy::Invite.effective(lo),
             RegistrationPolicy::Invite
         );
+    }
+
+    #[test]
+    fn what_members_send_must_fit_what_clients_accept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[limits]\nmax_frame_bytes = 8388608\nmax_member_frame_bytes = 8388608\nmax_message_bytes = 6000000\n",
+        )
+        .expect("write");
+        let err = Config::load(dir.path(), Some(&p))
+            .expect_err("must refuse")
+            .to_string();
+        assert!(
+            err.contains("limits.max_member_frame_bytes (8388608) must be at most 4128768"),
+            "{err}"
+        );
+        std::fs::write(&p, "[limits]\nmax_member_frame_bytes = 4128768\n").expect("write");
+        Config::load(dir.path(), Some(&p)).expect("just under the client's limit");
     }
 
     #[test]
