@@ -517,7 +517,12 @@ impl Client {
                 other => return Err(crate::connection::unexpected("e2ee_devices", &other)),
             }
         }
-        let conv = ConvRef::With(others.clone());
+        // A note to myself: the conversation of me alone (the server adds me to `with`).
+        let conv = ConvRef::With(if others.is_empty() {
+            vec![self.user().to_string()]
+        } else {
+            others.clone()
+        });
         let _ops = s.ops.lock().await;
         if s.has_group(key) {
             return Ok(true);
@@ -549,6 +554,9 @@ impl Client {
                 let _ = s.with(|d| d.forget_group(key));
                 return Err(e);
             }
+        }
+        if others.is_empty() {
+            return Ok(true);
         }
         let kps = match self
             .request(Request::E2eeClaim {

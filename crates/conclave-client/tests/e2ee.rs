@@ -278,6 +278,24 @@ async fn e2ee_files_and_direct_messages() {
     );
     assert!(grep_dir(srv.dir.path(), b"a-private-word-77").is_empty());
 
+    // A note to myself: a conversation of one, end-to-end encrypted like any other.
+    alice
+        .send_to_users(&["alice".to_string()], "note-to-self-55")
+        .await
+        .expect("a note to myself");
+    let notes = alice
+        .history(ConvRef::With(vec!["alice".into()]), 10, None)
+        .await
+        .expect("my notes");
+    assert_eq!(
+        notes
+            .iter()
+            .filter_map(|m| m.body.as_text())
+            .collect::<Vec<_>>(),
+        vec!["note-to-self-55"]
+    );
+    assert!(grep_dir(srv.dir.path(), b"note-to-self-55").is_empty());
+
     // Dave has never used an end-to-end client: a direct message to him is server-encrypted
     // (readable by him, not end to end); the conversation has no group.
     let dave_state = tempfile::tempdir().expect("state");

@@ -654,7 +654,7 @@ impl<O> Hub<O> {
                 if set.is_empty() {
                     return Err(err(
                         ErrorCode::BadRequest,
-                        "history \"with\" needs at least one user name",
+                        "\"with\" needs at least one user name",
                     ));
                 }
                 set.insert(viewer.to_string());
