@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use conclave_proto::{Body, Conv, Message};
+use conclave_proto::{Body, Conv, MAX_PAGE_BYTES, Message};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -189,6 +189,31 @@ pub fn conv_from_key(key: &str) -> Conv {
         Some(("r", room)) => Conv::Room(room.to_string()),
         Some((_, users)) => Conv::Direct(users.split(',').map(str::to_string).collect()),
         None => Conv::Room(key.to_string()),
+    }
+}
+
+/// What a message adds to a reply besides its body (ids, names, conversation, numbers), at most
+/// for usual names; only used to keep pages under [`MAX_PAGE_BYTES`].
+const MESSAGE_OVERHEAD_BYTES: usize = 256;
+
+/// Keeps a history or search page under [`MAX_PAGE_BYTES`], counted as its messages arrive
+/// newest first, so that the rows past the budget are neither read on nor decrypted. The
+/// newest are kept, so paging on from the page's oldest leaves no gap.
+#[derive(Default)]
+struct PageBudget {
+    bytes: usize,
+    taken: usize,
+}
+
+impl PageBudget {
+    /// Whether a message with `body`, the next newest, still fits (the first always does).
+    fn admits(&mut self, body: &Body) -> bool {
+        self.bytes += body.data.len() + body.content_type.len() + MESSAGE_OVERHEAD_BYTES;
+        if self.taken > 0 && self.bytes > MAX_PAGE_BYTES {
+            return false;
+        }
+        self.taken += 1;
+        true
     }
 }
 
@@ -1066,7 +1091,8 @@ impl Db {
     }
 
     /// A page of history for `viewer`, oldest first: up to `limit` messages before `before`
-    /// (or the newest). Blockcast messages that excluded the viewer are left out.
+    /// (or the newest), fewer when their bodies pass [`MAX_PAGE_BYTES`]. Blockcast messages
+    /// that excluded the viewer are left out.
     pub fn history(
         &mut self,
         conv: &Conv,
@@ -1097,9 +1123,13 @@ impl Db {
             ))
         })?;
         let mut out = Vec::new();
+        let mut budget = PageBudget::default();
         for row in rows {
             let (msg_id, seq, from, ts_ms, sealed) = row?;
             let body = self.open_body(&msg_id, &key, seq, &sealed)?;
+            if !budget.admits(&body) {
+                break;
+            }
             out.push(Message {
                 msg_id,
                 conv: conv_from_key(&key),
@@ -1129,7 +1159,8 @@ impl Db {
 
     /// Messages containing every word of `query_words` (normalised with [`search::words`]) in
     /// the rooms `rooms` and, if `direct`, the viewer's direct conversations; newest first, at
-    /// most `limit`, older than message id `before` when given.
+    /// most `limit` (fewer when their bodies pass [`MAX_PAGE_BYTES`]), older than message id
+    /// `before` when given.
     pub fn search(
         &mut self,
         viewer: &str,
@@ -1210,6 +1241,7 @@ impl Db {
             .collect::<Result<_, _>>()?
         };
         let mut out = Vec::new();
+        let mut budget = PageBudget::default();
         for (msg_id, seq, from, ts_ms, sealed, key) in rows {
             let body = self.open_body(&msg_id, &key, seq, &sealed)?;
             // Truncated tokens can collide; the opened text decides.
@@ -1218,6 +1250,9 @@ impl Db {
                 .is_some_and(|t| search::matches_all(t, query_words))
             {
                 continue;
+            }
+            if !budget.admits(&body) {
+                break;
             }
             out.push(Message {
                 msg_id,
@@ -1607,6 +1642,28 @@ mod tests {
             except: Vec::new(),
             idempotency_key: idem.map(str::to_string),
         }
+    }
+
+    #[test]
+    fn a_page_fits_its_budget_but_never_holds_nothing() {
+        let body = |bytes: usize| Body {
+            content_type: String::new(),
+            data: vec![0; bytes],
+        };
+        let taken = |sizes: &[usize]| {
+            let mut b = PageBudget::default();
+            sizes.iter().take_while(|&&n| b.admits(&body(n))).count()
+        };
+        assert_eq!(taken(&[100; 500]), 500);
+        assert_eq!(
+            taken(&[60_000; 100]),
+            MAX_PAGE_BYTES / (60_000 + MESSAGE_OVERHEAD_BYTES)
+        );
+        assert_eq!(
+            taken(&[MAX_PAGE_BYTES * 2, 10]),
+            1,
+            "one message even over the budget"
+        );
     }
 
     #[tokio::test]

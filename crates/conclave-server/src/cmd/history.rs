@@ -1,29 +1,10 @@
 //! History pages, search, and acknowledgements of what was received.
 
-use conclave_proto::{ConvRef, Cursor, ErrorBody, ErrorCode, MAX_PAGE_BYTES, Message, Reply};
+use conclave_proto::{ConvRef, Cursor, ErrorBody, ErrorCode, Reply};
 
 use super::store_error;
 use crate::search;
 use crate::session::Conn;
-
-/// What a message adds to a reply besides its body (ids, names, conversation, numbers), at most
-/// for usual names; only used to keep pages under [`MAX_PAGE_BYTES`].
-const MESSAGE_OVERHEAD_BYTES: usize = 256;
-
-/// How many of `messages`, in the order given, fit in one reply: their bodies within
-/// [`MAX_PAGE_BYTES`], and at least one.
-fn fitting<'a>(messages: impl Iterator<Item = &'a Message>) -> usize {
-    let mut bytes = 0usize;
-    let mut n = 0usize;
-    for m in messages {
-        bytes += m.body.data.len() + m.body.content_type.len() + MESSAGE_OVERHEAD_BYTES;
-        if n > 0 && bytes > MAX_PAGE_BYTES {
-            break;
-        }
-        n += 1;
-    }
-    n
-}
 
 /// A page size must be between 1 and the configured maximum.
 fn check_limit(conn: &Conn, limit: u32) -> Result<(), ErrorBody> {
@@ -53,10 +34,6 @@ pub async fn history(
         .call(move |db| db.history(&conv, &viewer, before, limit))
         .await
         .map_err(store_error)?;
-    // Oldest first: keep the newest that fit, so paging on from the first one leaves no gap.
-    let mut messages = messages;
-    let keep = fitting(messages.iter().rev());
-    messages.drain(..messages.len() - keep);
     Ok(Reply::Messages(messages))
 }
 
@@ -112,9 +89,6 @@ pub async fn search(
         .call(move |db| db.search(&viewer, &rooms, direct, &words, before.as_deref(), limit))
         .await
         .map_err(store_error)?;
-    // Newest first: keep the newest that fit, so paging on from the last one leaves no gap.
-    let mut results = results;
-    results.truncate(fitting(results.iter()));
     Ok(Reply::Results(results))
 }
 
@@ -134,36 +108,4 @@ pub async fn ack(conn: &Conn, user: &str, cursors: Vec<Cursor>) -> Result<Reply,
         .await
         .map_err(store_error)?;
     Ok(Reply::Ok)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use conclave_proto::{Body, Conv};
-
-    fn message(bytes: usize) -> Message {
-        Message {
-            msg_id: "m".into(),
-            conv: Conv::Room("r".into()),
-            from: "a".into(),
-            seq: 1,
-            ts_ms: 0,
-            body: Body {
-                content_type: String::new(),
-                data: vec![0; bytes],
-            },
-        }
-    }
-
-    #[test]
-    fn a_page_fits_its_budget_but_never_holds_nothing() {
-        let small: Vec<Message> = (0..500).map(|_| message(100)).collect();
-        assert_eq!(fitting(small.iter()), 500);
-        let big: Vec<Message> = (0..100).map(|_| message(60_000)).collect();
-        let n = fitting(big.iter());
-        assert_eq!(n, MAX_PAGE_BYTES / (60_000 + MESSAGE_OVERHEAD_BYTES));
-        let huge = [message(MAX_PAGE_BYTES * 2), message(10)];
-        assert_eq!(fitting(huge.iter()), 1, "one message even over the budget");
-        assert_eq!(fitting(std::iter::empty()), 0);
-    }
 }
