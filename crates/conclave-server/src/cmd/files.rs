@@ -520,7 +520,7 @@ pub async fn pending(conn: &Conn, user: &str) -> Result<Vec<FileOffer>, ErrorBod
 /// How many pending offers a login sends: `files.max_pending_offers`, but at most a quarter of
 /// the outbound queue. They are queued at once, after a catch-up of up to half the queue; more
 /// would drop the client as too slow at every login, for good. The rest are in `files`.
-pub fn offers_at_login(config: &crate::Config) -> u32 {
+fn offers_at_login(config: &crate::Config) -> u32 {
     let quarter = u32::try_from(config.limits.outbound_queue_frames / 4).unwrap_or(u32::MAX);
     config.files.max_pending_offers.min(quarter.max(1))
 }
