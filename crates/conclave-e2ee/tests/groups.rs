@@ -172,7 +172,7 @@ fn create_invite_talk_kick_join_restart() {
         carol
             .process(CONV, seq, "alice", 0, &secret)
             .expect("carol"),
-        Processed::Unreadable(_)
+        Processed::NotMember
     ));
 
     // Dave joins by external commit; he cannot read what came before.
@@ -188,7 +188,7 @@ fn create_invite_talk_kick_join_restart() {
     assert!(matches!(
         dave.process(CONV, 1, "alice", 0, &log.entries[1].2)
             .expect("old"),
-        Processed::Duplicate
+        Processed::BeforeJoin
     ));
     let m = bob.encrypt(CONV, &body("welcome dave")).expect("enc");
     let seq = log.push("bob", &m);
