@@ -375,6 +375,62 @@ async fn second_device(net: Net) {
     read_all(&mut b2_ev, &room("lab"), &both).await;
 }
 
+/// A file sent right after someone joins (and after they left and came back) is offered to
+/// them with its real name and opens intact: its description is an MLS message like any.
+async fn file_after_join(net: Net) {
+    let w = World::start(&["alice", "bob"], &[], net).await;
+    let st: Vec<_> = (0..2).map(|_| tempfile::tempdir().expect("state")).collect();
+    let (alice, _a_ev) = w.connect("alice", st[0].path()).await;
+    let (bob, mut b_ev) = w.connect("bob", st[1].path()).await;
+    alice.create_room_e2ee("lab", false, None).await.expect("create");
+    let src_dir = tempfile::tempdir().expect("src");
+    let inbox = tempfile::tempdir().expect("inbox");
+    for round in 0..2 {
+        if round == 1 {
+            bob.part("lab").await.expect("bob leaves");
+        }
+        bob.join("lab", None).await.expect("bob joins");
+        let name = format!("notes-{round}.txt");
+        let src = src_dir.path().join(&name);
+        let content: Vec<u8> = (0..150_000u32).map(|i| (i % 253) as u8 ^ round).collect();
+        std::fs::write(&src, &content).expect("write");
+        let sent = alice
+            .send_file_any(
+                &src,
+                conclave_client::proto::Target::Room {
+                    room: "lab".into(),
+                    except: vec![],
+                },
+                Default::default(),
+            )
+            .await
+            .expect("send file");
+        let offer = tokio::time::timeout(WAIT, async {
+            loop {
+                match b_ev.recv().await.expect("events go on") {
+                    ClientEvent::Server(Event::FileOffer(o)) if o.file_id == sent.file_id => {
+                        return o;
+                    }
+                    ClientEvent::E2ee(E2eeNotice::Unreadable { reason, .. })
+                        if reason != BEFORE_JOIN && reason != NOT_MEMBER =>
+                    {
+                        panic!("unreadable: {reason}")
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .expect("the offer comes, described");
+        assert_eq!(offer.name, name);
+        let got = bob
+            .accept_file(&sent.file_id, inbox.path(), Default::default())
+            .await
+            .expect("accept");
+        assert_eq!(std::fs::read(&got.path).expect("read"), content);
+    }
+}
+
 macro_rules! at_every_setting {
     ($case:ident) => {
         mod $case {
@@ -407,3 +463,4 @@ at_every_setting!(ban_then_unban);
 at_every_setting!(kick_unban_rejoin);
 at_every_setting!(invite_leave_reinvite);
 at_every_setting!(second_device);
+at_every_setting!(file_after_join);
