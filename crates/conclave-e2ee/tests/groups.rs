@@ -377,7 +377,10 @@ fn a_crash_around_a_commit_is_repaired() {
     log.catch_up(&bob);
     drop(carol);
     let carol = Device::open(dirs[2].path(), "carol", "pw-c").expect("carol again");
-    assert!(!carol.has_group(CONV).expect("row"), "the unconfirmed join is dropped");
+    assert!(
+        !carol.has_group(CONV).expect("row"),
+        "the unconfirmed join is dropped"
+    );
     // She joins again: her old leaf goes in the same commit, so the group has her once.
     let gi = alice.group_info(CONV).expect("gi");
     let out = carol.join_external(CONV, &gi).expect("external again");
