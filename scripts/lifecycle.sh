@@ -25,7 +25,7 @@ if [ "$N" -gt 0 ]; then
     LIFECYCLE_SEEDS="$FIRST..$((FIRST + N - 1))" LIFECYCLE_DELAY_MS="$DELAY" \
         LIFECYCLE_STEPS="${LIFECYCLE_STEPS:-25}" \
         cargo test "${PROFILE[@]}" -p conclave --test lifecycle random_lifecycle -- --nocapture \
-        2>&1 | tee -a "$LOG" | grep -E '^LIFECYCLE (seed|SUMMARY)|^  note:'
+        2>&1 | tee -a "$LOG" | grep -E '^LIFECYCLE (seed|SUMMARY|STEPS)|^  note:'
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if [ "${LIFECYCLE_SCRIPTED:-0}" = 1 ]; then

@@ -222,8 +222,39 @@ enum Action {
         user: UserId,
         replace: Option<DevId>,
     },
+    /// A device's own history of a room, or of a direct conversation (`with`).
+    History {
+        dev: DevId,
+        room: Option<usize>,
+        with: Option<UserId>,
+    },
     ServerRestart,
     Cut,
+}
+
+impl Action {
+    fn kind(&self) -> &'static str {
+        match self {
+            Action::Create { .. } => "create",
+            Action::Join { .. } => "join",
+            Action::Part { .. } => "part",
+            Action::Invite { .. } => "invite",
+            Action::Kick { .. } => "kick",
+            Action::Votekick { .. } => "votekick",
+            Action::Ban { .. } => "ban",
+            Action::Unban { .. } => "unban",
+            Action::SendRoom { .. } => "send_room",
+            Action::SendDirect { .. } => "send_direct",
+            Action::Reconnect { .. } => "reconnect",
+            Action::Offline { .. } => "offline",
+            Action::Online { .. } => "online",
+            Action::Kill9 { .. } => "kill9",
+            Action::NewDevice { .. } => "new_device",
+            Action::History { .. } => "history",
+            Action::ServerRestart => "server_restart",
+            Action::Cut => "cut",
+        }
+    }
 }
 
 /// The world: server, relay, devices, and the model of who is where.
@@ -254,6 +285,8 @@ struct World {
     /// Things worth knowing that break no rule (reported at the end).
     notes: Vec<String>,
     next_text: u64,
+    /// Steps run, per kind.
+    kinds: BTreeMap<&'static str, usize>,
 }
 
 /// Names and texts carry the seed so that a failure names its run.
@@ -337,6 +370,7 @@ impl World {
             violations: Vec::new(),
             notes: Vec::new(),
             next_text: 0,
+            kinds: BTreeMap::new(),
         };
         w.record(format!(
             "seed {seed}, relay {delay_ms} ms one way (+ up to half as jitter), users {}",
@@ -603,7 +637,18 @@ impl World {
         match v["event"].as_str().unwrap_or_default() {
             "message" => self.on_message(d, &v),
             "e2ee" if v["kind"] == "unreadable" => self.on_unreadable(d, &v),
-            "caught_up" => self.devs[d].ready = true,
+            "caught_up" => {
+                let dev = &mut self.devs[d];
+                dev.ready = true;
+                let shown = dev.seen_run.len() + dev.unreadable_run.values().sum::<u32>() as usize;
+                let count = v["count"].as_u64().unwrap_or(0) as usize;
+                if dev.fresh && dev.runs == 1 && count > shown {
+                    let label = dev.label.clone();
+                    self.note(format!(
+                        "{label}: caught up {count} item(s) at its first login, printed {shown} (messages and unreadable notices)"
+                    ));
+                }
+            }
             "reconnected" => self.devs[d].reconnects += 1,
             "disconnected" if v["reconnecting"] != true => {
                 let banned = self.users[self.devs[d].user].banned;
@@ -972,6 +1017,7 @@ impl World {
     /// Runs one step, records it, and checks the rule.
     fn act(&mut self, a: Action) -> String {
         self.step += 1;
+        *self.kinds.entry(a.kind()).or_default() += 1;
         let what = self.describe(&a);
         self.record(format!("{:>3}: {what}", self.step));
         let outcome = match a.clone() {
@@ -1011,6 +1057,14 @@ impl World {
             Action::NewDevice { user, replace } => self.new_device(user, replace),
             Action::ServerRestart => self.server_restart(),
             Action::Cut => self.cut(),
+            Action::History { dev, room, with } => {
+                let n = match (room, with) {
+                    (Some(r), _) => self.check_history(dev, r).len(),
+                    (None, Some(u)) => self.check_direct_history(dev, u).len(),
+                    (None, None) => 0,
+                };
+                format!("{n} rows")
+            }
         };
         if !outcome.is_empty() {
             let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
@@ -1102,6 +1156,15 @@ impl World {
             ),
             Action::ServerRestart => "server restart (SIGTERM, start again)".into(),
             Action::Cut => "relay cuts every connection".into(),
+            Action::History {
+                dev: d,
+                room: r,
+                with,
+            } => match (r, with) {
+                (Some(r), _) => format!("{} history {}", dev(d), room(r)),
+                (_, Some(u)) => format!("{} history with {}", dev(d), user(u)),
+                _ => format!("{} history", dev(d)),
+            },
         }
     }
 
@@ -1414,7 +1477,17 @@ impl World {
     /// read (never ciphertext, which `observe` checks on every line).
     fn check_history(&mut self, d: DevId, r: usize) -> Vec<String> {
         let name = self.rooms[r].name.clone();
-        let Some(h) = self.call_ok(d, json!({"cmd": "history", "room": name, "limit": 200})) else {
+        self.history_rows(d, json!({"cmd": "history", "room": name, "limit": 200}))
+    }
+
+    /// The same for the direct conversation with `u`.
+    fn check_direct_history(&mut self, d: DevId, u: UserId) -> Vec<String> {
+        let with = self.users[u].name.clone();
+        self.history_rows(d, json!({"cmd": "history", "with": with, "limit": 200}))
+    }
+
+    fn history_rows(&mut self, d: DevId, cmd: Value) -> Vec<String> {
+        let Some(h) = self.call_ok(d, cmd) else {
             return Vec::new();
         };
         let mut texts = Vec::new();
@@ -1464,7 +1537,8 @@ impl World {
     }
 
     fn try_choose(&mut self, online: &[DevId]) -> Option<Action> {
-        const KINDS: [(&str, u64); 17] = [
+        const KINDS: [(&str, u64); 18] = [
+            ("history", 3),
             ("create", 6),
             ("join", 14),
             ("part", 6),
@@ -1709,6 +1783,31 @@ impl World {
                 };
                 Some(Action::NewDevice { user, replace })
             }
+            "history" => {
+                if online.is_empty() {
+                    return None;
+                }
+                let dev = *self.rng.pick(online);
+                let rooms: Vec<usize> = (0..n_rooms)
+                    .filter(|&r| self.member(self.devs[dev].user, r))
+                    .collect();
+                if !rooms.is_empty() && self.rng.chance(0.7) {
+                    let room = Some(*self.rng.pick(&rooms));
+                    return Some(Action::History {
+                        dev,
+                        room,
+                        with: None,
+                    });
+                }
+                let others: Vec<UserId> = (0..self.users.len())
+                    .filter(|&u| u != self.devs[dev].user)
+                    .collect();
+                Some(Action::History {
+                    dev,
+                    room: None,
+                    with: Some(*self.rng.pick(&others)),
+                })
+            }
             "server_restart" => Some(Action::ServerRestart),
             "cut" => Some(Action::Cut),
             other => unreachable!("kind {other}"),
@@ -1727,13 +1826,16 @@ struct RunResult {
     /// The failure report (with the seed and the step list), if it failed.
     failure: Option<String>,
     notes: Vec<String>,
+    kinds: BTreeMap<&'static str, usize>,
+    log: Vec<String>,
 }
 
 /// Runs one seed: a world of 4–6 users and `steps` random steps, the rule checked after each.
 fn run_seed(seed: u64, delay_ms: f64, steps: usize) -> RunResult {
     let log = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
-    let stats = Arc::new(Mutex::new((0usize, 0usize, Vec::new())));
+    type Stats = (usize, usize, Vec<String>, BTreeMap<&'static str, usize>);
+    let stats: Arc<Mutex<Stats>> = Arc::default();
     let (l, s) = (log.clone(), stats.clone());
     let outcome = panic::catch_unwind(AssertUnwindSafe(move || {
         let users = 4 + Rng::new(seed ^ 0xA5A5).below(3) as usize;
@@ -1744,11 +1846,18 @@ fn run_seed(seed: u64, delay_ms: f64, steps: usize) -> RunResult {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
             s.0 = w.step;
             s.1 = w.msgs.len();
+            s.3 = w.kinds.clone();
         }
         w.finish();
         s.lock().unwrap_or_else(|e| e.into_inner()).2 = w.notes.clone();
     }));
-    let (steps_done, messages, notes) = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (_, messages, notes, kinds) = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // Every step started (the failing one too): the log's lines after its heading.
+    let steps_done = log
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .len()
+        .saturating_sub(1);
     let failure = outcome.err().map(|p| {
         format!(
             "LIFECYCLE FAILURE: seed {seed} (replay: LIFECYCLE_SEED={seed} LIFECYCLE_DELAY_MS={delay_ms} LIFECYCLE_STEPS={steps} cargo test -p conclave --test lifecycle random_lifecycle -- --nocapture)\nsteps:\n{}\n{}",
@@ -1763,6 +1872,8 @@ fn run_seed(seed: u64, delay_ms: f64, steps: usize) -> RunResult {
         secs: started.elapsed().as_secs_f64(),
         failure,
         notes,
+        kinds,
+        log: log.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     }
 }
 
@@ -1812,6 +1923,9 @@ fn run_seeds(default_seeds: &[u64], default_delay_ms: f64, default_steps: usize)
             r.secs,
             if r.failure.is_some() { "FAIL" } else { "ok" }
         );
+        if env_var("LIFECYCLE_VERBOSE").is_some() {
+            println!("  {}", r.log.join("\n  "));
+        }
         for n in &r.notes {
             println!("  note: {n}");
         }
@@ -1821,6 +1935,20 @@ fn run_seeds(default_seeds: &[u64], default_delay_ms: f64, default_steps: usize)
         results.push(r);
     }
     let failed: Vec<&RunResult> = results.iter().filter(|r| r.failure.is_some()).collect();
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &results {
+        for (k, n) in &r.kinds {
+            *kinds.entry(k).or_default() += n;
+        }
+    }
+    println!(
+        "LIFECYCLE STEPS by kind: {}",
+        kinds
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "LIFECYCLE SUMMARY: relay {delay_ms} ms, {} seeds, {} steps, {} messages, {} failed{}",
         results.len(),
@@ -1947,6 +2075,11 @@ fn case_join_then_burst(w: &mut World) {
     });
     let step = w.step;
     assert!(w.read_step(B1, step), "bob read all ten");
+    // And ten more one at a time, after carol joins.
+    w.act(Action::Join { dev: C1, room: r });
+    for _ in 0..10 {
+        w.say(A1, r);
+    }
 }
 
 /// (b) bob parts, then joins again: he reads the next messages (and nothing sent meanwhile).
