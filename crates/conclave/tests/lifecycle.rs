@@ -1708,8 +1708,10 @@ impl World {
                     .filter(|&(_, r)| self.rooms[r].private)
                     .flat_map(|(d, r)| (0..self.users.len()).map(move |u| (d, r, u)))
                     .filter(|&(_, r, u)| {
+                        // A voted-out user cannot be invited back for a while (refused).
                         !self.member(u, r)
                             && !self.rooms[r].invited.contains(&u)
+                            && !self.rooms[r].blocked.contains(&u)
                             && !self.users[u].banned
                     })
                     .collect();
