@@ -1312,7 +1312,9 @@ impl World {
         let Some(v) = viewer else { return };
         let listed = self.listed_members(v, r);
         let model = &self.rooms[r].members;
-        if listed != Some(model.len()) {
+        // A room nobody is in may be gone from the list.
+        let agree = listed == Some(model.len()) || (listed.is_none() && model.is_empty());
+        if !agree {
             let names: Vec<&str> = model.iter().map(|&u| self.users[u].name.as_str()).collect();
             let what = format!(
                 "the server lists {listed:?} members of #{}, the model {} ({})",

@@ -30,7 +30,7 @@ pub const MAX_CONNECTIONS: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a stalled writer looks again, and a waiting writer checks for the end.
 const TICK: Duration = Duration::from_millis(1);
-/// Threads still running this long after the drop are left to end by themselves.
+/// Threads still running this long after the drop began are left to end by themselves.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A small deterministic generator (splitmix64).
@@ -203,8 +203,10 @@ impl Drop for Relay {
         self.shared.stop.store(true, Ordering::SeqCst);
         // Wakes the acceptor, which sees `stop`.
         let _ = TcpStream::connect_timeout(&self.addr, CONNECT_TIMEOUT);
+        // One deadline for every thread (left running past it, they end by themselves).
+        let deadline = Instant::now() + JOIN_TIMEOUT;
         if let Some(t) = self.acceptor.take() {
-            join_bounded(t);
+            join_bounded(t, deadline);
         }
         self.cut_all();
         let threads: Vec<_> = self
@@ -215,13 +217,12 @@ impl Drop for Relay {
             .drain(..)
             .collect();
         for t in threads {
-            join_bounded(t);
+            join_bounded(t, deadline);
         }
     }
 }
 
-fn join_bounded(t: JoinHandle<()>) {
-    let deadline = Instant::now() + JOIN_TIMEOUT;
+fn join_bounded(t: JoinHandle<()>, deadline: Instant) {
     while !t.is_finished() && Instant::now() < deadline {
         thread::sleep(TICK);
     }
