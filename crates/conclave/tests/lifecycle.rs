@@ -1996,12 +1996,13 @@ fn run_seed(seed: u64, delay_ms: f64, steps: usize) -> RunResult {
         s.lock().unwrap_or_else(|e| e.into_inner()).2 = w.notes.clone();
     }));
     let (_, messages, notes, kinds) = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    // Every step started (the failing one too): the log's lines after its heading.
+    // Every step started (the failing one too): the log's numbered lines.
     let steps_done = log
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .len()
-        .saturating_sub(1);
+        .iter()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .count();
     let failure = outcome.err().map(|p| {
         format!(
             "LIFECYCLE FAILURE: seed {seed} (replay: LIFECYCLE_SEED={seed} LIFECYCLE_DELAY_MS={delay_ms} LIFECYCLE_STEPS={steps} cargo test -p conclave --test lifecycle random_lifecycle -- --nocapture)\nsteps:\n{}\n{}",
