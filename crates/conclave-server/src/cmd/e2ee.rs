@@ -370,7 +370,11 @@ pub async fn commit(
     }
     save(&conn.shared, &g).await;
     drop(g);
-    // Added accounts become members of the room; their devices get the Welcome.
+    // Added accounts become members of the room; their devices get the Welcome. Everyone
+    // hears of the new member only after the Welcomes went out, so the added user's own
+    // connections have the Welcome before the `join` (a device that heard of its account's
+    // join first would join by itself instead, after the messages that follow the Welcome).
+    let mut joined: Vec<String> = Vec::new();
     if let Conv::Room(room) = &conv {
         let mut added: Vec<String> = change.added.iter().map(|(u, _)| u.clone()).collect();
         added.sort();
@@ -393,15 +397,8 @@ pub async fn commit(
                     tracing::error!(error = %e, "adding a member after their commit");
                     continue;
                 }
-                let mut hub = conn.shared.hub.lock();
-                hub.add_member(room, &u);
-                broadcast(
-                    hub.recipients(&conv, &[], None),
-                    Event::Join {
-                        room: room.clone(),
-                        user: u.clone(),
-                    },
-                );
+                conn.shared.hub.lock().add_member(room, &u);
+                joined.push(u);
             }
         }
     }
@@ -418,23 +415,33 @@ pub async fn commit(
                     .map(|ids| (ids, bytes))
             })
             .await;
-        let (ids, bytes) = match stored_welcomes {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "storing Welcomes");
-                return Ok(());
+        match stored_welcomes {
+            Ok((ids, bytes)) => {
+                let hub = conn.shared.hub.lock();
+                for (u, device, wid) in ids {
+                    broadcast(
+                        hub.sessions_of(std::iter::once(u.as_str()), None),
+                        Event::E2eeWelcome {
+                            id: wid,
+                            device,
+                            conv: conv.clone(),
+                            seq: stored.seq,
+                            welcome: Bytes::from(bytes.clone()),
+                        },
+                    );
+                }
             }
-        };
+            Err(e) => tracing::error!(error = %e, "storing Welcomes"),
+        }
+    }
+    if let Conv::Room(room) = &conv {
         let hub = conn.shared.hub.lock();
-        for (u, device, wid) in ids {
+        for u in joined {
             broadcast(
-                hub.sessions_of(std::iter::once(u.as_str()), None),
-                Event::E2eeWelcome {
-                    id: wid,
-                    device,
-                    conv: conv.clone(),
-                    seq: stored.seq,
-                    welcome: Bytes::from(bytes.clone()),
+                hub.recipients(&conv, &[], None),
+                Event::Join {
+                    room: room.clone(),
+                    user: u,
                 },
             );
         }
