@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::relay::Relay;
+use common::relay::{Relay, RelayConfig};
 use common::{TestServer, add_users};
 use conclave_client::e2ee::{BEFORE_JOIN, E2eeNotice, NOT_MEMBER};
 use conclave_client::proto::{Conv, ConvRef, Event, Request};
@@ -47,8 +47,7 @@ impl World {
             Net::Direct => None,
             Net::Delay(us) => Some(Relay::start(
                 srv.addr,
-                common::relay::Impairment::delay_us(us, us / 2),
-                0x5eed ^ us,
+                RelayConfig::delay_ms(us as f64 / 1000.0, 0x5eed ^ us),
             )),
         };
         World { srv, relay }

@@ -264,7 +264,10 @@ async fn restart_mid_stream(delay_us: Option<u64>) {
     let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap(), |_| {}).await;
     let addr = srv.addr;
     let relay = delay_us.map(|us| {
-        common::relay::Relay::start(addr, common::relay::Impairment::delay_us(us, us / 2), us)
+        common::relay::Relay::start(
+            addr,
+            common::relay::RelayConfig::delay_ms(us as f64 / 1000.0, us),
+        )
     });
     let via = |mut o: ConnectOptions| {
         if let Some(r) = &relay {

@@ -103,6 +103,8 @@ pub fn options(srv: &TestServer, user: &str, state: &Path, wait: Duration) -> Co
     opts
 }
 
+/// The binary's test kit's relay (one forwarder for every test crate).
+#[path = "../../../conclave/tests/common/relay.rs"]
 pub mod relay;
 
 /// Creates admin accounts (members of the default room) on a data directory, before the
