@@ -431,12 +431,14 @@ async fn restart_mid_stream(delay_us: Option<u64>) {
     })
     .await;
     alice_got.retain(|e| !is_presence(e));
+    // Straight on loopback the server's goodbye always arrives; through the relay the
+    // server's reset (it closes with unread sends) can overtake it, as on a real network.
     assert!(
         matches!(
             alice_got[..],
             [
                 ClientEvent::Disconnected {
-                    reason: DisconnectReason::Shutdown,
+                    reason,
                     reconnecting: true,
                     ..
                 },
@@ -444,7 +446,7 @@ async fn restart_mid_stream(delay_us: Option<u64>) {
                     missed: 0,
                     truncated: false
                 }
-            ]
+            ] if reason == DisconnectReason::Shutdown || relay.is_some()
         ),
         "{alice_got:#?}"
     );
