@@ -463,27 +463,11 @@ impl Client {
         }
     }
 
-    /// The conversation a reference names, for this account.
-    fn ref_conv(&self, conv: &ConvRef) -> Conv {
-        match conv {
-            ConvRef::Room(r) => {
-                Conv::Room(conclave_proto::names::canonical_room(r).unwrap_or_else(|_| r.clone()))
-            }
-            ConvRef::With(users) => {
-                let mut all = users.clone();
-                all.push(self.user().to_string());
-                all.sort();
-                all.dedup();
-                Conv::Direct(all)
-            }
-        }
-    }
-
     /// Joins a conversation's group by external commit (replacing any leaf this device still
     /// has there); `Ok(false)` when it is not end-to-end encrypted. Nothing is done when this
     /// device is in the group at the server's epoch already.
     async fn join_group(&self, s: &Arc<Secure>, conv: ConvRef) -> Result<bool, ClientError> {
-        let plain = self.ref_conv(&conv);
+        let plain = self.conv_of(&conv);
         let key = conv_key(&plain);
         let (conv, key) = (&conv, &key);
         let joined = retry_group_op(
@@ -611,7 +595,7 @@ impl Client {
                 // the group, and back in, on the way).
                 let (done, wait) = tokio::sync::oneshot::channel();
                 s.tell(Control::CatchUp {
-                    conv: self.ref_conv(&conv),
+                    conv: self.conv_of(&conv),
                     done: Some(done),
                 });
                 let _ = tokio::time::timeout(CATCH_UP_WAIT, wait).await;
@@ -1549,24 +1533,19 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
             commit_pending(client, s, &m.conv, &key, tx).await;
         }
         Ok(Processed::Duplicate) => {}
-        Ok(Processed::BeforeJoin) => {
-            if m.body.content_type == CT_APP && s.first_notice(&key, BEFORE_JOIN) {
+        Ok(p @ (Processed::BeforeJoin | Processed::NotMember)) => {
+            // Outside this device's membership: said once per conversation and reason.
+            let why = if p == Processed::BeforeJoin {
+                BEFORE_JOIN
+            } else {
+                NOT_MEMBER
+            };
+            if m.body.content_type == CT_APP && s.first_notice(&key, why) {
                 let _ = tx
                     .send(ClientEvent::E2ee(E2eeNotice::Unreadable {
                         conv: m.conv.clone(),
                         seq: m.seq,
-                        reason: BEFORE_JOIN.to_string(),
-                    }))
-                    .await;
-            }
-        }
-        Ok(Processed::NotMember) => {
-            if m.body.content_type == CT_APP && s.first_notice(&key, NOT_MEMBER) {
-                let _ = tx
-                    .send(ClientEvent::E2ee(E2eeNotice::Unreadable {
-                        conv: m.conv.clone(),
-                        seq: m.seq,
-                        reason: NOT_MEMBER.to_string(),
+                        reason: why.to_string(),
                     }))
                     .await;
             }

@@ -908,19 +908,9 @@ impl Device {
             .merge_pending_commit(&provider)
             .map_err(E2eeError::mls)?;
         self.clear_pending(conv)?;
-        let after = members_of(&group);
+        let (added, removed) = member_diff(&before, &members_of(&group));
         self.note_members(&group)?;
         let epoch = group.epoch().as_u64();
-        let added = after
-            .iter()
-            .filter(|m| !before.contains(m))
-            .cloned()
-            .collect();
-        let removed = before
-            .iter()
-            .filter(|m| !after.contains(m))
-            .cloned()
-            .collect();
         self.keep(group);
         Ok(Processed::Commit {
             epoch,
@@ -1002,17 +992,7 @@ impl Device {
                     .merge_staged_commit(&provider, *staged)
                     .map_err(E2eeError::mls)?;
                 self.clear_pending(conv)?;
-                let after = members_of(&group);
-                let added = after
-                    .iter()
-                    .filter(|m| !before.contains(m))
-                    .cloned()
-                    .collect();
-                let removed = before
-                    .iter()
-                    .filter(|m| !after.contains(m))
-                    .cloned()
-                    .collect();
+                let (added, removed) = member_diff(&before, &members_of(&group));
                 if removed_self {
                     self.conn.execute(
                         "UPDATE conclave_groups SET active = 0 WHERE conv = ?1",
@@ -1320,6 +1300,22 @@ fn members_of(group: &MlsGroup) -> Vec<MemberInfo> {
             })
         })
         .collect()
+}
+
+/// Who a commit added and removed: the members after it that were not there before, and the
+/// other way round.
+fn member_diff(before: &[MemberInfo], after: &[MemberInfo]) -> (Vec<MemberInfo>, Vec<MemberInfo>) {
+    let added = after
+        .iter()
+        .filter(|m| !before.contains(m))
+        .cloned()
+        .collect();
+    let removed = before
+        .iter()
+        .filter(|m| !after.contains(m))
+        .cloned()
+        .collect();
+    (added, removed)
 }
 
 fn outgoing(bundle: CommitMessageBundle) -> Result<Outgoing, E2eeError> {

@@ -929,16 +929,10 @@ impl Client {
         }
     }
 
-    /// Up to `limit` messages of a conversation before `before` (newest when `None`), oldest
-    /// first. End-to-end encrypted conversations are read from this device's own history
-    /// (what it received since it joined).
-    pub async fn history(
-        &self,
-        conv: ConvRef,
-        limit: u32,
-        before: Option<u64>,
-    ) -> Result<Vec<Message>, ClientError> {
-        let local = match &conv {
+    /// The conversation a reference names, for this account (a direct conversation includes
+    /// me).
+    pub(crate) fn conv_of(&self, conv: &ConvRef) -> Conv {
+        match conv {
             ConvRef::Room(r) => {
                 Conv::Room(conclave_proto::names::canonical_room(r).unwrap_or_else(|_| r.clone()))
             }
@@ -949,7 +943,19 @@ impl Client {
                 all.dedup();
                 Conv::Direct(all)
             }
-        };
+        }
+    }
+
+    /// Up to `limit` messages of a conversation before `before` (newest when `None`), oldest
+    /// first. End-to-end encrypted conversations are read from this device's own history
+    /// (what it received since it joined).
+    pub async fn history(
+        &self,
+        conv: ConvRef,
+        limit: u32,
+        before: Option<u64>,
+    ) -> Result<Vec<Message>, ClientError> {
+        let local = self.conv_of(&conv);
         if let Some(found) = self.local_history(&local, limit, before) {
             return found;
         }
