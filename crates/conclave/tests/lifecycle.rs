@@ -2432,6 +2432,28 @@ fn case_offline_across_epochs(w: &mut World) {
     let _ = CAROL;
 }
 
+/// A server restart (SIGTERM, the same data directory and port) and a cut of every
+/// connection: the clients come back by themselves, and every member reads the next messages,
+/// in rooms and direct conversations.
+fn case_server_restart(w: &mut World) {
+    let r = w.create_room(A1, false);
+    w.act(Action::Join { dev: B1, room: r });
+    w.act(Action::Join { dev: C1, room: r });
+    w.say(A1, r);
+    w.act(Action::SendDirect { dev: A1, to: BOB });
+    w.act(Action::ServerRestart);
+    w.say(A1, r);
+    w.say(B1, r);
+    w.act(Action::SendDirect { dev: B1, to: ALICE });
+    w.act(Action::SendDirect { dev: C1, to: DAVE });
+    w.act(Action::Cut);
+    w.say(C1, r);
+    w.act(Action::Join { dev: D1, room: r });
+    w.act(Action::ServerRestart);
+    w.say(D1, r);
+    w.say(A1, r);
+}
+
 /// One test per relay setting for each case: `CASE::ms_0`, `ms_0_5`, `ms_5`, and the ignored
 /// `ms_50`.
 macro_rules! at_relay_settings {
@@ -2467,6 +2489,7 @@ at_relay_settings! {
     invite_leave_reinvite => super::scripted, super::case_invite_leave_reinvite;
     kick_unban_rejoin => super::scripted, super::case_kick_unban_rejoin;
     offline_across_epochs => super::scripted, super::case_offline_across_epochs;
+    server_restart => super::scripted, super::case_server_restart;
 }
 
 // ---- the relay ---------------------------------------------------------------------------
