@@ -16,12 +16,33 @@
 //! `{"event":"e2ee","kind":"unreadable","reason":…}` (for a new device, at most one per
 //! conversation).
 //!
-//! * `random_*`: seeded random sequences of steps over 4–6 users (see [`Action`]).
-//!   `LIFECYCLE_SEED=N` replays one seed, `LIFECYCLE_SEEDS=a..b` (or a count `N`: seeds
-//!   `1..=N`) runs many, `LIFECYCLE_STEPS` sets the steps per seed, `LIFECYCLE_DELAY_MS` the
-//!   relay's one-way delay. A failure prints its seed and the full step list.
-//! * scripted cases at the relay settings 0, 0.5, 5 and 50 ms one way (50 ms is `#[ignore]`):
-//!   the four cases of the issue and a few more membership changes.
+//! How the model reads the rule where it could be read two ways:
+//! * Membership is per user: when bob joins on one device, his other devices that are online
+//!   must read the next messages too, and those offline must read them when they come back.
+//! * An invitation to an end-to-end room makes the invitee a member when the server counts them
+//!   as one right after the `invite` reply (today's design: the Welcome adds their devices);
+//!   else the invitee becomes a member at their `join` reply. After every membership step the
+//!   server's member count (`rooms`) must equal the model's.
+//! * A new device (fresh state dir) must read what is sent after its `caught_up` line; what
+//!   came before it may read or be told it cannot (at most one notice per conversation in its
+//!   first run); a catch-up that prints less than it counts is only noted.
+//! * A ban does not end membership (the server keeps the user in their rooms): what is sent
+//!   while the user is banned, and what their devices had not read when banned, they may read
+//!   or not; after the unban they must read what comes next.
+//! * A device offline when its user is removed need not read what it had not read yet.
+//! * After a kill -9 (or a ban) a device may get once more what it read in that run, and its
+//!   own messages, as messages or as unreadable notices (nothing told the server it has them).
+//! * An unreadable notice about a message from outside the membership is only noted.
+//!
+//! * `random_lifecycle` (seeds 1–3, 25 steps, 0.5 ms) and `random_lifecycle_5ms` (seeds 4–6):
+//!   seeded random sequences over 4–6 users (see [`Action`]), each user's relay a quarter to
+//!   twice the setting. `LIFECYCLE_SEED=N` replays one seed, `LIFECYCLE_SEEDS=a..b` (or a
+//!   count `N`: seeds `1..=N`) runs many, `LIFECYCLE_STEPS` sets the steps per seed,
+//!   `LIFECYCLE_DELAY_MS` the setting, `LIFECYCLE_VERBOSE=1` prints every run's steps,
+//!   `LIFECYCLE_PLAIN=1` makes the rooms server-encrypted (a check of the model: it passes
+//!   there). A failure prints its seed, the replay command and the full step list.
+//! * scripted cases, one test each at 0, 0.5, 5 and 50 ms one way (`CASE::ms_0`, `ms_0_5`,
+//!   `ms_5`, and `ms_50`, which is `#[ignore]`): the four cases of the issue and more.
 //! * `relay_*`: the relay itself.
 //!
 //! `scripts/lifecycle.sh N [DELAY_MS]` runs N seeds on a release build.
