@@ -79,6 +79,8 @@ const FINAL_DRAIN: Duration = Duration::from_secs(2);
 const IDLE: Duration = Duration::from_millis(2);
 /// Lines of each device's output shown in a failure report.
 const TAIL: usize = 40;
+/// How long a `StalledSend` holds the network.
+const STALL: Duration = Duration::from_millis(400);
 /// Characters of a JSON line quoted in a violation.
 const SHORT: usize = 300;
 /// Devices a user has at most at once (not counting replaced ones).
@@ -225,6 +227,11 @@ enum Action {
         room: usize,
         count: usize,
     },
+    /// Every relay holds every byte while `dev` sends to `room`, for [`STALL`]; then lets go.
+    StalledSend {
+        dev: DevId,
+        room: usize,
+    },
     SendDirect {
         dev: DevId,
         to: UserId,
@@ -267,6 +274,7 @@ impl Action {
             Action::Ban { .. } => "ban",
             Action::Unban { .. } => "unban",
             Action::SendRoom { .. } => "send_room",
+            Action::StalledSend { .. } => "stalled_send",
             Action::SendDirect { .. } => "send_direct",
             Action::Reconnect { .. } => "reconnect",
             Action::Offline { .. } => "offline",
@@ -1123,6 +1131,7 @@ impl World {
             Action::Ban { user } => self.ban(user),
             Action::Unban { user, back } => self.unban(user, back),
             Action::SendRoom { dev, room, count } => self.send_room(dev, room, count),
+            Action::StalledSend { dev, room } => self.stalled_send(dev, room),
             Action::SendDirect { dev, to } => self.send_direct(dev, to),
             Action::Reconnect { dev } => {
                 self.stop(dev, true);
@@ -1228,6 +1237,13 @@ impl World {
                 room: r,
                 count,
             } => format!("{} send {count} to {}", dev(d), room(r)),
+            Action::StalledSend { dev: d, room: r } => {
+                format!(
+                    "{} send to {} while the network stalls {STALL:?}",
+                    dev(d),
+                    room(r)
+                )
+            }
             Action::SendDirect { dev: d, to } => {
                 format!("{} send to {} (direct)", dev(d), user(to))
             }
@@ -1493,6 +1509,28 @@ impl World {
         self.collect_sends(d, sent)
     }
 
+    /// A latency spike: every relay holds its bytes while a message is sent, then releases
+    /// them in order.
+    fn stalled_send(&mut self, d: DevId, r: usize) -> String {
+        for relay in &self.relays {
+            relay.stall(true);
+        }
+        let conv = Conv::Room(self.rooms[r].name.clone());
+        let text = self.new_text(d);
+        let mut cmd = json!({"cmd": "send", "room": self.rooms[r].name, "text": text});
+        let i = self.register(d, &conv, &text);
+        let id = self.issue(d, &mut cmd);
+        let until = Instant::now() + STALL;
+        self.wait_until(until, |_| false);
+        for relay in &self.relays {
+            relay.stall(false);
+        }
+        match id {
+            Some(id) => self.collect_sends(d, vec![(i, id, cmd)]),
+            None => "failed".into(),
+        }
+    }
+
     fn send_direct(&mut self, d: DevId, to: UserId) -> String {
         let me = self.users[self.devs[d].user].name.clone();
         let them = self.users[to].name.clone();
@@ -1695,7 +1733,8 @@ impl World {
     }
 
     fn try_choose(&mut self, online: &[DevId]) -> Option<Action> {
-        const KINDS: [(&str, u64); 18] = [
+        const KINDS: [(&str, u64); 19] = [
+            ("stalled_send", 2),
             ("history", 3),
             ("create", 6),
             ("join", 14),
@@ -1887,6 +1926,14 @@ impl World {
                 let (dev, room) = *self.rng.pick(&c);
                 let count = if self.rng.chance(0.2) { 5 } else { 1 };
                 Some(Action::SendRoom { dev, room, count })
+            }
+            "stalled_send" => {
+                let c = pairs(self, true);
+                if c.is_empty() {
+                    return None;
+                }
+                let (dev, room) = *self.rng.pick(&c);
+                Some(Action::StalledSend { dev, room })
             }
             "send_direct" => {
                 if online.is_empty() {
@@ -2263,6 +2310,9 @@ fn case_join_then_burst(w: &mut World) {
         room: r,
         count: 10,
     });
+    // A latency spike while carol sends: held, then delivered, in order, once.
+    w.act(Action::StalledSend { dev: C1, room: r });
+    w.say(D1, r);
 }
 
 /// (b) bob parts, then joins again: he reads the next messages (and nothing sent meanwhile).
