@@ -1194,10 +1194,11 @@ async fn run(
                 }
             }
             ClientEvent::Server(Event::Join { ref room, ref user }) if user == client.user() => {
-                // Another connection of this account joined a room this device was in before:
-                // this device joins its group again too.
+                // Another connection of this account joined a room (a member's commit that
+                // adds the account sends this device its Welcome first): this device joins the
+                // room's group too, when it is end-to-end encrypted.
                 let key = room_key(room);
-                let rejoin = !s.confirmed(&key) && s.with(|d| d.knows(&key).unwrap_or(false));
+                let rejoin = !s.confirmed(&key);
                 let room = room.clone();
                 if tx.send(event).await.is_err() {
                     break;
