@@ -103,6 +103,9 @@ pub(crate) struct Secure {
     /// Users found without a device, and when: direct messages to them go server-encrypted
     /// without asking the server again for [`NO_DEVICE_RECHECK`] (bounded).
     no_device: Mutex<HashMap<String, std::time::Instant>>,
+    /// Rooms the server said are not end-to-end encrypted, and when: sends there go as they
+    /// are without asking again for [`PLAIN_RECHECK`] (bounded).
+    plain_rooms: Mutex<HashMap<String, std::time::Instant>>,
     /// Requests to the events task, which alone processes conversations' logs (in order).
     control: mpsc::Sender<Control>,
     /// Conversations already told that messages cannot be read here, by reason.
@@ -121,6 +124,11 @@ enum Control {
         done: Option<tokio::sync::oneshot::Sender<()>>,
     },
 }
+
+/// How long a room found server-encrypted is taken to still be so.
+const PLAIN_RECHECK: Duration = Duration::from_secs(30);
+/// Most rooms remembered as server-encrypted.
+const MAX_PLAIN_ROOMS: usize = 1000;
 
 /// How long a user found without a device is taken to still have none.
 const NO_DEVICE_RECHECK: Duration = Duration::from_secs(30);
@@ -237,6 +245,7 @@ impl Client {
             sealed_waiting: Mutex::new(HashMap::new()),
             offers_waiting: Mutex::new(HashMap::new()),
             no_device: Mutex::new(HashMap::new()),
+            plain_rooms: Mutex::new(HashMap::new()),
             control,
             noticed: Mutex::new(HashSet::new()),
         });
@@ -560,14 +569,21 @@ impl Client {
             .ok_or_else(|| e2ee_err("end-to-end encryption is off for this session"))?;
         self.create_room(room, private, password).await?;
         let key = room_key(room);
-        let _ops = s.ops.lock().await;
-        let gi = s.create_group(&key)?;
-        self.request(Request::E2eeCreate {
-            conv: ConvRef::Room(room.to_string()),
-            group_info: Bytes::from(gi),
-        })
-        .await
-        .map(drop)
+        {
+            let _ops = s.ops.lock().await;
+            let gi = s.create_group(&key)?;
+            self.request(Request::E2eeCreate {
+                conv: ConvRef::Room(room.to_string()),
+                group_info: Bytes::from(gi),
+            })
+            .await?;
+        }
+        // The account's other devices are in the room too: they get a Welcome. Best effort:
+        // one that heard of the room first joins by itself (and then is not added here).
+        if let Err(e) = self.after_invite(room, self.user()).await {
+            tracing::debug!(room, error = %e, "adding this account's other devices");
+        }
+        Ok(())
     }
 
     /// After joining a room on the server: its group too, when it is end-to-end encrypted.
@@ -634,10 +650,10 @@ impl Client {
                     Reply::E2eeKeyPackages(k) => k,
                     other => return Err(crate::connection::unexpected("e2ee_claim", &other)),
                 };
+                let kps = new_devices(s, key, kps);
                 if kps.is_empty() {
                     return Ok(Attempt::Done(()));
                 }
-                let kps: Vec<Vec<u8>> = kps.into_iter().map(|k| k.key_package.into_vec()).collect();
                 let out = s.with(|d| d.add_members(key, &kps)).map_err(e2ee_err)?;
                 again_if_stale(self.commit(s, conv, key, out, false).await.map(|_| ()))
             })
@@ -726,17 +742,15 @@ impl Client {
         if others.is_empty() {
             return Ok(true);
         }
-        let kps = match self
-            .request(Request::E2eeClaim {
-                users: others.clone(),
-            })
-            .await?
-        {
+        // The others' devices, and this account's other devices.
+        let mut users = others.clone();
+        users.push(self.user().to_string());
+        let kps = match self.request(Request::E2eeClaim { users }).await? {
             Reply::E2eeKeyPackages(k) => k,
             other => return Err(crate::connection::unexpected("e2ee_claim", &other)),
         };
+        let kps = new_devices(s, key, kps);
         if !kps.is_empty() {
-            let kps: Vec<Vec<u8>> = kps.into_iter().map(|k| k.key_package.into_vec()).collect();
             let out = s.with(|d| d.add_members(key, &kps)).map_err(e2ee_err)?;
             self.commit(s, &conv, key, out, false).await?;
         }
@@ -958,7 +972,31 @@ impl Client {
                     Ok(false) => return None,
                     Err(e) => return Some(Err(e)),
                 },
-                Target::Room { .. } => return None,
+                Target::Room { room, .. } => {
+                    // Never a readable body to an end-to-end room this device is not in (yet):
+                    // ask the server, and join the group first when it is one.
+                    let recently_plain = s
+                        .plain_rooms
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&key)
+                        .is_some_and(|at| at.elapsed() < PLAIN_RECHECK);
+                    if recently_plain {
+                        return None;
+                    }
+                    match self.join_group(&s, ConvRef::Room(room.clone())).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            let mut plain = s.plain_rooms.lock().unwrap_or_else(|e| e.into_inner());
+                            if plain.len() >= MAX_PLAIN_ROOMS {
+                                plain.clear();
+                            }
+                            plain.insert(key.clone(), std::time::Instant::now());
+                            return None;
+                        }
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
             }
         }
         if let Target::Room { room, except } = target
@@ -1403,6 +1441,27 @@ async fn retry_group_op<'a, T>(
         }
     }
     Err(e2ee_err(give_up))
+}
+
+/// The key packages of devices that are not in the conversation's group yet (never this
+/// device itself: claiming this account's devices hands out one of its own too).
+fn new_devices(s: &Secure, key: &str, kps: Vec<conclave_proto::ClaimedKeyPackage>) -> Vec<Vec<u8>> {
+    let (me, present) = s.with(|d| {
+        let present: Vec<(String, String)> = d
+            .members(key)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| (m.user, m.device))
+            .collect();
+        ((d.user().to_string(), d.device_id().to_string()), present)
+    });
+    kps.into_iter()
+        .filter(|k| {
+            let who = (k.user.clone(), k.device.clone());
+            who != me && !present.contains(&who)
+        })
+        .map(|k| k.key_package.into_vec())
+        .collect()
 }
 
 /// The name under which end-to-end files travel (the server never sees the real one).

@@ -446,6 +446,28 @@ async fn file_after_join(net: Net) {
     }
 }
 
+/// A room made on one device of an account is the account's on its other devices too: they
+/// read it and send to it end to end (never a readable body to the server).
+async fn room_of_another_device(net: Net) {
+    let w = World::start(&["alice", "bob"], &[], net).await;
+    let st: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, mut a_ev) = w.connect("alice", st[0].path()).await;
+    let (bob1, _b1_ev) = w.connect("bob", st[1].path()).await;
+    let (bob2, mut b2_ev) = w.connect("bob", st[2].path()).await;
+    bob1.create_room_e2ee("lab", false, None)
+        .await
+        .expect("create");
+    alice.join("lab", None).await.expect("alice joins");
+    let from_bob2 = texts("from-the-other-device", 2);
+    send_all(&bob2, "lab", &from_bob2).await;
+    read_all(&mut a_ev, &room("lab"), &from_bob2).await;
+    let want = texts("to-both-devices", 2);
+    send_all(&alice, "lab", &want).await;
+    read_all(&mut b2_ev, &room("lab"), &want).await;
+}
+
 macro_rules! at_every_setting {
     ($case:ident) => {
         mod $case {
@@ -479,3 +501,4 @@ at_every_setting!(kick_unban_rejoin);
 at_every_setting!(invite_leave_reinvite);
 at_every_setting!(second_device);
 at_every_setting!(file_after_join);
+at_every_setting!(room_of_another_device);
