@@ -49,7 +49,15 @@ pub enum FileEvent {
         name: String,
         message: String,
     },
-    /// Something to tell (declined, received by someone).
+    /// Someone received a file I sent (the screen knows its name).
+    Received {
+        file_id: String,
+        by: String,
+        via_p2p: bool,
+    },
+    /// Someone declined a file I sent.
+    Declined { file_id: String, by: String },
+    /// Something to tell.
     Notice { text: String },
     /// A file event with nothing to show.
     Quiet,
@@ -76,18 +84,18 @@ pub fn file_event(event: &Event, me: &str) -> Option<FileEvent> {
             size: o.size,
             sha256: o.sha256.iter().map(|b| format!("{b:02x}")).collect(),
         }),
-        Event::FileDeclined { file_id, by } => Some(FileEvent::Notice {
-            text: format!("{by} declined your file {file_id}"),
+        Event::FileDeclined { file_id, by } => Some(FileEvent::Declined {
+            file_id: file_id.clone(),
+            by: by.clone(),
         }),
         Event::FileReceived {
             file_id,
             by,
             via_p2p,
-        } => Some(FileEvent::Notice {
-            text: format!(
-                "{by} received your file {file_id}{}",
-                if *via_p2p { " (directly)" } else { "" }
-            ),
+        } => Some(FileEvent::Received {
+            file_id: file_id.clone(),
+            by: by.clone(),
+            via_p2p: *via_p2p,
         }),
         // The library acts on these itself (relay copies for peer-to-peer transfers).
         Event::FileReady { .. } | Event::FileRelayWanted { .. } => Some(FileEvent::Quiet),

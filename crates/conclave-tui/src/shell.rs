@@ -245,6 +245,13 @@ impl Shell {
                 });
             }
             // Handled by the loop (it needs to stop).
+            Action::RememberDirect(list) => {
+                if let Some(path) = crate::direct_file(&self.opts)
+                    && let Err(e) = crate::remember::save(&path, &list)
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remember the direct conversations");
+                }
+            }
             Action::Quit => {}
         }
     }
