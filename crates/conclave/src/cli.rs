@@ -59,7 +59,29 @@ pub enum Command {
     /// Load generator: connections, fan-out, latency, server CPU and memory (also against IRC).
     #[command(after_help = conclave_bench::BENCH_HELP)]
     Bench(conclave_bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    #[command(after_help = COMPLETIONS_HELP)]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (conclave.1, conclave-serve.1, ...) into a directory.
+    #[command(
+        after_help = "Examples:\n  conclave man /usr/local/share/man/man1\n  conclave man ./man && man -l ./man/conclave-user.1"
+    )]
+    Man {
+        /// Where to write them (created if needed).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
+
+const COMPLETIONS_HELP: &str = "\
+Examples:
+  conclave completions bash > ~/.local/share/bash-completion/completions/conclave
+  conclave completions zsh > ~/.zfunc/_conclave      # with fpath+=~/.zfunc before compinit
+  conclave completions fish > ~/.config/fish/completions/conclave.fish";
 
 const LOGS_HELP: &str = "\
 Times (T): RFC 3339 (2026-11-21T10:00:00Z), a date (2026-11-21: midnight UTC), or a time ago
