@@ -297,6 +297,11 @@ pub enum Request {
     E2eeDevices {
         user: String,
     },
+    /// The sender withdraws a file: the server deletes it (and its stored bytes), it is
+    /// offered no more, and the recipients who have not taken it get [`Event::FileCancelled`].
+    FileCancel {
+        file_id: String,
+    },
 }
 
 /// Opaque bytes (MLS messages), compact on the wire.
@@ -555,5 +560,10 @@ pub enum Event {
         conv: Conv,
         seq: u64,
         welcome: Bytes,
+    },
+    /// To the recipients: the sender `by` withdrew the file; it cannot be taken any more.
+    FileCancelled {
+        file_id: String,
+        by: String,
     },
 }

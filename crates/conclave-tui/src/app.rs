@@ -111,6 +111,11 @@ pub enum Action {
         file_id: String,
         dir: PathBuf,
     },
+    /// Withdraw a file I sent (`/cancel`).
+    CancelFile {
+        tag: u64,
+        file_id: String,
+    },
     /// The direct conversations now open, to remember for the next start.
     RememberDirect(Vec<Vec<String>>),
     /// Leave: tell the server (when connected), restore the terminal, exit.
@@ -194,6 +199,7 @@ enum Pending {
     File,
     Decline { file_id: String },
     Files,
+    Cancel { file_id: String },
 }
 
 /// Tab completion in progress: pressing Tab again cycles.
@@ -538,7 +544,11 @@ impl App {
                 Vec::new()
             }
             Input::FileStarted { tag, result } => {
-                self.pending.remove(&tag);
+                if let Some(Pending::Cancel { file_id }) = self.pending.remove(&tag)
+                    && result.is_ok()
+                {
+                    self.transfers.retain(|t| t.file_id != file_id);
+                }
                 match result {
                     Ok(what) => self.say(NoticeKind::Info, &what),
                     Err(e) => self.error(&e),
@@ -1036,6 +1046,16 @@ impl App {
                 .filter(|id| id.to_lowercase().starts_with(&word))
                 .map(|id| format!("{id} "))
                 .collect()
+        } else if line.to_lowercase().starts_with("/cancel ")
+            && line[..start].split_whitespace().count() == 1
+        {
+            // The files I sent.
+            let mut ids: Vec<&String> = self.sent.keys().collect();
+            ids.sort();
+            ids.into_iter()
+                .filter(|id| id.to_lowercase().starts_with(&word))
+                .map(|id| format!("{id} "))
+                .collect()
         } else if ["/join ", "/part ", "/who "]
             .iter()
             .any(|c| line.to_lowercase().starts_with(c))
@@ -1382,6 +1402,12 @@ impl App {
                 )]
             }
             Command::Files => vec![self.request(Pending::Files, Request::Files)],
+            Command::Cancel { file_id } => {
+                let tag = self.tag(Pending::Cancel {
+                    file_id: file_id.clone(),
+                });
+                vec![Action::CancelFile { tag, file_id }]
+            }
             Command::Members => {
                 self.show_members = !self.show_members;
                 Vec::new()
@@ -1607,6 +1633,7 @@ impl App {
             | Event::FileReady { .. }
             | Event::FileRelayWanted { .. }
             | Event::FileDeclined { .. }
+            | Event::FileCancelled { .. }
             | Event::FileReceived { .. } => {}
         }
         Vec::new()
@@ -1709,6 +1736,13 @@ impl App {
                     self.sent_name(&file_id),
                     if via_p2p { " (directly)" } else { "" }
                 );
+                self.file_notice(&text);
+            }
+            FileEvent::Cancelled { file_id, by } => {
+                let text = match self.offers.remove(&file_id) {
+                    Some(name) => format!("{by} cancelled the file {name} ({file_id})"),
+                    None => format!("{by} cancelled the file {file_id}"),
+                };
                 self.file_notice(&text);
             }
             FileEvent::Declined { file_id, by } => {

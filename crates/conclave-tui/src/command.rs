@@ -40,6 +40,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "accept", args: "file-id [dir]", help: "accept a file offered to you (saved in dir, default the current directory; Tab completes the id)" },
     CommandSpec { name: "decline", args: "file-id", help: "decline a file offered to you (the sender is told)" },
     CommandSpec { name: "files", args: "", help: "the files offered to you that you have not accepted or declined" },
+    CommandSpec { name: "cancel", args: "file-id", help: "withdraw a file you are sending or sent (its recipients are told; Tab completes the id)" },
     CommandSpec { name: "members", args: "", help: "show or hide the members pane (also F2)" },
     CommandSpec { name: "close", args: "", help: "close this direct conversation's buffer" },
     CommandSpec { name: "quit", args: "", help: "leave (also Ctrl-C)" },
@@ -123,6 +124,9 @@ pub enum Command {
         dir: Option<String>,
     },
     Decline {
+        file_id: String,
+    },
+    Cancel {
         file_id: String,
     },
     Files,
@@ -368,6 +372,13 @@ pub fn parse(line: &str) -> Result<Command, String> {
             let (file_id, _) = first_word(rest);
             need(!file_id.is_empty())?;
             Command::Decline {
+                file_id: file_id.to_string(),
+            }
+        }
+        "cancel" => {
+            let (file_id, _) = first_word(rest);
+            need(!file_id.is_empty())?;
+            Command::Cancel {
                 file_id: file_id.to_string(),
             }
         }

@@ -1,4 +1,4 @@
-//! ADAPTER: file transfer (`/file`, `/accept`, offers and progress bars).
+//! ADAPTER: file transfer (`/file`, `/accept`, `/cancel`, offers and progress bars).
 //!
 //! This is the one place that knows the client library's file-transfer API
 //! (`Client::send_file`, `Client::accept_file`, `FileOptions::progress`, and the file events).
@@ -57,6 +57,8 @@ pub enum FileEvent {
     },
     /// Someone declined a file I sent.
     Declined { file_id: String, by: String },
+    /// The sender withdrew a file offered to me.
+    Cancelled { file_id: String, by: String },
     /// Something to tell.
     Notice { text: String },
     /// A file event with nothing to show.
@@ -85,6 +87,10 @@ pub fn file_event(event: &Event, me: &str) -> Option<FileEvent> {
             sha256: o.sha256.iter().map(|b| format!("{b:02x}")).collect(),
         }),
         Event::FileDeclined { file_id, by } => Some(FileEvent::Declined {
+            file_id: file_id.clone(),
+            by: by.clone(),
+        }),
+        Event::FileCancelled { file_id, by } => Some(FileEvent::Cancelled {
             file_id: file_id.clone(),
             by: by.clone(),
         }),
@@ -154,6 +160,16 @@ pub async fn send_file(
             ))
         }
         Err(e) => Err(format!("file {}: {e}", path.display())),
+    }
+}
+
+/// Cancels a file I sent (a send under way stops; the server withdraws it).
+pub async fn cancel_file(client: &Client, file_id: &str) -> Result<String, String> {
+    match client.cancel_file(file_id).await {
+        Ok(()) => Ok(format!(
+            "cancelled the file {file_id}; its recipients were told"
+        )),
+        Err(e) => Err(format!("cancel {file_id}: {e}")),
     }
 }
 

@@ -244,7 +244,19 @@ impl Shell {
                         .await;
                 });
             }
-            // Handled by the loop (it needs to stop).
+            Action::CancelFile { tag, file_id } => {
+                let client = self.client.clone();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let result = match client {
+                        Some(c) => files::cancel_file(&c, &file_id).await,
+                        None => Err("not connected".to_string()),
+                    };
+                    let _ = tx
+                        .send(Msg::Input(Input::FileStarted { tag, result }))
+                        .await;
+                });
+            }
             Action::RememberDirect(list) => {
                 if let Some(path) = crate::direct_file(&self.opts)
                     && let Err(e) = crate::remember::save(&path, &list)
@@ -252,6 +264,7 @@ impl Shell {
                     tracing::warn!(path = %path.display(), error = %e, "cannot remember the direct conversations");
                 }
             }
+            // Handled by the loop (it needs to stop).
             Action::Quit => {}
         }
     }

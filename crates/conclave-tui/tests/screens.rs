@@ -1177,3 +1177,44 @@ fn who_in_a_room_says_offline_not_away() {
     assert_shows(&app, &["members of #general: bob, carol (offline)"]);
     assert!(!screen(&app).contains("(away)"));
 }
+
+#[test]
+fn cancel_withdraws_a_sent_file_and_cancelled_offers_are_said() {
+    let mut app = chatting((140, 30));
+    app.update(Input::File(FileEvent::Progress {
+        file_id: "0193-up".into(),
+        name: "big.iso".into(),
+        sending: true,
+        done: 1024,
+        total: 1 << 30,
+    }));
+    for c in "/cancel ".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "/cancel 0193-up ", "a file I sent");
+    let actions = app.update(key(KeyCode::Enter));
+    let [Action::CancelFile { tag, ref file_id }] = actions[..] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(file_id, "0193-up");
+    app.update(Input::FileStarted {
+        tag,
+        result: Ok("cancelled the file 0193-up; its recipients were told".into()),
+    });
+    assert!(app.transfers.is_empty(), "its progress bar went");
+    assert_shows(&app, &["cancelled the file 0193-up"]);
+
+    // An offer to me, withdrawn by its sender.
+    app.update(offer("0194-of", "slides.pdf"));
+    app.update(Input::File(FileEvent::Cancelled {
+        file_id: "0194-of".into(),
+        by: "bob".into(),
+    }));
+    assert_shows(&app, &["bob cancelled the file slides.pdf (0194-of)"]);
+    for c in "/accept ".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "/accept ", "no longer offered");
+}
