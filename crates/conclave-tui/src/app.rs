@@ -1822,7 +1822,12 @@ impl App {
                     }
                 }
                 self.switch_to(i);
-                self.say(NoticeKind::Join, &format!("you are in #{room}"));
+                let kind = if self.e2ee.contains(&ConvKey::Room(room.clone())) {
+                    "end-to-end encrypted: only its members' devices read it; messages from before you joined are not readable"
+                } else {
+                    "server-encrypted: the server can read and search it"
+                };
+                self.say(NoticeKind::Join, &format!("you are in #{room} ({kind})"));
                 actions.push(Action::Ping);
                 return actions;
             }

@@ -1218,3 +1218,30 @@ fn cancel_withdraws_a_sent_file_and_cancelled_offers_are_said() {
     app.update(key(KeyCode::Tab));
     assert_eq!(app.input.text(), "/accept ", "no longer offered");
 }
+
+#[test]
+fn joining_says_whether_the_room_is_end_to_end() {
+    let mut app = chatting((160, 30));
+    let actions = type_line(&mut app, "/join lab");
+    let join = tags(&actions, |r| matches!(r, Request::Join { .. }));
+    // The library joined the room's encryption group before the reply.
+    app.e2ee.insert(ConvKey::Room("lab".into()));
+    app.update(Input::Reply {
+        tag: join[0],
+        result: Ok(Reply::Joined {
+            room: "lab".into(),
+            members: vec!["alice".into(), "bob".into()],
+        }),
+    });
+    assert_shows(&app, &["you are in #lab (end-to-end encrypted"]);
+    let actions = type_line(&mut app, "/join plain");
+    let join = tags(&actions, |r| matches!(r, Request::Join { .. }));
+    app.update(Input::Reply {
+        tag: join[0],
+        result: Ok(Reply::Joined {
+            room: "plain".into(),
+            members: vec!["alice".into()],
+        }),
+    });
+    assert_shows(&app, &["you are in #plain (server-encrypted"]);
+}
