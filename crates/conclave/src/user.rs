@@ -177,7 +177,7 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
             audit(&config, "user_add", Some(&name));
             if creates {
                 eprintln!(
-                    "conclave: created the data directory {} (conclave serve --data-dir {} uses it)",
+                    "conclave: set up a new data directory in {} (conclave serve --data-dir {} uses it)",
                     dir.display(),
                     dir.display()
                 );

@@ -879,7 +879,7 @@ fn reading_commands_refuse_a_missing_data_directory() {
         Some(PW),
     );
     f.assert_success()
-        .assert_stderr_has("created the data directory");
+        .assert_stderr_has("set up a new data directory in");
     assert_eq!(f.stdout_text(), "created admin alice\n");
     assert_eq!(user_list(&data), vec![("alice".into(), "admin".into())]);
 
