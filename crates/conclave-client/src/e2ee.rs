@@ -10,7 +10,7 @@
 //! changes as [`ClientEvent::E2ee`]. Sends, invitations, joins and history of end-to-end
 //! conversations go through here too (see [`Client::send`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +34,27 @@ const EARLY_MESSAGES: usize = 1000;
 /// Attempts at a send refused for a stale epoch (each after the log was processed).
 const SEND_ATTEMPTS: u32 = 40;
 const SEND_RETRY_WAIT: Duration = Duration::from_millis(100);
+/// Entries of a conversation's log asked for at a time when this device catches up.
+const FILL_PAGE: u64 = 100;
+/// Most entries of one conversation's log read to catch up at once; older ones are reported
+/// as not fetched.
+const MAX_FILL: u64 = 10_000;
+/// Requests of the library to the events task waiting at once (joins, catch-ups).
+const CONTROL_QUEUE: usize = 4096;
+/// How long a join waits for this device to process a conversation's log before it joins
+/// the group again instead.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(20);
+/// How long turning end-to-end encryption on waits for the groups to be up to date.
+const LOGIN_CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+/// Conversations remembered as already told "unreadable" (one notice each, not one per
+/// message).
+const MAX_NOTICED: usize = 10_000;
+
+/// Why a message sent before this device joined cannot be read here.
+pub const BEFORE_JOIN: &str = "sent before this device joined; read it on a device that was there";
+/// Why a message sent while this device was out of the conversation cannot be read here.
+pub const NOT_MEMBER: &str =
+    "sent while this device was not in the conversation's encryption group";
 
 pub use conclave_e2ee::key_fingerprint;
 
@@ -82,6 +103,23 @@ pub(crate) struct Secure {
     /// Users found without a device, and when: direct messages to them go server-encrypted
     /// without asking the server again for [`NO_DEVICE_RECHECK`] (bounded).
     no_device: Mutex<HashMap<String, std::time::Instant>>,
+    /// Requests to the events task, which alone processes conversations' logs (in order).
+    control: mpsc::Sender<Control>,
+    /// Conversations already told that messages cannot be read here, by reason.
+    noticed: Mutex<HashSet<(String, &'static str)>>,
+}
+
+/// What the library asks of the events task.
+enum Control {
+    /// This device is in the conversation's group now: say so, and process what arrived for
+    /// the conversation while it was joining.
+    Joined { conv: Conv },
+    /// Process the conversation's log up to its newest entry (a device that was offline
+    /// while its other devices read the messages; a join that found this device behind).
+    CatchUp {
+        conv: Conv,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    },
 }
 
 /// How long a user found without a device is taken to still have none.
@@ -133,6 +171,32 @@ impl Secure {
         self.with(|d| d.has_group(conv).unwrap_or(false))
     }
 
+    fn confirmed(&self, conv: &str) -> bool {
+        self.with(|d| d.confirmed(conv).unwrap_or(false))
+    }
+
+    fn tell(&self, c: Control) {
+        if self.control.try_send(c).is_err() {
+            tracing::warn!("the end-to-end events task is not keeping up");
+        }
+    }
+
+    /// Whether the conversation should be told `why` now (once per conversation).
+    fn first_notice(&self, conv: &str, why: &'static str) -> bool {
+        let mut n = self.noticed.lock().unwrap_or_else(|e| e.into_inner());
+        if n.len() >= MAX_NOTICED {
+            n.clear();
+        }
+        n.insert((conv.to_string(), why))
+    }
+
+    fn forget_notice(&self, conv: &str, why: &'static str) {
+        self.noticed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(conv.to_string(), why));
+    }
+
     /// Creates the conversation's group with the server as external sender; its GroupInfo.
     fn create_group(&self, conv: &str) -> Result<Vec<u8>, ClientError> {
         let server_key = self
@@ -165,6 +229,7 @@ impl Client {
             .await
             .map_err(e2ee_err)?
             .map_err(e2ee_err)?;
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let secure = Arc::new(Secure {
             device: Mutex::new(device),
             server_key: Mutex::new(Vec::new()),
@@ -172,6 +237,8 @@ impl Client {
             sealed_waiting: Mutex::new(HashMap::new()),
             offers_waiting: Mutex::new(HashMap::new()),
             no_device: Mutex::new(HashMap::new()),
+            control,
+            noticed: Mutex::new(HashSet::new()),
         });
         if self.core().secure.set(secure.clone()).is_err() {
             return Err(e2ee_err("end-to-end encryption is on already"));
@@ -181,7 +248,13 @@ impl Client {
         let out = Events::from_parts(rx, self.core().clone());
         // Publishing first: Welcomes that waited for this device follow its reply.
         self.publish_device(&secure).await?;
-        tokio::spawn(run(self.clone_weak(), secure.clone(), events, tx));
+        tokio::spawn(run(
+            self.clone_weak(),
+            secure.clone(),
+            events,
+            control_rx,
+            tx,
+        ));
         self.join_missing_groups(&secure).await;
         Ok(out)
     }
@@ -237,6 +310,10 @@ impl Client {
             }
             Request::Invite { room, user } => {
                 self.invite(&room, &user).await?;
+                Reply::Ok
+            }
+            Request::Part { room } => {
+                self.part(&room).await?;
                 Reply::Ok
             }
             Request::CreateRoom {
@@ -328,50 +405,125 @@ impl Client {
         Ok(())
     }
 
-    /// Joins, by external commit, the end-to-end rooms this account is a member of but this
-    /// device is not in (a new device, or one that missed its Welcome).
+    /// Joins, by external commit, the end-to-end conversations this account is in but this
+    /// device is not (a new device, one that missed its Welcome, or one that was out of a
+    /// group), then brings every group up to the newest entry of its log (the other devices
+    /// of the account may have read, and acknowledged, what came while this one was away).
     async fn join_missing_groups(&self, s: &Arc<Secure>) {
-        let Ok(rooms) = self.rooms().await else {
-            return;
+        let convs: Vec<Conv> = match self.request(Request::E2eeConvs).await {
+            Ok(Reply::E2eeConvs(c)) => c,
+            _ => match self.rooms().await {
+                // An older server: its rooms.
+                Ok(rooms) => rooms
+                    .into_iter()
+                    .filter(|r| r.member && r.e2ee)
+                    .map(|r| Conv::Room(r.room))
+                    .collect(),
+                Err(_) => return,
+            },
         };
-        for r in rooms.into_iter().filter(|r| r.member && r.e2ee) {
-            if !s.has_group(&room_key(&r.room))
-                && let Err(e) = self.join_group(s, ConvRef::Room(r.room.clone())).await
-            {
-                tracing::warn!(room = %r.room, error = %e, "could not join the end-to-end group");
+        let mut caught_up = Vec::new();
+        for conv in convs {
+            let key = conv_key(&conv);
+            if s.confirmed(&key) {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                s.tell(Control::CatchUp {
+                    conv,
+                    done: Some(done),
+                });
+                caught_up.push(wait);
+            } else if let Err(e) = self.join_group(s, self.conv_ref(&conv)).await {
+                tracing::warn!(conv = %key, error = %e, "could not join the end-to-end group");
+            }
+        }
+        // Ready once every group is up to date (processing a log can take this device out of
+        // a group and back in): what is sent after this returns is readable here. Bounded: the
+        // events the catch-up produces wait for the application, which reads them only after.
+        let all = futures_util::future::join_all(caught_up);
+        let _ = tokio::time::timeout(LOGIN_CATCH_UP_WAIT, all).await;
+    }
+
+    /// How this account names a conversation in requests.
+    fn conv_ref(&self, conv: &Conv) -> ConvRef {
+        match conv {
+            Conv::Room(r) => ConvRef::Room(r.clone()),
+            Conv::Direct(users) => {
+                let others: Vec<String> = users
+                    .iter()
+                    .filter(|u| *u != self.user())
+                    .cloned()
+                    .collect();
+                // A note to myself: the conversation of me alone.
+                ConvRef::With(if others.is_empty() {
+                    vec![self.user().to_string()]
+                } else {
+                    others
+                })
             }
         }
     }
 
-    /// Joins a conversation's group by external commit; `Ok(false)` when it is not end-to-end
-    /// encrypted.
+    /// The conversation a reference names, for this account.
+    fn ref_conv(&self, conv: &ConvRef) -> Conv {
+        match conv {
+            ConvRef::Room(r) => {
+                Conv::Room(conclave_proto::names::canonical_room(r).unwrap_or_else(|_| r.clone()))
+            }
+            ConvRef::With(users) => {
+                let mut all = users.clone();
+                all.push(self.user().to_string());
+                all.sort();
+                all.dedup();
+                Conv::Direct(all)
+            }
+        }
+    }
+
+    /// Joins a conversation's group by external commit (replacing any leaf this device still
+    /// has there); `Ok(false)` when it is not end-to-end encrypted. Nothing is done when this
+    /// device is in the group at the server's epoch already.
     async fn join_group(&self, s: &Arc<Secure>, conv: ConvRef) -> Result<bool, ClientError> {
-        let key = match &conv {
-            ConvRef::Room(r) => room_key(r),
-            ConvRef::With(_) => return Ok(false),
-        };
+        let plain = self.ref_conv(&conv);
+        let key = conv_key(&plain);
         let (conv, key) = (&conv, &key);
-        retry_group_op(
+        let joined = retry_group_op(
             s,
             "the group kept changing while joining; try again later",
             || {
                 Box::pin(async move {
-                    let info = match self
+                    let (info, epoch) = match self
                         .request(Request::E2eeGroupInfo { conv: conv.clone() })
                         .await?
                     {
-                        Reply::E2eeGroupInfo(Some(GroupInfoData { group_info, .. })) => group_info,
-                        Reply::E2eeGroupInfo(None) => return Ok(Attempt::Done(false)),
+                        Reply::E2eeGroupInfo(Some(GroupInfoData {
+                            group_info, epoch, ..
+                        })) => (group_info, epoch),
+                        Reply::E2eeGroupInfo(None) => return Ok(Attempt::Done(None)),
                         other => {
                             return Err(crate::connection::unexpected("e2ee_group_info", &other));
                         }
                     };
+                    let current = s.with(|d| {
+                        d.confirmed(key).unwrap_or(false) && d.epoch(key).is_ok_and(|e| e == epoch)
+                    });
+                    if current {
+                        return Ok(Attempt::Done(Some(false)));
+                    }
                     let out = s.with(|d| d.join_external(key, &info)).map_err(e2ee_err)?;
-                    again_if_stale(self.commit(s, conv, key, out, true).await.map(|_| true))
+                    again_if_stale(
+                        self.commit(s, conv, key, out, true)
+                            .await
+                            .map(|_| Some(true)),
+                    )
                 })
             },
         )
-        .await
+        .await?;
+        if joined == Some(true) {
+            s.forget_notice(key, NOT_MEMBER);
+            s.tell(Control::Joined { conv: plain });
+        }
+        Ok(joined.is_some())
     }
 
     /// Sends a commit; merges it once the server accepted it, drops it when refused.
@@ -435,13 +587,45 @@ impl Client {
     }
 
     /// After joining a room on the server: its group too, when it is end-to-end encrypted.
+    /// Returns only once this device can read what is sent next: it is in the group at the
+    /// server's epoch (a Welcome brought it there, or it caught up with the log), or it joined
+    /// again by external commit.
     pub(crate) async fn after_join(&self, room: &str) -> Result<(), ClientError> {
-        if let Some(s) = self.secure()
-            && !s.has_group(&room_key(room))
-        {
-            self.join_group(&s, ConvRef::Room(room.to_string())).await?;
+        let Some(s) = self.secure() else {
+            return Ok(());
+        };
+        let conv = ConvRef::Room(room.to_string());
+        let key = room_key(room);
+        if s.confirmed(&key) {
+            let info = match self
+                .request(Request::E2eeGroupInfo { conv: conv.clone() })
+                .await?
+            {
+                Reply::E2eeGroupInfo(Some(info)) => info,
+                Reply::E2eeGroupInfo(None) => return Ok(()),
+                other => return Err(crate::connection::unexpected("e2ee_group_info", &other)),
+            };
+            let behind = s.with(|d| d.epoch(&key).map_or(true, |e| e < info.epoch));
+            if behind {
+                // Let the events task read the log up to now (it may take this device out of
+                // the group, and back in, on the way).
+                let (done, wait) = tokio::sync::oneshot::channel();
+                s.tell(Control::CatchUp {
+                    conv: self.ref_conv(&conv),
+                    done: Some(done),
+                });
+                let _ = tokio::time::timeout(CATCH_UP_WAIT, wait).await;
+            }
         }
-        Ok(())
+        self.join_group(&s, conv).await.map(drop)
+    }
+
+    /// After leaving a room: this device leaves its group too (the server proposed the
+    /// removal of the account's devices; a later join starts over).
+    pub(crate) fn after_part(&self, room: &str) {
+        if let Some(s) = self.secure() {
+            let _ = s.with(|d| d.leave_group(&room_key(room)));
+        }
     }
 
     /// After inviting a user to an end-to-end room: add their devices to the group (those
@@ -868,7 +1052,7 @@ impl Client {
     ) -> Option<Result<Vec<Message>, ClientError>> {
         let s = self.secure()?;
         let key = conv_key(conv);
-        if !s.has_group(&key) {
+        if !s.with(|d| d.knows(&key).unwrap_or(false)) {
             return None;
         }
         Some(
@@ -922,22 +1106,50 @@ fn entry_message(conv: Conv, e: conclave_e2ee::device::HistoryEntry) -> Option<M
 }
 
 /// The events task: takes the server's events in order and hands the application what it
-/// should see.
+/// should see. It alone processes conversations' logs, so each is processed in order.
 async fn run(
     client: crate::connection::WeakClient,
     s: Arc<Secure>,
     mut raw: Events,
+    mut control: mpsc::Receiver<Control>,
     tx: mpsc::Sender<ClientEvent>,
 ) {
+    // Messages of conversations this device is joining, until it is in.
     let mut early: HashMap<String, Vec<Message>> = HashMap::new();
-    while let Some(event) = raw.recv().await {
+    loop {
+        let event = tokio::select! {
+            biased;
+            Some(c) = control.recv() => {
+                let Some(client) = client.upgrade() else {
+                    break;
+                };
+                match c {
+                    Control::Joined { conv } => {
+                        joined(&client, &s, &conv, &mut early, &tx).await;
+                    }
+                    Control::CatchUp { conv, done } => {
+                        catch_up(&client, &s, &conv, None, &tx).await;
+                        if let Some(done) = done {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                continue;
+            }
+            e = raw.recv() => match e {
+                Some(e) => e,
+                None => break,
+            },
+        };
         let Some(client) = client.upgrade() else {
             break;
         };
         match event {
             ClientEvent::Server(Event::Message(m)) if is_mls(&m.body.content_type) => {
                 let key = conv_key(&m.conv);
-                if !s.has_group(&key) {
+                if !s.confirmed(&key) {
+                    // Not in the group (yet): kept until this device joins it (by its own
+                    // external commit or a Welcome), then processed in order.
                     let q = early.entry(key).or_default();
                     if q.len() < EARLY_MESSAGES {
                         q.push(m);
@@ -957,22 +1169,57 @@ async fn run(
                     continue;
                 }
                 let key = conv_key(&conv);
-                let joined = {
+                let joined_welcome = {
                     let _ops = s.ops.lock().await;
-                    s.with(|d| d.join_welcome(&key, &welcome, seq))
-                };
-                match joined {
-                    Ok(()) => {
-                        let _ = tx
-                            .send(ClientEvent::E2ee(E2eeNotice::Joined { conv: conv.clone() }))
-                            .await;
-                        announce_devices(&s, &conv, &key, &tx).await;
+                    // Already in by a later external commit: the Welcome is older news.
+                    let later = s.confirmed(&key)
+                        && s.with(|d| d.last_seq(&key).ok().flatten())
+                            .is_some_and(|last| last >= seq);
+                    if later {
+                        Ok(false)
+                    } else {
+                        s.with(|d| d.join_welcome(&key, &welcome, seq))
+                            .map(|()| true)
                     }
+                };
+                match joined_welcome {
+                    Ok(true) => {
+                        s.forget_notice(&key, NOT_MEMBER);
+                        joined(&client, &s, &conv, &mut early, &tx).await;
+                    }
+                    Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "a Welcome could not be used"),
                 }
                 let _ = client.request(Request::E2eeWelcomeDone { id }).await;
-                for m in early.remove(&key).unwrap_or_default() {
-                    process(&client, &s, m, &tx).await;
+            }
+            ClientEvent::Server(Event::Part { ref room, ref user }) if user == client.user() => {
+                // Another connection of this account left the room: so does this device.
+                let _ = s.with(|d| d.leave_group(&room_key(room)));
+                if tx.send(event).await.is_err() {
+                    break;
+                }
+            }
+            ClientEvent::Server(Event::Kicked {
+                room: Some(ref room),
+                ref user,
+                ..
+            }) if user == client.user() => {
+                let _ = s.with(|d| d.leave_group(&room_key(room)));
+                if tx.send(event).await.is_err() {
+                    break;
+                }
+            }
+            ClientEvent::Server(Event::Join { ref room, ref user }) if user == client.user() => {
+                // Another connection of this account joined a room this device was in before:
+                // this device joins its group again too.
+                let key = room_key(room);
+                let rejoin = !s.confirmed(&key) && s.with(|d| d.knows(&key).unwrap_or(false));
+                let room = room.clone();
+                if tx.send(event).await.is_err() {
+                    break;
+                }
+                if rejoin {
+                    rejoin_if_member(&client, &s, &Conv::Room(room)).await;
                 }
             }
             ClientEvent::Server(Event::FileOffer(o)) if is_sealed_file(&o.name) => {
@@ -1005,6 +1252,127 @@ async fn run(
                 if tx.send(other).await.is_err() {
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// This device is in the conversation's group now: say so, then process what arrived for it
+/// meanwhile (what is from before the join is reported once, as unreadable here).
+async fn joined(
+    client: &Client,
+    s: &Arc<Secure>,
+    conv: &Conv,
+    early: &mut HashMap<String, Vec<Message>>,
+    tx: &mpsc::Sender<ClientEvent>,
+) {
+    let key = conv_key(conv);
+    let _ = tx
+        .send(ClientEvent::E2ee(E2eeNotice::Joined { conv: conv.clone() }))
+        .await;
+    for m in early.remove(&key).unwrap_or_default() {
+        process(client, s, m, tx).await;
+    }
+}
+
+/// The account is in the conversation but this device is not in its group (it was removed
+/// for an earlier membership, banned and let back in, or its state fell behind the log): it
+/// joins again by external commit. Rooms are asked about first: a device of an account that
+/// is not a member stays out.
+async fn rejoin_if_member(client: &Client, s: &Arc<Secure>, conv: &Conv) {
+    if let Conv::Room(room) = conv {
+        let member = client
+            .rooms()
+            .await
+            .is_ok_and(|rooms| rooms.iter().any(|r| r.room == *room && r.member && r.e2ee));
+        if !member {
+            return;
+        }
+    }
+    if let Err(e) = client.join_group(s, client.conv_ref(conv)).await {
+        tracing::warn!(conv = %conv_key(conv), error = %e, "could not join the end-to-end group again");
+    }
+}
+
+/// Processes the conversation's log after what this device has processed, up to `upto`
+/// (else up to its newest entry), a page at a time.
+async fn catch_up(
+    client: &Client,
+    s: &Arc<Secure>,
+    conv: &Conv,
+    upto: Option<u64>,
+    tx: &mpsc::Sender<ClientEvent>,
+) {
+    let key = conv_key(conv);
+    let Some(last) = s.with(|d| d.last_seq(&key).ok().flatten()) else {
+        return;
+    };
+    let conv_ref = client.conv_ref(conv);
+    let end = match upto {
+        Some(u) => u,
+        None => match client.history_raw(conv_ref.clone(), 1, None).await {
+            Ok(newest) => match newest.last() {
+                Some(m) => m.seq,
+                None => return,
+            },
+            Err(_) => return,
+        },
+    };
+    if end <= last {
+        return;
+    }
+    let mut next = last + 1;
+    if end - last > MAX_FILL {
+        next = end - MAX_FILL + 1;
+        let _ = tx
+            .send(ClientEvent::E2ee(E2eeNotice::Unreadable {
+                conv: conv.clone(),
+                seq: next - 1,
+                reason: format!(
+                    "{} earlier messages were not fetched (more than {MAX_FILL} at once)",
+                    next - 1 - last
+                ),
+            }))
+            .await;
+    }
+    // Each round asks for the entries in [next, next + window): the server's page holds the
+    // newest ones that fit its byte budget, so a cut page makes the window smaller.
+    let mut window = FILL_PAGE;
+    let mut rounds = 0u64;
+    while next <= end && rounds < 4 * (MAX_FILL / FILL_PAGE + 1) {
+        rounds += 1;
+        let w = window.min(end - next + 1);
+        let page = match client
+            .history_raw(conv_ref.clone(), w as u32, Some(next + w))
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(conv = %key, error = %e, "catching up with the conversation");
+                return;
+            }
+        };
+        let page: Vec<Message> = page
+            .into_iter()
+            .filter(|m| m.seq >= next && m.seq < next + w)
+            .collect();
+        match page.first() {
+            None => {
+                next += w;
+                window = FILL_PAGE;
+            }
+            Some(first) if first.seq > next && page.len() < (next + w - first.seq) as usize => {
+                // Not a gap: the page was cut to its byte budget. Ask for less.
+                window = (first.seq - next).max(1);
+            }
+            Some(_) => {
+                for m in page {
+                    if is_mls(&m.body.content_type) {
+                        Box::pin(process_one(client, s, m, tx)).await;
+                    }
+                }
+                next += w;
+                window = FILL_PAGE;
             }
         }
     }
@@ -1074,36 +1442,13 @@ fn is_mls(ct: &str) -> bool {
     ct == CT_APP || ct == CT_COMMIT || ct == CT_PROPOSAL
 }
 
-async fn announce_devices(s: &Secure, conv: &Conv, key: &str, tx: &mpsc::Sender<ClientEvent>) {
-    let _ = (s, key);
-    let _ = (conv, tx);
-}
-
 /// Processes one MLS message of a conversation's log (filling a gap from history first).
 async fn process(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Sender<ClientEvent>) {
     let key = conv_key(&m.conv);
     let last = s.with(|d| d.last_seq(&key).ok().flatten()).unwrap_or(0);
-    if m.seq <= last {
-        return;
-    }
     if m.seq > last + 1 {
         // Missed entries (another device of the account took them): read them first.
-        let conv_ref = match &m.conv {
-            Conv::Room(r) => ConvRef::Room(r.clone()),
-            Conv::Direct(users) => ConvRef::With(
-                users
-                    .iter()
-                    .filter(|u| *u != client.user())
-                    .cloned()
-                    .collect(),
-            ),
-        };
-        let want = (m.seq - last - 1).min(200) as u32;
-        if let Ok(earlier) = client.history_raw(conv_ref, want, Some(m.seq)).await {
-            for e in earlier.into_iter().filter(|e| e.seq > last) {
-                Box::pin(process_one(client, s, e, tx)).await;
-            }
-        }
+        catch_up(client, s, &m.conv, Some(m.seq - 1), tx).await;
     }
     process_one(client, s, m, tx).await;
 }
@@ -1168,6 +1513,9 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
                         conv: m.conv.clone(),
                     }))
                     .await;
+                // Removed for a membership that is over, while the account is back in (banned
+                // and let back in, or a quick part and join): join again.
+                rejoin_if_member(client, s, &m.conv).await;
                 return;
             }
             let changes = s.with(|d| d.device_changes(&added).unwrap_or_default());
@@ -1201,6 +1549,28 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
             commit_pending(client, s, &m.conv, &key, tx).await;
         }
         Ok(Processed::Duplicate) => {}
+        Ok(Processed::BeforeJoin) => {
+            if m.body.content_type == CT_APP && s.first_notice(&key, BEFORE_JOIN) {
+                let _ = tx
+                    .send(ClientEvent::E2ee(E2eeNotice::Unreadable {
+                        conv: m.conv.clone(),
+                        seq: m.seq,
+                        reason: BEFORE_JOIN.to_string(),
+                    }))
+                    .await;
+            }
+        }
+        Ok(Processed::NotMember) => {
+            if m.body.content_type == CT_APP && s.first_notice(&key, NOT_MEMBER) {
+                let _ = tx
+                    .send(ClientEvent::E2ee(E2eeNotice::Unreadable {
+                        conv: m.conv.clone(),
+                        seq: m.seq,
+                        reason: NOT_MEMBER.to_string(),
+                    }))
+                    .await;
+            }
+        }
         Ok(Processed::Unreadable(reason)) => {
             if m.body.content_type == CT_APP {
                 let _ = tx
@@ -1210,6 +1580,12 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
                         reason,
                     }))
                     .await;
+            } else if m.body.content_type == CT_COMMIT {
+                // A commit this device cannot apply leaves its group behind the log for good:
+                // it leaves that state and joins again.
+                tracing::warn!(conv = %key, seq = m.seq, reason = %reason, "a commit could not be applied; joining the group again");
+                let _ = s.with(|d| d.leave_group(&key));
+                rejoin_if_member(client, s, &m.conv).await;
             }
         }
         Err(e) => tracing::warn!(error = %e, "end-to-end state"),

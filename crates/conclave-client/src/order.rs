@@ -19,6 +19,7 @@ pub fn is_conversation_request(req: &Request) -> bool {
         req,
         Request::Send { .. }
             | Request::Join { .. }
+            | Request::Part { .. }
             | Request::Invite { .. }
             | Request::CreateRoom { .. }
             | Request::History { .. }

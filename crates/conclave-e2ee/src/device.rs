@@ -60,6 +60,10 @@ CREATE TABLE IF NOT EXISTS conclave_file_keys (
     record  BLOB NOT NULL,
     PRIMARY KEY (file_id, sender)
 );
+CREATE TABLE IF NOT EXISTS conclave_pending_commits (
+    conv   TEXT PRIMARY KEY,
+    commit_bytes BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS conclave_known_devices (
     user   TEXT NOT NULL,
     device TEXT NOT NULL,
@@ -113,6 +117,11 @@ pub struct MemberInfo {
 pub enum Processed {
     /// Seen before (its sequence number is not after the last one processed).
     Duplicate,
+    /// From before this device joined the group (at or before the commit that added it):
+    /// never readable here; another device of the account that was there has it.
+    BeforeJoin,
+    /// This device is not in the group (it was removed, or left): not readable here.
+    NotMember,
     /// A message for members, decrypted.
     App {
         user: String,
@@ -250,7 +259,7 @@ impl Device {
                 (device, signer, history)
             }
         };
-        Ok(Device {
+        let d = Device {
             conn,
             crypto,
             signer,
@@ -259,7 +268,27 @@ impl Device {
             history,
             history_reset,
             groups: RefCell::new(HashMap::new()),
-        })
+        };
+        d.drop_unconfirmed_joins()?;
+        Ok(d)
+    }
+
+    /// External joins that were sent but never confirmed (the client stopped between the
+    /// commit and the server's answer): dropped, so the next join starts over. If the server
+    /// had taken the commit, the new external commit replaces that leaf (same signature
+    /// key: OpenMLS removes it in the same commit).
+    fn drop_unconfirmed_joins(&self) -> Result<(), E2eeError> {
+        let convs: Vec<String> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT conv FROM conclave_groups WHERE joined_seq < 0")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for conv in convs {
+            self.tx(|d| d.forget_old_group(&conv))?;
+        }
+        Ok(())
     }
 
     /// The password did not open the local history (it changed since): what was kept before
@@ -402,6 +431,104 @@ impl Device {
         Ok(matches!(self.group_row(conv)?, Some((_, _, true))))
     }
 
+    /// Whether this device is in the conversation's group and the server confirmed how it
+    /// got there (an external join counts once the server took its commit).
+    pub fn confirmed(&self, conv: &str) -> Result<bool, E2eeError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT joined_seq >= 0 AND active FROM conclave_groups WHERE conv = ?1",
+                [conv],
+                |r| r.get::<_, bool>(0),
+            )
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// The sequence number of the commit that brought this device into the conversation's
+    /// group (messages up to it are from before it joined).
+    pub fn joined_seq(&self, conv: &str) -> Result<Option<u64>, E2eeError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT joined_seq FROM conclave_groups WHERE conv = ?1",
+                [conv],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .and_then(|s| u64::try_from(s).ok()))
+    }
+
+    /// Whether this device knows the conversation as end-to-end encrypted: it is or was in
+    /// its group, or keeps local history of it.
+    pub fn knows(&self, conv: &str) -> Result<bool, E2eeError> {
+        let known: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM conclave_groups WHERE conv = ?1
+                 UNION ALL SELECT 1 FROM conclave_history WHERE conv = ?1 LIMIT 1",
+                [conv],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(known.is_some())
+    }
+
+    /// Leaves the conversation's group on this device (the account left the room, or was
+    /// kicked from it): the group's keys are deleted, the local history stays, and a later
+    /// join starts over with an external commit.
+    pub fn leave_group(&self, conv: &str) -> Result<(), E2eeError> {
+        self.tx(|d| {
+            let Some((gid, _, _)) = d.group_row(conv)? else {
+                return Ok(());
+            };
+            d.evict(&gid);
+            let provider = d.provider();
+            if let Some(mut g) = MlsGroup::load(provider.storage(), &gid)? {
+                g.delete(provider.storage())?;
+            }
+            d.conn.execute(
+                "UPDATE conclave_groups SET active = 0 WHERE conv = ?1",
+                [conv],
+            )?;
+            d.conn.execute(
+                "DELETE FROM conclave_pending_commits WHERE conv = ?1",
+                [conv],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Remembers the commit this device sent, so that finding it in the log (after a crash
+    /// between the server's answer and [`Device::confirm`]) merges it instead of failing.
+    fn note_pending(&self, conv: &str, out: &Outgoing) -> Result<(), E2eeError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO conclave_pending_commits (conv, commit_bytes) VALUES (?1, ?2)",
+            params![conv, out.commit],
+        )?;
+        Ok(())
+    }
+
+    fn clear_pending(&self, conv: &str) -> Result<(), E2eeError> {
+        self.conn.execute(
+            "DELETE FROM conclave_pending_commits WHERE conv = ?1",
+            [conv],
+        )?;
+        Ok(())
+    }
+
+    fn is_own_pending(&self, conv: &str, data: &[u8]) -> Result<bool, E2eeError> {
+        let stored: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT commit_bytes FROM conclave_pending_commits WHERE conv = ?1",
+                [conv],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(stored.is_some_and(|c| c == data))
+    }
+
     /// The last sequence number of the conversation's log this device has processed.
     pub fn last_seq(&self, conv: &str) -> Result<Option<u64>, E2eeError> {
         Ok(self.group_row(conv)?.map(|(_, s, _)| s))
@@ -458,6 +585,7 @@ impl Device {
             self.conn
                 .execute("DELETE FROM conclave_groups WHERE conv = ?1", [conv])?;
         }
+        self.clear_pending(conv)?;
         Ok(())
     }
 
@@ -532,7 +660,9 @@ impl Device {
             }
             let bundle = d.stage(&provider, group.commit_builder().propose_adds(kps))?;
             d.keep(group);
-            outgoing(bundle)
+            let out = outgoing(bundle)?;
+            d.note_pending(conv, &out)?;
+            Ok(out)
         })
     }
 
@@ -550,7 +680,9 @@ impl Device {
                 group.commit_builder().consume_proposal_store(true),
             )?;
             d.keep(group);
-            outgoing(bundle).map(Some)
+            let out = outgoing(bundle)?;
+            d.note_pending(conv, &out)?;
+            Ok(Some(out))
         })
     }
 
@@ -561,7 +693,9 @@ impl Device {
             let mut group = d.load(conv)?;
             let bundle = d.stage(&provider, group.commit_builder().force_self_update(true))?;
             d.keep(group);
-            outgoing(bundle)
+            let out = outgoing(bundle)?;
+            d.note_pending(conv, &out)?;
+            Ok(out)
         })
     }
 
@@ -578,6 +712,7 @@ impl Device {
                 "UPDATE conclave_groups SET last_seq = MAX(last_seq, ?2) WHERE conv = ?1",
                 params![conv, seq as i64],
             )?;
+            d.clear_pending(conv)?;
             d.note_members(&group)?;
             d.keep(group);
             Ok(())
@@ -601,6 +736,7 @@ impl Device {
                 group
                     .clear_pending_commit(provider.storage())
                     .map_err(E2eeError::mls)?;
+                d.clear_pending(conv)?;
                 let joined: i64 = d.conn.query_row(
                     "SELECT joined_seq FROM conclave_groups WHERE conv = ?1",
                     [conv],
@@ -726,14 +862,21 @@ impl Device {
             return Err(E2eeError::NoGroup);
         };
         if seq <= last {
+            if self.joined_seq(conv)?.is_some_and(|j| seq <= j) {
+                return Ok(Processed::BeforeJoin);
+            }
             return Ok(Processed::Duplicate);
         }
         if !active {
             self.bump(conv, seq)?;
-            return Ok(Processed::Unreadable("this device was removed".into()));
+            return Ok(Processed::NotMember);
         }
         let result = self.tx(|d| {
-            let r = d.process_inner(conv, seq, from, ts_ms, data)?;
+            let r = if d.is_own_pending(conv, data)? {
+                d.merge_own(conv)?
+            } else {
+                d.process_inner(conv, seq, from, ts_ms, data)?
+            };
             d.conn.execute(
                 "UPDATE conclave_groups SET last_seq = ?2 WHERE conv = ?1",
                 params![conv, seq as i64],
@@ -749,6 +892,42 @@ impl Device {
                 Ok(Processed::Unreadable(e.to_string()))
             }
         }
+    }
+
+    /// This device's own commit, found in the log before it was confirmed: merged now.
+    fn merge_own(&self, conv: &str) -> Result<Processed, E2eeError> {
+        let provider = self.provider();
+        let mut group = self.load(conv)?;
+        if group.pending_commit().is_none() {
+            return Err(E2eeError::Mls(
+                "this device's own commit is in the log but no longer staged here".into(),
+            ));
+        }
+        let before = members_of(&group);
+        group
+            .merge_pending_commit(&provider)
+            .map_err(E2eeError::mls)?;
+        self.clear_pending(conv)?;
+        let after = members_of(&group);
+        self.note_members(&group)?;
+        let epoch = group.epoch().as_u64();
+        let added = after
+            .iter()
+            .filter(|m| !before.contains(m))
+            .cloned()
+            .collect();
+        let removed = before
+            .iter()
+            .filter(|m| !after.contains(m))
+            .cloned()
+            .collect();
+        self.keep(group);
+        Ok(Processed::Commit {
+            epoch,
+            added,
+            removed,
+            removed_self: false,
+        })
     }
 
     fn bump(&self, conv: &str, seq: u64) -> Result<(), E2eeError> {
@@ -822,6 +1001,7 @@ impl Device {
                 group
                     .merge_staged_commit(&provider, *staged)
                     .map_err(E2eeError::mls)?;
+                self.clear_pending(conv)?;
                 let after = members_of(&group);
                 let added = after
                     .iter()

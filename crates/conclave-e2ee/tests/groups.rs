@@ -172,7 +172,7 @@ fn create_invite_talk_kick_join_restart() {
         carol
             .process(CONV, seq, "alice", 0, &secret)
             .expect("carol"),
-        Processed::Unreadable(_)
+        Processed::NotMember
     ));
 
     // Dave joins by external commit; he cannot read what came before.
@@ -188,7 +188,7 @@ fn create_invite_talk_kick_join_restart() {
     assert!(matches!(
         dave.process(CONV, 1, "alice", 0, &log.entries[1].2)
             .expect("old"),
-        Processed::Duplicate
+        Processed::BeforeJoin
     ));
     let m = bob.encrypt(CONV, &body("welcome dave")).expect("enc");
     let seq = log.push("bob", &m);
@@ -329,4 +329,77 @@ fn a_file_description_is_bound_to_its_sender() {
         Some(described("evil.exe", 3))
     );
     assert_eq!(bob.file("f-1", "carol").expect("read"), None);
+}
+
+/// A client killed between the server's acceptance of its commit and its own merge finds the
+/// commit in the log when it comes back, and merges it instead of failing on it; an external
+/// join that was never confirmed is dropped at open, and joining again replaces the leaf the
+/// server may have taken (same device, same signature key).
+#[test]
+fn a_crash_around_a_commit_is_repaired() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let server = ServerSigner::generate().expect("server key");
+    let alice = Device::open(dirs[0].path(), "alice", "pw-a").expect("alice");
+    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("bob");
+    let gi = alice.create_group(CONV, server.public()).expect("create");
+    let mut log = Log {
+        state: GroupState::create(&gi, "alice", server.public()).expect("server follows"),
+        entries: Vec::new(),
+    };
+    let kp = bob.key_packages(1).expect("kp");
+    let out = alice.add_members(CONV, &kp).expect("add");
+    let seq = log.commit("alice", &out.commit).expect("accepted");
+    // Alice's process dies here: no confirm.
+    drop(alice);
+    let alice = Device::open(dirs[0].path(), "alice", "pw-a").expect("alice again");
+    let got = alice
+        .process(CONV, seq, "alice", 0, &log.entries[0].2)
+        .expect("process");
+    assert!(
+        matches!(&got, Processed::Commit { added, .. } if added.iter().any(|m| m.user == "bob")),
+        "{got:?}"
+    );
+    bob.join_welcome(CONV, &out.welcome.expect("welcome"), seq)
+        .expect("bob joins");
+    let m = alice.encrypt(CONV, &body("after the crash")).expect("enc");
+    let seq = log.push("alice", &m);
+    assert_eq!(
+        text(&bob.process(CONV, seq, "alice", 0, &m).expect("bob")),
+        Some("after the crash".into())
+    );
+
+    // Carol's external join is taken by the server, but she dies before confirming it.
+    let carol = Device::open(dirs[2].path(), "carol", "pw-c").expect("carol");
+    let gi = alice.group_info(CONV).expect("gi");
+    let out = carol.join_external(CONV, &gi).expect("external");
+    let seq = log.commit("carol", &out.commit).expect("join accepted");
+    log.catch_up(&alice);
+    log.catch_up(&bob);
+    drop(carol);
+    let carol = Device::open(dirs[2].path(), "carol", "pw-c").expect("carol again");
+    assert!(
+        !carol.has_group(CONV).expect("row"),
+        "the unconfirmed join is dropped"
+    );
+    // She joins again: her old leaf goes in the same commit, so the group has her once.
+    let gi = alice.group_info(CONV).expect("gi");
+    let out = carol.join_external(CONV, &gi).expect("external again");
+    let seq2 = log.commit("carol", &out.commit).expect("rejoin accepted");
+    assert!(seq2 > seq);
+    carol.confirm_join(CONV, seq2).expect("merge");
+    log.catch_up(&alice);
+    log.catch_up(&bob);
+    let carols = alice
+        .members(CONV)
+        .expect("members")
+        .into_iter()
+        .filter(|m| m.user == "carol")
+        .count();
+    assert_eq!(carols, 1);
+    let m = bob.encrypt(CONV, &body("carol is back")).expect("enc");
+    let seq = log.push("bob", &m);
+    assert_eq!(
+        text(&carol.process(CONV, seq, "bob", 0, &m).expect("carol")),
+        Some("carol is back".into())
+    );
 }

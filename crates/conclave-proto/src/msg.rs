@@ -297,6 +297,10 @@ pub enum Request {
     E2eeDevices {
         user: String,
     },
+    /// The end-to-end encrypted conversations the caller belongs to (rooms it is a member
+    /// of, direct conversations it takes part in), for a device to join the groups it is not
+    /// in yet. Answered with [`Reply::E2eeConvs`].
+    E2eeConvs,
     /// The sender withdraws a file: the server deletes it (and its stored bytes), it is
     /// offered no more, and the recipients who have not taken it get [`Event::FileCancelled`].
     FileCancel {
@@ -425,6 +429,7 @@ pub enum Reply {
     E2eeKeyPackages(Vec<ClaimedKeyPackage>),
     E2eeGroupInfo(Option<GroupInfoData>),
     E2eeDevices(Vec<DeviceInfo>),
+    E2eeConvs(Vec<Conv>),
 }
 
 /// Why a connection is being closed by the server.

@@ -20,8 +20,11 @@ pub struct ConvGroup {
     pub epoch: u64,
     /// The GroupInfo of the current epoch (for external joins).
     pub group_info: Vec<u8>,
-    /// Application messages from epochs before this one are refused (the last removal).
-    pub removal_epoch: u64,
+    /// Application messages from epochs before this one are refused: the epoch made by the
+    /// last commit that added or removed a device. So a message stored after a device joined
+    /// is always readable by it, and one stored after a device left never is (see
+    /// ARCHITECTURE.md, "Who reads what in an end-to-end conversation").
+    pub membership_epoch: u64,
     /// Users removed on the server whose leaves are still in the group.
     pub pending: BTreeSet<String>,
 }
@@ -34,7 +37,7 @@ impl ConvGroup {
             state: self.state.to_bytes().map_err(|e| e.to_string())?,
             applied_seq: self.applied_seq,
             group_info: self.group_info.clone(),
-            removal_epoch: self.removal_epoch,
+            removal_epoch: self.membership_epoch,
             pending: self.pending.iter().cloned().collect(),
         })
     }
@@ -69,7 +72,7 @@ impl E2ee {
                 applied_seq: row.applied_seq,
                 epoch: 0,
                 group_info: row.group_info,
-                removal_epoch: row.removal_epoch,
+                membership_epoch: row.removal_epoch,
                 pending: row.pending.into_iter().collect(),
             };
             let missed = db
@@ -92,6 +95,13 @@ impl E2ee {
                     .map_err(|e: StoreError| e.to_string())?;
                 tracing::info!(conv = %g.conv, "end-to-end group brought up to its log");
             }
+            // The epoch is kept beside the state (checking a message must not decode the
+            // group): read it once here, or every message after a restart would be refused
+            // as stale until the next commit.
+            g.epoch = g
+                .state
+                .epoch()
+                .map_err(|e| format!("group of {}: {e}", row.conv))?;
             groups.insert(row.conv.clone(), Arc::new(tokio::sync::Mutex::new(g)));
         }
         Ok(E2ee {
@@ -110,6 +120,22 @@ impl E2ee {
 
     pub fn is_e2ee(&self, conv: &str) -> bool {
         self.map().contains_key(conv)
+    }
+
+    /// The direct conversations (keys `d:A,B,…`) that are end-to-end encrypted and that
+    /// `user` takes part in.
+    pub fn directs_of(&self, user: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .map()
+            .keys()
+            .filter(|k| {
+                k.strip_prefix("d:")
+                    .is_some_and(|users| users.split(',').any(|u| u == user))
+            })
+            .cloned()
+            .collect();
+        out.sort();
+        out
     }
 
     /// Registers a new group; false when the conversation has one already.

@@ -671,6 +671,7 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
             )),
         },
         (Some(_), Request::E2eeDevices { user }) => cmd::e2ee::devices(conn, user).await,
+        (Some(user), Request::E2eeConvs) => Ok(cmd::e2ee::convs(conn, &user)),
     };
     if let Err(e) = &result
         && e.code == ErrorCode::Internal

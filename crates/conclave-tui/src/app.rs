@@ -449,10 +449,10 @@ impl App {
                 NoticeKind::Kick,
                 "you were removed from this conversation's encryption group".to_string(),
             ),
-            N::Unreadable { conv, seq, .. } => (
+            N::Unreadable { conv, seq, reason } => (
                 conv,
                 NoticeKind::Info,
-                format!("message {seq} cannot be read on this device (sent before it joined)"),
+                format!("message {seq} cannot be read on this device: {reason}"),
             ),
         };
         let key = ConvKey::from_conv(&conv, &me);

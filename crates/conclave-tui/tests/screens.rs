@@ -924,6 +924,26 @@ fn print_chat_screen() {
     println!("{}", screen(&app));
 }
 
+#[test]
+fn an_unreadable_message_is_one_line_with_its_reason() {
+    let mut app = chatting((110, 24));
+    app.update(Input::Client(ClientEvent::E2ee(
+        conclave_client::e2ee::E2eeNotice::Unreadable {
+            conv: Conv::Room("general".into()),
+            seq: 7,
+            reason: conclave_client::e2ee::BEFORE_JOIN.into(),
+        },
+    )));
+    assert_shows(
+        &app,
+        &[
+            "message 7 cannot be read on this device: sent before",
+            "this device joined; read it on a device that was",
+        ],
+    );
+    assert!(!screen(&app).contains("application/mls"));
+}
+
 // ---- first-run papercuts (issue #19) ----
 
 #[test]

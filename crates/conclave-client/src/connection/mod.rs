@@ -882,8 +882,9 @@ impl Client {
         self.request(Request::Part {
             room: room.to_string(),
         })
-        .await
-        .map(drop)
+        .await?;
+        self.after_part(room);
+        Ok(())
     }
 
     pub async fn create_room(
@@ -964,7 +965,14 @@ impl Client {
         if let Some(found) = self.local_history(&local, limit, before) {
             return found;
         }
-        self.history_raw(conv, limit, before).await
+        // An end-to-end conversation this device has no history of: the server's log holds
+        // only MLS messages, which are never shown as messages.
+        Ok(self
+            .history_raw(conv, limit, before)
+            .await?
+            .into_iter()
+            .filter(|m| !m.body.content_type.starts_with("application/mls-"))
+            .collect())
     }
 
     /// The server's history of a conversation (for end-to-end ones: the MLS log).
@@ -1156,6 +1164,7 @@ fn is_resendable(req: &Request) -> bool {
         | Request::E2eeClaim { .. }
         | Request::E2eeGroupInfo { .. }
         | Request::E2eeDevices { .. }
+        | Request::E2eeConvs
         | Request::E2eeWelcomeDone { .. }
         | Request::Ack { .. } => true,
         Request::E2eePublish { .. } | Request::E2eeCreate { .. } | Request::E2eeCommit { .. } => {

@@ -367,6 +367,9 @@ fn reply_fields(reply: &Reply) -> Map<String, Value> {
             "device": d.device,
             "fingerprint": conclave_e2ee::key_fingerprint(&d.signature_key),
         })).collect::<Vec<_>>()}),
+        Reply::E2eeConvs(convs) => {
+            json!({"conversations": convs.iter().map(conv_fields).collect::<Vec<_>>()})
+        }
         Reply::VoteCounted {
             votes,
             needed,

@@ -102,3 +102,20 @@ pub fn options(srv: &TestServer, user: &str, state: &Path, wait: Duration) -> Co
     opts.request_timeout = wait;
     opts
 }
+
+/// The binary's test kit's relay (one forwarder for every test crate).
+#[path = "../../../conclave/tests/common/relay.rs"]
+pub mod relay;
+
+/// Creates admin accounts (members of the default room) on a data directory, before the
+/// server starts.
+pub fn add_admins(dir: &Path, names: &[&str]) {
+    let config = Config::new(dir);
+    let mut db = conclave_server::server::open_db(&config).expect("db");
+    db.ensure_public_room(&config.default_room).expect("room");
+    for name in names {
+        let hash = conclave_server::accounts::hash_password(PASSWORD).expect("hash");
+        db.create_user(name, &hash, true).expect("create");
+        db.add_member(&config.default_room, name).expect("member");
+    }
+}

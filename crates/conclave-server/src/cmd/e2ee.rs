@@ -221,7 +221,7 @@ pub async fn create(
         applied_seq: 0,
         epoch: 0,
         group_info: group_info.into_vec(),
-        removal_epoch: 0,
+        membership_epoch: 0,
         pending: Default::default(),
     };
     let row = g.row().map_err(internal)?;
@@ -341,8 +341,10 @@ pub async fn commit(
     g.applied_seq = stored.seq;
     g.epoch = change.epoch;
     g.group_info = group_info.into_vec();
-    if !change.removed.is_empty() {
-        g.removal_epoch = change.epoch;
+    if !change.removed.is_empty() || !change.added.is_empty() {
+        // From here on only this epoch's keys (and later ones) are taken: a device added here
+        // can read every message stored after this commit, a device removed here none.
+        g.membership_epoch = change.epoch;
     }
     let members: Vec<String> = g
         .state
@@ -351,14 +353,28 @@ pub async fn commit(
         .into_iter()
         .map(|l| l.user)
         .collect();
-    g.pending.retain(|u| members.contains(u));
+    // A removal the server wants is done once a commit removed the user's devices, and off
+    // once one added the user back (an invitation accepted, a rejoin by external commit:
+    // both checked above); otherwise it is proposed again at the new epoch.
+    let touched: std::collections::BTreeSet<&str> = change
+        .added
+        .iter()
+        .chain(change.removed.iter())
+        .map(|(u, _)| u.as_str())
+        .collect();
+    g.pending
+        .retain(|u| members.contains(u) && !touched.contains(u.as_str()));
     let still_pending: Vec<String> = g.pending.iter().cloned().collect();
     for u in still_pending {
         propose_removal(&conn.shared, &mut g, &conv, &u).await;
     }
     save(&conn.shared, &g).await;
     drop(g);
-    // Added accounts become members of the room; their devices get the Welcome.
+    // Added accounts become members of the room; their devices get the Welcome. Everyone
+    // hears of the new member only after the Welcomes went out, so the added user's own
+    // connections have the Welcome before the `join` (a device that heard of its account's
+    // join first would join by itself instead, after the messages that follow the Welcome).
+    let mut joined: Vec<String> = Vec::new();
     if let Conv::Room(room) = &conv {
         let mut added: Vec<String> = change.added.iter().map(|(u, _)| u.clone()).collect();
         added.sort();
@@ -381,15 +397,8 @@ pub async fn commit(
                     tracing::error!(error = %e, "adding a member after their commit");
                     continue;
                 }
-                let mut hub = conn.shared.hub.lock();
-                hub.add_member(room, &u);
-                broadcast(
-                    hub.recipients(&conv, &[], None),
-                    Event::Join {
-                        room: room.clone(),
-                        user: u.clone(),
-                    },
-                );
+                conn.shared.hub.lock().add_member(room, &u);
+                joined.push(u);
             }
         }
     }
@@ -406,23 +415,33 @@ pub async fn commit(
                     .map(|ids| (ids, bytes))
             })
             .await;
-        let (ids, bytes) = match stored_welcomes {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "storing Welcomes");
-                return Ok(());
+        match stored_welcomes {
+            Ok((ids, bytes)) => {
+                let hub = conn.shared.hub.lock();
+                for (u, device, wid) in ids {
+                    broadcast(
+                        hub.sessions_of(std::iter::once(u.as_str()), None),
+                        Event::E2eeWelcome {
+                            id: wid,
+                            device,
+                            conv: conv.clone(),
+                            seq: stored.seq,
+                            welcome: Bytes::from(bytes.clone()),
+                        },
+                    );
+                }
             }
-        };
+            Err(e) => tracing::error!(error = %e, "storing Welcomes"),
+        }
+    }
+    if let Conv::Room(room) = &conv {
         let hub = conn.shared.hub.lock();
-        for (u, device, wid) in ids {
+        for u in joined {
             broadcast(
-                hub.sessions_of(std::iter::once(u.as_str()), None),
-                Event::E2eeWelcome {
-                    id: wid,
-                    device,
-                    conv: conv.clone(),
-                    seq: stored.seq,
-                    welcome: Bytes::from(bytes.clone()),
+                hub.recipients(&conv, &[], None),
+                Event::Join {
+                    room: room.clone(),
+                    user: u,
                 },
             );
         }
@@ -520,9 +539,19 @@ async fn save(shared: &Shared, g: &ConvGroup) {
 }
 
 /// Checks a message for an end-to-end encrypted conversation: an MLS application message of
-/// its group, at the current epoch or since the last removal, with no removal pending.
-/// Conversations that are not end-to-end encrypted refuse MLS content types.
-pub async fn check_send(shared: &Shared, conv: &Conv, body: &Body) -> Result<(), ErrorBody> {
+/// its group, at an epoch no older than the last membership change and not ahead of the
+/// group, with no removal pending. Conversations that are not end-to-end encrypted refuse MLS
+/// content types.
+///
+/// For an end-to-end conversation the group's lock comes back with the answer: the caller
+/// holds it until the message is queued for the store, so no commit can be ordered between
+/// this check and the message (a message checked against epoch N and stored after a commit
+/// that added a device at N+1 would be unreadable to that device).
+pub async fn check_send(
+    shared: &Shared,
+    conv: &Conv,
+    body: &Body,
+) -> Result<Option<GroupGuard>, ErrorBody> {
     let key = conv_key(conv);
     let Some(handle) = shared.e2ee.get(&key) else {
         if body.content_type.starts_with("application/mls-") {
@@ -531,7 +560,7 @@ pub async fn check_send(shared: &Shared, conv: &Conv, body: &Body) -> Result<(),
                 "this conversation is not end-to-end encrypted; send plain bodies",
             ));
         }
-        return Ok(());
+        return Ok(None);
     };
     if body.content_type != CT_APP {
         return Err(ErrorBody::new(
@@ -539,7 +568,7 @@ pub async fn check_send(shared: &Shared, conv: &Conv, body: &Body) -> Result<(),
             "this conversation is end-to-end encrypted: the server does not take readable messages here",
         ));
     }
-    let g = handle.lock().await;
+    let g = handle.lock_owned().await;
     if !g.pending.is_empty() {
         return Err(ErrorBody::new(
             ErrorCode::StaleEpoch,
@@ -547,6 +576,45 @@ pub async fn check_send(shared: &Shared, conv: &Conv, body: &Body) -> Result<(),
         ));
     }
     g.state
-        .check_app(&body.data, g.removal_epoch, g.epoch)
-        .map_err(refused)
+        .check_app(&body.data, g.membership_epoch, g.epoch)
+        .map_err(refused)?;
+    Ok(Some(g))
+}
+
+/// A conversation's group, locked (see [`check_send`]).
+pub type GroupGuard = tokio::sync::OwnedMutexGuard<ConvGroup>;
+
+/// The end-to-end encrypted conversations `user` belongs to.
+pub fn convs(conn: &Conn, user: &str) -> Reply {
+    let e2ee = &conn.shared.e2ee;
+    let mut out: Vec<Conv> = conn
+        .shared
+        .hub
+        .lock()
+        .rooms_of(user)
+        .into_iter()
+        .filter(|r| e2ee.is_e2ee(&conv_key(&Conv::Room(r.clone()))))
+        .map(Conv::Room)
+        .collect();
+    out.extend(
+        e2ee.directs_of(user)
+            .iter()
+            .map(|k| crate::store::conv_from_key(k)),
+    );
+    Reply::E2eeConvs(out)
+}
+
+/// `user` is a member of `conv` again (joined after leaving, or let back in before anyone
+/// committed their removal): the removal the server proposed is no longer wanted, so messages
+/// are taken again. A member may still commit those proposals (their old devices leave, and
+/// rejoin by external commit), or the rejoining device's own external commit replaces its old
+/// leaf first and the proposals go stale with that epoch.
+pub async fn rejoined(shared: &Shared, conv: &Conv, user: &str) {
+    let Some(handle) = shared.e2ee.get(&conv_key(conv)) else {
+        return;
+    };
+    let mut g = handle.lock().await;
+    if g.pending.remove(user) {
+        save(shared, &g).await;
+    }
 }

@@ -131,22 +131,26 @@ pub async fn join(
         conn.shared
             .audit(Kind::Join, Fields::new().user(user).room(&name));
     }
-    let mut hub = conn.shared.hub.lock();
+    let members: Vec<String> = {
+        let mut hub = conn.shared.hub.lock();
+        if check != JoinCheck::AlreadyMember {
+            hub.add_member(&name, user);
+            let c = Conv::Room(name.clone());
+            broadcast(
+                hub.recipients(&c, &[], Some(conn.sid)),
+                Event::Join {
+                    room: name.clone(),
+                    user: user.to_string(),
+                },
+            );
+        }
+        hub.room(&name)
+            .map(|r| r.members.iter().cloned().collect())
+            .unwrap_or_default()
+    };
     if check != JoinCheck::AlreadyMember {
-        hub.add_member(&name, user);
-        let c = Conv::Room(name.clone());
-        broadcast(
-            hub.recipients(&c, &[], Some(conn.sid)),
-            Event::Join {
-                room: name.clone(),
-                user: user.to_string(),
-            },
-        );
+        super::e2ee::rejoined(&conn.shared, &Conv::Room(name.clone()), user).await;
     }
-    let members = hub
-        .room(&name)
-        .map(|r| r.members.iter().cloned().collect())
-        .unwrap_or_default();
     Ok(Reply::Joined {
         room: name,
         members,

@@ -36,13 +36,15 @@ pub async fn send(
         checked = conn.shared.hub.lock().check_send(user, &target, size);
     }
     let checked = checked?;
-    super::e2ee::check_send(&conn.shared, &checked.conv, &body).await?;
+    // The permit first: the group's lock (end-to-end conversations) is held only from the
+    // check until the message is queued, never while this connection waits for its own sends.
     let permit = conn
         .inflight
         .clone()
         .acquire_owned()
         .await
         .map_err(|_| ErrorBody::new(ErrorCode::Internal, "internal error; try again"))?;
+    let group = super::e2ee::check_send(&conn.shared, &checked.conv, &body).await?;
     let job = AppendJob {
         msg: NewMessage {
             conv: checked.conv,
@@ -60,7 +62,9 @@ pub async fn send(
             silent: false,
         },
     };
-    conn.shared.store.append(job).await.map_err(store_error)
+    let queued = conn.shared.store.append(job).await.map_err(store_error);
+    drop(group);
+    queued
 }
 
 async fn learn_users(conn: &Conn, target: &Target) {

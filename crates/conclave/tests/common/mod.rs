@@ -3,6 +3,8 @@
 //! loopback port of a temporary data directory, and JSON-lines clients.
 #![allow(dead_code)]
 
+pub mod relay;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -191,6 +193,30 @@ impl Proc {
             }
         }
         panic!("no {what} in {MAX_SKIPPED_LINES} lines; {}", self.context())
+    }
+
+    /// The next stdout line within `timeout`: `Some(Ok(line))`, `None` when none came in
+    /// time, `Some(Err(()))` at EOF (the child closed stdout). Never panics.
+    pub fn try_line(&mut self, timeout: Duration) -> Option<Result<String, ()>> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                self.stdout.push(line.clone());
+                Some(Ok(line))
+            }
+            Err(RecvTimeoutError::Disconnected) => Some(Err(())),
+            Err(RecvTimeoutError::Timeout) => None,
+        }
+    }
+
+    /// SIGKILL, and reaps the child.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The exit status, if the child has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     pub fn write_line(&mut self, line: &str) {
@@ -577,6 +603,24 @@ impl JsonClient {
         found
     }
 
+    /// The next line (first those read but not yet claimed), within `timeout`: `Polled::Line`,
+    /// `Polled::Quiet` when nothing came, `Polled::Closed` at the end of stdout. Never panics
+    /// on time; a line that is not a JSON object still panics (the contract).
+    pub fn poll(&mut self, timeout: Duration) -> Polled {
+        if let Some(v) = self.unclaimed.pop_front() {
+            return Polled::Line(v);
+        }
+        match self.proc.try_line(timeout) {
+            None => Polled::Quiet,
+            Some(Err(())) => Polled::Closed,
+            Some(Ok(line)) => {
+                let v = parse_json_line(&self.user, &line);
+                self.seen.push(v.clone());
+                Polled::Line(v)
+            }
+        }
+    }
+
     /// The reply to the command with this id.
     pub fn reply(&mut self, id: Value) -> Value {
         let what = format!("the reply to id {id}");
@@ -637,6 +681,14 @@ impl JsonClient {
             parse_json_line(&self.user, line);
         }
     }
+}
+
+/// What [`JsonClient::poll`] got.
+#[derive(Debug)]
+pub enum Polled {
+    Line(Value),
+    Quiet,
+    Closed,
 }
 
 /// Runs a client that is expected to fail before connecting: non-zero exit, nothing on stdout.
