@@ -48,6 +48,10 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 pub const MAX_RESUMES: u32 = 50;
 /// How long a recipient waits for the relay copy of a peer-to-peer file by default.
 pub const DEFAULT_RELAY_WAIT: Duration = Duration::from_secs(600);
+/// While waiting for a relay copy: how often its upload is looked at...
+pub const RELAY_POLL: Duration = Duration::from_secs(5);
+/// ...and how long it may stand still before the recipient gives up with `not_ready`.
+pub const RELAY_STALL: Duration = Duration::from_secs(60);
 /// Read size when hashing a file.
 const HASH_BUFFER: usize = 256 * 1024;
 
@@ -93,6 +97,9 @@ pub struct FileProgress {
 /// Told about progress (at most every [`PROGRESS_EVERY`], and at the end).
 pub type ProgressFn = Arc<dyn Fn(&FileProgress) + Send + Sync>;
 
+/// Told a send's file id as soon as its offer exists (before the transfer).
+pub type OfferFn = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// How to send or receive a file.
 #[derive(Clone)]
 pub struct FileOptions {
@@ -118,6 +125,9 @@ pub struct FileOptions {
     /// a forwarded port; tests use it to announce an unreachable one).
     pub p2p_advertise: Option<Vec<std::net::SocketAddr>>,
     pub progress: Option<ProgressFn>,
+    /// A send: called with the file id once the offer exists (a peer-to-peer send may serve
+    /// for minutes after that; [`Client::cancel_file`] stops it).
+    pub on_offer: Option<OfferFn>,
 }
 
 impl Default for FileOptions {
@@ -132,6 +142,7 @@ impl Default for FileOptions {
             p2p_bind: None,
             p2p_advertise: None,
             progress: None,
+            on_offer: None,
         }
     }
 }
@@ -228,6 +239,18 @@ fn file_err(code: &'static str, message: impl Into<String>) -> ClientError {
         message: message.into(),
     }
 }
+
+/// What a send cancelled by [`Client::cancel_file`] ends with.
+pub(crate) fn cancelled(file_id: &str) -> ClientError {
+    file_err(
+        "cancelled",
+        format!("you cancelled the file {file_id}; its recipients were told"),
+    )
+}
+
+/// Most sends under way that [`Client::cancel_file`] can find (more are not cancellable
+/// locally; the server still withdraws them).
+const MAX_CANCELLABLE_SENDS: usize = 1024;
 
 /// Reports progress, at most every [`PROGRESS_EVERY`] (and always when `force`).
 pub(crate) struct Reporter {
@@ -483,9 +506,14 @@ impl Client {
         if let Some(hook) = after_offer {
             hook(file_id.clone()).await?;
         }
+        let cancel = self.register_send(&file_id, opts);
         let started = Instant::now();
-        self.upload(path, &file_id, size, chunk_size, uploaded, opts)
-            .await?;
+        let result = tokio::select! {
+            r = self.upload(path, &file_id, size, chunk_size, uploaded, opts) => r,
+            _ = cancel.cancelled() => Err(cancelled(&file_id)),
+        };
+        self.sending().remove(&file_id);
+        result?;
         let elapsed = started.elapsed();
         Ok(FileSent {
             file_id,
@@ -650,6 +678,52 @@ impl Client {
         }
     }
 
+    /// Registers a send under way (so [`Client::cancel_file`] can stop it) and tells
+    /// [`FileOptions::on_offer`] its id. The caller removes it from [`Client::sending`] when
+    /// it ends.
+    pub(crate) fn register_send(
+        &self,
+        file_id: &str,
+        opts: &FileOptions,
+    ) -> tokio_util::sync::CancellationToken {
+        let token = tokio_util::sync::CancellationToken::new();
+        {
+            let mut sending = self.sending();
+            if sending.len() < MAX_CANCELLABLE_SENDS {
+                sending.insert(file_id.to_string(), token.clone());
+            }
+        }
+        if let Some(f) = &opts.on_offer {
+            f(file_id);
+        }
+        token
+    }
+
+    /// Cancels a file this client sent: a send under way stops (serving peer to peer and
+    /// uploading), and the server withdraws the offer, deletes what it holds and tells the
+    /// recipients who had not taken it (`file_cancelled`).
+    pub async fn cancel_file(&self, file_id: &str) -> Result<(), ClientError> {
+        let local = self.sending().remove(file_id);
+        if let Some(token) = &local {
+            token.cancel();
+        }
+        match self
+            .request(Request::FileCancel {
+                file_id: file_id.to_string(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Stopped here, and the server had it no more (expired): that is done too.
+            Err(ClientError::Server(b))
+                if local.is_some() && b.code == conclave_proto::ErrorCode::NotFound =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Declines a file: the server stops offering it, and the sender is told.
     pub async fn decline_file(&self, file_id: &str) -> Result<(), ClientError> {
         self.request(Request::FileDecline {
@@ -771,13 +845,63 @@ impl Client {
         {
             Ok(Reply::FileUploaded { complete: true, .. }) => return Ok(()),
             Ok(_) => {}
-            // The sender is offline: the copy comes when they are back.
-            Err(ClientError::Server(b)) if b.code == conclave_proto::ErrorCode::NotReady => {}
+            // The sender is offline (say, its client died while serving): nothing can come
+            // now. The server says so, and a `file_ready` event comes when the copy does.
+            Err(ClientError::Server(b)) if b.code == conclave_proto::ErrorCode::NotReady => {
+                return Err(file_err(
+                    "not_ready",
+                    format!("{}; then accept_file again", b.message),
+                ));
+            }
             Err(e) => return Err(e),
         }
         let deadline = tokio::time::Instant::now() + opts.relay_wait;
+        // The sender's upload must keep moving: polled, and given up when it stalls.
+        let mut poll = tokio::time::interval(RELAY_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.tick().await;
+        let mut uploaded = 0u64;
+        let mut stalled_at = tokio::time::Instant::now() + RELAY_STALL;
         loop {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
+            let event = tokio::select! {
+                e = tokio::time::timeout_at(deadline, events.recv()) => e,
+                _ = poll.tick() => {
+                    match self
+                        .request(Request::FileStatus {
+                            file_id: offer.file_id.clone(),
+                        })
+                        .await
+                    {
+                        Ok(Reply::FileUploaded { complete: true, .. }) => return Ok(()),
+                        Ok(Reply::FileUploaded { uploaded: now, .. }) if now > uploaded => {
+                            uploaded = now;
+                            stalled_at = tokio::time::Instant::now() + RELAY_STALL;
+                        }
+                        Err(ClientError::Server(b))
+                            if b.code == conclave_proto::ErrorCode::NotFound =>
+                        {
+                            return Err(file_err(
+                                "not_found",
+                                "the file is gone from the server (cancelled by its sender, or expired)",
+                            ));
+                        }
+                        _ => {}
+                    }
+                    if tokio::time::Instant::now() >= stalled_at {
+                        return Err(file_err(
+                            "not_ready",
+                            format!(
+                                "the sender's relay copy stopped coming ({} of {} bytes, nothing new for {} s; its client may have gone); accept_file again later (a file_ready event comes when it is there)",
+                                uploaded,
+                                offer.size,
+                                RELAY_STALL.as_secs()
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+            };
+            match event {
                 Err(_) => {
                     return Err(file_err(
                         "not_ready",
@@ -788,6 +912,12 @@ impl Client {
                     ));
                 }
                 Ok(Ok(Event::FileReady { file_id })) if file_id == offer.file_id => return Ok(()),
+                Ok(Ok(Event::FileCancelled { file_id, by })) if file_id == offer.file_id => {
+                    return Err(file_err(
+                        "cancelled",
+                        format!("{by} cancelled the file {file_id}"),
+                    ));
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
                     // Missed events: ask the server directly.

@@ -131,6 +131,8 @@ pub(crate) async fn send(
         sender.close();
         return Err(e);
     }
+    let cancel = client.register_send(&file_id, &opts);
+    let mut was_cancelled = false;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + opts.p2p_linger;
     let mut upload: Option<tokio::task::JoinHandle<Result<(), ClientError>>> = None;
@@ -160,6 +162,10 @@ pub(crate) async fn send(
         }
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
+            _ = cancel.cancelled() => {
+                was_cancelled = true;
+                break;
+            }
             changed = progress.changed() => {
                 if changed.is_err() {
                     break;
@@ -204,6 +210,13 @@ pub(crate) async fn send(
         }
     }
     sender.close();
+    client.sending().remove(&file_id);
+    if was_cancelled {
+        if let Some(h) = upload {
+            h.abort();
+        }
+        return Err(crate::files::cancelled(&file_id));
+    }
     let relayed = upload.is_some();
     if let Some(Err(e)) = upload_result {
         return Err(e);

@@ -710,3 +710,129 @@ async fn a_login_sends_no_more_offers_than_its_queue_takes() {
     drop((alice, bob));
     srv.stop(WAIT).await;
 }
+
+/// A peer-to-peer sender whose client dies: the recipient's accept ends soon with
+/// `not_ready` (it used to wait ten minutes for a relay copy nobody would upload).
+#[tokio::test]
+async fn p2p_sender_gone_ends_the_accept_with_not_ready() {
+    let (srv, state) = setup(&["alice", "bob"], |_| {}).await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, _alice_ev) = connect(&srv, "alice", state.path()).await;
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+    let (path, _) = make_file(work.path(), "note.txt", 300_000, b"");
+    let sending = {
+        let (alice, path) = (alice.clone(), path.clone());
+        tokio::spawn(async move {
+            alice
+                .send_file_any(&path, room("general", &[]), p2p(None))
+                .await
+        })
+    };
+    let offer = next_offer(&mut bob_ev).await;
+    assert!(offer.p2p.is_some());
+    // Alice's client dies: its serving stops and the server sees her go.
+    sending.abort();
+    alice.close();
+    drop(alice);
+    for _ in 0..100 {
+        if !srv_online(&bob, "alice").await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let down = tempfile::tempdir().expect("down");
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(
+        WAIT,
+        bob.accept_file(&offer.file_id, down.path(), p2p(None)),
+    )
+    .await
+    .expect("the accept ends in time")
+    .expect_err("nothing to fetch");
+    assert_eq!(code(&e), "not_ready", "{e}");
+    assert!(e.to_string().contains("offline"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    srv.stop(WAIT).await;
+}
+
+async fn srv_online(client: &Client, user: &str) -> bool {
+    match client
+        .request(conclave_client::proto::Request::Who { room: None })
+        .await
+    {
+        Ok(conclave_client::proto::Reply::Users(users)) => {
+            users.iter().any(|u| u.user == user && u.online)
+        }
+        _ => true,
+    }
+}
+
+/// `cancel_file`: the sender learns the id at the offer, cancels, its send ends with
+/// `cancelled`, the recipient is told and cannot take the file any more.
+#[tokio::test]
+async fn a_sender_cancels_a_p2p_file() {
+    let (srv, state) = setup(&["alice", "bob"], |_| {}).await;
+    let work = tempfile::tempdir().expect("work");
+    let (alice, _alice_ev) = connect(&srv, "alice", state.path()).await;
+    let (bob, mut bob_ev) = connect(&srv, "bob", state.path()).await;
+    let (path, _) = make_file(work.path(), "draft.bin", 200_000, b"");
+    let (id_tx, mut id_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut opts = p2p(None);
+    opts.on_offer = Some(Arc::new(move |id: &str| {
+        let _ = id_tx.send(id.to_string());
+    }));
+    let sending = {
+        let (alice, path) = (alice.clone(), path.clone());
+        tokio::spawn(async move { alice.send_file_any(&path, room("general", &[]), opts).await })
+    };
+    let file_id = tokio::time::timeout(WAIT, id_rx.recv())
+        .await
+        .expect("the id in time")
+        .expect("an id");
+    let offer = next_offer(&mut bob_ev).await;
+    assert_eq!(offer.file_id, file_id);
+    // Only the sender may cancel.
+    let e = bob.cancel_file(&file_id).await.expect_err("not bob's");
+    assert_eq!(code(&e), "not_found", "{e}");
+    alice.cancel_file(&file_id).await.expect("cancel");
+    let e = tokio::time::timeout(WAIT, sending)
+        .await
+        .expect("the send ends")
+        .expect("task")
+        .expect_err("cancelled");
+    assert_eq!(code(&e), "cancelled", "{e}");
+    let ev = next_matching(&mut bob_ev, |e| matches!(e, Event::FileCancelled { .. })).await;
+    assert_eq!(
+        ev,
+        Event::FileCancelled {
+            file_id: file_id.clone(),
+            by: "alice".into()
+        }
+    );
+    let down = tempfile::tempdir().expect("down");
+    let e = bob
+        .accept_file(&file_id, down.path(), FileOptions::default())
+        .await
+        .expect_err("gone");
+    assert_eq!(code(&e), "not_found", "{e}");
+    // And a relay file already sent can be withdrawn too.
+    let (path, _) = make_file(work.path(), "old.bin", 1000, b"");
+    let sent = alice
+        .send_file(&path, room("general", &[]), FileOptions::default())
+        .await
+        .expect("relay send");
+    alice
+        .cancel_file(&sent.file_id)
+        .await
+        .expect("cancel a stored file");
+    let e = alice
+        .cancel_file(&sent.file_id)
+        .await
+        .expect_err("already withdrawn");
+    assert_eq!(code(&e), "not_found", "{e}");
+    srv.stop(WAIT).await;
+}

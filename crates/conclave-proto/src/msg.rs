@@ -301,6 +301,11 @@ pub enum Request {
     /// of, direct conversations it takes part in), for a device to join the groups it is not
     /// in yet. Answered with [`Reply::E2eeConvs`].
     E2eeConvs,
+    /// The sender withdraws a file: the server deletes it (and its stored bytes), it is
+    /// offered no more, and the recipients who have not taken it get [`Event::FileCancelled`].
+    FileCancel {
+        file_id: String,
+    },
 }
 
 /// Opaque bytes (MLS messages), compact on the wire.
@@ -560,5 +565,10 @@ pub enum Event {
         conv: Conv,
         seq: u64,
         welcome: Bytes,
+    },
+    /// To the recipients: the sender `by` withdrew the file; it cannot be taken any more.
+    FileCancelled {
+        file_id: String,
+        by: String,
     },
 }

@@ -197,6 +197,7 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         (s(), any::<u64>()).prop_map(|(file_id, offset)| Request::FileFetch { file_id, offset }),
         s().prop_map(|file_id| Request::FileDecline { file_id }),
+        s().prop_map(|file_id| Request::FileCancel { file_id }),
         (s(), any::<bool>())
             .prop_map(|(file_id, via_p2p)| Request::FileReceived { file_id, via_p2p }),
         s().prop_map(|file_id| Request::FileWantRelay { file_id }),
@@ -427,6 +428,7 @@ fn event() -> impl Strategy<Value = Event> {
         s().prop_map(|file_id| Event::FileReady { file_id }),
         (s(), s()).prop_map(|(file_id, by)| Event::FileRelayWanted { file_id, by }),
         (s(), s()).prop_map(|(file_id, by)| Event::FileDeclined { file_id, by }),
+        (s(), s()).prop_map(|(file_id, by)| Event::FileCancelled { file_id, by }),
         (s(), s(), any::<bool>()).prop_map(|(file_id, by, via_p2p)| Event::FileReceived {
             file_id,
             by,

@@ -167,7 +167,14 @@ async fn run(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody> {
         "who" | "bans" | "rooms" | "stats" | "user_list" | "monitor"
     ) || req.get("op").and_then(Value::as_str) == Some("list");
     if !read_only {
-        shared.audit(crate::audit::Kind::Admin, fields);
+        // Announcements have their own kind, so `conclave logs --kind announce` finds them
+        // whether an operator or an admin's client sent them.
+        let kind = if cmd == "announce" {
+            crate::audit::Kind::Announce
+        } else {
+            crate::audit::Kind::Admin
+        };
+        shared.audit(kind, fields);
     }
     result
 }
@@ -280,14 +287,14 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
             json!({"ok": true})
         }
         "rooms" => {
-            let rooms: Vec<Value> = shared
-                .hub
-                .lock()
-                .rooms_visible_to(None)
+            let rooms = shared.hub.lock().rooms_visible_to(None);
+            let rooms: Vec<Value> = rooms
                 .into_iter()
                 .map(|r| {
+                    let e2ee = shared.e2ee.is_e2ee(&format!("r:{}", r.room));
                     json!({"room": r.room, "private": r.private, "has_password": r.has_password,
-                           "members": r.members, "online": r.online, "owner": r.owner})
+                           "members": r.members, "online": r.online, "owner": r.owner,
+                           "e2ee": e2ee})
                 })
                 .collect();
             json!({"ok": true, "rooms": rooms})
@@ -417,6 +424,30 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
                 ));
             }
             json!({"ok": true})
+        }
+        "user_admin" => {
+            let name = names::canonical(&need(req, "user")?).map_err(|e| bad(e.to_string()))?;
+            let Some(is_admin) = req.get("admin").and_then(Value::as_bool) else {
+                return Err(bad(
+                    "\"admin\" must be true (give the role) or false (take it)",
+                ));
+            };
+            let n = name.clone();
+            let found = shared
+                .store
+                .call(move |db| db.set_admin(&n, is_admin))
+                .await
+                .map_err(store_error)?;
+            if !found {
+                return Err(ErrorBody::new(
+                    ErrorCode::NoSuchUser,
+                    format!("there is no account {name:?} (conclave user list shows them)"),
+                ));
+            }
+            // The hub decides every permission, so the change holds at once, also for the
+            // account's live sessions.
+            shared.hub.lock().upsert_user(&name, is_admin);
+            json!({"ok": true, "user": name, "admin": is_admin})
         }
         "user_invite" => {
             let code = accounts::new_invite_code();

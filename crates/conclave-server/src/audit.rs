@@ -133,6 +133,8 @@ pub enum Kind {
     Limit,
     IpRejected,
     Admin,
+    /// A notice to everyone online (never its text).
+    Announce,
     Reload,
     Error,
     Alert,
@@ -142,7 +144,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 22] = [
+    pub const ALL: [Kind; 23] = [
         Kind::Start,
         Kind::Stop,
         Kind::Connect,
@@ -160,6 +162,7 @@ impl Kind {
         Kind::Limit,
         Kind::IpRejected,
         Kind::Admin,
+        Kind::Announce,
         Kind::Reload,
         Kind::Error,
         Kind::Alert,
@@ -186,6 +189,7 @@ impl Kind {
             Kind::Limit => "limit",
             Kind::IpRejected => "ip_rejected",
             Kind::Admin => "admin",
+            Kind::Announce => "announce",
             Kind::Reload => "reload",
             Kind::Error => "error",
             Kind::Alert => "alert",

@@ -291,6 +291,11 @@ where
             .filter(|left| *left > 0)
     }
 
+    /// Failed logins of `user` counted towards its lock-out now.
+    pub fn login_failures(&self, user: &str) -> u32 {
+        self.account_failures.get(user).map_or(0, |f| f.count)
+    }
+
     /// A failed login of `user` from `ip`: locks the account after repeated failures (each
     /// further failure doubling the wait), and may ban the IP for a burst of failures.
     pub fn login_failed(&mut self, user: &str, ip: IpAddr, now_ms: i64) -> Option<AutoBan> {

@@ -622,6 +622,9 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
         (Some(user), Request::FileWantRelay { file_id }) => {
             cmd::files::want_relay(conn, &user, file_id).await
         }
+        (Some(user), Request::FileCancel { file_id }) => {
+            cmd::files::cancel(conn, &user, file_id).await
+        }
         (Some(user), Request::Files) => cmd::files::pending(conn, &user).await.map(Reply::Files),
         (
             Some(user),

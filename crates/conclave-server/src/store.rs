@@ -537,6 +537,14 @@ impl Db {
         )? == 1)
     }
 
+    /// Gives or takes the admin role; false when the user does not exist.
+    pub fn set_admin(&mut self, name: &str, admin: bool) -> Result<bool, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE users SET admin = ?2 WHERE name = ?1",
+            params![name, admin],
+        )? == 1)
+    }
+
     /// Deletes an account and its memberships; false when it does not exist.
     pub fn delete_user(&mut self, name: &str) -> Result<bool, StoreError> {
         Ok(self

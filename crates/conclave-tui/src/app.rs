@@ -111,6 +111,13 @@ pub enum Action {
         file_id: String,
         dir: PathBuf,
     },
+    /// Withdraw a file I sent (`/cancel`).
+    CancelFile {
+        tag: u64,
+        file_id: String,
+    },
+    /// The direct conversations now open, to remember for the next start.
+    RememberDirect(Vec<Vec<String>>),
     /// Leave: tell the server (when connected), restore the terminal, exit.
     Quit,
 }
@@ -127,6 +134,9 @@ pub struct AppOptions {
     pub password: Option<String>,
     pub server_password: Option<String>,
     pub invite_code: Option<String>,
+    /// The direct conversations open when the last session ended (each: the other
+    /// participants), shown again after login.
+    pub direct: Vec<Vec<String>>,
 }
 
 /// The login screen.
@@ -187,6 +197,9 @@ enum Pending {
     VoteKick,
     Done(String),
     File,
+    Decline { file_id: String },
+    Files,
+    Cancel { file_id: String },
 }
 
 /// Tab completion in progress: pressing Tab again cycles.
@@ -219,6 +232,8 @@ pub struct App {
     pub transfers: Vec<Transfer>,
     /// Names of the files offered to me, by file id.
     offers: HashMap<String, String>,
+    /// Names of the files I offered, by file id (for "bob received report.pdf").
+    sent: HashMap<String, String>,
     pub quit: bool,
     auth: Option<Auth>,
     pending: HashMap<u64, Pending>,
@@ -230,6 +245,23 @@ pub struct App {
     jump_pages: u32,
     /// Conversations this device reads end to end (set by the shell).
     pub e2ee: HashSet<ConvKey>,
+    /// The direct conversations last told to the shell to remember.
+    remembered: Vec<Vec<String>>,
+}
+
+/// A server sentence as the chat says it: the JSON client's command names become this
+/// screen's slash commands.
+fn for_chat(message: &str) -> String {
+    [
+        ("`rooms`", "/rooms"),
+        ("`join`", "/join"),
+        ("`who`", "/who"),
+        ("`files`", "/files"),
+        ("`accept_file`", "/accept"),
+        ("`history`", "/history"),
+    ]
+    .iter()
+    .fold(message.to_string(), |m, (json, chat)| m.replace(json, chat))
 }
 
 fn ctrl(key: &KeyEvent, c: char) -> bool {
@@ -264,6 +296,7 @@ impl App {
             next_attempt_ms: None,
             transfers: Vec::new(),
             offers: HashMap::new(),
+            sent: HashMap::new(),
             quit: false,
             auth: None,
             pending: HashMap::new(),
@@ -274,7 +307,20 @@ impl App {
             known_rooms: BTreeSet::new(),
             jump_pages: 0,
             e2ee: HashSet::new(),
+            remembered: Vec::new(),
         }
+    }
+
+    /// The direct conversations open now, in the order of the list.
+    fn open_directs(&self) -> Vec<Vec<String>> {
+        self.buffers
+            .iter()
+            .filter_map(|b| match &b.key {
+                ConvKey::Direct(people) => Some(people.clone()),
+                _ => None,
+            })
+            .take(crate::remember::MAX_REMEMBERED)
+            .collect()
     }
 
     /// The first actions: connect at once when the password came from the environment.
@@ -465,6 +511,18 @@ impl App {
     }
 
     pub fn update(&mut self, input: Input) -> Vec<Action> {
+        let mut actions = self.update_inner(input);
+        if matches!(self.phase, Phase::Chat) {
+            let open = self.open_directs();
+            if open != self.remembered {
+                self.remembered = open.clone();
+                actions.push(Action::RememberDirect(open));
+            }
+        }
+        actions
+    }
+
+    fn update_inner(&mut self, input: Input) -> Vec<Action> {
         match input {
             Input::Resize(w, h) => {
                 self.size = (w, h);
@@ -486,7 +544,11 @@ impl App {
                 Vec::new()
             }
             Input::FileStarted { tag, result } => {
-                self.pending.remove(&tag);
+                if let Some(Pending::Cancel { file_id }) = self.pending.remove(&tag)
+                    && result.is_ok()
+                {
+                    self.transfers.retain(|t| t.file_id != file_id);
+                }
                 match result {
                     Ok(what) => self.say(NoticeKind::Info, &what),
                     Err(e) => self.error(&e),
@@ -679,6 +741,21 @@ impl App {
         for room in &rooms {
             actions.extend(self.open_room(room));
         }
+        // The direct conversations open last time (the server keeps no list of them).
+        let me = self.me().to_string();
+        for people in self.opts.direct.clone() {
+            let people: Vec<String> = people.into_iter().filter(|p| *p != me).collect();
+            let key = ConvKey::Direct(if people.is_empty() {
+                vec![me.clone()]
+            } else {
+                people
+            });
+            if !self.buffers.iter().any(|b| b.key == key) {
+                self.buffer_index(&key);
+                actions.extend(self.load_history(&key, INITIAL_HISTORY, false));
+            }
+        }
+        self.remembered = self.open_directs();
         if let Some(first) = rooms.first() {
             let i = self.buffer_index(&ConvKey::Room(first.clone()));
             self.switch_to(i);
@@ -957,6 +1034,28 @@ impl App {
                 .map(|r| format!("#{r} "))
                 .filter(|r| r.starts_with(&word))
                 .collect()
+        } else if ["/accept ", "/decline "]
+            .iter()
+            .any(|c| line.to_lowercase().starts_with(c))
+            && line[..start].split_whitespace().count() == 1
+        {
+            // The files offered to me, by id (the only thing these take first).
+            let mut ids: Vec<&String> = self.offers.keys().collect();
+            ids.sort();
+            ids.into_iter()
+                .filter(|id| id.to_lowercase().starts_with(&word))
+                .map(|id| format!("{id} "))
+                .collect()
+        } else if line.to_lowercase().starts_with("/cancel ")
+            && line[..start].split_whitespace().count() == 1
+        {
+            // The files I sent.
+            let mut ids: Vec<&String> = self.sent.keys().collect();
+            ids.sort();
+            ids.into_iter()
+                .filter(|id| id.to_lowercase().starts_with(&word))
+                .map(|id| format!("{id} "))
+                .collect()
         } else if ["/join ", "/part ", "/who "]
             .iter()
             .any(|c| line.to_lowercase().starts_with(c))
@@ -1026,6 +1125,9 @@ impl App {
                     self.run_command(cmd)
                 }
                 Err(e) => {
+                    // The line goes (to the history: Up brings it back), so the next command
+                    // is not typed after it.
+                    self.input.take(true);
                     self.error(&e);
                     Vec::new()
                 }
@@ -1291,6 +1393,21 @@ impl App {
                     dir: PathBuf::from(dir.unwrap_or_else(|| ".".into())),
                 }]
             }
+            Command::Decline { file_id } => {
+                vec![self.request(
+                    Pending::Decline {
+                        file_id: file_id.clone(),
+                    },
+                    Request::FileDecline { file_id },
+                )]
+            }
+            Command::Files => vec![self.request(Pending::Files, Request::Files)],
+            Command::Cancel { file_id } => {
+                let tag = self.tag(Pending::Cancel {
+                    file_id: file_id.clone(),
+                });
+                vec![Action::CancelFile { tag, file_id }]
+            }
             Command::Members => {
                 self.show_members = !self.show_members;
                 Vec::new()
@@ -1516,6 +1633,7 @@ impl App {
             | Event::FileReady { .. }
             | Event::FileRelayWanted { .. }
             | Event::FileDeclined { .. }
+            | Event::FileCancelled { .. }
             | Event::FileReceived { .. } => {}
         }
         Vec::new()
@@ -1557,6 +1675,9 @@ impl App {
                     Some(offered) if !sending => offered.clone(),
                     _ => crate::text::sanitize(&name, false),
                 };
+                if sending {
+                    self.remember_sent(&file_id, &name);
+                }
                 let count = self.transfers.len();
                 match self.transfers.iter_mut().find(|t| t.file_id == file_id) {
                     Some(t) => {
@@ -1581,8 +1702,14 @@ impl App {
                 self.transfers.retain(|t| t.file_id != file_id);
                 let name = crate::text::sanitize(&name, false);
                 let text = match path {
-                    Some(p) => format!("received {name}: saved as {}", p.display()),
-                    None => format!("sent {name}"),
+                    Some(p) => {
+                        self.offers.remove(&file_id);
+                        format!("received {name}: saved as {}", p.display())
+                    }
+                    None => {
+                        self.remember_sent(&file_id, &name);
+                        format!("sent {name}")
+                    }
                 };
                 self.notice_in(&ConvKey::Status, NoticeKind::Info, &text);
             }
@@ -1599,6 +1726,29 @@ impl App {
                 );
                 self.notice_in(&ConvKey::Status, NoticeKind::Error, &text);
             }
+            FileEvent::Received {
+                file_id,
+                by,
+                via_p2p,
+            } => {
+                let text = format!(
+                    "{by} received your file {}{}",
+                    self.sent_name(&file_id),
+                    if via_p2p { " (directly)" } else { "" }
+                );
+                self.file_notice(&text);
+            }
+            FileEvent::Cancelled { file_id, by } => {
+                let text = match self.offers.remove(&file_id) {
+                    Some(name) => format!("{by} cancelled the file {name} ({file_id})"),
+                    None => format!("{by} cancelled the file {file_id}"),
+                };
+                self.file_notice(&text);
+            }
+            FileEvent::Declined { file_id, by } => {
+                let text = format!("{by} declined your file {}", self.sent_name(&file_id));
+                self.file_notice(&text);
+            }
             FileEvent::Notice { text } => {
                 let text = crate::text::sanitize(&text, false);
                 self.notice_in(&ConvKey::Status, NoticeKind::Info, &text);
@@ -1607,6 +1757,30 @@ impl App {
                 }
             }
             FileEvent::Quiet => {}
+        }
+    }
+
+    fn remember_sent(&mut self, file_id: &str, name: &str) {
+        if self.sent.len() >= MAX_OFFERS && !self.sent.contains_key(file_id) {
+            self.sent.clear();
+        }
+        self.sent
+            .insert(file_id.to_string(), crate::text::sanitize(name, false));
+    }
+
+    /// "report.pdf (0193…)" for a file I sent, or its id when its name is not known here.
+    fn sent_name(&self, file_id: &str) -> String {
+        match self.sent.get(file_id) {
+            Some(name) => format!("{name} ({file_id})"),
+            None => file_id.to_string(),
+        }
+    }
+
+    fn file_notice(&mut self, text: &str) {
+        let text = crate::text::sanitize(text, false);
+        self.notice_in(&ConvKey::Status, NoticeKind::Info, &text);
+        if self.current != 0 {
+            self.say(NoticeKind::Info, &text);
         }
     }
 
@@ -1648,7 +1822,12 @@ impl App {
                     }
                 }
                 self.switch_to(i);
-                self.say(NoticeKind::Join, &format!("you are in #{room}"));
+                let kind = if self.e2ee.contains(&ConvKey::Room(room.clone())) {
+                    "end-to-end encrypted: only its members' devices read it; messages from before you joined are not readable"
+                } else {
+                    "server-encrypted: the server can read and search it"
+                };
+                self.say(NoticeKind::Join, &format!("you are in #{room} ({kind})"));
                 actions.push(Action::Ping);
                 return actions;
             }
@@ -1690,7 +1869,7 @@ impl App {
                             s.push_str(" (admin)");
                         }
                         if room.is_some() && !u.online {
-                            s.push_str(" (away)");
+                            s.push_str(" (offline)");
                         }
                         s
                     })
@@ -1822,8 +2001,42 @@ impl App {
                 };
                 self.say(NoticeKind::Info, &text);
             }
+            (Pending::Decline { file_id }, Ok(_)) => {
+                let text = match self.offers.remove(&file_id) {
+                    Some(name) => format!("declined {name} ({file_id}); the sender is told"),
+                    None => format!("declined the file {file_id}; the sender is told"),
+                };
+                self.say(NoticeKind::Info, &text);
+            }
+            (Pending::Files, Ok(Reply::Files(files))) => {
+                if files.is_empty() {
+                    self.say(NoticeKind::Info, "no files are waiting for you");
+                }
+                let me = self.me().to_string();
+                for f in &files {
+                    // An end-to-end file's real name came in its offer; the server only
+                    // knows the ciphertext's.
+                    let name = self
+                        .offers
+                        .get(&f.file_id)
+                        .cloned()
+                        .unwrap_or_else(|| crate::text::sanitize(&f.name, false));
+                    let text = format!(
+                        "{name} ({}) from {} in {}: /accept {} or /decline {}",
+                        view::human_bytes(f.size),
+                        f.from,
+                        ConvKey::from_conv(&f.conv, &me).label(),
+                        f.file_id,
+                        f.file_id
+                    );
+                    self.say(NoticeKind::Info, &crate::text::sanitize(&text, false));
+                    if self.offers.len() < MAX_OFFERS {
+                        self.offers.entry(f.file_id.clone()).or_insert(name);
+                    }
+                }
+            }
             (Pending::Done(what), Ok(_)) => self.say(NoticeKind::Info, &what),
-            (_, Err(f)) => self.error(&f.message),
+            (_, Err(f)) => self.error(&for_chat(&f.message)),
             (_, Ok(other)) => {
                 tracing::debug!(reply = ?std::mem::discriminant(&other), "unexpected reply");
                 self.error("the server answered with an unexpected reply");

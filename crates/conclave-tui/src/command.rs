@@ -37,7 +37,10 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "unban", args: "user|ip[/bits]", help: "admins: lift a ban" },
     CommandSpec { name: "announce", args: "text", help: "admins: a notice to everyone online" },
     CommandSpec { name: "file", args: "path", help: "offer a file to this conversation" },
-    CommandSpec { name: "accept", args: "file-id [dir]", help: "accept a file offered to you (saved in dir, default the current directory)" },
+    CommandSpec { name: "accept", args: "file-id [dir]", help: "accept a file offered to you (saved in dir, default the current directory; Tab completes the id)" },
+    CommandSpec { name: "decline", args: "file-id", help: "decline a file offered to you (the sender is told)" },
+    CommandSpec { name: "files", args: "", help: "the files offered to you that you have not accepted or declined" },
+    CommandSpec { name: "cancel", args: "file-id", help: "withdraw a file you are sending or sent (its recipients are told; Tab completes the id)" },
     CommandSpec { name: "members", args: "", help: "show or hide the members pane (also F2)" },
     CommandSpec { name: "close", args: "", help: "close this direct conversation's buffer" },
     CommandSpec { name: "quit", args: "", help: "leave (also Ctrl-C)" },
@@ -120,6 +123,13 @@ pub enum Command {
         file_id: String,
         dir: Option<String>,
     },
+    Decline {
+        file_id: String,
+    },
+    Cancel {
+        file_id: String,
+    },
+    Files,
     Members,
     Close,
     Quit,
@@ -358,6 +368,21 @@ pub fn parse(line: &str) -> Result<Command, String> {
                 dir: nonempty(dir),
             }
         }
+        "decline" => {
+            let (file_id, _) = first_word(rest);
+            need(!file_id.is_empty())?;
+            Command::Decline {
+                file_id: file_id.to_string(),
+            }
+        }
+        "cancel" => {
+            let (file_id, _) = first_word(rest);
+            need(!file_id.is_empty())?;
+            Command::Cancel {
+                file_id: file_id.to_string(),
+            }
+        }
+        "files" => Command::Files,
         "members" | "nicklist" => Command::Members,
         "close" => Command::Close,
         "quit" | "exit" => Command::Quit,

@@ -1,4 +1,4 @@
-//! ADAPTER: file transfer (`/file`, `/accept`, offers and progress bars).
+//! ADAPTER: file transfer (`/file`, `/accept`, `/cancel`, offers and progress bars).
 //!
 //! This is the one place that knows the client library's file-transfer API
 //! (`Client::send_file`, `Client::accept_file`, `FileOptions::progress`, and the file events).
@@ -49,7 +49,17 @@ pub enum FileEvent {
         name: String,
         message: String,
     },
-    /// Something to tell (declined, received by someone).
+    /// Someone received a file I sent (the screen knows its name).
+    Received {
+        file_id: String,
+        by: String,
+        via_p2p: bool,
+    },
+    /// Someone declined a file I sent.
+    Declined { file_id: String, by: String },
+    /// The sender withdrew a file offered to me.
+    Cancelled { file_id: String, by: String },
+    /// Something to tell.
     Notice { text: String },
     /// A file event with nothing to show.
     Quiet,
@@ -76,18 +86,22 @@ pub fn file_event(event: &Event, me: &str) -> Option<FileEvent> {
             size: o.size,
             sha256: o.sha256.iter().map(|b| format!("{b:02x}")).collect(),
         }),
-        Event::FileDeclined { file_id, by } => Some(FileEvent::Notice {
-            text: format!("{by} declined your file {file_id}"),
+        Event::FileDeclined { file_id, by } => Some(FileEvent::Declined {
+            file_id: file_id.clone(),
+            by: by.clone(),
+        }),
+        Event::FileCancelled { file_id, by } => Some(FileEvent::Cancelled {
+            file_id: file_id.clone(),
+            by: by.clone(),
         }),
         Event::FileReceived {
             file_id,
             by,
             via_p2p,
-        } => Some(FileEvent::Notice {
-            text: format!(
-                "{by} received your file {file_id}{}",
-                if *via_p2p { " (directly)" } else { "" }
-            ),
+        } => Some(FileEvent::Received {
+            file_id: file_id.clone(),
+            by: by.clone(),
+            via_p2p: *via_p2p,
         }),
         // The library acts on these itself (relay copies for peer-to-peer transfers).
         Event::FileReady { .. } | Event::FileRelayWanted { .. } => Some(FileEvent::Quiet),
@@ -146,6 +160,16 @@ pub async fn send_file(
             ))
         }
         Err(e) => Err(format!("file {}: {e}", path.display())),
+    }
+}
+
+/// Cancels a file I sent (a send under way stops; the server withdraws it).
+pub async fn cancel_file(client: &Client, file_id: &str) -> Result<String, String> {
+    match client.cancel_file(file_id).await {
+        Ok(()) => Ok(format!(
+            "cancelled the file {file_id}; its recipients were told"
+        )),
+        Err(e) => Err(format!("cancel {file_id}: {e}")),
     }
 }
 

@@ -12,7 +12,8 @@
 //!
 //! Map of the pure parts: [`buffer`] (conversations, no duplicates, bounded), [`command`]
 //! (slash commands), [`input`] (the line editor), [`layout`] (panes for a size), [`text`]
-//! (sanitising and wrapping peer text).
+//! (sanitising and wrapping peer text). [`remember`] keeps the open direct conversations in the
+//! state directory across restarts.
 //!
 //! Nothing is printed to the terminal but the screen: logs go to `chat.log` in the state
 //! directory, and never hold message text or passwords.
@@ -23,6 +24,7 @@ pub mod command;
 pub mod files;
 pub mod input;
 pub mod layout;
+pub mod remember;
 mod shell;
 mod terminal;
 pub mod text;
@@ -93,6 +95,15 @@ fn init_logging(state_dir: Option<&std::path::Path>) {
         .try_init();
 }
 
+/// Where this account's open direct conversations are remembered.
+pub(crate) fn direct_file(opts: &ChatOptions) -> Option<PathBuf> {
+    let dir = opts
+        .state_dir
+        .clone()
+        .or_else(conclave_client::trust::default_state_dir)?;
+    Some(remember::path(&dir, &opts.server, &opts.user))
+}
+
 /// Runs the chat screen until the user quits. The terminal is restored however it ends.
 pub fn run(opts: ChatOptions) -> Result<(), ChatError> {
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
@@ -115,6 +126,9 @@ pub fn run(opts: ChatOptions) -> Result<(), ChatError> {
             password: opts.password.clone(),
             server_password: opts.server_password.clone(),
             invite_code: opts.invite_code.clone(),
+            direct: direct_file(&opts)
+                .map(|p| remember::load(&p))
+                .unwrap_or_default(),
         },
         size,
         tz,

@@ -147,6 +147,18 @@ async fn submit_in_order(
     }
 }
 
+/// Tells the screen which conversations this device reads end to end.
+fn refresh_e2ee(app: &mut App, shell: &Shell) {
+    if let Some(c) = &shell.client {
+        let me = app.me().to_string();
+        app.e2ee = c
+            .e2ee_convs()
+            .iter()
+            .map(|conv| crate::buffer::ConvKey::from_conv(conv, &me))
+            .collect();
+    }
+}
+
 struct Shell {
     opts: ChatOptions,
     tx: mpsc::Sender<Msg>,
@@ -244,6 +256,26 @@ impl Shell {
                         .await;
                 });
             }
+            Action::CancelFile { tag, file_id } => {
+                let client = self.client.clone();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let result = match client {
+                        Some(c) => files::cancel_file(&c, &file_id).await,
+                        None => Err("not connected".to_string()),
+                    };
+                    let _ = tx
+                        .send(Msg::Input(Input::FileStarted { tag, result }))
+                        .await;
+                });
+            }
+            Action::RememberDirect(list) => {
+                if let Some(path) = crate::direct_file(&self.opts)
+                    && let Err(e) = crate::remember::save(&path, &list)
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remember the direct conversations");
+                }
+            }
             // Handled by the loop (it needs to stop).
             Action::Quit => {}
         }
@@ -308,14 +340,7 @@ pub async fn run(opts: ChatOptions, terminal: &mut Term, mut app: App) -> std::i
     let result = loop {
         app.now_ms = now_ms();
         app.next_attempt_ms = shell.client.as_ref().and_then(Client::next_attempt_ms);
-        if let Some(c) = &shell.client {
-            let me = app.me().to_string();
-            app.e2ee = c
-                .e2ee_convs()
-                .iter()
-                .map(|conv| crate::buffer::ConvKey::from_conv(conv, &me))
-                .collect();
-        }
+        refresh_e2ee(&mut app, &shell);
         if let Err(e) = terminal.draw(|f| view::render(f, &app)) {
             break Err(e);
         }
@@ -328,6 +353,12 @@ pub async fn run(opts: ChatOptions, terminal: &mut Term, mut app: App) -> std::i
             let Some(msg) = next.take() else { break };
             app.now_ms = now_ms();
             let input = match msg {
+                // A reply (a join, say) may follow the library's end-to-end work: the screen
+                // decides with what it knows now.
+                Msg::Input(input @ Input::Reply { .. }) => {
+                    refresh_e2ee(&mut app, &shell);
+                    input
+                }
                 Msg::Input(input) => input,
                 Msg::Connected(client, events, session) => {
                     shell.connected(client, events);

@@ -363,7 +363,7 @@ fn render_login(frame: &mut Frame, area: Rect, app: &App, form: &LoginForm) {
         )));
     }
     lines.push(Line::from(Span::styled(
-        "Enter to continue · Esc to quit · nothing you type is shown",
+        "Enter to continue · Esc to quit · each character shows as •",
         Style::default().fg(Color::DarkGray),
     )));
     frame.render_widget(Clear, box_area);

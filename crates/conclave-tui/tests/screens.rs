@@ -29,6 +29,7 @@ fn options(password: Option<&str>) -> AppOptions {
         password: password.map(str::to_string),
         server_password: None,
         invite_code: None,
+        direct: Vec::new(),
     }
 }
 
@@ -344,7 +345,7 @@ fn long_messages_wrap_and_pastes_keep_their_lines() {
 
 #[test]
 fn help() {
-    let mut app = chatting((110, 42));
+    let mut app = chatting((110, 46));
     type_line(&mut app, "/help");
     assert!(matches!(app.overlay, Overlay::Help { .. }));
     assert_shows(
@@ -941,4 +942,326 @@ fn an_unreadable_message_is_one_line_with_its_reason() {
         ],
     );
     assert!(!screen(&app).contains("application/mls"));
+}
+
+// ---- first-run papercuts (issue #19) ----
+
+#[test]
+fn a_refused_command_leaves_the_input_line_for_the_next_one() {
+    let mut app = chatting((110, 30));
+    type_line(&mut app, "/fly");
+    assert_shows(&app, &["unknown command /fly"]);
+    assert_eq!(app.input.text(), "", "the line went (Up brings it back)");
+    type_line(&mut app, "/help");
+    assert!(matches!(app.overlay, Overlay::Help { .. }), "not /fly/help");
+    app.update(key(KeyCode::Esc));
+    app.update(key(KeyCode::Up));
+    assert_eq!(app.input.text(), "/help");
+    app.update(key(KeyCode::Up));
+    assert_eq!(
+        app.input.text(),
+        "/fly",
+        "the refused line is in the history"
+    );
+}
+
+#[test]
+fn the_password_prompt_says_what_it_shows() {
+    let mut app = App::new(options(None), (80, 24), TimeZone::UTC, T0);
+    for c in "pw".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    assert_shows(&app, &["••", "each character shows as •"]);
+    assert!(!screen(&app).contains("nothing you type is shown"));
+}
+
+#[test]
+fn no_such_room_names_the_chat_command() {
+    let mut app = chatting((120, 30));
+    let actions = type_line(&mut app, "/join nowhere");
+    let join = tags(&actions, |r| matches!(r, Request::Join { .. }));
+    app.update(Input::Reply {
+        tag: join[0],
+        result: Err(Failure {
+            code: "no_such_room".into(),
+            message:
+                "there is no room \"nowhere\" that you can see; `rooms` lists the ones you can"
+                    .into(),
+        }),
+    });
+    assert_shows(&app, &["/rooms lists"]);
+    assert!(!screen(&app).contains("`rooms`"));
+}
+
+fn offer(file_id: &str, name: &str) -> Input {
+    Input::File(FileEvent::Offer {
+        file_id: file_id.into(),
+        from: "bob".into(),
+        conv: ConvKey::Room("general".into()),
+        name: name.into(),
+        size: 2048,
+        sha256: "ab".repeat(32),
+    })
+}
+
+#[test]
+fn accept_and_decline_complete_the_offered_file_ids() {
+    let mut app = chatting((120, 30));
+    app.update(offer("0193-aa", "report.pdf"));
+    app.update(offer("0194-bb", "notes.txt"));
+    for c in "/accept ".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(
+        app.input.text(),
+        "/accept 0193-aa ",
+        "a file id, not a user"
+    );
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "/accept 0194-bb ");
+    app.input.take(false);
+    for c in "/decline 0194".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "/decline 0194-bb ");
+}
+
+#[test]
+fn files_lists_the_offers_and_decline_declines_one() {
+    let mut app = chatting((140, 30));
+    app.update(offer("0193-aa", "report.pdf"));
+    let actions = type_line(&mut app, "/files");
+    let files = tags(&actions, |r| matches!(r, Request::Files));
+    assert_eq!(files.len(), 1, "{actions:?}");
+    let pending = |id: &str, name: &str| conclave_client::proto::FileOffer {
+        file_id: id.into(),
+        from: "bob".into(),
+        conv: Conv::Room("general".into()),
+        except: vec![],
+        name: name.into(),
+        size: 2048,
+        sha256: [0xab; 32],
+        chunk_size: 65536,
+        ts_ms: T0,
+        expires_ms: T0 + 7 * 24 * 60 * MINUTE,
+        relay_ready: true,
+        p2p: None,
+    };
+    app.update(Input::Reply {
+        tag: files[0],
+        result: Ok(Reply::Files(vec![
+            // End to end: the server knows only the ciphertext's name; the offer said more.
+            pending("0193-aa", "e2ee-x1.bin"),
+            pending("0195-cc", "old.log"),
+        ])),
+    });
+    assert_shows(
+        &app,
+        &[
+            "report.pdf (2.0 KiB) from bob in #general: /accept 0193-aa or /decline 0193-aa",
+            "old.log (2.0 KiB) from bob in #general",
+        ],
+    );
+    let actions = type_line(&mut app, "/decline 0193-aa");
+    let [Action::Request { tag, ref req, .. }] = actions[..] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(
+        req,
+        &Request::FileDecline {
+            file_id: "0193-aa".into()
+        }
+    );
+    app.update(Input::Reply {
+        tag,
+        result: Ok(Reply::Ok),
+    });
+    assert_shows(&app, &["declined report.pdf (0193-aa)"]);
+    // Empty.
+    let actions = type_line(&mut app, "/files");
+    let files = tags(&actions, |r| matches!(r, Request::Files));
+    app.update(Input::Reply {
+        tag: files[0],
+        result: Ok(Reply::Files(vec![])),
+    });
+    assert_shows(&app, &["no files are waiting for you"]);
+}
+
+#[test]
+fn the_sender_is_told_which_file_was_received() {
+    let mut app = chatting((140, 30));
+    app.update(Input::File(FileEvent::Progress {
+        file_id: "0193-ff".into(),
+        name: "report.pdf".into(),
+        sending: true,
+        done: 1024,
+        total: 2048,
+    }));
+    app.update(Input::File(FileEvent::Done {
+        file_id: "0193-ff".into(),
+        name: "report.pdf".into(),
+        path: None,
+    }));
+    app.update(Input::File(FileEvent::Received {
+        file_id: "0193-ff".into(),
+        by: "bob".into(),
+        via_p2p: false,
+    }));
+    app.update(Input::File(FileEvent::Declined {
+        file_id: "0193-ff".into(),
+        by: "carol".into(),
+    }));
+    assert_shows(
+        &app,
+        &[
+            "bob received your file report.pdf (0193-ff)",
+            "carol declined your file report.pdf (0193-ff)",
+        ],
+    );
+}
+
+#[test]
+fn direct_conversations_are_remembered_across_restarts() {
+    // Last time, alice talked with bob, and with bob and carol.
+    let mut opts = options(Some("pw"));
+    opts.direct = vec![vec!["bob".into()], vec!["bob".into(), "carol".into()]];
+    let mut app = App::new(opts, (100, 30), TimeZone::UTC, T0);
+    app.start();
+    let actions = app.update(Input::Connected(Box::new(session())));
+    let direct_history = tags(&actions, |r| {
+        matches!(
+            r,
+            Request::History {
+                conv: conclave_client::proto::ConvRef::With(_),
+                ..
+            }
+        )
+    });
+    assert_eq!(direct_history.len(), 2, "{actions:?}");
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::RememberDirect(_))),
+        "nothing changed yet: {actions:?}"
+    );
+    let keys: Vec<ConvKey> = app.buffers.iter().map(|b| b.key.clone()).collect();
+    assert!(
+        keys.contains(&ConvKey::Direct(vec!["bob".into()])),
+        "{keys:?}"
+    );
+    assert!(
+        keys.contains(&ConvKey::Direct(vec!["bob".into(), "carol".into()])),
+        "{keys:?}"
+    );
+    assert_shows(&app, &["@bob,carol"]);
+
+    // A new one is remembered; a closed one is forgotten.
+    let actions = type_line(&mut app, "/query dave");
+    let remembered: Vec<&Vec<Vec<String>>> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::RememberDirect(l) => Some(l),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        remembered,
+        vec![&vec![
+            vec!["bob".to_string()],
+            vec!["bob".into(), "carol".into()],
+            vec!["dave".into()]
+        ]]
+    );
+    let actions = type_line(&mut app, "/close");
+    assert!(
+        actions.iter().any(|a| matches!(a,
+            Action::RememberDirect(l) if l == &vec![vec!["bob".to_string()], vec!["bob".into(), "carol".into()]])),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn who_in_a_room_says_offline_not_away() {
+    let mut app = chatting((120, 30));
+    let actions = type_line(&mut app, "/who general");
+    let who = tags(&actions, |r| matches!(r, Request::Who { room: Some(_) }));
+    app.update(Input::Reply {
+        tag: who[0],
+        result: Ok(Reply::Users(vec![
+            presence("bob", true),
+            presence("carol", false),
+        ])),
+    });
+    assert_shows(&app, &["members of #general: bob, carol (offline)"]);
+    assert!(!screen(&app).contains("(away)"));
+}
+
+#[test]
+fn cancel_withdraws_a_sent_file_and_cancelled_offers_are_said() {
+    let mut app = chatting((140, 30));
+    app.update(Input::File(FileEvent::Progress {
+        file_id: "0193-up".into(),
+        name: "big.iso".into(),
+        sending: true,
+        done: 1024,
+        total: 1 << 30,
+    }));
+    for c in "/cancel ".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "/cancel 0193-up ", "a file I sent");
+    let actions = app.update(key(KeyCode::Enter));
+    let [Action::CancelFile { tag, ref file_id }] = actions[..] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(file_id, "0193-up");
+    app.update(Input::FileStarted {
+        tag,
+        result: Ok("cancelled the file 0193-up; its recipients were told".into()),
+    });
+    assert!(app.transfers.is_empty(), "its progress bar went");
+    assert_shows(&app, &["cancelled the file 0193-up"]);
+
+    // An offer to me, withdrawn by its sender.
+    app.update(offer("0194-of", "slides.pdf"));
+    app.update(Input::File(FileEvent::Cancelled {
+        file_id: "0194-of".into(),
+        by: "bob".into(),
+    }));
+    assert_shows(&app, &["bob cancelled the file slides.pdf (0194-of)"]);
+    for c in "/accept ".chars() {
+        app.update(key(KeyCode::Char(c)));
+    }
+    app.update(key(KeyCode::Tab));
+    assert_eq!(app.input.text(), "/accept ", "no longer offered");
+}
+
+#[test]
+fn joining_says_whether_the_room_is_end_to_end() {
+    let mut app = chatting((160, 30));
+    let actions = type_line(&mut app, "/join lab");
+    let join = tags(&actions, |r| matches!(r, Request::Join { .. }));
+    // The library joined the room's encryption group before the reply.
+    app.e2ee.insert(ConvKey::Room("lab".into()));
+    app.update(Input::Reply {
+        tag: join[0],
+        result: Ok(Reply::Joined {
+            room: "lab".into(),
+            members: vec!["alice".into(), "bob".into()],
+        }),
+    });
+    assert_shows(&app, &["you are in #lab (end-to-end encrypted"]);
+    let actions = type_line(&mut app, "/join plain");
+    let join = tags(&actions, |r| matches!(r, Request::Join { .. }));
+    app.update(Input::Reply {
+        tag: join[0],
+        result: Ok(Reply::Joined {
+            room: "plain".into(),
+            members: vec!["alice".into()],
+        }),
+    });
+    assert_shows(&app, &["you are in #plain (server-encrypted"]);
 }

@@ -34,8 +34,11 @@ pub enum AdminAction {
     /// Remove a user from a room, or (without --room) close all their connections.
     Kick {
         user: String,
+        /// Only from this room (they may join it again unless it is private); without it,
+        /// every connection of theirs is closed.
         #[arg(long)]
         room: Option<String>,
+        /// Why, shown to them and kept in the audit log.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -49,20 +52,23 @@ pub enum AdminAction {
         /// How long: 90s, 15m, 2h, 7d. Without it, for ever.
         #[arg(long = "for", value_name = "DURATION")]
         duration: Option<String>,
+        /// Why, shown to them and kept in the audit log.
         #[arg(long)]
         reason: Option<String>,
     },
     /// Lift a ban.
     Unban {
+        /// The banned account (or use --ip).
         user: Option<String>,
+        /// The banned address or CIDR network, as `conclave admin bans` shows it.
         #[arg(long, conflicts_with = "user")]
         ip: Option<String>,
     },
-    /// Active bans.
+    /// Active bans, with when each ends and the time left.
     Bans,
     /// A notice to everyone online.
     Announce { text: String },
-    /// Every room.
+    /// Every room: kind, end-to-end or encrypted at rest, members, owner.
     Rooms,
     /// Server totals.
     Stats,
@@ -82,13 +88,24 @@ pub enum AdminAction {
 
 #[derive(Subcommand)]
 pub enum RuleOp {
-    Add { cidr: String },
-    Del { cidr: String },
+    /// Add an address or network (203.0.113.7, 203.0.113.0/24, 2001:db8::/32); stored, so it
+    /// lasts across restarts.
+    Add {
+        /// The address or CIDR network.
+        cidr: String,
+    },
+    /// Remove a stored address or network (those in conclave.toml stay until it is edited).
+    Del {
+        /// The address or CIDR network, as `list` shows it.
+        cidr: String,
+    },
+    /// Show the list: from conclave.toml and stored.
     List,
 }
 
 /// Sends one request to the running server's admin socket and returns its answer.
 pub fn request(data_dir: &Path, req: &Value) -> anyhow::Result<Value> {
+    crate::cli::require_dir(data_dir)?;
     let path = socket_path(data_dir);
     let mut stream = UnixStream::connect(&path).with_context(|| {
         format!(
@@ -133,20 +150,42 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A span of seconds as people read it: 42s, 17m, 3h05m, 2d4h.
+fn span_text(s: i64) -> String {
+    match s {
+        ..=59 => format!("{}s", s.max(0)),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
 fn ago(ms: &Value) -> String {
     let Some(ms) = ms.as_i64() else {
         return "-".into();
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let s = (now - ms).max(0) / 1000;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m", s / 60),
-        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-    }
+    span_text((now_ms() - ms).max(0) / 1000)
+}
+
+/// A ban's end as a UTC date and time, and the time left: ("for ever", "-") without one.
+fn until_text(until_ms: &Value, now_ms: i64) -> (String, String) {
+    let Some(ms) = until_ms.as_i64() else {
+        return ("for ever".into(), "-".into());
+    };
+    let when = match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => t.strftime("%Y-%m-%d %H:%M:%S").to_string(),
+        Err(_) => format!("{ms} ms"),
+    };
+    // Rounded up, so a ban with 20 s left does not read "0s".
+    let left_s = (ms - now_ms).max(0).saturating_add(999) / 1000;
+    (when, span_text(left_s))
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
@@ -224,8 +263,8 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
         }
         AdminAction::Rooms => {
             println!(
-                "{:<24} {:<8} {:>8} {:>8} OWNER",
-                "ROOM", "KIND", "MEMBERS", "ONLINE"
+                "{:<24} {:<8} {:<10} {:>8} {:>8} OWNER",
+                "ROOM", "KIND", "ENCRYPTED", "MEMBERS", "ONLINE"
             );
             for r in list("rooms") {
                 let kind = if r["private"].as_bool() == Some(true) {
@@ -233,10 +272,18 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     "public"
                 };
+                // End to end: the server relays what it cannot read (no server-side history
+                // for newcomers, no server-side search); otherwise encrypted at rest.
+                let encrypted = if r["e2ee"].as_bool() == Some(true) {
+                    "end-to-end"
+                } else {
+                    "at rest"
+                };
                 println!(
-                    "{:<24} {:<8} {:>8} {:>8} {}",
+                    "{:<24} {:<8} {:<10} {:>8} {:>8} {}",
                     s(&r, "room"),
                     kind,
+                    encrypted,
                     s(&r, "members"),
                     s(&r, "online"),
                     s(&r, "owner")
@@ -245,19 +292,17 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
         }
         AdminAction::Bans => {
             println!(
-                "{:<6} {:<40} {:<14} {:<10} REASON",
-                "KIND", "TARGET", "UNTIL (ms)", "BY"
+                "{:<6} {:<40} {:<22} {:<10} {:<10} REASON",
+                "KIND", "TARGET", "UNTIL (UTC)", "LEFT", "BY"
             );
             for b in list("bans") {
+                let (until, left) = until_text(&b["until_ms"], now_ms());
                 println!(
-                    "{:<6} {:<40} {:<14} {:<10} {}",
+                    "{:<6} {:<40} {:<22} {:<10} {:<10} {}",
                     s(&b, "kind"),
                     s(&b, "target"),
-                    if b["until_ms"].is_null() {
-                        "for ever".into()
-                    } else {
-                        s(&b, "until_ms")
-                    },
+                    until,
+                    left,
                     s(&b, "by"),
                     s(&b, "reason")
                 );
@@ -291,4 +336,26 @@ pub fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
         _ => println!("done"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ban_ends_read_as_a_utc_time_and_the_time_left() {
+        let now = 1_796_592_425_442 - 7_200_000;
+        let (when, left) = until_text(&json!(1_796_592_425_442i64), now);
+        assert_eq!(when, "2026-12-06 21:27:05");
+        assert_eq!(left, "2h00m");
+        assert_eq!(
+            until_text(&Value::Null, now),
+            ("for ever".into(), "-".into())
+        );
+        // Past its end (not yet swept): nothing left, not a negative span.
+        assert_eq!(until_text(&json!(now - 5_000), now).1, "0s");
+        assert_eq!(until_text(&json!(now + 20_001), now).1, "21s");
+        assert_eq!(span_text(3 * 86_400 + 5 * 3600 + 7), "3d5h");
+        assert_eq!(span_text(600), "10m");
+    }
 }

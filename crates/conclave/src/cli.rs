@@ -59,7 +59,29 @@ pub enum Command {
     /// Load generator: connections, fan-out, latency, server CPU and memory (also against IRC).
     #[command(after_help = conclave_bench::BENCH_HELP)]
     Bench(conclave_bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    #[command(after_help = COMPLETIONS_HELP)]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (conclave.1, conclave-serve.1, ...) into a directory.
+    #[command(
+        after_help = "Examples:\n  conclave man /usr/local/share/man/man1\n  conclave man ./man && man -l ./man/conclave-user.1"
+    )]
+    Man {
+        /// Where to write them (created if needed).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
+
+const COMPLETIONS_HELP: &str = "\
+Examples:
+  conclave completions bash > ~/.local/share/bash-completion/completions/conclave
+  conclave completions zsh > ~/.zfunc/_conclave      # with fpath+=~/.zfunc before compinit
+  conclave completions fish > ~/.config/fish/completions/conclave.fish";
 
 const LOGS_HELP: &str = "\
 Times (T): RFC 3339 (2026-11-21T10:00:00Z), a date (2026-11-21: midnight UTC), or a time ago
@@ -77,6 +99,45 @@ pub struct DataDirArg {
     /// The server's data directory (config, keys, database, logs).
     #[arg(long, env = "CONCLAVE_DATA_DIR", default_value = DEFAULT_DATA_DIR, global = true)]
     pub data_dir: PathBuf,
+}
+
+/// What to do about a missing data directory.
+fn data_dir_hint(dir: &std::path::Path) -> String {
+    format!(
+        "pass --data-dir (or set CONCLAVE_DATA_DIR) to name the server's data directory, or start `conclave serve --data-dir {}` once to create one",
+        dir.display()
+    )
+}
+
+/// Refuses a data directory that does not exist (for the commands that only read one).
+pub fn require_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "there is no data directory {}; {}",
+            dir.display(),
+            data_dir_hint(dir)
+        );
+    }
+    Ok(())
+}
+
+impl DataDirArg {
+    /// Refuses a data directory without a database: reading one must never create one (only
+    /// `serve`, and `user add` for the first account, do), or a mistyped path or a command run
+    /// in the wrong folder would silently make an empty server there.
+    pub fn existing(&self) -> anyhow::Result<&std::path::Path> {
+        let dir = self.data_dir.as_path();
+        require_dir(dir)?;
+        let how = data_dir_hint(dir);
+        if !dir.join(conclave_server::store::DB_FILE).is_file() {
+            anyhow::bail!(
+                "{} has no database ({}): it is not a Conclave data directory yet; {how}",
+                dir.display(),
+                conclave_server::store::DB_FILE
+            );
+        }
+        Ok(dir)
+    }
 }
 
 #[derive(Args)]
@@ -132,11 +193,22 @@ pub enum UserAction {
     },
     /// Delete an account.
     Del { name: String },
-    /// Set an account's password.
+    /// Set an account's password (its live sessions stay connected).
     Passwd {
         name: String,
+        /// Read the new password from this environment variable instead of prompting.
         #[arg(long, value_name = "VAR")]
         password_env: Option<String>,
+    },
+    /// Give an existing account the admin role, or take it away with --revoke.
+    #[command(
+        after_help = "Takes effect at once, also for the account's live sessions, when the server runs.\n\nExamples:\n  conclave user admin alice\n  conclave user admin alice --revoke"
+    )]
+    Admin {
+        name: String,
+        /// Take the admin role away instead of giving it.
+        #[arg(long)]
+        revoke: bool,
     },
     /// List accounts.
     List,
@@ -176,7 +248,9 @@ pub struct ClientArgs {
     /// Read the server password from this environment variable.
     #[arg(long, value_name = "VAR")]
     pub server_password_env: Option<String>,
-    /// Where pinned server fingerprints are kept (default: ~/.config/conclave).
+    /// Where pinned server fingerprints and this device's end-to-end keys and history are kept
+    /// (default: ~/.config/conclave). Keep it and back it up like an SSH key: without it this
+    /// device cannot read its end-to-end conversations' history, and joins as a new device.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Keep trying to reconnect after a lost connection for this many seconds (default 3600);
@@ -196,7 +270,7 @@ pub struct ClientArgs {
 const CHAT_HELP: &str = "\
 The first connection to a server shows its certificate fingerprint and asks before trusting it
 (compare it with `conclave fingerprint` on the server). The password is asked for on the screen
-(nothing is shown), or read from the variable named by --password-env. Inside, /help lists the
+(each character shows as •), or read from the variable named by --password-env. Inside, /help lists the
 commands and keys. Logs go to chat.log in the state directory.
 
 Examples:
@@ -231,7 +305,9 @@ pub struct ChatArgs {
     /// Read the server password from this environment variable.
     #[arg(long, value_name = "VAR")]
     pub server_password_env: Option<String>,
-    /// Where pinned server fingerprints and chat.log are kept (default: ~/.config/conclave).
+    /// Where pinned server fingerprints, chat.log and this device's end-to-end keys and
+    /// history are kept (default: ~/.config/conclave). Back it up like an SSH key: without it
+    /// this device cannot read its end-to-end conversations' history.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 }

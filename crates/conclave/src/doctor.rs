@@ -126,12 +126,7 @@ impl Check {
 
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let dir = args.data.data_dir.clone();
-    if !dir.is_dir() {
-        anyhow::bail!(
-            "{} is not a data directory (it does not exist); pass --data-dir, or start the server once to create it",
-            dir.display()
-        );
-    }
+    crate::cli::require_dir(&dir)?;
     let running = server_info(&dir);
     let mut checks = vec![
         permissions(&dir),
@@ -264,11 +259,13 @@ fn permissions(dir: &Path) -> Check {
         ),
     ];
     let passphrase = dir.join(conclave_server::at_rest::SALT_FILE).exists();
+    let (mut readable, mut missing, mut lost_key) = (0usize, 0usize, false);
     for (rel, what, required) in secrets {
         let path = dir.join(&rel);
         match std::fs::symlink_metadata(&path) {
             Ok(m) => {
                 if m.mode() & 0o077 != 0 {
+                    readable += 1;
                     c.fail(format!(
                         "{} ({what}) is {}: others on this machine can read it; chmod 600 {}",
                         rel.display(),
@@ -279,10 +276,13 @@ fn permissions(dir: &Path) -> Check {
                     c.ok(format!("{} is {}", rel.display(), mode_text(m.mode())));
                 }
             }
-            Err(_) if required => c.fail(format!(
-                "{} ({what}) is missing: start the server once to create it",
-                rel.display()
-            )),
+            Err(_) if required => {
+                missing += 1;
+                c.fail(format!(
+                    "{} ({what}) is missing: start the server once to create it",
+                    rel.display()
+                ))
+            }
             Err(_) => {}
         }
     }
@@ -290,6 +290,7 @@ fn permissions(dir: &Path) -> Check {
         && !passphrase
         && dir.join(conclave_server::store::DB_FILE).exists()
     {
+        lost_key = true;
         c.fail("there is a database but neither data.key nor data.salt: the data key is lost");
     }
     for sub in [tls::TLS_DIR, conclave_server::audit::AUDIT_DIR, FILES_DIR] {
@@ -310,6 +311,7 @@ fn permissions(dir: &Path) -> Check {
                     continue;
                 }
                 if m.is_file() && m.mode() & 0o077 != 0 {
+                    readable += 1;
                     c.fail(format!(
                         "{sub}/{name} is {}: others can read it; chmod 600 {}",
                         mode_text(m.mode()),
@@ -319,11 +321,26 @@ fn permissions(dir: &Path) -> Check {
             }
         }
     }
-    let n_fail = c.findings.iter().filter(|f| f.0 == Status::Fail).count();
     let summary = match c.status {
         Status::Ok => "keys and secrets are private to their owner".to_string(),
-        _ if n_fail > 0 => format!("{n_fail} secret(s) readable by others"),
-        _ => "secrets are private; some folders are open to others".to_string(),
+        Status::Fail => {
+            // The verdict names what the failures are, so it agrees with the details.
+            let mut parts = Vec::new();
+            if readable > 0 {
+                parts.push(format!("{readable} secret(s) readable by others"));
+            }
+            if missing > 0 {
+                parts.push(format!("{missing} secret(s) missing"));
+            }
+            if lost_key {
+                parts.push("the data key is lost".to_string());
+            }
+            if parts.is_empty() {
+                parts.push("the data directory cannot be read".to_string());
+            }
+            parts.join("; ")
+        }
+        Status::Warn => "secrets are private; some folders are open to others".to_string(),
     };
     c.summary(summary)
 }

@@ -29,6 +29,7 @@ const TIME_FORMS: &str = "give RFC 3339 (2026-11-21T10:00:00Z), a date (2026-11-
 pub fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let filter = Filter::from_args(&args)?;
     let data_dir = &args.data.data_dir;
+    crate::cli::require_dir(data_dir)?;
     if args.verify {
         return verify(data_dir, args.json);
     }

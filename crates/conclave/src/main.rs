@@ -6,6 +6,7 @@ mod chat;
 mod cli;
 mod client;
 mod doctor;
+mod install;
 mod logs;
 mod monitor;
 mod progress;
@@ -38,5 +39,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Monitor(args) => monitor::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Bench(args) => Ok(conclave_bench::run(args)?),
+        Command::Completions { shell } => install::completions(shell),
+        Command::Man { dir } => install::man_pages(&dir),
     }
 }

@@ -65,6 +65,9 @@ fn through_server(args: &UserArgs) -> anyhow::Result<bool> {
             accounts::check_new_password(&pw).map_err(anyhow::Error::msg)?;
             serde_json::json!({"cmd": "user_passwd", "user": name, "password": pw})
         }
+        UserAction::Admin { name, revoke } => {
+            serde_json::json!({"cmd": "user_admin", "user": canonical(name)?, "admin": !revoke})
+        }
         UserAction::List => serde_json::json!({"cmd": "user_list"}),
         UserAction::Invite => serde_json::json!({"cmd": "user_invite"}),
     };
@@ -77,6 +80,12 @@ fn through_server(args: &UserArgs) -> anyhow::Result<bool> {
         UserAction::Del { name } => println!("deleted {}", name.to_ascii_lowercase()),
         UserAction::Passwd { name, .. } => {
             println!("password changed for {}", name.to_ascii_lowercase())
+        }
+        UserAction::Admin { revoke, .. } => {
+            println!(
+                "{}",
+                admin_role_text(answer["user"].as_str().unwrap_or("?"), !revoke)
+            )
         }
         UserAction::List => {
             for u in answer["users"].as_array().cloned().unwrap_or_default() {
@@ -93,14 +102,31 @@ fn through_server(args: &UserArgs) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// What `user admin` prints.
+fn admin_role_text(name: &str, admin: bool) -> String {
+    if admin {
+        format!("{name} is now an admin")
+    } else {
+        format!("{name} is no longer an admin")
+    }
+}
+
 /// Records an offline account change in the audit log (best effort: the change is made).
 fn audit(config: &Config, cmd: &str, user: Option<&str>) {
+    audit_with(config, cmd, user, None);
+}
+
+/// [`audit`] with the new admin role, for `user admin`.
+fn audit_with(config: &Config, cmd: &str, user: Option<&str>, admin: Option<bool>) {
     use conclave_server::audit::{AuditLog, Fields, Kind};
     match AuditLog::open(&config.data_dir, config.audit.clone()) {
         Ok(log) => {
             let mut f = Fields::new().with("cmd", cmd).with("via", "data directory");
             if let Some(u) = user {
                 f = f.user(u);
+            }
+            if let Some(a) = admin {
+                f = f.with("admin", a);
             }
             log.record(Kind::Admin, f);
             log.close();
@@ -110,6 +136,14 @@ fn audit(config: &Config, cmd: &str, user: Option<&str>) {
 }
 
 pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
+    let dir = &args.data.data_dir;
+    let creates = !dir.join(conclave_server::store::DB_FILE).exists();
+    if matches!(args.action, UserAction::Add { .. }) {
+        // The first account may be made before the first start (registration is closed on
+        // a network address), so `user add` may create the data directory; it says so.
+    } else {
+        args.data.existing()?;
+    }
     if through_server(&args)? {
         return Ok(std::process::ExitCode::SUCCESS);
     }
@@ -141,6 +175,13 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
             db.add_member(&config.default_room, &name)?;
             let role = if admin { "admin" } else { "user" };
             audit(&config, "user_add", Some(&name));
+            if creates {
+                eprintln!(
+                    "conclave: set up a new data directory in {} (conclave serve --data-dir {} uses it)",
+                    dir.display(),
+                    dir.display()
+                );
+            }
             println!("created {role} {name}");
         }
         UserAction::Del { name } => {
@@ -166,6 +207,14 @@ pub fn run(args: UserArgs) -> anyhow::Result<std::process::ExitCode> {
             db.set_password(&name, &hash)?;
             audit(&config, "user_passwd", Some(&name));
             println!("password changed for {name}");
+        }
+        UserAction::Admin { name, revoke } => {
+            let name = canonical(&name)?;
+            if !db.set_admin(&name, !revoke)? {
+                bail!("there is no account {name:?} (conclave user list shows them)");
+            }
+            audit_with(&config, "user_admin", Some(&name), Some(!revoke));
+            println!("{}", admin_role_text(&name, !revoke));
         }
         UserAction::List => {
             for u in db.users()? {

@@ -824,3 +824,287 @@ fn admin_console_and_logs_through_the_binary() {
     );
     run("verify", conclave(["logs", "--data-dir", d, "--verify"])).assert_success();
 }
+
+/// Commands that read a data directory refuse a missing one instead of creating
+/// `./conclave-data` in whatever folder they run in; `user add` (the first account, before the
+/// first start) creates it and says so; doctor's verdict then names what its details say.
+#[test]
+fn reading_commands_refuse_a_missing_data_directory() {
+    let tmp = tempdir();
+    let cwd = tmp.path();
+    let in_cwd = |args: &[&str]| {
+        let mut cmd = conclave(args);
+        cmd.current_dir(cwd).env_remove(PW_VAR);
+        run("in an empty folder", cmd)
+    };
+    for args in [
+        &["user", "list"][..],
+        &["user", "del", "bob"],
+        &["user", "admin", "bob"],
+        &["user", "invite"],
+        &["user", "passwd", "bob", "--password-env", PW_VAR],
+        &["logs"],
+        &["logs", "--verify"],
+        &["admin", "who"],
+        &["doctor"],
+    ] {
+        in_cwd(args)
+            .assert_failure()
+            .assert_stderr_has("there is no data directory ./conclave-data")
+            .assert_stderr_has("--data-dir");
+    }
+    assert!(
+        std::fs::read_dir(cwd).expect("read_dir").next().is_none(),
+        "nothing was created in {cwd:?}"
+    );
+
+    // A folder that exists but holds no database (say, an empty StateDirectory).
+    let empty = cwd.join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    user_cmd(&empty, &["list"], None)
+        .assert_failure()
+        .assert_stderr_has("has no database");
+    assert!(
+        std::fs::read_dir(&empty)
+            .expect("read_dir")
+            .next()
+            .is_none()
+    );
+
+    // `user add` makes the first account, and the directory, and says where.
+    let data = cwd.join("data");
+    let f = user_cmd(
+        &data,
+        &["add", "alice", "--admin", "--password-env", PW_VAR],
+        Some(PW),
+    );
+    f.assert_success()
+        .assert_stderr_has("set up a new data directory in");
+    assert_eq!(f.stdout_text(), "created admin alice\n");
+    assert_eq!(user_list(&data), vec![("alice".into(), "admin".into())]);
+
+    // No TLS key yet: doctor fails, and says the key is missing (not readable by others).
+    let mut cmd = conclave(["doctor", "--json", "--data-dir"]);
+    cmd.arg(&data);
+    let f = run("doctor", cmd);
+    f.assert_failure();
+    let report: Value = serde_json::from_str(&f.stdout_text()).expect("json");
+    let perms = report["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["check"] == "permissions"))
+        .cloned()
+        .expect("a permissions check");
+    assert_eq!(perms["status"], "fail", "{perms:#}");
+    let summary = perms["summary"].as_str().expect("summary");
+    assert!(summary.contains("1 secret(s) missing"), "{perms:#}");
+    assert!(!summary.contains("readable"), "{perms:#}");
+}
+
+/// `conclave user admin NAME [--revoke]` on the data directory and through a running server
+/// (where it holds at once for a live session), audited both ways.
+#[test]
+fn user_admin_gives_and_takes_the_admin_role() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    user_cmd(&data, &["add", "bob", "--password-env", PW_VAR], Some(PW)).assert_success();
+    user_cmd(&data, &["admin", "nobody"], None)
+        .assert_failure()
+        .assert_stderr_has("no account \"nobody\"");
+
+    // Offline, on the data directory.
+    let f = user_cmd(&data, &["admin", "Bob"], None);
+    f.assert_success();
+    assert_eq!(f.stdout_text(), "bob is now an admin\n");
+    assert_eq!(user_list(&data), vec![("bob".into(), "admin".into())]);
+    let f = user_cmd(&data, &["admin", "bob", "--revoke"], None);
+    f.assert_success();
+    assert_eq!(f.stdout_text(), "bob is no longer an admin\n");
+    assert_eq!(user_list(&data), vec![("bob".into(), "user".into())]);
+
+    // Live, through the admin socket: bob's open session may announce at once.
+    let server = Server::start(&data, &[], &[]);
+    let state = tempdir();
+    let mut cmd = client_cmd(&server.addr(), "bob", state.path(), PW);
+    cmd.args(["--fingerprint", &server.fingerprint]);
+    let mut bob = JsonClient::connect("bob", cmd);
+    bob.send(json!({"cmd": "announce", "text": "not yet", "id": 1}));
+    let r = bob.reply(json!(1));
+    assert!(r.get("error").is_some(), "a user cannot announce: {r}");
+    let f = user_cmd(&data, &["admin", "bob"], None);
+    f.assert_success();
+    assert_eq!(f.stdout_text(), "bob is now an admin\n");
+    bob.send(json!({"cmd": "announce", "text": "now I can", "id": 2}));
+    bob.ok(json!(2));
+    user_cmd(&data, &["admin", "nobody"], None)
+        .assert_failure()
+        .assert_stderr_has("no account");
+    let f = user_cmd(&data, &["admin", "bob", "--revoke"], None);
+    f.assert_success();
+    assert_eq!(f.stdout_text(), "bob is no longer an admin\n");
+    bob.send(json!({"cmd": "announce", "text": "not again", "id": 3}));
+    let r = bob.reply(json!(3));
+    assert!(r.get("error").is_some(), "revoked at once: {r}");
+    bob.quit();
+    server.stop().assert_success();
+    assert_eq!(user_list(&data), vec![("bob".into(), "user".into())]);
+
+    // Both ways are in the audit log.
+    let mut cmd = conclave(["logs", "--json", "--kind", "admin", "--data-dir"]);
+    cmd.arg(&data);
+    let f = run("logs", cmd);
+    f.assert_success();
+    let records: Vec<Value> = f
+        .stdout
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let offline = records
+        .iter()
+        .filter(|r| r["cmd"] == "user_admin" && r["via"] == "data directory")
+        .count();
+    let live = records
+        .iter()
+        .filter(|r| r["cmd"] == "user_admin" && r["args"]["user"] == "bob")
+        .count();
+    assert_eq!(offline, 2, "{records:#?}");
+    assert_eq!(live, 2, "{records:#?}");
+
+    // Bob's announcement from his client, under its own kind, without its text.
+    let mut cmd = conclave(["logs", "--json", "--kind", "announce", "--data-dir"]);
+    cmd.arg(&data);
+    let f = run("logs", cmd);
+    f.assert_success();
+    assert_eq!(f.stdout.len(), 1, "{f:#?}");
+    let r: Value = serde_json::from_str(&f.stdout[0]).expect("json");
+    assert_eq!(r["user"], "bob", "{r}");
+    assert_eq!(r["recipients"], 1, "{r}");
+    assert!(!f.stdout[0].contains("now I can"), "{r}");
+}
+
+/// What the operator reads: bans with a date and the time left, which rooms are end-to-end,
+/// why each login failed, and announcements under their own kind.
+#[test]
+fn operator_output_has_dates_reasons_and_encryption() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    let d = data.to_str().expect("utf-8 path");
+    let server = Server::start(&data, &[], &[]);
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin", "--data-dir", d];
+        all.extend_from_slice(args);
+        let f = run("admin", conclave(all));
+        f.assert_success();
+        f
+    };
+
+    // Bans: a UTC date and time and the time left, not milliseconds.
+    admin(&[
+        "ban",
+        "--ip",
+        "203.0.113.9",
+        "--for",
+        "2h",
+        "--reason",
+        "test",
+    ]);
+    admin(&["ban", "--ip", "198.51.100.1", "--reason", "for good"]);
+    let raw: Value =
+        serde_json::from_str(admin(&["--json", "bans"]).stdout_text().trim()).expect("json");
+    let until_ms = raw["bans"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["target"] == "203.0.113.9/32"))
+        .and_then(|b| b["until_ms"].as_i64())
+        .expect("a timed ban");
+    let date = jiff::Timestamp::from_millisecond(until_ms)
+        .expect("a time")
+        .strftime("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    let text = admin(&["bans"]).stdout_text();
+    assert!(
+        text.contains("UNTIL (UTC)") && text.contains("LEFT"),
+        "{text}"
+    );
+    let timed = text
+        .lines()
+        .find(|l| l.contains("203.0.113.9/32"))
+        .expect("the timed ban");
+    assert!(timed.contains(&date), "{timed} has {date}");
+    assert!(
+        timed.contains("2h00m") || timed.contains("1h59m"),
+        "{timed}: two hours left"
+    );
+    assert!(!timed.contains(&until_ms.to_string()), "{timed}");
+    let forever = text
+        .lines()
+        .find(|l| l.contains("198.51.100.1/32"))
+        .expect("the permanent ban");
+    assert!(forever.contains("for ever"), "{forever}");
+
+    // Rooms: end-to-end or encrypted at rest.
+    let state = tempdir();
+    let mut cmd = client_cmd(&server.addr(), "alice", state.path(), PW);
+    cmd.args(["--register", "--fingerprint", &server.fingerprint]);
+    let mut alice = JsonClient::connect("alice", cmd);
+    alice.send(json!({"cmd": "create_room", "room": "sealed", "id": 1}));
+    assert_eq!(alice.ok(json!(1))["e2ee"], true);
+    alice.send(json!({"cmd": "create_room", "room": "plain", "e2ee": false, "id": 2}));
+    assert_eq!(alice.ok(json!(2))["e2ee"], false);
+    let text = admin(&["rooms"]).stdout_text();
+    let row = |room: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(room))
+            .unwrap_or_else(|| panic!("{room} in {text}"))
+            .to_string()
+    };
+    assert!(text.contains("ENCRYPTED"), "{text}");
+    assert!(row("sealed").contains("end-to-end"), "{text}");
+    assert!(row("plain").contains("at rest"), "{text}");
+    assert!(row("general").contains("at rest"), "{text}");
+    alice.quit();
+
+    // Login failures: the same answer to the client, the reason for the operator.
+    let login = |user: &str, pw: &str| {
+        let mut cmd = client_cmd(&server.addr(), user, state.path(), pw);
+        cmd.args(["--fingerprint", &server.fingerprint]);
+        cmd
+    };
+    client_fails("alice, wrong password", login("alice", PW2))
+        .assert_stderr_has("wrong user name or password");
+    client_fails("ghost", login("ghost", PW)).assert_stderr_has("wrong user name or password");
+
+    // Announcements, from the operator, are found by their own kind.
+    admin(&["announce", "maintenance at 5"]);
+    drop(server);
+
+    let logs = |kind: &str| -> Vec<Value> {
+        let f = run(
+            "logs",
+            conclave(["logs", "--data-dir", d, "--kind", kind, "--json"]),
+        );
+        f.assert_success();
+        f.stdout
+            .iter()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    };
+    let failed = logs("login_failed");
+    let of = |user: &str| {
+        failed
+            .iter()
+            .find(|r| r["user"] == user)
+            .unwrap_or_else(|| panic!("a login_failed record for {user}: {failed:#?}"))
+            .clone()
+    };
+    assert_eq!(of("alice")["reason"], "wrong_password");
+    assert_eq!(of("alice")["failures"], 1);
+    assert_eq!(of("ghost")["reason"], "unknown_account");
+    let announced = logs("announce");
+    assert_eq!(announced.len(), 1, "{announced:#?}");
+    assert_eq!(announced[0]["cmd"], "announce");
+    assert!(
+        !serde_json::to_string(&announced[0])
+            .expect("json")
+            .contains("maintenance"),
+        "never the text: {announced:#?}"
+    );
+}

@@ -116,3 +116,69 @@ fn window_option_is_checked() {
     f.assert_failure();
     assert!(f.stderr.contains("not a size"), "{}", f.stderr);
 }
+
+/// A peer-to-peer `send_file` replies at once with its `file_id` (the sender goes on serving
+/// in the background and says how it ended with an event); `cancel_file` withdraws it: the
+/// sender's send ends with `file_failed` (`cancelled`), the recipient gets `file_cancelled`
+/// and can no longer accept it, and chat went on meanwhile.
+#[test]
+fn json_p2p_send_file_replies_at_once_and_cancel_file_withdraws_it() {
+    let tmp = tempdir();
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let (sa, sb, sc) = (tempdir(), tempdir(), tempdir());
+    let mut alice = client(&server, "alice", sa.path(), &[]);
+    let mut bob = client(&server, "bob", sb.path(), &[]);
+    // Carol never answers: the send would otherwise serve for ten minutes.
+    let mut carol = client(&server, "carol", sc.path(), &[]);
+    // A room without end-to-end encryption keeps this about files alone.
+    alice.send(json!({"cmd": "create_room", "room": "swap", "e2ee": false, "id": 1}));
+    alice.ok(json!(1));
+    for c in [&mut bob, &mut carol] {
+        c.send(json!({"cmd": "join", "room": "swap", "id": 2}));
+        c.ok(json!(2));
+    }
+    let work = tempdir();
+    let src = work.path().join("note.txt");
+    write_file(&src, 64 * 1024);
+
+    alice.send(json!({"cmd": "send_file", "path": src, "room": "swap", "p2p": true, "id": 3}));
+    let reply = alice.ok(json!(3));
+    let file_id = reply["file_id"].as_str().expect("file_id").to_string();
+    assert_eq!(reply["p2p"], true, "{reply}");
+    assert_eq!(reply["serving"], true, "{reply}");
+    // The client is not blocked: a message goes through while it serves.
+    alice.send(json!({"cmd": "send", "room": "swap", "text": "still here", "id": 4}));
+    alice.ok(json!(4));
+    let offer = bob.expect("the offer", |v| v["event"] == "file_offer");
+    assert_eq!(offer["file_id"], file_id.as_str());
+    assert_eq!(offer["p2p"], true);
+    bob.message("still here");
+
+    // Only the sender can cancel it.
+    bob.send(json!({"cmd": "cancel_file", "file_id": file_id, "id": 5}));
+    assert_eq!(bob.reply(json!(5))["error"]["code"], "not_found");
+    alice.send(json!({"cmd": "cancel_file", "file_id": file_id, "id": 6}));
+    let r = alice.ok(json!(6));
+    assert_eq!(r["file_id"], file_id.as_str());
+    let failed = alice.expect("the send's end", |v| v["event"] == "file_failed");
+    assert_eq!(failed["file_id"], file_id.as_str());
+    assert_eq!(failed["error"]["code"], "cancelled", "{failed}");
+    for c in [&mut bob, &mut carol] {
+        let ev = c.expect("file_cancelled", |v| v["event"] == "file_cancelled");
+        assert_eq!(ev["file_id"], file_id.as_str());
+        assert_eq!(ev["by"], "alice");
+    }
+    let down = tempdir();
+    bob.send(json!({"cmd": "accept_file", "file_id": file_id, "dir": down.path(), "id": 7}));
+    assert_eq!(bob.reply(json!(7))["error"]["code"], "not_found");
+    bob.send(json!({"cmd": "files", "id": 8}));
+    assert_eq!(bob.ok(json!(8))["files"], json!([]));
+
+    // Not blocked on quit either: the send is over.
+    let started = std::time::Instant::now();
+    alice.quit();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    bob.quit();
+    carol.quit();
+    server.stop().assert_success();
+}

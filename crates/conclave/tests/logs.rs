@@ -342,7 +342,15 @@ fn bad_values_are_explained() {
 #[test]
 fn no_log_is_nothing_to_show_but_fails_verify() {
     let tmp = tempdir();
+    // No data directory at all: a mistyped --data-dir, said so.
     let data = tmp.path().join("data");
+    for args in [&[][..], &["--verify"]] {
+        let f = logs(&data, args);
+        f.assert_failure();
+        f.assert_stderr_has("there is no data directory");
+    }
+    // A data directory without a log yet.
+    std::fs::create_dir(&data).expect("mkdir");
     let f = logs(&data, &[]);
     f.assert_success();
     f.assert_stderr_has("no audit log in");

@@ -313,5 +313,5 @@ fn doctor_flags_open_registration_beyond_loopback_and_limits_switched_off() {
     cmd.arg(data.path().join("nowhere"));
     run("doctor", cmd)
         .assert_failure()
-        .assert_stderr_has("not a data directory");
+        .assert_stderr_has("there is no data directory");
 }

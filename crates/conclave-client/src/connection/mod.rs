@@ -194,6 +194,8 @@ pub(crate) struct Core {
     next_attempt_ms: Mutex<Option<i64>>,
     /// File events that transfers in progress wait for (`FileReady`, `FileRelayWanted`).
     file_events: tokio::sync::broadcast::Sender<Event>,
+    /// This client's sends still under way, by file id: cancelled by [`Client::cancel_file`].
+    pub(crate) sending: Mutex<HashMap<String, CancellationToken>>,
     /// End-to-end encryption, once [`Client::enable_e2ee`] turned it on.
     pub(crate) secure: std::sync::OnceLock<Arc<crate::e2ee::Secure>>,
 }
@@ -270,7 +272,8 @@ impl Core {
             }
             Event::FileReady { .. }
             | Event::FileRelayWanted { .. }
-            | Event::FileDeclined { .. } => {
+            | Event::FileDeclined { .. }
+            | Event::FileCancelled { .. } => {
                 let _ = self.file_events.send(event.clone());
             }
             _ => {}
@@ -704,6 +707,7 @@ impl Client {
             offers: Mutex::new(HashMap::new()),
             next_attempt_ms: Mutex::new(None),
             file_events: tokio::sync::broadcast::channel(FILE_EVENT_QUEUE).0,
+            sending: Mutex::new(HashMap::new()),
             secure: std::sync::OnceLock::new(),
         });
         let live = core.go_live(opened, events_tx.clone(), false).await;
@@ -734,6 +738,14 @@ impl Client {
     /// File events from now on (`FileReady`, `FileRelayWanted`), for transfers that wait.
     pub(crate) fn file_events(&self) -> tokio::sync::broadcast::Receiver<Event> {
         self.core().file_events.subscribe()
+    }
+
+    /// This client's sends under way (to cancel them by file id).
+    pub(crate) fn sending(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.core()
+            .sending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// While the client is reconnecting and waiting to try again: when the next attempt
@@ -1148,6 +1160,8 @@ fn is_resendable(req: &Request) -> bool {
         | Request::FileDecline { .. }
         | Request::FileReceived { .. }
         | Request::FileWantRelay { .. }
+        // Withdrawing twice withdraws once (the second says not_found).
+        | Request::FileCancel { .. }
         | Request::Files
         | Request::Search { .. }
         | Request::Rooms

@@ -29,6 +29,7 @@ pub const COMMANDS: &[&str] = &[
     "send_file",
     "accept_file",
     "decline_file",
+    "cancel_file",
     "files",
     "devices",
     "quit",
@@ -68,6 +69,8 @@ pub enum Action {
     },
     /// Devices and their safety numbers: this device's with no user, else the user's.
     Devices { user: Option<String> },
+    /// Withdraw a file this client sent (stops a send under way; the server deletes it).
+    CancelFile { file_id: String },
     /// Receive an offered file into a directory (the reply comes when it is verified).
     AcceptFile {
         file_id: String,
@@ -191,6 +194,11 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
         "decline_file" => Request::FileDecline {
             file_id: f.req_str("file_id")?,
         },
+        "cancel_file" => {
+            return Ok(Action::CancelFile {
+                file_id: f.req_str("file_id")?,
+            });
+        }
         "files" => Request::Files,
         other => {
             return Err(format!(
@@ -583,6 +591,12 @@ mod tests {
                 window: None,
                 congestion: None,
             }
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"cancel_file","file_id":"x"}"#).map(|c| c.action),
+            Ok(Action::CancelFile {
+                file_id: "x".into()
+            })
         );
         assert_eq!(
             parse(r#"{"cmd":"accept_file","file_id":"x","dir":"/tmp"}"#)

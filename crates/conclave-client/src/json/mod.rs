@@ -290,19 +290,54 @@ impl Driver {
                 window,
                 congestion,
             } => {
-                let opts = self.file_options(p2p, window, congestion);
+                let mut opts = self.file_options(p2p, window, congestion);
                 let Ok(slot) = self.slots.clone().acquire_owned().await else {
                     return None;
                 };
                 let (client, out) = (self.client.clone(), self.out.clone());
+                // Peer to peer, the sender serves for as long as recipients fetch (minutes):
+                // the reply comes at the offer, with the file id (for cancel_file), and the
+                // end is an event.
+                let (offered_tx, mut offered_rx) = tokio::sync::mpsc::unbounded_channel();
+                if p2p {
+                    opts.on_offer = Some(Arc::new(move |file_id: &str| {
+                        let _ = offered_tx.send(file_id.to_string());
+                    }));
+                }
                 tokio::spawn(async move {
-                    let value = match client.send_file_any(&path, target, opts).await {
-                        Ok(sent) => render::ok_fields(id, render::file_sent(&sent)),
-                        Err(e) => render::client_error(id, &e),
+                    let send = client.send_file_any(&path, target, opts);
+                    tokio::pin!(send);
+                    let mut offered: Option<String> = None;
+                    let result = loop {
+                        tokio::select! {
+                            r = &mut send => break r,
+                            Some(file_id) = offered_rx.recv(), if offered.is_none() => {
+                                let reply = render::ok_fields(id.clone(), render::file_offered(&file_id));
+                                let _ = out.send(line(&reply)).await;
+                                offered = Some(file_id);
+                            }
+                        }
+                    };
+                    let value = match (offered, result) {
+                        (None, Ok(sent)) => render::ok_fields(id, render::file_sent(&sent)),
+                        (None, Err(e)) => render::client_error(id, &e),
+                        (Some(_), Ok(sent)) => render::file_sent_event(&sent),
+                        (Some(file_id), Err(e)) => render::file_failed_event(&file_id, &e),
                     };
                     let _ = out.send(line(&value)).await;
                     drop(slot);
                 });
+                return None;
+            }
+            Action::CancelFile { file_id } => {
+                let client = self.client.clone();
+                self.spawn_call(id, async move {
+                    client.cancel_file(&file_id).await?;
+                    let mut m = Map::new();
+                    m.insert("file_id".into(), file_id.into());
+                    Ok(m)
+                })
+                .await;
                 return None;
             }
             Action::CreateRoom {

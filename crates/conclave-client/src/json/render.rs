@@ -108,6 +108,9 @@ pub fn event(e: &Event) -> Value {
         Event::FileDeclined { file_id, by } => {
             json!({"event": "file_declined", "file_id": file_id, "by": by})
         }
+        Event::FileCancelled { file_id, by } => {
+            json!({"event": "file_cancelled", "file_id": file_id, "by": by})
+        }
     }
 }
 
@@ -170,6 +173,32 @@ pub fn file_sent(s: &crate::files::FileSent) -> Map<String, Value> {
         Value::Object(m) => m,
         _ => Map::new(),
     }
+}
+
+/// The fields of a peer-to-peer `send_file` reply, sent as soon as the offer exists.
+pub fn file_offered(file_id: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("file_id".into(), json!(file_id));
+    m.insert("p2p".into(), json!(true));
+    m.insert("serving".into(), json!(true));
+    m
+}
+
+/// The end of a peer-to-peer send whose reply came at the offer: `file_sent`, with the
+/// fields a relay send's reply has.
+pub fn file_sent_event(s: &crate::files::FileSent) -> Value {
+    let mut m = file_sent(s);
+    m.insert("event".into(), json!("file_sent"));
+    Value::Object(m)
+}
+
+/// A peer-to-peer send that failed (or was cancelled) after its reply: `file_failed`.
+pub fn file_failed_event(file_id: &str, e: &crate::ClientError) -> Value {
+    json!({
+        "event": "file_failed",
+        "file_id": file_id,
+        "error": {"code": e.code(), "message": e.to_string()},
+    })
 }
 
 /// The fields of an `accept_file` reply (and of the `file_done` event).

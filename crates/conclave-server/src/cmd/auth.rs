@@ -92,29 +92,53 @@ pub async fn login(
         None => (None, Vec::new()),
     };
     // The same work whether or not the account exists, so timing does not tell.
-    let row = hashing(&conn.shared, move || match row {
-        Some(r) if accounts::verify_password(&password, &r.pw_hash) => Some(r),
-        Some(_) => None,
+    let invalid_name = name.is_none();
+    let checked = hashing(&conn.shared, move || match row {
+        Some(r) if accounts::verify_password(&password, &r.pw_hash) => Ok(r),
+        Some(_) => Err("wrong_password"),
         None => {
             accounts::verify_dummy(&password);
-            None
+            Err(if invalid_name {
+                "invalid_name"
+            } else {
+                "unknown_account"
+            })
         }
     })
     .await?;
-    let Some(row) = row else {
-        tracing::info!(peer = %conn.peer, "login failed");
-        conn.shared.audit(
-            Kind::LoginFailed,
-            Fields::new().ip(conn.peer).user(&lock_key),
-        );
-        let auto =
-            conn.shared
-                .guard()
-                .login_failed(&lock_key, conn.peer.ip(), crate::store::now_ms());
-        if let Some(auto) = auto {
-            super::admin::persist_auto_ban(&conn.shared, auto).await;
+    let row = match checked {
+        Ok(row) => row,
+        Err(why) => {
+            tracing::info!(peer = %conn.peer, reason = why, "login failed");
+            let now = crate::store::now_ms();
+            let (auto, failures, locked) = {
+                let mut guard = conn.shared.guard();
+                let auto = guard.login_failed(&lock_key, conn.peer.ip(), now);
+                (
+                    auto,
+                    guard.login_failures(&lock_key),
+                    guard.login_locked(&lock_key, now),
+                )
+            };
+            // The client hears one answer for both (so it cannot probe for accounts); the
+            // operator's record says which it was, and what the lock-out now is.
+            let mut fields = Fields::new()
+                .ip(conn.peer)
+                .user(&lock_key)
+                .reason(why)
+                .with("failures", failures);
+            if let Some(left) = locked {
+                fields = fields.with("locked_for_s", (left + 999) / 1000);
+            }
+            if auto.is_some() {
+                fields = fields.with("ip_banned", true);
+            }
+            conn.shared.audit(Kind::LoginFailed, fields);
+            if let Some(auto) = auto {
+                super::admin::persist_auto_ban(&conn.shared, auto).await;
+            }
+            return Err(auth_failed());
         }
-        return Err(auth_failed());
     };
     conn.shared.guard().login_ok(&row.name);
     if let Some(ban) = conn

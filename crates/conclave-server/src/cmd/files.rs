@@ -275,9 +275,20 @@ fn offer_to(conn: &Conn, row: &FileRow, users: &[String]) {
 
 /// The sender: how much the server holds.
 pub async fn status(conn: &Conn, user: &str, file_id: String) -> Result<Reply, ErrorBody> {
-    let (_, row) = row(conn, &file_id).await?;
+    let (id, row) = row(conn, &file_id).await?;
+    // The sender resumes its upload from it; a recipient waiting for the relay copy watches
+    // it grow (and gives up when it stops).
     if row.sender != user {
-        return Err(no_such_file());
+        let who = user.to_string();
+        let recipient = conn
+            .shared
+            .store
+            .call(move |db| db.file_recipient(&id, &who))
+            .await
+            .map_err(store_error)?;
+        if recipient.is_none() {
+            return Err(no_such_file());
+        }
     }
     expired(&row)?;
     let chunk_size = row.chunk_size;
@@ -458,6 +469,40 @@ pub async fn answer(
     broadcast(
         hub.sessions_of(std::iter::once(row.sender.as_str()), None),
         event,
+    );
+    Ok(Reply::Ok)
+}
+
+/// The sender withdraws a file (`cancel_file`): deleted at once, offered no more; the
+/// recipients who have not taken it are told.
+pub async fn cancel(conn: &Conn, user: &str, file_id: String) -> Result<Reply, ErrorBody> {
+    let (id, row) = row(conn, &file_id).await?;
+    if row.sender != user {
+        // The same answer as for no file at all: ids of others' files are not confirmed.
+        return Err(err(
+            ErrorCode::NotFound,
+            "you sent no file with this id (only its sender can cancel a file)",
+        ));
+    }
+    let key = id.clone();
+    let waiting = conn
+        .shared
+        .store
+        .call(move |db| db.delete_file(&key))
+        .await
+        .map_err(store_error)?;
+    conn.shared.files.delete(&id);
+    conn.shared.files_cache.forget(&id);
+    for u in &waiting {
+        conn.shared.files_cache.forget_recipient(&id, u);
+    }
+    let hub = conn.shared.hub.lock();
+    broadcast(
+        hub.sessions_of(waiting.iter().map(String::as_str), None),
+        Event::FileCancelled {
+            file_id: id,
+            by: user.to_string(),
+        },
     );
     Ok(Reply::Ok)
 }

@@ -95,7 +95,8 @@ pub fn announce(conn: &Conn, user: &str, text: String) -> Result<Reply, ErrorBod
         ));
     }
     tracing::info!(user, "announcement sent");
-    conn.shared.metrics.announce(hub.all_sessions().count());
+    let recipients = hub.all_sessions().count();
+    conn.shared.metrics.announce(recipients);
     broadcast(
         hub.all_sessions(),
         Event::Announce {
@@ -103,6 +104,15 @@ pub fn announce(conn: &Conn, user: &str, text: String) -> Result<Reply, ErrorBod
             text,
             ts_ms: crate::store::now_ms(),
         },
+    );
+    // After the hub is let go: recording may raise an alert, which may need the hub.
+    drop(hub);
+    conn.shared.audit(
+        crate::audit::Kind::Announce,
+        crate::audit::Fields::new()
+            .ip(conn.peer)
+            .user(user)
+            .with("recipients", recipients),
     );
     Ok(Reply::Ok)
 }

@@ -321,6 +321,24 @@ impl Db {
         Ok(ids)
     }
 
+    /// Deletes a file's records (the sender withdrew it); returns the recipients who had
+    /// neither taken nor declined it (the caller tells them, and deletes the bytes).
+    pub fn delete_file(&mut self, file_id: &str) -> Result<Vec<String>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let waiting: Vec<String> = {
+            let mut st =
+                tx.prepare("SELECT user FROM file_recipients WHERE file_id = ?1 AND state = ?2")?;
+            st.query_map(params![file_id, RecipientState::Offered as i64], |r| {
+                r.get(0)
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        tx.execute("DELETE FROM file_recipients WHERE file_id = ?1", [file_id])?;
+        tx.execute("DELETE FROM files WHERE file_id = ?1", [file_id])?;
+        tx.commit()?;
+        Ok(waiting)
+    }
+
     /// Every file id on record (to find stray bytes in the file store).
     pub fn file_ids(&self) -> Result<Vec<String>, StoreError> {
         let mut st = self.conn.prepare("SELECT file_id FROM files")?;
