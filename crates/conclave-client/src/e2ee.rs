@@ -325,6 +325,7 @@ impl Client {
                 self.part(&room).await?;
                 Reply::Ok
             }
+            Request::Files => Reply::Files(self.pending_files().await?),
             Request::CreateRoom {
                 room,
                 private,
@@ -895,6 +896,24 @@ impl Client {
         got.path = opened?;
         got.size = size;
         Ok(got)
+    }
+
+    /// An offer as the user should see it: an end-to-end file's real name, size and hash
+    /// once its description is here (as it is unchanged otherwise).
+    pub(crate) fn described_offer(
+        &self,
+        o: Box<conclave_proto::FileOffer>,
+    ) -> Box<conclave_proto::FileOffer> {
+        let Some(s) = self.secure() else {
+            return o;
+        };
+        if !is_sealed_file(&o.name) {
+            return o;
+        }
+        match s.with(|d| d.file(&o.file_id, &o.from).ok().flatten()) {
+            Some(p) => describe(o, &p),
+            None => o,
+        }
     }
 
     /// Encrypts and sends a payload to an end-to-end conversation.

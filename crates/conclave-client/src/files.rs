@@ -673,7 +673,11 @@ impl Client {
     /// Files offered to this account and not yet taken or declined.
     pub async fn pending_files(&self) -> Result<Vec<FileOffer>, ClientError> {
         match self.request(Request::Files).await? {
-            Reply::Files(offers) => Ok(offers),
+            // End-to-end files under their real names (the server lists the ciphertext's).
+            Reply::Files(offers) => Ok(offers
+                .into_iter()
+                .map(|o| *self.described_offer(Box::new(o)))
+                .collect()),
             other => Err(unexpected("files", &other)),
         }
     }

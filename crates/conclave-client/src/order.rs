@@ -24,6 +24,7 @@ pub fn is_conversation_request(req: &Request) -> bool {
             | Request::CreateRoom { .. }
             | Request::History { .. }
             | Request::Search { .. }
+            | Request::Files
     )
 }
 

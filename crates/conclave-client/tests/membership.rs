@@ -438,6 +438,14 @@ async fn file_after_join(net: Net) {
         .await
         .expect("the offer comes, described");
         assert_eq!(offer.name, name);
+        // The list of pending files names it too (the server lists the ciphertext's name).
+        let pending = bob.pending_files().await.expect("files");
+        assert!(
+            pending
+                .iter()
+                .any(|o| o.file_id == sent.file_id && o.name == name),
+            "{pending:?}"
+        );
         let got = bob
             .accept_file(&sent.file_id, inbox.path(), Default::default())
             .await
