@@ -4,7 +4,7 @@
 #   cargo install cargo-deb        # once (it takes a few minutes to build)
 #   packaging/build-deb.sh         # -> target/debian/conclave_<version>-1_<arch>.deb
 #
-# Not part of .ci/run (cargo-deb is slow to install); run it before a release.
+# .ci/run runs it after the tests (installing cargo-deb 3.8.0 when it is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
