@@ -161,7 +161,12 @@ async fn joiner_reads_what_follows_the_join(net: Net) {
         bob.join(&r, None).await.expect("bob joins");
         let want = texts(&format!("right-after-join-{round}"), 10);
         send_all(&alice, &r, &want).await;
-        read_all(&mut b_ev, &room(&r), &want).await;
+        let notices = read_all(&mut b_ev, &room(&r), &want).await;
+        // A room joined by this device says so, as an invitation's Welcome does.
+        assert!(
+            notices.contains(&E2eeNotice::Joined { conv: room(&r) }),
+            "{notices:?}"
+        );
     }
 }
 
