@@ -102,9 +102,9 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
-/// A TLS 1.3-only client configuration (ring) checking the certificate as `check` says.
+/// A TLS 1.3-only client configuration (the server's provider: aws-lc-rs, X25519MLKEM768 first) checking the certificate as `check` says.
 pub fn tls_config(check: CertCheck) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = conclave_server::tls::provider();
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

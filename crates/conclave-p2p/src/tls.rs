@@ -1,7 +1,8 @@
 //! TLS for the direct transfer: a fresh self-signed certificate per offer on the sender, and a
 //! verifier on the receiver that pins the certificate's SHA-256 instead of asking a CA.
 //!
-//! Both sides use rustls with the ring provider and TLS 1.3 only, with the ALPN
+//! Both sides use rustls with the aws-lc-rs provider (X25519MLKEM768 preferred) and TLS 1.3
+//! only, with the ALPN
 //! [`crate::wire::ALPN`].
 
 use std::sync::{Arc, Mutex};
@@ -21,9 +22,19 @@ use crate::wire::ALPN;
 /// (the fingerprint is), but TLS needs one.
 pub const SERVER_NAME: &str = "conclave-p2p";
 
-/// The provider used everywhere: ring.
+/// The provider used everywhere: aws-lc-rs, offering the hybrid post-quantum group
+/// X25519MLKEM768 first and the classical groups after it, as the chat links do.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::aws_lc_rs::kx_group;
+    Arc::new(CryptoProvider {
+        kx_groups: vec![
+            kx_group::X25519MLKEM768,
+            kx_group::X25519,
+            kx_group::SECP256R1,
+            kx_group::SECP384R1,
+        ],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    })
 }
 
 /// SHA-256 of a DER certificate.
@@ -94,7 +105,7 @@ pub fn client_crypto(
 }
 
 /// Accepts exactly one certificate: the one whose SHA-256 the server announced with the offer.
-/// The handshake signature is still verified (with ring), which proves the sender holds that
+/// The handshake signature is still verified (with aws-lc-rs), which proves the sender holds that
 /// certificate's private key.
 #[derive(Debug)]
 pub struct PinnedVerifier {
