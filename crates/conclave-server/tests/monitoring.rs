@@ -1015,5 +1015,21 @@ async fn connections_are_counted_by_key_exchange_group_and_a_classical_client_st
     assert_eq!(gauge("X25519MLKEM768"), Some(1.0), "{scraped:?}");
     assert_eq!(gauge("X25519"), Some(1.0), "{scraped:?}");
     assert_eq!(gauge("secp256r1"), Some(0.0), "{scraped:?}");
+
+    // The audit log's connect records name the group too.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let groups: Vec<String> = audit_records(srv.dir.path(), "connect")
+            .iter()
+            .filter_map(|r| r.extra.get("key_exchange")?.as_str().map(str::to_string))
+            .collect();
+        if groups.len() == 2 {
+            assert!(groups.contains(&"X25519MLKEM768".to_string()), "{groups:?}");
+            assert!(groups.contains(&"X25519".to_string()), "{groups:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "connect records: {groups:?}");
+        tokio::time::sleep(STEP).await;
+    }
     srv.stop().await;
 }
