@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// being spread evenly over each interval.
     #[arg(long)]
     pub in_step: bool,
+    /// Conclave: the raw (non-sender) connections offer only the classical X25519 key exchange,
+    /// as clients from before post-quantum key exchange do (to compare handshake costs).
+    #[arg(long, conflicts_with = "irc")]
+    pub classical_kx: bool,
     /// Bytes of message text (at least the timestamp header, at most 400).
     #[arg(long, value_name = "BYTES")]
     pub size: Option<usize>,

@@ -69,6 +69,9 @@ pub struct ConclaveTarget {
     pub state_dir: PathBuf,
     /// Every member uses the client library (else only the senders do).
     pub full_clients: bool,
+    /// The raw connections offer only X25519 (as a client from before post-quantum key
+    /// exchange), to compare the classical handshake's cost.
+    pub classical_kx: bool,
 }
 
 /// Runs the scenario against a Conclave server.
@@ -464,8 +467,13 @@ impl RawNet {
                 return Err(format!("cannot resolve the server address {}", t.server));
             }
         };
-        let tls = net::tls_config(CertCheck::Fingerprint(t.fingerprint.clone()))
-            .map_err(|e| format!("TLS configuration: {e}"))?;
+        let check = CertCheck::Fingerprint(t.fingerprint.clone());
+        let tls = if t.classical_kx {
+            net::classical_tls_config(check)
+        } else {
+            net::tls_config(check)
+        }
+        .map_err(|e| format!("TLS configuration: {e}"))?;
         Ok(RawNet {
             addr,
             tls: TlsConnector::from(tls),

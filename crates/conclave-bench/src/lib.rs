@@ -220,6 +220,7 @@ pub async fn bench(args: BenchArgs, generator_cpus: usize) -> Result<Report, Ben
                     register: args.data_dir.is_none(),
                     state_dir: state.path().to_path_buf(),
                     full_clients: args.full_clients,
+                    classical_kx: args.classical_kx,
                 };
                 (target, info, args.server_pid)
             }
@@ -256,6 +257,7 @@ pub async fn bench(args: BenchArgs, generator_cpus: usize) -> Result<Report, Ben
                     register: false,
                     state_dir: state.path().to_path_buf(),
                     full_clients: args.full_clients,
+                    classical_kx: args.classical_kx,
                 };
                 let pid = Some(proc.pid);
                 started = Some(proc);

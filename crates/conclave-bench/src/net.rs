@@ -102,9 +102,25 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
-/// A TLS 1.3-only client configuration (ring) checking the certificate as `check` says.
+/// A TLS 1.3-only client configuration (the server's provider: aws-lc-rs, X25519MLKEM768 first) checking the certificate as `check` says.
 pub fn tls_config(check: CertCheck) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    config_with(check, conclave_server::tls::provider())
+}
+
+/// [`tls_config`] offering only the classical X25519, as a client from before post-quantum
+/// key exchange does (`--classical-kx`).
+pub fn classical_tls_config(check: CertCheck) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+        ..(*conclave_server::tls::provider()).clone()
+    };
+    config_with(check, Arc::new(provider))
+}
+
+fn config_with(
+    check: CertCheck,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

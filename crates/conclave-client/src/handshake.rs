@@ -27,6 +27,7 @@ pub(crate) struct Established {
     pub trust: PinOutcome,
     pub tls_version: String,
     pub cipher_suite: String,
+    pub key_exchange: String,
 }
 
 pub(crate) async fn establish(
@@ -61,7 +62,7 @@ pub(crate) async fn establish(
         }
         Ok(Ok(stream)) => stream,
     };
-    let (tls_version, cipher_suite) = describe_tls(stream.get_ref().1);
+    let (tls_version, cipher_suite, key_exchange) = describe_tls(stream.get_ref().1);
 
     match timeout(opts.handshake_timeout, exchange_hello(&mut stream, &server)).await {
         Err(_) => {
@@ -83,6 +84,7 @@ pub(crate) async fn establish(
         trust,
         tls_version,
         cipher_suite,
+        key_exchange,
     })
 }
 
@@ -145,7 +147,7 @@ fn server_name(addr: &ServerAddr, for_ca: bool) -> Result<ServerName<'static>, C
     }
 }
 
-fn describe_tls(conn: &rustls::ClientConnection) -> (String, String) {
+fn describe_tls(conn: &rustls::ClientConnection) -> (String, String, String) {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3".to_string(),
         Some(other) => format!("{other:?}"),
@@ -155,7 +157,26 @@ fn describe_tls(conn: &rustls::ClientConnection) -> (String, String) {
         .negotiated_cipher_suite()
         .map(|s| format!("{:?}", s.suite()))
         .unwrap_or_else(|| "unknown".to_string());
-    (version, suite)
+    let group = conn
+        .negotiated_key_exchange_group()
+        .map(|g| key_exchange_name(g.name()))
+        .unwrap_or_else(|| "unknown".to_string());
+    (version, suite, group)
+}
+
+/// How a key exchange group is reported: its IANA name (`X25519MLKEM768`, `X25519`,
+/// `secp256r1`, ...).
+pub(crate) fn key_exchange_name(group: rustls::NamedGroup) -> String {
+    match group.as_str() {
+        Some(name) => name.to_string(),
+        None => format!("{group:?}"),
+    }
+}
+
+/// Whether a key exchange group (by the name [`key_exchange_name`] gives) is a post-quantum
+/// one: traffic recorded today stays secret even against a future quantum computer.
+pub fn is_post_quantum(key_exchange: &str) -> bool {
+    key_exchange.contains("MLKEM")
 }
 
 /// How [`tls_error`] starts the message of a certificate that does not check out: a trust

@@ -53,6 +53,7 @@ pub use address::{AddrError, ServerAddr};
 pub use connection::{Client, ClientEvent, Events, PendingReply, SendReceipt, Session};
 pub use error::ClientError;
 pub use files::{Direction, FileOptions, FileProgress, FileReceived, FileSent, ProgressFn, Via};
+pub use handshake::is_post_quantum;
 pub use options::*;
 pub use trust::{PinOutcome, Trust, TrustError};
 

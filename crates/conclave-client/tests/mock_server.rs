@@ -49,14 +49,18 @@ fn acceptor(
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
 ) -> tokio_rustls::TlsAcceptor {
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
+    // A server that offers only the classical X25519 (as one built before post-quantum key
+    // exchange does): the client still connects and reports the group as classical.
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
@@ -393,6 +397,8 @@ async fn trust_on_first_use_pins_then_the_pin_is_used() {
     assert_eq!(session.user, "alice");
     assert_eq!(session.fingerprint, m.fingerprint);
     assert_eq!(session.tls_version, "TLS 1.3");
+    assert_eq!(session.key_exchange, "X25519");
+    assert!(!conclave_client::is_post_quantum(&session.key_exchange));
     assert!(matches!(session.trust, PinOutcome::NewlyPinned { .. }));
     let known = KnownServers::load(&KnownServers::path_in(dir.path())).unwrap();
     assert_eq!(known.find(&m.addr).unwrap().fingerprint, m.fingerprint);
@@ -862,7 +868,8 @@ async fn json_client_session() {
     assert_eq!(
         lines[0],
         json!({"event":"connected","user":"alice","server":m.addr,"fingerprint":m.fingerprint,
-               "trust":"new","admin":false,"rooms":["general"],"tls":"TLS 1.3"})
+               "trust":"new","admin":false,"rooms":["general"],"tls":"TLS 1.3",
+               "key_exchange":"X25519","post_quantum":false})
     );
     assert_eq!(
         find(&lines, "id", json!(1)),

@@ -1,7 +1,8 @@
 //! TLS for the direct transfer: a fresh self-signed certificate per offer on the sender, and a
 //! verifier on the receiver that pins the certificate's SHA-256 instead of asking a CA.
 //!
-//! Both sides use rustls with the ring provider and TLS 1.3 only, with the ALPN
+//! Both sides use rustls with the aws-lc-rs provider (X25519MLKEM768 preferred) and TLS 1.3
+//! only, with the ALPN
 //! [`crate::wire::ALPN`].
 
 use std::sync::{Arc, Mutex};
@@ -21,9 +22,19 @@ use crate::wire::ALPN;
 /// (the fingerprint is), but TLS needs one.
 pub const SERVER_NAME: &str = "conclave-p2p";
 
-/// The provider used everywhere: ring.
+/// The provider used everywhere: aws-lc-rs, offering the hybrid post-quantum group
+/// X25519MLKEM768 first and the classical groups after it, as the chat links do.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::aws_lc_rs::kx_group;
+    Arc::new(CryptoProvider {
+        kx_groups: vec![
+            kx_group::X25519MLKEM768,
+            kx_group::X25519,
+            kx_group::SECP256R1,
+            kx_group::SECP384R1,
+        ],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    })
 }
 
 /// SHA-256 of a DER certificate.
@@ -57,6 +68,12 @@ pub fn generate_identity() -> Result<OfferIdentity, P2pError> {
 
 /// The sender's QUIC crypto configuration.
 pub fn server_crypto(identity: &OfferIdentity) -> Result<QuicServerConfig, P2pError> {
+    QuicServerConfig::try_from(server_tls(identity)?)
+        .map_err(|e| P2pError::Setup(format!("cannot use the TLS server for QUIC: {e}")))
+}
+
+/// The sender's rustls configuration, before quinn wraps it.
+fn server_tls(identity: &OfferIdentity) -> Result<rustls::ServerConfig, P2pError> {
     let setup = |e: rustls::Error| P2pError::Setup(format!("cannot build the TLS server: {e}"));
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -65,8 +82,7 @@ pub fn server_crypto(identity: &OfferIdentity) -> Result<QuicServerConfig, P2pEr
         .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
         .map_err(setup)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
-    QuicServerConfig::try_from(config)
-        .map_err(|e| P2pError::Setup(format!("cannot use the TLS server for QUIC: {e}")))
+    Ok(config)
 }
 
 /// The receiver's QUIC crypto configuration, pinned to `expected`. The returned verifier
@@ -74,6 +90,14 @@ pub fn server_crypto(identity: &OfferIdentity) -> Result<QuicServerConfig, P2pEr
 pub fn client_crypto(
     expected: [u8; 32],
 ) -> Result<(QuicClientConfig, Arc<PinnedVerifier>), P2pError> {
+    let (config, verifier) = client_tls(expected)?;
+    let quic = QuicClientConfig::try_from(config)
+        .map_err(|e| P2pError::Setup(format!("cannot use the TLS client for QUIC: {e}")))?;
+    Ok((quic, verifier))
+}
+
+/// The receiver's rustls configuration, before quinn wraps it.
+fn client_tls(expected: [u8; 32]) -> Result<(rustls::ClientConfig, Arc<PinnedVerifier>), P2pError> {
     let setup = |e: rustls::Error| P2pError::Setup(format!("cannot build the TLS client: {e}"));
     let provider = provider();
     let verifier = Arc::new(PinnedVerifier {
@@ -88,13 +112,11 @@ pub fn client_crypto(
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(config)
-        .map_err(|e| P2pError::Setup(format!("cannot use the TLS client for QUIC: {e}")))?;
-    Ok((quic, verifier))
+    Ok((config, verifier))
 }
 
 /// Accepts exactly one certificate: the one whose SHA-256 the server announced with the offer.
-/// The handshake signature is still verified (with ring), which proves the sender holds that
+/// The handshake signature is still verified (with aws-lc-rs), which proves the sender holds that
 /// certificate's private key.
 #[derive(Debug)]
 pub struct PinnedVerifier {
@@ -163,5 +185,54 @@ impl ServerCertVerifier for PinnedVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The QUIC handshake (rustls' QUIC API, as quinn drives it, without the packets) between
+    /// the sender's and the receiver's configurations agrees on the hybrid post-quantum group.
+    #[test]
+    fn the_quic_handshake_agrees_on_x25519mlkem768() {
+        let identity = generate_identity().expect("identity");
+        let server = Arc::new(server_tls(&identity).expect("server"));
+        let (client, _) = client_tls(identity.fingerprint).expect("client");
+        let name = ServerName::try_from(SERVER_NAME).expect("name");
+        let params = b"conclave-test-params".to_vec();
+        let mut c = rustls::quic::ClientConnection::new(
+            Arc::new(client),
+            rustls::quic::Version::V1,
+            name,
+            params.clone(),
+        )
+        .expect("client connection");
+        let mut s = rustls::quic::ServerConnection::new(server, rustls::quic::Version::V1, params)
+            .expect("server connection");
+        for _ in 0..16 {
+            let mut buf = Vec::new();
+            while c.write_hs(&mut buf).is_some() || !buf.is_empty() {
+                s.read_hs(&buf).expect("server reads");
+                buf.clear();
+            }
+            while s.write_hs(&mut buf).is_some() || !buf.is_empty() {
+                c.read_hs(&buf).expect("client reads");
+                buf.clear();
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        for group in [
+            c.negotiated_key_exchange_group(),
+            s.negotiated_key_exchange_group(),
+        ] {
+            assert_eq!(
+                group.map(|g| g.name()),
+                Some(rustls::NamedGroup::X25519MLKEM768)
+            );
+        }
     }
 }

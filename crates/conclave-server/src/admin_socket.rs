@@ -191,7 +191,7 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
                 .map(|c| {
                     json!({
                         "id": c.sid, "user": c.user, "ip": c.peer.ip().to_string(), "port": c.peer.port(),
-                        "tls": c.tls_version, "cipher": c.cipher, "since_ms": c.since_ms,
+                        "tls": c.tls_version, "cipher": c.cipher, "key_exchange": c.kx_group, "since_ms": c.since_ms,
                         "bytes_in": c.counters.bytes_in.load(Ordering::Relaxed),
                         "bytes_out": c.counters.bytes_out.load(Ordering::Relaxed),
                         "frames_in": c.counters.frames_in.load(Ordering::Relaxed),

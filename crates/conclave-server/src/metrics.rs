@@ -435,6 +435,21 @@ pub fn render(shared: &Shared) -> String {
         "Connections open now that finished the TLS handshake and hello.",
         traffic.connections,
     );
+    e.family(
+        "conclave_connections_by_key_exchange",
+        "gauge",
+        "Connections open now, by TLS key exchange group (X25519MLKEM768 is post-quantum hybrid; the others are classical).",
+    );
+    for (group, n) in crate::tls::KX_GROUP_NAMES
+        .iter()
+        .zip(shared.registry.by_kx_group())
+    {
+        e.sample(
+            "conclave_connections_by_key_exchange",
+            &[("group", group)],
+            n,
+        );
+    }
     e.single(
         "conclave_users_online",
         "gauge",

@@ -519,7 +519,7 @@ pub fn snapshot(shared: &Shared, req: &Value) -> Result<Value, ErrorBody> {
             json!({
                 "id": c.sid, "user": c.user, "ip": c.peer.ip().to_canonical().to_string(),
                 "port": c.peer.port(), "tls": c.tls_version, "cipher": c.cipher,
-                "since_ms": c.since_ms,
+                "key_exchange": c.kx_group, "since_ms": c.since_ms,
                 "bytes_in": n.bytes_in, "bytes_out": n.bytes_out,
                 "frames_in": n.frames_in, "frames_out": n.frames_out,
                 "messages_in": n.messages_in,
@@ -534,6 +534,12 @@ pub fn snapshot(shared: &Shared, req: &Value) -> Result<Value, ErrorBody> {
     let m = &shared.metrics;
     let traffic = shared.registry.totals();
     let queues = shared.registry.queue_depths();
+    let by_kx: serde_json::Map<String, Value> = crate::tls::KX_GROUP_NAMES
+        .iter()
+        .zip(shared.registry.by_kx_group())
+        .filter(|(_, n)| *n > 0)
+        .map(|(name, n)| (name.to_string(), json!(n)))
+        .collect();
     let users_online = shared.hub.lock().who("", None).map_or(0, |v| v.len());
     let bans_active = shared.guard().bans(now_ms()).len();
     let alerts: Vec<Value> = shared
@@ -558,6 +564,7 @@ pub fn snapshot(shared: &Shared, req: &Value) -> Result<Value, ErrorBody> {
         },
         "totals": {
             "connections": traffic.connections,
+            "connections_by_key_exchange": by_kx,
             "users_online": users_online,
             "messages_total": m.messages_total(),
             "deliveries_total": m.deliveries_total(),

@@ -147,6 +147,8 @@ pub struct ConnInfo {
     pub since_ms: i64,
     pub tls_version: String,
     pub cipher: String,
+    /// The key exchange group, one of [`crate::tls::KX_GROUP_NAMES`].
+    pub kx_group: &'static str,
     pub counters: Arc<Counters>,
     pub outbox: Outbox,
 }
@@ -195,6 +197,19 @@ impl Registry {
         }
         t.connections = map.len() as u64;
         t
+    }
+
+    /// Live connections by key exchange group, in the order of [`crate::tls::KX_GROUP_NAMES`].
+    pub fn by_kx_group(&self) -> [u64; crate::tls::KX_GROUP_NAMES.len()] {
+        let mut counts = [0; crate::tls::KX_GROUP_NAMES.len()];
+        for c in self.lock().values() {
+            let i = crate::tls::KX_GROUP_NAMES
+                .iter()
+                .position(|n| *n == c.kx_group)
+                .unwrap_or(crate::tls::KX_GROUP_NAMES.len() - 1);
+            counts[i] += 1;
+        }
+        counts
     }
 
     /// The outbound queues now.

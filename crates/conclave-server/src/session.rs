@@ -45,9 +45,16 @@ impl Conn {
 }
 
 /// What a session has once the hello succeeded: both halves of the TLS stream (each a
-/// pointer to the shared connection), its byte counters, and the TLS version and cipher for
-/// the registry.
-type Established = (TlsReader, TlsWriter, Arc<Counters>, String, String);
+/// pointer to the shared connection), its byte counters, and the TLS version, cipher and key
+/// exchange group for the registry.
+type Established = (
+    TlsReader,
+    TlsWriter,
+    Arc<Counters>,
+    String,
+    String,
+    &'static str,
+);
 
 /// Serves one accepted TCP connection to the end.
 ///
@@ -121,7 +128,7 @@ async fn handshake(
         return None;
     }
 
-    let (tls_version, cipher) = reader.with_common(|state| {
+    let (tls_version, cipher, kx_group) = reader.with_common(|state| {
         (
             state
                 .protocol_version()
@@ -133,14 +140,15 @@ async fn handshake(
                 .and_then(|c| c.suite().as_str())
                 .unwrap_or("?")
                 .to_string(),
+            crate::tls::kx_group_name(state.negotiated_key_exchange_group().map(|g| g.name())),
         )
     });
-    Some((reader, writer, counters, tls_version, cipher))
+    Some((reader, writer, counters, tls_version, cipher, kx_group))
 }
 
 /// The request loop of a connection whose hello succeeded, and its end.
 async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) {
-    let (read_half, write_half, counters, tls_version, cipher) = established;
+    let (read_half, write_half, counters, tls_version, cipher, kx_group) = established;
     // A snapshot for the connection's lifetime (as a copy of the limits would be), shared.
     let config = shared.config();
     let limits = &config.limits;
@@ -161,7 +169,8 @@ async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) 
         Fields::new()
             .ip(peer)
             .with("tls", &tls_version)
-            .with("cipher", &cipher),
+            .with("cipher", &cipher)
+            .with("key_exchange", kx_group),
     );
     let connected_at = Instant::now();
     shared.registry.insert(ConnInfo {
@@ -171,6 +180,7 @@ async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) 
         since_ms: crate::store::now_ms(),
         tls_version,
         cipher,
+        kx_group,
         counters: counters.clone(),
         outbox: outbox.clone(),
     });

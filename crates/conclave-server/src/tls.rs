@@ -107,9 +107,51 @@ pub fn load_or_create(data_dir: &Path) -> Result<Identity, TlsError> {
     })
 }
 
-/// The rustls provider used everywhere: ring.
+/// The key exchange groups every Conclave TLS link offers, best first: the hybrid
+/// post-quantum X25519MLKEM768 (X25519 and ML-KEM-768 together, so a break of either alone
+/// reveals nothing), then the classical groups for peers that do not offer it.
+pub fn kx_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    vec![
+        kx_group::X25519MLKEM768,
+        kx_group::X25519,
+        kx_group::SECP256R1,
+        kx_group::SECP384R1,
+    ]
+}
+
+/// The rustls provider used everywhere: aws-lc-rs (ring has no ML-KEM), with [`kx_groups`].
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: kx_groups(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    })
+}
+
+/// The names the server reports key exchange groups by (the monitor, `/metrics`, the audit
+/// log), a fixed list so peers cannot add metric series; the last one counts anything else.
+pub const KX_GROUP_NAMES: [&str; 5] = [
+    "X25519MLKEM768",
+    "X25519",
+    "secp256r1",
+    "secp384r1",
+    "other",
+];
+
+/// The report name of a negotiated group (one of [`KX_GROUP_NAMES`]).
+pub fn kx_group_name(group: Option<rustls::NamedGroup>) -> &'static str {
+    match group {
+        Some(rustls::NamedGroup::X25519MLKEM768) => KX_GROUP_NAMES[0],
+        Some(rustls::NamedGroup::X25519) => KX_GROUP_NAMES[1],
+        Some(rustls::NamedGroup::secp256r1) => KX_GROUP_NAMES[2],
+        Some(rustls::NamedGroup::secp384r1) => KX_GROUP_NAMES[3],
+        _ => KX_GROUP_NAMES[4],
+    }
+}
+
+/// Whether a group (by report name) resists a quantum computer recording traffic today.
+pub fn is_post_quantum(name: &str) -> bool {
+    name.contains("MLKEM")
 }
 
 /// A TLS 1.3-only server configuration for `identity`.

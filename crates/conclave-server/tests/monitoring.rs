@@ -947,3 +947,89 @@ async fn a_canary_is_stored_sealed_and_its_text_is_nowhere_on_disk() {
     assert_eq!(files_containing(srv.dir.path(), canary.as_bytes()).len(), 1);
     srv.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Key exchange groups
+// ---------------------------------------------------------------------------------------------
+
+/// A current client gets the hybrid post-quantum group; a client offering only X25519 (an older
+/// build, another implementation) is still served, and the monitor, the admin socket's `who`
+/// and `/metrics` tell the two apart.
+#[tokio::test]
+async fn connections_are_counted_by_key_exchange_group_and_a_classical_client_still_connects() {
+    let (srv, metrics) = start(with_metrics).await;
+    let metrics = metrics.expect("metrics endpoint on");
+    let _pq = Raw::register(&srv, "alice").await;
+    let mut classical =
+        Raw::connect_with(srv.addr, classical_client_config(&srv.fingerprint)).await;
+    let r = classical
+        .request(Request::Register {
+            user: "bob".into(),
+            password: "password123".into(),
+            server_password: None,
+            invite_code: None,
+        })
+        .await;
+    assert!(matches!(r, Ok(Reply::LoggedIn { .. })), "{r:?}");
+
+    let m = monitor_until(&srv, "both connections", |m| {
+        m["connections_total"] == 2 && m["connections"][1]["user"] == "bob"
+    })
+    .await;
+    let by_user = |name: &str| {
+        m["connections"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["user"] == name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(by_user("alice")["key_exchange"], "X25519MLKEM768", "{m:#}");
+    assert_eq!(by_user("bob")["key_exchange"], "X25519", "{m:#}");
+    assert_eq!(
+        m["totals"]["connections_by_key_exchange"],
+        json!({"X25519MLKEM768": 1, "X25519": 1}),
+        "{m:#}"
+    );
+
+    let who = admin(&srv, json!({"cmd": "who"})).await;
+    let groups: Vec<&str> = who["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .filter_map(|c| c["key_exchange"].as_str())
+        .collect();
+    assert_eq!(groups.len(), 2, "{who}");
+    assert!(
+        groups.contains(&"X25519MLKEM768") && groups.contains(&"X25519"),
+        "{who}"
+    );
+
+    let scraped = scrape(metrics).await;
+    let gauge = |group: &str| {
+        scraped
+            .get(&format!(
+                "conclave_connections_by_key_exchange{{group=\"{group}\"}}"
+            ))
+            .copied()
+    };
+    assert_eq!(gauge("X25519MLKEM768"), Some(1.0), "{scraped:?}");
+    assert_eq!(gauge("X25519"), Some(1.0), "{scraped:?}");
+    assert_eq!(gauge("secp256r1"), Some(0.0), "{scraped:?}");
+
+    // The audit log's connect records name the group too.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let groups: Vec<String> = audit_records(srv.dir.path(), "connect")
+            .iter()
+            .filter_map(|r| r.extra.get("key_exchange")?.as_str().map(str::to_string))
+            .collect();
+        if groups.len() == 2 {
+            assert!(groups.contains(&"X25519MLKEM768".to_string()), "{groups:?}");
+            assert!(groups.contains(&"X25519".to_string()), "{groups:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "connect records: {groups:?}");
+        tokio::time::sleep(STEP).await;
+    }
+    srv.stop().await;
+}

@@ -720,15 +720,26 @@ impl App {
             PinOutcome::Ca { ca_file } => format!("verified with the CA {}", ca_file.display()),
         };
         let text = format!(
-            "connected to {} as {}{} ({}, certificate {}; {})",
+            "connected to {} as {}{} ({} with {}, certificate {}; {})",
             session.server,
             session.user,
             if session.admin { " (admin)" } else { "" },
             session.tls_version,
+            session.key_exchange,
             format_fingerprint(&session.fingerprint),
             trust
         );
         self.notice_in(&ConvKey::Status, NoticeKind::Info, &text);
+        if !conclave_client::is_post_quantum(&session.key_exchange) {
+            self.notice_in(
+                &ConvKey::Status,
+                NoticeKind::Error,
+                &format!(
+                    "the server agreed only to the classical key exchange {}: traffic recorded now could be decrypted by a future quantum computer (a current server offers X25519MLKEM768)",
+                    session.key_exchange
+                ),
+            );
+        }
         self.notice_in(
             &ConvKey::Status,
             NoticeKind::Info,

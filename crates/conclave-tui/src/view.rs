@@ -690,10 +690,21 @@ fn render_status(frame: &mut Frame, r: Rect, app: &App) {
         sep.clone(),
         Span::styled(state, state_style),
     ];
+    let mut kx_span = None;
     if let Some(s) = &app.session {
         spans.push(sep.clone());
+        // The key exchange group next to the version: yellow when classical (traffic recorded
+        // today could be decrypted by a future quantum computer).
+        let kx_style = if conclave_client::is_post_quantum(&s.key_exchange) {
+            bar
+        } else {
+            bar.fg(Color::Yellow)
+        };
+        spans.push(Span::styled(format!("{} ", s.tls_version), bar));
+        kx_span = Some(spans.len());
+        spans.push(Span::styled(s.key_exchange.clone(), kx_style));
         spans.push(Span::styled(
-            format!("{} {}", s.tls_version, short_fingerprint(&s.fingerprint)),
+            format!(" {}", short_fingerprint(&s.fingerprint)),
             bar,
         ));
         spans.push(sep.clone());
@@ -733,7 +744,17 @@ fn render_status(frame: &mut Frame, r: Rect, app: &App) {
             bar.fg(Color::Yellow),
         ));
     }
-    frame.render_widget(Paragraph::new(Line::from(spans)).style(bar), r);
+    // On a narrow terminal a post-quantum group is shown as `PQ` so the rest still fits; a
+    // classical group (short anyway, and a warning) keeps its name.
+    let mut line = Line::from(spans);
+    if line.width() > r.width as usize
+        && let Some(i) = kx_span
+        && let Some(span) = line.spans.get_mut(i)
+        && conclave_client::is_post_quantum(&span.content)
+    {
+        span.content = "PQ".into();
+    }
+    frame.render_widget(Paragraph::new(line).style(bar), r);
 }
 
 fn render_input(frame: &mut Frame, r: Rect, app: &App) {

@@ -88,6 +88,7 @@ fn session() -> Session {
         },
         tls_version: "TLS 1.3".into(),
         cipher_suite: "TLS13_AES_256_GCM_SHA384".into(),
+        key_exchange: "X25519MLKEM768".into(),
     }
 }
 
@@ -216,7 +217,7 @@ fn chat_view() {
             "10:01      carol │ nice",
             "--> │ dave joined #general",
             // Status bar.
-            "chat.example.org:7667 │ ● connected │ TLS 1.3 7D:DC:9D:8B │ 12 ms │ #general server-enc │ alice",
+            "chat.example.org:7667 │ ● connected │ TLS 1.3 PQ 7D:DC:9D:8B │ 12 ms │ #general server-enc │ alice",
             // Input line.
             "[#general]",
         ],
@@ -225,6 +226,30 @@ fn chat_view() {
     let mut app = app;
     app.e2ee.insert(ConvKey::Room("general".into()));
     assert_shows(&app, &["#general E2EE │ alice"]);
+}
+
+#[test]
+fn the_status_bar_names_the_key_exchange_group() {
+    // Wide enough: the group's name (on a narrow terminal, `PQ`: see chat_view).
+    let app = chatting((150, 24));
+    assert_shows(&app, &["│ TLS 1.3 X25519MLKEM768 7D:DC:9D:8B │"]);
+    // A classical group (an older server) keeps its name, and the status buffer says what it
+    // means.
+    let mut app = new_app((200, 24));
+    app.start();
+    app.update(Input::Connected(Box::new(Session {
+        key_exchange: "X25519".into(),
+        ..session()
+    })));
+    app.current = 0;
+    assert_shows(
+        &app,
+        &[
+            "│ TLS 1.3 X25519 7D:DC:9D:8B │",
+            "TLS 1.3 with X25519, certificate",
+            "the server agreed only to the classical key exchange X25519",
+        ],
+    );
 }
 
 #[test]

@@ -539,7 +539,7 @@ fn certificate(dir: &Path) -> Check {
         ));
     }
     match PrivateKeyDer::from_pem_file(&key_path) {
-        Ok(key) => match rustls::crypto::ring::sign::any_supported_type(&key) {
+        Ok(key) => match rustls::crypto::aws_lc_rs::sign::any_supported_type(&key) {
             Ok(signer) => match signer.public_key() {
                 Some(spki) if spki.as_ref() == info.spki.as_slice() => {
                     c.ok("the private key matches the certificate")
@@ -886,18 +886,34 @@ impl rustls::client::danger::ServerCertVerifier for Capture {
 struct Probe {
     version: String,
     cipher: String,
+    /// The key exchange group, e.g. `X25519MLKEM768`.
+    kx: &'static str,
     cert: Option<Vec<u8>>,
     hello: Result<(), String>,
 }
 
-/// One TLS handshake offering only `version`; then the protocol hello.
+/// The key exchange groups a probe offers: everything Conclave offers, or only classical X25519
+/// (as an older client does).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Offer {
+    Ours,
+    ClassicalOnly,
+}
+
+/// One TLS handshake offering only `version` (and the groups of `offer`); then the protocol
+/// hello.
 fn probe(
     addr: SocketAddr,
     host: &str,
     version: &'static rustls::SupportedProtocolVersion,
+    offer: Offer,
 ) -> anyhow::Result<Probe> {
     let capture = Arc::new(Capture::default());
-    let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+    let mut provider = (*tls::provider()).clone();
+    if offer == Offer::ClassicalOnly {
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[version])
         .context("TLS configuration")?
         .dangerous()
@@ -930,6 +946,7 @@ fn probe(
         .and_then(|c| c.suite().as_str())
         .unwrap_or("?")
         .to_string();
+    let kx = tls::kx_group_name(tls.conn.negotiated_key_exchange_group().map(|g| g.name()));
     let hello = exchange_hellos(&mut tls);
     tls.conn.send_close_notify();
     let _ = tls.conn.complete_io(&mut tls.sock);
@@ -937,6 +954,7 @@ fn probe(
     Ok(Probe {
         version,
         cipher,
+        kx,
         cert,
         hello,
     })
@@ -978,10 +996,23 @@ fn tls_probe(server: &str, dir: &Path) -> Check {
         .trim_end_matches(']');
     let mut fingerprint = None;
     let mut reached = false;
-    match probe(addr, host, &rustls::version::TLS13) {
+    let mut kx = None;
+    match probe(addr, host, &rustls::version::TLS13, Offer::Ours) {
         Ok(p) => {
             reached = true;
             c.ok(format!("{} with {}", p.version, p.cipher));
+            if tls::is_post_quantum(p.kx) {
+                c.ok(format!(
+                    "key exchange {} (post-quantum hybrid: X25519 and ML-KEM-768)",
+                    p.kx
+                ));
+            } else {
+                c.warn(format!(
+                    "key exchange {} is classical although X25519MLKEM768 was offered: traffic recorded now could be decrypted by a future quantum computer. Upgrade the server (or whatever terminates TLS in front of it) to one that offers X25519MLKEM768",
+                    p.kx
+                ));
+            }
+            kx = Some(p.kx);
             if let Some(cert) = &p.cert {
                 let fp = tls::fingerprint(cert);
                 c.ok(format!(
@@ -1014,7 +1045,21 @@ fn tls_probe(server: &str, dir: &Path) -> Check {
     }
     // Only meaningful once the server was reached at all.
     if reached {
-        match probe(addr, host, &rustls::version::TLS12) {
+        match probe(addr, host, &rustls::version::TLS13, Offer::ClassicalOnly) {
+            Ok(p) if p.hello.is_ok() => c.ok(format!(
+                "a client offering only X25519 is still served (with {})",
+                p.kx
+            )),
+            Ok(p) => c.warn(format!(
+                "a client offering only X25519 got through TLS ({}) but not the hello: {}",
+                p.kx,
+                p.hello.err().unwrap_or_default()
+            )),
+            Err(e) => c.warn(format!(
+                "a client offering only X25519 cannot connect (older clients will fail): {e:#}"
+            )),
+        }
+        match probe(addr, host, &rustls::version::TLS12, Offer::Ours) {
             Ok(p) => c.fail(format!(
                 "the server accepted {} ({}): it must offer TLS 1.3 only",
                 p.version, p.cipher
@@ -1022,9 +1067,13 @@ fn tls_probe(server: &str, dir: &Path) -> Check {
             Err(_) => c.ok("TLS 1.2 refused"),
         }
     }
+    let kx = kx.unwrap_or("?");
     let summary = match (&c.status, fingerprint) {
-        (Status::Ok, Some(fp)) => format!("TLS 1.3 only, {}", &fp[..16]),
-        (Status::Ok, None) => "TLS 1.3 only".to_string(),
+        (Status::Ok, Some(fp)) => format!("TLS 1.3 only, {kx}, {}", &fp[..16]),
+        (Status::Ok, None) => format!("TLS 1.3 only, {kx}"),
+        (Status::Warn, _) if !tls::is_post_quantum(kx) => {
+            format!("classical key exchange {kx}: not protected against later decryption")
+        }
         _ => format!("problems talking to {server}"),
     };
     c.summary(summary)
@@ -1043,7 +1092,7 @@ mod tests {
         assert!(info.key_ok);
         assert_eq!(info.not_before.to_string(), "2024-01-01T00:00:00Z");
         assert_eq!(info.not_after.to_string(), "2124-01-01T00:00:00Z");
-        let signer = rustls::crypto::ring::sign::any_supported_type(&id.key).expect("key");
+        let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&id.key).expect("key");
         assert_eq!(
             signer.public_key().expect("spki").as_ref(),
             info.spki.as_slice()

@@ -276,10 +276,22 @@ fn draw(f: &mut Frame, view: &mut View, interval: Duration) {
         (Some(mean), Some(p99)) => format!("{mean:.1} ms mean, p99 <= {p99} ms"),
         _ => "idle".into(),
     };
+    // Connections by TLS key exchange group, e.g. "X25519MLKEM768 3, X25519 1".
+    let by_kx = t["connections_by_key_exchange"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(group, n)| format!("{group} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter(|text| !text.is_empty())
+        .map_or(String::new(), |text| format!(" ({text})"));
     let lines = vec![
         Line::from(format!(
-            "connections {}   users online {}   listen {}   registration {}",
+            "connections {}{}   users online {}   listen {}   registration {}",
             s(t, "connections"),
+            by_kx,
             s(t, "users_online"),
             s(server, "listen"),
             s(server, "registration"),
@@ -442,7 +454,7 @@ mod tests {
         let mut terminal = ratatui::Terminal::new(backend).expect("terminal");
         let snapshot = json!({
             "server": {"version": "0.1.0", "uptime_s": 75, "listen": "127.0.0.1:7667", "registration": "open"},
-            "totals": {"connections": 1, "users_online": 1, "messages_per_s": 2.5, "messages_total": 10,
+            "totals": {"connections": 1, "connections_by_key_exchange": {"X25519MLKEM768": 1}, "users_online": 1, "messages_per_s": 2.5, "messages_total": 10,
                        "store_commit_ms_mean": 1.25, "store_commit_ms_p99": 2.5},
             "connections_total": 1,
             "connections": [{"id": 7, "user": "alice", "ip": "127.0.0.1", "port": 50000, "tls": "TLS 1.3",
@@ -478,6 +490,7 @@ mod tests {
             "failed_logins",
             "banned for 15 min",
             "1.2 ms mean",
+            "connections 1 (X25519MLKEM768 1)",
         ] {
             assert!(screen.contains(needle), "{needle:?} not on screen");
         }

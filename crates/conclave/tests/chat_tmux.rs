@@ -206,7 +206,12 @@ fn two_people_talk_through_the_terminal_client() {
     tmux.key("alice", "y");
     tmux.wait_for(
         "alice",
-        &["● connected", "TLS 1.3", "[#general]", "#general"],
+        &[
+            "● connected",
+            "TLS 1.3 X25519MLKEM768",
+            "[#general]",
+            "#general",
+        ],
     );
     let pins = std::fs::read_to_string(alice_state.join("known_servers")).expect("a pin");
     assert!(pins.contains(&fp), "{pins}");

@@ -108,6 +108,8 @@ fn first_start_creates_identity_and_prints_how_to_connect() {
     assert_eq!(zed.connected["fingerprint"], fp.as_str());
     assert_eq!(zed.connected["trust"], "fingerprint");
     assert_eq!(zed.connected["tls"], "TLS 1.3");
+    assert_eq!(zed.connected["key_exchange"], "X25519MLKEM768");
+    assert_eq!(zed.connected["post_quantum"], true);
     assert_eq!(zed.connected["server"], server.addr().as_str());
     zed.quit();
 

@@ -80,6 +80,7 @@ fn monitor_prints_json_lines_that_follow_live_traffic_and_metrics_count_it() {
     assert!(first.get("ok").is_none(), "{first}");
     let a0 = connection(&first, "alice").unwrap_or_else(|| panic!("alice in {first:#}"));
     assert_eq!(a0["tls"], "TLS 1.3");
+    assert_eq!(a0["key_exchange"], "X25519MLKEM768");
     assert_eq!(a0["ip"], "127.0.0.1");
     assert!(connection(&first, "bob").is_some(), "{first:#}");
     assert_eq!(first["totals"]["connections"], 2);
@@ -178,6 +179,71 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
+/// A TLS 1.3 server that offers only the classical X25519 (as a server built before
+/// post-quantum key exchange, or a proxy in front of one, does) and answers the protocol hello;
+/// serves `connections` connections, then stops.
+fn classical_server(data: &Path, connections: usize) -> (String, std::thread::JoinHandle<()>) {
+    let id = conclave_server::tls::load_or_create(data).expect("identity");
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
+        .expect("config");
+    let config = std::sync::Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let handle = std::thread::spawn(move || {
+        for tcp in listener.incoming().take(connections) {
+            let Ok(tcp) = tcp else { continue };
+            let _ = tcp.set_read_timeout(Some(WAIT));
+            let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                continue;
+            };
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut theirs = [0u8; conclave_proto::hello::HELLO_BYTES];
+            if tls.read_exact(&mut theirs).is_ok() {
+                let ours = conclave_proto::hello::encode(
+                    conclave_proto::PROTOCOL_VERSION,
+                    conclave_proto::hello::HelloStatus::Ok,
+                );
+                let _ = tls.write_all(&ours);
+                let _ = tls.flush();
+            }
+        }
+    });
+    (addr, handle)
+}
+
+#[test]
+fn doctor_warns_when_the_server_agrees_only_to_a_classical_key_exchange() {
+    let data = tempdir();
+    // Three probes: ours, X25519 only, TLS 1.2.
+    let (addr, server) = classical_server(data.path(), 3);
+    let (_, report) = doctor(data.path(), &["--server", &addr]);
+    let probe = check(&report, "tls_probe");
+    assert_eq!(probe["status"], "warn", "{probe:#}");
+    let text = findings(probe);
+    assert!(
+        text.contains(
+            "\"warn\": \"key exchange X25519 is classical although X25519MLKEM768 was offered"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("TLS 1.2 refused"), "{text}");
+    assert!(
+        probe["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("classical key exchange X25519")),
+        "{probe:#}"
+    );
+    server.join().expect("the classical server ends");
+}
+
 #[test]
 fn doctor_passes_on_a_fresh_server_and_fails_on_planted_problems() {
     let data = tempdir();
@@ -192,6 +258,11 @@ fn doctor_passes_on_a_fresh_server_and_fails_on_planted_problems() {
     }
     let probe = findings(check(&report, "tls_probe"));
     assert!(probe.contains("TLS 1.3 with TLS13_"), "{probe}");
+    assert!(probe.contains("key exchange X25519MLKEM768"), "{probe}");
+    assert!(
+        probe.contains("a client offering only X25519 is still served (with X25519)"),
+        "{probe}"
+    );
     assert!(probe.contains("TLS 1.2 refused"), "{probe}");
     assert!(
         probe.contains(&colon_upper(&server.fingerprint)),

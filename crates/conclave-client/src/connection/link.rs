@@ -42,6 +42,7 @@ pub(super) struct Opened {
     pub(super) trust: PinOutcome,
     pub(super) tls_version: String,
     pub(super) cipher_suite: String,
+    pub(super) key_exchange: String,
 }
 
 /// Connects (TCP, TLS, version) and sends `login` (request `id`); returns once logged in.
@@ -128,6 +129,7 @@ pub(super) async fn open(
         trust: established.trust,
         tls_version: established.tls_version,
         cipher_suite: established.cipher_suite,
+        key_exchange: established.key_exchange,
     })
 }
 

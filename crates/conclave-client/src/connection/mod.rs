@@ -117,6 +117,9 @@ pub struct Session {
     pub tls_version: String,
     /// e.g. `TLS13_AES_256_GCM_SHA384`.
     pub cipher_suite: String,
+    /// The TLS key exchange group, e.g. `X25519MLKEM768` (post-quantum hybrid) or `X25519`
+    /// (classical; see [`crate::is_post_quantum`]).
+    pub key_exchange: String,
 }
 
 /// The result of a successful send.
@@ -682,6 +685,7 @@ impl Client {
             trust: opened.trust.clone(),
             tls_version: opened.tls_version.clone(),
             cipher_suite: opened.cipher_suite.clone(),
+            key_exchange: opened.key_exchange.clone(),
         };
         let mut cursors = Cursors::default();
         cursors.seed(&opts.resume);

@@ -309,6 +309,8 @@ pub fn connected(s: &Session) -> Value {
         "admin": s.admin,
         "rooms": s.rooms,
         "tls": s.tls_version,
+        "key_exchange": s.key_exchange,
+        "post_quantum": crate::is_post_quantum(&s.key_exchange),
     })
 }
 

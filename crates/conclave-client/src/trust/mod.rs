@@ -242,9 +242,20 @@ pub fn state_dir_from(
         .or_else(|| set(home).map(|d| d.join(".config").join("conclave")))
 }
 
-/// The crypto provider every Conclave TLS config uses.
+/// The crypto provider every Conclave TLS config uses: aws-lc-rs, offering the hybrid
+/// post-quantum group X25519MLKEM768 first and the classical groups after it (the server's
+/// `conclave_server::tls::provider` offers the same).
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::aws_lc_rs::kx_group;
+    Arc::new(CryptoProvider {
+        kx_groups: vec![
+            kx_group::X25519MLKEM768,
+            kx_group::X25519,
+            kx_group::SECP256R1,
+            kx_group::SECP384R1,
+        ],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    })
 }
 
 /// One connection attempt's trust decision: the rustls config to use, and what to do with

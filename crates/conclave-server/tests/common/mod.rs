@@ -110,7 +110,7 @@ impl ServerCertVerifier for Pin {
             message,
             cert,
             dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            &rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms,
         )
     }
     fn verify_tls13_signature(
@@ -123,11 +123,11 @@ impl ServerCertVerifier for Pin {
             message,
             cert,
             dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            &rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms,
         )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
+        rustls::crypto::aws_lc_rs::default_provider()
             .signature_verification_algorithms
             .supported_schemes()
     }
@@ -137,14 +137,33 @@ pub fn client_config(
     fingerprint: &str,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Arc<rustls::ClientConfig> {
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(versions)
-    .expect("versions")
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(Pin(fingerprint.to_string())))
-    .with_no_client_auth();
+    client_config_with(
+        fingerprint,
+        versions,
+        rustls::crypto::aws_lc_rs::default_provider(),
+    )
+}
+
+/// A client that offers only X25519, as a client built before post-quantum key exchange does.
+pub fn classical_client_config(fingerprint: &str) -> Arc<rustls::ClientConfig> {
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    client_config_with(fingerprint, &[&rustls::version::TLS13], provider)
+}
+
+pub fn client_config_with(
+    fingerprint: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    provider: rustls::crypto::CryptoProvider,
+) -> Arc<rustls::ClientConfig> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pin(fingerprint.to_string())))
+        .with_no_client_auth();
     Arc::new(config)
 }
 
@@ -153,9 +172,16 @@ pub async fn tls_connect(
     addr: SocketAddr,
     fingerprint: &str,
 ) -> std::io::Result<TlsStream<TcpStream>> {
+    tls_connect_with(addr, client_config(fingerprint, &[&rustls::version::TLS13])).await
+}
+
+/// TLS to `addr` with `config`.
+pub async fn tls_connect_with(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
-    let connector =
-        tokio_rustls::TlsConnector::from(client_config(fingerprint, &[&rustls::version::TLS13]));
+    let connector = tokio_rustls::TlsConnector::from(config);
     let name = ServerName::try_from("localhost").expect("name");
     connector.connect(name, tcp).await
 }
@@ -183,7 +209,12 @@ impl Raw {
     }
 
     pub async fn connect_to(addr: SocketAddr, fingerprint: &str) -> Raw {
-        let mut tls = tls_connect(addr, fingerprint).await.expect("tls");
+        Self::connect_with(addr, client_config(fingerprint, &[&rustls::version::TLS13])).await
+    }
+
+    /// Connects with a TLS configuration of the test's own, and exchanges hellos.
+    pub async fn connect_with(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Raw {
+        let mut tls = tls_connect_with(addr, config).await.expect("tls");
         tls.write_all(&hello::encode(PROTOCOL_VERSION, HelloStatus::Ok))
             .await
             .expect("hello");
