@@ -162,12 +162,7 @@ fn main() {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
 
     use rustls::crypto::aws_lc_rs::kx_group;
-    let ours = vec![
-        kx_group::X25519MLKEM768,
-        kx_group::X25519,
-        kx_group::SECP256R1,
-        kx_group::SECP384R1,
-    ];
+    let ours = conclave_p2p::kx_groups();
     let server_provider = Arc::new(CryptoProvider {
         kx_groups: ours.clone(),
         ..provider()

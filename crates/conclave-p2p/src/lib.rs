@@ -124,5 +124,5 @@ pub use error::P2pError;
 pub use net::SOCKET_BUFFER_BYTES;
 pub use receiver::{FetchRequest, FetchStats, fetch};
 pub use sender::{CHUNK_BYTES, P2pSender, SenderLimits, TokenProgress};
-pub use tls::fingerprint;
+pub use tls::{fingerprint, kx_groups, provider};
 pub use window::{Congestion, DEFAULT_WINDOW_BYTES, MAX_WINDOW_BYTES, MIN_WINDOW_BYTES, Window};

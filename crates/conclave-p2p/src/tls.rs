@@ -22,17 +22,24 @@ use crate::wire::ALPN;
 /// (the fingerprint is), but TLS needs one.
 pub const SERVER_NAME: &str = "conclave-p2p";
 
-/// The provider used everywhere: aws-lc-rs, offering the hybrid post-quantum group
-/// X25519MLKEM768 first and the classical groups after it, as the chat links do.
-fn provider() -> Arc<CryptoProvider> {
+/// The key exchange groups a client link offers, best first: the hybrid post-quantum
+/// X25519MLKEM768, then the classical groups (the server's `conclave_server::tls::kx_groups`
+/// is the same list; the server does not depend on this crate).
+pub fn kx_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
     use rustls::crypto::aws_lc_rs::kx_group;
+    vec![
+        kx_group::X25519MLKEM768,
+        kx_group::X25519,
+        kx_group::SECP256R1,
+        kx_group::SECP384R1,
+    ]
+}
+
+/// The provider of every client TLS link (the chat connection and the direct transfers):
+/// aws-lc-rs with [`kx_groups`].
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(CryptoProvider {
-        kx_groups: vec![
-            kx_group::X25519MLKEM768,
-            kx_group::X25519,
-            kx_group::SECP256R1,
-            kx_group::SECP384R1,
-        ],
+        kx_groups: kx_groups(),
         ..rustls::crypto::aws_lc_rs::default_provider()
     })
 }

@@ -243,19 +243,10 @@ pub fn state_dir_from(
 }
 
 /// The crypto provider every Conclave TLS config uses: aws-lc-rs, offering the hybrid
-/// post-quantum group X25519MLKEM768 first and the classical groups after it (the server's
-/// `conclave_server::tls::provider` offers the same).
+/// post-quantum group X25519MLKEM768 first and the classical groups after it (one definition
+/// with the direct transfers', in `conclave-p2p`).
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::aws_lc_rs::kx_group;
-    Arc::new(CryptoProvider {
-        kx_groups: vec![
-            kx_group::X25519MLKEM768,
-            kx_group::X25519,
-            kx_group::SECP256R1,
-            kx_group::SECP384R1,
-        ],
-        ..rustls::crypto::aws_lc_rs::default_provider()
-    })
+    conclave_p2p::provider()
 }
 
 /// One connection attempt's trust decision: the rustls config to use, and what to do with
