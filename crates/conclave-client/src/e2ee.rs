@@ -514,7 +514,6 @@ impl Client {
         )
         .await?;
         if joined == Some(true) {
-            s.forget_notice(key, NOT_MEMBER);
             s.tell(Control::Joined { conv: plain });
         }
         Ok(joined.is_some())
@@ -607,16 +606,18 @@ impl Client {
                 other => return Err(crate::connection::unexpected("e2ee_group_info", &other)),
             };
             let behind = s.with(|d| d.epoch(&key).map_or(true, |e| e < info.epoch));
-            if behind {
-                // Let the events task read the log up to now (it may take this device out of
-                // the group, and back in, on the way).
-                let (done, wait) = tokio::sync::oneshot::channel();
-                s.tell(Control::CatchUp {
-                    conv: self.conv_of(&conv),
-                    done: Some(done),
-                });
-                let _ = tokio::time::timeout(CATCH_UP_WAIT, wait).await;
+            if !behind {
+                // In the group at the server's epoch (an invitation's Welcome): nothing to do.
+                return Ok(());
             }
+            // Behind: let the events task read the log up to now (it may take this device out
+            // of the group, and back in, on the way).
+            let (done, wait) = tokio::sync::oneshot::channel();
+            s.tell(Control::CatchUp {
+                conv: self.conv_of(&conv),
+                done: Some(done),
+            });
+            let _ = tokio::time::timeout(CATCH_UP_WAIT, wait).await;
         }
         self.join_group(&s, conv).await.map(drop)
     }
@@ -1225,7 +1226,6 @@ async fn run(
                 };
                 match joined_welcome {
                     Ok(true) => {
-                        s.forget_notice(&key, NOT_MEMBER);
                         joined(&client, &s, &conv, &mut early, &tx).await;
                     }
                     Ok(false) => {}
@@ -1233,18 +1233,16 @@ async fn run(
                 }
                 let _ = client.request(Request::E2eeWelcomeDone { id }).await;
             }
-            ClientEvent::Server(Event::Part { ref room, ref user }) if user == client.user() => {
-                // Another connection of this account left the room: so does this device.
-                let _ = s.with(|d| d.leave_group(&room_key(room)));
-                if tx.send(event).await.is_err() {
-                    break;
-                }
-            }
-            ClientEvent::Server(Event::Kicked {
-                room: Some(ref room),
-                ref user,
-                ..
-            }) if user == client.user() => {
+            ClientEvent::Server(
+                Event::Part { ref room, ref user }
+                | Event::Kicked {
+                    room: Some(ref room),
+                    ref user,
+                    ..
+                },
+            ) if user == client.user() => {
+                // Another connection of this account left the room, or the account was
+                // kicked from it: this device leaves its group too.
                 let _ = s.with(|d| d.leave_group(&room_key(room)));
                 if tx.send(event).await.is_err() {
                     break;
@@ -1309,6 +1307,8 @@ async fn joined(
     tx: &mpsc::Sender<ClientEvent>,
 ) {
     let key = conv_key(conv);
+    // In again: a later time out of the group is said again.
+    s.forget_notice(&key, NOT_MEMBER);
     let _ = tx
         .send(ClientEvent::E2ee(E2eeNotice::Joined { conv: conv.clone() }))
         .await;
@@ -1705,16 +1705,7 @@ async fn commit_pending(
         Ok(Some(out)) => out,
         _ => return,
     };
-    let conv_ref = match conv {
-        Conv::Room(r) => ConvRef::Room(r.clone()),
-        Conv::Direct(users) => ConvRef::With(
-            users
-                .iter()
-                .filter(|u| *u != client.user())
-                .cloned()
-                .collect(),
-        ),
-    };
+    let conv_ref = client.conv_ref(conv);
     let before = s.with(|d| d.members(key).unwrap_or_default());
     match client.commit(s, &conv_ref, key, out, false).await {
         Ok(_) => {
