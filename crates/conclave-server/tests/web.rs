@@ -603,3 +603,44 @@ async fn an_operator_certificate_is_served_and_replaced_by_a_reload_without_drop
     assert_eq!(r, json!({"Ok": {"Pong": {"nonce": 4}}}));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn page_loads_are_not_taken_for_a_handshake_scan() {
+    let srv = TestServer::start(|c| {
+        c.anomaly.never_ban = vec![];
+        c.anomaly.handshake_scan = conclave_server::config::AnomalyRule {
+            enabled: Some(true),
+            window_s: Some(60),
+            per_address: Some(3),
+            per_subnet: Some(0),
+            per_user: Some(0),
+            ban_minutes: Some(15),
+        };
+    })
+    .await;
+    // A browser opening the page again and again: connections that never say the native
+    // hello, but did finish TLS.
+    for _ in 0..6 {
+        assert_eq!(http(&srv, "GET", "/", "").await.status, 200);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let m = admin(&srv, json!({"cmd": "monitor"})).await;
+        if m["totals"]["connections"] == json!(0) {
+            assert_eq!(m["alerts"], json!([]), "{m}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections did not close"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        Raw::try_connect_to(srv.addr, &srv.fingerprint)
+            .await
+            .is_some(),
+        "the address is not banned"
+    );
+    srv.stop().await;
+}
