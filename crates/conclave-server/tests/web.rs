@@ -644,3 +644,61 @@ async fn page_loads_are_not_taken_for_a_handshake_scan() {
     );
     srv.stop().await;
 }
+
+/// The chromium binary on the PATH, if any (Debian's package; `.ci/run` installs it).
+fn chromium() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("chromium"))
+        .find(|p| p.is_file())
+}
+
+/// Chromium itself, headless: it loads the page over TLS 1.3 with X25519MLKEM768 and ALPN
+/// http/1.1, as its own network log (`--log-net-log`) records. Skipped (and says so) on a
+/// machine without Chromium.
+#[tokio::test]
+async fn chromium_loads_the_page_over_x25519mlkem768() {
+    let Some(chromium) = chromium() else {
+        eprintln!("SKIPPED: no chromium on the PATH (apt-get install chromium)");
+        return;
+    };
+    let srv = TestServer::start(|_| {}).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let netlog = work.path().join("netlog.json");
+    let mut cmd = tokio::process::Command::new(chromium);
+    cmd.args([
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        // The test server's certificate is self-signed; the handshake is what is checked.
+        "--ignore-certificate-errors",
+    ])
+    .arg(format!(
+        "--user-data-dir={}",
+        work.path().join("profile").display()
+    ))
+    .arg(format!("--log-net-log={}", netlog.display()))
+    .arg("--dump-dom")
+    .arg(format!("https://localhost:{}/", srv.addr.port()))
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+        .await
+        .expect("chromium finishes within a minute")
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains("<html"), "chromium got no page: {dom}");
+    let log = std::fs::read_to_string(&netlog).expect("chromium wrote its network log");
+    // 4588 = 0x11EC, X25519MLKEM768's code point.
+    assert!(
+        log.contains("\"key_exchange_group\":4588"),
+        "chromium did not negotiate X25519MLKEM768"
+    );
+    assert!(
+        log.contains("\"next_proto\":\"http/1.1\""),
+        "ALPN was not http/1.1"
+    );
+    srv.stop().await;
+}
