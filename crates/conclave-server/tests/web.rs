@@ -799,3 +799,19 @@ async fn through_a_delaying_relay_order_holds_and_a_reconnect_catches_up_once() 
     assert_eq!(seqs, (last_seq + 1..=last_seq + 5).collect::<Vec<_>>());
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn with_the_web_client_off_a_browsers_handshake_is_refused_and_native_clients_are_served() {
+    let srv = TestServer::start(|c| c.web.enabled = false).await;
+    let refused = tls_connect_with(srv.addr, browser_config(&srv.fingerprint)).await;
+    assert!(
+        refused.is_err(),
+        "a browser's ALPN finds nothing to agree on"
+    );
+    let mut native = Raw::register(&srv, "native").await;
+    assert!(matches!(
+        native.request(Request::Ping { nonce: 5 }).await,
+        Ok(Reply::Pong { nonce: 5 })
+    ));
+    srv.stop().await;
+}
