@@ -110,6 +110,8 @@ pub struct Shared {
     pub files_cache: crate::cmd::files::FilesCache,
     /// End-to-end encrypted conversations (public group state) and the server's MLS key.
     pub e2ee: crate::e2ee::E2ee,
+    /// Topics, display names, away messages, read-marker privacy (lock after the hub's).
+    pub presence: Mutex<crate::presence::Presence>,
     next_session: AtomicU64,
 }
 
@@ -321,6 +323,10 @@ impl Server {
                     config.data_dir.display()
                 ))
             })?;
+        let presence = crate::presence::Presence::from_rows(
+            db.chat_load()
+                .map_err(|e| start_err(format!("cannot load topics and display names: {e}")))?,
+        );
         let e2ee = crate::e2ee::E2ee::load(&mut db)
             .map_err(|e| start_err(format!("cannot load the end-to-end groups: {e}")))?;
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
@@ -345,6 +351,7 @@ impl Server {
                 files: Arc::new(files),
                 files_cache: Default::default(),
                 e2ee,
+                presence: Mutex::new(presence),
                 next_session: AtomicU64::new(1),
             }),
             listener,
