@@ -552,7 +552,10 @@ mod tests {
         );
         assert!(parse("/fly").unwrap_err().contains("/help"));
         assert!(parse("/").is_err());
-        assert_eq!(parse("/receipts maybe").unwrap_err(), "usage: /receipts on|off");
+        assert_eq!(
+            parse("/receipts maybe").unwrap_err(),
+            "usage: /receipts on|off"
+        );
         // Every command in the table parses (with plausible arguments).
         for spec in COMMANDS {
             let args = match spec.name {
