@@ -211,11 +211,9 @@ impl App {
     pub(super) fn chat_event(&mut self, event: Event) -> Vec<Action> {
         let me = self.me().to_string();
         match event {
-            Event::Typing { conv, user } => {
-                if user != me {
-                    let key = ConvKey::from_conv(&conv, &me);
-                    self.chat.on_typing(key, &user, self.now_ms);
-                }
+            Event::Typing { conv, user } if user != me => {
+                let key = ConvKey::from_conv(&conv, &me);
+                self.chat.on_typing(key, &user, self.now_ms);
             }
             Event::Read { conv, user, seq } => {
                 let key = ConvKey::from_conv(&conv, &me);
