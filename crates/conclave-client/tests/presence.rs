@@ -243,3 +243,92 @@ async fn end_to_end_rooms_carry_kinds_inside_the_ciphertext_and_count_mentions()
     drop((alice, bob, carol));
     srv.stop(WAIT).await;
 }
+
+/// Through the test kit's relay (5 ms one way, seeded jitter): read markers arrive in the
+/// order they were moved, a reconnect keeps them, and typing still reaches the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_markers_keep_their_order_through_a_jittery_relay() {
+    use common::relay::{Relay, RelayConfig};
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob"]);
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().expect("addr"), |c| {
+        c.presence.read_interval_ms = 0;
+    })
+    .await;
+    let relay = Relay::start(srv.addr, RelayConfig::delay_ms(5.0, 0x20b));
+    let via_relay = |user: &str, state: &Path| {
+        let mut opts = common::options(&srv, user, state, WAIT);
+        opts.server = relay.addr().to_string();
+        opts
+    };
+    let states: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let connect_relayed = |user: &'static str, state: std::path::PathBuf| {
+        let opts = via_relay(user, &state);
+        async move {
+            let (client, events, _) = tokio::time::timeout(WAIT, Client::connect(opts))
+                .await
+                .expect("connect in time")
+                .expect("connect");
+            let events = client
+                .enable_e2ee(events, &state, common::PASSWORD)
+                .await
+                .expect("e2ee on");
+            (client, events)
+        }
+    };
+    let (alice, mut a_ev) = connect_relayed("alice", states[0].path().to_path_buf()).await;
+    let (bob, mut b_ev) = connect_relayed("bob", states[1].path().to_path_buf()).await;
+    alice
+        .create_room_e2ee("ops", false, None)
+        .await
+        .expect("create");
+    bob.join("ops", None).await.expect("join");
+    let ops = Conv::Room("ops".into());
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let r = alice
+            .send_to_room("ops", &format!("m{i}"), &[])
+            .await
+            .expect("send");
+        seqs.push(r.seq);
+    }
+    for _ in 0..5 {
+        wait_for(&mut b_ev, |e| message_in(e, &ops)).await;
+    }
+    // Bob marks each in turn.
+    for &s in &seqs {
+        bob.mark_read(ConvRef::Room("ops".into()), s)
+            .await
+            .expect("read");
+    }
+    let mut got = Vec::new();
+    while got.last() != seqs.last() {
+        let (user, seq) = wait_for(&mut a_ev, |e| read_in(e, &ops)).await;
+        assert_eq!(user, "bob");
+        got.push(seq);
+        assert!(got.len() <= seqs.len(), "{got:?}");
+    }
+    assert_eq!(got, seqs, "markers in the order they were moved");
+    // Bob reconnects (a new session through the relay): the marker is still his last one.
+    bob.close();
+    drop(b_ev);
+    let (bob, _b_ev) = connect_relayed("bob", states[1].path().to_path_buf()).await;
+    let markers = alice
+        .read_markers(ConvRef::Room("ops".into()))
+        .await
+        .expect("markers");
+    assert!(
+        markers
+            .iter()
+            .any(|m| m.user == "bob" && Some(&m.seq) == seqs.last()),
+        "{markers:?}"
+    );
+    bob.typing(ConvRef::Room("ops".into()))
+        .await
+        .expect("typing");
+    assert_eq!(wait_for(&mut a_ev, |e| typing_in(e, &ops)).await, "bob");
+    drop((alice, bob));
+    srv.stop(WAIT).await;
+}
