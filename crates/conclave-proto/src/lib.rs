@@ -8,6 +8,7 @@
 //! A connection is: TLS 1.3, then an 8-byte [`hello`] from each side, then length-prefixed
 //! frames (a 4-byte big-endian length and a postcard-encoded [`ClientFrame`] or [`ServerFrame`]).
 
+pub mod chat;
 pub mod error;
 pub mod files;
 pub mod frame;

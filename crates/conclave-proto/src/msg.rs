@@ -43,13 +43,27 @@ impl Body {
         }
     }
 
-    /// The text, if this is a UTF-8 text body.
+    /// The text, if this is a UTF-8 text body (plain, Markdown or an action: see
+    /// [`Body::text_kind`]).
     pub fn as_text(&self) -> Option<&str> {
-        if self.content_type == crate::CONTENT_TYPE_TEXT {
+        if self.content_type == crate::CONTENT_TYPE_TEXT || self.text_kind().is_some() {
             std::str::from_utf8(&self.data).ok()
         } else {
             None
         }
+    }
+
+    /// A text body of a kind: Markdown, an action, or both ([`crate::chat::TextKind`]).
+    pub fn text_of_kind(text: impl Into<String>, kind: crate::chat::TextKind) -> Self {
+        Body {
+            content_type: kind.content_type().to_string(),
+            data: text.into().into_bytes(),
+        }
+    }
+
+    /// How a text body is meant to be shown; `None` for a body that is not text.
+    pub fn text_kind(&self) -> Option<crate::chat::TextKind> {
+        crate::chat::TextKind::of_content_type(&self.content_type)
     }
 }
 
@@ -306,6 +320,45 @@ pub enum Request {
     FileCancel {
         file_id: String,
     },
+    // ---- Everyday chat, part B (issue #20): typing, read markers, topics, display names,
+    // ---- away. Ephemeral ones (typing, away) are never stored.
+    /// The caller is typing in a conversation it belongs to. Not stored; sent on to the
+    /// other members' connections as [`Event::Typing`]. At most one per conversation per
+    /// typing interval and connection (`rate_limited` otherwise).
+    Typing {
+        conv: ConvRef,
+    },
+    /// The caller has read a conversation up to `seq`. Stored (a marker only moves
+    /// forward) and sent on as [`Event::Read`], unless the account keeps its markers
+    /// private ([`Request::ShareReads`]); then only its own other connections hear of it.
+    Read {
+        conv: ConvRef,
+        seq: u64,
+    },
+    /// The read markers of a conversation's members who share them ("read by"). Answered
+    /// with [`Reply::ReadMarkers`].
+    ReadMarkers {
+        conv: ConvRef,
+    },
+    /// Whether the account's read markers are shown to others (default: shown).
+    ShareReads {
+        share: bool,
+    },
+    /// The room's owner or an admin: set the room's topic (empty clears it). Everyone who
+    /// can see the room gets [`Event::Topic`].
+    SetTopic {
+        room: String,
+        topic: String,
+    },
+    /// Away with a message, or back (`None`). Kept while the account is online; shown in
+    /// `who`.
+    Away {
+        text: Option<String>,
+    },
+    /// The account's display name (`None` clears it). Stored; shown in `who`.
+    SetDisplayName {
+        name: Option<String>,
+    },
 }
 
 /// Opaque bytes (MLS messages), compact on the wire.
@@ -344,6 +397,10 @@ pub struct UserPresence {
     /// Live connections of this user.
     pub connections: u32,
     pub admin: bool,
+    /// The account's display name, if it set one.
+    pub display_name: Option<String>,
+    /// Away, with this message (only while online).
+    pub away: Option<String>,
 }
 
 /// A room as listed to a caller.
@@ -358,6 +415,8 @@ pub struct RoomInfo {
     pub owner: Option<String>,
     /// End-to-end encrypted (the server cannot read it).
     pub e2ee: bool,
+    /// The room's topic (server-visible, also in end-to-end rooms), if set.
+    pub topic: Option<String>,
 }
 
 /// A successful reply.
@@ -430,6 +489,9 @@ pub enum Reply {
     E2eeGroupInfo(Option<GroupInfoData>),
     E2eeDevices(Vec<DeviceInfo>),
     E2eeConvs(Vec<Conv>),
+    // ---- Everyday chat, part B (issue #20).
+    /// Read markers of a conversation's members who share them, by user name.
+    ReadMarkers(Vec<crate::chat::ReadMarker>),
 }
 
 /// Why a connection is being closed by the server.
@@ -570,5 +632,34 @@ pub enum Event {
     FileCancelled {
         file_id: String,
         by: String,
+    },
+    // ---- Everyday chat, part B (issue #20): typing, read markers, topics, away, names.
+    /// `user` is typing in `conv` (show it for [`crate::chat::TYPING_SHOWN_MS`], or until
+    /// their next message).
+    Typing {
+        conv: Conv,
+        user: String,
+    },
+    /// `user` has read `conv` up to `seq`.
+    Read {
+        conv: Conv,
+        user: String,
+        seq: u64,
+    },
+    /// `room`'s topic changed (empty: cleared) by `by`.
+    Topic {
+        room: String,
+        topic: String,
+        by: String,
+    },
+    /// `user` is away with this message, or back (`None`).
+    Away {
+        user: String,
+        text: Option<String>,
+    },
+    /// `user` set (or cleared) their display name.
+    DisplayName {
+        user: String,
+        name: Option<String>,
     },
 }

@@ -277,18 +277,29 @@ fn reply() -> impl Strategy<Value = Reply> {
                 members,
                 online,
                 member,
-                owner,
+                owner: owner.clone(),
                 e2ee: member,
+                topic: owner,
             })
         });
-    let presence = (s(), any::<bool>(), any::<u32>(), any::<bool>()).prop_map(
-        |(user, online, connections, admin)| UserPresence {
-            user,
-            online,
-            connections,
-            admin,
-        },
-    );
+    let presence = (
+        s(),
+        any::<bool>(),
+        any::<u32>(),
+        any::<bool>(),
+        of(s()),
+        of(s()),
+    )
+        .prop_map(
+            |(user, online, connections, admin, display_name, away)| UserPresence {
+                user,
+                online,
+                connections,
+                admin,
+                display_name,
+                away,
+            },
+        );
     let grant = (s(), any::<[u8; 32]>()).prop_map(|(user, token)| P2pGrant { user, token });
     prop_oneof![
         Just(Reply::Ok),
@@ -473,8 +484,55 @@ fn no_prefix_decodes<T>(bytes: &[u8], decode: impl Fn(&[u8]) -> Result<T, Decode
     }
 }
 
+fn conv_ref() -> impl Strategy<Value = ConvRef> {
+    prop_oneof![s().prop_map(ConvRef::Room), names().prop_map(ConvRef::With)]
+}
+
+/// The requests, replies and events of everyday chat's presence side (issue #20, part B).
+fn chat_client_frame() -> impl Strategy<Value = ClientFrame> {
+    let req = prop_oneof![
+        conv_ref().prop_map(|conv| Request::Typing { conv }),
+        (conv_ref(), any::<u64>()).prop_map(|(conv, seq)| Request::Read { conv, seq }),
+        conv_ref().prop_map(|conv| Request::ReadMarkers { conv }),
+        any::<bool>().prop_map(|share| Request::ShareReads { share }),
+        (s(), s()).prop_map(|(room, topic)| Request::SetTopic { room, topic }),
+        of(s()).prop_map(|text| Request::Away { text }),
+        of(s()).prop_map(|name| Request::SetDisplayName { name }),
+    ];
+    (any::<u64>(), req).prop_map(|(id, req)| ClientFrame { id, req })
+}
+
+fn chat_server_frame() -> impl Strategy<Value = ServerFrame> {
+    let marker = (s(), any::<u64>(), any::<i64>())
+        .prop_map(|(user, seq, ts_ms)| conclave_proto::chat::ReadMarker { user, seq, ts_ms });
+    let event = prop_oneof![
+        (conv(), s()).prop_map(|(conv, user)| Event::Typing { conv, user }),
+        (conv(), s(), any::<u64>()).prop_map(|(conv, user, seq)| Event::Read { conv, user, seq }),
+        (s(), s(), s()).prop_map(|(room, topic, by)| Event::Topic { room, topic, by }),
+        (s(), of(s())).prop_map(|(user, text)| Event::Away { user, text }),
+        (s(), of(s())).prop_map(|(user, name)| Event::DisplayName { user, name }),
+    ];
+    prop_oneof![
+        event.prop_map(ServerFrame::Event),
+        (any::<u64>(), vec(marker, 0..3)).prop_map(|(id, m)| ServerFrame::Reply {
+            id,
+            result: Ok(Reply::ReadMarkers(m)),
+        }),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn chat_frames_round_trip(c in chat_client_frame(), sf in chat_server_frame()) {
+        let bytes = encode_client(&c);
+        prop_assert_eq!(decode_client(&bytes), Ok(c));
+        no_prefix_decodes(&bytes, decode_client);
+        let bytes = encode_server(&sf);
+        prop_assert_eq!(decode_server(&bytes), Ok(sf));
+        no_prefix_decodes(&bytes, decode_server);
+    }
 
     #[test]
     fn client_frames_round_trip(id in any::<u64>(), req in request()) {

@@ -458,6 +458,40 @@ impl Default for WebConfig {
     }
 }
 
+/// Everyday chat's presence side (`[presence]`): how often typing notices and read markers
+/// may come, and how long topics, away messages and display names may be.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Shortest time between two typing notices of one connection in one conversation;
+    /// one sooner is refused (`rate_limited`) and not passed on.
+    pub typing_interval_ms: u64,
+    /// Shortest time between two read markers of one connection in one conversation (the
+    /// marker only moves forward; clients send the newest at most this often).
+    pub read_interval_ms: u64,
+    /// Topic, away and display-name changes per connection per minute.
+    pub changes_per_minute: u32,
+    /// Longest room topic, in characters.
+    pub max_topic_chars: usize,
+    /// Longest away message, in characters.
+    pub max_away_chars: usize,
+    /// Longest display name, in characters.
+    pub max_display_name_chars: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            typing_interval_ms: conclave_proto::chat::DEFAULT_TYPING_INTERVAL_MS,
+            read_interval_ms: 500,
+            changes_per_minute: 20,
+            max_topic_chars: conclave_proto::chat::DEFAULT_MAX_TOPIC_CHARS,
+            max_away_chars: conclave_proto::chat::DEFAULT_MAX_AWAY_CHARS,
+            max_display_name_chars: conclave_proto::chat::DEFAULT_MAX_DISPLAY_NAME_CHARS,
+        }
+    }
+}
+
 /// An operator-given TLS certificate (`[tls]`), for example one issued by a CA that browsers
 /// trust. Absent: the self-signed certificate in `tls/` of the data directory. Read again by
 /// `conclave admin reload`; open connections keep theirs.
@@ -490,6 +524,7 @@ pub struct FileConfig {
     pub files: FilesConfig,
     pub web: WebConfig,
     pub tls: TlsConfig,
+    pub presence: PresenceConfig,
 }
 
 /// Room left in a client's frame limit for what the server adds around a relayed frame (the
@@ -522,6 +557,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// The certificate came from the command line, which a reload does not override.
     pub tls_from_cli: bool,
+    /// Typing, read markers, topics, away, display names (`[presence]`).
+    pub presence: PresenceConfig,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -553,6 +590,7 @@ impl Config {
             web: WebConfig::default(),
             tls: TlsConfig::default(),
             tls_from_cli: false,
+            presence: PresenceConfig::default(),
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
@@ -609,6 +647,7 @@ impl Config {
         self.files = file.files;
         self.web = file.web;
         self.tls = file.tls;
+        self.presence = file.presence;
         Ok(())
     }
 

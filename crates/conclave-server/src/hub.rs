@@ -756,6 +756,9 @@ impl<O> Hub<O> {
             online: u.is_some_and(|u| !u.sessions.is_empty()),
             connections: u.map(|u| u.sessions.len() as u32).unwrap_or(0),
             admin: u.is_some_and(|u| u.admin),
+            // Filled in from `presence::Presence` by the caller.
+            display_name: None,
+            away: None,
         }
     }
 
@@ -799,6 +802,7 @@ impl<O> Hub<O> {
                 member: r.members.contains(viewer_name),
                 owner: r.owner.clone(),
                 e2ee: false,
+                topic: None,
             })
             .collect();
         v.sort_by(|a, b| a.room.cmp(&b.room));

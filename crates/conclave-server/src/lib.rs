@@ -24,6 +24,7 @@ pub mod hub;
 pub mod metrics;
 pub mod monitor;
 pub mod outbox;
+pub mod presence;
 pub mod registry;
 pub mod search;
 pub mod server;

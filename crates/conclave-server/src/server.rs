@@ -112,6 +112,8 @@ pub struct Shared {
     pub e2ee: crate::e2ee::E2ee,
     /// The certificate the listener presents (swapped by a reload).
     pub certs: Arc<crate::certs::Certs>,
+    /// Topics, display names, away messages, read-marker privacy (lock after the hub's).
+    pub presence: Mutex<crate::presence::Presence>,
     next_session: AtomicU64,
 }
 
@@ -325,6 +327,10 @@ impl Server {
                     config.data_dir.display()
                 ))
             })?;
+        let presence = crate::presence::Presence::from_rows(
+            db.chat_load()
+                .map_err(|e| start_err(format!("cannot load topics and display names: {e}")))?,
+        );
         let e2ee = crate::e2ee::E2ee::load(&mut db)
             .map_err(|e| start_err(format!("cannot load the end-to-end groups: {e}")))?;
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
@@ -350,6 +356,7 @@ impl Server {
                 files_cache: Default::default(),
                 e2ee,
                 certs: loaded.certs.clone(),
+                presence: Mutex::new(presence),
                 next_session: AtomicU64::new(1),
             }),
             listener,

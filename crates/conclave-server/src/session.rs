@@ -36,6 +36,9 @@ pub struct Conn {
     pub inflight: Arc<Semaphore>,
     /// The end-to-end device this connection speaks for (after `E2eePublish`).
     pub device: Option<String>,
+    /// Typing, read-marker and change budget; made at the first such request (idle
+    /// connections carry only the pointer).
+    pub presence_budget: Option<Box<crate::presence::ConnBudget>>,
 }
 
 impl Conn {
@@ -267,6 +270,7 @@ pub async fn serve<S: FrameSource>(
         user: None,
         inflight: Arc::new(Semaphore::new(limits.max_inflight_sends)),
         device: None,
+        presence_budget: None,
     };
     shared.audit(
         Kind::Connect,
@@ -682,14 +686,16 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
             for r in &mut rooms {
                 r.e2ee = conn.shared.e2ee.is_e2ee(&format!("r:{}", r.room));
             }
+            cmd::presence::fill_rooms(conn, &mut rooms);
             Ok(Reply::Rooms(rooms))
         }
-        (Some(user), Request::Who { room }) => conn
-            .shared
-            .hub
-            .lock()
-            .who(&user, room.as_deref())
-            .map(Reply::Users),
+        (Some(user), Request::Who { room }) => {
+            let users = conn.shared.hub.lock().who(&user, room.as_deref());
+            users.map(|mut users| {
+                cmd::presence::fill_users(conn, &mut users);
+                Reply::Users(users)
+            })
+        }
         (
             Some(user),
             Request::History {
@@ -781,6 +787,17 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
         },
         (Some(_), Request::E2eeDevices { user }) => cmd::e2ee::devices(conn, user).await,
         (Some(user), Request::E2eeConvs) => Ok(cmd::e2ee::convs(conn, &user)),
+        // Everyday chat, part B: typing, read markers, topics, away, display names.
+        (
+            Some(user),
+            req @ (Request::Typing { .. }
+            | Request::Read { .. }
+            | Request::ReadMarkers { .. }
+            | Request::ShareReads { .. }
+            | Request::SetTopic { .. }
+            | Request::Away { .. }
+            | Request::SetDisplayName { .. }),
+        ) => cmd::presence::handle(conn, &user, req).await,
     };
     if let Err(e) = &result
         && e.code == ErrorCode::Internal

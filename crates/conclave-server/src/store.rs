@@ -24,8 +24,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::at_rest::DataKey;
 use crate::search::{self, SearchKey};
 
+mod chat;
 mod e2ee;
 mod files;
+pub use chat::{ChatRows, ReadMoved};
 pub use e2ee::{GroupRow, WelcomeRow};
 pub use files::{FileRow, RecipientState};
 
@@ -377,6 +379,10 @@ impl Db {
                 .map_err(open_err)?;
             }
         }
+        // Everyday chat's presence tables (topics, display names, read markers): created if
+        // absent, whatever the schema version (see `store::chat`); after the key check, so a
+        // wrong key writes nothing.
+        Db::create_chat_tables(&conn).map_err(open_err)?;
         let search = SearchKey::new(&key.subkey("conclave search index v1"));
         Db {
             conn,

@@ -14,14 +14,14 @@ use ratatui::crossterm::event::{
     KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEvent, MouseEventKind,
 };
 
-use crate::buffer::{
-    Buffer, ConvKey, Entry, EntryKind, HistoryState, NoticeKind, Presence, SendState,
-};
+use crate::buffer::{Buffer, ConvKey, Entry, HistoryState, NoticeKind, Presence};
 use crate::command::{self, BanTarget, COMMANDS, Command, DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE};
 use crate::files::{FileEvent, Transfer};
 use crate::input::LineEditor;
 use crate::layout;
 use crate::view;
+
+mod presence;
 
 /// Messages loaded when a conversation is opened.
 pub const INITIAL_HISTORY: u32 = 50;
@@ -120,6 +120,10 @@ pub enum Action {
     RememberDirect(Vec<Vec<String>>),
     /// Leave: tell the server (when connected), restore the terminal, exit.
     Quit,
+    /// Ring the terminal bell (a mention).
+    Bell,
+    /// Set the terminal window's title (mentions waiting).
+    SetTitle(String),
 }
 
 /// How to log in, from the command line.
@@ -184,22 +188,54 @@ pub enum ConnState {
 /// What a request was for, to handle its reply.
 #[derive(Debug, Clone)]
 enum Pending {
-    Send { key: ConvKey, local: u64 },
-    Join { room: String },
-    Part { room: String },
-    Create { room: String },
-    Members { room: String },
-    Who { room: Option<String> },
+    Send {
+        key: ConvKey,
+        local: u64,
+    },
+    Join {
+        room: String,
+    },
+    Part {
+        room: String,
+    },
+    Create {
+        room: String,
+    },
+    Members {
+        room: String,
+    },
+    Who {
+        room: Option<String>,
+    },
     Rooms,
-    Devices { user: String },
-    History { key: ConvKey, asked: bool },
-    Search { query: String },
+    Devices {
+        user: String,
+    },
+    History {
+        key: ConvKey,
+        asked: bool,
+    },
+    Search {
+        query: String,
+    },
     VoteKick,
     Done(String),
     File,
-    Decline { file_id: String },
+    Decline {
+        file_id: String,
+    },
     Files,
-    Cancel { file_id: String },
+    Cancel {
+        file_id: String,
+    },
+    // Everyday chat, part B (handled in `app::presence`).
+    /// Nothing to show (typing notices, read markers).
+    Quiet,
+    ReadMarkers {
+        key: ConvKey,
+    },
+    /// `rooms`, for topics and owners.
+    RoomInfo,
 }
 
 /// Tab completion in progress: pressing Tab again cycles.
@@ -247,6 +283,8 @@ pub struct App {
     pub e2ee: HashSet<ConvKey>,
     /// The direct conversations last told to the shell to remember.
     remembered: Vec<Vec<String>>,
+    /// Topics, typing, read markers, away, display names, mutes.
+    pub chat: crate::chat::ChatState,
 }
 
 /// A server sentence as the chat says it: the JSON client's command names become this
@@ -308,6 +346,7 @@ impl App {
             jump_pages: 0,
             e2ee: HashSet::new(),
             remembered: Vec::new(),
+            chat: Default::default(),
         }
     }
 
@@ -576,9 +615,11 @@ impl App {
             && self.conn == ConnState::Connected
             && self.ticks.is_multiple_of(PING_EVERY_TICKS)
         {
-            return vec![Action::Ping];
+            let mut actions = vec![Action::Ping];
+            actions.extend(self.chat_tick());
+            return actions;
         }
-        Vec::new()
+        self.chat_tick()
     }
 
     // ---- before the chat: login, trust ----
@@ -749,6 +790,8 @@ impl App {
         self.known_users.insert(session.user.clone());
         self.session = Some(session);
         let mut actions = vec![Action::Ping];
+        // Topics and owners (the title line, `@room`).
+        actions.push(self.request(Pending::RoomInfo, Request::Rooms));
         for room in &rooms {
             actions.extend(self.open_room(room));
         }
@@ -805,17 +848,25 @@ impl App {
         }
         b.history = HistoryState::Loading;
         let before = b.oldest_seq();
-        vec![self.request(
+        let mut actions = vec![self.request(
             Pending::History {
                 key: key.clone(),
                 asked,
             },
             Request::History {
-                conv,
+                conv: conv.clone(),
                 limit,
                 before,
             },
-        )]
+        )];
+        // The first page: also who has read how far ("read by").
+        if before.is_none() {
+            actions.push(self.request(
+                Pending::ReadMarkers { key: key.clone() },
+                Request::ReadMarkers { conv },
+            ));
+        }
+        actions
     }
 
     // ---- the chat ----
@@ -936,6 +987,7 @@ impl App {
             }
             KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) && !alt => {
                 self.type_char(c);
+                return self.chat_typed();
             }
             KeyCode::Backspace => self.input.backspace(),
             KeyCode::Delete => self.input.delete(),
@@ -1154,6 +1206,22 @@ impl App {
     }
 
     fn send_to(&mut self, key: ConvKey, except: Vec<String>, text: &str) -> Vec<Action> {
+        self.send_kind(
+            key,
+            except,
+            text,
+            conclave_client::proto::chat::TextKind::PLAIN,
+        )
+    }
+
+    /// Sends text of a kind (plain, Markdown, an action).
+    fn send_kind(
+        &mut self,
+        key: ConvKey,
+        except: Vec<String>,
+        text: &str,
+        kind: conclave_client::proto::chat::TextKind,
+    ) -> Vec<Action> {
         let Some(target) = key.target(except) else {
             self.error("this is the status buffer: /join a room or /msg someone to talk");
             return Vec::new();
@@ -1165,24 +1233,15 @@ impl App {
         }
         let i = self.buffer_index(&key);
         let local = self.next_tag;
-        let entry = Entry {
-            ts_ms: self.now_ms,
-            kind: EntryKind::Message {
-                from: self.me().to_string(),
-                msg_id: None,
-                seq: None,
-                state: SendState::Sending(local),
-            },
-            text: crate::text::sanitize(text, true),
-            mention: false,
-        };
+        let entry = Entry::mine(self.now_ms, self.me(), text, kind, local);
         self.push_entry(i, entry, false);
         self.buffers[i].scroll = 0;
+        self.chat.sent_message();
         vec![self.request(
             Pending::Send { key, local },
             Request::Send {
                 target,
-                body: conclave_client::proto::Body::text(text),
+                body: conclave_client::proto::Body::text_of_kind(text, kind),
                 idempotency_key: None,
             },
         )]
@@ -1438,6 +1497,14 @@ impl App {
                 Vec::new()
             }
             Command::Quit => self.quit_now(),
+            cmd @ (Command::Me { .. }
+            | Command::Md { .. }
+            | Command::Away { .. }
+            | Command::Back
+            | Command::Topic { .. }
+            | Command::Name { .. }
+            | Command::Mute(_)
+            | Command::ReadReceipts(_)) => self.chat_command(cmd),
         }
     }
 
@@ -1528,12 +1595,15 @@ impl App {
                 self.known_users.insert(m.from.clone());
                 let new = !self.buffers.iter().any(|b| b.key == key);
                 let i = self.buffer_index(&key);
-                let entry = Entry::message(&m, &me);
+                let mut entry = Entry::message(&m, &me);
+                let mention = self.chat_mention(&m, &mut entry);
+                let seen = self.current == i && self.buffers.get(i).is_some_and(|b| b.scroll == 0);
                 self.push_entry(i, entry, true);
                 if new && let Some(b) = self.buffers.get_mut(i) {
                     // What came before this message is history.
                     b.history = HistoryState::More;
                 }
+                return self.chat_message(i, &key, &m, mention, seen);
             }
             Event::Join { room, user } => {
                 self.known_users.insert(user.clone());
@@ -1639,6 +1709,11 @@ impl App {
             }
             // The library reports it as `ClientEvent::Disconnected`.
             Event::Disconnect { .. } => {}
+            e @ (Event::Typing { .. }
+            | Event::Read { .. }
+            | Event::Topic { .. }
+            | Event::Away { .. }
+            | Event::DisplayName { .. }) => return self.chat_event(e),
             // Handled by `files::file_event` above.
             Event::FileOffer(_)
             | Event::FileReady { .. }
@@ -1840,6 +1915,7 @@ impl App {
                 };
                 self.say(NoticeKind::Join, &format!("you are in #{room} ({kind})"));
                 actions.push(Action::Ping);
+                actions.push(self.request(Pending::RoomInfo, Request::Rooms));
                 return actions;
             }
             (Pending::Part { room }, Ok(_)) => {
@@ -1868,6 +1944,7 @@ impl App {
                         })
                         .collect();
                 }
+                self.chat_users(&users);
                 self.known_users.extend(users.into_iter().map(|u| u.user));
             }
             (Pending::Members { .. }, Err(_)) => {}
@@ -1875,9 +1952,22 @@ impl App {
                 let list: Vec<String> = users
                     .iter()
                     .map(|u| {
-                        let mut s = u.user.clone();
+                        let mut s = self.chat.shown_name(&u.user);
+                        if let Some(d) = &u.display_name {
+                            s = format!("{} ({})", crate::text::sanitize(d, false), u.user);
+                        }
                         if u.admin {
                             s.push_str(" (admin)");
+                        }
+                        if let Some(away) = &u.away {
+                            if away.is_empty() {
+                                s.push_str(" (away)");
+                            } else {
+                                s.push_str(&format!(
+                                    " (away: {})",
+                                    crate::text::sanitize(away, false)
+                                ));
+                            }
                         }
                         if room.is_some() && !u.online {
                             s.push_str(" (offline)");
@@ -2047,6 +2137,9 @@ impl App {
                 }
             }
             (Pending::Done(what), Ok(_)) => self.say(NoticeKind::Info, &what),
+            (p @ (Pending::Quiet | Pending::ReadMarkers { .. } | Pending::RoomInfo), result) => {
+                return self.chat_reply(p, result);
+            }
             (_, Err(f)) => self.error(&for_chat(&f.message)),
             (_, Ok(other)) => {
                 tracing::debug!(reply = ?std::mem::discriminant(&other), "unexpected reply");

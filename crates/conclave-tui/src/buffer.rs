@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
+use conclave_proto::chat::TextKind;
 use conclave_proto::{Conv, ConvRef, Message, Target};
 
 use crate::text::sanitize;
@@ -121,6 +122,10 @@ pub struct Entry {
     pub text: String,
     /// The text names me.
     pub mention: bool,
+    /// An action (`/me`): shown as "* alice waves" (`text` starts with the sender's name).
+    pub action: bool,
+    /// Styles of a formatted (Markdown) message over `text`; empty for plain text.
+    pub styles: Vec<crate::markdown::StyleRun>,
 }
 
 impl Entry {
@@ -130,17 +135,41 @@ impl Entry {
             kind: EntryKind::Notice(kind),
             text: sanitize(text, true),
             mention: false,
+            action: false,
+            styles: Vec::new(),
+        }
+    }
+
+    /// One of my own sends as it is shown while under way (and after).
+    pub fn mine(ts_ms: i64, me: &str, text: &str, kind: TextKind, local: u64) -> Entry {
+        let (text, styles) = shown_text(me, text, kind);
+        Entry {
+            ts_ms,
+            kind: EntryKind::Message {
+                from: me.to_string(),
+                msg_id: None,
+                seq: None,
+                state: SendState::Sending(local),
+            },
+            text,
+            mention: false,
+            action: kind.action,
+            styles,
         }
     }
 
     /// A stored message; `me` decides mentions.
     pub fn message(m: &Message, me: &str) -> Entry {
-        let text = match m.body.as_text() {
-            Some(text) => sanitize(text, true),
-            None => format!(
-                "[{} bytes of {}]",
-                m.body.data.len(),
-                sanitize(&m.body.content_type, false)
+        let kind = m.body.text_kind().unwrap_or_default();
+        let (text, styles) = match m.body.as_text() {
+            Some(text) => shown_text(&m.from, text, kind),
+            None => (
+                format!(
+                    "[{} bytes of {}]",
+                    m.body.data.len(),
+                    sanitize(&m.body.content_type, false)
+                ),
+                Vec::new(),
             ),
         };
         let mention = m.from != me && mentions(&text, me);
@@ -154,6 +183,8 @@ impl Entry {
             },
             text,
             mention,
+            action: kind.action,
+            styles,
         }
     }
 
@@ -172,6 +203,26 @@ impl Entry {
             _ => None,
         }
     }
+}
+
+/// What a text message shows: sanitized text (rendered, for Markdown), its styles, and for an
+/// action the sender's name in front.
+fn shown_text(from: &str, text: &str, kind: TextKind) -> (String, Vec<crate::markdown::StyleRun>) {
+    let (mut shown, mut styles) = if kind.markdown {
+        crate::markdown::render(text)
+    } else {
+        (sanitize(text, true), Vec::new())
+    };
+    if kind.action {
+        let prefix = format!("{from} ");
+        let n = prefix.chars().count();
+        for r in &mut styles {
+            r.start += n;
+            r.end += n;
+        }
+        shown.insert_str(0, &prefix);
+    }
+    (shown, styles)
 }
 
 /// Whether `text` names `me` as a word (case does not matter; `@me` counts).
@@ -214,6 +265,8 @@ pub struct Buffer {
     pub unread: u32,
     /// One of them names me (or it is a direct conversation).
     pub mention: bool,
+    /// How many of them mention me (counted apart from `unread`).
+    pub mentions: u32,
     /// Rooms: members and their presence.
     pub members: BTreeMap<String, Presence>,
     pub history: HistoryState,
@@ -233,6 +286,7 @@ impl Buffer {
             ids: HashSet::new(),
             unread: 0,
             mention: false,
+            mentions: 0,
             members: BTreeMap::new(),
             history: HistoryState::More,
             scroll: 0,
@@ -424,6 +478,8 @@ mod tests {
             },
             text: "hi".into(),
             mention: false,
+            action: false,
+            styles: Vec::new(),
         };
         b.push(mine.clone());
         b.confirm_send(7, "id-9", 9, 42);

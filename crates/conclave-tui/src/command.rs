@@ -41,6 +41,15 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "decline", args: "file-id", help: "decline a file offered to you (the sender is told)" },
     CommandSpec { name: "files", args: "", help: "the files offered to you that you have not accepted or declined" },
     CommandSpec { name: "cancel", args: "file-id", help: "withdraw a file you are sending or sent (its recipients are told; Tab completes the id)" },
+    CommandSpec { name: "me", args: "text", help: "an action: shows as \"* you text\" (/me waves)" },
+    CommandSpec { name: "md", args: "text", help: "formatted text: **bold** *italic* `code` [link](url) > quote" },
+    CommandSpec { name: "topic", args: "[text|-]", help: "show this room's topic, or set it (owner, admins; - clears it)" },
+    CommandSpec { name: "away", args: "[message]", help: "say you are away (shown in /who and the members pane) until /back" },
+    CommandSpec { name: "back", args: "", help: "you are back" },
+    CommandSpec { name: "name", args: "[display name]", help: "set the name shown next to your account name (empty: remove it)" },
+    CommandSpec { name: "mute", args: "", help: "no bell or title for mentions in this conversation (they are still counted)" },
+    CommandSpec { name: "unmute", args: "", help: "mentions in this conversation ring again" },
+    CommandSpec { name: "receipts", args: "on|off", help: "show others how far you have read (on, the default), or keep it private" },
     CommandSpec { name: "members", args: "", help: "show or hide the members pane (also F2)" },
     CommandSpec { name: "close", args: "", help: "close this direct conversation's buffer" },
     CommandSpec { name: "quit", args: "", help: "leave (also Ctrl-C)" },
@@ -133,6 +142,28 @@ pub enum Command {
     Members,
     Close,
     Quit,
+    // Everyday chat, part B.
+    Me {
+        text: String,
+    },
+    Md {
+        text: String,
+    },
+    Away {
+        text: Option<String>,
+    },
+    Back,
+    /// No text: show it; `Some("")`: clear it.
+    Topic {
+        text: Option<String>,
+    },
+    Name {
+        name: Option<String>,
+    },
+    /// True: mute.
+    Mute(bool),
+    /// True: share read markers.
+    ReadReceipts(bool),
 }
 
 impl Command {
@@ -383,6 +414,29 @@ pub fn parse(line: &str) -> Result<Command, String> {
             }
         }
         "files" => Command::Files,
+        "me" | "action" => Command::Me {
+            text: nonempty(rest).ok_or_else(|| usage("me"))?,
+        },
+        "md" | "format" => Command::Md {
+            text: nonempty(rest).ok_or_else(|| usage("md"))?,
+        },
+        "away" => Command::Away {
+            text: nonempty(rest),
+        },
+        "back" => Command::Back,
+        "topic" => Command::Topic {
+            text: nonempty(rest).map(|t| if t == "-" { String::new() } else { t }),
+        },
+        "name" => Command::Name {
+            name: nonempty(rest),
+        },
+        "mute" => Command::Mute(true),
+        "unmute" => Command::Mute(false),
+        "receipts" => match rest.trim().to_ascii_lowercase().as_str() {
+            "on" => Command::ReadReceipts(true),
+            "off" => Command::ReadReceipts(false),
+            _ => return Err(usage("receipts")),
+        },
         "members" | "nicklist" => Command::Members,
         "close" => Command::Close,
         "quit" | "exit" => Command::Quit,
@@ -498,11 +552,66 @@ mod tests {
         );
         assert!(parse("/fly").unwrap_err().contains("/help"));
         assert!(parse("/").is_err());
+        assert_eq!(
+            parse("/receipts maybe").unwrap_err(),
+            "usage: /receipts on|off"
+        );
         // Every command in the table parses (with plausible arguments).
         for spec in COMMANDS {
-            let args = if spec.name == "history" { "5" } else { "a b c" };
+            let args = match spec.name {
+                "history" => "5",
+                "receipts" => "off",
+                _ => "a b c",
+            };
             let line = format!("/{} {args}", spec.name);
             assert!(parse(&line).is_ok(), "{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod presence_tests {
+    use super::*;
+
+    #[test]
+    fn everyday_chat_commands_parse() {
+        assert_eq!(
+            parse("/me waves hello"),
+            Ok(Command::Me {
+                text: "waves hello".into()
+            })
+        );
+        assert!(parse("/me").is_err());
+        assert_eq!(
+            parse("/md **bold**"),
+            Ok(Command::Md {
+                text: "**bold**".into()
+            })
+        );
+        assert_eq!(parse("/away"), Ok(Command::Away { text: None }));
+        assert_eq!(
+            parse("/away lunch, back at 2"),
+            Ok(Command::Away {
+                text: Some("lunch, back at 2".into())
+            })
+        );
+        assert_eq!(parse("/back"), Ok(Command::Back));
+        assert_eq!(parse("/topic"), Ok(Command::Topic { text: None }));
+        assert_eq!(
+            parse("/topic -"),
+            Ok(Command::Topic {
+                text: Some(String::new())
+            })
+        );
+        assert_eq!(
+            parse("/topic release week"),
+            Ok(Command::Topic {
+                text: Some("release week".into())
+            })
+        );
+        assert_eq!(parse("/name"), Ok(Command::Name { name: None }));
+        assert_eq!(parse("/mute"), Ok(Command::Mute(true)));
+        assert_eq!(parse("/unmute"), Ok(Command::Mute(false)));
+        assert_eq!(parse("/receipts OFF"), Ok(Command::ReadReceipts(false)));
     }
 }

@@ -20,10 +20,12 @@
 
 pub mod app;
 pub mod buffer;
+pub mod chat;
 pub mod command;
 pub mod files;
 pub mod input;
 pub mod layout;
+pub mod markdown;
 pub mod remember;
 mod shell;
 mod terminal;
@@ -52,6 +54,10 @@ pub struct ChatOptions {
     pub server_password: Option<String>,
     pub invite_code: Option<String>,
     pub state_dir: Option<PathBuf>,
+    /// Ring the terminal bell on a mention (`--no-bell`: off).
+    pub bell: bool,
+    /// Show mentions in the window title (`--no-title`: off).
+    pub title: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +123,7 @@ pub fn run(opts: ChatOptions) -> Result<(), ChatError> {
         .map_err(ChatError::Runtime)?;
     let size = ratatui::crossterm::terminal::size().map_err(ChatError::Terminal)?;
     let tz = jiff::tz::TimeZone::system();
-    let app = app::App::new(
+    let mut app = app::App::new(
         app::AppOptions {
             server: opts.server.clone(),
             user: opts.user.clone(),
@@ -134,6 +140,8 @@ pub fn run(opts: ChatOptions) -> Result<(), ChatError> {
         tz,
         jiff::Timestamp::now().as_millisecond(),
     );
+    app.chat.bell = opts.bell;
+    app.chat.set_title = opts.title;
     let mut guard = terminal::Guard::enter().map_err(ChatError::Terminal)?;
     tracing::info!(server = %opts.server, user = %opts.user, "chat started");
     let result = runtime.block_on(shell::run(opts, &mut guard.terminal, app));

@@ -278,6 +278,20 @@ impl Shell {
             }
             // Handled by the loop (it needs to stop).
             Action::Quit => {}
+            Action::Bell => {
+                use std::io::Write;
+                let mut out = std::io::stdout();
+                let _ = out.write_all(b"\x07").and_then(|()| out.flush());
+            }
+            Action::SetTitle(title) => {
+                // Made by the screen from names, but sanitized all the same: a title is
+                // written inside an escape sequence.
+                let title = crate::text::sanitize(&title, false);
+                let _ = ratatui::crossterm::execute!(
+                    std::io::stdout(),
+                    ratatui::crossterm::terminal::SetTitle(title)
+                );
+            }
         }
     }
 

@@ -213,6 +213,8 @@ fn entry_lines(
     } else {
         Style::default()
     };
+    // An action: "* alice waves" (the text starts with the name).
+    let nick = if entry.action { "*".to_string() } else { nick };
     let nick = truncate(&nick, nick_w);
     let pad = nick_w.saturating_sub(width(&nick));
     let marker = match &entry.kind {
@@ -226,7 +228,16 @@ fn entry_lines(
         } => " ✗ not sent",
         _ => "",
     };
-    let rows = wrap(&format!("{}{marker}", entry.text), text_columns(columns));
+    let rows = crate::markdown::styled_rows(
+        &format!("{}{marker}", entry.text),
+        &entry.styles,
+        text_columns(columns),
+    );
+    let text_style = if entry.action {
+        text_style.add_modifier(Modifier::ITALIC)
+    } else {
+        text_style
+    };
     for (n, row) in rows.into_iter().enumerate() {
         let mut spans = Vec::with_capacity(4);
         if n == 0 {
@@ -243,10 +254,33 @@ fn entry_lines(
             SEPARATOR,
             Style::default().fg(Color::DarkGray),
         ));
-        spans.push(Span::styled(row, text_style));
+        for (piece, marks) in row {
+            spans.push(Span::styled(piece, marked(text_style, marks)));
+        }
         lines.push(Line::from(spans).style(base));
     }
     lines
+}
+
+/// A formatted run's style over the entry's.
+fn marked(style: Style, m: crate::markdown::Marks) -> Style {
+    let mut s = style;
+    if m.bold {
+        s = s.add_modifier(Modifier::BOLD);
+    }
+    if m.italic {
+        s = s.add_modifier(Modifier::ITALIC);
+    }
+    if m.code {
+        s = s.fg(Color::LightCyan).bg(Color::Indexed(235));
+    }
+    if m.link {
+        s = s.fg(Color::LightBlue).add_modifier(Modifier::UNDERLINED);
+    }
+    if m.quote {
+        s = s.fg(Color::Gray);
+    }
+    s
 }
 
 /// The rows on screen: `rows` of them, ending `scroll` rows above the bottom.
@@ -477,15 +511,21 @@ fn render_chat(frame: &mut Frame, area: Rect, app: &App) {
         render_sidebar(frame, r, app);
     }
     if let Some(r) = a.members {
-        render_members(frame, r, b);
+        render_members(frame, r, b, &app.chat);
     }
     // Title.
     let title = match &b.key {
         ConvKey::Status => format!(" {} · status and server notices", b.key.label()),
-        ConvKey::Room(_) => {
+        ConvKey::Room(room) => {
             let online = b.members.values().filter(|p| p.online).count();
+            let topic = app
+                .chat
+                .topics
+                .get(room)
+                .map(|t| format!(" · {}", crate::text::sanitize(t, false)))
+                .unwrap_or_default();
             format!(
-                " {} · {} members, {online} online",
+                " {}{topic} · {} members, {online} online",
                 b.key.label(),
                 b.members.len()
             )
@@ -496,6 +536,17 @@ fn render_chat(frame: &mut Frame, area: Rect, app: &App) {
             people.join(", ")
         ),
     };
+    // "read by": who has read the newest message.
+    let read_by = b
+        .entries
+        .iter()
+        .rev()
+        .find_map(crate::buffer::Entry::seq)
+        .map(|seq| app.chat.read_by(&b.key, seq, me))
+        .filter(|who| !who.is_empty())
+        .map(|who| format!(" · read by {}", who.join(", ")))
+        .unwrap_or_default();
+    let title = format!("{title}{read_by}");
     let mut title_spans = vec![Span::raw(truncate(&title, a.title.width as usize))];
     if b.scroll > 0 {
         title_spans.push(Span::styled(
@@ -576,14 +627,17 @@ fn render_sidebar(frame: &mut Frame, r: Rect, app: &App) {
     );
 }
 
-fn render_members(frame: &mut Frame, r: Rect, b: &Buffer) {
+fn render_members(frame: &mut Frame, r: Rect, b: &Buffer, chat: &crate::chat::ChatState) {
     let inner = (r.width as usize).saturating_sub(1);
     let mut members: Vec<(&String, &crate::buffer::Presence)> = b.members.iter().collect();
     members.sort_by_key(|(name, p)| (!p.online, !p.admin, (*name).clone()));
     let lines: Vec<Line> = members
         .into_iter()
         .map(|(name, p)| {
-            let (dot, style) = if p.online {
+            let away = p.online && chat.away.contains_key(name.as_str());
+            let (dot, style) = if away {
+                ("◐", Style::default().fg(Color::Yellow))
+            } else if p.online {
                 ("●", Style::default().fg(Color::Green))
             } else {
                 ("○", Style::default().fg(Color::DarkGray))
@@ -592,7 +646,7 @@ fn render_members(frame: &mut Frame, r: Rect, b: &Buffer) {
             Line::from(vec![
                 Span::styled(format!("{dot}{admin}"), style),
                 Span::styled(
-                    truncate(name, inner.saturating_sub(2)),
+                    truncate(&chat.shown_name(name), inner.saturating_sub(2)),
                     if p.online {
                         Style::default().fg(nick_colour(name))
                     } else {
@@ -730,6 +784,9 @@ fn render_status(frame: &mut Frame, r: Rect, app: &App) {
         app.me().to_string(),
         bar.fg(nick_colour(app.me())),
     ));
+    if let Some(typing) = app.chat.typing_line(key, app.now_ms) {
+        spans.push(Span::styled(format!(" │ {typing}"), bar.fg(Color::Cyan)));
+    }
     // Other buffers with a mention or unread messages.
     let activity: Vec<String> = app
         .buffers

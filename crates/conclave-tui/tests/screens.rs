@@ -134,6 +134,8 @@ fn presence(user: &str, online: bool) -> conclave_client::proto::UserPresence {
         online,
         connections: u32::from(online),
         admin: false,
+        display_name: None,
+        away: None,
     }
 }
 
@@ -370,7 +372,7 @@ fn long_messages_wrap_and_pastes_keep_their_lines() {
 
 #[test]
 fn help() {
-    let mut app = chatting((110, 46));
+    let mut app = chatting((110, 64));
     type_line(&mut app, "/help");
     assert!(matches!(app.overlay, Overlay::Help { .. }));
     assert_shows(
@@ -435,10 +437,15 @@ fn search_results_and_jumping_to_one() {
     // The first result is in a room not loaded: jumping asks for its history.
     let actions = app.update(key(KeyCode::Enter));
     assert_eq!(app.current_buffer().key, ConvKey::Room("ops".into()));
+    // The history, and who has read how far (asked with a conversation's first page).
     let [
         Action::Request {
             tag,
             req: Request::History { .. },
+            ..
+        },
+        Action::Request {
+            req: Request::ReadMarkers { .. },
             ..
         },
     ] = actions[..]

@@ -33,6 +33,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         server_password: env_secret(&args.server_password_env, "--server-password-env")?,
         invite_code: env_secret(&args.invite_code_env, "--invite-code-env")?,
         state_dir: args.state_dir,
+        bell: !args.no_bell,
+        title: !args.no_title,
     };
     conclave_tui::run(opts)?;
     Ok(ExitCode::SUCCESS)

@@ -317,6 +317,13 @@ pub struct ChatArgs {
     /// this device cannot read its end-to-end conversations' history.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Do not ring the terminal bell when someone mentions you (@you, or @room from the
+    /// room's owner). `/mute` silences one conversation.
+    #[arg(long)]
+    pub no_bell: bool,
+    /// Do not put waiting mentions in the terminal window's title.
+    #[arg(long)]
+    pub no_title: bool,
 }
 
 #[derive(Args)]

@@ -1177,6 +1177,15 @@ fn is_resendable(req: &Request) -> bool {
         | Request::E2eeConvs
         | Request::E2eeWelcomeDone { .. }
         | Request::Ack { .. } => true,
+        // Everyday chat, part B: setting the same state twice sets it once (a read marker
+        // only moves forward); a typing notice after a reconnect is stale.
+        Request::Read { .. }
+        | Request::ReadMarkers { .. }
+        | Request::ShareReads { .. }
+        | Request::SetTopic { .. }
+        | Request::Away { .. }
+        | Request::SetDisplayName { .. } => true,
+        Request::Typing { .. } => false,
         Request::E2eePublish { .. } | Request::E2eeCreate { .. } | Request::E2eeCommit { .. } => {
             false
         }

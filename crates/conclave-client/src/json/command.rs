@@ -33,6 +33,16 @@ pub const COMMANDS: &[&str] = &[
     "files",
     "devices",
     "quit",
+    // Everyday chat, part B.
+    "typing",
+    "read",
+    "read_markers",
+    "share_reads",
+    "away",
+    "back",
+    "display_name",
+    "unread",
+    "mute",
 ];
 
 /// A parsed input line.
@@ -78,6 +88,17 @@ pub enum Action {
         window: Option<u64>,
         congestion: Option<String>,
     },
+    // ---- Everyday chat, part B.
+    /// `set_room` with a `topic` (and perhaps `votekick` too).
+    SetRoom {
+        room: String,
+        votekick: Option<bool>,
+        topic: String,
+    },
+    /// Unread messages and mentions per conversation, counted by this client.
+    Unread,
+    /// Mute or unmute a conversation's mention alerts (counts go on).
+    Mute { conv: ConvRef, muted: bool },
 }
 
 /// A line that is not a valid command: reply with `bad_request`.
@@ -170,10 +191,50 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
             user: f.opt_str("user")?,
             ip: f.opt_str("ip")?,
         },
-        "set_room" => Request::SetRoom {
-            room: f.req_str("room")?,
-            votekick: f.opt_bool("votekick")?,
+        "set_room" => match f.opt_str("topic")? {
+            Some(topic) => {
+                return Ok(Action::SetRoom {
+                    room: f.req_str("room")?,
+                    votekick: f.opt_bool("votekick")?,
+                    topic,
+                });
+            }
+            None => Request::SetRoom {
+                room: f.req_str("room")?,
+                votekick: f.opt_bool("votekick")?,
+            },
         },
+        "typing" => Request::Typing {
+            conv: parse_conv(&f, "typing")?,
+        },
+        "read" => Request::Read {
+            conv: parse_conv(&f, "read")?,
+            seq: f
+                .opt_u64("seq")?
+                .ok_or_else(|| "read needs \"seq\" (the newest message read)".to_string())?,
+        },
+        "read_markers" => Request::ReadMarkers {
+            conv: parse_conv(&f, "read_markers")?,
+        },
+        "share_reads" => Request::ShareReads {
+            share: f
+                .opt_bool("share")?
+                .ok_or_else(|| "share_reads needs \"share\": true or false".to_string())?,
+        },
+        "away" => Request::Away {
+            text: Some(f.opt_str("text")?.unwrap_or_default()),
+        },
+        "back" => Request::Away { text: None },
+        "display_name" => Request::SetDisplayName {
+            name: f.opt_str("name")?.filter(|n| !n.trim().is_empty()),
+        },
+        "unread" => return Ok(Action::Unread),
+        "mute" => {
+            return Ok(Action::Mute {
+                conv: parse_conv(&f, "mute")?,
+                muted: f.opt_bool("muted")?.unwrap_or(true),
+            });
+        }
         "send_file" => {
             return Ok(Action::SendFile {
                 path: f.req_str("path")?.into(),
@@ -238,13 +299,49 @@ fn parse_target(f: &Fields<'_>, cmd: &str) -> Result<Target, String> {
     })
 }
 
+/// The conversation a presence command is about: `"room"`, or `"with"` (also `"to"`, as
+/// message events name a direct conversation) for a direct one.
+fn parse_conv(f: &Fields<'_>, cmd: &str) -> Result<ConvRef, String> {
+    let with = match (f.opt_names("with")?, f.opt_names("to")?) {
+        (Some(_), Some(_)) => return Err(format!("{cmd} takes \"with\" or \"to\", not both")),
+        (a, b) => a.or(b),
+    };
+    match (f.opt_str("room")?, with) {
+        (Some(_), Some(_)) => Err(format!("{cmd} takes \"room\" or \"with\", not both")),
+        (None, None) => Err(format!(
+            "{cmd} needs \"room\" or \"with\" (a user or a list of users)"
+        )),
+        (Some(room), None) => Ok(ConvRef::Room(room)),
+        (None, Some(with)) if with.is_empty() => Err("\"with\" needs at least one user".into()),
+        (None, Some(with)) => Ok(ConvRef::With(with)),
+    }
+}
+
+/// `"action": true` (`/me`) and `"format": "markdown"` of a text send.
+fn text_kind(f: &Fields<'_>) -> Result<conclave_proto::chat::TextKind, String> {
+    let markdown = match f.opt_str("format")?.as_deref() {
+        None | Some("plain") => false,
+        Some("markdown") => true,
+        Some(other) => {
+            return Err(format!(
+                "\"format\" is \"plain\" (the default) or \"markdown\", not {other:?}"
+            ));
+        }
+    };
+    Ok(conclave_proto::chat::TextKind {
+        markdown,
+        action: f.opt_bool("action")?.unwrap_or(false),
+    })
+}
+
 fn parse_send(f: &Fields<'_>) -> Result<Request, String> {
     let target = parse_target(f, "send")?;
     let text = f.opt_str("text")?;
     let content_type = f.opt_str("content_type")?;
     let data_hex = f.opt_str("data_hex")?;
+    let kind = text_kind(f)?;
     let body = match (text, content_type, data_hex) {
-        (Some(text), None, None) => Body::text(text),
+        (Some(text), None, None) => Body::text_of_kind(text, kind),
         (None, Some(content_type), Some(data_hex)) => Body {
             content_type,
             data: hex::decode(&data_hex).map_err(|e| format!("\"data_hex\" is not hex: {e}"))?,

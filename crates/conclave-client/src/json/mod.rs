@@ -14,6 +14,7 @@
 //! the connection, and the server then disconnects us as a slow consumer rather than either
 //! side buffering without limit.
 
+pub mod attention;
 pub mod command;
 pub mod render;
 
@@ -142,8 +143,16 @@ pub async fn run(
         progress_hook: opts.progress_hook.clone(),
         e2ee,
         order: CallOrder::default(),
+        attention: attention::SharedAttention::default(),
     };
-    let forwarder = forward_events(events, driver.client.clone_weak(), out, quitting, ended_tx);
+    let forwarder = forward_events(
+        events,
+        driver.client.clone_weak(),
+        driver.attention.clone(),
+        out,
+        quitting,
+        ended_tx,
+    );
     let writer = write_output(stdout, out_rx, output_failed);
     let (outcome, (), written) = tokio::join!(driver.run(stdin), forwarder, writer);
     written?;
@@ -213,6 +222,8 @@ struct Driver {
     /// were given: each waits for the one before (so a send is in the history asked for
     /// next, and messages keep their order).
     order: CallOrder,
+    /// Unread messages and mentions (counted by the event forwarder).
+    attention: attention::SharedAttention,
 }
 
 impl Driver {
@@ -401,6 +412,40 @@ impl Driver {
                 });
                 return None;
             }
+            // Everyday chat, part B: counted and muted here; a topic with `set_room`.
+            Action::Unread => {
+                let m = self.attention.unread(self.client.user());
+                self.emit(render::ok_fields(id, m)).await;
+                return None;
+            }
+            Action::Mute { conv, muted } => {
+                self.attention.mute(&self.client, &conv, muted);
+                self.emit(render::ok_fields(id, Map::new())).await;
+                return None;
+            }
+            Action::SetRoom {
+                room,
+                votekick,
+                topic,
+            } => {
+                let client = self.client.clone();
+                self.spawn_call(id, async move {
+                    client.set_topic(&room, &topic).await?;
+                    if votekick.is_some() {
+                        client.request(Request::SetRoom { room, votekick }).await?;
+                    }
+                    Ok(Map::new())
+                })
+                .await;
+                return None;
+            }
+            Action::Request(Request::Read { ref conv, .. }) => {
+                self.attention.read(&self.client, conv);
+                let Action::Request(req) = action else {
+                    return None;
+                };
+                req
+            }
             // End-to-end conversations need the client's own handling; while such requests
             // are under way, the requests that touch conversations queue behind them.
             Action::Request(req)
@@ -566,6 +611,7 @@ impl Driver {
 async fn forward_events(
     mut events: Events,
     client: crate::connection::WeakClient,
+    attention: attention::SharedAttention,
     out: mpsc::Sender<String>,
     quitting: Arc<AtomicBool>,
     ended: watch::Sender<Ended>,
@@ -589,8 +635,11 @@ async fn forward_events(
             if let (ClientEvent::Server(conclave_proto::Event::Message(m)), Value::Object(map)) =
                 (&event, &mut value)
             {
-                let e2ee = client.upgrade().is_some_and(|c| c.is_e2ee(&m.conv));
+                let strong = client.upgrade();
+                let e2ee = strong.as_ref().is_some_and(|c| c.is_e2ee(&m.conv));
                 map.insert("e2ee".into(), e2ee.into());
+                // Mentions are found here, after decryption (the server cannot see them).
+                attention.annotate(strong.as_ref(), m, map).await;
             }
             let _ = out.send(line(&value)).await;
         }

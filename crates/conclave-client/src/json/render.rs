@@ -25,6 +25,15 @@ pub fn message(m: &Message) -> Value {
     match m.body.as_text() {
         Some(text) => {
             out.insert("text".into(), json!(text));
+            // Plain text keeps the shape it always had; the rest say how to show it.
+            if let Some(kind) = m.body.text_kind() {
+                if kind.markdown {
+                    out.insert("format".into(), json!("markdown"));
+                }
+                if kind.action {
+                    out.insert("action".into(), json!(true));
+                }
+            }
         }
         None => {
             out.insert("content_type".into(), json!(m.body.content_type));
@@ -110,6 +119,42 @@ pub fn event(e: &Event) -> Value {
         }
         Event::FileCancelled { file_id, by } => {
             json!({"event": "file_cancelled", "file_id": file_id, "by": by})
+        }
+        // Everyday chat, part B.
+        Event::Typing { conv, user } => {
+            let mut v = json!({"event": "typing", "user": user});
+            add_conv(&mut v, conv, user);
+            v
+        }
+        Event::Read { conv, user, seq } => {
+            let mut v = json!({"event": "read", "user": user, "seq": seq});
+            add_conv(&mut v, conv, user);
+            v
+        }
+        Event::Topic { room, topic, by } => {
+            json!({"event": "topic", "room": room, "topic": topic, "by": by})
+        }
+        Event::Away { user, text } => match text {
+            Some(t) => json!({"event": "away", "user": user, "text": t}),
+            None => json!({"event": "back", "user": user}),
+        },
+        Event::DisplayName { user, name } => {
+            json!({"event": "display_name", "user": user, "name": name})
+        }
+    }
+}
+
+/// `"room"`, or for a direct conversation `"to"`: its participants other than `user`, as in
+/// message events.
+fn add_conv(v: &mut Value, conv: &Conv, user: &str) {
+    if let Value::Object(m) = v {
+        match conv {
+            Conv::Room(room) => {
+                m.insert("room".into(), json!(room));
+            }
+            Conv::Direct(participants) => {
+                m.insert("to".into(), json!(direct_recipients(participants, user)));
+            }
         }
     }
 }
@@ -315,7 +360,7 @@ pub fn connected(s: &Session) -> Value {
 }
 
 fn room_info(r: &RoomInfo) -> Value {
-    json!({
+    let mut v = json!({
         "room": r.room,
         "private": r.private,
         "has_password": r.has_password,
@@ -324,16 +369,29 @@ fn room_info(r: &RoomInfo) -> Value {
         "member": r.member,
         "owner": r.owner,
         "e2ee": r.e2ee,
-    })
+    });
+    if let (Value::Object(m), Some(topic)) = (&mut v, &r.topic) {
+        m.insert("topic".into(), json!(topic));
+    }
+    v
 }
 
 fn user_presence(u: &UserPresence) -> Value {
-    json!({
+    let mut v = json!({
         "user": u.user,
         "online": u.online,
         "connections": u.connections,
         "admin": u.admin,
-    })
+    });
+    if let Value::Object(m) = &mut v {
+        if let Some(away) = &u.away {
+            m.insert("away".into(), json!(away));
+        }
+        if let Some(name) = &u.display_name {
+            m.insert("display_name".into(), json!(name));
+        }
+    }
+    v
 }
 
 /// The result fields of a successful reply (without `ok` and `id`).
@@ -397,6 +455,9 @@ fn reply_fields(reply: &Reply) -> Map<String, Value> {
             chunk_size,
         } => json!({"uploaded": uploaded, "complete": complete, "chunk_size": chunk_size}),
         Reply::FileData { offset, data } => json!({"offset": offset, "bytes": data.0.len()}),
+        Reply::ReadMarkers(markers) => json!({"markers": markers.iter().map(|m| json!({
+            "user": m.user, "seq": m.seq, "ts": m.ts_ms
+        })).collect::<Vec<_>>()}),
     };
     match value {
         Value::Object(map) => map,
@@ -606,7 +667,9 @@ mod tests {
                     user: "a".into(),
                     online: true,
                     connections: 2,
-                    admin: false
+                    admin: false,
+                    display_name: None,
+                    away: None,
                 }])
             ),
             json!({"ok":true,"users":[{"user":"a","online":true,"connections":2,"admin":false}]})
@@ -623,6 +686,7 @@ mod tests {
                     member: true,
                     owner: None,
                     e2ee: false,
+                    topic: None,
                 }])
             ),
             json!({"ok":true,"rooms":[{"room":"g","private":false,"has_password":false,

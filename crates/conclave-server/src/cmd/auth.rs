@@ -337,6 +337,11 @@ fn connect(conn: &mut Conn, name: String, admin: bool) -> Reply {
 pub fn logout(conn: &Conn) {
     let mut hub = conn.shared.hub.lock();
     if let Some((user, true)) = hub.disconnect(conn.sid) {
+        conn.shared
+            .presence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .went_offline(&user);
         broadcast(
             hub.presence_audience(&user),
             Event::Presence {

@@ -7,6 +7,7 @@ pub mod e2ee;
 pub mod files;
 pub mod history;
 pub mod moderation;
+pub mod presence;
 pub mod rooms;
 pub mod send;
 
