@@ -235,7 +235,7 @@ export class MlsDevice {
     return keyFingerprint(this.sign.publicKey);
   }
 
-  /** `n` fresh key packages (MLS messages), whose private keys are kept for a Welcome. */
+  /** `n` fresh key packages, whose private keys are kept for a Welcome. */
   async keyPackagesOut(n: number): Promise<Uint8Array[]> {
     const out: Uint8Array[] = [];
     for (let i = 0; i < n; i++) {
@@ -248,7 +248,8 @@ export class MlsDevice {
         this.cs,
       );
       this.keyPackages.push({ pub: kp.publicPackage, priv: kp.privatePackage });
-      out.push(encodeMlsMessage({ version: "mls10", wireformat: "mls_key_package", keyPackage: kp.publicPackage }));
+      // Bare KeyPackage structs (not MLS messages), as the native clients publish them.
+      out.push(encodeKeyPackage(kp.publicPackage));
     }
     while (this.keyPackages.length > MAX_KEPT_KEY_PACKAGES) this.keyPackages.shift();
     return out;
@@ -335,13 +336,13 @@ export class MlsDevice {
     };
   }
 
-  /** A commit adding the devices of these key packages (MLS messages); the server's pending
+  /** A commit adding the devices of these key packages; the server's pending
    * removals are committed with it. */
   async addMembers(conv: string, keyPackages: Uint8Array[]): Promise<Outgoing> {
     const proposals: Proposal[] = keyPackages.map((b) => {
-      const m = parse(b);
-      if (m.wireformat !== "mls_key_package") throw new Error("not a key package");
-      return { proposalType: "add", add: { keyPackage: m.keyPackage } };
+      const kp = decodeKeyPackage(b, 0);
+      if (kp === undefined || kp[1] !== b.length) throw new Error("not a key package");
+      return { proposalType: "add", add: { keyPackage: kp[0] } };
     });
     return this.commit(conv, proposals);
   }
