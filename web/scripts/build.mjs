@@ -1,12 +1,10 @@
 // Builds the browser client into web/dist/: one bundled, minified script and one stylesheet,
 // referenced from index.html. Nothing inline (the page is served with the strict CSP
 // `default-src 'self'`), no third-party origin. Output names are fixed so the server can embed
-// the folder as it is; the bundle's SHA-256 is written to dist/bundle.sha256 for reference
-// (the server computes its own over what it embeds).
+// the folder as it is (the server computes the bundle's SHA-256 over what it embeds).
 
 import { build } from "esbuild";
-import { createHash } from "node:crypto";
-import { mkdirSync, readFileSync, writeFileSync, rmSync, copyFileSync } from "node:fs";
+import { mkdirSync, readFileSync, rmSync, copyFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -29,8 +27,5 @@ await build({
 copyFileSync(join(web, "src", "style.css"), join(dist, "style.css"));
 copyFileSync(join(web, "src", "index.html"), join(dist, "index.html"));
 
-const hash = createHash("sha256");
-for (const f of ["index.html", "app.js", "style.css"]) hash.update(readFileSync(join(dist, f)));
-writeFileSync(join(dist, "bundle.sha256"), hash.digest("hex") + "\n");
 const size = readFileSync(join(dist, "app.js")).length;
 console.log(`web/dist: app.js ${(size / 1024).toFixed(0)} KiB`);

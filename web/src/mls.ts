@@ -367,9 +367,10 @@ export class MlsDevice {
   /** The server ordered this device's pending commit as `seq`: adopt it. */
   confirm(conv: string, seq: number): void {
     const g = this.group(conv);
-    if (g.pending === undefined) return;
-    g.state = g.pending.state;
-    g.pending = undefined;
+    if (g.pending !== undefined) {
+      g.state = g.pending.state;
+      g.pending = undefined;
+    }
     g.lastSeq = Math.max(g.lastSeq, seq);
     if (g.joinedSeq < 0) g.joinedSeq = seq;
   }
@@ -407,7 +408,7 @@ export class MlsDevice {
     const kp = await this.ownKeyPackage();
     const r = await joinGroupExternal(m.groupInfo, kp.pub, kp.priv, false, this.cs, undefined, clientConfig);
     const commit = encodeMlsMessage({ version: "mls10", wireformat: "mls_public_message", publicMessage: r.publicMessage });
-    this.groups.set(conv, { state: r.newState, lastSeq: 0, joinedSeq: -1, active: true, pending: undefined });
+    this.groups.set(conv, { state: r.newState, lastSeq: 0, joinedSeq: -1, active: true, pending: { commit, state: r.newState } });
     return { commit, welcome: undefined, groupInfo: await this.groupInfoOf(r.newState) };
   }
 
@@ -429,7 +430,7 @@ export class MlsDevice {
   /** Processes log entry `seq` from account `from`, in order; each entry at most once. */
   async process(conv: string, seq: number, from: string, data: Uint8Array): Promise<Processed> {
     const g = this.group(conv);
-    if (seq <= g.lastSeq) return { kind: "duplicate" };
+    if (seq <= g.lastSeq || (g.joinedSeq >= 0 && seq <= g.joinedSeq)) return { kind: "duplicate" };
     if (!g.active) {
       g.lastSeq = seq;
       return { kind: "not_member" };
