@@ -434,6 +434,42 @@ impl FilesConfig {
     }
 }
 
+/// The web client (`[web]`): served over HTTPS on the listen port to TLS clients that ask
+/// for HTTP by ALPN (browsers), with its protocol on the WebSocket `/ws`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the web client. Off: TLS clients asking for HTTP are refused during the handshake.
+    pub enabled: bool,
+    /// Most time one HTTP connection is kept before its WebSocket upgrade (a browser loading
+    /// the page opens another when it needs one).
+    pub http_connection_ms: u64,
+    /// Largest request head (request line and headers) accepted.
+    pub max_request_header_bytes: usize,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            enabled: true,
+            http_connection_ms: 30_000,
+            max_request_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// An operator-given TLS certificate (`[tls]`), for example one issued by a CA that browsers
+/// trust. Absent: the self-signed certificate in `tls/` of the data directory. Read again by
+/// `conclave admin reload`; open connections keep theirs.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, the server's certificate first.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1); keep it mode 0600.
+    pub key_file: Option<PathBuf>,
+}
+
 /// The config file's shape.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -452,6 +488,8 @@ pub struct FileConfig {
     pub anomaly: AnomalyConfig,
     pub metrics: MetricsConfig,
     pub files: FilesConfig,
+    pub web: WebConfig,
+    pub tls: TlsConfig,
 }
 
 /// Room left in a client's frame limit for what the server adds around a relayed frame (the
@@ -478,6 +516,12 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// File transfer limits (`[files]`).
     pub files: FilesConfig,
+    /// The web client (`[web]`).
+    pub web: WebConfig,
+    /// An operator-given certificate (`[tls]`, or `--tls-cert`/`--tls-key`).
+    pub tls: TlsConfig,
+    /// The certificate came from the command line, which a reload does not override.
+    pub tls_from_cli: bool,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -506,6 +550,9 @@ impl Config {
             anomaly: AnomalyConfig::default(),
             metrics: MetricsConfig::default(),
             files: FilesConfig::default(),
+            web: WebConfig::default(),
+            tls: TlsConfig::default(),
+            tls_from_cli: false,
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
@@ -560,6 +607,8 @@ impl Config {
         self.anomaly = file.anomaly;
         self.metrics = file.metrics;
         self.files = file.files;
+        self.web = file.web;
+        self.tls = file.tls;
         Ok(())
     }
 
@@ -573,6 +622,10 @@ impl Config {
         new.server_password = self.server_password.clone();
         new.data_key_passphrase = self.data_key_passphrase.clone();
         new.registration_from_cli = self.registration_from_cli;
+        new.tls_from_cli = self.tls_from_cli;
+        if self.tls_from_cli {
+            new.tls = self.tls.clone();
+        }
         if self.registration_from_cli {
             new.registration = self.registration;
         }
@@ -625,6 +678,16 @@ impl Config {
             || f.max_pending_offers == 0
         {
             return bad("every value in [files] must be above 0");
+        }
+        if self.web.http_connection_ms == 0 || self.web.max_request_header_bytes < 8192 {
+            return bad(
+                "web.http_connection_ms must be above 0 and web.max_request_header_bytes at least 8192",
+            );
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return bad(
+                "tls.cert_file and tls.key_file go together: give both (a CA-issued certificate chain and its key, PEM), or neither (the self-signed default)",
+            );
         }
         if l.requests_per_second == 0 || l.request_burst == 0 {
             return bad("limits.requests_per_second and request_burst must be above 0");

@@ -11,8 +11,10 @@ pub mod anomaly;
 pub mod at_rest;
 pub mod audit;
 pub mod canary;
+pub mod certs;
 pub mod cmd;
 pub mod config;
+pub mod connection;
 pub mod dispatch;
 pub mod e2ee;
 pub mod files;
@@ -29,6 +31,7 @@ pub mod session;
 pub mod store;
 pub mod tls;
 pub mod tls_stream;
+pub mod web;
 
 pub use config::{Config, RegistrationPolicy};
 pub use server::{Server, StartError};

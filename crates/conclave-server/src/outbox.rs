@@ -73,7 +73,7 @@ pub struct OutboxQueue {
 impl OutboxQueue {
     /// Takes every frame waiting, oldest first (empty when none). They still count against
     /// the capacity until [`OutboxQueue::written`].
-    fn take(&self) -> VecDeque<Bytes> {
+    pub(crate) fn take(&self) -> VecDeque<Bytes> {
         let mut q = self.inner.lock_queue();
         let frames = std::mem::take(&mut q.frames);
         q.taken = frames.len();
@@ -81,12 +81,12 @@ impl OutboxQueue {
     }
 
     /// The frames last taken have been written.
-    fn written(&self) {
+    pub(crate) fn written(&self) {
         self.inner.lock_queue().taken = 0;
     }
 
     /// Waits until frames may be waiting (a permit is kept when they arrived in between).
-    async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         self.inner.ready.notified().await
     }
 }

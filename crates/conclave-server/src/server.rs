@@ -20,7 +20,7 @@ use crate::hub::{Hub, HubLimits, SessionId};
 use crate::outbox::Outbox;
 use crate::store::{Db, Store, StoreThread};
 
-use crate::{fsutil, session, tls};
+use crate::{connection, fsutil};
 
 /// Time given to connections to say goodbye at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -110,6 +110,8 @@ pub struct Shared {
     pub files_cache: crate::cmd::files::FilesCache,
     /// End-to-end encrypted conversations (public group state) and the server's MLS key.
     pub e2ee: crate::e2ee::E2ee,
+    /// The certificate the listener presents (swapped by a reload).
+    pub certs: Arc<crate::certs::Certs>,
     next_session: AtomicU64,
 }
 
@@ -159,6 +161,7 @@ impl Shared {
         let new = old.reloaded().map_err(|e| e.to_string())?;
         new.validate().map_err(|e| e.to_string())?;
         self.apply_rules(&new).await?;
+        self.certs.reload(&new)?;
         self.hub.lock().set_limits(hub_limits(&new));
         if let Ok(mut c) = self.config.write() {
             *c = Arc::new(new);
@@ -270,10 +273,11 @@ impl Server {
             .await
             .map_err(start_err)?;
         let mut db = open_db(&config)?;
-        let identity =
-            tls::load_or_create(&config.data_dir).map_err(|e| start_err(e.to_string()))?;
-        let acceptor =
-            TlsAcceptor::from(tls::server_config(&identity).map_err(|e| start_err(e.to_string()))?);
+        let loaded = crate::certs::Certs::load(&config).map_err(|e| start_err(e.to_string()))?;
+        let acceptor = TlsAcceptor::from(
+            crate::certs::server_config(loaded.certs.clone(), config.web.enabled)
+                .map_err(|e| start_err(e.to_string()))?,
+        );
         let users = db.users().map_err(|e| start_err(e.to_string()))?;
         let rooms = db.rooms().map_err(|e| start_err(e.to_string()))?;
         let bans = db
@@ -345,6 +349,7 @@ impl Server {
                 files: Arc::new(files),
                 files_cache: Default::default(),
                 e2ee,
+                certs: loaded.certs.clone(),
                 next_session: AtomicU64::new(1),
             }),
             listener,
@@ -354,8 +359,8 @@ impl Server {
             store_thread,
             dispatcher,
             local_addr,
-            fingerprint: identity.fingerprint,
-            identity_created: identity.created,
+            fingerprint: loaded.certs.fingerprint(),
+            identity_created: loaded.identity_created,
         })
     }
 
@@ -469,7 +474,7 @@ impl Server {
                         let ip_slot = IpSlot { shared: shared.clone(), ip: peer.ip(), peer };
                         let acceptor = acceptor.clone();
                         tracker.spawn(async move {
-                            session::run(ip_slot.shared.clone(), acceptor.clone(), tcp, peer, permit).await;
+                            connection::run(ip_slot.shared.clone(), acceptor.clone(), tcp, peer, permit).await;
                             drop(ip_slot);
                         });
                     }

@@ -13,14 +13,14 @@ use conclave_proto::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{Fields, Kind};
 use crate::cmd;
 use crate::hub::SessionId;
-use crate::outbox::{self, GOODBYE_TIMEOUT, Outbox};
+use crate::outbox::{self, GOODBYE_TIMEOUT, Outbox, OutboxQueue};
 use crate::registry::{ConnInfo, Counters};
 use crate::server::Shared;
 use crate::tls_stream::{self, TlsReader, TlsWriter};
@@ -44,57 +44,159 @@ impl Conn {
     }
 }
 
-/// What a session has once the hello succeeded: both halves of the TLS stream (each a
-/// pointer to the shared connection), its byte counters, and the TLS version, cipher and key
-/// exchange group for the registry.
-type Established = (
-    TlsReader,
-    TlsWriter,
-    Arc<Counters>,
-    String,
-    String,
-    &'static str,
-);
+/// A TLS connection whose handshake succeeded, before anything else was read: both halves of
+/// the TLS stream (each a pointer to the shared connection), its byte counters, and the end
+/// of the time allowed for the handshake and the protocol's hello.
+pub struct TlsLink {
+    pub reader: TlsReader,
+    pub writer: TlsWriter,
+    pub counters: Arc<Counters>,
+    pub deadline: Instant,
+}
 
-/// Serves one accepted TCP connection to the end.
+/// What the registry and the audit log say about a connection's TLS.
+pub struct LinkParams {
+    pub tls_version: String,
+    pub cipher: String,
+    pub kx_group: &'static str,
+}
+
+impl TlsLink {
+    /// The application protocol chosen by ALPN, when the peer offered one we serve.
+    pub fn alpn(&self) -> Option<Vec<u8>> {
+        self.reader
+            .with_common(|state| state.alpn_protocol().map(|p| p.to_vec()))
+    }
+
+    /// The TLS version, cipher suite and key exchange group negotiated.
+    pub fn params(&self) -> LinkParams {
+        self.reader.with_common(|state| LinkParams {
+            tls_version: state
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("?")
+                .replace("TLSv1_3", "TLS 1.3"),
+            cipher: state
+                .negotiated_cipher_suite()
+                .and_then(|c| c.suite().as_str())
+                .unwrap_or("?")
+                .to_string(),
+            kx_group: crate::tls::kx_group_name(
+                state.negotiated_key_exchange_group().map(|g| g.name()),
+            ),
+        })
+    }
+}
+
+/// What the session loop gets from a connection's reading side.
+pub enum Incoming {
+    Frame(ClientFrame),
+    /// The peer closed the connection (or it broke).
+    End,
+    /// A frame over the limit in force.
+    TooLarge,
+    /// Something that is not a request; the text says what was wrong.
+    Malformed(String),
+}
+
+/// Where a session's requests come from: the native connection's length-prefixed postcard
+/// frames, or the web client's JSON text messages (`web::ws`). Everything after the frame
+/// (limits, rate, login, handlers, audit) is the same session code.
+pub trait FrameSource: Send {
+    /// The next request, refusing one over `max_frame` bytes (as the native encoding counts
+    /// them). Not cancel-safe: the session drops the connection whenever it stops waiting.
+    fn next_frame(&mut self, max_frame: usize) -> impl Future<Output = Incoming> + Send;
+}
+
+/// A native connection's frames: a 4-byte length, then a postcard body.
+struct NativeFrames(TlsReader);
+
+impl FrameSource for NativeFrames {
+    async fn next_frame(&mut self, max_frame: usize) -> Incoming {
+        match read_frame(&mut self.0, max_frame).await {
+            None => Incoming::End,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => Incoming::TooLarge,
+            Some(Err(_)) => Incoming::End,
+            Some(Ok(bytes)) => match conclave_proto::decode_client(&bytes) {
+                Ok(f) => Incoming::Frame(f),
+                Err(e) => Incoming::Malformed(e.to_string()),
+            },
+        }
+    }
+}
+
+/// A native client's connection after TLS: the hello, then the session.
 ///
 /// A task's future is as large as its largest await point, and idle connections are counted
 /// in thousands: the handshake (a TLS connection being set up) and the end of the session are
 /// boxed, so only the request loop's small state stays in the task while it waits.
-pub async fn run(
-    shared: Arc<Shared>,
-    acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
-) {
-    let Some(established) = Box::pin(handshake(&shared, acceptor, tcp, peer)).await else {
+pub async fn run_native(shared: Arc<Shared>, link: TlsLink, peer: SocketAddr) {
+    let Some(link) = Box::pin(hello(link, peer)).await else {
         return;
     };
-    serve(shared, established, peer).await
+    let params = link.params();
+    let TlsLink {
+        reader,
+        writer: write_half,
+        counters,
+        ..
+    } = link;
+    serve(
+        shared,
+        peer,
+        params,
+        counters,
+        NativeFrames(reader),
+        move |queue, outbox| {
+            tokio::spawn(async move {
+                // A writer that could not deliver its goodbye has a peer that stopped reading.
+                let (w, delivered) = outbox::writer(write_half, queue, outbox).await;
+                if !delivered {
+                    w.reset();
+                }
+            })
+        },
+    )
+    .await
 }
 
-/// The TLS handshake and the protocol hello; `None` when the connection ends there.
-async fn handshake(
+/// The TLS handshake, within the handshake timeout; `None` when the connection ends there.
+pub async fn accept_tls(
     shared: &Shared,
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Option<Established> {
-    let handshake_deadline = Instant::now() + shared.config().limits.handshake_timeout();
+) -> Option<TlsLink> {
+    let deadline = Instant::now() + shared.config().limits.handshake_timeout();
     let counters = Arc::new(Counters::default());
     let accept = tls_stream::accept(tcp, acceptor.config().clone(), counters.clone());
-    let (mut reader, mut writer) = match tokio::time::timeout_at(handshake_deadline, accept).await {
-        Ok(Ok(s)) => s,
+    match tokio::time::timeout_at(deadline, accept).await {
+        Ok(Ok((reader, writer))) => Some(TlsLink {
+            reader,
+            writer,
+            counters,
+            deadline,
+        }),
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return None;
+            None
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// The protocol hello, within what is left of the handshake timeout; `None` when the
+/// connection ends there.
+async fn hello(link: TlsLink, peer: SocketAddr) -> Option<TlsLink> {
+    let TlsLink {
+        mut reader,
+        mut writer,
+        counters,
+        deadline: handshake_deadline,
+    } = link;
     let mut theirs = [0u8; HELLO_BYTES];
     match tokio::time::timeout_at(handshake_deadline, reader.read_exact(&mut theirs)).await {
         Ok(Ok(_)) => {}
@@ -127,34 +229,36 @@ async fn handshake(
         let _ = timeout(GOODBYE_TIMEOUT, writer.shutdown()).await;
         return None;
     }
-
-    let (tls_version, cipher, kx_group) = reader.with_common(|state| {
-        (
-            state
-                .protocol_version()
-                .and_then(|v| v.as_str())
-                .unwrap_or("?")
-                .replace("TLSv1_3", "TLS 1.3"),
-            state
-                .negotiated_cipher_suite()
-                .and_then(|c| c.suite().as_str())
-                .unwrap_or("?")
-                .to_string(),
-            crate::tls::kx_group_name(state.negotiated_key_exchange_group().map(|g| g.name())),
-        )
-    });
-    Some((reader, writer, counters, tls_version, cipher, kx_group))
+    Some(TlsLink {
+        reader,
+        writer,
+        counters,
+        deadline: handshake_deadline,
+    })
 }
 
 /// The request loop of a connection whose hello succeeded, and its end.
-async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) {
-    let (read_half, write_half, counters, tls_version, cipher, kx_group) = established;
+///
+/// `spawn_writer` starts the task that writes the outbox's frames to the connection (and says
+/// goodbye when it closes).
+pub async fn serve<S: FrameSource>(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    params: LinkParams,
+    counters: Arc<Counters>,
+    mut frames: S,
+    spawn_writer: impl FnOnce(OutboxQueue, Outbox) -> tokio::task::JoinHandle<()>,
+) {
+    let LinkParams {
+        tls_version,
+        cipher,
+        kx_group,
+    } = params;
     // A snapshot for the connection's lifetime (as a copy of the limits would be), shared.
     let config = shared.config();
     let limits = &config.limits;
     let (outbox, queue) = Outbox::new(limits.outbound_queue_frames, &shared.shutdown);
-    let writer = tokio::spawn(outbox::writer(write_half, queue, outbox.clone()));
-    let mut frames = read_half;
+    let writer = spawn_writer(queue, outbox.clone());
     let mut conn = Conn {
         sid: shared.next_session_id(),
         shared: shared.clone(),
@@ -197,9 +301,9 @@ async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) 
         let next = tokio::select! {
             biased;
             _ = outbox.closed() => break,
-            n = tokio::time::timeout_at(deadline, read_frame(&mut frames, max_frame)) => n,
+            n = tokio::time::timeout_at(deadline, frames.next_frame(max_frame)) => n,
         };
-        let bytes = match next {
+        let frame = match next {
             Err(_) => {
                 let message = match conn.user {
                     None => format!(
@@ -214,30 +318,28 @@ async fn serve(shared: Arc<Shared>, established: Established, peer: SocketAddr) 
                 outbox.close(DisconnectReason::Timeout, message);
                 break;
             }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                if e.kind() == std::io::ErrorKind::InvalidData {
-                    outbox.close(
-                        DisconnectReason::TooLarge,
-                        format!("a frame was larger than the server's limit of {max_frame} bytes"),
-                    );
-                    tracing::info!(%peer, user = ?conn.user, "connection closed: oversize frame");
-                }
+            Ok(Incoming::End) => break,
+            Ok(Incoming::TooLarge) => {
+                outbox.close(
+                    DisconnectReason::TooLarge,
+                    format!("a frame was larger than the server's limit of {max_frame} bytes"),
+                );
+                tracing::info!(%peer, user = ?conn.user, "connection closed: oversize frame");
                 break;
             }
-            Ok(Some(Ok(bytes))) => bytes,
+            Ok(Incoming::Malformed(e)) => {
+                counters
+                    .frames_in
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                outbox.close(DisconnectReason::Malformed, e);
+                tracing::info!(%peer, user = ?conn.user, "connection closed: malformed frame");
+                break;
+            }
+            Ok(Incoming::Frame(frame)) => frame,
         };
         counters
             .frames_in
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let frame = match conclave_proto::decode_client(&bytes) {
-            Ok(f) => f,
-            Err(e) => {
-                outbox.close(DisconnectReason::Malformed, e.to_string());
-                tracing::info!(%peer, user = ?conn.user, "connection closed: malformed frame");
-                break;
-            }
-        };
         counters.note_request(&frame.req);
         // File chunks have their own budget (they come by the thousand in a transfer): over
         // it they wait rather than fail.
@@ -292,7 +394,7 @@ async fn finish(
     conn: Conn,
     counters: Arc<Counters>,
     connected_at: Instant,
-    writer: tokio::task::JoinHandle<(TlsWriter, bool)>,
+    writer: tokio::task::JoinHandle<()>,
 ) {
     let shared = &conn.shared;
     let outbox = &conn.outbox;
@@ -350,10 +452,7 @@ async fn finish(
     } else {
         outbox.close(DisconnectReason::Quit, "goodbye");
     }
-    // A writer that could not deliver its goodbye has a peer that stopped reading.
-    if let Ok(Ok((w, false))) = timeout(GOODBYE_TIMEOUT * 2, writer).await {
-        w.reset();
-    }
+    let _ = timeout(GOODBYE_TIMEOUT * 2, writer).await;
 }
 
 /// A connection's request budget: a token bucket, and the count of recent refusals.
