@@ -289,6 +289,20 @@ function showMain(root: HTMLElement, s: Session): void {
   });
   render();
   composer.focus();
+  if (location.hash === "#bench") exposeBench(s, render);
+}
+
+/** Under `#bench` only: fills the open conversation's timeline with `n` local rows (for the
+ * rendering test and the figures in docs/benchmarks.md); nothing is sent or stored. */
+function exposeBench(s: Session, render: () => void): void {
+  (window as unknown as Record<string, unknown>).__conclaveFill = (n: number) => {
+    const c = s.state.current ? s.state.convs.get(s.state.current) : undefined;
+    if (c === undefined) return 0;
+    const now = Date.now();
+    for (let i = 0; i < n; i++) c.entries.push({ seq: 0, from: "bench", ts: now, text: `benchmark row ${i}`, notice: true });
+    render();
+    return n;
+  };
 }
 
 function idOf(key: string): string {
