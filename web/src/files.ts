@@ -6,7 +6,7 @@
 
 import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
 import { concat, fromHex, toHex } from "./bytes.js";
-import { bytesIn, bytesOut, type Json } from "./protocol.js";
+import { RequestError, bytesIn, bytesOut, type Json } from "./protocol.js";
 import type { Session } from "./session.js";
 
 /** Plaintext bytes per sealed chunk (file_crypt.rs's CHUNK). */
@@ -17,6 +17,9 @@ const PREFIX = 19;
 export const MAX_WEB_FILE_BYTES = 64 * 1024 * 1024;
 /** Most chunk requests one transfer makes (a bound on the loops below). */
 const MAX_CHUNKS = MAX_WEB_FILE_BYTES / 1024 + 16;
+/** Waits for a file whose upload is not complete yet: this many, this long each. */
+const MAX_NOT_READY = 120;
+const NOT_READY_WAIT_MS = 500;
 
 async function sha256(b: Uint8Array): Promise<Uint8Array> {
   return new Uint8Array(await crypto.subtle.digest("SHA-256", b as BufferSource));
@@ -113,7 +116,17 @@ export async function saveFile(
   const expected = file.key === undefined ? file.size : PREFIX + file.size + Math.max(1, Math.ceil(file.size / SEAL_CHUNK)) * TAG;
   progress.hidden = false;
   for (let n = 0; n < MAX_CHUNKS && offset < expected; n++) {
-    const [, got] = await s.call({ FileFetch: { file_id: file.fileId, offset } });
+    let got: unknown;
+    try {
+      [, got] = await s.call({ FileFetch: { file_id: file.fileId, offset } });
+    } catch (e) {
+      // The description can arrive before the upload is complete: wait for it, bounded.
+      if (e instanceof RequestError && e.code === "NotReady" && n < MAX_NOT_READY) {
+        await new Promise((r) => setTimeout(r, NOT_READY_WAIT_MS));
+        continue;
+      }
+      throw e;
+    }
     const d = bytesIn((got as { data: unknown }).data);
     if (d.length === 0) break;
     parts.push(d);

@@ -216,19 +216,20 @@ export class Session {
     const resume = [...this.state.convs.values()]
       .filter((c) => c.lastSeq > 0)
       .map((c) => ({ conv: c.conv, seq: c.lastSeq }) as unknown as Json);
-    if (first && this.opts.register) {
-      await conn.request({
-        Register: {
-          user: this.opts.user,
-          password: this.opts.password,
-          server_password: this.opts.serverPassword ?? null,
-          invite_code: this.opts.inviteCode ?? null,
-        },
-      });
-    }
-    const [, li] = await conn.request({
-      Login: { user: this.opts.user, password: this.opts.password, server_password: this.opts.serverPassword ?? null, resume },
-    });
+    // Registering signs in too; every later connection logs in (with what it has seen).
+    const [, li] =
+      first && this.opts.register
+        ? await conn.request({
+            Register: {
+              user: this.opts.user,
+              password: this.opts.password,
+              server_password: this.opts.serverPassword ?? null,
+              invite_code: this.opts.inviteCode ?? null,
+            },
+          })
+        : await conn.request({
+            Login: { user: this.opts.user, password: this.opts.password, server_password: this.opts.serverPassword ?? null, resume },
+          });
     const logged = li as { user: string; admin: boolean; rooms: string[] };
     this.state.admin = logged.admin;
     this.state.connected = true;
@@ -720,9 +721,11 @@ export class Session {
     const name = (j as { room: string }).room;
     const conv: Conv = { Room: name };
     await this.serial.run(async () => {
+      // A failed join leaves the room marked server-encrypted here; the server refuses
+      // readable sends to an end-to-end room, so nothing leaks.
       const e2ee = await this.joinGroup(conv).catch((e: unknown) => {
         this.notice(convKey(conv), `could not join the encryption group: ${errText(e)}`);
-        return true;
+        return false;
       });
       const c = this.ensureConv(conv, e2ee);
       this.state.current = c.key;

@@ -59,7 +59,12 @@ async function handle(r: Req): Promise<Req> {
       await p.getByLabel("User name").fill(s(r, "user"));
       await p.getByLabel("Password", { exact: true }).fill(s(r, "password"));
       await p.getByRole("button", { name: s(r, "op") === "register" ? "Create account" : "Sign in" }).click();
-      await p.getByRole("textbox", { name: "Message" }).waitFor();
+      try {
+        await p.getByRole("textbox", { name: "Message" }).waitFor();
+      } catch {
+        const shown = (await p.locator(".error").textContent().catch(() => "")) ?? "";
+        throw new Error(`signing in did not reach the conversations; the page says: ${shown}`);
+      }
       return {};
     }
     case "type": {
