@@ -10,7 +10,7 @@
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message } from "./protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
-import { SealedStore } from "./store.js";
+import { SealedStore, WrongPassword } from "./store.js";
 import { fromHex, toHex } from "./bytes.js";
 
 export const CT_TEXT = "text/plain";
@@ -135,6 +135,7 @@ export class Session {
   private stopped = false;
   /** MLS messages of conversations this device is joining, until it is in. */
   private early = new Map<string, Message[]>();
+  private releaseLock: () => void = () => {};
   onChange: () => void = () => {};
   onNotify: (title: string, body: string) => void = () => {};
   isVisible: () => boolean = () => true;
@@ -155,22 +156,43 @@ export class Session {
 
   /** Signs in (or registers), opens the sealed store and the device, and catches up. */
   static async start(opts: LoginOptions): Promise<Session> {
+    const release = await holdDeviceLock(opts.user);
     const s = new Session(opts);
-    s.store = await SealedStore.open(opts.user, opts.password);
-    const saved = await s.store.getJson<Record<string, unknown>>("device");
-    s.device = saved !== undefined ? await MlsDevice.restore(json2record(saved)) : await MlsDevice.create(opts.user);
-    if (saved === undefined) await s.saveDevice();
-    s.state.device = s.device.device;
-    s.state.fingerprint = await s.device.fingerprint();
-    const index = (await s.store.getJson<{ key: string; conv: Conv; e2ee: boolean }[]>("convs")) ?? [];
+    s.releaseLock = release;
+    try {
+      await s.open();
+    } catch (e) {
+      s.stop();
+      throw e;
+    }
+    return s;
+  }
+
+  private async open(): Promise<void> {
+    const opts = this.opts;
+    try {
+      this.store = await SealedStore.open(opts.user, opts.password);
+    } catch (e) {
+      if (!(e instanceof WrongPassword)) throw e;
+      // Sealed under another password: only once the server confirms this one (the account's
+      // password changed) does a new device replace what this browser cannot open any more.
+      await verifyPassword(opts);
+      this.store = await SealedStore.open(opts.user, opts.password, true);
+      this.notice(undefined, "the account's password changed: this browser starts a new device (earlier end-to-end history here stays sealed)");
+    }
+    const saved = await this.store.getJson<Record<string, unknown>>("device");
+    this.device = saved !== undefined ? await MlsDevice.restore(json2record(saved)) : await MlsDevice.create(opts.user);
+    if (saved === undefined) await this.saveDevice();
+    this.state.device = this.device.device;
+    this.state.fingerprint = await this.device.fingerprint();
+    const index = (await this.store.getJson<{ key: string; conv: Conv; e2ee: boolean }[]>("convs")) ?? [];
     for (const c of index) {
-      const entries = (await s.store.getJson<Entry[]>(`history/${c.key}`)) ?? [];
-      const cs = s.ensureConv(c.conv, c.e2ee);
+      const entries = (await this.store.getJson<Entry[]>(`history/${c.key}`)) ?? [];
+      const cs = this.ensureConv(c.conv, c.e2ee);
       cs.entries = entries;
       cs.lastSeq = entries.reduce((m, e) => Math.max(m, e.seq), 0);
     }
-    await s.connect(true);
-    return s;
+    await this.connect(true);
   }
 
   private ensureConv(conv: Conv, e2ee?: boolean): ConvState {
@@ -267,6 +289,7 @@ export class Session {
   stop(): void {
     this.stopped = true;
     this.conn?.shutdown();
+    this.releaseLock();
   }
 
   /** Drops the connection as a network failure would (the session reconnects). */
@@ -699,7 +722,8 @@ export class Session {
           continue;
         }
         const data = await this.device.encrypt(key, encodePayload(payload));
-        this.scheduleSave();
+        // Saved before it leaves: a reload must never encrypt again under the same key.
+        await this.saveDevice();
         try {
           const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem } });
           const s = sent as { seq: number; ts_ms: number };
@@ -840,7 +864,7 @@ export class Session {
     await this.serial.run(async () => {
       for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
         const data = await this.device.encrypt(key, payload);
-        this.scheduleSave();
+        await this.saveDevice();
         try {
           const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: crypto.randomUUID() } });
           const s = sent as { seq: number; ts_ms: number };
@@ -872,6 +896,33 @@ export class Session {
   isE2ee(key: string): boolean {
     return this.state.convs.get(key)?.e2ee === true && this.device.has(key);
   }
+}
+
+/** Logs in once on a connection of its own, to check the password; then closes it. */
+async function verifyPassword(opts: LoginOptions): Promise<void> {
+  const conn = new Connection(opts.url, () => {}, () => {});
+  try {
+    await conn.ready();
+    await conn.request({ Login: { user: opts.user, password: opts.password, server_password: opts.serverPassword ?? null, resume: [] } });
+  } finally {
+    conn.shutdown();
+  }
+}
+
+/** One tab of this browser speaks for the account's device at a time: two would fork its MLS
+ * state. The lock is held until the tab closes. */
+async function holdDeviceLock(user: string): Promise<() => void> {
+  if (typeof navigator === "undefined" || navigator.locks === undefined) return () => {};
+  let release = () => {};
+  const held = new Promise<void>((r) => (release = r));
+  const got = await new Promise<boolean>((resolve) => {
+    void navigator.locks.request(`conclave-device/${user}`, { ifAvailable: true }, (lock) => {
+      resolve(lock !== null);
+      return lock === null ? undefined : held;
+    });
+  });
+  if (!got) throw new Error(`${user} is signed in in another tab of this browser; use that tab (or close it first)`);
+  return release;
 }
 
 function isMls(ct: string): boolean {

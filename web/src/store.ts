@@ -51,6 +51,12 @@ function open(key: Uint8Array, ad: Uint8Array, sealed: Uint8Array): Uint8Array |
   }
 }
 
+export class WrongPassword extends Error {
+  constructor() {
+    super("the password does not open what this browser keeps for this account");
+  }
+}
+
 /** The sealed records of one account on this server. */
 export class SealedStore {
   private constructor(
@@ -61,8 +67,10 @@ export class SealedStore {
     readonly reset: boolean,
   ) {}
 
-  /** Opens (creating if needed) the account's store; the password unwraps its key. */
-  static async open(user: string, password: string): Promise<SealedStore> {
+  /** Opens (creating if needed) the account's store; the password unwraps its key. A stored
+   * key that this password does not open is a `WrongPassword`, unless `reset` (the password
+   * changed: a new key seals what follows; what was sealed before stays sealed). */
+  static async open(user: string, password: string, reset = false): Promise<SealedStore> {
     const db = await openDb();
     const metaKey = `${user}/key`;
     const wrapped = (await tx(db, "readonly", (s) => s.get(metaKey))) as Uint8Array | undefined;
@@ -72,6 +80,7 @@ export class SealedStore {
       const kek = await argon2idAsync(pw, salt, ARGON2);
       const key = open(kek, WRAP_AD, wrapped.subarray(16));
       if (key !== undefined && key.length === 32) return new SealedStore(db, user, key, false);
+      if (!reset) throw new WrongPassword();
     }
     // New here, or the password changed: what was sealed before stays sealed.
     const key = crypto.getRandomValues(new Uint8Array(32));

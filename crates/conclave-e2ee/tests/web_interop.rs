@@ -62,7 +62,10 @@ impl Peer {
         writeln!(self.stdin, "{req}").expect("write to the node peer");
         self.stdin.flush().expect("flush");
         let mut line = String::new();
-        let n = self.stdout.read_line(&mut line).expect("read from the node peer");
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .expect("read from the node peer");
         assert!(n > 0, "the node peer exited (see its stderr above)");
         let v: Value = serde_json::from_str(&line).expect("the node peer's reply is JSON");
         assert!(
@@ -131,8 +134,10 @@ fn peer_catch_up(peer: &mut Peer, name: &str, log: &Log, from: u64) -> Vec<Value
         .iter()
         .filter(|(seq, _, _)| *seq >= from)
         .map(|(seq, who, data)| {
-            peer.call(json!({"op":"process","name":name,"conv":CONV,"seq":seq,"from":who,
-                "data":hex::encode(data)}))
+            peer.call(
+                json!({"op":"process","name":name,"conv":CONV,"seq":seq,"from":who,
+                "data":hex::encode(data)}),
+            )
         })
         .collect()
 }
@@ -163,7 +168,8 @@ fn ts_mls_and_openmls_interoperate() {
         &peer.call(json!({"op":"key_package","name":"bob"})),
         "key_package",
     );
-    conclave_e2ee::ds::check_key_package(&kp, "bob").expect("the server accepts ts-mls's key package");
+    conclave_e2ee::ds::check_key_package(&kp, "bob")
+        .expect("the server accepts ts-mls's key package");
     let out = alice.add_members(CONV, &[kp]).expect("add bob");
     let seq = log.commit("alice", &out.commit);
     alice.confirm(CONV, seq).expect("confirm");
@@ -174,10 +180,14 @@ fn ts_mls_and_openmls_interoperate() {
         "welcome":hex::encode(out.welcome.expect("welcome")),"seq":seq}));
 
     // Application messages both ways.
-    let m = alice.encrypt(CONV, &body("hello from OpenMLS")).expect("encrypt");
+    let m = alice
+        .encrypt(CONV, &body("hello from OpenMLS"))
+        .expect("encrypt");
     let seq = log.push("alice", &m);
-    let r = peer.call(json!({"op":"process","name":"bob","conv":CONV,"seq":seq,"from":"alice",
-        "data":hex::encode(&m)}));
+    let r = peer.call(
+        json!({"op":"process","name":"bob","conv":CONV,"seq":seq,"from":"alice",
+        "data":hex::encode(&m)}),
+    );
     assert_eq!(r["kind"], "app", "{r}");
     assert_eq!(r["text"], "hello from OpenMLS");
     assert_eq!(r["user"], "alice");
@@ -197,7 +207,9 @@ fn ts_mls_and_openmls_interoperate() {
         "from":"mallory","data":hex::encode(&m)}));
     assert_eq!(r["kind"], "unreadable", "{r}");
     assert!(matches!(
-        alice.process(CONV, forged, "mallory", 0, &m).expect("process"),
+        alice
+            .process(CONV, forged, "mallory", 0, &m)
+            .expect("process"),
         Processed::Unreadable(_)
     ));
 
@@ -210,24 +222,33 @@ fn ts_mls_and_openmls_interoperate() {
         .check_group_info(&Peer::bytes(&o, "group_info"), 2)
         .expect("ts-mls's GroupInfo carries ratchet tree and external_pub");
     assert!(matches!(
-        alice.process(CONV, seq, "bob", 0, &commit).expect("process"),
+        alice
+            .process(CONV, seq, "bob", 0, &commit)
+            .expect("process"),
         Processed::Commit { epoch: 2, .. }
     ));
 
     // ts-mls joins externally from OpenMLS's GroupInfo (external_pub with its length prefix).
     peer.call(json!({"op":"new","name":"carol","user":"carol"}));
     let gi = alice.group_info(CONV).expect("group info");
-    let o = peer.call(json!({"op":"external","name":"carol","conv":CONV,"group_info":hex::encode(&gi)}));
+    let o = peer
+        .call(json!({"op":"external","name":"carol","conv":CONV,"group_info":hex::encode(&gi)}));
     let commit = Peer::bytes(&o, "commit");
     let seq = log.commit("carol", &commit);
     peer.call(json!({"op":"confirm","name":"carol","conv":CONV,"seq":seq}));
-    match alice.process(CONV, seq, "carol", 0, &commit).expect("process") {
+    match alice
+        .process(CONV, seq, "carol", 0, &commit)
+        .expect("process")
+    {
         Processed::Commit { added, .. } => assert_eq!(added[0].user, "carol"),
         other => panic!("alice: {other:?}"),
     }
     let r = peer_catch_up(&mut peer, "bob", &log, seq);
     assert_eq!(r[0]["kind"], "commit", "{r:?}");
-    assert_eq!(r[0]["added"][0].as_str().map(|s| s.starts_with("carol/")), Some(true));
+    assert_eq!(
+        r[0]["added"][0].as_str().map(|s| s.starts_with("carol/")),
+        Some(true)
+    );
 
     // OpenMLS joins externally from ts-mls's GroupInfo.
     let dave_dir = tempfile::tempdir().expect("tmp");
@@ -236,11 +257,15 @@ fn ts_mls_and_openmls_interoperate() {
         &peer.call(json!({"op":"group_info","name":"carol","conv":CONV})),
         "group_info",
     );
-    let out = dave.join_external(CONV, &gi).expect("OpenMLS joins from ts-mls's GroupInfo");
+    let out = dave
+        .join_external(CONV, &gi)
+        .expect("OpenMLS joins from ts-mls's GroupInfo");
     let seq = log.commit("dave", &out.commit);
     dave.confirm_join(CONV, seq).expect("confirm join");
     assert!(matches!(
-        alice.process(CONV, seq, "dave", 0, &out.commit).expect("process"),
+        alice
+            .process(CONV, seq, "dave", 0, &out.commit)
+            .expect("process"),
         Processed::Commit { .. }
     ));
     for name in ["bob", "carol"] {
@@ -256,11 +281,17 @@ fn ts_mls_and_openmls_interoperate() {
     assert_eq!(r[0]["text"], "after reload", "{r:?}");
     let r = peer_catch_up(&mut peer, "carol", &log, seq);
     assert_eq!(r[0]["text"], "after reload", "{r:?}");
-    assert_eq!(text(&rust_catch_up(&alice, &log, seq)[0]).as_deref(), Some("after reload"));
+    assert_eq!(
+        text(&rust_catch_up(&alice, &log, seq)[0]).as_deref(),
+        Some("after reload")
+    );
 
     // The server removes carol (a kick): its Remove proposal (external sender 0) is committed
     // by ts-mls and validated by the server's PublicGroup; OpenMLS merges it; carol is out.
-    let proposals = log.state.remove_proposals(&server, "carol").expect("remove");
+    let proposals = log
+        .state
+        .remove_proposals(&server, "carol")
+        .expect("remove");
     assert_eq!(proposals.len(), 1);
     let pseq = log.push("", &proposals[0]);
     for name in ["bob", "carol"] {
@@ -288,7 +319,9 @@ fn ts_mls_and_openmls_interoperate() {
     assert_eq!(r[0]["removed_self"], true, "{r:?}");
 
     // After the removal: OpenMLS and ts-mls still talk; carol reads nothing.
-    let m = alice.encrypt(CONV, &body("carol is gone")).expect("encrypt");
+    let m = alice
+        .encrypt(CONV, &body("carol is gone"))
+        .expect("encrypt");
     let seq = log.push("alice", &m);
     let r = peer_catch_up(&mut peer, "bob", &log, seq);
     assert_eq!(r[0]["text"], "carol is gone", "{r:?}");
@@ -314,8 +347,14 @@ fn ts_mls_and_openmls_interoperate() {
         "message",
     );
     let seq = log.push("bob", &m);
-    assert_eq!(text(&rust_catch_up(&alice, &log, seq)[0]).as_deref(), Some("second device"));
-    assert_eq!(text(&rust_catch_up(&dave, &log, seq)[0]).as_deref(), Some("second device"));
+    assert_eq!(
+        text(&rust_catch_up(&alice, &log, seq)[0]).as_deref(),
+        Some("second device")
+    );
+    assert_eq!(
+        text(&rust_catch_up(&dave, &log, seq)[0]).as_deref(),
+        Some("second device")
+    );
     let r = peer_catch_up(&mut peer, "bob", &log, seq);
     assert_eq!(r[0]["text"], "second device", "{r:?}");
 }

@@ -38,7 +38,8 @@ impl Browser {
     fn start(url: &str) -> Browser {
         let web = repo().join("web");
         assert!(
-            web.join("node_modules/playwright-core/package.json").exists(),
+            web.join("node_modules/playwright-core/package.json")
+                .exists(),
             "web/node_modules is missing: run `npm ci` in {} (CI does) before `cargo test`",
             web.display()
         );
@@ -55,7 +56,9 @@ impl Browser {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run `node` ({e}): install Node.js 20+ and run `npm ci` in web/"));
+            .unwrap_or_else(|e| {
+                panic!("cannot run `node` ({e}): install Node.js 20+ and run `npm ci` in web/")
+            });
         let stdin = child.stdin.take().expect("stdin");
         let stdout: ChildStdout = child.stdout.take().expect("stdout");
         let (tx, lines) = mpsc::channel();
@@ -77,12 +80,15 @@ impl Browser {
     fn call(&mut self, req: Value) -> Value {
         writeln!(self.stdin, "{req}").expect("write to the browser peer");
         self.stdin.flush().expect("flush");
-        let line = self
-            .lines
-            .recv_timeout(STEP)
-            .unwrap_or_else(|_| panic!("the browser peer did not answer {req} in time (see stderr)"));
+        let line = self.lines.recv_timeout(STEP).unwrap_or_else(|_| {
+            panic!("the browser peer did not answer {req} in time (see stderr)")
+        });
         let v: Value = serde_json::from_str(&line).expect("the browser peer's reply is JSON");
-        assert!(v["ok"] == json!(true), "browser step {req} failed: {}", v["error"]);
+        assert!(
+            v["ok"] == json!(true),
+            "browser step {req} failed: {}",
+            v["error"]
+        );
         v
     }
 
@@ -111,8 +117,17 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// Where the screenshots go: `$CONCLAVE_WEB_SCREENSHOTS` (relative to the repository; set it
+/// to `docs/web` to refresh docs/web.md's pictures), else a folder under the system's temp.
+fn shots_dir() -> PathBuf {
+    match std::env::var_os("CONCLAVE_WEB_SCREENSHOTS") {
+        Some(d) => repo().join(d),
+        None => std::env::temp_dir().join("conclave-web-screenshots"),
+    }
+}
+
 fn shot(b: &mut Browser, name: &str, width: u32, height: u32) {
-    let path = repo().join("docs/web").join(format!("{name}.png"));
+    let path = shots_dir().join(format!("{name}.png"));
     b.op(
         "screenshot",
         json!({"path": path.to_string_lossy(), "width": width, "height": height}),
@@ -158,7 +173,12 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     bob.ok(json!(3));
     web.op("has_conv", json!({"name": "bob"}));
     let title = web.op("wait_title", json!({"contains": "(1)"}));
-    assert!(title["title"].as_str().is_some_and(|t| t.starts_with("(1)")), "{title}");
+    assert!(
+        title["title"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("(1)")),
+        "{title}"
+    );
     web.op("open_conv", json!({"name": "bob"}));
     web.op("wait_text", json!({"text": "dm from json"}));
     web.op("type", json!({"text": "/msg bob dm from the web"}));
@@ -196,7 +216,10 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     bob.ok(json!(5));
     web.op("wait_text", json!({"text": "report.bin"}));
     let saved = files.path().join("saved.bin");
-    web.op("save_file", json!({"name": "report.bin", "path": saved.to_string_lossy()}));
+    web.op(
+        "save_file",
+        json!({"name": "report.bin", "path": saved.to_string_lossy()}),
+    );
     assert_eq!(
         sha256_hex(&std::fs::read(&saved).expect("read")),
         sha256_hex(&down_bytes)
@@ -229,7 +252,10 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
 
     // The About box shows the bundle's SHA-256 the server reports.
     let about = web.op("about", json!({}));
-    let hash = about["bundle_sha256"].as_str().unwrap_or_default().to_string();
+    let hash = about["bundle_sha256"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert_eq!(hash.len(), 64, "{about}");
     shot(&mut web, "about", 1100, 700);
     web.op("close_dialog", json!({}));
@@ -268,12 +294,20 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
     let mut bob = client(&server, "bob", bob_state.path());
     bob.send(json!({"cmd": "create_room", "room": "town", "e2ee": false, "id": 1}));
     assert_eq!(bob.ok(json!(1))["e2ee"], false);
-    bob.send(json!({"cmd": "send", "room": "town", "text": "history before the web user", "id": 2}));
+    bob.send(
+        json!({"cmd": "send", "room": "town", "text": "history before the web user", "id": 2}),
+    );
     bob.ok(json!(2));
 
     let mut web = Browser::start(&url);
     web.op("open", json!({"path": "#bench"}));
+    let started = std::time::Instant::now();
     web.op("register", json!({"user": "carol", "password": PW}));
+    // A figure for docs/benchmarks.md (Argon2id in the page is most of it).
+    eprintln!(
+        "figure: from the sign-in click to the first room shown: {} ms",
+        started.elapsed().as_millis()
+    );
     web.op("type", json!({"text": "/join town"}));
     web.op("has_conv", json!({"name": "#town"}));
     // A server-encrypted room shows its history to newcomers.
@@ -295,5 +329,16 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
     assert_eq!(n["value"], 10000, "{n}");
     let rows = web.op("rendered_rows", json!({}));
     let rows = rows["rows"].as_u64().expect("rows");
-    assert!(rows > 0 && rows < 200, "{rows} rows rendered for 10,000 messages");
+    assert!(
+        rows > 0 && rows < 200,
+        "{rows} rows rendered for 10,000 messages"
+    );
+    let heap = web.op(
+        "eval",
+        json!({"expr": "performance.memory ? performance.memory.usedJSHeapSize : -1"}),
+    );
+    eprintln!(
+        "figure: JS heap with 10,000 messages in one room: {} MiB; rows in the page: {rows}",
+        heap["value"].as_f64().unwrap_or(-1.0) / 1048576.0
+    );
 }
