@@ -55,7 +55,7 @@ fn main() {
             build_bundle(&web);
         } else {
             println!(
-                "cargo:warning=Node.js (npm) not found: the web client is not rebuilt; install Node.js 20 or later and build again to serve it"
+                "cargo:warning=Node.js (npm) not found: the web client is not rebuilt; install Node.js (with npm) and build again to serve it"
             );
         }
     }
@@ -171,7 +171,7 @@ fn placeholder(out: &Path) -> Vec<File> {
 <title>Conclave: web client not built</title>\n</head>\n<body>\n\
 <h1>The web client was not built into this server</h1>\n\
 <p>This <code>conclave</code> binary was compiled without the web client's files \
-(<code>web/dist/</code>). Install Node.js 20 or later, then build the server again \
+(<code>web/dist/</code>). Install Node.js (with npm), then build the server again \
 from the source tree (<code>cargo build --release</code>): the build runs \
 <code>npm ci &amp;&amp; npm run build</code> in <code>web/</code> and embeds the result.</p>\n\
 <p>Native clients (<code>conclave chat</code>, <code>conclave client --json</code>) work \

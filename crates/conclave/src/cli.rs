@@ -165,6 +165,13 @@ pub struct ServeArgs {
     /// means 127.0.0.1:PORT). Keep it on loopback: the endpoint has no authentication.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,
+    /// Present this certificate chain (PEM, the server's certificate first), for example one
+    /// issued by a CA that browsers trust, instead of the self-signed one; with --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert; keep it mode 0600.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -134,6 +134,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
         settings(&dir, args.config.as_deref(), running.as_ref()),
         running_server(running.as_ref()),
         plaintext_at_rest(&dir, running.is_some()),
+        web_client(),
     ];
     if let Some(server) = &args.server {
         checks.push(tls_probe(server, &dir));
@@ -188,6 +189,27 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The web client this binary embeds and serves: its bundle's SHA-256, for comparing with the
+/// page's About box (and `/about.json`): a page showing another hash was not served by this
+/// binary.
+fn web_client() -> Check {
+    use conclave_server::web::assets;
+    let mut c = Check::new("web client");
+    let hash = assets::bundle_sha256();
+    if assets::built() {
+        c.ok(format!(
+            "{} files embedded; the page's About box must show this hash",
+            assets::ASSETS.len()
+        ));
+        c.summary(format!("bundle SHA-256 {hash}"))
+    } else {
+        c.warn(
+            "this binary embeds no web client (it was built without Node.js): browsers get a page that says how to build it",
+        );
+        c.summary(format!("not built (placeholder page, SHA-256 {hash})"))
+    }
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.

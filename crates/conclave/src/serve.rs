@@ -75,6 +75,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Err(_) => parse_listen(m).context("--metrics-listen")?,
         });
     }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls.cert_file = Some(cert.clone());
+        config.tls.key_file = Some(key.clone());
+        config.tls_from_cli = true;
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         // Listen for signals before anything is announced: a SIGTERM right after the banner
@@ -104,6 +109,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let host = if addr.ip().is_unspecified() { "HOST".to_string() } else { addr.ip().to_string() };
         let server_arg = if addr.is_ipv6() { format!("[{host}]:{}", addr.port()) } else { format!("{host}:{}", addr.port()) };
         let register = if reg == RegistrationPolicy::Open { " --register" } else { "" };
+        if config.web.enabled {
+            let web_host = if addr.ip().is_unspecified() { "HOST".to_string() } else if addr.ip().is_loopback() { "localhost".to_string() } else { addr.ip().to_string() };
+            let web_host = if addr.is_ipv6() && web_host != "HOST" && web_host != "localhost" { format!("[{web_host}]") } else { web_host };
+            println!("Web client: https://{web_host}:{}/ (bundle SHA-256 {})", addr.port(), conclave_server::web::assets::bundle_sha256());
+            if !conclave_server::web::assets::built() {
+                println!("  (not built into this binary: install Node.js and build again to serve it)");
+            }
+        }
         println!("Connect a client:");
         println!("  conclave client --json --server {server_arg} --user YOUR_NAME{register} --fingerprint {fp}");
         println!("Stop with Ctrl-C.");
