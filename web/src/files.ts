@@ -6,7 +6,8 @@
 
 import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
 import { concat, fromHex, toHex } from "./bytes.js";
-import { RequestError, bytesIn, bytesOut, type Json } from "./protocol.js";
+import { RequestError, bytesIn, bytesOut } from "./protocol.js";
+import type { Target } from "./generated/protocol.js";
 import type { Session } from "./session.js";
 
 /** Plaintext bytes per sealed chunk (file_crypt.rs's CHUNK). */
@@ -65,7 +66,7 @@ export function open(key: Uint8Array, sealed: Uint8Array): Uint8Array {
   return concat(parts);
 }
 
-async function upload(s: Session, target: Json, name: string, data: Uint8Array, progress: HTMLProgressElement): Promise<string> {
+async function upload(s: Session, target: Target, name: string, data: Uint8Array, progress: HTMLProgressElement): Promise<string> {
   const [, created] = await s.call({
     FileOffer: { target, name, size: data.length, sha256: bytesOut(await sha256(data)), p2p: null },
   });
@@ -90,7 +91,7 @@ export async function sendFile(s: Session, key: string, file: File, progress: HT
   }
   const c = s.state.convs.get(key);
   if (c === undefined) throw new Error("no such conversation");
-  const target: Json =
+  const target: Target =
     "Room" in c.conv ? { Room: { room: c.conv.Room, except: [] } } : { Users: { to: c.conv.Direct.filter((u) => u !== s.state.user) } };
   const plain = new Uint8Array(await file.arrayBuffer());
   if (!s.isE2ee(key)) {

@@ -2,8 +2,11 @@
 // `ClientFrame` / `ServerFrame` as serde JSON (externally tagged enums; byte strings as arrays
 // of numbers). Requests carry ids; replies name them; events come at any time.
 //
-// The shapes used here follow conclave-proto (crates/conclave-proto/src/msg.rs); the types
-// generated from it live in src/generated/.
+// The types are generated from conclave-proto's Rust types (src/generated/protocol.ts): every
+// request this client sends is checked against them at compile time.
+
+import type { Conv, ConvRef, Message, Request } from "./generated/protocol.js";
+export type { Conv, ConvRef, Message, Request };
 
 /** One JSON value of the protocol. */
 export type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
@@ -26,18 +29,6 @@ export class RequestError extends Error {
     super(message);
   }
 }
-
-export interface Message {
-  msg_id: string;
-  conv: Conv;
-  from: string;
-  seq: number;
-  ts_ms: number;
-  body: { content_type: string; data: number[] };
-}
-
-export type Conv = { Room: string } | { Direct: string[] };
-export type ConvRef = { Room: string } | { With: string[] };
 
 /** The conversation key (`r:ROOM`, `d:A,B`), as the native client names conversations. */
 export function convKey(c: Conv): string {
@@ -152,7 +143,7 @@ export class Connection {
   }
 
   /** Sends a request; resolves with the reply (its variant name and content). */
-  async request(req: Json): Promise<[string, unknown]> {
+  async request(req: Request): Promise<[string, unknown]> {
     await this.opened;
     if (this.closed) throw new RequestError("Disconnected", "not connected");
     if (this.waiting.size >= MAX_IN_FLIGHT) throw new RequestError("RateLimited", "too many requests waiting");

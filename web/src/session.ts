@@ -7,7 +7,8 @@
 // reconnect logs in again with the last sequence number seen of each conversation, so the
 // server sends what was missed, and nothing twice.
 
-import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message } from "./protocol.js";
+import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
+import type { Target } from "./generated/protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
@@ -30,6 +31,8 @@ export const SEND_ATTEMPTS = 20;
 /** Reconnect back-off, doubling from the first to the last. */
 export const RECONNECT_MIN_MS = 500;
 export const RECONNECT_MAX_MS = 15_000;
+/** A Ping this often keeps an idle connection open (the server's idle timeout is 5 minutes). */
+export const KEEPALIVE_MS = 60_000;
 /** Entries of a log read per request when catching up. */
 export const FILL_PAGE = 100;
 /** Most entries read to catch up one conversation at once. */
@@ -136,6 +139,7 @@ export class Session {
   /** MLS messages of conversations this device is joining, until it is in. */
   private early = new Map<string, Message[]>();
   private releaseLock: () => void = () => {};
+  private keepalive: ReturnType<typeof setInterval> | undefined;
   onChange: () => void = () => {};
   onNotify: (title: string, body: string) => void = () => {};
   isVisible: () => boolean = () => true;
@@ -216,7 +220,7 @@ export class Session {
     return { With: others.length === 0 ? [this.state.user] : others };
   }
 
-  private async request(req: Json): Promise<[string, unknown]> {
+  private async request(req: Request): Promise<[string, unknown]> {
     if (this.conn === undefined) throw new RequestError("Disconnected", "not connected");
     return this.conn.request(req);
   }
@@ -237,7 +241,7 @@ export class Session {
     await conn.ready();
     const resume = [...this.state.convs.values()]
       .filter((c) => c.lastSeq > 0)
-      .map((c) => ({ conv: c.conv, seq: c.lastSeq }) as unknown as Json);
+      .map((c) => ({ conv: c.conv, seq: c.lastSeq }));
     // Registering signs in too; every later connection logs in (with what it has seen).
     const [, li] =
       first && this.opts.register
@@ -255,6 +259,11 @@ export class Session {
     const logged = li as { user: string; admin: boolean; rooms: string[] };
     this.state.admin = logged.admin;
     this.state.connected = true;
+    clearInterval(this.keepalive);
+    let nonce = 0;
+    this.keepalive = setInterval(() => {
+      if (this.conn === conn && !conn.closed) void conn.request({ Ping: { nonce: ++nonce } }).catch(() => undefined);
+    }, KEEPALIVE_MS);
     this.state.status = "connected";
     await this.serial.run(async () => {
       await this.publishDevice();
@@ -265,6 +274,7 @@ export class Session {
   }
 
   private disconnected(why: string): void {
+    clearInterval(this.keepalive);
     this.state.connected = false;
     this.state.status = `disconnected (${why}); reconnecting…`;
     this.onChange();
@@ -397,7 +407,7 @@ export class Session {
     if (c === undefined || c.complete) return;
     const oldest = c.entries.find((e) => !e.notice)?.seq;
     const [, msgs] = await this.request({
-      History: { conv: this.convRef(c.conv) as unknown as Json, limit: HISTORY_PAGE, before: oldest ?? null },
+      History: { conv: this.convRef(c.conv), limit: HISTORY_PAGE, before: oldest ?? null },
     });
     const list = msgs as Message[];
     if (list.length < HISTORY_PAGE) c.complete = true;
@@ -537,7 +547,7 @@ export class Session {
     if (last === undefined) return;
     let end = upto;
     if (end === undefined) {
-      const [, newest] = await this.request({ History: { conv: this.convRef(conv) as unknown as Json, limit: 1, before: null } });
+      const [, newest] = await this.request({ History: { conv: this.convRef(conv), limit: 1, before: null } });
       const n = (newest as Message[]).at(-1);
       if (n === undefined) return;
       end = n.seq;
@@ -545,7 +555,7 @@ export class Session {
     let next = Math.max(last + 1, end - MAX_FILL + 1);
     for (let rounds = 0; next <= end && rounds < 4 * (MAX_FILL / FILL_PAGE + 1); rounds++) {
       const w = Math.min(FILL_PAGE, end - next + 1);
-      const [, page] = await this.request({ History: { conv: this.convRef(conv) as unknown as Json, limit: w, before: next + w } });
+      const [, page] = await this.request({ History: { conv: this.convRef(conv), limit: w, before: next + w } });
       for (const m of (page as Message[]).filter((x) => x.seq >= next && x.seq < next + w)) {
         if (isMls(m.body.content_type)) await this.processOne(m, false);
       }
@@ -597,7 +607,7 @@ export class Session {
     try {
       const [, sent] = await this.request({
         E2eeCommit: {
-          conv: this.convRef(conv) as unknown as Json,
+          conv: this.convRef(conv),
           commit: bytesOut(out.commit),
           group_info: bytesOut(out.groupInfo),
           welcome: out.welcome === undefined ? null : bytesOut(out.welcome),
@@ -617,7 +627,7 @@ export class Session {
   private async joinGroup(conv: Conv): Promise<boolean> {
     const key = convKey(conv);
     for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
-      const [, info] = await this.request({ E2eeGroupInfo: { conv: this.convRef(conv) as unknown as Json } });
+      const [, info] = await this.request({ E2eeGroupInfo: { conv: this.convRef(conv) } });
       if (info === null) return false;
       const gi = info as { group_info: number[]; epoch: number; seq: number };
       if (this.device.confirmed(key) && this.device.isActive(key) && Number(this.device.epoch(key)) === gi.epoch) return true;
@@ -675,7 +685,7 @@ export class Session {
     }
     const gi = await this.device.createGroup(key, this.serverKey);
     try {
-      await this.request({ E2eeCreate: { conv: this.convRef(conv) as unknown as Json, group_info: bytesOut(gi) } });
+      await this.request({ E2eeCreate: { conv: this.convRef(conv), group_info: bytesOut(gi) } });
     } catch (e) {
       this.device.forget(key);
       if (e instanceof RequestError && e.code === "RoomExists") {
@@ -697,7 +707,7 @@ export class Session {
   async send(key: string, text: string, except: string[] = []): Promise<void> {
     const c = this.state.convs.get(key);
     if (c === undefined) throw new Error("no such conversation");
-    const target: Json =
+    const target: Target =
       "Room" in c.conv ? { Room: { room: c.conv.Room, except } } : { Users: { to: c.conv.Direct.filter((u) => u !== this.state.user) } };
     await this.serial.run(async () => {
       if ("Direct" in c.conv && !this.device.has(key)) {
@@ -858,7 +868,7 @@ export class Session {
   async sendFileDescription(key: string, f: { fileId: string; name: string; size: number; sha256: Uint8Array; key: Uint8Array }): Promise<void> {
     const c = this.state.convs.get(key);
     if (c === undefined) throw new Error("no such conversation");
-    const target: Json =
+    const target: Target =
       "Room" in c.conv ? { Room: { room: c.conv.Room, except: [] } } : { Users: { to: c.conv.Direct.filter((u) => u !== this.state.user) } };
     const payload = encodePayload({ kind: "file", ...f });
     await this.serial.run(async () => {
@@ -889,7 +899,7 @@ export class Session {
   }
 
   /** Raw request, for what the UI does directly (files). */
-  call(req: Json): Promise<[string, unknown]> {
+  call(req: Request): Promise<[string, unknown]> {
     return this.request(req);
   }
 

@@ -342,3 +342,60 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
         heap["value"].as_f64().unwrap_or(-1.0) / 1048576.0
     );
 }
+
+#[test]
+fn web_user_reconnects_through_a_jittery_relay_without_loss_or_duplicates() {
+    use common::relay::Relay;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    // 30 ms each way with jitter, and cuts.
+    let relay = Relay::to(&server.addr(), 30.0, 0x22);
+    let url = format!("https://{}/", relay.addr());
+    let bob_state = tempfile::tempdir().expect("tmp");
+    let mut bob = client(&server, "bob", bob_state.path());
+    let mut web = Browser::start(&url);
+    web.op("open", json!({}));
+    web.op("register", json!({"user": "dave", "password": PW}));
+    web.op("type", json!({"text": "/create net"}));
+    web.op("has_conv", json!({"name": "#net"}));
+    web.op("type", json!({"text": "/invite bob"}));
+    bob.expect("bob joins net's group", |v| {
+        v["event"] == "e2ee" && v["kind"] == "joined" && v["room"] == "net"
+    });
+    bob.send(json!({"cmd": "join", "room": "net", "id": 1}));
+    bob.ok(json!(1));
+    let mut id = 100;
+    for round in 0..3 {
+        let cut = relay.cut_all();
+        assert!(
+            cut > 0,
+            "round {round}: the browser's connection went through the relay"
+        );
+        let texts = [
+            format!("while cut {round} a"),
+            format!("while cut {round} b"),
+        ];
+        for t in &texts {
+            id += 1;
+            bob.send(json!({"cmd": "send", "room": "net", "text": t, "id": id}));
+            bob.ok(json!(id));
+        }
+        for t in &texts {
+            web.op("wait_text", json!({"text": t}));
+        }
+        let back = format!("web is back {round}");
+        web.op("type", json!({"text": back}));
+        let m = bob.message(&back);
+        assert_eq!(m["e2ee"], true, "{m}");
+        for t in texts.iter().chain(std::iter::once(&back)) {
+            let n = web.op("count_text", json!({"text": t}));
+            assert_eq!(n["count"], 1, "round {round}: {t:?} shown {n}");
+        }
+    }
+    let seen = bob
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "message" && v["text"] == "web is back 0")
+        .count();
+    assert_eq!(seen, 1, "bob got a web message twice");
+}
