@@ -358,3 +358,28 @@ fn ts_mls_and_openmls_interoperate() {
     let r = peer_catch_up(&mut peer, "bob", &log, seq);
     assert_eq!(r[0]["text"], "second device", "{r:?}");
 }
+
+/// The web client's own unit tests (web/test/unit.ts: slash commands, the Payload codec,
+/// varints, sealed files), run with Node's test runner.
+#[test]
+fn web_unit_tests_pass() {
+    let web = web_dir();
+    assert!(
+        web.join("node_modules/esbuild/package.json").exists(),
+        "web/node_modules is missing: run `npm ci` in {} (CI does) before `cargo test`",
+        web.display()
+    );
+    let out = Command::new("node")
+        .args(["scripts/run-ts.mjs", "test/unit.ts"])
+        .current_dir(&web)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `node` ({e}): install Node.js 20+ and run `npm ci` in web/")
+        });
+    assert!(
+        out.status.success(),
+        "web/test/unit.ts failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
