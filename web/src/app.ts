@@ -312,8 +312,9 @@ function idOf(key: string): string {
 function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement): HTMLElement {
   const time = new Date(e.ts);
   const when = h("time", { datetime: time.toISOString() }, time.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
-  if (e.notice) return h("div", { class: "row notice" }, when, " ", e.text);
-  const row = h("div", { class: `row${e.from === s.state.user ? " own" : ""}` }, when, " ", h("strong", {}, e.from), " ", h("span", { class: "text" }, e.text));
+  const row = e.notice
+    ? h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text)
+    : h("div", { class: `row${e.from === s.state.user ? " own" : ""}` }, when, " ", h("strong", {}, e.from), " ", h("span", { class: "text" }, e.text));
   if (e.file !== undefined) {
     const file = e.file;
     const b = h("button", { type: "button", class: "secondary" }, `Save ${file.name}`);

@@ -321,6 +321,39 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
     bob.ok(json!(3));
     web.op("wait_text", json!({"text": "plain hello from json"}));
 
+    // Files both ways in a server-encrypted room (relayed as they are), hashes checked.
+    let files = tempfile::tempdir().expect("tmp");
+    let down = files.path().join("plain-report.txt");
+    let down_bytes: Vec<u8> = (0..90_000u32).map(|i| (i % 97) as u8).collect();
+    std::fs::write(&down, &down_bytes).expect("write");
+    bob.send(json!({"cmd": "send_file", "path": down.to_string_lossy(), "room": "town", "id": 4}));
+    bob.ok(json!(4));
+    web.op("wait_text", json!({"text": "plain-report.txt"}));
+    let saved = files.path().join("saved.txt");
+    web.op(
+        "save_file",
+        json!({"name": "plain-report.txt", "path": saved.to_string_lossy()}),
+    );
+    assert_eq!(
+        sha256_hex(&std::fs::read(&saved).expect("read")),
+        sha256_hex(&down_bytes)
+    );
+    let up = files.path().join("from-web.txt");
+    let up_bytes: Vec<u8> = (0..70_000u32).map(|i| (i % 89) as u8).collect();
+    std::fs::write(&up, &up_bytes).expect("write");
+    web.op("attach", json!({"path": up.to_string_lossy()}));
+    let offer = bob.expect("bob is offered from-web.txt", |v| {
+        v["event"] == "file_offer" && v["name"] == "from-web.txt"
+    });
+    let got = files.path().join("bob");
+    std::fs::create_dir_all(&got).expect("dir");
+    bob.send(json!({"cmd": "accept_file", "file_id": offer["file_id"], "dir": got.to_string_lossy(), "id": 5}));
+    let done = bob.expect("bob's download", |v| v["event"] == "file_done");
+    assert_eq!(
+        sha256_hex(&std::fs::read(done["path"].as_str().expect("path")).expect("read")),
+        sha256_hex(&up_bytes)
+    );
+
     // 10,000 messages in the timeline: only the visible rows are in the page.
     let n = web.op(
         "eval",
