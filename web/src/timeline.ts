@@ -15,6 +15,7 @@ export class Timeline {
   private key = "";
   private entries: Entry[] = [];
   private heights = new WeakMap<Entry, number>();
+  private nodes = new WeakMap<Entry, HTMLElement>();
   private top = document.createElement("div");
   private rows = document.createElement("div");
   private bottom = document.createElement("div");
@@ -96,11 +97,25 @@ export class Timeline {
     }
     const slice = this.entries.slice(from, to);
     const nodes = slice.map((e, i) => {
-      const n = this.renderRow(e);
+      let n = this.nodes.get(e);
+      if (n === undefined) {
+        n = this.renderRow(e);
+        this.nodes.set(e, n);
+      }
       n.dataset.index = String(from + i);
       return n;
     });
-    this.rows.replaceChildren(...nodes);
+    // Only what changed is moved in the DOM (a live region announces insertions).
+    const keep = new Set(nodes);
+    for (const c of Array.from(this.rows.children)) if (!keep.has(c as HTMLElement)) c.remove();
+    let at: ChildNode | null = this.rows.firstChild;
+    for (const n of nodes) {
+      if (at === n) {
+        at = n.nextSibling;
+      } else {
+        this.rows.insertBefore(n, at);
+      }
+    }
     this.rendered = slice;
     this.renderedFrom = from;
     // Measure what is drawn; the spacers stand for the rest.
