@@ -112,6 +112,13 @@ async function handle(r: Req): Promise<Req> {
       }
       throw new Error(`the tab title never contained ${want}: ${await p.title()}`);
     }
+    case "press":
+      await current().keyboard.press(s(r, "key"));
+      return {};
+    case "conv_title":
+      return { title: (await current().locator("#conv-title").textContent()) ?? "" };
+    case "theme":
+      return { theme: await current().evaluate("document.documentElement.dataset.theme ?? ''") };
     case "reload":
       await current().reload();
       return {};

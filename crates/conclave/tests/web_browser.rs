@@ -280,8 +280,24 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     let n = web.op("count_text", json!({"text": "secret after the kick"}));
     assert_eq!(n["count"], 0, "a kicked web user read a later message");
 
-    // Phone width.
+    // Keyboard: Alt-Down / Alt-Up move between conversations; the composer keeps the focus.
     web.op("open_conv", json!({"name": "#lab"}));
+    let before = web.op("conv_title", json!({}))["title"].clone();
+    web.op("press", json!({"key": "Alt+ArrowDown"}));
+    let after = web.op("conv_title", json!({}))["title"].clone();
+    assert_ne!(before, after, "Alt-Down changed the conversation");
+    web.op("press", json!({"key": "Alt+ArrowUp"}));
+    assert_eq!(web.op("conv_title", json!({}))["title"], before);
+
+    // The dark theme, and a phone's width.
+    web.op("type", json!({"text": "/theme"}));
+    let theme = web.op("theme", json!({}));
+    assert!(
+        theme["theme"] == "dark" || theme["theme"] == "light",
+        "{theme}"
+    );
+    shot(&mut web, "room-dark", 1100, 700);
+    web.op("type", json!({"text": "/theme"}));
     shot(&mut web, "phone", 390, 740);
 }
 
