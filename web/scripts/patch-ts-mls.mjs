@@ -10,6 +10,9 @@
 //    (§12.4.3.2): the key with its own length prefix inside the extension data. ts-mls writes
 //    and reads the bare key.
 //
+// Besides, two small additions: the sender of an application message (3) and padding to a
+// multiple (4), both below.
+//
 // Every replacement must match exactly once; anything else stops the install with a message,
 // so a different ts-mls version never gets half a patch. Applying twice is a no-op (a marker
 // is checked first).
@@ -252,6 +255,36 @@ changed += patch("processMessages.d.ts", [
     message: Uint8Array;
     senderLeafIndex?: number;
     senderCredential?: import("./credential.js").Credential;`,
+  ],
+]);
+
+// --- 4. padding to a multiple, as OpenMLS pads ---------------------------------------------------
+// OpenMLS's `padding_size(256)` pads every application message to a multiple of 256 bytes;
+// ts-mls 1.x can only pad up to a fixed length (or by a fixed amount), which leaves the length
+// of longer messages visible. A third kind, `padToMultiple`, does what OpenMLS does.
+changed += patch("paddingConfig.js", [
+  [
+    `export function byteLengthToPad(encodedLength, config) {
+    if (config.kind === "alwaysPad")`,
+    `export function byteLengthToPad(encodedLength, config) {
+    if (config.kind === "padToMultiple")
+        return (config.multiple - (encodedLength % config.multiple)) % config.multiple;
+    if (config.kind === "alwaysPad")`,
+  ],
+]);
+changed += patch("paddingConfig.d.ts", [
+  [
+    `} | {
+    kind: "alwaysPad";
+    paddingLength: number;
+};`,
+    `} | {
+    kind: "alwaysPad";
+    paddingLength: number;
+} | {
+    kind: "padToMultiple";
+    multiple: number;
+};`,
   ],
 ]);
 

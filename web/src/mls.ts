@@ -52,7 +52,7 @@ export const MAX_PAST_EPOCHS = 5;
 export const OUT_OF_ORDER_TOLERANCE = 20;
 /** How far ahead a message's generation may be (conclave-e2ee's MAX_FORWARD_DISTANCE). */
 export const MAX_FORWARD_DISTANCE = 1000;
-/** Application messages are padded to at least this many bytes (conclave-e2ee's PADDING). */
+/** Application messages are padded to a multiple of this many bytes (conclave-e2ee's PADDING). */
 export const PADDING = 256;
 /** At most this many unused key packages are kept (their private keys wait for a Welcome). */
 export const MAX_KEPT_KEY_PACKAGES = 64;
@@ -68,7 +68,7 @@ export const clientConfig: ClientConfig = {
   },
   lifetimeConfig: defaultLifetimeConfig,
   keyPackageEqualityConfig: defaultKeyPackageEqualityConfig,
-  paddingConfig: { kind: "padUntilLength", padUntilLength: PADDING },
+  paddingConfig: { kind: "padToMultiple", multiple: PADDING },
   authService: defaultAuthenticationService,
 };
 
