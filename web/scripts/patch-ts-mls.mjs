@@ -259,7 +259,8 @@ changed += patch("processMessages.d.ts", [
 ]);
 
 // --- 4. padding to a multiple, as OpenMLS pads ---------------------------------------------------
-// OpenMLS's `padding_size(256)` pads every application message to a multiple of 256 bytes;
+// OpenMLS's `padding_size(256)` pads every application message so that its content and the
+// AEAD tag (`overhead`) are a multiple of 256 bytes;
 // ts-mls 1.x can only pad up to a fixed length (or by a fixed amount), which leaves the length
 // of longer messages visible. A third kind, `padToMultiple`, does what OpenMLS does.
 changed += patch("paddingConfig.js", [
@@ -268,7 +269,7 @@ changed += patch("paddingConfig.js", [
     if (config.kind === "alwaysPad")`,
     `export function byteLengthToPad(encodedLength, config) {
     if (config.kind === "padToMultiple")
-        return (config.multiple - (encodedLength % config.multiple)) % config.multiple;
+        return (config.multiple - ((encodedLength + config.overhead) % config.multiple)) % config.multiple;
     if (config.kind === "alwaysPad")`,
   ],
 ]);
@@ -284,6 +285,7 @@ changed += patch("paddingConfig.d.ts", [
 } | {
     kind: "padToMultiple";
     multiple: number;
+    overhead: number;
 };`,
   ],
 ]);

@@ -54,6 +54,8 @@ export const OUT_OF_ORDER_TOLERANCE = 20;
 export const MAX_FORWARD_DISTANCE = 1000;
 /** Application messages are padded to a multiple of this many bytes (conclave-e2ee's PADDING). */
 export const PADDING = 256;
+/** AES-128-GCM's tag, counted in the padded length as OpenMLS counts it. */
+const AEAD_TAG_BYTES = 16;
 /** At most this many unused key packages are kept (their private keys wait for a Welcome). */
 export const MAX_KEPT_KEY_PACKAGES = 64;
 
@@ -68,7 +70,7 @@ export const clientConfig: ClientConfig = {
   },
   lifetimeConfig: defaultLifetimeConfig,
   keyPackageEqualityConfig: defaultKeyPackageEqualityConfig,
-  paddingConfig: { kind: "padToMultiple", multiple: PADDING },
+  paddingConfig: { kind: "padToMultiple", multiple: PADDING, overhead: AEAD_TAG_BYTES },
   authService: defaultAuthenticationService,
 };
 

@@ -201,6 +201,29 @@ fn ts_mls_and_openmls_interoperate() {
     let seq = log.push("bob", &m);
     let p = alice.process(CONV, seq, "bob", 0, &m).expect("process");
     assert_eq!(text(&p).as_deref(), Some("hello from ts-mls"), "{p:?}");
+    // Both pad as OpenMLS does: the same text length gives the same message length.
+    let same = "x".repeat(300);
+    let ours = alice.encrypt(CONV, &body(&same)).expect("encrypt");
+    let theirs = Peer::bytes(
+        &peer.call(json!({"op":"encrypt","name":"bob","conv":CONV,"text":same})),
+        "message",
+    );
+    assert_eq!(
+        ours.len(),
+        theirs.len(),
+        "padding differs between OpenMLS and ts-mls"
+    );
+    for (from, m) in [("alice", &ours), ("bob", &theirs)] {
+        let seq = log.push(from, m);
+        if from == "alice" {
+            let r = peer.call(json!({"op":"process","name":"bob","conv":CONV,"seq":seq,
+                "from":"alice","data":hex::encode(m)}));
+            assert_eq!(r["text"], same.as_str(), "{r}");
+        } else {
+            let p = alice.process(CONV, seq, "bob", 0, m).expect("process");
+            assert_eq!(text(&p).as_deref(), Some(same.as_str()));
+        }
+    }
     // A message the server attributes to someone else is refused by the reader.
     let forged = log.push("mallory", &m);
     let r = peer.call(json!({"op":"process","name":"bob","conv":CONV,"seq":forged,
