@@ -382,6 +382,14 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
         rows > 0 && rows < 200,
         "{rows} rows rendered for 10,000 messages"
     );
+    // Scrolled to the middle: still only the rows in view, and they are the middle ones.
+    let mid = web.op(
+        "eval",
+        json!({"expr": "(async () => { const t = document.querySelector('.timeline'); t.scrollTop = t.scrollHeight / 2; await new Promise((r) => setTimeout(r, 300)); return [document.querySelectorAll('.timeline .rows > .row').length, document.querySelector('.timeline .rows').textContent.includes('benchmark row 5')]; })()"}),
+    );
+    let in_view = mid["value"][0].as_u64().unwrap_or(0);
+    assert!(in_view > 0 && in_view < 200, "{mid}");
+    assert_eq!(mid["value"][1], true, "the middle rows are shown: {mid}");
     let heap = web.op(
         "eval",
         json!({"expr": "performance.memory ? performance.memory.usedJSHeapSize : -1"}),
