@@ -257,6 +257,14 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
         .unwrap_or_default()
         .to_string();
     assert_eq!(hash.len(), 64, "{about}");
+    // The same as the one the server printed at start (and `conclave doctor` prints).
+    let printed = server
+        .banner
+        .iter()
+        .find_map(|l| l.split_once("(bundle SHA-256 "))
+        .map(|(_, h)| h.trim_end_matches(')').to_string())
+        .expect("the server prints the bundle's SHA-256");
+    assert_eq!(hash, printed);
     shot(&mut web, "about", 1100, 700);
     web.op("close_dialog", json!({}));
 
@@ -444,9 +452,15 @@ fn web_user_reconnects_through_a_jittery_relay_without_loss_or_duplicates() {
         web.op("type", json!({"text": back}));
         let m = bob.message(&back);
         assert_eq!(m["e2ee"], true, "{m}");
+        web.op("wait_text", json!({"text": back}));
         for t in texts.iter().chain(std::iter::once(&back)) {
             let n = web.op("count_text", json!({"text": t}));
-            assert_eq!(n["count"], 1, "round {round}: {t:?} shown {n}");
+            let log = web.op("log", json!({}));
+            assert_eq!(
+                n["count"], 1,
+                "round {round}: {t:?} shown {n}: {}",
+                log["log"]
+            );
         }
     }
     let seen = bob
