@@ -43,6 +43,9 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let web = manifest.join("../../web");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
+    // Only paths that exist are watched: cargo takes a missing one as changed at every build,
+    // and would rebuild the server each time. `web/src/` always exists (the generated protocol
+    // types live in it), so the web client's sources arriving there are noticed.
     for entry in WEB_SOURCES {
         let p = web.join(entry);
         if p.exists() {

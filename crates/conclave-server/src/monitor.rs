@@ -250,6 +250,14 @@ pub fn note_accept(shared: &Shared, peer: SocketAddr, admitted: &Result<(), Box<
 
 /// An admitted connection ended: if it never finished its TLS handshake and hello, that
 /// counts as incomplete (a scan, most often).
+/// A connection finished its TLS handshake as a browser's (HTTP): it is no scan when it
+/// closes, though it never says the native hello. (Its WebSocket session, if it opens one,
+/// is counted and audited as a connection like a native one.)
+pub fn note_web_established(shared: &Shared, peer: SocketAddr) {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    lock(&shared.monitor.established).insert(peer);
+}
+
 pub fn connection_closed(shared: &Shared, peer: SocketAddr) {
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     if lock(&shared.monitor.established).remove(&peer) || shared.shutdown.is_cancelled() {

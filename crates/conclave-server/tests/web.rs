@@ -6,6 +6,9 @@
 //! served and swapped by a reload without dropping connections.
 
 mod common;
+#[path = "../../conclave/tests/common/relay.rs"]
+#[allow(dead_code)]
+mod relay;
 
 use std::sync::Arc;
 
@@ -201,8 +204,13 @@ struct WebClient {
 
 impl WebClient {
     async fn connect(srv: &TestServer) -> WebClient {
-        let tls = browser_tls(srv.addr, &srv.fingerprint).await;
-        let url = format!("wss://localhost:{}/ws", srv.addr.port());
+        Self::connect_at(srv.addr, &srv.fingerprint).await
+    }
+
+    /// Through `addr` (the server, or a relay in front of it).
+    async fn connect_at(addr: std::net::SocketAddr, fingerprint: &str) -> WebClient {
+        let tls = browser_tls(addr, fingerprint).await;
+        let url = format!("wss://localhost:{}/ws", addr.port());
         let (ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, tls))
             .await
             .expect("upgrade in time")
@@ -601,5 +609,209 @@ async fn an_operator_certificate_is_served_and_replaced_by_a_reload_without_drop
     ));
     let r = web.request(json!({"Ping": {"nonce": 4}})).await;
     assert_eq!(r, json!({"Ok": {"Pong": {"nonce": 4}}}));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn page_loads_are_not_taken_for_a_handshake_scan() {
+    let srv = TestServer::start(|c| {
+        c.anomaly.never_ban = vec![];
+        c.anomaly.handshake_scan = conclave_server::config::AnomalyRule {
+            enabled: Some(true),
+            window_s: Some(60),
+            per_address: Some(3),
+            per_subnet: Some(0),
+            per_user: Some(0),
+            ban_minutes: Some(15),
+        };
+    })
+    .await;
+    // A browser opening the page again and again: connections that never say the native
+    // hello, but did finish TLS.
+    for _ in 0..6 {
+        assert_eq!(http(&srv, "GET", "/", "").await.status, 200);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let m = admin(&srv, json!({"cmd": "monitor"})).await;
+        if m["totals"]["connections"] == json!(0) {
+            assert_eq!(m["alerts"], json!([]), "{m}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections did not close"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        Raw::try_connect_to(srv.addr, &srv.fingerprint)
+            .await
+            .is_some(),
+        "the address is not banned"
+    );
+    srv.stop().await;
+}
+
+/// The chromium binary on the PATH, if any (Debian's package; `.ci/run` installs it).
+fn chromium() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("chromium"))
+        .find(|p| p.is_file())
+}
+
+/// Chromium itself, headless: it loads the page over TLS 1.3 with X25519MLKEM768 and ALPN
+/// http/1.1, as its own network log (`--log-net-log`) records. Skipped (and says so) on a
+/// machine without Chromium.
+#[tokio::test]
+async fn chromium_loads_the_page_over_x25519mlkem768() {
+    let Some(chromium) = chromium() else {
+        eprintln!("SKIPPED: no chromium on the PATH (apt-get install chromium)");
+        return;
+    };
+    let srv = TestServer::start(|_| {}).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let netlog = work.path().join("netlog.json");
+    let mut cmd = tokio::process::Command::new(chromium);
+    cmd.args([
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        // The test server's certificate is self-signed; the handshake is what is checked.
+        "--ignore-certificate-errors",
+    ])
+    .arg(format!(
+        "--user-data-dir={}",
+        work.path().join("profile").display()
+    ))
+    .arg(format!("--log-net-log={}", netlog.display()))
+    .arg("--dump-dom")
+    .arg(format!("https://localhost:{}/", srv.addr.port()))
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+        .await
+        .expect("chromium finishes within a minute")
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains("<html"), "chromium got no page: {dom}");
+    let log = std::fs::read_to_string(&netlog).expect("chromium wrote its network log");
+    // 4588 = 0x11EC, X25519MLKEM768's code point.
+    assert!(
+        log.contains("\"key_exchange_group\":4588"),
+        "chromium did not negotiate X25519MLKEM768"
+    );
+    assert!(
+        log.contains("\"next_proto\":\"http/1.1\""),
+        "ALPN was not http/1.1"
+    );
+    srv.stop().await;
+}
+
+/// Messages from the event queue and the socket until `n` of them, or a `CaughtUp`.
+async fn messages(web: &mut WebClient, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        got.push(web.event("Message").await);
+    }
+    got
+}
+
+#[tokio::test]
+async fn through_a_delaying_relay_order_holds_and_a_reconnect_catches_up_once() {
+    let srv = TestServer::start(|_| {}).await;
+    let relay = relay::Relay::to(&srv.addr.to_string(), 5.0, 22);
+    let via: std::net::SocketAddr = relay.addr().parse().expect("relay address");
+    let mut bob = Raw::register(&srv, "bob").await;
+    let mut web = WebClient::connect_at(via, &srv.fingerprint).await;
+    let r = web
+        .request(
+            json!({"Register": {"user": "alice", "password": "password123",
+            "server_password": null, "invite_code": null}}),
+        )
+        .await;
+    assert!(r["Ok"].get("LoggedIn").is_some(), "{r}");
+
+    // Native to web, 40 messages: in order, each once.
+    for i in 0..40 {
+        assert!(bob.send_room("general", &format!("n{i}")).await.is_ok());
+    }
+    let got = messages(&mut web, 40).await;
+    let texts: Vec<String> = got.iter().map(text_of).collect();
+    let want: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
+    assert_eq!(texts, want);
+    let last_seq = got.last().and_then(|m| m["seq"].as_u64()).expect("seq");
+
+    // Web to native, 20 sends pipelined without waiting: stored and delivered in order.
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let data: Vec<u8> = format!("w{i}").into_bytes();
+        ids.push(
+            web.send_json(json!({"Send": {
+                "target": {"Room": {"room": "general", "except": []}},
+                "body": {"content_type": "text/plain", "data": data},
+                "idempotency_key": format!("w{i}")}}))
+                .await,
+        );
+    }
+    for i in 0..20 {
+        let m = bob.message().await;
+        assert_eq!(m.body.as_text(), Some(format!("w{i}").as_str()));
+    }
+    let mut replies = 0;
+    while replies < ids.len() {
+        let f = web.next().await.expect("replies");
+        if let Some(r) = f.get("Reply") {
+            assert_eq!(r["id"], json!(ids[replies]), "replies in request order");
+            replies += 1;
+        }
+    }
+    let last_seq = last_seq + 20;
+
+    // The link breaks; bob goes on; the web client reconnects with its cursor and gets what
+    // it missed, once, then `CaughtUp`.
+    relay.cut_all();
+    assert!(web.next().await.is_none(), "the cut ends the WebSocket");
+    for i in 0..5 {
+        assert!(bob.send_room("general", &format!("late{i}")).await.is_ok());
+    }
+    let mut web = WebClient::connect_at(via, &srv.fingerprint).await;
+    let r = web
+        .request(json!({"Login": {"user": "alice", "password": "password123",
+            "server_password": null,
+            "resume": [{"conv": {"Room": "general"}, "seq": last_seq}]}}))
+        .await;
+    assert!(r["Ok"].get("LoggedIn").is_some(), "{r}");
+    let caught = web.event("CaughtUp").await;
+    assert_eq!(caught["count"], json!(5), "{caught}");
+    let missed = messages(&mut web, 5).await;
+    let texts: Vec<String> = missed.iter().map(text_of).collect();
+    assert_eq!(texts, ["late0", "late1", "late2", "late3", "late4"]);
+    assert!(
+        !web.events.iter().any(|e| e.get("Message").is_some()),
+        "nothing twice: {:?}",
+        web.events
+    );
+    let seqs: Vec<u64> = missed.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    assert_eq!(seqs, (last_seq + 1..=last_seq + 5).collect::<Vec<_>>());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_web_client_off_a_browsers_handshake_is_refused_and_native_clients_are_served() {
+    let srv = TestServer::start(|c| c.web.enabled = false).await;
+    let refused = tls_connect_with(srv.addr, browser_config(&srv.fingerprint)).await;
+    assert!(
+        refused.is_err(),
+        "a browser's ALPN finds nothing to agree on"
+    );
+    let mut native = Raw::register(&srv, "native").await;
+    assert!(matches!(
+        native.request(Request::Ping { nonce: 5 }).await,
+        Ok(Reply::Pong { nonce: 5 })
+    ));
     srv.stop().await;
 }

@@ -138,6 +138,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     ];
     if let Some(server) = &args.server {
         checks.push(tls_probe(server, &dir));
+        checks.push(web_probe(server));
     }
     let fails = checks.iter().filter(|c| c.status == Status::Fail).count();
     let warns = checks.iter().filter(|c| c.status == Status::Warn).count();
@@ -205,7 +206,8 @@ fn web_client() -> Check {
         ));
         c.summary(format!("bundle SHA-256 {hash}"))
     } else {
-        c.warn(
+        // Not a warning: native clients are unaffected, and the page says what to do.
+        c.ok(
             "this binary embeds no web client (it was built without Node.js): browsers get a page that says how to build it",
         );
         c.summary(format!("not built (placeholder page, SHA-256 {hash})"))
@@ -1099,6 +1101,97 @@ fn tls_probe(server: &str, dir: &Path) -> Check {
         _ => format!("problems talking to {server}"),
     };
     c.summary(summary)
+}
+
+/// Most bytes of `/about.json` read.
+const MAX_ABOUT_BYTES: u64 = 64 * 1024;
+
+/// `GET /about.json` as a browser would (ALPN `http/1.1`); the status line and the body.
+fn fetch_about(addr: SocketAddr, host: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS configuration")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Capture::default()))
+        .with_no_client_auth();
+    let mut config = config;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from(host.to_string())
+        .or_else(|_| ServerName::try_from("localhost".to_string()))
+        .context("server name")?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).context("TLS client")?;
+    let tcp = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    tcp.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    tcp.set_write_timeout(Some(PROBE_TIMEOUT))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let request = format!(
+        "GET /about.json HTTP/1.1\r\nHost: {host}:{}\r\nConnection: close\r\n\r\n",
+        addr.port()
+    );
+    tls.write_all(request.as_bytes()).context("TLS handshake")?;
+    let mut raw = Vec::new();
+    let _ = (&mut tls).take(MAX_ABOUT_BYTES).read_to_end(&mut raw);
+    if tls.conn.alpn_protocol() != Some(b"http/1.1") {
+        anyhow::bail!("the server does not serve the web client (no HTTP by ALPN)");
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no HTTP response")?;
+    let status = String::from_utf8_lossy(&raw[..split])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    Ok((status, raw[split + 4..].to_vec()))
+}
+
+/// The web client the server at `server` serves, against the one this binary embeds.
+fn web_probe(server: &str) -> Check {
+    use conclave_server::web::assets;
+    let mut c = Check::new("web client served");
+    let Ok(Some(addr)) = server.to_socket_addrs().map(|mut a| a.next()) else {
+        c.fail(format!("{server:?} is not HOST:PORT that resolves"));
+        return c.summary("bad address");
+    };
+    let host = server
+        .rsplit_once(':')
+        .map_or(server, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let about = match fetch_about(addr, host) {
+        Ok((status, body)) if status.contains(" 200 ") => {
+            serde_json::from_slice::<Value>(&body).ok()
+        }
+        Ok((status, _)) => {
+            c.warn(format!("/about.json answered {status:?}"));
+            None
+        }
+        Err(e) => {
+            c.warn(format!("{e:#}"));
+            return c.summary("not served");
+        }
+    };
+    let Some(about) = about else {
+        return c.summary("no /about.json");
+    };
+    let theirs = about["bundle_sha256"].as_str().unwrap_or("");
+    if theirs == assets::bundle_sha256() {
+        c.ok(format!(
+            "bundle SHA-256 {theirs}, the one this binary embeds"
+        ));
+        c.summary(format!(
+            "the same bundle as this binary ({})",
+            &theirs[..16.min(theirs.len())]
+        ))
+    } else {
+        c.warn(format!(
+            "the server serves bundle SHA-256 {theirs}, this binary embeds {}: another build (or version) of conclave, or altered code",
+            assets::bundle_sha256()
+        ));
+        c.summary("another bundle than this binary's")
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ struct Ctx {
 /// Serves a browser's connection: HTTP requests until it closes, its time is up, or it
 /// becomes the protocol's WebSocket.
 pub async fn serve(shared: Arc<Shared>, link: TlsLink, peer: SocketAddr) {
+    crate::monitor::note_web_established(&shared, peer);
     let params = link.params();
     let counters = link.counters.clone();
     let config = shared.config();
