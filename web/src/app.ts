@@ -251,6 +251,7 @@ function showMain(root: HTMLElement, s: Session): void {
     const line = composer.value;
     if (line.trim() === "") return;
     composer.value = "";
+    timeline.toBottom();
     run(line).catch((err: unknown) => s.notice(s.state.current, errText(err)));
   });
   composer.addEventListener("keydown", (e) => {

@@ -49,6 +49,12 @@ export class Timeline {
     this.schedule();
   }
 
+  /** Back to the newest rows (after the user sends something). */
+  toBottom(): void {
+    this.atBottom = true;
+    this.schedule();
+  }
+
   private schedule(): void {
     if (this.frame !== 0) return;
     this.frame = requestAnimationFrame(() => {

@@ -92,6 +92,18 @@ async function handle(r: Req): Promise<Req> {
       }
       throw new Error(`the timeline never showed ${JSON.stringify(text)}; it shows: ${(await log(p)).slice(-600)}`);
     }
+    case "scroll_up_until": {
+      // Scrolls the timeline to the top (loading older history) until it shows this text.
+      const p = current();
+      const text = s(r, "text");
+      const deadline = Date.now() + WAIT_MS;
+      while (Date.now() < deadline) {
+        await p.evaluate("document.querySelector('.timeline').scrollTop = 0");
+        await p.waitForTimeout(200);
+        if ((await log(p)).includes(text)) return {};
+      }
+      throw new Error(`scrolling up never showed ${JSON.stringify(text)}; the timeline shows: ${(await log(p)).slice(0, 600)}`);
+    }
     case "count_text": {
       const t = await log(current());
       return { count: t.split(s(r, "text")).length - 1 };

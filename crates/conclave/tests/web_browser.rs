@@ -322,6 +322,11 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
         json!({"cmd": "send", "room": "town", "text": "history before the web user", "id": 2}),
     );
     bob.ok(json!(2));
+    for i in 1..=70 {
+        let text = format!("old-{i:02}");
+        bob.send(json!({"cmd": "send", "room": "town", "text": text, "id": 1000 + i}));
+        bob.ok(json!(1000 + i));
+    }
 
     let mut web = Browser::start(&url);
     web.op("open", json!({"path": "#bench"}));
@@ -334,8 +339,16 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
     );
     web.op("type", json!({"text": "/join town"}));
     web.op("has_conv", json!({"name": "#town"}));
-    // A server-encrypted room shows its history to newcomers.
-    web.op("wait_text", json!({"text": "history before the web user"}));
+    // A server-encrypted room shows its history to newcomers: the newest page at once, older
+    // ones as the timeline is scrolled up.
+    web.op("wait_text", json!({"text": "old-70"}));
+    let n = web.op("count_text", json!({"text": "old-01"}));
+    assert_eq!(n["count"], 0, "only the newest page is loaded at first");
+    web.op(
+        "scroll_up_until",
+        json!({"text": "history before the web user"}),
+    );
+    web.op("scroll_up_until", json!({"text": "old-01"}));
     let marker = web.op("marker", json!({}));
     assert_eq!(marker["marker"], "Server-encrypted");
     web.op("type", json!({"text": "plain hello from the web"}));
