@@ -13,6 +13,7 @@ import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
 import { fromHex, toHex } from "./bytes.js";
+import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
 
 export const CT_TEXT = "text/plain";
 export const CT_APP = "application/mls-app";
@@ -33,6 +34,8 @@ export const RECONNECT_MIN_MS = 500;
 export const RECONNECT_MAX_MS = 15_000;
 /** A Ping this often keeps an idle connection open (the server's idle timeout is 5 minutes). */
 export const KEEPALIVE_MS = 60_000;
+/** Blockcast keys kept (the newest), and sealed messages waiting for their key. */
+export const MAX_SEALED_KEYS = 10_000;
 /** Entries of a log read per request when catching up. */
 export const FILL_PAGE = 100;
 /** Most entries read to catch up one conversation at once. */
@@ -136,6 +139,9 @@ export class Session {
   private serial = new Serial();
   private saveTimer: ReturnType<typeof setTimeout> | undefined;
   private stopped = false;
+  /** Keys of blockcast messages (by id, hex), and sealed messages waiting for theirs. */
+  private sealedKeys = new Map<string, Uint8Array>();
+  private sealedWaiting = new Map<string, { m: Message; p: Payload; live: boolean }>();
   /** MLS messages of conversations this device is joining, until it is in. */
   private early = new Map<string, Message[]>();
   private releaseLock: () => void = () => {};
@@ -189,6 +195,10 @@ export class Session {
     if (saved === undefined) await this.saveDevice();
     this.state.device = this.device.device;
     this.state.fingerprint = await this.device.fingerprint();
+    for (const [k, v] of (await this.store.getJson<[string, string][]>("sealed-keys")) ?? []) {
+      const key = fromHex(v);
+      if (key !== undefined) this.sealedKeys.set(k, key);
+    }
     const index = (await this.store.getJson<{ key: string; conv: Conv; e2ee: boolean }[]>("convs")) ?? [];
     for (const c of index) {
       const entries = (await this.store.getJson<Entry[]>(`history/${c.key}`)) ?? [];
@@ -394,6 +404,38 @@ export class Session {
         text: `offers the file ${p.name} (${p.size} bytes)`,
         file: { fileId: p.fileId, name: p.name, size: p.size, sha256: toHex(p.sha256), key: toHex(p.key) },
       };
+    } else if (p?.kind === "sealed_key") {
+      // Blockcast, part 1: the key of a room message meant for me (and not for some others).
+      const id = toHex(p.id);
+      this.sealedKeys.set(id, p.key);
+      while (this.sealedKeys.size > MAX_SEALED_KEYS) this.sealedKeys.delete(this.sealedKeys.keys().next().value as string);
+      void this.store.putJson("sealed-keys", [...this.sealedKeys].map(([k, v]) => [k, toHex(v)]));
+      const waiting = this.sealedWaiting.get(id);
+      if (waiting !== undefined) {
+        this.sealedWaiting.delete(id);
+        this.showPayload(waiting.m, waiting.p, waiting.live);
+      }
+      return;
+    } else if (p?.kind === "sealed") {
+      // Blockcast, part 2: the message itself, in the room, opened with its key.
+      const id = toHex(p.id);
+      const key = this.sealedKeys.get(id);
+      if (key === undefined) {
+        if (this.sealedWaiting.size < MAX_SEALED_KEYS) this.sealedWaiting.set(id, { m, p, live });
+        return;
+      }
+      let inner: Payload | undefined;
+      try {
+        inner = decodePayload(xchacha20poly1305(key, p.nonce, p.id).decrypt(p.ciphertext));
+      } catch {
+        inner = undefined;
+      }
+      if (inner?.kind !== "body") {
+        this.notice(c.key, `a message from ${m.from} does not open with its key`);
+        return;
+      }
+      this.showPayload(m, inner, live);
+      return;
     } else {
       return;
     }

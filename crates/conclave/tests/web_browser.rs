@@ -187,6 +187,28 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     assert_eq!(m["e2ee"], true, "{m}");
     shot(&mut web, "direct", 1100, 700);
 
+    // Blockcast from the JSON user in the end-to-end room, leaving carol out: the web user
+    // opens it (its key came in the direct conversation); carol never gets it.
+    let carol_state = tempfile::tempdir().expect("tmp");
+    let mut carol = client(&server, "carol", carol_state.path());
+    web.op("open_conv", json!({"name": "#lab"}));
+    web.op("type", json!({"text": "/invite carol"}));
+    carol.expect("carol joins lab's group", |v| {
+        v["event"] == "e2ee" && v["kind"] == "joined" && v["room"] == "lab"
+    });
+    carol.send(json!({"cmd": "join", "room": "lab", "id": 1}));
+    carol.ok(json!(1));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "not for carol", "except": ["carol"], "id": 30}));
+    bob.ok(json!(30));
+    web.op("wait_text", json!({"text": "not for carol"}));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "for everyone again", "id": 31}));
+    bob.ok(json!(31));
+    carol.message("for everyone again");
+    assert!(
+        !carol.saw_message("not for carol"),
+        "a left-out member read a blockcast"
+    );
+
     // A file from the browser to the JSON user, end-to-end (sealed), hash checked.
     web.op("open_conv", json!({"name": "#lab"}));
     let files = tempfile::tempdir().expect("tmp");
