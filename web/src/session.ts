@@ -1,0 +1,988 @@
+// One signed-in session of the web client: the connection, the conversations and their
+// timelines, and end-to-end encryption (this browser's MLS device), as the native client
+// library does it (crates/conclave-client/src/e2ee.rs), with no DOM: the UI renders `state`
+// and calls the methods.
+//
+// Every message of a conversation's log is processed once, in order (sequence numbers); a
+// reconnect logs in again with the last sequence number seen of each conversation, so the
+// server sends what was missed, and nothing twice.
+
+import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
+import type { Target } from "./generated/protocol.js";
+import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
+import { decodePayload, encodePayload, type Payload } from "./payload.js";
+import { SealedStore, WrongPassword } from "./store.js";
+import { fromHex, toHex } from "./bytes.js";
+import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
+
+export const CT_TEXT = "text/plain";
+export const CT_APP = "application/mls-app";
+export const CT_COMMIT = "application/mls-commit";
+export const CT_PROPOSAL = "application/mls-proposal";
+
+/** Entries kept per conversation in memory and in local history (as the TUI keeps). */
+export const MAX_ENTRIES = 10_000;
+/** Messages asked for when a conversation is opened or scrolled up. */
+export const HISTORY_PAGE = 50;
+/** Key packages published at a time, and the count under which more are published. */
+export const KEY_PACKAGES_BATCH = 20;
+export const KEY_PACKAGES_LOW = 10;
+/** Attempts at a send or commit refused for a stale epoch. */
+export const SEND_ATTEMPTS = 20;
+/** Reconnect back-off, doubling from the first to the last. */
+export const RECONNECT_MIN_MS = 500;
+export const RECONNECT_MAX_MS = 15_000;
+/** A Ping this often keeps an idle connection open (the server's idle timeout is 5 minutes). */
+export const KEEPALIVE_MS = 60_000;
+/** Blockcast keys kept (the newest), and sealed messages waiting for their key. */
+export const MAX_SEALED_KEYS = 10_000;
+/** Entries of a log read per request when catching up. */
+export const FILL_PAGE = 100;
+/** Most entries read to catch up one conversation at once. */
+export const MAX_FILL = 10_000;
+
+export interface Entry {
+  seq: number;
+  from: string;
+  ts: number;
+  text: string;
+  /** A notice of the client (joins, errors), not a message. */
+  notice?: boolean;
+  file?: { fileId: string; name: string; size: number; sha256: string; key?: string };
+}
+
+export interface ConvState {
+  key: string;
+  conv: Conv;
+  /** `#room` or the other people's names. */
+  title: string;
+  e2ee: boolean;
+  entries: Entry[];
+  unread: number;
+  mentions: number;
+  /** Highest sequence number seen (shown or processed). */
+  lastSeq: number;
+  /** The oldest history was loaded. */
+  complete: boolean;
+}
+
+export interface SessionState {
+  user: string;
+  admin: boolean;
+  connected: boolean;
+  status: string;
+  convs: Map<string, ConvState>;
+  order: string[];
+  current: string | undefined;
+  fingerprint: string;
+  device: string;
+}
+
+export interface LoginOptions {
+  url: string;
+  user: string;
+  password: string;
+  register: boolean;
+  serverPassword?: string;
+  inviteCode?: string;
+}
+
+const enc = new TextEncoder();
+const dec = new TextDecoder();
+
+function record2json(r: DeviceRecord): Json {
+  return {
+    user: r.user,
+    device: r.device,
+    signPublic: toHex(r.signPublic),
+    signKey: toHex(r.signKey),
+    keyPackages: r.keyPackages.map((k) => ({ pub: toHex(k.pub), priv: toHex(k.priv) })),
+    groups: r.groups.map((g) => ({ conv: g.conv, state: toHex(g.state), lastSeq: g.lastSeq, joinedSeq: g.joinedSeq, active: g.active })),
+  };
+}
+
+function json2record(j: Record<string, unknown>): DeviceRecord {
+  const h = (v: unknown) => fromHex(String(v)) ?? new Uint8Array();
+  return {
+    user: String(j.user),
+    device: String(j.device),
+    signPublic: h(j.signPublic),
+    signKey: h(j.signKey),
+    keyPackages: (j.keyPackages as { pub: string; priv: string }[]).map((k) => ({ pub: h(k.pub), priv: h(k.priv) })),
+    groups: (j.groups as { conv: string; state: string; lastSeq: number; joinedSeq: number; active: boolean }[]).map((g) => ({
+      ...g,
+      state: h(g.state),
+    })),
+  };
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** A queue that runs tasks one at a time, in order. */
+class Serial {
+  private tail: Promise<unknown> = Promise.resolve();
+  run<T>(f: () => Promise<T>): Promise<T> {
+    const p = this.tail.then(f, f);
+    this.tail = p.catch(() => undefined);
+    return p;
+  }
+}
+
+export class Session {
+  state: SessionState;
+  private conn: Connection | undefined;
+  private device!: MlsDevice;
+  private store!: SealedStore;
+  private serverKey: Uint8Array = new Uint8Array();
+  private serial = new Serial();
+  private saveTimer: ReturnType<typeof setTimeout> | undefined;
+  private stopped = false;
+  /** Keys of blockcast messages (by id, hex), and sealed messages waiting for theirs. */
+  private sealedKeys = new Map<string, Uint8Array>();
+  private sealedWaiting = new Map<string, { m: Message; p: Payload; live: boolean }>();
+  /** MLS messages of conversations this device is joining, until it is in. */
+  private early = new Map<string, Message[]>();
+  private releaseLock: () => void = () => {};
+  private keepalive: ReturnType<typeof setInterval> | undefined;
+  onChange: () => void = () => {};
+  onNotify: (title: string, body: string) => void = () => {};
+  isVisible: () => boolean = () => true;
+
+  private constructor(private opts: LoginOptions) {
+    this.state = {
+      user: opts.user,
+      admin: false,
+      connected: false,
+      status: "connecting…",
+      convs: new Map(),
+      order: [],
+      current: undefined,
+      fingerprint: "",
+      device: "",
+    };
+  }
+
+  /** Signs in (or registers), opens the sealed store and the device, and catches up. */
+  static async start(opts: LoginOptions): Promise<Session> {
+    const release = await holdDeviceLock(opts.user);
+    const s = new Session(opts);
+    s.releaseLock = release;
+    try {
+      await s.open();
+    } catch (e) {
+      s.stop();
+      throw e;
+    }
+    return s;
+  }
+
+  private async open(): Promise<void> {
+    const opts = this.opts;
+    try {
+      this.store = await SealedStore.open(opts.user, opts.password);
+    } catch (e) {
+      if (!(e instanceof WrongPassword)) throw e;
+      // Sealed under another password: only once the server confirms this one (the account's
+      // password changed) does a new device replace what this browser cannot open any more.
+      await verifyPassword(opts);
+      this.store = await SealedStore.open(opts.user, opts.password, true);
+      this.notice(undefined, "the account's password changed: this browser starts a new device (earlier end-to-end history here stays sealed)");
+    }
+    const saved = await this.store.getJson<Record<string, unknown>>("device");
+    this.device = saved !== undefined ? await MlsDevice.restore(json2record(saved)) : await MlsDevice.create(opts.user);
+    if (saved === undefined) await this.saveDevice();
+    this.state.device = this.device.device;
+    this.state.fingerprint = await this.device.fingerprint();
+    for (const [k, v] of (await this.store.getJson<[string, string][]>("sealed-keys")) ?? []) {
+      const key = fromHex(v);
+      if (key !== undefined) this.sealedKeys.set(k, key);
+    }
+    const index = (await this.store.getJson<{ key: string; conv: Conv; e2ee: boolean }[]>("convs")) ?? [];
+    for (const c of index) {
+      const entries = (await this.store.getJson<Entry[]>(`history/${c.key}`)) ?? [];
+      const cs = this.ensureConv(c.conv, c.e2ee);
+      cs.entries = entries;
+      cs.lastSeq = entries.reduce((m, e) => Math.max(m, e.seq), 0);
+    }
+    await this.connect(true);
+  }
+
+  private ensureConv(conv: Conv, e2ee?: boolean): ConvState {
+    const key = convKey(conv);
+    let c = this.state.convs.get(key);
+    if (c === undefined) {
+      const title = "Room" in conv ? `#${conv.Room}` : conv.Direct.filter((u) => u !== this.state.user).join(", ") || this.state.user;
+      c = { key, conv, title, e2ee: e2ee ?? false, entries: [], unread: 0, mentions: 0, lastSeq: 0, complete: false };
+      this.state.convs.set(key, c);
+      this.state.order.push(key);
+      this.state.current ??= key;
+    } else if (e2ee !== undefined) {
+      c.e2ee = e2ee;
+    }
+    return c;
+  }
+
+  private convRef(conv: Conv): ConvRef {
+    if ("Room" in conv) return { Room: conv.Room };
+    const others = conv.Direct.filter((u) => u !== this.state.user);
+    return { With: others.length === 0 ? [this.state.user] : others };
+  }
+
+  private async request(req: Request): Promise<[string, unknown]> {
+    if (this.conn === undefined) throw new RequestError("Disconnected", "not connected");
+    return this.conn.request(req);
+  }
+
+  // --- connection ---------------------------------------------------------------------------
+
+  private async connect(first: boolean): Promise<void> {
+    const conn = new Connection(
+      this.opts.url,
+      (name, body) => {
+        void this.serial.run(() => this.onEvent(name, body));
+      },
+      (why) => {
+        if (this.conn === conn) this.disconnected(why);
+      },
+    );
+    this.conn = conn;
+    await conn.ready();
+    const resume = [...this.state.convs.values()]
+      .filter((c) => c.lastSeq > 0)
+      .map((c) => ({ conv: c.conv, seq: c.lastSeq }));
+    // Registering signs in too; every later connection logs in (with what it has seen).
+    const [, li] =
+      first && this.opts.register
+        ? await conn.request({
+            Register: {
+              user: this.opts.user,
+              password: this.opts.password,
+              server_password: this.opts.serverPassword ?? null,
+              invite_code: this.opts.inviteCode ?? null,
+            },
+          })
+        : await conn.request({
+            Login: { user: this.opts.user, password: this.opts.password, server_password: this.opts.serverPassword ?? null, resume },
+          });
+    const logged = li as { user: string; admin: boolean; rooms: string[] };
+    this.state.admin = logged.admin;
+    this.state.connected = true;
+    clearInterval(this.keepalive);
+    let nonce = 0;
+    this.keepalive = setInterval(() => {
+      if (this.conn === conn && !conn.closed) void conn.request({ Ping: { nonce: ++nonce } }).catch(() => undefined);
+    }, KEEPALIVE_MS);
+    this.state.status = "connected";
+    await this.serial.run(async () => {
+      await this.publishDevice();
+      await this.refreshRooms(logged.rooms);
+      await this.joinMissingGroups();
+    });
+    this.onChange();
+  }
+
+  private disconnected(why: string): void {
+    clearInterval(this.keepalive);
+    this.state.connected = false;
+    this.state.status = `disconnected (${why}); reconnecting…`;
+    this.onChange();
+    if (this.stopped) return;
+    void (async () => {
+      let wait = RECONNECT_MIN_MS;
+      while (!this.stopped) {
+        await sleep(wait);
+        try {
+          await this.connect(false);
+          return;
+        } catch (e) {
+          this.state.status = `cannot reconnect (${e instanceof Error ? e.message : String(e)}); trying again…`;
+          this.onChange();
+          wait = Math.min(wait * 2, RECONNECT_MAX_MS);
+        }
+      }
+    })();
+  }
+
+  /** Closes the connection (for tests and sign-out). */
+  stop(): void {
+    this.stopped = true;
+    this.conn?.shutdown();
+    this.releaseLock();
+  }
+
+  /** Drops the connection as a network failure would (the session reconnects). */
+  dropConnection(): void {
+    this.conn?.shutdown();
+  }
+
+  private async refreshRooms(rooms: string[]): Promise<void> {
+    const [, list] = await this.request("Rooms");
+    const infos = list as { room: string; member: boolean; e2ee: boolean }[];
+    const e2ee = new Map(infos.map((r) => [r.room, r.e2ee]));
+    for (const room of rooms) this.ensureConv({ Room: room }, e2ee.get(room) ?? false);
+    for (const c of this.state.convs.values()) {
+      if (c.entries.length === 0) await this.loadHistory(c.key);
+    }
+    await this.saveIndex();
+  }
+
+  // --- persistence ------------------------------------------------------------------------
+
+  private async saveDevice(): Promise<void> {
+    await this.store.putJson("device", record2json(this.device.record()));
+  }
+
+  private scheduleSave(): void {
+    if (this.saveTimer !== undefined) return;
+    this.saveTimer = setTimeout(() => {
+      this.saveTimer = undefined;
+      void this.serial.run(() => this.saveDevice());
+    }, 50);
+  }
+
+  private async saveIndex(): Promise<void> {
+    const index = [...this.state.convs.values()].map((c) => ({ key: c.key, conv: c.conv, e2ee: c.e2ee }));
+    await this.store.putJson("convs", index);
+  }
+
+  private async saveHistory(c: ConvState): Promise<void> {
+    await this.store.putJson(`history/${c.key}`, c.entries.filter((e) => !e.notice).slice(-MAX_ENTRIES));
+  }
+
+  // --- timeline ---------------------------------------------------------------------------
+
+  private addEntry(c: ConvState, e: Entry, live: boolean): boolean {
+    if (!e.notice && c.entries.some((x) => !x.notice && x.seq === e.seq)) return false;
+    // Kept in sequence order (history pages arrive before or after live messages).
+    let i = c.entries.length;
+    while (i > 0 && !e.notice && (c.entries[i - 1]?.seq ?? 0) > e.seq) i--;
+    c.entries.splice(i, 0, e);
+    if (c.entries.length > MAX_ENTRIES) c.entries.splice(0, c.entries.length - MAX_ENTRIES);
+    if (!e.notice) c.lastSeq = Math.max(c.lastSeq, e.seq);
+    if (live && !e.notice && e.from !== this.state.user) {
+      const visible = this.state.current === c.key && this.isVisible();
+      if (!visible) c.unread++;
+      if (e.text.includes(`@${this.state.user}`) || ("Direct" in c.conv && !visible)) {
+        if (!visible) c.mentions++;
+        this.onNotify(`${e.from} in ${c.title}`, e.text);
+      }
+    }
+    return true;
+  }
+
+  notice(key: string | undefined, text: string): void {
+    const c = key === undefined ? undefined : this.state.convs.get(key);
+    const target = c ?? (this.state.current ? this.state.convs.get(this.state.current) : undefined);
+    if (target === undefined) {
+      this.state.status = text;
+    } else {
+      target.entries.push({ seq: target.lastSeq, from: "", ts: Date.now(), text, notice: true });
+    }
+    this.onChange();
+  }
+
+  private showPlain(m: Message, live: boolean): void {
+    const c = this.ensureConv(m.conv);
+    const body = m.body;
+    const text = body.content_type === CT_TEXT ? dec.decode(Uint8Array.from(body.data)) : `[${body.content_type}, ${body.data.length} bytes]`;
+    if (this.addEntry(c, { seq: m.seq, from: m.from, ts: m.ts_ms, text }, live)) void this.saveHistory(c);
+  }
+
+  private showPayload(m: Message, p: Payload | undefined, live: boolean): void {
+    const c = this.ensureConv(m.conv, true);
+    let entry: Entry;
+    if (p?.kind === "body") {
+      const text = p.contentType === CT_TEXT ? dec.decode(p.data) : `[${p.contentType}, ${p.data.length} bytes]`;
+      entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text };
+    } else if (p?.kind === "file") {
+      entry = {
+        seq: m.seq,
+        from: m.from,
+        ts: m.ts_ms,
+        text: `offers the file ${p.name} (${p.size} bytes)`,
+        file: { fileId: p.fileId, name: p.name, size: p.size, sha256: toHex(p.sha256), key: toHex(p.key) },
+      };
+    } else if (p?.kind === "sealed_key") {
+      // Blockcast, part 1: the key of a room message meant for me (and not for some others).
+      const id = toHex(p.id);
+      this.sealedKeys.set(id, p.key);
+      while (this.sealedKeys.size > MAX_SEALED_KEYS) this.sealedKeys.delete(this.sealedKeys.keys().next().value as string);
+      void this.store.putJson("sealed-keys", [...this.sealedKeys].map(([k, v]) => [k, toHex(v)]));
+      const waiting = this.sealedWaiting.get(id);
+      if (waiting !== undefined) {
+        this.sealedWaiting.delete(id);
+        this.showPayload(waiting.m, waiting.p, waiting.live);
+      }
+      return;
+    } else if (p?.kind === "sealed") {
+      // Blockcast, part 2: the message itself, in the room, opened with its key.
+      const id = toHex(p.id);
+      const key = this.sealedKeys.get(id);
+      if (key === undefined) {
+        if (this.sealedWaiting.size < MAX_SEALED_KEYS) this.sealedWaiting.set(id, { m, p, live });
+        return;
+      }
+      let inner: Payload | undefined;
+      try {
+        inner = decodePayload(xchacha20poly1305(key, p.nonce, p.id).decrypt(p.ciphertext));
+      } catch {
+        inner = undefined;
+      }
+      if (inner?.kind !== "body") {
+        this.notice(c.key, `a message from ${m.from} does not open with its key`);
+        return;
+      }
+      this.showPayload(m, inner, live);
+      return;
+    } else {
+      return;
+    }
+    if (this.addEntry(c, entry, live)) void this.saveHistory(c);
+  }
+
+  /** Loads older messages of a conversation from the server (server-encrypted ones; an
+   * end-to-end conversation's history is what this device read, kept locally). */
+  async loadHistory(key: string): Promise<void> {
+    const c = this.state.convs.get(key);
+    if (c === undefined || c.complete) return;
+    const oldest = c.entries.find((e) => !e.notice)?.seq;
+    const [, msgs] = await this.request({
+      History: { conv: this.convRef(c.conv), limit: HISTORY_PAGE, before: oldest ?? null },
+    });
+    const list = msgs as Message[];
+    if (list.length < HISTORY_PAGE) c.complete = true;
+    for (const m of list) {
+      if (m.body.content_type === CT_TEXT) this.showPlain(m, false);
+    }
+    if (c.lastSeq === 0 && list.length > 0) c.lastSeq = Math.max(...list.map((m) => m.seq));
+    this.onChange();
+  }
+
+  // --- events -----------------------------------------------------------------------------
+
+  private async onEvent(name: string, body: unknown): Promise<void> {
+    switch (name) {
+      case "Message": {
+        const m = body as Message;
+        if (isMls(m.body.content_type)) await this.processMls(m, true);
+        else this.showPlain(m, true);
+        break;
+      }
+      case "E2eeWelcome": {
+        const w = body as { id: number; device: string; conv: Conv; seq: number; welcome: number[] };
+        if (w.device !== this.device.device) break;
+        const key = convKey(w.conv);
+        const later = this.device.confirmed(key) && (this.device.lastSeq(key) ?? 0) >= w.seq;
+        if (!later) {
+          try {
+            await this.device.joinWelcome(key, bytesIn(w.welcome), w.seq);
+            this.ensureConv(w.conv, true);
+            await this.saveDevice();
+            await this.saveIndex();
+            await this.joined(key);
+          } catch (e) {
+            this.notice(key, `an invitation's Welcome could not be used: ${errText(e)}`);
+          }
+        }
+        await this.request({ E2eeWelcomeDone: { id: w.id } }).catch(() => undefined);
+        break;
+      }
+      case "Join": {
+        const j = body as { room: string; user: string };
+        const c = this.ensureConv({ Room: j.room });
+        if (j.user !== this.state.user) this.notice(c.key, `${j.user} joined`);
+        break;
+      }
+      case "Part": {
+        const p = body as { room: string; user: string };
+        const key = convKey({ Room: p.room });
+        if (p.user === this.state.user) this.device.forget(key);
+        else this.notice(key, `${p.user} left`);
+        break;
+      }
+      case "Kicked": {
+        const k = body as { room: string | null; user: string; by: string; reason: string };
+        if (k.room === null) break;
+        const key = convKey({ Room: k.room });
+        this.notice(key, `${k.user} was removed by ${k.by}${k.reason ? `: ${k.reason}` : ""}`);
+        if (k.user === this.state.user) {
+          this.device.forget(key);
+          this.scheduleSave();
+        }
+        break;
+      }
+      case "FileOffer": {
+        const o = body as { file_id: string; from: string; conv: Conv; name: string; size: number; sha256: number[]; ts_ms: number };
+        // An end-to-end file is shown from its description (an MLS message), not its offer.
+        if (o.from === this.state.user || (o.name.startsWith("e2ee-") && o.name.endsWith(".bin"))) break;
+        const c = this.ensureConv(o.conv);
+        const file = { fileId: o.file_id, name: o.name, size: o.size, sha256: toHex(bytesIn(o.sha256)) };
+        c.entries.push({ seq: c.lastSeq, from: o.from, ts: o.ts_ms, text: `offers the file ${o.name} (${o.size} bytes)`, notice: true, file });
+        break;
+      }
+      case "Invited": {
+        const i = body as { room: string; by: string };
+        this.notice(undefined, `${i.by} invited you to #${i.room}: /join ${i.room}`);
+        break;
+      }
+      case "Announce": {
+        const a = body as { from: string; text: string };
+        this.notice(undefined, `announcement from ${a.from}: ${a.text}`);
+        break;
+      }
+      case "Disconnect": {
+        const d = body as { reason: string; message: string };
+        this.state.status = `the server closed the connection: ${d.message}`;
+        if (d.reason === "Kicked" || d.reason === "Banned") this.stopped = true;
+        break;
+      }
+      default:
+        break;
+    }
+    this.onChange();
+  }
+
+  private async processMls(m: Message, live: boolean): Promise<void> {
+    const key = convKey(m.conv);
+    if (!this.device.confirmed(key)) {
+      // Not in the group (yet): kept until this device is, then processed in order.
+      const q = this.early.get(key) ?? [];
+      if (q.length < MAX_FILL) q.push(m);
+      this.early.set(key, q);
+      return;
+    }
+    const last = this.device.lastSeq(key) ?? 0;
+    if (m.seq > last + 1) await this.catchUp(m.conv, m.seq - 1);
+    await this.processOne(m, live);
+  }
+
+  private async processOne(m: Message, live: boolean): Promise<void> {
+    const key = convKey(m.conv);
+    if (!this.device.has(key)) return;
+    const p = await this.device.process(key, m.seq, m.from, Uint8Array.from(m.body.data));
+    const c = this.ensureConv(m.conv, true);
+    c.lastSeq = Math.max(c.lastSeq, m.seq);
+    switch (p.kind) {
+      case "app":
+        this.showPayload(m, decodePayload(p.plaintext), live);
+        break;
+      case "commit":
+        if (p.removedSelf) this.notice(key, "this device was removed from the conversation's encryption group: it can read nothing more here");
+        for (const a of p.added) if (a.user !== this.state.user) this.notice(key, `${a.user} (device ${a.device}, safety number ${a.fingerprint}) is in the group`);
+        break;
+      case "proposal":
+        this.scheduleSave();
+        void this.commitPending(m.conv);
+        break;
+      default:
+        break;
+    }
+    this.scheduleSave();
+  }
+
+  /** Reads the conversation's log after what this device processed, up to `upto`. */
+  private async catchUp(conv: Conv, upto?: number): Promise<void> {
+    const key = convKey(conv);
+    const last = this.device.lastSeq(key);
+    if (last === undefined) return;
+    let end = upto;
+    if (end === undefined) {
+      const [, newest] = await this.request({ History: { conv: this.convRef(conv), limit: 1, before: null } });
+      const n = (newest as Message[]).at(-1);
+      if (n === undefined) return;
+      end = n.seq;
+    }
+    let next = Math.max(last + 1, end - MAX_FILL + 1);
+    for (let rounds = 0; next <= end && rounds < 4 * (MAX_FILL / FILL_PAGE + 1); rounds++) {
+      const w = Math.min(FILL_PAGE, end - next + 1);
+      const [, page] = await this.request({ History: { conv: this.convRef(conv), limit: w, before: next + w } });
+      for (const m of (page as Message[]).filter((x) => x.seq >= next && x.seq < next + w)) {
+        if (isMls(m.body.content_type)) await this.processOne(m, false);
+      }
+      next += w;
+    }
+  }
+
+  private async joined(key: string): Promise<void> {
+    const q = this.early.get(key) ?? [];
+    this.early.delete(key);
+    for (const m of q) await this.processOne(m, true);
+  }
+
+  // --- end-to-end groups --------------------------------------------------------------------
+
+  private async publishDevice(): Promise<void> {
+    const kps = await this.device.keyPackagesOut(1);
+    const [, ready] = await this.request({ E2eePublish: { device: this.device.device, key_packages: kps.map(bytesOut) } });
+    const r = ready as { server_key: number[]; key_packages: number };
+    this.serverKey = bytesIn(r.server_key);
+    if (r.key_packages < KEY_PACKAGES_LOW) {
+      const more = await this.device.keyPackagesOut(KEY_PACKAGES_BATCH);
+      await this.request({ E2eePublish: { device: this.device.device, key_packages: more.map(bytesOut) } });
+    }
+    await this.saveDevice();
+  }
+
+  private async joinMissingGroups(): Promise<void> {
+    const [, list] = await this.request("E2eeConvs");
+    for (const conv of list as Conv[]) {
+      const key = convKey(conv);
+      this.ensureConv(conv, true);
+      if (this.device.confirmed(key) && this.device.isActive(key)) {
+        await this.catchUp(conv);
+      } else {
+        try {
+          await this.joinGroup(conv);
+        } catch (e) {
+          this.notice(key, `could not join the encryption group: ${errText(e)}`);
+        }
+      }
+    }
+    await this.saveIndex();
+  }
+
+  /** Sends a commit; adopts it once the server ordered it, drops it when refused. */
+  private async commit(conv: Conv, out: Outgoing): Promise<number> {
+    const key = convKey(conv);
+    try {
+      const [, sent] = await this.request({
+        E2eeCommit: {
+          conv: this.convRef(conv),
+          commit: bytesOut(out.commit),
+          group_info: bytesOut(out.groupInfo),
+          welcome: out.welcome === undefined ? null : bytesOut(out.welcome),
+        },
+      });
+      const seq = (sent as { seq: number }).seq;
+      this.device.confirm(key, seq);
+      await this.saveDevice();
+      return seq;
+    } catch (e) {
+      this.device.discard(key);
+      throw e;
+    }
+  }
+
+  /** Joins a conversation's group by external commit; false when it is not end-to-end. */
+  private async joinGroup(conv: Conv): Promise<boolean> {
+    const key = convKey(conv);
+    for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
+      const [, info] = await this.request({ E2eeGroupInfo: { conv: this.convRef(conv) } });
+      if (info === null) return false;
+      const gi = info as { group_info: number[]; epoch: number; seq: number };
+      if (this.device.confirmed(key) && this.device.isActive(key) && Number(this.device.epoch(key)) === gi.epoch) return true;
+      this.device.forget(key);
+      const out = await this.device.joinExternal(key, bytesIn(gi.group_info));
+      try {
+        await this.commit(conv, out);
+        this.ensureConv(conv, true);
+        await this.joined(key);
+        return true;
+      } catch (e) {
+        if (!(e instanceof RequestError && e.code === "StaleEpoch")) throw e;
+        await sleep(50 + Math.random() * 100);
+      }
+    }
+    throw new Error("the group kept changing while joining; try again later");
+  }
+
+  private async commitPending(conv: Conv): Promise<void> {
+    await sleep(Math.random() * 150);
+    await this.serial.run(async () => {
+      const key = convKey(conv);
+      if (!this.device.has(key) || !this.device.hasPendingProposals(key)) return;
+      const out = await this.device.commitPending(key);
+      if (out === undefined) return;
+      try {
+        await this.commit(conv, out);
+      } catch {
+        // Another member committed the removal first.
+      }
+    });
+  }
+
+  private async addDevices(conv: Conv, users: string[]): Promise<void> {
+    const key = convKey(conv);
+    const [, claimed] = await this.request({ E2eeClaim: { users } });
+    const mine = new Set((await this.device.members(key)).map((m) => `${m.user}/${m.device}`));
+    const kps = (claimed as { user: string; device: string; key_package: number[] }[])
+      .filter((k) => !mine.has(`${k.user}/${k.device}`) && k.device !== this.device.device)
+      .map((k) => bytesIn(k.key_package));
+    if (kps.length === 0) return;
+    const out = await this.device.addMembers(key, kps);
+    await this.commit(conv, out);
+  }
+
+  private async ensureDirectGroup(to: string[]): Promise<boolean> {
+    const others = to.filter((u) => u !== this.state.user);
+    const all = [...new Set([...to, this.state.user])].sort();
+    const conv: Conv = { Direct: all };
+    const key = convKey(conv);
+    if (this.device.has(key)) return true;
+    for (const u of others) {
+      const [, devices] = await this.request({ E2eeDevices: { user: u } });
+      if ((devices as unknown[]).length === 0) return false;
+    }
+    const gi = await this.device.createGroup(key, this.serverKey);
+    try {
+      await this.request({ E2eeCreate: { conv: this.convRef(conv), group_info: bytesOut(gi) } });
+    } catch (e) {
+      this.device.forget(key);
+      if (e instanceof RequestError && e.code === "RoomExists") {
+        // The other side made it first: its Welcome is on the way (an event, after this).
+        throw new Error("the other side is setting up this end-to-end conversation; send again in a moment");
+      }
+      throw e;
+    }
+    this.device.confirm(key, 0);
+    this.ensureConv(conv, true);
+    await this.saveDevice();
+    if (others.length > 0) await this.addDevices(conv, [...others, this.state.user]);
+    return true;
+  }
+
+  // --- commands ---------------------------------------------------------------------------
+
+  /** Sends text to a conversation (end-to-end when it is). */
+  async send(key: string, text: string, except: string[] = []): Promise<void> {
+    const c = this.state.convs.get(key);
+    if (c === undefined) throw new Error("no such conversation");
+    const target: Target =
+      "Room" in c.conv ? { Room: { room: c.conv.Room, except } } : { Users: { to: c.conv.Direct.filter((u) => u !== this.state.user) } };
+    await this.serial.run(async () => {
+      if ("Direct" in c.conv && !this.device.has(key)) {
+        const others = c.conv.Direct.filter((u) => u !== this.state.user);
+        c.e2ee = await this.ensureDirectGroup(others.length === 0 ? [this.state.user] : others);
+      }
+      if (c.e2ee && except.length > 0) throw new Error("leaving people out (/except) of an end-to-end room is not supported by the web client yet");
+      const idem = crypto.randomUUID();
+      if (!c.e2ee || !this.device.has(key)) {
+        const [, sent] = await this.request({ Send: { target, body: { content_type: CT_TEXT, data: bytesOut(enc.encode(text)) }, idempotency_key: idem } });
+        const s = sent as { seq: number; ts_ms: number };
+        this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text }, false);
+        await this.saveHistory(c);
+        return;
+      }
+      const payload: Payload = { kind: "body", contentType: CT_TEXT, data: enc.encode(text) };
+      for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
+        if (this.device.hasPendingProposals(key)) {
+          const out = await this.device.commitPending(key);
+          if (out !== undefined) await this.commit(c.conv, out).catch(() => undefined);
+          await this.catchUp(c.conv);
+          continue;
+        }
+        const data = await this.device.encrypt(key, encodePayload(payload));
+        // Saved before it leaves: a reload must never encrypt again under the same key.
+        await this.saveDevice();
+        try {
+          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem } });
+          const s = sent as { seq: number; ts_ms: number };
+          this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text }, false);
+          await this.saveHistory(c);
+          return;
+        } catch (e) {
+          if (!(e instanceof RequestError && e.code === "StaleEpoch")) throw e;
+          await this.catchUp(c.conv);
+        }
+      }
+      throw new Error("the conversation's group kept changing; the message was not sent. Try again");
+    });
+    this.onChange();
+  }
+
+  async join(room: string, password?: string): Promise<void> {
+    const [, j] = await this.request({ Join: { room, password: password ?? null } });
+    const name = (j as { room: string }).room;
+    const conv: Conv = { Room: name };
+    await this.serial.run(async () => {
+      // A failed join leaves the room marked server-encrypted here; the server refuses
+      // readable sends to an end-to-end room, so nothing leaks.
+      const e2ee = await this.joinGroup(conv).catch((e: unknown) => {
+        this.notice(convKey(conv), `could not join the encryption group: ${errText(e)}`);
+        return false;
+      });
+      const c = this.ensureConv(conv, e2ee);
+      this.state.current = c.key;
+      if (c.entries.length === 0 && !e2ee) await this.loadHistory(c.key);
+      await this.saveIndex();
+    });
+    this.onChange();
+  }
+
+  async create(room: string, opts: { private: boolean; server: boolean; password?: string }): Promise<void> {
+    await this.request({ CreateRoom: { room, private: opts.private, password: opts.password ?? null } });
+    const conv: Conv = { Room: room };
+    const key = convKey(conv);
+    await this.serial.run(async () => {
+      if (!opts.server) {
+        const gi = await this.device.createGroup(key, this.serverKey);
+        await this.request({ E2eeCreate: { conv: { Room: room }, group_info: bytesOut(gi) } });
+        this.device.confirm(key, 0);
+        await this.saveDevice();
+      }
+      const c = this.ensureConv(conv, !opts.server);
+      c.complete = true;
+      this.state.current = key;
+      await this.saveIndex();
+    });
+    this.onChange();
+  }
+
+  async part(key: string): Promise<void> {
+    const c = this.state.convs.get(key);
+    if (c === undefined || !("Room" in c.conv)) throw new Error("/part is for rooms");
+    await this.request({ Part: { room: c.conv.Room } });
+    this.device.forget(key);
+    this.scheduleSave();
+    this.state.convs.delete(key);
+    this.state.order = this.state.order.filter((k) => k !== key);
+    this.state.current = this.state.order[0];
+    await this.saveIndex();
+    this.onChange();
+  }
+
+  async invite(room: string, user: string): Promise<void> {
+    await this.request({ Invite: { room, user } });
+    const conv: Conv = { Room: room };
+    await this.serial.run(async () => {
+      if (this.device.has(convKey(conv))) await this.addDevices(conv, [user]);
+    });
+  }
+
+  async openDirect(users: string[]): Promise<string> {
+    const all = [...new Set([...users, this.state.user])].sort();
+    const c = this.ensureConv({ Direct: all });
+    this.state.current = c.key;
+    await this.saveIndex();
+    this.onChange();
+    return c.key;
+  }
+
+  async who(room?: string): Promise<string> {
+    const [, users] = await this.request({ Who: { room: room ?? null } });
+    return (users as { user: string; online: boolean }[]).map((u) => `${u.user}${u.online ? "" : " (away)"}`).join(", ");
+  }
+
+  async rooms(): Promise<string> {
+    const [, list] = await this.request("Rooms");
+    return (list as { room: string; members: number; e2ee: boolean; member: boolean }[])
+      .map((r) => `#${r.room} (${r.members} members, ${r.e2ee ? "end-to-end" : "server-encrypted"}${r.member ? ", joined" : ""})`)
+      .join("; ");
+  }
+
+  async kick(room: string, user: string, reason?: string): Promise<void> {
+    await this.request({ Kick: { room, user, reason: reason ?? null } });
+  }
+
+  async votekick(room: string, user: string): Promise<void> {
+    await this.request({ VoteKick: { room, user } });
+  }
+
+  async devices(user: string): Promise<string> {
+    const [, list] = await this.request({ E2eeDevices: { user } });
+    const { keyFingerprint } = await import("./mls.js");
+    const out: string[] = [];
+    for (const d of list as { device: string; signature_key: number[] }[]) {
+      out.push(`${d.device}: ${await keyFingerprint(bytesIn(d.signature_key))}`);
+    }
+    return out.length === 0 ? `${user} has no end-to-end device` : out.join("; ");
+  }
+
+  async search(query: string): Promise<string> {
+    const [, results] = await this.request({ Search: { query, room: null, limit: 20, before: null } });
+    const list = results as Message[];
+    const local: string[] = [];
+    const q = query.toLowerCase();
+    for (const c of this.state.convs.values()) {
+      if (!c.e2ee) continue;
+      for (const e of c.entries) if (!e.notice && e.text.toLowerCase().includes(q)) local.push(`${c.title} ${e.from}: ${e.text}`);
+    }
+    const remote = list
+      .filter((m) => m.body.content_type === CT_TEXT)
+      .map((m) => `${convKey(m.conv)} ${m.from}: ${dec.decode(Uint8Array.from(m.body.data))}`);
+    const all = [...local.slice(-20), ...remote];
+    return all.length === 0 ? "nothing found" : all.join("\n");
+  }
+
+  /** Sends an end-to-end file's description (name, size, hash, key) to the members. */
+  async sendFileDescription(key: string, f: { fileId: string; name: string; size: number; sha256: Uint8Array; key: Uint8Array }): Promise<void> {
+    const c = this.state.convs.get(key);
+    if (c === undefined) throw new Error("no such conversation");
+    const target: Target =
+      "Room" in c.conv ? { Room: { room: c.conv.Room, except: [] } } : { Users: { to: c.conv.Direct.filter((u) => u !== this.state.user) } };
+    const payload = encodePayload({ kind: "file", ...f });
+    await this.serial.run(async () => {
+      for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
+        const data = await this.device.encrypt(key, payload);
+        await this.saveDevice();
+        try {
+          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: crypto.randomUUID() } });
+          const s = sent as { seq: number; ts_ms: number };
+          this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: `sent the file ${f.name} (${f.size} bytes)` }, false);
+          await this.saveHistory(c);
+          return;
+        } catch (e) {
+          if (!(e instanceof RequestError && e.code === "StaleEpoch")) throw e;
+          await this.catchUp(c.conv);
+        }
+      }
+      throw new Error("the conversation's group kept changing; the file was not described. Try again");
+    });
+    this.onChange();
+  }
+
+  markRead(key: string): void {
+    const c = this.state.convs.get(key);
+    if (c === undefined) return;
+    c.unread = 0;
+    c.mentions = 0;
+  }
+
+  /** Raw request, for what the UI does directly (files). */
+  call(req: Request): Promise<[string, unknown]> {
+    return this.request(req);
+  }
+
+  isE2ee(key: string): boolean {
+    return this.state.convs.get(key)?.e2ee === true && this.device.has(key);
+  }
+}
+
+/** Logs in once on a connection of its own, to check the password; then closes it. */
+async function verifyPassword(opts: LoginOptions): Promise<void> {
+  const conn = new Connection(opts.url, () => {}, () => {});
+  try {
+    await conn.ready();
+    await conn.request({ Login: { user: opts.user, password: opts.password, server_password: opts.serverPassword ?? null, resume: [] } });
+  } finally {
+    conn.shutdown();
+  }
+}
+
+/** One tab of this browser speaks for the account's device at a time: two would fork its MLS
+ * state. The lock is held until the tab closes. */
+async function holdDeviceLock(user: string): Promise<() => void> {
+  if (typeof navigator === "undefined" || navigator.locks === undefined) return () => {};
+  let release = () => {};
+  const held = new Promise<void>((r) => (release = r));
+  const got = await new Promise<boolean>((resolve) => {
+    void navigator.locks.request(`conclave-device/${user}`, { ifAvailable: true }, (lock) => {
+      resolve(lock !== null);
+      return lock === null ? undefined : held;
+    });
+  });
+  if (!got) throw new Error(`${user} is signed in in another tab of this browser; use that tab (or close it first)`);
+  return release;
+}
+
+function isMls(ct: string): boolean {
+  return ct === CT_APP || ct === CT_COMMIT || ct === CT_PROPOSAL;
+}
+
+export function errText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+export { variant };

@@ -1,0 +1,204 @@
+// A headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core) as a JSON-lines
+// peer on stdin/stdout, for the Rust browser tests (crates/conclave/tests/web_browser.rs). The
+// Rust test starts the server and the JSON clients and says what the web user does; every
+// wait here is bounded (WAIT_MS). Replies: {"ok":true,...} or {"error":"..."}.
+//
+// Environment: CONCLAVE_URL (https://127.0.0.1:PORT), CHROMIUM (default /usr/bin/chromium).
+
+import { createInterface } from "node:readline";
+import { existsSync, mkdirSync } from "node:fs";
+import { dirname } from "node:path";
+import { chromium, type Browser, type BrowserContext, type Page } from "playwright-core";
+
+const WAIT_MS = 20_000;
+const url = process.env.CONCLAVE_URL ?? "";
+const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+if (!existsSync(executablePath)) {
+  console.error(`no Chromium at ${executablePath}: apt-get install chromium chromium-driver (CI's .ci/run does)`);
+  process.exit(3);
+}
+
+type Req = Record<string, unknown>;
+let page: Page | undefined;
+
+function s(r: Req, k: string): string {
+  const v = r[k];
+  if (typeof v !== "string") throw new Error(`field ${k} must be a string`);
+  return v;
+}
+
+function current(): Page {
+  if (page === undefined) throw new Error("no page open");
+  return page;
+}
+
+async function openPage(path = ""): Promise<Page> {
+  page = await context.newPage();
+  page.setDefaultTimeout(WAIT_MS);
+  const errors: string[] = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  page.on("console", (m) => {
+    if (m.type() === "error") console.error(`[page] ${m.text()}`);
+  });
+  await page.goto(url + path);
+  return page;
+}
+
+async function log(p: Page): Promise<string> {
+  return (await p.getByRole("log").textContent()) ?? "";
+}
+
+async function handle(r: Req): Promise<Req> {
+  switch (s(r, "op")) {
+    case "open":
+      await openPage(typeof r.path === "string" ? r.path : "");
+      return {};
+    case "sign_in":
+    case "register": {
+      const p = current();
+      await p.getByLabel("User name").fill(s(r, "user"));
+      await p.getByLabel("Password", { exact: true }).fill(s(r, "password"));
+      await p.getByRole("button", { name: s(r, "op") === "register" ? "Create account" : "Sign in" }).click();
+      try {
+        await p.getByRole("textbox", { name: "Message" }).waitFor();
+      } catch {
+        const shown = (await p.locator(".error").textContent().catch(() => "")) ?? "";
+        throw new Error(`signing in did not reach the conversations; the page says: ${shown}`);
+      }
+      return {};
+    }
+    case "type": {
+      const box = current().getByRole("textbox", { name: "Message" });
+      await box.fill(s(r, "text"));
+      await box.press("Enter");
+      return {};
+    }
+    case "open_conv":
+      await current().getByRole("navigation", { name: "Rooms" }).getByRole("button", { name: s(r, "name"), exact: true }).click();
+      return {};
+    case "has_conv": {
+      const nav = current().getByRole("navigation", { name: "Rooms" });
+      await nav.getByRole("button", { name: s(r, "name"), exact: true }).waitFor();
+      return {};
+    }
+    case "wait_text": {
+      // The timeline (role log) of the open conversation shows this text.
+      const p = current();
+      const text = s(r, "text");
+      const deadline = Date.now() + WAIT_MS;
+      while (Date.now() < deadline) {
+        if ((await log(p)).includes(text)) return {};
+        await p.waitForTimeout(100);
+      }
+      throw new Error(`the timeline never showed ${JSON.stringify(text)}; it shows: ${(await log(p)).slice(-600)}`);
+    }
+    case "scroll_up_until": {
+      // Scrolls the timeline to the top (loading older history) until it shows this text.
+      const p = current();
+      const text = s(r, "text");
+      const deadline = Date.now() + WAIT_MS;
+      while (Date.now() < deadline) {
+        await p.evaluate("document.querySelector('.timeline').scrollTop = 0");
+        await p.waitForTimeout(200);
+        if ((await log(p)).includes(text)) return {};
+      }
+      throw new Error(`scrolling up never showed ${JSON.stringify(text)}; the timeline shows: ${(await log(p)).slice(0, 600)}`);
+    }
+    case "count_text": {
+      const t = await log(current());
+      return { count: t.split(s(r, "text")).length - 1 };
+    }
+    case "marker":
+      return { marker: (await current().locator("#marker").textContent()) ?? "" };
+    case "title":
+      return { title: await current().title() };
+    case "log":
+      return { log: await log(current()) };
+    case "wait_title": {
+      const p = current();
+      const want = s(r, "contains");
+      const deadline = Date.now() + WAIT_MS;
+      while (Date.now() < deadline) {
+        if ((await p.title()).includes(want)) return { title: await p.title() };
+        await p.waitForTimeout(100);
+      }
+      throw new Error(`the tab title never contained ${want}: ${await p.title()}`);
+    }
+    case "press":
+      await current().keyboard.press(s(r, "key"));
+      return {};
+    case "conv_title":
+      return { title: (await current().locator("#conv-title").textContent()) ?? "" };
+    case "theme":
+      return { theme: await current().evaluate("document.documentElement.dataset.theme ?? ''") };
+    case "reload":
+      await current().reload();
+      return {};
+    case "close":
+      await current().close();
+      page = undefined;
+      return {};
+    case "screenshot": {
+      const path = s(r, "path");
+      mkdirSync(dirname(path), { recursive: true });
+      const width = typeof r.width === "number" ? r.width : 1100;
+      const height = typeof r.height === "number" ? r.height : 700;
+      await current().setViewportSize({ width, height });
+      await current().waitForTimeout(150);
+      await current().screenshot({ path });
+      return {};
+    }
+    case "attach": {
+      const p = current();
+      await p.locator("#file").setInputFiles(s(r, "path"));
+      return {};
+    }
+    case "save_file": {
+      const p = current();
+      const download = p.waitForEvent("download", { timeout: WAIT_MS });
+      await p.getByRole("button", { name: `Save ${s(r, "name")}` }).last().click();
+      const d = await download;
+      const path = s(r, "path");
+      await d.saveAs(path);
+      return { path };
+    }
+    case "about": {
+      const p = current();
+      await p.getByRole("button", { name: "About" }).click();
+      const hash = (await p.locator("#bundle-sha256").textContent()) ?? "";
+      return { bundle_sha256: hash };
+    }
+    case "close_dialog":
+      await current().getByRole("button", { name: "Close" }).click();
+      return {};
+    case "rendered_rows":
+      return { rows: await current().locator(".timeline .rows > .row").count() };
+    case "eval": {
+      // A measurement for the benchmark figures (memory).
+      const v = await current().evaluate(s(r, "expr"));
+      return { value: v as never };
+    }
+    default:
+      throw new Error(`unknown op ${s(r, "op")}`);
+  }
+}
+
+const browser: Browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  args: ["--no-sandbox", "--disable-dev-shm-usage", "--enable-precise-memory-info"],
+});
+const context: BrowserContext = await browser.newContext({ ignoreHTTPSErrors: true, acceptDownloads: true, viewport: { width: 1100, height: 700 } });
+
+const rl = createInterface({ input: process.stdin });
+for await (const line of rl) {
+  if (line.trim() === "") continue;
+  let reply: Req;
+  try {
+    reply = { ok: true, ...(await handle(JSON.parse(line) as Req)) };
+  } catch (e) {
+    reply = { error: e instanceof Error ? e.message : String(e) };
+  }
+  process.stdout.write(JSON.stringify(reply) + "\n");
+}
+await browser.close();
