@@ -60,6 +60,7 @@ mod tests {
             seq: 1_234_567,
             ts_ms: -5,
             body,
+            extra: None,
         })))
     }
 

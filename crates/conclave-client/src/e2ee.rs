@@ -304,8 +304,11 @@ impl Client {
                 target,
                 body,
                 idempotency_key,
+                refs,
             } => {
-                let r = self.send(target, body, idempotency_key).await?;
+                let r = self
+                    .send_with_refs(target, body, idempotency_key, refs)
+                    .await?;
                 Reply::Sent {
                     msg_id: r.msg_id,
                     seq: r.seq,
@@ -829,7 +832,7 @@ impl Client {
                         sha256: plain_sha256,
                         key: file_key,
                     };
-                    client.send_payload(&s, &target, &payload).await.map(drop)
+                    client.send_payload(&s, &target, &payload, None).await.map(drop)
                 })
             })
         };
@@ -923,6 +926,7 @@ impl Client {
         s: &Arc<Secure>,
         target: &Target,
         payload: &Payload,
+        refs: Option<&conclave_proto::Refs>,
     ) -> Result<(u64, String, i64), ClientError> {
         let key = self.target_key(target);
         let idem = uuid::Uuid::now_v7().to_string();
@@ -945,6 +949,7 @@ impl Client {
                             data,
                         },
                         idempotency_key: Some(idem.clone()),
+                        refs: refs.map(|r| Box::new(r.clone())),
                     };
                     match again_if_stale(self.request(req).await)? {
                         Attempt::Done(Reply::Sent {
@@ -982,6 +987,7 @@ impl Client {
         target: &Target,
         body: &Body,
         idempotency_key: Option<String>,
+        refs: Option<&conclave_proto::Refs>,
     ) -> Option<Result<(u64, String, i64), ClientError>> {
         let s = self.secure()?;
         let key = self.target_key(target);
@@ -1029,7 +1035,7 @@ impl Client {
             data: body.data.clone(),
         };
         let _ = idempotency_key;
-        Some(self.send_payload(&s, target, &payload).await)
+        Some(self.send_payload(&s, target, &payload, refs).await)
     }
 
     /// Blockcast in an end-to-end room: the body is sealed under a fresh key; the key goes
@@ -1069,14 +1075,14 @@ impl Client {
                 ));
             }
             let key_payload = Payload::SealedKey { id, key: msg_key };
-            self.send_payload(s, &Target::Users { to: intended }, &key_payload)
+            self.send_payload(s, &Target::Users { to: intended }, &key_payload, None)
                 .await?;
         }
         let target = Target::Room {
             room: room.to_string(),
             except: except.to_vec(),
         };
-        let sent = self.send_payload(s, &target, &sealed).await?;
+        let sent = self.send_payload(s, &target, &sealed, None).await?;
         let own = Payload::Body {
             content_type: body.content_type.clone(),
             data: body.data.clone(),
@@ -1142,6 +1148,7 @@ fn entry_message(conv: Conv, e: conclave_e2ee::device::HistoryEntry) -> Option<M
             seq: e.seq,
             ts_ms: e.ts_ms,
             body: Body { content_type, data },
+            extra: None,
         }),
         _ => None,
     }

@@ -36,6 +36,7 @@
 //! This crate prints nothing to stdout or stderr except in [`json`]; it logs with `tracing`.
 
 mod address;
+mod chat;
 mod connection;
 pub mod cursor;
 pub mod e2ee;

@@ -434,6 +434,31 @@ impl FilesConfig {
     }
 }
 
+/// Edits, deletes, replies and reactions (`[messages]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagesConfig {
+    /// Seconds after sending during which the author may edit a message; 0: no limit.
+    pub edit_window_s: u64,
+    /// Most edits of one message.
+    pub max_edits: u32,
+    /// Most reactions (one emoji of one user each) on one message.
+    pub max_reactions: u32,
+    /// Longest reaction, in bytes of UTF-8.
+    pub max_emoji_bytes: usize,
+}
+
+impl Default for MessagesConfig {
+    fn default() -> Self {
+        MessagesConfig {
+            edit_window_s: 0,
+            max_edits: 100,
+            max_reactions: 500,
+            max_emoji_bytes: conclave_proto::chat::DEFAULT_MAX_EMOJI_BYTES,
+        }
+    }
+}
+
 /// The config file's shape.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -452,6 +477,7 @@ pub struct FileConfig {
     pub anomaly: AnomalyConfig,
     pub metrics: MetricsConfig,
     pub files: FilesConfig,
+    pub messages: MessagesConfig,
 }
 
 /// Room left in a client's frame limit for what the server adds around a relayed frame (the
@@ -478,6 +504,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// File transfer limits (`[files]`).
     pub files: FilesConfig,
+    /// Edits, deletes and reactions (`[messages]`).
+    pub messages: MessagesConfig,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -506,6 +534,7 @@ impl Config {
             anomaly: AnomalyConfig::default(),
             metrics: MetricsConfig::default(),
             files: FilesConfig::default(),
+            messages: MessagesConfig::default(),
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
@@ -560,6 +589,7 @@ impl Config {
         self.anomaly = file.anomaly;
         self.metrics = file.metrics;
         self.files = file.files;
+        self.messages = file.messages;
         Ok(())
     }
 
@@ -625,6 +655,12 @@ impl Config {
             || f.max_pending_offers == 0
         {
             return bad("every value in [files] must be above 0");
+        }
+        let m = &self.messages;
+        if m.max_reactions == 0 || m.max_emoji_bytes == 0 {
+            return bad(
+                "messages.max_reactions and max_emoji_bytes must be above 0 (max_edits = 0 turns editing off)",
+            );
         }
         if l.requests_per_second == 0 || l.request_burst == 0 {
             return bad("limits.requests_per_second and request_burst must be above 0");

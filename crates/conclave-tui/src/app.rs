@@ -1184,6 +1184,7 @@ impl App {
                 target,
                 body: conclave_client::proto::Body::text(text),
                 idempotency_key: None,
+                refs: None,
             },
         )]
     }

@@ -100,6 +100,7 @@ fn message(seq: u64, conv: Conv, from: &str, text: &str, ts_ms: i64) -> Message 
         seq,
         ts_ms,
         body: Body::text(text),
+        extra: None,
     }
 }
 

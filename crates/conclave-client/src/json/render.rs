@@ -9,10 +9,40 @@ use serde_json::{Map, Value, json};
 use crate::connection::{ClientEvent, Session};
 use crate::error::ClientError;
 
-/// A message, as in the `message` event and in `history` replies.
+/// A message, as in the `message` event and in `history` replies. An edit, delete or
+/// reaction is its own event (`edited`, `deleted`, `reaction`), naming the message it acts on.
 pub fn message(m: &Message) -> Value {
+    if let Some(act) = m.extra.as_ref().and_then(|x| x.acts_on.as_ref()) {
+        return crate::json::chat::act(m, act);
+    }
     let mut out = Map::new();
     out.insert("event".into(), json!("message"));
+    conv_fields_into(&mut out, m);
+    let state = m.extra.as_ref().and_then(|x| x.state.as_ref());
+    if state.is_some_and(|s| s.deleted) {
+        out.insert("deleted".into(), json!(true));
+    } else {
+        match m.body.as_text() {
+            Some(text) => {
+                out.insert("text".into(), json!(text));
+            }
+            None => {
+                out.insert("content_type".into(), json!(m.body.content_type));
+                out.insert("data_hex".into(), json!(hex::encode(&m.body.data)));
+            }
+        }
+    }
+    out.insert("msg_id".into(), json!(m.msg_id));
+    out.insert("seq".into(), json!(m.seq));
+    out.insert("ts".into(), json!(m.ts_ms));
+    if let Some(x) = &m.extra {
+        crate::json::chat::extra_into(&mut out, x);
+    }
+    Value::Object(out)
+}
+
+/// The conversation and sender of a message: `room` or `to`, and `from`.
+pub(crate) fn conv_fields_into(out: &mut Map<String, Value>, m: &Message) {
     match &m.conv {
         Conv::Room(room) => {
             out.insert("room".into(), json!(room));
@@ -22,19 +52,6 @@ pub fn message(m: &Message) -> Value {
         }
     }
     out.insert("from".into(), json!(m.from));
-    match m.body.as_text() {
-        Some(text) => {
-            out.insert("text".into(), json!(text));
-        }
-        None => {
-            out.insert("content_type".into(), json!(m.body.content_type));
-            out.insert("data_hex".into(), json!(hex::encode(&m.body.data)));
-        }
-    }
-    out.insert("msg_id".into(), json!(m.msg_id));
-    out.insert("seq".into(), json!(m.seq));
-    out.insert("ts".into(), json!(m.ts_ms));
-    Value::Object(out)
 }
 
 /// The participants of a direct conversation other than the sender, sorted; a note to
@@ -397,6 +414,7 @@ fn reply_fields(reply: &Reply) -> Map<String, Value> {
             chunk_size,
         } => json!({"uploaded": uploaded, "complete": complete, "chunk_size": chunk_size}),
         Reply::FileData { offset, data } => json!({"offset": offset, "bytes": data.0.len()}),
+        Reply::MessageInfo(info) => crate::json::chat::message_info(info),
     };
     match value {
         Value::Object(map) => map,
@@ -450,6 +468,7 @@ mod tests {
             seq: 7,
             ts_ms: 1_700_000_000_123,
             body,
+            extra: None,
         }
     }
 
