@@ -1728,7 +1728,7 @@ fn run<C>(
         }
         checkpoints.after_op(&db, pending.is_some() || !rx.is_empty());
     }
-    if let Err(e) = db.flush_index() {
+    if let Err(e) = db.optimize_index() {
         tracing::warn!(error = %e, "search index flush at shutdown failed (rebuilt at next start)");
     }
     // Leave a clean database: fold the WAL back into the main file.
