@@ -11,6 +11,17 @@ use conclave_proto::{Body, Conv, Message, Reply, Request, Target};
 use crate::connection::unexpected;
 use crate::{Client, ClientError, SendReceipt};
 
+/// [`conclave_e2ee::payload::Payload::Act`]'s code for a kind of act.
+pub(crate) fn act_code(kind: ActKind) -> u8 {
+    use conclave_e2ee::payload::{ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT};
+    match kind {
+        ActKind::Edit => ACT_EDIT,
+        ActKind::Delete => ACT_DELETE,
+        ActKind::React => ACT_REACT,
+        ActKind::Unreact => ACT_UNREACT,
+    }
+}
+
 impl Client {
     /// Where a message is (its conversation, author and sequence), if this account may see it.
     pub async fn message_info(&self, msg_id: &str) -> Result<MessageInfo, ClientError> {
