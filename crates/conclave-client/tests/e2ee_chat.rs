@@ -188,3 +188,95 @@ async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
     drop((alice, bob, carol));
     srv.stop(WAIT).await;
 }
+
+/// Through the test kit's relay (5 ms one way with jitter), a member sees each message before
+/// its edit and reaction, in a server-encrypted and in an end-to-end room, and ends with the
+/// same history as the author.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_relay_every_act_comes_after_its_message() {
+    use common::relay::{Relay, RelayConfig};
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob"]);
+    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let relay = Relay::start(srv.addr, RelayConfig::delay_ms(5.0, 0x20a));
+    let states: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, _a_ev) = connect(&srv, "alice", states[0].path()).await;
+    let mut opts = common::options(&srv, "bob", states[1].path(), WAIT);
+    opts.server = relay.addr().to_string();
+    let (bob, b_ev, _) = tokio::time::timeout(WAIT, Client::connect(opts))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let mut b_ev = bob
+        .enable_e2ee(b_ev, states[1].path(), common::PASSWORD)
+        .await
+        .expect("e2ee on");
+    alice
+        .create_room("plain", false, None)
+        .await
+        .expect("plain room");
+    alice
+        .create_room_e2ee("sealed", false, None)
+        .await
+        .expect("e2ee room");
+    for room in ["plain", "sealed"] {
+        bob.join(room, None).await.expect("join");
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let sent = alice
+                .send_to_room(room, &format!("draft {i}"), &[])
+                .await
+                .expect("send");
+            alice
+                .edit(&sent.msg_id, &format!("final {i}"))
+                .await
+                .expect("edit");
+            alice.react(&sent.msg_id, "✅", true).await.expect("react");
+            ids.push(sent.msg_id);
+        }
+        let mut seen: Vec<String> = Vec::new();
+        for _ in 0..15 {
+            let m = next_in(&mut b_ev, room).await;
+            match act_of(&m) {
+                None => seen.push(format!("msg {}", m.msg_id)),
+                Some((target, ActKind::Edit)) => {
+                    assert!(seen.contains(&format!("msg {target}")), "{room}: edit before its message");
+                    seen.push(format!("edit {target}"));
+                }
+                Some((target, _)) => {
+                    assert!(seen.contains(&format!("edit {target}")), "{room}: reaction before the edit");
+                    seen.push(format!("react {target}"));
+                }
+            }
+        }
+        let expected: Vec<String> = ids
+            .iter()
+            .flat_map(|id| [format!("msg {id}"), format!("edit {id}"), format!("react {id}")])
+            .collect();
+        assert_eq!(seen, expected, "{room}");
+        let theirs = local(&bob, room).await;
+        let mine = local(&alice, room).await;
+        let view = |h: &[Message]| -> Vec<(String, Option<String>, usize)> {
+            h.iter()
+                .filter(|m| ids.contains(&m.msg_id))
+                .map(|m| {
+                    (
+                        m.msg_id.clone(),
+                        m.body.as_text().map(str::to_string),
+                        m.extra
+                            .as_ref()
+                            .and_then(|x| x.state.as_ref())
+                            .map_or(0, |s| s.reactions.len()),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(view(&theirs), view(&mine), "{room}");
+        assert_eq!(view(&mine).len(), 5, "{room}");
+        assert!(view(&mine).iter().all(|(_, t, r)| t.as_deref().is_some_and(|t| t.starts_with("final")) && *r == 1));
+    }
+    drop((alice, bob));
+    srv.stop(WAIT).await;
+}
