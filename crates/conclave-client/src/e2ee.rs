@@ -832,7 +832,10 @@ impl Client {
                         sha256: plain_sha256,
                         key: file_key,
                     };
-                    client.send_payload(&s, &target, &payload, None).await.map(drop)
+                    client
+                        .send_payload(&s, &target, &payload, None)
+                        .await
+                        .map(drop)
                 })
             })
         };
@@ -1606,7 +1609,8 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
             } => {
                 // The server's cleartext reference must be the one the sender signed.
                 let named = m.extra.as_ref().and_then(|x| x.acts_on.as_ref());
-                if named.is_none_or(|a| &a.msg_id != msg_id || crate::chat::act_code(a.kind) != kind)
+                if named
+                    .is_none_or(|a| &a.msg_id != msg_id || crate::chat::act_code(a.kind) != kind)
                 {
                     tracing::warn!(conv = %key, seq = m.seq, "an act whose reference does not match its ciphertext was dropped");
                     return;

@@ -114,7 +114,10 @@ async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
     }
     // The server saw only ciphertext: neither text is in its files.
     for needle in [old, new] {
-        assert!(grep_dir(dir.path(), needle.as_bytes()).is_empty(), "{needle} on the server");
+        assert!(
+            grep_dir(dir.path(), needle.as_bytes()).is_empty(),
+            "{needle} on the server"
+        );
     }
     // A reply and a reaction.
     let answer = bob.reply(&sent.msg_id, "agreed").await.expect("reply");
@@ -137,14 +140,30 @@ async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
     // Each member's local history holds the current state, the edit applied.
     for c in [&alice, &carol] {
         let h = local(c, "lab").await;
-        let m = h.iter().find(|m| m.msg_id == sent.msg_id).expect("in history");
+        let m = h
+            .iter()
+            .find(|m| m.msg_id == sent.msg_id)
+            .expect("in history");
         assert_eq!(m.body.as_text(), Some(new));
-        let st = m.extra.as_ref().and_then(|x| x.state.clone()).expect("state");
+        let st = m
+            .extra
+            .as_ref()
+            .and_then(|x| x.state.clone())
+            .expect("state");
         assert_eq!(st.edits, 1);
         assert_eq!(st.reactions[0].users, vec!["bob".to_string()]);
-        assert!(h.iter().all(|m| act_of(m).is_none()), "acts are not history items");
-        let r = h.iter().find(|m| m.msg_id == answer.msg_id).expect("reply kept");
-        assert_eq!(r.extra.as_ref().and_then(|x| x.reply_to.clone()), Some(sent.msg_id.clone()));
+        assert!(
+            h.iter().all(|m| act_of(m).is_none()),
+            "acts are not history items"
+        );
+        let r = h
+            .iter()
+            .find(|m| m.msg_id == answer.msg_id)
+            .expect("reply kept");
+        assert_eq!(
+            r.extra.as_ref().and_then(|x| x.reply_to.clone()),
+            Some(sent.msg_id.clone())
+        );
     }
 
     // Carol is removed; what follows reaches the others, never her.
@@ -181,9 +200,17 @@ async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
     // Deleted on the members' devices: no text left in their local history.
     for c in [&alice, &bob] {
         let h = local(c, "lab").await;
-        let m = h.iter().find(|m| m.msg_id == sent.msg_id).expect("still listed");
+        let m = h
+            .iter()
+            .find(|m| m.msg_id == sent.msg_id)
+            .expect("still listed");
         assert!(m.body.data.is_empty());
-        assert!(m.extra.as_ref().and_then(|x| x.state.as_ref()).is_some_and(|s| s.deleted));
+        assert!(
+            m.extra
+                .as_ref()
+                .and_then(|x| x.state.as_ref())
+                .is_some_and(|s| s.deleted)
+        );
     }
     drop((alice, bob, carol));
     srv.stop(WAIT).await;
@@ -242,18 +269,30 @@ async fn through_the_relay_every_act_comes_after_its_message() {
             match act_of(&m) {
                 None => seen.push(format!("msg {}", m.msg_id)),
                 Some((target, ActKind::Edit)) => {
-                    assert!(seen.contains(&format!("msg {target}")), "{room}: edit before its message");
+                    assert!(
+                        seen.contains(&format!("msg {target}")),
+                        "{room}: edit before its message"
+                    );
                     seen.push(format!("edit {target}"));
                 }
                 Some((target, _)) => {
-                    assert!(seen.contains(&format!("edit {target}")), "{room}: reaction before the edit");
+                    assert!(
+                        seen.contains(&format!("edit {target}")),
+                        "{room}: reaction before the edit"
+                    );
                     seen.push(format!("react {target}"));
                 }
             }
         }
         let expected: Vec<String> = ids
             .iter()
-            .flat_map(|id| [format!("msg {id}"), format!("edit {id}"), format!("react {id}")])
+            .flat_map(|id| {
+                [
+                    format!("msg {id}"),
+                    format!("edit {id}"),
+                    format!("react {id}"),
+                ]
+            })
             .collect();
         assert_eq!(seen, expected, "{room}");
         let theirs = local(&bob, room).await;
@@ -275,7 +314,11 @@ async fn through_the_relay_every_act_comes_after_its_message() {
         };
         assert_eq!(view(&theirs), view(&mine), "{room}");
         assert_eq!(view(&mine).len(), 5, "{room}");
-        assert!(view(&mine).iter().all(|(_, t, r)| t.as_deref().is_some_and(|t| t.starts_with("final")) && *r == 1));
+        assert!(
+            view(&mine)
+                .iter()
+                .all(|(_, t, r)| t.as_deref().is_some_and(|t| t.starts_with("final")) && *r == 1)
+        );
     }
     drop((alice, bob));
     srv.stop(WAIT).await;

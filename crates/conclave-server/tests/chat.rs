@@ -122,7 +122,12 @@ async fn edits_deletes_and_reactions_reach_members_live_and_history_shows_the_cu
     // Edit: everyone else sees the act live, naming the message and carrying the new text.
     let (edit_id, _) = sent_id(
         alice
-            .request(act_req(room("general"), &id, ActKind::Edit, "deploy at five"))
+            .request(act_req(
+                room("general"),
+                &id,
+                ActKind::Edit,
+                "deploy at five",
+            ))
             .await,
     );
     for c in [&mut bob, &mut carol] {
@@ -155,7 +160,11 @@ async fn edits_deletes_and_reactions_reach_members_live_and_history_shows_the_cu
     let mut seen = Vec::new();
     for _ in 0..4 {
         let m = alice.message().await;
-        seen.push((m.from.clone(), m.body.as_text().map(str::to_string), acts_on(&m).map(|a| a.1)));
+        seen.push((
+            m.from.clone(),
+            m.body.as_text().map(str::to_string),
+            acts_on(&m).map(|a| a.1),
+        ));
     }
     assert_eq!(
         seen,
@@ -213,10 +222,26 @@ async fn a_member_who_was_away_gets_every_act_at_login_and_history_agrees() {
     assert_eq!(bob.message().await.seq, seq);
     drop(bob);
 
-    let (e1, _) = sent_id(alice.request(act_req(room("general"), &id, ActKind::Edit, "second draft")).await);
-    let (e2, _) = sent_id(alice.request(act_req(room("general"), &id, ActKind::Edit, "final text")).await);
-    sent_id(alice.request(act_req(room("general"), &id, ActKind::React, "✅")).await);
-    let (r, _) = sent_id(alice.request(reply_req(room("general"), &id, "see above")).await);
+    let (e1, _) = sent_id(
+        alice
+            .request(act_req(room("general"), &id, ActKind::Edit, "second draft"))
+            .await,
+    );
+    let (e2, _) = sent_id(
+        alice
+            .request(act_req(room("general"), &id, ActKind::Edit, "final text"))
+            .await,
+    );
+    sent_id(
+        alice
+            .request(act_req(room("general"), &id, ActKind::React, "✅"))
+            .await,
+    );
+    let (r, _) = sent_id(
+        alice
+            .request(reply_req(room("general"), &id, "see above"))
+            .await,
+    );
 
     let mut bob = Raw::connect(&srv).await;
     bob.request(Request::Login {
@@ -277,9 +302,19 @@ async fn direct_conversations_have_edits_deletes_reactions_and_threads() {
     );
     bob.message().await;
     let (r1, _) = sent_id(bob.request(reply_req(to_alice.clone(), &id, "yes")).await);
-    let (r2, _) = sent_id(alice.request(reply_req(to_bob.clone(), &id, "noon then")).await);
-    sent_id(bob.request(act_req(to_alice.clone(), &r2, ActKind::React, "👍")).await);
-    sent_id(bob.request(act_req(to_alice.clone(), &r1, ActKind::Edit, "yes!")).await);
+    let (r2, _) = sent_id(
+        alice
+            .request(reply_req(to_bob.clone(), &id, "noon then"))
+            .await,
+    );
+    sent_id(
+        bob.request(act_req(to_alice.clone(), &r2, ActKind::React, "👍"))
+            .await,
+    );
+    sent_id(
+        bob.request(act_req(to_alice.clone(), &r1, ActKind::Edit, "yes!"))
+            .await,
+    );
 
     // The thread: the message, then its replies in order, with their state.
     let t = match bob
@@ -300,7 +335,9 @@ async fn direct_conversations_have_edits_deletes_reactions_and_threads() {
 
     // Someone outside the conversation can neither see, answer nor act on it.
     for r in [
-        carol.request(Request::MessageInfo { msg_id: id.clone() }).await,
+        carol
+            .request(Request::MessageInfo { msg_id: id.clone() })
+            .await,
         carol
             .request(Request::Thread {
                 msg_id: id.clone(),
@@ -322,7 +359,10 @@ async fn direct_conversations_have_edits_deletes_reactions_and_threads() {
         assert_eq!(code(r), ErrorCode::NotFound);
     }
     // Where a message is, for those who may see it.
-    match bob.request(Request::MessageInfo { msg_id: id.clone() }).await {
+    match bob
+        .request(Request::MessageInfo { msg_id: id.clone() })
+        .await
+    {
         Ok(Reply::MessageInfo(i)) => {
             assert_eq!(i.conv, Conv::Direct(vec!["alice".into(), "bob".into()]));
             assert_eq!(i.from, "alice");
@@ -331,19 +371,32 @@ async fn direct_conversations_have_edits_deletes_reactions_and_threads() {
     }
     // Only the author edits; in a direct conversation only the author deletes.
     assert_eq!(
-        code(bob.request(act_req(to_alice.clone(), &id, ActKind::Edit, "no")).await),
+        code(
+            bob.request(act_req(to_alice.clone(), &id, ActKind::Edit, "no"))
+                .await
+        ),
         ErrorCode::Forbidden
     );
     assert_eq!(
-        code(bob.request(act_req(to_alice.clone(), &id, ActKind::Delete, "")).await),
+        code(
+            bob.request(act_req(to_alice.clone(), &id, ActKind::Delete, ""))
+                .await
+        ),
         ErrorCode::Forbidden
     );
-    sent_id(alice.request(act_req(to_bob.clone(), &id, ActKind::Delete, "")).await);
+    sent_id(
+        alice
+            .request(act_req(to_bob.clone(), &id, ActKind::Delete, ""))
+            .await,
+    );
     let h = history(&mut bob, ConvRef::With(vec!["alice".into()])).await;
     assert!(state(find(&h, &id)).deleted);
     // The replies stay, still naming what they answered.
     assert_eq!(
-        find(&h, &r1).extra.as_ref().and_then(|x| x.reply_to.as_deref()),
+        find(&h, &r1)
+            .extra
+            .as_ref()
+            .and_then(|x| x.reply_to.as_deref()),
         Some(id.as_str())
     );
     drop(carol);
@@ -373,58 +426,92 @@ async fn the_rules_refuse_with_a_sentence_that_says_what_to_do() {
         other => panic!("not refused: {other:?}"),
     };
     refused(
-        bob.request(act_req(room("general"), &id, ActKind::Edit, "mine now")).await,
+        bob.request(act_req(room("general"), &id, ActKind::Edit, "mine now"))
+            .await,
         ErrorCode::Forbidden,
         "only its author can edit",
     );
     refused(
-        bob.request(act_req(room("general"), &id, ActKind::Delete, "")).await,
+        bob.request(act_req(room("general"), &id, ActKind::Delete, ""))
+            .await,
         ErrorCode::Forbidden,
         "only its author, the room's owner or an admin",
     );
     refused(
-        alice.request(act_req(room("general"), &id, ActKind::Edit, "  ")).await,
+        alice
+            .request(act_req(room("general"), &id, ActKind::Edit, "  "))
+            .await,
         ErrorCode::BadRequest,
         "delete it",
     );
     refused(
-        bob.request(act_req(room("general"), &id, ActKind::React, "a very long reaction")).await,
+        bob.request(act_req(
+            room("general"),
+            &id,
+            ActKind::React,
+            "a very long reaction",
+        ))
+        .await,
         ErrorCode::BadRequest,
         "at most 8 bytes",
     );
     refused(
-        bob.request(act_req(room("general"), "no-such-id", ActKind::React, "👍")).await,
+        bob.request(act_req(room("general"), "no-such-id", ActKind::React, "👍"))
+            .await,
         ErrorCode::NotFound,
         "check the msg_id",
     );
     refused(
-        bob.request(reply_req(room("general"), "no-such-id", "hm")).await,
+        bob.request(reply_req(room("general"), "no-such-id", "hm"))
+            .await,
         ErrorCode::NotFound,
         "check the msg_id",
     );
     // Edits are bounded.
     for text in ["one", "two"] {
-        sent_id(alice.request(act_req(room("general"), &id, ActKind::Edit, text)).await);
+        sent_id(
+            alice
+                .request(act_req(room("general"), &id, ActKind::Edit, text))
+                .await,
+        );
     }
     refused(
-        alice.request(act_req(room("general"), &id, ActKind::Edit, "three")).await,
+        alice
+            .request(act_req(room("general"), &id, ActKind::Edit, "three"))
+            .await,
         ErrorCode::TooLarge,
         "at most 2 times",
     );
     // Reactions are bounded; taking one back makes room.
-    sent_id(bob.request(act_req(room("general"), &id, ActKind::React, "👍")).await);
-    let (react_id, _) =
-        sent_id(carol.request(act_req(room("general"), &id, ActKind::React, "👍")).await);
+    sent_id(
+        bob.request(act_req(room("general"), &id, ActKind::React, "👍"))
+            .await,
+    );
+    let (react_id, _) = sent_id(
+        carol
+            .request(act_req(room("general"), &id, ActKind::React, "👍"))
+            .await,
+    );
     refused(
-        root.request(act_req(room("general"), &id, ActKind::React, "👍")).await,
+        root.request(act_req(room("general"), &id, ActKind::React, "👍"))
+            .await,
         ErrorCode::TooLarge,
         "at most 2 reactions",
     );
-    sent_id(carol.request(act_req(room("general"), &id, ActKind::Unreact, "👍")).await);
-    sent_id(root.request(act_req(room("general"), &id, ActKind::React, "👍")).await);
+    sent_id(
+        carol
+            .request(act_req(room("general"), &id, ActKind::Unreact, "👍"))
+            .await,
+    );
+    sent_id(
+        root.request(act_req(room("general"), &id, ActKind::React, "👍"))
+            .await,
+    );
     // An act is not a message one can act on.
     refused(
-        alice.request(act_req(room("general"), &react_id, ActKind::Delete, "")).await,
+        alice
+            .request(act_req(room("general"), &react_id, ActKind::Delete, ""))
+            .await,
         ErrorCode::BadRequest,
         "act on the message itself",
     );
@@ -446,21 +533,35 @@ async fn the_rules_refuse_with_a_sentence_that_says_what_to_do() {
         .expect("join");
     let (ops_id, _) = sent_id(alice.send_room("ops", "in ops").await);
     refused(
-        bob.request(act_req(room("ops"), &ops_id, ActKind::React, "👍")).await,
+        bob.request(act_req(room("ops"), &ops_id, ActKind::React, "👍"))
+            .await,
         ErrorCode::NotMember,
         "join it first",
     );
     // An act names a message of the conversation it is sent to.
     refused(
-        alice.request(act_req(room("general"), &ops_id, ActKind::Edit, "moved")).await,
+        alice
+            .request(act_req(room("general"), &ops_id, ActKind::Edit, "moved"))
+            .await,
         ErrorCode::NotFound,
         "in this conversation",
     );
     // The room's owner deletes anyone's message there; an admin anywhere; both audited.
-    sent_id(carol.request(act_req(room("ops"), &ops_id, ActKind::Delete, "")).await);
-    sent_id(root.request(act_req(room("general"), &id, ActKind::Delete, "")).await);
+    sent_id(
+        carol
+            .request(act_req(room("ops"), &ops_id, ActKind::Delete, ""))
+            .await,
+    );
+    sent_id(
+        root.request(act_req(room("general"), &id, ActKind::Delete, ""))
+            .await,
+    );
     let (own, _) = sent_id(alice.send_room("general", "secretword").await);
-    sent_id(alice.request(act_req(room("general"), &own, ActKind::Delete, "")).await);
+    sent_id(
+        alice
+            .request(act_req(room("general"), &own, ActKind::Delete, ""))
+            .await,
+    );
     drop((alice, bob, carol, root));
     let dir = srv.stop().await;
     let mut deleted = Vec::new();
@@ -484,7 +585,11 @@ async fn the_edit_window_closes() {
     let srv = TestServer::start(|c| c.messages.edit_window_s = 1).await;
     let mut alice = Raw::register(&srv, "alice").await;
     let (id, _) = sent_id(alice.send_room("general", "quick").await);
-    sent_id(alice.request(act_req(room("general"), &id, ActKind::Edit, "quick fix")).await);
+    sent_id(
+        alice
+            .request(act_req(room("general"), &id, ActKind::Edit, "quick fix"))
+            .await,
+    );
     tokio::time::sleep(Duration::from_millis(1_300)).await;
     let r = alice
         .request(act_req(room("general"), &id, ActKind::Edit, "too late"))
@@ -497,7 +602,11 @@ async fn the_edit_window_closes() {
         other => panic!("{other:?}"),
     }
     // Deleting is still allowed.
-    sent_id(alice.request(act_req(room("general"), &id, ActKind::Delete, "")).await);
+    sent_id(
+        alice
+            .request(act_req(room("general"), &id, ActKind::Delete, ""))
+            .await,
+    );
     srv.stop().await;
 }
 
@@ -536,13 +645,23 @@ async fn after_an_edit_or_delete_the_old_ciphertext_and_search_tokens_are_gone_f
     // The sealed bodies as stored now.
     let sealed_of = |id: &str| -> Vec<u8> {
         let db = rusqlite::Connection::open(srv.dir.path().join("conclave.db")).expect("open");
-        db.query_row("SELECT body FROM messages WHERE msg_id = ?1", [id], |r| r.get(0))
-            .expect("row")
+        db.query_row("SELECT body FROM messages WHERE msg_id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .expect("row")
     };
     let old_edited = sealed_of(&edited);
     let old_deleted = sealed_of(&deleted);
-    sent_id(alice.request(act_req(room("general"), &edited, ActKind::Edit, "newword")).await);
-    sent_id(alice.request(act_req(room("general"), &deleted, ActKind::Delete, "")).await);
+    sent_id(
+        alice
+            .request(act_req(room("general"), &edited, ActKind::Edit, "newword"))
+            .await,
+    );
+    sent_id(
+        alice
+            .request(act_req(room("general"), &deleted, ActKind::Delete, ""))
+            .await,
+    );
     assert!(search(&mut alice, &word_edited).await.is_empty());
     assert!(search(&mut alice, &word_deleted).await.is_empty());
     assert_eq!(search(&mut alice, "newword").await.len(), 1);

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use conclave_proto::chat::{ActKind, MsgState};
 use conclave_proto::Message;
+use conclave_proto::chat::{ActKind, MsgState};
 
 use crate::buffer::{Buffer, EntryKind};
 use crate::text::sanitize;
@@ -68,7 +68,13 @@ pub fn quote(buffer: &Buffer, lines: &Lines, reply_to: &str) -> String {
             };
             let text = lines
                 .get(reply_to)
-                .map(|l| if l.deleted { "(deleted)".to_string() } else { l.base.clone() })
+                .map(|l| {
+                    if l.deleted {
+                        "(deleted)".to_string()
+                    } else {
+                        l.base.clone()
+                    }
+                })
                 .unwrap_or_else(|| e.text.clone());
             let mut start: String = text.chars().take(QUOTE_CHARS).collect();
             if text.chars().count() > QUOTE_CHARS {
@@ -112,10 +118,12 @@ pub fn apply(buffer: &mut Buffer, lines: &mut Lines, m: &Message) -> bool {
     else {
         return false;
     };
-    let line = lines.entry(act.msg_id.clone()).or_insert_with(|| LineState {
-        base: entry.text.clone(),
-        ..LineState::default()
-    });
+    let line = lines
+        .entry(act.msg_id.clone())
+        .or_insert_with(|| LineState {
+            base: entry.text.clone(),
+            ..LineState::default()
+        });
     let content = m.body.as_text().unwrap_or("");
     match act.kind {
         ActKind::Edit => {
@@ -187,18 +195,45 @@ mod tests {
     fn acts_change_the_line_they_name() {
         let mut b = Buffer::new(ConvKey::Room("general".into()));
         let mut lines = Lines::new();
-        b.push(Entry::message(&msg("m1", "alice", "deploy at fiev", None), "bob"));
-        assert!(apply(&mut b, &mut lines, &msg("a1", "alice", "deploy at five", Some(("m1", ActKind::Edit)))));
+        b.push(Entry::message(
+            &msg("m1", "alice", "deploy at fiev", None),
+            "bob",
+        ));
+        assert!(apply(
+            &mut b,
+            &mut lines,
+            &msg("a1", "alice", "deploy at five", Some(("m1", ActKind::Edit)))
+        ));
         assert_eq!(b.entries[0].text, "deploy at five (edited)");
-        apply(&mut b, &mut lines, &msg("a2", "bob", "👍", Some(("m1", ActKind::React))));
-        apply(&mut b, &mut lines, &msg("a3", "carol", "👍", Some(("m1", ActKind::React))));
+        apply(
+            &mut b,
+            &mut lines,
+            &msg("a2", "bob", "👍", Some(("m1", ActKind::React))),
+        );
+        apply(
+            &mut b,
+            &mut lines,
+            &msg("a3", "carol", "👍", Some(("m1", ActKind::React))),
+        );
         assert_eq!(b.entries[0].text, "deploy at five (edited)  [👍 2]");
-        apply(&mut b, &mut lines, &msg("a4", "bob", "👍", Some(("m1", ActKind::Unreact))));
+        apply(
+            &mut b,
+            &mut lines,
+            &msg("a4", "bob", "👍", Some(("m1", ActKind::Unreact))),
+        );
         assert_eq!(b.entries[0].text, "deploy at five (edited)  [👍 1]");
-        apply(&mut b, &mut lines, &msg("a5", "alice", "", Some(("m1", ActKind::Delete))));
+        apply(
+            &mut b,
+            &mut lines,
+            &msg("a5", "alice", "", Some(("m1", ActKind::Delete))),
+        );
         assert_eq!(b.entries[0].text, "(deleted)");
         // An act on a message not loaded changes nothing.
-        assert!(!apply(&mut b, &mut lines, &msg("a6", "alice", "x", Some(("zz", ActKind::Edit)))));
+        assert!(!apply(
+            &mut b,
+            &mut lines,
+            &msg("a6", "alice", "x", Some(("zz", ActKind::Edit)))
+        ));
         let q = quote(&b, &lines, "m1");
         assert_eq!(q, "↪ alice: (deleted) │ ");
     }

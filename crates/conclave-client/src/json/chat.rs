@@ -76,7 +76,10 @@ pub fn message_info(info: &MessageInfo) -> Value {
             out.insert("room".into(), json!(room));
         }
         Conv::Direct(participants) => {
-            out.insert("to".into(), json!(direct_recipients(participants, &info.from)));
+            out.insert(
+                "to".into(),
+                json!(direct_recipients(participants, &info.from)),
+            );
         }
     }
     out.insert("from".into(), json!(info.from));
@@ -116,7 +119,8 @@ mod tests {
 
     #[test]
     fn acts_are_their_own_events() {
-        let v = super::super::render::message(&msg(Body::text("fixed"), Some(acting(ActKind::Edit))));
+        let v =
+            super::super::render::message(&msg(Body::text("fixed"), Some(acting(ActKind::Edit))));
         assert_eq!(
             v,
             json!({"event":"edited","msg_id":"m1","room":"general","from":"bob","text":"fixed",
@@ -128,7 +132,8 @@ mod tests {
         let v = super::super::render::message(&msg(Body::text(""), Some(acting(ActKind::Delete))));
         assert_eq!(v["event"], "deleted");
         assert_eq!(v["msg_id"], "m1");
-        let v = super::super::render::message(&msg(Body::text("👍"), Some(acting(ActKind::Unreact))));
+        let v =
+            super::super::render::message(&msg(Body::text("👍"), Some(acting(ActKind::Unreact))));
         assert_eq!(v["event"], "reaction");
         assert_eq!(v["emoji"], "👍");
         assert_eq!(v["on"], false);

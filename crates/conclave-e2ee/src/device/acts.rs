@@ -55,7 +55,8 @@ impl Device {
         msg_id: &str,
         state: &LocalState,
     ) -> Result<(), E2eeError> {
-        let plain = postcard::to_allocvec(state).map_err(|e| E2eeError::Malformed(e.to_string()))?;
+        let plain =
+            postcard::to_allocvec(state).map_err(|e| E2eeError::Malformed(e.to_string()))?;
         self.conn.execute(
             "INSERT OR REPLACE INTO conclave_msg_state (conv, seq, msg_id, state) VALUES (?1, ?2, ?3, ?4)",
             params![conv, seq as i64, msg_id, self.history.seal(&state_ad(conv, seq), &plain)],
@@ -64,7 +65,11 @@ impl Device {
     }
 
     /// The state of the local entry at `seq`, if this device knows its id.
-    pub fn local_state(&self, conv: &str, seq: u64) -> Result<Option<(String, LocalState)>, E2eeError> {
+    pub fn local_state(
+        &self,
+        conv: &str,
+        seq: u64,
+    ) -> Result<Option<(String, LocalState)>, E2eeError> {
         let row: Option<(String, Vec<u8>)> = self
             .conn
             .query_row(
@@ -80,7 +85,8 @@ impl Device {
             // Sealed under an earlier password's key.
             return Ok(Some((msg_id, LocalState::default())));
         };
-        let state = postcard::from_bytes(&plain).map_err(|e| E2eeError::Malformed(e.to_string()))?;
+        let state =
+            postcard::from_bytes(&plain).map_err(|e| E2eeError::Malformed(e.to_string()))?;
         Ok(Some((msg_id, state)))
     }
 
@@ -185,7 +191,9 @@ impl Device {
                                 state.reactions[i].1.push(from.to_string());
                             }
                         }
-                        (None, true) => state.reactions.push((emoji.to_string(), vec![from.to_string()])),
+                        (None, true) => state
+                            .reactions
+                            .push((emoji.to_string(), vec![from.to_string()])),
                         (Some(i), false) => {
                             state.reactions[i].1.retain(|u| u != from);
                             if state.reactions[i].1.is_empty() {

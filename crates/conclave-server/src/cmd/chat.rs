@@ -22,7 +22,9 @@ pub const MAX_MSG_ID_BYTES: usize = 64;
 fn no_such_message(id: &str) -> ErrorBody {
     ErrorBody::new(
         ErrorCode::NotFound,
-        format!("there is no message {id:?} in this conversation that you can see; check the msg_id"),
+        format!(
+            "there is no message {id:?} in this conversation that you can see; check the msg_id"
+        ),
     )
 }
 
@@ -67,7 +69,9 @@ pub async fn check(
     }
     if let Some(id) = &refs.reply_to {
         let t = lookup(conn, user, id).await?;
-        let t = t.filter(|t| &t.conv == conv).ok_or_else(|| no_such_message(id))?;
+        let t = t
+            .filter(|t| &t.conv == conv)
+            .ok_or_else(|| no_such_message(id))?;
         if t.is_act {
             return Err(ErrorBody::new(
                 ErrorCode::BadRequest,
@@ -183,10 +187,7 @@ pub async fn check(
             if act.kind == ActKind::React && t.reactions >= limits.max_reactions as usize {
                 return Err(ErrorBody::new(
                     ErrorCode::TooLarge,
-                    format!(
-                        "a message holds at most {} reactions",
-                        limits.max_reactions
-                    ),
+                    format!("a message holds at most {} reactions", limits.max_reactions),
                 ));
             }
         }

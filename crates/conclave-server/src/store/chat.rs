@@ -336,15 +336,19 @@ impl Db {
                 "SELECT gseq, msg_id, seq FROM messages
                  WHERE act_on = ?1 AND act_applied = 1 AND (?2 IS NULL OR act_kind = ?2)",
             )?;
-            st.query_map(params![target, kind], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?
+            st.query_map(params![target, kind], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?
         };
         let empty = postcard::to_stdvec(&Body::text("")).unwrap_or_default();
         for (gseq, msg_id, seq) in rows {
             if Some(gseq) == keep && kind.is_some() {
                 continue;
             }
-            let sealed = self.key.seal(&seal_ad(&msg_id, conv_key, seq as u64), &empty);
+            let sealed = self
+                .key
+                .seal(&seal_ad(&msg_id, conv_key, seq as u64), &empty);
             self.conn
                 .prepare_cached("UPDATE messages SET body = ?2 WHERE gseq = ?1")?
                 .execute(params![gseq, sealed])?;
