@@ -1322,7 +1322,9 @@ impl Db {
             .map(|w| format!("\"{}\"", self.search.token_text(w)))
             .collect::<Vec<_>>()
             .join(" AND ");
-        let rows: Vec<(String, i64, String, i64, Vec<u8>, String, chat::ExtraCols)> = {
+        /// msg_id, seq, sender, ts_ms, sealed body, conversation key, the chat columns.
+        type SearchRow = (String, i64, String, i64, Vec<u8>, String, chat::ExtraCols);
+        let rows: Vec<SearchRow> = {
             let mut st = self.conn.prepare_cached(
                 "SELECT m.msg_id, m.seq, m.sender, m.ts_ms, m.body, c.key,
                         m.reply_to, m.act_on, m.act_kind, m.edited_ms, m.edits, m.deleted, m.reactions
