@@ -759,7 +759,7 @@ export class Session {
       if (c.e2ee && except.length > 0) throw new Error("leaving people out (/except) of an end-to-end room is not supported by the web client yet");
       const idem = crypto.randomUUID();
       if (!c.e2ee || !this.device.has(key)) {
-        const [, sent] = await this.request({ Send: { target, body: { content_type: CT_TEXT, data: bytesOut(enc.encode(text)) }, idempotency_key: idem } });
+        const [, sent] = await this.request({ Send: { target, body: { content_type: CT_TEXT, data: bytesOut(enc.encode(text)) }, idempotency_key: idem, refs: null } });
         const s = sent as { seq: number; ts_ms: number };
         this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text }, false);
         await this.saveHistory(c);
@@ -777,7 +777,7 @@ export class Session {
         // Saved before it leaves: a reload must never encrypt again under the same key.
         await this.saveDevice();
         try {
-          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem } });
+          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs: null } });
           const s = sent as { seq: number; ts_ms: number };
           this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text }, false);
           await this.saveHistory(c);
@@ -918,7 +918,7 @@ export class Session {
         const data = await this.device.encrypt(key, payload);
         await this.saveDevice();
         try {
-          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: crypto.randomUUID() } });
+          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: crypto.randomUUID(), refs: null } });
           const s = sent as { seq: number; ts_ms: number };
           this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: `sent the file ${f.name} (${f.size} bytes)` }, false);
           await this.saveHistory(c);

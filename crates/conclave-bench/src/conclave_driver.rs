@@ -431,6 +431,7 @@ async fn send_loop(client: Client, ctx: Arc<Ctx>, room: usize, k: usize) {
             },
             body: Body::text(text),
             idempotency_key: None,
+            refs: None,
         };
         match client.submit(req).await {
             Ok(pending) => {

@@ -37,13 +37,18 @@ struct MessageView<'a> {
     ts_ms: i64,
     #[serde(borrow)]
     body: BodyView<'a>,
+    /// `Message::extra`: read as `None` only (one zero byte); a reply, edit, delete or
+    /// reaction leaves bytes behind and goes to the real decoder.
+    extra: Option<()>,
 }
 
 /// The body bytes of a text message event; `None` for any other frame (or a malformed one).
 pub fn message_text(frame: &[u8]) -> Option<&[u8]> {
     let rest = frame.strip_prefix(&MESSAGE_EVENT_TAG)?;
     let (m, tail) = postcard::take_from_bytes::<MessageView<'_>>(rest).ok()?;
-    (tail.is_empty() && m.body.content_type == conclave_client::proto::CONTENT_TYPE_TEXT)
+    (tail.is_empty()
+        && m.extra.is_none()
+        && m.body.content_type == conclave_client::proto::CONTENT_TYPE_TEXT)
         .then_some(m.body.data)
 }
 
@@ -60,6 +65,7 @@ mod tests {
             seq: 1_234_567,
             ts_ms: -5,
             body,
+            extra: None,
         })))
     }
 
@@ -92,6 +98,20 @@ mod tests {
             user: "u".into(),
         }));
         assert_eq!(message_text(&join), None);
+        // A reply (or an act) carries `extra`: the real decoder reads it.
+        let reply = encode_server(&ServerFrame::Event(Event::Message(Message {
+            msg_id: "m".into(),
+            conv: Conv::Room("r".into()),
+            from: "u".into(),
+            seq: 1,
+            ts_ms: 0,
+            body: Body::text("yes"),
+            extra: Some(Box::new(conclave_client::proto::Extra {
+                reply_to: Some("m0".into()),
+                ..Default::default()
+            })),
+        })));
+        assert_eq!(message_text(&reply), None);
         let mut truncated = message(Conv::Room("r".into()), Body::text("hello"));
         truncated.pop();
         assert_eq!(message_text(&truncated), None);

@@ -304,8 +304,11 @@ impl Client {
                 target,
                 body,
                 idempotency_key,
+                refs,
             } => {
-                let r = self.send(target, body, idempotency_key).await?;
+                let r = self
+                    .send_with_refs(target, body, idempotency_key, refs)
+                    .await?;
                 Reply::Sent {
                     msg_id: r.msg_id,
                     seq: r.seq,
@@ -829,7 +832,10 @@ impl Client {
                         sha256: plain_sha256,
                         key: file_key,
                     };
-                    client.send_payload(&s, &target, &payload).await.map(drop)
+                    client
+                        .send_payload(&s, &target, &payload, None)
+                        .await
+                        .map(drop)
                 })
             })
         };
@@ -923,6 +929,7 @@ impl Client {
         s: &Arc<Secure>,
         target: &Target,
         payload: &Payload,
+        refs: Option<&conclave_proto::Refs>,
     ) -> Result<(u64, String, i64), ClientError> {
         let key = self.target_key(target);
         let idem = uuid::Uuid::now_v7().to_string();
@@ -945,12 +952,21 @@ impl Client {
                             data,
                         },
                         idempotency_key: Some(idem.clone()),
+                        refs: refs.map(|r| Box::new(r.clone())),
                     };
                     match again_if_stale(self.request(req).await)? {
                         Attempt::Done(Reply::Sent {
                             msg_id, seq, ts_ms, ..
                         }) => {
                             let _ = s.with(|d| d.record_own(key, seq, ts_ms, payload));
+                            let reply_to = refs.and_then(|r| r.reply_to.as_deref());
+                            let _ = s.with(|d| match payload {
+                                Payload::Body { .. } => d.note_message(key, seq, &msg_id, reply_to),
+                                Payload::Act { .. } => {
+                                    d.apply_act(key, seq, self.user(), ts_ms, payload).map(drop)
+                                }
+                                _ => Ok(()),
+                            });
                             Ok(Attempt::Done((seq, msg_id, ts_ms)))
                         }
                         Attempt::Done(other) => Err(crate::connection::unexpected("send", &other)),
@@ -982,6 +998,7 @@ impl Client {
         target: &Target,
         body: &Body,
         idempotency_key: Option<String>,
+        refs: Option<&conclave_proto::Refs>,
     ) -> Option<Result<(u64, String, i64), ClientError>> {
         let s = self.secure()?;
         let key = self.target_key(target);
@@ -1024,12 +1041,21 @@ impl Client {
         {
             return Some(self.blockcast(&s, room, except, &key, body).await);
         }
-        let payload = Payload::Body {
-            content_type: body.content_type.clone(),
-            data: body.data.clone(),
+        let payload = match refs.and_then(|r| r.acts_on.as_ref()) {
+            // The reference inside the ciphertext too, so the server cannot redirect it.
+            Some(act) => Payload::Act {
+                msg_id: act.msg_id.clone(),
+                kind: crate::chat::act_code(act.kind),
+                content_type: body.content_type.clone(),
+                data: body.data.clone(),
+            },
+            None => Payload::Body {
+                content_type: body.content_type.clone(),
+                data: body.data.clone(),
+            },
         };
         let _ = idempotency_key;
-        Some(self.send_payload(&s, target, &payload).await)
+        Some(self.send_payload(&s, target, &payload, refs).await)
     }
 
     /// Blockcast in an end-to-end room: the body is sealed under a fresh key; the key goes
@@ -1069,14 +1095,14 @@ impl Client {
                 ));
             }
             let key_payload = Payload::SealedKey { id, key: msg_key };
-            self.send_payload(s, &Target::Users { to: intended }, &key_payload)
+            self.send_payload(s, &Target::Users { to: intended }, &key_payload, None)
                 .await?;
         }
         let target = Target::Room {
             room: room.to_string(),
             except: except.to_vec(),
         };
-        let sent = self.send_payload(s, &target, &sealed).await?;
+        let sent = self.send_payload(s, &target, &sealed, None).await?;
         let own = Payload::Body {
             content_type: body.content_type.clone(),
             data: body.data.clone(),
@@ -1098,13 +1124,17 @@ impl Client {
             return None;
         }
         Some(
-            s.with(|d| d.history(&key, limit, before))
-                .map(|v| {
+            s.with(|d| {
+                d.history(&key, limit, before).map(|v| {
                     v.into_iter()
-                        .filter_map(|e| entry_message(conv.clone(), e))
+                        .filter_map(|e| {
+                            let state = d.local_state(&key, e.seq).ok().flatten();
+                            entry_message_with(conv.clone(), e, state)
+                        })
                         .collect()
                 })
-                .map_err(e2ee_err),
+            })
+            .map_err(e2ee_err),
         )
     }
 
@@ -1133,6 +1163,40 @@ fn conv_from_key(key: &str) -> Conv {
     }
 }
 
+/// A local history entry as a message, with its server id, reply reference and state (edits,
+/// deletion, reactions) when this device knows them. Acts are not messages of their own.
+fn entry_message_with(
+    conv: Conv,
+    e: conclave_e2ee::device::HistoryEntry,
+    state: Option<(String, conclave_e2ee::device::LocalState)>,
+) -> Option<Message> {
+    let mut m = entry_message(conv, e)?;
+    if let Some((msg_id, st)) = state {
+        m.msg_id = msg_id;
+        let changed = st.edits > 0 || st.deleted || !st.reactions.is_empty();
+        if st.deleted {
+            m.body.data.clear();
+        }
+        if changed || st.reply_to.is_some() {
+            m.extra = Some(Box::new(conclave_proto::Extra {
+                reply_to: st.reply_to,
+                acts_on: None,
+                state: changed.then(|| conclave_proto::MsgState {
+                    edited_ms: st.edited_ms,
+                    edits: st.edits,
+                    deleted: st.deleted,
+                    reactions: st
+                        .reactions
+                        .into_iter()
+                        .map(|(emoji, users)| conclave_proto::Reaction { emoji, users })
+                        .collect(),
+                }),
+            }));
+        }
+    }
+    Some(m)
+}
+
 fn entry_message(conv: Conv, e: conclave_e2ee::device::HistoryEntry) -> Option<Message> {
     match e.payload {
         Payload::Body { content_type, data } => Some(Message {
@@ -1142,6 +1206,7 @@ fn entry_message(conv: Conv, e: conclave_e2ee::device::HistoryEntry) -> Option<M
             seq: e.seq,
             ts_ms: e.ts_ms,
             body: Body { content_type, data },
+            extra: None,
         }),
         _ => None,
     }
@@ -1530,8 +1595,32 @@ async fn process_one(client: &Client, s: &Arc<Secure>, m: Message, tx: &mpsc::Se
     match result {
         Ok(Processed::App { payload, .. }) => match payload {
             Payload::Body { content_type, data } => {
+                let reply_to = m.extra.as_ref().and_then(|x| x.reply_to.as_deref());
+                let _ = s.with(|d| d.note_message(&key, m.seq, &m.msg_id, reply_to));
                 let mut plain = m.clone();
                 plain.body = Body { content_type, data };
+                let _ = tx.send(ClientEvent::Server(Event::Message(plain))).await;
+            }
+            ref act @ Payload::Act {
+                ref msg_id,
+                kind,
+                ref content_type,
+                ref data,
+            } => {
+                // The server's cleartext reference must be the one the sender signed.
+                let named = m.extra.as_ref().and_then(|x| x.acts_on.as_ref());
+                if named
+                    .is_none_or(|a| &a.msg_id != msg_id || crate::chat::act_code(a.kind) != kind)
+                {
+                    tracing::warn!(conv = %key, seq = m.seq, "an act whose reference does not match its ciphertext was dropped");
+                    return;
+                }
+                let _ = s.with(|d| d.apply_act(&key, m.seq, &m.from, m.ts_ms, act));
+                let mut plain = m.clone();
+                plain.body = Body {
+                    content_type: content_type.clone(),
+                    data: data.clone(),
+                };
                 let _ = tx.send(ClientEvent::Server(Event::Message(plain))).await;
             }
             Payload::File { ref file_id, .. } => {

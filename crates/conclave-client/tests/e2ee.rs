@@ -369,6 +369,7 @@ async fn e2ee_room_invite_join_kick_restart() {
         },
         body: conclave_client::proto::Body::text("not encrypted"),
         idempotency_key: None,
+        refs: None,
     };
     match bob.request(plain).await {
         Err(ClientError::Server(b)) => assert_eq!(b.code, ErrorCode::E2eeRequired),

@@ -161,6 +161,7 @@ async fn serve(
                         seq,
                         ts_ms: 1000 + seq as i64,
                         body: body.clone(),
+                        extra: None,
                     })
                 };
                 events.push(echo("m-2", "bob", 2));
@@ -292,6 +293,7 @@ async fn serve_flaky(
             seq,
             ts_ms: 1000 + seq as i64,
             body: Body::text(text),
+            extra: None,
         }))
     };
     while let Some(frame) = framed.next().await {
@@ -735,6 +737,7 @@ async fn a_send_in_flight_at_a_drop_is_sent_again_and_its_copy_not_delivered() {
             },
             body: Body::text("mine"),
             idempotency_key: None,
+            refs: None,
         })
         .await
         .unwrap();

@@ -117,6 +117,7 @@ fn room_send(text: &str, key: Option<String>) -> Request {
         },
         body: Body::text(text),
         idempotency_key: key,
+        refs: None,
     }
 }
 
@@ -572,6 +573,7 @@ async fn the_json_client_reports_disconnected_then_reconnected_and_fails_only_at
             body: Body::text("while you were away"),
             except: vec![],
             idempotency_key: None,
+            refs: None,
         }])
         .expect("append");
     }

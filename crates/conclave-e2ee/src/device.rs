@@ -17,6 +17,9 @@ use openmls_sqlite_storage::{Connection, SqliteStorageProvider};
 use rusqlite::{OptionalExtension, params};
 
 use crate::codec::JsonCodec;
+mod acts;
+pub use acts::LocalState;
+
 use crate::history::HistoryKey;
 use crate::payload::Payload;
 use crate::{
@@ -64,6 +67,14 @@ CREATE TABLE IF NOT EXISTS conclave_pending_commits (
     conv   TEXT PRIMARY KEY,
     commit_bytes BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS conclave_msg_state (
+    conv   TEXT NOT NULL,
+    seq    INTEGER NOT NULL,
+    msg_id TEXT NOT NULL,
+    state  BLOB,
+    PRIMARY KEY (conv, seq)
+);
+CREATE INDEX IF NOT EXISTS conclave_msg_state_id ON conclave_msg_state(msg_id);
 CREATE TABLE IF NOT EXISTS conclave_known_devices (
     user   TEXT NOT NULL,
     device TEXT NOT NULL,
@@ -193,7 +204,8 @@ impl Device {
         let _ =
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;
+             PRAGMA secure_delete = ON;",
         )?;
         {
             let mut storage = SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn);
@@ -1277,7 +1289,7 @@ impl Device {
                     let name = name.to_lowercase();
                     !words.is_empty() && words.iter().all(|w| name.contains(w.as_str()))
                 }
-                Payload::SealedKey { .. } | Payload::Sealed { .. } => false,
+                Payload::SealedKey { .. } | Payload::Sealed { .. } | Payload::Act { .. } => false,
             })
             .take(limit as usize)
             .collect())

@@ -36,7 +36,25 @@ pub enum Payload {
         #[serde(with = "serde_bytes")]
         ciphertext: Vec<u8>,
     },
+    /// An edit, delete or reaction of the message `msg_id` (the server's id) of the same
+    /// conversation. The send's cleartext reference (which the server checks: only the author
+    /// edits, and so on) must name the same message and kind, or members drop it: the server
+    /// cannot point an edit at another message. `kind`: 1 edit, 2 delete, 3 react, 4 unreact.
+    /// The body: the new text of an edit, the emoji of a reaction, empty for a delete.
+    Act {
+        msg_id: String,
+        kind: u8,
+        content_type: String,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
+
+/// [`Payload::Act`]'s kinds.
+pub const ACT_EDIT: u8 = 1;
+pub const ACT_DELETE: u8 = 2;
+pub const ACT_REACT: u8 = 3;
+pub const ACT_UNREACT: u8 = 4;
 
 /// Seals a body for blockcast under a fresh key: (id, key, the room's payload).
 pub fn seal_for_some(

@@ -12,6 +12,7 @@ fn message(text_bytes: usize) -> ServerFrame {
         seq: 123_456,
         ts_ms: 1_795_292_894_834,
         body: Body::text("x".repeat(text_bytes)),
+        extra: None,
     }))
 }
 
@@ -37,6 +38,7 @@ fn codec(c: &mut Criterion) {
             },
             body: Body::text("x".repeat(64)),
             idempotency_key: Some("01a1ffcb-9672-74b7-888b-739cc9fb8c1f".into()),
+            refs: None,
         },
     };
     let bytes = encode_client(&send);

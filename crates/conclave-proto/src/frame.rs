@@ -60,6 +60,7 @@ mod tests {
                 },
                 body: Body::text("hello"),
                 idempotency_key: Some("k1".into()),
+                refs: None,
             },
         };
         assert_eq!(decode_client(&encode_client(&f)), Ok(f));

@@ -16,6 +16,7 @@ pub mod hello;
 pub mod msg;
 pub mod names;
 
+pub use chat::{ActKind, ActsOn, Extra, MessageInfo, MsgState, Reaction, Refs};
 pub use error::{ErrorBody, ErrorCode};
 pub use files::{Chunk, FileOffer, P2pGrant, P2pInvite, P2pOffer};
 pub use frame::{DecodeError, decode_client, decode_server, encode_client, encode_server};

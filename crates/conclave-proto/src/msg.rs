@@ -112,6 +112,9 @@ pub struct Message {
     /// Server time of acceptance, milliseconds since the Unix epoch.
     pub ts_ms: i64,
     pub body: Body,
+    // -- everyday chat: replies, edits, deletes, reactions (see `crate::chat`) --
+    /// `None` for a plain message.
+    pub extra: Option<Box<crate::chat::Extra>>,
 }
 
 /// A request from a client.
@@ -162,6 +165,9 @@ pub enum Request {
         body: Body,
         /// Client-generated key: a retried send with the same key is stored and delivered once.
         idempotency_key: Option<String>,
+        // -- everyday chat: replies, edits, deletes, reactions (see `crate::chat`) --
+        /// A reply, or an act on an earlier message of the same conversation.
+        refs: Option<Box<crate::chat::Refs>>,
     },
     /// Admins only: a notice to everyone online.
     Announce {
@@ -359,6 +365,20 @@ pub enum Request {
     SetDisplayName {
         name: Option<String>,
     },
+    // -- everyday chat: replies, edits, deletes, reactions (see `crate::chat`) --
+    /// Where a message the caller may see is (its conversation, author, sequence), so a
+    /// client can edit, delete or react to it by id alone. Answered with
+    /// [`Reply::MessageInfo`].
+    MessageInfo {
+        msg_id: String,
+    },
+    /// A thread: the message `msg_id` then its replies, oldest first, at most `limit`
+    /// replies after sequence `after`. Answered with [`Reply::Messages`].
+    Thread {
+        msg_id: String,
+        limit: u32,
+        after: Option<u64>,
+    },
 }
 
 /// Opaque bytes (MLS messages), compact on the wire.
@@ -492,6 +512,8 @@ pub enum Reply {
     // ---- Everyday chat, part B (issue #20).
     /// Read markers of a conversation's members who share them, by user name.
     ReadMarkers(Vec<crate::chat::ReadMarker>),
+    // -- everyday chat: replies, edits, deletes, reactions (see `crate::chat`) --
+    MessageInfo(crate::chat::MessageInfo),
 }
 
 /// Why a connection is being closed by the server.

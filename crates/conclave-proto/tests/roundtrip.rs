@@ -63,6 +63,7 @@ fn message() -> impl Strategy<Value = Message> {
             seq,
             ts_ms,
             body,
+            extra: None,
         },
     )
 }
@@ -136,6 +137,7 @@ fn request() -> impl Strategy<Value = Request> {
             target,
             body,
             idempotency_key: key,
+            refs: None,
         }),
         s().prop_map(|text| Request::Announce { text }),
         (

@@ -53,6 +53,7 @@ fn registry() -> Registry {
         Target,
         DisconnectReason,
         ErrorCode,
+        conclave_proto::chat::ActKind,
     );
     tracer.registry().unwrap_or_else(|e| {
         panic!("{e}: add the enums it names to the list traced in registry() above")
@@ -262,6 +263,7 @@ fn serde_json_frames_conform_to_the_generated_types() {
                 },
                 body: Body::text("hi"),
                 idempotency_key: Some("k".into()),
+                refs: None,
             },
         },
         ClientFrame {
@@ -313,6 +315,7 @@ fn serde_json_frames_conform_to_the_generated_types() {
                 seq: 1,
                 ts_ms: -5,
                 body: Body::text("hello"),
+                extra: None,
             }])),
         },
         ServerFrame::Event(Event::CaughtUp {

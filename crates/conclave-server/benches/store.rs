@@ -81,6 +81,7 @@ fn big_db() -> Db {
                     body: Body::text(words.sentence(8)),
                     except: vec![],
                     idempotency_key: None,
+                    refs: None,
                 })
                 .collect();
             db.append_batch(&batch).expect("append");
@@ -143,6 +144,7 @@ fn durable_appends(c: &mut Criterion) {
                                                 )),
                                                 except: vec![],
                                                 idempotency_key: None,
+                                                refs: None,
                                             },
                                             ctx: tx,
                                         })
@@ -192,6 +194,7 @@ fn append_batch(c: &mut Criterion) {
                                 body: Body::text(words.sentence(8)),
                                 except: vec![],
                                 idempotency_key: idem.then(|| format!("k{n}")),
+                                refs: None,
                             }
                         })
                         .collect::<Vec<_>>()

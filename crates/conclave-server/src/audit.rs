@@ -140,11 +140,13 @@ pub enum Kind {
     Alert,
     AuditDropped,
     AuditRecovered,
+    /// A message deleted by someone other than its author (never its text).
+    MessageDeleted,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 24] = [
         Kind::Start,
         Kind::Stop,
         Kind::Connect,
@@ -168,6 +170,7 @@ impl Kind {
         Kind::Alert,
         Kind::AuditDropped,
         Kind::AuditRecovered,
+        Kind::MessageDeleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -195,6 +198,7 @@ impl Kind {
             Kind::Alert => "alert",
             Kind::AuditDropped => "audit_dropped",
             Kind::AuditRecovered => "audit_recovered",
+            Kind::MessageDeleted => "message_deleted",
         }
     }
 

@@ -39,6 +39,7 @@ pub async fn plant(shared: &Shared) -> Result<String, ErrorBody> {
         body: Body::text(text.clone()),
         except: Vec::new(),
         idempotency_key: None,
+        refs: None,
     };
     shared
         .store

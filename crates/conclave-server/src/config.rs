@@ -458,6 +458,31 @@ impl Default for WebConfig {
     }
 }
 
+/// Edits, deletes, replies and reactions (`[messages]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagesConfig {
+    /// Seconds after sending during which the author may edit a message; 0: no limit.
+    pub edit_window_s: u64,
+    /// Most edits of one message.
+    pub max_edits: u32,
+    /// Most reactions (one emoji of one user each) on one message.
+    pub max_reactions: u32,
+    /// Longest reaction, in bytes of UTF-8.
+    pub max_emoji_bytes: usize,
+}
+
+impl Default for MessagesConfig {
+    fn default() -> Self {
+        MessagesConfig {
+            edit_window_s: 0,
+            max_edits: 100,
+            max_reactions: 500,
+            max_emoji_bytes: conclave_proto::chat::DEFAULT_MAX_EMOJI_BYTES,
+        }
+    }
+}
+
 /// Everyday chat's presence side (`[presence]`): how often typing notices and read markers
 /// may come, and how long topics, away messages and display names may be.
 #[derive(Debug, Clone, Deserialize)]
@@ -525,6 +550,7 @@ pub struct FileConfig {
     pub web: WebConfig,
     pub tls: TlsConfig,
     pub presence: PresenceConfig,
+    pub messages: MessagesConfig,
 }
 
 /// Room left in a client's frame limit for what the server adds around a relayed frame (the
@@ -559,6 +585,8 @@ pub struct Config {
     pub tls_from_cli: bool,
     /// Typing, read markers, topics, away, display names (`[presence]`).
     pub presence: PresenceConfig,
+    /// Edits, deletes and reactions (`[messages]`).
+    pub messages: MessagesConfig,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -591,6 +619,7 @@ impl Config {
             tls: TlsConfig::default(),
             tls_from_cli: false,
             presence: PresenceConfig::default(),
+            messages: MessagesConfig::default(),
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
@@ -648,6 +677,7 @@ impl Config {
         self.web = file.web;
         self.tls = file.tls;
         self.presence = file.presence;
+        self.messages = file.messages;
         Ok(())
     }
 
@@ -726,6 +756,12 @@ impl Config {
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return bad(
                 "tls.cert_file and tls.key_file go together: give both (a CA-issued certificate chain and its key, PEM), or neither (the self-signed default)",
+            );
+        }
+        let m = &self.messages;
+        if m.max_reactions == 0 || m.max_emoji_bytes == 0 {
+            return bad(
+                "messages.max_reactions and max_emoji_bytes must be above 0 (max_edits = 0 turns editing off)",
             );
         }
         if l.requests_per_second == 0 || l.request_burst == 0 {

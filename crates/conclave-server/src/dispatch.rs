@@ -186,6 +186,7 @@ mod tests {
             seq: 1,
             ts_ms: 0,
             body: conclave_proto::Body::text("hi"),
+            extra: None,
         }
     }
 

@@ -619,8 +619,9 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
                 target,
                 body,
                 idempotency_key,
+                refs,
             },
-        ) => match cmd::send::send(conn, &user, id, target, body, idempotency_key).await {
+        ) => match cmd::send::send(conn, &user, id, target, body, idempotency_key, refs).await {
             // Answered by the dispatcher once the message is durable.
             Ok(()) => return Flow::Continue,
             Err(e) => Err(e),
@@ -786,6 +787,17 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
             )),
         },
         (Some(_), Request::E2eeDevices { user }) => cmd::e2ee::devices(conn, user).await,
+        (Some(user), Request::MessageInfo { msg_id }) => {
+            cmd::chat::message_info(conn, &user, msg_id).await
+        }
+        (
+            Some(user),
+            Request::Thread {
+                msg_id,
+                limit,
+                after,
+            },
+        ) => cmd::chat::thread(conn, &user, msg_id, limit, after).await,
         (Some(user), Request::E2eeConvs) => Ok(cmd::e2ee::convs(conn, &user)),
         // Everyday chat, part B: typing, read markers, topics, away, display names.
         (

@@ -27,6 +27,7 @@ use crate::search::{self, SearchKey};
 mod chat;
 mod e2ee;
 mod files;
+pub use chat::TargetRow;
 pub use chat::{ChatRows, ReadMoved};
 pub use e2ee::{GroupRow, WelcomeRow};
 pub use files::{FileRow, RecipientState};
@@ -38,7 +39,7 @@ pub const MAX_BATCH: usize = 1024;
 /// Operations waiting for the store thread; senders wait (back-pressure) beyond this.
 pub const STORE_QUEUE: usize = 16 * 1024;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 const SCHEMA: &str = "
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
@@ -254,6 +255,8 @@ pub struct NewMessage {
     /// Room members who must not receive it (blockcast).
     pub except: Vec<String>,
     pub idempotency_key: Option<String>,
+    /// A reply, or an act on an earlier message (see [`conclave_proto::chat`]).
+    pub refs: Option<Box<conclave_proto::Refs>>,
 }
 
 impl NewMessage {
@@ -267,6 +270,15 @@ impl NewMessage {
                 seq,
                 ts_ms,
                 body: self.body.clone(),
+                extra: self.refs.as_ref().and_then(|r| {
+                    (r.reply_to.is_some() || r.acts_on.is_some()).then(|| {
+                        Box::new(conclave_proto::Extra {
+                            reply_to: r.reply_to.clone(),
+                            acts_on: r.acts_on.clone(),
+                            state: None,
+                        })
+                    })
+                }),
             },
             except: self.except.clone(),
             duplicate,
@@ -294,6 +306,9 @@ pub struct Db {
     /// flushed by [`Db::flush_index`] (before every search and retention run, and regularly),
     /// and rebuilt from the messages at open after a crash.
     pending_index: Vec<(i64, String)>,
+    /// Index entries were deleted (edits, deletes) since the last merge of the index.
+    index_removed: bool,
+    last_optimize_ms: i64,
     /// Told how long each message batch took to commit (the metrics' histogram).
     on_commit: Option<CommitObserver>,
 }
@@ -321,7 +336,8 @@ impl Db {
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
              PRAGMA foreign_keys = ON;
-             PRAGMA busy_timeout = 5000;",
+             PRAGMA busy_timeout = 5000;
+             PRAGMA secure_delete = ON;",
         )
         .map_err(open_err)?;
         // The database holds only ciphertext bodies, but keep it private like every secret.
@@ -335,9 +351,10 @@ impl Db {
         }
         if version == 0 {
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} {} {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                "BEGIN; {SCHEMA} {} {} {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
                 files::FILES_SCHEMA,
-                e2ee::E2EE_SCHEMA
+                e2ee::E2EE_SCHEMA,
+                chat::ACTS_SCHEMA
             ))
             .map_err(open_err)?;
         } else {
@@ -354,6 +371,14 @@ impl Db {
                 conn.execute_batch(&format!(
                     "BEGIN; {} PRAGMA user_version = 3; COMMIT;",
                     e2ee::E2EE_SCHEMA
+                ))
+                .map_err(open_err)?;
+            }
+            if version <= 3 {
+                // Version 4 added replies, edits, deletes and reactions.
+                conn.execute_batch(&format!(
+                    "BEGIN; {} PRAGMA user_version = 4; COMMIT;",
+                    chat::ACTS_SCHEMA
                 ))
                 .map_err(open_err)?;
             }
@@ -391,6 +416,8 @@ impl Db {
             conv_ids: HashMap::new(),
             on_commit: None,
             pending_index: Vec::new(),
+            index_removed: false,
+            last_optimize_ms: 0,
         }
         .reindex_tail()
     }
@@ -411,10 +438,15 @@ impl Db {
             .optional()?
             .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
             .unwrap_or(0);
+        // Messages after the mark, and the messages that edits after the mark changed.
         let rows: Vec<(i64, String, i64, String, Vec<u8>)> = {
             let mut st = self.conn.prepare(
                 "SELECT m.gseq, m.msg_id, m.seq, c.key, m.body FROM messages m
-                 JOIN convs c ON c.id = m.conv_id WHERE m.gseq > ?1 ORDER BY m.gseq",
+                 JOIN convs c ON c.id = m.conv_id
+                 WHERE m.act_on IS NULL AND m.deleted = 0
+                   AND (m.gseq > ?1 OR m.msg_id IN
+                        (SELECT act_on FROM messages WHERE gseq > ?1 AND act_applied = 1 AND act_kind = 1))
+                 ORDER BY m.gseq",
             )?;
             st.query_map([done], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -447,7 +479,8 @@ impl Db {
     /// Writes the waiting search tokens in one transaction. It is not synced on its own: the
     /// index can always be rebuilt from the (synced) messages, which [`Db::open`] does.
     pub fn flush_index(&mut self) -> Result<(), StoreError> {
-        let Some(&(last, _)) = self.pending_index.last() else {
+        self.optimize_index_if_due()?;
+        let Some(last) = self.pending_index.iter().map(|(g, _)| *g).max() else {
             return Ok(());
         };
         let rows = serde_json::Value::Object(
@@ -479,6 +512,28 @@ impl Db {
         result?;
         self.pending_index.clear();
         Ok(())
+    }
+
+    /// Merges the search index when entries were deleted (edits, deletes) and the last merge
+    /// is [`chat::INDEX_OPTIMIZE_EVERY_MS`] old: FTS5 keeps a deleted entry's tokens in its
+    /// segment until a merge, and no old token may stay in the file.
+    fn optimize_index_if_due(&mut self) -> Result<(), StoreError> {
+        let now = now_ms();
+        if !self.index_removed || now - self.last_optimize_ms < chat::INDEX_OPTIMIZE_EVERY_MS {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch("INSERT INTO search_index (search_index) VALUES ('optimize')")?;
+        self.index_removed = false;
+        self.last_optimize_ms = now;
+        Ok(())
+    }
+
+    /// Merges the search index now if entries were deleted since the last merge.
+    pub fn optimize_index(&mut self) -> Result<(), StoreError> {
+        self.flush_index()?;
+        self.last_optimize_ms = 0;
+        self.optimize_index_if_due()
     }
 
     /// Reports the duration of every batch of messages committed from now on.
@@ -744,21 +799,31 @@ impl Db {
             if take == 0 {
                 continue;
             }
-            let rows: Vec<(String, i64, String, i64, Vec<u8>)> = {
-                let mut st = self.conn.prepare_cached(
-                    "SELECT msg_id, seq, sender, ts_ms, body FROM messages
+            let rows: Vec<(String, i64, String, i64, Vec<u8>, chat::ExtraCols)> = {
+                let mut st = self.conn.prepare_cached(&format!(
+                    "SELECT msg_id, seq, sender, ts_ms, body, {} FROM messages
                      WHERE conv_id = ?1 AND seq > ?2
                        AND (except_list IS NULL OR instr(except_list, ',' || ?3 || ',') = 0)
                      ORDER BY seq DESC LIMIT ?4",
-                )?;
+                    chat::EXTRA_COLS
+                ))?;
                 st.query_map(params![conv_id, from, user, take], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        chat::ExtraCols::read(r, 5)?,
+                    ))
                 })?
                 .collect::<Result<_, _>>()?
             };
             let conv = conv_from_key(&key);
-            for (msg_id, seq, from, ts_ms, sealed) in rows.into_iter().rev() {
+            for (msg_id, seq, from, ts_ms, sealed, cols) in rows.into_iter().rev() {
                 let body = self.open_body(&msg_id, &key, seq, &sealed)?;
+                // Live delivery carries no state: the acts after it follow in order.
+                let extra = self.extra_of(&msg_id, cols, false)?;
                 out.push(Message {
                     msg_id,
                     conv: conv.clone(),
@@ -766,6 +831,7 @@ impl Db {
                     seq: seq as u64,
                     ts_ms,
                     body,
+                    extra,
                 });
             }
         }
@@ -1083,10 +1149,15 @@ impl Db {
         } else {
             Some(format!(",{},", m.except.join(",")))
         };
+        let (reply_to, act_on, act_kind) = chat::columns(m.refs.as_deref());
+        let acts_on = m.refs.as_ref().and_then(|r| r.acts_on.as_ref());
+        // Acts in server-encrypted conversations are applied to their target here.
+        let applied = acts_on.is_some() && !chat::is_mls(&m.body);
         self.conn
             .prepare_cached(
-                "INSERT INTO messages (conv_id, seq, msg_id, sender, ts_ms, body, except_list, idem_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO messages (conv_id, seq, msg_id, sender, ts_ms, body, except_list, idem_key,
+                                       reply_to, act_on, act_kind, act_applied)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?
             .execute(params![
                 conv_id,
@@ -1096,10 +1167,30 @@ impl Db {
                 ts_ms,
                 sealed,
                 except,
-                m.idempotency_key
+                m.idempotency_key,
+                reply_to,
+                act_on,
+                act_kind,
+                applied
             ])?;
-        if let Some(tokens) = self.tokens_of(&m.body) {
-            index.push((self.conn.last_insert_rowid(), tokens));
+        let gseq = self.conn.last_insert_rowid();
+        match acts_on {
+            None => {
+                if let Some(tokens) = self.tokens_of(&m.body) {
+                    index.push((gseq, tokens));
+                }
+            }
+            Some(act) if applied => {
+                if let Some((target, tokens)) =
+                    self.apply_act(gseq, &key, &m.from, act, &m.body, ts_ms)?
+                {
+                    index.retain(|(g, _)| *g != target);
+                    if let Some(t) = tokens {
+                        index.push((target, t));
+                    }
+                }
+            }
+            Some(_) => {}
         }
         Ok(m.appended(msg_id, seq as u64, ts_ms, false))
     }
@@ -1121,29 +1212,36 @@ impl Db {
         let before = before
             .map(|b| b.min(i64::MAX as u64) as i64)
             .unwrap_or(i64::MAX);
-        let mut st = self.conn.prepare_cached(
-            "SELECT msg_id, seq, sender, ts_ms, body FROM messages
-             WHERE conv_id = ?1 AND seq < ?2
-               AND (except_list IS NULL OR instr(except_list, ',' || ?3 || ',') = 0)
-             ORDER BY seq DESC LIMIT ?4",
-        )?;
-        let rows = st.query_map(params![conv_id, before, viewer, limit], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Vec<u8>>(4)?,
-            ))
-        })?;
+        // Acts the server applied are in their targets' state, not in history. (End-to-end
+        // conversations' acts are MLS messages of the log, which clients read through it.)
+        let rows: Vec<(String, i64, String, i64, Vec<u8>, chat::ExtraCols)> = {
+            let mut st = self.conn.prepare_cached(&format!(
+                "SELECT msg_id, seq, sender, ts_ms, body, {} FROM messages
+                 WHERE conv_id = ?1 AND seq < ?2 AND act_applied = 0
+                   AND (except_list IS NULL OR instr(except_list, ',' || ?3 || ',') = 0)
+                 ORDER BY seq DESC LIMIT ?4",
+                chat::EXTRA_COLS
+            ))?;
+            st.query_map(params![conv_id, before, viewer, limit], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    chat::ExtraCols::read(r, 5)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?
+        };
         let mut out = Vec::new();
         let mut budget = PageBudget::default();
-        for row in rows {
-            let (msg_id, seq, from, ts_ms, sealed) = row?;
+        for (msg_id, seq, from, ts_ms, sealed, cols) in rows {
             let body = self.open_body(&msg_id, &key, seq, &sealed)?;
             if !budget.admits(&body) {
                 break;
             }
+            let extra = self.extra_of(&msg_id, cols, true)?;
             out.push(Message {
                 msg_id,
                 conv: conv_from_key(&key),
@@ -1151,6 +1249,7 @@ impl Db {
                 seq: seq as u64,
                 ts_ms,
                 body,
+                extra,
             });
         }
         out.reverse();
@@ -1228,9 +1327,12 @@ impl Db {
             .map(|w| format!("\"{}\"", self.search.token_text(w)))
             .collect::<Vec<_>>()
             .join(" AND ");
-        let rows: Vec<(String, i64, String, i64, Vec<u8>, String)> = {
+        /// msg_id, seq, sender, ts_ms, sealed body, conversation key, the chat columns.
+        type SearchRow = (String, i64, String, i64, Vec<u8>, String, chat::ExtraCols);
+        let rows: Vec<SearchRow> = {
             let mut st = self.conn.prepare_cached(
-                "SELECT m.msg_id, m.seq, m.sender, m.ts_ms, m.body, c.key
+                "SELECT m.msg_id, m.seq, m.sender, m.ts_ms, m.body, c.key,
+                        m.reply_to, m.act_on, m.act_kind, m.edited_ms, m.edits, m.deleted, m.reactions
                  FROM search_index f
                  JOIN messages m ON m.gseq = f.rowid
                  JOIN convs c ON c.id = m.conv_id
@@ -1249,6 +1351,7 @@ impl Db {
                         r.get(3)?,
                         r.get(4)?,
                         r.get(5)?,
+                        chat::ExtraCols::read(r, 6)?,
                     ))
                 },
             )?
@@ -1256,7 +1359,7 @@ impl Db {
         };
         let mut out = Vec::new();
         let mut budget = PageBudget::default();
-        for (msg_id, seq, from, ts_ms, sealed, key) in rows {
+        for (msg_id, seq, from, ts_ms, sealed, key, cols) in rows {
             let body = self.open_body(&msg_id, &key, seq, &sealed)?;
             // Truncated tokens can collide; the opened text decides.
             if !body
@@ -1268,6 +1371,7 @@ impl Db {
             if !budget.admits(&body) {
                 break;
             }
+            let extra = self.extra_of(&msg_id, cols, true)?;
             out.push(Message {
                 msg_id,
                 conv: conv_from_key(&key),
@@ -1275,6 +1379,7 @@ impl Db {
                 seq: seq as u64,
                 ts_ms,
                 body,
+                extra,
             });
         }
         Ok(out)
@@ -1630,7 +1735,7 @@ fn run<C>(
         }
         checkpoints.after_op(&db, pending.is_some() || !rx.is_empty());
     }
-    if let Err(e) = db.flush_index() {
+    if let Err(e) = db.optimize_index() {
         tracing::warn!(error = %e, "search index flush at shutdown failed (rebuilt at next start)");
     }
     // Leave a clean database: fold the WAL back into the main file.
@@ -1655,6 +1760,7 @@ mod tests {
             body: Body::text(text),
             except: Vec::new(),
             idempotency_key: idem.map(str::to_string),
+            refs: None,
         }
     }
 

@@ -205,6 +205,7 @@ async fn all_four_kinds_of_addressing() {
             },
             body: Body::text("not for carol"),
             idempotency_key: None,
+            refs: None,
         })
         .await
         .expect("sent");
@@ -220,6 +221,7 @@ async fn all_four_kinds_of_addressing() {
             },
             body: Body::text("just bob"),
             idempotency_key: None,
+            refs: None,
         })
         .await
         .expect("sent");
@@ -237,6 +239,7 @@ async fn all_four_kinds_of_addressing() {
             },
             body: Body::text("bob and carol"),
             idempotency_key: None,
+            refs: None,
         })
         .await
         .expect("sent");
@@ -252,6 +255,7 @@ async fn all_four_kinds_of_addressing() {
             },
             body: Body::text("x"),
             idempotency_key: None,
+            refs: None,
         })
         .await
         .expect_err("unknown");
@@ -604,6 +608,7 @@ async fn pipelined_sends_and_large_writes_are_handled_in_order() {
                 },
                 body: Body::text(format!("burst {i}")),
                 idempotency_key: None,
+                refs: None,
             },
         });
         all.extend_from_slice(&frame_bytes(&body));
@@ -649,6 +654,7 @@ async fn idempotent_retry_is_stored_and_delivered_once() {
         },
         body: Body::text("once"),
         idempotency_key: Some("key-1".into()),
+        refs: None,
     };
     let a = alice.request(send()).await.expect("first");
     let b = alice.request(send()).await.expect("retry");

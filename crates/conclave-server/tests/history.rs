@@ -54,6 +54,7 @@ async fn messages_sent_while_offline_are_delivered_at_the_next_login_once() {
             },
             body: Body::text("dm while away"),
             idempotency_key: None,
+            refs: None,
         })
         .await
         .expect("sent");
@@ -128,6 +129,7 @@ async fn catching_up_while_others_send_loses_and_doubles_nothing() {
                     },
                     body: Body::text(format!("s{i}")),
                     idempotency_key: None,
+                    refs: None,
                 })
                 .await;
             ids.push(id);
@@ -196,6 +198,7 @@ async fn search_finds_only_what_the_caller_may_see() {
             },
             body: Body::text("déploy tonight?"),
             idempotency_key: None,
+            refs: None,
         })
         .await
         .expect("sent");
@@ -276,6 +279,7 @@ async fn no_message_text_is_stored_in_plaintext() {
             },
             body: Body::text(format!("direct {marker}")),
             idempotency_key: None,
+            refs: None,
         })
         .await
         .expect("sent");

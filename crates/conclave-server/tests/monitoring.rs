@@ -296,6 +296,7 @@ async fn metrics_parse_are_present_and_follow_the_traffic() {
             },
             body: Body::text("psst"),
             idempotency_key: None,
+            refs: None,
         })
         .await;
     assert!(r.is_ok(), "{r:?}");
@@ -805,6 +806,7 @@ async fn a_message_flood_alerts_and_bans_the_user_but_chatting_does_not() {
                 },
                 body: Body::text(format!("spam {i}")),
                 idempotency_key: None,
+                refs: None,
             })
             .await;
     }

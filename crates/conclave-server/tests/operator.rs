@@ -1078,6 +1078,7 @@ async fn a_client_that_does_not_read_is_dropped_and_nobody_else_suffers() {
         },
         body,
         idempotency_key: None,
+        refs: None,
     };
     // Binary: not indexed for search, so the store's work is just sealing and committing.
     let big = send(Body {

@@ -226,6 +226,7 @@ async fn read_markers_are_passed_on_survive_a_restart_and_can_be_kept_private() 
             },
             body: Body::text("psst"),
             idempotency_key: None,
+            refs: None,
         })
         .await;
     let Ok(Reply::Sent { seq: dm_seq, .. }) = sent else {
@@ -630,6 +631,7 @@ async fn actions_and_markdown_pass_through_as_content_types_and_are_searchable()
                 },
                 body: Body::text_of_kind(text, kind),
                 idempotency_key: None,
+                refs: None,
             })
             .await;
         assert!(matches!(r, Ok(Reply::Sent { .. })), "{r:?}");

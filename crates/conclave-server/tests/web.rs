@@ -374,6 +374,7 @@ async fn the_web_client_talks_with_a_native_client_through_the_same_protocol() {
             },
             body: Body::text("just you"),
             idempotency_key: None,
+            refs: None,
         })
         .await
         .is_ok()

@@ -14,7 +14,7 @@ use ratatui::crossterm::event::{
     KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEvent, MouseEventKind,
 };
 
-use crate::buffer::{Buffer, ConvKey, Entry, HistoryState, NoticeKind, Presence};
+use crate::buffer::{Buffer, ConvKey, Entry, EntryKind, HistoryState, NoticeKind, Presence};
 use crate::command::{self, BanTarget, COMMANDS, Command, DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE};
 use crate::files::{FileEvent, Transfer};
 use crate::input::LineEditor;
@@ -285,6 +285,8 @@ pub struct App {
     remembered: Vec<Vec<String>>,
     /// Topics, typing, read markers, away, display names, mutes.
     pub chat: crate::chat::ChatState,
+    /// Edited, deleted, reacted and replying lines, per buffer.
+    lines: HashMap<ConvKey, crate::acts::Lines>,
 }
 
 /// A server sentence as the chat says it: the JSON client's command names become this
@@ -347,7 +349,74 @@ impl App {
             e2ee: HashSet::new(),
             remembered: Vec::new(),
             chat: Default::default(),
+            lines: HashMap::new(),
         }
+    }
+
+    /// A message's line in buffer `i`: its reply quote and state (edits, deletion,
+    /// reactions) shown.
+    fn entry_of(&mut self, i: usize, m: &conclave_client::proto::Message, me: &str) -> Entry {
+        let mut entry = Entry::message(m, me);
+        let x = m.extra.as_deref();
+        let reply_to = x.and_then(|x| x.reply_to.as_deref());
+        if reply_to.is_none() && x.and_then(|x| x.state.as_ref()).is_none() {
+            return entry;
+        }
+        let Some(b) = self.buffers.get(i) else {
+            return entry;
+        };
+        let lines = self.lines.entry(b.key.clone()).or_default();
+        let quote = reply_to.map(|r| crate::acts::quote(b, lines, r));
+        let line = crate::acts::line_of(m, &entry.text, quote);
+        entry.text = line.text();
+        lines.insert(m.msg_id.clone(), line);
+        entry
+    }
+
+    /// Edits, deletes or reacts to a message of the current conversation.
+    fn act_on(
+        &mut self,
+        pick: fn(&Entry, &str) -> bool,
+        what: &str,
+        kind: conclave_client::proto::ActKind,
+        content: &str,
+    ) -> Vec<Action> {
+        let me = self.me().to_string();
+        let b = self.current_buffer();
+        let Some(target) = b.key.target(Vec::new()) else {
+            self.error("this is the status buffer: switch to a conversation first");
+            return Vec::new();
+        };
+        let Some(id) = b
+            .entries
+            .iter()
+            .rev()
+            .find(|e| e.msg_id().is_some() && pick(e, &me))
+            .and_then(|e| e.msg_id().map(str::to_string))
+        else {
+            self.error(&format!("there is no {what} here yet"));
+            return Vec::new();
+        };
+        let body = match kind {
+            conclave_client::proto::ActKind::Delete => conclave_client::proto::Body {
+                content_type: conclave_client::proto::chat::CONTENT_TYPE_DELETE.into(),
+                data: Vec::new(),
+            },
+            _ => conclave_client::proto::Body::text(content),
+        };
+        let refs = conclave_client::proto::Refs {
+            reply_to: None,
+            acts_on: Some(conclave_client::proto::ActsOn { msg_id: id, kind }),
+        };
+        vec![self.request(
+            Pending::Done(format!("{} done", kind.as_str())),
+            Request::Send {
+                target,
+                body,
+                idempotency_key: None,
+                refs: Some(Box::new(refs)),
+            },
+        )]
     }
 
     /// The direct conversations open now, in the order of the list.
@@ -1243,6 +1312,7 @@ impl App {
                 target,
                 body: conclave_client::proto::Body::text_of_kind(text, kind),
                 idempotency_key: None,
+                refs: None,
             },
         )]
     }
@@ -1478,6 +1548,59 @@ impl App {
                 });
                 vec![Action::CancelFile { tag, file_id }]
             }
+            Command::Reply { text } => {
+                let me = self.me().to_string();
+                let b = self.current_buffer();
+                let Some(target) = b.key.target(Vec::new()) else {
+                    self.error("this is the status buffer: switch to a conversation first");
+                    return Vec::new();
+                };
+                let Some(id) = b
+                    .entries
+                    .iter()
+                    .rev()
+                    .find(|e| matches!(&e.kind, EntryKind::Message { from, msg_id: Some(_), .. } if *from != me))
+                    .and_then(|e| e.msg_id().map(str::to_string))
+                else {
+                    self.error("there is no message from someone else here to reply to");
+                    return Vec::new();
+                };
+                let refs = conclave_client::proto::Refs {
+                    reply_to: Some(id),
+                    acts_on: None,
+                };
+                vec![self.request(
+                    Pending::Done("reply sent".into()),
+                    Request::Send {
+                        target,
+                        body: conclave_client::proto::Body::text(&text),
+                        idempotency_key: None,
+                        refs: Some(Box::new(refs)),
+                    },
+                )]
+            }
+            Command::Edit { text } => self.act_on(
+                |e, me| matches!(&e.kind, EntryKind::Message { from, .. } if from == me),
+                "message of yours",
+                conclave_client::proto::ActKind::Edit,
+                &text,
+            ),
+            Command::Delete => self.act_on(
+                |e, me| matches!(&e.kind, EntryKind::Message { from, .. } if from == me),
+                "message of yours",
+                conclave_client::proto::ActKind::Delete,
+                "",
+            ),
+            Command::React { emoji, on } => self.act_on(
+                |_, _| true,
+                "message",
+                if on {
+                    conclave_client::proto::ActKind::React
+                } else {
+                    conclave_client::proto::ActKind::Unreact
+                },
+                &emoji,
+            ),
             Command::Members => {
                 self.show_members = !self.show_members;
                 Vec::new()
@@ -1593,9 +1716,17 @@ impl App {
             Event::Message(m) => {
                 let key = ConvKey::from_conv(&m.conv, &me);
                 self.known_users.insert(m.from.clone());
+                if m.extra.as_ref().is_some_and(|x| x.acts_on.is_some()) {
+                    // An act changes the line it names (when loaded); it is no line itself.
+                    if let Some(i) = self.buffers.iter().position(|b| b.key == key) {
+                        let lines = self.lines.entry(key).or_default();
+                        crate::acts::apply(&mut self.buffers[i], lines, &m);
+                    }
+                    return Vec::new();
+                }
                 let new = !self.buffers.iter().any(|b| b.key == key);
                 let i = self.buffer_index(&key);
-                let mut entry = Entry::message(&m, &me);
+                let mut entry = self.entry_of(i, &m, &me);
                 let mention = self.chat_mention(&m, &mut entry);
                 let seen = self.current == i && self.buffers.get(i).is_some_and(|b| b.scroll == 0);
                 self.push_entry(i, entry, true);
@@ -2037,10 +2168,14 @@ impl App {
             }
             (Pending::History { key, asked }, Ok(Reply::Messages(messages))) => {
                 let me = self.me().to_string();
-                let page: Vec<Entry> = messages.iter().map(|m| Entry::message(m, &me)).collect();
                 let Some(i) = self.buffers.iter().position(|b| b.key == key) else {
                     return Vec::new();
                 };
+                let page: Vec<Entry> = messages
+                    .iter()
+                    .filter(|m| m.extra.as_ref().is_none_or(|x| x.acts_on.is_none()))
+                    .map(|m| self.entry_of(i, m, &me))
+                    .collect();
                 let added = self.buffers[i].prepend_history(page);
                 if asked {
                     let text = if self.buffers[i].history == HistoryState::Complete {

@@ -405,6 +405,7 @@ mod tests {
             seq,
             ts_ms: 1_700_000_000_000 + seq as i64,
             body: Body::text(text),
+            extra: None,
         }
     }
 

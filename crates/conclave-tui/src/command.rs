@@ -50,6 +50,11 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "mute", args: "", help: "no bell or title for mentions in this conversation (they are still counted)" },
     CommandSpec { name: "unmute", args: "", help: "mentions in this conversation ring again" },
     CommandSpec { name: "receipts", args: "on|off", help: "show others how far you have read (on, the default), or keep it private" },
+    CommandSpec { name: "reply", args: "text", help: "answer the last message from someone else here (it is quoted)" },
+    CommandSpec { name: "edit", args: "text", help: "replace the text of your last message here" },
+    CommandSpec { name: "delete", args: "", help: "delete your last message here" },
+    CommandSpec { name: "react", args: "emoji", help: "react to the last message here (👍)" },
+    CommandSpec { name: "unreact", args: "emoji", help: "take your reaction to the last message back" },
     CommandSpec { name: "members", args: "", help: "show or hide the members pane (also F2)" },
     CommandSpec { name: "close", args: "", help: "close this direct conversation's buffer" },
     CommandSpec { name: "quit", args: "", help: "leave (also Ctrl-C)" },
@@ -164,6 +169,18 @@ pub enum Command {
     Mute(bool),
     /// True: share read markers.
     ReadReceipts(bool),
+    // everyday chat: replies, edits, deletes, reactions
+    Reply {
+        text: String,
+    },
+    Edit {
+        text: String,
+    },
+    Delete,
+    React {
+        emoji: String,
+        on: bool,
+    },
 }
 
 impl Command {
@@ -254,6 +271,17 @@ pub fn parse(line: &str) -> Result<Command, String> {
     let name = name.to_lowercase();
     let need = |ok: bool| if ok { Ok(()) } else { Err(usage(&name)) };
     let command = match name.as_str() {
+        "reply" => Command::Reply {
+            text: nonempty(rest).ok_or_else(|| usage(&name))?,
+        },
+        "edit" => Command::Edit {
+            text: nonempty(rest).ok_or_else(|| usage(&name))?,
+        },
+        "delete" => Command::Delete,
+        "react" | "unreact" => Command::React {
+            emoji: nonempty(rest).ok_or_else(|| usage(&name))?,
+            on: name == "react",
+        },
         "help" | "h" | "?" => {
             Command::Help(nonempty(rest).map(|s| s.trim_start_matches('/').to_string()))
         }

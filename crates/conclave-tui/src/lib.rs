@@ -18,6 +18,7 @@
 //! Nothing is printed to the terminal but the screen: logs go to `chat.log` in the state
 //! directory, and never hold message text or passwords.
 
+pub mod acts;
 pub mod app;
 pub mod buffer;
 pub mod chat;

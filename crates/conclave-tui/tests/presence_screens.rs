@@ -114,6 +114,7 @@ fn message(seq: u64, conv: Conv, from: &str, body: Body) -> Input {
         seq,
         ts_ms: T0 + seq as i64 * MINUTE,
         body,
+        extra: None,
     })))
 }
 

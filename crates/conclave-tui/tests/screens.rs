@@ -100,6 +100,7 @@ fn message(seq: u64, conv: Conv, from: &str, text: &str, ts_ms: i64) -> Message 
         seq,
         ts_ms,
         body: Body::text(text),
+        extra: None,
     }
 }
 
@@ -372,7 +373,8 @@ fn long_messages_wrap_and_pastes_keep_their_lines() {
 
 #[test]
 fn help() {
-    let mut app = chatting((110, 64));
+    // Tall enough for the whole list (it scrolls otherwise).
+    let mut app = chatting((110, 80));
     type_line(&mut app, "/help");
     assert!(matches!(app.overlay, Overlay::Help { .. }));
     assert_shows(
@@ -382,6 +384,9 @@ fn help() {
             "PgUp / PgDn",
             "/msg user[,user...] text",
             "/votekick user",
+            "/reply text",
+            "/edit text",
+            "/react emoji",
             "/quit",
         ],
     );
@@ -1296,4 +1301,102 @@ fn joining_says_whether_the_room_is_end_to_end() {
         }),
     });
     assert_shows(&app, &["you are in #plain (server-encrypted"]);
+}
+
+/// A live act on the message `target` in #general.
+fn act(
+    seq: u64,
+    from: &str,
+    target: &str,
+    kind: conclave_client::proto::ActKind,
+    text: &str,
+) -> Input {
+    let mut m = message(
+        seq,
+        Conv::Room("general".into()),
+        from,
+        text,
+        T0 + 2 * MINUTE,
+    );
+    m.extra = Some(Box::new(conclave_client::proto::Extra {
+        acts_on: Some(conclave_client::proto::ActsOn {
+            msg_id: target.into(),
+            kind,
+        }),
+        ..Default::default()
+    }));
+    server(Event::Message(m))
+}
+
+#[test]
+fn edits_deletes_reactions_and_replies_change_the_lines() {
+    use conclave_client::proto::ActKind;
+    let mut app = chatting((110, 24));
+    app.update(act(
+        4,
+        "bob",
+        "m-2-bob",
+        ActKind::Edit,
+        "hey alice, the deploy is really done",
+    ));
+    app.update(act(5, "carol", "m-2-bob", ActKind::React, "👍"));
+    assert_shows(&app, &["the deploy is really done (edited)"]);
+    // (An emoji takes two cells on the screen; the line's text has it once.)
+    assert!(
+        app.current_buffer()
+            .entries
+            .iter()
+            .any(|e| e.text == "hey alice, the deploy is really done (edited)  [👍 1]"),
+    );
+    app.update(act(6, "bob", "m-3-carol", ActKind::Delete, ""));
+    assert_shows(&app, &["carol │ (deleted)"]);
+    // A reply quotes the start of what it answers.
+    let mut reply = message(
+        7,
+        Conv::Room("general".into()),
+        "carol",
+        "congrats",
+        T0 + 3 * MINUTE,
+    );
+    reply.extra = Some(Box::new(conclave_client::proto::Extra {
+        reply_to: Some("m-1-bob".into()),
+        ..Default::default()
+    }));
+    app.update(server(Event::Message(reply)));
+    assert_shows(&app, &["↪ bob: morning all │ congrats"]);
+    // The commands send acts on the right messages.
+    let actions = type_line(&mut app, "/react 🎉");
+    let [
+        Action::Request {
+            req:
+                Request::Send {
+                    refs: Some(ref r),
+                    ref body,
+                    ..
+                },
+            ..
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    let a = r.acts_on.as_ref().expect("an act");
+    assert_eq!((a.msg_id.as_str(), a.kind), ("m-7-carol", ActKind::React));
+    assert_eq!(body.as_text(), Some("🎉"));
+    let actions = type_line(&mut app, "/reply thanks");
+    let [
+        Action::Request {
+            req: Request::Send {
+                refs: Some(ref r), ..
+            },
+            ..
+        },
+    ] = actions[..]
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(r.reply_to.as_deref(), Some("m-7-carol"));
+    let actions = type_line(&mut app, "/delete");
+    assert!(actions.is_empty(), "alice has no message here: {actions:?}");
+    assert_shows(&app, &["there is no message of yours here yet"]);
 }

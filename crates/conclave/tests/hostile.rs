@@ -428,6 +428,7 @@ async fn hostile(
                         },
                         body: Body::text(format!("flood {i}")),
                         idempotency_key: None,
+                        refs: None,
                     },
                 };
                 if write_frame(&mut w, &f).await.is_err() {

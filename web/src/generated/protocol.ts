@@ -8,6 +8,14 @@
 
 export const PROTOCOL_VERSION = 1;
 
+export type ActKind =
+  | "Edit"
+  | "Delete"
+  | "React"
+  | "Unreact";
+
+export type ActsOn = { msg_id: string; kind: ActKind };
+
 export type Body = { content_type: string; data: number[] };
 
 export type ClaimedKeyPackage = { user: string; device: string; key_package: number[] };
@@ -87,19 +95,36 @@ export type Event =
   | { FileDeclined: { file_id: string; by: string } }
   | { FileReceived: { file_id: string; by: string; via_p2p: boolean } }
   | { E2eeWelcome: { id: number; device: string; conv: Conv; seq: number; welcome: number[] } }
-  | { FileCancelled: { file_id: string; by: string } };
+  | { FileCancelled: { file_id: string; by: string } }
+  | { Typing: { conv: Conv; user: string } }
+  | { Read: { conv: Conv; user: string; seq: number } }
+  | { Topic: { room: string; topic: string; by: string } }
+  | { Away: { user: string; text: string | null } }
+  | { DisplayName: { user: string; name: string | null } };
+
+export type Extra = { reply_to: string | null; acts_on: ActsOn | null; state: MsgState | null };
 
 export type FileOffer = { file_id: string; from: string; conv: Conv; except: string[]; name: string; size: number; sha256: number[]; chunk_size: number; ts_ms: number; expires_ms: number; relay_ready: boolean; p2p: P2pInvite | null };
 
 export type GroupInfoData = { group_info: number[]; epoch: number; seq: number };
 
-export type Message = { msg_id: string; conv: Conv; from: string; seq: number; ts_ms: number; body: Body };
+export type Message = { msg_id: string; conv: Conv; from: string; seq: number; ts_ms: number; body: Body; extra: Extra | null };
+
+export type MessageInfo = { msg_id: string; conv: Conv; from: string; seq: number; ts_ms: number };
+
+export type MsgState = { edited_ms: number | null; edits: number; deleted: boolean; reactions: Reaction[] };
 
 export type P2pGrant = { user: string; token: number[] };
 
 export type P2pInvite = { addrs: string[]; fingerprint: number[]; token: number[] };
 
 export type P2pOffer = { addrs: string[]; fingerprint: number[] };
+
+export type Reaction = { emoji: string; users: string[] };
+
+export type ReadMarker = { user: string; seq: number; ts_ms: number };
+
+export type Refs = { reply_to: string | null; acts_on: ActsOn | null };
 
 export type Reply =
   | "Ok"
@@ -120,7 +145,9 @@ export type Reply =
   | { E2eeKeyPackages: ClaimedKeyPackage[] }
   | { E2eeGroupInfo: GroupInfoData | null }
   | { E2eeDevices: DeviceInfo[] }
-  | { E2eeConvs: Conv[] };
+  | { E2eeConvs: Conv[] }
+  | { ReadMarkers: ReadMarker[] }
+  | { MessageInfo: MessageInfo };
 
 export type Request =
   | { Login: { user: string; password: string; server_password: string | null; resume: Cursor[] } }
@@ -131,7 +158,7 @@ export type Request =
   | { Invite: { room: string; user: string } }
   | "Rooms"
   | { Who: { room: string | null } }
-  | { Send: { target: Target; body: Body; idempotency_key: string | null } }
+  | { Send: { target: Target; body: Body; idempotency_key: string | null; refs: Refs | null } }
   | { Announce: { text: string } }
   | { History: { conv: ConvRef; limit: number; before: number | null } }
   | { Search: { query: string; room: string | null; limit: number; before: string | null } }
@@ -159,13 +186,22 @@ export type Request =
   | { E2eeWelcomeDone: { id: number } }
   | { E2eeDevices: { user: string } }
   | "E2eeConvs"
-  | { FileCancel: { file_id: string } };
+  | { FileCancel: { file_id: string } }
+  | { Typing: { conv: ConvRef } }
+  | { Read: { conv: ConvRef; seq: number } }
+  | { ReadMarkers: { conv: ConvRef } }
+  | { ShareReads: { share: boolean } }
+  | { SetTopic: { room: string; topic: string } }
+  | { Away: { text: string | null } }
+  | { SetDisplayName: { name: string | null } }
+  | { MessageInfo: { msg_id: string } }
+  | { Thread: { msg_id: string; limit: number; after: number | null } };
 
 export type Result =
   | { Ok: Reply }
   | { Err: ErrorBody };
 
-export type RoomInfo = { room: string; private: boolean; has_password: boolean; members: number; online: number; member: boolean; owner: string | null; e2ee: boolean };
+export type RoomInfo = { room: string; private: boolean; has_password: boolean; members: number; online: number; member: boolean; owner: string | null; e2ee: boolean; topic: string | null };
 
 export type ServerFrame =
   | { Reply: { id: number; result: Result } }
@@ -175,4 +211,4 @@ export type Target =
   | { Room: { room: string; except: string[] } }
   | { Users: { to: string[] } };
 
-export type UserPresence = { user: string; online: boolean; connections: number; admin: boolean };
+export type UserPresence = { user: string; online: boolean; connections: number; admin: boolean; display_name: string | null; away: string | null };

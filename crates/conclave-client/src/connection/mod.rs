@@ -804,8 +804,21 @@ impl Client {
         body: Body,
         idempotency_key: Option<String>,
     ) -> Result<SendReceipt, ClientError> {
+        self.send_with_refs(target, body, idempotency_key, None)
+            .await
+    }
+
+    /// [`Client::send`] of a reply, or of an act on an earlier message (see
+    /// [`conclave_proto::chat`]).
+    pub async fn send_with_refs(
+        &self,
+        target: Target,
+        body: Body,
+        idempotency_key: Option<String>,
+        refs: Option<Box<conclave_proto::Refs>>,
+    ) -> Result<SendReceipt, ClientError> {
         if let Some(done) = self
-            .send_e2ee(&target, &body, idempotency_key.clone())
+            .send_e2ee(&target, &body, idempotency_key.clone(), refs.as_deref())
             .await
         {
             let (seq, msg_id, ts_ms) = done?;
@@ -821,6 +834,7 @@ impl Client {
                 target,
                 body,
                 idempotency_key,
+                refs,
             })
             .await?
         {
@@ -1141,10 +1155,12 @@ pub(crate) fn with_idempotency_key(req: Request) -> Request {
             target,
             body,
             idempotency_key: None,
+            refs,
         } => Request::Send {
             target,
             body,
             idempotency_key: Some(uuid::Uuid::now_v7().to_string()),
+            refs,
         },
         other => other,
     }
@@ -1176,7 +1192,9 @@ fn is_resendable(req: &Request) -> bool {
         | Request::E2eeDevices { .. }
         | Request::E2eeConvs
         | Request::E2eeWelcomeDone { .. }
-        | Request::Ack { .. } => true,
+        | Request::Ack { .. }
+        | Request::MessageInfo { .. }
+        | Request::Thread { .. } => true,
         // Everyday chat, part B: setting the same state twice sets it once (a read marker
         // only moves forward); a typing notice after a reconnect is stale.
         Request::Read { .. }
@@ -1262,11 +1280,13 @@ mod tests {
             },
             body: Body::text("x"),
             idempotency_key: key.map(str::to_string),
+            refs: None,
         };
         let keyed = with_idempotency_key(send(None));
         match &keyed {
             Request::Send {
                 idempotency_key: Some(k),
+                refs: None,
                 ..
             } => assert_eq!(k.len(), 36),
             other => panic!("{other:?}"),

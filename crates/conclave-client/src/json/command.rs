@@ -43,6 +43,12 @@ pub const COMMANDS: &[&str] = &[
     "display_name",
     "unread",
     "mute",
+    // everyday chat: replies, edits, deletes, reactions
+    "edit",
+    "delete",
+    "react",
+    "unreact",
+    "message_info",
 ];
 
 /// A parsed input line.
@@ -81,6 +87,12 @@ pub enum Action {
     Devices { user: Option<String> },
     /// Withdraw a file this client sent (stops a send under way; the server deletes it).
     CancelFile { file_id: String },
+    /// Edit, delete or react to a message by its id (`content`: the new text, the emoji).
+    Act {
+        msg_id: String,
+        kind: conclave_proto::ActKind,
+        content: String,
+    },
     /// Receive an offered file into a directory (the reply comes when it is verified).
     AcceptFile {
         file_id: String,
@@ -261,6 +273,10 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
             });
         }
         "files" => Request::Files,
+        "message_info" => Request::MessageInfo {
+            msg_id: f.req_str("msg_id")?,
+        },
+        "edit" | "delete" | "react" | "unreact" => return parse_act(&cmd, &f),
         other => {
             return Err(format!(
                 "unknown command {other:?}; the commands are: {}",
@@ -351,14 +367,44 @@ fn parse_send(f: &Fields<'_>) -> Result<Request, String> {
             return Err("send takes either \"text\", or \"content_type\" with \"data_hex\"".into());
         }
     };
+    let refs = f.opt_str("reply_to")?.map(|r| {
+        Box::new(conclave_proto::Refs {
+            reply_to: Some(r),
+            acts_on: None,
+        })
+    });
     Ok(Request::Send {
         target,
         body,
         idempotency_key: f.opt_str("idempotency_key")?,
+        refs,
+    })
+}
+
+fn parse_act(cmd: &str, f: &Fields<'_>) -> Result<Action, String> {
+    use conclave_proto::ActKind;
+    let msg_id = f.req_str("msg_id")?;
+    let (kind, content) = match cmd {
+        "edit" => (ActKind::Edit, f.req_str("text")?),
+        "delete" => (ActKind::Delete, String::new()),
+        "react" => (ActKind::React, f.req_str("emoji")?),
+        _ => (ActKind::Unreact, f.req_str("emoji")?),
+    };
+    Ok(Action::Act {
+        msg_id,
+        kind,
+        content,
     })
 }
 
 fn parse_history(f: &Fields<'_>) -> Result<Request, String> {
+    if let Some(root) = f.opt_str("thread")? {
+        return Ok(Request::Thread {
+            msg_id: root,
+            limit: limit_field(f)?,
+            after: f.opt_u64("after")?,
+        });
+    }
     let conv = match (f.opt_str("room")?, f.opt_names("with")?) {
         (Some(_), Some(_)) => return Err("history takes \"room\" or \"with\", not both".into()),
         (None, None) => {
@@ -533,7 +579,8 @@ mod tests {
                     except: vec![]
                 },
                 body: Body::text("hi"),
-                idempotency_key: None
+                idempotency_key: None,
+                refs: None,
             }
         );
         assert_eq!(
@@ -544,7 +591,8 @@ mod tests {
                     except: vec!["carol".into()]
                 },
                 body: Body::text("hi"),
-                idempotency_key: None
+                idempotency_key: None,
+                refs: None,
             }
         );
         assert_eq!(
@@ -554,7 +602,8 @@ mod tests {
                     to: vec!["bob".into(), "carol".into()]
                 },
                 body: Body::text("hi"),
-                idempotency_key: Some("k".into())
+                idempotency_key: Some("k".into()),
+                refs: None,
             }
         );
         assert_eq!(
@@ -569,7 +618,8 @@ mod tests {
                     content_type: "application/x-e2e".into(),
                     data: vec![0, 255]
                 },
-                idempotency_key: None
+                idempotency_key: None,
+                refs: None,
             }
         );
         for line in [

@@ -15,6 +15,7 @@
 //! side buffering without limit.
 
 pub mod attention;
+pub mod chat;
 pub mod command;
 pub mod render;
 
@@ -372,6 +373,24 @@ impl Driver {
                     let mut m = Map::new();
                     m.insert("room".into(), room.into());
                     m.insert("e2ee".into(), e2ee.into());
+                    Ok(m)
+                })
+                .await;
+                return None;
+            }
+            Action::Act {
+                msg_id,
+                kind,
+                content,
+            } => {
+                // In order with the sends around it (an edit right after its message).
+                let client = self.client.clone();
+                self.spawn_ordered(id, async move {
+                    let r = client.act(&msg_id, kind, &content).await?;
+                    let mut m = Map::new();
+                    m.insert("msg_id".into(), msg_id.into());
+                    m.insert("act_id".into(), r.msg_id.into());
+                    m.insert("seq".into(), r.seq.into());
                     Ok(m)
                 })
                 .await;

@@ -9,10 +9,49 @@ use serde_json::{Map, Value, json};
 use crate::connection::{ClientEvent, Session};
 use crate::error::ClientError;
 
-/// A message, as in the `message` event and in `history` replies.
+/// A message, as in the `message` event and in `history` replies. An edit, delete or
+/// reaction is its own event (`edited`, `deleted`, `reaction`), naming the message it acts on.
 pub fn message(m: &Message) -> Value {
+    if let Some(act) = m.extra.as_ref().and_then(|x| x.acts_on.as_ref()) {
+        return crate::json::chat::act(m, act);
+    }
     let mut out = Map::new();
     out.insert("event".into(), json!("message"));
+    conv_fields_into(&mut out, m);
+    let state = m.extra.as_ref().and_then(|x| x.state.as_ref());
+    if state.is_some_and(|s| s.deleted) {
+        out.insert("deleted".into(), json!(true));
+    } else {
+        match m.body.as_text() {
+            Some(text) => {
+                out.insert("text".into(), json!(text));
+                // Plain text keeps the shape it always had; the rest say how to show it.
+                if let Some(kind) = m.body.text_kind() {
+                    if kind.markdown {
+                        out.insert("format".into(), json!("markdown"));
+                    }
+                    if kind.action {
+                        out.insert("action".into(), json!(true));
+                    }
+                }
+            }
+            None => {
+                out.insert("content_type".into(), json!(m.body.content_type));
+                out.insert("data_hex".into(), json!(hex::encode(&m.body.data)));
+            }
+        }
+    }
+    out.insert("msg_id".into(), json!(m.msg_id));
+    out.insert("seq".into(), json!(m.seq));
+    out.insert("ts".into(), json!(m.ts_ms));
+    if let Some(x) = &m.extra {
+        crate::json::chat::extra_into(&mut out, x);
+    }
+    Value::Object(out)
+}
+
+/// The conversation and sender of a message: `room` or `to`, and `from`.
+pub(crate) fn conv_fields_into(out: &mut Map<String, Value>, m: &Message) {
     match &m.conv {
         Conv::Room(room) => {
             out.insert("room".into(), json!(room));
@@ -22,28 +61,6 @@ pub fn message(m: &Message) -> Value {
         }
     }
     out.insert("from".into(), json!(m.from));
-    match m.body.as_text() {
-        Some(text) => {
-            out.insert("text".into(), json!(text));
-            // Plain text keeps the shape it always had; the rest say how to show it.
-            if let Some(kind) = m.body.text_kind() {
-                if kind.markdown {
-                    out.insert("format".into(), json!("markdown"));
-                }
-                if kind.action {
-                    out.insert("action".into(), json!(true));
-                }
-            }
-        }
-        None => {
-            out.insert("content_type".into(), json!(m.body.content_type));
-            out.insert("data_hex".into(), json!(hex::encode(&m.body.data)));
-        }
-    }
-    out.insert("msg_id".into(), json!(m.msg_id));
-    out.insert("seq".into(), json!(m.seq));
-    out.insert("ts".into(), json!(m.ts_ms));
-    Value::Object(out)
 }
 
 /// The participants of a direct conversation other than the sender, sorted; a note to
@@ -458,6 +475,7 @@ fn reply_fields(reply: &Reply) -> Map<String, Value> {
         Reply::ReadMarkers(markers) => json!({"markers": markers.iter().map(|m| json!({
             "user": m.user, "seq": m.seq, "ts": m.ts_ms
         })).collect::<Vec<_>>()}),
+        Reply::MessageInfo(info) => crate::json::chat::message_info(info),
     };
     match value {
         Value::Object(map) => map,
@@ -511,6 +529,7 @@ mod tests {
             seq: 7,
             ts_ms: 1_700_000_000_123,
             body,
+            extra: None,
         }
     }
 

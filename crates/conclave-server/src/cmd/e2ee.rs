@@ -475,6 +475,7 @@ async fn append(
             body,
             except: Vec::new(),
             idempotency_key: None,
+            refs: None,
         },
         ctx: SendCtx {
             origin,

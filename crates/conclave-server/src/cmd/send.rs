@@ -18,6 +18,7 @@ pub async fn send(
     target: Target,
     body: Body,
     idempotency_key: Option<String>,
+    refs: Option<Box<conclave_proto::Refs>>,
 ) -> Result<(), ErrorBody> {
     if idempotency_key
         .as_ref()
@@ -35,7 +36,17 @@ pub async fn send(
         learn_users(conn, &target).await;
         checked = conn.shared.hub.lock().check_send(user, &target, size);
     }
-    let checked = checked?;
+    let mut checked = checked?;
+    let mut body = body;
+    if let Some(r) = &refs {
+        let c = super::chat::check(conn, user, &checked.conv, &body, r).await?;
+        if let Some(except) = c.except {
+            checked.except = except;
+        }
+        if let Some(b) = c.body {
+            body = b;
+        }
+    }
     // The permit first: the group's lock (end-to-end conversations) is held only from the
     // check until the message is queued, never while this connection waits for its own sends.
     let permit = conn
@@ -52,6 +63,7 @@ pub async fn send(
             body,
             except: checked.except,
             idempotency_key,
+            refs,
         },
         ctx: SendCtx {
             origin: conn.sid,

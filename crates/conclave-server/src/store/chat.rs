@@ -10,10 +10,24 @@
 //! A topic is sealed with the data key like a message body (it is text people write; it may
 //! say more than a room name). Display names are account metadata, stored like account
 //! names; read markers are numbers.
+//!
+//! Replies, edits, deletes and reactions in the store.
+//!
+//! An act (edit, delete, reaction) is stored as a message of its own, so catch-up delivers it
+//! in order like any message. In a server-encrypted conversation the store also applies it
+//! to its target in the same transaction: an edit reseals the target's body with the new text
+//! and replaces its search tokens, a delete replaces the body with nothing and drops its
+//! tokens, a reaction updates the target's sealed reaction list. Text an act made obsolete is
+//! removed too: an edit empties the earlier edits of the same message, a delete empties every
+//! act on it. With `secure_delete` on, SQLite overwrites what it frees, so none of the old
+//! ciphertext or tokens stays in the file. In an end-to-end conversation the bodies are MLS
+//! ciphertext: the store keeps the reference (for the rules) and applies nothing.
 
+use conclave_proto::chat::{ActKind, ActsOn, Extra, MsgState, Reaction, Refs, apply_reaction};
+use conclave_proto::{Body, Conv, Message};
 use rusqlite::{OptionalExtension, params};
 
-use super::{Db, StoreError};
+use super::{Db, StoreError, conv_from_key, seal_ad};
 
 pub(super) const CHAT_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS room_topics (
@@ -194,5 +208,429 @@ impl Db {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// Schema version 4 adds these columns and indexes.
+pub(super) const ACTS_SCHEMA: &str = "
+ALTER TABLE messages ADD COLUMN reply_to TEXT;
+ALTER TABLE messages ADD COLUMN act_on TEXT;
+ALTER TABLE messages ADD COLUMN act_kind INTEGER;
+ALTER TABLE messages ADD COLUMN act_applied INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN edited_ms INTEGER;
+ALTER TABLE messages ADD COLUMN edits INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN reactions BLOB;
+CREATE INDEX messages_act_on ON messages(act_on) WHERE act_on IS NOT NULL;
+CREATE INDEX messages_reply_to ON messages(reply_to) WHERE reply_to IS NOT NULL;
+";
+
+/// How often at most the search index is merged to drop the tokens of edited and deleted
+/// messages for good (an FTS5 delete leaves the old entry in its segment until a merge).
+pub const INDEX_OPTIMIZE_EVERY_MS: i64 = 2_000;
+
+pub(super) fn kind_code(k: ActKind) -> i64 {
+    match k {
+        ActKind::Edit => 1,
+        ActKind::Delete => 2,
+        ActKind::React => 3,
+        ActKind::Unreact => 4,
+    }
+}
+
+fn kind_of(code: i64) -> Option<ActKind> {
+    Some(match code {
+        1 => ActKind::Edit,
+        2 => ActKind::Delete,
+        3 => ActKind::React,
+        4 => ActKind::Unreact,
+        _ => return None,
+    })
+}
+
+fn reactions_ad(msg_id: &str) -> Vec<u8> {
+    format!("conclave-reactions-v1|{msg_id}").into_bytes()
+}
+
+/// Whether a body is an end-to-end (MLS) payload, which the server cannot apply.
+pub(super) fn is_mls(body: &Body) -> bool {
+    body.content_type.starts_with("application/mls-")
+}
+
+/// What the rules need to know of a message someone acts on or replies to.
+#[derive(Debug, Clone)]
+pub struct TargetRow {
+    pub msg_id: String,
+    pub conv: Conv,
+    pub from: String,
+    pub seq: u64,
+    pub ts_ms: i64,
+    /// Room members the message was not for (blockcast).
+    pub except: Vec<String>,
+    /// The message is itself an act (one cannot edit or react to an edit).
+    pub is_act: bool,
+    pub deleted: bool,
+    pub edits: u32,
+    /// Reactions on it: (emoji, user) pairs (server-encrypted conversations), or reactions
+    /// minus their withdrawals (end-to-end, where the server sees only the kind of act).
+    pub reactions: usize,
+}
+
+/// The columns of a stored row that become a message's [`Extra`].
+pub(super) struct ExtraCols {
+    pub reply_to: Option<String>,
+    pub act_on: Option<String>,
+    pub act_kind: Option<i64>,
+    pub edited_ms: Option<i64>,
+    pub edits: i64,
+    pub deleted: bool,
+    pub reactions: Option<Vec<u8>>,
+}
+
+/// The select list for [`ExtraCols`], in order.
+pub(super) const EXTRA_COLS: &str =
+    "reply_to, act_on, act_kind, edited_ms, edits, deleted, reactions";
+
+impl ExtraCols {
+    /// Reads the [`EXTRA_COLS`] starting at column `i`.
+    pub fn read(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<ExtraCols> {
+        Ok(ExtraCols {
+            reply_to: r.get(i)?,
+            act_on: r.get(i + 1)?,
+            act_kind: r.get(i + 2)?,
+            edited_ms: r.get(i + 3)?,
+            edits: r.get(i + 4)?,
+            deleted: r.get::<_, i64>(i + 5)? != 0,
+            reactions: r.get(i + 6)?,
+        })
+    }
+}
+
+impl Db {
+    /// The message `msg_id` as the rules need it, if it exists and `viewer` was not left out
+    /// of it (blockcast). Whether `viewer` belongs to its conversation is the caller's check.
+    pub fn target(&mut self, msg_id: &str, viewer: &str) -> Result<Option<TargetRow>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT m.gseq, m.seq, m.sender, m.ts_ms, m.except_list, m.act_on, m.deleted,
+                        m.edits, m.reactions, c.key
+                 FROM messages m JOIN convs c ON c.id = m.conv_id WHERE m.msg_id = ?1",
+            )?
+            .query_row([msg_id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, i64>(6)? != 0,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, Option<Vec<u8>>>(8)?,
+                    r.get::<_, String>(9)?,
+                ))
+            })
+            .optional()?;
+        let Some((_gseq, seq, from, ts_ms, except, act_on, deleted, edits, sealed, key)) = row
+        else {
+            return Ok(None);
+        };
+        let except: Vec<String> = except
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if except.iter().any(|e| e == viewer) {
+            return Ok(None);
+        }
+        let reactions = match sealed {
+            Some(s) => conclave_proto::chat::reaction_count(&self.open_reactions(msg_id, &s)?),
+            None => {
+                // End-to-end: count the acts the server saw.
+                let n: i64 = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT coalesce(sum(CASE act_kind WHEN 3 THEN 1 WHEN 4 THEN -1 ELSE 0 END), 0)
+                         FROM messages WHERE act_on = ?1 AND act_applied = 0",
+                    )?
+                    .query_row([msg_id], |r| r.get(0))?;
+                n.max(0) as usize
+            }
+        };
+        Ok(Some(TargetRow {
+            msg_id: msg_id.to_string(),
+            conv: conv_from_key(&key),
+            from,
+            seq: seq as u64,
+            ts_ms,
+            except,
+            is_act: act_on.is_some(),
+            deleted,
+            edits: edits.max(0) as u32,
+            reactions,
+        }))
+    }
+
+    fn open_reactions(&self, msg_id: &str, sealed: &[u8]) -> Result<Vec<Reaction>, StoreError> {
+        let plain = self
+            .key
+            .open(&reactions_ad(msg_id), sealed)
+            .map_err(|_| StoreError::Corrupt)?;
+        let list: Vec<(String, Vec<String>)> =
+            postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)?;
+        Ok(list
+            .into_iter()
+            .map(|(emoji, users)| Reaction { emoji, users })
+            .collect())
+    }
+
+    fn seal_reactions(&self, msg_id: &str, reactions: &[Reaction]) -> Vec<u8> {
+        let list: Vec<(&str, &[String])> = reactions
+            .iter()
+            .map(|r| (r.emoji.as_str(), r.users.as_slice()))
+            .collect();
+        let plain = postcard::to_stdvec(&list).unwrap_or_default();
+        self.key.seal(&reactions_ad(msg_id), &plain)
+    }
+
+    /// The [`Extra`] of a stored row; `with_state` for history (the message's current state).
+    pub(super) fn extra_of(
+        &self,
+        msg_id: &str,
+        cols: ExtraCols,
+        with_state: bool,
+    ) -> Result<Option<Box<Extra>>, StoreError> {
+        let acts_on = match (cols.act_on, cols.act_kind.and_then(kind_of)) {
+            (Some(id), Some(kind)) => Some(ActsOn { msg_id: id, kind }),
+            _ => None,
+        };
+        let state = if with_state && (cols.edits > 0 || cols.deleted || cols.reactions.is_some()) {
+            let reactions = match &cols.reactions {
+                Some(s) if !cols.deleted => self.open_reactions(msg_id, s)?,
+                _ => Vec::new(),
+            };
+            Some(MsgState {
+                edited_ms: cols.edited_ms,
+                edits: cols.edits.max(0) as u32,
+                deleted: cols.deleted,
+                reactions,
+            })
+        } else {
+            None
+        };
+        if cols.reply_to.is_none() && acts_on.is_none() && state.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(Extra {
+            reply_to: cols.reply_to,
+            acts_on,
+            state,
+        })))
+    }
+
+    /// Applies an act stored at `act_gseq` (same transaction) to its target in a
+    /// server-encrypted conversation. A target that is gone or deleted meanwhile is left
+    /// alone. Returns the target's global sequence and new search tokens when its text changed.
+    pub(super) fn apply_act(
+        &mut self,
+        act_gseq: i64,
+        conv_key: &str,
+        from: &str,
+        act: &ActsOn,
+        body: &Body,
+        ts_ms: i64,
+    ) -> Result<Option<(i64, Option<String>)>, StoreError> {
+        let target = self
+            .conn
+            .prepare_cached(
+                "SELECT m.gseq, m.seq, m.deleted, m.reactions FROM messages m
+                 JOIN convs c ON c.id = m.conv_id
+                 WHERE m.msg_id = ?1 AND c.key = ?2 AND m.act_on IS NULL",
+            )?
+            .query_row(params![act.msg_id, conv_key], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)? != 0,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                ))
+            })
+            .optional()?;
+        let Some((gseq, seq, deleted, sealed_reactions)) = target else {
+            return Ok(None);
+        };
+        if deleted {
+            return Ok(None);
+        }
+        let ad = seal_ad(&act.msg_id, conv_key, seq as u64);
+        match act.kind {
+            ActKind::Edit => {
+                let plain = postcard::to_stdvec(body).unwrap_or_default();
+                let sealed = self.key.seal(&ad, &plain);
+                self.conn
+                    .prepare_cached(
+                        "UPDATE messages SET body = ?2, edited_ms = ?3, edits = edits + 1
+                         WHERE gseq = ?1",
+                    )?
+                    .execute(params![gseq, sealed, ts_ms])?;
+                // The earlier edits' text is obsolete: empty their bodies.
+                self.empty_acts(&act.msg_id, conv_key, Some(act_gseq), Some(1))?;
+                self.drop_tokens(gseq)?;
+                Ok(Some((gseq, self.tokens_of(body))))
+            }
+            ActKind::Delete => {
+                let plain = postcard::to_stdvec(&Body::text("")).unwrap_or_default();
+                let sealed = self.key.seal(&ad, &plain);
+                self.conn
+                    .prepare_cached(
+                        "UPDATE messages SET body = ?2, deleted = 1, reactions = NULL
+                         WHERE gseq = ?1",
+                    )?
+                    .execute(params![gseq, sealed])?;
+                self.empty_acts(&act.msg_id, conv_key, Some(act_gseq), None)?;
+                self.drop_tokens(gseq)?;
+                Ok(Some((gseq, None)))
+            }
+            ActKind::React | ActKind::Unreact => {
+                let Some(emoji) = body.as_text() else {
+                    return Ok(None);
+                };
+                let mut list = match &sealed_reactions {
+                    Some(s) => self.open_reactions(&act.msg_id, s)?,
+                    None => Vec::new(),
+                };
+                if apply_reaction(&mut list, emoji, from, act.kind == ActKind::React) {
+                    let sealed = if list.is_empty() {
+                        None
+                    } else {
+                        Some(self.seal_reactions(&act.msg_id, &list))
+                    };
+                    self.conn
+                        .prepare_cached("UPDATE messages SET reactions = ?2 WHERE gseq = ?1")?
+                        .execute(params![gseq, sealed])?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Empties the bodies of the acts on `target` (of `kind` only, when given), except the
+    /// one at `keep`.
+    fn empty_acts(
+        &mut self,
+        target: &str,
+        conv_key: &str,
+        keep: Option<i64>,
+        kind: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let rows: Vec<(i64, String, i64)> = {
+            let mut st = self.conn.prepare_cached(
+                "SELECT gseq, msg_id, seq FROM messages
+                 WHERE act_on = ?1 AND act_applied = 1 AND (?2 IS NULL OR act_kind = ?2)",
+            )?;
+            st.query_map(params![target, kind], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        let empty = postcard::to_stdvec(&Body::text("")).unwrap_or_default();
+        for (gseq, msg_id, seq) in rows {
+            if Some(gseq) == keep && kind.is_some() {
+                continue;
+            }
+            let sealed = self
+                .key
+                .seal(&seal_ad(&msg_id, conv_key, seq as u64), &empty);
+            self.conn
+                .prepare_cached("UPDATE messages SET body = ?2 WHERE gseq = ?1")?
+                .execute(params![gseq, sealed])?;
+        }
+        Ok(())
+    }
+
+    /// Removes a message's search tokens, written or waiting.
+    fn drop_tokens(&mut self, gseq: i64) -> Result<(), StoreError> {
+        self.pending_index.retain(|(g, _)| *g != gseq);
+        let n = self
+            .conn
+            .prepare_cached("DELETE FROM search_index WHERE rowid = ?1")?
+            .execute([gseq])?;
+        if n > 0 {
+            self.index_removed = true;
+        }
+        Ok(())
+    }
+
+    /// A thread: the message `root` and then its replies (oldest first, after `after`, at
+    /// most `limit`), with their current state. `None` when `root` does not exist or was not
+    /// for `viewer`.
+    pub fn thread(
+        &mut self,
+        root: &str,
+        viewer: &str,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Option<Vec<Message>>, StoreError> {
+        let Some(t) = self.target(root, viewer)? else {
+            return Ok(None);
+        };
+        let key = super::conv_key(&t.conv);
+        let mut out = Vec::new();
+        let sql = format!(
+            "SELECT msg_id, seq, sender, ts_ms, body, {EXTRA_COLS} FROM messages
+             WHERE (msg_id = ?1 OR (reply_to = ?1 AND seq > ?2))
+               AND act_on IS NULL
+               AND (except_list IS NULL OR instr(except_list, ',' || ?3 || ',') = 0)
+             ORDER BY seq LIMIT ?4"
+        );
+        let after = after.map(|a| a.min(i64::MAX as u64) as i64).unwrap_or(0);
+        let rows: Vec<(String, i64, String, i64, Vec<u8>, ExtraCols)> = {
+            let mut st = self.conn.prepare_cached(&sql)?;
+            st.query_map(params![root, after, viewer, i64::from(limit) + 1], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    ExtraCols::read(r, 5)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        let mut bytes = 0usize;
+        for (msg_id, seq, from, ts_ms, sealed, cols) in rows {
+            let body = self.open_body(&msg_id, &key, seq, &sealed)?;
+            bytes += body.data.len() + super::MESSAGE_OVERHEAD_BYTES;
+            if !out.is_empty() && bytes > conclave_proto::MAX_PAGE_BYTES {
+                break;
+            }
+            let extra = self.extra_of(&msg_id, cols, true)?;
+            out.push(Message {
+                msg_id,
+                conv: t.conv.clone(),
+                from,
+                seq: seq as u64,
+                ts_ms,
+                body,
+                extra,
+            });
+        }
+        Ok(Some(out))
+    }
+}
+
+/// The refs a stored act or reply carries, for the insert.
+pub(super) fn columns(refs: Option<&Refs>) -> (Option<&str>, Option<&str>, Option<i64>) {
+    match refs {
+        None => (None, None, None),
+        Some(r) => (
+            r.reply_to.as_deref(),
+            r.acts_on.as_ref().map(|a| a.msg_id.as_str()),
+            r.acts_on.as_ref().map(|a| kind_code(a.kind)),
+        ),
     }
 }

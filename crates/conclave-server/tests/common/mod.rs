@@ -363,6 +363,7 @@ impl Raw {
             },
             body: Body::text(text),
             idempotency_key: None,
+            refs: None,
         })
         .await
     }

@@ -1,0 +1,325 @@
+//! Edits, deletes, reactions and replies in an end-to-end room, with the real server and real
+//! clients: they are MLS application messages, members apply them to their own history, the
+//! server checks the rules from the reference alone, and a removed member gets none of them.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{TestServer, add_users};
+use conclave_client::e2ee::E2eeNotice;
+use conclave_client::proto::{ActKind, Conv, ConvRef, ErrorCode, Event, Message, Request};
+use conclave_client::{Client, ClientError, ClientEvent, Events};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn connect(srv: &TestServer, user: &str, state: &Path) -> (Client, Events) {
+    let opts = common::options(srv, user, state, WAIT);
+    let (client, events, _) = tokio::time::timeout(WAIT, Client::connect(opts))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let events = client
+        .enable_e2ee(events, state, common::PASSWORD)
+        .await
+        .expect("e2ee on");
+    (client, events)
+}
+
+/// The next message event in room `room` (bounded).
+async fn next_in(events: &mut Events, room: &str) -> Message {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.recv().await.expect("events go on") {
+                ClientEvent::Server(Event::Message(m))
+                    if matches!(&m.conv, Conv::Room(r) if r == room) =>
+                {
+                    return m;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a message in time")
+}
+
+fn act_of(m: &Message) -> Option<(String, ActKind)> {
+    m.extra
+        .as_ref()
+        .and_then(|x| x.acts_on.as_ref())
+        .map(|a| (a.msg_id.clone(), a.kind))
+}
+
+async fn local(c: &Client, room: &str) -> Vec<Message> {
+    c.history(ConvRef::Room(room.into()), 50, None)
+        .await
+        .expect("history")
+}
+
+fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("dir").flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob", "carol"]);
+    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let states: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, mut a_ev) = connect(&srv, "alice", states[0].path()).await;
+    let (bob, mut b_ev) = connect(&srv, "bob", states[1].path()).await;
+    let (carol, mut c_ev) = connect(&srv, "carol", states[2].path()).await;
+    alice
+        .create_room_e2ee("lab", false, None)
+        .await
+        .expect("create");
+    bob.join("lab", None).await.expect("bob joins");
+    carol.join("lab", None).await.expect("carol joins");
+
+    let old = "typo-in-the-plan-zq1";
+    let sent = alice.send_to_room("lab", old, &[]).await.expect("send");
+    assert_eq!(next_in(&mut b_ev, "lab").await.msg_id, sent.msg_id);
+    assert_eq!(next_in(&mut c_ev, "lab").await.msg_id, sent.msg_id);
+
+    // Only the author edits: the server refuses from the reference alone.
+    match bob.edit(&sent.msg_id, "bob's version").await {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::Forbidden),
+        other => panic!("{other:?}"),
+    }
+    let new = "the-plan-fixed-zq2";
+    alice.edit(&sent.msg_id, new).await.expect("edit");
+    for ev in [&mut b_ev, &mut c_ev] {
+        let m = next_in(ev, "lab").await;
+        assert_eq!(act_of(&m), Some((sent.msg_id.clone(), ActKind::Edit)));
+        assert_eq!(m.body.as_text(), Some(new));
+    }
+    // The server saw only ciphertext: neither text is in its files.
+    for needle in [old, new] {
+        assert!(
+            grep_dir(dir.path(), needle.as_bytes()).is_empty(),
+            "{needle} on the server"
+        );
+    }
+    // A reply and a reaction.
+    let answer = bob.reply(&sent.msg_id, "agreed").await.expect("reply");
+    let m = next_in(&mut a_ev, "lab").await;
+    assert_eq!(
+        m.extra.as_ref().and_then(|x| x.reply_to.clone()),
+        Some(sent.msg_id.clone())
+    );
+    bob.react(&sent.msg_id, "👍", true).await.expect("react");
+    assert_eq!(
+        act_of(&next_in(&mut a_ev, "lab").await),
+        Some((sent.msg_id.clone(), ActKind::React))
+    );
+    // Carol got both too, before her removal below.
+    assert_eq!(next_in(&mut c_ev, "lab").await.msg_id, answer.msg_id);
+    assert_eq!(
+        act_of(&next_in(&mut c_ev, "lab").await),
+        Some((sent.msg_id.clone(), ActKind::React))
+    );
+    // Each member's local history holds the current state, the edit applied.
+    for c in [&alice, &carol] {
+        let h = local(c, "lab").await;
+        let m = h
+            .iter()
+            .find(|m| m.msg_id == sent.msg_id)
+            .expect("in history");
+        assert_eq!(m.body.as_text(), Some(new));
+        let st = m
+            .extra
+            .as_ref()
+            .and_then(|x| x.state.clone())
+            .expect("state");
+        assert_eq!(st.edits, 1);
+        assert_eq!(st.reactions[0].users, vec!["bob".to_string()]);
+        assert!(
+            h.iter().all(|m| act_of(m).is_none()),
+            "acts are not history items"
+        );
+        let r = h
+            .iter()
+            .find(|m| m.msg_id == answer.msg_id)
+            .expect("reply kept");
+        assert_eq!(
+            r.extra.as_ref().and_then(|x| x.reply_to.clone()),
+            Some(sent.msg_id.clone())
+        );
+    }
+
+    // Carol is removed; what follows reaches the others, never her.
+    alice
+        .request(Request::Kick {
+            room: Some("lab".into()),
+            user: "carol".into(),
+            reason: None,
+        })
+        .await
+        .expect("kick");
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(ClientEvent::E2ee(E2eeNotice::Members { removed, .. })) = b_ev.recv().await
+                && removed.iter().any(|r| r.starts_with("carol/"))
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("carol removed in time");
+    alice.delete(&sent.msg_id).await.expect("delete");
+    let m = next_in(&mut b_ev, "lab").await;
+    assert_eq!(act_of(&m), Some((sent.msg_id.clone(), ActKind::Delete)));
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(e) = c_ev.recv().await {
+            if let ClientEvent::Server(Event::Message(m)) = &e {
+                assert!(act_of(m).is_none(), "a removed member got {m:?}");
+            }
+        }
+    })
+    .await;
+    // Deleted on the members' devices: no text left in their local history.
+    for c in [&alice, &bob] {
+        let h = local(c, "lab").await;
+        let m = h
+            .iter()
+            .find(|m| m.msg_id == sent.msg_id)
+            .expect("still listed");
+        assert!(m.body.data.is_empty());
+        assert!(
+            m.extra
+                .as_ref()
+                .and_then(|x| x.state.as_ref())
+                .is_some_and(|s| s.deleted)
+        );
+    }
+    drop((alice, bob, carol));
+    srv.stop(WAIT).await;
+}
+
+/// Through the test kit's relay (5 ms one way with jitter), a member sees each message before
+/// its edit and reaction, in a server-encrypted and in an end-to-end room, and ends with the
+/// same history as the author.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_relay_every_act_comes_after_its_message() {
+    use common::relay::{Relay, RelayConfig};
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob"]);
+    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let relay = Relay::start(srv.addr, RelayConfig::delay_ms(5.0, 0x20a));
+    let states: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, _a_ev) = connect(&srv, "alice", states[0].path()).await;
+    let mut opts = common::options(&srv, "bob", states[1].path(), WAIT);
+    opts.server = relay.addr().to_string();
+    let (bob, b_ev, _) = tokio::time::timeout(WAIT, Client::connect(opts))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let mut b_ev = bob
+        .enable_e2ee(b_ev, states[1].path(), common::PASSWORD)
+        .await
+        .expect("e2ee on");
+    alice
+        .create_room("plain", false, None)
+        .await
+        .expect("plain room");
+    alice
+        .create_room_e2ee("sealed", false, None)
+        .await
+        .expect("e2ee room");
+    for room in ["plain", "sealed"] {
+        bob.join(room, None).await.expect("join");
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let sent = alice
+                .send_to_room(room, &format!("draft {i}"), &[])
+                .await
+                .expect("send");
+            alice
+                .edit(&sent.msg_id, &format!("final {i}"))
+                .await
+                .expect("edit");
+            alice.react(&sent.msg_id, "✅", true).await.expect("react");
+            ids.push(sent.msg_id);
+        }
+        let mut seen: Vec<String> = Vec::new();
+        for _ in 0..15 {
+            let m = next_in(&mut b_ev, room).await;
+            match act_of(&m) {
+                None => seen.push(format!("msg {}", m.msg_id)),
+                Some((target, ActKind::Edit)) => {
+                    assert!(
+                        seen.contains(&format!("msg {target}")),
+                        "{room}: edit before its message"
+                    );
+                    seen.push(format!("edit {target}"));
+                }
+                Some((target, _)) => {
+                    assert!(
+                        seen.contains(&format!("edit {target}")),
+                        "{room}: reaction before the edit"
+                    );
+                    seen.push(format!("react {target}"));
+                }
+            }
+        }
+        let expected: Vec<String> = ids
+            .iter()
+            .flat_map(|id| {
+                [
+                    format!("msg {id}"),
+                    format!("edit {id}"),
+                    format!("react {id}"),
+                ]
+            })
+            .collect();
+        assert_eq!(seen, expected, "{room}");
+        let theirs = local(&bob, room).await;
+        let mine = local(&alice, room).await;
+        let view = |h: &[Message]| -> Vec<(String, Option<String>, usize)> {
+            h.iter()
+                .filter(|m| ids.contains(&m.msg_id))
+                .map(|m| {
+                    (
+                        m.msg_id.clone(),
+                        m.body.as_text().map(str::to_string),
+                        m.extra
+                            .as_ref()
+                            .and_then(|x| x.state.as_ref())
+                            .map_or(0, |s| s.reactions.len()),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(view(&theirs), view(&mine), "{room}");
+        assert_eq!(view(&mine).len(), 5, "{room}");
+        assert!(
+            view(&mine)
+                .iter()
+                .all(|(_, t, r)| t.as_deref().is_some_and(|t| t.starts_with("final")) && *r == 1)
+        );
+    }
+    drop((alice, bob));
+    srv.stop(WAIT).await;
+}
