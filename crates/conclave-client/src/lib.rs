@@ -38,6 +38,7 @@
 mod address;
 mod connection;
 pub mod cursor;
+pub mod devices;
 pub mod e2ee;
 mod e2ee_file;
 mod error;

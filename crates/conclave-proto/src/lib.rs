@@ -8,6 +8,7 @@
 //! A connection is: TLS 1.3, then an 8-byte [`hello`] from each side, then length-prefixed
 //! frames (a 4-byte big-endian length and a postcard-encoded [`ClientFrame`] or [`ServerFrame`]).
 
+pub mod devices;
 pub mod error;
 pub mod files;
 pub mod frame;
@@ -15,6 +16,7 @@ pub mod hello;
 pub mod msg;
 pub mod names;
 
+pub use devices::{BackupChunk, TransferChunk, WaitingDevice};
 pub use error::{ErrorBody, ErrorCode};
 pub use files::{Chunk, FileOffer, P2pGrant, P2pInvite, P2pOffer};
 pub use frame::{DecodeError, decode_client, decode_server, encode_client, encode_server};

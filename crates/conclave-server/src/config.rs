@@ -434,6 +434,27 @@ impl FilesConfig {
     }
 }
 
+/// History for a new device and the recovery-key backup (`[devices]`). The server stores
+/// only ciphertext for these; the limits bound how much of it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// Most bytes of history chunks waiting for one device (sealed to it by an approving
+    /// device, kept until it takes them). Past it, the approving device waits and retries.
+    pub transfer_bytes_per_device: u64,
+    /// Most bytes of one account's recovery-key backup (all its segments).
+    pub backup_bytes_per_account: u64,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            transfer_bytes_per_device: 256 * 1024 * 1024,
+            backup_bytes_per_account: 1024 * 1024 * 1024,
+        }
+    }
+}
+
 /// The config file's shape.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -452,6 +473,7 @@ pub struct FileConfig {
     pub anomaly: AnomalyConfig,
     pub metrics: MetricsConfig,
     pub files: FilesConfig,
+    pub devices: DevicesConfig,
 }
 
 /// Room left in a client's frame limit for what the server adds around a relayed frame (the
@@ -478,6 +500,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// File transfer limits (`[files]`).
     pub files: FilesConfig,
+    /// History for new devices and recovery-key backups (`[devices]`).
+    pub devices: DevicesConfig,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -506,6 +530,7 @@ impl Config {
             anomaly: AnomalyConfig::default(),
             metrics: MetricsConfig::default(),
             files: FilesConfig::default(),
+            devices: DevicesConfig::default(),
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
@@ -560,6 +585,7 @@ impl Config {
         self.anomaly = file.anomaly;
         self.metrics = file.metrics;
         self.files = file.files;
+        self.devices = file.devices;
         Ok(())
     }
 
@@ -625,6 +651,10 @@ impl Config {
             || f.max_pending_offers == 0
         {
             return bad("every value in [files] must be above 0");
+        }
+        let d = &self.devices;
+        if d.transfer_bytes_per_device == 0 || d.backup_bytes_per_account == 0 {
+            return bad("every value in [devices] must be above 0");
         }
         if l.requests_per_second == 0 || l.request_burst == 0 {
             return bad("limits.requests_per_second and request_burst must be above 0");

@@ -24,8 +24,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::at_rest::DataKey;
 use crate::search::{self, SearchKey};
 
+mod devices;
 mod e2ee;
 mod files;
+pub use devices::PutOutcome;
 pub use e2ee::{GroupRow, WelcomeRow};
 pub use files::{FileRow, RecipientState};
 
@@ -356,6 +358,8 @@ impl Db {
                 .map_err(open_err)?;
             }
         }
+        conn.execute_batch(devices::DEVICES_SCHEMA)
+            .map_err(open_err)?;
         // A wrong key must stop the server before it writes anything sealed under it.
         let check: Option<Vec<u8>> = conn
             .query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| {

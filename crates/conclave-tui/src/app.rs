@@ -420,7 +420,14 @@ impl App {
     fn e2ee_notice(&mut self, n: conclave_client::e2ee::E2eeNotice) {
         use conclave_client::e2ee::E2eeNotice as N;
         let me = self.me().to_string();
+        if let N::Device(d) = n {
+            let text = crate::devices::notice_text(&d);
+            self.say(NoticeKind::Info, &crate::text::sanitize(&text, false));
+            return;
+        }
         let (conv, kind, text) = match n {
+            // Handled above.
+            N::Device(_) => return,
             N::Joined { conv } => (
                 conv,
                 NoticeKind::Info,
@@ -1646,6 +1653,8 @@ impl App {
             | Event::FileDeclined { .. }
             | Event::FileCancelled { .. }
             | Event::FileReceived { .. } => {}
+            // The end-to-end layer turns these into notices.
+            Event::DeviceWaiting(_) | Event::TransferReady { .. } => {}
         }
         Vec::new()
     }

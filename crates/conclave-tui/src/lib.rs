@@ -21,6 +21,7 @@
 pub mod app;
 pub mod buffer;
 pub mod command;
+pub mod devices;
 pub mod files;
 pub mod input;
 pub mod layout;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod devices;
 pub mod e2ee;
 pub mod files;
 pub mod history;
