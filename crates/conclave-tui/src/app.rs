@@ -116,6 +116,12 @@ pub enum Action {
         tag: u64,
         file_id: String,
     },
+    /// Approve or reject a device, the backup, a restore (issue 21); the result comes back
+    /// as [`Input::FileStarted`] with this tag (a sentence to show).
+    Device {
+        tag: u64,
+        op: crate::devices::DeviceOp,
+    },
     /// The direct conversations now open, to remember for the next start.
     RememberDirect(Vec<Vec<String>>),
     /// Leave: tell the server (when connected), restore the terminal, exit.
@@ -372,6 +378,11 @@ impl App {
         self.next_tag += 1;
         self.pending.insert(tag, pending);
         tag
+    }
+
+    fn device_op(&mut self, op: crate::devices::DeviceOp) -> Vec<Action> {
+        let tag = self.tag(Pending::Done(String::new()));
+        vec![Action::Device { tag, op }]
     }
 
     fn request(&mut self, pending: Pending, req: Request) -> Action {
@@ -1426,6 +1437,14 @@ impl App {
                 });
                 vec![Action::CancelFile { tag, file_id }]
             }
+            Command::Approve { device } => {
+                self.device_op(crate::devices::DeviceOp::Approve { device })
+            }
+            Command::Reject { device } => {
+                self.device_op(crate::devices::DeviceOp::Reject { device })
+            }
+            Command::Backup { on } => self.device_op(crate::devices::DeviceOp::Backup { on }),
+            Command::Restore { key } => self.device_op(crate::devices::DeviceOp::Restore { key }),
             Command::Members => {
                 self.show_members = !self.show_members;
                 Vec::new()

@@ -41,6 +41,10 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "decline", args: "file-id", help: "decline a file offered to you (the sender is told)" },
     CommandSpec { name: "files", args: "", help: "the files offered to you that you have not accepted or declined" },
     CommandSpec { name: "cancel", args: "file-id", help: "withdraw a file you are sending or sent (its recipients are told; Tab completes the id)" },
+    CommandSpec { name: "approve", args: "device", help: "approve a new device of yours that asks for your history (check its safety number first): it gets your end-to-end history" },
+    CommandSpec { name: "reject", args: "device", help: "reject a device of yours that asks for your history: it gets nothing" },
+    CommandSpec { name: "backup", args: "[off]", help: "turn the recovery-key backup of your end-to-end history on (or change its key; the key is shown once), or off" },
+    CommandSpec { name: "restore", args: "recovery-key", help: "restore your end-to-end history from the backup of this recovery key (not kept in the input history)" },
     CommandSpec { name: "members", args: "", help: "show or hide the members pane (also F2)" },
     CommandSpec { name: "close", args: "", help: "close this direct conversation's buffer" },
     CommandSpec { name: "quit", args: "", help: "leave (also Ctrl-C)" },
@@ -130,6 +134,19 @@ pub enum Command {
         file_id: String,
     },
     Files,
+    /// Devices (issue 21).
+    Approve {
+        device: String,
+    },
+    Reject {
+        device: String,
+    },
+    Backup {
+        on: bool,
+    },
+    Restore {
+        key: String,
+    },
     Members,
     Close,
     Quit,
@@ -146,7 +163,7 @@ impl Command {
             } | Command::Create {
                 password: Some(_),
                 ..
-            }
+            } | Command::Restore { .. }
         )
     }
 }
@@ -383,6 +400,32 @@ pub fn parse(line: &str) -> Result<Command, String> {
             }
         }
         "files" => Command::Files,
+        "approve" | "reject" => {
+            let (device, _) = first_word(rest);
+            need(!device.is_empty())?;
+            let device = device.to_string();
+            if name == "approve" {
+                Command::Approve { device }
+            } else {
+                Command::Reject { device }
+            }
+        }
+        "backup" => {
+            match rest.trim() {
+                "" | "on" => Command::Backup { on: true },
+                "off" => Command::Backup { on: false },
+                _ => return Err(
+                    "/backup turns the backup on (or changes its key); /backup off turns it off"
+                        .to_string(),
+                ),
+            }
+        }
+        "restore" => {
+            need(!rest.trim().is_empty())?;
+            Command::Restore {
+                key: rest.trim().to_string(),
+            }
+        }
         "members" | "nicklist" => Command::Members,
         "close" => Command::Close,
         "quit" | "exit" => Command::Quit,
@@ -488,6 +531,34 @@ mod tests {
         assert_eq!(parse_duration("7d"), Some(604_800));
         assert_eq!(parse_duration("0"), None);
         assert_eq!(parse_duration("2x"), None);
+    }
+
+    #[test]
+    fn device_commands_and_the_recovery_key_is_not_remembered() {
+        assert_eq!(
+            parse("/approve 9f2c41d07a3b5e16").unwrap(),
+            Command::Approve {
+                device: "9f2c41d07a3b5e16".into()
+            }
+        );
+        assert_eq!(
+            parse("/reject 9f2c").unwrap(),
+            Command::Reject {
+                device: "9f2c".into()
+            }
+        );
+        assert_eq!(parse("/backup").unwrap(), Command::Backup { on: true });
+        assert_eq!(parse("/backup off").unwrap(), Command::Backup { on: false });
+        assert!(parse("/backup maybe").is_err());
+        assert!(parse("/approve").is_err());
+        let restore = parse("/restore ABCD-EFGH").unwrap();
+        assert_eq!(
+            restore,
+            Command::Restore {
+                key: "ABCD-EFGH".into()
+            }
+        );
+        assert!(!restore.may_remember());
     }
 
     #[test]

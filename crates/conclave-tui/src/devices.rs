@@ -3,6 +3,15 @@
 
 use conclave_client::devices::DeviceNotice;
 
+/// What `/approve`, `/reject`, `/backup` and `/restore` ask the shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceOp {
+    Approve { device: String },
+    Reject { device: String },
+    Backup { on: bool },
+    Restore { key: String },
+}
+
 /// The notice for news about a device of the account.
 pub fn notice_text(d: &DeviceNotice) -> String {
     match d {
