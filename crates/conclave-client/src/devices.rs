@@ -143,7 +143,16 @@ fn notice_of(w: &WaitingDevice) -> E2eeNotice {
 /// account's other devices are told), tells the application which devices wait, and runs the
 /// task that takes history sent here and keeps the backup up to date.
 pub(crate) async fn start(client: &Client, s: &Arc<Secure>, tx: mpsc::Sender<ClientEvent>) {
-    let key = s.with(|d| d.transfer_key());
+    // A device asks when it is new (nothing in its history yet) or asked before (it may still
+    // be waiting); a device that has a history of its own never did and does not.
+    let asks = s.with(|d| {
+        d.has_transfer_key().unwrap_or(false) || d.history_end().is_ok_and(|end| end == 0)
+    });
+    let key = if asks {
+        s.with(|d| d.transfer_key())
+    } else {
+        Ok((Vec::new(), Vec::new()))
+    };
     let (transfer_key, signature) = match key {
         Ok(k) => k,
         Err(e) => {

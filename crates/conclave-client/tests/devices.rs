@@ -421,3 +421,96 @@ async fn the_recovery_key_restores_everything_on_a_fresh_device_and_never_reache
     drop((restored, bob));
     srv.stop(WAIT).await;
 }
+
+/// Seeds a device's local history directly (as if it had been there for a long time):
+/// `n` direct messages with Bob and `n` with Carol.
+fn seed(srv: &TestServer, state: &Path, n: u64) {
+    use conclave_e2ee::payload::Payload;
+    use conclave_e2ee::transfer::Row;
+    let dir = conclave_client::e2ee::device_dir(state, &srv.addr.to_string(), "alice");
+    let device =
+        conclave_e2ee::device::Device::open(&dir, "alice", common::PASSWORD).expect("device");
+    for conv in ["d:alice,bob", "d:alice,carol"] {
+        let rows: Vec<Row> = (1..=n)
+            .map(|i| Row {
+                conv: conv.into(),
+                seq: i,
+                sender: "alice".into(),
+                ts_ms: 1_700_000_000_000 + i as i64,
+                payload: Payload::Body {
+                    content_type: "text/plain".into(),
+                    data: format!("old {conv} {i}").into_bytes(),
+                }
+                .encode()
+                .expect("encode"),
+            })
+            .collect();
+        device.import_rows(&rows).expect("seed");
+    }
+}
+
+/// A transfer cut in the middle (the new device's connection goes through the test kit's
+/// relay, 5 ms one way with jitter, and is cut as soon as the first chunk is in) resumes
+/// after the reconnect: every message arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cut_in_the_middle_resumes_through_the_relay() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob", "carol"]);
+    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let (a_state, n_state) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("n"),
+    );
+    seed(&srv, a_state.path(), 1500);
+    let (alice, mut a_ev) = connect(&srv, "alice", a_state.path()).await;
+
+    let relay =
+        common::relay::Relay::start(srv.addr, common::relay::RelayConfig::delay_ms(5.0, 21));
+    let mut opts = common::options(&srv, "alice", n_state.path(), WAIT);
+    opts.server = relay.addr();
+    let (laptop, events, _) = Client::connect(opts).await.expect("connect via the relay");
+    let mut l_ev = laptop
+        .enable_e2ee(events, n_state.path(), common::PASSWORD)
+        .await
+        .expect("e2ee on");
+    let (id, _) = id_of(&laptop);
+    assert_eq!(wait_for(&mut a_ev, waiting).await.0, id);
+
+    let approve = {
+        let alice = alice.clone();
+        let id = id.clone();
+        tokio::spawn(async move { alice.approve_device(&id, |_, _| {}).await })
+    };
+    // The first chunk is in: cut the new device's connection.
+    wait_for(&mut l_ev, |e| {
+        matches!(
+            e,
+            ClientEvent::E2ee(E2eeNotice::Device(DeviceNotice::Progress {
+                direction: "receive",
+                ..
+            }))
+        )
+        .then_some(())
+    })
+    .await;
+    assert!(relay.cut_all() >= 1);
+    let report = approve.await.expect("task").expect("approved");
+    assert_eq!((report.conversations, report.messages), (2, 3000));
+    assert!(report.chunks >= 6);
+    assert_eq!(wait_for(&mut l_ev, received).await, (2, 3000));
+    for with in ["bob", "carol"] {
+        let got = laptop
+            .history(ConvRef::With(vec![with.into()]), 5000, None)
+            .await
+            .expect("history");
+        assert_eq!(got.len(), 1500, "with {with}");
+        let seqs: std::collections::BTreeSet<u64> = got.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs.len(), 1500);
+        assert_eq!(
+            got[0].body.as_text(),
+            Some(format!("old d:alice,{with} 1").as_str())
+        );
+    }
+    drop((alice, laptop));
+    srv.stop(WAIT).await;
+}

@@ -123,6 +123,20 @@ impl Device {
         Ok(())
     }
 
+    /// Whether this device has made its transfer key (it asked for history before).
+    pub fn has_transfer_key(&self) -> Result<bool, E2eeError> {
+        self.transfer_schema()?;
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM conclave_transfer_key WHERE id = 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .is_some())
+    }
+
     /// This device's transfer key (made once) and its signature by this device.
     pub fn transfer_key(&self) -> Result<(Vec<u8>, Vec<u8>), E2eeError> {
         self.transfer_schema()?;

@@ -51,7 +51,8 @@ pub enum PutOutcome {
 
 impl Db {
     /// Records that `device` asks for history with this transfer key. Only a device of an
-    /// account that has other devices waits; one that was decided on keeps its state.
+    /// account that had other devices before it waits; one that was decided on keeps its
+    /// state.
     /// Returns the device's row when it is waiting.
     pub fn device_announce(
         &mut self,
@@ -63,8 +64,10 @@ impl Db {
         addr: &str,
     ) -> Result<Option<WaitingDevice>, StoreError> {
         let tx = self.conn.transaction()?;
+        // Devices registered before this one (the account's first device never waits).
         let others: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM e2ee_devices WHERE user = ?1 AND device <> ?2",
+            "SELECT COUNT(*) FROM e2ee_devices WHERE user = ?1 AND device <> ?2
+             AND created_ms <= (SELECT created_ms FROM e2ee_devices WHERE user = ?1 AND device = ?2)",
             params![user, device],
             |r| r.get(0),
         )?;
