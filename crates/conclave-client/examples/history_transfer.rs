@@ -1,6 +1,7 @@
 //! Measures moving a device's end-to-end history to a newly approved device (issue 21): the
 //! real server in-process (TLS, SQLite in a temporary directory), two real clients of one
-//! account, the first device's history seeded with N messages (default 10,000), then an
+//! account, the first device's history seeded with N messages (default 10,000, in 10 direct
+//! conversations), then an
 //! approval: the time until the new device says `history_received`, and the process's peak
 //! resident memory (VmHWM: server and both clients) before and during the transfer.
 //!
@@ -63,7 +64,7 @@ fn seed(dir: &Path, n: u64) {
     while seq < n {
         let rows: Vec<Row> = (seq..(seq + 1000).min(n))
             .map(|i| Row {
-                conv: format!("r:room{}", i % 10),
+                conv: format!("d:alice,u{}", i % 10),
                 seq: i + 1,
                 sender: if i % 2 == 0 { "alice" } else { "bob" }.into(),
                 ts_ms: 1_700_000_000_000 + i as i64,
@@ -150,12 +151,16 @@ async fn main() {
     let done = started.elapsed();
     let peak_during = status_kib("VmHWM:");
     let found = second_client
-        .search("benchmark", Some("room3"), 1_000_000, None)
+        .history(
+            conclave_client::proto::ConvRef::With(vec!["u3".into()]),
+            u32::MAX,
+            None,
+        )
         .await
-        .expect("search");
+        .expect("history");
     println!(
         "messages={n} chunks={} sent_s={:.2} received_s={:.2} conversations={} messages_received={} \
-         searchable_in_room3={} rss_before_kib={rss_before} peak_before_kib={peak_before} \
+         in_history_with_u3={} rss_before_kib={rss_before} peak_before_kib={peak_before} \
          peak_during_kib={peak_during}",
         report.chunks,
         sent.as_secs_f64(),
