@@ -185,20 +185,26 @@ pub(crate) async fn start(client: &Client, s: &Arc<Secure>, tx: mpsc::Sender<Cli
 }
 
 async fn task(client: WeakClient, s: Arc<Secure>, tx: mpsc::Sender<ClientEvent>) {
+    // The server is asked for chunks at start and when woken (chunks wait for this device, a
+    // reconnect), never on a timer: idle connections cost it nothing. The backup is looked
+    // at locally every tick, and written to only when it has something new.
+    let mut fetch = true;
     loop {
         {
             let Some(client) = client.upgrade() else {
                 return;
             };
-            take_history(&client, &s, &tx).await;
+            if fetch {
+                take_history(&client, &s, &tx).await;
+            }
             if let Err(e) = client.backup_flush(&s).await {
                 tracing::warn!(error = %e, "the backup could not be updated; trying again");
             }
         }
-        tokio::select! {
-            _ = s.devices.wake.notified() => {}
-            _ = tokio::time::sleep(BACKUP_INTERVAL) => {}
-        }
+        fetch = tokio::select! {
+            _ = s.devices.wake.notified() => true,
+            _ = tokio::time::sleep(BACKUP_INTERVAL) => false,
+        };
         if tx.is_closed() {
             return;
         }

@@ -1290,3 +1290,57 @@ fn joining_says_whether_the_room_is_end_to_end() {
     });
     assert_shows(&app, &["you are in #plain (server-encrypted"]);
 }
+
+// ---- your history on every device (issue #21) ----
+
+#[test]
+fn a_waiting_device_is_a_notice_with_approve_and_reject_and_the_commands_act() {
+    let mut app = chatting((160, 30));
+    app.update(Input::Client(ClientEvent::E2ee(
+        conclave_client::e2ee::E2eeNotice::Device(
+            conclave_client::devices::DeviceNotice::Waiting {
+                device: "5b0e2c9d11aa4f03".into(),
+                safety_number: "0c1d2e3f 40516273".into(),
+                since_ms: T0,
+                addr: "192.0.2.7".into(),
+            },
+        ),
+    )));
+    assert_shows(
+        &app,
+        &[
+            "5b0e2c9d11aa4f03 from 192.0.2.7",
+            "0c1d2e3f 40516273",
+            "/approve 5b0e2c9d11aa4f03",
+        ],
+    );
+    let actions = type_line(&mut app, "/approve 5b0e2c9d11aa4f03");
+    let tag = match actions.as_slice() {
+        [
+            Action::Device {
+                tag,
+                op: conclave_tui::devices::DeviceOp::Approve { device },
+            },
+        ] if device == "5b0e2c9d11aa4f03" => *tag,
+        other => panic!("unexpected actions {other:?}"),
+    };
+    app.update(Input::FileStarted {
+        tag,
+        result: Ok("approved 5b0e2c9d11aa4f03: sent 12 messages".into()),
+    });
+    assert_shows(&app, &["approved 5b0e2c9d11aa4f03: sent 12 messages"]);
+    assert!(matches!(
+        type_line(&mut app, "/backup").as_slice(),
+        [Action::Device {
+            op: conclave_tui::devices::DeviceOp::Backup { on: true },
+            ..
+        }]
+    ));
+    assert!(matches!(
+        type_line(&mut app, "/reject 5b0e").as_slice(),
+        [Action::Device {
+            op: conclave_tui::devices::DeviceOp::Reject { .. },
+            ..
+        }]
+    ));
+}
