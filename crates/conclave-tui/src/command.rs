@@ -571,7 +571,11 @@ mod tests {
         assert!(parse("/").is_err());
         // Every command in the table parses (with plausible arguments).
         for spec in COMMANDS {
-            let args = if spec.name == "history" { "5" } else { "a b c" };
+            let args = match spec.name {
+                "history" => "5",
+                "backup" => "off",
+                _ => "a b c",
+            };
             let line = format!("/{} {args}", spec.name);
             assert!(parse(&line).is_ok(), "{line}");
         }
