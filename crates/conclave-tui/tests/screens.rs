@@ -370,7 +370,7 @@ fn long_messages_wrap_and_pastes_keep_their_lines() {
 
 #[test]
 fn help() {
-    let mut app = chatting((110, 46));
+    let mut app = chatting((110, 60));
     type_line(&mut app, "/help");
     assert!(matches!(app.overlay, Overlay::Help { .. }));
     assert_shows(
@@ -1310,7 +1310,6 @@ fn a_waiting_device_is_a_notice_with_approve_and_reject_and_the_commands_act() {
         &app,
         &[
             "5b0e2c9d11aa4f03 from 192.0.2.7",
-            "0c1d2e3f 40516273",
             "/approve 5b0e2c9d11aa4f03",
         ],
     );
