@@ -87,6 +87,8 @@ pub enum E2eeNotice {
         seq: u64,
         reason: String,
     },
+    /// About the account's devices and their history (approval, transfer, backup).
+    Device(crate::devices::DeviceNotice),
 }
 
 /// The device and what the session knows around it.
@@ -110,6 +112,8 @@ pub(crate) struct Secure {
     control: mpsc::Sender<Control>,
     /// Conversations already told that messages cannot be read here, by reason.
     noticed: Mutex<HashSet<(String, &'static str)>>,
+    /// Approving new devices, moving history, the backup (`crate::devices`).
+    pub(crate) devices: crate::devices::Devices,
 }
 
 /// What the library asks of the events task.
@@ -135,7 +139,7 @@ const NO_DEVICE_RECHECK: Duration = Duration::from_secs(30);
 /// Most users remembered as having no device.
 const MAX_NO_DEVICE: usize = 1000;
 
-fn e2ee_err(e: impl std::fmt::Display) -> ClientError {
+pub(crate) fn e2ee_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::E2ee {
         message: e.to_string(),
     }
@@ -170,7 +174,7 @@ fn room_key(room: &str) -> String {
 }
 
 impl Secure {
-    fn with<R>(&self, f: impl FnOnce(&Device) -> R) -> R {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&Device) -> R) -> R {
         let d = self.device.lock().unwrap_or_else(|e| e.into_inner());
         f(&d)
     }
@@ -248,6 +252,7 @@ impl Client {
             plain_rooms: Mutex::new(HashMap::new()),
             control,
             noticed: Mutex::new(HashSet::new()),
+            devices: crate::devices::Devices::default(),
         });
         if self.core().secure.set(secure.clone()).is_err() {
             return Err(e2ee_err("end-to-end encryption is on already"));
@@ -257,6 +262,7 @@ impl Client {
         let out = Events::from_parts(rx, self.core().clone());
         // Publishing first: Welcomes that waited for this device follow its reply.
         self.publish_device(&secure).await?;
+        let device_news = tx.clone();
         tokio::spawn(run(
             self.clone_weak(),
             secure.clone(),
@@ -265,6 +271,7 @@ impl Client {
             tx,
         ));
         self.join_missing_groups(&secure).await;
+        crate::devices::start(self, &secure, device_news).await;
         Ok(out)
     }
 
@@ -1349,11 +1356,16 @@ async fn run(
             ClientEvent::Reconnected { .. } => {
                 // The new connection speaks for this device again.
                 let _ = client.publish_device(&s).await;
+                // History may wait for this device (sent while it was away).
+                s.devices.wake();
                 if tx.send(event).await.is_err() {
                     break;
                 }
             }
             other => {
+                let Some(other) = crate::devices::on_event(&s, other) else {
+                    continue;
+                };
                 if tx.send(other).await.is_err() {
                     break;
                 }

@@ -39,6 +39,7 @@ mod address;
 pub mod chat;
 mod connection;
 pub mod cursor;
+pub mod devices;
 pub mod e2ee;
 mod e2ee_file;
 mod error;

@@ -176,12 +176,12 @@ pub struct HistoryEntry {
 
 /// One device's end-to-end state.
 pub struct Device {
-    conn: Connection,
-    crypto: RustCrypto,
-    signer: SignatureKeyPair,
+    pub(crate) conn: Connection,
+    pub(crate) crypto: RustCrypto,
+    pub(crate) signer: SignatureKeyPair,
     user: String,
     device: String,
-    history: HistoryKey,
+    pub(crate) history: HistoryKey,
     history_reset: bool,
     /// Groups kept in memory between operations (by group id): loading one from the state
     /// file decodes its whole ratchet tree, which grows with the group. OpenMLS writes every
@@ -339,7 +339,10 @@ impl Device {
 
     /// Runs `f` in one SQLite transaction: all of it lands, or none of it.
     /// Groups kept in memory are dropped unless it lands (they may hold what was rolled back).
-    fn tx<R>(&self, f: impl FnOnce(&Self) -> Result<R, E2eeError>) -> Result<R, E2eeError> {
+    pub(crate) fn tx<R>(
+        &self,
+        f: impl FnOnce(&Self) -> Result<R, E2eeError>,
+    ) -> Result<R, E2eeError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         match f(self) {
             Ok(r) => match self.conn.execute_batch("COMMIT") {
@@ -1167,7 +1170,7 @@ impl Device {
         self.tx(|d| d.forget_old_group(conv))
     }
 
-    fn put_history(
+    pub(crate) fn put_history(
         &self,
         conv: &str,
         seq: u64,

@@ -41,7 +41,7 @@ impl HistoryKey {
         Ok(Self::from_bytes(&key))
     }
 
-    fn from_bytes(key: &[u8; 32]) -> HistoryKey {
+    pub(crate) fn from_bytes(key: &[u8; 32]) -> HistoryKey {
         HistoryKey {
             cipher: XChaCha20Poly1305::new(key.into()),
         }

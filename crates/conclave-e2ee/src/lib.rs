@@ -12,12 +12,14 @@
 //! The server never holds a group's secrets: it sees handshake messages in the public-message
 //! wire format (so it can validate them) and application messages only as ciphertext.
 
+pub mod backup;
 pub mod codec;
 pub mod device;
 pub mod ds;
 pub mod file_crypt;
 mod history;
 pub mod payload;
+pub mod transfer;
 
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;

@@ -9,6 +9,7 @@
 //! frames (a 4-byte big-endian length and a postcard-encoded [`ClientFrame`] or [`ServerFrame`]).
 
 pub mod chat;
+pub mod devices;
 pub mod error;
 pub mod files;
 pub mod frame;
@@ -17,6 +18,7 @@ pub mod msg;
 pub mod names;
 
 pub use chat::{ActKind, ActsOn, Extra, MessageInfo, MsgState, Reaction, Refs};
+pub use devices::{BackupChunk, TransferChunk, WaitingDevice};
 pub use error::{ErrorBody, ErrorCode};
 pub use files::{Chunk, FileOffer, P2pGrant, P2pInvite, P2pOffer};
 pub use frame::{DecodeError, decode_client, decode_server, encode_client, encode_server};

@@ -379,6 +379,56 @@ pub enum Request {
         limit: u32,
         after: Option<u64>,
     },
+    // Devices (issue 21): history for a new device of the account, and the recovery-key
+    // backup. The server stores and routes only ciphertext (see `crate::devices`).
+    /// A device asks its account's other devices for history: its transfer key (an HPKE
+    /// public key) signed with its MLS signature key; empty for a device that only wants the
+    /// list. Answered with [`Reply::DevicesWaiting`]: the account's devices waiting for a
+    /// decision (other than the caller's). Needs [`Request::E2eePublish`] first.
+    DeviceAnnounce {
+        transfer_key: Bytes,
+        signature: Bytes,
+    },
+    /// Approves (history may be sent to it) or rejects (nothing will be) a device of the
+    /// caller's account. Answered with [`Reply::DevicesWaiting`] holding that device.
+    DeviceDecide {
+        device: String,
+        approve: bool,
+    },
+    /// One sealed chunk of history for an approved device of the caller's account, stored
+    /// until that device has taken it. Idempotent per (`transfer`, `index`).
+    TransferPut {
+        device: String,
+        transfer: String,
+        index: u32,
+        data: Bytes,
+    },
+    /// Chunks waiting for this connection's device with an id after `after`, oldest first
+    /// (bounded). Answered with [`Reply::TransferChunks`].
+    TransferFetch {
+        after: u64,
+    },
+    /// This connection's device holds every chunk up to id `through`: the server deletes them.
+    TransferAck {
+        through: u64,
+    },
+    /// Appends one sealed segment to the account's backup under `key_id` (a value derived
+    /// from the recovery key, which never leaves the client). Idempotent per index.
+    BackupPut {
+        key_id: String,
+        index: u64,
+        data: Bytes,
+    },
+    /// Segments of the account's backup under `key_id` with an index after `after`, oldest
+    /// first (bounded). Answered with [`Reply::BackupChunks`].
+    BackupFetch {
+        key_id: String,
+        after: Option<u64>,
+    },
+    /// Deletes the account's backup: every segment, or those under every key but `keep`.
+    BackupDrop {
+        keep: Option<String>,
+    },
 }
 
 /// Opaque bytes (MLS messages), compact on the wire.
@@ -514,6 +564,10 @@ pub enum Reply {
     ReadMarkers(Vec<crate::chat::ReadMarker>),
     // -- everyday chat: replies, edits, deletes, reactions (see `crate::chat`) --
     MessageInfo(crate::chat::MessageInfo),
+    // Devices (issue 21).
+    DevicesWaiting(Vec<crate::devices::WaitingDevice>),
+    TransferChunks(Vec<crate::devices::TransferChunk>),
+    BackupChunks(Vec<crate::devices::BackupChunk>),
 }
 
 /// Why a connection is being closed by the server.
@@ -683,5 +737,13 @@ pub enum Event {
     DisplayName {
         user: String,
         name: Option<String>,
+    },
+    // Devices (issue 21).
+    /// To the account's other connections: one of its devices asks for history (or its state
+    /// changed: approved, rejected).
+    DeviceWaiting(crate::devices::WaitingDevice),
+    /// To the account's connections: chunks of history wait for `device`.
+    TransferReady {
+        device: String,
     },
 }

@@ -458,6 +458,27 @@ impl Default for WebConfig {
     }
 }
 
+/// History for a new device and the recovery-key backup (`[devices]`). The server stores
+/// only ciphertext for these; the limits bound how much of it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// Most bytes of history chunks waiting for one device (sealed to it by an approving
+    /// device, kept until it takes them). Past it, the approving device waits and retries.
+    pub transfer_bytes_per_device: u64,
+    /// Most bytes of one account's recovery-key backup (all its segments).
+    pub backup_bytes_per_account: u64,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            transfer_bytes_per_device: 256 * 1024 * 1024,
+            backup_bytes_per_account: 1024 * 1024 * 1024,
+        }
+    }
+}
+
 /// Edits, deletes, replies and reactions (`[messages]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -551,6 +572,7 @@ pub struct FileConfig {
     pub tls: TlsConfig,
     pub presence: PresenceConfig,
     pub messages: MessagesConfig,
+    pub devices: DevicesConfig,
 }
 
 /// Room left in a client's frame limit for what the server adds around a relayed frame (the
@@ -587,6 +609,8 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// Edits, deletes and reactions (`[messages]`).
     pub messages: MessagesConfig,
+    /// History for new devices and recovery-key backups (`[devices]`).
+    pub devices: DevicesConfig,
     /// When set, the data key is derived from this passphrase instead of `data.key`. Never
     /// written to disk.
     pub data_key_passphrase: Option<String>,
@@ -620,6 +644,7 @@ impl Config {
             tls_from_cli: false,
             presence: PresenceConfig::default(),
             messages: MessagesConfig::default(),
+            devices: DevicesConfig::default(),
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
@@ -678,6 +703,7 @@ impl Config {
         self.tls = file.tls;
         self.presence = file.presence;
         self.messages = file.messages;
+        self.devices = file.devices;
         Ok(())
     }
 
@@ -763,6 +789,10 @@ impl Config {
             return bad(
                 "messages.max_reactions and max_emoji_bytes must be above 0 (max_edits = 0 turns editing off)",
             );
+        }
+        let d = &self.devices;
+        if d.transfer_bytes_per_device == 0 || d.backup_bytes_per_account == 0 {
+            return bad("every value in [devices] must be above 0");
         }
         if l.requests_per_second == 0 || l.request_burst == 0 {
             return bad("limits.requests_per_second and request_burst must be above 0");

@@ -810,6 +810,46 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
             | Request::Away { .. }
             | Request::SetDisplayName { .. }),
         ) => cmd::presence::handle(conn, &user, req).await,
+        // Devices (issue 21): history for new devices, recovery-key backups.
+        (
+            Some(user),
+            Request::DeviceAnnounce {
+                transfer_key,
+                signature,
+            },
+        ) => cmd::devices::announce(conn, &user, transfer_key, signature).await,
+        (Some(user), Request::DeviceDecide { device, approve }) => {
+            cmd::devices::decide(conn, &user, device, approve).await
+        }
+        (
+            Some(user),
+            Request::TransferPut {
+                device,
+                transfer,
+                index,
+                data,
+            },
+        ) => cmd::devices::put(conn, &user, device, transfer, index, data).await,
+        (Some(user), Request::TransferFetch { after }) => {
+            cmd::devices::fetch(conn, &user, after).await
+        }
+        (Some(user), Request::TransferAck { through }) => {
+            cmd::devices::ack(conn, &user, through).await
+        }
+        (
+            Some(user),
+            Request::BackupPut {
+                key_id,
+                index,
+                data,
+            },
+        ) => cmd::devices::backup_put(conn, &user, key_id, index, data).await,
+        (Some(user), Request::BackupFetch { key_id, after }) => {
+            cmd::devices::backup_fetch(conn, &user, key_id, after).await
+        }
+        (Some(user), Request::BackupDrop { keep }) => {
+            cmd::devices::backup_drop(conn, &user, keep).await
+        }
     };
     if let Err(e) = &result
         && e.code == ErrorCode::Internal

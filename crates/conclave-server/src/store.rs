@@ -25,10 +25,12 @@ use crate::at_rest::DataKey;
 use crate::search::{self, SearchKey};
 
 mod chat;
+mod devices;
 mod e2ee;
 mod files;
 pub use chat::TargetRow;
 pub use chat::{ChatRows, ReadMoved};
+pub use devices::PutOutcome;
 pub use e2ee::{GroupRow, WelcomeRow};
 pub use files::{FileRow, RecipientState};
 
@@ -383,6 +385,8 @@ impl Db {
                 .map_err(open_err)?;
             }
         }
+        conn.execute_batch(devices::DEVICES_SCHEMA)
+            .map_err(open_err)?;
         // A wrong key must stop the server before it writes anything sealed under it.
         let check: Option<Vec<u8>> = conn
             .query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| {

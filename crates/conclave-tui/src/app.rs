@@ -116,6 +116,12 @@ pub enum Action {
         tag: u64,
         file_id: String,
     },
+    /// Approve or reject a device, the backup, a restore (issue 21); the result comes back
+    /// as [`Input::FileStarted`] with this tag (a sentence to show).
+    Device {
+        tag: u64,
+        op: crate::devices::DeviceOp,
+    },
     /// The direct conversations now open, to remember for the next start.
     RememberDirect(Vec<Vec<String>>),
     /// Leave: tell the server (when connected), restore the terminal, exit.
@@ -482,6 +488,11 @@ impl App {
         tag
     }
 
+    fn device_op(&mut self, op: crate::devices::DeviceOp) -> Vec<Action> {
+        let tag = self.tag(Pending::Done(String::new()));
+        vec![Action::Device { tag, op }]
+    }
+
     fn request(&mut self, pending: Pending, req: Request) -> Action {
         let tag = self.tag(pending);
         Action::Request {
@@ -528,7 +539,14 @@ impl App {
     fn e2ee_notice(&mut self, n: conclave_client::e2ee::E2eeNotice) {
         use conclave_client::e2ee::E2eeNotice as N;
         let me = self.me().to_string();
+        if let N::Device(d) = n {
+            let text = crate::devices::notice_text(&d);
+            self.say(NoticeKind::Info, &crate::text::sanitize(&text, false));
+            return;
+        }
         let (conv, kind, text) = match n {
+            // Handled above.
+            N::Device(_) => return,
             N::Joined { conv } => (
                 conv,
                 NoticeKind::Info,
@@ -1601,6 +1619,14 @@ impl App {
                 },
                 &emoji,
             ),
+            Command::Approve { device } => {
+                self.device_op(crate::devices::DeviceOp::Approve { device })
+            }
+            Command::Reject { device } => {
+                self.device_op(crate::devices::DeviceOp::Reject { device })
+            }
+            Command::Backup { on } => self.device_op(crate::devices::DeviceOp::Backup { on }),
+            Command::Restore { key } => self.device_op(crate::devices::DeviceOp::Restore { key }),
             Command::Members => {
                 self.show_members = !self.show_members;
                 Vec::new()
@@ -1852,6 +1878,8 @@ impl App {
             | Event::FileDeclined { .. }
             | Event::FileCancelled { .. }
             | Event::FileReceived { .. } => {}
+            // The end-to-end layer turns these into notices.
+            Event::DeviceWaiting(_) | Event::TransferReady { .. } => {}
         }
         Vec::new()
     }

@@ -55,6 +55,10 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "delete", args: "", help: "delete your last message here" },
     CommandSpec { name: "react", args: "emoji", help: "react to the last message here (👍)" },
     CommandSpec { name: "unreact", args: "emoji", help: "take your reaction to the last message back" },
+    CommandSpec { name: "approve", args: "device", help: "approve a new device of yours that asks for your history (check its safety number first): it gets your end-to-end history" },
+    CommandSpec { name: "reject", args: "device", help: "reject a device of yours that asks for your history: it gets nothing" },
+    CommandSpec { name: "backup", args: "[off]", help: "turn the recovery-key backup of your end-to-end history on (or change its key; the key is shown once), or off" },
+    CommandSpec { name: "restore", args: "recovery-key", help: "restore your end-to-end history from the backup of this recovery key (not kept in the input history)" },
     CommandSpec { name: "members", args: "", help: "show or hide the members pane (also F2)" },
     CommandSpec { name: "close", args: "", help: "close this direct conversation's buffer" },
     CommandSpec { name: "quit", args: "", help: "leave (also Ctrl-C)" },
@@ -144,6 +148,19 @@ pub enum Command {
         file_id: String,
     },
     Files,
+    /// Devices (issue 21).
+    Approve {
+        device: String,
+    },
+    Reject {
+        device: String,
+    },
+    Backup {
+        on: bool,
+    },
+    Restore {
+        key: String,
+    },
     Members,
     Close,
     Quit,
@@ -194,7 +211,7 @@ impl Command {
             } | Command::Create {
                 password: Some(_),
                 ..
-            }
+            } | Command::Restore { .. }
         )
     }
 }
@@ -465,6 +482,32 @@ pub fn parse(line: &str) -> Result<Command, String> {
             "off" => Command::ReadReceipts(false),
             _ => return Err(usage("receipts")),
         },
+        "approve" | "reject" => {
+            let (device, _) = first_word(rest);
+            need(!device.is_empty())?;
+            let device = device.to_string();
+            if name == "approve" {
+                Command::Approve { device }
+            } else {
+                Command::Reject { device }
+            }
+        }
+        "backup" => {
+            match rest.trim() {
+                "" | "on" => Command::Backup { on: true },
+                "off" => Command::Backup { on: false },
+                _ => return Err(
+                    "/backup turns the backup on (or changes its key); /backup off turns it off"
+                        .to_string(),
+                ),
+            }
+        }
+        "restore" => {
+            need(!rest.trim().is_empty())?;
+            Command::Restore {
+                key: rest.trim().to_string(),
+            }
+        }
         "members" | "nicklist" => Command::Members,
         "close" => Command::Close,
         "quit" | "exit" => Command::Quit,
@@ -573,6 +616,34 @@ mod tests {
     }
 
     #[test]
+    fn device_commands_and_the_recovery_key_is_not_remembered() {
+        assert_eq!(
+            parse("/approve 9f2c41d07a3b5e16").unwrap(),
+            Command::Approve {
+                device: "9f2c41d07a3b5e16".into()
+            }
+        );
+        assert_eq!(
+            parse("/reject 9f2c").unwrap(),
+            Command::Reject {
+                device: "9f2c".into()
+            }
+        );
+        assert_eq!(parse("/backup").unwrap(), Command::Backup { on: true });
+        assert_eq!(parse("/backup off").unwrap(), Command::Backup { on: false });
+        assert!(parse("/backup maybe").is_err());
+        assert!(parse("/approve").is_err());
+        let restore = parse("/restore ABCD-EFGH").unwrap();
+        assert_eq!(
+            restore,
+            Command::Restore {
+                key: "ABCD-EFGH".into()
+            }
+        );
+        assert!(!restore.may_remember());
+    }
+
+    #[test]
     fn mistakes_say_what_to_type() {
         assert_eq!(
             parse("/msg bob").unwrap_err(),
@@ -589,6 +660,7 @@ mod tests {
             let args = match spec.name {
                 "history" => "5",
                 "receipts" => "off",
+                "backup" => "off",
                 _ => "a b c",
             };
             let line = format!("/{} {args}", spec.name);

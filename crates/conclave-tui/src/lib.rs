@@ -23,6 +23,7 @@ pub mod app;
 pub mod buffer;
 pub mod chat;
 pub mod command;
+pub mod devices;
 pub mod files;
 pub mod input;
 pub mod layout;

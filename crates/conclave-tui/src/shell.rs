@@ -269,6 +269,19 @@ impl Shell {
                         .await;
                 });
             }
+            Action::Device { tag, op } => {
+                let client = self.client.clone();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let result = match client {
+                        Some(c) => device_op(&c, op).await,
+                        None => Err("not connected".to_string()),
+                    };
+                    let _ = tx
+                        .send(Msg::Input(Input::FileStarted { tag, result }))
+                        .await;
+                });
+            }
             Action::RememberDirect(list) => {
                 if let Some(path) = crate::direct_file(&self.opts)
                     && let Err(e) = crate::remember::save(&path, &list)
@@ -403,4 +416,48 @@ pub async fn run(opts: ChatOptions, terminal: &mut Term, mut app: App) -> std::i
         client.close();
     }
     result
+}
+
+/// Runs `/approve`, `/reject`, `/backup`, `/restore`: the sentence to show.
+async fn device_op(c: &Client, op: crate::devices::DeviceOp) -> Result<String, String> {
+    use crate::devices::DeviceOp;
+    match op {
+        DeviceOp::Approve { device } => c
+            .approve_device(&device, |_, _| {})
+            .await
+            .map(|r| {
+                format!(
+                    "approved {}: sent {} messages of {} conversations, sealed to it",
+                    r.device, r.messages, r.conversations
+                )
+            })
+            .map_err(|e| e.to_string()),
+        DeviceOp::Reject { device } => c
+            .reject_device(&device)
+            .await
+            .map(|()| format!("rejected {device}: it gets nothing"))
+            .map_err(|e| e.to_string()),
+        DeviceOp::Backup { on: true } => c
+            .backup_enable()
+            .await
+            .map(|key| {
+                format!(
+                    "backup on. Your recovery key (shown once, write it down): {key}  \
+                     With it, /restore (or --recovery-key-env) brings your history to a new device"
+                )
+            })
+            .map_err(|e| e.to_string()),
+        DeviceOp::Backup { on: false } => c
+            .backup_disable()
+            .await
+            .map(|()| "backup off, and deleted from the server".to_string())
+            .map_err(|e| e.to_string()),
+        DeviceOp::Restore { key } => c
+            .restore_backup(&key, |_| {})
+            .await
+            .map(|(convs, messages)| {
+                format!("restored {messages} messages of {convs} conversations from the backup")
+            })
+            .map_err(|e| e.to_string()),
+    }
 }

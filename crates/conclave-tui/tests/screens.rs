@@ -1400,3 +1400,56 @@ fn edits_deletes_reactions_and_replies_change_the_lines() {
     assert!(actions.is_empty(), "alice has no message here: {actions:?}");
     assert_shows(&app, &["there is no message of yours here yet"]);
 }
+
+// ---- your history on every device (issue #21) ----
+
+#[test]
+fn a_waiting_device_is_a_notice_with_approve_and_reject_and_the_commands_act() {
+    let mut app = chatting((160, 30));
+    app.update(Input::Client(ClientEvent::E2ee(
+        conclave_client::e2ee::E2eeNotice::Device(
+            conclave_client::devices::DeviceNotice::Waiting {
+                device: "5b0e2c9d11aa4f03".into(),
+                safety_number: "0c1d2e3f 40516273".into(),
+                since_ms: T0,
+                addr: "192.0.2.7".into(),
+            },
+        ),
+    )));
+    assert_shows(
+        &app,
+        &[
+            "5b0e2c9d11aa4f03 from 192.0.2.7",
+            "/approve 5b0e2c9d11aa4f03",
+        ],
+    );
+    let actions = type_line(&mut app, "/approve 5b0e2c9d11aa4f03");
+    let tag = match actions.as_slice() {
+        [
+            Action::Device {
+                tag,
+                op: conclave_tui::devices::DeviceOp::Approve { device },
+            },
+        ] if device == "5b0e2c9d11aa4f03" => *tag,
+        other => panic!("unexpected actions {other:?}"),
+    };
+    app.update(Input::FileStarted {
+        tag,
+        result: Ok("approved 5b0e2c9d11aa4f03: sent 12 messages".into()),
+    });
+    assert_shows(&app, &["approved 5b0e2c9d11aa4f03: sent 12 messages"]);
+    assert!(matches!(
+        type_line(&mut app, "/backup").as_slice(),
+        [Action::Device {
+            op: conclave_tui::devices::DeviceOp::Backup { on: true },
+            ..
+        }]
+    ));
+    assert!(matches!(
+        type_line(&mut app, "/reject 5b0e").as_slice(),
+        [Action::Device {
+            op: conclave_tui::devices::DeviceOp::Reject { .. },
+            ..
+        }]
+    ));
+}

@@ -272,6 +272,10 @@ pub struct ClientArgs {
     /// newreno or bbr (far faster on lossy paths; see docs/benchmarks.md).
     #[arg(long, value_name = "NAME", value_parser = ["cubic", "newreno", "bbr"])]
     pub congestion: Option<String>,
+    /// Restore your end-to-end history from the recovery-key backup: the key (as shown by
+    /// backup_enable) is read from this environment variable, never from the command line.
+    #[arg(long, value_name = "VAR")]
+    pub recovery_key_env: Option<String>,
 }
 
 const CHAT_HELP: &str = "\

@@ -55,6 +55,7 @@ pub fn run_json(args: ClientArgs) -> anyhow::Result<ExitCode> {
         Some(s) => connect.reconnect.give_up_after = std::time::Duration::from_secs(s),
         None => {}
     }
+    let recovery_key = env_secret(&args.recovery_key_env, "--recovery-key-env")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -66,6 +67,7 @@ pub fn run_json(args: ClientArgs) -> anyhow::Result<ExitCode> {
                 let mut o = JsonOptions::new(connect);
                 o.window = args.window;
                 o.congestion = args.congestion.clone();
+                o.recovery_key = recovery_key;
                 if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                     o.progress_hook = Some(crate::progress::bars());
                 }

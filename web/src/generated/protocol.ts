@@ -16,6 +16,8 @@ export type ActKind =
 
 export type ActsOn = { msg_id: string; kind: ActKind };
 
+export type BackupChunk = { index: number; data: number[] };
+
 export type Body = { content_type: string; data: number[] };
 
 export type ClaimedKeyPackage = { user: string; device: string; key_package: number[] };
@@ -100,7 +102,9 @@ export type Event =
   | { Read: { conv: Conv; user: string; seq: number } }
   | { Topic: { room: string; topic: string; by: string } }
   | { Away: { user: string; text: string | null } }
-  | { DisplayName: { user: string; name: string | null } };
+  | { DisplayName: { user: string; name: string | null } }
+  | { DeviceWaiting: WaitingDevice }
+  | { TransferReady: { device: string } };
 
 export type Extra = { reply_to: string | null; acts_on: ActsOn | null; state: MsgState | null };
 
@@ -147,7 +151,10 @@ export type Reply =
   | { E2eeDevices: DeviceInfo[] }
   | { E2eeConvs: Conv[] }
   | { ReadMarkers: ReadMarker[] }
-  | { MessageInfo: MessageInfo };
+  | { MessageInfo: MessageInfo }
+  | { DevicesWaiting: WaitingDevice[] }
+  | { TransferChunks: TransferChunk[] }
+  | { BackupChunks: BackupChunk[] };
 
 export type Request =
   | { Login: { user: string; password: string; server_password: string | null; resume: Cursor[] } }
@@ -195,7 +202,15 @@ export type Request =
   | { Away: { text: string | null } }
   | { SetDisplayName: { name: string | null } }
   | { MessageInfo: { msg_id: string } }
-  | { Thread: { msg_id: string; limit: number; after: number | null } };
+  | { Thread: { msg_id: string; limit: number; after: number | null } }
+  | { DeviceAnnounce: { transfer_key: number[]; signature: number[] } }
+  | { DeviceDecide: { device: string; approve: boolean } }
+  | { TransferPut: { device: string; transfer: string; index: number; data: number[] } }
+  | { TransferFetch: { after: number } }
+  | { TransferAck: { through: number } }
+  | { BackupPut: { key_id: string; index: number; data: number[] } }
+  | { BackupFetch: { key_id: string; after: number | null } }
+  | { BackupDrop: { keep: string | null } };
 
 export type Result =
   | { Ok: Reply }
@@ -211,4 +226,8 @@ export type Target =
   | { Room: { room: string; except: string[] } }
   | { Users: { to: string[] } };
 
+export type TransferChunk = { id: number; from_device: string; transfer: string; index: number; data: number[] };
+
 export type UserPresence = { user: string; online: boolean; connections: number; admin: boolean; display_name: string | null; away: string | null };
+
+export type WaitingDevice = { device: string; signature_key: number[]; transfer_key: number[]; signature: number[]; since_ms: number; addr: string; state: string };

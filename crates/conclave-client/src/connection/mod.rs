@@ -1204,6 +1204,17 @@ fn is_resendable(req: &Request) -> bool {
         | Request::Away { .. }
         | Request::SetDisplayName { .. } => true,
         Request::Typing { .. } => false,
+        // Devices (issue 21): the backup's requests are idempotent; the others speak for the
+        // connection's device, which a new connection publishes again first (the callers
+        // retry them).
+        Request::DeviceDecide { .. }
+        | Request::BackupPut { .. }
+        | Request::BackupFetch { .. }
+        | Request::BackupDrop { .. } => true,
+        Request::DeviceAnnounce { .. }
+        | Request::TransferPut { .. }
+        | Request::TransferFetch { .. }
+        | Request::TransferAck { .. } => false,
         Request::E2eePublish { .. } | Request::E2eeCreate { .. } | Request::E2eeCommit { .. } => {
             false
         }

@@ -32,6 +32,10 @@ pub const COMMANDS: &[&str] = &[
     "cancel_file",
     "files",
     "devices",
+    "approve_device",
+    "reject_device",
+    "backup_enable",
+    "backup_disable",
     "quit",
     // Everyday chat, part B.
     "typing",
@@ -84,9 +88,24 @@ pub enum Action {
         e2ee: bool,
     },
     /// Devices and their safety numbers: this device's with no user, else the user's.
-    Devices { user: Option<String> },
+    Devices {
+        user: Option<String>,
+    },
+    /// Devices (issue 21): approve a device of this account that asks for history (and send
+    /// it this device's end-to-end history), or reject it.
+    ApproveDevice {
+        device: String,
+    },
+    RejectDevice {
+        device: String,
+    },
+    /// Turn the recovery-key backup on (or change its key) / off.
+    BackupEnable,
+    BackupDisable,
     /// Withdraw a file this client sent (stops a send under way; the server deletes it).
-    CancelFile { file_id: String },
+    CancelFile {
+        file_id: String,
+    },
     /// Edit, delete or react to a message by its id (`content`: the new text, the emoji).
     Act {
         msg_id: String,
@@ -110,7 +129,10 @@ pub enum Action {
     /// Unread messages and mentions per conversation, counted by this client.
     Unread,
     /// Mute or unmute a conversation's mention alerts (counts go on).
-    Mute { conv: ConvRef, muted: bool },
+    Mute {
+        conv: ConvRef,
+        muted: bool,
+    },
 }
 
 /// A line that is not a valid command: reply with `bad_request`.
@@ -267,6 +289,18 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
         "decline_file" => Request::FileDecline {
             file_id: f.req_str("file_id")?,
         },
+        "approve_device" => {
+            return Ok(Action::ApproveDevice {
+                device: f.req_str("device")?,
+            });
+        }
+        "reject_device" => {
+            return Ok(Action::RejectDevice {
+                device: f.req_str("device")?,
+            });
+        }
+        "backup_enable" => return Ok(Action::BackupEnable),
+        "backup_disable" => return Ok(Action::BackupDisable),
         "cancel_file" => {
             return Ok(Action::CancelFile {
                 file_id: f.req_str("file_id")?,

@@ -59,6 +59,9 @@ pub struct JsonOptions {
     pub progress_hook: Option<crate::files::ProgressFn>,
     /// Turn on end-to-end encryption (device state under the state directory).
     pub e2ee: bool,
+    /// Restore end-to-end history from the backup under this recovery key after connecting
+    /// (`--recovery-key-env`). Never printed.
+    pub recovery_key: Option<String>,
 }
 
 impl std::fmt::Debug for JsonOptions {
@@ -82,6 +85,7 @@ impl JsonOptions {
             congestion: None,
             progress_hook: None,
             e2ee: true,
+            recovery_key: None,
         }
     }
 }
@@ -125,6 +129,9 @@ pub async fn run(
     let (out, out_rx) = mpsc::channel::<String>(opts.output_queue_lines.max(1));
     // Nothing else can be queued yet, so the connected line is first.
     let _ = out.send(line(&render::connected(&session))).await;
+    if let Some(key) = opts.recovery_key.as_deref() {
+        restore(&client, key, &out).await?;
+    }
 
     let output_failed = CancellationToken::new();
     let quitting = Arc::new(AtomicBool::new(false));
@@ -169,6 +176,36 @@ async fn e2ee_request(client: &Client, req: Request) -> Result<Map<String, Value
             Ok(m)
         }
         _ => Ok(Map::new()),
+    }
+}
+
+/// Restores the backup of a recovery key before any command is read: `history_progress`
+/// lines, then `history_received`; an error stops the client (a wrong key should not go
+/// unnoticed).
+async fn restore(
+    client: &Client,
+    key: &str,
+    out: &mpsc::Sender<String>,
+) -> Result<(), ClientError> {
+    let progress_out = out.clone();
+    let progress = move |done: u64| {
+        let v = serde_json::json!({
+            "event": "e2ee", "kind": "history_progress", "direction": "restore",
+            "device": "backup", "messages": done,
+        });
+        let _ = progress_out.try_send(line(&v));
+    };
+    match client.restore_backup(key, progress).await {
+        Ok((conversations, messages)) => {
+            let v = serde_json::json!({
+                "event": "e2ee", "kind": "history_received", "conversations": conversations,
+                "messages": messages, "from": "backup",
+            });
+            let _ = out.send(line(&v)).await;
+            Ok(())
+        }
+        // Nothing is written yet (the writer starts after this): the caller reports it.
+        Err(e) => Err(e),
     }
 }
 
@@ -392,6 +429,64 @@ impl Driver {
                     m.insert("act_id".into(), r.msg_id.into());
                     m.insert("seq".into(), r.seq.into());
                     Ok(m)
+                })
+                .await;
+                return None;
+            }
+            Action::ApproveDevice { device } => {
+                let (client, out) = (self.client.clone(), self.out.clone());
+                let to = device.clone();
+                self.spawn_call(id, async move {
+                    // Progress lines are dropped rather than waited for when output is behind.
+                    let progress = move |done: u64, total: u64| {
+                        let v = serde_json::json!({
+                            "event": "e2ee", "kind": "history_progress", "direction": "send",
+                            "device": to, "messages": done, "total": total,
+                        });
+                        let _ = out.try_send(line(&v));
+                    };
+                    let r = client.approve_device(&device, progress).await?;
+                    let mut m = Map::new();
+                    m.insert("device".into(), r.device.into());
+                    m.insert("conversations".into(), r.conversations.into());
+                    m.insert("messages".into(), r.messages.into());
+                    m.insert("chunks".into(), r.chunks.into());
+                    Ok(m)
+                })
+                .await;
+                return None;
+            }
+            Action::RejectDevice { device } => {
+                let client = self.client.clone();
+                self.spawn_call(id, async move {
+                    client.reject_device(&device).await?;
+                    let mut m = Map::new();
+                    m.insert("device".into(), device.into());
+                    Ok(m)
+                })
+                .await;
+                return None;
+            }
+            Action::BackupEnable => {
+                let client = self.client.clone();
+                self.spawn_call(id, async move {
+                    let key = client.backup_enable().await?;
+                    let mut m = Map::new();
+                    m.insert("recovery_key".into(), key.into());
+                    m.insert(
+                        "note".into(),
+                        "shown once: write it down; with it, a new device restores your history (--recovery-key-env)".into(),
+                    );
+                    Ok(m)
+                })
+                .await;
+                return None;
+            }
+            Action::BackupDisable => {
+                let client = self.client.clone();
+                self.spawn_call(id, async move {
+                    client.backup_disable().await?;
+                    Ok(Map::new())
                 })
                 .await;
                 return None;

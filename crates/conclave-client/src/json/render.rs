@@ -137,6 +137,16 @@ pub fn event(e: &Event) -> Value {
         Event::FileCancelled { file_id, by } => {
             json!({"event": "file_cancelled", "file_id": file_id, "by": by})
         }
+        // Turned into `e2ee` events by the end-to-end layer (see `device_notice`).
+        Event::DeviceWaiting(w) => json!({
+            "event": "e2ee", "kind": if w.state == "waiting" { "device_waiting" } else { "device_decided" },
+            "device": w.device, "state": w.state,
+            "safety_number": conclave_e2ee::key_fingerprint(&w.signature_key),
+            "since": w.since_ms, "address": w.addr,
+        }),
+        Event::TransferReady { device } => {
+            json!({"event": "transfer_ready", "device": device})
+        }
         // Everyday chat, part B.
         Event::Typing { conv, user } => {
             let mut v = json!({"event": "typing", "user": user});
@@ -318,7 +328,11 @@ fn conv_fields(conv: &conclave_proto::Conv) -> Value {
 /// End-to-end encryption news, as `e2ee` events (`"kind"` says which).
 fn e2ee_notice(n: &crate::e2ee::E2eeNotice) -> Value {
     use crate::e2ee::E2eeNotice as N;
+    if let N::Device(d) = n {
+        return device_notice(d);
+    }
     let (kind, conv, mut extra) = match n {
+        N::Device(_) => return json!({}),
         N::Joined { conv } => (
             "joined",
             conv,
@@ -358,6 +372,43 @@ fn e2ee_notice(n: &crate::e2ee::E2eeNotice) -> Value {
         m.insert("kind".into(), json!(kind));
     }
     extra
+}
+
+/// News about the account's devices and history (issue 21), as `e2ee` events.
+fn device_notice(d: &crate::devices::DeviceNotice) -> Value {
+    use crate::devices::DeviceNotice as D;
+    match d {
+        D::Waiting {
+            device,
+            safety_number,
+            since_ms,
+            addr,
+        } => json!({
+            "event": "e2ee", "kind": "device_waiting", "device": device,
+            "safety_number": safety_number, "since": since_ms, "address": addr,
+        }),
+        D::Decided { device, state } => json!({
+            "event": "e2ee", "kind": "device_decided", "device": device, "state": state,
+        }),
+        D::Received {
+            conversations,
+            messages,
+            from,
+            safety_number,
+        } => json!({
+            "event": "e2ee", "kind": "history_received", "conversations": conversations,
+            "messages": messages, "from": from, "safety_number": safety_number,
+        }),
+        D::Progress {
+            direction,
+            device,
+            done,
+            total,
+        } => json!({
+            "event": "e2ee", "kind": "history_progress", "direction": direction,
+            "device": device, "messages": done, "total": total,
+        }),
+    }
 }
 
 /// The first line after login.
@@ -447,6 +498,15 @@ fn reply_fields(reply: &Reply) -> Map<String, Value> {
         Reply::E2eeConvs(convs) => {
             json!({"conversations": convs.iter().map(conv_fields).collect::<Vec<_>>()})
         }
+        Reply::DevicesWaiting(w) => json!({"devices": w.iter().map(|w| json!({
+            "device": w.device,
+            "state": w.state,
+            "safety_number": conclave_e2ee::key_fingerprint(&w.signature_key),
+            "since": w.since_ms,
+            "address": w.addr,
+        })).collect::<Vec<_>>()}),
+        Reply::TransferChunks(c) => json!({"chunks": c.len()}),
+        Reply::BackupChunks(c) => json!({"segments": c.len()}),
         Reply::VoteCounted {
             votes,
             needed,

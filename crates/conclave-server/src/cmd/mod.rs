@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod chat;
+pub mod devices;
 pub mod e2ee;
 pub mod files;
 pub mod history;
