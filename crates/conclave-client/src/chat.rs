@@ -243,87 +243,6 @@ impl Attention {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(conv: Conv, from: &str, text: &str) -> Message {
-        Message {
-            msg_id: "m".into(),
-            conv,
-            from: from.into(),
-            seq: 1,
-            ts_ms: 0,
-            body: Body::text(text),
-            extra: None,
-        }
-    }
-
-    #[test]
-    fn mentions_are_whole_names() {
-        assert_eq!(mention_in("hi @bob", "bob", false), Some(Mention::Me));
-        assert_eq!(mention_in("@Bob: look", "bob", false), Some(Mention::Me));
-        assert_eq!(mention_in("thanks @bob.", "bob", false), Some(Mention::Me));
-        assert_eq!(mention_in("(@bob)", "bob", false), Some(Mention::Me));
-        assert_eq!(mention_in("hi @bobby", "bob", false), None);
-        assert_eq!(
-            mention_in("mail bob@example.org", "example.org", false),
-            None
-        );
-        assert_eq!(mention_in("hi bob", "bob", false), None);
-        assert_eq!(mention_in("@", "bob", false), None);
-        assert_eq!(mention_in("all: @room", "bob", true), Some(Mention::Room));
-        assert_eq!(mention_in("all: @room", "bob", false), None);
-        assert_eq!(mention_in("@room and @bob", "bob", true), Some(Mention::Me));
-    }
-
-    #[test]
-    fn mentions_count_apart_from_unread_and_mute_silences() {
-        let room = Conv::Room("general".into());
-        let mut a = Attention::default();
-        a.set_owner("general", Some("alice"));
-        let n = a.on_message(&msg(room.clone(), "carol", "lunch?"), "bob", false);
-        assert_eq!(n.mention, None);
-        let n = a.on_message(&msg(room.clone(), "carol", "@bob lunch?"), "bob", false);
-        assert!(n.alert);
-        // @room counts only from the owner.
-        a.on_message(&msg(room.clone(), "carol", "@room"), "bob", false);
-        let n = a.on_message(&msg(room.clone(), "alice", "@room deploy"), "bob", false);
-        assert_eq!(n.mention, Some(Mention::Room));
-        // Own messages do not count.
-        a.on_message(&msg(room.clone(), "bob", "@bob"), "bob", false);
-        assert_eq!(
-            a.counts(&room),
-            Counts {
-                unread: 4,
-                mentions: 2
-            }
-        );
-        a.set_muted(&room, true);
-        let n = a.on_message(&msg(room.clone(), "carol", "@bob again"), "bob", false);
-        assert_eq!((n.mention, n.alert), (Some(Mention::Me), false));
-        assert_eq!(a.counts(&room).mentions, 3);
-        a.read(&room);
-        assert_eq!(a.counts(&room), Counts::default());
-        // Seen as it arrives: not counted.
-        a.on_message(&msg(room.clone(), "carol", "@bob"), "bob", true);
-        assert_eq!(a.counts(&room), Counts::default());
-    }
-
-    #[test]
-    fn counts_are_bounded() {
-        let mut a = Attention::default();
-        for i in 0..MAX_ATTENTION_CONVS + 10 {
-            a.on_message(
-                &msg(Conv::Direct(vec![format!("u{i}")]), "x", "hi"),
-                "me",
-                false,
-            );
-        }
-        assert!(a.all().count() <= MAX_ATTENTION_CONVS);
-    }
-}
-
 /// [`conclave_e2ee::payload::Payload::Act`]'s code for a kind of act.
 pub(crate) fn act_code(kind: ActKind) -> u8 {
     use conclave_e2ee::payload::{ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT};
@@ -456,5 +375,86 @@ impl Client {
             Reply::Messages(m) => Ok(m),
             other => Err(unexpected("thread", &other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(conv: Conv, from: &str, text: &str) -> Message {
+        Message {
+            msg_id: "m".into(),
+            conv,
+            from: from.into(),
+            seq: 1,
+            ts_ms: 0,
+            body: Body::text(text),
+            extra: None,
+        }
+    }
+
+    #[test]
+    fn mentions_are_whole_names() {
+        assert_eq!(mention_in("hi @bob", "bob", false), Some(Mention::Me));
+        assert_eq!(mention_in("@Bob: look", "bob", false), Some(Mention::Me));
+        assert_eq!(mention_in("thanks @bob.", "bob", false), Some(Mention::Me));
+        assert_eq!(mention_in("(@bob)", "bob", false), Some(Mention::Me));
+        assert_eq!(mention_in("hi @bobby", "bob", false), None);
+        assert_eq!(
+            mention_in("mail bob@example.org", "example.org", false),
+            None
+        );
+        assert_eq!(mention_in("hi bob", "bob", false), None);
+        assert_eq!(mention_in("@", "bob", false), None);
+        assert_eq!(mention_in("all: @room", "bob", true), Some(Mention::Room));
+        assert_eq!(mention_in("all: @room", "bob", false), None);
+        assert_eq!(mention_in("@room and @bob", "bob", true), Some(Mention::Me));
+    }
+
+    #[test]
+    fn mentions_count_apart_from_unread_and_mute_silences() {
+        let room = Conv::Room("general".into());
+        let mut a = Attention::default();
+        a.set_owner("general", Some("alice"));
+        let n = a.on_message(&msg(room.clone(), "carol", "lunch?"), "bob", false);
+        assert_eq!(n.mention, None);
+        let n = a.on_message(&msg(room.clone(), "carol", "@bob lunch?"), "bob", false);
+        assert!(n.alert);
+        // @room counts only from the owner.
+        a.on_message(&msg(room.clone(), "carol", "@room"), "bob", false);
+        let n = a.on_message(&msg(room.clone(), "alice", "@room deploy"), "bob", false);
+        assert_eq!(n.mention, Some(Mention::Room));
+        // Own messages do not count.
+        a.on_message(&msg(room.clone(), "bob", "@bob"), "bob", false);
+        assert_eq!(
+            a.counts(&room),
+            Counts {
+                unread: 4,
+                mentions: 2
+            }
+        );
+        a.set_muted(&room, true);
+        let n = a.on_message(&msg(room.clone(), "carol", "@bob again"), "bob", false);
+        assert_eq!((n.mention, n.alert), (Some(Mention::Me), false));
+        assert_eq!(a.counts(&room).mentions, 3);
+        a.read(&room);
+        assert_eq!(a.counts(&room), Counts::default());
+        // Seen as it arrives: not counted.
+        a.on_message(&msg(room.clone(), "carol", "@bob"), "bob", true);
+        assert_eq!(a.counts(&room), Counts::default());
+    }
+
+    #[test]
+    fn counts_are_bounded() {
+        let mut a = Attention::default();
+        for i in 0..MAX_ATTENTION_CONVS + 10 {
+            a.on_message(
+                &msg(Conv::Direct(vec![format!("u{i}")]), "x", "hi"),
+                "me",
+                false,
+            );
+        }
+        assert!(a.all().count() <= MAX_ATTENTION_CONVS);
     }
 }

@@ -89,28 +89,6 @@ pub const DEFAULT_TYPING_INTERVAL_MS: u64 = 3_000;
 /// How long a client shows "typing" after a notice without a new one or a message.
 pub const TYPING_SHOWN_MS: i64 = 6_000;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_kind_has_one_content_type_and_back() {
-        for markdown in [false, true] {
-            for action in [false, true] {
-                let kind = TextKind { markdown, action };
-                assert_eq!(TextKind::of_content_type(kind.content_type()), Some(kind));
-            }
-        }
-        assert_eq!(
-            TextKind::of_content_type("text/plain"),
-            Some(TextKind::PLAIN)
-        );
-        assert_eq!(TextKind::of_content_type("text/html"), None);
-        assert_eq!(TextKind::of_content_type("application/mls-message"), None);
-        assert_eq!(TextKind::of_content_type("TEXT/PLAIN"), None);
-    }
-}
-
 /// Content type of the body of a [`ActKind::Delete`] in a server-encrypted conversation (the
 /// body is empty).
 pub const CONTENT_TYPE_DELETE: &str = "application/vnd.conclave.delete";
@@ -278,5 +256,27 @@ mod act_tests {
         assert!(check_emoji("", 32).is_err());
         assert!(check_emoji("a b", 32).is_err());
         assert!(check_emoji(&"x".repeat(33), 32).is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_one_content_type_and_back() {
+        for markdown in [false, true] {
+            for action in [false, true] {
+                let kind = TextKind { markdown, action };
+                assert_eq!(TextKind::of_content_type(kind.content_type()), Some(kind));
+            }
+        }
+        assert_eq!(
+            TextKind::of_content_type("text/plain"),
+            Some(TextKind::PLAIN)
+        );
+        assert_eq!(TextKind::of_content_type("text/html"), None);
+        assert_eq!(TextKind::of_content_type("application/mls-message"), None);
+        assert_eq!(TextKind::of_content_type("TEXT/PLAIN"), None);
     }
 }
