@@ -7,6 +7,7 @@
 // reconnect logs in again with the last sequence number seen of each conversation, so the
 // server sends what was missed, and nothing twice.
 
+import { describe } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
 import type { Target } from "./generated/protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
@@ -46,6 +47,8 @@ export interface Entry {
   from: string;
   ts: number;
   text: string;
+  /** The server's id of the message (edits and deletes name it). */
+  msgId?: string;
   /** A notice of the client (joins, errors), not a message. */
   notice?: boolean;
   file?: { fileId: string; name: string; size: number; sha256: string; key?: string };
@@ -385,9 +388,19 @@ export class Session {
 
   private showPlain(m: Message, live: boolean): void {
     const c = this.ensureConv(m.conv);
-    const body = m.body;
-    const text = body.content_type === CT_TEXT ? dec.decode(Uint8Array.from(body.data)) : `[${body.content_type}, ${body.data.length} bytes]`;
-    if (this.addEntry(c, { seq: m.seq, from: m.from, ts: m.ts_ms, text }, live)) void this.saveHistory(c);
+    const shown = describe(m);
+    if (shown.kind === "line") {
+      if (this.addEntry(c, { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id }, live)) void this.saveHistory(c);
+      return;
+    }
+    // An act changes the line it names (when loaded here); it is no line itself.
+    c.lastSeq = Math.max(c.lastSeq, m.seq);
+    const target = c.entries.find((e) => !e.notice && e.msgId === shown.target);
+    if (target !== undefined && shown.kind !== "reaction") {
+      target.text = shown.kind === "edit" ? `${shown.text} (edited)` : "(deleted)";
+      void this.saveHistory(c);
+    }
+    this.onChange();
   }
 
   private showPayload(m: Message, p: Payload | undefined, live: boolean): void {
@@ -454,7 +467,7 @@ export class Session {
     const list = msgs as Message[];
     if (list.length < HISTORY_PAGE) c.complete = true;
     for (const m of list) {
-      if (m.body.content_type === CT_TEXT) this.showPlain(m, false);
+      if (!isMls(m.body.content_type)) this.showPlain(m, false);
     }
     if (c.lastSeq === 0 && list.length > 0) c.lastSeq = Math.max(...list.map((m) => m.seq));
     this.onChange();

@@ -8,6 +8,8 @@ import { parseCommand, MAX_HISTORY_COUNT } from "../src/commands.js";
 import { decodePayload, encodePayload, type Payload } from "../src/payload.js";
 import { readVarint, writeVarint, fromHex, toHex } from "../src/bytes.js";
 import { open, seal, SEAL_CHUNK } from "../src/files.js";
+import { describe, CT_ACTION, CT_DELETE, CT_MARKDOWN } from "../src/acts.js";
+import type { Message } from "../src/protocol.js";
 
 test("slash commands parse as the terminal client's", () => {
   assert.deepEqual(parseCommand("hello"), { cmd: "say", text: "hello" });
@@ -64,4 +66,22 @@ test("sealed files open, and any change is refused", () => {
     // Truncated by one whole chunk: the last-chunk flag no longer matches.
     if (size > SEAL_CHUNK) assert.throws(() => open(key, sealed.subarray(0, 19 + SEAL_CHUNK + 16)));
   }
+});
+
+test("edits, deletes, reactions, /me and Markdown of server-encrypted conversations", () => {
+  const msg = (content_type: string, text: string, extra: Message["extra"] = null): Message => ({
+    msg_id: "m2", conv: { Room: "lab" }, from: "bob", seq: 2, ts_ms: 0,
+    body: { content_type, data: [...new TextEncoder().encode(text)] }, extra,
+  });
+  const on = (kind: "Edit" | "Delete" | "React" | "Unreact") => ({ reply_to: null, acts_on: { msg_id: "m1", kind }, state: null });
+  assert.deepEqual(describe(msg("text/plain", "hi")), { kind: "line", text: "hi" });
+  assert.deepEqual(describe(msg(CT_ACTION, "waves")), { kind: "line", text: "* bob waves" });
+  assert.deepEqual(describe(msg(CT_MARKDOWN, "**yes**")), { kind: "line", text: "**yes**" });
+  assert.deepEqual(describe(msg("text/plain", "fixed", on("Edit"))), { kind: "edit", target: "m1", text: "fixed" });
+  assert.deepEqual(describe(msg(CT_DELETE, "", on("Delete"))), { kind: "delete", target: "m1" });
+  assert.deepEqual(describe(msg("text/plain", "👍", on("React"))), { kind: "reaction", target: "m1" });
+  const state = (deleted: boolean, edited_ms: number | null) => ({ reply_to: null, acts_on: null, state: { edited_ms, edits: edited_ms === null ? 0 : 1, deleted, reactions: [] } });
+  assert.deepEqual(describe(msg("text/plain", "", state(true, null))), { kind: "line", text: "(deleted)" });
+  assert.deepEqual(describe(msg("text/plain", "new", state(false, 5))), { kind: "line", text: "new (edited)" });
+  assert.deepEqual(describe(msg("application/x-other", "abc")), { kind: "line", text: "[application/x-other, 3 bytes]" });
 });
