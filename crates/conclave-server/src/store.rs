@@ -803,7 +803,7 @@ impl Db {
             if take == 0 {
                 continue;
             }
-            let rows: Vec<(String, i64, String, i64, Vec<u8>, chat::ExtraCols)> = {
+            let rows: Vec<chat::StoredRow> = {
                 let mut st = self.conn.prepare_cached(&format!(
                     "SELECT msg_id, seq, sender, ts_ms, body, {} FROM messages
                      WHERE conv_id = ?1 AND seq > ?2
@@ -811,17 +811,8 @@ impl Db {
                      ORDER BY seq DESC LIMIT ?4",
                     chat::EXTRA_COLS
                 ))?;
-                st.query_map(params![conv_id, from, user, take], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        chat::ExtraCols::read(r, 5)?,
-                    ))
-                })?
-                .collect::<Result<_, _>>()?
+                st.query_map(params![conv_id, from, user, take], chat::read_stored)?
+                    .collect::<Result<_, _>>()?
             };
             let conv = conv_from_key(&key);
             for (msg_id, seq, from, ts_ms, sealed, cols) in rows.into_iter().rev() {
@@ -1218,7 +1209,7 @@ impl Db {
             .unwrap_or(i64::MAX);
         // Acts the server applied are in their targets' state, not in history. (End-to-end
         // conversations' acts are MLS messages of the log, which clients read through it.)
-        let rows: Vec<(String, i64, String, i64, Vec<u8>, chat::ExtraCols)> = {
+        let rows: Vec<chat::StoredRow> = {
             let mut st = self.conn.prepare_cached(&format!(
                 "SELECT msg_id, seq, sender, ts_ms, body, {} FROM messages
                  WHERE conv_id = ?1 AND seq < ?2 AND act_applied = 0
@@ -1226,17 +1217,8 @@ impl Db {
                  ORDER BY seq DESC LIMIT ?4",
                 chat::EXTRA_COLS
             ))?;
-            st.query_map(params![conv_id, before, viewer, limit], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    chat::ExtraCols::read(r, 5)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?
+            st.query_map(params![conv_id, before, viewer, limit], chat::read_stored)?
+                .collect::<Result<_, _>>()?
         };
         let mut out = Vec::new();
         let mut budget = PageBudget::default();

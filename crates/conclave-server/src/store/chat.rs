@@ -291,6 +291,22 @@ pub(super) struct ExtraCols {
 pub(super) const EXTRA_COLS: &str =
     "reply_to, act_on, act_kind, edited_ms, edits, deleted, reactions";
 
+/// A stored message as the readers of `messages` select it (`msg_id, seq, sender, ts_ms, body,`
+/// then [`EXTRA_COLS`]): id, sequence, sender, time, sealed body, the extra columns.
+pub(super) type StoredRow = (String, i64, String, i64, Vec<u8>, ExtraCols);
+
+/// Reads a [`StoredRow`].
+pub(super) fn read_stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        ExtraCols::read(r, 5)?,
+    ))
+}
+
 impl ExtraCols {
     /// Reads the [`EXTRA_COLS`] starting at column `i`.
     pub fn read(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<ExtraCols> {
@@ -587,18 +603,12 @@ impl Db {
              ORDER BY seq LIMIT ?4"
         );
         let after = after.map(|a| a.min(i64::MAX as u64) as i64).unwrap_or(0);
-        let rows: Vec<(String, i64, String, i64, Vec<u8>, ExtraCols)> = {
+        let rows: Vec<StoredRow> = {
             let mut st = self.conn.prepare_cached(&sql)?;
-            st.query_map(params![root, after, viewer, i64::from(limit) + 1], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    ExtraCols::read(r, 5)?,
-                ))
-            })?
+            st.query_map(
+                params![root, after, viewer, i64::from(limit) + 1],
+                read_stored,
+            )?
             .collect::<Result<_, _>>()?
         };
         let mut bytes = 0usize;
