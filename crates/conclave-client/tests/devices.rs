@@ -12,26 +12,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, add_users};
+use common::{TestServer, add_users, connect_e2ee as connect, grep_dir, none_for};
 use conclave_client::devices::DeviceNotice;
 use conclave_client::e2ee::E2eeNotice;
 use conclave_client::proto::{Bytes, ConvRef, ErrorCode, Request};
 use conclave_client::{Client, ClientError, ClientEvent, Events};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn connect(srv: &TestServer, user: &str, state: &Path) -> (Client, Events) {
-    let opts = common::options(srv, user, state, WAIT);
-    let (client, events, _) = tokio::time::timeout(WAIT, Client::connect(opts))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let events = client
-        .enable_e2ee(events, state, common::PASSWORD)
-        .await
-        .expect("e2ee on");
-    (client, events)
-}
 
 /// Waits (bounded) for the first event that `f` picks.
 #[track_caller]
@@ -54,16 +41,6 @@ fn wait_for<'a, T: 'a>(
     }
 }
 
-/// Nothing arrives for a while that `f` picks (bounded).
-async fn none_for(events: &mut Events, d: Duration, mut f: impl FnMut(&ClientEvent) -> bool) {
-    let _ = tokio::time::timeout(d, async {
-        while let Some(e) = events.recv().await {
-            assert!(!f(&e), "unexpected event: {e:?}");
-        }
-    })
-    .await;
-}
-
 fn waiting(e: &ClientEvent) -> Option<(String, String)> {
     match e {
         ClientEvent::E2ee(E2eeNotice::Device(DeviceNotice::Waiting {
@@ -84,24 +61,6 @@ fn received(e: &ClientEvent) -> Option<(u32, u64)> {
         })) => Some((*conversations, *messages)),
         _ => None,
     }
-}
-
-fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("dir").flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(needle.len()).any(|w| w == needle)
-            {
-                hits.push(p.display().to_string());
-            }
-        }
-    }
-    hits
 }
 
 async fn texts(c: &Client, room: &str) -> Vec<String> {

@@ -7,25 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, add_users};
+use common::{TestServer, add_users, connect_e2ee as connect};
 use conclave_client::e2ee::E2eeNotice;
 use conclave_client::proto::{Bytes, ConvRef, ErrorCode, Event, Request};
 use conclave_client::{Client, ClientError, ClientEvent, Events};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn connect(srv: &TestServer, user: &str, state: &Path) -> (Client, Events) {
-    let opts = common::options(srv, user, state, WAIT);
-    let (client, events, _) = tokio::time::timeout(WAIT, Client::connect(opts))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let events = client
-        .enable_e2ee(events, state, common::PASSWORD)
-        .await
-        .expect("e2ee on");
-    (client, events)
-}
 
 /// Waits (bounded) for the first event that `f` picks.
 #[track_caller]

@@ -4,29 +4,15 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, add_users};
+use common::{TestServer, add_users, connect_e2ee as connect, grep_dir};
 use conclave_client::e2ee::E2eeNotice;
 use conclave_client::proto::{ActKind, Conv, ConvRef, ErrorCode, Event, Message, Request};
 use conclave_client::{Client, ClientError, ClientEvent, Events};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn connect(srv: &TestServer, user: &str, state: &Path) -> (Client, Events) {
-    let opts = common::options(srv, user, state, WAIT);
-    let (client, events, _) = tokio::time::timeout(WAIT, Client::connect(opts))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let events = client
-        .enable_e2ee(events, state, common::PASSWORD)
-        .await
-        .expect("e2ee on");
-    (client, events)
-}
 
 /// The next message event in room `room` (bounded).
 async fn next_in(events: &mut Events, room: &str) -> Message {
@@ -57,24 +43,6 @@ async fn local(c: &Client, room: &str) -> Vec<Message> {
     c.history(ConvRef::Room(room.into()), 50, None)
         .await
         .expect("history")
-}
-
-fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("dir").flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(needle.len()).any(|w| w == needle)
-            {
-                hits.push(p.display().to_string());
-            }
-        }
-    }
-    hits
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

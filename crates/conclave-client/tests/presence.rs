@@ -11,26 +11,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, add_users};
+use common::{TestServer, add_users, connect_e2ee as connect, none_for};
 use conclave_client::chat::{Attention, Counts, Mention};
 use conclave_client::proto::chat::TextKind;
 use conclave_client::proto::{Conv, ConvRef, Event, Message, Target};
 use conclave_client::{Client, ClientEvent, Events};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn connect(srv: &TestServer, user: &str, state: &Path) -> (Client, Events) {
-    let opts = common::options(srv, user, state, WAIT);
-    let (client, events, _) = tokio::time::timeout(WAIT, Client::connect(opts))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let events = client
-        .enable_e2ee(events, state, common::PASSWORD)
-        .await
-        .expect("e2ee on");
-    (client, events)
-}
 
 /// Waits (bounded) for the first event that `f` picks.
 async fn wait_for<T>(events: &mut Events, mut f: impl FnMut(&ClientEvent) -> Option<T>) -> T {
@@ -44,16 +31,6 @@ async fn wait_for<T>(events: &mut Events, mut f: impl FnMut(&ClientEvent) -> Opt
     })
     .await
     .expect("the event comes in time")
-}
-
-/// Nothing that `f` picks arrives for a while (bounded).
-async fn none_for(events: &mut Events, d: Duration, mut f: impl FnMut(&ClientEvent) -> bool) {
-    let _ = tokio::time::timeout(d, async {
-        while let Some(e) = events.recv().await {
-            assert!(!f(&e), "unexpected event: {e:?}");
-        }
-    })
-    .await;
 }
 
 fn message_in(e: &ClientEvent, conv: &Conv) -> Option<Message> {

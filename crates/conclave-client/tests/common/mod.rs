@@ -119,3 +119,58 @@ pub fn add_admins(dir: &Path, names: &[&str]) {
         db.add_member(&config.default_room, name).expect("member");
     }
 }
+
+/// How long one connection of the end-to-end tests may take.
+pub const E2EE_CONNECT_WAIT: Duration = Duration::from_secs(30);
+
+/// Connects `user` (state in `state`) with end-to-end encryption on.
+pub async fn connect_e2ee(
+    srv: &TestServer,
+    user: &str,
+    state: &Path,
+) -> (conclave_client::Client, conclave_client::Events) {
+    let opts = options(srv, user, state, E2EE_CONNECT_WAIT);
+    let (client, events, _) =
+        tokio::time::timeout(E2EE_CONNECT_WAIT, conclave_client::Client::connect(opts))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+    let events = client
+        .enable_e2ee(events, state, PASSWORD)
+        .await
+        .expect("e2ee on");
+    (client, events)
+}
+
+/// The files under `dir` (recursively) whose bytes contain `needle`.
+pub fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("dir").flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+/// Nothing that `f` picks arrives for a while (bounded).
+pub async fn none_for(
+    events: &mut conclave_client::Events,
+    d: Duration,
+    mut f: impl FnMut(&conclave_client::ClientEvent) -> bool,
+) {
+    let _ = tokio::time::timeout(d, async {
+        while let Some(e) = events.recv().await {
+            assert!(!f(&e), "unexpected event: {e:?}");
+        }
+    })
+    .await;
+}
