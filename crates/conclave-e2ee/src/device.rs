@@ -877,7 +877,9 @@ impl Device {
             return Err(E2eeError::NoGroup);
         };
         if seq <= last {
-            if self.joined_seq(conv)?.is_some_and(|j| seq <= j) {
+            // Read during an earlier membership (a catch-up from an account position that
+            // lags this device, after it left and joined again): a duplicate, not unreadable.
+            if self.joined_seq(conv)?.is_some_and(|j| seq <= j) && !self.has_history(conv, seq)? {
                 return Ok(Processed::BeforeJoin);
             }
             return Ok(Processed::Duplicate);
@@ -1168,6 +1170,19 @@ impl Device {
     /// Leaves a conversation's group locally (a group the server did not take).
     pub fn forget_group(&self, conv: &str) -> Result<(), E2eeError> {
         self.tx(|d| d.forget_old_group(conv))
+    }
+
+    /// Whether the local history holds the conversation's entry `seq`.
+    fn has_history(&self, conv: &str, seq: u64) -> Result<bool, E2eeError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM conclave_history WHERE conv = ?1 AND seq = ?2",
+                params![conv, seq.min(i64::MAX as u64) as i64],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     pub(crate) fn put_history(

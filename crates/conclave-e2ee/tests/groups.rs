@@ -403,3 +403,53 @@ fn a_crash_around_a_commit_is_repaired() {
         Some("carol is back".into())
     );
 }
+
+/// A device that read a message, then left the group and joined it again, is given that
+/// message once more (a catch-up from an account position that lags the device): it is a
+/// duplicate, not "sent before this device joined". A message it never had still is.
+#[test]
+fn a_message_read_before_a_rejoin_is_a_duplicate() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let server = ServerSigner::generate().expect("server key");
+    let alice = Device::open(dirs[0].path(), "alice", "pw-a").expect("alice");
+    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("bob");
+    let gi = alice.create_group(CONV, server.public()).expect("create");
+    let mut log = Log {
+        state: GroupState::create(&gi, "alice", server.public()).expect("server follows"),
+        entries: Vec::new(),
+    };
+    let kp = bob.key_packages(1).expect("kp");
+    let out = alice.add_members(CONV, &kp).expect("add");
+    let seq = log.commit("alice", &out.commit).expect("add accepted");
+    alice.confirm(CONV, seq).expect("merge");
+    bob.join_welcome(CONV, &out.welcome.expect("welcome"), seq)
+        .expect("bob joins");
+    let m = alice.encrypt(CONV, &body("read once")).expect("enc");
+    let read = log.push("alice", &m);
+    assert_eq!(
+        text(&bob.process(CONV, read, "alice", 0, &m).expect("bob")),
+        Some("read once".into())
+    );
+    // Bob's device joins again (as after a removal and a return).
+    let gi = alice.group_info(CONV).expect("gi");
+    let out = bob.join_external(CONV, &gi).expect("external");
+    let seq = log.commit("bob", &out.commit).expect("join accepted");
+    bob.confirm_join(CONV, seq).expect("merge");
+    assert!(matches!(
+        bob.process(CONV, read, "alice", 0, &m).expect("again"),
+        Processed::Duplicate
+    ));
+    // Carol, new, never had it.
+    let carol = Device::open(dirs[2].path(), "carol", "pw-c").expect("carol");
+    let gi = {
+        log.catch_up(&alice);
+        alice.group_info(CONV).expect("gi")
+    };
+    let out = carol.join_external(CONV, &gi).expect("external");
+    let seq = log.commit("carol", &out.commit).expect("join accepted");
+    carol.confirm_join(CONV, seq).expect("merge");
+    assert!(matches!(
+        carol.process(CONV, read, "alice", 0, &m).expect("old"),
+        Processed::BeforeJoin
+    ));
+}
