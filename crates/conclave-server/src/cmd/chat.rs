@@ -45,6 +45,8 @@ async fn lookup(conn: &Conn, user: &str, msg_id: &str) -> Result<Option<TargetRo
 pub struct CheckedRefs {
     pub except: Option<Vec<String>>,
     pub body: Option<Body>,
+    /// The audit record to write once the act is committed (a delete of another's message).
+    pub audit: Option<(crate::audit::Kind, crate::audit::Fields)>,
 }
 
 /// Checks a send's reply or act against the rules. `conv` is the send's conversation (its
@@ -60,6 +62,7 @@ pub async fn check(
     let mut out = CheckedRefs {
         except: None,
         body: None,
+        audit: None,
     };
     if refs.reply_to.is_some() && refs.acts_on.is_some() {
         return Err(ErrorBody::new(
@@ -172,8 +175,7 @@ pub async fn check(
                 if let Conv::Room(r) = conv {
                     fields = fields.room(r);
                 }
-                conn.shared
-                    .audit(crate::audit::Kind::MessageDeleted, fields);
+                out.audit = Some((crate::audit::Kind::MessageDeleted, fields));
             }
         }
         ActKind::React | ActKind::Unreact => {

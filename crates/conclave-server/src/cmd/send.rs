@@ -38,6 +38,7 @@ pub async fn send(
     }
     let mut checked = checked?;
     let mut body = body;
+    let mut audit = None;
     if let Some(r) = &refs {
         let c = super::chat::check(conn, user, &checked.conv, &body, r).await?;
         if let Some(except) = c.except {
@@ -46,7 +47,19 @@ pub async fn send(
         if let Some(b) = c.body {
             body = b;
         }
+        audit = c.audit;
     }
+    // An audited act is recorded once it is committed, never for one that failed.
+    let notify = audit.map(|(kind, fields)| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let shared = conn.shared.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(_)) = rx.await {
+                shared.audit(kind, fields);
+            }
+        });
+        tx
+    });
     // The permit first: the group's lock (end-to-end conversations) is held only from the
     // check until the message is queued, never while this connection waits for its own sends.
     let permit = conn
@@ -70,7 +83,7 @@ pub async fn send(
             outbox: conn.outbox.clone(),
             req_id: id,
             permit: Some(permit),
-            notify: None,
+            notify,
             silent: false,
         },
     };
