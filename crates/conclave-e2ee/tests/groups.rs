@@ -32,6 +32,28 @@ impl Log {
     }
 }
 
+/// Alice's and Bob's devices (in `dirs[0]` and `dirs[1]`), the conversation's group created by
+/// Alice, and the server's log of it, with no member added yet.
+fn alice_creates(dirs: &[tempfile::TempDir]) -> (Device, Device, Log) {
+    let server = ServerSigner::generate().expect("server key");
+    let alice = Device::open(dirs[0].path(), "alice", "pw-a").expect("alice");
+    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("bob");
+    let gi = alice.create_group(CONV, server.public()).expect("create");
+    let log = Log {
+        state: GroupState::create(&gi, "alice", server.public()).expect("server follows"),
+        entries: Vec::new(),
+    };
+    (alice, bob, log)
+}
+
+/// `user`'s device joins by external commit from `gi`; the server accepts it. Returns its seq.
+fn join_external(log: &mut Log, d: &Device, user: &str, gi: &[u8]) -> u64 {
+    let out = d.join_external(CONV, gi).expect("external");
+    let seq = log.commit(user, &out.commit).expect("join accepted");
+    d.confirm_join(CONV, seq).expect("merge");
+    seq
+}
+
 fn text(p: &Processed) -> Option<String> {
     match p {
         Processed::App {
@@ -338,14 +360,7 @@ fn a_file_description_is_bound_to_its_sender() {
 #[test]
 fn a_crash_around_a_commit_is_repaired() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
-    let server = ServerSigner::generate().expect("server key");
-    let alice = Device::open(dirs[0].path(), "alice", "pw-a").expect("alice");
-    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("bob");
-    let gi = alice.create_group(CONV, server.public()).expect("create");
-    let mut log = Log {
-        state: GroupState::create(&gi, "alice", server.public()).expect("server follows"),
-        entries: Vec::new(),
-    };
+    let (alice, bob, mut log) = alice_creates(&dirs);
     let kp = bob.key_packages(1).expect("kp");
     let out = alice.add_members(CONV, &kp).expect("add");
     let seq = log.commit("alice", &out.commit).expect("accepted");
@@ -410,14 +425,7 @@ fn a_crash_around_a_commit_is_repaired() {
 #[test]
 fn a_message_read_before_a_rejoin_is_a_duplicate() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
-    let server = ServerSigner::generate().expect("server key");
-    let alice = Device::open(dirs[0].path(), "alice", "pw-a").expect("alice");
-    let bob = Device::open(dirs[1].path(), "bob", "pw-b").expect("bob");
-    let gi = alice.create_group(CONV, server.public()).expect("create");
-    let mut log = Log {
-        state: GroupState::create(&gi, "alice", server.public()).expect("server follows"),
-        entries: Vec::new(),
-    };
+    let (alice, bob, mut log) = alice_creates(&dirs);
     let kp = bob.key_packages(1).expect("kp");
     let out = alice.add_members(CONV, &kp).expect("add");
     let seq = log.commit("alice", &out.commit).expect("add accepted");
@@ -432,9 +440,7 @@ fn a_message_read_before_a_rejoin_is_a_duplicate() {
     );
     // Bob's device joins again (as after a removal and a return).
     let gi = alice.group_info(CONV).expect("gi");
-    let out = bob.join_external(CONV, &gi).expect("external");
-    let seq = log.commit("bob", &out.commit).expect("join accepted");
-    bob.confirm_join(CONV, seq).expect("merge");
+    join_external(&mut log, &bob, "bob", &gi);
     assert!(matches!(
         bob.process(CONV, read, "alice", 0, &m).expect("again"),
         Processed::Duplicate
@@ -445,9 +451,7 @@ fn a_message_read_before_a_rejoin_is_a_duplicate() {
         log.catch_up(&alice);
         alice.group_info(CONV).expect("gi")
     };
-    let out = carol.join_external(CONV, &gi).expect("external");
-    let seq = log.commit("carol", &out.commit).expect("join accepted");
-    carol.confirm_join(CONV, seq).expect("merge");
+    join_external(&mut log, &carol, "carol", &gi);
     assert!(matches!(
         carol.process(CONV, read, "alice", 0, &m).expect("old"),
         Processed::BeforeJoin
