@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, add_users, connect_e2ee as connect};
+use common::{TestServer, add_users, connect_e2ee as connect, grep_dir};
 use conclave_client::e2ee::E2eeNotice;
 use conclave_client::proto::{Bytes, ConvRef, ErrorCode, Event, Request};
 use conclave_client::{Client, ClientError, ClientEvent, Events};
@@ -52,24 +52,6 @@ async fn none_for(events: &mut Events, d: Duration, mut f: impl FnMut(&ClientEve
         }
     })
     .await;
-}
-
-fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("dir").flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(needle.len()).any(|w| w == needle)
-            {
-                hits.push(p.display().to_string());
-            }
-        }
-    }
-    hits
 }
 
 async fn setup(names: &[&str], tweak: impl Fn(&mut conclave_server::Config)) -> TestServer {
