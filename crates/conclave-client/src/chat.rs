@@ -364,6 +364,10 @@ impl Client {
         limit: u32,
         after: Option<u64>,
     ) -> Result<Vec<Message>, ClientError> {
+        // An end-to-end conversation's thread is read from this device's own history.
+        if let Some(found) = self.local_thread(msg_id, limit, after) {
+            return found;
+        }
         match self
             .request(Request::Thread {
                 msg_id: msg_id.to_string(),
