@@ -65,6 +65,7 @@ impl Client {
     }
 
     /// Away with a message (`Some`), or back (`None`).
+    /// The message stays set across reconnects of this session.
     pub async fn away(&self, text: Option<&str>) -> Result<(), ClientError> {
         self.request(Request::Away {
             text: text.map(str::to_string),
