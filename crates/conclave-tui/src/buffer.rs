@@ -172,7 +172,7 @@ impl Entry {
                 Vec::new(),
             ),
         };
-        let mention = m.from != me && mentions(&text, me);
+        let mention = m.from != me && mentions(&outside_code(&text, &styles), me);
         Entry {
             ts_ms: m.ts_ms,
             kind: EntryKind::Message {
@@ -223,6 +223,22 @@ fn shown_text(from: &str, text: &str, kind: TextKind) -> (String, Vec<crate::mar
         shown.insert_str(0, &prefix);
     }
     (shown, styles)
+}
+
+/// The rendered text with its code spans and blocks blanked (a name in code is no mention).
+fn outside_code(text: &str, styles: &[crate::markdown::StyleRun]) -> String {
+    if !styles.iter().any(|r| r.marks.code) {
+        return text.to_string();
+    }
+    text.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            let code = styles
+                .iter()
+                .any(|r| r.marks.code && r.start <= i && i < r.end);
+            if code { ' ' } else { c }
+        })
+        .collect()
 }
 
 /// Whether `text` names `me` as a word (case does not matter; `@me` counts).
@@ -435,6 +451,12 @@ mod tests {
         assert!(mentions("alice.", "alice"));
         assert!(!mentions("malice aforethought", "alice"));
         assert!(!mentions("alice2 is here", "alice"));
+        // Not in code.
+        let mut m = msg(1, "bob", "try `alice --help` or\n```\nalice\n```");
+        m.body.content_type = conclave_proto::chat::CONTENT_TYPE_MARKDOWN.into();
+        assert!(!Entry::message(&m, "alice").mention);
+        m.body.data = b"**alice**, see `x`".to_vec();
+        assert!(Entry::message(&m, "alice").mention);
     }
 
     #[test]
