@@ -353,6 +353,11 @@ impl Client {
                 limit,
                 before,
             } => Reply::Messages(self.history(conv, limit, before).await?),
+            Request::Thread {
+                msg_id,
+                limit,
+                after,
+            } => Reply::Messages(self.thread(&msg_id, limit, after).await?),
             Request::Search {
                 query,
                 room,

@@ -292,6 +292,9 @@ pub struct Buffer {
     pub jump_to: Option<u64>,
     /// The entry to highlight (the search result jumped to).
     pub highlight: Option<String>,
+    /// The message chosen with Alt-Up / Alt-Down, which `/reply`, `/edit`, `/delete`,
+    /// `/react` and `/thread` act on.
+    pub selected: Option<String>,
 }
 
 impl Buffer {
@@ -308,6 +311,7 @@ impl Buffer {
             scroll: 0,
             jump_to: None,
             highlight: None,
+            selected: None,
         }
     }
 

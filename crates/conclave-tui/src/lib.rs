@@ -32,6 +32,7 @@ pub mod remember;
 mod shell;
 mod terminal;
 pub mod text;
+pub mod thread;
 pub mod view;
 
 use std::io::IsTerminal;
