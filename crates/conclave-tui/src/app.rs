@@ -1640,10 +1640,17 @@ impl App {
                     self.error("this is the status buffer: switch to a conversation first");
                     return Vec::new();
                 }
-                match self.target_message(thread::any, thread::others, "message from someone else") {
+                match self.target_message(thread::any, thread::others, "message from someone else")
+                {
                     Ok(id) => {
                         self.buffers[self.current].selected = None;
-                        self.send_full(key, Vec::new(), &text, conclave_client::proto::chat::TextKind::PLAIN, Some(id))
+                        self.send_full(
+                            key,
+                            Vec::new(),
+                            &text,
+                            conclave_client::proto::chat::TextKind::PLAIN,
+                            Some(id),
+                        )
                     }
                     Err(e) => {
                         self.error(&e);
@@ -2110,7 +2117,10 @@ impl App {
                             reply_to: Some(reply_to),
                             ..Default::default()
                         };
-                        self.lines.entry(key.clone()).or_default().insert(msg_id.clone(), line);
+                        self.lines
+                            .entry(key.clone())
+                            .or_default()
+                            .insert(msg_id.clone(), line);
                     }
                 }
                 self.thread_receipt(local, Some((&msg_id, seq, ts_ms)));

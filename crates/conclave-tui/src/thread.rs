@@ -119,7 +119,10 @@ mod tests {
         assert!(!p.holds(&ConvKey::Room("other".into()), &reply));
         // A live reply before the page, then the page with the root and that reply again.
         p.add(&reply, "alice");
-        p.loaded(&[msg("r", 1, None), reply.clone(), msg("b", 4, Some("r"))], "alice");
+        p.loaded(
+            &[msg("r", 1, None), reply.clone(), msg("b", 4, Some("r"))],
+            "alice",
+        );
         let ids: Vec<_> = p.buffer.entries.iter().filter_map(|e| e.msg_id()).collect();
         assert_eq!(ids, vec!["r", "a", "b"]);
         assert_eq!(p.replies(), 2);

@@ -259,7 +259,11 @@ fn entry_lines(
             spans.push(Span::raw(" ".repeat(TIME_COLUMNS + nick_w)));
         }
         spans.push(Span::styled(
-            if selected { SELECTED_SEPARATOR } else { SEPARATOR },
+            if selected {
+                SELECTED_SEPARATOR
+            } else {
+                SEPARATOR
+            },
             Style::default().fg(Color::DarkGray),
         ));
         for (piece, marks) in row {

@@ -22,10 +22,11 @@ impl App {
         let with_ids: Vec<usize> = (0..b.entries.len())
             .filter(|&n| b.entries[n].msg_id().is_some())
             .collect();
-        let at = b
-            .selected
-            .as_deref()
-            .and_then(|id| with_ids.iter().position(|&n| b.entries[n].msg_id() == Some(id)));
+        let at = b.selected.as_deref().and_then(|id| {
+            with_ids
+                .iter()
+                .position(|&n| b.entries[n].msg_id() == Some(id))
+        });
         let next = match (at, up) {
             (None, true) => with_ids.last().copied(),
             (None, false) => None,
@@ -83,7 +84,9 @@ impl App {
             return if selected(e, me) {
                 Ok(id.clone())
             } else {
-                Err(format!("the selected message is not a {what} (Esc lets go of it)"))
+                Err(format!(
+                    "the selected message is not a {what} (Esc lets go of it)"
+                ))
             };
         }
         b.entries
@@ -114,7 +117,10 @@ impl App {
         self.buffers[self.current].selected = None;
         self.thread = Some(ThreadPane::new(key.clone(), root.clone()));
         vec![self.request(
-            Pending::Thread { key, root: root.clone() },
+            Pending::Thread {
+                key,
+                root: root.clone(),
+            },
             Request::Thread {
                 msg_id: root,
                 limit: THREAD_PAGE,
