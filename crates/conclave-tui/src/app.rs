@@ -125,6 +125,8 @@ pub enum Action {
     },
     /// The direct conversations now open, to remember for the next start.
     RememberDirect(Vec<Vec<String>>),
+    /// The muted conversations now, to remember for the next start.
+    RememberMuted(Vec<ConvKey>),
     /// Leave: tell the server (when connected), restore the terminal, exit.
     Quit,
     /// Ring the terminal bell (a mention).

@@ -431,7 +431,12 @@ fn mentions_ring_set_the_title_count_apart_and_mute_silences() {
         "{actions:?}"
     );
     // Muted: counted, but no bell or title.
-    type_line(&mut app, "/mute");
+    let actions = type_line(&mut app, "/mute");
+    // Remembered for the next start (the shell writes it into the state directory).
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::RememberMuted(m) if m.contains(&ConvKey::Room("general".into())))),
+        "{actions:?}"
+    );
     app.update(Input::Key(KeyEvent::new(
         KeyCode::Char('n'),
         KeyModifiers::CONTROL,
@@ -445,7 +450,13 @@ fn mentions_ring_set_the_title_count_apart_and_mute_silences() {
         KeyCode::Char('p'),
         KeyModifiers::CONTROL,
     )));
-    type_line(&mut app, "/unmute");
+    let actions = type_line(&mut app, "/unmute");
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::RememberMuted(m) if m.is_empty())),
+        "{actions:?}"
+    );
     let actions = app.update(message(7, general(), "bob", Body::text("@room hello")));
     assert!(!actions.contains(&Action::Bell), "{actions:?}");
     app.chat.owners.insert("general".into(), "bob".into());

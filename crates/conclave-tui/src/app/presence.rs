@@ -87,7 +87,9 @@ impl App {
                     format!("{} is not muted any more", key.label())
                 };
                 self.say(NoticeKind::Info, &text);
-                Vec::new()
+                let mut muted: Vec<ConvKey> = self.chat.muted.iter().cloned().collect();
+                muted.sort();
+                vec![Action::RememberMuted(muted)]
             }
             Command::ReadReceipts(share) => {
                 let done = if share {
