@@ -562,6 +562,12 @@ fn render_chat(frame: &mut Frame, area: Rect, app: &App) {
     let title = format!("{title}{read_by}");
     let mut title_spans = vec![Span::raw(truncate(&title, a.title.width as usize))];
     if b.selected.is_some() {
+        if let Some(who) = app.selected_reactions() {
+            title_spans.push(Span::styled(
+                format!(" [{who}]"),
+                Style::default().fg(Color::LightYellow),
+            ));
+        }
         title_spans.push(Span::styled(
             " [selected: /reply /edit /delete /react /thread, Esc lets go]",
             Style::default().fg(Color::LightCyan),

@@ -512,6 +512,31 @@ fn a_selected_message_is_answered_edited_and_opened_as_a_thread() {
             "[selected:",
         ],
     );
+    // Who reacted, with what, shows for the selected message.
+    for (n, who) in [(10, "carol"), (11, "dave")] {
+        app.update(Input::Client(ClientEvent::Server(Event::Message(
+            Message {
+                msg_id: format!("m-{n}-{who}"),
+                conv: general(),
+                from: who.into(),
+                seq: n,
+                ts_ms: T0 + n as i64 * MINUTE,
+                body: Body::text("👍"),
+                extra: Some(Box::new(conclave_client::proto::Extra {
+                    acts_on: Some(conclave_client::proto::ActsOn {
+                        msg_id: "m-1-bob".into(),
+                        kind: conclave_client::proto::ActKind::React,
+                    }),
+                    ..Default::default()
+                })),
+            },
+        ))));
+    }
+    // (A wide emoji takes two cells: the screen text has a space after it.)
+    assert_shows(
+        &app,
+        &["which cable for the rig  [👍  2]", "[👍  carol, dave]"],
+    );
     // It is not mine: /edit says so and sends nothing.
     assert!(type_line(&mut app, "/edit nope").is_empty());
     assert_shows(&app, &["the selected message is not a message of yours"]);

@@ -60,6 +60,28 @@ impl App {
         }
     }
 
+    /// Who reacted to the selected message, with what: "👍 bob, carol · 🎉 dave".
+    pub fn selected_reactions(&self) -> Option<String> {
+        let b = self.current_buffer();
+        let line = self.lines.get(&b.key)?.get(b.selected.as_deref()?)?;
+        if line.reactions.is_empty() {
+            return None;
+        }
+        let names = self.nick_labels();
+        let parts: Vec<String> = line
+            .reactions
+            .iter()
+            .map(|(emoji, users)| {
+                let who: Vec<&str> = users
+                    .iter()
+                    .map(|u| names.get(u).map_or(u.as_str(), String::as_str))
+                    .collect();
+                format!("{} {}", crate::text::sanitize(emoji, false), who.join(", "))
+            })
+            .collect();
+        Some(parts.join(" · "))
+    }
+
     /// Whether the thread pane is shown under buffer `i`.
     pub fn thread_shown_for(&self, i: usize) -> bool {
         match (&self.thread, self.buffers.get(i)) {
