@@ -45,23 +45,41 @@ async fn local(c: &Client, room: &str) -> Vec<Message> {
         .expect("history")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
+/// A server with Alice, Bob and Carol, each with an end-to-end device (their state
+/// directories kept here), all three in the end-to-end room `lab`.
+struct Lab {
+    srv: TestServer,
+    _states: Vec<tempfile::TempDir>,
+}
+
+async fn three_in_lab() -> (Lab, [(Client, Events); 3]) {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     add_users(dir.path(), &["alice", "bob", "carol"]);
-    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
     let states: Vec<_> = (0..3)
         .map(|_| tempfile::tempdir().expect("state"))
         .collect();
-    let (alice, mut a_ev) = connect(&srv, "alice", states[0].path()).await;
-    let (bob, mut b_ev) = connect(&srv, "bob", states[1].path()).await;
-    let (carol, mut c_ev) = connect(&srv, "carol", states[2].path()).await;
+    let alice = connect(&srv, "alice", states[0].path()).await;
+    let bob = connect(&srv, "bob", states[1].path()).await;
+    let carol = connect(&srv, "carol", states[2].path()).await;
     alice
+        .0
         .create_room_e2ee("lab", false, None)
         .await
         .expect("create");
-    bob.join("lab", None).await.expect("bob joins");
-    carol.join("lab", None).await.expect("carol joins");
+    bob.0.join("lab", None).await.expect("bob joins");
+    carol.0.join("lab", None).await.expect("carol joins");
+    let lab = Lab {
+        srv,
+        _states: states,
+    };
+    (lab, [alice, bob, carol])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
+    let (lab, [(alice, mut a_ev), (bob, mut b_ev), (carol, mut c_ev)]) = three_in_lab().await;
+    let dir = lab.srv.dir.clone();
 
     let old = "typo-in-the-plan-zq1";
     let sent = alice.send_to_room("lab", old, &[]).await.expect("send");
@@ -181,7 +199,7 @@ async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
         );
     }
     drop((alice, bob, carol));
-    srv.stop(WAIT).await;
+    lab.srv.stop(WAIT).await;
 }
 
 /// Through the test kit's relay (5 ms one way with jitter), a member sees each message before
@@ -198,12 +216,7 @@ async fn through_the_relay_every_act_comes_after_its_message() {
         .map(|_| tempfile::tempdir().expect("state"))
         .collect();
     let (alice, _a_ev) = connect(&srv, "alice", states[0].path()).await;
-    let mut opts = common::options(&srv, "bob", states[1].path(), WAIT);
-    opts.server = relay.addr().to_string();
-    let (bob, b_ev, _) = tokio::time::timeout(WAIT, Client::connect(opts))
-        .await
-        .expect("connect in time")
-        .expect("connect");
+    let (bob, b_ev) = common::connect_via(&srv, &relay.addr(), "bob", states[1].path(), WAIT).await;
     let mut b_ev = bob
         .enable_e2ee(b_ev, states[1].path(), common::PASSWORD)
         .await
@@ -299,21 +312,7 @@ async fn through_the_relay_every_act_comes_after_its_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_of_an_end_to_end_room_come_from_local_history() {
     use conclave_client::proto::{Body, Refs, Target};
-    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    add_users(dir.path(), &["alice", "bob", "carol"]);
-    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
-    let states: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("state"))
-        .collect();
-    let (alice, mut a_ev) = connect(&srv, "alice", states[0].path()).await;
-    let (bob, mut b_ev) = connect(&srv, "bob", states[1].path()).await;
-    let (carol, mut c_ev) = connect(&srv, "carol", states[2].path()).await;
-    alice
-        .create_room_e2ee("lab", false, None)
-        .await
-        .expect("create");
-    bob.join("lab", None).await.expect("bob joins");
-    carol.join("lab", None).await.expect("carol joins");
+    let (lab, [(alice, mut a_ev), (bob, mut b_ev), (carol, mut c_ev)]) = three_in_lab().await;
 
     let root = alice
         .send_to_room("lab", "which cable for the rig", &[])
@@ -421,5 +420,5 @@ async fn threads_of_an_end_to_end_room_come_from_local_history() {
             .all(|id| *id != unrelated.msg_id && *id != hidden.msg_id)
     );
     drop((alice, bob, carol));
-    srv.stop(WAIT).await;
+    lab.srv.stop(WAIT).await;
 }

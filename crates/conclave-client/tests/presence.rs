@@ -324,12 +324,8 @@ async fn away_is_kept_across_a_reconnect() {
         .map(|_| tempfile::tempdir().expect("state"))
         .collect();
     let (alice, _a_ev) = connect(&srv, "alice", states[0].path()).await;
-    let mut opts = common::options(&srv, "bob", states[1].path(), WAIT);
-    opts.server = relay.addr().to_string();
-    let (bob, mut b_ev, _) = tokio::time::timeout(WAIT, Client::connect(opts))
-        .await
-        .expect("connect in time")
-        .expect("connect");
+    let (bob, mut b_ev) =
+        common::connect_via(&srv, &relay.addr(), "bob", states[1].path(), WAIT).await;
     let bob_away = |users: &[conclave_client::proto::UserPresence]| {
         users
             .iter()
