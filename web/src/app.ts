@@ -7,6 +7,7 @@ import { Session, errText, type ConvState, type Entry } from "./session.js";
 import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
+import { reactionsShown } from "./acts.js";
 
 type Attrs = Record<string, string>;
 
@@ -316,6 +317,10 @@ function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement): HTMLE
   const row = e.notice
     ? h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text)
     : h("div", { class: `row${e.from === s.state.user ? " own" : ""}` }, when, " ", h("strong", {}, e.from), " ", h("span", { class: "text" }, e.text));
+  const reactions = e.notice === true ? undefined : reactionsShown(e);
+  if (reactions !== undefined) {
+    row.append(" ", h("span", { class: "reactions", title: reactions.who, "aria-label": `reactions: ${reactions.who}` }, reactions.text));
+  }
   if (e.file !== undefined) {
     const file = e.file;
     const b = h("button", { type: "button", class: "secondary" }, `Save ${file.name}`);

@@ -7,7 +7,7 @@
 // reconnect logs in again with the last sequence number seen of each conversation, so the
 // server sends what was missed, and nothing twice.
 
-import { describe } from "./acts.js";
+import { ACT_DELETE, ACT_EDIT, ACT_NAMES, ACT_REACT, ACT_UNREACT, applyAct, bodyText, describe } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
 import type { Target } from "./generated/protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
@@ -52,6 +52,12 @@ export interface Entry {
   /** A notice of the client (joins, errors), not a message. */
   notice?: boolean;
   file?: { fileId: string; name: string; size: number; sha256: string; key?: string };
+  /** Deleted (an act): shown as "(deleted)". */
+  deleted?: boolean;
+  /** Emoji → who reacted. */
+  reactions?: Record<string, string[]>;
+  /** Bumped at every change by an act (the timeline renders the row again). */
+  rev?: number;
 }
 
 export interface ConvState {
@@ -395,11 +401,13 @@ export class Session {
     }
     // An act changes the line it names (when loaded here); it is no line itself.
     c.lastSeq = Math.max(c.lastSeq, m.seq);
-    const target = c.entries.find((e) => !e.notice && e.msgId === shown.target);
-    if (target !== undefined && shown.kind !== "reaction") {
-      target.text = shown.kind === "edit" ? `${shown.text} (edited)` : "(deleted)";
-      void this.saveHistory(c);
-    }
+    const changed =
+      shown.kind === "edit"
+        ? applyAct(c.entries, shown.target, ACT_EDIT, m.from, shown.text)
+        : shown.kind === "delete"
+          ? applyAct(c.entries, shown.target, ACT_DELETE, m.from, "")
+          : applyAct(c.entries, shown.target, shown.on ? ACT_REACT : ACT_UNREACT, m.from, shown.emoji);
+    if (changed) void this.saveHistory(c);
     this.onChange();
   }
 
@@ -407,8 +415,20 @@ export class Session {
     const c = this.ensureConv(m.conv, true);
     let entry: Entry;
     if (p?.kind === "body") {
-      const text = p.contentType === CT_TEXT ? dec.decode(p.data) : `[${p.contentType}, ${p.data.length} bytes]`;
-      entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text };
+      entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: bodyText(p.contentType, p.data, m.from), msgId: m.msg_id };
+    } else if (p?.kind === "act") {
+      // The server's cleartext reference (which it checked: only the author edits, and so on)
+      // must name the message and kind the sender signed, or the act is dropped.
+      c.lastSeq = Math.max(c.lastSeq, m.seq);
+      const named = m.extra?.acts_on ?? null;
+      if (named === null || named.msg_id !== p.msgId || named.kind !== ACT_NAMES[p.act]) {
+        this.notice(c.key, `an edit or reaction from ${m.from} was dropped: its reference does not match what was signed`);
+        return;
+      }
+      const content = p.act === ACT_EDIT ? bodyText(p.contentType, p.data, m.from) : dec.decode(p.data);
+      if (applyAct(c.entries, p.msgId, p.act, m.from, content)) void this.saveHistory(c);
+      this.onChange();
+      return;
     } else if (p?.kind === "file") {
       entry = {
         seq: m.seq,

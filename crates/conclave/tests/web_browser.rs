@@ -158,8 +158,18 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     bob.send(json!({"cmd": "join", "room": "lab", "id": 1}));
     bob.ok(json!(1));
     bob.send(json!({"cmd": "send", "room": "lab", "text": "hello from json", "id": 2}));
-    bob.ok(json!(2));
+    let hello = bob.ok(json!(2));
     web.op("wait_text", json!({"text": "hello from json"}));
+    // A native member's end-to-end edit and reaction (MLS messages) change the web line.
+    bob.send(json!({"cmd": "edit", "msg_id": hello["msg_id"], "text": "hello from json, fixed", "id": 40}));
+    bob.ok(json!(40));
+    web.op(
+        "wait_text",
+        json!({"text": "hello from json, fixed (edited)"}),
+    );
+    bob.send(json!({"cmd": "react", "msg_id": hello["msg_id"], "emoji": "👍", "id": 41}));
+    bob.ok(json!(41));
+    web.op("wait_text", json!({"text": "👍 1"}));
     web.op("type", json!({"text": "hi from the web"}));
     let m = bob.message("hi from the web");
     assert_eq!(m["from"], "alice");
@@ -377,8 +387,17 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
     let m = bob.message("plain hello from the web");
     assert_eq!(m["e2ee"], false, "{m}");
     bob.send(json!({"cmd": "send", "room": "town", "text": "plain hello from json", "id": 3}));
-    bob.ok(json!(3));
+    let plain = bob.ok(json!(3));
     web.op("wait_text", json!({"text": "plain hello from json"}));
+    // Server-encrypted acts too: an edit and a reaction change the line.
+    bob.send(
+        json!({"cmd": "edit", "msg_id": plain["msg_id"], "text": "plain hello, fixed", "id": 42}),
+    );
+    bob.ok(json!(42));
+    web.op("wait_text", json!({"text": "plain hello, fixed (edited)"}));
+    bob.send(json!({"cmd": "react", "msg_id": plain["msg_id"], "emoji": "🎉", "id": 43}));
+    bob.ok(json!(43));
+    web.op("wait_text", json!({"text": "🎉 1"}));
 
     // Files both ways in a server-encrypted room (relayed as they are), hashes checked.
     let files = tempfile::tempdir().expect("tmp");
