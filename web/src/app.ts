@@ -7,7 +7,7 @@ import { Session, errText, type ConvState, type Entry } from "./session.js";
 import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
-import { reactionsShown } from "./acts.js";
+import { ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, reactionsShown } from "./acts.js";
 
 type Attrs = Record<string, string>;
 
@@ -228,6 +228,18 @@ function showMain(root: HTMLElement, s: Session): void {
         if (room === undefined) return say(`/${c.cmd} works in a room`);
         if (c.cmd === "kick") return s.kick(room, c.user, c.reason);
         return s.votekick(room, c.user);
+      }
+      case "reply":
+      case "edit":
+      case "delete":
+      case "react":
+      case "me": {
+        if (key === undefined) return say("Open a conversation first");
+        if (c.cmd === "reply") return s.reply(key, c.text);
+        if (c.cmd === "me") return s.action(key, c.text);
+        if (c.cmd === "edit") return s.act(key, ACT_EDIT, c.text);
+        if (c.cmd === "delete") return s.act(key, ACT_DELETE, "");
+        return s.act(key, c.on ? ACT_REACT : ACT_UNREACT, c.emoji);
       }
       case "file":
         fileInput.click();

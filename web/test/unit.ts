@@ -24,6 +24,14 @@ test("slash commands parse as the terminal client's", () => {
   assert.equal(parseCommand("/history -3").cmd, "error");
   assert.equal(parseCommand("/nonsense").cmd, "error");
   assert.deepEqual(parseCommand("/kick mallory spamming a lot"), { cmd: "kick", user: "mallory", reason: "spamming a lot" });
+  assert.deepEqual(parseCommand("/reply the blue one"), { cmd: "reply", text: "the blue one" });
+  assert.deepEqual(parseCommand("/edit fixed text"), { cmd: "edit", text: "fixed text" });
+  assert.deepEqual(parseCommand("/delete"), { cmd: "delete" });
+  assert.deepEqual(parseCommand("/react 👍"), { cmd: "react", emoji: "👍", on: true });
+  assert.deepEqual(parseCommand("/unreact 👍"), { cmd: "react", emoji: "👍", on: false });
+  assert.deepEqual(parseCommand("/me waves"), { cmd: "me", text: "waves" });
+  assert.equal(parseCommand("/edit").cmd, "error");
+  assert.equal(parseCommand("/react").cmd, "error");
 });
 
 test("payloads round-trip and refuse trailing or short bytes", () => {

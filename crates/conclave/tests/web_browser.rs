@@ -174,6 +174,37 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     let m = bob.message("hi from the web");
     assert_eq!(m["from"], "alice");
     assert_eq!(m["e2ee"], true, "{m}");
+    // The web user answers, edits, reacts and acts, end to end; the JSON member sees each.
+    web.op("type", json!({"text": "/reply answered from the web"}));
+    let answer = bob.message("answered from the web");
+    assert_eq!(answer["reply_to"], hello["msg_id"], "{answer}");
+    web.op(
+        "wait_text",
+        json!({"text": "↪ bob: hello from json, fixed (edit"}),
+    );
+    web.op(
+        "type",
+        json!({"text": "/edit answered from the web, fixed"}),
+    );
+    let e = bob.expect("the web user's edit", |v| v["event"] == "edited");
+    assert_eq!(e["msg_id"], answer["msg_id"], "{e}");
+    assert_eq!(e["text"], "answered from the web, fixed", "{e}");
+    web.op(
+        "wait_text",
+        json!({"text": "answered from the web, fixed (edited)"}),
+    );
+    web.op("type", json!({"text": "/react 🎉"}));
+    let r = bob.expect("the web user's reaction", |v| v["event"] == "reaction");
+    assert_eq!(
+        (r["from"].clone(), r["emoji"].clone(), r["on"].clone()),
+        (json!("alice"), json!("🎉"), json!(true)),
+        "{r}"
+    );
+    web.op("wait_text", json!({"text": "🎉 1"}));
+    web.op("type", json!({"text": "/me waves from the web"}));
+    let a = bob.message("waves from the web");
+    assert_eq!(a["action"], true, "{a}");
+    web.op("wait_text", json!({"text": "* alice waves from the web"}));
     let marker = web.op("marker", json!({}));
     assert_eq!(marker["marker"], "End-to-end encrypted");
     shot(&mut web, "room", 1100, 700);
@@ -398,6 +429,10 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
     bob.send(json!({"cmd": "react", "msg_id": plain["msg_id"], "emoji": "🎉", "id": 43}));
     bob.ok(json!(43));
     web.op("wait_text", json!({"text": "🎉 1"}));
+    // And from the web in a server-encrypted room: a delete of its own message.
+    web.op("type", json!({"text": "/delete"}));
+    let d = bob.expect("the web user's delete", |v| v["event"] == "deleted");
+    assert_eq!(d["from"], "carol", "{d}");
 
     // Files both ways in a server-encrypted room (relayed as they are), hashes checked.
     let files = tempfile::tempdir().expect("tmp");
