@@ -3,7 +3,7 @@
 // "Message" that takes the terminal client's slash commands). Built with the DOM API only (no
 // inline script or style: the page runs under `default-src 'self'`).
 
-import { Session, errText, type ConvState, type Entry } from "./session.js";
+import { Session, errText, typingNow, type ConvState, type Entry } from "./session.js";
 import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
@@ -133,6 +133,7 @@ function showMain(root: HTMLElement, s: Session): void {
     if (key !== undefined && !s.isE2ee(key)) void s.loadHistory(key).catch(() => undefined);
   });
 
+  let typingTimer: number | undefined;
   const render = () => {
     const st = s.state;
     let totalUnread = 0;
@@ -156,9 +157,18 @@ function showMain(root: HTMLElement, s: Session): void {
     }
     navList.replaceChildren(...items);
     document.title = totalUnread > 0 ? `(${totalUnread}) Conclave` : "Conclave";
-    status.textContent = st.connected ? `${st.user} · ${st.status}` : st.status;
     const c: ConvState | undefined = st.current ? st.convs.get(st.current) : undefined;
-    title.textContent = c?.title ?? "No conversation";
+    const typers = c === undefined ? [] : typingNow(c, st.user, Date.now());
+    const typing = typers.length === 0 ? "" : ` · ${typers.slice(0, 3).join(", ")}${typers.length > 3 ? " and others" : ""} ${typers.length === 1 ? "is" : "are"} typing…`;
+    status.textContent = (st.connected ? `${st.user} · ${st.status}` : st.status) + typing;
+    if (typers.length > 0 && typingTimer === undefined) {
+      // Until the notices expire.
+      typingTimer = window.setTimeout(() => {
+        typingTimer = undefined;
+        render();
+      }, 1000);
+    }
+    title.textContent = c === undefined ? "No conversation" : c.topic !== undefined ? `${c.title} · ${c.topic}` : c.title;
     if (c !== undefined) {
       const e2ee = s.isE2ee(c.key);
       marker.textContent = e2ee ? "End-to-end encrypted" : "Server-encrypted";
@@ -170,6 +180,11 @@ function showMain(root: HTMLElement, s: Session): void {
     timeline.show(c?.key ?? "", c?.entries ?? []);
   };
   s.onChange = render;
+  composer.addEventListener("input", () => {
+    const key = s.state.current;
+    const v = composer.value;
+    if (key !== undefined && v.trim() !== "" && !v.startsWith("/")) s.typing(key);
+  });
   s.isVisible = () => document.visibilityState === "visible";
   s.onNotify = (t, body) => {
     if ("Notification" in window && Notification.permission === "granted" && document.visibilityState !== "visible") {
@@ -241,6 +256,17 @@ function showMain(root: HTMLElement, s: Session): void {
         if (c.cmd === "delete") return s.act(key, ACT_DELETE, "");
         return s.act(key, c.on ? ACT_REACT : ACT_UNREACT, c.emoji);
       }
+      case "topic": {
+        const room = key?.startsWith("r:") ? key.slice(2) : undefined;
+        if (room === undefined) return say("/topic works in a room");
+        return s.setTopic(room, c.text);
+      }
+      case "away":
+        await s.away(c.text ?? "away");
+        return say(`you are away${c.text !== undefined ? `: ${c.text}` : ""}`);
+      case "back":
+        await s.away(null);
+        return say("you are back");
       case "file":
         fileInput.click();
         return;

@@ -29,13 +29,16 @@ export type Command =
   | { cmd: "delete" }
   | { cmd: "react"; emoji: string; on: boolean }
   | { cmd: "me"; text: string }
+  | { cmd: "topic"; text: string }
+  | { cmd: "away"; text?: string }
+  | { cmd: "back" }
   | { cmd: "error"; message: string };
 
 export const HELP =
   "/join room [password] · /part [room] · /create room [private] [server] [password] · /invite user [room] · " +
   "/msg user[,user…] text · /query user[,user…] · /except user[,user…] text · /who [room] · /rooms · " +
   "/devices [user] · /history [count] · /search words · /kick user [reason] · /votekick user · /file · " +
-  "/reply text · /edit text · /delete · /react emoji · /unreact emoji · /me text · /theme · /about · /quit";
+  "/reply text · /edit text · /delete · /react emoji · /unreact emoji · /me text · /topic text · /away [text] · /back · /theme · /about · /quit";
 
 /** Most messages `/history` loads at once (as the TUI). */
 export const MAX_HISTORY_COUNT = 500;
@@ -117,6 +120,13 @@ export function parseCommand(line: string): Command {
       return need(arg(0) !== undefined, `/${head.toLowerCase()} emoji`) ?? { cmd: "react", emoji: arg(0) ?? "", on: head.toLowerCase() === "react" };
     case "me":
       return need(tail(0) !== "", "/me text") ?? { cmd: "me", text: tail(0) };
+    case "topic":
+      // "-" clears it, as in `conclave chat`.
+      return need(tail(0) !== "", "/topic text (- clears it)") ?? { cmd: "topic", text: tail(0) === "-" ? "" : tail(0) };
+    case "away":
+      return { cmd: "away", text: tail(0) || undefined };
+    case "back":
+      return { cmd: "back" };
     default:
       return { cmd: "error", message: `unknown command /${head}; /help lists them` };
   }

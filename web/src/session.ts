@@ -61,6 +61,8 @@ export const MAX_SEALED_KEYS = 10_000;
 export const FILL_PAGE = 100;
 /** Most entries read to catch up one conversation at once. */
 export const MAX_FILL = 10_000;
+/** Most people shown typing in one conversation. */
+export const MAX_TYPING = 50;
 
 export interface Entry {
   seq: number;
@@ -93,6 +95,23 @@ export interface ConvState {
   lastSeq: number;
   /** The oldest history was loaded. */
   complete: boolean;
+  /** A room's topic, as last heard. */
+  topic?: string;
+  /** Who is typing here, until when (ms since the epoch). */
+  typing?: Record<string, number>;
+}
+
+/** How long a typing notice shows (conclave-proto's TYPING_SHOWN_MS). */
+export const TYPING_SHOWN_MS = 6_000;
+/** At most one typing notice per conversation this often (its DEFAULT_TYPING_INTERVAL_MS). */
+export const TYPING_INTERVAL_MS = 3_000;
+
+/** Who is typing in `c` now, by name. */
+export function typingNow(c: ConvState, me: string, now: number): string[] {
+  return Object.entries(c.typing ?? {})
+    .filter(([u, until]) => u !== me && until > now)
+    .map(([u]) => u)
+    .sort();
 }
 
 export interface SessionState {
@@ -170,6 +189,8 @@ export class Session {
   private stopped = false;
   /** Keys of blockcast messages (by id, hex), and sealed messages waiting for theirs. */
   private sealedKeys = new Map<string, Uint8Array>();
+  /** When this client last said it was typing, by conversation. */
+  private typingSent = new Map<string, number>();
   private sealedWaiting = new Map<string, { m: Message; p: Payload; live: boolean }>();
   /** MLS messages of conversations this device is joining, until it is in. */
   private early = new Map<string, Message[]>();
@@ -521,6 +542,9 @@ export class Session {
     switch (name) {
       case "Message": {
         const m = body as Message;
+        // A message ends its sender's typing.
+        const typing = this.state.convs.get(convKey(m.conv))?.typing;
+        if (typing !== undefined) delete typing[m.from];
         if (isMls(m.body.content_type)) await this.processMls(m, true);
         else this.showPlain(m, true);
         break;
@@ -580,6 +604,25 @@ export class Session {
       case "Invited": {
         const i = body as { room: string; by: string };
         this.notice(undefined, `${i.by} invited you to #${i.room}: /join ${i.room}`);
+        break;
+      }
+      case "Typing": {
+        const t = body as { conv: Conv; user: string };
+        const c = this.state.convs.get(convKey(t.conv));
+        if (c === undefined || t.user === this.state.user) break;
+        const typing = c.typing ?? {};
+        // Bounded: the expired go first.
+        const now = Date.now();
+        for (const [u, until] of Object.entries(typing)) if (until <= now) delete typing[u];
+        if (Object.keys(typing).length < MAX_TYPING) typing[t.user] = now + TYPING_SHOWN_MS;
+        c.typing = typing;
+        break;
+      }
+      case "Topic": {
+        const t = body as { room: string; topic: string; by: string };
+        const c = this.ensureConv({ Room: t.room });
+        c.topic = t.topic === "" ? undefined : t.topic;
+        this.notice(c.key, t.topic === "" ? `${t.by} cleared the topic` : `${t.by} set the topic: ${t.topic}`);
         break;
       }
       case "Announce": {
@@ -968,11 +1011,42 @@ export class Session {
 
   async who(room?: string): Promise<string> {
     const [, users] = await this.request({ Who: { room: room ?? null } });
-    return (users as { user: string; online: boolean }[]).map((u) => `${u.user}${u.online ? "" : " (away)"}`).join(", ");
+    return (users as { user: string; online: boolean; away: string | null; display_name: string | null }[])
+      .map((u) => {
+        const name = u.display_name !== null ? `${u.display_name} (${u.user})` : u.user;
+        const state = !u.online ? " (offline)" : u.away !== null ? ` (away: ${u.away})` : "";
+        return name + state;
+      })
+      .join(", ");
+  }
+
+  /** Tells the conversation's members that I am typing, at most every few seconds. */
+  typing(key: string): void {
+    const c = this.state.convs.get(key);
+    const now = Date.now();
+    if (c === undefined || (this.typingSent.get(key) ?? 0) + TYPING_INTERVAL_MS > now) return;
+    this.typingSent.set(key, now);
+    void this.request({ Typing: { conv: this.convRef(c.conv) } }).catch(() => undefined);
+  }
+
+  async setTopic(room: string, topic: string): Promise<void> {
+    await this.request({ SetTopic: { room, topic } });
+    // The members hear it as an event; this connection has the reply.
+    const c = this.state.convs.get(convKey({ Room: room }));
+    if (c !== undefined) c.topic = topic === "" ? undefined : topic;
+    this.onChange();
+  }
+
+  async away(text: string | null): Promise<void> {
+    await this.request({ Away: { text } });
   }
 
   async rooms(): Promise<string> {
     const [, list] = await this.request("Rooms");
+    for (const r of list as { room: string; topic: string | null }[]) {
+      const c = this.state.convs.get(convKey({ Room: r.room }));
+      if (c !== undefined) c.topic = r.topic ?? undefined;
+    }
     return (list as { room: string; members: number; e2ee: boolean; member: boolean }[])
       .map((r) => `#${r.room} (${r.members} members, ${r.e2ee ? "end-to-end" : "server-encrypted"}${r.member ? ", joined" : ""})`)
       .join("; ");

@@ -108,6 +108,19 @@ async function handle(r: Req): Promise<Req> {
       const t = await log(current());
       return { count: t.split(s(r, "text")).length - 1 };
     }
+    case "wait_header": {
+      // The conversation's title (with its topic) or the status line shows this text.
+      const p = current();
+      const text = s(r, "text");
+      const deadline = Date.now() + WAIT_MS;
+      let shown = "";
+      while (Date.now() < deadline) {
+        shown = `${(await p.locator("#conv-title").textContent()) ?? ""} | ${(await p.getByRole("status").first().textContent()) ?? ""}`;
+        if (shown.includes(text)) return {};
+        await p.waitForTimeout(100);
+      }
+      throw new Error(`the header never showed ${JSON.stringify(text)}; it shows: ${shown}`);
+    }
     case "marker":
       return { marker: (await current().locator("#marker").textContent()) ?? "" };
     case "title":

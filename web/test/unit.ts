@@ -10,6 +10,7 @@ import { readVarint, writeVarint, fromHex, toHex } from "../src/bytes.js";
 import { open, seal, SEAL_CHUNK } from "../src/files.js";
 import { describe, applyAct, reactionsShown, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, type ActLine } from "../src/acts.js";
 import type { Message } from "../src/protocol.js";
+import { typingNow, type ConvState } from "../src/session.js";
 
 test("slash commands parse as the terminal client's", () => {
   assert.deepEqual(parseCommand("hello"), { cmd: "say", text: "hello" });
@@ -30,6 +31,11 @@ test("slash commands parse as the terminal client's", () => {
   assert.deepEqual(parseCommand("/react 👍"), { cmd: "react", emoji: "👍", on: true });
   assert.deepEqual(parseCommand("/unreact 👍"), { cmd: "react", emoji: "👍", on: false });
   assert.deepEqual(parseCommand("/me waves"), { cmd: "me", text: "waves" });
+  assert.deepEqual(parseCommand("/topic rigs and cables"), { cmd: "topic", text: "rigs and cables" });
+  assert.deepEqual(parseCommand("/topic -"), { cmd: "topic", text: "" });
+  assert.deepEqual(parseCommand("/away lunch"), { cmd: "away", text: "lunch" });
+  assert.deepEqual(parseCommand("/away"), { cmd: "away", text: undefined });
+  assert.deepEqual(parseCommand("/back"), { cmd: "back" });
   assert.equal(parseCommand("/edit").cmd, "error");
   assert.equal(parseCommand("/react").cmd, "error");
 });
@@ -121,4 +127,10 @@ test("acts change the line they name: only the author edits, reactions count who
   assert.equal(lines[0]?.text, "(deleted)");
   assert.equal(reactionsShown(lines[0] as ActLine), undefined);
   assert.equal(applyAct(lines, "m1", ACT_EDIT, "alice", "back"), false, "a deleted line stays deleted");
+});
+
+test("typing notices show for a while and never for me", () => {
+  const c = { typing: { bob: 2_000, carol: 500, alice: 5_000 } } as unknown as ConvState;
+  assert.deepEqual(typingNow(c, "alice", 1_000), ["bob"]);
+  assert.deepEqual(typingNow(c, "alice", 3_000), []);
 });

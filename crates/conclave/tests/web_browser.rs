@@ -205,6 +205,18 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     let a = bob.message("waves from the web");
     assert_eq!(a["action"], true, "{a}");
     web.op("wait_text", json!({"text": "* alice waves from the web"}));
+    // Typing and the topic: the web user sees the JSON member typing and sets the topic.
+    bob.send(json!({"cmd": "typing", "room": "lab", "id": 44}));
+    bob.ok(json!(44));
+    web.op("wait_header", json!({"text": "bob is typing…"}));
+    web.op("type", json!({"text": "/topic cables and rigs"}));
+    let t = bob.expect("the topic", |v| v["event"] == "topic");
+    assert_eq!(
+        (t["topic"].clone(), t["by"].clone()),
+        (json!("cables and rigs"), json!("alice")),
+        "{t}"
+    );
+    web.op("wait_header", json!({"text": "#lab · cables and rigs"}));
     let marker = web.op("marker", json!({}));
     assert_eq!(marker["marker"], "End-to-end encrypted");
     shot(&mut web, "room", 1100, 700);
