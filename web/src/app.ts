@@ -3,7 +3,7 @@
 // "Message" that takes the terminal client's slash commands). Built with the DOM API only (no
 // inline script or style: the page runs under `default-src 'self'`).
 
-import { Session, errText, typingNow, type ConvState, type Entry } from "./session.js";
+import { Session, errText, readByNow, typingNow, type ConvState, type Entry } from "./session.js";
 import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
@@ -169,6 +169,8 @@ function showMain(root: HTMLElement, s: Session): void {
       }, 1000);
     }
     title.textContent = c === undefined ? "No conversation" : c.topic !== undefined ? `${c.title} · ${c.topic}` : c.title;
+    const readers = c === undefined ? [] : readByNow(c, st.user);
+    if (readers.length > 0) status.textContent += ` · read by ${readers.slice(0, 5).join(", ")}${readers.length > 5 ? " and others" : ""}`;
     if (c !== undefined) {
       const e2ee = s.isE2ee(c.key);
       marker.textContent = e2ee ? "End-to-end encrypted" : "Server-encrypted";
@@ -256,6 +258,15 @@ function showMain(root: HTMLElement, s: Session): void {
         if (c.cmd === "delete") return s.act(key, ACT_DELETE, "");
         return s.act(key, c.on ? ACT_REACT : ACT_UNREACT, c.emoji);
       }
+      case "ban":
+        await s.ban(c.target, c.durationS ?? null, c.reason ?? null);
+        return say(`banned ${c.target.user ?? c.target.ip ?? ""}`);
+      case "unban":
+        await s.unban(c.target);
+        return say(`unbanned ${c.target.user ?? c.target.ip ?? ""}`);
+      case "announce":
+        await s.announce(c.text);
+        return;
       case "topic": {
         const room = key?.startsWith("r:") ? key.slice(2) : undefined;
         if (room === undefined) return say("/topic works in a room");

@@ -32,19 +32,36 @@ export type Command =
   | { cmd: "topic"; text: string }
   | { cmd: "away"; text?: string }
   | { cmd: "back" }
+  | { cmd: "ban"; target: { user?: string; ip?: string }; durationS?: number; reason?: string }
+  | { cmd: "unban"; target: { user?: string; ip?: string } }
+  | { cmd: "announce"; text: string }
   | { cmd: "error"; message: string };
 
 export const HELP =
   "/join room [password] · /part [room] · /create room [private] [server] [password] · /invite user [room] · " +
   "/msg user[,user…] text · /query user[,user…] · /except user[,user…] text · /who [room] · /rooms · " +
   "/devices [user] · /history [count] · /search words · /kick user [reason] · /votekick user · /file · " +
-  "/reply text · /edit text · /delete · /react emoji · /unreact emoji · /me text · /topic text · /away [text] · /back · /theme · /about · /quit";
+  "/reply text · /edit text · /delete · /react emoji · /unreact emoji · /me text · /topic text · /away [text] · /back · /ban user|ip [duration] [reason] · /unban user|ip · /announce text · /theme · /about · /quit";
 
 /** Most messages `/history` loads at once (as the TUI). */
 export const MAX_HISTORY_COUNT = 500;
 
 function users(list: string | undefined): string[] {
   return (list ?? "").split(",").map((u) => u.trim()).filter((u) => u.length > 0);
+}
+
+/** An address or network (`10.0.0.7`, `10.0.0.0/24`, `::1`) or else an account. */
+function banTarget(s: string): { user?: string; ip?: string } {
+  const addr = /^[0-9.]+(\/\d+)?$/.test(s) && s.includes(".") ? true : /^[0-9a-f:]+(\/\d+)?$/i.test(s) && s.includes(":");
+  return addr ? { ip: s } : { user: s.replace(/^@/, "") };
+}
+
+/** `30m`, `2h`, `7d`, `1w` (or seconds: `90s`) in seconds; undefined when it is not one. */
+function duration(s: string | undefined): number | undefined {
+  const m = /^(\d{1,9})([smhdw])$/.exec(s ?? "");
+  if (m === null) return undefined;
+  const unit = { s: 1, m: 60, h: 3_600, d: 86_400, w: 604_800 }[m[2] as "s" | "m" | "h" | "d" | "w"];
+  return Number(m[1]) * unit;
 }
 
 export function parseCommand(line: string): Command {
@@ -127,6 +144,17 @@ export function parseCommand(line: string): Command {
       return { cmd: "away", text: tail(0) || undefined };
     case "back":
       return { cmd: "back" };
+    case "ban": {
+      const r = need(arg(0) !== undefined, "/ban user|ip[/bits] [duration] [reason]");
+      if (r) return r;
+      const d = duration(arg(1));
+      const reason = tail(d === undefined ? 1 : 2);
+      return { cmd: "ban", target: banTarget(arg(0) ?? ""), durationS: d, reason: reason || undefined };
+    }
+    case "unban":
+      return need(arg(0) !== undefined, "/unban user|ip[/bits]") ?? { cmd: "unban", target: banTarget(arg(0) ?? "") };
+    case "announce":
+      return need(tail(0) !== "", "/announce text") ?? { cmd: "announce", text: tail(0) };
     default:
       return { cmd: "error", message: `unknown command /${head}; /help lists them` };
   }

@@ -99,7 +99,31 @@ export interface ConvState {
   topic?: string;
   /** Who is typing here, until when (ms since the epoch). */
   typing?: Record<string, number>;
+  /** How far each member has read (their read marker), by name. */
+  readBy?: Record<string, number>;
 }
+
+/** Who (other than me) has read up to the newest message of `c`. */
+export function readByNow(c: ConvState, me: string): string[] {
+  let newest = 0;
+  for (let i = c.entries.length - 1; i >= 0; i--) {
+    const e = c.entries[i];
+    if (e !== undefined && e.notice !== true && e.msgId !== undefined) {
+      newest = e.seq;
+      break;
+    }
+  }
+  if (newest === 0) return [];
+  return Object.entries(c.readBy ?? {})
+    .filter(([u, seq]) => u !== me && seq >= newest)
+    .map(([u]) => u)
+    .sort();
+}
+
+/** At most one read marker per conversation this often (ms). */
+export const READ_INTERVAL_MS = 1_000;
+/** Most members whose read markers are kept per conversation. */
+export const MAX_READERS = 10_000;
 
 /** How long a typing notice shows (conclave-proto's TYPING_SHOWN_MS). */
 export const TYPING_SHOWN_MS = 6_000;
@@ -189,6 +213,9 @@ export class Session {
   private stopped = false;
   /** Keys of blockcast messages (by id, hex), and sealed messages waiting for theirs. */
   private sealedKeys = new Map<string, Uint8Array>();
+  /** The read marker last sent, by conversation, and when. */
+  private readSent = new Map<string, { seq: number; at: number }>();
+  private readTimer: ReturnType<typeof setTimeout> | undefined;
   /** When this client last said it was typing, by conversation. */
   private typingSent = new Map<string, number>();
   private sealedWaiting = new Map<string, { m: Message; p: Payload; live: boolean }>();
@@ -616,6 +643,17 @@ export class Session {
         for (const [u, until] of Object.entries(typing)) if (until <= now) delete typing[u];
         if (Object.keys(typing).length < MAX_TYPING) typing[t.user] = now + TYPING_SHOWN_MS;
         c.typing = typing;
+        break;
+      }
+      case "Read": {
+        const r = body as { conv: Conv; user: string; seq: number };
+        const c = this.state.convs.get(convKey(r.conv));
+        if (c === undefined) break;
+        const readBy = c.readBy ?? {};
+        if (readBy[r.user] !== undefined || Object.keys(readBy).length < MAX_READERS) {
+          readBy[r.user] = Math.max(readBy[r.user] ?? 0, r.seq);
+        }
+        c.readBy = readBy;
         break;
       }
       case "Topic": {
@@ -1113,11 +1151,38 @@ export class Session {
     this.onChange();
   }
 
+  /** The conversation is on screen: its counts start over, and the server is told how far
+   * I have read (at most once a second; others see it as "read by"). */
   markRead(key: string): void {
     const c = this.state.convs.get(key);
     if (c === undefined) return;
     c.unread = 0;
     c.mentions = 0;
+    const newest = c.entries.reduce((n, e) => (e.notice !== true && e.msgId !== undefined ? Math.max(n, e.seq) : n), 0);
+    const sent = this.readSent.get(key) ?? { seq: 0, at: 0 };
+    const now = Date.now();
+    if (newest > sent.seq && now - sent.at >= READ_INTERVAL_MS && this.state.connected) {
+      this.readSent.set(key, { seq: newest, at: now });
+      void this.request({ Read: { conv: this.convRef(c.conv), seq: newest } }).catch(() => undefined);
+    } else if (newest > sent.seq && this.readTimer === undefined) {
+      // Later, once the interval has passed.
+      this.readTimer = setTimeout(() => {
+        this.readTimer = undefined;
+        if (this.state.current === key) this.markRead(key);
+      }, READ_INTERVAL_MS);
+    }
+  }
+
+  async ban(target: { user?: string; ip?: string }, durationS: number | null, reason: string | null): Promise<void> {
+    await this.request({ Ban: { user: target.user ?? null, ip: target.ip ?? null, duration_s: durationS, reason } });
+  }
+
+  async unban(target: { user?: string; ip?: string }): Promise<void> {
+    await this.request({ Unban: { user: target.user ?? null, ip: target.ip ?? null } });
+  }
+
+  async announce(text: string): Promise<void> {
+    await this.request({ Announce: { text } });
   }
 
   /** Raw request, for what the UI does directly (files). */

@@ -36,6 +36,12 @@ test("slash commands parse as the terminal client's", () => {
   assert.deepEqual(parseCommand("/away lunch"), { cmd: "away", text: "lunch" });
   assert.deepEqual(parseCommand("/away"), { cmd: "away", text: undefined });
   assert.deepEqual(parseCommand("/back"), { cmd: "back" });
+  assert.deepEqual(parseCommand("/ban mallory 2h spamming"), { cmd: "ban", target: { user: "mallory" }, durationS: 7_200, reason: "spamming" });
+  assert.deepEqual(parseCommand("/ban 10.0.0.0/24"), { cmd: "ban", target: { ip: "10.0.0.0/24" }, durationS: undefined, reason: undefined });
+  assert.deepEqual(parseCommand("/ban ::1 for ever"), { cmd: "ban", target: { ip: "::1" }, durationS: undefined, reason: "for ever" });
+  assert.deepEqual(parseCommand("/unban @mallory"), { cmd: "unban", target: { user: "mallory" } });
+  assert.deepEqual(parseCommand("/announce maintenance at noon"), { cmd: "announce", text: "maintenance at noon" });
+  assert.equal(parseCommand("/ban").cmd, "error");
   assert.equal(parseCommand("/edit").cmd, "error");
   assert.equal(parseCommand("/react").cmd, "error");
 });

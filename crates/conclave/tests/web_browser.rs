@@ -217,6 +217,15 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
         "{t}"
     );
     web.op("wait_header", json!({"text": "#lab · cables and rigs"}));
+    // Read markers: the web user, looking at the room, says how far it has read; the JSON
+    // member's marker on the newest message shows as "read by bob".
+    let r = bob.expect("alice's read marker", |v| {
+        v["event"] == "read" && v["user"] == "alice"
+    });
+    assert_eq!(r["room"], "lab", "{r}");
+    bob.send(json!({"cmd": "read", "room": "lab", "seq": a["seq"], "id": 45}));
+    bob.ok(json!(45));
+    web.op("wait_header", json!({"text": "read by bob"}));
     let marker = web.op("marker", json!({}));
     assert_eq!(marker["marker"], "End-to-end encrypted");
     shot(&mut web, "room", 1100, 700);
