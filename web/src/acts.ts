@@ -73,29 +73,44 @@ export interface ActLine {
   reactions?: Record<string, string[]>;
   /** Bumped at every change, so the timeline renders the line again. */
   rev?: number;
+  /** A formatted (Markdown) message: what comes before its source (a reply's quote, an
+   * action's name) and the source, rendered by the page (`text` is its plain form). */
+  md?: { before: string; source: string };
+  edited?: boolean;
+}
+
+/** The formatting of a body: Markdown source, with the prefix shown before it. */
+export function markdownOf(contentType: string, data: Uint8Array, from: string, quote: string): { before: string; source: string } | undefined {
+  if (contentType !== CT_MARKDOWN && contentType !== CT_MARKDOWN_ACTION) return undefined;
+  return { before: quote + (contentType === CT_MARKDOWN_ACTION ? `* ${from} ` : ""), source: dec.decode(data) };
 }
 
 /** Applies an act by `from` to the line `target` names; true when a line changed. An edit by
  * anyone but the line's author, or an act on a deleted or absent line, changes nothing (who may
  * delete is the server's check). `content`: the new text of an edit, the emoji of a reaction. */
-export function applyAct(lines: ActLine[], target: string, kind: number, from: string, content: string): boolean {
+export function applyAct(lines: ActLine[], target: string, kind: number, from: string, content: string, markdown = false): boolean {
   const line = lines.find((e) => e.notice !== true && e.msgId === target);
   if (line === undefined || line.deleted === true) return false;
-  const changed = change(line, kind, from, content);
+  const changed = change(line, kind, from, content, markdown);
   if (changed) line.rev = (line.rev ?? 0) + 1;
   return changed;
 }
 
-function change(line: ActLine, kind: number, from: string, content: string): boolean {
+function change(line: ActLine, kind: number, from: string, content: string, markdown: boolean): boolean {
   switch (kind) {
     case ACT_EDIT:
       if (line.from !== from || content === "") return false;
       line.text = `${content} (edited)`;
+      line.edited = true;
+      // The edit's own format decides (a Markdown edit keeps what came before the source).
+      if (markdown) line.md = { before: line.md?.before ?? "", source: content };
+      else delete line.md;
       return true;
     case ACT_DELETE:
       line.text = "(deleted)";
       line.deleted = true;
       delete line.reactions;
+      delete line.md;
       return true;
     case ACT_REACT:
     case ACT_UNREACT: {

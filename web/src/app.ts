@@ -8,6 +8,7 @@ import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
 import { ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, reactionsShown } from "./acts.js";
+import { renderMarkdown, type MdNode } from "./markdown.js";
 
 type Attrs = Record<string, string>;
 
@@ -250,10 +251,12 @@ function showMain(root: HTMLElement, s: Session): void {
       case "edit":
       case "delete":
       case "react":
+      case "md":
       case "me": {
         if (key === undefined) return say("Open a conversation first");
         if (c.cmd === "reply") return s.reply(key, c.text);
         if (c.cmd === "me") return s.action(key, c.text);
+        if (c.cmd === "md") return s.markdown(key, c.text);
         if (c.cmd === "edit") return s.act(key, ACT_EDIT, c.text);
         if (c.cmd === "delete") return s.act(key, ACT_DELETE, "");
         return s.act(key, c.on ? ACT_REACT : ACT_UNREACT, c.emoji);
@@ -360,12 +363,28 @@ function idOf(key: string): string {
   return Array.from(new TextEncoder().encode(key), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/** A message's text: plain, or its Markdown rendered as DOM nodes (never as HTML). */
+function textOf(e: Entry): HTMLElement {
+  if (e.md === undefined) return h("span", { class: "text" }, e.text);
+  const span = h("span", { class: "text formatted" }, e.md.before, ...mdNodes(renderMarkdown(e.md.source)));
+  if (e.edited === true) span.append(" (edited)");
+  return span;
+}
+
+function mdNodes(nodes: MdNode[]): (Node | string)[] {
+  return nodes.map((n) => {
+    if (typeof n === "string") return n;
+    if (n.tag === "a" && n.href !== undefined) return h("a", { href: n.href, rel: "noopener noreferrer nofollow", target: "_blank" }, ...mdNodes(n.children));
+    return h(n.tag, {}, ...mdNodes(n.children));
+  });
+}
+
 function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement): HTMLElement {
   const time = new Date(e.ts);
   const when = h("time", { datetime: time.toISOString() }, time.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
   const row = e.notice
     ? h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text)
-    : h("div", { class: `row${e.from === s.state.user ? " own" : ""}` }, when, " ", h("strong", {}, e.from), " ", h("span", { class: "text" }, e.text));
+    : h("div", { class: `row${e.from === s.state.user ? " own" : ""}` }, when, " ", h("strong", {}, e.from), " ", textOf(e));
   const reactions = e.notice === true ? undefined : reactionsShown(e);
   if (reactions !== undefined) {
     row.append(" ", h("span", { class: "reactions", title: reactions.who, "aria-label": `reactions: ${reactions.who}` }, reactions.text));

@@ -29,6 +29,7 @@ export type Command =
   | { cmd: "delete" }
   | { cmd: "react"; emoji: string; on: boolean }
   | { cmd: "me"; text: string }
+  | { cmd: "md"; text: string }
   | { cmd: "topic"; text: string }
   | { cmd: "away"; text?: string }
   | { cmd: "back" }
@@ -41,7 +42,7 @@ export const HELP =
   "/join room [password] · /part [room] · /create room [private] [server] [password] · /invite user [room] · " +
   "/msg user[,user…] text · /query user[,user…] · /except user[,user…] text · /who [room] · /rooms · " +
   "/devices [user] · /history [count] · /search words · /kick user [reason] · /votekick user · /file · " +
-  "/reply text · /edit text · /delete · /react emoji · /unreact emoji · /me text · /topic text · /away [text] · /back · /ban user|ip [duration] [reason] · /unban user|ip · /announce text · /theme · /about · /quit";
+  "/reply text · /edit text · /delete · /react emoji · /unreact emoji · /me text · /md text · /topic text · /away [text] · /back · /ban user|ip [duration] [reason] · /unban user|ip · /announce text · /theme · /about · /quit";
 
 /** Most messages `/history` loads at once (as the TUI). */
 export const MAX_HISTORY_COUNT = 500;
@@ -137,6 +138,8 @@ export function parseCommand(line: string): Command {
       return need(arg(0) !== undefined, `/${head.toLowerCase()} emoji`) ?? { cmd: "react", emoji: arg(0) ?? "", on: head.toLowerCase() === "react" };
     case "me":
       return need(tail(0) !== "", "/me text") ?? { cmd: "me", text: tail(0) };
+    case "md":
+      return need(tail(0) !== "", "/md text") ?? { cmd: "md", text: line.slice(1).replace(/^md\s+/i, "") };
     case "topic":
       // "-" clears it, as in `conclave chat`.
       return need(tail(0) !== "", "/topic text (- clears it)") ?? { cmd: "topic", text: tail(0) === "-" ? "" : tail(0) };

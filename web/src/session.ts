@@ -7,7 +7,7 @@
 // reconnect logs in again with the last sequence number seen of each conversation, so the
 // server sends what was missed, and nothing twice.
 
-import { ACT_DELETE, ACT_EDIT, ACT_NAMES, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, applyAct, bodyText, describe } from "./acts.js";
+import { ACT_DELETE, ACT_EDIT, ACT_NAMES, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, CT_MARKDOWN_ACTION, applyAct, bodyText, describe, markdownOf } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
 import type { ActKind, Refs, Target } from "./generated/protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
@@ -80,7 +80,12 @@ export interface Entry {
   reactions?: Record<string, string[]>;
   /** Bumped at every change by an act (the timeline renders the row again). */
   rev?: number;
+  /** A formatted message: its Markdown source and what is shown before it. */
+  md?: { before: string; source: string };
+  edited?: boolean;
 }
+
+const isMarkdown = (ct: string) => ct === CT_MARKDOWN || ct === CT_MARKDOWN_ACTION;
 
 export interface ConvState {
   key: string;
@@ -465,14 +470,20 @@ export class Session {
     const shown = describe(m);
     if (shown.kind === "line") {
       const quote = m.extra?.reply_to != null ? quoteOf(c, m.extra.reply_to) : "";
-      if (this.addEntry(c, { seq: m.seq, from: m.from, ts: m.ts_ms, text: quote + shown.text, msgId: m.msg_id }, live)) void this.saveHistory(c);
+      const data = Uint8Array.from(m.body.data);
+      const md = m.extra?.state?.deleted === true ? undefined : markdownOf(m.body.content_type, data, m.from, quote);
+      const edited = m.extra?.state?.edited_ms != null;
+      const entry: Entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: quote + shown.text, msgId: m.msg_id };
+      if (md !== undefined) entry.md = md;
+      if (edited) entry.edited = true;
+      if (this.addEntry(c, entry, live)) void this.saveHistory(c);
       return;
     }
     // An act changes the line it names (when loaded here); it is no line itself.
     c.lastSeq = Math.max(c.lastSeq, m.seq);
     const changed =
       shown.kind === "edit"
-        ? applyAct(c.entries, shown.target, ACT_EDIT, m.from, shown.text)
+        ? applyAct(c.entries, shown.target, ACT_EDIT, m.from, shown.text, isMarkdown(m.body.content_type))
         : shown.kind === "delete"
           ? applyAct(c.entries, shown.target, ACT_DELETE, m.from, "")
           : applyAct(c.entries, shown.target, shown.on ? ACT_REACT : ACT_UNREACT, m.from, shown.emoji);
@@ -486,6 +497,8 @@ export class Session {
     if (p?.kind === "body") {
       const quote = m.extra?.reply_to != null ? quoteOf(c, m.extra.reply_to) : "";
       entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: quote + bodyText(p.contentType, p.data, m.from), msgId: m.msg_id };
+      const md = markdownOf(p.contentType, p.data, m.from, quote);
+      if (md !== undefined) entry.md = md;
     } else if (p?.kind === "act") {
       // The server's cleartext reference (which it checked: only the author edits, and so on)
       // must name the message and kind the sender signed, or the act is dropped.
@@ -496,7 +509,7 @@ export class Session {
         return;
       }
       const content = p.act === ACT_EDIT ? bodyText(p.contentType, p.data, m.from) : dec.decode(p.data);
-      if (applyAct(c.entries, p.msgId, p.act, m.from, content)) void this.saveHistory(c);
+      if (applyAct(c.entries, p.msgId, p.act, m.from, content, isMarkdown(p.contentType))) void this.saveHistory(c);
       this.onChange();
       return;
     } else if (p?.kind === "file") {
@@ -886,6 +899,11 @@ export class Session {
     await this.sendBody(key, { contentType: CT_TEXT, data: enc.encode(text) }, { except });
   }
 
+  /** `/md text`: formatted text (Markdown). */
+  async markdown(key: string, text: string): Promise<void> {
+    await this.sendBody(key, { contentType: CT_MARKDOWN, data: enc.encode(text) }, {});
+  }
+
   /** `/me text`: an action, shown as "* name text". */
   async action(key: string, text: string): Promise<void> {
     await this.sendBody(key, { contentType: CT_ACTION, data: enc.encode(text) }, {});
@@ -927,10 +945,13 @@ export class Session {
     const shown = (s: { msg_id: string; seq: number; ts_ms: number }, c: ConvState) => {
       if (opts.act !== undefined) {
         c.lastSeq = Math.max(c.lastSeq, s.seq);
-        applyAct(c.entries, opts.act.msgId, opts.act.kind, this.state.user, opts.act.content);
+        applyAct(c.entries, opts.act.msgId, opts.act.kind, this.state.user, opts.act.content, isMarkdown(body.contentType));
         return;
       }
-      this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: `${opts.quote ?? ""}${text}`, msgId: s.msg_id }, false);
+      const entry: Entry = { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: `${opts.quote ?? ""}${text}`, msgId: s.msg_id };
+      const md = markdownOf(body.contentType, body.data, this.state.user, opts.quote ?? "");
+      if (md !== undefined) entry.md = md;
+      this.addEntry(c, entry, false);
     };
     const c = this.state.convs.get(key);
     if (c === undefined) throw new Error("no such conversation");

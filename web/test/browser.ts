@@ -108,6 +108,12 @@ async function handle(r: Req): Promise<Req> {
       const t = await log(current());
       return { count: t.split(s(r, "text")).length - 1 };
     }
+    case "wait_element": {
+      // An element of the timeline (a CSS selector inside the log) with this text.
+      const p = current();
+      await p.getByRole("log").locator(s(r, "selector"), { hasText: s(r, "text") }).first().waitFor();
+      return { count: await p.getByRole("log").locator("script, img, iframe").count() };
+    }
     case "wait_header": {
       // The conversation's title (with its topic) or the status line shows this text.
       const p = current();

@@ -11,6 +11,7 @@ import { open, seal, SEAL_CHUNK } from "../src/files.js";
 import { describe, applyAct, reactionsShown, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, type ActLine } from "../src/acts.js";
 import type { Message } from "../src/protocol.js";
 import { typingNow, type ConvState } from "../src/session.js";
+import { renderMarkdown, mdText, type MdNode } from "../src/markdown.js";
 
 test("slash commands parse as the terminal client's", () => {
   assert.deepEqual(parseCommand("hello"), { cmd: "say", text: "hello" });
@@ -139,4 +140,24 @@ test("typing notices show for a while and never for me", () => {
   const c = { typing: { bob: 2_000, carol: 500, alice: 5_000 } } as unknown as ConvState;
   assert.deepEqual(typingNow(c, "alice", 1_000), ["bob"]);
   assert.deepEqual(typingNow(c, "alice", 3_000), []);
+});
+
+test("Markdown becomes a tree of known elements: no markup, no unsafe links", () => {
+  assert.deepEqual(renderMarkdown("a **loud** and *soft* `cargo test`"), [
+    { tag: "p", children: ["a ", { tag: "strong", children: ["loud"] }, " and ", { tag: "em", children: ["soft"] }, " ", { tag: "code", children: ["cargo test"] }] },
+  ]);
+  // A link shows its address; only http(s) and mailto are links.
+  assert.deepEqual(renderMarkdown("[docs](https://example.org/d)"), [
+    { tag: "p", children: [{ tag: "a", href: "https://example.org/d", children: ["docs"] }, " <https://example.org/d>"] },
+  ]);
+  const js = renderMarkdown("[click](javascript:alert(1))");
+  const tags = (ns: MdNode[]): string[] => ns.flatMap((n) => (typeof n === "string" ? [] : [n.tag, ...tags(n.children)]));
+  assert.ok(!tags(js).includes("a"), JSON.stringify(js));
+  // HTML is text, never markup.
+  const html = renderMarkdown('<img src=x onerror="alert(1)"> <script>alert(2)</script>');
+  assert.ok(!tags(html).some((t) => !["p"].includes(t)), JSON.stringify(html));
+  assert.ok(mdText(html).includes("<script>"), JSON.stringify(html));
+  // Quotes and code blocks.
+  assert.deepEqual(renderMarkdown("> quoted"), [{ tag: "blockquote", children: [{ tag: "p", children: ["quoted"] }] }]);
+  assert.deepEqual(renderMarkdown("```\nlet x = 1;\n```"), [{ tag: "pre", children: [{ tag: "code", children: ["let x = 1;"] }] }]);
 });

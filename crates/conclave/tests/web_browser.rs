@@ -205,6 +205,30 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     let a = bob.message("waves from the web");
     assert_eq!(a["action"], true, "{a}");
     web.op("wait_text", json!({"text": "* alice waves from the web"}));
+    // Formatted text, both ways: rendered as elements, never as markup.
+    bob.send(json!({"cmd": "send", "room": "lab", "format": "markdown", "id": 46,
+        "text": "**bold move** and `cargo test` <img src=x onerror=alert(1)> [docs](https://example.org/d)"}));
+    bob.ok(json!(46));
+    let el = web.op(
+        "wait_element",
+        json!({"selector": "strong", "text": "bold move"}),
+    );
+    assert_eq!(
+        el["count"], 0,
+        "no img, script or iframe in the timeline: {el}"
+    );
+    web.op(
+        "wait_element",
+        json!({"selector": "code", "text": "cargo test"}),
+    );
+    web.op(
+        "wait_element",
+        json!({"selector": "a[href='https://example.org/d']", "text": "docs"}),
+    );
+    web.op("type", json!({"text": "/md *quietly* formatted"}));
+    let f = bob.message("*quietly* formatted");
+    assert_eq!(f["format"], "markdown", "{f}");
+    web.op("wait_element", json!({"selector": "em", "text": "quietly"}));
     // Typing and the topic: the web user sees the JSON member typing and sets the topic.
     bob.send(json!({"cmd": "typing", "room": "lab", "id": 44}));
     bob.ok(json!(44));
@@ -223,7 +247,7 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
         v["event"] == "read" && v["user"] == "alice"
     });
     assert_eq!(r["room"], "lab", "{r}");
-    bob.send(json!({"cmd": "read", "room": "lab", "seq": a["seq"], "id": 45}));
+    bob.send(json!({"cmd": "read", "room": "lab", "seq": f["seq"], "id": 45}));
     bob.ok(json!(45));
     web.op("wait_header", json!({"text": "read by bob"}));
     let marker = web.op("marker", json!({}));
