@@ -127,7 +127,10 @@ function showMain(root: HTMLElement, s: Session): void {
   const aboutDialog = h("dialog", { "aria-labelledby": "about-title" }) as HTMLDialogElement;
   nav.id = "convs";
   const mainArea = h("main", { class: "conv" }, header, log, form);
-  root.replaceChildren(h("div", { class: "layout" }, nav, mainArea), aboutDialog);
+  const membersList = h("ul", {});
+  const members = h("aside", { class: "members", "aria-label": "Members" }, h("h3", {}, "Members"), membersList);
+  root.replaceChildren(h("div", { class: "layout" }, nav, mainArea, members), aboutDialog);
+  let membersOf: string | undefined;
 
   const timeline = new Timeline(log, (e) => renderEntry(e, s, progress), () => {
     const key = s.state.current;
@@ -181,6 +184,23 @@ function showMain(root: HTMLElement, s: Session): void {
       marker.textContent = "";
     }
     timeline.show(c?.key ?? "", c?.entries ?? []);
+    // The members pane: a room's members with presence (asked once per room shown).
+    members.hidden = c === undefined || !("Room" in c.conv);
+    if (c !== undefined && "Room" in c.conv) {
+      if (c.members === undefined && membersOf !== c.key) {
+        membersOf = c.key;
+        void s.loadMembers(c.key).catch(() => undefined);
+      }
+      const list = [...(c.members ?? [])].sort((a, b) => Number(b.online) - Number(a.online) || a.user.localeCompare(b.user));
+      membersList.replaceChildren(
+        ...list.map((u) => {
+          const mark = !u.online ? "○" : u.away !== null ? "◐" : "●";
+          const state = !u.online ? "offline" : u.away !== null ? `away: ${u.away}` : "online";
+          const name = u.display_name !== null ? `${u.display_name} (${u.user})` : u.user;
+          return h("li", { class: u.online ? "online" : "offline", title: state }, `${mark} ${name}${u.away !== null && u.online ? ` — ${u.away}` : ""}${u.admin ? " @" : ""}`);
+        }),
+      );
+    }
   };
   s.onChange = render;
   composer.addEventListener("input", () => {

@@ -9,7 +9,7 @@
 
 import { ACT_DELETE, ACT_EDIT, ACT_NAMES, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, CT_MARKDOWN_ACTION, applyAct, bodyText, describe, markdownOf } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
-import type { ActKind, Refs, Target } from "./generated/protocol.js";
+import type { ActKind, Refs, Target, UserPresence } from "./generated/protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
@@ -61,6 +61,8 @@ export const MAX_SEALED_KEYS = 10_000;
 export const FILL_PAGE = 100;
 /** Most entries read to catch up one conversation at once. */
 export const MAX_FILL = 10_000;
+/** Most members listed in a room's members pane. */
+export const MAX_MEMBERS_SHOWN = 2_000;
 /** Most people shown typing in one conversation. */
 export const MAX_TYPING = 50;
 
@@ -106,6 +108,8 @@ export interface ConvState {
   typing?: Record<string, number>;
   /** How far each member has read (their read marker), by name. */
   readBy?: Record<string, number>;
+  /** A room's members with their presence, once asked (`who`), kept up to date by events. */
+  members?: UserPresence[];
 }
 
 /** Who (other than me) has read up to the newest message of `c`. */
@@ -612,6 +616,9 @@ export class Session {
         const j = body as { room: string; user: string };
         const c = this.ensureConv({ Room: j.room });
         if (j.user !== this.state.user) this.notice(c.key, `${j.user} joined`);
+        if (c.members !== undefined && !c.members.some((u) => u.user === j.user) && c.members.length < MAX_MEMBERS_SHOWN) {
+          c.members.push({ user: j.user, online: true, connections: 1, admin: false, display_name: null, away: null });
+        }
         break;
       }
       case "Part": {
@@ -619,6 +626,8 @@ export class Session {
         const key = convKey({ Room: p.room });
         if (p.user === this.state.user) this.device.forget(key);
         else this.notice(key, `${p.user} left`);
+        const pc = this.state.convs.get(key);
+        if (pc?.members !== undefined) pc.members = pc.members.filter((u) => u.user !== p.user);
         break;
       }
       case "Kicked": {
@@ -656,6 +665,24 @@ export class Session {
         for (const [u, until] of Object.entries(typing)) if (until <= now) delete typing[u];
         if (Object.keys(typing).length < MAX_TYPING) typing[t.user] = now + TYPING_SHOWN_MS;
         c.typing = typing;
+        break;
+      }
+      case "Presence": {
+        const p = body as { user: string; online: boolean };
+        this.presence(p.user, (u) => {
+          u.online = p.online;
+          if (!p.online) u.away = null;
+        });
+        break;
+      }
+      case "Away": {
+        const a = body as { user: string; text: string | null };
+        this.presence(a.user, (u) => (u.away = a.text));
+        break;
+      }
+      case "DisplayName": {
+        const d = body as { user: string; name: string | null };
+        this.presence(d.user, (u) => (u.display_name = d.name));
         break;
       }
       case "Read": {
@@ -1077,6 +1104,23 @@ export class Session {
         return name + state;
       })
       .join(", ");
+  }
+
+  /** Asks for a room's members (the members pane); events keep the list current. */
+  async loadMembers(key: string): Promise<void> {
+    const c = this.state.convs.get(key);
+    if (c === undefined || !("Room" in c.conv)) return;
+    const [, users] = await this.request({ Who: { room: c.conv.Room } });
+    c.members = (users as UserPresence[]).slice(0, MAX_MEMBERS_SHOWN);
+    this.onChange();
+  }
+
+  /** Applies a change of someone's presence to every members list that has them. */
+  private presence(user: string, change: (u: UserPresence) => void): void {
+    for (const c of this.state.convs.values()) {
+      const u = c.members?.find((m) => m.user === user);
+      if (u !== undefined) change(u);
+    }
   }
 
   /** Tells the conversation's members that I am typing, at most every few seconds. */

@@ -114,6 +114,20 @@ async function handle(r: Req): Promise<Req> {
       await p.getByRole("log").locator(s(r, "selector"), { hasText: s(r, "text") }).first().waitFor();
       return { count: await p.getByRole("log").locator("script, img, iframe").count() };
     }
+    case "wait_members": {
+      // The members pane shows this text.
+      const p = current();
+      const pane = p.getByRole("complementary", { name: "Members" });
+      const text = s(r, "text");
+      const deadline = Date.now() + WAIT_MS;
+      let shown = "";
+      while (Date.now() < deadline) {
+        shown = (await pane.textContent()) ?? "";
+        if (shown.includes(text)) return {};
+        await p.waitForTimeout(100);
+      }
+      throw new Error(`the members pane never showed ${JSON.stringify(text)}; it shows: ${shown}`);
+    }
     case "wait_header": {
       // The conversation's title (with its topic) or the status line shows this text.
       const p = current();

@@ -250,6 +250,14 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     bob.send(json!({"cmd": "read", "room": "lab", "seq": f["seq"], "id": 45}));
     bob.ok(json!(45));
     web.op("wait_header", json!({"text": "read by bob"}));
+    // The members pane: presence, and away with its message.
+    web.op("wait_members", json!({"text": "● bob"}));
+    bob.send(json!({"cmd": "away", "text": "at lunch", "id": 47}));
+    bob.ok(json!(47));
+    web.op("wait_members", json!({"text": "◐ bob — at lunch"}));
+    bob.send(json!({"cmd": "back", "id": 48}));
+    bob.ok(json!(48));
+    web.op("wait_members", json!({"text": "● bob"}));
     let marker = web.op("marker", json!({}));
     assert_eq!(marker["marker"], "End-to-end encrypted");
     shot(&mut web, "room", 1100, 700);
