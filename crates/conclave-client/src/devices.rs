@@ -348,8 +348,11 @@ impl Client {
         })
     }
 
-    /// Rejects a device of this account: it is sent no history (and what waited for it is
-    /// deleted).
+    /// Rejects a device of this account, or removes one approved earlier: the server takes
+    /// it out of the account for good (it is sent no history, what waited for it is deleted,
+    /// its connections are closed and it cannot publish itself again) and out of every
+    /// end-to-end group it is in (a member commits the server's Remove proposals), so it reads
+    /// nothing sent after that. What it had read stays on it.
     pub async fn reject_device(&self, device: &str) -> Result<(), ClientError> {
         self.request(Request::DeviceDecide {
             device: device.to_string(),
@@ -357,6 +360,12 @@ impl Client {
         })
         .await?;
         Ok(())
+    }
+
+    /// The same as [`Client::reject_device`], under the name that fits a device approved
+    /// earlier (a lost laptop, a lab machine you will not use again).
+    pub async fn remove_device(&self, device: &str) -> Result<(), ClientError> {
+        self.reject_device(device).await
     }
 
     /// Approves a device of this account and sends it this device's end-to-end history,

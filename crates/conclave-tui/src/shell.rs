@@ -435,7 +435,12 @@ async fn device_op(c: &Client, op: crate::devices::DeviceOp) -> Result<String, S
         DeviceOp::Reject { device } => c
             .reject_device(&device)
             .await
-            .map(|()| format!("rejected {device}: it gets nothing"))
+            .map(|()| {
+                format!(
+                    "removed {device} from your account: it gets no history, cannot sign in again, \
+                     and leaves your end-to-end conversations (it reads nothing sent from now on)"
+                )
+            })
             .map_err(|e| e.to_string()),
         DeviceOp::Backup { on: true } => c
             .backup_enable()
