@@ -22,6 +22,8 @@ use crate::layout;
 use crate::view;
 
 mod presence;
+mod recovery;
+pub use recovery::RECOVERY_PROMPT;
 
 /// Messages loaded when a conversation is opened.
 pub const INITIAL_HISTORY: u32 = 50;
@@ -293,6 +295,8 @@ pub struct App {
     pub chat: crate::chat::ChatState,
     /// Edited, deleted, reacted and replying lines, per buffer.
     lines: HashMap<ConvKey, crate::acts::Lines>,
+    /// The masked recovery-key field of `/restore`, while it is open.
+    recovery: Option<LineEditor>,
 }
 
 /// A server sentence as the chat says it: the JSON client's command names become this
@@ -356,6 +360,7 @@ impl App {
             remembered: Vec::new(),
             chat: Default::default(),
             lines: HashMap::new(),
+            recovery: None,
         }
     }
 
@@ -959,6 +964,9 @@ impl App {
     // ---- the chat ----
 
     fn chat_input(&mut self, input: Input) -> Vec<Action> {
+        if let Some(actions) = self.recovery_input(&input) {
+            return actions;
+        }
         match input {
             Input::Paste(text) => {
                 self.completion = None;
@@ -1626,6 +1634,7 @@ impl App {
                 self.device_op(crate::devices::DeviceOp::Reject { device })
             }
             Command::Backup { on } => self.device_op(crate::devices::DeviceOp::Backup { on }),
+            Command::Restore { key } if key.is_empty() => self.ask_recovery_key(),
             Command::Restore { key } => self.device_op(crate::devices::DeviceOp::Restore { key }),
             Command::Members => {
                 self.show_members = !self.show_members;

@@ -58,7 +58,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "approve", args: "device", help: "approve a new device of yours that asks for your history (check its safety number first): it gets your end-to-end history" },
     CommandSpec { name: "reject", args: "device", help: "reject a device of yours that asks for your history: it gets nothing, and is taken out of your account and its conversations" },
     CommandSpec { name: "backup", args: "[off]", help: "turn the recovery-key backup of your end-to-end history on (or change its key; the key is shown once), or off" },
-    CommandSpec { name: "restore", args: "recovery-key", help: "restore your end-to-end history from the backup of this recovery key (not kept in the input history)" },
+    CommandSpec { name: "restore", args: "[recovery-key]", help: "restore your end-to-end history from the backup of this recovery key; without it, asks for the key in a field that does not show it (never kept in the input history)" },
     CommandSpec { name: "members", args: "", help: "show or hide the members pane (also F2)" },
     CommandSpec { name: "close", args: "", help: "close this direct conversation's buffer" },
     CommandSpec { name: "quit", args: "", help: "leave (also Ctrl-C)" },
@@ -511,12 +511,10 @@ pub fn parse(line: &str) -> Result<Command, String> {
                 ),
             }
         }
-        "restore" => {
-            need(!rest.trim().is_empty())?;
-            Command::Restore {
-                key: rest.trim().to_string(),
-            }
-        }
+        // Without a key: the screen asks for it in a masked field.
+        "restore" => Command::Restore {
+            key: rest.trim().to_string(),
+        },
         "members" | "nicklist" => Command::Members,
         "close" => Command::Close,
         "quit" | "exit" => Command::Quit,

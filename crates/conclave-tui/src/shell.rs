@@ -332,6 +332,26 @@ impl Shell {
                 }
             }
         });
+        if let Some(key) = self.opts.recovery_key.take() {
+            // `--recovery-key-env`: once, after the first sign-in. The tag is none of the
+            // screen's, so the results show as notices.
+            let (client, tx) = (client.clone(), self.tx.clone());
+            tokio::spawn(async move {
+                let say = |result| {
+                    Msg::Input(Input::FileStarted {
+                        tag: u64::MAX,
+                        result,
+                    })
+                };
+                let _ = tx
+                    .send(say(Ok(
+                        "restoring your history from the backup (--recovery-key-env)…".to_string(),
+                    )))
+                    .await;
+                let result = device_op(&client, crate::devices::DeviceOp::Restore { key }).await;
+                let _ = tx.send(say(result)).await;
+            });
+        }
         self.requests = Some(requests_tx);
         self.client = Some(client);
     }
