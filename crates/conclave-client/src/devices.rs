@@ -261,7 +261,12 @@ async fn take_history(client: &Client, s: &Arc<Secure>, tx: &mpsc::Sender<Client
                 tracing::warn!(from = %c.from_device, "a history chunk not signed by a device of this account was dropped");
                 continue;
             }
-            if let Err(e) = s.with(|d| d.import_rows(&chunk.rows)) {
+            let imported = if chunk.replaces {
+                s.with(|d| d.import_replacements(&chunk.rows))
+            } else {
+                s.with(|d| d.import_rows(&chunk.rows))
+            };
+            if let Err(e) = imported {
                 tracing::warn!(error = %e, "history could not be stored; it will be fetched again");
                 return;
             }
@@ -394,20 +399,16 @@ impl Client {
             self.user().to_string(),
             s.with(|d| d.device_id().to_string()),
         );
-        let end = s.with(|d| d.history_end()).map_err(e2ee_err)?;
-        let (conversations, messages) = s.with(|d| d.history_counts(end)).map_err(e2ee_err)?;
-        let mut after = 0i64;
+        // The snapshot, then what is written while the transfer runs (an edit or a delete
+        // replaces a row: it comes again in its current state), one page at a time.
+        let mut cursor = s
+            .with(|d| conclave_e2ee::transfer::TransferCursor::start(d))
+            .map_err(e2ee_err)?;
+        let (_, total) = cursor.totals();
         let mut index = 0u32;
-        let mut sent = 0u64;
-        loop {
-            let page = s.with(|d| d.history_page(after, end)).map_err(e2ee_err)?;
-            let last = page.next.is_none_or(|n| n >= end);
-            sent += page.rows.len() as u64;
-            let chunk = Chunk {
-                rows: page.rows,
-                last,
-                conversations,
-                messages,
+        let (conversations, messages) = loop {
+            let Some(chunk) = s.with(|d| cursor.next_chunk(d)).map_err(e2ee_err)? else {
+                return Err(e2ee_err("the transfer ended without its last chunk"));
             };
             let id = ChunkId {
                 user: &user,
@@ -419,6 +420,7 @@ impl Client {
             let data = s
                 .with(|d| d.seal_chunk(&id, &w.transfer_key, &chunk))
                 .map_err(e2ee_err)?;
+            let (last, totals) = (chunk.last, (chunk.conversations, chunk.messages));
             drop(chunk);
             self.put_with_retries(Request::TransferPut {
                 device: device.to_string(),
@@ -427,13 +429,12 @@ impl Client {
                 data: Bytes::from(data),
             })
             .await?;
-            progress(sent, messages);
             index += 1;
-            match page.next {
-                Some(n) if !last => after = n,
-                _ => break,
+            progress(cursor.sent(), total.max(cursor.sent()));
+            if last {
+                break totals;
             }
-        }
+        };
         Ok(TransferReport {
             device: device.to_string(),
             conversations,
