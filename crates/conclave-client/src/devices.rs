@@ -54,6 +54,10 @@ pub enum DeviceNotice {
         messages: u64,
         from: String,
         safety_number: Option<String>,
+        /// The approver signed with the key its leaf has in an end-to-end group this device
+        /// is in (the key the conversations' other members see), not only with a key from the
+        /// server's device list. False for the backup.
+        approver_in_group: bool,
     },
     /// Progress of history moving: `sent` of `total` messages (to `device`, or from the
     /// backup when restoring).
@@ -290,6 +294,7 @@ async fn take_history(client: &Client, s: &Arc<Secure>, tx: &mpsc::Sender<Client
                             messages: chunk.messages,
                             from: c.from_device.clone(),
                             safety_number: Some(conclave_e2ee::key_fingerprint(&signer)),
+                            approver_in_group: in_group(s, &user, &c.from_device, &signer),
                         },
                     )))
                     .await;
@@ -303,6 +308,16 @@ async fn take_history(client: &Client, s: &Arc<Secure>, tx: &mpsc::Sender<Client
             return;
         }
     }
+}
+
+/// Whether `device` of `user` is a member, with this signature key, of an end-to-end group
+/// this device is in (as its leaf credential there says; groups checked by every member).
+fn in_group(s: &Secure, user: &str, device: &str, key: &[u8]) -> bool {
+    let fingerprint = conclave_e2ee::key_fingerprint(key);
+    s.with(|d| d.known_devices(user))
+        .unwrap_or_default()
+        .iter()
+        .any(|m| m.device == device && m.fingerprint == fingerprint)
 }
 
 fn secure_of(client: &Client) -> Result<Arc<Secure>, ClientError> {

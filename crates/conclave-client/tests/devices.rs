@@ -63,6 +63,19 @@ fn received(e: &ClientEvent) -> Option<(u32, u64)> {
     }
 }
 
+/// The approver's safety number in `history_received`, and whether its key is the one its
+/// leaf has in a group the new device is in.
+fn received_from(e: &ClientEvent) -> Option<(Option<String>, bool)> {
+    match e {
+        ClientEvent::E2ee(E2eeNotice::Device(DeviceNotice::Received {
+            safety_number,
+            approver_in_group,
+            ..
+        })) => Some((safety_number.clone(), *approver_in_group)),
+        _ => None,
+    }
+}
+
 async fn texts(c: &Client, room: &str) -> Vec<String> {
     c.history(ConvRef::Room(room.into()), 500, None)
         .await
@@ -163,8 +176,13 @@ async fn a_new_device_gets_history_once_approved_across_a_server_restart() {
     .expect("approved in time");
     assert_eq!((sent.conversations, sent.messages), (2, 21));
 
-    let got = wait_for(&mut l_ev, received).await;
+    let (got, (number, in_group)) =
+        wait_for(&mut l_ev, |e| Some((received(e)?, received_from(e)?))).await;
     assert_eq!(got, (2, 21));
+    // The approver's safety number, bound to the key its leaf has in the groups the laptop
+    // joined (not only to the server's device list).
+    assert_eq!(number, Some(id_of(&alice).1));
+    assert!(in_group);
     let room = texts(&laptop, "lab").await;
     assert_eq!(room.len(), 20, "{room:?}");
     assert_eq!(room[0], "room-0 launch-code");
@@ -458,7 +476,12 @@ async fn a_transfer_cut_in_the_middle_resumes_through_the_relay() {
     let report = approve.await.expect("task").expect("approved");
     assert_eq!((report.conversations, report.messages), (2, 3000));
     assert!(report.chunks >= 6);
-    assert_eq!(wait_for(&mut l_ev, received).await, (2, 3000));
+    let (got, (_, in_group)) =
+        wait_for(&mut l_ev, |e| Some((received(e)?, received_from(e)?))).await;
+    assert_eq!(got, (2, 3000));
+    // A history seeded without any group: the approver is known only from the server's list,
+    // and the notice says so.
+    assert!(!in_group);
     for with in ["bob", "carol"] {
         let got = laptop
             .history(ConvRef::With(vec![with.into()]), 5000, None)

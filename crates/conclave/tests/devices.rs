@@ -85,6 +85,11 @@ fn json_devices_approve_reject_backup_and_restore() {
         (got["conversations"].clone(), got["messages"].clone()),
         (json!(1), json!(5))
     );
+    // The approver's safety number, and that its key is the one the room's group shows.
+    alice.send(json!({"cmd": "devices", "id": 24}));
+    let approver = alice.ok(json!(24));
+    assert_eq!(got["safety_number"], approver["fingerprint"]);
+    assert_eq!(got["approver_in_group"], true);
     laptop.send(json!({"cmd": "history", "room": "lab", "limit": 50, "id": 22}));
     let h = laptop.ok(json!(22));
     let texts: Vec<&str> = h["messages"]
