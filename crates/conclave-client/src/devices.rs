@@ -417,7 +417,7 @@ impl Client {
         // The snapshot, then what is written while the transfer runs (an edit or a delete
         // replaces a row: it comes again in its current state), one page at a time.
         let mut cursor = s
-            .with(|d| conclave_e2ee::transfer::TransferCursor::start(d))
+            .with(conclave_e2ee::transfer::TransferCursor::start)
             .map_err(e2ee_err)?;
         let (_, total) = cursor.totals();
         let mut index = 0u32;
