@@ -8,6 +8,13 @@
 #   CONCLAVE=path/to/conclave bench/compare.sh
 #   BENCH_ARGS=--in-step bench/compare.sh paced-100    extra flags for every run
 #   OUT=bench/results-x.md bench/compare.sh            where the table goes
+#   FLOOR=0 bench/compare.sh paced-100         without the paced median's floor (below)
+#
+# Under the table it prints each figure as a ratio to the best IRC server in the same run,
+# and, when paced-100 is among the presets, the floor that "deliver only once durable" allows
+# for its median: the same paced-100 against a build that does not sync (the `bench-no-sync`
+# feature, built once into target/bench-no-sync: never serve from it) plus the disk's own
+# sync (`conclave bench --sync-floor`), both measured in this run.
 #
 # Needs root for apt-get (skipped when the servers are installed already). A server whose
 # package cannot be installed or that does not start is reported and skipped. Each server is
@@ -217,6 +224,17 @@ run_irc() {
     stop_server
 }
 
+WANT_FLOOR=0
+for preset in "${PRESETS[@]}"; do
+    [ "$preset" = paced-100 ] && [ "${FLOOR:-1}" != 0 ] && WANT_FLOOR=1
+done
+NOSYNC=target/bench-no-sync/release/conclave
+if [ $WANT_FLOOR = 1 ]; then
+    say "building the no-sync benchmark build (target/bench-no-sync; once, then incremental)"
+    cargo build --release -p conclave --features bench-no-sync --target-dir target/bench-no-sync >&2 \
+        || { say "the no-sync build failed: no floor"; WANT_FLOOR=0; }
+fi
+
 for preset in "${PRESETS[@]}"; do
     if [ $HAVE_NGIRCD = 1 ]; then
         run_irc ngircd "ngircd $(dpkg-query -W -f '${Version}' ngircd)" $NGIRCD_PORT start_ngircd "$preset"
@@ -227,6 +245,13 @@ for preset in "${PRESETS[@]}"; do
     say "Conclave: $preset"
     "$CONCLAVE" bench --preset "$preset" ${EXTRA[@]+"${EXTRA[@]}"} --json >"$WORK/conclave-$preset.json" \
         || say "Conclave $preset: the run reported errors (kept in the table)"
+    if [ "$preset" = paced-100 ] && [ $WANT_FLOOR = 1 ]; then
+        say "Conclave without the sync (floor): $preset"
+        "$NOSYNC" bench --preset "$preset" --label "Conclave, no sync (floor only)" ${EXTRA[@]+"${EXTRA[@]}"} --json \
+            >"$WORK/nosync-$preset.json" || say "no-sync $preset: the run reported errors"
+        say "the disk's sync floor"
+        "$CONCLAVE" bench --sync-floor --json >"$WORK/sync-floor.json" || say "sync floor failed"
+    fi
 done
 
 # ---- the table ---------------------------------------------------------------------------
@@ -243,7 +268,7 @@ done
     echo "| preset | server | connected | conn/s | deliveries/s | p50 ms | p99 ms | max ms | socket p50 / p99 ms | server CPU µs/delivery | server CPU use | RSS KiB/conn | peak RSS MiB | generator CPU use | errors |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     for preset in "${PRESETS[@]}"; do
-        for name in ngircd inspircd conclave; do
+        for name in ngircd inspircd conclave nosync; do
             f="$WORK/$name-$preset.json"
             [ -s "$f" ] || continue
             jq -r --arg preset "$preset" '
@@ -253,5 +278,57 @@ done
             ' "$f"
         done
     done
+    # ---- against the best peer, and the paced floor ---------------------------------------
+    # ratio FIGURE PRESET JQ_PATH TARGET: Conclave's figure over the lower of the two IRC
+    # servers' in this run.
+    ratio() {
+        local what=$1 preset=$2 path=$3 target=$4
+        local c="$WORK/conclave-$preset.json"
+        [ -s "$c" ] || return 0
+        local mine best
+        mine=$(jq -r "$path // empty" "$c")
+        best=$(for name in ngircd inspircd; do
+            f="$WORK/$name-$preset.json"
+            [ -s "$f" ] && jq -r "$path // empty" "$f"
+        done | sort -g | head -1)
+        if [ -z "$mine" ] || [ -z "$best" ]; then
+            echo "| $what | ${mine:--} | ${best:--} | - | $target | no peer figure |"
+            return 0
+        fi
+        awk -v what="$what" -v m="$mine" -v b="$best" -v t="$target" 'BEGIN {
+            r = (b > 0) ? m / b : 0;
+            limit = t + 0;
+            printf "| %s | %.3g | %.3g | %.2f | ≤ %s | %s |\n", what, m, b, r, t, (r <= limit) ? "met" : "missed";
+        }'
+    }
+    echo
+    echo "Against the best IRC server in this run (Conclave / best; lower is better):"
+    echo
+    echo "| figure | Conclave | best peer | ratio | target | |"
+    echo "|---|---|---|---|---|---|"
+    ratio "CPU µs per delivery, fanout-100" fanout-100 .server_cpu_us_per_delivery 0.9
+    ratio "CPU µs per delivery, fanout-500" fanout-500 .server_cpu_us_per_delivery 0.9
+    ratio "CPU µs per delivery, paced-100" paced-100 .server_cpu_us_per_delivery 0.9
+    ratio "RSS KiB per busy connection, fanout-100" fanout-100 .server_rss_kib_per_conn 0.9
+    ratio "RSS KiB per idle connection, idle-10k" idle-10k .server_rss_kib_per_conn 0.9
+    if [ -s "$WORK/conclave-idle-10k.json" ]; then
+        jq -r '.server_rss_kib_per_conn // empty | "| RSS KiB per idle connection, idle-10k (absolute) | \(. * 10 | round / 10) | | | ≤ 5 KiB | \(if . <= 5 then "met" else "missed" end) |"' "$WORK/conclave-idle-10k.json"
+    fi
+    if [ -s "$WORK/conclave-paced-100.json" ] && [ -s "$WORK/nosync-paced-100.json" ] && [ -s "$WORK/sync-floor.json" ]; then
+        p50=$(jq -r '.socket_latency_ms.p50' "$WORK/conclave-paced-100.json")
+        p99=$(jq -r '.socket_latency_ms.p99' "$WORK/conclave-paced-100.json")
+        nosync=$(jq -r '.socket_latency_ms.p50' "$WORK/nosync-paced-100.json")
+        sync_us=$(jq -r '.sync_floor_us.p50' "$WORK/sync-floor.json")
+        echo
+        echo "The paced median against what delivering only durable messages allows on this disk:"
+        echo
+        awk -v p50="$p50" -v p99="$p99" -v ns="$nosync" -v s="$sync_us" 'BEGIN {
+            floor = ns + s / 1000;
+            printf "| paced-100 socket p50 | no-sync build p50 | disk sync p50 | floor | p50 / floor | target | |\n";
+            printf "|---|---|---|---|---|---|---|\n";
+            printf "| %.3f ms | %.3f ms | %.0f µs | %.3f ms | %.2f | ≤ 1.1 | %s |\n", p50, ns, s, floor, p50 / floor, (p50 <= 1.1 * floor) ? "met" : "missed";
+            printf "\npaced-100 socket p99: %.2f ms (target ≤ 2 ms: %s)\n", p99, (p99 <= 2) ? "met" : "missed";
+        }'
+    fi
 } | tee "$OUT"
 say "written to $OUT"

@@ -7,6 +7,7 @@ import { Session, errText, type ConvState, type Entry } from "./session.js";
 import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
+import { ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, reactionsShown } from "./acts.js";
 
 type Attrs = Record<string, string>;
 
@@ -228,6 +229,18 @@ function showMain(root: HTMLElement, s: Session): void {
         if (c.cmd === "kick") return s.kick(room, c.user, c.reason);
         return s.votekick(room, c.user);
       }
+      case "reply":
+      case "edit":
+      case "delete":
+      case "react":
+      case "me": {
+        if (key === undefined) return say("Open a conversation first");
+        if (c.cmd === "reply") return s.reply(key, c.text);
+        if (c.cmd === "me") return s.action(key, c.text);
+        if (c.cmd === "edit") return s.act(key, ACT_EDIT, c.text);
+        if (c.cmd === "delete") return s.act(key, ACT_DELETE, "");
+        return s.act(key, c.on ? ACT_REACT : ACT_UNREACT, c.emoji);
+      }
       case "file":
         fileInput.click();
         return;
@@ -316,6 +329,10 @@ function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement): HTMLE
   const row = e.notice
     ? h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text)
     : h("div", { class: `row${e.from === s.state.user ? " own" : ""}` }, when, " ", h("strong", {}, e.from), " ", h("span", { class: "text" }, e.text));
+  const reactions = e.notice === true ? undefined : reactionsShown(e);
+  if (reactions !== undefined) {
+    row.append(" ", h("span", { class: "reactions", title: reactions.who, "aria-label": `reactions: ${reactions.who}` }, reactions.text));
+  }
   if (e.file !== undefined) {
     const file = e.file;
     const b = h("button", { type: "button", class: "secondary" }, `Save ${file.name}`);

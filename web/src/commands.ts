@@ -22,13 +22,20 @@ export type Command =
   | { cmd: "about" }
   | { cmd: "help" }
   | { cmd: "quit" }
+  // Everyday chat, on the last suitable message of the conversation (as `conclave chat`
+  // without a selection): answer someone else's, edit or delete your own, react to any.
+  | { cmd: "reply"; text: string }
+  | { cmd: "edit"; text: string }
+  | { cmd: "delete" }
+  | { cmd: "react"; emoji: string; on: boolean }
+  | { cmd: "me"; text: string }
   | { cmd: "error"; message: string };
 
 export const HELP =
   "/join room [password] · /part [room] · /create room [private] [server] [password] · /invite user [room] · " +
   "/msg user[,user…] text · /query user[,user…] · /except user[,user…] text · /who [room] · /rooms · " +
   "/devices [user] · /history [count] · /search words · /kick user [reason] · /votekick user · /file · " +
-  "/theme · /about · /quit";
+  "/reply text · /edit text · /delete · /react emoji · /unreact emoji · /me text · /theme · /about · /quit";
 
 /** Most messages `/history` loads at once (as the TUI). */
 export const MAX_HISTORY_COUNT = 500;
@@ -99,6 +106,17 @@ export function parseCommand(line: string): Command {
       return { cmd: "help" };
     case "quit":
       return { cmd: "quit" };
+    case "reply":
+      return need(tail(0) !== "", "/reply text") ?? { cmd: "reply", text: tail(0) };
+    case "edit":
+      return need(tail(0) !== "", "/edit text") ?? { cmd: "edit", text: tail(0) };
+    case "delete":
+      return { cmd: "delete" };
+    case "react":
+    case "unreact":
+      return need(arg(0) !== undefined, `/${head.toLowerCase()} emoji`) ?? { cmd: "react", emoji: arg(0) ?? "", on: head.toLowerCase() === "react" };
+    case "me":
+      return need(tail(0) !== "", "/me text") ?? { cmd: "me", text: tail(0) };
     default:
       return { cmd: "error", message: `unknown command /${head}; /help lists them` };
   }

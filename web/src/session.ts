@@ -7,9 +7,9 @@
 // reconnect logs in again with the last sequence number seen of each conversation, so the
 // server sends what was missed, and nothing twice.
 
-import { describe } from "./acts.js";
+import { ACT_DELETE, ACT_EDIT, ACT_NAMES, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, applyAct, bodyText, describe } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
-import type { Target } from "./generated/protocol.js";
+import type { ActKind, Refs, Target } from "./generated/protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
@@ -17,6 +17,26 @@ import { fromHex, toHex } from "./bytes.js";
 import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
 
 export const CT_TEXT = "text/plain";
+
+/** What a reply to `msgId` shows in front of its text: the start of the original. */
+function quoteOf(c: ConvState, msgId: string): string {
+  const o = c.entries.find((e) => e.notice !== true && e.msgId === msgId);
+  if (o === undefined) return "↪ (an earlier message) │ ";
+  const start = o.text.length > QUOTE_CHARS ? `${o.text.slice(0, QUOTE_CHARS)}…` : o.text;
+  return `↪ ${o.from}: ${start.replace(/\n/g, " ")} │ `;
+}
+
+/** The newest message (not a notice) of a conversation that passes `pick`. */
+function lastEntry(c: ConvState | undefined, pick: (e: Entry) => boolean): Entry | undefined {
+  const entries = c?.entries ?? [];
+  for (let i = entries.length - 1; i >= 0; i--) {
+    const e = entries[i];
+    if (e !== undefined && e.notice !== true && pick(e)) return e;
+  }
+  return undefined;
+}
+/** Characters of the original quoted in front of a reply (as `conclave chat`). */
+const QUOTE_CHARS = 30;
 export const CT_APP = "application/mls-app";
 export const CT_COMMIT = "application/mls-commit";
 export const CT_PROPOSAL = "application/mls-proposal";
@@ -52,6 +72,12 @@ export interface Entry {
   /** A notice of the client (joins, errors), not a message. */
   notice?: boolean;
   file?: { fileId: string; name: string; size: number; sha256: string; key?: string };
+  /** Deleted (an act): shown as "(deleted)". */
+  deleted?: boolean;
+  /** Emoji → who reacted. */
+  reactions?: Record<string, string[]>;
+  /** Bumped at every change by an act (the timeline renders the row again). */
+  rev?: number;
 }
 
 export interface ConvState {
@@ -390,16 +416,19 @@ export class Session {
     const c = this.ensureConv(m.conv);
     const shown = describe(m);
     if (shown.kind === "line") {
-      if (this.addEntry(c, { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id }, live)) void this.saveHistory(c);
+      const quote = m.extra?.reply_to != null ? quoteOf(c, m.extra.reply_to) : "";
+      if (this.addEntry(c, { seq: m.seq, from: m.from, ts: m.ts_ms, text: quote + shown.text, msgId: m.msg_id }, live)) void this.saveHistory(c);
       return;
     }
     // An act changes the line it names (when loaded here); it is no line itself.
     c.lastSeq = Math.max(c.lastSeq, m.seq);
-    const target = c.entries.find((e) => !e.notice && e.msgId === shown.target);
-    if (target !== undefined && shown.kind !== "reaction") {
-      target.text = shown.kind === "edit" ? `${shown.text} (edited)` : "(deleted)";
-      void this.saveHistory(c);
-    }
+    const changed =
+      shown.kind === "edit"
+        ? applyAct(c.entries, shown.target, ACT_EDIT, m.from, shown.text)
+        : shown.kind === "delete"
+          ? applyAct(c.entries, shown.target, ACT_DELETE, m.from, "")
+          : applyAct(c.entries, shown.target, shown.on ? ACT_REACT : ACT_UNREACT, m.from, shown.emoji);
+    if (changed) void this.saveHistory(c);
     this.onChange();
   }
 
@@ -407,8 +436,21 @@ export class Session {
     const c = this.ensureConv(m.conv, true);
     let entry: Entry;
     if (p?.kind === "body") {
-      const text = p.contentType === CT_TEXT ? dec.decode(p.data) : `[${p.contentType}, ${p.data.length} bytes]`;
-      entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text };
+      const quote = m.extra?.reply_to != null ? quoteOf(c, m.extra.reply_to) : "";
+      entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: quote + bodyText(p.contentType, p.data, m.from), msgId: m.msg_id };
+    } else if (p?.kind === "act") {
+      // The server's cleartext reference (which it checked: only the author edits, and so on)
+      // must name the message and kind the sender signed, or the act is dropped.
+      c.lastSeq = Math.max(c.lastSeq, m.seq);
+      const named = m.extra?.acts_on ?? null;
+      if (named === null || named.msg_id !== p.msgId || named.kind !== ACT_NAMES[p.act]) {
+        this.notice(c.key, `an edit or reaction from ${m.from} was dropped: its reference does not match what was signed`);
+        return;
+      }
+      const content = p.act === ACT_EDIT ? bodyText(p.contentType, p.data, m.from) : dec.decode(p.data);
+      if (applyAct(c.entries, p.msgId, p.act, m.from, content)) void this.saveHistory(c);
+      this.onChange();
+      return;
     } else if (p?.kind === "file") {
       entry = {
         seq: m.seq,
@@ -760,6 +802,55 @@ export class Session {
 
   /** Sends text to a conversation (end-to-end when it is). */
   async send(key: string, text: string, except: string[] = []): Promise<void> {
+    await this.sendBody(key, { contentType: CT_TEXT, data: enc.encode(text) }, { except });
+  }
+
+  /** `/me text`: an action, shown as "* name text". */
+  async action(key: string, text: string): Promise<void> {
+    await this.sendBody(key, { contentType: CT_ACTION, data: enc.encode(text) }, {});
+  }
+
+  /** Answers the last message from someone else in the conversation (quoted in front). */
+  async reply(key: string, text: string): Promise<void> {
+    const c = this.state.convs.get(key);
+    const target = lastEntry(c, (e) => e.msgId !== undefined && e.from !== this.state.user);
+    if (c === undefined || target?.msgId === undefined) throw new Error("there is no message from someone else here to reply to");
+    const quote = quoteOf(c, target.msgId);
+    await this.sendBody(key, { contentType: CT_TEXT, data: enc.encode(text) }, { refs: { reply_to: target.msgId, acts_on: null }, quote });
+  }
+
+  /** Edits or deletes my last message here, or reacts to (or takes back a reaction to) the
+   * last message here. */
+  async act(key: string, kind: number, content: string): Promise<void> {
+    const c = this.state.convs.get(key);
+    const mineOnly = kind === ACT_EDIT || kind === ACT_DELETE;
+    const target = lastEntry(c, (e) => e.msgId !== undefined && e.deleted !== true && (!mineOnly || e.from === this.state.user));
+    if (c === undefined || target?.msgId === undefined) throw new Error(mineOnly ? "there is no message of yours here yet" : "there is no message here yet");
+    const name = ACT_NAMES[kind];
+    if (name === undefined) throw new Error(`no act ${kind}`);
+    const body = kind === ACT_DELETE ? { contentType: CT_DELETE, data: new Uint8Array() } : { contentType: CT_TEXT, data: enc.encode(content) };
+    await this.sendBody(key, body, { refs: { reply_to: null, acts_on: { msg_id: target.msgId, kind: name as ActKind } }, act: { msgId: target.msgId, kind, content } });
+  }
+
+  /** Sends a body to a conversation, end-to-end when it is: a message (shown as a line, with
+   * `quote` in front for a reply) or, with `act`, an edit, delete or reaction of an earlier
+   * message (applied to its line once the server has it). */
+  private async sendBody(
+    key: string,
+    body: { contentType: string; data: Uint8Array },
+    opts: { except?: string[]; refs?: Refs; quote?: string; act?: { msgId: string; kind: number; content: string } },
+  ): Promise<void> {
+    const except = opts.except ?? [];
+    const refs = opts.refs ?? null;
+    const text = bodyText(body.contentType, body.data, this.state.user);
+    const shown = (s: { msg_id: string; seq: number; ts_ms: number }, c: ConvState) => {
+      if (opts.act !== undefined) {
+        c.lastSeq = Math.max(c.lastSeq, s.seq);
+        applyAct(c.entries, opts.act.msgId, opts.act.kind, this.state.user, opts.act.content);
+        return;
+      }
+      this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: `${opts.quote ?? ""}${text}`, msgId: s.msg_id }, false);
+    };
     const c = this.state.convs.get(key);
     if (c === undefined) throw new Error("no such conversation");
     const target: Target =
@@ -772,13 +863,16 @@ export class Session {
       if (c.e2ee && except.length > 0) throw new Error("leaving people out (/except) of an end-to-end room is not supported by the web client yet");
       const idem = crypto.randomUUID();
       if (!c.e2ee || !this.device.has(key)) {
-        const [, sent] = await this.request({ Send: { target, body: { content_type: CT_TEXT, data: bytesOut(enc.encode(text)) }, idempotency_key: idem, refs: null } });
-        const s = sent as { seq: number; ts_ms: number };
-        this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text }, false);
+        const [, sent] = await this.request({ Send: { target, body: { content_type: body.contentType, data: bytesOut(body.data) }, idempotency_key: idem, refs } });
+        shown(sent as { msg_id: string; seq: number; ts_ms: number }, c);
         await this.saveHistory(c);
         return;
       }
-      const payload: Payload = { kind: "body", contentType: CT_TEXT, data: enc.encode(text) };
+      // The reference inside the ciphertext too, so the server cannot redirect an act.
+      const payload: Payload =
+        opts.act !== undefined
+          ? { kind: "act", msgId: opts.act.msgId, act: opts.act.kind, contentType: body.contentType, data: body.data }
+          : { kind: "body", contentType: body.contentType, data: body.data };
       for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
         if (this.device.hasPendingProposals(key)) {
           const out = await this.device.commitPending(key);
@@ -790,9 +884,8 @@ export class Session {
         // Saved before it leaves: a reload must never encrypt again under the same key.
         await this.saveDevice();
         try {
-          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs: null } });
-          const s = sent as { seq: number; ts_ms: number };
-          this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text }, false);
+          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs } });
+          shown(sent as { msg_id: string; seq: number; ts_ms: number }, c);
           await this.saveHistory(c);
           return;
         } catch (e) {

@@ -15,7 +15,9 @@ export class Timeline {
   private key = "";
   private entries: Entry[] = [];
   private heights = new WeakMap<Entry, number>();
-  private nodes = new WeakMap<Entry, HTMLElement>();
+  /** Each entry's row as last rendered, with the entry's revision then (an edit, delete or
+   * reaction bumps it, so the row is rendered again). */
+  private nodes = new WeakMap<Entry, { node: HTMLElement; rev: number }>();
   private top = document.createElement("div");
   private rows = document.createElement("div");
   private bottom = document.createElement("div");
@@ -103,10 +105,12 @@ export class Timeline {
     }
     const slice = this.entries.slice(from, to);
     const nodes = slice.map((e, i) => {
-      let n = this.nodes.get(e);
+      const rev = e.rev ?? 0;
+      const cached = this.nodes.get(e);
+      let n = cached?.rev === rev ? cached.node : undefined;
       if (n === undefined) {
         n = this.renderRow(e);
-        this.nodes.set(e, n);
+        this.nodes.set(e, { node: n, rev });
       }
       n.dataset.index = String(from + i);
       return n;

@@ -8,7 +8,7 @@ import { parseCommand, MAX_HISTORY_COUNT } from "../src/commands.js";
 import { decodePayload, encodePayload, type Payload } from "../src/payload.js";
 import { readVarint, writeVarint, fromHex, toHex } from "../src/bytes.js";
 import { open, seal, SEAL_CHUNK } from "../src/files.js";
-import { describe, CT_ACTION, CT_DELETE, CT_MARKDOWN } from "../src/acts.js";
+import { describe, applyAct, reactionsShown, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, type ActLine } from "../src/acts.js";
 import type { Message } from "../src/protocol.js";
 
 test("slash commands parse as the terminal client's", () => {
@@ -24,6 +24,14 @@ test("slash commands parse as the terminal client's", () => {
   assert.equal(parseCommand("/history -3").cmd, "error");
   assert.equal(parseCommand("/nonsense").cmd, "error");
   assert.deepEqual(parseCommand("/kick mallory spamming a lot"), { cmd: "kick", user: "mallory", reason: "spamming a lot" });
+  assert.deepEqual(parseCommand("/reply the blue one"), { cmd: "reply", text: "the blue one" });
+  assert.deepEqual(parseCommand("/edit fixed text"), { cmd: "edit", text: "fixed text" });
+  assert.deepEqual(parseCommand("/delete"), { cmd: "delete" });
+  assert.deepEqual(parseCommand("/react 👍"), { cmd: "react", emoji: "👍", on: true });
+  assert.deepEqual(parseCommand("/unreact 👍"), { cmd: "react", emoji: "👍", on: false });
+  assert.deepEqual(parseCommand("/me waves"), { cmd: "me", text: "waves" });
+  assert.equal(parseCommand("/edit").cmd, "error");
+  assert.equal(parseCommand("/react").cmd, "error");
 });
 
 test("payloads round-trip and refuse trailing or short bytes", () => {
@@ -32,6 +40,7 @@ test("payloads round-trip and refuse trailing or short bytes", () => {
     { kind: "file", fileId: "0193-abc", name: "notes.txt", size: 300_000, sha256: new Uint8Array(32).fill(7), key: new Uint8Array(32).fill(9) },
     { kind: "sealed_key", id: new Uint8Array(16).fill(1), key: new Uint8Array(32).fill(2) },
     { kind: "sealed", id: new Uint8Array(16).fill(3), nonce: new Uint8Array(24).fill(4), ciphertext: new Uint8Array(500).fill(5) },
+    { kind: "act", msgId: "0193-m1", act: 1, contentType: "text/plain", data: new TextEncoder().encode("fixed") },
   ];
   for (const p of all) {
     const b = encodePayload(p);
@@ -42,6 +51,11 @@ test("payloads round-trip and refuse trailing or short bytes", () => {
   assert.equal(decodePayload(new Uint8Array([9])), undefined);
   // postcard: variant 0, "text/plain", [104, 105]
   assert.equal(toHex(encodePayload({ kind: "body", contentType: "text/plain", data: new Uint8Array([104, 105]) })), "000a746578742f706c61696e026869");
+  // postcard: variant 4, "m1", the kind as one byte (3: react), "text/plain", the emoji's bytes
+  assert.equal(
+    toHex(encodePayload({ kind: "act", msgId: "m1", act: 3, contentType: "text/plain", data: new Uint8Array([0xf0, 0x9f, 0x91, 0x8d]) })),
+    "04026d31030a746578742f706c61696e04f09f918d",
+  );
 });
 
 test("varints and hex", () => {
@@ -79,9 +93,32 @@ test("edits, deletes, reactions, /me and Markdown of server-encrypted conversati
   assert.deepEqual(describe(msg(CT_MARKDOWN, "**yes**")), { kind: "line", text: "**yes**" });
   assert.deepEqual(describe(msg("text/plain", "fixed", on("Edit"))), { kind: "edit", target: "m1", text: "fixed" });
   assert.deepEqual(describe(msg(CT_DELETE, "", on("Delete"))), { kind: "delete", target: "m1" });
-  assert.deepEqual(describe(msg("text/plain", "👍", on("React"))), { kind: "reaction", target: "m1" });
+  assert.deepEqual(describe(msg("text/plain", "👍", on("React"))), { kind: "reaction", target: "m1", emoji: "👍", on: true });
+  assert.deepEqual(describe(msg("text/plain", "👍", on("Unreact"))), { kind: "reaction", target: "m1", emoji: "👍", on: false });
   const state = (deleted: boolean, edited_ms: number | null) => ({ reply_to: null, acts_on: null, state: { edited_ms, edits: edited_ms === null ? 0 : 1, deleted, reactions: [] } });
   assert.deepEqual(describe(msg("text/plain", "", state(true, null))), { kind: "line", text: "(deleted)" });
   assert.deepEqual(describe(msg("text/plain", "new", state(false, 5))), { kind: "line", text: "new (edited)" });
   assert.deepEqual(describe(msg("application/x-other", "abc")), { kind: "line", text: "[application/x-other, 3 bytes]" });
+});
+
+test("acts change the line they name: only the author edits, reactions count who", () => {
+  const lines: ActLine[] = [
+    { from: "alice", text: "deploy at fiev", msgId: "m1" },
+    { from: "", text: "bob joined", notice: true },
+  ];
+  assert.equal(applyAct(lines, "m1", ACT_EDIT, "bob", "bob's version"), false);
+  assert.equal(applyAct(lines, "m1", ACT_EDIT, "alice", "deploy at five"), true);
+  assert.equal(lines[0]?.text, "deploy at five (edited)");
+  assert.equal(applyAct(lines, "m1", ACT_REACT, "bob", "👍"), true);
+  assert.equal(applyAct(lines, "m1", ACT_REACT, "bob", "👍"), false, "once per person");
+  assert.equal(applyAct(lines, "m1", ACT_REACT, "carol", "👍"), true);
+  assert.equal(applyAct(lines, "m1", ACT_REACT, "carol", "🎉"), true);
+  assert.deepEqual(reactionsShown(lines[0] as ActLine), { text: "👍 2  🎉 1", who: "👍 bob, carol; 🎉 carol" });
+  assert.equal(applyAct(lines, "m1", ACT_UNREACT, "carol", "🎉"), true);
+  assert.deepEqual(reactionsShown(lines[0] as ActLine), { text: "👍 2", who: "👍 bob, carol" });
+  assert.equal(applyAct(lines, "zz", ACT_EDIT, "alice", "x"), false, "a line not loaded");
+  assert.equal(applyAct(lines, "m1", ACT_DELETE, "alice", ""), true);
+  assert.equal(lines[0]?.text, "(deleted)");
+  assert.equal(reactionsShown(lines[0] as ActLine), undefined);
+  assert.equal(applyAct(lines, "m1", ACT_EDIT, "alice", "back"), false, "a deleted line stays deleted");
 });

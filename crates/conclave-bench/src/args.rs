@@ -120,4 +120,9 @@ pub struct BenchArgs {
     /// File transfer mode: bytes in flight (relay chunks, QUIC windows), e.g. 4194304.
     #[arg(long, value_name = "BYTES", requires = "files")]
     pub file_window: Option<u64>,
+    /// Measure the disk's floor for a durable write instead: 1,000 writes of 300 bytes, each
+    /// followed by fdatasync, one every 2 ms, in the temporary directory (where the bench's
+    /// servers keep their data).
+    #[arg(long, conflicts_with_all = ["preset", "irc", "server", "files"])]
+    pub sync_floor: bool,
 }

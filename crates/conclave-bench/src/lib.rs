@@ -24,6 +24,7 @@
 
 pub mod args;
 pub mod conclave_driver;
+pub mod disk;
 pub mod files;
 pub mod irc_driver;
 pub mod measure;
@@ -90,6 +91,15 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode, BenchError> {
             println!("{}", files::json(&rows));
         } else {
             print!("{}", files::table(&rows));
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if args.sync_floor {
+        let floor = disk::sync_floor(&std::env::temp_dir(), disk::SAMPLES)?;
+        if json {
+            println!("{}", floor.to_json());
+        } else {
+            print!("{}", floor.to_table());
         }
         return Ok(std::process::ExitCode::SUCCESS);
     }

@@ -65,6 +65,7 @@ impl Client {
     }
 
     /// Away with a message (`Some`), or back (`None`).
+    /// The message stays set across reconnects of this session.
     pub async fn away(&self, text: Option<&str>) -> Result<(), ClientError> {
         self.request(Request::Away {
             text: text.map(str::to_string),
@@ -130,6 +131,25 @@ pub fn mention_in(text: &str, me: &str, from_owner: bool) -> Option<Mention> {
     found
 }
 
+/// The text of a Markdown message outside its code spans and code blocks (a name quoted in
+/// code is not a mention), pieces separated by spaces.
+pub fn outside_code(markdown: &str) -> String {
+    use pulldown_cmark::{Event as Md, Parser, Tag, TagEnd};
+    let mut out = String::with_capacity(markdown.len());
+    let mut in_block = false;
+    for ev in Parser::new(markdown) {
+        match ev {
+            Md::Start(Tag::CodeBlock(_)) => in_block = true,
+            Md::End(TagEnd::CodeBlock) => in_block = false,
+            Md::Text(t) | Md::Html(t) | Md::InlineHtml(t) if !in_block => out.push_str(&t),
+            Md::Code(_) | Md::SoftBreak | Md::HardBreak => out.push(' '),
+            Md::Start(_) | Md::End(_) => out.push(' '),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Unread messages and mentions of one conversation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -187,10 +207,14 @@ impl Attention {
                 alert: false,
             };
         }
-        let mention = m
-            .body
-            .as_text()
-            .and_then(|t| mention_in(t, me, self.from_owner(m)));
+        let markdown = m.body.text_kind().is_some_and(|k| k.markdown);
+        let mention = m.body.as_text().and_then(|t| {
+            if markdown {
+                mention_in(&outside_code(t), me, self.from_owner(m))
+            } else {
+                mention_in(t, me, self.from_owner(m))
+            }
+        });
         if !seen {
             self.make_room(&m.conv);
             let c = self.counts.entry(m.conv.clone()).or_default();
@@ -364,6 +388,10 @@ impl Client {
         limit: u32,
         after: Option<u64>,
     ) -> Result<Vec<Message>, ClientError> {
+        // An end-to-end conversation's thread is read from this device's own history.
+        if let Some(found) = self.local_thread(msg_id, limit, after) {
+            return found;
+        }
         match self
             .request(Request::Thread {
                 msg_id: msg_id.to_string(),
@@ -392,6 +420,24 @@ mod tests {
             body: Body::text(text),
             extra: None,
         }
+    }
+
+    #[test]
+    fn a_name_in_code_is_not_a_mention() {
+        let mut a = Attention::default();
+        let mut m = msg(Conv::Room("lab".into()), "alice", "run `@bob --help` first");
+        m.body.content_type = conclave_proto::chat::CONTENT_TYPE_MARKDOWN.into();
+        assert_eq!(a.on_message(&m, "bob", false).mention, None);
+        m.body.data = b"```\n@bob\n```\nthen **@bob** look".to_vec();
+        assert_eq!(a.on_message(&m, "bob", false).mention, Some(Mention::Me));
+        m.body.data = b"    @bob indented code\n".to_vec();
+        assert_eq!(a.on_message(&m, "bob", false).mention, None);
+        // Plain text keeps its backticks as text.
+        let plain = msg(Conv::Room("lab".into()), "alice", "`@bob`");
+        assert_eq!(
+            a.on_message(&plain, "bob", false).mention,
+            Some(Mention::Me)
+        );
     }
 
     #[test]

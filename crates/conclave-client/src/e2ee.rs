@@ -353,6 +353,11 @@ impl Client {
                 limit,
                 before,
             } => Reply::Messages(self.history(conv, limit, before).await?),
+            Request::Thread {
+                msg_id,
+                limit,
+                after,
+            } => Reply::Messages(self.thread(&msg_id, limit, after).await?),
             Request::Search {
                 query,
                 room,
@@ -1046,7 +1051,12 @@ impl Client {
         if let Target::Room { room, except } = target
             && !except.is_empty()
         {
-            return Some(self.blockcast(&s, room, except, &key, body).await);
+            if refs.is_some_and(|r| r.acts_on.is_some()) {
+                return Some(Err(e2ee_err(
+                    "an edit, delete or reaction goes to the whole conversation: send it without `except`",
+                )));
+            }
+            return Some(self.blockcast(&s, room, except, &key, body, refs).await);
         }
         let payload = match refs.and_then(|r| r.acts_on.as_ref()) {
             // The reference inside the ciphertext too, so the server cannot redirect it.
@@ -1076,6 +1086,7 @@ impl Client {
         except: &[String],
         key: &str,
         body: &Body,
+        refs: Option<&conclave_proto::Refs>,
     ) -> Result<(u64, String, i64), ClientError> {
         let me = self.user().to_string();
         let mut intended: Vec<String> = s
@@ -1109,12 +1120,18 @@ impl Client {
             room: room.to_string(),
             except: except.to_vec(),
         };
-        let sent = self.send_payload(s, &target, &sealed, None).await?;
+        // A reply keeps its reference (in clear, as for every message, for threads).
+        let refs = refs.filter(|r| r.acts_on.is_none());
+        let sent = self.send_payload(s, &target, &sealed, refs).await?;
         let own = Payload::Body {
             content_type: body.content_type.clone(),
             data: body.data.clone(),
         };
-        let _ = s.with(|d| d.record(key, sent.0, &me, sent.2, &own));
+        let reply_to = refs.and_then(|r| r.reply_to.as_deref());
+        let _ = s.with(|d| {
+            d.record(key, sent.0, &me, sent.2, &own)?;
+            d.note_message(key, sent.0, &sent.1, reply_to)
+        });
         Ok(sent)
     }
 
@@ -1140,6 +1157,41 @@ impl Client {
                         })
                         .collect()
                 })
+            })
+            .map_err(e2ee_err),
+        )
+    }
+
+    /// A thread of an end-to-end conversation from this device's history (the server's rows
+    /// are ciphertext): the message `root` then its replies after `after`, oldest first. `None`
+    /// when this device does not hold `root`.
+    pub(crate) fn local_thread(
+        &self,
+        root: &str,
+        limit: u32,
+        after: Option<u64>,
+    ) -> Option<Result<Vec<Message>, ClientError>> {
+        let s = self.secure()?;
+        let found = match s.with(|d| d.thread(root, limit, after)) {
+            Ok(found) => found?,
+            Err(e) => return Some(Err(e2ee_err(e))),
+        };
+        let (key, root_seq, replies) = found;
+        let conv = conv_from_key(&key);
+        Some(
+            s.with(|d| {
+                let mut out = Vec::with_capacity(replies.len() + 1);
+                for seq in std::iter::once(root_seq).chain(replies) {
+                    let entry = d
+                        .history(&key, 1, Some(seq.saturating_add(1)))?
+                        .into_iter()
+                        .find(|e| e.seq == seq);
+                    if let Some(e) = entry {
+                        let state = d.local_state(&key, seq).ok().flatten();
+                        out.extend(entry_message_with(conv.clone(), e, state));
+                    }
+                }
+                Ok::<_, conclave_e2ee::E2eeError>(out)
             })
             .map_err(e2ee_err),
         )
@@ -1777,7 +1829,11 @@ async fn open_sealed_message(s: &Arc<Secure>, m: Message, tx: &mpsc::Sender<Clie
     };
     match conclave_e2ee::payload::open_sealed(&msg_key, &id, &nonce, &ciphertext) {
         Ok(inner @ Payload::Body { .. }) => {
-            let _ = s.with(|d| d.record(&key, m.seq, &m.from, m.ts_ms, &inner));
+            let reply_to = m.extra.as_ref().and_then(|x| x.reply_to.as_deref());
+            let _ = s.with(|d| {
+                d.record(&key, m.seq, &m.from, m.ts_ms, &inner)?;
+                d.note_message(&key, m.seq, &m.msg_id, reply_to)
+            });
             if let Payload::Body { content_type, data } = inner {
                 let mut plain = m;
                 plain.body = Body { content_type, data };

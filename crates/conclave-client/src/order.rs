@@ -23,6 +23,7 @@ pub fn is_conversation_request(req: &Request) -> bool {
             | Request::Invite { .. }
             | Request::CreateRoom { .. }
             | Request::History { .. }
+            | Request::Thread { .. }
             | Request::Search { .. }
             | Request::Files
     )

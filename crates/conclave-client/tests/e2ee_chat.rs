@@ -45,23 +45,41 @@ async fn local(c: &Client, room: &str) -> Vec<Message> {
         .expect("history")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
+/// A server with Alice, Bob and Carol, each with an end-to-end device (their state
+/// directories kept here), all three in the end-to-end room `lab`.
+struct Lab {
+    srv: TestServer,
+    _states: Vec<tempfile::TempDir>,
+}
+
+async fn three_in_lab() -> (Lab, [(Client, Events); 3]) {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     add_users(dir.path(), &["alice", "bob", "carol"]);
-    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
     let states: Vec<_> = (0..3)
         .map(|_| tempfile::tempdir().expect("state"))
         .collect();
-    let (alice, mut a_ev) = connect(&srv, "alice", states[0].path()).await;
-    let (bob, mut b_ev) = connect(&srv, "bob", states[1].path()).await;
-    let (carol, mut c_ev) = connect(&srv, "carol", states[2].path()).await;
+    let alice = connect(&srv, "alice", states[0].path()).await;
+    let bob = connect(&srv, "bob", states[1].path()).await;
+    let carol = connect(&srv, "carol", states[2].path()).await;
     alice
+        .0
         .create_room_e2ee("lab", false, None)
         .await
         .expect("create");
-    bob.join("lab", None).await.expect("bob joins");
-    carol.join("lab", None).await.expect("carol joins");
+    bob.0.join("lab", None).await.expect("bob joins");
+    carol.0.join("lab", None).await.expect("carol joins");
+    let lab = Lab {
+        srv,
+        _states: states,
+    };
+    (lab, [alice, bob, carol])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
+    let (lab, [(alice, mut a_ev), (bob, mut b_ev), (carol, mut c_ev)]) = three_in_lab().await;
+    let dir = lab.srv.dir.clone();
 
     let old = "typo-in-the-plan-zq1";
     let sent = alice.send_to_room("lab", old, &[]).await.expect("send");
@@ -181,7 +199,7 @@ async fn acts_in_an_end_to_end_room_are_mls_messages_applied_by_each_member() {
         );
     }
     drop((alice, bob, carol));
-    srv.stop(WAIT).await;
+    lab.srv.stop(WAIT).await;
 }
 
 /// Through the test kit's relay (5 ms one way with jitter), a member sees each message before
@@ -198,12 +216,7 @@ async fn through_the_relay_every_act_comes_after_its_message() {
         .map(|_| tempfile::tempdir().expect("state"))
         .collect();
     let (alice, _a_ev) = connect(&srv, "alice", states[0].path()).await;
-    let mut opts = common::options(&srv, "bob", states[1].path(), WAIT);
-    opts.server = relay.addr().to_string();
-    let (bob, b_ev, _) = tokio::time::timeout(WAIT, Client::connect(opts))
-        .await
-        .expect("connect in time")
-        .expect("connect");
+    let (bob, b_ev) = common::connect_via(&srv, &relay.addr(), "bob", states[1].path(), WAIT).await;
     let mut b_ev = bob
         .enable_e2ee(b_ev, states[1].path(), common::PASSWORD)
         .await
@@ -290,4 +303,122 @@ async fn through_the_relay_every_act_comes_after_its_message() {
     }
     drop((alice, bob));
     srv.stop(WAIT).await;
+}
+
+/// A thread of an end-to-end room is read from each device's own history (the server holds
+/// only ciphertext): the root then its replies in order, readable, including a reply that
+/// left someone out (a blockcast keeps its `reply_to`); the one left out has the root and the
+/// other replies but never that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_of_an_end_to_end_room_come_from_local_history() {
+    use conclave_client::proto::{Body, Refs, Target};
+    let (lab, [(alice, mut a_ev), (bob, mut b_ev), (carol, mut c_ev)]) = three_in_lab().await;
+
+    let root = alice
+        .send_to_room("lab", "which cable for the rig", &[])
+        .await
+        .expect("root");
+    for ev in [&mut b_ev, &mut c_ev] {
+        assert_eq!(next_in(ev, "lab").await.msg_id, root.msg_id);
+    }
+    let first = bob
+        .reply(&root.msg_id, "the blue one")
+        .await
+        .expect("reply");
+    let unrelated = carol
+        .send_to_room("lab", "lunch at noon", &[])
+        .await
+        .expect("unrelated");
+    // Bob answers again, leaving carol out (a blockcast in an end-to-end room).
+    let refs = Refs {
+        reply_to: Some(root.msg_id.clone()),
+        acts_on: None,
+    };
+    let hidden = bob
+        .send_with_refs(
+            Target::Room {
+                room: "lab".into(),
+                except: vec!["carol".into()],
+            },
+            Body::text("carol borrowed it"),
+            None,
+            Some(Box::new(refs)),
+        )
+        .await
+        .expect("blockcast reply");
+    // An act cannot leave anyone out.
+    let act = Refs {
+        reply_to: None,
+        acts_on: Some(conclave_client::proto::ActsOn {
+            msg_id: root.msg_id.clone(),
+            kind: ActKind::React,
+        }),
+    };
+    bob.send_with_refs(
+        Target::Room {
+            room: "lab".into(),
+            except: vec!["carol".into()],
+        },
+        Body::text("👍"),
+        None,
+        Some(Box::new(act)),
+    )
+    .await
+    .expect_err("an act with except is refused");
+
+    // Alice sees the blockcast reply live, readable, with its reference.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(next_in(&mut a_ev, "lab").await);
+    }
+    let live = seen
+        .iter()
+        .find(|m| m.msg_id == hidden.msg_id)
+        .expect("the blockcast reply came");
+    assert_eq!(live.body.as_text(), Some("carol borrowed it"));
+    assert_eq!(
+        live.extra.as_ref().and_then(|x| x.reply_to.clone()),
+        Some(root.msg_id.clone())
+    );
+
+    let ids = |t: &[Message]| t.iter().map(|m| m.msg_id.clone()).collect::<Vec<_>>();
+    for c in [&alice, &bob] {
+        let t = c.thread(&root.msg_id, 50, None).await.expect("thread");
+        assert_eq!(
+            ids(&t),
+            vec![
+                root.msg_id.clone(),
+                first.msg_id.clone(),
+                hidden.msg_id.clone()
+            ]
+        );
+        assert_eq!(t[1].body.as_text(), Some("the blue one"));
+        assert_eq!(t[2].body.as_text(), Some("carol borrowed it"));
+        // Paged: after the first reply, at most one.
+        let t = c
+            .thread(&root.msg_id, 1, Some(first.seq))
+            .await
+            .expect("thread page");
+        assert_eq!(ids(&t), vec![root.msg_id.clone(), hidden.msg_id.clone()]);
+    }
+    // Carol: the root and the reply she was meant to see, once it has come.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let t = carol.thread(&root.msg_id, 50, None).await.expect("thread");
+            if t.len() >= 2 {
+                assert_eq!(ids(&t), vec![root.msg_id.clone(), first.msg_id.clone()]);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("carol's thread in time");
+    assert!(
+        ids(&carol.thread(&root.msg_id, 50, None).await.expect("thread"))
+            .iter()
+            .all(|id| *id != unrelated.msg_id && *id != hidden.msg_id)
+    );
+    drop((alice, bob, carol));
+    lab.srv.stop(WAIT).await;
 }

@@ -309,3 +309,61 @@ async fn read_markers_keep_their_order_through_a_jittery_relay() {
     drop((alice, bob));
     srv.stop(WAIT).await;
 }
+
+/// An away message outlives a dropped connection: the server forgets it when the account's
+/// last connection ends, and the client sets it again once it has reconnected (through the
+/// relay, which cuts the connection). `back` ends it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn away_is_kept_across_a_reconnect() {
+    use common::relay::{Relay, RelayConfig};
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob"]);
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let relay = Relay::start(srv.addr, RelayConfig::delay_ms(2.0, 0x20c));
+    let states: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, _a_ev) = connect(&srv, "alice", states[0].path()).await;
+    let (bob, mut b_ev) =
+        common::connect_via(&srv, &relay.addr(), "bob", states[1].path(), WAIT).await;
+    let bob_away = |users: &[conclave_client::proto::UserPresence]| {
+        users
+            .iter()
+            .find(|u| u.user == "bob")
+            .and_then(|u| u.away.clone())
+    };
+    bob.away(Some("at lunch")).await.expect("away");
+    assert_eq!(
+        bob_away(&alice.who(None).await.expect("who")).as_deref(),
+        Some("at lunch")
+    );
+    assert!(relay.cut_all() > 0, "bob's connection was cut");
+    wait_for(&mut b_ev, |e| {
+        matches!(e, ClientEvent::Reconnected { .. }).then_some(())
+    })
+    .await;
+    // Set again shortly after the reconnect (bounded wait).
+    let mut away = None;
+    for _ in 0..100 {
+        let who = alice.who(None).await.expect("who");
+        if who.iter().any(|u| u.user == "bob" && u.online) {
+            away = bob_away(&who);
+            if away.is_some() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(away.as_deref(), Some("at lunch"));
+    // Back: not set again by the next reconnect.
+    bob.away(None).await.expect("back");
+    relay.cut_all();
+    wait_for(&mut b_ev, |e| {
+        matches!(e, ClientEvent::Reconnected { .. }).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bob_away(&alice.who(None).await.expect("who")), None);
+    drop((alice, bob));
+    srv.stop(WAIT).await;
+}

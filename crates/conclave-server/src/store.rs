@@ -36,6 +36,16 @@ pub use files::{FileRow, RecipientState};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "conclave.db";
+/// SQLite's `synchronous` for every commit: `FULL`, so a message is on disk (its WAL frames
+/// synced) before it is acknowledged or delivered. Only a build with the `bench-no-sync`
+/// feature, which `bench/compare.sh` makes in a target directory of its own to measure the
+/// pipeline without the sync (the paced median's floor), uses `NORMAL`; that build says so at
+/// start and is never one to serve from.
+#[cfg(not(feature = "bench-no-sync"))]
+pub const SYNCHRONOUS: &str = "FULL";
+#[cfg(feature = "bench-no-sync")]
+pub const SYNCHRONOUS: &str = "NORMAL";
+
 /// Most appends committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
 /// Operations waiting for the store thread; senders wait (back-pressure) beyond this.
@@ -334,13 +344,13 @@ impl Db {
             error: e.to_string(),
         };
         let conn = Connection::open(&path).map_err(open_err)?;
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
+             PRAGMA synchronous = {SYNCHRONOUS};
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 5000;
-             PRAGMA secure_delete = ON;",
-        )
+             PRAGMA secure_delete = ON;"
+        ))
         .map_err(open_err)?;
         // The database holds only ciphertext bodies, but keep it private like every secret.
         let _ =
@@ -512,7 +522,8 @@ impl Db {
         if result.is_err() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
-        self.conn.execute_batch("PRAGMA synchronous = FULL")?;
+        self.conn
+            .execute_batch(&format!("PRAGMA synchronous = {SYNCHRONOUS}"))?;
         result?;
         self.pending_index.clear();
         Ok(())

@@ -22,6 +22,8 @@ pub struct LineState {
     pub base: String,
     /// The quote in front of a reply.
     pub quote: Option<String>,
+    /// The message this one answers (a reply).
+    pub reply_to: Option<String>,
     pub edited: bool,
     pub deleted: bool,
     pub reactions: Vec<(String, Vec<String>)>,
@@ -96,6 +98,7 @@ pub fn line_of(m: &Message, base: &str, quote: Option<String>) -> LineState {
     LineState {
         base: base.to_string(),
         quote,
+        reply_to: m.extra.as_ref().and_then(|x| x.reply_to.clone()),
         edited: state.edits > 0,
         deleted: state.deleted,
         reactions: state

@@ -14,7 +14,7 @@ use ratatui::crossterm::event::{
     KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEvent, MouseEventKind,
 };
 
-use crate::buffer::{Buffer, ConvKey, Entry, EntryKind, HistoryState, NoticeKind, Presence};
+use crate::buffer::{Buffer, ConvKey, Entry, HistoryState, NoticeKind, Presence};
 use crate::command::{self, BanTarget, COMMANDS, Command, DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE};
 use crate::files::{FileEvent, Transfer};
 use crate::input::LineEditor;
@@ -23,6 +23,7 @@ use crate::view;
 
 mod presence;
 mod recovery;
+mod thread;
 pub use recovery::RECOVERY_PROMPT;
 
 /// Messages loaded when a conversation is opened.
@@ -126,6 +127,8 @@ pub enum Action {
     },
     /// The direct conversations now open, to remember for the next start.
     RememberDirect(Vec<Vec<String>>),
+    /// The muted conversations now, to remember for the next start.
+    RememberMuted(Vec<ConvKey>),
     /// Leave: tell the server (when connected), restore the terminal, exit.
     Quit,
     /// Ring the terminal bell (a mention).
@@ -199,6 +202,13 @@ enum Pending {
     Send {
         key: ConvKey,
         local: u64,
+        /// A reply: the message it answers and the quote shown in front of it.
+        reply: Option<(String, String)>,
+    },
+    /// The first page of the thread pane.
+    Thread {
+        key: ConvKey,
+        root: String,
     },
     Join {
         room: String,
@@ -295,6 +305,8 @@ pub struct App {
     pub chat: crate::chat::ChatState,
     /// Edited, deleted, reacted and replying lines, per buffer.
     lines: HashMap<ConvKey, crate::acts::Lines>,
+    /// The thread pane, while open (`/thread`).
+    pub thread: Option<crate::thread::ThreadPane>,
     /// The masked recovery-key field of `/restore`, while it is open.
     recovery: Option<LineEditor>,
 }
@@ -360,6 +372,7 @@ impl App {
             remembered: Vec::new(),
             chat: Default::default(),
             lines: HashMap::new(),
+            thread: None,
             recovery: None,
         }
     }
@@ -378,7 +391,8 @@ impl App {
         };
         let lines = self.lines.entry(b.key.clone()).or_default();
         let quote = reply_to.map(|r| crate::acts::quote(b, lines, r));
-        let line = crate::acts::line_of(m, &entry.text, quote);
+        let mut line = crate::acts::line_of(m, &entry.text, quote);
+        line.reply_to = reply_to.map(str::to_string);
         entry.text = line.text();
         lines.insert(m.msg_id.clone(), line);
         entry
@@ -387,26 +401,22 @@ impl App {
     /// Edits, deletes or reacts to a message of the current conversation.
     fn act_on(
         &mut self,
-        pick: fn(&Entry, &str) -> bool,
+        (selected, last): (thread::Pick, thread::Pick),
         what: &str,
         kind: conclave_client::proto::ActKind,
         content: &str,
     ) -> Vec<Action> {
-        let me = self.me().to_string();
         let b = self.current_buffer();
         let Some(target) = b.key.target(Vec::new()) else {
             self.error("this is the status buffer: switch to a conversation first");
             return Vec::new();
         };
-        let Some(id) = b
-            .entries
-            .iter()
-            .rev()
-            .find(|e| e.msg_id().is_some() && pick(e, &me))
-            .and_then(|e| e.msg_id().map(str::to_string))
-        else {
-            self.error(&format!("there is no {what} here yet"));
-            return Vec::new();
+        let id = match self.target_message(selected, last, what) {
+            Ok(id) => id,
+            Err(e) => {
+                self.error(&e);
+                return Vec::new();
+            }
         };
         let body = match kind {
             conclave_client::proto::ActKind::Delete => conclave_client::proto::Body {
@@ -635,6 +645,18 @@ impl App {
                 .buffers
                 .get(i)
                 .is_some_and(|b| matches!(b.key, ConvKey::Room(_)))
+    }
+
+    /// The names shown beside messages (see [`crate::chat::ChatState::nick_labels`]).
+    pub fn nick_labels(&self) -> HashMap<String, String> {
+        if self.chat.display_names.is_empty() {
+            return HashMap::new();
+        }
+        let mut accounts = self.known_users.clone();
+        for b in &self.buffers {
+            accounts.extend(b.members.keys().cloned());
+        }
+        self.chat.nick_labels(&accounts)
     }
 
     pub fn members_visible(&self) -> bool {
@@ -1090,10 +1112,22 @@ impl App {
             KeyCode::Right => self.input.right(),
             KeyCode::Home => self.input.home(),
             KeyCode::End => self.input.end(),
+            KeyCode::Up if alt => self.select_message(true),
+            KeyCode::Down if alt => self.select_message(false),
             KeyCode::Up => self.input.history_up(),
             KeyCode::Down => self.input.history_down(),
             KeyCode::Tab => self.complete(),
-            KeyCode::Esc => self.overlay = Overlay::None,
+            KeyCode::Esc => {
+                // The innermost first: an overlay, the selection, the thread pane.
+                if !matches!(self.overlay, Overlay::None) {
+                    self.overlay = Overlay::None;
+                } else if self.current_buffer().selected.is_some() {
+                    self.buffers[self.current].selected = None;
+                    self.buffers[self.current].scroll = 0;
+                } else if self.thread_shown_for(self.current) {
+                    self.thread = None;
+                }
+            }
             KeyCode::Enter
                 if key
                     .modifiers
@@ -1292,6 +1326,10 @@ impl App {
             };
         }
         self.input.take(true);
+        if let Some((key, root)) = self.thread_root_for_typing() {
+            let kind = conclave_client::proto::chat::TextKind::PLAIN;
+            return self.send_full(key, Vec::new(), &text, kind, Some(root));
+        }
         self.send_text(&text)
     }
 
@@ -1317,6 +1355,18 @@ impl App {
         text: &str,
         kind: conclave_client::proto::chat::TextKind,
     ) -> Vec<Action> {
+        self.send_full(key, except, text, kind, None)
+    }
+
+    /// Sends text of a kind, as a reply to `reply_to` when given (quoted in front of it).
+    fn send_full(
+        &mut self,
+        key: ConvKey,
+        except: Vec<String>,
+        text: &str,
+        kind: conclave_client::proto::chat::TextKind,
+        reply_to: Option<String>,
+    ) -> Vec<Action> {
         let Some(target) = key.target(except) else {
             self.error("this is the status buffer: /join a room or /msg someone to talk");
             return Vec::new();
@@ -1328,17 +1378,37 @@ impl App {
         }
         let i = self.buffer_index(&key);
         let local = self.next_tag;
-        let entry = Entry::mine(self.now_ms, self.me(), text, kind, local);
+        let mut entry = Entry::mine(self.now_ms, self.me(), text, kind, local);
+        let reply = reply_to.map(|r| {
+            let lines = self.lines.entry(key.clone()).or_default();
+            let quote = crate::acts::quote(&self.buffers[i], lines, &r);
+            (r, quote)
+        });
+        if let Some((root, quote)) = &reply {
+            self.thread_mine(&key, root, &entry);
+            let n = quote.chars().count();
+            for run in &mut entry.styles {
+                run.start += n;
+                run.end += n;
+            }
+            entry.text.insert_str(0, quote);
+        }
         self.push_entry(i, entry, false);
         self.buffers[i].scroll = 0;
         self.chat.sent_message();
+        let refs = reply.as_ref().map(|(r, _)| {
+            Box::new(conclave_client::proto::Refs {
+                reply_to: Some(r.clone()),
+                acts_on: None,
+            })
+        });
         vec![self.request(
-            Pending::Send { key, local },
+            Pending::Send { key, local, reply },
             Request::Send {
                 target,
                 body: conclave_client::proto::Body::text_of_kind(text, kind),
                 idempotency_key: None,
-                refs: None,
+                refs,
             },
         )]
     }
@@ -1575,50 +1645,45 @@ impl App {
                 vec![Action::CancelFile { tag, file_id }]
             }
             Command::Reply { text } => {
-                let me = self.me().to_string();
-                let b = self.current_buffer();
-                let Some(target) = b.key.target(Vec::new()) else {
+                let key = self.current_buffer().key.clone();
+                if key == ConvKey::Status {
                     self.error("this is the status buffer: switch to a conversation first");
                     return Vec::new();
-                };
-                let Some(id) = b
-                    .entries
-                    .iter()
-                    .rev()
-                    .find(|e| matches!(&e.kind, EntryKind::Message { from, msg_id: Some(_), .. } if *from != me))
-                    .and_then(|e| e.msg_id().map(str::to_string))
-                else {
-                    self.error("there is no message from someone else here to reply to");
-                    return Vec::new();
-                };
-                let refs = conclave_client::proto::Refs {
-                    reply_to: Some(id),
-                    acts_on: None,
-                };
-                vec![self.request(
-                    Pending::Done("reply sent".into()),
-                    Request::Send {
-                        target,
-                        body: conclave_client::proto::Body::text(&text),
-                        idempotency_key: None,
-                        refs: Some(Box::new(refs)),
-                    },
-                )]
+                }
+                match self.target_message(thread::any, thread::others, "message from someone else")
+                {
+                    Ok(id) => {
+                        self.buffers[self.current].selected = None;
+                        self.send_full(
+                            key,
+                            Vec::new(),
+                            &text,
+                            conclave_client::proto::chat::TextKind::PLAIN,
+                            Some(id),
+                        )
+                    }
+                    Err(e) => {
+                        self.error(&e);
+                        Vec::new()
+                    }
+                }
             }
+            Command::Thread => self.toggle_thread(),
             Command::Edit { text } => self.act_on(
-                |e, me| matches!(&e.kind, EntryKind::Message { from, .. } if from == me),
+                (thread::mine, thread::mine),
                 "message of yours",
                 conclave_client::proto::ActKind::Edit,
                 &text,
             ),
+            // A selected message of someone else's may go too (room owners and admins).
             Command::Delete => self.act_on(
-                |e, me| matches!(&e.kind, EntryKind::Message { from, .. } if from == me),
+                (thread::any, thread::mine),
                 "message of yours",
                 conclave_client::proto::ActKind::Delete,
                 "",
             ),
             Command::React { emoji, on } => self.act_on(
-                |_, _| true,
+                (thread::any, thread::any),
                 "message",
                 if on {
                     conclave_client::proto::ActKind::React
@@ -1751,6 +1816,7 @@ impl App {
             Event::Message(m) => {
                 let key = ConvKey::from_conv(&m.conv, &me);
                 self.known_users.insert(m.from.clone());
+                self.thread_event(&key, &m);
                 if m.extra.as_ref().is_some_and(|x| x.acts_on.is_some()) {
                     // An act changes the line it names (when loaded); it is no line itself.
                     if let Some(i) = self.buffers.iter().position(|b| b.key == key) {
@@ -2044,19 +2110,37 @@ impl App {
         };
         match (pending, result) {
             (
-                Pending::Send { key, local },
+                Pending::Send { key, local, reply },
                 Ok(Reply::Sent {
                     msg_id, seq, ts_ms, ..
                 }),
             ) => {
                 if let Some(b) = self.buffers.iter_mut().find(|b| b.key == key) {
                     b.confirm_send(local, &msg_id, seq, ts_ms);
+                    if let Some((reply_to, quote)) = reply
+                        && let Some(e) = b.entries.iter().find(|e| e.msg_id() == Some(&msg_id))
+                    {
+                        // Later edits and reactions keep the quote in front.
+                        let base = e.text.strip_prefix(quote.as_str()).unwrap_or(&e.text);
+                        let line = crate::acts::LineState {
+                            base: base.to_string(),
+                            quote: Some(quote),
+                            reply_to: Some(reply_to),
+                            ..Default::default()
+                        };
+                        self.lines
+                            .entry(key.clone())
+                            .or_default()
+                            .insert(msg_id.clone(), line);
+                    }
                 }
+                self.thread_receipt(local, Some((&msg_id, seq, ts_ms)));
             }
-            (Pending::Send { key, local }, result) => {
+            (Pending::Send { key, local, .. }, result) => {
                 if let Some(b) = self.buffers.iter_mut().find(|b| b.key == key) {
                     b.fail_send(local);
                 }
+                self.thread_receipt(local, None);
                 let why = match result {
                     Err(f) => f.message,
                     Ok(other) => format!("unexpected reply {other:?}"),
@@ -2309,6 +2393,7 @@ impl App {
                 }
             }
             (Pending::Done(what), Ok(_)) => self.say(NoticeKind::Info, &what),
+            (Pending::Thread { key, root }, result) => return self.thread_page(key, root, result),
             (p @ (Pending::Quiet | Pending::ReadMarkers { .. } | Pending::RoomInfo), result) => {
                 return self.chat_reply(p, result);
             }

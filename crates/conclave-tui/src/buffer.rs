@@ -172,7 +172,7 @@ impl Entry {
                 Vec::new(),
             ),
         };
-        let mention = m.from != me && mentions(&text, me);
+        let mention = m.from != me && mentions(&outside_code(&text, &styles), me);
         Entry {
             ts_ms: m.ts_ms,
             kind: EntryKind::Message {
@@ -223,6 +223,22 @@ fn shown_text(from: &str, text: &str, kind: TextKind) -> (String, Vec<crate::mar
         shown.insert_str(0, &prefix);
     }
     (shown, styles)
+}
+
+/// The rendered text with its code spans and blocks blanked (a name in code is no mention).
+fn outside_code(text: &str, styles: &[crate::markdown::StyleRun]) -> String {
+    if !styles.iter().any(|r| r.marks.code) {
+        return text.to_string();
+    }
+    text.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            let code = styles
+                .iter()
+                .any(|r| r.marks.code && r.start <= i && i < r.end);
+            if code { ' ' } else { c }
+        })
+        .collect()
 }
 
 /// Whether `text` names `me` as a word (case does not matter; `@me` counts).
@@ -276,6 +292,9 @@ pub struct Buffer {
     pub jump_to: Option<u64>,
     /// The entry to highlight (the search result jumped to).
     pub highlight: Option<String>,
+    /// The message chosen with Alt-Up / Alt-Down, which `/reply`, `/edit`, `/delete`,
+    /// `/react` and `/thread` act on.
+    pub selected: Option<String>,
 }
 
 impl Buffer {
@@ -292,6 +311,7 @@ impl Buffer {
             scroll: 0,
             jump_to: None,
             highlight: None,
+            selected: None,
         }
     }
 
@@ -435,6 +455,12 @@ mod tests {
         assert!(mentions("alice.", "alice"));
         assert!(!mentions("malice aforethought", "alice"));
         assert!(!mentions("alice2 is here", "alice"));
+        // Not in code.
+        let mut m = msg(1, "bob", "try `alice --help` or\n```\nalice\n```");
+        m.body.content_type = conclave_proto::chat::CONTENT_TYPE_MARKDOWN.into();
+        assert!(!Entry::message(&m, "alice").mention);
+        m.body.data = b"**alice**, see `x`".to_vec();
+        assert!(Entry::message(&m, "alice").mention);
     }
 
     #[test]

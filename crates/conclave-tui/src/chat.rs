@@ -2,7 +2,7 @@
 //! typing, read markers ("read by"), away messages, display names, muted conversations, and
 //! when to send this user's own typing notices and read markers. Pure: time passed in.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use conclave_proto::chat::{DEFAULT_TYPING_INTERVAL_MS, TYPING_SHOWN_MS};
 
@@ -163,6 +163,27 @@ impl ChatState {
         }
     }
 
+    /// The names shown beside messages, by account: the display name where it cannot be
+    /// mistaken for someone else (no other account is called that and no one else shows the
+    /// same name); other accounts show their account name. `accounts`: the account names known.
+    pub fn nick_labels(&self, accounts: &BTreeSet<String>) -> HashMap<String, String> {
+        let mut uses: HashMap<String, usize> = HashMap::new();
+        for d in self.display_names.values() {
+            *uses.entry(d.trim().to_lowercase()).or_default() += 1;
+        }
+        self.display_names
+            .iter()
+            .filter_map(|(user, d)| {
+                let low = d.trim().to_lowercase();
+                let taken = (accounts.contains(&low) || self.display_names.contains_key(&low))
+                    && low != *user;
+                let shown = crate::text::sanitize(d.trim(), false);
+                (uses.get(&low) == Some(&1) && !taken && !shown.is_empty())
+                    .then(|| (user.clone(), shown))
+            })
+            .collect()
+    }
+
     /// The window title for this many mentions waiting.
     pub fn title_for(mentions: u32, latest: Option<&str>) -> String {
         match (mentions, latest) {
@@ -179,6 +200,24 @@ mod tests {
 
     fn room() -> ConvKey {
         ConvKey::Room("general".into())
+    }
+
+    #[test]
+    fn display_names_beside_messages_cannot_pass_for_someone_else() {
+        let mut c = ChatState::default();
+        let accounts: BTreeSet<String> = ["alice", "bob", "carol", "dave"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        c.display_names.insert("bob".into(), "Bob B.".into());
+        c.display_names.insert("carol".into(), "Alice".into());
+        c.display_names.insert("dave".into(), "Sam".into());
+        c.display_names.insert("erin".into(), "sam".into());
+        let l = c.nick_labels(&accounts);
+        assert_eq!(l.get("bob").map(String::as_str), Some("Bob B."));
+        assert_eq!(l.get("carol"), None, "another account is called alice");
+        assert_eq!(l.get("dave"), None, "two show as sam");
+        assert_eq!(l.get("erin"), None);
     }
 
     #[test]

@@ -50,10 +50,11 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "mute", args: "", help: "no bell or title for mentions in this conversation (they are still counted)" },
     CommandSpec { name: "unmute", args: "", help: "mentions in this conversation ring again" },
     CommandSpec { name: "receipts", args: "on|off", help: "show others how far you have read (on, the default), or keep it private" },
-    CommandSpec { name: "reply", args: "text", help: "answer the last message from someone else here (it is quoted)" },
-    CommandSpec { name: "edit", args: "text", help: "replace the text of your last message here" },
-    CommandSpec { name: "delete", args: "", help: "delete your last message here" },
-    CommandSpec { name: "react", args: "emoji", help: "react to the last message here (👍)" },
+    CommandSpec { name: "reply", args: "text", help: "answer the selected message (Alt-Up/Alt-Down select), else the last one from someone else (it is quoted)" },
+    CommandSpec { name: "edit", args: "text", help: "replace the text of the selected message of yours, else of your last one" },
+    CommandSpec { name: "delete", args: "", help: "delete the selected message (yours; any, as the room's owner or an admin), else your last one" },
+    CommandSpec { name: "react", args: "emoji", help: "react to the selected message, else the last one (👍); /unreact takes it back" },
+    CommandSpec { name: "thread", args: "", help: "open the selected message's thread in a pane: what you type answers in it; Esc or /thread closes it" },
     CommandSpec { name: "unreact", args: "emoji", help: "take your reaction to the last message back" },
     CommandSpec { name: "approve", args: "device", help: "approve a new device of yours that asks for your history (check its safety number first): it gets your end-to-end history" },
     CommandSpec { name: "reject", args: "device", help: "reject a device of yours that asks for your history: it gets nothing, and is taken out of your account and its conversations" },
@@ -198,6 +199,8 @@ pub enum Command {
         emoji: String,
         on: bool,
     },
+    /// Open (or close) the thread pane.
+    Thread,
 }
 
 impl Command {
@@ -295,6 +298,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
             text: nonempty(rest).ok_or_else(|| usage(&name))?,
         },
         "delete" => Command::Delete,
+        "thread" => Command::Thread,
         "react" | "unreact" => Command::React {
             emoji: nonempty(rest).ok_or_else(|| usage(&name))?,
             on: name == "react",

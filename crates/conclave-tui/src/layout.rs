@@ -78,6 +78,13 @@ pub fn areas(area: Rect, members: bool, transfers: usize) -> Areas {
     }
 }
 
+/// The conversation's rows split between the conversation (first) and the thread pane under
+/// it (its title row included): half each, the conversation keeping the odd row.
+pub fn thread_split(rows: u16) -> (u16, u16) {
+    let pane = rows / 2;
+    (rows - pane, pane)
+}
+
 /// Columns of the conversation for a terminal of `size`.
 pub fn chat_width(size: (u16, u16), members: bool) -> usize {
     areas(Rect::new(0, 0, size.0, size.1), members, 0)

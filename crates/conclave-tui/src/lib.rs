@@ -32,6 +32,7 @@ pub mod remember;
 mod shell;
 mod terminal;
 pub mod text;
+pub mod thread;
 pub mod view;
 
 use std::io::IsTerminal;
@@ -145,6 +146,9 @@ pub fn run(opts: ChatOptions) -> Result<(), ChatError> {
         tz,
         jiff::Timestamp::now().as_millisecond(),
     );
+    if let Some(path) = direct_file(&opts).map(|p| remember::muted_path(&p)) {
+        app.chat.muted = remember::load_muted(&path).into_iter().collect();
+    }
     app.chat.bell = opts.bell;
     app.chat.set_title = opts.title;
     let mut guard = terminal::Guard::enter().map_err(ChatError::Terminal)?;

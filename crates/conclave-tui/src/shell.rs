@@ -289,6 +289,14 @@ impl Shell {
                     tracing::warn!(path = %path.display(), error = %e, "cannot remember the direct conversations");
                 }
             }
+            Action::RememberMuted(list) => {
+                if let Some(path) =
+                    crate::direct_file(&self.opts).map(|p| crate::remember::muted_path(&p))
+                    && let Err(e) = crate::remember::save_muted(&path, &list)
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remember the muted conversations");
+                }
+            }
             // Handled by the loop (it needs to stop).
             Action::Quit => {}
             Action::Bell => {

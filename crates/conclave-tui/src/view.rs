@@ -1,5 +1,6 @@
 //! Drawing: `render(frame, &App)` and nothing else; it reads the state and changes nothing.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use conclave_client::trust::format_fingerprint;
@@ -23,6 +24,8 @@ const TIME_COLUMNS: usize = 6;
 const NICK_COLUMNS: usize = 10;
 /// Between the sender and the text.
 const SEPARATOR: &str = " │ ";
+/// Between the sender and the text of the selected message (as wide as [`SEPARATOR`]).
+const SELECTED_SEPARATOR: &str = " ▶ ";
 /// Columns of the command column in the help.
 const HELP_COMMAND_COLUMNS: usize = 36;
 /// Fingerprint pairs per row on the confirmation screen.
@@ -161,6 +164,7 @@ fn entry_lines(
     columns: usize,
     tz: &TimeZone,
     me: &str,
+    names: &HashMap<String, String>,
 ) -> Vec<Line<'static>> {
     let Some(entry) = b.entries.get(i) else {
         return Vec::new();
@@ -192,7 +196,8 @@ fn entry_lines(
                 text_style = text_style.fg(Color::Yellow).add_modifier(Modifier::BOLD);
                 nick_style = nick_style.add_modifier(Modifier::REVERSED);
             }
-            (from.clone(), nick_style, text_style)
+            let shown = names.get(from).cloned().unwrap_or_else(|| from.clone());
+            (shown, nick_style, text_style)
         }
         EntryKind::Notice(kind) => {
             let (mark, colour) = match kind {
@@ -208,7 +213,10 @@ fn entry_lines(
         }
     };
     let highlight = b.highlight.is_some() && b.highlight.as_deref() == entry.msg_id();
-    let base = if highlight {
+    let selected = b.selected.is_some() && b.selected.as_deref() == entry.msg_id();
+    let base = if selected {
+        Style::default().bg(Color::Indexed(24))
+    } else if highlight {
         Style::default().bg(Color::DarkGray)
     } else {
         Style::default()
@@ -251,7 +259,11 @@ fn entry_lines(
             spans.push(Span::raw(" ".repeat(TIME_COLUMNS + nick_w)));
         }
         spans.push(Span::styled(
-            SEPARATOR,
+            if selected {
+                SELECTED_SEPARATOR
+            } else {
+                SEPARATOR
+            },
             Style::default().fg(Color::DarkGray),
         ));
         for (piece, marks) in row {
@@ -290,11 +302,12 @@ fn visible_lines(
     rows: usize,
     tz: &TimeZone,
     me: &str,
+    names: &HashMap<String, String>,
 ) -> Vec<Line<'static>> {
     let wanted = rows + b.scroll;
     let mut collected: Vec<Line<'static>> = Vec::new();
     for i in (0..b.entries.len()).rev() {
-        let mut lines = entry_lines(b, i, columns, tz, me);
+        let mut lines = entry_lines(b, i, columns, tz, me, names);
         lines.append(&mut collected);
         collected = lines;
         if collected.len() >= wanted {
@@ -548,7 +561,18 @@ fn render_chat(frame: &mut Frame, area: Rect, app: &App) {
         .unwrap_or_default();
     let title = format!("{title}{read_by}");
     let mut title_spans = vec![Span::raw(truncate(&title, a.title.width as usize))];
-    if b.scroll > 0 {
+    if b.selected.is_some() {
+        if let Some(who) = app.selected_reactions() {
+            title_spans.push(Span::styled(
+                format!(" [{who}]"),
+                Style::default().fg(Color::LightYellow),
+            ));
+        }
+        title_spans.push(Span::styled(
+            " [selected: /reply /edit /delete /react /thread, Esc lets go]",
+            Style::default().fg(Color::LightCyan),
+        ));
+    } else if b.scroll > 0 {
         title_spans.push(Span::styled(
             format!(" [scrolled: {} new, PgDn]", b.unread),
             Style::default().fg(Color::Yellow),
@@ -558,13 +582,23 @@ fn render_chat(frame: &mut Frame, area: Rect, app: &App) {
         Paragraph::new(Line::from(title_spans)).style(Style::default().bg(Color::Indexed(236))),
         a.title,
     );
-    // Conversation.
+    // Conversation, and under it the thread pane when it is open here.
+    let names = app.nick_labels();
     let columns = a.chat.width as usize;
-    let lines = visible_lines(b, columns, a.chat.height as usize, &app.tz, me);
-    let pad = (a.chat.height as usize).saturating_sub(lines.len());
+    let mut chat = a.chat;
+    if app.thread_shown_for(app.current)
+        && let Some(pane) = &app.thread
+    {
+        let (main, rows) = layout::thread_split(chat.height);
+        let r = Rect::new(chat.x, chat.y + main, chat.width, rows);
+        chat.height = main;
+        render_thread(frame, r, app, pane, &names);
+    }
+    let lines = visible_lines(b, columns, chat.height as usize, &app.tz, me, &names);
+    let pad = (chat.height as usize).saturating_sub(lines.len());
     let mut shown: Vec<Line> = std::iter::repeat_n(Line::from(""), pad).collect();
     shown.extend(lines);
-    frame.render_widget(Paragraph::new(shown), a.chat);
+    frame.render_widget(Paragraph::new(shown), chat);
     if let Some(r) = a.transfers {
         render_transfers(frame, r, app);
     }
@@ -584,6 +618,58 @@ fn render_chat(frame: &mut Frame, area: Rect, app: &App) {
             render_search(frame, a.chat, app, query, results, *selected);
         }
     }
+}
+
+/// The thread pane: a title row, then the thread's messages (the newest at the bottom).
+fn render_thread(
+    frame: &mut Frame,
+    r: Rect,
+    app: &App,
+    pane: &crate::thread::ThreadPane,
+    names: &HashMap<String, String>,
+) {
+    if r.height == 0 {
+        return;
+    }
+    let root = pane
+        .buffer
+        .entries
+        .iter()
+        .find(|e| e.msg_id() == Some(pane.root.as_str()));
+    let about = match root {
+        Some(e) => {
+            let from = match &e.kind {
+                EntryKind::Message { from, .. } => names.get(from).unwrap_or(from).clone(),
+                EntryKind::Notice(_) => String::new(),
+            };
+            let start: String = e.text.chars().take(40).collect();
+            format!("{from}: {}", start.replace('\n', " "))
+        }
+        None if pane.loading => "loading…".to_string(),
+        None => "(the first message is not available)".to_string(),
+    };
+    let title = format!(
+        " thread · {about} · {} replies · what you type answers here · Esc or /thread closes",
+        pane.replies()
+    );
+    frame.render_widget(
+        Paragraph::new(Line::from(truncate(&title, r.width as usize)))
+            .style(Style::default().bg(Color::Indexed(236))),
+        Rect::new(r.x, r.y, r.width, 1),
+    );
+    let body = Rect::new(r.x, r.y + 1, r.width, r.height - 1);
+    let lines = visible_lines(
+        &pane.buffer,
+        body.width as usize,
+        body.height as usize,
+        &app.tz,
+        app.me(),
+        names,
+    );
+    let pad = (body.height as usize).saturating_sub(lines.len());
+    let mut shown: Vec<Line> = std::iter::repeat_n(Line::from(""), pad).collect();
+    shown.extend(lines);
+    frame.render_widget(Paragraph::new(shown), body);
 }
 
 fn render_sidebar(frame: &mut Frame, r: Rect, app: &App) {
@@ -854,6 +940,10 @@ pub fn help_lines() -> Vec<Line<'static>> {
         ),
         ("Up / Down", "earlier lines you typed"),
         (
+            "Alt-Up / Alt-Down",
+            "select a message: /reply, /edit, /delete, /react, /thread act on it",
+        ),
+        (
             "PgUp / PgDn, wheel",
             "scroll; past the top loads older messages",
         ),
@@ -866,7 +956,10 @@ pub fn help_lines() -> Vec<Line<'static>> {
             "Ctrl-W Ctrl-U Ctrl-K",
             "delete a word / to the start / to the end",
         ),
-        ("Esc", "close a pane; Ctrl-C quits"),
+        (
+            "Esc",
+            "close a pane, let go of the selection, close the thread; Ctrl-C quits",
+        ),
     ] {
         lines.push(Line::from(vec![
             Span::styled(format!("  {keys:<22}"), Style::default().fg(Color::Cyan)),

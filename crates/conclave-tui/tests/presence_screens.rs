@@ -431,7 +431,12 @@ fn mentions_ring_set_the_title_count_apart_and_mute_silences() {
         "{actions:?}"
     );
     // Muted: counted, but no bell or title.
-    type_line(&mut app, "/mute");
+    let actions = type_line(&mut app, "/mute");
+    // Remembered for the next start (the shell writes it into the state directory).
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::RememberMuted(m) if m.contains(&ConvKey::Room("general".into())))),
+        "{actions:?}"
+    );
     app.update(Input::Key(KeyEvent::new(
         KeyCode::Char('n'),
         KeyModifiers::CONTROL,
@@ -445,10 +450,210 @@ fn mentions_ring_set_the_title_count_apart_and_mute_silences() {
         KeyCode::Char('p'),
         KeyModifiers::CONTROL,
     )));
-    type_line(&mut app, "/unmute");
+    let actions = type_line(&mut app, "/unmute");
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::RememberMuted(m) if m.is_empty())),
+        "{actions:?}"
+    );
     let actions = app.update(message(7, general(), "bob", Body::text("@room hello")));
     assert!(!actions.contains(&Action::Bell), "{actions:?}");
     app.chat.owners.insert("general".into(), "bob".into());
     let actions = app.update(message(8, general(), "bob", Body::text("@room standup")));
     assert!(actions.contains(&Action::Bell), "{actions:?}");
+}
+
+/// The request `actions` hold (one), with its tag.
+fn one_request(actions: &[Action]) -> (u64, Request) {
+    match actions {
+        [Action::Request { tag, req, .. }] => (*tag, req.clone()),
+        other => panic!("one request expected: {other:?}"),
+    }
+}
+
+fn alt(code: KeyCode) -> Input {
+    Input::Key(KeyEvent::new(code, KeyModifiers::ALT))
+}
+
+fn reply_message(seq: u64, from: &str, text: &str, reply_to: &str) -> Message {
+    Message {
+        msg_id: format!("m-{seq}-{from}"),
+        conv: general(),
+        from: from.into(),
+        seq,
+        ts_ms: T0 + seq as i64 * MINUTE,
+        body: Body::text(text),
+        extra: Some(Box::new(conclave_client::proto::Extra {
+            reply_to: Some(reply_to.into()),
+            ..Default::default()
+        })),
+    }
+}
+
+#[test]
+fn a_selected_message_is_answered_edited_and_opened_as_a_thread() {
+    let mut app = chatting((120, 24));
+    app.update(message(
+        1,
+        general(),
+        "bob",
+        Body::text("which cable for the rig"),
+    ));
+    app.update(message(2, general(), "bob", Body::text("lunch at noon")));
+    // Alt-Up twice: the older of bob's two messages.
+    app.update(alt(KeyCode::Up));
+    app.update(alt(KeyCode::Up));
+    assert_shows(
+        &app,
+        &[
+            "bob ▶ which cable for the rig",
+            "bob │ lunch at noon",
+            "[selected:",
+        ],
+    );
+    // Who reacted, with what, shows for the selected message.
+    for (n, who) in [(10, "carol"), (11, "dave")] {
+        app.update(Input::Client(ClientEvent::Server(Event::Message(
+            Message {
+                msg_id: format!("m-{n}-{who}"),
+                conv: general(),
+                from: who.into(),
+                seq: n,
+                ts_ms: T0 + n as i64 * MINUTE,
+                body: Body::text("👍"),
+                extra: Some(Box::new(conclave_client::proto::Extra {
+                    acts_on: Some(conclave_client::proto::ActsOn {
+                        msg_id: "m-1-bob".into(),
+                        kind: conclave_client::proto::ActKind::React,
+                    }),
+                    ..Default::default()
+                })),
+            },
+        ))));
+    }
+    // (A wide emoji takes two cells: the screen text has a space after it.)
+    assert_shows(
+        &app,
+        &["which cable for the rig  [👍  2]", "[👍  carol, dave]"],
+    );
+    // It is not mine: /edit says so and sends nothing.
+    assert!(type_line(&mut app, "/edit nope").is_empty());
+    assert_shows(&app, &["the selected message is not a message of yours"]);
+    // /reply answers it (not the newest), quoted, and lets go of the selection.
+    let (tag, req) = one_request(&type_line(&mut app, "/reply the blue one"));
+    let Request::Send { refs, body, .. } = req else {
+        panic!("{req:?}")
+    };
+    assert_eq!(refs.and_then(|r| r.reply_to), Some("m-1-bob".to_string()));
+    assert_eq!(body.as_text(), Some("the blue one"));
+    app.update(Input::Reply {
+        tag,
+        result: Ok(Reply::Sent {
+            msg_id: "m-3-alice".into(),
+            seq: 3,
+            ts_ms: T0 + 3 * MINUTE,
+            duplicate: false,
+        }),
+    });
+    assert_shows(
+        &app,
+        &["alice │ ↪ bob: which cable for the rig │ the blue one"],
+    );
+    assert!(!screen(&app).contains("[selected:"));
+
+    // Select my reply and open the thread: the thread of the message it answers.
+    app.update(alt(KeyCode::Up));
+    assert_shows(&app, &["alice ▶ ↪ bob"]);
+    let (tag, req) = one_request(&type_line(&mut app, "/thread"));
+    assert_eq!(
+        req,
+        Request::Thread {
+            msg_id: "m-1-bob".into(),
+            limit: conclave_tui::thread::THREAD_PAGE,
+            after: None,
+        }
+    );
+    let Input::Client(ClientEvent::Server(Event::Message(root))) =
+        message(1, general(), "bob", Body::text("which cable for the rig"))
+    else {
+        unreachable!()
+    };
+    app.update(Input::Reply {
+        tag,
+        result: Ok(Reply::Messages(vec![
+            root,
+            reply_message(3, "alice", "the blue one", "m-1-bob"),
+        ])),
+    });
+    assert_shows(
+        &app,
+        &[
+            "thread · bob: which cable for the rig · 1 replies",
+            "alice │ the blue one",
+        ],
+    );
+    // A live reply comes into the pane; a message that is no reply does not.
+    app.update(Input::Client(ClientEvent::Server(Event::Message(
+        reply_message(4, "carol", "carol borrowed it", "m-1-bob"),
+    ))));
+    app.update(message(5, general(), "dave", Body::text("unrelated")));
+    assert_shows(&app, &["2 replies", "carol │ carol borrowed it"]);
+    let text = screen(&app);
+    let pane = &text[text.find("thread ·").expect("pane")..];
+    assert!(!pane.contains("unrelated"), "{text}");
+    // Typing (no command) answers in the thread.
+    let (_, req) = one_request(&type_line(&mut app, "thanks both"));
+    let Request::Send { refs, .. } = req else {
+        panic!("{req:?}")
+    };
+    assert_eq!(refs.and_then(|r| r.reply_to), Some("m-1-bob".to_string()));
+    // An edit of a reply changes it in the pane too.
+    app.update(Input::Client(ClientEvent::Server(Event::Message(
+        Message {
+            msg_id: "m-6-carol".into(),
+            conv: general(),
+            from: "carol".into(),
+            seq: 6,
+            ts_ms: T0 + 6 * MINUTE,
+            body: Body::text("carol has it"),
+            extra: Some(Box::new(conclave_client::proto::Extra {
+                acts_on: Some(conclave_client::proto::ActsOn {
+                    msg_id: "m-4-carol".into(),
+                    kind: conclave_client::proto::ActKind::Edit,
+                }),
+                ..Default::default()
+            })),
+        },
+    ))));
+    let text = screen(&app);
+    let pane = &text[text.find("thread ·").expect("pane")..];
+    assert!(pane.contains("carol │ carol has it (edited)"), "{text}");
+    // Esc closes the pane; typing goes to the room again.
+    app.update(key(KeyCode::Esc));
+    assert!(!screen(&app).contains("thread ·"));
+    let (_, req) = one_request(&type_line(&mut app, "back to the room"));
+    let Request::Send { refs, .. } = req else {
+        panic!("{req:?}")
+    };
+    assert!(refs.is_none());
+    // /thread with nothing selected says how.
+    assert!(type_line(&mut app, "/thread").is_empty());
+    assert_shows(&app, &["select a message first (Alt-Up)"]);
+}
+
+#[test]
+fn display_names_are_shown_beside_messages_unless_they_pass_for_someone_else() {
+    let mut app = chatting((120, 20));
+    app.update(server(Event::DisplayName {
+        user: "bob".into(),
+        name: Some("Bobby".into()),
+    }));
+    app.update(server(Event::DisplayName {
+        user: "carol".into(),
+        name: Some("bob".into()),
+    }));
+    app.update(message(1, general(), "bob", Body::text("hello")));
+    app.update(message(2, general(), "carol", Body::text("i am not bob")));
+    assert_shows(&app, &["Bobby │ hello", "carol │ i am not bob"]);
 }

@@ -92,6 +92,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             println!("Created a new TLS key and certificate in {}", config.data_dir.display());
         }
         println!("Conclave {} serving on {addr} (data: {})", env!("CARGO_PKG_VERSION"), config.data_dir.display());
+        if conclave_server::store::SYNCHRONOUS != "FULL" {
+            println!("WARNING: a benchmark build (bench-no-sync): messages are NOT synced to disk before delivery; never serve from it");
+        }
         println!("TLS certificate SHA-256: {}", tls::display_fingerprint(&fp));
         if let Some(m) = server.metrics_addr() {
             println!("Metrics: http://{m}/metrics");

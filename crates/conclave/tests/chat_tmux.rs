@@ -228,6 +228,34 @@ fn two_people_talk_through_the_terminal_client() {
     assert_eq!(m["from"], "alice");
     tmux.wait_for("alice", &["alice │ hi bob, from the terminal"]);
 
+    // Alt-Up selects Bob's message; /reply answers it and /thread opens its thread.
+    bob.send(
+        json!({"cmd": "send", "room": "general", "text": "which cable for the rig", "id": 10}),
+    );
+    let asked = bob.ok(json!(10));
+    tmux.wait_for("alice", &["bob │ which cable for the rig"]);
+    tmux.key("alice", "M-Up");
+    tmux.wait_for("alice", &["bob ▶ which cable for the rig", "[selected:"]);
+    tmux.type_line("alice", "/reply the blue one");
+    let m = bob.message("the blue one");
+    assert_eq!(m["reply_to"], asked["msg_id"], "{m}");
+    tmux.wait_for("alice", &["↪ bob: which cable for the rig │ the blue one"]);
+    tmux.key("alice", "M-Up");
+    tmux.key("alice", "M-Up");
+    tmux.type_line("alice", "/thread");
+    tmux.wait_for(
+        "alice",
+        &[
+            "thread · bob: which cable for the rig · 1 replies",
+            "alice │ the blue one",
+        ],
+    );
+    tmux.type_line("alice", "and a spare");
+    let m = bob.message("and a spare");
+    assert_eq!(m["reply_to"], asked["msg_id"], "{m}");
+    tmux.wait_for("alice", &["2 replies"]);
+    tmux.key("alice", "Escape");
+
     // A direct message opens a conversation with an unread count.
     bob.send(json!({"cmd": "send", "to": ["alice"], "text": "just for you", "id": 2}));
     bob.ok(json!(2));

@@ -144,3 +144,43 @@ fn json_e2ee_rooms_devices_and_server_encrypted_rooms() {
         c.ok(json!(99));
     }
 }
+
+/// `history` with `thread` in an end-to-end room is answered by the client from its device's
+/// own history: readable text, the root first, then the replies in order (the server's rows
+/// there are MLS ciphertext).
+#[test]
+fn json_threads_in_an_end_to_end_room_are_readable() {
+    let tmp = tempdir();
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let (sa, sb) = (tempdir(), tempdir());
+    let mut alice = client(&server, "alice", sa.path());
+    let mut bob = client(&server, "bob", sb.path());
+    alice.send(json!({"cmd": "create_room", "room": "rig", "id": 1}));
+    assert_eq!(alice.ok(json!(1))["e2ee"], true);
+    bob.send(json!({"cmd": "join", "room": "rig", "id": 2}));
+    bob.ok(json!(2));
+    alice.send(json!({"cmd": "send", "room": "rig", "text": "which cable", "id": 3}));
+    let root = alice.ok(json!(3));
+    let root_id = root["msg_id"].as_str().expect("msg_id").to_string();
+    bob.message("which cable");
+    bob.send(
+        json!({"cmd": "send", "room": "rig", "text": "the blue one", "reply_to": root_id, "id": 4}),
+    );
+    bob.ok(json!(4));
+    bob.send(json!({"cmd": "send", "room": "rig", "text": "not a reply", "id": 5}));
+    bob.ok(json!(5));
+    alice.message("the blue one");
+    alice.message("not a reply");
+    for (c, id) in [(&mut alice, 6), (&mut bob, 7)] {
+        c.send(json!({"cmd": "history", "thread": root_id, "limit": 50, "id": id}));
+        let t = c.ok(json!(id));
+        let texts: Vec<&str> = t["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["text"].as_str())
+            .collect();
+        assert_eq!(texts, vec!["which cable", "the blue one"], "{t}");
+        assert_eq!(t["messages"][1]["reply_to"], json!(root_id), "{t}");
+    }
+}

@@ -158,12 +158,53 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     bob.send(json!({"cmd": "join", "room": "lab", "id": 1}));
     bob.ok(json!(1));
     bob.send(json!({"cmd": "send", "room": "lab", "text": "hello from json", "id": 2}));
-    bob.ok(json!(2));
+    let hello = bob.ok(json!(2));
     web.op("wait_text", json!({"text": "hello from json"}));
+    // A native member's end-to-end edit and reaction (MLS messages) change the web line.
+    bob.send(json!({"cmd": "edit", "msg_id": hello["msg_id"], "text": "hello from json, fixed", "id": 40}));
+    bob.ok(json!(40));
+    web.op(
+        "wait_text",
+        json!({"text": "hello from json, fixed (edited)"}),
+    );
+    bob.send(json!({"cmd": "react", "msg_id": hello["msg_id"], "emoji": "👍", "id": 41}));
+    bob.ok(json!(41));
+    web.op("wait_text", json!({"text": "👍 1"}));
     web.op("type", json!({"text": "hi from the web"}));
     let m = bob.message("hi from the web");
     assert_eq!(m["from"], "alice");
     assert_eq!(m["e2ee"], true, "{m}");
+    // The web user answers, edits, reacts and acts, end to end; the JSON member sees each.
+    web.op("type", json!({"text": "/reply answered from the web"}));
+    let answer = bob.message("answered from the web");
+    assert_eq!(answer["reply_to"], hello["msg_id"], "{answer}");
+    web.op(
+        "wait_text",
+        json!({"text": "↪ bob: hello from json, fixed (edit"}),
+    );
+    web.op(
+        "type",
+        json!({"text": "/edit answered from the web, fixed"}),
+    );
+    let e = bob.expect("the web user's edit", |v| v["event"] == "edited");
+    assert_eq!(e["msg_id"], answer["msg_id"], "{e}");
+    assert_eq!(e["text"], "answered from the web, fixed", "{e}");
+    web.op(
+        "wait_text",
+        json!({"text": "answered from the web, fixed (edited)"}),
+    );
+    web.op("type", json!({"text": "/react 🎉"}));
+    let r = bob.expect("the web user's reaction", |v| v["event"] == "reaction");
+    assert_eq!(
+        (r["from"].clone(), r["emoji"].clone(), r["on"].clone()),
+        (json!("alice"), json!("🎉"), json!(true)),
+        "{r}"
+    );
+    web.op("wait_text", json!({"text": "🎉 1"}));
+    web.op("type", json!({"text": "/me waves from the web"}));
+    let a = bob.message("waves from the web");
+    assert_eq!(a["action"], true, "{a}");
+    web.op("wait_text", json!({"text": "* alice waves from the web"}));
     let marker = web.op("marker", json!({}));
     assert_eq!(marker["marker"], "End-to-end encrypted");
     shot(&mut web, "room", 1100, 700);
@@ -377,8 +418,21 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
     let m = bob.message("plain hello from the web");
     assert_eq!(m["e2ee"], false, "{m}");
     bob.send(json!({"cmd": "send", "room": "town", "text": "plain hello from json", "id": 3}));
-    bob.ok(json!(3));
+    let plain = bob.ok(json!(3));
     web.op("wait_text", json!({"text": "plain hello from json"}));
+    // Server-encrypted acts too: an edit and a reaction change the line.
+    bob.send(
+        json!({"cmd": "edit", "msg_id": plain["msg_id"], "text": "plain hello, fixed", "id": 42}),
+    );
+    bob.ok(json!(42));
+    web.op("wait_text", json!({"text": "plain hello, fixed (edited)"}));
+    bob.send(json!({"cmd": "react", "msg_id": plain["msg_id"], "emoji": "🎉", "id": 43}));
+    bob.ok(json!(43));
+    web.op("wait_text", json!({"text": "🎉 1"}));
+    // And from the web in a server-encrypted room: a delete of its own message.
+    web.op("type", json!({"text": "/delete"}));
+    let d = bob.expect("the web user's delete", |v| v["event"] == "deleted");
+    assert_eq!(d["from"], "carol", "{d}");
 
     // Files both ways in a server-encrypted room (relayed as they are), hashes checked.
     let files = tempfile::tempdir().expect("tmp");

@@ -201,6 +201,9 @@ pub(crate) struct Core {
     pub(crate) sending: Mutex<HashMap<String, CancellationToken>>,
     /// End-to-end encryption, once [`Client::enable_e2ee`] turned it on.
     pub(crate) secure: std::sync::OnceLock<Arc<crate::e2ee::Secure>>,
+    /// The away message this session set ([`Client::away`]): the server forgets it when the
+    /// account's last connection ends, so it is set again after a reconnect.
+    pub(crate) away: Mutex<Option<String>>,
 }
 
 impl Core {
@@ -314,6 +317,11 @@ impl Core {
             .map_err(|_| self.closed_error())?;
 
         let req = with_idempotency_key(req);
+        if let Request::Away { text } = &req {
+            // Set again after each reconnect of this session: the server forgets it when the
+            // account goes offline.
+            *self.away.lock().unwrap_or_else(|e| e.into_inner()) = text.clone();
+        }
         let conv = match &req {
             Request::Send { target, .. } => send_conv(target, &self.user),
             _ => None,
@@ -713,6 +721,7 @@ impl Client {
             file_events: tokio::sync::broadcast::channel(FILE_EVENT_QUEUE).0,
             sending: Mutex::new(HashMap::new()),
             secure: std::sync::OnceLock::new(),
+            away: Mutex::new(None),
         });
         let live = core.go_live(opened, events_tx.clone(), false).await;
         tokio::spawn(supervise(core.clone(), live, events_tx));

@@ -82,9 +82,27 @@ pub(super) async fn supervise(core: Arc<Core>, mut live: Live, events: mpsc::Sen
             _ = events.send(notice) => {}
         }
         match reconnect(&core, &ended, &events).await {
-            Ok(next) => live = next,
+            Ok(next) => {
+                live = next;
+                restore_away(&core);
+            }
             Err((reason, message)) => return core.finish(reason, message, events).await,
         }
+    }
+}
+
+/// Sets this session's away message again on the new connection (the server cleared it if
+/// the account was offline meanwhile; setting the same text again changes nothing).
+fn restore_away(core: &Arc<Core>) {
+    let text = core.away.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(text) = text {
+        let core = core.clone();
+        tokio::spawn(async move {
+            let req = conclave_proto::Request::Away { text: Some(text) };
+            if let Err(e) = core.request(req).await {
+                tracing::info!(error = %e, "could not set the away message again after a reconnect");
+            }
+        });
     }
 }
 

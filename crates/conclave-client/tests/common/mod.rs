@@ -103,6 +103,24 @@ pub fn options(srv: &TestServer, user: &str, state: &Path, wait: Duration) -> Co
     opts
 }
 
+/// Connects `user` through `via` (a relay's address) instead of the server's own address,
+/// without end-to-end encryption; `wait` bounds the connection and every request.
+pub async fn connect_via(
+    srv: &TestServer,
+    via: &str,
+    user: &str,
+    state: &Path,
+    wait: Duration,
+) -> (conclave_client::Client, conclave_client::Events) {
+    let mut opts = options(srv, user, state, wait);
+    opts.server = via.to_string();
+    let (client, events, _) = tokio::time::timeout(wait, conclave_client::Client::connect(opts))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    (client, events)
+}
+
 /// The binary's test kit's relay (one forwarder for every test crate).
 #[path = "../../../conclave/tests/common/relay.rs"]
 pub mod relay;

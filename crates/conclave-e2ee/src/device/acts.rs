@@ -209,4 +209,49 @@ impl Device {
             Ok(true)
         })
     }
+
+    /// A thread in the local history: the conversation of the message `root`, its sequence,
+    /// then the sequences of its replies after `after`, oldest first, at most `limit` of them.
+    /// `None` when this device does not hold `root`. (The reply references are sealed, so the
+    /// conversation's states are opened one by one; a conversation's local history is bounded
+    /// by what this device received.)
+    pub fn thread(
+        &self,
+        root: &str,
+        limit: u32,
+        after: Option<u64>,
+    ) -> Result<Option<(String, u64, Vec<u64>)>, E2eeError> {
+        let found: Option<(String, i64)> = self
+            .conn
+            .query_row(
+                "SELECT conv, seq FROM conclave_msg_state WHERE msg_id = ?1 ORDER BY seq LIMIT 1",
+                params![root],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((conv, root_seq)) = found else {
+            return Ok(None);
+        };
+        let from = after.map_or(root_seq, |a| (a.min(i64::MAX as u64) as i64).max(root_seq));
+        let candidates: Vec<i64> = {
+            let mut st = self.conn.prepare_cached(
+                "SELECT seq FROM conclave_msg_state WHERE conv = ?1 AND seq > ?2 ORDER BY seq",
+            )?;
+            st.query_map(params![conv, from], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut replies = Vec::new();
+        for seq in candidates {
+            if replies.len() >= limit as usize {
+                break;
+            }
+            let seq = seq as u64;
+            if let Some((_, state)) = self.local_state(&conv, seq)?
+                && state.reply_to.as_deref() == Some(root)
+            {
+                replies.push(seq);
+            }
+        }
+        Ok(Some((conv, root_seq as u64, replies)))
+    }
 }

@@ -87,7 +87,9 @@ impl App {
                     format!("{} is not muted any more", key.label())
                 };
                 self.say(NoticeKind::Info, &text);
-                Vec::new()
+                let mut muted: Vec<ConvKey> = self.chat.muted.iter().cloned().collect();
+                muted.sort();
+                vec![Action::RememberMuted(muted)]
             }
             Command::ReadReceipts(share) => {
                 let done = if share {
@@ -113,7 +115,13 @@ impl App {
                 (&m.conv, m.body.as_text())
         {
             let from_owner = self.chat.owners.get(room).is_some_and(|o| *o == m.from);
-            if mention_in(text, &me, from_owner) == Some(Mention::Room) {
+            let markdown = m.body.text_kind().is_some_and(|k| k.markdown);
+            let text = if markdown {
+                std::borrow::Cow::Owned(conclave_client::chat::outside_code(text))
+            } else {
+                std::borrow::Cow::Borrowed(text)
+            };
+            if mention_in(&text, &me, from_owner) == Some(Mention::Room) {
                 entry.mention = true;
             }
         }
