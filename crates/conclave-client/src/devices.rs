@@ -54,6 +54,10 @@ pub enum DeviceNotice {
         messages: u64,
         from: String,
         safety_number: Option<String>,
+        /// The approver signed with the key its leaf has in an end-to-end group this device
+        /// is in (the key the conversations' other members see), not only with a key from the
+        /// server's device list. False for the backup.
+        approver_in_group: bool,
     },
     /// Progress of history moving: `sent` of `total` messages (to `device`, or from the
     /// backup when restoring).
@@ -261,7 +265,12 @@ async fn take_history(client: &Client, s: &Arc<Secure>, tx: &mpsc::Sender<Client
                 tracing::warn!(from = %c.from_device, "a history chunk not signed by a device of this account was dropped");
                 continue;
             }
-            if let Err(e) = s.with(|d| d.import_rows(&chunk.rows)) {
+            let imported = if chunk.replaces {
+                s.with(|d| d.import_replacements(&chunk.rows))
+            } else {
+                s.with(|d| d.import_rows(&chunk.rows))
+            };
+            if let Err(e) = imported {
                 tracing::warn!(error = %e, "history could not be stored; it will be fetched again");
                 return;
             }
@@ -285,6 +294,7 @@ async fn take_history(client: &Client, s: &Arc<Secure>, tx: &mpsc::Sender<Client
                             messages: chunk.messages,
                             from: c.from_device.clone(),
                             safety_number: Some(conclave_e2ee::key_fingerprint(&signer)),
+                            approver_in_group: in_group(s, &user, &c.from_device, &signer),
                         },
                     )))
                     .await;
@@ -298,6 +308,16 @@ async fn take_history(client: &Client, s: &Arc<Secure>, tx: &mpsc::Sender<Client
             return;
         }
     }
+}
+
+/// Whether `device` of `user` is a member, with this signature key, of an end-to-end group
+/// this device is in (as its leaf credential there says; groups checked by every member).
+fn in_group(s: &Secure, user: &str, device: &str, key: &[u8]) -> bool {
+    let fingerprint = conclave_e2ee::key_fingerprint(key);
+    s.with(|d| d.known_devices(user))
+        .unwrap_or_default()
+        .iter()
+        .any(|m| m.device == device && m.fingerprint == fingerprint)
 }
 
 fn secure_of(client: &Client) -> Result<Arc<Secure>, ClientError> {
@@ -348,8 +368,11 @@ impl Client {
         })
     }
 
-    /// Rejects a device of this account: it is sent no history (and what waited for it is
-    /// deleted).
+    /// Rejects a device of this account, or removes one approved earlier: the server takes
+    /// it out of the account for good (it is sent no history, what waited for it is deleted,
+    /// its connections are closed and it cannot publish itself again) and out of every
+    /// end-to-end group it is in (a member commits the server's Remove proposals), so it reads
+    /// nothing sent after that. What it had read stays on it.
     pub async fn reject_device(&self, device: &str) -> Result<(), ClientError> {
         self.request(Request::DeviceDecide {
             device: device.to_string(),
@@ -357,6 +380,12 @@ impl Client {
         })
         .await?;
         Ok(())
+    }
+
+    /// The same as [`Client::reject_device`], under the name that fits a device approved
+    /// earlier (a lost laptop, a lab machine you will not use again).
+    pub async fn remove_device(&self, device: &str) -> Result<(), ClientError> {
+        self.reject_device(device).await
     }
 
     /// Approves a device of this account and sends it this device's end-to-end history,
@@ -385,20 +414,16 @@ impl Client {
             self.user().to_string(),
             s.with(|d| d.device_id().to_string()),
         );
-        let end = s.with(|d| d.history_end()).map_err(e2ee_err)?;
-        let (conversations, messages) = s.with(|d| d.history_counts(end)).map_err(e2ee_err)?;
-        let mut after = 0i64;
+        // The snapshot, then what is written while the transfer runs (an edit or a delete
+        // replaces a row: it comes again in its current state), one page at a time.
+        let mut cursor = s
+            .with(conclave_e2ee::transfer::TransferCursor::start)
+            .map_err(e2ee_err)?;
+        let (_, total) = cursor.totals();
         let mut index = 0u32;
-        let mut sent = 0u64;
-        loop {
-            let page = s.with(|d| d.history_page(after, end)).map_err(e2ee_err)?;
-            let last = page.next.is_none_or(|n| n >= end);
-            sent += page.rows.len() as u64;
-            let chunk = Chunk {
-                rows: page.rows,
-                last,
-                conversations,
-                messages,
+        let (conversations, messages) = loop {
+            let Some(chunk) = s.with(|d| cursor.next_chunk(d)).map_err(e2ee_err)? else {
+                return Err(e2ee_err("the transfer ended without its last chunk"));
             };
             let id = ChunkId {
                 user: &user,
@@ -410,6 +435,7 @@ impl Client {
             let data = s
                 .with(|d| d.seal_chunk(&id, &w.transfer_key, &chunk))
                 .map_err(e2ee_err)?;
+            let (last, totals) = (chunk.last, (chunk.conversations, chunk.messages));
             drop(chunk);
             self.put_with_retries(Request::TransferPut {
                 device: device.to_string(),
@@ -418,13 +444,12 @@ impl Client {
                 data: Bytes::from(data),
             })
             .await?;
-            progress(sent, messages);
             index += 1;
-            match page.next {
-                Some(n) if !last => after = n,
-                _ => break,
+            progress(cursor.sent(), total.max(cursor.sent()));
+            if last {
+                break totals;
             }
-        }
+        };
         Ok(TransferReport {
             device: device.to_string(),
             conversations,

@@ -63,6 +63,19 @@ fn received(e: &ClientEvent) -> Option<(u32, u64)> {
     }
 }
 
+/// The approver's safety number in `history_received`, and whether its key is the one its
+/// leaf has in a group the new device is in.
+fn received_from(e: &ClientEvent) -> Option<(Option<String>, bool)> {
+    match e {
+        ClientEvent::E2ee(E2eeNotice::Device(DeviceNotice::Received {
+            safety_number,
+            approver_in_group,
+            ..
+        })) => Some((safety_number.clone(), *approver_in_group)),
+        _ => None,
+    }
+}
+
 async fn texts(c: &Client, room: &str) -> Vec<String> {
     c.history(ConvRef::Room(room.into()), 500, None)
         .await
@@ -172,8 +185,13 @@ async fn a_new_device_gets_history_once_approved_across_a_server_restart() {
     .expect("approved in time");
     assert_eq!((sent.conversations, sent.messages), (2, 21));
 
-    let got = wait_for(&mut l_ev, received).await;
+    let (got, (number, in_group)) =
+        wait_for(&mut l_ev, |e| Some((received(e)?, received_from(e)?))).await;
     assert_eq!(got, (2, 21));
+    // The approver's safety number, bound to the key its leaf has in the groups the laptop
+    // joined (not only to the server's device list).
+    assert_eq!(number, Some(id_of(&alice).1));
+    assert!(in_group);
     let room = texts(&laptop, "lab").await;
     assert_eq!(room.len(), 20, "{room:?}");
     assert_eq!(room[0], "room-0 launch-code");
@@ -274,9 +292,9 @@ async fn a_third_device_is_approved_while_the_second_is_offline_and_a_rejected_o
     assert!(direct_texts(&fourth, "bob").await.is_empty());
 
     // The second device is removed later (rejected after its approval): it keeps what it
-    // had, and nothing more can be sent to it.
+    // had, nothing more can be sent to it, and it cannot come back.
     alice
-        .reject_device(&second_id)
+        .remove_device(&second_id)
         .await
         .expect("remove the second");
     let refused = alice.approve_device("ffff0000", |_, _| {}).await;
@@ -291,9 +309,11 @@ async fn a_third_device_is_approved_while_the_second_is_offline_and_a_rejected_o
         .await
         .expect_err("refused");
     assert!(matches!(refused, ClientError::Server(ref e) if e.code == ErrorCode::Forbidden));
-    let (second, _s_ev) = connect(&srv, "alice", states[2].path()).await;
-    assert_eq!(texts(&second, "lab").await.len(), 6);
-    drop((alice, second, third, fourth));
+    let refused = comes_back(&srv, "alice", states[2].path(), &srv.addr.to_string()).await;
+    assert!(refused.contains("removed"), "{refused}");
+    let kept = local_texts(states[2].path(), &srv.addr.to_string(), "r:lab");
+    assert_eq!(kept.len(), 6, "{kept:?}");
+    drop((alice, third, fourth));
     srv.stop(WAIT).await;
 }
 
@@ -465,7 +485,12 @@ async fn a_transfer_cut_in_the_middle_resumes_through_the_relay() {
     let report = approve.await.expect("task").expect("approved");
     assert_eq!((report.conversations, report.messages), (2, 3000));
     assert!(report.chunks >= 6);
-    assert_eq!(wait_for(&mut l_ev, received).await, (2, 3000));
+    let (got, (_, in_group)) =
+        wait_for(&mut l_ev, |e| Some((received(e)?, received_from(e)?))).await;
+    assert_eq!(got, (2, 3000));
+    // A history seeded without any group: the approver is known only from the server's list,
+    // and the notice says so.
+    assert!(!in_group);
     for with in ["bob", "carol"] {
         let got = laptop
             .history(ConvRef::With(vec![with.into()]), 5000, None)
@@ -480,5 +505,291 @@ async fn a_transfer_cut_in_the_middle_resumes_through_the_relay() {
         );
     }
     drop((alice, laptop));
+    srv.stop(WAIT).await;
+}
+
+/// Signs in again with a device's state directory (through `server`, the address it used,
+/// which names its state), expecting end-to-end encryption to be refused: the error's text.
+async fn comes_back(srv: &TestServer, user: &str, state: &Path, server: &str) -> String {
+    let mut opts = common::options(srv, user, state, WAIT);
+    opts.server = server.to_string();
+    let (c, events, _) = tokio::time::timeout(WAIT, Client::connect(opts))
+        .await
+        .expect("connect in time")
+        .expect("the password still signs in");
+    let err = match c.enable_e2ee(events, state, common::PASSWORD).await {
+        Ok(_) => panic!("a removed device published itself again"),
+        Err(e) => e.to_string(),
+    };
+    c.close();
+    err
+}
+
+/// The texts a device's local history holds for a conversation (opened from its state
+/// directory as its client would, with the account's password).
+fn local_texts(state: &Path, server: &str, conv: &str) -> Vec<String> {
+    let dir = conclave_client::e2ee::device_dir(state, server, "alice");
+    let device =
+        conclave_e2ee::device::Device::open(&dir, "alice", common::PASSWORD).expect("device");
+    device
+        .history(conv, 1000, None)
+        .expect("history")
+        .into_iter()
+        .filter_map(|e| match e.payload {
+            conclave_e2ee::payload::Payload::Body { data, .. } => String::from_utf8(data).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a removed device's state could still open of a room's log: every entry the server
+/// stores after the last one the device processed (fetched by a plain session of the
+/// account, as anyone with the password could), processed with the device's keys. Returns
+/// the texts it decrypts.
+async fn what_the_state_opens(
+    srv: &TestServer,
+    state: &Path,
+    server: &str,
+    room: &str,
+) -> Vec<String> {
+    let mut opts = common::options(srv, "alice", state, WAIT);
+    opts.state_dir = None;
+    let (plain, _events, _) = Client::connect(opts).await.expect("plain session");
+    let log = match plain
+        .request(Request::History {
+            conv: ConvRef::Room(room.into()),
+            limit: 500,
+            before: None,
+        })
+        .await
+        .expect("the log")
+    {
+        conclave_client::proto::Reply::Messages(m) => m,
+        other => panic!("unexpected {other:?}"),
+    };
+    plain.close();
+    assert!(!log.is_empty());
+    let key = format!("r:{room}");
+    let dir = conclave_client::e2ee::device_dir(state, server, "alice");
+    let device =
+        conclave_e2ee::device::Device::open(&dir, "alice", common::PASSWORD).expect("device");
+    let mut opened = Vec::new();
+    for m in log {
+        if let Ok(conclave_e2ee::device::Processed::App {
+            payload: conclave_e2ee::payload::Payload::Body { data, .. },
+            ..
+        }) = device.process(&key, m.seq, &m.from, m.ts_ms, &m.body.data)
+        {
+            opened.push(String::from_utf8_lossy(&data).into_owned());
+        }
+    }
+    opened
+}
+
+/// Sends `n` messages each way between Alice's remaining device and Bob, then checks that
+/// each side has all of the other's (nothing lost while the removal was committed).
+async fn talk_after(alice: &Client, bob: &Client, n: usize) {
+    for i in 0..n {
+        alice
+            .send_to_room("lab", &format!("after-alice-{i} secret-sauce"), &[])
+            .await
+            .expect("alice sends after the removal");
+        bob.send_to_room("lab", &format!("after-bob-{i} secret-sauce"), &[])
+            .await
+            .expect("bob sends after the removal");
+    }
+    for (who, from) in [(alice, "bob"), (bob, "alice")] {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let got = texts(who, "lab").await;
+                let have = (0..n)
+                    .filter(|i| got.contains(&format!("after-{from}-{i} secret-sauce")))
+                    .count();
+                if have == n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("every message from {from} arrives"));
+    }
+}
+
+/// A device removed while online (its connection, and Bob's, through the test kit's relay with
+/// delay and jitter): it is disconnected at once, cannot publish itself again, and its state
+/// directory opens nothing sent after the removal, while Alice's other device and Bob go on
+/// talking without losing a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_reads_nothing_sent_after_and_the_others_go_on_through_the_relay() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob"]);
+    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let (a_state, b_state, l_state) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+        tempfile::tempdir().expect("l"),
+    );
+    let jitter = |seed| {
+        let mut c = common::relay::RelayConfig::delay_ms(3.0, seed);
+        c.jitter = Duration::from_millis(6);
+        c
+    };
+    let (alice, mut a_ev) = connect(&srv, "alice", a_state.path()).await;
+    let b_relay = common::relay::Relay::start(srv.addr, jitter(7));
+    let mut opts = common::options(&srv, "bob", b_state.path(), WAIT);
+    opts.server = b_relay.addr();
+    let (bob, events, _) = Client::connect(opts).await.expect("bob via the relay");
+    let mut b_ev = bob
+        .enable_e2ee(events, b_state.path(), common::PASSWORD)
+        .await
+        .expect("e2ee on");
+    // Bob's events are read (the checks below look at his history).
+    tokio::spawn(async move { while b_ev.recv().await.is_some() {} });
+    alice
+        .create_room_e2ee("lab", false, None)
+        .await
+        .expect("create");
+    bob.join("lab", None).await.expect("bob joins");
+    for i in 0..4 {
+        bob.send_to_room("lab", &format!("before-{i}"), &[])
+            .await
+            .expect("send");
+    }
+    alice
+        .send_to_room("lab", "early-from-alice", &[])
+        .await
+        .expect("send");
+
+    // Alice's laptop, through its own relay: approved, it has the history and reads along.
+    let l_relay = common::relay::Relay::start(srv.addr, jitter(11));
+    let mut opts = common::options(&srv, "alice", l_state.path(), WAIT);
+    opts.server = l_relay.addr();
+    let (laptop, events, _) = Client::connect(opts).await.expect("laptop via the relay");
+    let mut l_ev = laptop
+        .enable_e2ee(events, l_state.path(), common::PASSWORD)
+        .await
+        .expect("e2ee on");
+    let (laptop_id, _) = id_of(&laptop);
+    assert_eq!(wait_for(&mut a_ev, waiting).await.0, laptop_id);
+    alice
+        .approve_device(&laptop_id, |_, _| {})
+        .await
+        .expect("approve");
+    assert_eq!(wait_for(&mut l_ev, received).await.1, 5);
+    bob.send_to_room("lab", "live-before", &[])
+        .await
+        .expect("send");
+    tokio::time::timeout(WAIT, async {
+        while !texts(&laptop, "lab")
+            .await
+            .iter()
+            .any(|t| t == "live-before")
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the laptop reads along");
+
+    // Alice removes it from her first device: its session ends for good.
+    alice
+        .remove_device(&laptop_id)
+        .await
+        .expect("remove the laptop");
+    let (reason, message) = wait_for(&mut l_ev, |e| match e {
+        ClientEvent::Disconnected {
+            reason,
+            message,
+            reconnecting: false,
+        } => Some((*reason, message.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, conclave_client::proto::DisconnectReason::Kicked);
+    assert!(message.contains("removed"), "{message}");
+    // A second removal says there is no such device.
+    let again = alice.remove_device(&laptop_id).await.expect_err("gone");
+    assert!(matches!(again, ClientError::Server(ref e) if e.code == ErrorCode::NotFound));
+
+    talk_after(&alice, &bob, 5).await;
+    laptop.close();
+    drop((laptop, l_ev));
+
+    // It cannot sign in as that device again, and what its state holds or could open of the
+    // log stops at the removal.
+    let via = l_relay.addr();
+    let refused = comes_back(&srv, "alice", l_state.path(), &via).await;
+    assert!(refused.contains("removed"), "{refused}");
+    let opened = what_the_state_opens(&srv, l_state.path(), &via, "lab").await;
+    assert!(
+        opened.iter().all(|t| !t.contains("after-")),
+        "the removed device opened {opened:?}"
+    );
+    let kept = local_texts(l_state.path(), &via, "r:lab");
+    assert!(kept.iter().any(|t| t == "live-before"), "{kept:?}");
+    assert!(kept.iter().all(|t| !t.contains("after-")), "{kept:?}");
+    assert!(grep_dir(l_state.path(), b"secret-sauce").is_empty());
+    // The account's device list no longer has it (a new device accepts no history it signs).
+    let listed = match alice
+        .request(Request::E2eeDevices {
+            user: "alice".into(),
+        })
+        .await
+        .expect("devices")
+    {
+        conclave_client::proto::Reply::E2eeDevices(d) => d,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert!(listed.iter().all(|d| d.device != laptop_id));
+    drop((alice, bob));
+    srv.stop(WAIT).await;
+}
+
+/// A device removed while it is offline: when it comes back it is refused, and its state opens
+/// what was sent before the removal (it had those keys) but nothing sent after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_removed_while_offline_opens_nothing_sent_after_the_removal() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["alice", "bob"]);
+    let srv = TestServer::start(dir.clone(), "127.0.0.1:0".parse().expect("addr"), |_| {}).await;
+    let states: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("state"))
+        .collect();
+    let (alice, mut a_ev, bob, _b_ev) =
+        history_of_two(&srv, states[0].path(), states[1].path(), 2).await;
+    let (laptop, mut l_ev) = connect(&srv, "alice", states[2].path()).await;
+    let (laptop_id, _) = id_of(&laptop);
+    assert_eq!(wait_for(&mut a_ev, waiting).await.0, laptop_id);
+    alice
+        .approve_device(&laptop_id, |_, _| {})
+        .await
+        .expect("approve");
+    wait_for(&mut l_ev, received).await;
+    laptop.close();
+    drop((laptop, l_ev));
+
+    bob.send_to_room("lab", "while-away", &[])
+        .await
+        .expect("send");
+    alice
+        .remove_device(&laptop_id)
+        .await
+        .expect("remove it while it is away");
+    talk_after(&alice, &bob, 3).await;
+
+    let server = srv.addr.to_string();
+    let refused = comes_back(&srv, "alice", states[2].path(), &server).await;
+    assert!(refused.contains("removed"), "{refused}");
+    let opened = what_the_state_opens(&srv, states[2].path(), &server, "lab").await;
+    assert!(
+        opened.iter().any(|t| t == "while-away"),
+        "what was sent before the removal still opens with its keys: {opened:?}"
+    );
+    assert!(
+        opened.iter().all(|t| !t.contains("after-")),
+        "the removed device opened {opened:?}"
+    );
+    drop((alice, bob));
     srv.stop(WAIT).await;
 }

@@ -81,6 +81,11 @@ CREATE TABLE IF NOT EXISTS conclave_known_devices (
     sig_public BLOB NOT NULL,
     PRIMARY KEY (user, device)
 );
+CREATE TABLE IF NOT EXISTS conclave_own_ahead (
+    conv TEXT NOT NULL,
+    seq  INTEGER NOT NULL,
+    PRIMARY KEY (conv, seq)
+) WITHOUT ROWID;
 ";
 
 /// OpenMLS's view of this device for one operation: RustCrypto and the SQLite storage.
@@ -855,12 +860,57 @@ impl Device {
     ) -> Result<(), E2eeError> {
         self.tx(|d| {
             d.put_history(conv, seq, &d.user, ts_ms, payload)?;
-            d.conn.execute(
-                "UPDATE conclave_groups SET last_seq = MAX(last_seq, ?2) WHERE conv = ?1",
-                params![conv, seq as i64],
-            )?;
+            // Entries before this one may still be on their way to this device (its send was
+            // ordered after them, and their events wait behind the send's lock): the position
+            // moves past this send only once they are processed, or they would be taken for
+            // duplicates and lost.
+            let last: Option<i64> = d
+                .conn
+                .query_row(
+                    "SELECT last_seq FROM conclave_groups WHERE conv = ?1",
+                    [conv],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match last {
+                Some(last) if (seq as i64) > last + 1 => {
+                    d.conn.execute(
+                        "INSERT OR IGNORE INTO conclave_own_ahead (conv, seq) VALUES (?1, ?2)",
+                        params![conv, seq as i64],
+                    )?;
+                }
+                _ => {
+                    d.conn.execute(
+                        "UPDATE conclave_groups SET last_seq = MAX(last_seq, ?2) WHERE conv = ?1",
+                        params![conv, seq as i64],
+                    )?;
+                    d.advance_own(conv)?;
+                }
+            }
             Ok(())
         })
+    }
+
+    /// Moves the position past this device's own sends that directly follow it (see
+    /// [`Device::record_own`]), and forgets those it has passed.
+    fn advance_own(&self, conv: &str) -> Result<(), E2eeError> {
+        // Bounded by the rows there are: each round takes one.
+        loop {
+            let n = self.conn.execute(
+                "UPDATE conclave_groups SET last_seq = last_seq + 1 WHERE conv = ?1
+                 AND EXISTS (SELECT 1 FROM conclave_own_ahead o
+                             WHERE o.conv = ?1 AND o.seq = conclave_groups.last_seq + 1)",
+                [conv],
+            )?;
+            let gone = self.conn.execute(
+                "DELETE FROM conclave_own_ahead WHERE conv = ?1
+                 AND seq <= (SELECT last_seq FROM conclave_groups WHERE conv = ?1)",
+                [conv],
+            )?;
+            if n == 0 || gone == 0 {
+                return Ok(());
+            }
+        }
     }
 
     /// Processes the conversation's log entry `seq` (content type `ct`, from account `from`),
@@ -888,6 +938,19 @@ impl Device {
             self.bump(conv, seq)?;
             return Ok(Processed::NotMember);
         }
+        let own: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT seq FROM conclave_own_ahead WHERE conv = ?1 AND seq = ?2",
+                params![conv, seq as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if own.is_some() {
+            // This device's own send, recorded when it was sent.
+            self.bump(conv, seq)?;
+            return Ok(Processed::Duplicate);
+        }
         let result = self.tx(|d| {
             let r = if d.is_own_pending(conv, data)? {
                 d.merge_own(conv)?
@@ -898,6 +961,7 @@ impl Device {
                 "UPDATE conclave_groups SET last_seq = ?2 WHERE conv = ?1",
                 params![conv, seq as i64],
             )?;
+            d.advance_own(conv)?;
             Ok(r)
         });
         match result {
@@ -942,7 +1006,7 @@ impl Device {
             "UPDATE conclave_groups SET last_seq = MAX(last_seq, ?2) WHERE conv = ?1",
             params![conv, seq as i64],
         )?;
-        Ok(())
+        self.advance_own(conv)
     }
 
     fn process_inner(

@@ -350,12 +350,32 @@ impl GroupState {
         signer: &ServerSigner,
         user: &str,
     ) -> Result<Vec<Vec<u8>>, E2eeError> {
+        self.proposals_removing(signer, |u, _| u == user)
+    }
+
+    /// Signed Remove proposals for the leaves of one device (`user`'s `device`): a device
+    /// removed from its account, while the account stays in the conversation. Queued like
+    /// [`GroupState::remove_proposals`].
+    pub fn remove_device_proposals(
+        &mut self,
+        signer: &ServerSigner,
+        user: &str,
+        device: &str,
+    ) -> Result<Vec<Vec<u8>>, E2eeError> {
+        self.proposals_removing(signer, |u, d| u == user && d == device)
+    }
+
+    fn proposals_removing(
+        &mut self,
+        signer: &ServerSigner,
+        which: impl Fn(&str, &str) -> bool,
+    ) -> Result<Vec<Vec<u8>>, E2eeError> {
         let crypto = RustCrypto::default();
         let mut group = self.group()?;
         let epoch = group.group_context().epoch();
         let leaves: Vec<LeafNodeIndex> = group
             .members()
-            .filter(|m| parse_identity(&m.credential).is_some_and(|(u, _)| u == user))
+            .filter(|m| parse_identity(&m.credential).is_some_and(|(u, d)| which(&u, &d)))
             .map(|m| m.index)
             .collect();
         let mut out = Vec::with_capacity(leaves.len());

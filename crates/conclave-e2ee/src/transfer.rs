@@ -58,6 +58,10 @@ pub struct Chunk {
     pub rows: Vec<Row>,
     /// The last chunk of the transfer.
     pub last: bool,
+    /// The rows were written after the transfer's snapshot (new ones, or ones an edit or a
+    /// delete replaced while the transfer ran): they replace what the device holds for them,
+    /// unless it read them itself.
+    pub replaces: bool,
     /// The whole transfer's conversations and messages (meaningful in the last chunk).
     pub conversations: u32,
     pub messages: u64,
@@ -101,6 +105,97 @@ pub struct Page {
     /// The last row's position (give it back as `after` for the next page); `None` when
     /// there was nothing more.
     pub next: Option<i64>,
+}
+
+/// Most rounds of rows written during a transfer that are sent after its snapshot (each
+/// round takes what was written during the one before; a history that keeps changing faster
+/// than it is sent stops there, and the device reads the rest as it comes).
+pub const MAX_TAIL_ROUNDS: u32 = 8;
+
+/// Reads a device's history for one transfer, a chunk at a time: first every row up to the
+/// snapshot taken at the start, then the rows written since (a row an edit or a delete
+/// replaces moves past the snapshot, so a replaced row is never lost: it comes again in its
+/// current state, marked [`Chunk::replaces`]), then a last chunk with no rows and the totals.
+/// Holds no more than one page.
+#[derive(Debug)]
+pub struct TransferCursor {
+    after: i64,
+    end: i64,
+    tail: bool,
+    rounds: u32,
+    sent: u64,
+    conversations: u32,
+    messages: u64,
+    done: bool,
+}
+
+impl TransferCursor {
+    /// Takes the snapshot.
+    pub fn start(d: &Device) -> Result<TransferCursor, E2eeError> {
+        let end = d.history_end()?;
+        let (conversations, messages) = d.history_counts(end)?;
+        Ok(TransferCursor {
+            after: 0,
+            end,
+            tail: false,
+            rounds: 0,
+            sent: 0,
+            conversations,
+            messages,
+            done: false,
+        })
+    }
+
+    /// Conversations and rows at the snapshot.
+    pub fn totals(&self) -> (u32, u64) {
+        (self.conversations, self.messages)
+    }
+
+    /// Rows handed out so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// The next chunk; `None` after the last one.
+    pub fn next_chunk(&mut self, d: &Device) -> Result<Option<Chunk>, E2eeError> {
+        if self.done {
+            return Ok(None);
+        }
+        loop {
+            if self.after < self.end {
+                let page = d.history_page(self.after, self.end)?;
+                // Strictly forward: a page's position is past `after`.
+                self.after = page.next.map_or(self.end, |n| n.max(self.after + 1));
+                if page.rows.is_empty() {
+                    continue;
+                }
+                self.sent += page.rows.len() as u64;
+                return Ok(Some(Chunk {
+                    rows: page.rows,
+                    last: false,
+                    replaces: self.tail,
+                    conversations: self.conversations,
+                    messages: self.messages,
+                }));
+            }
+            let now = d.history_end()?;
+            if now > self.end && self.rounds < MAX_TAIL_ROUNDS {
+                self.rounds += 1;
+                self.tail = true;
+                self.end = now;
+                continue;
+            }
+            self.done = true;
+            let (conversations, _) = d.history_counts(self.end)?;
+            return Ok(Some(Chunk {
+                rows: Vec::new(),
+                last: true,
+                replaces: false,
+                conversations,
+                messages: self.sent,
+            }));
+        }
+    }
 }
 
 /// Whether `signature` is `signature_key`'s signature over the transfer key `transfer_key`.
@@ -335,6 +430,36 @@ impl Device {
                 added += 1;
             }
             Ok(added)
+        })
+    }
+
+    /// Adds rows of a [`Chunk::replaces`] chunk: each replaces the row this device holds for
+    /// it (an earlier chunk's older version), except a row this device read itself (after it
+    /// joined the conversation's group), which is already current here. Returns how many
+    /// were written.
+    pub fn import_replacements(&self, rows: &[Row]) -> Result<u64, E2eeError> {
+        self.tx(|d| {
+            let mut written = 0u64;
+            for row in rows {
+                let read_here = d.joined_seq(&row.conv)?.is_some_and(|j| row.seq > j)
+                    && d.conn
+                        .query_row(
+                            "SELECT 1 FROM conclave_history WHERE conv = ?1 AND seq = ?2",
+                            params![row.conv, row.seq as i64],
+                            |r| r.get::<_, i64>(0),
+                        )
+                        .optional()?
+                        .is_some();
+                if read_here {
+                    continue;
+                }
+                let Ok(payload) = Payload::decode(&row.payload) else {
+                    continue;
+                };
+                d.put_history(&row.conv, row.seq, &row.sender, row.ts_ms, &payload)?;
+                written += 1;
+            }
+            Ok(written)
         })
     }
 }

@@ -457,3 +457,52 @@ fn a_message_read_before_a_rejoin_is_a_duplicate() {
         Processed::BeforeJoin
     ));
 }
+
+/// A send of this device ordered after a message it has not processed yet (the message's event
+/// waits while the send holds the group): the message is still read when it comes, not taken
+/// for a duplicate, and the position then moves past the send (seen through a relay's delay,
+/// where it lost messages).
+#[test]
+fn a_message_ordered_before_an_own_send_is_still_read() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let (alice, bob, mut log) = alice_creates(&dirs);
+    let kp = bob.key_packages(1).expect("kp");
+    let out = alice.add_members(CONV, &kp).expect("add");
+    let seq = log.commit("alice", &out.commit).expect("add accepted");
+    alice.confirm(CONV, seq).expect("merge");
+    bob.join_welcome(CONV, &out.welcome.expect("welcome"), seq)
+        .expect("bob joins");
+    let m = alice.encrypt(CONV, &body("from alice")).expect("enc");
+    let first = log.push("alice", &m);
+    // Bob sends before processing Alice's message; the server orders his after hers.
+    let own = bob.encrypt(CONV, &body("from bob")).expect("enc");
+    let second = log.push("bob", &own);
+    bob.record_own(CONV, second, 0, &body("from bob"))
+        .expect("recorded");
+    assert_eq!(bob.last_seq(CONV).expect("last"), Some(first - 1));
+    assert_eq!(
+        text(&bob.process(CONV, first, "alice", 0, &m).expect("bob")),
+        Some("from alice".into())
+    );
+    assert_eq!(bob.last_seq(CONV).expect("last"), Some(second));
+    assert!(matches!(
+        bob.process(CONV, second, "bob", 0, &own).expect("own"),
+        Processed::Duplicate
+    ));
+    // A send that follows what was processed moves the position at once.
+    let own2 = bob.encrypt(CONV, &body("again")).expect("enc");
+    let third = log.push("bob", &own2);
+    bob.record_own(CONV, third, 0, &body("again"))
+        .expect("recorded");
+    assert_eq!(bob.last_seq(CONV).expect("last"), Some(third));
+    let texts: Vec<String> = bob
+        .history(CONV, 10, None)
+        .expect("history")
+        .into_iter()
+        .filter_map(|e| match e.payload {
+            Payload::Body { data, .. } => String::from_utf8(data).ok(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts, ["from alice", "from bob", "again"]);
+}

@@ -25,7 +25,8 @@ pub struct ConvGroup {
     /// is always readable by it, and one stored after a device left never is (see
     /// ARCHITECTURE.md, "Who reads what in an end-to-end conversation").
     pub membership_epoch: u64,
-    /// Users removed on the server whose leaves are still in the group.
+    /// Users removed on the server whose leaves are still in the group, and devices removed
+    /// from their account (`user/device`) whose leaves are.
     pub pending: BTreeSet<String>,
 }
 
@@ -116,6 +117,11 @@ impl E2ee {
 
     pub fn get(&self, conv: &str) -> Option<GroupHandle> {
         self.map().get(conv).cloned()
+    }
+
+    /// Every group, in no particular order.
+    pub fn handles(&self) -> Vec<GroupHandle> {
+        self.map().values().cloned().collect()
     }
 
     pub fn is_e2ee(&self, conv: &str) -> bool {

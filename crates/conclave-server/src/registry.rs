@@ -151,6 +151,8 @@ pub struct ConnInfo {
     pub kx_group: &'static str,
     pub counters: Arc<Counters>,
     pub outbox: Outbox,
+    /// The end-to-end device the connection speaks for, once it published it.
+    pub device: Option<String>,
 }
 
 /// The live connections, and the traffic of those that closed.
@@ -235,6 +237,32 @@ impl Registry {
         if let Some(c) = self.lock().get_mut(&sid) {
             c.user = Some(user.to_string());
         }
+    }
+
+    pub fn set_device(&self, sid: SessionId, device: &str) {
+        if let Some(c) = self.lock().get_mut(&sid) {
+            c.device = Some(device.to_string());
+        }
+    }
+
+    /// Closes every connection that speaks for `user`'s `device`; returns how many.
+    pub fn close_device(
+        &self,
+        user: &str,
+        device: &str,
+        reason: DisconnectReason,
+        message: &str,
+    ) -> usize {
+        let map = self.lock();
+        let mut n = 0;
+        for c in map
+            .values()
+            .filter(|c| c.user.as_deref() == Some(user) && c.device.as_deref() == Some(device))
+        {
+            c.outbox.close(reason, message);
+            n += 1;
+        }
+        n
     }
 
     pub fn remove(&self, sid: SessionId) {

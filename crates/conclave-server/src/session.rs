@@ -291,6 +291,7 @@ pub async fn serve<S: FrameSource>(
         kx_group,
         counters: counters.clone(),
         outbox: outbox.clone(),
+        device: None,
     });
     let rate = RequestRate::new(limits, &config.files);
     let login_deadline = Instant::now() + limits.login_timeout();

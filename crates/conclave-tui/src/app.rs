@@ -22,7 +22,9 @@ use crate::layout;
 use crate::view;
 
 mod presence;
+mod recovery;
 mod thread;
+pub use recovery::RECOVERY_PROMPT;
 
 /// Messages loaded when a conversation is opened.
 pub const INITIAL_HISTORY: u32 = 50;
@@ -305,6 +307,8 @@ pub struct App {
     lines: HashMap<ConvKey, crate::acts::Lines>,
     /// The thread pane, while open (`/thread`).
     pub thread: Option<crate::thread::ThreadPane>,
+    /// The masked recovery-key field of `/restore`, while it is open.
+    recovery: Option<LineEditor>,
 }
 
 /// A server sentence as the chat says it: the JSON client's command names become this
@@ -369,6 +373,7 @@ impl App {
             chat: Default::default(),
             lines: HashMap::new(),
             thread: None,
+            recovery: None,
         }
     }
 
@@ -981,6 +986,9 @@ impl App {
     // ---- the chat ----
 
     fn chat_input(&mut self, input: Input) -> Vec<Action> {
+        if let Some(actions) = self.recovery_input(&input) {
+            return actions;
+        }
         match input {
             Input::Paste(text) => {
                 self.completion = None;
@@ -1691,6 +1699,7 @@ impl App {
                 self.device_op(crate::devices::DeviceOp::Reject { device })
             }
             Command::Backup { on } => self.device_op(crate::devices::DeviceOp::Backup { on }),
+            Command::Restore { key } if key.is_empty() => self.ask_recovery_key(),
             Command::Restore { key } => self.device_op(crate::devices::DeviceOp::Restore { key }),
             Command::Members => {
                 self.show_members = !self.show_members;

@@ -28,7 +28,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "except", args: "user[,user...] text", help: "say something to this room, except to these people" },
     CommandSpec { name: "who", args: "[room]", help: "who is online (everywhere, or the room's members)" },
     CommandSpec { name: "rooms", args: "", help: "the rooms you can see" },
-    CommandSpec { name: "devices", args: "[user]", help: "a user's devices and safety numbers (default: yours)" },
+    CommandSpec { name: "devices", args: "[user] | remove device", help: "a user's devices and safety numbers (default: yours); remove takes a device of yours out of your account and its conversations for good" },
     CommandSpec { name: "history", args: "[count]", help: "load older messages of this conversation" },
     CommandSpec { name: "search", args: "words", help: "search your conversations; Enter on a result jumps to it" },
     CommandSpec { name: "kick", args: "user [reason]", help: "remove a user from this room (owner, admins); in the status buffer, from the server (admins)" },
@@ -57,9 +57,9 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "thread", args: "", help: "open the selected message's thread in a pane: what you type answers in it; Esc or /thread closes it" },
     CommandSpec { name: "unreact", args: "emoji", help: "take your reaction to the last message back" },
     CommandSpec { name: "approve", args: "device", help: "approve a new device of yours that asks for your history (check its safety number first): it gets your end-to-end history" },
-    CommandSpec { name: "reject", args: "device", help: "reject a device of yours that asks for your history: it gets nothing" },
+    CommandSpec { name: "reject", args: "device", help: "reject a device of yours that asks for your history: it gets nothing, and is taken out of your account and its conversations" },
     CommandSpec { name: "backup", args: "[off]", help: "turn the recovery-key backup of your end-to-end history on (or change its key; the key is shown once), or off" },
-    CommandSpec { name: "restore", args: "recovery-key", help: "restore your end-to-end history from the backup of this recovery key (not kept in the input history)" },
+    CommandSpec { name: "restore", args: "[recovery-key]", help: "restore your end-to-end history from the backup of this recovery key; without it, asks for the key in a field that does not show it (never kept in the input history)" },
     CommandSpec { name: "members", args: "", help: "show or hide the members pane (also F2)" },
     CommandSpec { name: "close", args: "", help: "close this direct conversation's buffer" },
     CommandSpec { name: "quit", args: "", help: "leave (also Ctrl-C)" },
@@ -375,8 +375,17 @@ pub fn parse(line: &str) -> Result<Command, String> {
             room: nonempty(rest).map(|r| room_arg(&r)),
         },
         "rooms" | "list" => Command::Rooms,
-        "devices" | "safety" => Command::Devices {
-            user: nonempty(rest),
+        "devices" | "safety" => match rest.trim().split_once(char::is_whitespace) {
+            // Removing a device is rejecting it (for one approved earlier too).
+            Some(("remove", device)) if !device.trim().is_empty() => Command::Reject {
+                device: device.trim().to_string(),
+            },
+            _ if rest.trim() == "remove" => {
+                return Err("usage: /devices remove device (its id, from /devices)".to_string());
+            }
+            _ => Command::Devices {
+                user: nonempty(rest),
+            },
         },
         "history" => {
             let count = match nonempty(rest) {
@@ -506,12 +515,10 @@ pub fn parse(line: &str) -> Result<Command, String> {
                 ),
             }
         }
-        "restore" => {
-            need(!rest.trim().is_empty())?;
-            Command::Restore {
-                key: rest.trim().to_string(),
-            }
-        }
+        // Without a key: the screen asks for it in a masked field.
+        "restore" => Command::Restore {
+            key: rest.trim().to_string(),
+        },
         "members" | "nicklist" => Command::Members,
         "close" => Command::Close,
         "quit" | "exit" => Command::Quit,
@@ -631,6 +638,19 @@ mod tests {
             parse("/reject 9f2c").unwrap(),
             Command::Reject {
                 device: "9f2c".into()
+            }
+        );
+        assert_eq!(
+            parse("/devices remove 9f2c").unwrap(),
+            Command::Reject {
+                device: "9f2c".into()
+            }
+        );
+        assert!(parse("/devices remove").is_err());
+        assert_eq!(
+            parse("/devices bob").unwrap(),
+            Command::Devices {
+                user: Some("bob".into())
             }
         );
         assert_eq!(parse("/backup").unwrap(), Command::Backup { on: true });

@@ -30,9 +30,15 @@ pub fn notice_text(d: &DeviceNotice) -> String {
             messages,
             from,
             safety_number,
+            approver_in_group,
         } => match safety_number {
             Some(n) => format!(
-                "history received from your device {from} (safety number {n}): {messages} messages in {conversations} conversations"
+                "history received from your device {from} (safety number {n}{}): {messages} messages in {conversations} conversations",
+                if *approver_in_group {
+                    ", the key your conversations show for it"
+                } else {
+                    "; not seen in a conversation here: compare it on that device"
+                }
             ),
             None => format!(
                 "history restored from the {from}: {messages} messages in {conversations} conversations"

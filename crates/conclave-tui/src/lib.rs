@@ -61,6 +61,9 @@ pub struct ChatOptions {
     pub bell: bool,
     /// Show mentions in the window title (`--no-title`: off).
     pub title: bool,
+    /// From `--recovery-key-env`: restore the end-to-end history from the backup of this key
+    /// once signed in (never shown, logged or kept).
+    pub recovery_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -340,6 +340,26 @@ impl Shell {
                 }
             }
         });
+        if let Some(key) = self.opts.recovery_key.take() {
+            // `--recovery-key-env`: once, after the first sign-in. The tag is none of the
+            // screen's, so the results show as notices.
+            let (client, tx) = (client.clone(), self.tx.clone());
+            tokio::spawn(async move {
+                let say = |result| {
+                    Msg::Input(Input::FileStarted {
+                        tag: u64::MAX,
+                        result,
+                    })
+                };
+                let _ = tx
+                    .send(say(Ok(
+                        "restoring your history from the backup (--recovery-key-env)…".to_string(),
+                    )))
+                    .await;
+                let result = device_op(&client, crate::devices::DeviceOp::Restore { key }).await;
+                let _ = tx.send(say(result)).await;
+            });
+        }
         self.requests = Some(requests_tx);
         self.client = Some(client);
     }
@@ -443,7 +463,12 @@ async fn device_op(c: &Client, op: crate::devices::DeviceOp) -> Result<String, S
         DeviceOp::Reject { device } => c
             .reject_device(&device)
             .await
-            .map(|()| format!("rejected {device}: it gets nothing"))
+            .map(|()| {
+                format!(
+                    "removed {device} from your account: it gets no history, cannot sign in again, \
+                     and leaves your end-to-end conversations (it reads nothing sent from now on)"
+                )
+            })
             .map_err(|e| e.to_string()),
         DeviceOp::Backup { on: true } => c
             .backup_enable()

@@ -901,12 +901,18 @@ fn render_status(frame: &mut Frame, r: Rect, app: &App) {
 }
 
 fn render_input(frame: &mut Frame, r: Rect, app: &App) {
-    let prompt = format!(
-        "[{}] ",
-        truncate(&app.current_buffer().key.label(), (r.width as usize) / 3)
-    );
+    let (prompt, editor) = match app.recovery_field() {
+        Some(field) => (format!("[{}] ", crate::app::RECOVERY_PROMPT), field),
+        None => (
+            format!(
+                "[{}] ",
+                truncate(&app.current_buffer().key.label(), (r.width as usize) / 3)
+            ),
+            &app.input,
+        ),
+    };
     let prompt_w = width(&prompt);
-    let (shown, col) = app.input.view((r.width as usize).saturating_sub(prompt_w));
+    let (shown, col) = editor.view((r.width as usize).saturating_sub(prompt_w));
     frame.render_widget(
         Paragraph::new(Line::from(vec![
             Span::styled(prompt, Style::default().fg(Color::Cyan)),

@@ -1453,3 +1453,51 @@ fn a_waiting_device_is_a_notice_with_approve_and_reject_and_the_commands_act() {
         }]
     ));
 }
+
+#[test]
+fn restore_asks_for_the_recovery_key_in_a_field_that_hides_it_and_forgets_it() {
+    let mut app = chatting((160, 30));
+    let rk = "K7QM-4XJD-A2BC-DEFG-HJKL-MNPQ-RSTU-VWXY-Z234-5678-9ABC-DEFG-HJ";
+    assert!(type_line(&mut app, "/restore").is_empty());
+    assert_shows(&app, &["[recovery key]", "type or paste your recovery key"]);
+    // Typed and pasted, it shows as dots only, and nothing goes to the server meanwhile (no
+    // typing notice, no message).
+    for c in rk[..10].chars() {
+        assert!(app.update(key_of(c)).is_empty());
+    }
+    assert!(app.update(Input::Paste(rk[10..].to_string())).is_empty());
+    let shown = screen(&app);
+    assert!(
+        !shown.contains("K7QM") && !shown.contains("HJ\n"),
+        "{shown}"
+    );
+    assert!(shown.contains(&"•".repeat(20)), "{shown}");
+    let actions = app.update(key(KeyCode::Enter));
+    match actions.as_slice() {
+        [
+            Action::Device {
+                op: conclave_tui::devices::DeviceOp::Restore { key: k },
+                ..
+            },
+        ] => assert_eq!(k, rk),
+        other => panic!("unexpected actions {other:?}"),
+    }
+    assert_shows(&app, &["restoring your history from the backup"]);
+    // The input line is back, and its history never has the key.
+    assert!(!screen(&app).contains("[recovery key]"));
+    for _ in 0..3 {
+        app.update(key(KeyCode::Up));
+        assert!(!app.input.text().contains("K7QM"), "{}", app.input.text());
+    }
+    // Esc leaves the field without restoring.
+    app.input.clear();
+    type_line(&mut app, "/restore");
+    app.update(key_of('x'));
+    assert!(app.update(key(KeyCode::Esc)).is_empty());
+    assert_shows(&app, &["no restore"]);
+    assert!(!screen(&app).contains("[recovery key]"));
+}
+
+fn key_of(c: char) -> Input {
+    key(KeyCode::Char(c))
+}

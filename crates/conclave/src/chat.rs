@@ -35,6 +35,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         state_dir: args.state_dir,
         bell: !args.no_bell,
         title: !args.no_title,
+        recovery_key: env_secret(&args.recovery_key_env, "--recovery-key-env")?,
     };
     conclave_tui::run(opts)?;
     Ok(ExitCode::SUCCESS)

@@ -328,6 +328,11 @@ pub struct ChatArgs {
     /// Do not put waiting mentions in the terminal window's title.
     #[arg(long)]
     pub no_title: bool,
+    /// Restore your end-to-end history from the recovery-key backup once signed in: the key
+    /// (as /backup showed it) is read from this environment variable, never from the command
+    /// line. Inside, /restore asks for it in a field that does not show it.
+    #[arg(long, value_name = "VAR")]
+    pub recovery_key_env: Option<String>,
 }
 
 #[derive(Args)]

@@ -346,3 +346,133 @@ fn two_people_talk_through_the_terminal_client() {
     assert_eq!(tmux.wait_exit("again"), 0);
     bob.quit().assert_success();
 }
+
+/// Grep for a secret in every file under `dir`.
+fn files_with(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+            {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
+
+/// Issue 21 in the real terminal: `/restore` asks for the recovery key in a field that shows
+/// only dots, restores the history on a fresh state directory, and the key is nowhere on the
+/// screen or in the state directory (its chat.log included); `--recovery-key-env` does the
+/// same without typing.
+#[test]
+fn restore_in_the_terminal_asks_for_the_key_without_showing_it() {
+    if !tmux_installed() {
+        eprintln!(
+            "SKIPPED restore_in_the_terminal_asks_for_the_key_without_showing_it: tmux is not \
+             installed (apt-get install tmux)"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let addr = server.addr();
+    let fp = server.fingerprint.clone();
+
+    // Alice's first device (a JSON client) writes some history and a backup, then is gone.
+    let first = tmp.path().join("first");
+    let mut cmd = client_cmd(&addr, "alice", &first, PW);
+    cmd.args(["--register", "--fingerprint", &fp]);
+    let mut alice = JsonClient::connect("alice", cmd);
+    alice.send(json!({"cmd": "create_room", "room": "lab", "id": 1}));
+    alice.ok(json!(1));
+    for i in 0..3 {
+        alice.send(
+            json!({"cmd": "send", "room": "lab", "text": format!("old poppy {i}"), "id": 10 + i}),
+        );
+        alice.ok(json!(10 + i));
+    }
+    alice.send(json!({"cmd": "backup_enable", "id": 2}));
+    let key = alice.ok(json!(2))["recovery_key"]
+        .as_str()
+        .expect("a recovery key")
+        .to_string();
+    alice.quit().assert_success();
+    std::fs::remove_dir_all(&first).expect("the first device is gone");
+    // Two groups of the key: what a screen that showed it would show.
+    let group = key[..9].to_string();
+
+    // A fresh computer: /restore, the key typed into the masked field.
+    let tmux = Tmux::new("restore", tmp.path());
+    let fresh = tmp.path().join("fresh");
+    let mut args = chat_args(&addr, "alice", &fresh);
+    args.extend(["--fingerprint", fp.as_str()]);
+    let home = fresh.to_string_lossy().into_owned();
+    let env = [(PW_VAR, PW), ("HOME", home.as_str())];
+    tmux.start_chat("fresh", &args, &env);
+    tmux.wait_for("fresh", &["● connected"]);
+    tmux.type_line("fresh", "/restore");
+    tmux.wait_for(
+        "fresh",
+        &["[recovery key]", "type or paste your recovery key"],
+    );
+    tmux.ok(&["send-keys", "-t", "fresh", "-l", &key]);
+    let screen = tmux.wait_for("fresh", &["[recovery key] ••••••••••"]);
+    assert!(
+        !screen.contains(&group),
+        "the key is on the screen:\n{screen}"
+    );
+    tmux.key("fresh", "Enter");
+    let screen = tmux.wait_for("fresh", &["restored 3 messages of 1 conversations"]);
+    assert!(
+        !screen.contains(&group),
+        "the key is on the screen:\n{screen}"
+    );
+    tmux.type_line("fresh", "/search poppy");
+    tmux.wait_for("fresh", &["old poppy 2"]);
+    tmux.key("fresh", "Escape");
+    tmux.type_line("fresh", "/quit");
+    assert_eq!(tmux.wait_exit("fresh"), 0);
+    let compact = key.replace('-', "");
+    for needle in [key.as_str(), compact.as_str()] {
+        let hits = files_with(&fresh, needle);
+        assert!(hits.is_empty(), "the key is in {hits:?}");
+    }
+    assert!(
+        fresh.join("chat.log").exists(),
+        "chat.log is where the check looked"
+    );
+
+    // Another fresh computer, the key from the environment.
+    let other = tmp.path().join("other");
+    let mut args = chat_args(&addr, "alice", &other);
+    args.extend([
+        "--fingerprint",
+        fp.as_str(),
+        "--recovery-key-env",
+        "CONCLAVE_TEST_RK",
+    ]);
+    let home = other.to_string_lossy().into_owned();
+    let env = [
+        (PW_VAR, PW),
+        ("HOME", home.as_str()),
+        ("CONCLAVE_TEST_RK", key.as_str()),
+    ];
+    tmux.start_chat("other", &args, &env);
+    let screen = tmux.wait_for("other", &["restored 3 messages of 1 conversations"]);
+    assert!(
+        !screen.contains(&group),
+        "the key is on the screen:\n{screen}"
+    );
+    tmux.type_line("other", "/quit");
+    assert_eq!(tmux.wait_exit("other"), 0);
+    assert!(files_with(&other, &compact).is_empty());
+}

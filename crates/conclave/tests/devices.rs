@@ -1,6 +1,7 @@
 //! Your history on every device through `conclave client --json` against the real
 //! `conclave serve` (issue 21): `device_waiting` on the old device, `approve_device` /
-//! `reject_device`, `history_received` on the new one, `backup_enable` (the recovery key in
+//! `reject_device` / `remove_device` (the device is out of the account and reads nothing
+//! sent afterwards), `history_received` on the new one, `backup_enable` (the recovery key in
 //! groups) and `--recovery-key-env` restoring on a fresh state directory; the key is found
 //! nowhere in the server's data directory or its log.
 
@@ -84,6 +85,11 @@ fn json_devices_approve_reject_backup_and_restore() {
         (got["conversations"].clone(), got["messages"].clone()),
         (json!(1), json!(5))
     );
+    // The approver's safety number, and that its key is the one the room's group shows.
+    alice.send(json!({"cmd": "devices", "id": 24}));
+    let approver = alice.ok(json!(24));
+    assert_eq!(got["safety_number"], approver["fingerprint"]);
+    assert_eq!(got["approver_in_group"], true);
     laptop.send(json!({"cmd": "history", "room": "lab", "limit": 50, "id": 22}));
     let h = laptop.ok(json!(22));
     let texts: Vec<&str> = h["messages"]
@@ -117,11 +123,12 @@ fn json_devices_approve_reject_backup_and_restore() {
     alice.ok(json!(30));
     alice.send(json!({"cmd": "approve_device", "device": "00aa", "id": 31}));
     assert_eq!(alice.reply(json!(31))["error"]["code"], "not_found");
-    stranger.send(json!({"cmd": "history", "room": "lab", "limit": 50, "id": 32}));
-    let h = stranger.ok(json!(32));
-    assert!(h["messages"].as_array().is_some_and(|m| m.is_empty()));
-    assert!(!stranger.saw_message("old-0-orchid"));
-    stranger.quit().assert_success();
+    // Rejected, it is out of the account: disconnected, and it never saw the history.
+    let gone = stranger.expect("disconnected", |v| v["event"] == "disconnected");
+    assert_eq!(gone["reason"], "kicked");
+    stranger.proc.wait_exit(WAIT);
+    let out = stranger.proc.finish();
+    assert!(!out.stdout_text().contains("orchid"));
 
     // The backup: a recovery key in groups of four, shown once.
     alice.send(json!({"cmd": "backup_enable", "id": 40}));
@@ -186,4 +193,59 @@ fn json_devices_approve_reject_backup_and_restore() {
     let log = server.proc.stderr();
     assert!(!log.contains(&key) && !log.contains(&compact));
     drop(bob.quit());
+}
+
+/// `remove_device` through `conclave client --json`: the removed device's client is told and
+/// stops, it cannot sign in as that device again, and nothing sent afterwards appears in its
+/// output or its state directory, while the others go on talking.
+#[test]
+fn json_remove_device_stops_it_and_it_reads_nothing_after() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, &[], &[]);
+    let (sa, sb, sl) = (tempdir(), tempdir(), tempdir());
+    let mut alice = client(&server, "alice", sa.path(), true);
+    let mut bob = client(&server, "bob", sb.path(), true);
+    alice.send(json!({"cmd": "create_room", "room": "lab", "id": 1}));
+    alice.ok(json!(1));
+    bob.send(json!({"cmd": "join", "room": "lab", "id": 2}));
+    bob.ok(json!(2));
+    let mut laptop = client(&server, "alice", sl.path(), false);
+    laptop.send(json!({"cmd": "devices", "id": 3}));
+    let me = laptop.ok(json!(3));
+    let w = alice.expect("device_waiting", |v| v["kind"] == "device_waiting");
+    assert_eq!(w["device"], me["device"]);
+    alice.send(json!({"cmd": "approve_device", "device": me["device"], "id": 4}));
+    alice.ok(json!(4));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "before-lily", "id": 5}));
+    bob.ok(json!(5));
+    laptop.message("before-lily");
+
+    alice.send(json!({"cmd": "remove_device", "device": me["device"], "id": 6}));
+    let removed = alice.ok(json!(6));
+    assert_eq!(removed["state"], "removed");
+    let gone = laptop.expect("disconnected", |v| v["event"] == "disconnected");
+    assert_eq!(gone["reason"], "kicked");
+    laptop.proc.wait_exit(WAIT);
+    let out = laptop.proc.finish();
+
+    for i in 0..3 {
+        let (a, b) = (format!("after-tulip-a{i}"), format!("after-tulip-b{i}"));
+        alice.send(json!({"cmd": "send", "room": "lab", "text": a, "id": 10 + i}));
+        alice.ok(json!(10 + i));
+        bob.send(json!({"cmd": "send", "room": "lab", "text": b, "id": 20 + i}));
+        bob.ok(json!(20 + i));
+        bob.message(&a);
+        alice.message(&b);
+    }
+
+    // The same state directory cannot come back as that device.
+    let mut cmd = client_cmd(&server.addr(), "alice", sl.path(), PW);
+    cmd.args(["--fingerprint", &server.fingerprint]);
+    client_fails("the removed device", cmd).assert_stderr_has("removed");
+    assert!(out.stdout_text().contains("before-lily"));
+    assert!(!out.stdout_text().contains("tulip"));
+    assert!(grep_dir(sl.path(), b"tulip").is_empty());
+    alice.quit().assert_success();
+    bob.quit().assert_success();
 }

@@ -34,6 +34,7 @@ pub const COMMANDS: &[&str] = &[
     "devices",
     "approve_device",
     "reject_device",
+    "remove_device",
     "backup_enable",
     "backup_disable",
     "quit",
@@ -92,7 +93,9 @@ pub enum Action {
         user: Option<String>,
     },
     /// Devices (issue 21): approve a device of this account that asks for history (and send
-    /// it this device's end-to-end history), or reject it.
+    /// it this device's end-to-end history), or reject it; `remove_device` is the same as
+    /// `reject_device` for a device approved earlier (or the account's first): either takes the
+    /// device out of the account and its groups for good.
     ApproveDevice {
         device: String,
     },
@@ -294,7 +297,7 @@ fn parse_action(obj: &Map<String, Value>) -> Result<Action, String> {
                 device: f.req_str("device")?,
             });
         }
-        "reject_device" => {
+        "reject_device" | "remove_device" => {
             return Ok(Action::RejectDevice {
                 device: f.req_str("device")?,
             });

@@ -462,6 +462,7 @@ impl Driver {
                     client.reject_device(&device).await?;
                     let mut m = Map::new();
                     m.insert("device".into(), device.into());
+                    m.insert("state".into(), "removed".into());
                     Ok(m)
                 })
                 .await;

@@ -395,9 +395,11 @@ fn device_notice(d: &crate::devices::DeviceNotice) -> Value {
             messages,
             from,
             safety_number,
+            approver_in_group,
         } => json!({
             "event": "e2ee", "kind": "history_received", "conversations": conversations,
             "messages": messages, "from": from, "safety_number": safety_number,
+            "approver_in_group": approver_in_group,
         }),
         D::Progress {
             direction,

@@ -4,7 +4,7 @@
 //! segments appended under an id derived from a recovery key the server never sees. The server
 //! only stores and routes ciphertext, within the limits of `[devices]`.
 
-use conclave_proto::{Bytes, ErrorBody, ErrorCode, Event, Reply};
+use conclave_proto::{Bytes, DisconnectReason, ErrorBody, ErrorCode, Event, Reply};
 
 use super::store_error;
 use crate::session::{Conn, broadcast};
@@ -110,6 +110,9 @@ pub async fn decide(
             "a device cannot approve or reject itself; do it from another device of yours",
         ));
     }
+    if !approve {
+        return remove(conn, user, device).await;
+    }
     let u = user.to_string();
     let d = device.clone();
     let got = conn
@@ -126,6 +129,39 @@ pub async fn decide(
             ),
         ));
     };
+    tell_others(conn, user, w.clone());
+    Ok(Reply::DevicesWaiting(vec![w]))
+}
+
+/// Rejects or removes a device of the account, for good: the server forgets its registration
+/// and key packages and refuses it from then on (`E2eePublish`, commits that have it commit or
+/// come back), closes its connections, and proposes removing its leaves from every group it is
+/// in (a member commits that, as for a kick; until then those groups take no messages). What
+/// the device had read stays on it; nothing sent after the removal commit is readable there.
+async fn remove(conn: &Conn, user: &str, device: String) -> Result<Reply, ErrorBody> {
+    let (u, d) = (user.to_string(), device.clone());
+    let got = conn
+        .shared
+        .store
+        .call(move |db| db.device_revoke(&u, &d, now_ms()))
+        .await
+        .map_err(store_error)?;
+    let Some(w) = got else {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!(
+                "your account has no device {device}; {{\"cmd\":\"devices\"}} lists the devices in your conversations"
+            ),
+        ));
+    };
+    let closed = conn.shared.registry.close_device(
+        user,
+        &device,
+        DisconnectReason::Kicked,
+        "this device was removed from your account by another of your devices; it cannot sign in again (start with a new state directory to use this computer as a new device)",
+    );
+    let groups = super::e2ee::remove_device(&conn.shared, user, &device).await;
+    tracing::info!(user, device = %device, connections = closed, groups, "device removed from its account");
     tell_others(conn, user, w.clone());
     Ok(Reply::DevicesWaiting(vec![w]))
 }

@@ -77,13 +77,19 @@ pub async fn publish(
         sig_key = Some(key);
         kps.push(kp.into_vec());
     }
-    let (u, d) = (user.to_string(), device.clone());
-    let known = conn
+    let (u, d, d2) = (user.to_string(), device.clone(), device.clone());
+    let (known, revoked) = conn
         .shared
         .store
-        .call(move |db| db.e2ee_devices(&u))
+        .call(move |db| Ok((db.e2ee_devices(&u)?, db.devices_revoked(&[(u, d2)])?)))
         .await
         .map_err(store_error)?;
+    if !revoked.is_empty() {
+        return Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            "this device was removed from the account by another of its devices; it cannot sign in again. To use this computer, start with a new state directory: it becomes a new device that your other devices approve",
+        ));
+    }
     if known.len() >= MAX_DEVICES_PER_ACCOUNT && !known.iter().any(|(id, _)| *id == d) {
         return Err(ErrorBody::new(
             ErrorCode::TooLarge,
@@ -119,6 +125,7 @@ pub async fn publish(
         Err(e) => return Err(store_error(e)),
     };
     conn.device = Some(device.clone());
+    conn.shared.registry.set_device(conn.sid, &device);
     let (u, d) = (user.to_string(), device.clone());
     let welcomes = conn
         .shared
@@ -313,6 +320,22 @@ pub async fn commit(
     let next = validated.into_state();
     next.check_group_info(&group_info, change.epoch)
         .map_err(refused)?;
+    // A device removed from its account neither commits nor comes back in.
+    let concerned: Vec<(String, String)> = std::iter::once(change.committer.clone())
+        .chain(change.added.iter().cloned())
+        .collect();
+    let revoked = conn
+        .shared
+        .store
+        .call(move |db| db.devices_revoked(&concerned))
+        .await
+        .map_err(store_error)?;
+    if let Some((u, d)) = revoked.first() {
+        return Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            format!("device {d} of {u} was removed from its account and cannot be in a group"),
+        ));
+    }
     if !change.external && !change.added.is_empty() && welcome.is_none() {
         return Err(ErrorBody::new(
             ErrorCode::BadRequest,
@@ -346,13 +369,8 @@ pub async fn commit(
         // can read every message stored after this commit, a device removed here none.
         g.membership_epoch = change.epoch;
     }
-    let members: Vec<String> = g
-        .state
-        .members()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|l| l.user)
-        .collect();
+    let leaves = g.state.members().unwrap_or_default();
+    let members: Vec<String> = leaves.iter().map(|l| l.user.clone()).collect();
     // A removal the server wants is done once a commit removed the user's devices, and off
     // once one added the user back (an invitation accepted, a rejoin by external commit:
     // both checked above); otherwise it is proposed again at the new epoch.
@@ -362,8 +380,11 @@ pub async fn commit(
         .chain(change.removed.iter())
         .map(|(u, _)| u.as_str())
         .collect();
-    g.pending
-        .retain(|u| members.contains(u) && !touched.contains(u.as_str()));
+    // A device's removal (`user/device`) is done once its leaves are gone.
+    g.pending.retain(|u| match u.split_once('/') {
+        Some((user, device)) => leaves.iter().any(|l| l.user == user && l.device == device),
+        None => members.contains(u) && !touched.contains(u.as_str()),
+    });
     let still_pending: Vec<String> = g.pending.iter().cloned().collect();
     for u in still_pending {
         propose_removal(&conn.shared, &mut g, &conv, &u).await;
@@ -490,9 +511,14 @@ async fn append(
     rx.await.ok().flatten()
 }
 
-/// Appends the server's Remove proposals for `user`'s devices at the group's epoch.
+/// Appends the server's Remove proposals at the group's epoch for `user`'s devices, or (for a
+/// pending entry `user/device`) for that one device's leaves.
 async fn propose_removal(shared: &Shared, g: &mut ConvGroup, conv: &Conv, user: &str) {
-    let proposals = match g.state.remove_proposals(&shared.e2ee.signer, user) {
+    let made = match user.split_once('/') {
+        Some((u, d)) => g.state.remove_device_proposals(&shared.e2ee.signer, u, d),
+        None => g.state.remove_proposals(&shared.e2ee.signer, user),
+    };
+    let proposals = match made {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "removal proposal");
@@ -525,6 +551,32 @@ pub async fn remove_user(shared: &Shared, conv: &Conv, user: &str) {
     let mut g = handle.lock().await;
     propose_removal(shared, &mut g, conv, user).await;
     save(shared, &g).await;
+}
+
+/// `user`'s `device` was removed from the account: in every group where it has a leaf, the
+/// server proposes removing that leaf, and the group refuses application messages until a
+/// member (any other device, of this account or another) commits it, as for a kick. Returns
+/// in how many conversations.
+pub async fn remove_device(shared: &Shared, user: &str, device: &str) -> usize {
+    let entry = format!("{user}/{device}");
+    let mut n = 0;
+    for handle in shared.e2ee.handles() {
+        let mut g = handle.lock().await;
+        let there = g
+            .state
+            .members()
+            .unwrap_or_default()
+            .iter()
+            .any(|l| l.user == user && l.device == device);
+        if !there {
+            continue;
+        }
+        let conv = crate::store::conv_from_key(&g.conv);
+        propose_removal(shared, &mut g, &conv, &entry).await;
+        save(shared, &g).await;
+        n += 1;
+    }
+    n
 }
 
 /// Saves a group's state (a crash before this is repaired at start from the log).

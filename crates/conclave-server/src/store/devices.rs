@@ -37,6 +37,13 @@ CREATE TABLE IF NOT EXISTS backup_segments (
     data   BLOB NOT NULL,
     PRIMARY KEY (user, key_id, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_revoked (
+    user       TEXT NOT NULL,
+    device     TEXT NOT NULL,
+    sig_key    BLOB NOT NULL,
+    revoked_ms INTEGER NOT NULL,
+    PRIMARY KEY (user, device)
+) WITHOUT ROWID;
 ";
 
 /// What became of a chunk or segment to store.
@@ -152,6 +159,85 @@ impl Db {
             .device_requests(user)?
             .into_iter()
             .find(|w| w.device == device))
+    }
+
+    /// Removes a device from its account for good (rejected, or removed by another device of
+    /// the account): it is recorded as revoked (so it cannot publish itself again), and its
+    /// registration, key packages, Welcomes, request and waiting chunks are deleted (so no one
+    /// can add it to a group, and a new device no longer accepts history signed by it).
+    /// Returns its request row as it was, with the state `removed`; `None` when the account
+    /// has no such device.
+    pub fn device_revoke(
+        &mut self,
+        user: &str,
+        device: &str,
+        now_ms: i64,
+    ) -> Result<Option<WaitingDevice>, StoreError> {
+        let before = self
+            .device_requests(user)?
+            .into_iter()
+            .find(|w| w.device == device);
+        let tx = self.conn.transaction()?;
+        let sig_key: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT sig_key FROM e2ee_devices WHERE user = ?1 AND device = ?2",
+                params![user, device],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(sig_key) = sig_key else {
+            return Ok(None);
+        };
+        tx.execute(
+            "INSERT OR REPLACE INTO device_revoked (user, device, sig_key, revoked_ms)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![user, device, sig_key, now_ms],
+        )?;
+        for table in [
+            "e2ee_devices",
+            "e2ee_key_packages",
+            "e2ee_welcomes",
+            "device_requests",
+            "device_transfers",
+        ] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE user = ?1 AND device = ?2"),
+                params![user, device],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Some(match before {
+            Some(w) => WaitingDevice {
+                state: "removed".into(),
+                ..w
+            },
+            None => WaitingDevice {
+                device: device.to_string(),
+                signature_key: Bytes::from(sig_key),
+                transfer_key: Bytes::new(),
+                signature: Bytes::new(),
+                since_ms: now_ms,
+                addr: String::new(),
+                state: "removed".into(),
+            },
+        }))
+    }
+
+    /// Which of these devices were removed from their account ([`Db::device_revoke`]).
+    pub fn devices_revoked(
+        &self,
+        devices: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT 1 FROM device_revoked WHERE user = ?1 AND device = ?2")?;
+        let mut out = Vec::new();
+        for (u, d) in devices {
+            if st.exists(params![u, d])? {
+                out.push((u.clone(), d.clone()));
+            }
+        }
+        Ok(out)
     }
 
     /// Stores a chunk for an approved device, within `limit_bytes` waiting for it.
