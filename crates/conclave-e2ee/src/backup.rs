@@ -284,7 +284,9 @@ impl Device {
                 continue;
             };
             size += payload.len() + 32;
+            let state = self.local_state(&conv, seq as u64)?;
             rows.push(Row {
+                state,
                 conv,
                 seq: seq as u64,
                 sender: r.get(3)?,

@@ -50,6 +50,10 @@ pub struct Row {
     /// The payload's encoding ([`Payload::encode`]).
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// The message's server id and its state (reply reference, edits, deletion, reactions),
+    /// when the sending device knows them: the new device can then apply later acts to it,
+    /// list its thread and show its reactions.
+    pub state: Option<(String, crate::device::LocalState)>,
 }
 
 /// What a chunk holds once opened.
@@ -308,7 +312,9 @@ impl Device {
                 continue;
             };
             bytes += payload.len() + conv.len() + 32;
+            let state = self.local_state(&conv, seq as u64)?;
             out.push(Row {
+                state,
                 conv,
                 seq: seq as u64,
                 sender: r.get(3)?,
@@ -427,6 +433,9 @@ impl Device {
                     continue;
                 };
                 d.put_history(&row.conv, row.seq, &row.sender, row.ts_ms, &payload)?;
+                if let Some((msg_id, state)) = &row.state {
+                    d.put_state(&row.conv, row.seq, msg_id, state)?;
+                }
                 added += 1;
             }
             Ok(added)
@@ -457,6 +466,9 @@ impl Device {
                     continue;
                 };
                 d.put_history(&row.conv, row.seq, &row.sender, row.ts_ms, &payload)?;
+                if let Some((msg_id, state)) = &row.state {
+                    d.put_state(&row.conv, row.seq, msg_id, state)?;
+                }
                 written += 1;
             }
             Ok(written)

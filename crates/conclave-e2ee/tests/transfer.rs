@@ -12,6 +12,7 @@ const CONV: &str = "d:alice,bob";
 
 fn row(seq: u64, text: &str) -> Row {
     Row {
+        state: None,
         conv: CONV.into(),
         seq,
         sender: "alice".into(),
@@ -120,4 +121,74 @@ fn rows_replaced_or_written_during_a_transfer_arrive_in_their_current_state() {
     assert_eq!(seqs.len(), got.len());
     assert_eq!(got, texts(&old));
     assert!(last.messages > n, "{}", last.messages);
+}
+
+/// A message's id, reply reference and reactions travel with it (also a reaction made while the
+/// transfer runs), so the new device applies later acts to it and lists its thread.
+#[test]
+fn ids_replies_and_reactions_travel_with_the_rows() {
+    use conclave_e2ee::payload::ACT_REACT;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let old = Device::open(dirs[0].path(), "alice", "pw").expect("old device");
+    let new = Device::open(dirs[1].path(), "alice", "pw").expect("new device");
+    old.import_rows(&[
+        row(1, "which cable"),
+        row(2, "the blue one"),
+        row(3, "lunch"),
+    ])
+    .expect("seed");
+    old.note_message(CONV, 1, "m1", None).expect("id");
+    old.note_message(CONV, 2, "m2", Some("m1")).expect("id");
+    old.note_message(CONV, 3, "m3", None).expect("id");
+    let react = |d: &Device, seq: u64, act_seq: u64, from: &str| {
+        d.apply_act(
+            CONV,
+            act_seq,
+            from,
+            1_700_000_200_000,
+            &Payload::Act {
+                msg_id: format!("m{seq}"),
+                kind: ACT_REACT,
+                content_type: "text/plain".into(),
+                data: "👍".as_bytes().to_vec(),
+            },
+        )
+        .expect("react")
+    };
+    assert!(react(&old, 1, 10, "bob"));
+
+    let mut cursor = TransferCursor::start(&old).expect("snapshot");
+    let first = cursor.next_chunk(&old).expect("read").expect("a chunk");
+    new.import_rows(&first.rows).expect("import");
+    // A reaction while the transfer runs comes after the snapshot.
+    assert!(react(&old, 3, 11, "carol"));
+    for _ in 0..100 {
+        let chunk = cursor.next_chunk(&old).expect("read").expect("a chunk");
+        if chunk.replaces {
+            new.import_replacements(&chunk.rows).expect("import");
+        } else {
+            new.import_rows(&chunk.rows).expect("import");
+        }
+        if chunk.last {
+            break;
+        }
+    }
+    let (id, st) = new.local_state(CONV, 1).expect("state").expect("known");
+    assert_eq!(id, "m1");
+    assert_eq!(
+        st.reactions,
+        vec![("👍".to_string(), vec!["bob".to_string()])]
+    );
+    let (_, st) = new.local_state(CONV, 3).expect("state").expect("known");
+    assert_eq!(
+        st.reactions,
+        vec![("👍".to_string(), vec!["carol".to_string()])]
+    );
+    // The thread of m1, and a later act applied on the new device.
+    let (conv, root, replies) = new.thread("m1", 10, None).expect("thread").expect("found");
+    assert_eq!((conv.as_str(), root, replies), (CONV, 1, vec![2]));
+    assert!(
+        react(&new, 1, 12, "dave"),
+        "a later act finds the message by its id"
+    );
 }

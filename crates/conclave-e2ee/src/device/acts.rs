@@ -48,7 +48,7 @@ impl Device {
         self.put_state(conv, seq, msg_id, &state)
     }
 
-    fn put_state(
+    pub(crate) fn put_state(
         &self,
         conv: &str,
         seq: u64,
@@ -202,6 +202,9 @@ impl Device {
                         }
                         (None, false) => {}
                     }
+                    // The row is written again as it is, so a reaction moves it past a running
+                    // transfer's snapshot and into the backup's log, as an edit does.
+                    d.put_history(conv, seq, &entry.from, entry.ts_ms, &entry.payload)?;
                 }
                 _ => return Ok(false),
             }
