@@ -421,6 +421,7 @@ fn seed(srv: &TestServer, state: &Path, n: u64) {
     for conv in ["d:alice,bob", "d:alice,carol"] {
         let rows: Vec<Row> = (1..=n)
             .map(|i| Row {
+                state: None,
                 conv: conv.into(),
                 seq: i,
                 sender: "alice".into(),
