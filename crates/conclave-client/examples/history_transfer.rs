@@ -64,6 +64,7 @@ fn seed(dir: &Path, n: u64) {
     while seq < n {
         let rows: Vec<Row> = (seq..(seq + 1000).min(n))
             .map(|i| Row {
+                state: None,
                 conv: format!("d:alice,u{}", i % 10),
                 seq: i + 1,
                 sender: if i % 2 == 0 { "alice" } else { "bob" }.into(),
