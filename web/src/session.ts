@@ -7,9 +7,9 @@
 // reconnect logs in again with the last sequence number seen of each conversation, so the
 // server sends what was missed, and nothing twice.
 
-import { describe } from "./acts.js";
+import { applyShown, bodyText, describe, describeAct, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, type Shown } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
-import type { Target } from "./generated/protocol.js";
+import type { Refs, Target } from "./generated/protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
@@ -52,7 +52,18 @@ export interface Entry {
   /** A notice of the client (joins, errors), not a message. */
   notice?: boolean;
   file?: { fileId: string; name: string; size: number; sha256: string; key?: string };
+  /** Its text was edited. */
+  edited?: boolean;
+  /** It was deleted (the text is gone). */
+  deleted?: boolean;
+  /** Emoji → who reacted with it. */
+  reactions?: Record<string, string[]>;
+  /** The message it answers (its server id). */
+  replyTo?: string;
 }
+
+/** An act the composer sends on a line. */
+export type ActRequest = { kind: "Edit"; text: string } | { kind: "Delete" } | { kind: "React" | "Unreact"; emoji: string };
 
 export interface ConvState {
   key: string;
@@ -390,14 +401,27 @@ export class Session {
     const c = this.ensureConv(m.conv);
     const shown = describe(m);
     if (shown.kind === "line") {
-      if (this.addEntry(c, { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id }, live)) void this.saveHistory(c);
+      const reactions: Record<string, string[]> = {};
+      for (const r of m.extra?.state?.reactions ?? []) reactions[r.emoji] = [...r.users];
+      const entry: Entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id, reactions };
+      if (m.extra?.state?.deleted === true) entry.deleted = true;
+      if (m.extra?.reply_to != null) entry.replyTo = m.extra.reply_to;
+      if (this.addEntry(c, entry, live)) void this.saveHistory(c);
       return;
     }
     // An act changes the line it names (when loaded here); it is no line itself.
     c.lastSeq = Math.max(c.lastSeq, m.seq);
-    const target = c.entries.find((e) => !e.notice && e.msgId === shown.target);
-    if (target !== undefined && shown.kind !== "reaction") {
-      target.text = shown.kind === "edit" ? `${shown.text} (edited)` : "(deleted)";
+    this.applyAct(c, shown, m.from);
+  }
+
+  /** Applies an edit, delete or reaction to the line it names (a new entry object, so the
+   * timeline redraws that row). */
+  private applyAct(c: ConvState, shown: Shown, by: string): void {
+    if (shown.kind === "line") return;
+    const i = c.entries.findIndex((e) => !e.notice && e.msgId === shown.target);
+    const target = c.entries[i];
+    if (target !== undefined) {
+      c.entries[i] = applyShown(target, shown, by);
       void this.saveHistory(c);
     }
     this.onChange();
@@ -407,14 +431,24 @@ export class Session {
     const c = this.ensureConv(m.conv, true);
     let entry: Entry;
     if (p?.kind === "body") {
-      const text = p.contentType === CT_TEXT ? dec.decode(p.data) : `[${p.contentType}, ${p.data.length} bytes]`;
-      entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text };
+      entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: bodyText(p.contentType, p.data, m.from), msgId: m.msg_id };
+      if (m.extra?.reply_to != null) entry.replyTo = m.extra.reply_to;
+    } else if (p?.kind === "act") {
+      // An edit, delete or reaction inside the ciphertext; its cleartext reference must agree.
+      const shown = describeAct(p, m.extra?.acts_on, m.from);
+      if (shown === undefined) {
+        this.notice(c.key, `an act from ${m.from} whose reference does not match its ciphertext was dropped`);
+        return;
+      }
+      this.applyAct(c, shown, m.from);
+      return;
     } else if (p?.kind === "file") {
       entry = {
         seq: m.seq,
         from: m.from,
         ts: m.ts_ms,
         text: `offers the file ${p.name} (${p.size} bytes)`,
+        msgId: m.msg_id,
         file: { fileId: p.fileId, name: p.name, size: p.size, sha256: toHex(p.sha256), key: toHex(p.key) },
       };
     } else if (p?.kind === "sealed_key") {
@@ -758,8 +792,43 @@ export class Session {
 
   // --- commands ---------------------------------------------------------------------------
 
-  /** Sends text to a conversation (end-to-end when it is). */
-  async send(key: string, text: string, except: string[] = []): Promise<void> {
+  /** Sends text to a conversation (end-to-end when it is); `action` sends it as `/me`. */
+  async send(key: string, text: string, except: string[] = [], opts: { action?: boolean; replyTo?: string } = {}): Promise<void> {
+    const contentType = opts.action === true ? CT_ACTION : CT_TEXT;
+    const data = enc.encode(text);
+    const refs: Refs | null = opts.replyTo !== undefined ? { reply_to: opts.replyTo, acts_on: null } : null;
+    await this.sendBody(key, contentType, data, refs, { kind: "body", contentType, data }, except, (c, s) => {
+      const entry: Entry = { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: bodyText(contentType, data, this.state.user), msgId: s.msg_id };
+      if (opts.replyTo !== undefined) entry.replyTo = opts.replyTo;
+      this.addEntry(c, entry, false);
+    });
+  }
+
+  /** Edits, deletes or reacts to the line `msgId` of a conversation (inside the ciphertext in
+   * an end-to-end one, with the cleartext reference the server checks). */
+  async act(key: string, msgId: string, act: ActRequest): Promise<void> {
+    const contentType = act.kind === "Delete" ? CT_DELETE : CT_TEXT;
+    const data = act.kind === "Edit" ? enc.encode(act.text) : act.kind === "Delete" ? new Uint8Array(0) : enc.encode(act.emoji);
+    const code = act.kind === "Edit" ? ACT_EDIT : act.kind === "Delete" ? ACT_DELETE : act.kind === "React" ? ACT_REACT : ACT_UNREACT;
+    const refs: Refs = { reply_to: null, acts_on: { msg_id: msgId, kind: act.kind } };
+    const shown: Shown =
+      act.kind === "Edit"
+        ? { kind: "edit", target: msgId, text: act.text }
+        : act.kind === "Delete"
+          ? { kind: "delete", target: msgId }
+          : { kind: "reaction", target: msgId, emoji: act.emoji, on: act.kind === "React" };
+    await this.sendBody(key, contentType, data, refs, { kind: "act", msgId, act: code, contentType, data }, [], (c) => this.applyAct(c, shown, this.state.user));
+  }
+
+  private async sendBody(
+    key: string,
+    contentType: string,
+    body: Uint8Array,
+    refs: Refs | null,
+    payload: Payload,
+    except: string[],
+    sentOk: (c: ConvState, s: { seq: number; ts_ms: number; msg_id: string }) => void,
+  ): Promise<void> {
     const c = this.state.convs.get(key);
     if (c === undefined) throw new Error("no such conversation");
     const target: Target =
@@ -772,13 +841,11 @@ export class Session {
       if (c.e2ee && except.length > 0) throw new Error("leaving people out (/except) of an end-to-end room is not supported by the web client yet");
       const idem = crypto.randomUUID();
       if (!c.e2ee || !this.device.has(key)) {
-        const [, sent] = await this.request({ Send: { target, body: { content_type: CT_TEXT, data: bytesOut(enc.encode(text)) }, idempotency_key: idem, refs: null } });
-        const s = sent as { seq: number; ts_ms: number };
-        this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text }, false);
+        const [, sent] = await this.request({ Send: { target, body: { content_type: contentType, data: bytesOut(body) }, idempotency_key: idem, refs } });
+        sentOk(c, sent as { seq: number; ts_ms: number; msg_id: string });
         await this.saveHistory(c);
         return;
       }
-      const payload: Payload = { kind: "body", contentType: CT_TEXT, data: enc.encode(text) };
       for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
         if (this.device.hasPendingProposals(key)) {
           const out = await this.device.commitPending(key);
@@ -790,9 +857,8 @@ export class Session {
         // Saved before it leaves: a reload must never encrypt again under the same key.
         await this.saveDevice();
         try {
-          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs: null } });
-          const s = sent as { seq: number; ts_ms: number };
-          this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text }, false);
+          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs } });
+          sentOk(c, sent as { seq: number; ts_ms: number; msg_id: string });
           await this.saveHistory(c);
           return;
         } catch (e) {

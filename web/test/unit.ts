@@ -79,7 +79,7 @@ test("edits, deletes, reactions, /me and Markdown of server-encrypted conversati
   assert.deepEqual(describe(msg(CT_MARKDOWN, "**yes**")), { kind: "line", text: "**yes**" });
   assert.deepEqual(describe(msg("text/plain", "fixed", on("Edit"))), { kind: "edit", target: "m1", text: "fixed" });
   assert.deepEqual(describe(msg(CT_DELETE, "", on("Delete"))), { kind: "delete", target: "m1" });
-  assert.deepEqual(describe(msg("text/plain", "👍", on("React"))), { kind: "reaction", target: "m1" });
+  assert.deepEqual(describe(msg("text/plain", "👍", on("React"))), { kind: "reaction", target: "m1", emoji: "👍", on: true });
   const state = (deleted: boolean, edited_ms: number | null) => ({ reply_to: null, acts_on: null, state: { edited_ms, edits: edited_ms === null ? 0 : 1, deleted, reactions: [] } });
   assert.deepEqual(describe(msg("text/plain", "", state(true, null))), { kind: "line", text: "(deleted)" });
   assert.deepEqual(describe(msg("text/plain", "new", state(false, 5))), { kind: "line", text: "new (edited)" });
