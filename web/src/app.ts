@@ -7,6 +7,15 @@ import { Session, errText, type ConvState, type Entry } from "./session.js";
 import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
+import { renderMarkdown } from "./markdown.js";
+
+/** Reactions offered by a line's "React" button. */
+export const QUICK_REACTIONS = ["👍", "❤️", "😂", "🎉", "👀"];
+/** Characters of the original shown above a reply. */
+export const REPLY_QUOTE_CHARS = 60;
+
+/** What the composer's next line does to a line chosen with its buttons. */
+type Pending = { kind: "reply" | "edit"; key: string; msgId: string } | undefined;
 
 type Attrs = Record<string, string>;
 
@@ -114,7 +123,15 @@ function showMain(root: HTMLElement, s: Session): void {
   const aboutButton = h("button", { type: "button", class: "secondary" }, "About");
   const themeButton = h("button", { type: "button", class: "secondary" }, "Theme");
   const menuButton = h("button", { type: "button", class: "secondary menu", "aria-controls": "convs", "aria-expanded": "false" }, "Conversations");
-  const header = h("header", {}, menuButton, title, marker, status, themeButton, aboutButton);
+  const topic = h("p", { class: "topic", id: "conv-topic" });
+  const header = h("header", {}, menuButton, title, marker, topic, status, themeButton, aboutButton);
+  const typingLine = h("p", { class: "typing", "aria-live": "polite", id: "typing" });
+  const readLine = h("p", { class: "readby", id: "read-by" });
+  const pendingLine = h("p", { class: "pending", id: "pending" });
+  const members = h("ul", {});
+  const membersPane = h("aside", { "aria-label": "Members", class: "members" }, h("h2", {}, "Members"), members);
+  let pending: Pending;
+  let membersOf = "";
   const log = h("div", { role: "log", "aria-label": "Messages", "aria-live": "polite", class: "timeline", tabindex: "0" });
   const composer = h("textarea", { "aria-label": "Message", rows: "1", placeholder: "Message, or /help" }) as HTMLTextAreaElement;
   const fileInput = h("input", { type: "file", id: "file", class: "visually-hidden" }) as HTMLInputElement;
@@ -124,10 +141,37 @@ function showMain(root: HTMLElement, s: Session): void {
   const form = h("form", { class: "composer" }, composer, fileLabel, fileInput, sendButton, progress) as HTMLFormElement;
   const aboutDialog = h("dialog", { "aria-labelledby": "about-title" }) as HTMLDialogElement;
   nav.id = "convs";
-  const mainArea = h("main", { class: "conv" }, header, log, form);
-  root.replaceChildren(h("div", { class: "layout" }, nav, mainArea), aboutDialog);
+  const mainArea = h("main", { class: "conv" }, header, log, typingLine, readLine, pendingLine, form);
+  root.replaceChildren(h("div", { class: "layout" }, nav, mainArea, membersPane), aboutDialog);
 
-  const timeline = new Timeline(log, (e) => renderEntry(e, s, progress), () => {
+  const choose = (kind: "reply" | "edit", e: Entry) => {
+    const key = s.state.current;
+    if (key === undefined || e.msgId === undefined) return;
+    pending = { kind, key, msgId: e.msgId };
+    if (kind === "edit") composer.value = e.text;
+    pendingLine.textContent = `${kind === "reply" ? "Replying to" : "Editing"} ${e.from}: ${e.text.slice(0, REPLY_QUOTE_CHARS)} (Escape cancels)`;
+    composer.focus();
+  };
+  const actions: RowActions = {
+    reply: (e) => choose("reply", e),
+    edit: (e) => choose("edit", e),
+    del: (e) => {
+      const key = s.state.current;
+      if (key !== undefined && e.msgId !== undefined) s.act(key, e.msgId, { kind: "Delete" }).catch((err: unknown) => s.notice(key, errText(err)));
+    },
+    react: (e, emoji) => {
+      const key = s.state.current;
+      if (key === undefined || e.msgId === undefined) return;
+      const mine = (e.reactions?.[emoji] ?? []).includes(s.state.user);
+      s.act(key, e.msgId, { kind: mine ? "Unreact" : "React", emoji }).catch((err: unknown) => s.notice(key, errText(err)));
+    },
+    quote: (e) => {
+      const c = s.state.current ? s.state.convs.get(s.state.current) : undefined;
+      return c?.entries.find((x) => !x.notice && x.msgId === e.replyTo);
+    },
+  };
+
+  const timeline = new Timeline(log, (e) => renderEntry(e, s, progress, actions), () => {
     const key = s.state.current;
     if (key !== undefined && !s.isE2ee(key)) void s.loadHistory(key).catch(() => undefined);
   });
@@ -162,11 +206,41 @@ function showMain(root: HTMLElement, s: Session): void {
       const e2ee = s.isE2ee(c.key);
       marker.textContent = e2ee ? "End-to-end encrypted" : "Server-encrypted";
       marker.className = `marker ${e2ee ? "e2ee" : "server"}`;
-      if (document.visibilityState === "visible") s.markRead(c.key);
+      if (document.visibilityState === "visible") {
+        s.markRead(c.key);
+        s.sendRead(c.key);
+      }
+      topic.textContent = c.topic ? `Topic: ${c.topic}` : "";
+      const typers = s.typingNow(c.key);
+      typingLine.textContent = typers.length === 0 ? "" : `${typers.join(", ")} ${typers.length === 1 ? "is" : "are"} typing…`;
+      const mineLast = [...c.entries].reverse().find((e) => !e.notice && e.from === st.user);
+      const readers = mineLast === undefined ? [] : s.readBy(c.key, mineLast.seq);
+      readLine.textContent = readers.length === 0 ? "" : `Read by ${readers.join(", ")}`;
+      if (membersOf !== c.key) {
+        membersOf = c.key;
+        void refreshMembers(c.key);
+      } else {
+        drawMembers();
+      }
     } else {
       marker.textContent = "";
+      topic.textContent = "";
     }
     timeline.show(c?.key ?? "", c?.entries ?? []);
+  };
+  let memberList: string[] = [];
+  const drawMembers = () => {
+    members.replaceChildren(
+      ...memberList.map((u) => {
+        const away = s.away.get(u);
+        const name = s.displayNames.get(u);
+        return h("li", {}, name === undefined ? u : `${name} (${u})`, " ", h("span", { class: "presence" }, away !== undefined ? `away${away ? `: ${away}` : ""}` : s.online.has(u) ? "online" : "offline"));
+      }),
+    );
+  };
+  const refreshMembers = async (key: string) => {
+    memberList = await s.members(key).catch(() => []);
+    render();
   };
   s.onChange = render;
   s.isVisible = () => document.visibilityState === "visible";
@@ -182,9 +256,54 @@ function showMain(root: HTMLElement, s: Session): void {
     const c = parseCommand(line);
     const say = (t: string) => s.notice(key, t);
     switch (c.cmd) {
-      case "say":
+      case "say": {
         if (key === undefined) return say("Join a room first: /join lab");
+        const p = pending;
+        pending = undefined;
+        pendingLine.textContent = "";
+        if (p !== undefined && p.key === key && p.kind === "edit") return s.act(key, p.msgId, { kind: "Edit", text: c.text });
+        if (p !== undefined && p.key === key) return s.send(key, c.text, [], { replyTo: p.msgId });
         return s.send(key, c.text);
+      }
+      case "me":
+      case "md":
+        if (key === undefined) return say("Join a room first: /join lab");
+        return s.send(key, c.text, [], { action: c.cmd === "me", markdown: c.cmd === "md" });
+      case "reply":
+      case "edit":
+      case "delete":
+      case "react": {
+        if (key === undefined) return say(`/${c.cmd} works in a conversation`);
+        const conv = s.state.convs.get(key);
+        const lines = (conv?.entries ?? []).filter((e) => !e.notice && e.msgId !== undefined && e.deleted !== true);
+        const own = c.cmd === "edit" || c.cmd === "delete";
+        const other = c.cmd === "reply";
+        const target = [...lines].reverse().find((e) => (own ? e.from === s.state.user : other ? e.from !== s.state.user : true));
+        if (target?.msgId === undefined) return say(own ? "you have no message here to change" : "there is no message here to answer");
+        if (c.cmd === "reply") return s.send(key, c.text, [], { replyTo: target.msgId });
+        if (c.cmd === "edit") return s.act(key, target.msgId, { kind: "Edit", text: c.text });
+        if (c.cmd === "delete") return s.act(key, target.msgId, { kind: "Delete" });
+        return s.act(key, target.msgId, { kind: c.on ? "React" : "Unreact", emoji: c.emoji });
+      }
+      case "topic": {
+        const room = key?.startsWith("r:") ? key.slice(2) : undefined;
+        if (room === undefined) return say("/topic works in a room");
+        return s.setTopic(room, c.topic);
+      }
+      case "away":
+        await s.setAway(c.text ?? "");
+        return say(`you are away${c.text ? `: ${c.text}` : ""}; /back when you return`);
+      case "back":
+        await s.setAway(null);
+        return say("you are back");
+      case "ban":
+        await s.ban(c.user, c.reason);
+        return say(`banned ${c.user}`);
+      case "unban":
+        await s.unban(c.user);
+        return say(`unbanned ${c.user}`);
+      case "announce":
+        return s.announce(c.text);
       case "join":
         return s.join(c.room, c.password);
       case "part": {
@@ -254,7 +373,16 @@ function showMain(root: HTMLElement, s: Session): void {
     timeline.toBottom();
     run(line).catch((err: unknown) => s.notice(s.state.current, errText(err)));
   });
+  composer.addEventListener("input", () => {
+    const key = s.state.current;
+    if (key !== undefined && composer.value !== "" && !composer.value.startsWith("/")) s.typing(key);
+  });
   composer.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && pending !== undefined) {
+      pending = undefined;
+      pendingLine.textContent = "";
+      return;
+    }
     if (e.key === "Enter" && !e.shiftKey && !e.altKey) {
       e.preventDefault();
       form.requestSubmit();
@@ -310,12 +438,65 @@ function idOf(key: string): string {
   return Array.from(new TextEncoder().encode(key), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement): HTMLElement {
+interface RowActions {
+  reply: (e: Entry) => void;
+  edit: (e: Entry) => void;
+  del: (e: Entry) => void;
+  react: (e: Entry, emoji: string) => void;
+  /** The line a reply answers, when loaded. */
+  quote: (e: Entry) => Entry | undefined;
+}
+
+function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement, act: RowActions): HTMLElement {
   const time = new Date(e.ts);
   const when = h("time", { datetime: time.toISOString() }, time.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
-  const row = e.notice
-    ? h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text)
-    : h("div", { class: `row${e.from === s.state.user ? " own" : ""}` }, when, " ", h("strong", {}, e.from), " ", h("span", { class: "text" }, e.text));
+  if (e.notice) return h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text);
+  const text = h("span", { class: "text" });
+  if (e.markdown === true && e.deleted !== true) text.append(renderMarkdown(document, e.text));
+  else text.textContent = e.text;
+  const row = h("div", { class: `row${e.from === s.state.user ? " own" : ""}${e.deleted === true ? " deleted" : ""}` });
+  if (e.replyTo !== undefined) {
+    const orig = act.quote(e);
+    const quoted = orig === undefined ? "an earlier message" : `${orig.from}: ${orig.text.slice(0, REPLY_QUOTE_CHARS)}${orig.text.length > REPLY_QUOTE_CHARS ? "…" : ""}`;
+    row.append(h("div", { class: "reply-quote" }, `↪ ${quoted}`));
+  }
+  row.append(when, " ", h("strong", {}, e.from), " ", text);
+  if (e.edited === true && e.deleted !== true) row.append(" ", h("span", { class: "edited" }, "(edited)"));
+  const reactions = Object.entries(e.reactions ?? {}).filter(([, who]) => who.length > 0);
+  if (reactions.length > 0) {
+    const list = h("div", { class: "reactions", "aria-label": "Reactions" });
+    for (const [emoji, who] of reactions) {
+      const b = h("button", { type: "button", class: "reaction secondary", title: `${who.join(", ")} reacted with ${emoji}` }, `${emoji} ${who.length}`);
+      b.addEventListener("click", () => act.react(e, emoji));
+      list.append(b);
+    }
+    row.append(list);
+  }
+  if (e.msgId !== undefined && e.deleted !== true) {
+    const tools = h("span", { class: "actions" });
+    const button = (label: string, f: () => void) => {
+      const b = h("button", { type: "button", class: "secondary" }, label);
+      b.addEventListener("click", f);
+      tools.append(b);
+    };
+    button("Reply", () => act.reply(e));
+    if (e.from === s.state.user) {
+      button("Edit", () => act.edit(e));
+      button("Delete", () => act.del(e));
+    }
+    const picker = h("span", { class: "picker", hidden: "" });
+    for (const emoji of QUICK_REACTIONS) {
+      const b = h("button", { type: "button", class: "secondary", "aria-label": `React with ${emoji}` }, emoji);
+      b.addEventListener("click", () => act.react(e, emoji));
+      picker.append(b);
+    }
+    button("React", () => {
+      picker.hidden = !picker.hidden;
+      (picker.firstElementChild as HTMLElement | null)?.focus();
+    });
+    tools.append(picker);
+    row.append(" ", tools);
+  }
   if (e.file !== undefined) {
     const file = e.file;
     const b = h("button", { type: "button", class: "secondary" }, `Save ${file.name}`);

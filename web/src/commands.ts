@@ -22,13 +22,26 @@ export type Command =
   | { cmd: "about" }
   | { cmd: "help" }
   | { cmd: "quit" }
+  | { cmd: "me"; text: string }
+  | { cmd: "md"; text: string }
+  | { cmd: "reply"; text: string }
+  | { cmd: "edit"; text: string }
+  | { cmd: "delete" }
+  | { cmd: "react"; emoji: string; on: boolean }
+  | { cmd: "topic"; topic: string }
+  | { cmd: "away"; text?: string }
+  | { cmd: "back" }
+  | { cmd: "ban"; user: string; reason?: string }
+  | { cmd: "unban"; user: string }
+  | { cmd: "announce"; text: string }
   | { cmd: "error"; message: string };
 
 export const HELP =
   "/join room [password] · /part [room] · /create room [private] [server] [password] · /invite user [room] · " +
   "/msg user[,user…] text · /query user[,user…] · /except user[,user…] text · /who [room] · /rooms · " +
   "/devices [user] · /history [count] · /search words · /kick user [reason] · /votekick user · /file · " +
-  "/theme · /about · /quit";
+  "/me text · /md text · /reply text · /edit text · /delete · /react emoji · /unreact emoji · /topic text · /away [text] · /back · " +
+  "/ban user [reason] · /unban user · /announce text · /theme · /about · /quit";
 
 /** Most messages `/history` loads at once (as the TUI). */
 export const MAX_HISTORY_COUNT = 500;
@@ -36,6 +49,9 @@ export const MAX_HISTORY_COUNT = 500;
 function users(list: string | undefined): string[] {
   return (list ?? "").split(",").map((u) => u.trim()).filter((u) => u.length > 0);
 }
+
+/** The longest reaction, in bytes of UTF-8 (the server's default). */
+export const MAX_EMOJI_BYTES = 32;
 
 export function parseCommand(line: string): Command {
   if (!line.startsWith("/") || line.startsWith("//")) {
@@ -99,6 +115,36 @@ export function parseCommand(line: string): Command {
       return { cmd: "help" };
     case "quit":
       return { cmd: "quit" };
+    case "md":
+      return need(tail(0) !== "", "/md text") ?? { cmd: "md", text: tail(0) };
+    case "me":
+      return need(tail(0) !== "", "/me text") ?? { cmd: "me", text: tail(0) };
+    case "reply":
+      return need(tail(0) !== "", "/reply text") ?? { cmd: "reply", text: tail(0) };
+    case "edit":
+      return need(tail(0) !== "", "/edit text") ?? { cmd: "edit", text: tail(0) };
+    case "delete":
+      return { cmd: "delete" };
+    case "react":
+    case "unreact": {
+      const emoji = arg(0) ?? "";
+      const r = need(emoji !== "" && rest.length === 1, `/${head.toLowerCase()} emoji`);
+      if (r) return r;
+      if (new TextEncoder().encode(emoji).length > MAX_EMOJI_BYTES) return { cmd: "error", message: `a reaction is at most ${MAX_EMOJI_BYTES} bytes` };
+      return { cmd: "react", emoji, on: head.toLowerCase() === "react" };
+    }
+    case "topic":
+      return { cmd: "topic", topic: tail(0) };
+    case "away":
+      return { cmd: "away", text: tail(0) || undefined };
+    case "back":
+      return { cmd: "back" };
+    case "ban":
+      return need(arg(0) !== undefined, "/ban user [reason]") ?? { cmd: "ban", user: arg(0) ?? "", reason: tail(1) || undefined };
+    case "unban":
+      return need(arg(0) !== undefined, "/unban user") ?? { cmd: "unban", user: arg(0) ?? "" };
+    case "announce":
+      return need(tail(0) !== "", "/announce text") ?? { cmd: "announce", text: tail(0) };
     default:
       return { cmd: "error", message: `unknown command /${head}; /help lists them` };
   }

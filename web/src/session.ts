@@ -7,9 +7,9 @@
 // reconnect logs in again with the last sequence number seen of each conversation, so the
 // server sends what was missed, and nothing twice.
 
-import { applyShown, bodyText, describe, describeAct, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, type Shown } from "./acts.js";
+import { applyShown, bodyText, describe, describeAct, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, CT_MARKDOWN_ACTION, type Shown } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
-import type { Refs, Target } from "./generated/protocol.js";
+import type { Refs, RoomInfo, Target, UserPresence } from "./generated/protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
@@ -20,6 +20,11 @@ export const CT_TEXT = "text/plain";
 export const CT_APP = "application/mls-app";
 export const CT_COMMIT = "application/mls-commit";
 export const CT_PROPOSAL = "application/mls-proposal";
+
+/** Shortest time between two typing notices sent to one conversation (the server's default). */
+export const TYPING_INTERVAL_MS = 3_000;
+/** How long "typing" shows after a notice (as the native clients). */
+export const TYPING_SHOWN_MS = 6_000;
 
 /** Entries kept per conversation in memory and in local history (as the TUI keeps). */
 export const MAX_ENTRIES = 10_000;
@@ -60,6 +65,8 @@ export interface Entry {
   reactions?: Record<string, string[]>;
   /** The message it answers (its server id). */
   replyTo?: string;
+  /** Its text is Markdown (`text/markdown`), rendered safely. */
+  markdown?: boolean;
 }
 
 /** An act the composer sends on a line. */
@@ -78,6 +85,12 @@ export interface ConvState {
   lastSeq: number;
   /** The oldest history was loaded. */
   complete: boolean;
+  /** The room's topic, when set. */
+  topic?: string;
+  /** Who is typing here, until when (ms since the epoch). */
+  typing?: Map<string, number>;
+  /** Members' read markers here: user → highest sequence read. */
+  reads?: Map<string, number>;
 }
 
 export interface SessionState {
@@ -406,6 +419,7 @@ export class Session {
       const entry: Entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id, reactions };
       if (m.extra?.state?.deleted === true) entry.deleted = true;
       if (m.extra?.reply_to != null) entry.replyTo = m.extra.reply_to;
+      if (m.body.content_type.startsWith(CT_MARKDOWN)) entry.markdown = true;
       if (this.addEntry(c, entry, live)) void this.saveHistory(c);
       return;
     }
@@ -433,6 +447,7 @@ export class Session {
     if (p?.kind === "body") {
       entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: bodyText(p.contentType, p.data, m.from), msgId: m.msg_id };
       if (m.extra?.reply_to != null) entry.replyTo = m.extra.reply_to;
+      if (p.contentType.startsWith(CT_MARKDOWN)) entry.markdown = true;
     } else if (p?.kind === "act") {
       // An edit, delete or reaction inside the ciphertext; its cleartext reference must agree.
       const shown = describeAct(p, m.extra?.acts_on, m.from);
@@ -572,6 +587,42 @@ export class Session {
       case "Invited": {
         const i = body as { room: string; by: string };
         this.notice(undefined, `${i.by} invited you to #${i.room}: /join ${i.room}`);
+        break;
+      }
+      case "Topic": {
+        const t = body as { room: string; topic: string; by: string };
+        const c = this.ensureConv({ Room: t.room });
+        c.topic = t.topic;
+        this.notice(c.key, t.topic === "" ? `${t.by} cleared the topic` : `${t.by} set the topic: ${t.topic}`);
+        break;
+      }
+      case "Typing": {
+        const t = body as { conv: Conv; user: string };
+        if (t.user === this.state.user) break;
+        const c = this.ensureConv(t.conv);
+        c.typing ??= new Map();
+        c.typing.set(t.user, Date.now() + TYPING_SHOWN_MS);
+        // Redrawn when it expires.
+        setTimeout(() => this.onChange(), TYPING_SHOWN_MS + 50);
+        break;
+      }
+      case "Read": {
+        const r = body as { conv: Conv; user: string; seq: number };
+        const c = this.ensureConv(r.conv);
+        c.reads ??= new Map();
+        c.reads.set(r.user, Math.max(c.reads.get(r.user) ?? 0, r.seq));
+        break;
+      }
+      case "Presence": {
+        const pr = body as { user: string; online: boolean };
+        if (pr.online) this.online.add(pr.user);
+        else this.online.delete(pr.user);
+        break;
+      }
+      case "Away": {
+        const a = body as { user: string; text: string | null };
+        if (a.text === null) this.away.delete(a.user);
+        else this.away.set(a.user, a.text);
         break;
       }
       case "Announce": {
@@ -793,13 +844,14 @@ export class Session {
   // --- commands ---------------------------------------------------------------------------
 
   /** Sends text to a conversation (end-to-end when it is); `action` sends it as `/me`. */
-  async send(key: string, text: string, except: string[] = [], opts: { action?: boolean; replyTo?: string } = {}): Promise<void> {
-    const contentType = opts.action === true ? CT_ACTION : CT_TEXT;
+  async send(key: string, text: string, except: string[] = [], opts: { action?: boolean; replyTo?: string; markdown?: boolean } = {}): Promise<void> {
+    const contentType = opts.markdown === true ? (opts.action === true ? CT_MARKDOWN_ACTION : CT_MARKDOWN) : opts.action === true ? CT_ACTION : CT_TEXT;
     const data = enc.encode(text);
     const refs: Refs | null = opts.replyTo !== undefined ? { reply_to: opts.replyTo, acts_on: null } : null;
     await this.sendBody(key, contentType, data, refs, { kind: "body", contentType, data }, except, (c, s) => {
       const entry: Entry = { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: bodyText(contentType, data, this.state.user), msgId: s.msg_id };
       if (opts.replyTo !== undefined) entry.replyTo = opts.replyTo;
+      if (opts.markdown === true) entry.markdown = true;
       this.addEntry(c, entry, false);
     });
   }
@@ -944,6 +996,32 @@ export class Session {
     return (users as { user: string; online: boolean }[]).map((u) => `${u.user}${u.online ? "" : " (away)"}`).join(", ");
   }
 
+  /** The conversation's members (a room's from `who`, with away and display names, and its
+   * topic; a direct conversation's people). */
+  async members(key: string): Promise<string[]> {
+    const c = this.state.convs.get(key);
+    if (c === undefined) return [];
+    if (!("Room" in c.conv)) return c.conv.Direct;
+    const [, users] = await this.request({ Who: { room: c.conv.Room } });
+    const list = users as UserPresence[];
+    for (const u of list) {
+      if (u.away === null) this.away.delete(u.user);
+      else this.away.set(u.user, u.away);
+      if (u.display_name !== null) this.displayNames.set(u.user, u.display_name);
+      if (u.online) this.online.add(u.user);
+      else this.online.delete(u.user);
+    }
+    const [, rooms] = await this.request("Rooms");
+    const info = (rooms as RoomInfo[]).find((r) => r.room === (c.conv as { Room: string }).Room);
+    if (info !== undefined && info.topic !== null && c.topic === undefined) c.topic = info.topic;
+    return list.map((u) => u.user);
+  }
+
+  /** Who is online (as `who` and presence events told). */
+  online = new Set<string>();
+  /** Display names seen (user → name). */
+  displayNames = new Map<string, string>();
+
   async rooms(): Promise<string> {
     const [, list] = await this.request("Rooms");
     return (list as { room: string; members: number; e2ee: boolean; member: boolean }[])
@@ -1010,6 +1088,63 @@ export class Session {
       throw new Error("the conversation's group kept changing; the file was not described. Try again");
     });
     this.onChange();
+  }
+
+  /** Users away now (as events told): user → message. */
+  away = new Map<string, string>();
+  private typingSent = new Map<string, number>();
+  private readSent = new Map<string, number>();
+
+  /** Tells the conversation's members that this user is typing (at most once per
+   * TYPING_INTERVAL_MS per conversation, as the server allows). */
+  typing(key: string): void {
+    const c = this.state.convs.get(key);
+    if (c === undefined) return;
+    const now = Date.now();
+    if (now - (this.typingSent.get(key) ?? 0) < TYPING_INTERVAL_MS) return;
+    this.typingSent.set(key, now);
+    this.request({ Typing: { conv: this.convRef(c.conv) } }).catch(() => undefined);
+  }
+
+  /** Who is typing in a conversation now (besides this user). */
+  typingNow(key: string): string[] {
+    const c = this.state.convs.get(key);
+    const now = Date.now();
+    return [...(c?.typing ?? new Map<string, number>())].filter(([, until]) => until > now).map(([u]) => u);
+  }
+
+  /** Sends this user's read marker for what is shown of a conversation (when it moved). */
+  sendRead(key: string): void {
+    const c = this.state.convs.get(key);
+    if (c === undefined || c.lastSeq <= (this.readSent.get(key) ?? 0)) return;
+    this.readSent.set(key, c.lastSeq);
+    this.request({ Read: { conv: this.convRef(c.conv), seq: c.lastSeq } }).catch(() => undefined);
+  }
+
+  /** Who has read the line of sequence `seq` (besides its author and this user). */
+  readBy(key: string, seq: number): string[] {
+    const c = this.state.convs.get(key);
+    return [...(c?.reads ?? new Map<string, number>())].filter(([u, s]) => s >= seq && u !== this.state.user).map(([u]) => u);
+  }
+
+  async setTopic(room: string, topic: string): Promise<void> {
+    await this.request({ SetTopic: { room, topic } });
+  }
+
+  async setAway(text: string | null): Promise<void> {
+    await this.request({ Away: { text } });
+  }
+
+  async ban(user: string, reason?: string): Promise<void> {
+    await this.request({ Ban: { user, ip: null, duration_s: null, reason: reason ?? null } });
+  }
+
+  async unban(user: string): Promise<void> {
+    await this.request({ Unban: { user, ip: null } });
+  }
+
+  async announce(text: string): Promise<void> {
+    await this.request({ Announce: { text } });
   }
 
   markRead(key: string): void {
