@@ -8,7 +8,8 @@ import { parseCommand, MAX_HISTORY_COUNT } from "../src/commands.js";
 import { decodePayload, encodePayload, type Payload } from "../src/payload.js";
 import { readVarint, writeVarint, fromHex, toHex } from "../src/bytes.js";
 import { open, seal, SEAL_CHUNK } from "../src/files.js";
-import { describe, CT_ACTION, CT_DELETE, CT_MARKDOWN } from "../src/acts.js";
+import { describe, describeAct, applyShown, type Actable, ACT_DELETE, ACT_EDIT, ACT_REACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, MAX_EMOJI_BYTES } from "../src/acts.js";
+import { parseInline, parseMarkdown, safeHref } from "../src/markdown.js";
 import type { Message } from "../src/protocol.js";
 
 test("slash commands parse as the terminal client's", () => {
@@ -84,4 +85,93 @@ test("edits, deletes, reactions, /me and Markdown of server-encrypted conversati
   assert.deepEqual(describe(msg("text/plain", "", state(true, null))), { kind: "line", text: "(deleted)" });
   assert.deepEqual(describe(msg("text/plain", "new", state(false, 5))), { kind: "line", text: "new (edited)" });
   assert.deepEqual(describe(msg("application/x-other", "abc")), { kind: "line", text: "[application/x-other, 3 bytes]" });
+});
+
+test("end-to-end acts: Payload::Act round-trips and must match its cleartext reference", () => {
+  const act: Payload = { kind: "act", msgId: "0193-m1", act: ACT_EDIT, contentType: "text/plain", data: new TextEncoder().encode("fixed") };
+  const b = encodePayload(act);
+  assert.equal(b[0], 4);
+  assert.deepEqual(decodePayload(b), act);
+  assert.equal(decodePayload(b.subarray(0, b.length - 1)), undefined);
+  assert.equal(decodePayload(new Uint8Array([...b, 0])), undefined);
+  const p = { msgId: "m1", act: ACT_EDIT, contentType: "text/plain", data: new TextEncoder().encode("fixed") };
+  assert.deepEqual(describeAct(p, { msg_id: "m1", kind: "Edit" }, "bob"), { kind: "edit", target: "m1", text: "fixed" });
+  // The server cannot point an act at another message or change its kind.
+  assert.equal(describeAct(p, { msg_id: "m2", kind: "Edit" }, "bob"), undefined);
+  assert.equal(describeAct(p, { msg_id: "m1", kind: "Delete" }, "bob"), undefined);
+  assert.equal(describeAct(p, null, "bob"), undefined);
+  const react = { msgId: "m1", act: ACT_REACT, contentType: "text/plain", data: new TextEncoder().encode("👍") };
+  assert.deepEqual(describeAct(react, { msg_id: "m1", kind: "React" }, "bob"), { kind: "reaction", target: "m1", emoji: "👍", on: true });
+  const huge = { ...react, data: new Uint8Array(MAX_EMOJI_BYTES + 1).fill(65) };
+  assert.equal(describeAct(huge, { msg_id: "m1", kind: "React" }, "bob"), undefined);
+  assert.deepEqual(describeAct({ msgId: "m1", act: ACT_DELETE, contentType: CT_DELETE, data: new Uint8Array() }, { msg_id: "m1", kind: "Delete" }, "bob"), { kind: "delete", target: "m1" });
+  assert.equal(describeAct({ ...p, act: 9 }, { msg_id: "m1", kind: "Edit" }, "bob"), undefined);
+});
+
+test("acts change a line: edits by the author only, deletes drop the text, reactions count who", () => {
+  const line: Actable = { text: "helo", from: "alice" };
+  const edited = applyShown(line, { kind: "edit", target: "m1", text: "hello" }, "alice");
+  assert.deepEqual([edited.text, edited.edited], ["hello", true]);
+  assert.notEqual(edited, line);
+  assert.equal(applyShown(line, { kind: "edit", target: "m1", text: "pwned" }, "mallory").text, "helo");
+  let r = applyShown(edited, { kind: "reaction", target: "m1", emoji: "👍", on: true }, "bob");
+  r = applyShown(r, { kind: "reaction", target: "m1", emoji: "👍", on: true }, "carol");
+  r = applyShown(r, { kind: "reaction", target: "m1", emoji: "👍", on: true }, "bob");
+  assert.deepEqual(r.reactions, { "👍": ["carol", "bob"] });
+  r = applyShown(r, { kind: "reaction", target: "m1", emoji: "👍", on: false }, "carol");
+  r = applyShown(r, { kind: "reaction", target: "m1", emoji: "👍", on: false }, "bob");
+  assert.deepEqual(r.reactions, {});
+  const d = applyShown(edited, { kind: "delete", target: "m1" }, "carol");
+  assert.deepEqual([d.text, d.deleted], ["(deleted)", true]);
+  assert.equal(applyShown(d, { kind: "edit", target: "m1", text: "back" }, "alice").text, "(deleted)");
+});
+
+test("everyday-chat commands parse as the terminal client's", () => {
+  assert.deepEqual(parseCommand("/me waves"), { cmd: "me", text: "waves" });
+  assert.deepEqual(parseCommand("/md **yes**"), { cmd: "md", text: "**yes**" });
+  assert.deepEqual(parseCommand("/reply agreed"), { cmd: "reply", text: "agreed" });
+  assert.deepEqual(parseCommand("/edit fixed text"), { cmd: "edit", text: "fixed text" });
+  assert.deepEqual(parseCommand("/delete"), { cmd: "delete" });
+  assert.deepEqual(parseCommand("/react 👍"), { cmd: "react", emoji: "👍", on: true });
+  assert.deepEqual(parseCommand("/unreact 👍"), { cmd: "react", emoji: "👍", on: false });
+  assert.equal(parseCommand("/react").cmd, "error");
+  assert.equal(parseCommand(`/react ${"x".repeat(33)}`).cmd, "error");
+  assert.deepEqual(parseCommand("/topic deploy at five"), { cmd: "topic", topic: "deploy at five" });
+  assert.deepEqual(parseCommand("/away lunch"), { cmd: "away", text: "lunch" });
+  assert.deepEqual(parseCommand("/away"), { cmd: "away", text: undefined });
+  assert.deepEqual(parseCommand("/back"), { cmd: "back" });
+  assert.deepEqual(parseCommand("/ban mallory spam"), { cmd: "ban", user: "mallory", reason: "spam" });
+  assert.deepEqual(parseCommand("/unban mallory"), { cmd: "unban", user: "mallory" });
+  assert.deepEqual(parseCommand("/announce maintenance at 6"), { cmd: "announce", text: "maintenance at 6" });
+  assert.equal(parseCommand("/edit").cmd, "error");
+  assert.equal(parseCommand("/announce").cmd, "error");
+});
+
+test("Markdown: a safe subset; HTML stays text and only http(s)/mailto links are links", () => {
+  assert.deepEqual(parseInline("**bold** and *it* and `a*b*`"), [
+    { t: "b", c: [{ t: "text", s: "bold" }] },
+    { t: "text", s: " and " },
+    { t: "i", c: [{ t: "text", s: "it" }] },
+    { t: "text", s: " and " },
+    { t: "code", s: "a*b*" },
+  ]);
+  // Script and HTML are text: nothing here is ever parsed as HTML.
+  assert.deepEqual(parseInline("<script>alert(1)</script><img src=x onerror=alert(1)>"), [{ t: "text", s: "<script>alert(1)</script><img src=x onerror=alert(1)>" }]);
+  assert.deepEqual(parseInline("[docs](https://example.org/a)"), [{ t: "a", href: "https://example.org/a", c: [{ t: "text", s: "docs" }] }]);
+  assert.deepEqual(parseInline("[mail](mailto:a@example.org)"), [{ t: "a", href: "mailto:a@example.org", c: [{ t: "text", s: "mail" }] }]);
+  for (const bad of ["javascript:alert(1)", "JavaScript:alert(1)", "data:text/html,<script>x</script>", "vbscript:x", "//evil.example", "https://a b"]) {
+    const out = parseInline(`[click](${bad})`);
+    assert.ok(out.every((n) => n.t !== "a"), `${bad} must not become a link`);
+    assert.equal(safeHref(bad), false);
+  }
+  assert.deepEqual(parseMarkdown("> quoted\n```\n<b>x</b>\n```\nafter"), [
+    { t: "quote", c: [{ t: "text", s: "quoted" }] },
+    { t: "pre", s: "<b>x</b>" },
+    { t: "p", c: [{ t: "text", s: "after" }] },
+  ]);
+  assert.deepEqual(parseInline("a * b * c"), [{ t: "text", s: "a * b * c" }]);
+  assert.deepEqual(parseInline("\\*not\\*"), [{ t: "text", s: "*not*" }]);
+  // Nesting is bounded: a deep pile of markup stays finite.
+  const deep = "**".repeat(2000) + "x" + "**".repeat(2000);
+  assert.ok(parseInline(deep).length > 0);
 });
