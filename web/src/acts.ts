@@ -31,6 +31,8 @@ export interface Actable {
   deleted?: boolean;
   /** Emoji → who reacted with it. */
   reactions?: Record<string, string[]>;
+  /** The message it answers. */
+  replyTo?: string;
 }
 
 /** The kind of act a Payload::Act names and the cleartext reference the server checked; an
@@ -71,6 +73,7 @@ export function applyShown<T extends Actable>(e: T, shown: Shown, by: string): T
     out.text = "(deleted)";
     out.deleted = true;
     out.reactions = {};
+    delete out.replyTo;
   } else if (shown.kind === "reaction") {
     const r = out.reactions ?? {};
     const who = (r[shown.emoji] ?? []).filter((u) => u !== by);
