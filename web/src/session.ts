@@ -436,6 +436,10 @@ export class Session {
     const target = c.entries[i];
     if (target !== undefined) {
       c.entries[i] = applyShown(target, shown, by);
+      // Replies quoting it are redrawn (a deleted original's text is no longer quoted).
+      c.entries.forEach((e, j) => {
+        if (e.replyTo === shown.target) c.entries[j] = { ...e };
+      });
       void this.saveHistory(c);
     }
     this.onChange();
