@@ -1133,6 +1133,10 @@ export class Session {
 
   async setTopic(room: string, topic: string): Promise<void> {
     await this.request({ SetTopic: { room, topic } });
+    // The server tells the others; this connection shows it from the reply.
+    const c = this.ensureConv({ Room: room });
+    c.topic = topic;
+    this.onChange();
   }
 
   async setAway(text: string | null): Promise<void> {
