@@ -132,6 +132,7 @@ function showMain(root: HTMLElement, s: Session): void {
   const membersPane = h("aside", { "aria-label": "Members", class: "members" }, h("h2", {}, "Members"), members);
   let pending: Pending;
   let membersOf = "";
+  let membersSeen = 0;
   const log = h("div", { role: "log", "aria-label": "Messages", "aria-live": "polite", class: "timeline", tabindex: "0" });
   const composer = h("textarea", { "aria-label": "Message", rows: "1", placeholder: "Message, or /help" }) as HTMLTextAreaElement;
   const fileInput = h("input", { type: "file", id: "file", class: "visually-hidden" }) as HTMLInputElement;
@@ -216,8 +217,9 @@ function showMain(root: HTMLElement, s: Session): void {
       const mineLast = [...c.entries].reverse().find((e) => !e.notice && e.from === st.user);
       const readers = mineLast === undefined ? [] : s.readBy(c.key, mineLast.seq);
       readLine.textContent = readers.length === 0 ? "" : `Read by ${readers.join(", ")}`;
-      if (membersOf !== c.key) {
+      if (membersOf !== c.key || membersSeen !== s.membersChanged) {
         membersOf = c.key;
+        membersSeen = s.membersChanged;
         void refreshMembers(c.key);
       } else {
         drawMembers();

@@ -558,12 +558,14 @@ export class Session {
       case "Join": {
         const j = body as { room: string; user: string };
         const c = this.ensureConv({ Room: j.room });
+        this.membersChanged++;
         if (j.user !== this.state.user) this.notice(c.key, `${j.user} joined`);
         break;
       }
       case "Part": {
         const p = body as { room: string; user: string };
         const key = convKey({ Room: p.room });
+        this.membersChanged++;
         if (p.user === this.state.user) this.device.forget(key);
         else this.notice(key, `${p.user} left`);
         break;
@@ -1021,6 +1023,8 @@ export class Session {
     return list.map((u) => u.user);
   }
 
+  /** Counts joins and parts seen (the members pane asks again when it moves). */
+  membersChanged = 0;
   /** Who is online (as `who` and presence events told). */
   online = new Set<string>();
   /** Display names seen (user → name). */
