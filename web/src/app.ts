@@ -452,7 +452,7 @@ interface RowActions {
 function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement, act: RowActions): HTMLElement {
   const time = new Date(e.ts);
   const when = h("time", { datetime: time.toISOString() }, time.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
-  if (e.notice) return h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text);
+  if (e.notice) return withFile(h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text), e, s, progress);
   const text = h("span", { class: "text" });
   if (e.markdown === true && e.deleted !== true) text.append(renderMarkdown(document, e.text));
   else text.textContent = e.text;
@@ -499,6 +499,11 @@ function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement, act: R
     tools.append(picker);
     row.append(" ", tools);
   }
+  return withFile(row, e, s, progress);
+}
+
+/** A line that offers a file gets its Save button. */
+function withFile(row: HTMLElement, e: Entry, s: Session, progress: HTMLProgressElement): HTMLElement {
   if (e.file !== undefined) {
     const file = e.file;
     const b = h("button", { type: "button", class: "secondary" }, `Save ${file.name}`);
