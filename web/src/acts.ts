@@ -15,6 +15,76 @@ export type Shown =
   | { kind: "delete"; target: string }
   | { kind: "reaction"; target: string; emoji: string; on: boolean };
 
+/** Payload::Act's kind codes (crates/conclave-e2ee/src/payload.rs). */
+export const ACT_EDIT = 1;
+export const ACT_DELETE = 2;
+export const ACT_REACT = 3;
+export const ACT_UNREACT = 4;
+/** The longest reaction shown or sent, in bytes of UTF-8 (the server's default limit). */
+export const MAX_EMOJI_BYTES = 32;
+
+/** What an act changes on a timeline line. */
+export interface Actable {
+  text: string;
+  from: string;
+  edited?: boolean;
+  deleted?: boolean;
+  /** Emoji → who reacted with it. */
+  reactions?: Record<string, string[]>;
+  /** The message it answers. */
+  replyTo?: string;
+}
+
+/** The kind of act a Payload::Act names and the cleartext reference the server checked; an
+ * act whose two disagree is dropped (the server cannot point an edit at another message). */
+export function actKindName(code: number): "Edit" | "Delete" | "React" | "Unreact" | undefined {
+  return code === ACT_EDIT ? "Edit" : code === ACT_DELETE ? "Delete" : code === ACT_REACT ? "React" : code === ACT_UNREACT ? "Unreact" : undefined;
+}
+
+/** What an end-to-end Payload::Act does, or undefined when it is malformed or its cleartext
+ * reference (`named`) does not match it. */
+export function describeAct(
+  p: { msgId: string; act: number; contentType: string; data: Uint8Array },
+  named: { msg_id: string; kind: string } | null | undefined,
+  from: string,
+): Shown | undefined {
+  const kind = actKindName(p.act);
+  if (kind === undefined || named == null || named.msg_id !== p.msgId || named.kind !== kind) return undefined;
+  switch (kind) {
+    case "Edit":
+      return { kind: "edit", target: p.msgId, text: bodyText(p.contentType, p.data, from) };
+    case "Delete":
+      return { kind: "delete", target: p.msgId };
+    default: {
+      if (p.data.length === 0 || p.data.length > MAX_EMOJI_BYTES) return undefined;
+      return { kind: "reaction", target: p.msgId, emoji: dec.decode(p.data), on: kind === "React" };
+    }
+  }
+}
+
+/** A copy of `e` with the act applied (a new object, so the timeline redraws the row). */
+export function applyShown<T extends Actable>(e: T, shown: Shown, by: string): T {
+  const out: T = { ...e, reactions: { ...(e.reactions ?? {}) } };
+  if (shown.kind === "edit") {
+    if (by !== e.from || e.deleted === true) return e;
+    out.text = shown.text;
+    out.edited = true;
+  } else if (shown.kind === "delete") {
+    out.text = "(deleted)";
+    out.deleted = true;
+    out.reactions = {};
+    delete out.replyTo;
+  } else if (shown.kind === "reaction") {
+    const r = out.reactions ?? {};
+    const who = (r[shown.emoji] ?? []).filter((u) => u !== by);
+    if (shown.on) who.push(by);
+    if (who.length > 0) r[shown.emoji] = who;
+    else delete r[shown.emoji];
+    out.reactions = r;
+  }
+  return out;
+}
+
 const dec = new TextDecoder();
 
 /** The text of a text body (plain, Markdown, or a `/me` action shown as "* from text"), or a
@@ -50,95 +120,4 @@ export function describe(m: Message): Shown {
   let text = bodyText(m.body.content_type, data, m.from);
   if (m.extra?.state?.edited_ms != null) text += " (edited)";
   return { kind: "line", text };
-}
-
-/** The kinds of an end-to-end act (conclave-e2ee's `ACT_*`). */
-export const ACT_EDIT = 1;
-export const ACT_DELETE = 2;
-export const ACT_REACT = 3;
-export const ACT_UNREACT = 4;
-
-/** The server-encrypted act kinds by their end-to-end codes (the cleartext reference of an
- * end-to-end act must name the same kind as its ciphertext). */
-export const ACT_NAMES: Record<number, string> = { 1: "Edit", 2: "Delete", 3: "React", 4: "Unreact" };
-
-/** What an act needs of a timeline line. */
-export interface ActLine {
-  from: string;
-  text: string;
-  msgId?: string;
-  notice?: boolean;
-  deleted?: boolean;
-  /** Emoji → who reacted, in the order they first did. */
-  reactions?: Record<string, string[]>;
-  /** Bumped at every change, so the timeline renders the line again. */
-  rev?: number;
-  /** A formatted (Markdown) message: what comes before its source (a reply's quote, an
-   * action's name) and the source, rendered by the page (`text` is its plain form). */
-  md?: { before: string; source: string };
-  edited?: boolean;
-}
-
-/** The formatting of a body: Markdown source, with the prefix shown before it. */
-export function markdownOf(contentType: string, data: Uint8Array, from: string, quote: string): { before: string; source: string } | undefined {
-  if (contentType !== CT_MARKDOWN && contentType !== CT_MARKDOWN_ACTION) return undefined;
-  return { before: quote + (contentType === CT_MARKDOWN_ACTION ? `* ${from} ` : ""), source: dec.decode(data) };
-}
-
-/** Applies an act by `from` to the line `target` names; true when a line changed. An edit by
- * anyone but the line's author, or an act on a deleted or absent line, changes nothing (who may
- * delete is the server's check). `content`: the new text of an edit, the emoji of a reaction. */
-export function applyAct(lines: ActLine[], target: string, kind: number, from: string, content: string, markdown = false): boolean {
-  const line = lines.find((e) => e.notice !== true && e.msgId === target);
-  if (line === undefined || line.deleted === true) return false;
-  const changed = change(line, kind, from, content, markdown);
-  if (changed) line.rev = (line.rev ?? 0) + 1;
-  return changed;
-}
-
-function change(line: ActLine, kind: number, from: string, content: string, markdown: boolean): boolean {
-  switch (kind) {
-    case ACT_EDIT:
-      if (line.from !== from || content === "") return false;
-      line.text = `${content} (edited)`;
-      line.edited = true;
-      // The edit's own format decides (a Markdown edit keeps what came before the source).
-      if (markdown) line.md = { before: line.md?.before ?? "", source: content };
-      else delete line.md;
-      return true;
-    case ACT_DELETE:
-      line.text = "(deleted)";
-      line.deleted = true;
-      delete line.reactions;
-      delete line.md;
-      return true;
-    case ACT_REACT:
-    case ACT_UNREACT: {
-      const r = line.reactions ?? {};
-      const who = r[content] ?? [];
-      if (kind === ACT_REACT) {
-        if (who.includes(from)) return false;
-        r[content] = [...who, from];
-      } else {
-        if (!who.includes(from)) return false;
-        const rest = who.filter((u) => u !== from);
-        if (rest.length === 0) delete r[content];
-        else r[content] = rest;
-      }
-      line.reactions = r;
-      return true;
-    }
-    default:
-      return false;
-  }
-}
-
-/** A line's reactions as shown under it ("👍 2  🎉 1") and who made them ("👍 bob, carol"). */
-export function reactionsShown(line: ActLine): { text: string; who: string } | undefined {
-  const r = Object.entries(line.reactions ?? {}).filter(([, users]) => users.length > 0);
-  if (r.length === 0) return undefined;
-  return {
-    text: r.map(([emoji, users]) => `${emoji} ${users.length}`).join("  "),
-    who: r.map(([emoji, users]) => `${emoji} ${users.join(", ")}`).join("; "),
-  };
 }

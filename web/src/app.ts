@@ -3,12 +3,19 @@
 // "Message" that takes the terminal client's slash commands). Built with the DOM API only (no
 // inline script or style: the page runs under `default-src 'self'`).
 
-import { Session, errText, readByNow, typingNow, type ConvState, type Entry } from "./session.js";
+import { Session, errText, type ConvState, type Entry } from "./session.js";
 import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
-import { ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, reactionsShown } from "./acts.js";
-import { renderMarkdown, type MdNode } from "./markdown.js";
+import { renderMarkdown } from "./markdown.js";
+
+/** Reactions offered by a line's "React" button. */
+export const QUICK_REACTIONS = ["👍", "❤️", "😂", "🎉", "👀"];
+/** Characters of the original shown above a reply. */
+export const REPLY_QUOTE_CHARS = 60;
+
+/** What the composer's next line does to a line chosen with its buttons. */
+type Pending = { kind: "reply" | "edit"; key: string; msgId: string } | undefined;
 
 type Attrs = Record<string, string>;
 
@@ -116,7 +123,16 @@ function showMain(root: HTMLElement, s: Session): void {
   const aboutButton = h("button", { type: "button", class: "secondary" }, "About");
   const themeButton = h("button", { type: "button", class: "secondary" }, "Theme");
   const menuButton = h("button", { type: "button", class: "secondary menu", "aria-controls": "convs", "aria-expanded": "false" }, "Conversations");
-  const header = h("header", {}, menuButton, title, marker, status, themeButton, aboutButton);
+  const topic = h("p", { class: "topic", id: "conv-topic" });
+  const header = h("header", {}, menuButton, title, marker, topic, status, themeButton, aboutButton);
+  const typingLine = h("p", { class: "typing", "aria-live": "polite", id: "typing" });
+  const readLine = h("p", { class: "readby", id: "read-by" });
+  const pendingLine = h("p", { class: "pending", id: "pending" });
+  const members = h("ul", {});
+  const membersPane = h("aside", { "aria-label": "Members", class: "members" }, h("h2", {}, "Members"), members);
+  let pending: Pending;
+  let membersOf = "";
+  let membersSeen = 0;
   const log = h("div", { role: "log", "aria-label": "Messages", "aria-live": "polite", class: "timeline", tabindex: "0" });
   const composer = h("textarea", { "aria-label": "Message", rows: "1", placeholder: "Message, or /help" }) as HTMLTextAreaElement;
   const fileInput = h("input", { type: "file", id: "file", class: "visually-hidden" }) as HTMLInputElement;
@@ -126,18 +142,41 @@ function showMain(root: HTMLElement, s: Session): void {
   const form = h("form", { class: "composer" }, composer, fileLabel, fileInput, sendButton, progress) as HTMLFormElement;
   const aboutDialog = h("dialog", { "aria-labelledby": "about-title" }) as HTMLDialogElement;
   nav.id = "convs";
-  const mainArea = h("main", { class: "conv" }, header, log, form);
-  const membersList = h("ul", {});
-  const members = h("aside", { class: "members", "aria-label": "Members" }, h("h3", {}, "Members"), membersList);
-  root.replaceChildren(h("div", { class: "layout" }, nav, mainArea, members), aboutDialog);
-  let membersOf: string | undefined;
+  const mainArea = h("main", { class: "conv" }, header, log, typingLine, readLine, pendingLine, form);
+  root.replaceChildren(h("div", { class: "layout" }, nav, mainArea, membersPane), aboutDialog);
 
-  const timeline = new Timeline(log, (e) => renderEntry(e, s, progress), () => {
+  const choose = (kind: "reply" | "edit", e: Entry) => {
+    const key = s.state.current;
+    if (key === undefined || e.msgId === undefined) return;
+    pending = { kind, key, msgId: e.msgId };
+    if (kind === "edit") composer.value = e.text;
+    pendingLine.textContent = `${kind === "reply" ? "Replying to" : "Editing"} ${e.from}: ${e.text.slice(0, REPLY_QUOTE_CHARS)} (Escape cancels)`;
+    composer.focus();
+  };
+  const actions: RowActions = {
+    reply: (e) => choose("reply", e),
+    edit: (e) => choose("edit", e),
+    del: (e) => {
+      const key = s.state.current;
+      if (key !== undefined && e.msgId !== undefined) s.act(key, e.msgId, { kind: "Delete" }).catch((err: unknown) => s.notice(key, errText(err)));
+    },
+    react: (e, emoji) => {
+      const key = s.state.current;
+      if (key === undefined || e.msgId === undefined) return;
+      const mine = (e.reactions?.[emoji] ?? []).includes(s.state.user);
+      s.act(key, e.msgId, { kind: mine ? "Unreact" : "React", emoji }).catch((err: unknown) => s.notice(key, errText(err)));
+    },
+    quote: (e) => {
+      const c = s.state.current ? s.state.convs.get(s.state.current) : undefined;
+      return c?.entries.find((x) => !x.notice && x.msgId === e.replyTo);
+    },
+  };
+
+  const timeline = new Timeline(log, (e) => renderEntry(e, s, progress, actions), () => {
     const key = s.state.current;
     if (key !== undefined && !s.isE2ee(key)) void s.loadHistory(key).catch(() => undefined);
   });
 
-  let typingTimer: number | undefined;
   const render = () => {
     const st = s.state;
     let totalUnread = 0;
@@ -161,53 +200,51 @@ function showMain(root: HTMLElement, s: Session): void {
     }
     navList.replaceChildren(...items);
     document.title = totalUnread > 0 ? `(${totalUnread}) Conclave` : "Conclave";
+    status.textContent = st.connected ? `${st.user} · ${st.status}` : st.status;
     const c: ConvState | undefined = st.current ? st.convs.get(st.current) : undefined;
-    const typers = c === undefined ? [] : typingNow(c, st.user, Date.now());
-    const typing = typers.length === 0 ? "" : ` · ${typers.slice(0, 3).join(", ")}${typers.length > 3 ? " and others" : ""} ${typers.length === 1 ? "is" : "are"} typing…`;
-    status.textContent = (st.connected ? `${st.user} · ${st.status}` : st.status) + typing;
-    if (typers.length > 0 && typingTimer === undefined) {
-      // Until the notices expire.
-      typingTimer = window.setTimeout(() => {
-        typingTimer = undefined;
-        render();
-      }, 1000);
-    }
-    title.textContent = c === undefined ? "No conversation" : c.topic !== undefined ? `${c.title} · ${c.topic}` : c.title;
-    const readers = c === undefined ? [] : readByNow(c, st.user);
-    if (readers.length > 0) status.textContent += ` · read by ${readers.slice(0, 5).join(", ")}${readers.length > 5 ? " and others" : ""}`;
+    title.textContent = c?.title ?? "No conversation";
     if (c !== undefined) {
       const e2ee = s.isE2ee(c.key);
       marker.textContent = e2ee ? "End-to-end encrypted" : "Server-encrypted";
       marker.className = `marker ${e2ee ? "e2ee" : "server"}`;
-      if (document.visibilityState === "visible") s.markRead(c.key);
+      if (document.visibilityState === "visible") {
+        s.markRead(c.key);
+        s.sendRead(c.key);
+      }
+      topic.textContent = c.topic ? `Topic: ${c.topic}` : "";
+      const typers = s.typingNow(c.key);
+      typingLine.textContent = typers.length === 0 ? "" : `${typers.join(", ")} ${typers.length === 1 ? "is" : "are"} typing…`;
+      const mineLast = [...c.entries].reverse().find((e) => !e.notice && e.from === st.user);
+      const readers = mineLast === undefined ? [] : s.readBy(c.key, mineLast.seq);
+      readLine.textContent = readers.length === 0 ? "" : `Read by ${readers.join(", ")}`;
+      if (membersOf !== c.key || membersSeen !== s.membersChanged) {
+        membersOf = c.key;
+        membersSeen = s.membersChanged;
+        void refreshMembers(c.key);
+      } else {
+        drawMembers();
+      }
     } else {
       marker.textContent = "";
+      topic.textContent = "";
     }
     timeline.show(c?.key ?? "", c?.entries ?? []);
-    // The members pane: a room's members with presence (asked once per room shown).
-    members.hidden = c === undefined || !("Room" in c.conv);
-    if (c !== undefined && "Room" in c.conv) {
-      if (c.members === undefined && membersOf !== c.key) {
-        membersOf = c.key;
-        void s.loadMembers(c.key).catch(() => undefined);
-      }
-      const list = [...(c.members ?? [])].sort((a, b) => Number(b.online) - Number(a.online) || a.user.localeCompare(b.user));
-      membersList.replaceChildren(
-        ...list.map((u) => {
-          const mark = !u.online ? "○" : u.away !== null ? "◐" : "●";
-          const state = !u.online ? "offline" : u.away !== null ? `away: ${u.away}` : "online";
-          const name = u.display_name !== null ? `${u.display_name} (${u.user})` : u.user;
-          return h("li", { class: u.online ? "online" : "offline", title: state }, `${mark} ${name}${u.away !== null && u.online ? ` — ${u.away}` : ""}${u.admin ? " @" : ""}`);
-        }),
-      );
-    }
+  };
+  let memberList: string[] = [];
+  const drawMembers = () => {
+    members.replaceChildren(
+      ...memberList.map((u) => {
+        const away = s.away.get(u);
+        const name = s.displayNames.get(u);
+        return h("li", {}, name === undefined ? u : `${name} (${u})`, " ", h("span", { class: "presence" }, away !== undefined ? `away${away ? `: ${away}` : ""}` : s.online.has(u) ? "online" : "offline"));
+      }),
+    );
+  };
+  const refreshMembers = async (key: string) => {
+    memberList = await s.members(key).catch(() => []);
+    render();
   };
   s.onChange = render;
-  composer.addEventListener("input", () => {
-    const key = s.state.current;
-    const v = composer.value;
-    if (key !== undefined && v.trim() !== "" && !v.startsWith("/")) s.typing(key);
-  });
   s.isVisible = () => document.visibilityState === "visible";
   s.onNotify = (t, body) => {
     if ("Notification" in window && Notification.permission === "granted" && document.visibilityState !== "visible") {
@@ -221,9 +258,54 @@ function showMain(root: HTMLElement, s: Session): void {
     const c = parseCommand(line);
     const say = (t: string) => s.notice(key, t);
     switch (c.cmd) {
-      case "say":
+      case "say": {
         if (key === undefined) return say("Join a room first: /join lab");
+        const p = pending;
+        pending = undefined;
+        pendingLine.textContent = "";
+        if (p !== undefined && p.key === key && p.kind === "edit") return s.act(key, p.msgId, { kind: "Edit", text: c.text });
+        if (p !== undefined && p.key === key) return s.send(key, c.text, [], { replyTo: p.msgId });
         return s.send(key, c.text);
+      }
+      case "me":
+      case "md":
+        if (key === undefined) return say("Join a room first: /join lab");
+        return s.send(key, c.text, [], { action: c.cmd === "me", markdown: c.cmd === "md" });
+      case "reply":
+      case "edit":
+      case "delete":
+      case "react": {
+        if (key === undefined) return say(`/${c.cmd} works in a conversation`);
+        const conv = s.state.convs.get(key);
+        const lines = (conv?.entries ?? []).filter((e) => !e.notice && e.msgId !== undefined && e.deleted !== true);
+        const own = c.cmd === "edit" || c.cmd === "delete";
+        const other = c.cmd === "reply";
+        const target = [...lines].reverse().find((e) => (own ? e.from === s.state.user : other ? e.from !== s.state.user : true));
+        if (target?.msgId === undefined) return say(own ? "you have no message here to change" : "there is no message here to answer");
+        if (c.cmd === "reply") return s.send(key, c.text, [], { replyTo: target.msgId });
+        if (c.cmd === "edit") return s.act(key, target.msgId, { kind: "Edit", text: c.text });
+        if (c.cmd === "delete") return s.act(key, target.msgId, { kind: "Delete" });
+        return s.act(key, target.msgId, { kind: c.on ? "React" : "Unreact", emoji: c.emoji });
+      }
+      case "topic": {
+        const room = key?.startsWith("r:") ? key.slice(2) : undefined;
+        if (room === undefined) return say("/topic works in a room");
+        return s.setTopic(room, c.topic);
+      }
+      case "away":
+        await s.setAway(c.text ?? "");
+        return say(`you are away${c.text ? `: ${c.text}` : ""}; /back when you return`);
+      case "back":
+        await s.setAway(null);
+        return say("you are back");
+      case "ban":
+        await s.ban(c.user, c.reason);
+        return say(`banned ${c.user}`);
+      case "unban":
+        await s.unban(c.user);
+        return say(`unbanned ${c.user}`);
+      case "announce":
+        return s.announce(c.text);
       case "join":
         return s.join(c.room, c.password);
       case "part": {
@@ -267,40 +349,6 @@ function showMain(root: HTMLElement, s: Session): void {
         if (c.cmd === "kick") return s.kick(room, c.user, c.reason);
         return s.votekick(room, c.user);
       }
-      case "reply":
-      case "edit":
-      case "delete":
-      case "react":
-      case "md":
-      case "me": {
-        if (key === undefined) return say("Open a conversation first");
-        if (c.cmd === "reply") return s.reply(key, c.text);
-        if (c.cmd === "me") return s.action(key, c.text);
-        if (c.cmd === "md") return s.markdown(key, c.text);
-        if (c.cmd === "edit") return s.act(key, ACT_EDIT, c.text);
-        if (c.cmd === "delete") return s.act(key, ACT_DELETE, "");
-        return s.act(key, c.on ? ACT_REACT : ACT_UNREACT, c.emoji);
-      }
-      case "ban":
-        await s.ban(c.target, c.durationS ?? null, c.reason ?? null);
-        return say(`banned ${c.target.user ?? c.target.ip ?? ""}`);
-      case "unban":
-        await s.unban(c.target);
-        return say(`unbanned ${c.target.user ?? c.target.ip ?? ""}`);
-      case "announce":
-        await s.announce(c.text);
-        return;
-      case "topic": {
-        const room = key?.startsWith("r:") ? key.slice(2) : undefined;
-        if (room === undefined) return say("/topic works in a room");
-        return s.setTopic(room, c.text);
-      }
-      case "away":
-        await s.away(c.text ?? "away");
-        return say(`you are away${c.text !== undefined ? `: ${c.text}` : ""}`);
-      case "back":
-        await s.away(null);
-        return say("you are back");
       case "file":
         fileInput.click();
         return;
@@ -327,7 +375,16 @@ function showMain(root: HTMLElement, s: Session): void {
     timeline.toBottom();
     run(line).catch((err: unknown) => s.notice(s.state.current, errText(err)));
   });
+  composer.addEventListener("input", () => {
+    const key = s.state.current;
+    if (key !== undefined && composer.value !== "" && !composer.value.startsWith("/")) s.typing(key);
+  });
   composer.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && pending !== undefined) {
+      pending = undefined;
+      pendingLine.textContent = "";
+      return;
+    }
     if (e.key === "Enter" && !e.shiftKey && !e.altKey) {
       e.preventDefault();
       form.requestSubmit();
@@ -383,32 +440,70 @@ function idOf(key: string): string {
   return Array.from(new TextEncoder().encode(key), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** A message's text: plain, or its Markdown rendered as DOM nodes (never as HTML). */
-function textOf(e: Entry): HTMLElement {
-  if (e.md === undefined) return h("span", { class: "text" }, e.text);
-  const span = h("span", { class: "text formatted" }, e.md.before, ...mdNodes(renderMarkdown(e.md.source)));
-  if (e.edited === true) span.append(" (edited)");
-  return span;
+interface RowActions {
+  reply: (e: Entry) => void;
+  edit: (e: Entry) => void;
+  del: (e: Entry) => void;
+  react: (e: Entry, emoji: string) => void;
+  /** The line a reply answers, when loaded. */
+  quote: (e: Entry) => Entry | undefined;
 }
 
-function mdNodes(nodes: MdNode[]): (Node | string)[] {
-  return nodes.map((n) => {
-    if (typeof n === "string") return n;
-    if (n.tag === "a" && n.href !== undefined) return h("a", { href: n.href, rel: "noopener noreferrer nofollow", target: "_blank" }, ...mdNodes(n.children));
-    return h(n.tag, {}, ...mdNodes(n.children));
-  });
-}
-
-function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement): HTMLElement {
+function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement, act: RowActions): HTMLElement {
   const time = new Date(e.ts);
   const when = h("time", { datetime: time.toISOString() }, time.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
-  const row = e.notice
-    ? h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text)
-    : h("div", { class: `row${e.from === s.state.user ? " own" : ""}` }, when, " ", h("strong", {}, e.from), " ", textOf(e));
-  const reactions = e.notice === true ? undefined : reactionsShown(e);
-  if (reactions !== undefined) {
-    row.append(" ", h("span", { class: "reactions", title: reactions.who, "aria-label": `reactions: ${reactions.who}` }, reactions.text));
+  if (e.notice) return withFile(h("div", { class: "row notice" }, when, " ", ...(e.from ? [h("strong", {}, e.from), " "] : []), e.text), e, s, progress);
+  const text = h("span", { class: "text" });
+  if (e.markdown === true && e.deleted !== true) text.append(renderMarkdown(document, e.text));
+  else text.textContent = e.text;
+  const row = h("div", { class: `row${e.from === s.state.user ? " own" : ""}${e.deleted === true ? " deleted" : ""}` });
+  if (e.replyTo !== undefined) {
+    const orig = act.quote(e);
+    const quoted = orig === undefined ? "an earlier message" : `${orig.from}: ${orig.text.slice(0, REPLY_QUOTE_CHARS)}${orig.text.length > REPLY_QUOTE_CHARS ? "…" : ""}`;
+    row.append(h("div", { class: "reply-quote" }, `↪ ${quoted}`));
   }
+  row.append(when, " ", h("strong", {}, e.from), " ", text);
+  if (e.edited === true && e.deleted !== true) row.append(" ", h("span", { class: "edited" }, "(edited)"));
+  const reactions = Object.entries(e.reactions ?? {}).filter(([, who]) => who.length > 0);
+  if (reactions.length > 0) {
+    const list = h("div", { class: "reactions", "aria-label": "Reactions" });
+    for (const [emoji, who] of reactions) {
+      const b = h("button", { type: "button", class: "reaction secondary", title: `${who.join(", ")} reacted with ${emoji}` }, `${emoji} ${who.length}`);
+      b.addEventListener("click", () => act.react(e, emoji));
+      list.append(b);
+    }
+    row.append(list);
+  }
+  if (e.msgId !== undefined && e.deleted !== true) {
+    const tools = h("span", { class: "actions" });
+    const button = (label: string, f: () => void) => {
+      const b = h("button", { type: "button", class: "secondary" }, label);
+      b.addEventListener("click", f);
+      tools.append(b);
+    };
+    button("Reply", () => act.reply(e));
+    if (e.from === s.state.user) {
+      button("Edit", () => act.edit(e));
+      button("Delete", () => act.del(e));
+    }
+    const picker = h("span", { class: "picker", hidden: "" });
+    for (const emoji of QUICK_REACTIONS) {
+      const b = h("button", { type: "button", class: "secondary", "aria-label": `React with ${emoji}` }, emoji);
+      b.addEventListener("click", () => act.react(e, emoji));
+      picker.append(b);
+    }
+    button("React", () => {
+      picker.hidden = !picker.hidden;
+      (picker.firstElementChild as HTMLElement | null)?.focus();
+    });
+    tools.append(picker);
+    row.append(" ", tools);
+  }
+  return withFile(row, e, s, progress);
+}
+
+/** A line that offers a file gets its Save button. */
+function withFile(row: HTMLElement, e: Entry, s: Session, progress: HTMLProgressElement): HTMLElement {
   if (e.file !== undefined) {
     const file = e.file;
     const b = h("button", { type: "button", class: "secondary" }, `Save ${file.name}`);

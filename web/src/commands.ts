@@ -22,19 +22,17 @@ export type Command =
   | { cmd: "about" }
   | { cmd: "help" }
   | { cmd: "quit" }
-  // Everyday chat, on the last suitable message of the conversation (as `conclave chat`
-  // without a selection): answer someone else's, edit or delete your own, react to any.
+  | { cmd: "me"; text: string }
+  | { cmd: "md"; text: string }
   | { cmd: "reply"; text: string }
   | { cmd: "edit"; text: string }
   | { cmd: "delete" }
   | { cmd: "react"; emoji: string; on: boolean }
-  | { cmd: "me"; text: string }
-  | { cmd: "md"; text: string }
-  | { cmd: "topic"; text: string }
+  | { cmd: "topic"; topic: string }
   | { cmd: "away"; text?: string }
   | { cmd: "back" }
-  | { cmd: "ban"; target: { user?: string; ip?: string }; durationS?: number; reason?: string }
-  | { cmd: "unban"; target: { user?: string; ip?: string } }
+  | { cmd: "ban"; user: string; reason?: string }
+  | { cmd: "unban"; user: string }
   | { cmd: "announce"; text: string }
   | { cmd: "error"; message: string };
 
@@ -42,7 +40,8 @@ export const HELP =
   "/join room [password] · /part [room] · /create room [private] [server] [password] · /invite user [room] · " +
   "/msg user[,user…] text · /query user[,user…] · /except user[,user…] text · /who [room] · /rooms · " +
   "/devices [user] · /history [count] · /search words · /kick user [reason] · /votekick user · /file · " +
-  "/reply text · /edit text · /delete · /react emoji · /unreact emoji · /me text · /md text · /topic text · /away [text] · /back · /ban user|ip [duration] [reason] · /unban user|ip · /announce text · /theme · /about · /quit";
+  "/me text · /md text · /reply text · /edit text · /delete · /react emoji · /unreact emoji · /topic text · /away [text] · /back · " +
+  "/ban user [reason] · /unban user · /announce text · /theme · /about · /quit";
 
 /** Most messages `/history` loads at once (as the TUI). */
 export const MAX_HISTORY_COUNT = 500;
@@ -51,19 +50,8 @@ function users(list: string | undefined): string[] {
   return (list ?? "").split(",").map((u) => u.trim()).filter((u) => u.length > 0);
 }
 
-/** An address or network (`10.0.0.7`, `10.0.0.0/24`, `::1`) or else an account. */
-function banTarget(s: string): { user?: string; ip?: string } {
-  const addr = /^[0-9.]+(\/\d+)?$/.test(s) && s.includes(".") ? true : /^[0-9a-f:]+(\/\d+)?$/i.test(s) && s.includes(":");
-  return addr ? { ip: s } : { user: s.replace(/^@/, "") };
-}
-
-/** `30m`, `2h`, `7d`, `1w` (or seconds: `90s`) in seconds; undefined when it is not one. */
-function duration(s: string | undefined): number | undefined {
-  const m = /^(\d{1,9})([smhdw])$/.exec(s ?? "");
-  if (m === null) return undefined;
-  const unit = { s: 1, m: 60, h: 3_600, d: 86_400, w: 604_800 }[m[2] as "s" | "m" | "h" | "d" | "w"];
-  return Number(m[1]) * unit;
-}
+/** The longest reaction, in bytes of UTF-8 (the server's default). */
+export const MAX_EMOJI_BYTES = 32;
 
 export function parseCommand(line: string): Command {
   if (!line.startsWith("/") || line.startsWith("//")) {
@@ -127,6 +115,10 @@ export function parseCommand(line: string): Command {
       return { cmd: "help" };
     case "quit":
       return { cmd: "quit" };
+    case "md":
+      return need(tail(0) !== "", "/md text") ?? { cmd: "md", text: tail(0) };
+    case "me":
+      return need(tail(0) !== "", "/me text") ?? { cmd: "me", text: tail(0) };
     case "reply":
       return need(tail(0) !== "", "/reply text") ?? { cmd: "reply", text: tail(0) };
     case "edit":
@@ -134,28 +126,23 @@ export function parseCommand(line: string): Command {
     case "delete":
       return { cmd: "delete" };
     case "react":
-    case "unreact":
-      return need(arg(0) !== undefined, `/${head.toLowerCase()} emoji`) ?? { cmd: "react", emoji: arg(0) ?? "", on: head.toLowerCase() === "react" };
-    case "me":
-      return need(tail(0) !== "", "/me text") ?? { cmd: "me", text: tail(0) };
-    case "md":
-      return need(tail(0) !== "", "/md text") ?? { cmd: "md", text: line.slice(1).replace(/^md\s+/i, "") };
+    case "unreact": {
+      const emoji = arg(0) ?? "";
+      const r = need(emoji !== "" && rest.length === 1, `/${head.toLowerCase()} emoji`);
+      if (r) return r;
+      if (new TextEncoder().encode(emoji).length > MAX_EMOJI_BYTES) return { cmd: "error", message: `a reaction is at most ${MAX_EMOJI_BYTES} bytes` };
+      return { cmd: "react", emoji, on: head.toLowerCase() === "react" };
+    }
     case "topic":
-      // "-" clears it, as in `conclave chat`.
-      return need(tail(0) !== "", "/topic text (- clears it)") ?? { cmd: "topic", text: tail(0) === "-" ? "" : tail(0) };
+      return { cmd: "topic", topic: tail(0) };
     case "away":
       return { cmd: "away", text: tail(0) || undefined };
     case "back":
       return { cmd: "back" };
-    case "ban": {
-      const r = need(arg(0) !== undefined, "/ban user|ip[/bits] [duration] [reason]");
-      if (r) return r;
-      const d = duration(arg(1));
-      const reason = tail(d === undefined ? 1 : 2);
-      return { cmd: "ban", target: banTarget(arg(0) ?? ""), durationS: d, reason: reason || undefined };
-    }
+    case "ban":
+      return need(arg(0) !== undefined, "/ban user [reason]") ?? { cmd: "ban", user: arg(0) ?? "", reason: tail(1) || undefined };
     case "unban":
-      return need(arg(0) !== undefined, "/unban user|ip[/bits]") ?? { cmd: "unban", target: banTarget(arg(0) ?? "") };
+      return need(arg(0) !== undefined, "/unban user") ?? { cmd: "unban", user: arg(0) ?? "" };
     case "announce":
       return need(tail(0) !== "", "/announce text") ?? { cmd: "announce", text: tail(0) };
     default:

@@ -1,9 +1,11 @@
 // Formatted messages (`text/markdown`): the small subset people use in chat (bold, italic,
 // inline code, code blocks, links, quotes; lists and headings shown plainly), parsed by
-// markdown-it (CommonMark) with raw HTML off, and turned into a tree of a few known elements,
-// never into an HTML string: the page builds DOM nodes from it with textContent, so no message
-// can add markup, attributes or script. A link keeps only http, https and mailto addresses and
-// shows where it goes. Pure (no DOM), so the unit tests pin it.
+// markdown-it (CommonMark, as the terminal client's pulldown-cmark) with raw HTML off, and
+// turned into a tree of a few known elements, never into an HTML string: `renderMarkdown`
+// builds DOM nodes from it with createElement and text nodes only, so no message can add
+// markup, attributes or script (`<script>` in a message is the text it is). A link is a link
+// only to http(s) or mailto, opens with rel="noopener noreferrer" and shows its address after
+// its text, so it cannot hide where it goes. Nothing is fetched. `markdownTree` is pure.
 
 import MarkdownIt from "markdown-it";
 
@@ -20,8 +22,13 @@ export const MAX_MARKDOWN_CHARS = 64 * 1024;
 
 const SAFE_LINK = /^(https?:|mailto:)/i;
 
+/** Whether a link may point there: http(s) and mailto only. */
+export function safeHref(href: string): boolean {
+  return SAFE_LINK.test(href) && !/\s/.test(href);
+}
+
 /** The tree of a Markdown message. */
-export function renderMarkdown(source: string): MdNode[] {
+export function markdownTree(source: string): MdNode[] {
   if (source.length > MAX_MARKDOWN_CHARS) return [source];
   const root: MdNode[] = [];
   const stack: { tag: MdTag; children: MdNode[] }[] = [];
@@ -72,7 +79,7 @@ export function renderMarkdown(source: string): MdNode[] {
           break;
         case "link_open": {
           const href = t.attrGet("href") ?? "";
-          if (SAFE_LINK.test(href)) {
+          if (safeHref(href)) {
             open("a", href);
           } else {
             // Not a link this page follows: its text stays, in a span-less group.
@@ -133,4 +140,32 @@ export function renderMarkdown(source: string): MdNode[] {
 /** The text of a tree (for counts, mentions and tests). */
 export function mdText(nodes: MdNode[]): string {
   return nodes.map((n) => (typeof n === "string" ? n : n.tag === "br" ? "\n" : mdText(n.children))).join("");
+}
+
+/** DOM nodes for a Markdown message (only elements and text nodes; never parsed HTML). */
+export function renderMarkdown(doc: Document, text: string): DocumentFragment {
+  const frag = doc.createDocumentFragment();
+  const build = (parent: Node, nodes: MdNode[]) => {
+    for (const n of nodes) {
+      if (typeof n === "string") {
+        parent.appendChild(doc.createTextNode(n));
+        continue;
+      }
+      const e = doc.createElement(n.tag);
+      if (n.tag === "a") {
+        // Checked again here: nothing but http(s)/mailto ever becomes an href.
+        if (n.href === undefined || !safeHref(n.href)) {
+          build(parent, n.children);
+          continue;
+        }
+        e.setAttribute("href", n.href);
+        e.setAttribute("rel", "noopener noreferrer");
+        e.setAttribute("target", "_blank");
+      }
+      build(e, n.children);
+      parent.appendChild(e);
+    }
+  };
+  build(frag, markdownTree(text));
+  return frag;
 }

@@ -11,8 +11,8 @@ export type Payload =
   | { kind: "file"; fileId: string; name: string; size: number; sha256: Uint8Array; key: Uint8Array }
   | { kind: "sealed_key"; id: Uint8Array; key: Uint8Array }
   | { kind: "sealed"; id: Uint8Array; nonce: Uint8Array; ciphertext: Uint8Array }
-  // An edit, delete or reaction of the message `msgId` of the same conversation; `act`:
-  // 1 edit, 2 delete, 3 react, 4 unreact (ACT_* in payload.rs); the new text or the emoji.
+  /** An edit, delete or reaction of the message `msgId` (kind: 1 edit, 2 delete, 3 react,
+   * 4 unreact; `u8` in postcard is one byte). */
   | { kind: "act"; msgId: string; act: number; contentType: string; data: Uint8Array };
 
 const str = (s: string) => writeBytes(enc.encode(s));
@@ -33,7 +33,7 @@ export function encodePayload(p: Payload): Uint8Array {
     case "sealed":
       return concat([writeVarint(3), fixed(p.id, 16), fixed(p.nonce, 24), writeBytes(p.ciphertext)]);
     case "act":
-      if (!Number.isInteger(p.act) || p.act < 0 || p.act > 255) throw new Error(`act kind ${p.act} is not a byte`);
+      if (!Number.isInteger(p.act) || p.act < 0 || p.act > 255) throw new Error(`an act's kind is one byte, not ${p.act}`);
       return concat([writeVarint(4), str(p.msgId), new Uint8Array([p.act]), str(p.contentType), writeBytes(p.data)]);
   }
 }
@@ -80,7 +80,7 @@ export function decodePayload(b: Uint8Array): Payload | undefined {
     const contentType = readStr(b, r);
     const data = readBytes(b, r);
     if (msgId !== undefined && act && contentType !== undefined && data !== undefined) {
-      p = { kind: "act", msgId, act: act[0] ?? 0, contentType, data };
+      p = { kind: "act", msgId, act: act[0] as number, contentType, data };
     }
   }
   return p !== undefined && r.at === b.length ? p : undefined;

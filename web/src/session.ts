@@ -7,9 +7,9 @@
 // reconnect logs in again with the last sequence number seen of each conversation, so the
 // server sends what was missed, and nothing twice.
 
-import { ACT_DELETE, ACT_EDIT, ACT_NAMES, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, CT_MARKDOWN_ACTION, applyAct, bodyText, describe, markdownOf } from "./acts.js";
+import { applyShown, bodyText, describe, describeAct, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, CT_MARKDOWN_ACTION, type Shown } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
-import type { ActKind, Refs, Target, UserPresence } from "./generated/protocol.js";
+import type { Refs, RoomInfo, Target, UserPresence } from "./generated/protocol.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
@@ -17,29 +17,14 @@ import { fromHex, toHex } from "./bytes.js";
 import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
 
 export const CT_TEXT = "text/plain";
-
-/** What a reply to `msgId` shows in front of its text: the start of the original. */
-function quoteOf(c: ConvState, msgId: string): string {
-  const o = c.entries.find((e) => e.notice !== true && e.msgId === msgId);
-  if (o === undefined) return "↪ (an earlier message) │ ";
-  const start = o.text.length > QUOTE_CHARS ? `${o.text.slice(0, QUOTE_CHARS)}…` : o.text;
-  return `↪ ${o.from}: ${start.replace(/\n/g, " ")} │ `;
-}
-
-/** The newest message (not a notice) of a conversation that passes `pick`. */
-function lastEntry(c: ConvState | undefined, pick: (e: Entry) => boolean): Entry | undefined {
-  const entries = c?.entries ?? [];
-  for (let i = entries.length - 1; i >= 0; i--) {
-    const e = entries[i];
-    if (e !== undefined && e.notice !== true && pick(e)) return e;
-  }
-  return undefined;
-}
-/** Characters of the original quoted in front of a reply (as `conclave chat`). */
-const QUOTE_CHARS = 30;
 export const CT_APP = "application/mls-app";
 export const CT_COMMIT = "application/mls-commit";
 export const CT_PROPOSAL = "application/mls-proposal";
+
+/** Shortest time between two typing notices sent to one conversation (the server's default). */
+export const TYPING_INTERVAL_MS = 3_000;
+/** How long "typing" shows after a notice (as the native clients). */
+export const TYPING_SHOWN_MS = 6_000;
 
 /** Entries kept per conversation in memory and in local history (as the TUI keeps). */
 export const MAX_ENTRIES = 10_000;
@@ -61,10 +46,6 @@ export const MAX_SEALED_KEYS = 10_000;
 export const FILL_PAGE = 100;
 /** Most entries read to catch up one conversation at once. */
 export const MAX_FILL = 10_000;
-/** Most members listed in a room's members pane. */
-export const MAX_MEMBERS_SHOWN = 2_000;
-/** Most people shown typing in one conversation. */
-export const MAX_TYPING = 50;
 
 export interface Entry {
   seq: number;
@@ -76,18 +57,20 @@ export interface Entry {
   /** A notice of the client (joins, errors), not a message. */
   notice?: boolean;
   file?: { fileId: string; name: string; size: number; sha256: string; key?: string };
-  /** Deleted (an act): shown as "(deleted)". */
-  deleted?: boolean;
-  /** Emoji → who reacted. */
-  reactions?: Record<string, string[]>;
-  /** Bumped at every change by an act (the timeline renders the row again). */
-  rev?: number;
-  /** A formatted message: its Markdown source and what is shown before it. */
-  md?: { before: string; source: string };
+  /** Its text was edited. */
   edited?: boolean;
+  /** It was deleted (the text is gone). */
+  deleted?: boolean;
+  /** Emoji → who reacted with it. */
+  reactions?: Record<string, string[]>;
+  /** The message it answers (its server id). */
+  replyTo?: string;
+  /** Its text is Markdown (`text/markdown`), rendered safely. */
+  markdown?: boolean;
 }
 
-const isMarkdown = (ct: string) => ct === CT_MARKDOWN || ct === CT_MARKDOWN_ACTION;
+/** An act the composer sends on a line. */
+export type ActRequest = { kind: "Edit"; text: string } | { kind: "Delete" } | { kind: "React" | "Unreact"; emoji: string };
 
 export interface ConvState {
   key: string;
@@ -102,49 +85,12 @@ export interface ConvState {
   lastSeq: number;
   /** The oldest history was loaded. */
   complete: boolean;
-  /** A room's topic, as last heard. */
+  /** The room's topic, when set. */
   topic?: string;
   /** Who is typing here, until when (ms since the epoch). */
-  typing?: Record<string, number>;
-  /** How far each member has read (their read marker), by name. */
-  readBy?: Record<string, number>;
-  /** A room's members with their presence, once asked (`who`), kept up to date by events. */
-  members?: UserPresence[];
-}
-
-/** Who (other than me) has read up to the newest message of `c`. */
-export function readByNow(c: ConvState, me: string): string[] {
-  let newest = 0;
-  for (let i = c.entries.length - 1; i >= 0; i--) {
-    const e = c.entries[i];
-    if (e !== undefined && e.notice !== true && e.msgId !== undefined) {
-      newest = e.seq;
-      break;
-    }
-  }
-  if (newest === 0) return [];
-  return Object.entries(c.readBy ?? {})
-    .filter(([u, seq]) => u !== me && seq >= newest)
-    .map(([u]) => u)
-    .sort();
-}
-
-/** At most one read marker per conversation this often (ms). */
-export const READ_INTERVAL_MS = 1_000;
-/** Most members whose read markers are kept per conversation. */
-export const MAX_READERS = 10_000;
-
-/** How long a typing notice shows (conclave-proto's TYPING_SHOWN_MS). */
-export const TYPING_SHOWN_MS = 6_000;
-/** At most one typing notice per conversation this often (its DEFAULT_TYPING_INTERVAL_MS). */
-export const TYPING_INTERVAL_MS = 3_000;
-
-/** Who is typing in `c` now, by name. */
-export function typingNow(c: ConvState, me: string, now: number): string[] {
-  return Object.entries(c.typing ?? {})
-    .filter(([u, until]) => u !== me && until > now)
-    .map(([u]) => u)
-    .sort();
+  typing?: Map<string, number>;
+  /** Members' read markers here: user → highest sequence read. */
+  reads?: Map<string, number>;
 }
 
 export interface SessionState {
@@ -222,11 +168,6 @@ export class Session {
   private stopped = false;
   /** Keys of blockcast messages (by id, hex), and sealed messages waiting for theirs. */
   private sealedKeys = new Map<string, Uint8Array>();
-  /** The read marker last sent, by conversation, and when. */
-  private readSent = new Map<string, { seq: number; at: number }>();
-  private readTimer: ReturnType<typeof setTimeout> | undefined;
-  /** When this client last said it was typing, by conversation. */
-  private typingSent = new Map<string, number>();
   private sealedWaiting = new Map<string, { m: Message; p: Payload; live: boolean }>();
   /** MLS messages of conversations this device is joining, until it is in. */
   private early = new Map<string, Message[]>();
@@ -473,25 +414,34 @@ export class Session {
     const c = this.ensureConv(m.conv);
     const shown = describe(m);
     if (shown.kind === "line") {
-      const quote = m.extra?.reply_to != null ? quoteOf(c, m.extra.reply_to) : "";
-      const data = Uint8Array.from(m.body.data);
-      const md = m.extra?.state?.deleted === true ? undefined : markdownOf(m.body.content_type, data, m.from, quote);
-      const edited = m.extra?.state?.edited_ms != null;
-      const entry: Entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: quote + shown.text, msgId: m.msg_id };
-      if (md !== undefined) entry.md = md;
-      if (edited) entry.edited = true;
+      const reactions: Record<string, string[]> = {};
+      for (const r of m.extra?.state?.reactions ?? []) reactions[r.emoji] = [...r.users];
+      const entry: Entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id, reactions };
+      if (m.extra?.state?.deleted === true) entry.deleted = true;
+      if (m.extra?.reply_to != null) entry.replyTo = m.extra.reply_to;
+      if (m.body.content_type.startsWith(CT_MARKDOWN)) entry.markdown = true;
       if (this.addEntry(c, entry, live)) void this.saveHistory(c);
       return;
     }
     // An act changes the line it names (when loaded here); it is no line itself.
     c.lastSeq = Math.max(c.lastSeq, m.seq);
-    const changed =
-      shown.kind === "edit"
-        ? applyAct(c.entries, shown.target, ACT_EDIT, m.from, shown.text, isMarkdown(m.body.content_type))
-        : shown.kind === "delete"
-          ? applyAct(c.entries, shown.target, ACT_DELETE, m.from, "")
-          : applyAct(c.entries, shown.target, shown.on ? ACT_REACT : ACT_UNREACT, m.from, shown.emoji);
-    if (changed) void this.saveHistory(c);
+    this.applyAct(c, shown, m.from);
+  }
+
+  /** Applies an edit, delete or reaction to the line it names (a new entry object, so the
+   * timeline redraws that row). */
+  private applyAct(c: ConvState, shown: Shown, by: string): void {
+    if (shown.kind === "line") return;
+    const i = c.entries.findIndex((e) => !e.notice && e.msgId === shown.target);
+    const target = c.entries[i];
+    if (target !== undefined) {
+      c.entries[i] = applyShown(target, shown, by);
+      // Replies quoting it are redrawn (a deleted original's text is no longer quoted).
+      c.entries.forEach((e, j) => {
+        if (e.replyTo === shown.target) c.entries[j] = { ...e };
+      });
+      void this.saveHistory(c);
+    }
     this.onChange();
   }
 
@@ -499,22 +449,17 @@ export class Session {
     const c = this.ensureConv(m.conv, true);
     let entry: Entry;
     if (p?.kind === "body") {
-      const quote = m.extra?.reply_to != null ? quoteOf(c, m.extra.reply_to) : "";
-      entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: quote + bodyText(p.contentType, p.data, m.from), msgId: m.msg_id };
-      const md = markdownOf(p.contentType, p.data, m.from, quote);
-      if (md !== undefined) entry.md = md;
+      entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: bodyText(p.contentType, p.data, m.from), msgId: m.msg_id };
+      if (m.extra?.reply_to != null) entry.replyTo = m.extra.reply_to;
+      if (p.contentType.startsWith(CT_MARKDOWN)) entry.markdown = true;
     } else if (p?.kind === "act") {
-      // The server's cleartext reference (which it checked: only the author edits, and so on)
-      // must name the message and kind the sender signed, or the act is dropped.
-      c.lastSeq = Math.max(c.lastSeq, m.seq);
-      const named = m.extra?.acts_on ?? null;
-      if (named === null || named.msg_id !== p.msgId || named.kind !== ACT_NAMES[p.act]) {
-        this.notice(c.key, `an edit or reaction from ${m.from} was dropped: its reference does not match what was signed`);
+      // An edit, delete or reaction inside the ciphertext; its cleartext reference must agree.
+      const shown = describeAct(p, m.extra?.acts_on, m.from);
+      if (shown === undefined) {
+        this.notice(c.key, `an act from ${m.from} whose reference does not match its ciphertext was dropped`);
         return;
       }
-      const content = p.act === ACT_EDIT ? bodyText(p.contentType, p.data, m.from) : dec.decode(p.data);
-      if (applyAct(c.entries, p.msgId, p.act, m.from, content, isMarkdown(p.contentType))) void this.saveHistory(c);
-      this.onChange();
+      this.applyAct(c, shown, m.from);
       return;
     } else if (p?.kind === "file") {
       entry = {
@@ -522,6 +467,7 @@ export class Session {
         from: m.from,
         ts: m.ts_ms,
         text: `offers the file ${p.name} (${p.size} bytes)`,
+        msgId: m.msg_id,
         file: { fileId: p.fileId, name: p.name, size: p.size, sha256: toHex(p.sha256), key: toHex(p.key) },
       };
     } else if (p?.kind === "sealed_key") {
@@ -586,9 +532,6 @@ export class Session {
     switch (name) {
       case "Message": {
         const m = body as Message;
-        // A message ends its sender's typing.
-        const typing = this.state.convs.get(convKey(m.conv))?.typing;
-        if (typing !== undefined) delete typing[m.from];
         if (isMls(m.body.content_type)) await this.processMls(m, true);
         else this.showPlain(m, true);
         break;
@@ -615,19 +558,16 @@ export class Session {
       case "Join": {
         const j = body as { room: string; user: string };
         const c = this.ensureConv({ Room: j.room });
+        this.membersChanged++;
         if (j.user !== this.state.user) this.notice(c.key, `${j.user} joined`);
-        if (c.members !== undefined && !c.members.some((u) => u.user === j.user) && c.members.length < MAX_MEMBERS_SHOWN) {
-          c.members.push({ user: j.user, online: true, connections: 1, admin: false, display_name: null, away: null });
-        }
         break;
       }
       case "Part": {
         const p = body as { room: string; user: string };
         const key = convKey({ Room: p.room });
+        this.membersChanged++;
         if (p.user === this.state.user) this.device.forget(key);
         else this.notice(key, `${p.user} left`);
-        const pc = this.state.convs.get(key);
-        if (pc?.members !== undefined) pc.members = pc.members.filter((u) => u.user !== p.user);
         break;
       }
       case "Kicked": {
@@ -655,52 +595,40 @@ export class Session {
         this.notice(undefined, `${i.by} invited you to #${i.room}: /join ${i.room}`);
         break;
       }
+      case "Topic": {
+        const t = body as { room: string; topic: string; by: string };
+        const c = this.ensureConv({ Room: t.room });
+        c.topic = t.topic;
+        this.notice(c.key, t.topic === "" ? `${t.by} cleared the topic` : `${t.by} set the topic: ${t.topic}`);
+        break;
+      }
       case "Typing": {
         const t = body as { conv: Conv; user: string };
-        const c = this.state.convs.get(convKey(t.conv));
-        if (c === undefined || t.user === this.state.user) break;
-        const typing = c.typing ?? {};
-        // Bounded: the expired go first.
-        const now = Date.now();
-        for (const [u, until] of Object.entries(typing)) if (until <= now) delete typing[u];
-        if (Object.keys(typing).length < MAX_TYPING) typing[t.user] = now + TYPING_SHOWN_MS;
-        c.typing = typing;
-        break;
-      }
-      case "Presence": {
-        const p = body as { user: string; online: boolean };
-        this.presence(p.user, (u) => {
-          u.online = p.online;
-          if (!p.online) u.away = null;
-        });
-        break;
-      }
-      case "Away": {
-        const a = body as { user: string; text: string | null };
-        this.presence(a.user, (u) => (u.away = a.text));
-        break;
-      }
-      case "DisplayName": {
-        const d = body as { user: string; name: string | null };
-        this.presence(d.user, (u) => (u.display_name = d.name));
+        if (t.user === this.state.user) break;
+        const c = this.ensureConv(t.conv);
+        c.typing ??= new Map();
+        c.typing.set(t.user, Date.now() + TYPING_SHOWN_MS);
+        // Redrawn when it expires.
+        setTimeout(() => this.onChange(), TYPING_SHOWN_MS + 50);
         break;
       }
       case "Read": {
         const r = body as { conv: Conv; user: string; seq: number };
-        const c = this.state.convs.get(convKey(r.conv));
-        if (c === undefined) break;
-        const readBy = c.readBy ?? {};
-        if (readBy[r.user] !== undefined || Object.keys(readBy).length < MAX_READERS) {
-          readBy[r.user] = Math.max(readBy[r.user] ?? 0, r.seq);
-        }
-        c.readBy = readBy;
+        const c = this.ensureConv(r.conv);
+        c.reads ??= new Map();
+        c.reads.set(r.user, Math.max(c.reads.get(r.user) ?? 0, r.seq));
         break;
       }
-      case "Topic": {
-        const t = body as { room: string; topic: string; by: string };
-        const c = this.ensureConv({ Room: t.room });
-        c.topic = t.topic === "" ? undefined : t.topic;
-        this.notice(c.key, t.topic === "" ? `${t.by} cleared the topic` : `${t.by} set the topic: ${t.topic}`);
+      case "Presence": {
+        const pr = body as { user: string; online: boolean };
+        if (pr.online) this.online.add(pr.user);
+        else this.online.delete(pr.user);
+        break;
+      }
+      case "Away": {
+        const a = body as { user: string; text: string | null };
+        if (a.text === null) this.away.delete(a.user);
+        else this.away.set(a.user, a.text);
         break;
       }
       case "Announce": {
@@ -921,65 +849,44 @@ export class Session {
 
   // --- commands ---------------------------------------------------------------------------
 
-  /** Sends text to a conversation (end-to-end when it is). */
-  async send(key: string, text: string, except: string[] = []): Promise<void> {
-    await this.sendBody(key, { contentType: CT_TEXT, data: enc.encode(text) }, { except });
+  /** Sends text to a conversation (end-to-end when it is); `action` sends it as `/me`. */
+  async send(key: string, text: string, except: string[] = [], opts: { action?: boolean; replyTo?: string; markdown?: boolean } = {}): Promise<void> {
+    const contentType = opts.markdown === true ? (opts.action === true ? CT_MARKDOWN_ACTION : CT_MARKDOWN) : opts.action === true ? CT_ACTION : CT_TEXT;
+    const data = enc.encode(text);
+    const refs: Refs | null = opts.replyTo !== undefined ? { reply_to: opts.replyTo, acts_on: null } : null;
+    await this.sendBody(key, contentType, data, refs, { kind: "body", contentType, data }, except, (c, s) => {
+      const entry: Entry = { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: bodyText(contentType, data, this.state.user), msgId: s.msg_id };
+      if (opts.replyTo !== undefined) entry.replyTo = opts.replyTo;
+      if (opts.markdown === true) entry.markdown = true;
+      this.addEntry(c, entry, false);
+    });
   }
 
-  /** `/md text`: formatted text (Markdown). */
-  async markdown(key: string, text: string): Promise<void> {
-    await this.sendBody(key, { contentType: CT_MARKDOWN, data: enc.encode(text) }, {});
+  /** Edits, deletes or reacts to the line `msgId` of a conversation (inside the ciphertext in
+   * an end-to-end one, with the cleartext reference the server checks). */
+  async act(key: string, msgId: string, act: ActRequest): Promise<void> {
+    const contentType = act.kind === "Delete" ? CT_DELETE : CT_TEXT;
+    const data = act.kind === "Edit" ? enc.encode(act.text) : act.kind === "Delete" ? new Uint8Array(0) : enc.encode(act.emoji);
+    const code = act.kind === "Edit" ? ACT_EDIT : act.kind === "Delete" ? ACT_DELETE : act.kind === "React" ? ACT_REACT : ACT_UNREACT;
+    const refs: Refs = { reply_to: null, acts_on: { msg_id: msgId, kind: act.kind } };
+    const shown: Shown =
+      act.kind === "Edit"
+        ? { kind: "edit", target: msgId, text: act.text }
+        : act.kind === "Delete"
+          ? { kind: "delete", target: msgId }
+          : { kind: "reaction", target: msgId, emoji: act.emoji, on: act.kind === "React" };
+    await this.sendBody(key, contentType, data, refs, { kind: "act", msgId, act: code, contentType, data }, [], (c) => this.applyAct(c, shown, this.state.user));
   }
 
-  /** `/me text`: an action, shown as "* name text". */
-  async action(key: string, text: string): Promise<void> {
-    await this.sendBody(key, { contentType: CT_ACTION, data: enc.encode(text) }, {});
-  }
-
-  /** Answers the last message from someone else in the conversation (quoted in front). */
-  async reply(key: string, text: string): Promise<void> {
-    const c = this.state.convs.get(key);
-    const target = lastEntry(c, (e) => e.msgId !== undefined && e.from !== this.state.user);
-    if (c === undefined || target?.msgId === undefined) throw new Error("there is no message from someone else here to reply to");
-    const quote = quoteOf(c, target.msgId);
-    await this.sendBody(key, { contentType: CT_TEXT, data: enc.encode(text) }, { refs: { reply_to: target.msgId, acts_on: null }, quote });
-  }
-
-  /** Edits or deletes my last message here, or reacts to (or takes back a reaction to) the
-   * last message here. */
-  async act(key: string, kind: number, content: string): Promise<void> {
-    const c = this.state.convs.get(key);
-    const mineOnly = kind === ACT_EDIT || kind === ACT_DELETE;
-    const target = lastEntry(c, (e) => e.msgId !== undefined && e.deleted !== true && (!mineOnly || e.from === this.state.user));
-    if (c === undefined || target?.msgId === undefined) throw new Error(mineOnly ? "there is no message of yours here yet" : "there is no message here yet");
-    const name = ACT_NAMES[kind];
-    if (name === undefined) throw new Error(`no act ${kind}`);
-    const body = kind === ACT_DELETE ? { contentType: CT_DELETE, data: new Uint8Array() } : { contentType: CT_TEXT, data: enc.encode(content) };
-    await this.sendBody(key, body, { refs: { reply_to: null, acts_on: { msg_id: target.msgId, kind: name as ActKind } }, act: { msgId: target.msgId, kind, content } });
-  }
-
-  /** Sends a body to a conversation, end-to-end when it is: a message (shown as a line, with
-   * `quote` in front for a reply) or, with `act`, an edit, delete or reaction of an earlier
-   * message (applied to its line once the server has it). */
   private async sendBody(
     key: string,
-    body: { contentType: string; data: Uint8Array },
-    opts: { except?: string[]; refs?: Refs; quote?: string; act?: { msgId: string; kind: number; content: string } },
+    contentType: string,
+    body: Uint8Array,
+    refs: Refs | null,
+    payload: Payload,
+    except: string[],
+    sentOk: (c: ConvState, s: { seq: number; ts_ms: number; msg_id: string }) => void,
   ): Promise<void> {
-    const except = opts.except ?? [];
-    const refs = opts.refs ?? null;
-    const text = bodyText(body.contentType, body.data, this.state.user);
-    const shown = (s: { msg_id: string; seq: number; ts_ms: number }, c: ConvState) => {
-      if (opts.act !== undefined) {
-        c.lastSeq = Math.max(c.lastSeq, s.seq);
-        applyAct(c.entries, opts.act.msgId, opts.act.kind, this.state.user, opts.act.content, isMarkdown(body.contentType));
-        return;
-      }
-      const entry: Entry = { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: `${opts.quote ?? ""}${text}`, msgId: s.msg_id };
-      const md = markdownOf(body.contentType, body.data, this.state.user, opts.quote ?? "");
-      if (md !== undefined) entry.md = md;
-      this.addEntry(c, entry, false);
-    };
     const c = this.state.convs.get(key);
     if (c === undefined) throw new Error("no such conversation");
     const target: Target =
@@ -992,16 +899,11 @@ export class Session {
       if (c.e2ee && except.length > 0) throw new Error("leaving people out (/except) of an end-to-end room is not supported by the web client yet");
       const idem = crypto.randomUUID();
       if (!c.e2ee || !this.device.has(key)) {
-        const [, sent] = await this.request({ Send: { target, body: { content_type: body.contentType, data: bytesOut(body.data) }, idempotency_key: idem, refs } });
-        shown(sent as { msg_id: string; seq: number; ts_ms: number }, c);
+        const [, sent] = await this.request({ Send: { target, body: { content_type: contentType, data: bytesOut(body) }, idempotency_key: idem, refs } });
+        sentOk(c, sent as { seq: number; ts_ms: number; msg_id: string });
         await this.saveHistory(c);
         return;
       }
-      // The reference inside the ciphertext too, so the server cannot redirect an act.
-      const payload: Payload =
-        opts.act !== undefined
-          ? { kind: "act", msgId: opts.act.msgId, act: opts.act.kind, contentType: body.contentType, data: body.data }
-          : { kind: "body", contentType: body.contentType, data: body.data };
       for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
         if (this.device.hasPendingProposals(key)) {
           const out = await this.device.commitPending(key);
@@ -1014,7 +916,7 @@ export class Session {
         await this.saveDevice();
         try {
           const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs } });
-          shown(sent as { msg_id: string; seq: number; ts_ms: number }, c);
+          sentOk(c, sent as { seq: number; ts_ms: number; msg_id: string });
           await this.saveHistory(c);
           return;
         } catch (e) {
@@ -1097,59 +999,39 @@ export class Session {
 
   async who(room?: string): Promise<string> {
     const [, users] = await this.request({ Who: { room: room ?? null } });
-    return (users as { user: string; online: boolean; away: string | null; display_name: string | null }[])
-      .map((u) => {
-        const name = u.display_name !== null ? `${u.display_name} (${u.user})` : u.user;
-        const state = !u.online ? " (offline)" : u.away !== null ? ` (away: ${u.away})` : "";
-        return name + state;
-      })
-      .join(", ");
+    return (users as { user: string; online: boolean }[]).map((u) => `${u.user}${u.online ? "" : " (away)"}`).join(", ");
   }
 
-  /** Asks for a room's members (the members pane); events keep the list current. */
-  async loadMembers(key: string): Promise<void> {
+  /** The conversation's members (a room's from `who`, with away and display names, and its
+   * topic; a direct conversation's people). */
+  async members(key: string): Promise<string[]> {
     const c = this.state.convs.get(key);
-    if (c === undefined || !("Room" in c.conv)) return;
+    if (c === undefined) return [];
+    if (!("Room" in c.conv)) return c.conv.Direct;
     const [, users] = await this.request({ Who: { room: c.conv.Room } });
-    c.members = (users as UserPresence[]).slice(0, MAX_MEMBERS_SHOWN);
-    this.onChange();
-  }
-
-  /** Applies a change of someone's presence to every members list that has them. */
-  private presence(user: string, change: (u: UserPresence) => void): void {
-    for (const c of this.state.convs.values()) {
-      const u = c.members?.find((m) => m.user === user);
-      if (u !== undefined) change(u);
+    const list = users as UserPresence[];
+    for (const u of list) {
+      if (u.away === null) this.away.delete(u.user);
+      else this.away.set(u.user, u.away);
+      if (u.display_name !== null) this.displayNames.set(u.user, u.display_name);
+      if (u.online) this.online.add(u.user);
+      else this.online.delete(u.user);
     }
+    const [, rooms] = await this.request("Rooms");
+    const info = (rooms as RoomInfo[]).find((r) => r.room === (c.conv as { Room: string }).Room);
+    if (info !== undefined && info.topic !== null && c.topic === undefined) c.topic = info.topic;
+    return list.map((u) => u.user);
   }
 
-  /** Tells the conversation's members that I am typing, at most every few seconds. */
-  typing(key: string): void {
-    const c = this.state.convs.get(key);
-    const now = Date.now();
-    if (c === undefined || (this.typingSent.get(key) ?? 0) + TYPING_INTERVAL_MS > now) return;
-    this.typingSent.set(key, now);
-    void this.request({ Typing: { conv: this.convRef(c.conv) } }).catch(() => undefined);
-  }
-
-  async setTopic(room: string, topic: string): Promise<void> {
-    await this.request({ SetTopic: { room, topic } });
-    // The members hear it as an event; this connection has the reply.
-    const c = this.state.convs.get(convKey({ Room: room }));
-    if (c !== undefined) c.topic = topic === "" ? undefined : topic;
-    this.onChange();
-  }
-
-  async away(text: string | null): Promise<void> {
-    await this.request({ Away: { text } });
-  }
+  /** Counts joins and parts seen (the members pane asks again when it moves). */
+  membersChanged = 0;
+  /** Who is online (as `who` and presence events told). */
+  online = new Set<string>();
+  /** Display names seen (user → name). */
+  displayNames = new Map<string, string>();
 
   async rooms(): Promise<string> {
     const [, list] = await this.request("Rooms");
-    for (const r of list as { room: string; topic: string | null }[]) {
-      const c = this.state.convs.get(convKey({ Room: r.room }));
-      if (c !== undefined) c.topic = r.topic ?? undefined;
-    }
     return (list as { room: string; members: number; e2ee: boolean; member: boolean }[])
       .map((r) => `#${r.room} (${r.members} members, ${r.e2ee ? "end-to-end" : "server-encrypted"}${r.member ? ", joined" : ""})`)
       .join("; ");
@@ -1216,38 +1098,72 @@ export class Session {
     this.onChange();
   }
 
-  /** The conversation is on screen: its counts start over, and the server is told how far
-   * I have read (at most once a second; others see it as "read by"). */
+  /** Users away now (as events told): user → message. */
+  away = new Map<string, string>();
+  private typingSent = new Map<string, number>();
+  private readSent = new Map<string, number>();
+
+  /** Tells the conversation's members that this user is typing (at most once per
+   * TYPING_INTERVAL_MS per conversation, as the server allows). */
+  typing(key: string): void {
+    const c = this.state.convs.get(key);
+    if (c === undefined) return;
+    const now = Date.now();
+    if (now - (this.typingSent.get(key) ?? 0) < TYPING_INTERVAL_MS) return;
+    this.typingSent.set(key, now);
+    this.request({ Typing: { conv: this.convRef(c.conv) } }).catch(() => undefined);
+  }
+
+  /** Who is typing in a conversation now (besides this user). */
+  typingNow(key: string): string[] {
+    const c = this.state.convs.get(key);
+    const now = Date.now();
+    return [...(c?.typing ?? new Map<string, number>())].filter(([, until]) => until > now).map(([u]) => u);
+  }
+
+  /** Sends this user's read marker for what is shown of a conversation (when it moved). */
+  sendRead(key: string): void {
+    const c = this.state.convs.get(key);
+    if (c === undefined || c.lastSeq <= (this.readSent.get(key) ?? 0)) return;
+    this.readSent.set(key, c.lastSeq);
+    this.request({ Read: { conv: this.convRef(c.conv), seq: c.lastSeq } }).catch(() => undefined);
+  }
+
+  /** Who has read the line of sequence `seq` (besides its author and this user). */
+  readBy(key: string, seq: number): string[] {
+    const c = this.state.convs.get(key);
+    return [...(c?.reads ?? new Map<string, number>())].filter(([u, s]) => s >= seq && u !== this.state.user).map(([u]) => u);
+  }
+
+  async setTopic(room: string, topic: string): Promise<void> {
+    await this.request({ SetTopic: { room, topic } });
+    // The server tells the others; this connection shows it from the reply.
+    const c = this.ensureConv({ Room: room });
+    c.topic = topic;
+    this.onChange();
+  }
+
+  async setAway(text: string | null): Promise<void> {
+    await this.request({ Away: { text } });
+  }
+
+  async ban(user: string, reason?: string): Promise<void> {
+    await this.request({ Ban: { user, ip: null, duration_s: null, reason: reason ?? null } });
+  }
+
+  async unban(user: string): Promise<void> {
+    await this.request({ Unban: { user, ip: null } });
+  }
+
+  async announce(text: string): Promise<void> {
+    await this.request({ Announce: { text } });
+  }
+
   markRead(key: string): void {
     const c = this.state.convs.get(key);
     if (c === undefined) return;
     c.unread = 0;
     c.mentions = 0;
-    const newest = c.entries.reduce((n, e) => (e.notice !== true && e.msgId !== undefined ? Math.max(n, e.seq) : n), 0);
-    const sent = this.readSent.get(key) ?? { seq: 0, at: 0 };
-    const now = Date.now();
-    if (newest > sent.seq && now - sent.at >= READ_INTERVAL_MS && this.state.connected) {
-      this.readSent.set(key, { seq: newest, at: now });
-      void this.request({ Read: { conv: this.convRef(c.conv), seq: newest } }).catch(() => undefined);
-    } else if (newest > sent.seq && this.readTimer === undefined) {
-      // Later, once the interval has passed.
-      this.readTimer = setTimeout(() => {
-        this.readTimer = undefined;
-        if (this.state.current === key) this.markRead(key);
-      }, READ_INTERVAL_MS);
-    }
-  }
-
-  async ban(target: { user?: string; ip?: string }, durationS: number | null, reason: string | null): Promise<void> {
-    await this.request({ Ban: { user: target.user ?? null, ip: target.ip ?? null, duration_s: durationS, reason } });
-  }
-
-  async unban(target: { user?: string; ip?: string }): Promise<void> {
-    await this.request({ Unban: { user: target.user ?? null, ip: target.ip ?? null } });
-  }
-
-  async announce(text: string): Promise<void> {
-    await this.request({ Announce: { text } });
   }
 
   /** Raw request, for what the UI does directly (files). */

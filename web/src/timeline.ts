@@ -15,9 +15,7 @@ export class Timeline {
   private key = "";
   private entries: Entry[] = [];
   private heights = new WeakMap<Entry, number>();
-  /** Each entry's row as last rendered, with the entry's revision then (an edit, delete or
-   * reaction bumps it, so the row is rendered again). */
-  private nodes = new WeakMap<Entry, { node: HTMLElement; rev: number }>();
+  private nodes = new WeakMap<Entry, HTMLElement>();
   private top = document.createElement("div");
   private rows = document.createElement("div");
   private bottom = document.createElement("div");
@@ -105,12 +103,10 @@ export class Timeline {
     }
     const slice = this.entries.slice(from, to);
     const nodes = slice.map((e, i) => {
-      const rev = e.rev ?? 0;
-      const cached = this.nodes.get(e);
-      let n = cached?.rev === rev ? cached.node : undefined;
+      let n = this.nodes.get(e);
       if (n === undefined) {
         n = this.renderRow(e);
-        this.nodes.set(e, { node: n, rev });
+        this.nodes.set(e, n);
       }
       n.dataset.index = String(from + i);
       return n;

@@ -92,6 +92,17 @@ async function handle(r: Req): Promise<Req> {
       }
       throw new Error(`the timeline never showed ${JSON.stringify(text)}; it shows: ${(await log(p)).slice(-600)}`);
     }
+    case "wait_no_text": {
+      // The timeline of the open conversation no longer shows this text (a delete).
+      const p = current();
+      const text = s(r, "text");
+      const deadline = Date.now() + WAIT_MS;
+      while (Date.now() < deadline) {
+        if (!(await log(p)).includes(text)) return {};
+        await p.waitForTimeout(100);
+      }
+      throw new Error(`the timeline still shows ${JSON.stringify(text)}`);
+    }
     case "scroll_up_until": {
       // Scrolls the timeline to the top (loading older history) until it shows this text.
       const p = current();
@@ -107,39 +118,6 @@ async function handle(r: Req): Promise<Req> {
     case "count_text": {
       const t = await log(current());
       return { count: t.split(s(r, "text")).length - 1 };
-    }
-    case "wait_element": {
-      // An element of the timeline (a CSS selector inside the log) with this text.
-      const p = current();
-      await p.getByRole("log").locator(s(r, "selector"), { hasText: s(r, "text") }).first().waitFor();
-      return { count: await p.getByRole("log").locator("script, img, iframe").count() };
-    }
-    case "wait_members": {
-      // The members pane shows this text.
-      const p = current();
-      const pane = p.getByRole("complementary", { name: "Members" });
-      const text = s(r, "text");
-      const deadline = Date.now() + WAIT_MS;
-      let shown = "";
-      while (Date.now() < deadline) {
-        shown = (await pane.textContent()) ?? "";
-        if (shown.includes(text)) return {};
-        await p.waitForTimeout(100);
-      }
-      throw new Error(`the members pane never showed ${JSON.stringify(text)}; it shows: ${shown}`);
-    }
-    case "wait_header": {
-      // The conversation's title (with its topic) or the status line shows this text.
-      const p = current();
-      const text = s(r, "text");
-      const deadline = Date.now() + WAIT_MS;
-      let shown = "";
-      while (Date.now() < deadline) {
-        shown = `${(await p.locator("#conv-title").textContent()) ?? ""} | ${(await p.getByRole("status").first().textContent()) ?? ""}`;
-        if (shown.includes(text)) return {};
-        await p.waitForTimeout(100);
-      }
-      throw new Error(`the header never showed ${JSON.stringify(text)}; it shows: ${shown}`);
     }
     case "marker":
       return { marker: (await current().locator("#marker").textContent()) ?? "" };
@@ -204,6 +182,49 @@ async function handle(r: Req): Promise<Req> {
     case "close_dialog":
       await current().getByRole("button", { name: "Close" }).click();
       return {};
+    case "wait_in": {
+      // The element `selector` shows this text (the typing line, "read by", the topic, …).
+      const p = current();
+      const sel = s(r, "selector");
+      const text = s(r, "text");
+      const deadline = Date.now() + WAIT_MS;
+      let shown = "";
+      while (Date.now() < deadline) {
+        shown = (await p.locator(sel).first().textContent().catch(() => "")) ?? "";
+        if (shown.includes(text)) return { text: shown };
+        await p.waitForTimeout(100);
+      }
+      throw new Error(`${sel} never showed ${JSON.stringify(text)}; it shows: ${shown.slice(-300)}`);
+    }
+    case "row": {
+      // The last timeline line that shows `text`, once it also shows `contains` (when given):
+      // its text and its reactions' titles (who reacted).
+      const p = current();
+      const row = p.locator(".timeline .rows > .row").filter({ hasText: s(r, "text") }).last();
+      const want = typeof r.contains === "string" ? r.contains : "";
+      const deadline = Date.now() + WAIT_MS;
+      let shown = "";
+      while (Date.now() < deadline) {
+        shown = (await row.textContent({ timeout: 200 }).catch(() => "")) ?? "";
+        if (shown !== "" && shown.includes(want)) {
+          const titles = await row.locator(".reactions button").evaluateAll((bs) => bs.map((b) => b.getAttribute("title") ?? ""));
+          return { text: shown, titles };
+        }
+        await p.waitForTimeout(100);
+      }
+      throw new Error(`no line with ${JSON.stringify(s(r, "text"))} showing ${JSON.stringify(want)}; last seen: ${shown.slice(-300)}`);
+    }
+    case "row_action": {
+      // Uses a line's action button (Reply, Edit, Delete, React) reached by keyboard focus,
+      // as a keyboard user would; React then picks `emoji`.
+      const p = current();
+      const row = p.locator(".timeline .rows > .row").filter({ hasText: s(r, "text") }).last();
+      const action = row.getByRole("button", { name: s(r, "action"), exact: true });
+      await action.focus();
+      await action.press("Enter");
+      if (s(r, "action") === "React") await row.getByRole("button", { name: `React with ${s(r, "emoji")}` }).click();
+      return {};
+    }
     case "rendered_rows":
       return { rows: await current().locator(".timeline .rows > .row").count() };
     case "eval": {

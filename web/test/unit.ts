@@ -8,10 +8,9 @@ import { parseCommand, MAX_HISTORY_COUNT } from "../src/commands.js";
 import { decodePayload, encodePayload, type Payload } from "../src/payload.js";
 import { readVarint, writeVarint, fromHex, toHex } from "../src/bytes.js";
 import { open, seal, SEAL_CHUNK } from "../src/files.js";
-import { describe, applyAct, reactionsShown, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, type ActLine } from "../src/acts.js";
+import { describe, describeAct, applyShown, type Actable, ACT_DELETE, ACT_EDIT, ACT_REACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, MAX_EMOJI_BYTES } from "../src/acts.js";
+import { markdownTree, mdText, safeHref, MAX_MARKDOWN_CHARS, type MdNode } from "../src/markdown.js";
 import type { Message } from "../src/protocol.js";
-import { typingNow, type ConvState } from "../src/session.js";
-import { renderMarkdown, mdText, type MdNode } from "../src/markdown.js";
 
 test("slash commands parse as the terminal client's", () => {
   assert.deepEqual(parseCommand("hello"), { cmd: "say", text: "hello" });
@@ -26,25 +25,6 @@ test("slash commands parse as the terminal client's", () => {
   assert.equal(parseCommand("/history -3").cmd, "error");
   assert.equal(parseCommand("/nonsense").cmd, "error");
   assert.deepEqual(parseCommand("/kick mallory spamming a lot"), { cmd: "kick", user: "mallory", reason: "spamming a lot" });
-  assert.deepEqual(parseCommand("/reply the blue one"), { cmd: "reply", text: "the blue one" });
-  assert.deepEqual(parseCommand("/edit fixed text"), { cmd: "edit", text: "fixed text" });
-  assert.deepEqual(parseCommand("/delete"), { cmd: "delete" });
-  assert.deepEqual(parseCommand("/react 👍"), { cmd: "react", emoji: "👍", on: true });
-  assert.deepEqual(parseCommand("/unreact 👍"), { cmd: "react", emoji: "👍", on: false });
-  assert.deepEqual(parseCommand("/me waves"), { cmd: "me", text: "waves" });
-  assert.deepEqual(parseCommand("/topic rigs and cables"), { cmd: "topic", text: "rigs and cables" });
-  assert.deepEqual(parseCommand("/topic -"), { cmd: "topic", text: "" });
-  assert.deepEqual(parseCommand("/away lunch"), { cmd: "away", text: "lunch" });
-  assert.deepEqual(parseCommand("/away"), { cmd: "away", text: undefined });
-  assert.deepEqual(parseCommand("/back"), { cmd: "back" });
-  assert.deepEqual(parseCommand("/ban mallory 2h spamming"), { cmd: "ban", target: { user: "mallory" }, durationS: 7_200, reason: "spamming" });
-  assert.deepEqual(parseCommand("/ban 10.0.0.0/24"), { cmd: "ban", target: { ip: "10.0.0.0/24" }, durationS: undefined, reason: undefined });
-  assert.deepEqual(parseCommand("/ban ::1 for ever"), { cmd: "ban", target: { ip: "::1" }, durationS: undefined, reason: "for ever" });
-  assert.deepEqual(parseCommand("/unban @mallory"), { cmd: "unban", target: { user: "mallory" } });
-  assert.deepEqual(parseCommand("/announce maintenance at noon"), { cmd: "announce", text: "maintenance at noon" });
-  assert.equal(parseCommand("/ban").cmd, "error");
-  assert.equal(parseCommand("/edit").cmd, "error");
-  assert.equal(parseCommand("/react").cmd, "error");
 });
 
 test("payloads round-trip and refuse trailing or short bytes", () => {
@@ -53,7 +33,6 @@ test("payloads round-trip and refuse trailing or short bytes", () => {
     { kind: "file", fileId: "0193-abc", name: "notes.txt", size: 300_000, sha256: new Uint8Array(32).fill(7), key: new Uint8Array(32).fill(9) },
     { kind: "sealed_key", id: new Uint8Array(16).fill(1), key: new Uint8Array(32).fill(2) },
     { kind: "sealed", id: new Uint8Array(16).fill(3), nonce: new Uint8Array(24).fill(4), ciphertext: new Uint8Array(500).fill(5) },
-    { kind: "act", msgId: "0193-m1", act: 1, contentType: "text/plain", data: new TextEncoder().encode("fixed") },
   ];
   for (const p of all) {
     const b = encodePayload(p);
@@ -64,11 +43,6 @@ test("payloads round-trip and refuse trailing or short bytes", () => {
   assert.equal(decodePayload(new Uint8Array([9])), undefined);
   // postcard: variant 0, "text/plain", [104, 105]
   assert.equal(toHex(encodePayload({ kind: "body", contentType: "text/plain", data: new Uint8Array([104, 105]) })), "000a746578742f706c61696e026869");
-  // postcard: variant 4, "m1", the kind as one byte (3: react), "text/plain", the emoji's bytes
-  assert.equal(
-    toHex(encodePayload({ kind: "act", msgId: "m1", act: 3, contentType: "text/plain", data: new Uint8Array([0xf0, 0x9f, 0x91, 0x8d]) })),
-    "04026d31030a746578742f706c61696e04f09f918d",
-  );
 });
 
 test("varints and hex", () => {
@@ -107,57 +81,102 @@ test("edits, deletes, reactions, /me and Markdown of server-encrypted conversati
   assert.deepEqual(describe(msg("text/plain", "fixed", on("Edit"))), { kind: "edit", target: "m1", text: "fixed" });
   assert.deepEqual(describe(msg(CT_DELETE, "", on("Delete"))), { kind: "delete", target: "m1" });
   assert.deepEqual(describe(msg("text/plain", "👍", on("React"))), { kind: "reaction", target: "m1", emoji: "👍", on: true });
-  assert.deepEqual(describe(msg("text/plain", "👍", on("Unreact"))), { kind: "reaction", target: "m1", emoji: "👍", on: false });
   const state = (deleted: boolean, edited_ms: number | null) => ({ reply_to: null, acts_on: null, state: { edited_ms, edits: edited_ms === null ? 0 : 1, deleted, reactions: [] } });
   assert.deepEqual(describe(msg("text/plain", "", state(true, null))), { kind: "line", text: "(deleted)" });
   assert.deepEqual(describe(msg("text/plain", "new", state(false, 5))), { kind: "line", text: "new (edited)" });
   assert.deepEqual(describe(msg("application/x-other", "abc")), { kind: "line", text: "[application/x-other, 3 bytes]" });
 });
 
-test("acts change the line they name: only the author edits, reactions count who", () => {
-  const lines: ActLine[] = [
-    { from: "alice", text: "deploy at fiev", msgId: "m1" },
-    { from: "", text: "bob joined", notice: true },
-  ];
-  assert.equal(applyAct(lines, "m1", ACT_EDIT, "bob", "bob's version"), false);
-  assert.equal(applyAct(lines, "m1", ACT_EDIT, "alice", "deploy at five"), true);
-  assert.equal(lines[0]?.text, "deploy at five (edited)");
-  assert.equal(applyAct(lines, "m1", ACT_REACT, "bob", "👍"), true);
-  assert.equal(applyAct(lines, "m1", ACT_REACT, "bob", "👍"), false, "once per person");
-  assert.equal(applyAct(lines, "m1", ACT_REACT, "carol", "👍"), true);
-  assert.equal(applyAct(lines, "m1", ACT_REACT, "carol", "🎉"), true);
-  assert.deepEqual(reactionsShown(lines[0] as ActLine), { text: "👍 2  🎉 1", who: "👍 bob, carol; 🎉 carol" });
-  assert.equal(applyAct(lines, "m1", ACT_UNREACT, "carol", "🎉"), true);
-  assert.deepEqual(reactionsShown(lines[0] as ActLine), { text: "👍 2", who: "👍 bob, carol" });
-  assert.equal(applyAct(lines, "zz", ACT_EDIT, "alice", "x"), false, "a line not loaded");
-  assert.equal(applyAct(lines, "m1", ACT_DELETE, "alice", ""), true);
-  assert.equal(lines[0]?.text, "(deleted)");
-  assert.equal(reactionsShown(lines[0] as ActLine), undefined);
-  assert.equal(applyAct(lines, "m1", ACT_EDIT, "alice", "back"), false, "a deleted line stays deleted");
+test("end-to-end acts: Payload::Act round-trips and must match its cleartext reference", () => {
+  const act: Payload = { kind: "act", msgId: "0193-m1", act: ACT_EDIT, contentType: "text/plain", data: new TextEncoder().encode("fixed") };
+  const b = encodePayload(act);
+  assert.equal(b[0], 4);
+  assert.deepEqual(decodePayload(b), act);
+  assert.equal(decodePayload(b.subarray(0, b.length - 1)), undefined);
+  assert.equal(decodePayload(new Uint8Array([...b, 0])), undefined);
+  const p = { msgId: "m1", act: ACT_EDIT, contentType: "text/plain", data: new TextEncoder().encode("fixed") };
+  assert.deepEqual(describeAct(p, { msg_id: "m1", kind: "Edit" }, "bob"), { kind: "edit", target: "m1", text: "fixed" });
+  // The server cannot point an act at another message or change its kind.
+  assert.equal(describeAct(p, { msg_id: "m2", kind: "Edit" }, "bob"), undefined);
+  assert.equal(describeAct(p, { msg_id: "m1", kind: "Delete" }, "bob"), undefined);
+  assert.equal(describeAct(p, null, "bob"), undefined);
+  const react = { msgId: "m1", act: ACT_REACT, contentType: "text/plain", data: new TextEncoder().encode("👍") };
+  assert.deepEqual(describeAct(react, { msg_id: "m1", kind: "React" }, "bob"), { kind: "reaction", target: "m1", emoji: "👍", on: true });
+  const huge = { ...react, data: new Uint8Array(MAX_EMOJI_BYTES + 1).fill(65) };
+  assert.equal(describeAct(huge, { msg_id: "m1", kind: "React" }, "bob"), undefined);
+  assert.deepEqual(describeAct({ msgId: "m1", act: ACT_DELETE, contentType: CT_DELETE, data: new Uint8Array() }, { msg_id: "m1", kind: "Delete" }, "bob"), { kind: "delete", target: "m1" });
+  assert.equal(describeAct({ ...p, act: 9 }, { msg_id: "m1", kind: "Edit" }, "bob"), undefined);
 });
 
-test("typing notices show for a while and never for me", () => {
-  const c = { typing: { bob: 2_000, carol: 500, alice: 5_000 } } as unknown as ConvState;
-  assert.deepEqual(typingNow(c, "alice", 1_000), ["bob"]);
-  assert.deepEqual(typingNow(c, "alice", 3_000), []);
+test("acts change a line: edits by the author only, deletes drop the text, reactions count who", () => {
+  const line: Actable = { text: "helo", from: "alice" };
+  const edited = applyShown(line, { kind: "edit", target: "m1", text: "hello" }, "alice");
+  assert.deepEqual([edited.text, edited.edited], ["hello", true]);
+  assert.notEqual(edited, line);
+  assert.equal(applyShown(line, { kind: "edit", target: "m1", text: "pwned" }, "mallory").text, "helo");
+  let r = applyShown(edited, { kind: "reaction", target: "m1", emoji: "👍", on: true }, "bob");
+  r = applyShown(r, { kind: "reaction", target: "m1", emoji: "👍", on: true }, "carol");
+  r = applyShown(r, { kind: "reaction", target: "m1", emoji: "👍", on: true }, "bob");
+  assert.deepEqual(r.reactions, { "👍": ["carol", "bob"] });
+  r = applyShown(r, { kind: "reaction", target: "m1", emoji: "👍", on: false }, "carol");
+  r = applyShown(r, { kind: "reaction", target: "m1", emoji: "👍", on: false }, "bob");
+  assert.deepEqual(r.reactions, {});
+  const d = applyShown(edited, { kind: "delete", target: "m1" }, "carol");
+  assert.deepEqual([d.text, d.deleted], ["(deleted)", true]);
+  assert.equal(applyShown(d, { kind: "edit", target: "m1", text: "back" }, "alice").text, "(deleted)");
 });
 
-test("Markdown becomes a tree of known elements: no markup, no unsafe links", () => {
-  assert.deepEqual(renderMarkdown("a **loud** and *soft* `cargo test`"), [
-    { tag: "p", children: ["a ", { tag: "strong", children: ["loud"] }, " and ", { tag: "em", children: ["soft"] }, " ", { tag: "code", children: ["cargo test"] }] },
+test("everyday-chat commands parse as the terminal client's", () => {
+  assert.deepEqual(parseCommand("/me waves"), { cmd: "me", text: "waves" });
+  assert.deepEqual(parseCommand("/md **yes**"), { cmd: "md", text: "**yes**" });
+  assert.deepEqual(parseCommand("/reply agreed"), { cmd: "reply", text: "agreed" });
+  assert.deepEqual(parseCommand("/edit fixed text"), { cmd: "edit", text: "fixed text" });
+  assert.deepEqual(parseCommand("/delete"), { cmd: "delete" });
+  assert.deepEqual(parseCommand("/react 👍"), { cmd: "react", emoji: "👍", on: true });
+  assert.deepEqual(parseCommand("/unreact 👍"), { cmd: "react", emoji: "👍", on: false });
+  assert.equal(parseCommand("/react").cmd, "error");
+  assert.equal(parseCommand(`/react ${"x".repeat(33)}`).cmd, "error");
+  assert.deepEqual(parseCommand("/topic deploy at five"), { cmd: "topic", topic: "deploy at five" });
+  assert.deepEqual(parseCommand("/away lunch"), { cmd: "away", text: "lunch" });
+  assert.deepEqual(parseCommand("/away"), { cmd: "away", text: undefined });
+  assert.deepEqual(parseCommand("/back"), { cmd: "back" });
+  assert.deepEqual(parseCommand("/ban mallory spam"), { cmd: "ban", user: "mallory", reason: "spam" });
+  assert.deepEqual(parseCommand("/unban mallory"), { cmd: "unban", user: "mallory" });
+  assert.deepEqual(parseCommand("/announce maintenance at 6"), { cmd: "announce", text: "maintenance at 6" });
+  assert.equal(parseCommand("/edit").cmd, "error");
+  assert.equal(parseCommand("/announce").cmd, "error");
+});
+
+test("Markdown (markdown-it tokens): a tree of known elements; HTML stays text and only http(s)/mailto links are links", () => {
+  assert.deepEqual(markdownTree("a **loud** and *soft* `a*b*`"), [
+    { tag: "p", children: ["a ", { tag: "strong", children: ["loud"] }, " and ", { tag: "em", children: ["soft"] }, " ", { tag: "code", children: ["a*b*"] }] },
   ]);
-  // A link shows its address; only http(s) and mailto are links.
-  assert.deepEqual(renderMarkdown("[docs](https://example.org/d)"), [
-    { tag: "p", children: [{ tag: "a", href: "https://example.org/d", children: ["docs"] }, " <https://example.org/d>"] },
-  ]);
-  const js = renderMarkdown("[click](javascript:alert(1))");
   const tags = (ns: MdNode[]): string[] => ns.flatMap((n) => (typeof n === "string" ? [] : [n.tag, ...tags(n.children)]));
-  assert.ok(!tags(js).includes("a"), JSON.stringify(js));
-  // HTML is text, never markup.
-  const html = renderMarkdown('<img src=x onerror="alert(1)"> <script>alert(2)</script>');
-  assert.ok(!tags(html).some((t) => !["p"].includes(t)), JSON.stringify(html));
-  assert.ok(mdText(html).includes("<script>"), JSON.stringify(html));
-  // Quotes and code blocks.
-  assert.deepEqual(renderMarkdown("> quoted"), [{ tag: "blockquote", children: [{ tag: "p", children: ["quoted"] }] }]);
-  assert.deepEqual(renderMarkdown("```\nlet x = 1;\n```"), [{ tag: "pre", children: [{ tag: "code", children: ["let x = 1;"] }] }]);
+  // Script and HTML are text: nothing here is ever parsed as HTML.
+  const html = markdownTree("<script>alert(1)</script><img src=x onerror=alert(1)>");
+  assert.deepEqual(tags(html), ["p"], JSON.stringify(html));
+  assert.equal(mdText(html), "<script>alert(1)</script><img src=x onerror=alert(1)>");
+  // A link shows its address after its text.
+  assert.deepEqual(markdownTree("[docs](https://example.org/a)"), [
+    { tag: "p", children: [{ tag: "a", href: "https://example.org/a", children: ["docs"] }, " <https://example.org/a>"] },
+  ]);
+  assert.ok(tags(markdownTree("[mail](mailto:a@example.org)")).includes("a"));
+  for (const bad of ["javascript:alert(1)", "JavaScript:alert(1)", "data:text/html,<script>x</script>", "vbscript:x", "//evil.example"]) {
+    const out = markdownTree(`[click](${bad})`);
+    assert.ok(!tags(out).includes("a"), `${bad} must not become a link: ${JSON.stringify(out)}`);
+    assert.equal(safeHref(bad), false);
+  }
+  assert.equal(safeHref("https://a b"), false);
+  assert.deepEqual(markdownTree("> quoted\n\n```\n<b>x</b>\n```\n\nafter"), [
+    { tag: "blockquote", children: [{ tag: "p", children: ["quoted"] }] },
+    { tag: "pre", children: [{ tag: "code", children: ["<b>x</b>"] }] },
+    { tag: "p", children: ["after"] },
+  ]);
+  assert.equal(mdText(markdownTree("a * b * c")), "a * b * c");
+  assert.equal(mdText(markdownTree("\\*not\\*")), "*not*");
+  // A deep pile of markup stays finite; an overlong message is plain text.
+  const deep = "**".repeat(2000) + "x" + "**".repeat(2000);
+  assert.ok(markdownTree(deep).length > 0);
+  assert.deepEqual(markdownTree("*".repeat(MAX_MARKDOWN_CHARS + 1)), ["*".repeat(MAX_MARKDOWN_CHARS + 1)]);
 });
+

@@ -158,106 +158,12 @@ fn web_user_and_json_user_in_e2ee_rooms_dms_files_reload_offline_and_kick() {
     bob.send(json!({"cmd": "join", "room": "lab", "id": 1}));
     bob.ok(json!(1));
     bob.send(json!({"cmd": "send", "room": "lab", "text": "hello from json", "id": 2}));
-    let hello = bob.ok(json!(2));
+    bob.ok(json!(2));
     web.op("wait_text", json!({"text": "hello from json"}));
-    // A native member's end-to-end edit and reaction (MLS messages) change the web line.
-    bob.send(json!({"cmd": "edit", "msg_id": hello["msg_id"], "text": "hello from json, fixed", "id": 40}));
-    bob.ok(json!(40));
-    web.op(
-        "wait_text",
-        json!({"text": "hello from json, fixed (edited)"}),
-    );
-    bob.send(json!({"cmd": "react", "msg_id": hello["msg_id"], "emoji": "👍", "id": 41}));
-    bob.ok(json!(41));
-    web.op("wait_text", json!({"text": "👍 1"}));
     web.op("type", json!({"text": "hi from the web"}));
     let m = bob.message("hi from the web");
     assert_eq!(m["from"], "alice");
     assert_eq!(m["e2ee"], true, "{m}");
-    // The web user answers, edits, reacts and acts, end to end; the JSON member sees each.
-    web.op("type", json!({"text": "/reply answered from the web"}));
-    let answer = bob.message("answered from the web");
-    assert_eq!(answer["reply_to"], hello["msg_id"], "{answer}");
-    web.op(
-        "wait_text",
-        json!({"text": "↪ bob: hello from json, fixed (edit"}),
-    );
-    web.op(
-        "type",
-        json!({"text": "/edit answered from the web, fixed"}),
-    );
-    let e = bob.expect("the web user's edit", |v| v["event"] == "edited");
-    assert_eq!(e["msg_id"], answer["msg_id"], "{e}");
-    assert_eq!(e["text"], "answered from the web, fixed", "{e}");
-    web.op(
-        "wait_text",
-        json!({"text": "answered from the web, fixed (edited)"}),
-    );
-    web.op("type", json!({"text": "/react 🎉"}));
-    let r = bob.expect("the web user's reaction", |v| v["event"] == "reaction");
-    assert_eq!(
-        (r["from"].clone(), r["emoji"].clone(), r["on"].clone()),
-        (json!("alice"), json!("🎉"), json!(true)),
-        "{r}"
-    );
-    web.op("wait_text", json!({"text": "🎉 1"}));
-    web.op("type", json!({"text": "/me waves from the web"}));
-    let a = bob.message("waves from the web");
-    assert_eq!(a["action"], true, "{a}");
-    web.op("wait_text", json!({"text": "* alice waves from the web"}));
-    // Formatted text, both ways: rendered as elements, never as markup.
-    bob.send(json!({"cmd": "send", "room": "lab", "format": "markdown", "id": 46,
-        "text": "**bold move** and `cargo test` <img src=x onerror=alert(1)> [docs](https://example.org/d)"}));
-    bob.ok(json!(46));
-    let el = web.op(
-        "wait_element",
-        json!({"selector": "strong", "text": "bold move"}),
-    );
-    assert_eq!(
-        el["count"], 0,
-        "no img, script or iframe in the timeline: {el}"
-    );
-    web.op(
-        "wait_element",
-        json!({"selector": "code", "text": "cargo test"}),
-    );
-    web.op(
-        "wait_element",
-        json!({"selector": "a[href='https://example.org/d']", "text": "docs"}),
-    );
-    web.op("type", json!({"text": "/md *quietly* formatted"}));
-    let f = bob.message("*quietly* formatted");
-    assert_eq!(f["format"], "markdown", "{f}");
-    web.op("wait_element", json!({"selector": "em", "text": "quietly"}));
-    // Typing and the topic: the web user sees the JSON member typing and sets the topic.
-    bob.send(json!({"cmd": "typing", "room": "lab", "id": 44}));
-    bob.ok(json!(44));
-    web.op("wait_header", json!({"text": "bob is typing…"}));
-    web.op("type", json!({"text": "/topic cables and rigs"}));
-    let t = bob.expect("the topic", |v| v["event"] == "topic");
-    assert_eq!(
-        (t["topic"].clone(), t["by"].clone()),
-        (json!("cables and rigs"), json!("alice")),
-        "{t}"
-    );
-    web.op("wait_header", json!({"text": "#lab · cables and rigs"}));
-    // Read markers: the web user, looking at the room, says how far it has read; the JSON
-    // member's marker on the newest message shows as "read by bob".
-    let r = bob.expect("alice's read marker", |v| {
-        v["event"] == "read" && v["user"] == "alice"
-    });
-    assert_eq!(r["room"], "lab", "{r}");
-    bob.send(json!({"cmd": "read", "room": "lab", "seq": f["seq"], "id": 45}));
-    bob.ok(json!(45));
-    web.op("wait_header", json!({"text": "read by bob"}));
-    // The members pane: presence, and away with its message.
-    web.op("wait_members", json!({"text": "● bob"}));
-    bob.send(json!({"cmd": "away", "text": "at lunch", "id": 47}));
-    bob.ok(json!(47));
-    web.op("wait_members", json!({"text": "◐ bob — at lunch"}));
-    bob.send(json!({"cmd": "back", "id": 48}));
-    bob.ok(json!(48));
-    web.op("wait_members", json!({"text": "● bob"}));
     let marker = web.op("marker", json!({}));
     assert_eq!(marker["marker"], "End-to-end encrypted");
     shot(&mut web, "room", 1100, 700);
@@ -471,21 +377,8 @@ fn web_user_in_a_server_encrypted_room_and_ten_thousand_messages() {
     let m = bob.message("plain hello from the web");
     assert_eq!(m["e2ee"], false, "{m}");
     bob.send(json!({"cmd": "send", "room": "town", "text": "plain hello from json", "id": 3}));
-    let plain = bob.ok(json!(3));
+    bob.ok(json!(3));
     web.op("wait_text", json!({"text": "plain hello from json"}));
-    // Server-encrypted acts too: an edit and a reaction change the line.
-    bob.send(
-        json!({"cmd": "edit", "msg_id": plain["msg_id"], "text": "plain hello, fixed", "id": 42}),
-    );
-    bob.ok(json!(42));
-    web.op("wait_text", json!({"text": "plain hello, fixed (edited)"}));
-    bob.send(json!({"cmd": "react", "msg_id": plain["msg_id"], "emoji": "🎉", "id": 43}));
-    bob.ok(json!(43));
-    web.op("wait_text", json!({"text": "🎉 1"}));
-    // And from the web in a server-encrypted room: a delete of its own message.
-    web.op("type", json!({"text": "/delete"}));
-    let d = bob.expect("the web user's delete", |v| v["event"] == "deleted");
-    assert_eq!(d["from"], "carol", "{d}");
 
     // Files both ways in a server-encrypted room (relayed as they are), hashes checked.
     let files = tempfile::tempdir().expect("tmp");
@@ -611,4 +504,200 @@ fn web_user_reconnects_through_a_jittery_relay_without_loss_or_duplicates() {
         .filter(|v| v["event"] == "message" && v["text"] == "web is back 0")
         .count();
     assert_eq!(seen, 1, "bob got a web message twice");
+}
+
+/// Everyday chat between a web user and a JSON user, end-to-end (edits, deletes, reactions,
+/// replies, `/me`, Markdown, typing, read markers, the topic) and in a server-encrypted room
+/// (edit, delete, react), both ways.
+#[test]
+fn web_user_and_json_user_everyday_chat_in_e2ee_and_server_rooms() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let url = format!("https://127.0.0.1:{}/", server.port);
+    let bob_state = tempfile::tempdir().expect("tmp");
+    let mut bob = client(&server, "bob", bob_state.path());
+    let mut web = Browser::start(&url);
+    web.op("open", json!({}));
+    web.op("register", json!({"user": "alice", "password": PW}));
+    web.op("type", json!({"text": "/create lab"}));
+    web.op("has_conv", json!({"name": "#lab"}));
+    web.op("type", json!({"text": "/invite bob"}));
+    bob.expect("bob joins lab's group", |v| {
+        v["event"] == "e2ee" && v["kind"] == "joined" && v["room"] == "lab"
+    });
+    bob.send(json!({"cmd": "join", "room": "lab", "id": 1}));
+    bob.ok(json!(1));
+
+    // The JSON user's end-to-end edit changes the web line.
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "typo heer", "id": 2}));
+    let sent = bob.ok(json!(2));
+    let typo_id = sent["msg_id"].as_str().expect("msg_id").to_string();
+    web.op("wait_text", json!({"text": "typo heer"}));
+    bob.send(json!({"cmd": "edit", "msg_id": typo_id, "text": "typo fixed", "id": 3}));
+    bob.ok(json!(3));
+    web.op("row", json!({"text": "typo fixed", "contains": "(edited)"}));
+    web.op("wait_no_text", json!({"text": "typo heer"}));
+
+    // Reactions both ways, with who reacted.
+    web.op(
+        "row_action",
+        json!({"text": "typo fixed", "action": "React", "emoji": "👍"}),
+    );
+    let r = bob.expect("alice's reaction", |v| {
+        v["event"] == "reaction" && v["from"] == "alice"
+    });
+    assert_eq!(r["msg_id"], typo_id.as_str(), "{r}");
+    assert_eq!(r["emoji"], "👍", "{r}");
+    assert_eq!(r["on"], true, "{r}");
+    bob.send(json!({"cmd": "react", "msg_id": typo_id, "emoji": "🎉", "id": 4}));
+    bob.ok(json!(4));
+    let row = web.op("row", json!({"text": "typo fixed", "contains": "🎉 1"}));
+    let titles = row["titles"].to_string();
+    assert!(
+        titles.contains("bob reacted with 🎉") && titles.contains("alice reacted with 👍"),
+        "{row}"
+    );
+
+    // The web user's message, edited with /edit; the JSON user sees the new text.
+    web.op("type", json!({"text": "web line"}));
+    let m = bob.message("web line");
+    let web_id = m["msg_id"].as_str().expect("msg_id").to_string();
+    web.op("type", json!({"text": "/edit web line fixed"}));
+    let e = bob.expect("alice's edit", |v| {
+        v["event"] == "edited" && v["from"] == "alice"
+    });
+    assert_eq!(e["msg_id"], web_id.as_str(), "{e}");
+    assert_eq!(e["text"], "web line fixed", "{e}");
+
+    // Replies both ways: the web shows the quoted start of the original.
+    bob.send(
+        json!({"cmd": "send", "room": "lab", "text": "json answer", "reply_to": web_id, "id": 5}),
+    );
+    let answer_id = bob.ok(json!(5))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    web.op(
+        "row",
+        json!({"text": "json answer", "contains": "↪ alice: web line fixed"}),
+    );
+    web.op(
+        "row_action",
+        json!({"text": "json answer", "action": "Reply"}),
+    );
+    web.op("type", json!({"text": "web answer"}));
+    let m = bob.message("web answer");
+    assert_eq!(m["reply_to"], answer_id.as_str(), "{m}");
+    assert_eq!(m["e2ee"], true, "{m}");
+
+    // /me and Markdown (rendered as elements; HTML and a javascript: link stay text).
+    web.op("type", json!({"text": "/me waves"}));
+    let m = bob.message("waves");
+    assert_eq!(m["action"], true, "{m}");
+    bob.send(json!({"cmd": "send", "room": "lab", "format": "markdown",
+        "text": "**strong words** [bad](javascript:alert(1)) <img src=x onerror=alert(1)> [good](https://example.org/)", "id": 6}));
+    bob.ok(json!(6));
+    web.op("wait_text", json!({"text": "strong words"}));
+    let v = web.op("eval", json!({"expr": "JSON.stringify({strong: document.querySelectorAll('.timeline .text strong').length, img: document.querySelectorAll('.timeline img').length, js: document.querySelectorAll('.timeline a[href^=\"javascript\"]').length, good: Array.from(document.querySelectorAll('.timeline a')).map(a => a.getAttribute('href') + ' ' + a.getAttribute('rel'))})"}));
+    let v: Value = serde_json::from_str(v["value"].as_str().expect("a string")).expect("json");
+    assert_eq!(v["strong"], 1, "{v}");
+    assert_eq!(v["img"], 0, "{v}");
+    assert_eq!(v["js"], 0, "{v}");
+    assert_eq!(
+        v["good"],
+        json!(["https://example.org/ noopener noreferrer"]),
+        "{v}"
+    );
+    web.op("wait_text", json!({"text": "<img src=x onerror=alert(1)>"}));
+
+    // Deletes both ways.
+    web.op("type", json!({"text": "/delete"}));
+    let d = bob.expect("alice's delete", |v| {
+        v["event"] == "deleted" && v["from"] == "alice"
+    });
+    assert!(d["msg_id"] != Value::Null && d["from"] == "alice", "{d}");
+    bob.send(json!({"cmd": "delete", "msg_id": answer_id, "id": 7}));
+    bob.ok(json!(7));
+    web.op("wait_no_text", json!({"text": "json answer"}));
+
+    // Typing and read markers from the JSON user; the topic from the web user.
+    bob.send(json!({"cmd": "typing", "room": "lab", "id": 8}));
+    bob.ok(json!(8));
+    web.op(
+        "wait_in",
+        json!({"selector": "#typing", "text": "bob is typing"}),
+    );
+    let seq = d["seq"].as_u64().expect("seq");
+    bob.send(json!({"cmd": "read", "room": "lab", "seq": seq, "id": 9}));
+    bob.ok(json!(9));
+    web.op(
+        "wait_in",
+        json!({"selector": "#read-by", "text": "Read by bob"}),
+    );
+    web.op("type", json!({"text": "/topic release week"}));
+    let t = bob.expect("the topic", |v| v["event"] == "topic");
+    assert_eq!(t["topic"], "release week", "{t}");
+    web.op(
+        "wait_in",
+        json!({"selector": "#conv-topic", "text": "release week"}),
+    );
+    bob.send(json!({"cmd": "away", "text": "lunch", "id": 10}));
+    bob.ok(json!(10));
+    web.op(
+        "wait_in",
+        json!({"selector": "aside[aria-label=Members]", "text": "away: lunch"}),
+    );
+    shot(&mut web, "everyday-chat", 1100, 700);
+
+    // A server-encrypted room: edit, delete and react both ways.
+    bob.send(json!({"cmd": "create_room", "room": "town", "e2ee": false, "id": 11}));
+    assert_eq!(bob.ok(json!(11))["e2ee"], false);
+    web.op("type", json!({"text": "/join town"}));
+    web.op("has_conv", json!({"name": "#town"}));
+    bob.send(json!({"cmd": "send", "room": "town", "text": "plain typo", "id": 12}));
+    let plain_id = bob.ok(json!(12))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    web.op("wait_text", json!({"text": "plain typo"}));
+    bob.send(json!({"cmd": "edit", "msg_id": plain_id, "text": "plain fixed", "id": 13}));
+    bob.ok(json!(13));
+    web.op(
+        "row",
+        json!({"text": "plain fixed", "contains": "(edited)"}),
+    );
+    web.op(
+        "row_action",
+        json!({"text": "plain fixed", "action": "React", "emoji": "👀"}),
+    );
+    let r = bob.expect("alice's plain reaction", |v| {
+        v["event"] == "reaction" && v["emoji"] == "👀"
+    });
+    assert_eq!(r["msg_id"], plain_id.as_str(), "{r}");
+    bob.send(json!({"cmd": "react", "msg_id": plain_id, "emoji": "👍", "id": 14}));
+    bob.ok(json!(14));
+    web.op("row", json!({"text": "plain fixed", "contains": "👍 1"}));
+    web.op("type", json!({"text": "plain from web"}));
+    let m = bob.message("plain from web");
+    assert_eq!(m["e2ee"], false, "{m}");
+    let plain_web_id = m["msg_id"].as_str().expect("msg_id").to_string();
+    web.op(
+        "row_action",
+        json!({"text": "plain from web", "action": "Edit"}),
+    );
+    web.op("type", json!({"text": "plain from web, edited"}));
+    let e = bob.expect("alice's plain edit", |v| {
+        v["event"] == "edited" && v["msg_id"] == plain_web_id.as_str()
+    });
+    assert_eq!(e["text"], "plain from web, edited", "{e}");
+    web.op(
+        "row_action",
+        json!({"text": "plain from web, edited", "action": "Delete"}),
+    );
+    bob.expect("alice's plain delete", |v| {
+        v["event"] == "deleted" && v["msg_id"] == plain_web_id.as_str()
+    });
+    bob.send(json!({"cmd": "delete", "msg_id": plain_id, "id": 15}));
+    bob.ok(json!(15));
+    web.op("wait_no_text", json!({"text": "plain fixed"}));
 }
