@@ -418,28 +418,37 @@ impl Device {
         self.tx(|d| {
             let mut added = 0u64;
             for row in rows {
-                let have: Option<i64> = d
-                    .conn
-                    .query_row(
-                        "SELECT 1 FROM conclave_history WHERE conv = ?1 AND seq = ?2",
-                        params![row.conv, row.seq as i64],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                if have.is_some() {
-                    continue;
+                if !d.holds_row(row)? && d.write_row(row)? {
+                    added += 1;
                 }
-                let Ok(payload) = Payload::decode(&row.payload) else {
-                    continue;
-                };
-                d.put_history(&row.conv, row.seq, &row.sender, row.ts_ms, &payload)?;
-                if let Some((msg_id, state)) = &row.state {
-                    d.put_state(&row.conv, row.seq, msg_id, state)?;
-                }
-                added += 1;
             }
             Ok(added)
         })
+    }
+
+    /// Whether the local history has the row's place (conversation and sequence).
+    fn holds_row(&self, row: &Row) -> Result<bool, E2eeError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM conclave_history WHERE conv = ?1 AND seq = ?2",
+                params![row.conv, row.seq as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Writes a row and its state; false (nothing written) when its payload does not decode.
+    fn write_row(&self, row: &Row) -> Result<bool, E2eeError> {
+        let Ok(payload) = Payload::decode(&row.payload) else {
+            return Ok(false);
+        };
+        self.put_history(&row.conv, row.seq, &row.sender, row.ts_ms, &payload)?;
+        if let Some((msg_id, state)) = &row.state {
+            self.put_state(&row.conv, row.seq, msg_id, state)?;
+        }
+        Ok(true)
     }
 
     /// Adds rows of a [`Chunk::replaces`] chunk: each replaces the row this device holds for
@@ -450,26 +459,11 @@ impl Device {
         self.tx(|d| {
             let mut written = 0u64;
             for row in rows {
-                let read_here = d.joined_seq(&row.conv)?.is_some_and(|j| row.seq > j)
-                    && d.conn
-                        .query_row(
-                            "SELECT 1 FROM conclave_history WHERE conv = ?1 AND seq = ?2",
-                            params![row.conv, row.seq as i64],
-                            |r| r.get::<_, i64>(0),
-                        )
-                        .optional()?
-                        .is_some();
-                if read_here {
-                    continue;
+                let read_here =
+                    d.joined_seq(&row.conv)?.is_some_and(|j| row.seq > j) && d.holds_row(row)?;
+                if !read_here && d.write_row(row)? {
+                    written += 1;
                 }
-                let Ok(payload) = Payload::decode(&row.payload) else {
-                    continue;
-                };
-                d.put_history(&row.conv, row.seq, &row.sender, row.ts_ms, &payload)?;
-                if let Some((msg_id, state)) = &row.state {
-                    d.put_state(&row.conv, row.seq, msg_id, state)?;
-                }
-                written += 1;
             }
             Ok(written)
         })
