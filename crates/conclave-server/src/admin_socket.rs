@@ -14,8 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::cmd::{admin, moderation, store_error};
-use crate::server::Shared;
-use crate::session::broadcast;
+use crate::conn::broadcast;
+use crate::state::Shared;
 use crate::store::{StoreError, now_ms};
 use crate::{accounts, config};
 

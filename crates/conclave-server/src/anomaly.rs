@@ -20,8 +20,71 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::{AnomalyConfig, AnomalyRule};
-use crate::guard::{BanTarget, canonical_ip};
+use serde::Deserialize;
+
+use crate::guard::{BanTarget, canonical_ip, parse_net};
+
+/// Anomaly detection (`[anomaly]`): rules over sliding windows that raise alerts (in the
+/// monitor, the audit log and the metrics) and may ban for a while. Each rule is a table of
+/// its own (`[anomaly.failed_logins]`); a key left out takes that rule's default, listed in
+/// docs/monitoring.md and in [`Rule::defaults`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomalyConfig {
+    /// All rules on or off.
+    pub enabled: bool,
+    /// Addresses and networks an anomaly never bans (alerts are still raised). Loopback by
+    /// default: a reverse proxy or the operator's own tools must not lock everyone out.
+    pub never_ban: Vec<String>,
+    /// The "subnet" of an IPv4 address, for the per-subnet thresholds.
+    pub subnet_v4_prefix: u8,
+    /// The "subnet" of an IPv6 address.
+    pub subnet_v6_prefix: u8,
+    /// New TCP connections.
+    pub connection_flood: AnomalyRule,
+    /// Failed logins (wrong password, unknown account, banned account).
+    pub failed_logins: AnomalyRule,
+    /// Connections that never finish the TLS handshake and the protocol hello (scans).
+    pub handshake_scan: AnomalyRule,
+    /// Malformed or oversize frames (each ends its connection).
+    pub bad_frames: AnomalyRule,
+    /// Messages sent.
+    pub message_flood: AnomalyRule,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        AnomalyConfig {
+            enabled: true,
+            never_ban: vec!["127.0.0.0/8".into(), "::1".into()],
+            subnet_v4_prefix: 24,
+            subnet_v6_prefix: 64,
+            connection_flood: AnomalyRule::default(),
+            failed_logins: AnomalyRule::default(),
+            handshake_scan: AnomalyRule::default(),
+            bad_frames: AnomalyRule::default(),
+            message_flood: AnomalyRule::default(),
+        }
+    }
+}
+
+/// One anomaly rule as written in the file; what is left out takes the rule's default. A
+/// threshold of 0 turns that count off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomalyRule {
+    pub enabled: Option<bool>,
+    /// The sliding window, in seconds.
+    pub window_s: Option<u64>,
+    /// Events from one address within the window that raise an alert.
+    pub per_address: Option<u32>,
+    /// Events from one subnet (see `subnet_v4_prefix`) within the window.
+    pub per_subnet: Option<u32>,
+    /// Events of one account within the window (failed logins, message floods only).
+    pub per_user: Option<u32>,
+    /// How long an alert bans the address, subnet or user; 0 only alerts.
+    pub ban_minutes: Option<u64>,
+}
 
 /// Slices per window.
 pub const BUCKETS: usize = 10;
@@ -148,7 +211,7 @@ impl Settings {
         let never_ban = c
             .never_ban
             .iter()
-            .map(|t| crate::config::parse_net(t).map_err(|e| format!("anomaly.never_ban: {e}")))
+            .map(|t| parse_net(t).map_err(|e| format!("anomaly.never_ban: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
         let mut rules = Rule::ALL.map(Rule::defaults);
         for (rule, out) in Rule::ALL.into_iter().zip(rules.iter_mut()) {

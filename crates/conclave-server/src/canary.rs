@@ -14,7 +14,7 @@ use conclave_proto::{Body, Conv, ErrorBody};
 use rand::RngCore;
 
 use crate::cmd::store_error;
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::NewMessage;
 
 /// Every canary's text starts with this. A colon keeps it out of every name (names cannot

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::anomaly::{AnomalyConfig, AnomalyRule};
+pub use crate::guard::parse_net;
+
 /// Default listen address: loopback only, so a first start exposes nothing to the network.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7667";
 
@@ -181,19 +184,6 @@ impl Default for Security {
     }
 }
 
-/// Parses a CIDR or a single address.
-pub fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
-    let t = text.trim();
-    t.parse::<ipnet::IpNet>()
-        .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .map(|n| n.trunc())
-        .map_err(|_| {
-            format!(
-                "{text:?} is not an IP network: write an address (192.0.2.7, 2001:db8::1) or a CIDR (192.0.2.0/24, 2001:db8::/32)"
-            )
-        })
-}
-
 impl Security {
     /// The guard's rules from this section plus persisted lists.
     pub fn rules(
@@ -317,77 +307,6 @@ impl RetentionConfig {
                 .values()
                 .any(|r| r.max_age_days > 0 || r.max_messages > 0)
     }
-}
-
-/// Anomaly detection (`[anomaly]`): rules over sliding windows that raise alerts (in the
-/// monitor, the audit log and the metrics) and may ban for a while. Each rule is a table of
-/// its own (`[anomaly.failed_logins]`); a key left out takes that rule's default, listed in
-/// docs/monitoring.md and in [`crate::anomaly::Rule::defaults`].
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AnomalyConfig {
-    /// All rules on or off.
-    pub enabled: bool,
-    /// Addresses and networks an anomaly never bans (alerts are still raised). Loopback by
-    /// default: a reverse proxy or the operator's own tools must not lock everyone out.
-    pub never_ban: Vec<String>,
-    /// The "subnet" of an IPv4 address, for the per-subnet thresholds.
-    pub subnet_v4_prefix: u8,
-    /// The "subnet" of an IPv6 address.
-    pub subnet_v6_prefix: u8,
-    /// New TCP connections.
-    pub connection_flood: AnomalyRule,
-    /// Failed logins (wrong password, unknown account, banned account).
-    pub failed_logins: AnomalyRule,
-    /// Connections that never finish the TLS handshake and the protocol hello (scans).
-    pub handshake_scan: AnomalyRule,
-    /// Malformed or oversize frames (each ends its connection).
-    pub bad_frames: AnomalyRule,
-    /// Messages sent.
-    pub message_flood: AnomalyRule,
-}
-
-impl Default for AnomalyConfig {
-    fn default() -> Self {
-        AnomalyConfig {
-            enabled: true,
-            never_ban: vec!["127.0.0.0/8".into(), "::1".into()],
-            subnet_v4_prefix: 24,
-            subnet_v6_prefix: 64,
-            connection_flood: AnomalyRule::default(),
-            failed_logins: AnomalyRule::default(),
-            handshake_scan: AnomalyRule::default(),
-            bad_frames: AnomalyRule::default(),
-            message_flood: AnomalyRule::default(),
-        }
-    }
-}
-
-impl AnomalyConfig {
-    /// Refuses values that cannot work (resolving every rule against its defaults).
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::anomaly::Settings::from_config(self)
-            .map(|_| ())
-            .map_err(ConfigError::Invalid)
-    }
-}
-
-/// One anomaly rule as written in the file; what is left out takes the rule's default. A
-/// threshold of 0 turns that count off.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AnomalyRule {
-    pub enabled: Option<bool>,
-    /// The sliding window, in seconds.
-    pub window_s: Option<u64>,
-    /// Events from one address within the window that raise an alert.
-    pub per_address: Option<u32>,
-    /// Events from one subnet (see `subnet_v4_prefix`) within the window.
-    pub per_subnet: Option<u32>,
-    /// Events of one account within the window (failed logins, message floods only).
-    pub per_user: Option<u32>,
-    /// How long an alert bans the address, subnet or user; 0 only alerts.
-    pub ban_minutes: Option<u64>,
 }
 
 /// The Prometheus endpoint (`[metrics]`).
@@ -817,7 +736,7 @@ impl Config {
         if self.retention.interval_s == 0 {
             return bad("retention.interval_s must be above 0");
         }
-        self.anomaly.validate()?;
+        crate::anomaly::Settings::from_config(&self.anomaly).map_err(ConfigError::Invalid)?;
         for room in self.retention.rooms.keys() {
             if conclave_proto::names::canonical_room(room).as_deref() != Ok(room.as_str()) {
                 return Err(ConfigError::Invalid(format!(

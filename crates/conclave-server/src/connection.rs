@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::{certs, session, web};
 
 /// Serves one accepted TCP connection to the end. The permit (one of `max_connections`) is

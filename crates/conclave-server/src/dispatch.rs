@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use crate::hub::SessionId;
 use crate::metrics::Metrics;
 use crate::outbox::{self, Outbox};
-use crate::server::SharedHub;
+use crate::shared_hub::SharedHub;
 use crate::store::Done;
 
 /// Who a store report is for.
@@ -132,7 +132,7 @@ fn appended(
         }
         Err(e) if e == crate::store::DISK_FULL => {
             metrics.storage_full("message");
-            Err(crate::cmd::storage_full())
+            Err(crate::replies::storage_full())
         }
         Err(_) => Err(ErrorBody::new(
             ErrorCode::Internal,

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 
 use crate::at_rest::DataKey;
-use crate::store::FileRow;
+use crate::store::{FileRow, RecipientState};
 
 /// Directory of stored files inside the data directory.
 pub const FILES_DIR: &str = "files";
@@ -48,6 +48,71 @@ pub fn chunk_size_for(max_frame_bytes: usize) -> u32 {
     u32::try_from(room)
         .unwrap_or(MAX_CHUNK_BYTES)
         .clamp(CHUNK_ALIGN as u32, MAX_CHUNK_BYTES)
+}
+
+/// File rows and recipient states, cached briefly so a transfer of thousands of chunks does
+/// not ask the store thread (busy with message commits) for each one. Plain data: the callers
+/// read the store on a miss and put what they read.
+#[derive(Default)]
+pub struct FilesCache {
+    rows: Mutex<HashMap<String, (FileRow, std::time::Instant)>>,
+    recipients: Mutex<HashMap<(String, String), CachedState>>,
+}
+
+type CachedState = (Option<RecipientState>, std::time::Instant);
+
+/// How long a cached row or recipient state is trusted.
+const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most cached entries of each kind (the cache is emptied when full).
+const CACHE_ENTRIES: usize = 4096;
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FilesCache {
+    /// The row of file `id`, if cached and fresh.
+    pub fn row(&self, id: &str) -> Option<FileRow> {
+        let rows = locked(&self.rows);
+        rows.get(id)
+            .filter(|(_, at)| at.elapsed() < CACHE_TTL)
+            .map(|(row, _)| row.clone())
+    }
+
+    pub fn put_row(&self, id: &str, row: &FileRow) {
+        let mut rows = locked(&self.rows);
+        if rows.len() >= CACHE_ENTRIES {
+            rows.clear();
+        }
+        rows.insert(id.to_string(), (row.clone(), std::time::Instant::now()));
+    }
+
+    /// A recipient's state (itself maybe none), if cached and fresh.
+    pub fn recipient(&self, file_id: &str, user: &str) -> Option<Option<RecipientState>> {
+        let map = locked(&self.recipients);
+        map.get(&(file_id.to_string(), user.to_string()))
+            .filter(|(_, at)| at.elapsed() < CACHE_TTL)
+            .map(|(state, _)| *state)
+    }
+
+    pub fn put_recipient(&self, file_id: &str, user: &str, state: Option<RecipientState>) {
+        let mut map = locked(&self.recipients);
+        if map.len() >= CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(
+            (file_id.to_string(), user.to_string()),
+            (state, std::time::Instant::now()),
+        );
+    }
+
+    pub fn forget(&self, file_id: &str) {
+        locked(&self.rows).remove(file_id);
+    }
+
+    pub fn forget_recipient(&self, file_id: &str, user: &str) {
+        locked(&self.recipients).remove(&(file_id.to_string(), user.to_string()));
+    }
 }
 
 #[cfg(test)]

@@ -370,6 +370,35 @@ where
     }
 }
 
+/// "banned for N more minutes: reason" (seconds under two minutes), at `now_ms`.
+pub fn ban_text(ban: &Ban, now_ms: i64) -> String {
+    let until = match ban.until_ms {
+        None => "for ever".to_string(),
+        Some(u) => {
+            let left_s = ((u - now_ms).max(0) + 999) / 1000;
+            if left_s < 120 {
+                format!("for {left_s} more seconds")
+            } else {
+                format!("for {} more minutes", (left_s + 59) / 60)
+            }
+        }
+    };
+    format!("banned {until}: {}", ban.reason)
+}
+
+/// Parses a CIDR or a single address.
+pub fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let t = text.trim();
+    t.parse::<ipnet::IpNet>()
+        .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| {
+            format!(
+                "{text:?} is not an IP network: write an address (192.0.2.7, 2001:db8::1) or a CIDR (192.0.2.0/24, 2001:db8::/32)"
+            )
+        })
+}
+
 /// IPv4-mapped IPv6 addresses count as the IPv4 address.
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {

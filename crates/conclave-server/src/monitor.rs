@@ -3,231 +3,36 @@
 //! of every connection's counters that gives the rates `conclave monitor` shows.
 //!
 //! Where the events come from, so the hot path stays untouched: logins, limits, disconnects
-//! and bans are read off the audit records as [`crate::server::Shared::audit`] writes them
+//! and bans are read off the audit records as [`crate::state::Shared::audit`] writes them
 //! ([`observe_audit`]); new connections and connections that ended before their hello are
 //! reported by the listener ([`note_accept`], [`connection_closed`]); messages are counted per
 //! connection with a relaxed atomic and summed by the sampler ([`run`]), which feeds the
 //! message-flood rule. The rules themselves are in [`crate::anomaly`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use conclave_proto::{DisconnectReason, ErrorBody, ErrorCode};
+use conclave_proto::{ErrorBody, ErrorCode};
 use serde_json::{Value, json};
 
-use crate::anomaly::{Alert, Detector, Event, Scope, Settings};
-use crate::audit::{Fields, Kind};
-use crate::guard::{Ban, BanTarget, Refused};
+use crate::alerts::{AlertRecord, Counts, RECENT_ALERTS, Rates, TotalRates, lock};
+use crate::anomaly::{Alert, Event, Settings};
+use crate::guard::Refused;
 use crate::hub::SessionId;
-use crate::metrics::HistogramSnapshot;
 use crate::registry::ConnInfo;
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::now_ms;
 
 /// How often connections are sampled for rates and the message-flood rule.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the anomaly rules forget stale counts (in samples).
 const SWEEP_EVERY_SAMPLES: u64 = 60;
-/// Alerts kept for the monitor.
-pub const RECENT_ALERTS: usize = 200;
 /// Connections in one monitor answer, by default and at most.
 pub const DEFAULT_CONNECTIONS_SHOWN: usize = 1000;
 pub const MAX_CONNECTIONS_SHOWN: usize = 10_000;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One alert as the monitor lists it.
-#[derive(Debug, Clone)]
-pub struct AlertRecord {
-    pub id: u64,
-    pub alert: Alert,
-    /// What was done about it ("banned for 15 min", "alert only: ...").
-    pub action: String,
-}
-
-impl AlertRecord {
-    pub fn to_json(&self) -> Value {
-        let a = &self.alert;
-        json!({
-            "id": self.id, "ts_ms": a.ts_ms, "rule": a.rule.as_str(),
-            "scope": a.scope.kind(), "target": a.scope.value(), "count": a.count,
-            "threshold": a.threshold, "window_s": a.window_ms / 1000,
-            "action": self.action, "text": a.describe(),
-        })
-    }
-}
-
-/// One connection's counters at a sample.
-#[derive(Debug, Clone, Copy, Default)]
-struct Counts {
-    bytes_in: u64,
-    bytes_out: u64,
-    frames_in: u64,
-    frames_out: u64,
-    messages_in: u64,
-}
-
-impl Counts {
-    fn read(c: &ConnInfo) -> Counts {
-        Counts {
-            bytes_in: c.counters.bytes_in.load(Ordering::Relaxed),
-            bytes_out: c.counters.bytes_out.load(Ordering::Relaxed),
-            frames_in: c.counters.frames_in.load(Ordering::Relaxed),
-            frames_out: c.outbox.frames_queued(),
-            messages_in: c.counters.messages_in.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// Per-second rates over the last sample interval.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Rates {
-    pub bytes_in: f64,
-    pub bytes_out: f64,
-    pub frames_in: f64,
-    pub frames_out: f64,
-    pub messages: f64,
-}
-
-impl Rates {
-    fn between(now: &Counts, before: &Counts, secs: f64) -> Rates {
-        let r = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
-        Rates {
-            bytes_in: r(now.bytes_in, before.bytes_in),
-            bytes_out: r(now.bytes_out, before.bytes_out),
-            frames_in: r(now.frames_in, before.frames_in),
-            frames_out: r(now.frames_out, before.frames_out),
-            messages: r(now.messages_in, before.messages_in),
-        }
-    }
-}
-
-/// The server's rates over the last sample interval.
-#[derive(Debug, Clone, Default)]
-struct TotalRates {
-    traffic: Rates,
-    messages_stored: f64,
-    deliveries: f64,
-    commits: f64,
-    commit: HistogramSnapshot,
-}
-
-#[derive(Debug, Default)]
-struct Sampled {
-    at_ms: i64,
-    interval_ms: i64,
-    counts: HashMap<SessionId, Counts>,
-    rates: HashMap<SessionId, Rates>,
-    traffic: Counts,
-    messages_stored: u64,
-    deliveries: u64,
-    commit: HistogramSnapshot,
-    totals: TotalRates,
-}
-
-/// The monitor's state, one per server.
-pub struct Monitor {
-    detector: Mutex<Detector>,
-    alerts: Mutex<VecDeque<AlertRecord>>,
-    next_alert: AtomicU64,
-    /// Peers that finished their TLS handshake and hello (to tell, when a connection ends,
-    /// whether it ever did). At most one entry per open connection.
-    established: Mutex<HashSet<SocketAddr>>,
-    sampled: Mutex<Sampled>,
-    started_ms: i64,
-}
-
-impl Monitor {
-    pub fn new(settings: Settings) -> Monitor {
-        Monitor {
-            detector: Mutex::new(Detector::new(settings)),
-            alerts: Mutex::new(VecDeque::with_capacity(RECENT_ALERTS)),
-            next_alert: AtomicU64::new(1),
-            established: Mutex::new(HashSet::new()),
-            sampled: Mutex::new(Sampled::default()),
-            started_ms: now_ms(),
-        }
-    }
-
-    pub fn started_ms(&self) -> i64 {
-        self.started_ms
-    }
-
-    /// Keys the rules count now, and events they could not count.
-    pub fn detector_load(&self) -> (usize, u64) {
-        let d = lock(&self.detector);
-        (d.tracked(), d.untracked())
-    }
-
-    fn observe(&self, event: Event<'_>) -> Vec<Alert> {
-        lock(&self.detector).observe(event, now_ms())
-    }
-
-    /// The most recent alerts, oldest first.
-    pub fn recent_alerts(&self, n: usize) -> Vec<AlertRecord> {
-        let a = lock(&self.alerts);
-        a.iter().skip(a.len().saturating_sub(n)).cloned().collect()
-    }
-}
-
-/// Reads an audit record as it is written: counts it, and feeds the rules it concerns.
-/// Returns the alerts raised; the caller passes them to [`raise`] once the record is written,
-/// so the log reads cause first.
-pub fn observe_audit(shared: &Shared, kind: Kind, f: &Fields) -> Vec<Alert> {
-    let m = &shared.metrics;
-    let extra = |k: &str| f.extra.get(k).and_then(Value::as_str);
-    match kind {
-        Kind::Connect => {
-            m.connections_established.fetch_add(1, Ordering::Relaxed);
-            if let (Some(ip), Some(port)) = (f.ip, f.port) {
-                lock(&shared.monitor.established).insert(SocketAddr::new(ip, port));
-            }
-            Vec::new()
-        }
-        Kind::Disconnect => {
-            m.disconnect(f.reason.as_deref().unwrap_or("other"));
-            Vec::new()
-        }
-        Kind::LoginOk => {
-            m.logins_ok.fetch_add(1, Ordering::Relaxed);
-            Vec::new()
-        }
-        Kind::Register => {
-            m.registrations.fetch_add(1, Ordering::Relaxed);
-            Vec::new()
-        }
-        Kind::LoginFailed => {
-            m.logins_failed.fetch_add(1, Ordering::Relaxed);
-            match f.ip {
-                Some(ip) => shared.monitor.observe(Event::LoginFailed {
-                    ip,
-                    account: f.user.as_deref(),
-                }),
-                None => Vec::new(),
-            }
-        }
-        Kind::Limit => {
-            let reason = f.reason.as_deref().unwrap_or("other");
-            m.limit(reason);
-            match (reason, f.ip) {
-                ("malformed" | "too_large", Some(ip)) => {
-                    shared.monitor.observe(Event::BadFrame { ip })
-                }
-                _ => Vec::new(),
-            }
-        }
-        Kind::Ban => {
-            m.ban(extra("by") == Some("server"));
-            Vec::new()
-        }
-        _ => Vec::new(),
-    }
-}
 
 /// A new TCP connection, admitted or refused by the guard (before any TLS work).
 pub fn note_accept(shared: &Shared, peer: SocketAddr, admitted: &Result<(), Box<Refused>>) {
@@ -245,7 +50,7 @@ pub fn note_accept(shared: &Shared, peer: SocketAddr, admitted: &Result<(), Box<
         return;
     }
     let alerts = shared.monitor.observe(Event::Connection { ip: peer.ip() });
-    raise(shared, alerts);
+    shared.raise(alerts);
 }
 
 /// An admitted connection ended: if it never finished its TLS handshake and hello, that
@@ -270,97 +75,7 @@ pub fn connection_closed(shared: &Shared, peer: SocketAddr) {
     let alerts = shared
         .monitor
         .observe(Event::HandshakeIncomplete { ip: peer.ip() });
-    raise(shared, alerts);
-}
-
-/// Acts on alerts: counts, logs and audits each, keeps it for the monitor, and applies the ban
-/// it asks for (unless one is already in force).
-pub fn raise(shared: &Shared, alerts: Vec<Alert>) {
-    for alert in alerts {
-        shared.metrics.alert(alert.rule);
-        let ban = alert.ban.as_ref().and_then(|plan| {
-            let now = now_ms();
-            let guard = shared.guard();
-            let already = match &plan.target {
-                BanTarget::Net(net) => guard.ip_ban(net.network(), now).is_some(),
-                BanTarget::User(u) => guard.user_ban(u, now).is_some(),
-            };
-            (!already).then(|| Ban {
-                target: plan.target.clone(),
-                until_ms: Some(plan.until_ms),
-                reason: format!("automatic: {}", alert.describe()),
-                by: "server".into(),
-                created_ms: now,
-            })
-        });
-        let action = match (&alert.ban, &ban) {
-            (Some(_), None) => "alert only: already banned".to_string(),
-            _ => alert.action(),
-        };
-        tracing::warn!(rule = alert.rule.as_str(), alert = %alert.describe(), action = %action, "anomaly");
-        let record = AlertRecord {
-            id: shared.monitor.next_alert.fetch_add(1, Ordering::Relaxed),
-            alert: alert.clone(),
-            action: action.clone(),
-        };
-        {
-            let mut recent = lock(&shared.monitor.alerts);
-            if recent.len() >= RECENT_ALERTS {
-                recent.pop_front();
-            }
-            recent.push_back(record);
-        }
-        let mut f = Fields::new()
-            .reason(alert.describe())
-            .with("rule", alert.rule.as_str())
-            .with("scope", alert.scope.kind())
-            .with("target", alert.scope.value())
-            .with("count", alert.count)
-            .with("threshold", alert.threshold)
-            .with("window_s", alert.window_ms / 1000)
-            .with("action", &action);
-        match &alert.scope {
-            Scope::Address(ip) => f = f.ip_addr(*ip),
-            Scope::User(u) => f = f.user(u),
-            Scope::Subnet(_) => {}
-        }
-        shared.audit(Kind::Alert, f);
-        if let Some(ban) = ban {
-            apply_ban(shared, ban);
-        }
-    }
-}
-
-/// Enforces a ban at once, audits it, and stores it in the background.
-fn apply_ban(shared: &Shared, ban: Ban) {
-    shared.guard().add_ban(ban.clone());
-    let message = crate::cmd::admin::ban_text(&ban);
-    match &ban.target {
-        BanTarget::Net(net) => shared
-            .registry
-            .close_net(net, DisconnectReason::Banned, &message),
-        BanTarget::User(u) => shared
-            .registry
-            .close_user(u, DisconnectReason::Banned, &message),
-    };
-    let mut f = Fields::new()
-        .with("target_kind", ban.target.kind())
-        .with("target", ban.target.value())
-        .with("by", &ban.by)
-        .with("until_ms", ban.until_ms)
-        .reason(&ban.reason);
-    if let BanTarget::User(u) = &ban.target {
-        f = f.user(u);
-    }
-    shared.audit(Kind::Ban, f);
-    let store = shared.store.clone();
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move {
-            if let Err(e) = store.call(move |db| db.add_ban(&ban)).await {
-                tracing::warn!(error = %e, "could not store an anomaly ban");
-            }
-        });
-    }
+    shared.raise(alerts);
 }
 
 /// Samples every connection once a second until shutdown: rates for the monitor, message
@@ -383,7 +98,7 @@ pub async fn run(shared: Arc<Shared>) {
             }
         }
         let alerts = sample(&shared, now_ms());
-        raise(&shared, alerts);
+        shared.raise(alerts);
         if n % SWEEP_EVERY_SAMPLES == SWEEP_EVERY_SAMPLES - 1 {
             lock(&shared.monitor.detector).sweep(now_ms());
         }

@@ -1,8 +1,8 @@
 //! The listener: binds, accepts, limits the number of connections, and shuts down gracefully.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,197 +14,17 @@ use tokio_util::task::TaskTracker;
 use crate::at_rest::DataKey;
 use crate::audit::{AuditLog, Fields, Kind};
 use crate::config::{Config, RegistrationPolicy};
-use crate::dispatch::{self, SendCtx};
+use crate::dispatch::{self};
 use crate::guard::{Guard, Refusal};
-use crate::hub::{Hub, HubLimits, SessionId};
-use crate::outbox::Outbox;
+use crate::hub::Hub;
+use crate::shared_hub::SharedHub;
+use crate::state::{SHUTDOWN_GRACE, Shared, hub_limits};
 use crate::store::{Db, Store, StoreThread};
 
 use crate::{connection, fsutil};
 
-/// Time given to connections to say goodbye at shutdown.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Commits waiting for fan-out.
 const COMMIT_QUEUE: usize = 16 * 1024;
-
-/// The hub behind its lock. A panic while holding the lock must not take every later request
-/// down with it, so a poisoned lock is recovered (the hub's state is updated in single steps).
-///
-/// Every mutable use of the hub counts a new version, so whoever keeps something derived from
-/// it (the dispatcher's room audiences) knows, under the same lock, whether it is still true.
-pub struct SharedHub {
-    hub: Mutex<Hub<Outbox>>,
-    version: std::sync::atomic::AtomicU64,
-}
-
-/// The locked hub: reads go through as they are, a mutable use counts a new version.
-pub struct HubGuard<'a> {
-    hub: MutexGuard<'a, Hub<Outbox>>,
-    version: &'a std::sync::atomic::AtomicU64,
-}
-
-impl std::ops::Deref for HubGuard<'_> {
-    type Target = Hub<Outbox>;
-
-    fn deref(&self) -> &Hub<Outbox> {
-        &self.hub
-    }
-}
-
-impl std::ops::DerefMut for HubGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Hub<Outbox> {
-        self.version
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        &mut self.hub
-    }
-}
-
-impl HubGuard<'_> {
-    /// Changes with every mutable use of the hub (read under its lock: stable while held).
-    pub fn version(&self) -> u64 {
-        self.version.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl SharedHub {
-    pub fn new(hub: Hub<Outbox>) -> SharedHub {
-        SharedHub {
-            hub: Mutex::new(hub),
-            version: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    pub fn lock(&self) -> HubGuard<'_> {
-        HubGuard {
-            hub: self.hub.lock().unwrap_or_else(|e| e.into_inner()),
-            version: &self.version,
-        }
-    }
-}
-
-/// State shared by every connection.
-pub struct Shared {
-    /// The configuration in force; replaced whole by a reload.
-    config: RwLock<Arc<Config>>,
-    /// The address actually bound (for the `auto` registration policy).
-    pub local_addr: SocketAddr,
-    pub hub: Arc<SharedHub>,
-    /// IP rules, bans, per-IP limits, login lock-out.
-    pub guard: Mutex<Guard>,
-    /// Every live connection.
-    pub registry: crate::registry::Registry,
-    /// When the server started.
-    pub started: std::time::Instant,
-    /// The tamper-evident audit log (never message text).
-    pub audit: AuditLog,
-    /// Password hashes computed at once (one per core).
-    pub hashing: Semaphore,
-    pub store: Store<SendCtx>,
-    pub shutdown: CancellationToken,
-    /// Counters and histograms for the Prometheus endpoint and the monitor.
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Anomaly rules, recent alerts, per-connection rates (`conclave monitor`).
-    pub monitor: crate::monitor::Monitor,
-    /// Stored files (sealed chunks in `files/`).
-    pub files: Arc<crate::files::FileStore>,
-    pub files_cache: crate::cmd::files::FilesCache,
-    /// End-to-end encrypted conversations (public group state) and the server's MLS key.
-    pub e2ee: crate::e2ee::E2ee,
-    /// The certificate the listener presents (swapped by a reload).
-    pub certs: Arc<crate::certs::Certs>,
-    /// Topics, display names, away messages, read-marker privacy (lock after the hub's).
-    pub presence: Mutex<crate::presence::Presence>,
-    next_session: AtomicU64,
-}
-
-impl Shared {
-    pub fn next_session_id(&self) -> SessionId {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// A snapshot of the configuration in force.
-    pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
-    }
-
-    /// The registration policy in force (auto resolved for the bound address).
-    pub fn registration(&self) -> RegistrationPolicy {
-        self.config().registration.effective(self.local_addr)
-    }
-
-    /// Records an audit event.
-    pub fn audit(&self, kind: Kind, fields: Fields) {
-        let alerts = crate::monitor::observe_audit(self, kind, &fields);
-        self.audit.record(kind, fields);
-        crate::monitor::raise(self, alerts);
-    }
-
-    pub fn guard(&self) -> MutexGuard<'_, Guard> {
-        self.guard.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Reads the config file again and applies it: IP lists, limits, policies. On any error
-    /// the configuration in force stays as it is, and the error says why.
-    pub async fn reload(&self) -> Result<(), String> {
-        let result = self.reload_inner().await;
-        let fields = match &result {
-            Ok(()) => Fields::new().with("ok", true),
-            Err(e) => Fields::new().with("ok", false).reason(e.clone()),
-        };
-        self.audit(Kind::Reload, fields);
-        result
-    }
-
-    async fn reload_inner(&self) -> Result<(), String> {
-        let old = self.config();
-        let new = old.reloaded().map_err(|e| e.to_string())?;
-        new.validate().map_err(|e| e.to_string())?;
-        self.apply_rules(&new).await?;
-        self.certs.reload(&new)?;
-        self.hub.lock().set_limits(hub_limits(&new));
-        if let Ok(mut c) = self.config.write() {
-            *c = Arc::new(new);
-        }
-        tracing::info!("configuration reloaded");
-        Ok(())
-    }
-
-    /// Rebuilds the guard's rules from `config` and the persisted IP lists.
-    pub async fn apply_rules(&self, config: &Config) -> Result<(), String> {
-        let (allow, deny) = self
-            .store
-            .call(|db| db.ip_rules())
-            .await
-            .map_err(|e| e.to_string())?;
-        let rules = config
-            .security
-            .rules(&allow, &deny)
-            .map_err(|e| e.to_string())?;
-        self.guard().set_rules(rules);
-        // Connections from networks the new lists refuse are closed, as a new `deny` is.
-        let guard = self.guard();
-        for c in self.registry.snapshot() {
-            if guard.ip_permitted(c.peer.ip()).is_err() {
-                c.outbox.close(
-                    conclave_proto::DisconnectReason::Banned,
-                    "your address is now refused (deny list, or not on the allow list)",
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
-fn hub_limits(config: &Config) -> HubLimits {
-    HubLimits {
-        max_message_bytes: config.limits.max_message_bytes,
-        max_recipients: config.limits.max_recipients,
-        max_rooms: config.limits.max_rooms,
-    }
-}
 
 /// Why the server could not start, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -316,7 +136,7 @@ impl Server {
         let observed = metrics.clone();
         db.on_commit(Box::new(move |d| observed.store_commit.observe(d)));
         let metrics_listener = match config.metrics.listen {
-            Some(addr) => Some(crate::metrics::bind(addr).await.map_err(start_err)?),
+            Some(addr) => Some(crate::prometheus::bind(addr).await.map_err(start_err)?),
             None => None,
         };
         let anomaly = crate::anomaly::Settings::from_config(&config.anomaly).map_err(start_err)?;
@@ -351,7 +171,7 @@ impl Server {
                 store,
                 shutdown: CancellationToken::new(),
                 metrics,
-                monitor: crate::monitor::Monitor::new(anomaly),
+                monitor: crate::alerts::Monitor::new(anomaly),
                 files: Arc::new(files),
                 files_cache: Default::default(),
                 e2ee,
@@ -426,7 +246,7 @@ impl Server {
         tracker.spawn(crate::admin_socket::serve(shared.clone(), admin));
         tracker.spawn(crate::monitor::run(shared.clone()));
         if let Some(l) = metrics_listener {
-            tracker.spawn(crate::metrics::serve(shared.clone(), l));
+            tracker.spawn(crate::prometheus::serve(shared.clone(), l));
         }
         let bound = listener
             .local_addr()

@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use conclave_proto::hello::{self, HELLO_BYTES, HelloStatus};
 use conclave_proto::{
-    ClientFrame, DisconnectReason, ErrorBody, ErrorCode, Event, PROTOCOL_VERSION, Reply, Request,
-    ServerFrame,
+    ClientFrame, DisconnectReason, ErrorBody, ErrorCode, PROTOCOL_VERSION, Reply, Request,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,33 +18,11 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{Fields, Kind};
 use crate::cmd;
-use crate::hub::SessionId;
+use crate::conn::Conn;
 use crate::outbox::{self, GOODBYE_TIMEOUT, Outbox, OutboxQueue};
 use crate::registry::{ConnInfo, Counters};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::tls_stream::{self, TlsReader, TlsWriter};
-
-/// One logged-in (or logging-in) connection, as the command handlers see it.
-pub struct Conn {
-    pub shared: Arc<Shared>,
-    pub sid: SessionId,
-    pub peer: SocketAddr,
-    pub outbox: Outbox,
-    pub user: Option<String>,
-    /// Bounds this connection's sends awaiting their commit.
-    pub inflight: Arc<Semaphore>,
-    /// The end-to-end device this connection speaks for (after `E2eePublish`).
-    pub device: Option<String>,
-    /// Typing, read-marker and change budget; made at the first such request (idle
-    /// connections carry only the pointer).
-    pub presence_budget: Option<Box<crate::presence::ConnBudget>>,
-}
-
-impl Conn {
-    pub fn reply(&self, id: u64, result: Result<Reply, ErrorBody>) {
-        self.outbox.send(&ServerFrame::Reply { id, result });
-    }
-}
 
 /// A TLS connection whose handshake succeeded, before anything else was read: both halves of
 /// the TLS stream (each a pointer to the shared connection), its byte counters, and the end
@@ -863,12 +840,4 @@ async fn handle(conn: &mut Conn, frame: ClientFrame) -> Flow {
     }
     conn.reply(id, result);
     Flow::Continue
-}
-
-/// Sends an event to a set of connections.
-pub fn broadcast<'a>(targets: impl IntoIterator<Item = &'a Outbox>, event: Event) {
-    let frame = outbox::encode(&ServerFrame::Event(event));
-    for o in targets {
-        o.push(frame.clone());
-    }
 }

@@ -7,24 +7,13 @@ use conclave_proto::{DisconnectReason, ErrorBody, ErrorCode};
 
 use super::store_error;
 use crate::audit::{Fields, Kind};
-use crate::guard::{AutoBan, Ban, BanTarget};
-use crate::server::Shared;
+use crate::guard::{AutoBan, Ban, BanTarget, ban_text};
+use crate::state::Shared;
 use crate::store::now_ms;
 
-/// "banned for N more minutes: reason" (seconds under two minutes).
-pub fn ban_text(ban: &Ban) -> String {
-    let until = match ban.until_ms {
-        None => "for ever".to_string(),
-        Some(u) => {
-            let left_s = ((u - now_ms()).max(0) + 999) / 1000;
-            if left_s < 120 {
-                format!("for {left_s} more seconds")
-            } else {
-                format!("for {} more minutes", (left_s + 59) / 60)
-            }
-        }
-    };
-    format!("banned {until}: {}", ban.reason)
+/// [`ban_text`] at this moment.
+pub fn ban_text_now(ban: &Ban) -> String {
+    ban_text(ban, now_ms())
 }
 
 /// Persists an automatic ban and closes the connections it covers.
@@ -38,7 +27,7 @@ pub async fn persist_auto_ban(shared: &Arc<Shared>, auto: AutoBan) {
     if let BanTarget::Net(net) = &auto.ban.target {
         shared
             .registry
-            .close_net(net, DisconnectReason::Banned, &ban_text(&auto.ban));
+            .close_net(net, DisconnectReason::Banned, &ban_text_now(&auto.ban));
     }
 }
 
@@ -105,7 +94,7 @@ pub async fn ban(
         .await
         .map_err(store_error)?;
     shared.guard().add_ban(ban.clone());
-    let message = ban_text(&ban);
+    let message = ban_text_now(&ban);
     match &ban.target {
         BanTarget::User(u) => shared
             .registry

@@ -6,8 +6,8 @@ use super::{hashing, store_error};
 use crate::accounts;
 use crate::audit::{Fields, Kind};
 use crate::config::RegistrationPolicy;
+use crate::conn::{Conn, broadcast};
 use crate::dispatch::SendCtx;
-use crate::session::{Conn, broadcast};
 use crate::store::{CatchUpJob, StoreError};
 
 fn auth_failed() -> ErrorBody {
@@ -153,7 +153,7 @@ pub async fn login(
         );
         return Err(ErrorBody::new(
             ErrorCode::Forbidden,
-            format!("this account is {}", super::admin::ban_text(&ban)),
+            format!("this account is {}", super::admin::ban_text_now(&ban)),
         ));
     }
     {

@@ -13,7 +13,7 @@ use conclave_proto::chat::{ActKind, CONTENT_TYPE_DELETE, MessageInfo, Refs, chec
 use conclave_proto::{Body, Conv, ErrorBody, ErrorCode, Reply};
 
 use super::store_error;
-use crate::session::Conn;
+use crate::conn::Conn;
 use crate::store::TargetRow;
 
 /// Longest message id accepted in a reference (a UUID is 36 characters).

@@ -7,7 +7,7 @@
 use conclave_proto::{Bytes, DisconnectReason, ErrorBody, ErrorCode, Event, Reply};
 
 use super::store_error;
-use crate::session::{Conn, broadcast};
+use crate::conn::{Conn, broadcast};
 use crate::store::{PutOutcome, now_ms};
 
 /// Most chunks or segments in one fetch reply.

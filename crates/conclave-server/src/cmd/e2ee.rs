@@ -11,10 +11,10 @@ use conclave_proto::{
 use tokio::sync::oneshot;
 
 use super::store_error;
+use crate::conn::{Conn, broadcast};
 use crate::dispatch::SendCtx;
 use crate::e2ee::ConvGroup;
-use crate::server::Shared;
-use crate::session::{Conn, broadcast};
+use crate::state::Shared;
 use crate::store::{AppendJob, NewMessage, conv_key, now_ms};
 
 /// Most key packages accepted in one request.

@@ -10,8 +10,8 @@ use conclave_proto::{
 };
 
 use super::store_error;
+use crate::conn::{Conn, broadcast};
 use crate::files::{FileError, FileStore, Progress, chunk_size_for, parse_id};
-use crate::session::{Conn, broadcast};
 use crate::store::{FileRow, RecipientState, now_ms};
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -312,7 +312,7 @@ pub async fn chunk(
     offset: u64,
     data: Chunk,
 ) -> Result<Reply, ErrorBody> {
-    let (id, row) = conn.shared.files_cache.row(conn, &file_id).await?;
+    let (id, row) = cached_row(conn, &file_id).await?;
     if row.sender != user {
         return Err(no_such_file());
     }
@@ -396,8 +396,8 @@ pub async fn fetch(
     file_id: String,
     offset: u64,
 ) -> Result<Reply, ErrorBody> {
-    let (id, row) = conn.shared.files_cache.row(conn, &file_id).await?;
-    let state = conn.shared.files_cache.recipient(conn, &id, user).await?;
+    let (id, row) = cached_row(conn, &file_id).await?;
+    let state = cached_recipient(conn, &id, user).await?;
     may_fetch(conn, user, &row, state)?;
     if !row.complete {
         return Err(err(
@@ -599,7 +599,7 @@ pub async fn offer_pending(conn: &Conn, user: &str) {
 }
 
 /// Deletes expired files (records, then bytes), and bytes on disk with no record.
-pub async fn expire(shared: &crate::server::Shared, sweep_strays: bool) {
+pub async fn expire(shared: &crate::state::Shared, sweep_strays: bool) {
     let now = now_ms();
     let ids = match shared.store.call(move |db| db.expire_files(now)).await {
         Ok(ids) => ids,
@@ -632,83 +632,38 @@ pub async fn expire(shared: &crate::server::Shared, sweep_strays: bool) {
     }
 }
 
-/// File rows and recipient states, cached briefly so a transfer of thousands of chunks does
-/// not ask the store thread (busy with message commits) for each one.
-#[derive(Default)]
-pub struct FilesCache {
-    rows: std::sync::Mutex<std::collections::HashMap<String, (FileRow, std::time::Instant)>>,
-    recipients: std::sync::Mutex<std::collections::HashMap<(String, String), CachedState>>,
+/// The file's row, from the cache when it is fresh, else from the store (then cached).
+async fn cached_row(conn: &Conn, file_id: &str) -> Result<(String, FileRow), ErrorBody> {
+    let cache = &conn.shared.files_cache;
+    if let Some(id) = parse_id(file_id)
+        && let Some(row) = cache.row(&id)
+    {
+        return Ok((id, row));
+    }
+    let (id, row) = row(conn, file_id).await?;
+    cache.put_row(&id, &row);
+    Ok((id, row))
 }
 
-type CachedState = (Option<RecipientState>, std::time::Instant);
-
-/// How long a cached row or recipient state is trusted.
-const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
-/// Most cached entries of each kind (the cache is emptied when full).
-const CACHE_ENTRIES: usize = 4096;
-
-impl FilesCache {
-    async fn row(&self, conn: &Conn, file_id: &str) -> Result<(String, FileRow), ErrorBody> {
-        if let Some(id) = parse_id(file_id) {
-            let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((row, at)) = rows.get(&id)
-                && at.elapsed() < CACHE_TTL
-            {
-                return Ok((id, row.clone()));
-            }
-        }
-        let (id, row) = row(conn, file_id).await?;
-        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-        if rows.len() >= CACHE_ENTRIES {
-            rows.clear();
-        }
-        rows.insert(id.clone(), (row.clone(), std::time::Instant::now()));
-        Ok((id, row))
+/// A recipient's state of a file, from the cache when it is fresh, else from the store.
+async fn cached_recipient(
+    conn: &Conn,
+    file_id: &str,
+    user: &str,
+) -> Result<Option<RecipientState>, ErrorBody> {
+    let cache = &conn.shared.files_cache;
+    if let Some(state) = cache.recipient(file_id, user) {
+        return Ok(state);
     }
-
-    async fn recipient(
-        &self,
-        conn: &Conn,
-        file_id: &str,
-        user: &str,
-    ) -> Result<Option<RecipientState>, ErrorBody> {
-        let key = (file_id.to_string(), user.to_string());
-        {
-            let map = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((state, at)) = map.get(&key)
-                && at.elapsed() < CACHE_TTL
-            {
-                return Ok(*state);
-            }
-        }
-        let (f, u) = key.clone();
-        let state = conn
-            .shared
-            .store
-            .call(move |db| db.file_recipient(&f, &u))
-            .await
-            .map_err(store_error)?;
-        let mut map = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= CACHE_ENTRIES {
-            map.clear();
-        }
-        map.insert(key, (state, std::time::Instant::now()));
-        Ok(state)
-    }
-
-    fn forget(&self, file_id: &str) {
-        self.rows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(file_id);
-    }
-
-    fn forget_recipient(&self, file_id: &str, user: &str) {
-        self.recipients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(file_id.to_string(), user.to_string()));
-    }
+    let (f, u) = (file_id.to_string(), user.to_string());
+    let state = conn
+        .shared
+        .store
+        .call(move |db| db.file_recipient(&f, &u))
+        .await
+        .map_err(store_error)?;
+    cache.put_recipient(file_id, user, state);
+    Ok(state)
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 use conclave_proto::{ConvRef, Cursor, ErrorBody, ErrorCode, Reply};
 
 use super::store_error;
+use crate::conn::Conn;
 use crate::search;
-use crate::session::Conn;
 
 /// A page size must be between 1 and the configured maximum.
 fn check_limit(conn: &Conn, limit: u32) -> Result<(), ErrorBody> {

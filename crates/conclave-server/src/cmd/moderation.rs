@@ -4,10 +4,10 @@ use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply, names};
 
 use super::{admin, store_error};
 use crate::audit::{Fields, Kind};
+use crate::conn::{Conn, broadcast};
 use crate::guard::BanTarget;
 use crate::hub::{SessionId, VoteRules};
-use crate::server::Shared;
-use crate::session::{Conn, broadcast};
+use crate::state::Shared;
 use crate::store::now_ms;
 
 fn require_admin(conn: &Conn, user: &str, what: &str) -> Result<(), ErrorBody> {

@@ -17,8 +17,8 @@ use conclave_proto::{
 };
 
 use super::store_error;
+use crate::conn::{Conn, broadcast};
 use crate::presence::{ConnBudget, check_text, rate_limited};
-use crate::session::{Conn, broadcast};
 use crate::store::{ReadMoved, conv_key, now_ms};
 
 /// One presence request.

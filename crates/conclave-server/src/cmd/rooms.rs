@@ -5,8 +5,8 @@ use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply};
 use super::{hashing, store_error};
 use crate::accounts;
 use crate::audit::{Fields, Kind};
+use crate::conn::{Conn, broadcast};
 use crate::hub::{JoinCheck, Room};
-use crate::session::{Conn, broadcast};
 use crate::store::{RoomRow, StoreError};
 
 pub async fn create(

@@ -3,8 +3,8 @@
 use conclave_proto::{Body, ErrorBody, ErrorCode, Event, Reply, Target};
 
 use super::store_error;
+use crate::conn::{Conn, broadcast};
 use crate::dispatch::SendCtx;
-use crate::session::{Conn, broadcast};
 use crate::store::{AppendJob, NewMessage};
 
 /// Longest idempotency key accepted.

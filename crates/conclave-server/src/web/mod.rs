@@ -33,8 +33,8 @@ use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use crate::outbox::GOODBYE_TIMEOUT;
-use crate::server::Shared;
 use crate::session::TlsLink;
+use crate::state::Shared;
 
 /// Time allowed between the upgrade's response and the WebSocket reaching this task.
 const UPGRADE_HANDOVER: Duration = Duration::from_secs(5);

@@ -17,8 +17,8 @@ use futures_util::{SinkExt, StreamExt};
 
 use crate::outbox::{GOODBYE_TIMEOUT, Outbox, OutboxQueue};
 use crate::registry::Counters;
-use crate::server::Shared;
 use crate::session::{FrameSource, Incoming, LinkParams};
+use crate::state::Shared;
 
 /// A JSON text message may be this many times the native frame limit: bytes travel as
 /// arrays of numbers (up to four characters each, `255,`). The frame is then held to the
