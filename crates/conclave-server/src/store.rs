@@ -164,6 +164,8 @@ pub enum StoreError {
         "the data key does not match the database in {0}: a wrong passphrase (--data-key-env), or a data.key from another data directory. Nothing was changed; start again with the right key"
     )]
     WrongKey(PathBuf),
+    #[error("the database could not be synced to disk: {message}")]
+    Sync { message: String, full: bool },
 }
 
 impl StoreError {
@@ -175,7 +177,14 @@ impl StoreError {
             self,
             StoreError::Sql(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DiskFull
-        )
+        ) || matches!(self, StoreError::Sync { full: true, .. })
+    }
+
+    fn sync(e: &std::io::Error) -> StoreError {
+        StoreError::Sync {
+            message: e.to_string(),
+            full: e.raw_os_error() == Some(libc::ENOSPC),
+        }
     }
 }
 
@@ -323,6 +332,9 @@ pub struct Db {
     last_optimize_ms: i64,
     /// Told how long each message batch took to commit (the metrics' histogram).
     on_commit: Option<CommitObserver>,
+    /// SQLite's `synchronous` between the index flushes (which never sync): [`SYNCHRONOUS`],
+    /// or `NORMAL` on the store thread, whose syncer syncs the WAL after each commit itself.
+    synchronous: &'static str,
 }
 
 /// Receives the duration of each committed batch of messages.
@@ -429,6 +441,7 @@ impl Db {
             search,
             conv_ids: HashMap::new(),
             on_commit: None,
+            synchronous: SYNCHRONOUS,
             pending_index: Vec::new(),
             index_removed: false,
             last_optimize_ms: 0,
@@ -523,7 +536,7 @@ impl Db {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         self.conn
-            .execute_batch(&format!("PRAGMA synchronous = {SYNCHRONOUS}"))?;
+            .execute_batch(&format!("PRAGMA synchronous = {}", self.synchronous))?;
         result?;
         self.pending_index.clear();
         Ok(())
@@ -1483,7 +1496,10 @@ pub struct CatchUpJob<C> {
     pub ctx: C,
 }
 
-type Call = Box<dyn FnOnce(&mut Db) + Send>;
+/// A call's work on the store thread, returning how to answer once what it wrote is synced
+/// (given the sync's error, if it failed).
+type Call = Box<dyn FnOnce(&mut Db) -> Answer + Send>;
+type Answer = Box<dyn FnOnce(Option<StoreError>) + Send>;
 
 enum Op<C> {
     Append(AppendJob<C>),
@@ -1546,7 +1562,13 @@ impl<C: Send + 'static> Store<C> {
     ) -> Result<R, StoreError> {
         let (done, wait) = oneshot::channel();
         let op: Call = Box::new(move |db| {
-            let _ = done.send(f(db));
+            let result = f(db);
+            Box::new(move |sync_error: Option<StoreError>| {
+                let _ = done.send(match (result, sync_error) {
+                    (Ok(_), Some(e)) => Err(e),
+                    (result, _) => result,
+                });
+            })
         });
         self.tx
             .send(Op::Call(op))
@@ -1660,7 +1682,39 @@ impl Checkpoints {
     }
 }
 
-fn run<C>(
+/// Whether the syncer syncs the WAL (every build but the `bench-no-sync` one).
+const SYNC_WAL: bool = !cfg!(feature = "bench-no-sync");
+
+/// What the store thread did in one operation, handed to the syncer: whether it may have
+/// written (then the WAL is synced before anything is answered), and the answers.
+struct Round<C> {
+    wrote: bool,
+    /// When a batch of messages started (for the commit-duration histogram).
+    batch_started: Option<std::time::Instant>,
+    answers: Vec<Finish<C>>,
+}
+
+enum Finish<C> {
+    Done(Done<C>),
+    Answer(Answer),
+}
+
+/// Rounds waiting for the syncer; the store thread waits beyond this (back-pressure).
+const SYNC_QUEUE: usize = 256;
+
+/// The store thread: runs every operation in order on the database, with SQLite's
+/// `synchronous = NORMAL` (a commit writes the WAL without syncing it), and hands what each
+/// operation answers to the syncer thread ([`sync_run`]), which syncs the WAL once for every
+/// commit made since its last sync and only then answers them, in the same order. So the store
+/// thread commits the next batch while the previous one is being synced (a sync costs more
+/// than a batch's work on most disks), nothing is answered, delivered or read back by anyone
+/// before it is on disk, and one sync serves every commit that waited for it.
+///
+/// Why this is as durable as `synchronous = FULL`: in WAL mode a commit only appends frames to
+/// the WAL (the database file changes only in checkpoints, which sync the WAL before and the
+/// database after copying, with `NORMAL` too). Once `fdatasync` of the WAL returns, the
+/// commit's frames, and every frame before them, are on disk, and recovery replays them.
+fn run<C: Send + 'static>(
     mut db: Db,
     mut rx: mpsc::Receiver<Op<C>>,
     sink: mpsc::Sender<Done<C>>,
@@ -1669,6 +1723,30 @@ fn run<C>(
     if let Err(e) = db.conn.execute_batch("PRAGMA wal_autocheckpoint = 0") {
         tracing::warn!(error = %e, "could not turn SQLite's automatic checkpoint off");
     }
+    let wal = db.conn.path().map(|p| PathBuf::from(format!("{p}-wal")));
+    let deferred = match (&wal, db.conn.execute_batch("PRAGMA synchronous = NORMAL")) {
+        (Some(_), Ok(())) => {
+            db.synchronous = "NORMAL";
+            true
+        }
+        (_, result) => {
+            // Without a WAL path to sync, every commit syncs itself, as `FULL` does.
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "commits sync themselves (no deferred sync)");
+            }
+            false
+        }
+    };
+    let (rounds, rounds_rx) = std::sync::mpsc::sync_channel::<Round<C>>(SYNC_QUEUE);
+    let observer = db.on_commit.take();
+    let syncer = std::thread::Builder::new()
+        .name("conclave-sync".into())
+        .spawn(move || sync_run(rounds_rx, wal.filter(|_| deferred), sink, observer));
+    let syncer = match syncer {
+        Ok(h) => h,
+        // Spawning a thread fails only when the OS is out of resources at start.
+        Err(e) => panic!("cannot start the store's sync thread: {e}"),
+    };
     let mut checkpoints = Checkpoints::new(policy);
     let mut pending: Option<Op<C>> = None;
     loop {
@@ -1681,19 +1759,32 @@ fn run<C>(
         };
         // Anything but a catch-up (a read) may write.
         checkpoints.dirty |= !matches!(op, Op::CatchUp(_));
-        match op {
-            Op::Call(f) => f(&mut db),
+        let changes = db.conn.total_changes();
+        let round = match op {
+            Op::Call(f) => {
+                let answer = f(&mut db);
+                Round {
+                    wrote: db.conn.total_changes() != changes,
+                    batch_started: None,
+                    answers: vec![Finish::Answer(answer)],
+                }
+            }
             Op::Stop => break,
             Op::CatchUp(job) => {
                 let result = db
                     .catch_up(&job.user, &job.resume, job.per_conv, job.total)
                     .map_err(|e| e.to_string());
-                let _ = sink.blocking_send(Done::CaughtUp {
-                    result,
-                    ctx: job.ctx,
-                });
+                Round {
+                    wrote: false,
+                    batch_started: None,
+                    answers: vec![Finish::Done(Done::CaughtUp {
+                        result,
+                        ctx: job.ctx,
+                    })],
+                }
             }
             Op::Append(first) => {
+                let started = std::time::Instant::now();
                 let mut jobs = vec![first];
                 while jobs.len() < MAX_BATCH {
                     match rx.try_recv() {
@@ -1707,12 +1798,12 @@ fn run<C>(
                 }
                 let (msgs, ctxs): (Vec<_>, Vec<_>) =
                     jobs.into_iter().map(|j| (j.msg, j.ctx)).unzip();
-                match db.append_batch(&msgs) {
-                    Ok(done) => {
-                        for (a, ctx) in done.into_iter().zip(ctxs) {
-                            let _ = sink.blocking_send(Done::Appended { result: Ok(a), ctx });
-                        }
-                    }
+                let answers = match db.append_batch(&msgs) {
+                    Ok(done) => done
+                        .into_iter()
+                        .zip(ctxs)
+                        .map(|(a, ctx)| Finish::Done(Done::Appended { result: Ok(a), ctx }))
+                        .collect(),
                     Err(e) => {
                         let error = if e.disk_full() {
                             DISK_FULL.to_string()
@@ -1720,23 +1811,96 @@ fn run<C>(
                             tracing::error!(error = %e, "message batch could not be stored");
                             e.to_string()
                         };
-                        for ctx in ctxs {
-                            let _ = sink.blocking_send(Done::Appended {
-                                result: Err(error.clone()),
-                                ctx,
-                            });
-                        }
+                        ctxs.into_iter()
+                            .map(|ctx| {
+                                Finish::Done(Done::Appended {
+                                    result: Err(error.clone()),
+                                    ctx,
+                                })
+                            })
+                            .collect()
                     }
+                };
+                Round {
+                    wrote: true,
+                    batch_started: Some(started),
+                    answers,
                 }
             }
+        };
+        if rounds.send(round).is_err() {
+            break; // the syncer is gone (it panicked): nothing can be answered any more
         }
         checkpoints.after_op(&db, pending.is_some() || !rx.is_empty());
     }
+    // Everything done so far is synced and answered before the database is closed.
+    drop(rounds);
+    let _ = syncer.join();
     if let Err(e) = db.optimize_index() {
         tracing::warn!(error = %e, "search index flush at shutdown failed (rebuilt at next start)");
     }
     // Leave a clean database: fold the WAL back into the main file.
     let _ = db.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
+/// The syncer: takes every round waiting, syncs the WAL once if any of them wrote, then
+/// answers them in order. `wal`: the file to sync; `None` when commits sync themselves.
+fn sync_run<C>(
+    rounds: std::sync::mpsc::Receiver<Round<C>>,
+    wal: Option<PathBuf>,
+    sink: mpsc::Sender<Done<C>>,
+    observer: Option<CommitObserver>,
+) {
+    let mut waiting: Vec<Round<C>> = Vec::new();
+    while let Ok(first) = rounds.recv() {
+        waiting.push(first);
+        while waiting.len() < SYNC_QUEUE {
+            match rounds.try_recv() {
+                Ok(r) => waiting.push(r),
+                Err(_) => break,
+            }
+        }
+        let failed = match &wal {
+            Some(path) if SYNC_WAL && waiting.iter().any(|r| r.wrote) => {
+                sync_file(path).err().map(|e| {
+                    tracing::error!(error = %e, path = %path.display(), "the WAL could not be synced: the commits waiting for it are refused");
+                    e
+                })
+            }
+            _ => None,
+        };
+        for round in waiting.drain(..) {
+            if let (Some(started), Some(observe), None) = (round.batch_started, &observer, &failed)
+            {
+                observe(started.elapsed());
+            }
+            for finish in round.answers {
+                match finish {
+                    Finish::Answer(answer) => answer(failed.as_ref().map(StoreError::sync)),
+                    Finish::Done(done) => {
+                        let done = match (done, &failed) {
+                            (Done::Appended { result: Ok(_), ctx }, Some(e)) => Done::Appended {
+                                result: Err(if StoreError::sync(e).disk_full() {
+                                    DISK_FULL.to_string()
+                                } else {
+                                    StoreError::sync(e).to_string()
+                                }),
+                                ctx,
+                            },
+                            (done, _) => done,
+                        };
+                        let _ = sink.blocking_send(done);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `fdatasync` of a file, opened by its path for the purpose (the WAL keeps its inode while the
+/// database is open, but a descriptor kept open would outlive a file replaced under it).
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_data()
 }
 
 #[cfg(test)]
@@ -1830,6 +1994,54 @@ mod tests {
             .await
             .expect("history");
         assert_eq!(history.last().map(|m| m.seq), Some(APPENDS as u64));
+        drop(store);
+        thread.join();
+    }
+
+    /// Answers wait for the syncer: when the WAL cannot be synced, a committed batch is not
+    /// acknowledged (its senders are told why), nor is a call that wrote; a read still is.
+    #[tokio::test]
+    async fn nothing_written_is_acknowledged_unless_the_wal_was_synced() {
+        let (dir, db) = db();
+        let (sink, mut done) = mpsc::channel::<Done<()>>(64);
+        let (store, thread) = Store::start(db, sink);
+        let room = Conv::Room("general".into());
+        let append = |text: &str| AppendJob {
+            msg: msg(room.clone(), "alice", text, None),
+            ctx: (),
+        };
+        let wait = std::time::Duration::from_secs(10);
+        store.append(append("before")).await.expect("queued");
+        let first = tokio::time::timeout(wait, done.recv())
+            .await
+            .expect("in time");
+        assert!(matches!(first, Some(Done::Appended { result: Ok(_), .. })));
+        // The WAL's name is gone (SQLite still writes to its open file): it cannot be opened
+        // to be synced, as when the disk fails.
+        let wal = dir.path().join(format!("{DB_FILE}-wal"));
+        std::fs::remove_file(&wal).expect("the WAL exists while the database is open");
+        store.append(append("after")).await.expect("queued");
+        match tokio::time::timeout(wait, done.recv())
+            .await
+            .expect("in time")
+        {
+            Some(Done::Appended { result: Err(e), .. }) => {
+                assert!(e.contains("could not be synced"), "{e}")
+            }
+            _ => panic!("a batch whose sync failed was acknowledged"),
+        }
+        let wrote = store
+            .call(|db| db.create_user("carol", "hash", false))
+            .await;
+        assert!(
+            matches!(wrote, Err(StoreError::Sync { .. })),
+            "a write is refused: {wrote:?}"
+        );
+        let read = store
+            .call(|db| db.users())
+            .await
+            .expect("a read is answered");
+        assert!(!read.is_empty());
         drop(store);
         thread.join();
     }
