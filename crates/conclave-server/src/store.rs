@@ -24,10 +24,14 @@ use tokio::sync::{mpsc, oneshot};
 use crate::at_rest::DataKey;
 use crate::search::{self, SearchKey};
 
+mod backend;
 mod chat;
 mod devices;
 mod e2ee;
 mod files;
+pub use backend::{
+    Accounts, Backend, Chat, Devices, Durability, FileMeta, Groups, Messages, Moderation, Rooms,
+};
 pub use chat::TargetRow;
 pub use chat::{ChatRows, ReadMoved};
 pub use devices::PutOutcome;
@@ -335,6 +339,8 @@ pub struct Db {
     /// SQLite's `synchronous` between the index flushes (which never sync): [`SYNCHRONOUS`],
     /// or `NORMAL` on the store thread, whose syncer syncs the WAL after each commit itself.
     synchronous: &'static str,
+    /// When the store thread checkpoints the WAL.
+    checkpoints: Checkpoints,
 }
 
 /// Receives the duration of each committed batch of messages.
@@ -442,6 +448,7 @@ impl Db {
             conv_ids: HashMap::new(),
             on_commit: None,
             synchronous: SYNCHRONOUS,
+            checkpoints: Checkpoints::new(CheckpointPolicy::default()),
             pending_index: Vec::new(),
             index_removed: false,
             last_optimize_ms: 0,
@@ -1498,7 +1505,7 @@ pub struct CatchUpJob<C> {
 
 /// A call's work on the store thread, returning how to answer once what it wrote is synced
 /// (given the sync's error, if it failed).
-type Call = Box<dyn FnOnce(&mut Db) -> Answer + Send>;
+type Call = Box<dyn FnOnce(&mut dyn Backend) -> Answer + Send>;
 type Answer = Box<dyn FnOnce(Option<StoreError>) + Send>;
 
 enum Op<C> {
@@ -1532,21 +1539,30 @@ impl StoreThread {
 }
 
 impl<C: Send + 'static> Store<C> {
-    /// Starts the store thread on `db`. Committed appends are answered on `sink`.
+    /// Starts the store thread on SQLite's `db`. Committed appends are answered on `sink`.
     pub fn start(db: Db, sink: mpsc::Sender<Done<C>>) -> (Store<C>, StoreThread) {
         Self::start_with(db, sink, CheckpointPolicy::default())
     }
 
     /// [`Store::start`] with its own checkpoint timing (tests use short ones).
     pub fn start_with(
-        db: Db,
+        mut db: Db,
         sink: mpsc::Sender<Done<C>>,
         checkpoints: CheckpointPolicy,
+    ) -> (Store<C>, StoreThread) {
+        db.checkpoints = Checkpoints::new(checkpoints);
+        Self::start_on(Box::new(db), sink)
+    }
+
+    /// Starts the store thread on any backend.
+    pub fn start_on(
+        backend: Box<dyn Backend>,
+        sink: mpsc::Sender<Done<C>>,
     ) -> (Store<C>, StoreThread) {
         let (tx, rx) = mpsc::channel(STORE_QUEUE);
         let handle = std::thread::Builder::new()
             .name("conclave-store".into())
-            .spawn(move || run(db, rx, sink, checkpoints))
+            .spawn(move || run(backend, rx, sink))
             .map(StoreThread);
         match handle {
             Ok(h) => (Store { tx }, h),
@@ -1558,7 +1574,7 @@ impl<C: Send + 'static> Store<C> {
     /// Runs `f` on the store thread and returns its result.
     pub async fn call<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Db) -> Result<R, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut dyn Backend) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (done, wait) = oneshot::channel();
         let op: Call = Box::new(move |db| {
@@ -1641,6 +1657,8 @@ struct Checkpoints {
     last: std::time::Instant,
     /// Something may have been written since the last checkpoint.
     dirty: bool,
+    /// The connection's count of written rows when last looked at.
+    changes: u64,
 }
 
 impl Checkpoints {
@@ -1649,11 +1667,15 @@ impl Checkpoints {
             policy,
             last: std::time::Instant::now(),
             dirty: false,
+            changes: 0,
         }
     }
 
     /// Checkpoints when one is due. `waiting`: operations are queued for the store thread.
-    fn after_op(&mut self, db: &Db, waiting: bool) {
+    fn after_op(&mut self, conn: &Connection, waiting: bool) {
+        let changes = conn.total_changes();
+        self.dirty |= changes != self.changes;
+        self.changes = changes;
         if !self.dirty {
             return;
         }
@@ -1665,15 +1687,13 @@ impl Checkpoints {
         }
         // (busy, frames in the WAL, frames copied). Busy only if another connection (an admin
         // command on the same data directory) holds a snapshot; then it is tried again later.
-        match db
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            }) {
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        }) {
             Ok((0, frames, copied)) if frames == copied => self.dirty = false,
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; it is retried"),
@@ -1715,39 +1735,24 @@ const SYNC_QUEUE: usize = 256;
 /// database after copying, with `NORMAL` too). Once `fdatasync` of the WAL returns, the
 /// commit's frames, and every frame before them, are on disk, and recovery replays them.
 fn run<C: Send + 'static>(
-    mut db: Db,
+    mut db: Box<dyn Backend>,
     mut rx: mpsc::Receiver<Op<C>>,
     sink: mpsc::Sender<Done<C>>,
-    policy: CheckpointPolicy,
 ) {
-    if let Err(e) = db.conn.execute_batch("PRAGMA wal_autocheckpoint = 0") {
-        tracing::warn!(error = %e, "could not turn SQLite's automatic checkpoint off");
-    }
-    let wal = db.conn.path().map(|p| PathBuf::from(format!("{p}-wal")));
-    let deferred = match (&wal, db.conn.execute_batch("PRAGMA synchronous = NORMAL")) {
-        (Some(_), Ok(())) => {
-            db.synchronous = "NORMAL";
-            true
-        }
-        (_, result) => {
-            // Without a WAL path to sync, every commit syncs itself, as `FULL` does.
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "commits sync themselves (no deferred sync)");
-            }
-            false
-        }
+    let wal = match db.durability() {
+        Durability::SyncFile(path) => Some(path),
+        Durability::AtCommit => None,
     };
     let (rounds, rounds_rx) = std::sync::mpsc::sync_channel::<Round<C>>(SYNC_QUEUE);
-    let observer = db.on_commit.take();
+    let observer = db.take_commit_observer();
     let syncer = std::thread::Builder::new()
         .name("conclave-sync".into())
-        .spawn(move || sync_run(rounds_rx, wal.filter(|_| deferred), sink, observer));
+        .spawn(move || sync_run(rounds_rx, wal, sink, observer));
     let syncer = match syncer {
         Ok(h) => h,
         // Spawning a thread fails only when the OS is out of resources at start.
         Err(e) => panic!("cannot start the store's sync thread: {e}"),
     };
-    let mut checkpoints = Checkpoints::new(policy);
     let mut pending: Option<Op<C>> = None;
     loop {
         let op = match pending.take() {
@@ -1757,14 +1762,12 @@ fn run<C: Send + 'static>(
                 None => break,
             },
         };
-        // Anything but a catch-up (a read) may write.
-        checkpoints.dirty |= !matches!(op, Op::CatchUp(_));
-        let changes = db.conn.total_changes();
+        let changes = db.changes();
         let round = match op {
             Op::Call(f) => {
-                let answer = f(&mut db);
+                let answer = f(&mut *db);
                 Round {
-                    wrote: db.conn.total_changes() != changes,
+                    wrote: db.changes() != changes,
                     batch_started: None,
                     answers: vec![Finish::Answer(answer)],
                 }
@@ -1831,16 +1834,56 @@ fn run<C: Send + 'static>(
         if rounds.send(round).is_err() {
             break; // the syncer is gone (it panicked): nothing can be answered any more
         }
-        checkpoints.after_op(&db, pending.is_some() || !rx.is_empty());
+        db.maintain(pending.is_some() || !rx.is_empty());
     }
     // Everything done so far is synced and answered before the database is closed.
     drop(rounds);
     let _ = syncer.join();
-    if let Err(e) = db.optimize_index() {
-        tracing::warn!(error = %e, "search index flush at shutdown failed (rebuilt at next start)");
+    db.close();
+}
+
+impl Backend for Db {
+    /// SQLite's automatic checkpoint off (the store thread checkpoints between operations, see
+    /// [`CheckpointPolicy`]), and commits that write the WAL without syncing it: the syncer
+    /// syncs it (see [`run`]). Without a WAL file to name, commits keep syncing themselves.
+    fn durability(&mut self) -> Durability {
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_autocheckpoint = 0") {
+            tracing::warn!(error = %e, "could not turn SQLite's automatic checkpoint off");
+        }
+        let Some(wal) = self.conn.path().map(|p| PathBuf::from(format!("{p}-wal"))) else {
+            return Durability::AtCommit;
+        };
+        match self.conn.execute_batch("PRAGMA synchronous = NORMAL") {
+            Ok(()) => {
+                self.synchronous = "NORMAL";
+                Durability::SyncFile(wal)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "commits sync themselves (no deferred sync)");
+                Durability::AtCommit
+            }
+        }
     }
-    // Leave a clean database: fold the WAL back into the main file.
-    let _ = db.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+
+    fn changes(&self) -> u64 {
+        self.conn.total_changes()
+    }
+
+    fn maintain(&mut self, waiting: bool) {
+        self.checkpoints.after_op(&self.conn, waiting);
+    }
+
+    fn close(&mut self) {
+        if let Err(e) = self.optimize_index() {
+            tracing::warn!(error = %e, "search index flush at shutdown failed (rebuilt at next start)");
+        }
+        // Leave a clean database: fold the WAL back into the main file.
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+
+    fn take_commit_observer(&mut self) -> Option<CommitObserver> {
+        self.on_commit.take()
+    }
 }
 
 /// The syncer: takes every round waiting, syncs the WAL once if any of them wrote, then
@@ -1949,7 +1992,7 @@ mod tests {
 
     #[tokio::test]
     async fn steady_commits_still_let_the_wal_start_over() {
-        let (_d, db) = db();
+        let (d, db) = db();
         let (sink, mut done) = mpsc::channel::<Done<()>>(64);
         let policy = CheckpointPolicy {
             when_idle_after: std::time::Duration::from_millis(20),
@@ -1977,14 +2020,17 @@ mod tests {
         // Frames in the WAL now: only what came after its last restart. Every commit writes
         // at least two pages (the row and its index), so without restarts there would be
         // 2 * APPENDS or more.
-        let frames = store
-            .call(|db| {
-                Ok(db
-                    .conn
-                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))?)
-            })
-            .await
-            .expect("checkpoint");
+        // (Asked from a second connection: the store thread is idle between operations.)
+        let path = d.path().join(DB_FILE);
+        let frames = tokio::task::spawn_blocking(move || {
+            Connection::open(path)
+                .and_then(|c| {
+                    c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+                })
+                .expect("checkpoint")
+        })
+        .await
+        .expect("checkpoint task");
         assert!(
             (0..APPENDS as i64).contains(&frames),
             "{frames} frames in the WAL after {APPENDS} commits: it never started over"
