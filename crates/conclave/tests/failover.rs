@@ -373,3 +373,39 @@ fn a_client_through_haproxy_in_tcp_mode_keeps_its_pin_and_survives_a_backend_dyi
     quit_after_a_move(bob);
     srv.stop().assert_success();
 }
+
+/// The configuration shown in docs/scaling.md: the block between "```haproxy" and "```".
+fn documented_haproxy_config() -> String {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/scaling.md"
+    ))
+    .expect("docs/scaling.md");
+    let mut lines = doc.lines().skip_while(|l| l.trim() != "```haproxy");
+    assert!(
+        lines.next().is_some(),
+        "no ```haproxy block in docs/scaling.md"
+    );
+    let block: Vec<&str> = lines.take_while(|l| l.trim() != "```").collect();
+    assert!(block.iter().any(|l| l.trim() == "mode tcp"), "{block:#?}");
+    block.join("\n") + "\n"
+}
+
+#[test]
+fn docs_haproxy_configuration_is_valid() {
+    let cfg = documented_haproxy_config();
+    let Some(haproxy) = haproxy_binary() else {
+        eprintln!(
+            "SKIPPED docs_haproxy_configuration_is_valid: the haproxy binary is missing \
+             (apt-get install haproxy; .ci/run installs it)"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("haproxy.cfg");
+    std::fs::write(&path, cfg).expect("write");
+    let mut check = Command::new(&haproxy);
+    check.arg("-c").arg("-f").arg(&path);
+    let f = run("haproxy -c", check);
+    f.assert_success();
+}
