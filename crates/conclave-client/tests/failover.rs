@@ -520,7 +520,7 @@ async fn seeded_relay_deaths_and_cuts_lose_nothing() {
         // The plan: at three distinct points, two relays die (in a random order) and the
         // survivor's connections are cut once.
         let mut rng = Rng::new(seed);
-        let mut order = vec![0usize, 1, 2];
+        let mut order = [0usize, 1, 2];
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i as u64 + 1) as usize);
         }
