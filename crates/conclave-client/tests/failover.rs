@@ -595,3 +595,60 @@ async fn seeded_relay_deaths_and_cuts_lose_nothing() {
         srv.stop(WAIT).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_address_gone_after_a_drop_ends_the_session_naming_each() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    add_users(dir.path(), &["bob"]);
+    let srv = TestServer::start(dir, "127.0.0.1:0".parse().unwrap(), fast).await;
+    let relay1 = Relay::start(srv.addr, RelayConfig::delay_ms(0.0, 1));
+    let relay2 = Relay::start(srv.addr, RelayConfig::delay_ms(0.0, 2));
+    let (a1, a2) = (relay1.addr(), relay2.addr());
+    let state = tempfile::tempdir().expect("state");
+    let mut opts = options(&srv, "bob", state.path(), &format!("{a1},{a2}"));
+    opts.reconnect.max_attempts = Some(4);
+    let (bob, mut events, _) = connect(opts).await;
+    caught_up(&mut events).await;
+    let started = Instant::now();
+    drop(relay2);
+    drop(relay1);
+    let mut last = None;
+    for _ in 0..20 {
+        match tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("in time")
+        {
+            Some(ClientEvent::Disconnected {
+                reconnecting: false,
+                message,
+                ..
+            }) => {
+                last = Some(message);
+                break;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let message = last.expect("a final disconnected event");
+    assert!(
+        message.contains("gave up reconnecting after 4 attempt(s)"),
+        "{message}"
+    );
+    assert!(message.contains("(last errors: "), "{message}");
+    for a in [&a1, &a2] {
+        assert!(
+            message.contains(&format!("could not connect to {a}: connection refused")),
+            "{message}"
+        );
+    }
+    // Four attempts, two rounds of the list: bounded by the policy (0.05 to 0.1 s, then
+    // 0.1 to 0.2 s before each).
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(bob.is_closed());
+    srv.stop(WAIT).await;
+}
