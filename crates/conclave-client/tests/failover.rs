@@ -642,8 +642,8 @@ async fn every_address_gone_after_a_drop_ends_the_session_naming_each() {
             "{message}"
         );
     }
-    // Four attempts, two rounds of the list: bounded by the policy (0.05 to 0.1 s, then
-    // 0.1 to 0.2 s before each).
+    // Four attempts, two rounds of the list: bounded by the policy (25 to 50 ms before each
+    // try of the first round, 50 to 100 ms of the second).
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
