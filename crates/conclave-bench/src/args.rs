@@ -37,8 +37,10 @@ pub struct BenchArgs {
     /// A named workload (see below); other flags override its values.
     #[arg(long, value_enum, value_name = "NAME")]
     pub preset: Option<Preset>,
-    /// A running server, HOST:PORT. Without it, bench starts its own Conclave server.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// A running server, HOST:PORT. Without it, bench starts its own Conclave server. Several
+    /// addresses separated by commas (a cluster's nodes, one certificate): connection i starts
+    /// at address i mod n, so the load is spread, and fails over to the others.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT…]")]
     pub server: Option<String>,
     /// The server certificate's SHA-256 fingerprint (hex, colons and case ignored).
     #[arg(long, value_name = "HEX")]

@@ -57,9 +57,24 @@ pub fn account(i: usize) -> String {
     format!("bench{i}")
 }
 
+/// The `--server` list for connection `i`: the list turned so that address `i mod n` comes
+/// first, the others after it in their order. A value that is not a list is given as it is
+/// (the connection says what is wrong with it).
+pub fn spread(servers: &str, i: usize) -> String {
+    let Ok(list) = conclave_client::ServerList::parse(servers) else {
+        return servers.to_string();
+    };
+    (0..list.len())
+        .map(|k| list.get(i + k).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Where and how to connect.
 pub struct ConclaveTarget {
-    /// `host:port`.
+    /// `host:port`, or several separated by commas (the nodes of a cluster): connection `i`
+    /// goes to address `i mod n` first (see [`spread`]), so the load is spread over the
+    /// nodes, and fails over to the others in turn.
     pub server: String,
     /// Lower-case hex SHA-256 of the server's certificate.
     pub fingerprint: String,
@@ -113,7 +128,7 @@ fn options(t: &ConclaveTarget, i: usize, register: bool) -> ConnectOptions {
             server_password: None,
         }
     };
-    let mut o = ConnectOptions::new(t.server.clone(), auth);
+    let mut o = ConnectOptions::new(spread(&t.server, i), auth);
     o.trust = Trust::Fingerprint(t.fingerprint.clone());
     o.state_dir = Some(t.state_dir.clone());
     // A drop is something to report, not to hide behind a reconnect.
@@ -453,21 +468,26 @@ type RawConn = Framed<TlsStream<StampedTcp>, LengthDelimitedCodec>;
 
 /// What every raw connection of a run shares.
 struct RawNet {
-    addr: SocketAddr,
+    /// One per `--server` address; raw connection `i` uses number `i mod n`.
+    addrs: Vec<SocketAddr>,
     tls: TlsConnector,
 }
 
 impl RawNet {
     async fn new(t: &ConclaveTarget) -> Result<RawNet, String> {
-        let addr = match tokio::net::lookup_host(&t.server)
-            .await
-            .map(|mut a| a.next())
-        {
-            Ok(Some(a)) => a,
-            Ok(None) | Err(_) => {
-                return Err(format!("cannot resolve the server address {}", t.server));
+        let list = conclave_client::ServerList::parse(&t.server).map_err(|e| e.to_string())?;
+        let mut addrs = Vec::new();
+        for server in list.iter() {
+            match tokio::net::lookup_host((server.host.as_str(), server.port))
+                .await
+                .map(|mut a| a.next())
+            {
+                Ok(Some(a)) => addrs.push(a),
+                Ok(None) | Err(_) => {
+                    return Err(format!("cannot resolve the server address {server}"));
+                }
             }
-        };
+        }
         let check = CertCheck::Fingerprint(t.fingerprint.clone());
         let tls = if t.classical_kx {
             net::classical_tls_config(check)
@@ -476,7 +496,7 @@ impl RawNet {
         }
         .map_err(|e| format!("TLS configuration: {e}"))?;
         Ok(RawNet {
-            addr,
+            addrs,
             tls: TlsConnector::from(tls),
         })
     }
@@ -498,8 +518,9 @@ async fn raw_open(
     register: bool,
 ) -> Result<RawConn, (Option<ErrorCode>, String)> {
     let fail = |what: &str, e: &dyn std::fmt::Display| (None, format!("{what}: {e}"));
-    let source = net::source_ip(net.addr, i);
-    let tcp = net::tcp_connect(net.addr, source)
+    let addr = net.addrs[i % net.addrs.len()];
+    let source = net::source_ip(addr, i);
+    let tcp = net::tcp_connect(addr, source)
         .await
         .map_err(|e| fail("TCP connect", &e))?;
     let name = rustls::pki_types::ServerName::try_from("conclave-bench")
@@ -691,5 +712,20 @@ async fn idle(ctx: Arc<Ctx>, t: Arc<ConclaveTarget>) {
         if timeout_at(until, h).await.is_err() {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn connections_start_at_successive_addresses_of_the_list() {
+        let list = "a:1,b:2,c:3";
+        assert_eq!(spread(list, 0), "a:1,b:2,c:3");
+        assert_eq!(spread(list, 1), "b:2,c:3,a:1");
+        assert_eq!(spread(list, 5), "c:3,a:1,b:2");
+        assert_eq!(spread("h:1", 7), "h:1");
+        assert_eq!(spread("not an address:", 2), "not an address:");
     }
 }

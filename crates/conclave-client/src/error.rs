@@ -4,7 +4,7 @@ use std::io;
 
 use conclave_proto::{DisconnectReason, ErrorBody};
 
-use crate::address::AddrError;
+use crate::address::{AddrError, ServerAddr};
 use crate::trust::TrustError;
 
 /// Everything that can go wrong when connecting or making a request.
@@ -26,6 +26,14 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+
+    /// Every address of a `--server` list failed; each failure names its address.
+    #[error(
+        "could not connect to any of the {} addresses in --server: {}",
+        failures.len(),
+        failures.join("; ")
+    )]
+    NoServer { failures: Vec<String> },
 
     #[error(
         "could not connect to {server} within {seconds} s (is the host up? is a firewall \
@@ -134,6 +142,7 @@ impl ClientError {
             ClientError::Resolve { .. }
             | ClientError::Connect { .. }
             | ClientError::ConnectTimeout { .. }
+            | ClientError::NoServer { .. }
             | ClientError::HandshakeTimeout { .. } => "connect",
             ClientError::Io { .. } => "io",
             ClientError::File { code, .. } => code,
@@ -146,6 +155,17 @@ impl ClientError {
             reason,
             message: message.into(),
         }
+    }
+}
+
+/// `e` as a sentence that names `addr`: as it is when it does, else after `addr: `.
+pub(crate) fn naming(addr: &ServerAddr, e: &ClientError) -> String {
+    let text = e.to_string();
+    let name = addr.to_string();
+    if text.contains(&name) {
+        text
+    } else {
+        format!("{name}: {text}")
     }
 }
 
@@ -191,6 +211,27 @@ mod tests {
             e.to_string(),
             "could not connect to localhost:7667: connection refused (is the server running? \
              check --server)"
+        );
+    }
+
+    #[test]
+    fn every_failed_address_is_named() {
+        let refused = |port: u16| ClientError::Connect {
+            server: format!("h:{port}"),
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+        };
+        let a = ServerAddr::parse("h:1").unwrap();
+        let b = ServerAddr::parse("h:2").unwrap();
+        let lost = ClientError::disconnected(DisconnectReason::Other, "closed during login");
+        let e = ClientError::NoServer {
+            failures: vec![naming(&a, &refused(1)), naming(&b, &lost)],
+        };
+        assert_eq!(e.code(), "connect");
+        assert_eq!(
+            e.to_string(),
+            "could not connect to any of the 2 addresses in --server: could not connect to \
+             h:1: connection refused (is the server running? check --server); h:2: \
+             disconnected (other): closed during login"
         );
     }
 

@@ -30,13 +30,22 @@ pub(crate) struct Established {
     pub key_exchange: String,
 }
 
+/// Connects to `addr`, one of the addresses of a `--server` list whose pin is kept under
+/// `key` (its first address; `addr` itself for a single address): the nodes of a cluster
+/// share one TLS identity, so every address must present the certificate pinned for `key`.
 pub(crate) async fn establish(
     addr: &ServerAddr,
+    key: &ServerAddr,
     opts: &ConnectOptions,
 ) -> Result<Established, ClientError> {
     let server = addr.to_string();
     let state_dir = opts.state_dir.clone().or_else(default_state_dir);
-    let plan = TrustPlan::new(&opts.trust, &server, state_dir.as_deref())?;
+    let mut plan = TrustPlan::new(&opts.trust, &key.to_string(), state_dir.as_deref())?;
+    if addr != key {
+        plan = plan.shown_as(format!(
+            "{server} (listed with {key}, whose pinned certificate it shares)"
+        ));
+    }
 
     let tcp = tcp_connect(addr, opts.connect_timeout).await?;
     tcp.set_nodelay(true).map_err(|source| ClientError::Io {

@@ -51,7 +51,7 @@ pub mod order;
 mod p2p_glue;
 pub mod trust;
 
-pub use address::{AddrError, ServerAddr};
+pub use address::{AddrError, MAX_SERVERS, ServerAddr, ServerList, server_key};
 pub use connection::{Client, ClientEvent, Events, PendingReply, SendReceipt, Session};
 pub use error::ClientError;
 pub use files::{Direction, FileOptions, FileProgress, FileReceived, FileSent, ProgressFn, Via};

@@ -157,7 +157,9 @@ impl fmt::Debug for Auth {
 /// change the fields you care about.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
-    /// `host:port`, `host` (port 7667) or `[ipv6]:port`.
+    /// `host:port`, `host` (port 7667) or `[ipv6]:port`; or several of them separated by
+    /// commas (see [`crate::ServerList`]): the nodes of one cluster, which share one
+    /// certificate. They are tried in order; a drop moves to the next (see [`Reconnect`]).
     pub server: String,
     pub trust: Trust,
     /// Where `known_servers` lives; [`crate::trust::default_state_dir`] when `None`.
@@ -213,9 +215,11 @@ impl ConnectOptions {
 /// back-off with jitter, bounded by a number of attempts and by time.
 ///
 /// Attempt `n` (from 0) waits a random time between half of and the whole of
-/// `min(max_delay, initial_delay × 2ⁿ)` before connecting. The client gives up when
-/// `max_attempts` attempts failed in a row, or once `give_up_after` has passed since the drop.
-/// [`Reconnect::never`] turns reconnecting off.
+/// `min(max_delay, initial_delay × 2ʳ)` before connecting, where `r` is the round: `n` with
+/// one server address, `n / len` with several ([`ConnectOptions::server`]), whose attempts go
+/// to the address after the one that dropped, then on through the list, wrapping around. The
+/// client gives up when `max_attempts` attempts (to any address) failed in a row, or once
+/// `give_up_after` has passed since the drop. [`Reconnect::never`] turns reconnecting off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reconnect {
     pub initial_delay: Duration,

@@ -74,7 +74,7 @@ pub(crate) async fn send(
     let bind = match opts.p2p_bind {
         Some(b) => b,
         None => {
-            let ip = local_ip_towards(&client.server())
+            let ip = local_ip_towards(&client.connected_to())
                 .await
                 .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
             SocketAddr::new(ip, 0)

@@ -786,7 +786,8 @@ async fn a_send_in_flight_at_a_drop_is_sent_again_and_its_copy_not_delivered() {
         got[3..],
         [ClientEvent::Reconnected {
             missed: 1,
-            truncated: false
+            truncated: false,
+            server: m.addr.clone(),
         }]
     );
     client.ping().await.unwrap();
@@ -870,7 +871,7 @@ async fn json_client_session() {
 
     assert_eq!(
         lines[0],
-        json!({"event":"connected","user":"alice","server":m.addr,"fingerprint":m.fingerprint,
+        json!({"event":"connected","user":"alice","server":m.addr,"servers":[m.addr],"fingerprint":m.fingerprint,
                "trust":"new","admin":false,"rooms":["general"],"tls":"TLS 1.3",
                "key_exchange":"X25519","post_quantum":false})
     );

@@ -445,7 +445,8 @@ async fn restart_mid_stream(delay_us: Option<u64>) {
                 },
                 ClientEvent::Reconnected {
                     missed: 0,
-                    truncated: false
+                    truncated: false,
+                    ..
                 }
             ] if reason == DisconnectReason::Shutdown || relay.is_some()
         ),
@@ -583,7 +584,7 @@ async fn the_json_client_reports_disconnected_then_reconnected_and_fails_only_at
     assert_eq!(line["text"], "while you were away");
     assert_eq!(
         out.next().await,
-        json!({"event":"reconnected","missed":1,"truncated":false})
+        json!({"event":"reconnected","missed":1,"truncated":false,"server":addr.to_string()})
     );
 
     // Commands work on the new connection, search included.

@@ -1773,10 +1773,22 @@ impl App {
                 self.latency = None;
                 Vec::new()
             }
-            ClientEvent::Reconnected { missed, truncated } => {
+            ClientEvent::Reconnected {
+                missed,
+                truncated,
+                server,
+            } => {
                 self.conn = ConnState::Connected;
+                // With several --server addresses the new connection may be to another one.
+                let moved = match &mut self.session {
+                    Some(s) if s.server != server => {
+                        s.server = server.clone();
+                        format!(" (now through {server})")
+                    }
+                    _ => String::new(),
+                };
                 let text = format!(
-                    "reconnected; {missed} message(s) missed meanwhile are shown in their conversations{}",
+                    "reconnected{moved}; {missed} message(s) missed meanwhile are shown in their conversations{}",
                     if truncated {
                         " (more were missed: scroll up for the rest)"
                     } else {

@@ -113,7 +113,10 @@ pub(crate) fn direct_file(opts: &ChatOptions) -> Option<PathBuf> {
         .state_dir
         .clone()
         .or_else(conclave_client::trust::default_state_dir)?;
-    Some(remember::path(&dir, &opts.server, &opts.user))
+    // Keyed by the first --server address (as typed, so a single address keeps the folder it
+    // always had), like the pin and the end-to-end state.
+    let first = opts.server.split(',').next().unwrap_or_default().trim();
+    Some(remember::path(&dir, first, &opts.user))
 }
 
 /// Runs the chat screen until the user quits. The terminal is restored however it ends.

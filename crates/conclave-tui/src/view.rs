@@ -826,7 +826,16 @@ fn render_status(frame: &mut Frame, r: Rect, app: &App) {
         ConnState::Closed { .. } => ("✗ disconnected".to_string(), bar.fg(Color::Red)),
     };
     let mut spans = vec![
-        Span::styled(format!(" {}", app.opts.server), bar),
+        // The address connected to (one of a --server list), once there is one.
+        Span::styled(
+            format!(
+                " {}",
+                app.session
+                    .as_ref()
+                    .map_or(app.opts.server.as_str(), |s| s.server.as_str())
+            ),
+            bar,
+        ),
         sep.clone(),
         Span::styled(state, state_style),
     ];

@@ -695,6 +695,7 @@ fn reconnecting_and_back() {
     let actions = app.update(Input::Client(ClientEvent::Reconnected {
         missed: 1,
         truncated: false,
+        server: "node2.example:7667".into(),
     }));
     assert!(actions.iter().any(|a| matches!(
         a,
@@ -704,6 +705,8 @@ fn reconnecting_and_back() {
         }
     )));
     assert_shows(&app, &["● connected", "while you were away", "reconnected"]);
+    // Another address of the --server list took over: the status bar says which.
+    assert_shows(&app, &["node2.example:7667"]);
     // A message delivered twice (history overlapping live) shows once.
     app.update(room_message(
         4,

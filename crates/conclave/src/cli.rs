@@ -36,7 +36,7 @@ pub enum Command {
     User(UserArgs),
     /// Connect to a server as a client (JSON lines on stdin and stdout).
     #[command(
-        after_help = "Example:\n  conclave client --json --server 127.0.0.1:7667 --user alice --password-env PW --fingerprint 3f2a...\n  then type: {\"cmd\":\"send\",\"room\":\"general\",\"text\":\"hi\"}"
+        after_help = "Examples:\n  conclave client --json --server 127.0.0.1:7667 --user alice --password-env PW --fingerprint 3f2a...\n  then type: {\"cmd\":\"send\",\"room\":\"general\",\"text\":\"hi\"}\n  conclave client --json --server node1.example.org:7667,node2.example.org:7667 --user alice   (a cluster: the next node when one fails)"
     )]
     Client(ClientArgs),
     /// The terminal chat client: conversations, members, commands, scrollback.
@@ -228,8 +228,10 @@ pub struct ClientArgs {
     /// JSON lines mode: commands on stdin, replies and events on stdout.
     #[arg(long)]
     pub json: bool,
-    /// The server, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// The server, HOST:PORT; or a cluster's nodes, HOST:PORT,HOST:PORT,… (one certificate,
+    /// pinned under the first address): tried in order, and the next is used when a
+    /// connection fails or drops, resuming without loss or repeats.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT…]")]
     pub server: String,
     /// Your account name.
     #[arg(long)]
@@ -287,12 +289,15 @@ commands and keys. Logs go to chat.log in the state directory.
 Examples:
   conclave chat --server chat.example.org:7667 --user alice
   conclave chat --server 127.0.0.1:7667 --user bob --register
+  conclave chat --server node1.example.org:7667,node2.example.org:7667 --user alice
   PW=... conclave chat --server 127.0.0.1:7667 --user bob --password-env PW --fingerprint 3f2a...";
 
 #[derive(Args)]
 pub struct ChatArgs {
-    /// The server, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// The server, HOST:PORT; or a cluster's nodes, HOST:PORT,HOST:PORT,… (one certificate,
+    /// pinned under the first address): tried in order, and the next is used when a
+    /// connection fails or drops, resuming without loss or repeats.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT…]")]
     pub server: String,
     /// Your account name.
     #[arg(long)]

@@ -48,14 +48,18 @@ Exit status: 0 when nothing failed, 1 when a check failed (with --strict: or war
 Examples:
   conclave doctor
   conclave doctor --data-dir /srv/conclave --server chat.example.org:7667
+  conclave doctor --server node1.example.org:7667,node2.example.org:7667
   conclave doctor --json | jq '.checks[] | select(.status != \"ok\")'";
 
 #[derive(Args)]
 pub struct DoctorArgs {
     #[command(flatten)]
     pub data: DataDirArg,
-    /// Also probe the server at HOST:PORT over the network (TLS versions, fingerprint, hello).
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Also probe the server at HOST:PORT over the network (TLS versions, fingerprint, hello);
+    /// several addresses separated by commas (the nodes of a cluster, or a balancer and the
+    /// nodes behind it) are each probed, and each must present this data directory's
+    /// certificate.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT…]")]
     pub server: Option<String>,
     /// The config file, if the server is started with --config.
     #[arg(long, value_name = "FILE")]
@@ -88,6 +92,8 @@ impl Status {
 /// One check's outcome: the worst of its findings.
 struct Check {
     name: &'static str,
+    /// The address a network probe was about.
+    server: Option<String>,
     status: Status,
     summary: String,
     findings: Vec<(Status, String)>,
@@ -97,6 +103,7 @@ impl Check {
     fn new(name: &'static str) -> Check {
         Check {
             name,
+            server: None,
             status: Status::Ok,
             summary: String::new(),
             findings: Vec::new(),
@@ -137,8 +144,22 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
         web_client(),
     ];
     if let Some(server) = &args.server {
-        checks.push(tls_probe(server, &dir));
-        checks.push(web_probe(server));
+        // Each address of a list (a cluster's nodes share this directory's certificate).
+        let addrs: Vec<String> = match conclave_client::ServerList::parse(server) {
+            Ok(list) => list.iter().map(|a| a.to_string()).collect(),
+            // The probe says why it is not an address.
+            Err(_) => vec![server.clone()],
+        };
+        let several = addrs.len() > 1;
+        for addr in &addrs {
+            for mut c in [tls_probe(addr, &dir), web_probe(addr)] {
+                c.server = Some(addr.clone());
+                if several {
+                    c.summary = format!("{addr}: {}", c.summary);
+                }
+                checks.push(c);
+            }
+        }
     }
     let fails = checks.iter().filter(|c| c.status == Status::Fail).count();
     let warns = checks.iter().filter(|c| c.status == Status::Warn).count();
@@ -151,6 +172,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             "warnings": warns,
             "checks": checks.iter().map(|c| json!({
                 "check": c.name,
+                "server": c.server,
                 "status": c.status.as_str(),
                 "summary": c.summary,
                 "findings": c.findings.iter().map(|(s, t)| json!({"status": s.as_str(), "text": t})).collect::<Vec<_>>(),

@@ -347,6 +347,77 @@ fn two_people_talk_through_the_terminal_client() {
     bob.quit().assert_success();
 }
 
+/// `conclave chat --server RELAY1,RELAY2`: relay 1 dies, the chat moves to relay 2 (the status
+/// bar names it), shows what came meanwhile once, and keeps talking. The pin is kept under
+/// the first address, and the next start with the same list needs no flag.
+#[test]
+fn the_terminal_client_moves_to_the_next_address_when_one_dies() {
+    if !tmux_installed() {
+        eprintln!(
+            "SKIPPED the_terminal_client_moves_to_the_next_address_when_one_dies: tmux is not \
+             installed (apt-get install tmux)"
+        );
+        return;
+    }
+    use common::relay::{Relay, RelayConfig};
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let addr = server.addr();
+    let fp = server.fingerprint.clone();
+    let target = addr.parse().expect("the server's address");
+    let relay1 = Relay::start(target, RelayConfig::delay_ms(0.3, 1));
+    let relay2 = Relay::start(target, RelayConfig::delay_ms(0.3, 2));
+    let (a1, a2) = (relay1.addr(), relay2.addr());
+    let list = format!("{a1},{a2}");
+
+    let bob_state = tmp.path().join("bob");
+    let mut cmd = client_cmd(&addr, "bob", &bob_state, PW);
+    cmd.args(["--register", "--fingerprint", &fp]);
+    let mut bob = JsonClient::connect("bob", cmd);
+
+    let tmux = Tmux::new("failover", tmp.path());
+    let alice_state = tmp.path().join("alice");
+    let mut args = chat_args(&list, "alice", &alice_state);
+    args.extend(["--register", "--fingerprint", &fp]);
+    let home = alice_state.to_string_lossy().into_owned();
+    let env = [(PW_VAR, PW), ("HOME", home.as_str())];
+    tmux.start_chat("alice", &args, &env);
+    tmux.wait_for("alice", &["● connected", &a1, "[#general]"]);
+    let pins = std::fs::read_to_string(alice_state.join("known_servers")).expect("a pin");
+    assert!(
+        pins.contains(&format!("{a1} {fp}")),
+        "pinned under the first address: {pins}"
+    );
+    assert!(!pins.contains(&a2), "{pins}");
+
+    // Relay 1 dies; bob writes while alice is moving to relay 2.
+    drop(relay1);
+    bob.send(json!({"cmd": "send", "room": "general", "text": "sent while you moved", "id": 1}));
+    bob.ok(json!(1));
+    let screen = tmux.wait_for("alice", &["● connected", &a2, "bob │ sent while you moved"]);
+    assert_eq!(
+        screen.matches("bob │ sent while you moved").count(),
+        1,
+        "shown once:\n{screen}"
+    );
+    tmux.type_line("alice", "hello through the second address");
+    let m = bob.message("hello through the second address");
+    assert_eq!(m["from"], "alice");
+    tmux.type_line("alice", "/quit");
+    assert_eq!(tmux.wait_exit("alice"), 0);
+
+    // The next start with the same list is let in by the pin, through relay 2 (relay 1 is
+    // gone), without --fingerprint.
+    let args = chat_args(&list, "alice", &alice_state);
+    tmux.start_chat("again", &args, &env);
+    let screen = tmux.wait_for("again", &["● connected", &a2]);
+    assert!(!screen.contains("Is this the right server?"), "{screen}");
+    tmux.key("again", "C-c");
+    assert_eq!(tmux.wait_exit("again"), 0);
+    drop(relay2);
+    bob.quit().assert_success();
+}
+
 /// Grep for a secret in every file under `dir`.
 fn files_with(dir: &Path, needle: &str) -> Vec<PathBuf> {
     let mut hits = Vec::new();

@@ -22,7 +22,7 @@ use super::supervisor::closed_by_us;
 use super::{
     ClientEvent, Core, FramesIn, FramesOut, MAX_EARLY_EVENTS, MAX_HELD_EVENTS, codec, unexpected,
 };
-use crate::address::ServerAddr;
+use crate::address::ServerList;
 use crate::cursor::Verdict;
 use crate::error::ClientError;
 use crate::handshake::establish;
@@ -43,17 +43,22 @@ pub(super) struct Opened {
     pub(super) tls_version: String,
     pub(super) cipher_suite: String,
     pub(super) key_exchange: String,
+    /// The position in the `--server` list of the address connected to.
+    pub(super) index: usize,
 }
 
-/// Connects (TCP, TLS, version) and sends `login` (request `id`); returns once logged in.
+/// Connects (TCP, TLS, version) to address number `index` of `servers` and sends `login`
+/// (request `id`); returns once logged in.
 pub(super) async fn open(
-    addr: &ServerAddr,
+    servers: &ServerList,
+    index: usize,
     opts: &ConnectOptions,
     id: RequestId,
     login: Bytes,
 ) -> Result<Opened, ClientError> {
+    let addr = servers.get(index);
     let server = addr.to_string();
-    let established = establish(addr, opts).await?;
+    let established = establish(addr, servers.key(), opts).await?;
     let (read_half, write_half) = tokio::io::split(established.stream);
     let mut frames_in = FramedRead::new(read_half, codec(opts.max_frame_bytes));
     let mut frames_out = FramedWrite::new(write_half, codec(opts.max_frame_bytes));
@@ -130,6 +135,7 @@ pub(super) async fn open(
         tls_version: established.tls_version,
         cipher_suite: established.cipher_suite,
         key_exchange: established.key_exchange,
+        index: index % servers.len(),
     })
 }
 
@@ -200,6 +206,7 @@ pub(super) fn start(
     let conn = Arc::new(ConnShared::default());
     let (outbound, outbound_rx) = mpsc::channel(core.opts.outbound_queue_frames.max(1));
     let reader = Reader {
+        server: core.servers.get(opened.index).to_string(),
         core: core.clone(),
         events,
         cancel: cancel.clone(),
@@ -230,6 +237,8 @@ pub(super) fn start(
 /// A connection's reader.
 pub(super) struct Reader {
     core: Arc<Core>,
+    /// The address of this connection, for [`ClientEvent::Reconnected`].
+    server: String,
     events: mpsc::Sender<ClientEvent>,
     cancel: CancellationToken,
     conn: Arc<ConnShared>,
@@ -393,6 +402,7 @@ impl Reader {
                     ClientEvent::Reconnected {
                         missed: 0,
                         truncated,
+                        server: self.server.clone(),
                     }
                 } else {
                     ClientEvent::Server(Event::CaughtUp { count, truncated })

@@ -67,7 +67,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
-use crate::address::ServerAddr;
+use crate::address::{ServerAddr, ServerList};
 use crate::cursor::{Cursors, MAX_CURSORS_PER_REQUEST};
 use crate::error::ClientError;
 use crate::options::ConnectOptions;
@@ -107,7 +107,8 @@ pub struct Session {
     pub admin: bool,
     /// Rooms the account is a member of.
     pub rooms: Vec<String>,
-    /// `host:port` as connected to.
+    /// `host:port` as connected to: one of the `--server` list (see [`Client::server`] for
+    /// the name the list is remembered by).
     pub server: String,
     /// SHA-256 of the server's certificate (canonical hex).
     pub fingerprint: String,
@@ -151,8 +152,14 @@ pub enum ClientEvent {
     },
     /// Logged in again after a drop and caught up: the `missed` messages that came while
     /// disconnected were delivered just before this event. `truncated` when more were missed
-    /// than the server sends at login (page back with history for the rest).
-    Reconnected { missed: u32, truncated: bool },
+    /// than the server sends at login (page back with history for the rest). `server` is the
+    /// address now connected to (with several `--server` addresses, often not the one that
+    /// dropped).
+    Reconnected {
+        missed: u32,
+        truncated: bool,
+        server: String,
+    },
     /// End-to-end encryption news (after [`Client::enable_e2ee`]).
     E2ee(crate::e2ee::E2eeNotice),
 }
@@ -179,7 +186,11 @@ impl Drop for Handle {
 /// State shared by the handles, the supervisor and the connection tasks.
 pub(crate) struct Core {
     opts: ConnectOptions,
-    addr: ServerAddr,
+    /// Every address of `--server`, in order; connections go to one at a time.
+    servers: ServerList,
+    /// The position in `servers` of the current connection (of the last one while
+    /// reconnecting).
+    current: std::sync::atomic::AtomicUsize,
     /// Canonical account name (for the conversation of direct sends).
     user: String,
     next_id: AtomicU64,
@@ -209,6 +220,49 @@ pub(crate) struct Core {
 impl Core {
     pub(crate) fn event_queue_len(&self) -> usize {
         self.opts.event_queue_len.max(1)
+    }
+
+    /// The position in the `--server` list of the current (or last) connection.
+    fn current_index(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
+
+    fn connected_addr(&self) -> &ServerAddr {
+        self.servers.get(self.current_index())
+    }
+}
+
+/// The first connection: each address in order, once, until one logs in (see
+/// [`Client::connect`]).
+async fn open_first(
+    servers: &ServerList,
+    opts: &ConnectOptions,
+    id: RequestId,
+    frame: Bytes,
+) -> Result<Opened, ClientError> {
+    let mut failures = Vec::new();
+    let mut last = None;
+    for index in 0..servers.len() {
+        let addr = servers.get(index);
+        match open(servers, index, opts, id, frame.clone()).await {
+            Ok(opened) => {
+                if index > 0 {
+                    tracing::info!(server = %addr, tried = index, "connected to a later address");
+                }
+                return Ok(opened);
+            }
+            // Another node would say the same (the same accounts, the same certificate).
+            Err(e) if supervisor::attempt_is_final(&e) => return Err(e),
+            Err(e) => {
+                tracing::info!(server = %addr, error = %e, "could not connect; trying the next address");
+                failures.push(crate::error::naming(addr, &e));
+                last = Some(e);
+            }
+        }
+    }
+    match last {
+        Some(e) if servers.len() == 1 => Err(e),
+        _ => Err(ClientError::NoServer { failures }),
     }
 }
 
@@ -463,6 +517,7 @@ impl Core {
             let frames: Vec<Bytes> = frames.into_iter().map(|(_, frame)| frame).collect();
             (generation, frames, resent_sends)
         };
+        self.current.store(opened.index, Ordering::Relaxed);
         let live = start(
             self,
             opened,
@@ -673,8 +728,14 @@ impl Client {
     /// Connects, verifies the server, exchanges versions and logs in (or registers). This
     /// first connection is not retried: its errors are returned. Later drops are handled by
     /// reconnecting (see [`ConnectOptions::reconnect`]).
+    ///
+    /// With several addresses (`HOST:PORT,HOST:PORT…`, the nodes of a cluster) they are tried
+    /// in order, each once, until one logs in; a refusal that another node would repeat (a
+    /// wrong password, a certificate that does not match the pin) stops at once. When every
+    /// address fails the error lists each one with its reason
+    /// ([`ClientError::NoServer`]). Later drops move on to the next address.
     pub async fn connect(opts: ConnectOptions) -> Result<(Client, Events, Session), ClientError> {
-        let addr = ServerAddr::parse(&opts.server)?;
+        let servers = ServerList::parse(&opts.server)?;
         let next_id = AtomicU64::new(1);
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let frame = login_frame(
@@ -683,12 +744,12 @@ impl Client {
             |resume| opts.auth.to_request(resume),
             &opts.resume,
         )?;
-        let opened = open(&addr, &opts, id, frame).await?;
+        let opened = open_first(&servers, &opts, id, frame).await?;
         let session = Session {
             user: opened.user.clone(),
             admin: opened.admin,
             rooms: opened.rooms.clone(),
-            server: addr.to_string(),
+            server: servers.get(opened.index).to_string(),
             fingerprint: opened.fingerprint.clone(),
             trust: opened.trust.clone(),
             tls_version: opened.tls_version.clone(),
@@ -702,7 +763,8 @@ impl Client {
         let core = Arc::new(Core {
             slots: Arc::new(Semaphore::new(opts.max_pending_requests.max(1))),
             opts,
-            addr,
+            servers,
+            current: std::sync::atomic::AtomicUsize::new(0),
             user: session.user.clone(),
             next_id,
             state: Mutex::new(State {
@@ -771,9 +833,22 @@ impl Client {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The server, `host:port`.
+    /// The name this session's server is remembered by: `host:port` of the first
+    /// `--server` address (the key of its pin in `known_servers`, of this device's end-to-end
+    /// state, of the terminal client's state), whichever address it is connected to.
     pub fn server(&self) -> String {
-        self.core().addr.to_string()
+        self.core().servers.key().to_string()
+    }
+
+    /// The address of the current connection (of the last one while reconnecting),
+    /// `host:port`: one of the `--server` list.
+    pub fn connected_to(&self) -> String {
+        self.core().connected_addr().to_string()
+    }
+
+    /// Every `--server` address, in the order they are tried.
+    pub fn servers(&self) -> &ServerList {
+        &self.core().servers
     }
 
     /// The account this session is logged in as.

@@ -38,6 +38,7 @@ pub(super) fn attempt_is_final(e: &ClientError) -> bool {
         | ClientError::Timeout { .. }
         | ClientError::NotConnected { .. }
         | ClientError::Io { .. }
+        | ClientError::NoServer { .. }
         | ClientError::File { .. } => false,
     }
 }
@@ -149,11 +150,20 @@ pub(super) async fn reconnect(
 ) -> Result<Live, (DisconnectReason, String)> {
     let policy = &core.opts.reconnect;
     let started = Instant::now();
-    let mut last_error = String::new();
+    let servers = &core.servers;
+    let count = servers.len();
+    // The address after the one that dropped comes first, then the rest in turn.
+    let first = core.current_index() + 1;
+    let mut last_errors: Vec<Option<String>> = vec![None; count];
     let mut attempt = 0u32;
     // Bounded by the policy: a number of attempts, and a time.
     while policy.allows(attempt, started.elapsed()) {
-        let delay = policy.delay(attempt, jitter());
+        let index = (first + attempt as usize) % count;
+        let addr = servers.get(index);
+        // The back-off grows with each round of the list, so moving to the next node is
+        // quick while a whole cluster that is down is not hammered.
+        let round = attempt / u32::try_from(count).unwrap_or(u32::MAX);
+        let delay = policy.delay(round, jitter());
         core.set_next_attempt(Some(delay));
         tokio::select! {
             _ = core.close.cancelled() => {
@@ -169,31 +179,41 @@ pub(super) async fn reconnect(
             .map_err(|e| (DisconnectReason::Other, e.to_string()))?;
         let result = tokio::select! {
             _ = core.close.cancelled() => return Err(closed_by_us()),
-            result = open(&core.addr, &core.opts, id, frame) => result,
+            result = open(servers, index, &core.opts, id, frame) => result,
         };
         match result {
             Ok(opened) => {
-                tracing::info!(attempt, cursors = resume.len(), "reconnected");
+                tracing::info!(attempt, server = %addr, cursors = resume.len(), "reconnected");
                 return Ok(core.go_live(opened, events.clone(), true).await);
             }
             Err(e) if attempt_is_final(&e) => {
+                let through = if count > 1 {
+                    format!(" through {addr}")
+                } else {
+                    String::new()
+                };
                 return Err((
                     DisconnectReason::Other,
-                    format!("could not get back in after the connection dropped: {e}"),
+                    format!("could not get back in{through} after the connection dropped: {e}"),
                 ));
             }
             Err(e) => {
-                tracing::info!(attempt, error = %e, "reconnect attempt failed");
-                last_error = e.to_string();
+                tracing::info!(attempt, server = %addr, error = %e, "reconnect attempt failed");
+                last_errors[index] = Some(crate::error::naming(addr, &e));
                 attempt += 1;
             }
         }
     }
+    let last: Vec<String> = last_errors.into_iter().flatten().collect();
+    let last = match last.len() {
+        0 => "(last error: none)".to_string(),
+        1 => format!("(last error: {})", last.join("")),
+        _ => format!("(last errors: {})", last.join("; ")),
+    };
     Err((
         dropped.reason,
         format!(
-            "{}; gave up reconnecting after {attempt} attempt(s) in {} s (last error: \
-             {last_error})",
+            "{}; gave up reconnecting after {attempt} attempt(s) in {} s {last}",
             dropped.message,
             started.elapsed().as_secs()
         ),

@@ -113,7 +113,7 @@ pub async fn run(
     let password = opts.connect.auth.password().to_string();
     let e2ee_wanted = opts.e2ee;
     let (client, events, session) = Client::connect(opts.connect).await?;
-    report_trust(&session);
+    report_trust(&session, &client.server());
     // End-to-end encryption needs a state directory for the device's keys.
     let (events, e2ee) = match (e2ee_wanted, state_dir) {
         (true, Some(dir)) => (client.enable_e2ee(events, &dir, &password).await?, true),
@@ -128,7 +128,9 @@ pub async fn run(
 
     let (out, out_rx) = mpsc::channel::<String>(opts.output_queue_lines.max(1));
     // Nothing else can be queued yet, so the connected line is first.
-    let _ = out.send(line(&render::connected(&session))).await;
+    let _ = out
+        .send(line(&render::connected(&session, client.servers())))
+        .await;
     if let Some(key) = opts.recovery_key.as_deref() {
         restore(&client, key, &out).await?;
     }
@@ -216,13 +218,18 @@ fn line(value: &Value) -> String {
     text
 }
 
-fn report_trust(session: &Session) {
+/// `key`: the name the pin is kept under (the first `--server` address).
+fn report_trust(session: &Session, key: &str) {
+    let server = if session.server == key {
+        key.to_string()
+    } else {
+        format!("{key} (connected through {})", session.server)
+    };
     match &session.trust {
         PinOutcome::NewlyPinned { known_servers } => eprintln!(
-            "conclave: {} was not a known server; trusting its certificate on first use.\n\
+            "conclave: {server} was not a known server; trusting its certificate on first use.\n\
              conclave:   fingerprint {}\n\
-             conclave:   pinned in {}; a different certificate will be refused from now on.",
-            session.server,
+             conclave:   pinned in {}; every address of --server must present it from now on.",
             format_fingerprint(&session.fingerprint),
             known_servers.display()
         ),
@@ -230,8 +237,7 @@ fn report_trust(session: &Session) {
             known_servers: Some(path),
             replaced: Some(old),
         } => eprintln!(
-            "conclave: replaced the pinned fingerprint of {} in {} (it was {})",
-            session.server,
+            "conclave: replaced the pinned fingerprint of {server} in {} (it was {})",
             path.display(),
             format_fingerprint(old)
         ),

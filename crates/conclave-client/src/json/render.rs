@@ -311,8 +311,12 @@ pub fn client_event(e: &ClientEvent) -> Value {
             "message": message,
             "reconnecting": reconnecting,
         }),
-        ClientEvent::Reconnected { missed, truncated } => {
-            json!({"event": "reconnected", "missed": missed, "truncated": truncated})
+        ClientEvent::Reconnected {
+            missed,
+            truncated,
+            server,
+        } => {
+            json!({"event": "reconnected", "missed": missed, "truncated": truncated, "server": server})
         }
         ClientEvent::E2ee(n) => e2ee_notice(n),
     }
@@ -413,12 +417,15 @@ fn device_notice(d: &crate::devices::DeviceNotice) -> Value {
     }
 }
 
-/// The first line after login.
-pub fn connected(s: &Session) -> Value {
+/// The first line after login. `servers` is every `--server` address in order (`server` is
+/// the one connected to).
+pub fn connected(s: &Session, servers: &crate::ServerList) -> Value {
+    let servers: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
     json!({
         "event": "connected",
         "user": s.user,
         "server": s.server,
+        "servers": servers,
         "fingerprint": s.fingerprint,
         "trust": s.trust.as_str(),
         "admin": s.admin,
@@ -701,9 +708,10 @@ mod tests {
         assert_eq!(
             client_event(&ClientEvent::Reconnected {
                 missed: 3,
-                truncated: false
+                truncated: false,
+                server: "h:2".into(),
             }),
-            json!({"event":"reconnected","missed":3,"truncated":false})
+            json!({"event":"reconnected","missed":3,"truncated":false,"server":"h:2"})
         );
         let e = Event::CaughtUp {
             count: 2,

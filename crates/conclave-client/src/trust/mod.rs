@@ -252,7 +252,11 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 /// One connection attempt's trust decision: the rustls config to use, and what to do with
 /// the verifier's verdict afterwards.
 pub(crate) struct TrustPlan {
+    /// The name the pin is kept under in `known_servers`.
     server: String,
+    /// The server as refusals name it (the address connected to, and the name it is pinned
+    /// under when that is another address of the same list).
+    shown: String,
     mode: Mode,
     seen: Seen,
     config: Arc<rustls::ClientConfig>,
@@ -352,10 +356,18 @@ impl TrustPlan {
             .with_no_client_auth();
         Ok(TrustPlan {
             server: server.to_string(),
+            shown: server.to_string(),
             mode,
             seen,
             config: Arc::new(config),
         })
+    }
+
+    /// Names the server as `shown` in refusals (the pin stays under the name given to
+    /// [`TrustPlan::new`]).
+    pub(crate) fn shown_as(mut self, shown: String) -> TrustPlan {
+        self.shown = shown;
+        self
     }
 
     pub(crate) fn config(&self) -> Arc<rustls::ClientConfig> {
@@ -385,7 +397,7 @@ impl TrustPlan {
         let (seen, verdict) = self.verdict()?;
         match (verdict, &self.mode) {
             (Verdict::Mismatch, Mode::Given { expected, .. }) => Some(TrustError::Mismatch {
-                server: self.server.clone(),
+                server: self.shown.clone(),
                 expected: expected.clone(),
                 seen,
                 pinned_in: PinSource::Given,
@@ -398,7 +410,7 @@ impl TrustPlan {
                     line,
                 },
             ) => Some(TrustError::Mismatch {
-                server: self.server.clone(),
+                server: self.shown.clone(),
                 expected: expected.clone(),
                 seen,
                 pinned_in: PinSource::KnownServers {
@@ -407,7 +419,7 @@ impl TrustPlan {
                 },
             }),
             (Verdict::NewRefused, Mode::New { known_servers }) => Some(TrustError::Unknown {
-                server: self.server.clone(),
+                server: self.shown.clone(),
                 seen,
                 known_servers: known_servers.clone(),
             }),
@@ -437,7 +449,7 @@ impl TrustPlan {
                 match pin_if_new(known_servers, &self.server, &seen)? {
                     // Another client pinned this server meanwhile, to another certificate.
                     PinWrite::Conflict { existing } => Err(TrustError::Mismatch {
-                        server: self.server.clone(),
+                        server: self.shown.clone(),
                         expected: existing.fingerprint,
                         seen,
                         pinned_in: PinSource::KnownServers {
