@@ -7,7 +7,7 @@
 //! consumer, a full publish queue), duplicated or reordered with respect to another
 //! conversation. [`Follower`] turns that into exactly once and in order per conversation: it
 //! notices a gap in the sequence numbers and asks for the missing range from the store, and
-//! after a [`Incoming::Reset`] it asks for everything after what it delivered.
+//! after an [`Incoming::Reset`] it asks for everything after what it delivered.
 //!
 //! # The interface, and why it is object-safe and synchronous
 //!

@@ -41,7 +41,7 @@ impl FakeStore {
             from: from.into(),
             seq,
             ts_ms: 0,
-            body: Body::text(&format!("message {seq} from {from}")),
+            body: Body::text(format!("message {seq} from {from}")),
             extra: None,
         };
         let frame =

@@ -197,7 +197,7 @@ impl<M: Sequenced> Follower<M> {
         }
         t.fruitless = 0;
         t.known = t.known.max(seq);
-        if seq == t.last + 1 && m.complete() && t.held.is_empty() && t.known == seq {
+        if seq == t.last.saturating_add(1) && m.complete() && t.held.is_empty() && t.known == seq {
             // The common case: next in line, nothing waiting, nothing missing.
             t.last = seq;
             self.counts.delivered += 1;
@@ -205,7 +205,7 @@ impl<M: Sequenced> Follower<M> {
             return;
         }
         let conv = m.conv().clone();
-        if seq == t.last + 1 && m.complete() {
+        if seq == t.last.saturating_add(1) && m.complete() {
             t.last = seq;
             self.counts.delivered += 1;
             out.push(Step::Deliver(m));
@@ -266,7 +266,7 @@ impl<M: Sequenced> Follower<M> {
         if complete_through > t.last {
             deliver_held_below(
                 t,
-                complete_through + 1,
+                complete_through.saturating_add(1),
                 &mut self.held_total,
                 &mut self.counts,
                 out,
@@ -387,12 +387,12 @@ fn settle<M: Sequenced>(
 ) {
     while let Some(entry) = t.held.first_entry() {
         let seq = *entry.key();
-        if seq > t.last + 1 {
+        if seq > t.last.saturating_add(1) {
             break;
         }
         let m = entry.remove();
         *held_total -= 1;
-        if seq == t.last + 1 {
+        if seq == t.last.saturating_add(1) {
             t.last = seq;
             counts.delivered += 1;
             out.push(Step::Deliver(m));

@@ -25,6 +25,9 @@ use super::{
 
 /// The encoding's version, the first byte of every payload.
 pub const WIRE_VERSION: u8 = 1;
+/// The largest sequence number a notice may carry (PostgreSQL's `bigint`), so that counting on
+/// from any received one cannot overflow.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// A payload that is not a valid notice.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -263,8 +266,8 @@ fn check_commit_head(
             }
         }
     }
-    if seq == 0 {
-        return Err(invalid("sequence numbers start at 1"));
+    if seq == 0 || seq > MAX_SEQ {
+        return Err(invalid(format!("a sequence number must be 1 to {MAX_SEQ}")));
     }
     if msg_id.is_empty() || msg_id.len() > MAX_MSG_ID_BYTES {
         return Err(invalid(format!(
@@ -455,6 +458,8 @@ mod tests {
         assert!(encode_commit("a", &c).is_err(), "unsorted participants");
         let mut c = commit(1);
         c.seq = 0;
+        assert!(encode_commit("a", &c).is_err());
+        c.seq = MAX_SEQ + 1;
         assert!(encode_commit("a", &c).is_err());
         assert!(encode_commit("", &commit(1)).is_err());
         assert!(encode_commit(&"n".repeat(MAX_NODE_BYTES + 1), &commit(1)).is_err());
