@@ -11,6 +11,8 @@ pub mod alerts;
 pub mod anomaly;
 pub mod at_rest;
 pub mod audit;
+pub mod bus;
+pub mod bus_nats;
 pub mod canary;
 pub mod certs;
 pub mod cmd;

@@ -1,0 +1,246 @@
+//! Fan-out between the nodes of a cluster (issue 24): what one node tells the others after a
+//! commit, and the cluster-wide events (presence, kicks, bans, announcements).
+//!
+//! The store (PostgreSQL in cluster mode) is the truth; the bus only carries *notices* so that
+//! a node can fan a message out to its own connections without a store read in the common case.
+//! Delivery over the bus is at most once: a notice may be lost (a broker restart, a slow
+//! consumer, a full publish queue), duplicated or reordered with respect to another
+//! conversation. [`Follower`] turns that into exactly once and in order per conversation: it
+//! notices a gap in the sequence numbers and asks for the missing range from the store, and
+//! after an [`Incoming::Reset`] it asks for everything after what it delivered.
+//!
+//! # The interface, and why it is object-safe and synchronous
+//!
+//! The listener picks the implementation at start (`--bus nats://…`, or none: [`LocalBus`] for
+//! one node), so the rest of the server holds an `Arc<dyn Bus>`: generic code would make
+//! `Shared` and every command generic over the bus for no gain (a publish is one virtual call
+//! beside a database commit). Publishing never waits: the dispatcher that calls it is one task
+//! fanning out every commit in order, and a broker that is slow or down must not hold up local
+//! delivery. So [`Bus::publish_commit`] and [`Bus::publish_event`] queue the notice (bounded)
+//! and return at once; a full queue drops it, counts it, and says so, and the other nodes read
+//! the message from the store when they notice the gap. No trait method is `async`, so the
+//! trait needs no boxed futures; the receiving side is one stream per node
+//! ([`Bus::take_incoming`]), taken by the node's one fan-out task, so every notice of a
+//! conversation reaches one [`Follower`] in the order the bus delivered it.
+//!
+//! A node never receives its own notices (it fanned them out itself).
+//!
+//! # Implementations
+//! - [`LocalBus`] (`bus::local`): nodes in one process over a tokio broadcast channel; one
+//!   node alone, and tests. A receiver that falls behind the channel gets [`Incoming::Reset`].
+//! - `crate::bus_nats::NatsBus`: NATS core subjects `conclave.<cluster>.commit` and
+//!   `conclave.<cluster>.event`, reconnects handled by async-nats, a reset after each reconnect
+//!   and each slow-consumer report.
+//!
+//! The wire encoding (`bus::wire`) is versioned: one version byte, then postcard; a commit's
+//! frame follows its header as the exact bytes an outbox queues, so a receiving node pushes a
+//! slice of the broker's buffer to its connections without copying or re-encoding it (after
+//! checking, once, that it is the message the header names).
+
+pub mod follower;
+pub mod local;
+pub mod wire;
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use conclave_proto::Conv;
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+
+pub use follower::{Fetch, FetchId, Follower, FollowerLimits, Sequenced, Step};
+pub use local::{LocalBus, LocalCluster};
+
+/// A commit's frame travels inline up to this size; a larger one is left out and the receiving
+/// nodes read the message from the store. A message of the default `max_message_bytes`
+/// (64 KiB) fits, and a notice stays well below NATS's default `max_payload` of 1 MiB.
+pub const DEFAULT_MAX_INLINE_FRAME_BYTES: usize = 128 * 1024;
+/// The largest encoded notice a node accepts (NATS's default `max_payload`); anything larger is
+/// refused before it is decoded.
+pub const MAX_NOTICE_BYTES: usize = 1024 * 1024;
+/// Most names in a notice's `except` list or a direct conversation's participants (the
+/// server's `max_recipients` is 100 by default; this only bounds what a decoder accepts).
+pub const MAX_NAMES: usize = 1024;
+/// Longest node name, in bytes.
+pub const MAX_NODE_BYTES: usize = 64;
+/// Longest message id, in bytes (a UUID's text is 36).
+pub const MAX_MSG_ID_BYTES: usize = 64;
+/// Longest kick or ban reason, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Longest announcement, in bytes.
+pub const MAX_ANNOUNCE_BYTES: usize = conclave_proto::DEFAULT_MAX_MESSAGE_BYTES;
+
+/// A message committed on one node, as the other nodes need it for fan-out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    pub conv: Conv,
+    /// The message's per-conversation sequence number (gap-free, from 1).
+    pub seq: u64,
+    pub msg_id: String,
+    /// Room members who must not receive it (blockcast).
+    pub except: Vec<String>,
+    /// The `ServerFrame::Event(Event::Message)` exactly as an outbox queues it (4-byte length,
+    /// then the body), or `None` when it was larger than the inline limit: the receiver then
+    /// reads the message from the store.
+    pub frame: Option<Bytes>,
+}
+
+impl Commit {
+    /// A notice for `msg` with its outbox-ready `frame`, left out when longer than
+    /// `max_inline_frame_bytes`.
+    pub fn new(
+        msg: &conclave_proto::Message,
+        except: &[String],
+        frame: Bytes,
+        max_inline_frame_bytes: usize,
+    ) -> Commit {
+        Commit {
+            conv: msg.conv.clone(),
+            seq: msg.seq,
+            msg_id: msg.msg_id.clone(),
+            except: except.to_vec(),
+            frame: (frame.len() <= max_inline_frame_bytes).then_some(frame),
+        }
+    }
+}
+
+impl Sequenced for Commit {
+    fn conv(&self) -> &Conv {
+        &self.conv
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn complete(&self) -> bool {
+        self.frame.is_some()
+    }
+}
+
+/// What acts across the cluster besides messages. Every node applies these to its own
+/// connections; none of them is stored by the bus (the store keeps what must survive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterEvent {
+    /// `user` came online on (`online`) or left (`!online`) the publishing node: the user is
+    /// online while any node says so.
+    Presence { user: String, online: bool },
+    /// `user` was kicked from `room` (operator, owner or vote): its connections on every node
+    /// leave the room.
+    Kicked {
+        room: String,
+        user: String,
+        reason: String,
+    },
+    /// The account was banned: every node closes its connections.
+    Banned { user: String, reason: String },
+    /// An address range was banned until `until_ms` (`None`: until lifted): every node's guard
+    /// refuses it.
+    AddressBanned {
+        net: ipnet::IpNet,
+        until_ms: Option<i64>,
+    },
+    /// An operator's announcement to everyone online.
+    Announce { from: String, text: String },
+    /// A room's members or settings changed in the store: nodes with members there read it
+    /// again.
+    RoomChanged { room: String },
+}
+
+/// What a node receives from the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Commit {
+        node: String,
+        commit: Commit,
+    },
+    Event {
+        node: String,
+        event: ClusterEvent,
+    },
+    /// Notices may have been lost: resynchronise every followed conversation from the store
+    /// ([`Follower::reset`]).
+    Reset(ResetReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The connection to the broker was lost and is back.
+    Reconnected,
+    /// The broker client dropped notices because this node read them too slowly.
+    SlowConsumer,
+    /// The in-process channel overwrote this many notices before this node read them.
+    Lagged(u64),
+}
+
+/// A node's stream of what the other nodes published.
+pub type BusStream = Pin<Box<dyn Stream<Item = Incoming> + Send>>;
+
+/// Why a notice was not queued. It is lost for the bus only: the other nodes find the message in
+/// the store when they notice the gap.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "the bus's publish queue is full (the broker is slow or unreachable); the notice was \
+         dropped and other nodes will read the message from the store"
+    )]
+    Backlog,
+    #[error("the bus is closed; nothing more can be published")]
+    Closed,
+    #[error("the notice cannot be published: {0}")]
+    Invalid(String),
+}
+
+/// Cross-node fan-out: see the module documentation.
+pub trait Bus: Send + Sync {
+    /// This node's name, as other nodes see it on its notices.
+    fn node(&self) -> &str;
+    /// Queues a commit notice for the other nodes; never waits.
+    fn publish_commit(&self, commit: Commit) -> Result<(), PublishError>;
+    /// Queues a cluster-wide event for the other nodes; never waits.
+    fn publish_event(&self, event: ClusterEvent) -> Result<(), PublishError>;
+    /// The stream of the other nodes' notices, from when the bus was made. `None` after the
+    /// first call: a node has one consumer.
+    fn take_incoming(&self) -> Option<BusStream>;
+    /// What the bus counted so far.
+    fn counts(&self) -> BusCounts;
+}
+
+/// What a bus counted since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BusCounts {
+    /// Notices queued for the broker.
+    pub published: u64,
+    /// Notices dropped because the publish queue was full, or refused by the broker.
+    pub publish_dropped: u64,
+    /// Notices received from other nodes and decoded.
+    pub received: u64,
+    /// Received payloads that were not a valid notice (dropped; logged).
+    pub malformed: u64,
+    /// Resets reported to the consumer.
+    pub resets: u64,
+}
+
+/// The counters behind [`BusCounts`], shared by a bus and its stream.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub published: AtomicU64,
+    pub publish_dropped: AtomicU64,
+    pub received: AtomicU64,
+    pub malformed: AtomicU64,
+    pub resets: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> BusCounts {
+        BusCounts {
+            published: self.published.load(Ordering::Relaxed),
+            publish_dropped: self.publish_dropped.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            malformed: self.malformed.load(Ordering::Relaxed),
+            resets: self.resets.load(Ordering::Relaxed),
+        }
+    }
+}
