@@ -38,6 +38,7 @@ pub mod session;
 pub mod shared_hub;
 pub mod state;
 pub mod store;
+pub mod store_pg;
 pub mod tls;
 pub mod tls_stream;
 pub mod web;

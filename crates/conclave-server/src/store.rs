@@ -170,6 +170,13 @@ pub enum StoreError {
     WrongKey(PathBuf),
     #[error("the database could not be synced to disk: {message}")]
     Sync { message: String, full: bool },
+    /// PostgreSQL (the cluster store, `store_pg`) refused or failed: its SQLSTATE code when
+    /// the server sent one, and a sentence saying what happened.
+    #[error("PostgreSQL: {message}")]
+    Postgres {
+        code: Option<String>,
+        message: String,
+    },
 }
 
 impl StoreError {

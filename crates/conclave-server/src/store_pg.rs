@@ -1,0 +1,611 @@
+//! The PostgreSQL store for cluster mode (issue 24), in progress: [`PgDb`] implements the
+//! store's [`Accounts`], [`Rooms`] and [`Moderation`] with the same behaviour as SQLite's
+//! [`crate::store::Db`] (the conformance suite, `tests/store_conformance.rs`, runs the same tests
+//! on both). `Messages`, `Chat`, `Devices`, `Groups` and `FileMeta` are not implemented yet,
+//! so `PgDb` is no [`crate::store::Backend`] and `--store postgres://` is not wired.
+//!
+//! Why the synchronous `postgres` crate: the store thread runs every operation synchronously
+//! on its own thread, one at a time, and `postgres` is exactly tokio-postgres (the client
+//! DEPENDENCIES.md names) driven by a small current-thread runtime that the client owns, the
+//! wrapper maintained with it rather than one of ours. One connection per store thread, so no
+//! pool yet: deadpool-postgres comes with the async readers that will want several. Each query
+//! is prepared when it runs (one more round trip over loopback); caching the prepared
+//! statements is left for when the hot paths (`Messages`) are here to measure.
+//!
+//! Never call it from async code: the client blocks on its own runtime, which on a tokio
+//! worker thread would panic. The store thread is a plain thread.
+//!
+//! No TLS to PostgreSQL yet: connect over the Unix socket or loopback only (the test kit does);
+//! tokio-postgres-rustls comes with the `--store postgres://` option.
+//!
+//! Acknowledged means committed: every session sets `synchronous_commit = on` itself, whatever
+//! the server's default, so a commit that returned is on the primary's disk.
+//!
+//! Names are compared and sorted bytewise (`COLLATE "C"` on every text key), as SQLite does,
+//! so lists come back in the same order whatever locale the database was created with.
+
+use std::cell::RefCell;
+
+use postgres::{Client, NoTls, Transaction};
+
+use crate::guard::{Ban, BanTarget};
+use crate::store::{Accounts, Moderation, RoomRow, Rooms, StoreError, UserRow};
+
+/// The schema this build writes; a database at a higher version was written by a newer build.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Any two nodes opening the same database take this advisory lock (a fixed key:
+/// "conclave" in ASCII) while they check and create the schema, so they never race.
+const SCHEMA_LOCK: i64 = 0x636f_6e63_6c61_7665;
+
+/// Schema version 1: accounts, rooms, moderation, and the conversations and acknowledged
+/// positions that joining a room sets (the messages tables come with `Messages`, as version 2).
+const SCHEMA_V1: &str = r#"
+CREATE TABLE conclave_meta (
+    key   TEXT COLLATE "C" PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE users (
+    name       TEXT COLLATE "C" PRIMARY KEY,
+    pw_hash    TEXT NOT NULL,
+    admin      BOOLEAN NOT NULL DEFAULT FALSE,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE rooms (
+    name       TEXT COLLATE "C" PRIMARY KEY,
+    private    BOOLEAN NOT NULL,
+    pw_hash    TEXT,
+    owner      TEXT COLLATE "C",
+    created_ms BIGINT NOT NULL,
+    votekick   BOOLEAN NOT NULL DEFAULT TRUE
+);
+CREATE TABLE bans (
+    kind       TEXT COLLATE "C" NOT NULL,
+    target     TEXT COLLATE "C" NOT NULL,
+    until_ms   BIGINT,
+    reason     TEXT NOT NULL,
+    by_user    TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    PRIMARY KEY (kind, target)
+);
+CREATE TABLE ip_rules (
+    action     TEXT COLLATE "C" NOT NULL,
+    cidr       TEXT COLLATE "C" NOT NULL,
+    created_ms BIGINT NOT NULL,
+    added      BIGINT GENERATED ALWAYS AS IDENTITY,
+    PRIMARY KEY (action, cidr)
+);
+CREATE TABLE room_bans (
+    room      TEXT COLLATE "C" NOT NULL,
+    user_name TEXT COLLATE "C" NOT NULL,
+    until_ms  BIGINT NOT NULL,
+    PRIMARY KEY (room, user_name)
+);
+CREATE TABLE members (
+    room      TEXT COLLATE "C" NOT NULL REFERENCES rooms(name) ON DELETE CASCADE,
+    user_name TEXT COLLATE "C" NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    joined_ms BIGINT NOT NULL,
+    PRIMARY KEY (room, user_name)
+);
+CREATE INDEX members_user ON members(user_name);
+CREATE TABLE room_invites (
+    room      TEXT COLLATE "C" NOT NULL REFERENCES rooms(name) ON DELETE CASCADE,
+    user_name TEXT COLLATE "C" NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    PRIMARY KEY (room, user_name)
+);
+CREATE TABLE invite_codes (
+    code_hash  TEXT COLLATE "C" PRIMARY KEY,
+    created_ms BIGINT NOT NULL,
+    used_by    TEXT
+);
+CREATE TABLE convs (
+    id       BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key      TEXT COLLATE "C" NOT NULL UNIQUE,
+    last_seq BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE acks (
+    user_name TEXT COLLATE "C" NOT NULL,
+    conv_id   BIGINT NOT NULL REFERENCES convs(id),
+    seq       BIGINT NOT NULL,
+    PRIMARY KEY (user_name, conv_id)
+);
+"#;
+
+/// A synchronous PostgreSQL store: one connection, used from one thread at a time.
+///
+/// The client sits in a `RefCell` because the store's read methods take `&self` while every
+/// query needs the client mutably; `PgDb` is `Send` (the store thread owns it) and not `Sync`.
+pub struct PgDb {
+    client: RefCell<Client>,
+}
+
+impl std::fmt::Debug for PgDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgDb").finish_non_exhaustive()
+    }
+}
+
+/// PostgreSQL's errors as the store reports them: the SQLSTATE code, and the server's own
+/// sentence (with its detail) or the client's (a closed connection, an unreachable server).
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> StoreError {
+        if let Some(db) = e.as_db_error() {
+            let mut message = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                message.push_str(": ");
+                message.push_str(detail);
+            }
+            return StoreError::Postgres {
+                code: Some(db.code().code().to_string()),
+                message,
+            };
+        }
+        let message = if e.is_closed() {
+            "the connection to PostgreSQL is closed (the server stopped or the network failed); \
+             nothing was stored by this operation"
+                .to_string()
+        } else {
+            e.to_string()
+        };
+        StoreError::Postgres {
+            code: None,
+            message,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+impl PgDb {
+    /// Connects with a libpq-style connection string (`host=/run/postgresql dbname=conclave`,
+    /// or `postgresql://…`), sets `synchronous_commit = on` for the session, and creates or
+    /// checks the schema.
+    pub fn connect(config: &str) -> Result<PgDb, StoreError> {
+        let config: postgres::Config =
+            config
+                .parse()
+                .map_err(|e: postgres::Error| StoreError::Postgres {
+                    code: None,
+                    message: format!("the PostgreSQL connection string is not valid: {e}"),
+                })?;
+        let mut client = config.connect(NoTls).map_err(|e| {
+            let hosts = format!("{:?}", config.get_hosts());
+            let inner = StoreError::from(e);
+            StoreError::Postgres {
+                code: None,
+                message: format!(
+                    "could not connect to PostgreSQL at {hosts}: {inner}; is it running, and does \
+                     the connection string name the right host, port, user and database?"
+                ),
+            }
+        })?;
+        client.batch_execute("SET synchronous_commit = on")?;
+        create_schema(&mut client)?;
+        Ok(PgDb {
+            client: RefCell::new(client),
+        })
+    }
+
+    /// The schema version stored in the database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        let mut client = self.client.borrow_mut();
+        read_version(&mut client.transaction()?)
+    }
+}
+
+fn read_version(tx: &mut Transaction<'_>) -> Result<i64, StoreError> {
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('conclave_meta') IS NOT NULL", &[])?
+        .try_get(0)?;
+    if !exists {
+        return Ok(0);
+    }
+    let row = tx.query_opt(
+        "SELECT value FROM conclave_meta WHERE key = 'schema_version'",
+        &[],
+    )?;
+    let Some(row) = row else { return Ok(0) };
+    let value: String = row.try_get(0)?;
+    value.parse().map_err(|_| StoreError::Postgres {
+        code: None,
+        message: format!("conclave_meta holds a schema version that is not a number: {value:?}"),
+    })
+}
+
+/// Creates the schema in an empty database, or checks an existing one, under an advisory lock.
+fn create_schema(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+    let version = read_version(&mut tx)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew { found: version });
+    }
+    if version == 0 {
+        tx.batch_execute(SCHEMA_V1)?;
+        tx.execute(
+            "INSERT INTO conclave_meta (key, value) VALUES ('schema_version', $1)",
+            &[&SCHEMA_VERSION.to_string()],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Reads a column; a type that does not match the schema is an error, never a panic.
+fn col<'a, T: postgres::types::FromSql<'a>>(
+    r: &'a postgres::Row,
+    i: usize,
+) -> Result<T, StoreError> {
+    Ok(r.try_get(i)?)
+}
+
+fn user_row(r: &postgres::Row) -> Result<UserRow, StoreError> {
+    Ok(UserRow {
+        name: col(r, 0)?,
+        pw_hash: col(r, 1)?,
+        admin: col(r, 2)?,
+        created_ms: col(r, 3)?,
+    })
+}
+
+impl Accounts for PgDb {
+    fn create_user(&mut self, name: &str, pw_hash: &str, admin: bool) -> Result<(), StoreError> {
+        let n = self.client.get_mut().execute(
+            "INSERT INTO users (name, pw_hash, admin, created_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO NOTHING",
+            &[&name, &pw_hash, &admin, &now_ms()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::Exists);
+        }
+        Ok(())
+    }
+
+    fn user(&self, name: &str) -> Result<Option<UserRow>, StoreError> {
+        let row = self.client.borrow_mut().query_opt(
+            "SELECT name, pw_hash, admin, created_ms FROM users WHERE name = $1",
+            &[&name],
+        )?;
+        row.as_ref().map(user_row).transpose()
+    }
+
+    fn users(&self) -> Result<Vec<UserRow>, StoreError> {
+        let rows = self.client.borrow_mut().query(
+            "SELECT name, pw_hash, admin, created_ms FROM users ORDER BY name",
+            &[],
+        )?;
+        rows.iter().map(user_row).collect()
+    }
+
+    fn set_password(&mut self, name: &str, pw_hash: &str) -> Result<bool, StoreError> {
+        Ok(self.client.get_mut().execute(
+            "UPDATE users SET pw_hash = $2 WHERE name = $1",
+            &[&name, &pw_hash],
+        )? == 1)
+    }
+
+    fn set_admin(&mut self, name: &str, admin: bool) -> Result<bool, StoreError> {
+        Ok(self.client.get_mut().execute(
+            "UPDATE users SET admin = $2 WHERE name = $1",
+            &[&name, &admin],
+        )? == 1)
+    }
+
+    fn delete_user(&mut self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .client
+            .get_mut()
+            .execute("DELETE FROM users WHERE name = $1", &[&name])?
+            == 1)
+    }
+
+    fn add_invite_code(&mut self, code_hash: &str) -> Result<(), StoreError> {
+        self.client.get_mut().execute(
+            "INSERT INTO invite_codes (code_hash, created_ms) VALUES ($1, $2)",
+            &[&code_hash, &now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// The code's row is locked by the `UPDATE` until the transaction ends, so of two nodes
+    /// spending the same code at once, the second waits, then finds it spent (or free again
+    /// if the first rolled back because the name was taken).
+    fn register_with_code(
+        &mut self,
+        code_hash: &str,
+        name: &str,
+        pw_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.client.get_mut().transaction()?;
+        let spent = tx.execute(
+            "UPDATE invite_codes SET used_by = $2 WHERE code_hash = $1 AND used_by IS NULL",
+            &[&code_hash, &name],
+        )?;
+        if spent == 0 {
+            return Ok(false);
+        }
+        let n = tx.execute(
+            "INSERT INTO users (name, pw_hash, admin, created_ms) VALUES ($1, $2, FALSE, $3)
+             ON CONFLICT (name) DO NOTHING",
+            &[&name, &pw_hash, &now_ms()],
+        )?;
+        if n == 0 {
+            // Dropping the transaction rolls it back: the code stays unspent.
+            return Err(StoreError::Exists);
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+}
+
+impl Rooms for PgDb {
+    fn create_room(&mut self, room: &RoomRow) -> Result<(), StoreError> {
+        let mut tx = self.client.get_mut().transaction()?;
+        let n = tx.execute(
+            "INSERT INTO rooms (name, private, pw_hash, owner, created_ms, votekick)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+            &[
+                &room.name,
+                &room.private,
+                &room.pw_hash,
+                &room.owner,
+                &now_ms(),
+                &room.votekick,
+            ],
+        )?;
+        if n == 0 {
+            return Err(StoreError::Exists);
+        }
+        for m in &room.members {
+            tx.execute(
+                "INSERT INTO members (room, user_name, joined_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&room.name, m, &now_ms()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn rooms(&self) -> Result<Vec<RoomRow>, StoreError> {
+        let mut client = self.client.borrow_mut();
+        // One snapshot for the rooms and their members, as one SQLite read would be.
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()?;
+        let mut rooms: Vec<RoomRow> = tx
+            .query(
+                "SELECT name, private, pw_hash, owner, votekick FROM rooms ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(RoomRow {
+                    name: col(r, 0)?,
+                    private: col(r, 1)?,
+                    pw_hash: col(r, 2)?,
+                    owner: col(r, 3)?,
+                    members: Vec::new(),
+                    invited: Vec::new(),
+                    votekick: col(r, 4)?,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let index: std::collections::HashMap<String, usize> = rooms
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.clone(), i))
+            .collect();
+        for (table, invited) in [("members", false), ("room_invites", true)] {
+            let rows = tx.query(
+                &format!("SELECT room, user_name FROM {table} ORDER BY user_name"),
+                &[],
+            )?;
+            for row in rows {
+                let (room, user): (String, String) = (col(&row, 0)?, col(&row, 1)?);
+                if let Some(&i) = index.get(&room) {
+                    if invited {
+                        rooms[i].invited.push(user);
+                    } else {
+                        rooms[i].members.push(user);
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(rooms)
+    }
+
+    fn add_member(&mut self, room: &str, user: &str) -> Result<(), StoreError> {
+        let key = format!("r:{room}");
+        let mut tx = self.client.get_mut().transaction()?;
+        tx.execute(
+            "INSERT INTO convs (key) VALUES ($1) ON CONFLICT (key) DO NOTHING",
+            &[&key],
+        )?;
+        tx.execute(
+            "INSERT INTO members (room, user_name, joined_ms) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+            &[&room, &user, &now_ms()],
+        )?;
+        tx.execute(
+            "DELETE FROM room_invites WHERE room = $1 AND user_name = $2",
+            &[&room, &user],
+        )?;
+        tx.execute(
+            "INSERT INTO acks (user_name, conv_id, seq) SELECT $1, id, last_seq FROM convs WHERE key = $2
+             ON CONFLICT (user_name, conv_id) DO UPDATE SET seq = GREATEST(acks.seq, excluded.seq)",
+            &[&user, &key],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn rooms_of_user(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let rows = self.client.borrow_mut().query(
+            "SELECT room FROM members WHERE user_name = $1 ORDER BY room",
+            &[&user],
+        )?;
+        rows.iter().map(|r| col(r, 0)).collect()
+    }
+
+    fn remove_member(&mut self, room: &str, user: &str) -> Result<(), StoreError> {
+        self.client.get_mut().execute(
+            "DELETE FROM members WHERE room = $1 AND user_name = $2",
+            &[&room, &user],
+        )?;
+        Ok(())
+    }
+
+    fn add_room_ban(&mut self, room: &str, user: &str, until_ms: i64) -> Result<(), StoreError> {
+        self.client.get_mut().execute(
+            "INSERT INTO room_bans (room, user_name, until_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (room, user_name) DO UPDATE SET until_ms = excluded.until_ms",
+            &[&room, &user, &until_ms],
+        )?;
+        Ok(())
+    }
+
+    fn room_bans(&mut self, now_ms: i64) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let client = self.client.get_mut();
+        client.execute("DELETE FROM room_bans WHERE until_ms <= $1", &[&now_ms])?;
+        let rows = client.query(
+            "SELECT room, user_name, until_ms FROM room_bans ORDER BY room, user_name",
+            &[],
+        )?;
+        rows.iter()
+            .map(|r| Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?)))
+            .collect()
+    }
+
+    fn set_room_votekick(&mut self, room: &str, on: bool) -> Result<(), StoreError> {
+        self.client.get_mut().execute(
+            "UPDATE rooms SET votekick = $2 WHERE name = $1",
+            &[&room, &on],
+        )?;
+        Ok(())
+    }
+
+    fn ensure_public_room(&mut self, name: &str) -> Result<(), StoreError> {
+        self.client.get_mut().execute(
+            "INSERT INTO rooms (name, private, pw_hash, owner, created_ms)
+             VALUES ($1, FALSE, NULL, NULL, $2) ON CONFLICT (name) DO NOTHING",
+            &[&name, &now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn add_room_invite(&mut self, room: &str, user: &str) -> Result<(), StoreError> {
+        self.client.get_mut().execute(
+            "INSERT INTO room_invites (room, user_name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&room, &user],
+        )?;
+        Ok(())
+    }
+}
+
+impl Moderation for PgDb {
+    fn bans(&mut self, now_ms: i64) -> Result<Vec<Ban>, StoreError> {
+        let client = self.client.get_mut();
+        client.execute(
+            "DELETE FROM bans WHERE until_ms IS NOT NULL AND until_ms <= $1",
+            &[&now_ms],
+        )?;
+        let rows = client.query(
+            "SELECT kind, target, until_ms, reason, by_user, created_ms FROM bans
+             ORDER BY kind, target",
+            &[],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (kind, target): (String, String) = (col(&r, 0)?, col(&r, 1)?);
+            let target = match kind.as_str() {
+                "user" => BanTarget::User(target),
+                _ => match target.parse() {
+                    Ok(net) => BanTarget::Net(net),
+                    Err(_) => continue,
+                },
+            };
+            out.push(Ban {
+                target,
+                until_ms: col(&r, 2)?,
+                reason: col(&r, 3)?,
+                by: col(&r, 4)?,
+                created_ms: col(&r, 5)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn add_ban(&mut self, ban: &Ban) -> Result<(), StoreError> {
+        self.client.get_mut().execute(
+            "INSERT INTO bans (kind, target, until_ms, reason, by_user, created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (kind, target) DO UPDATE SET until_ms = excluded.until_ms,
+                 reason = excluded.reason, by_user = excluded.by_user,
+                 created_ms = excluded.created_ms",
+            &[
+                &ban.target.kind(),
+                &ban.target.value(),
+                &ban.until_ms,
+                &ban.reason,
+                &ban.by,
+                &ban.created_ms,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn remove_ban(&mut self, target: &BanTarget) -> Result<bool, StoreError> {
+        Ok(self.client.get_mut().execute(
+            "DELETE FROM bans WHERE kind = $1 AND target = $2",
+            &[&target.kind(), &target.value()],
+        )? == 1)
+    }
+
+    fn ip_rules(&self) -> Result<(Vec<ipnet::IpNet>, Vec<ipnet::IpNet>), StoreError> {
+        let rows = self.client.borrow_mut().query(
+            "SELECT action, cidr FROM ip_rules ORDER BY created_ms, added",
+            &[],
+        )?;
+        let (mut allow, mut deny) = (Vec::new(), Vec::new());
+        for r in rows {
+            let (action, cidr): (String, String) = (col(&r, 0)?, col(&r, 1)?);
+            if let Ok(net) = cidr.parse() {
+                if action == "allow" {
+                    allow.push(net);
+                } else {
+                    deny.push(net);
+                }
+            }
+        }
+        Ok((allow, deny))
+    }
+
+    fn set_ip_rule(
+        &mut self,
+        action: &str,
+        net: &ipnet::IpNet,
+        add: bool,
+    ) -> Result<bool, StoreError> {
+        let client = self.client.get_mut();
+        let cidr = net.to_string();
+        let n = if add {
+            client.execute(
+                "INSERT INTO ip_rules (action, cidr, created_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (action, cidr) DO NOTHING",
+                &[&action, &cidr, &now_ms()],
+            )?
+        } else {
+            client.execute(
+                "DELETE FROM ip_rules WHERE action = $1 AND cidr = $2",
+                &[&action, &cidr],
+            )?
+        };
+        Ok(n == 1)
+    }
+}
