@@ -15,6 +15,7 @@ import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
 import { fromHex, toHex } from "./bytes.js";
 import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
+import { matchesQuery, mentionIn, outsideCode, queryWords } from "./attention.js";
 
 export const CT_TEXT = "text/plain";
 export const CT_APP = "application/mls-app";
@@ -23,6 +24,9 @@ export const CT_PROPOSAL = "application/mls-proposal";
 
 /** Shortest time between two typing notices sent to one conversation (the server's default). */
 export const TYPING_INTERVAL_MS = 3_000;
+/** Shortest time between two read markers sent for one conversation (a little over the
+ * server's default `read_interval_ms`, 500). */
+export const READ_INTERVAL_MS = 600;
 /** How long "typing" shows after a notice (as the native clients). */
 export const TYPING_SHOWN_MS = 6_000;
 
@@ -46,6 +50,14 @@ export const MAX_SEALED_KEYS = 10_000;
 export const FILL_PAGE = 100;
 /** Most entries read to catch up one conversation at once. */
 export const MAX_FILL = 10_000;
+/** Search results shown (as the terminal client), and asked of the server at once. */
+export const MAX_SEARCH_RESULTS = 100;
+/** Replies of a thread asked of the server at once (the server pages bigger threads). */
+export const THREAD_PAGE = 200;
+/** Server pages of one thread read at most. */
+export const MAX_THREAD_PAGES = 10;
+/** Threads of server-encrypted conversations kept in memory (the newest opened). */
+export const MAX_THREADS_KEPT = 16;
 
 export interface Entry {
   seq: number;
@@ -93,6 +105,15 @@ export interface ConvState {
   reads?: Map<string, number>;
 }
 
+/** One search result: a line of a conversation. */
+export interface Hit {
+  key: string;
+  title: string;
+  entry: Entry;
+  /** Found in this device's own history (an end-to-end conversation), not by the server. */
+  local: boolean;
+}
+
 export interface SessionState {
   user: string;
   admin: boolean;
@@ -105,6 +126,9 @@ export interface SessionState {
   device: string;
 }
 
+/** What the server says of a message it took. */
+type Sent = { seq: number; ts_ms: number; msg_id: string };
+
 export interface LoginOptions {
   url: string;
   user: string;
@@ -115,7 +139,6 @@ export interface LoginOptions {
 }
 
 const enc = new TextEncoder();
-const dec = new TextDecoder();
 
 function record2json(r: DeviceRecord): Json {
   return {
@@ -346,7 +369,8 @@ export class Session {
 
   private async refreshRooms(rooms: string[]): Promise<void> {
     const [, list] = await this.request("Rooms");
-    const infos = list as { room: string; member: boolean; e2ee: boolean }[];
+    const infos = list as RoomInfo[];
+    this.noteOwners(infos);
     const e2ee = new Map(infos.map((r) => [r.room, r.e2ee]));
     for (const room of rooms) this.ensureConv({ Room: room }, e2ee.get(room) ?? false);
     for (const c of this.state.convs.values()) {
@@ -391,7 +415,10 @@ export class Session {
     if (live && !e.notice && e.from !== this.state.user) {
       const visible = this.state.current === c.key && this.isVisible();
       if (!visible) c.unread++;
-      if (e.text.includes(`@${this.state.user}`) || ("Direct" in c.conv && !visible)) {
+      const room = "Room" in c.conv ? c.conv.Room : undefined;
+      const fromOwner = room !== undefined && this.owners.get(room) === e.from;
+      const mention = mentionIn(e.markdown === true ? outsideCode(e.text) : e.text, this.state.user, fromOwner);
+      if (mention !== undefined || ("Direct" in c.conv && !visible)) {
         if (!visible) c.mentions++;
         this.onNotify(`${e.from} in ${c.title}`, e.text);
       }
@@ -432,6 +459,11 @@ export class Session {
    * timeline redraws that row). */
   private applyAct(c: ConvState, shown: Shown, by: string): void {
     if (shown.kind === "line") return;
+    for (const list of this.threads.values()) {
+      const k = list.findIndex((e) => e.msgId === shown.target);
+      const t = list[k];
+      if (t !== undefined) list[k] = applyShown(t, shown, by);
+    }
     const i = c.entries.findIndex((e) => !e.notice && e.msgId === shown.target);
     const target = c.entries[i];
     if (target !== undefined) {
@@ -629,6 +661,12 @@ export class Session {
         const a = body as { user: string; text: string | null };
         if (a.text === null) this.away.delete(a.user);
         else this.away.set(a.user, a.text);
+        break;
+      }
+      case "DisplayName": {
+        const d = body as { user: string; name: string | null };
+        if (d.name === null) this.displayNames.delete(d.user);
+        else this.displayNames.set(d.user, d.name);
         break;
       }
       case "Announce": {
@@ -896,37 +934,73 @@ export class Session {
         const others = c.conv.Direct.filter((u) => u !== this.state.user);
         c.e2ee = await this.ensureDirectGroup(others.length === 0 ? [this.state.user] : others);
       }
-      if (c.e2ee && except.length > 0) throw new Error("leaving people out (/except) of an end-to-end room is not supported by the web client yet");
       const idem = crypto.randomUUID();
       if (!c.e2ee || !this.device.has(key)) {
         const [, sent] = await this.request({ Send: { target, body: { content_type: contentType, data: bytesOut(body) }, idempotency_key: idem, refs } });
-        sentOk(c, sent as { seq: number; ts_ms: number; msg_id: string });
+        sentOk(c, sent as Sent);
         await this.saveHistory(c);
         return;
       }
-      for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
-        if (this.device.hasPendingProposals(key)) {
-          const out = await this.device.commitPending(key);
-          if (out !== undefined) await this.commit(c.conv, out).catch(() => undefined);
-          await this.catchUp(c.conv);
-          continue;
-        }
-        const data = await this.device.encrypt(key, encodePayload(payload));
-        // Saved before it leaves: a reload must never encrypt again under the same key.
-        await this.saveDevice();
-        try {
-          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs } });
-          sentOk(c, sent as { seq: number; ts_ms: number; msg_id: string });
-          await this.saveHistory(c);
-          return;
-        } catch (e) {
-          if (!(e instanceof RequestError && e.code === "StaleEpoch")) throw e;
-          await this.catchUp(c.conv);
-        }
-      }
-      throw new Error("the conversation's group kept changing; the message was not sent. Try again");
+      const sent =
+        except.length > 0 && "Room" in c.conv
+          ? await this.blockcast(c, c.conv.Room, except, contentType, body, refs)
+          : await this.sendMls(c.conv, target, payload, refs);
+      sentOk(c, sent);
+      await this.saveHistory(c);
     });
     this.onChange();
+  }
+
+  /** Encrypts a payload for a conversation's group and sends it, again after a commit moved
+   * the group on (StaleEpoch), committing pending removals first. Runs inside `serial`. */
+  private async sendMls(conv: Conv, target: Target, payload: Payload, refs: Refs | null): Promise<Sent> {
+    const key = convKey(conv);
+    const idem = crypto.randomUUID();
+    for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
+      if (this.device.hasPendingProposals(key)) {
+        const out = await this.device.commitPending(key);
+        if (out !== undefined) await this.commit(conv, out).catch(() => undefined);
+        await this.catchUp(conv);
+        continue;
+      }
+      const data = await this.device.encrypt(key, encodePayload(payload));
+      // Saved before it leaves: a reload must never encrypt again under the same key.
+      await this.saveDevice();
+      try {
+        const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs } });
+        return sent as Sent;
+      } catch (e) {
+        if (!(e instanceof RequestError && e.code === "StaleEpoch")) throw e;
+        await this.catchUp(conv);
+      }
+    }
+    throw new Error("the conversation's group kept changing; the message was not sent. Try again");
+  }
+
+  /** Blockcast in an end-to-end room, as the native client does it (conclave-client's
+   * e2ee.rs `blockcast`): the body is sealed under a fresh key (XChaCha20-Poly1305, the id as
+   * associated data); the key goes only to the intended members, in the end-to-end direct
+   * conversation of this user and them, and the sealed body to the room with the left-out
+   * members excepted. A left-out member's device never gets the key, so even a copy of the
+   * room's message is unreadable to it. Runs inside `serial`. */
+  private async blockcast(c: ConvState, room: string, except: string[], contentType: string, body: Uint8Array, refs: Refs | null): Promise<Sent> {
+    const me = this.state.user;
+    const intended = [...new Set((await this.device.members(c.key)).map((m) => m.user))].filter((u) => u !== me && !except.includes(u)).sort();
+    const id = crypto.getRandomValues(new Uint8Array(16));
+    const msgKey = crypto.getRandomValues(new Uint8Array(32));
+    const nonce = crypto.getRandomValues(new Uint8Array(24));
+    const ciphertext = xchacha20poly1305(msgKey, nonce, id).encrypt(encodePayload({ kind: "body", contentType, data: body }));
+    if (intended.length > 0) {
+      const all = [...new Set([...intended, me])].sort();
+      const dm: Conv = { Direct: all };
+      if (!this.device.has(convKey(dm)) && !(await this.ensureDirectGroup(intended))) {
+        throw new Error("a member has no end-to-end device; cannot leave others out here");
+      }
+      await this.sendMls(dm, { Users: { to: intended } }, { kind: "sealed_key", id, key: msgKey }, null);
+    }
+    // A reply keeps its reference (in clear, as for every message, for threads).
+    const kept = refs !== null && refs.acts_on === null ? refs : null;
+    return this.sendMls(c.conv, { Room: { room, except } }, { kind: "sealed", id, nonce, ciphertext }, kept);
   }
 
   async join(room: string, password?: string): Promise<void> {
@@ -942,6 +1016,8 @@ export class Session {
       });
       const c = this.ensureConv(conv, e2ee);
       this.state.current = c.key;
+      const [, rooms] = await this.request("Rooms");
+      this.noteOwners(rooms as RoomInfo[]);
       if (c.entries.length === 0 && !e2ee) await this.loadHistory(c.key);
       await this.saveIndex();
     });
@@ -960,6 +1036,7 @@ export class Session {
         await this.saveDevice();
       }
       const c = this.ensureConv(conv, !opts.server);
+      this.owners.set(room, this.state.user);
       c.complete = true;
       this.state.current = key;
       await this.saveIndex();
@@ -1018,9 +1095,17 @@ export class Session {
       else this.online.delete(u.user);
     }
     const [, rooms] = await this.request("Rooms");
+    this.noteOwners(rooms as RoomInfo[]);
     const info = (rooms as RoomInfo[]).find((r) => r.room === (c.conv as { Room: string }).Room);
     if (info !== undefined && info.topic !== null && c.topic === undefined) c.topic = info.topic;
     return list.map((u) => u.user);
+  }
+
+  /** Room → owner (for `@room`, which counts only from the owner; "" for none). */
+  owners = new Map<string, string>();
+
+  private noteOwners(rooms: RoomInfo[]): void {
+    for (const r of rooms) this.owners.set(r.room, r.owner ?? "");
   }
 
   /** Counts joins and parts seen (the members pane asks again when it moves). */
@@ -1055,20 +1140,85 @@ export class Session {
     return out.length === 0 ? `${user} has no end-to-end device` : out.join("; ");
   }
 
-  async search(query: string): Promise<string> {
-    const [, results] = await this.request({ Search: { query, room: null, limit: 20, before: null } });
-    const list = results as Message[];
-    const local: string[] = [];
-    const q = query.toLowerCase();
+  /** Searches what this account may see: the server searches the server-encrypted
+   * conversations (it cannot read the others), and this device its own history of the
+   * end-to-end ones, as the native client does. Newest first, at most MAX_SEARCH_RESULTS. */
+  async search(query: string): Promise<Hit[]> {
+    const words = queryWords(query);
+    const hits: Hit[] = [];
     for (const c of this.state.convs.values()) {
       if (!c.e2ee) continue;
-      for (const e of c.entries) if (!e.notice && e.text.toLowerCase().includes(q)) local.push(`${c.title} ${e.from}: ${e.text}`);
+      for (const e of c.entries) {
+        if (e.notice || e.deleted === true) continue;
+        if (matchesQuery(e.file !== undefined ? `${e.text} ${e.file.name}` : e.text, words)) hits.push({ key: c.key, title: c.title, entry: e, local: true });
+      }
     }
-    const remote = list
-      .filter((m) => m.body.content_type === CT_TEXT)
-      .map((m) => `${convKey(m.conv)} ${m.from}: ${dec.decode(Uint8Array.from(m.body.data))}`);
-    const all = [...local.slice(-20), ...remote];
-    return all.length === 0 ? "nothing found" : all.join("\n");
+    const [, results] = await this.request({ Search: { query, room: null, limit: MAX_SEARCH_RESULTS, before: null } });
+    for (const m of results as Message[]) {
+      if (isMls(m.body.content_type)) continue;
+      const shown = describe(m);
+      if (shown.kind !== "line") continue;
+      const key = convKey(m.conv);
+      const title = this.state.convs.get(key)?.title ?? this.titleOf(m.conv);
+      const entry: Entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id };
+      if (m.extra?.reply_to != null) entry.replyTo = m.extra.reply_to;
+      hits.push({ key, title, entry, local: false });
+    }
+    hits.sort((a, b) => b.entry.ts - a.entry.ts || b.entry.seq - a.entry.seq);
+    return hits.slice(0, MAX_SEARCH_RESULTS);
+  }
+
+  private titleOf(conv: Conv): string {
+    return "Room" in conv ? `#${conv.Room}` : conv.Direct.filter((u) => u !== this.state.user).join(", ") || this.state.user;
+  }
+
+  // --- threads ----------------------------------------------------------------------------
+
+  /** Threads of server-encrypted conversations as the server sent them: root id → lines. */
+  private threads = new Map<string, Entry[]>();
+
+  /** Loads a thread (a message and its replies): of a server-encrypted conversation from the
+   * server (then kept up to date from what arrives), of an end-to-end one from this device's
+   * own history (the server holds only ciphertext). */
+  async loadThread(key: string, root: string): Promise<void> {
+    const c = this.state.convs.get(key);
+    if (c === undefined || this.isE2ee(key)) return;
+    const got: Entry[] = [];
+    let after: number | null = null;
+    for (let page = 0; page < MAX_THREAD_PAGES; page++) {
+      const [, msgs] = await this.request({ Thread: { msg_id: root, limit: THREAD_PAGE, after } });
+      const list = msgs as Message[];
+      for (const m of list) {
+        const shown = describe(m);
+        if (shown.kind !== "line" || got.some((g) => g.seq === m.seq)) continue;
+        const reactions: Record<string, string[]> = {};
+        for (const r of m.extra?.state?.reactions ?? []) reactions[r.emoji] = [...r.users];
+        const e: Entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id, reactions };
+        if (m.extra?.state?.deleted === true) e.deleted = true;
+        if (m.extra?.reply_to != null) e.replyTo = m.extra.reply_to;
+        if (m.body.content_type.startsWith(CT_MARKDOWN)) e.markdown = true;
+        got.push(e);
+      }
+      // The root comes with every page; a page without new replies is the end.
+      const last = list.filter((m) => m.msg_id !== root && (after === null || m.seq > after)).at(-1);
+      if (last === undefined) break;
+      after = last.seq;
+    }
+    this.threads.delete(root);
+    this.threads.set(root, got);
+    while (this.threads.size > MAX_THREADS_KEPT) this.threads.delete(this.threads.keys().next().value as string);
+    this.onChange();
+  }
+
+  /** A thread as shown: its first message (when known here) then its replies in order, in
+   * their current state (what the timeline has, else what the server sent). */
+  thread(key: string, root: string): { root: Entry | undefined; replies: Entry[] } {
+    const c = this.state.convs.get(key);
+    const bySeq = new Map<number, Entry>();
+    for (const e of this.threads.get(root) ?? []) bySeq.set(e.seq, e);
+    for (const e of c?.entries ?? []) if (!e.notice && (e.msgId === root || e.replyTo === root)) bySeq.set(e.seq, e);
+    const all = [...bySeq.values()].sort((a, b) => a.seq - b.seq);
+    return { root: all.find((e) => e.msgId === root), replies: all.filter((e) => e.msgId !== root) };
   }
 
   /** Sends an end-to-end file's description (name, size, hash, key) to the members. */
@@ -1121,13 +1271,33 @@ export class Session {
     return [...(c?.typing ?? new Map<string, number>())].filter(([, until]) => until > now).map(([u]) => u);
   }
 
-  /** Sends this user's read marker for what is shown of a conversation (when it moved). */
+  /** Sends this user's read marker for what is shown of a conversation (when it moved), at
+   * most once per READ_INTERVAL_MS per conversation (the server refuses faster ones): a
+   * marker that comes too soon, or that failed, goes out when the interval is over. */
   sendRead(key: string): void {
     const c = this.state.convs.get(key);
-    if (c === undefined || c.lastSeq <= (this.readSent.get(key) ?? 0)) return;
-    this.readSent.set(key, c.lastSeq);
-    this.request({ Read: { conv: this.convRef(c.conv), seq: c.lastSeq } }).catch(() => undefined);
+    if (c === undefined || c.lastSeq <= (this.readSent.get(key) ?? 0) || this.readTimers.has(key)) return;
+    const wait = (this.readSentAt.get(key) ?? 0) + READ_INTERVAL_MS - Date.now();
+    if (wait > 0) {
+      this.readTimers.set(
+        key,
+        setTimeout(() => {
+          this.readTimers.delete(key);
+          if (this.state.current === key && this.isVisible()) this.sendRead(key);
+        }, wait),
+      );
+      return;
+    }
+    const seq = c.lastSeq;
+    this.readSent.set(key, seq);
+    this.readSentAt.set(key, Date.now());
+    this.request({ Read: { conv: this.convRef(c.conv), seq } }).catch(() => {
+      if (this.readSent.get(key) === seq) this.readSent.delete(key);
+    });
   }
+
+  private readSentAt = new Map<string, number>();
+  private readTimers = new Map<string, ReturnType<typeof setTimeout>>();
 
   /** Who has read the line of sequence `seq` (besides its author and this user). */
   readBy(key: string, seq: number): string[] {
@@ -1141,6 +1311,19 @@ export class Session {
     const c = this.ensureConv({ Room: room });
     c.topic = topic;
     this.onChange();
+  }
+
+  /** This account's display name (`null` removes it), shown beside the account name. */
+  async setDisplayName(name: string | null): Promise<void> {
+    await this.request({ SetDisplayName: { name } });
+    if (name === null) this.displayNames.delete(this.state.user);
+    else this.displayNames.set(this.state.user, name);
+    this.onChange();
+  }
+
+  /** Whether others see how far this account has read (kept by the server for the account). */
+  async shareReads(share: boolean): Promise<void> {
+    await this.request({ ShareReads: { share } });
   }
 
   async setAway(text: string | null): Promise<void> {

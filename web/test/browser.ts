@@ -225,6 +225,61 @@ async function handle(r: Req): Promise<Req> {
       if (s(r, "action") === "React") await row.getByRole("button", { name: `React with ${s(r, "emoji")}` }).click();
       return {};
     }
+    case "search": {
+      // Searches with the Search pane's box; the results' texts once the pane says how many.
+      const p = current();
+      const pane = p.getByRole("complementary", { name: "Search" });
+      if (await pane.isHidden()) await p.getByRole("button", { name: "Search", exact: true }).click();
+      const box = pane.getByRole("searchbox", { name: "Search messages" });
+      await box.fill(s(r, "query"));
+      await box.press("Enter");
+      const deadline = Date.now() + WAIT_MS;
+      while (Date.now() < deadline) {
+        const status = (await p.locator("#search-status").textContent()) ?? "";
+        if (/result|Nothing found/.test(status)) {
+          const hits = await pane.getByRole("list", { name: "Search results" }).locator("li").evaluateAll((ls) => ls.map((l) => l.textContent ?? ""));
+          return { status, hits };
+        }
+        await p.waitForTimeout(100);
+      }
+      throw new Error("the search never finished");
+    }
+    case "click_hit": {
+      // Opens a search result; returns the conversation then shown and the line marked.
+      const p = current();
+      await p.getByRole("list", { name: "Search results" }).getByRole("button").filter({ hasText: s(r, "text") }).first().click();
+      const found = p.locator(".timeline .row.found");
+      await found.waitFor();
+      return { title: (await p.locator("#conv-title").textContent()) ?? "", found: (await found.textContent()) ?? "" };
+    }
+    case "thread_reply": {
+      const box = current().getByRole("textbox", { name: "Reply in thread" });
+      await box.fill(s(r, "text"));
+      await box.press("Enter");
+      return {};
+    }
+    case "nav_item": {
+      // The conversation list's entry of a conversation, as text (name, unread, mentions).
+      const item = current().getByRole("navigation", { name: "Rooms" }).locator("li").filter({ has: current().getByRole("button", { name: s(r, "name"), exact: true }) });
+      const want = typeof r.contains === "string" ? r.contains : "";
+      const deadline = Date.now() + WAIT_MS;
+      let shown = "";
+      while (Date.now() < deadline) {
+        shown = (await item.textContent({ timeout: 200 }).catch(() => "")) ?? "";
+        if (shown.includes(want)) return { text: shown };
+        await current().waitForTimeout(100);
+      }
+      throw new Error(`the entry of ${s(r, "name")} never showed ${JSON.stringify(want)}: ${shown}`);
+    }
+    case "visibility": {
+      // Pretends the tab is hidden (or shown again), as switching tabs would (see the init
+      // script below).
+      await current().evaluate(`window.__conclaveHidden = ${r.hidden === true}; document.dispatchEvent(new Event("visibilitychange"));`);
+      return {};
+    }
+    case "notifications":
+      // The desktop notifications the page made (recorded by the init script below).
+      return { notes: await current().evaluate("window.__conclaveNotes ?? []") };
     case "rendered_rows":
       return { rows: await current().locator(".timeline .rows > .row").count() };
     case "eval": {
@@ -242,7 +297,28 @@ const browser: Browser = await chromium.launch({
   headless: true,
   args: ["--no-sandbox", "--disable-dev-shm-usage", "--enable-precise-memory-info"],
 });
-const context: BrowserContext = await browser.newContext({ ignoreHTTPSErrors: true, acceptDownloads: true, viewport: { width: 1100, height: 700 } });
+const context: BrowserContext = await browser.newContext({
+  ignoreHTTPSErrors: true,
+  acceptDownloads: true,
+  viewport: { width: 1100, height: 700 },
+  permissions: ["notifications"],
+});
+// Headless pages are always visible and show no notifications: this records each desktop
+// notification the page makes (window.__conclaveNotes) and lets the test hide the tab
+// (window.__conclaveHidden), in every page of the context, before the page's own script runs.
+await context.addInitScript(() => {
+  const w = window as unknown as Record<string, unknown>;
+  const Real = window.Notification;
+  class Recorded extends Real {
+    constructor(title: string, options?: NotificationOptions) {
+      const notes = (w.__conclaveNotes ??= []) as { title: string; body: string }[];
+      notes.push({ title, body: options?.body ?? "" });
+      super(title, options);
+    }
+  }
+  window.Notification = Recorded;
+  Object.defineProperty(document, "visibilityState", { get: () => (w.__conclaveHidden === true ? "hidden" : "visible") });
+});
 
 const rl = createInterface({ input: process.stdin });
 for await (const line of rl) {

@@ -11,6 +11,7 @@ import { open, seal, SEAL_CHUNK } from "../src/files.js";
 import { describe, describeAct, applyShown, type Actable, ACT_DELETE, ACT_EDIT, ACT_REACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, MAX_EMOJI_BYTES } from "../src/acts.js";
 import { markdownTree, mdText, safeHref, MAX_MARKDOWN_CHARS, type MdNode } from "../src/markdown.js";
 import type { Message } from "../src/protocol.js";
+import { matchesQuery, mentionIn, outsideCode, queryWords } from "../src/attention.js";
 
 test("slash commands parse as the terminal client's", () => {
   assert.deepEqual(parseCommand("hello"), { cmd: "say", text: "hello" });
@@ -180,3 +181,33 @@ test("Markdown (markdown-it tokens): a tree of known elements; HTML stays text a
   assert.deepEqual(markdownTree("*".repeat(MAX_MARKDOWN_CHARS + 1)), ["*".repeat(MAX_MARKDOWN_CHARS + 1)]);
 });
 
+
+test("mentions are whole names; @room counts only from the room's owner (as the native client)", () => {
+  assert.equal(mentionIn("hi @bob", "bob", false), "me");
+  assert.equal(mentionIn("hi @Bob.", "bob", false), "me");
+  assert.equal(mentionIn("hi @bobby", "bob", false), undefined);
+  assert.equal(mentionIn("mail bob@bob.org", "bob", false), undefined);
+  assert.equal(mentionIn("all: @room", "bob", true), "room");
+  assert.equal(mentionIn("all: @room", "bob", false), undefined);
+  assert.equal(mentionIn("@room and @bob", "bob", true), "me");
+  assert.equal(mentionIn(outsideCode("run `@bob --help` first"), "bob", false), undefined);
+  assert.equal(mentionIn(outsideCode("```\n@bob\n```\nnot here"), "bob", false), undefined);
+  assert.equal(mentionIn(outsideCode("`x` then @bob"), "bob", false), "me");
+});
+
+test("local search holds every word, ignoring case and accents", () => {
+  const w = queryWords("  Café   DEPLOY ");
+  assert.deepEqual(w, ["cafe", "deploy"]);
+  assert.equal(matchesQuery("the deploy is at the café", w), true);
+  assert.equal(matchesQuery("the deploy is at noon", w), false);
+  assert.equal(matchesQuery("anything", []), false);
+});
+
+test("the thread, display name and read-receipt commands parse", () => {
+  assert.deepEqual(parseCommand("/thread"), { cmd: "thread" });
+  assert.deepEqual(parseCommand("/name Alice A."), { cmd: "name", name: "Alice A." });
+  assert.deepEqual(parseCommand("/name"), { cmd: "name", name: undefined });
+  assert.deepEqual(parseCommand("/receipts off"), { cmd: "receipts", on: false });
+  assert.deepEqual(parseCommand("/receipts ON"), { cmd: "receipts", on: true });
+  assert.equal(parseCommand("/receipts maybe").cmd, "error");
+});

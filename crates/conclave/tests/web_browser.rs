@@ -2,8 +2,10 @@
 //! from web/test/browser.ts) against the real `conclave serve`, with a `conclave client
 //! --json` user on the other side: an end-to-end room and direct messages both ways, a file
 //! both ways with its hash checked, a reload that keeps the device and the history, messages
-//! sent while the tab was closed arriving once, a kicked web user who can no longer read, and a
-//! server-encrypted room. Screenshots of the main screens go to docs/web/.
+//! sent while the tab was closed arriving once, a kicked web user who can no longer read, a
+//! server-encrypted room, everyday chat, the search and thread panes, display names, read
+//! receipts, mentions and notifications, and a blockcast from the browser. Screenshots of the
+//! main screens go to docs/web/.
 //!
 //! Needs Node.js, `npm ci` in web/ and `apt-get install chromium chromium-driver` (CI's
 //! .ci/run does all three); without them this test fails and says what is missing.
@@ -700,4 +702,265 @@ fn web_user_and_json_user_everyday_chat_in_e2ee_and_server_rooms() {
     bob.send(json!({"cmd": "delete", "msg_id": plain_id, "id": 15}));
     bob.ok(json!(15));
     web.op("wait_no_text", json!({"text": "plain fixed"}));
+}
+
+/// Reads what `c` prints for `d` (bounded), for checks that something did *not* come.
+fn drain(c: &mut JsonClient, d: Duration) {
+    let end = std::time::Instant::now() + d;
+    for _ in 0..10_000 {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if let Polled::Closed = c.poll(left) {
+            break;
+        }
+    }
+}
+
+/// The search pane (the server's search in a server-encrypted room, the browser's own history
+/// in an end-to-end one), the thread pane (from the server and from local history, live,
+/// answering in it), a display name, typing and away seen by a JSON user, the read-receipts
+/// switch, `@room` counted only from the room's owner, a desktop notification on a mention,
+/// and a blockcast (`/except`) from the browser in an end-to-end room.
+#[test]
+fn web_user_searches_threads_names_receipts_mentions_and_blockcast() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let url = format!("https://127.0.0.1:{}/", server.port);
+    let bob_state = tempfile::tempdir().expect("tmp");
+    let mut bob = client(&server, "bob", bob_state.path());
+    let carol_state = tempfile::tempdir().expect("tmp");
+    let mut carol = client(&server, "carol", carol_state.path());
+
+    // A server-encrypted room of bob's with a thread whose start is older than the page a
+    // newcomer gets.
+    bob.send(json!({"cmd": "create_room", "room": "town", "e2ee": false, "id": 1}));
+    assert_eq!(bob.ok(json!(1))["e2ee"], false);
+    bob.send(json!({"cmd": "send", "room": "town", "text": "which cable for the rack", "id": 2}));
+    let cable_id = bob.ok(json!(2))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    bob.send(json!({"cmd": "send", "room": "town", "text": "the red one", "reply_to": cable_id, "id": 3}));
+    bob.ok(json!(3));
+    for i in 0..55 {
+        let text = format!("filler-{i:02}");
+        bob.send(json!({"cmd": "send", "room": "town", "text": text, "id": 100 + i}));
+        bob.ok(json!(100 + i));
+    }
+    bob.send(json!({"cmd": "send", "room": "town", "text": "or the blue one", "reply_to": cable_id, "id": 4}));
+    bob.ok(json!(4));
+
+    let mut web = Browser::start(&url);
+    web.op("open", json!({}));
+    web.op("register", json!({"user": "alice", "password": PW}));
+    web.op("type", json!({"text": "/create lab"}));
+    web.op("has_conv", json!({"name": "#lab"}));
+    for (who, c) in [("bob", &mut bob), ("carol", &mut carol)] {
+        web.op("type", json!({"text": format!("/invite {who}")}));
+        c.expect("joins lab's group", |v| {
+            v["event"] == "e2ee" && v["kind"] == "joined" && v["room"] == "lab"
+        });
+        c.send(json!({"cmd": "join", "room": "lab", "id": 5}));
+        c.ok(json!(5));
+    }
+
+    // A thread in the end-to-end room, from the browser's own history; answered in the pane.
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "the cable drawer is locked", "id": 6}));
+    bob.ok(json!(6));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "lunch at noon?", "id": 7}));
+    let lunch_id = bob.ok(json!(7))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "pizza", "reply_to": lunch_id, "id": 8}));
+    bob.ok(json!(8));
+    web.op("wait_text", json!({"text": "pizza"}));
+    web.op(
+        "row_action",
+        json!({"text": "lunch at noon?", "action": "Thread"}),
+    );
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-pane", "text": "pizza"}),
+    );
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-title", "text": "bob: lunch at noon? · 1 reply"}),
+    );
+    web.op("thread_reply", json!({"text": "yes please"}));
+    let m = bob.message("yes please");
+    assert_eq!(m["reply_to"], lunch_id.as_str(), "{m}");
+    assert_eq!(m["e2ee"], true, "{m}");
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-title", "text": "2 replies"}),
+    );
+
+    // A thread of the server-encrypted room: its start and first reply come from the server.
+    web.op("type", json!({"text": "/join town"}));
+    web.op("has_conv", json!({"name": "#town"}));
+    web.op("wait_text", json!({"text": "or the blue one"}));
+    assert_eq!(
+        web.op("count_text", json!({"text": "which cable for the rack"}))["count"],
+        0
+    );
+    web.op(
+        "row_action",
+        json!({"text": "or the blue one", "action": "Thread"}),
+    );
+    for t in ["which cable for the rack", "the red one", "or the blue one"] {
+        web.op("wait_in", json!({"selector": "#thread-pane", "text": t}));
+    }
+    // Live: a new reply shows in the open pane.
+    bob.send(json!({"cmd": "send", "room": "town", "text": "green is fine too", "reply_to": cable_id, "id": 9}));
+    bob.ok(json!(9));
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-pane", "text": "green is fine too"}),
+    );
+    web.op("thread_reply", json!({"text": "red it is"}));
+    let m = bob.message("red it is");
+    assert_eq!(m["reply_to"], cable_id.as_str(), "{m}");
+    assert_eq!(m["e2ee"], false, "{m}");
+    shot(&mut web, "thread", 1100, 700);
+
+    // Search: the server finds the server-encrypted lines, the browser its end-to-end ones.
+    let found = web.op("search", json!({"query": "cable"}));
+    let hits = found["hits"].to_string();
+    assert!(hits.contains("which cable for the rack"), "{found}");
+    assert!(
+        hits.contains("the cable drawer is locked") && hits.contains("from this device's history"),
+        "{found}"
+    );
+    shot(&mut web, "search", 1100, 700);
+    // A result older than what is loaded: the conversation opens at it.
+    web.op("open_conv", json!({"name": "#lab"}));
+    let shown = web.op("click_hit", json!({"text": "which cable for the rack"}));
+    assert_eq!(shown["title"], "#town", "{shown}");
+    assert!(
+        shown["found"]
+            .as_str()
+            .is_some_and(|t| t.contains("which cable for the rack")),
+        "{shown}"
+    );
+    let nothing = web.op("search", json!({"query": "zebra"}));
+    assert!(
+        nothing["status"]
+            .as_str()
+            .is_some_and(|t| t.contains("Nothing found")),
+        "{nothing}"
+    );
+    web.op("press", json!({"key": "Escape"}));
+
+    // A display name, typing and away, seen by the JSON user.
+    web.op("open_conv", json!({"name": "#lab"}));
+    web.op("type", json!({"text": "/name Alice A."}));
+    let d = bob.expect("alice's display name", |v| {
+        v["event"] == "display_name" && v["user"] == "alice"
+    });
+    assert_eq!(d["name"], "Alice A.", "{d}");
+    web.op("type", json!({"text": "typed by hand"}));
+    let t = bob.expect("alice typing", |v| {
+        v["event"] == "typing" && v["user"] == "alice"
+    });
+    assert_eq!(t["room"], "lab", "{t}");
+    bob.message("typed by hand");
+    web.op("type", json!({"text": "/away at lunch"}));
+    let a = bob.expect("alice away", |v| {
+        v["event"] == "away" && v["user"] == "alice"
+    });
+    assert_eq!(a["text"], "at lunch", "{a}");
+    bob.send(json!({"cmd": "who", "room": "lab", "id": 10}));
+    let who = bob.ok(json!(10));
+    let me = who["users"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["user"] == "alice"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(me["display_name"], "Alice A.", "{who}");
+    web.op("type", json!({"text": "/back"}));
+    bob.expect("alice back", |v| {
+        v["event"] == "back" && v["user"] == "alice"
+    });
+
+    // Read markers: shared by default, private after `/receipts off`.
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "read me", "id": 11}));
+    let seq = bob.ok(json!(11))["seq"].as_u64().expect("seq");
+    web.op("wait_text", json!({"text": "read me"}));
+    bob.expect("alice's read marker", |v| {
+        v["event"] == "read"
+            && v["user"] == "alice"
+            && v["room"] == "lab"
+            && v["seq"].as_u64() >= Some(seq)
+    });
+    web.op("type", json!({"text": "/receipts off"}));
+    web.op(
+        "wait_text",
+        json!({"text": "your read markers are private now"}),
+    );
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "read me privately", "id": 12}));
+    let private_seq = bob.ok(json!(12))["seq"].as_u64().expect("seq");
+    web.op("wait_text", json!({"text": "read me privately"}));
+    drain(&mut bob, Duration::from_secs(2));
+    assert!(
+        !bob.seen.iter().any(|v| v["event"] == "read"
+            && v["user"] == "alice"
+            && v["room"] == "lab"
+            && v["seq"].as_u64() >= Some(private_seq)),
+        "a private read marker reached bob"
+    );
+
+    // `@room` counts only from the room's owner (bob owns town, carol does not).
+    carol.send(json!({"cmd": "join", "room": "town", "id": 13}));
+    carol.ok(json!(13));
+    carol
+        .send(json!({"cmd": "send", "room": "town", "text": "@room not from the owner", "id": 14}));
+    carol.ok(json!(14));
+    bob.send(json!({"cmd": "send", "room": "town", "text": "@room standup now", "id": 15}));
+    bob.ok(json!(15));
+    let item = web.op("nav_item", json!({"name": "#town", "contains": "@1"}));
+    std::thread::sleep(Duration::from_millis(500));
+    let item2 = web.op("nav_item", json!({"name": "#town"}));
+    assert!(
+        item2["text"].as_str().is_some_and(|t| t.contains("@1")),
+        "{item} then {item2}"
+    );
+
+    // A desktop notification for a mention while the tab is hidden.
+    web.op("visibility", json!({"hidden": true}));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "@alice look here", "id": 16}));
+    bob.ok(json!(16));
+    let mut notes = Value::Null;
+    for _ in 0..100 {
+        notes = web.op("notifications", json!({}))["notes"].clone();
+        if notes.to_string().contains("@alice look here") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let note = notes
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["body"] == "@alice look here"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(note["title"], "bob in #lab", "{notes}");
+    web.op("visibility", json!({"hidden": false}));
+
+    // Blockcast from the browser in the end-to-end room: carol is left out and reads nothing
+    // of it; bob reads it.
+    web.op("open_conv", json!({"name": "#lab"}));
+    web.op("type", json!({"text": "/except carol a secret for bob"}));
+    let m = bob.message("a secret for bob");
+    assert_eq!(m["e2ee"], true, "{m}");
+    assert_eq!(m["room"], "lab", "{m}");
+    web.op("wait_text", json!({"text": "a secret for bob"}));
+    web.op("type", json!({"text": "for all again"}));
+    carol.message("for all again");
+    bob.message("for all again");
+    assert!(
+        !carol.saw_message("a secret for bob"),
+        "a left-out member read a blockcast"
+    );
 }
