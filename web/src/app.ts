@@ -8,6 +8,11 @@ import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
 import { renderMarkdown } from "./markdown.js";
+import { keyFingerprint } from "./mls.js";
+
+function keyFingerprintOf(key: number[]): Promise<string> {
+  return keyFingerprint(Uint8Array.from(key));
+}
 
 /** Reactions offered by a line's "React" button. */
 export const QUICK_REACTIONS = ["👍", "❤️", "😂", "🎉", "👀"];
@@ -167,8 +172,54 @@ function showMain(root: HTMLElement, s: Session): void {
   const form = h("form", { class: "composer" }, composer, fileLabel, fileInput, sendButton, progress) as HTMLFormElement;
   const aboutDialog = h("dialog", { "aria-labelledby": "about-title" }) as HTMLDialogElement;
   nav.id = "convs";
+  // New devices of this account asking for its end-to-end history: approve (it is sent this
+  // browser's history, sealed to it) or reject (it is taken out of the account).
+  const devicesBox = h("section", { "aria-label": "Devices waiting", class: "devices", id: "devices-waiting", hidden: "" });
+  header.append(devicesBox);
   const mainArea = h("main", { class: "conv" }, header, log, typingLine, readLine, pendingLine, form);
   const side = h("div", { class: "side" }, membersPane, searchPane, threadPane);
+
+  const decideDevice = async (device: string, approve: boolean) => {
+    if (!approve) {
+      await s.rejectDevice(device);
+      return s.notice(undefined, `rejected your device ${device}: it is out of your account`);
+    }
+    progress.hidden = false;
+    try {
+      await s.approveDevice(device, (done, total) => {
+        progress.max = Math.max(total, 1);
+        progress.value = done;
+      });
+    } finally {
+      progress.hidden = true;
+    }
+  };
+  let devicesShown = "";
+  const drawDevices = () => {
+    const list = [...s.waiting.values()];
+    const sig = list.map((w) => w.device).join(",");
+    if (sig === devicesShown) return;
+    devicesShown = sig;
+    devicesBox.hidden = list.length === 0;
+    devicesBox.replaceChildren(
+      ...list.map((w) => {
+        const number = h("code", { class: "safety" }, "…");
+        void keyFingerprintOf(w.signature_key).then((f) => (number.textContent = f));
+        const approve = h("button", { type: "button" }, `Approve ${w.device}`);
+        const reject = h("button", { type: "button", class: "secondary" }, `Reject ${w.device}`);
+        approve.addEventListener("click", () => void decideDevice(w.device, true).catch((err: unknown) => s.notice(undefined, `the device was not approved: ${errText(err)}`)));
+        reject.addEventListener("click", () => void decideDevice(w.device, false).catch((err: unknown) => s.notice(undefined, `the device was not rejected: ${errText(err)}`)));
+        return h(
+          "div",
+          { class: "device-waiting" },
+          h("p", {}, `A new device of yours asks for your end-to-end history: device ${w.device}`, w.addr ? ` from ${w.addr}` : "", `, since ${new Date(w.since_ms).toLocaleString()}. Its safety number is `, number, ". Approve it only if that device shows the same number."),
+          approve,
+          " ",
+          reject,
+        );
+      }),
+    );
+  };
   root.replaceChildren(h("div", { class: "layout" }, nav, mainArea, side), aboutDialog);
 
   /** Shows one of the right-hand panes (the members pane when none). */
@@ -325,6 +376,7 @@ function showMain(root: HTMLElement, s: Session): void {
       topic.textContent = "";
     }
     timeline.show(c?.key ?? "", c?.entries ?? []);
+    drawDevices();
     if (thread !== undefined && thread.key !== st.current) showPane("members");
     drawThread();
   };
@@ -448,6 +500,9 @@ function showMain(root: HTMLElement, s: Session): void {
         if (last === undefined) return say("there is no message here to open a thread of");
         return openThread(key, last);
       }
+      case "approve":
+      case "reject":
+        return decideDevice(c.device, c.cmd === "approve");
       case "name":
         await s.setDisplayName(c.name ?? null);
         return say(c.name === undefined ? "your display name is removed" : `your display name is now ${c.name}`);

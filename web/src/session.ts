@@ -9,11 +9,12 @@
 
 import { applyShown, bodyText, describe, describeAct, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, CT_MARKDOWN_ACTION, type Shown } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
-import type { Refs, RoomInfo, Target, UserPresence } from "./generated/protocol.js";
+import type { Refs, RoomInfo, Target, UserPresence, WaitingDevice } from "./generated/protocol.js";
+import { chunkAad, chunkSigned, chunksOf, encodeChunk, encodeSealed, TRANSFER_INFO, TRANSFER_KEY_LABEL, type Row } from "./transfer.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
-import { fromHex, toHex } from "./bytes.js";
+import { concat, fromHex, toHex } from "./bytes.js";
 import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
 import { matchesQuery, mentionIn, outsideCode, queryWords } from "./attention.js";
 
@@ -50,6 +51,12 @@ export const MAX_SEALED_KEYS = 10_000;
 export const FILL_PAGE = 100;
 /** Most entries read to catch up one conversation at once. */
 export const MAX_FILL = 10_000;
+/** Attempts at storing one history chunk for a new device (its space on the server may be
+ * full until it takes what waits), one every PUT_RETRY_MS. */
+export const PUT_ATTEMPTS = 120;
+export const PUT_RETRY_MS = 500;
+/** Devices of the account remembered as waiting. */
+export const MAX_WAITING = 64;
 /** Search results shown (as the terminal client), and asked of the server at once. */
 export const MAX_SEARCH_RESULTS = 100;
 /** Replies of a thread asked of the server at once (the server pages bigger threads). */
@@ -327,6 +334,7 @@ export class Session {
     this.state.status = "connected";
     await this.serial.run(async () => {
       await this.publishDevice();
+      await this.listWaitingDevices();
       await this.refreshRooms(logged.rooms);
       await this.joinMissingGroups();
     });
@@ -661,6 +669,20 @@ export class Session {
         const a = body as { user: string; text: string | null };
         if (a.text === null) this.away.delete(a.user);
         else this.away.set(a.user, a.text);
+        break;
+      }
+      case "DeviceWaiting": {
+        const w = body as WaitingDevice;
+        if (w.device === this.device.device) break;
+        if (w.state === "waiting") {
+          if (this.waiting.size >= MAX_WAITING) this.waiting.clear();
+          const isNew = !this.waiting.has(w.device);
+          this.waiting.set(w.device, w);
+          if (isNew) this.notice(undefined, `a new device of yours (${w.device}) asks for your end-to-end history: compare its safety number, then approve or reject it`);
+        } else {
+          this.waiting.delete(w.device);
+          this.notice(undefined, `your device ${w.device} was ${w.state}`);
+        }
         break;
       }
       case "DisplayName": {
@@ -1303,6 +1325,119 @@ export class Session {
   readBy(key: string, seq: number): string[] {
     const c = this.state.convs.get(key);
     return [...(c?.reads ?? new Map<string, number>())].filter(([u, s]) => s >= seq && u !== this.state.user).map(([u]) => u);
+  }
+
+  // --- new devices of this account ---------------------------------------------------------
+
+  /** Devices of this account waiting for a decision (not this one). */
+  waiting = new Map<string, WaitingDevice>();
+
+  private async listWaitingDevices(): Promise<void> {
+    try {
+      const [, list] = await this.request({ DeviceAnnounce: { transfer_key: [], signature: [] } });
+      this.waiting.clear();
+      for (const w of (list as WaitingDevice[]).slice(0, MAX_WAITING)) if (w.device !== this.device.device && w.state === "waiting") this.waiting.set(w.device, w);
+    } catch {
+      // An older server: no device approval there.
+    }
+  }
+
+  /** Rejects a device of this account: the server takes it out of the account for good (it
+   * is sent no history and leaves the end-to-end groups). */
+  async rejectDevice(device: string): Promise<void> {
+    await this.request({ DeviceDecide: { device, approve: false } });
+    this.waiting.delete(device);
+    this.onChange();
+  }
+
+  /** Approves a device of this account and sends it this browser's end-to-end history, as a
+   * native device does: its transfer key's signature by the device is checked first, then the
+   * rows go in chunks sealed to that key (HPKE) and signed by this device. Returns what moved. */
+  async approveDevice(device: string, progress: (done: number, total: number) => void = () => {}): Promise<{ conversations: number; messages: number }> {
+    const [, list] = await this.request({ DeviceAnnounce: { transfer_key: [], signature: [] } });
+    const w = (list as WaitingDevice[]).find((x) => x.device === device);
+    if (w === undefined) throw new Error(`no device ${device} of yours is waiting for approval`);
+    const transferKey = bytesIn(w.transfer_key);
+    const signed = concat([TRANSFER_KEY_LABEL, transferKey]);
+    if (transferKey.length === 0 || !(await this.device.verifyRaw(bytesIn(w.signature_key), signed, bytesIn(w.signature)))) {
+      throw new Error(`device ${device}'s transfer key is not signed by its own key: it was not approved; ask it to sign in again`);
+    }
+    await this.request({ DeviceDecide: { device, approve: true } });
+    this.waiting.delete(device);
+    this.onChange();
+    const rows = this.historyRows();
+    const conversations = new Set(rows.map((r) => r.conv)).size;
+    const transfer = toHex(crypto.getRandomValues(new Uint8Array(16)));
+    const chunks = chunksOf(rows);
+    let index = 0;
+    let sent = 0;
+    const put = async (rowsOf: Row[], last: boolean) => {
+      const aad = chunkAad(this.state.user, this.device.device, device, transfer, index);
+      const plain = encodeChunk({ rows: rowsOf, last, replaces: false, conversations, messages: last ? sent : rows.length });
+      const sealed = await this.device.hpkeSeal(transferKey, TRANSFER_INFO, aad, plain);
+      const signature = await this.device.signRaw(chunkSigned(aad, sealed.kemOutput, sealed.ciphertext));
+      const data = encodeSealed({ ...sealed, signerKey: this.device.signaturePublicKey(), signature });
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await this.request({ TransferPut: { device, transfer, index, data: bytesOut(data) } });
+          break;
+        } catch (e) {
+          if (attempt >= PUT_ATTEMPTS) throw e;
+          await sleep(PUT_RETRY_MS);
+        }
+      }
+      index++;
+    };
+    for (const c of chunks) {
+      await put(c, false);
+      sent += c.length;
+      progress(sent, rows.length);
+    }
+    await put([], true);
+    this.notice(undefined, `sent ${sent} messages of ${conversations} conversations to your device ${device}`);
+    return { conversations, messages: sent };
+  }
+
+  /** This browser's end-to-end history as the native history store's rows (conversation,
+   * sequence, sender, time, the payload's encoding, the message's state). */
+  private historyRows(): Row[] {
+    const rows: Row[] = [];
+    for (const c of this.state.convs.values()) {
+      if (!c.e2ee) continue;
+      for (const e of c.entries) {
+        if (e.notice || e.seq <= 0) continue;
+        let payload: Payload;
+        const sha = e.file?.sha256 !== undefined ? fromHex(e.file.sha256) : undefined;
+        const fileKey = e.file?.key !== undefined ? fromHex(e.file.key) : undefined;
+        if (e.file !== undefined && sha?.length === 32 && fileKey?.length === 32) {
+          payload = { kind: "file", fileId: e.file.fileId, name: e.file.name, size: e.file.size, sha256: sha, key: fileKey };
+        } else if (e.deleted === true) {
+          payload = { kind: "body", contentType: CT_DELETE, data: new Uint8Array() };
+        } else {
+          // A `/me` line is shown as "* from text": it travels as the action it was.
+          const me = `* ${e.from} `;
+          const action = e.text.startsWith(me);
+          const text = action ? e.text.slice(me.length) : e.text;
+          const contentType = e.markdown === true ? (action ? CT_MARKDOWN_ACTION : CT_MARKDOWN) : action ? CT_ACTION : CT_TEXT;
+          payload = { kind: "body", contentType, data: enc.encode(text) };
+        }
+        const state =
+          e.msgId === undefined
+            ? undefined
+            : {
+                msgId: e.msgId,
+                state: {
+                  replyTo: e.replyTo,
+                  editedMs: e.edited === true ? e.ts : undefined,
+                  edits: e.edited === true ? 1 : 0,
+                  deleted: e.deleted === true,
+                  reactions: Object.entries(e.reactions ?? {}).filter(([, who]) => who.length > 0),
+                },
+              };
+        rows.push({ conv: c.key, seq: e.seq, sender: e.from, tsMs: e.ts, payload: encodePayload(payload), state });
+      }
+    }
+    return rows;
   }
 
   async setTopic(room: string, topic: string): Promise<void> {

@@ -280,6 +280,10 @@ async function handle(r: Req): Promise<Req> {
     case "notifications":
       // The desktop notifications the page made (recorded by the init script below).
       return { notes: await current().evaluate("window.__conclaveNotes ?? []") };
+    case "click":
+      // A button, by its accessible name.
+      await current().getByRole("button", { name: s(r, "name"), exact: true }).click();
+      return {};
     case "rendered_rows":
       return { rows: await current().locator(".timeline .rows > .row").count() };
     case "eval": {

@@ -11,6 +11,7 @@ import { open, seal, SEAL_CHUNK } from "../src/files.js";
 import { describe, describeAct, applyShown, type Actable, ACT_DELETE, ACT_EDIT, ACT_REACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, MAX_EMOJI_BYTES } from "../src/acts.js";
 import { markdownTree, mdText, safeHref, MAX_MARKDOWN_CHARS, type MdNode } from "../src/markdown.js";
 import type { Message } from "../src/protocol.js";
+import { chunkAad, chunkSigned, chunksOf, encodeChunk, MAX_CHUNK_ROWS, type Row } from "../src/transfer.js";
 import { matchesQuery, mentionIn, outsideCode, queryWords } from "../src/attention.js";
 
 test("slash commands parse as the terminal client's", () => {
@@ -210,4 +211,25 @@ test("the thread, display name and read-receipt commands parse", () => {
   assert.deepEqual(parseCommand("/receipts off"), { cmd: "receipts", on: false });
   assert.deepEqual(parseCommand("/receipts ON"), { cmd: "receipts", on: true });
   assert.equal(parseCommand("/receipts maybe").cmd, "error");
+});
+
+test("history chunks for a new device are postcard as the native Chunk, bound and bounded", () => {
+  // Vec<Row> of one row, then last, replaces, conversations, messages.
+  const row: Row = {
+    conv: "r:a",
+    seq: 3,
+    sender: "b",
+    tsMs: 64,
+    payload: new Uint8Array([9]),
+    state: { msgId: "m", state: { replyTo: undefined, editedMs: undefined, edits: 0, deleted: false, reactions: [["x", ["b"]]] } },
+  };
+  assert.deepEqual(
+    Array.from(encodeChunk({ rows: [row], last: true, replaces: false, conversations: 1, messages: 1 })),
+    [1, 3, 0x72, 0x3a, 0x61, 3, 1, 0x62, 128, 1, 1, 9, 1, 1, 0x6d, 0, 0, 0, 0, 1, 1, 0x78, 1, 1, 0x62, 1, 0, 1, 1],
+  );
+  assert.equal(new TextDecoder().decode(chunkAad("alice", "d1", "d2", "t", 4)), "alice|d1|d2|t|4");
+  const signed = chunkSigned(new Uint8Array([1]), new Uint8Array([2, 2]), new Uint8Array(0));
+  assert.deepEqual(Array.from(signed.subarray(signed.length - 27)), [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0]);
+  const many = Array.from({ length: MAX_CHUNK_ROWS * 2 + 1 }, (_, i) => ({ ...row, seq: i + 1 }));
+  assert.deepEqual(chunksOf(many).map((c) => c.length), [MAX_CHUNK_ROWS, MAX_CHUNK_ROWS, 1]);
 });

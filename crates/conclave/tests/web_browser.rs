@@ -964,3 +964,98 @@ fn web_user_searches_threads_names_receipts_mentions_and_blockcast() {
         "a left-out member read a blockcast"
     );
 }
+
+/// New devices of the web user's account: a native device that asks for history shows in the
+/// page with its safety number; approved there, it gets the browser's end-to-end history
+/// (sealed to it as a native approver seals it) and reads it; another one, rejected there, is
+/// out of the account.
+#[test]
+fn web_user_approves_and_rejects_new_devices_of_the_account() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let url = format!("https://127.0.0.1:{}/", server.port);
+    let bob_state = tempfile::tempdir().expect("tmp");
+    let mut bob = client(&server, "bob", bob_state.path());
+    let mut web = Browser::start(&url);
+    web.op("open", json!({}));
+    web.op("register", json!({"user": "alice", "password": PW}));
+    web.op("type", json!({"text": "/create lab"}));
+    web.op("has_conv", json!({"name": "#lab"}));
+    web.op("type", json!({"text": "/invite bob"}));
+    bob.expect("bob joins lab's group", |v| {
+        v["event"] == "e2ee" && v["kind"] == "joined" && v["room"] == "lab"
+    });
+    bob.send(json!({"cmd": "join", "room": "lab", "id": 1}));
+    bob.ok(json!(1));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "before the new device", "id": 2}));
+    bob.ok(json!(2));
+    web.op("wait_text", json!({"text": "before the new device"}));
+    web.op("type", json!({"text": "from the web before"}));
+    bob.message("from the web before");
+
+    // A second device of alice's (a native one) asks; the page shows it with its number.
+    let laptop_state = tempfile::tempdir().expect("tmp");
+    let mut cmd = client_cmd(&server.addr(), "alice", laptop_state.path(), PW);
+    cmd.args(["--fingerprint", &server.fingerprint]);
+    let mut laptop = JsonClient::connect("alice-laptop", cmd);
+    laptop.send(json!({"cmd": "devices", "id": 1}));
+    let me = laptop.ok(json!(1));
+    let device = me["device"].as_str().expect("device").to_string();
+    let number = me["fingerprint"].as_str().expect("fingerprint").to_string();
+    web.op(
+        "wait_in",
+        json!({"selector": "#devices-waiting", "text": device}),
+    );
+    web.op(
+        "wait_in",
+        json!({"selector": "#devices-waiting", "text": number}),
+    );
+    shot(&mut web, "new-device", 1100, 700);
+    web.op("click", json!({"name": format!("Approve {device}")}));
+    let got = laptop.expect("history_received", |v| {
+        v["event"] == "e2ee" && v["kind"] == "history_received"
+    });
+    assert_eq!(
+        (got["conversations"].clone(), got["messages"].clone()),
+        (json!(1), json!(2)),
+        "{got}"
+    );
+    laptop.send(json!({"cmd": "history", "room": "lab", "limit": 50, "id": 2}));
+    let h = laptop.ok(json!(2));
+    let texts: Vec<&str> = h["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(
+        texts,
+        ["before the new device", "from the web before"],
+        "{h}"
+    );
+    web.op(
+        "wait_text",
+        json!({"text": format!("sent 2 messages of 1 conversations to your device {device}")}),
+    );
+
+    // A third one, rejected in the page: it is out of the account.
+    let stranger_state = tempfile::tempdir().expect("tmp");
+    let mut cmd = client_cmd(&server.addr(), "alice", stranger_state.path(), PW);
+    cmd.args(["--fingerprint", &server.fingerprint]);
+    let mut stranger = JsonClient::connect("alice-stranger", cmd);
+    stranger.send(json!({"cmd": "devices", "id": 1}));
+    let other = stranger.ok(json!(1))["device"]
+        .as_str()
+        .expect("device")
+        .to_string();
+    web.op(
+        "wait_in",
+        json!({"selector": "#devices-waiting", "text": other}),
+    );
+    web.op("click", json!({"name": format!("Reject {other}")}));
+    let gone = stranger.expect("disconnected", |v| v["event"] == "disconnected");
+    assert_eq!(gone["reason"], "kicked", "{gone}");
+    stranger.proc.wait_exit(WAIT);
+    let out = stranger.proc.finish();
+    assert!(!out.stdout_text().contains("from the web before"));
+}
