@@ -57,6 +57,10 @@ export const PUT_ATTEMPTS = 120;
 export const PUT_RETRY_MS = 500;
 /** Devices of the account remembered as waiting. */
 export const MAX_WAITING = 64;
+/** Tries of one send whose connection dropped before the reply, and the wait for the
+ * connection to come back before each. */
+export const RESEND_ATTEMPTS = 5;
+export const RESEND_WAIT_MS = 60_000;
 /** Search results shown (as the terminal client), and asked of the server at once. */
 export const MAX_SEARCH_RESULTS = 100;
 /** Replies of a thread asked of the server at once (the server pages bigger threads). */
@@ -290,6 +294,29 @@ export class Session {
   private async request(req: Request): Promise<[string, unknown]> {
     if (this.conn === undefined) throw new RequestError("Disconnected", "not connected");
     return this.conn.request(req);
+  }
+
+  /** A send, again with the same idempotency key when the connection dropped before its
+   * reply came (the server may have taken it: it answers a repeat with the same message, so
+   * nothing is sent twice and what was sent is shown here). */
+  private async sendOnce(req: Request): Promise<Sent> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const [, sent] = await this.request(req);
+        return sent as Sent;
+      } catch (e) {
+        if (!(e instanceof RequestError && (e.code === "Disconnected" || e.code === "Timeout")) || attempt >= RESEND_ATTEMPTS || this.stopped) throw e;
+        await this.waitConnected();
+      }
+    }
+  }
+
+  /** Waits (at most RESEND_WAIT_MS) until the session is connected again. */
+  private async waitConnected(): Promise<void> {
+    for (let waited = 0; waited < RESEND_WAIT_MS && !this.stopped; waited += 100) {
+      if (this.state.connected && this.conn !== undefined && !this.conn.closed) return;
+      await sleep(100);
+    }
   }
 
   // --- connection ---------------------------------------------------------------------------
@@ -958,8 +985,8 @@ export class Session {
       }
       const idem = crypto.randomUUID();
       if (!c.e2ee || !this.device.has(key)) {
-        const [, sent] = await this.request({ Send: { target, body: { content_type: contentType, data: bytesOut(body) }, idempotency_key: idem, refs } });
-        sentOk(c, sent as Sent);
+        const sent = await this.sendOnce({ Send: { target, body: { content_type: contentType, data: bytesOut(body) }, idempotency_key: idem, refs } });
+        sentOk(c, sent);
         await this.saveHistory(c);
         return;
       }
@@ -989,8 +1016,7 @@ export class Session {
       // Saved before it leaves: a reload must never encrypt again under the same key.
       await this.saveDevice();
       try {
-        const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs } });
-        return sent as Sent;
+        return await this.sendOnce({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs } });
       } catch (e) {
         if (!(e instanceof RequestError && e.code === "StaleEpoch")) throw e;
         await this.catchUp(conv);
@@ -1250,13 +1276,13 @@ export class Session {
     const target: Target =
       "Room" in c.conv ? { Room: { room: c.conv.Room, except: [] } } : { Users: { to: c.conv.Direct.filter((u) => u !== this.state.user) } };
     const payload = encodePayload({ kind: "file", ...f });
+    const idem = crypto.randomUUID();
     await this.serial.run(async () => {
       for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
         const data = await this.device.encrypt(key, payload);
         await this.saveDevice();
         try {
-          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: crypto.randomUUID(), refs: null } });
-          const s = sent as { seq: number; ts_ms: number };
+          const s = await this.sendOnce({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs: null } });
           this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: `sent the file ${f.name} (${f.size} bytes)` }, false);
           await this.saveHistory(c);
           return;

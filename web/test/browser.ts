@@ -48,6 +48,31 @@ async function log(p: Page): Promise<string> {
   return (await p.getByRole("log").textContent()) ?? "";
 }
 
+/** Fills the sign-in form: user, password, and under "More options" the server password and
+ * the invite code when given. */
+async function fillSignIn(p: Page, r: Req): Promise<void> {
+  await p.getByLabel("User name").fill(s(r, "user"));
+  await p.getByLabel("Password", { exact: true }).fill(s(r, "password"));
+  if (typeof r.server_password === "string" || typeof r.invite === "string") {
+    const more = p.locator("details");
+    if ((await more.getAttribute("open")) === null) await p.getByText("More options").click();
+    if (typeof r.server_password === "string") await p.getByLabel("Server password").fill(r.server_password);
+    if (typeof r.invite === "string") await p.getByLabel("Invite code").fill(r.invite);
+  }
+}
+
+/** What the sign-in form says once it has refused (its buttons usable again). */
+async function refusal(p: Page): Promise<string> {
+  const deadline = Date.now() + WAIT_MS;
+  while (Date.now() < deadline) {
+    const busy = await p.getByRole("button", { name: "Sign in" }).isDisabled().catch(() => true);
+    const text = (await p.locator(".error").textContent().catch(() => "")) ?? "";
+    if (!busy && text !== "") return text;
+    await p.waitForTimeout(100);
+  }
+  throw new Error("the sign-in form never refused");
+}
+
 async function handle(r: Req): Promise<Req> {
   switch (s(r, "op")) {
     case "open":
@@ -56,8 +81,7 @@ async function handle(r: Req): Promise<Req> {
     case "sign_in":
     case "register": {
       const p = current();
-      await p.getByLabel("User name").fill(s(r, "user"));
-      await p.getByLabel("Password", { exact: true }).fill(s(r, "password"));
+      await fillSignIn(p, r);
       await p.getByRole("button", { name: s(r, "op") === "register" ? "Create account" : "Sign in" }).click();
       try {
         await p.getByRole("textbox", { name: "Message" }).waitFor();
@@ -66,6 +90,29 @@ async function handle(r: Req): Promise<Req> {
         throw new Error(`signing in did not reach the conversations; the page says: ${shown}`);
       }
       return {};
+    }
+    case "register_fails":
+    case "sign_in_fails": {
+      // The sign-in form says why it refused (returned); the page stays on the form.
+      const p = current();
+      await fillSignIn(p, r);
+      // What the form said before ("Signed out.") is not the answer.
+      await p.locator(".error").evaluate((e) => (e.textContent = ""));
+      await p.getByRole("button", { name: s(r, "op") === "register_fails" ? "Create account" : "Sign in" }).click();
+      return { error: await refusal(p) };
+    }
+    case "second_tab": {
+      // Another tab of this browser signs in: returns what its form says; the tab is closed.
+      const tab = await context.newPage();
+      tab.setDefaultTimeout(WAIT_MS);
+      try {
+        await tab.goto(url);
+        await fillSignIn(tab, r);
+        await tab.getByRole("button", { name: "Sign in" }).click();
+        return { error: await refusal(tab) };
+      } finally {
+        await tab.close();
+      }
     }
     case "type": {
       const box = current().getByRole("textbox", { name: "Message" });

@@ -4,8 +4,9 @@
 //! both ways with its hash checked, a reload that keeps the device and the history, messages
 //! sent while the tab was closed arriving once, a kicked web user who can no longer read, a
 //! server-encrypted room, everyday chat, the search and thread panes, display names, read
-//! receipts, mentions and notifications, and a blockcast from the browser. Screenshots of the
-//! main screens go to docs/web/.
+//! receipts, mentions and notifications, a blockcast from the browser, new devices of the
+//! account approved and rejected in the page, invite codes, a second tab, password rooms and
+//! an admin's commands. Screenshots of the main screens go to docs/web/.
 //!
 //! Needs Node.js, `npm ci` in web/ and `apt-get install chromium chromium-driver` (CI's
 //! .ci/run does all three); without them this test fails and says what is missing.
@@ -506,6 +507,44 @@ fn web_user_reconnects_through_a_jittery_relay_without_loss_or_duplicates() {
         .filter(|v| v["event"] == "message" && v["text"] == "web is back 0")
         .count();
     assert_eq!(seen, 1, "bob got a web message twice");
+
+    // Edits and reactions through the relay, both ways, one of them across a cut.
+    bob.send(json!({"cmd": "send", "room": "net", "text": "bob over the relay", "id": 200}));
+    let bob_id = bob.ok(json!(200))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    web.op("wait_text", json!({"text": "bob over the relay"}));
+    web.op(
+        "row_action",
+        json!({"text": "bob over the relay", "action": "React", "emoji": "👍"}),
+    );
+    let r = bob.expect("dave's reaction", |v| {
+        v["event"] == "reaction" && v["from"] == "dave"
+    });
+    assert_eq!(r["msg_id"], bob_id.as_str(), "{r}");
+    web.op("type", json!({"text": "/edit web is back 2, edited"}));
+    let e = bob.expect("dave's edit", |v| {
+        v["event"] == "edited" && v["from"] == "dave"
+    });
+    assert_eq!(e["text"], "web is back 2, edited", "{e}");
+    assert!(relay.cut_all() > 0, "the browser's connection was cut");
+    bob.send(
+        json!({"cmd": "edit", "msg_id": bob_id, "text": "bob over the relay, edited", "id": 201}),
+    );
+    bob.ok(json!(201));
+    bob.send(json!({"cmd": "react", "msg_id": bob_id, "emoji": "🎉", "id": 202}));
+    bob.ok(json!(202));
+    let row = web.op(
+        "row",
+        json!({"text": "bob over the relay, edited", "contains": "🎉 1"}),
+    );
+    let text = row["text"].as_str().unwrap_or_default();
+    assert!(text.contains("(edited)") && text.contains("👍 1"), "{row}");
+    web.op(
+        "row",
+        json!({"text": "web is back 2, edited", "contains": "(edited)"}),
+    );
 }
 
 /// Everyday chat between a web user and a JSON user, end-to-end (edits, deletes, reactions,
@@ -1058,4 +1097,169 @@ fn web_user_approves_and_rejects_new_devices_of_the_account() {
     stranger.proc.wait_exit(WAIT);
     let out = stranger.proc.finish();
     assert!(!out.stdout_text().contains("from the web before"));
+}
+
+/// A `conclave user` command on the data directory (through the admin socket while serving).
+fn user_cmd(data: &Path, args: &[&str], password: Option<&str>) -> Finished {
+    let mut cmd = conclave(["user", "--data-dir"]);
+    cmd.arg(data).args(args).env_remove(PW_VAR);
+    if let Some(pw) = password {
+        cmd.env(PW_VAR, pw);
+    }
+    run("user", cmd)
+}
+
+/// A JSON client of an existing account on a server with a server password.
+fn gated_client(server: &Server, user: &str, state: &Path) -> Command {
+    let mut cmd = client_cmd(&server.addr(), user, state, PW);
+    cmd.args([
+        "--fingerprint",
+        &server.fingerprint,
+        "--server-password-env",
+        "CONCLAVE_TEST_SPW",
+    ])
+    .env("CONCLAVE_TEST_SPW", "gate");
+    cmd
+}
+
+/// A server with a server password and invite-only registration: the web registers with an
+/// invite code (and is refused without one), a second tab of the same account is refused,
+/// password rooms both ways (one of them end-to-end), and an admin's `/announce`, `/ban` and
+/// `/unban` from the browser.
+#[test]
+fn web_user_with_invite_code_password_rooms_second_tab_and_admin_commands() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    for (name, admin) in [("alice", true), ("bob", false), ("mallory", false)] {
+        let mut args = vec!["add", name, "--password-env", PW_VAR];
+        if admin {
+            args.push("--admin");
+        }
+        user_cmd(&data, &args, Some(PW)).assert_success();
+    }
+    let server = Server::start(
+        &data,
+        &[
+            "--registration",
+            "invite",
+            "--server-password-env",
+            "CONCLAVE_TEST_SPW",
+        ],
+        &[("CONCLAVE_TEST_SPW", "gate")],
+    );
+    let url = format!("https://127.0.0.1:{}/", server.port);
+    let bob_state = tempfile::tempdir().expect("tmp");
+    let mut bob = JsonClient::connect("bob", gated_client(&server, "bob", bob_state.path()));
+    let mut web = Browser::start(&url);
+    web.op("open", json!({}));
+
+    // Registration needs the server password and an invite code; a code registers once.
+    let no_code = web.op(
+        "register_fails",
+        json!({"user": "carol", "password": PW, "server_password": "gate"}),
+    );
+    assert!(
+        no_code["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invit")),
+        "{no_code}"
+    );
+    let f = user_cmd(&data, &["invite"], None);
+    f.assert_success();
+    let code = f.stdout[0].trim().to_string();
+    let wrong_gate = web.op(
+        "register_fails",
+        json!({"user": "carol", "password": PW, "server_password": "wrong", "invite": code}),
+    );
+    assert!(
+        wrong_gate["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{wrong_gate}"
+    );
+    web.op(
+        "register",
+        json!({"user": "carol", "password": PW, "server_password": "gate", "invite": code}),
+    );
+    web.op("type", json!({"text": "/quit"}));
+    let again = web.op(
+        "register_fails",
+        json!({"user": "dave", "password": PW, "server_password": "gate", "invite": code}),
+    );
+    assert!(
+        again["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invite code")),
+        "{again}"
+    );
+
+    // The admin signs in; a second tab of the same account is refused, saying why.
+    web.op(
+        "sign_in",
+        json!({"user": "alice", "password": PW, "server_password": "gate"}),
+    );
+    let second = web.op(
+        "second_tab",
+        json!({"user": "alice", "password": PW, "server_password": "gate"}),
+    );
+    assert!(
+        second["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("signed in in another tab")),
+        "{second}"
+    );
+    // The first tab goes on.
+    web.op("type", json!({"text": "/who"}));
+    web.op("wait_text", json!({"text": "bob"}));
+
+    // A password room of the JSON user's: refused without the password, joined with it.
+    bob.send(json!({"cmd": "create_room", "room": "vault", "password": "sesame", "id": 1}));
+    bob.ok(json!(1));
+    web.op("type", json!({"text": "/join vault"}));
+    web.op("wait_text", json!({"text": "needs a password"}));
+    web.op("type", json!({"text": "/join vault wrong"}));
+    web.op("wait_text", json!({"text": "wrong password"}));
+    web.op("type", json!({"text": "/join vault sesame"}));
+    web.op("has_conv", json!({"name": "#vault"}));
+    bob.send(json!({"cmd": "send", "room": "vault", "text": "inside the vault", "id": 2}));
+    bob.ok(json!(2));
+    web.op("wait_text", json!({"text": "inside the vault"}));
+    web.op("type", json!({"text": "the web is in the vault"}));
+    bob.message("the web is in the vault");
+
+    // An end-to-end password room made in the browser.
+    web.op("type", json!({"text": "/create den hunter2"}));
+    web.op("has_conv", json!({"name": "#den"}));
+    bob.send(json!({"cmd": "join", "room": "den", "id": 3}));
+    assert!(bob.reply(json!(3))["error"] != Value::Null);
+    bob.send(json!({"cmd": "join", "room": "den", "password": "hunter2", "id": 4}));
+    bob.ok(json!(4));
+    web.op("wait_text", json!({"text": "bob joined"}));
+    bob.send(json!({"cmd": "send", "room": "den", "text": "bob in the den", "id": 5}));
+    bob.ok(json!(5));
+    web.op("wait_text", json!({"text": "bob in the den"}));
+    web.op("type", json!({"text": "the web in the den"}));
+    let m = bob.message("the web in the den");
+    assert_eq!(m["e2ee"], true, "{m}");
+
+    // Admin commands from the browser.
+    web.op("type", json!({"text": "/announce maintenance at five"}));
+    let a = bob.expect("the announcement", |v| v["event"] == "announce");
+    assert_eq!(a["text"], "maintenance at five", "{a}");
+    assert_eq!(a["from"], "alice", "{a}");
+    let m_state = tempfile::tempdir().expect("tmp");
+    let mut mallory =
+        JsonClient::connect("mallory", gated_client(&server, "mallory", m_state.path()));
+    web.op("type", json!({"text": "/ban mallory spamming"}));
+    web.op("wait_text", json!({"text": "banned mallory"}));
+    let gone = mallory.expect("mallory's disconnect", |v| v["event"] == "disconnected");
+    assert_eq!(gone["reason"], "banned", "{gone}");
+    mallory.proc.wait_exit(WAIT);
+    let refused = client_fails(
+        "mallory, banned",
+        gated_client(&server, "mallory", m_state.path()),
+    );
+    assert!(refused.stderr.contains("ban"), "{refused:#?}");
+    web.op("type", json!({"text": "/unban mallory"}));
+    web.op("wait_text", json!({"text": "unbanned mallory"}));
+    let back = JsonClient::connect("mallory", gated_client(&server, "mallory", m_state.path()));
+    assert_eq!(back.connected["user"], "mallory");
 }
