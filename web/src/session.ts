@@ -10,7 +10,7 @@
 import { applyShown, bodyText, describe, describeAct, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, CT_MARKDOWN_ACTION, type Shown } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
 import type { Refs, RoomInfo, Target, UserPresence, WaitingDevice } from "./generated/protocol.js";
-import { chunkAad, chunkSigned, chunksOf, encodeChunk, encodeSealed, TRANSFER_INFO, TRANSFER_KEY_LABEL, type Row } from "./transfer.js";
+import { chunkAad, chunkSigned, chunksOf, decodeChunk, decodeSealed, encodeChunk, encodeSealed, TRANSFER_INFO, TRANSFER_KEY_LABEL, type Row } from "./transfer.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
@@ -55,6 +55,9 @@ export const MAX_FILL = 10_000;
  * full until it takes what waits), one every PUT_RETRY_MS. */
 export const PUT_ATTEMPTS = 120;
 export const PUT_RETRY_MS = 500;
+/** Fetches of history chunks waiting for this device in one round (each bounded by the
+ * server). */
+export const MAX_FETCH_ROUNDS = 1_000;
 /** Devices of the account remembered as waiting. */
 export const MAX_WAITING = 64;
 /** Tries of one send whose connection dropped before the reply, and the wait for the
@@ -361,7 +364,8 @@ export class Session {
     this.state.status = "connected";
     await this.serial.run(async () => {
       await this.publishDevice();
-      await this.listWaitingDevices();
+      await this.announceDevice();
+      await this.takeHistory();
       await this.refreshRooms(logged.rooms);
       await this.joinMissingGroups();
     });
@@ -696,6 +700,11 @@ export class Session {
         const a = body as { user: string; text: string | null };
         if (a.text === null) this.away.delete(a.user);
         else this.away.set(a.user, a.text);
+        break;
+      }
+      case "TransferReady": {
+        const t = body as { device: string };
+        if (t.device === this.device.device) await this.takeHistory();
         break;
       }
       case "DeviceWaiting": {
@@ -1358,14 +1367,130 @@ export class Session {
   /** Devices of this account waiting for a decision (not this one). */
   waiting = new Map<string, WaitingDevice>();
 
-  private async listWaitingDevices(): Promise<void> {
+  /** This device's HPKE key pair for history sent to it (private half in the sealed store). */
+  private transferPrivate: Uint8Array | undefined;
+
+  /** Tells the server about this device and learns which devices of the account wait. A new
+   * device (no end-to-end history here yet), or one that asked before, asks the account's
+   * other devices for history with its transfer key, signed by its own key, as a native new
+   * device does; the others show it with its safety number. */
+  private async announceDevice(): Promise<void> {
+    let key = await this.store.getJson<{ pub: string; priv: string }>("transfer-key");
+    const empty = ![...this.state.convs.values()].some((c) => c.e2ee && c.entries.some((e) => !e.notice));
+    if (key === undefined && empty) {
+      const kp = await this.device.hpkeKeyPair();
+      key = { pub: toHex(kp.public), priv: toHex(kp.private) };
+      await this.store.putJson("transfer-key", key);
+    }
+    let transferKey: Uint8Array = new Uint8Array();
+    let signature: Uint8Array = new Uint8Array();
+    const pub = key === undefined ? undefined : fromHex(key.pub);
+    if (key !== undefined && pub !== undefined) {
+      this.transferPrivate = fromHex(key.priv);
+      transferKey = pub;
+      signature = await this.device.signRaw(concat([TRANSFER_KEY_LABEL, pub]));
+    }
     try {
-      const [, list] = await this.request({ DeviceAnnounce: { transfer_key: [], signature: [] } });
+      const [, list] = await this.request({ DeviceAnnounce: { transfer_key: bytesOut(transferKey), signature: bytesOut(signature) } });
       this.waiting.clear();
       for (const w of (list as WaitingDevice[]).slice(0, MAX_WAITING)) if (w.device !== this.device.device && w.state === "waiting") this.waiting.set(w.device, w);
     } catch {
       // An older server: no device approval there.
     }
+  }
+
+  /** Takes the history chunks another device of the account sent this one: checks each is
+   * signed by a device of the account, opens it (HPKE, bound to this account, the two
+   * devices, the transfer and its position), adds its rows to the local history (a row this
+   * device read itself stays as it is), and acknowledges them, as the native client does. */
+  private async takeHistory(): Promise<void> {
+    const priv = this.transferPrivate;
+    if (priv === undefined) return;
+    let accountKeys: Set<string> | undefined;
+    let after = 0;
+    const counts = new Map<string, number>();
+    for (let round = 0; round < MAX_FETCH_ROUNDS; round++) {
+      const [, got] = await this.request({ TransferFetch: { after } }).catch(() => ["", []] as [string, unknown]);
+      const chunks = got as { id: number; from_device: string; transfer: string; index: number; data: number[] }[];
+      if (chunks.length === 0) return;
+      if (accountKeys === undefined) {
+        const [, devices] = await this.request({ E2eeDevices: { user: this.state.user } });
+        accountKeys = new Set((devices as { signature_key: number[] }[]).map((d) => toHex(bytesIn(d.signature_key))));
+      }
+      const touched = new Set<ConvState>();
+      for (const c of chunks) {
+        after = Math.max(after, c.id);
+        try {
+          const aad = chunkAad(this.state.user, c.from_device, this.device.device, c.transfer, c.index);
+          const sealed = decodeSealed(bytesIn(c.data));
+          if (!accountKeys.has(toHex(sealed.signerKey))) throw new Error("it is not signed by a device of this account");
+          if (!(await this.device.verifyRaw(sealed.signerKey, chunkSigned(aad, sealed.kemOutput, sealed.ciphertext), sealed.signature))) {
+            throw new Error("its signature is wrong");
+          }
+          const chunk = decodeChunk(await this.device.hpkeOpen(priv, sealed.kemOutput, sealed.ciphertext, TRANSFER_INFO, aad));
+          for (const r of chunk.rows) {
+            const cs = this.importRow(r);
+            if (cs !== undefined) touched.add(cs);
+          }
+          counts.set(c.transfer, (counts.get(c.transfer) ?? 0) + chunk.rows.length);
+          if (chunk.last) {
+            const { keyFingerprint } = await import("./mls.js");
+            this.notice(
+              undefined,
+              `history received from your device ${c.from_device} (safety number ${await keyFingerprint(sealed.signerKey)}): ${chunk.messages} messages of ${chunk.conversations} conversations`,
+            );
+          }
+        } catch (e) {
+          this.notice(undefined, `a history chunk from your device ${c.from_device} was dropped: ${errText(e)}`);
+        }
+      }
+      for (const cs of touched) await this.saveHistory(cs);
+      if (touched.size > 0) await this.saveIndex();
+      this.onChange();
+      await this.request({ TransferAck: { through: after } });
+    }
+  }
+
+  /** One row of another device's history as a line here; undefined when it is not one (or
+   * this device has that line already). */
+  private importRow(r: Row): ConvState | undefined {
+    const conv: Conv | undefined = r.conv.startsWith("r:")
+      ? { Room: r.conv.slice(2) }
+      : r.conv.startsWith("d:")
+        ? { Direct: r.conv.slice(2).split(",").filter((u) => u.length > 0) }
+        : undefined;
+    if (conv === undefined || convKey(conv) !== r.conv || !Number.isSafeInteger(r.seq) || r.seq <= 0) return undefined;
+    const p = decodePayload(r.payload);
+    let entry: Entry;
+    if (p?.kind === "body") {
+      entry = { seq: r.seq, from: r.sender, ts: r.tsMs, text: p.contentType === CT_DELETE ? "(deleted)" : bodyText(p.contentType, p.data, r.sender) };
+      if (p.contentType === CT_DELETE) entry.deleted = true;
+      if (p.contentType.startsWith(CT_MARKDOWN)) entry.markdown = true;
+    } else if (p?.kind === "file") {
+      entry = {
+        seq: r.seq,
+        from: r.sender,
+        ts: r.tsMs,
+        text: `offers the file ${p.name} (${p.size} bytes)`,
+        file: { fileId: p.fileId, name: p.name, size: p.size, sha256: toHex(p.sha256), key: toHex(p.key) },
+      };
+    } else {
+      return undefined;
+    }
+    if (r.state !== undefined) {
+      const st = r.state.state;
+      entry.msgId = r.state.msgId;
+      if (st.replyTo !== undefined) entry.replyTo = st.replyTo;
+      if ((st.edits > 0 || st.editedMs !== undefined) && !st.deleted) entry.edited = true;
+      if (st.deleted) {
+        entry.deleted = true;
+        entry.text = "(deleted)";
+        delete entry.file;
+      }
+      entry.reactions = Object.fromEntries(st.reactions.filter(([emoji, who]) => emoji.length > 0 && who.length > 0));
+    }
+    const c = this.ensureConv(conv, true);
+    return this.addEntry(c, entry, false) ? c : undefined;
   }
 
   /** Rejects a device of this account: the server takes it out of the account for good (it

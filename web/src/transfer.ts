@@ -1,10 +1,11 @@
-// History for another device of the same account, as the native device sends it
+// History between devices of the same account, as the native devices move it
 // (crates/conclave-e2ee/src/transfer.rs, crates/conclave-client/src/devices.rs): the rows of
 // this browser's end-to-end history in chunks, each chunk (postcard) sealed with HPKE to the
 // new device's transfer key (whose signature by that device is checked first) and signed by
-// this device. Encoding only here (no I/O), so the unit tests pin it.
+// the sending device; and the other way, the chunks a native device sends this browser when
+// it is the new one. Encoding only here (no I/O), so the unit tests pin it.
 
-import { concat, writeBytes, writeVarint } from "./bytes.js";
+import { concat, readBytes, readFixed, readVarint, writeBytes, writeVarint } from "./bytes.js";
 
 const enc = new TextEncoder();
 
@@ -124,5 +125,88 @@ export function chunksOf(rows: Row[]): Row[][] {
     }
   }
   if (cur.length > 0) out.push(cur);
+  return out;
+}
+
+// --- decoding (chunks sent to this browser) ----------------------------------------------------
+
+/** Most rows, reactions and reacting users read from one chunk (bounds on peer data). */
+export const MAX_DECODED_ROWS = 100_000;
+export const MAX_DECODED_LIST = 10_000;
+
+const dec = new TextDecoder("utf-8", { fatal: true });
+
+class Reader {
+  r = { at: 0 };
+  constructor(private b: Uint8Array) {}
+  end(): boolean {
+    return this.r.at === this.b.length;
+  }
+  varint(): number {
+    const n = readVarint(this.b, this.r);
+    if (n === undefined) throw new Error("a history chunk is cut short");
+    return n;
+  }
+  bytes(): Uint8Array {
+    const v = readBytes(this.b, this.r);
+    if (v === undefined) throw new Error("a history chunk is cut short");
+    return v;
+  }
+  str(): string {
+    return dec.decode(this.bytes());
+  }
+  bool(): boolean {
+    const v = readFixed(this.b, this.r, 1)?.[0];
+    if (v !== 0 && v !== 1) throw new Error("a history chunk has a bad flag");
+    return v === 1;
+  }
+  i64(): number {
+    const z = this.varint();
+    return z % 2 === 0 ? z / 2 : -(z + 1) / 2;
+  }
+  option<T>(f: () => T): T | undefined {
+    return this.bool() ? f() : undefined;
+  }
+  vec<T>(f: () => T, max: number): T[] {
+    const n = this.varint();
+    if (n > max) throw new Error("a history chunk lists too much");
+    const out: T[] = [];
+    for (let i = 0; i < n; i++) out.push(f());
+    return out;
+  }
+}
+
+/** A chunk from its postcard encoding; throws on anything malformed. */
+export function decodeChunk(b: Uint8Array): Chunk {
+  const r = new Reader(b);
+  const rows = r.vec((): Row => {
+    const conv = r.str();
+    const seq = r.varint();
+    const sender = r.str();
+    const tsMs = r.i64();
+    const payload = r.bytes();
+    const state = r.option(() => {
+      const msgId = r.str();
+      const st: LocalState = {
+        replyTo: r.option(() => r.str()),
+        editedMs: r.option(() => r.i64()),
+        edits: r.varint(),
+        deleted: r.bool(),
+        reactions: r.vec((): [string, string[]] => [r.str(), r.vec(() => r.str(), MAX_DECODED_LIST)], MAX_DECODED_LIST),
+      };
+      return { msgId, state: st };
+    });
+    return { conv, seq, sender, tsMs, payload, state };
+  }, MAX_DECODED_ROWS);
+  const c: Chunk = { rows, last: r.bool(), replaces: r.bool(), conversations: r.varint(), messages: r.varint() };
+  if (!r.end()) throw new Error("a history chunk has trailing bytes");
+  return c;
+}
+
+/** A sealed chunk from its postcard encoding. */
+export function decodeSealed(b: Uint8Array): { kemOutput: Uint8Array; ciphertext: Uint8Array; signerKey: Uint8Array; signature: Uint8Array } {
+  const r = new Reader(b);
+  const out = { kemOutput: r.bytes(), ciphertext: r.bytes(), signerKey: r.bytes(), signature: r.bytes() };
+  if (!r.end()) throw new Error("a sealed history chunk has trailing bytes");
   return out;
 }

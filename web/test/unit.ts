@@ -11,7 +11,7 @@ import { open, seal, SEAL_CHUNK } from "../src/files.js";
 import { describe, describeAct, applyShown, type Actable, ACT_DELETE, ACT_EDIT, ACT_REACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, MAX_EMOJI_BYTES } from "../src/acts.js";
 import { markdownTree, mdText, safeHref, MAX_MARKDOWN_CHARS, type MdNode } from "../src/markdown.js";
 import type { Message } from "../src/protocol.js";
-import { chunkAad, chunkSigned, chunksOf, encodeChunk, MAX_CHUNK_ROWS, type Row } from "../src/transfer.js";
+import { chunkAad, chunkSigned, chunksOf, decodeChunk, decodeSealed, encodeChunk, encodeSealed, MAX_CHUNK_ROWS, type Row } from "../src/transfer.js";
 import { matchesQuery, mentionIn, outsideCode, queryWords } from "../src/attention.js";
 
 test("slash commands parse as the terminal client's", () => {
@@ -232,4 +232,27 @@ test("history chunks for a new device are postcard as the native Chunk, bound an
   assert.deepEqual(Array.from(signed.subarray(signed.length - 27)), [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0]);
   const many = Array.from({ length: MAX_CHUNK_ROWS * 2 + 1 }, (_, i) => ({ ...row, seq: i + 1 }));
   assert.deepEqual(chunksOf(many).map((c) => c.length), [MAX_CHUNK_ROWS, MAX_CHUNK_ROWS, 1]);
+});
+
+test("history chunks sent to this browser decode as they encode, and refuse what is malformed", () => {
+  const rows: Row[] = [
+    { conv: "d:a,b", seq: 7, sender: "a", tsMs: -5, payload: new Uint8Array([1, 2]), state: undefined },
+    {
+      conv: "r:lab",
+      seq: 2 ** 40,
+      sender: "b",
+      tsMs: 1_765_000_000_000,
+      payload: new Uint8Array(0),
+      state: { msgId: "m1", state: { replyTo: "m0", editedMs: 12, edits: 2, deleted: true, reactions: [["👍", ["a", "b"]]] } },
+    },
+  ];
+  const chunk = { rows, last: false, replaces: true, conversations: 2, messages: 9 };
+  const b = encodeChunk(chunk);
+  assert.deepEqual(decodeChunk(b), chunk);
+  assert.throws(() => decodeChunk(b.subarray(0, b.length - 1)));
+  assert.throws(() => decodeChunk(new Uint8Array([...b, 0])));
+  // A list longer than its bytes can hold ends at the bytes.
+  assert.throws(() => decodeChunk(new Uint8Array([0xff, 0xff, 0xff, 0x0f])));
+  const sealed = { kemOutput: new Uint8Array([1]), ciphertext: new Uint8Array([2, 3]), signerKey: new Uint8Array(32).fill(4), signature: new Uint8Array(64).fill(5) };
+  assert.deepEqual(decodeSealed(encodeSealed(sealed)), sealed);
 });

@@ -1097,6 +1097,52 @@ fn web_user_approves_and_rejects_new_devices_of_the_account() {
     stranger.proc.wait_exit(WAIT);
     let out = stranger.proc.finish();
     assert!(!out.stdout_text().contains("from the web before"));
+
+    // The other way: the browser is the new device of an account whose native device has
+    // history; approved there, the page gets that history (with its reactions and edits).
+    let erin_state = tempfile::tempdir().expect("tmp");
+    let mut erin = client(&server, "erin", erin_state.path());
+    erin.send(json!({"cmd": "create_room", "room": "notes", "id": 1}));
+    erin.ok(json!(1));
+    erin.send(json!({"cmd": "send", "room": "notes", "text": "erin's first note", "id": 2}));
+    let first = erin.ok(json!(2))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    erin.send(json!({"cmd": "send", "room": "notes", "text": "erin's typo", "id": 3}));
+    let typo = erin.ok(json!(3))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    erin.send(json!({"cmd": "react", "msg_id": first, "emoji": "👍", "id": 4}));
+    erin.ok(json!(4));
+    erin.send(json!({"cmd": "edit", "msg_id": typo, "text": "erin's second note", "id": 5}));
+    erin.ok(json!(5));
+    web.op("type", json!({"text": "/quit"}));
+    web.op("sign_in", json!({"user": "erin", "password": PW}));
+    let w = erin.expect("the browser's device waiting", |v| {
+        v["event"] == "e2ee" && v["kind"] == "device_waiting"
+    });
+    erin.send(json!({"cmd": "approve_device", "device": w["device"], "id": 6}));
+    let approved = erin.ok(json!(6));
+    assert_eq!(approved["conversations"], 1, "{approved}");
+    web.op("wait_text", json!({"text": "messages of 1 conversations"}));
+    web.op("open_conv", json!({"name": "#notes"}));
+    web.op(
+        "row",
+        json!({"text": "erin's first note", "contains": "👍 1"}),
+    );
+    web.op(
+        "row",
+        json!({"text": "erin's second note", "contains": "(edited)"}),
+    );
+    // And the page takes part from then on, end-to-end.
+    web.op("type", json!({"text": "from erin's browser"}));
+    let m = erin.message("from erin's browser");
+    assert_eq!(m["e2ee"], true, "{m}");
+    erin.send(json!({"cmd": "send", "room": "notes", "text": "erin's third note", "id": 7}));
+    erin.ok(json!(7));
+    web.op("wait_text", json!({"text": "erin's third note"}));
 }
 
 /// A `conclave user` command on the data directory (through the admin socket while serving).
