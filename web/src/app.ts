@@ -250,7 +250,11 @@ function showMain(root: HTMLElement, s: Session): void {
       h("span", { class: "hit-text" }, e.text),
       ...(hit.local ? [h("span", { class: "hit-local" }, "from this device's history")] : []),
     );
-    b.addEventListener("click", () => void reveal(hit.key, e.seq).catch((err: unknown) => s.notice(hit.key, errText(err))));
+    b.addEventListener("click", () => {
+      // On a phone's width the pane covers the timeline: it steps aside for the result.
+      if (matchMedia("(max-width: 700px)").matches) showPane("members");
+      void reveal(hit.key, e.seq).catch((err: unknown) => s.notice(hit.key, errText(err)));
+    });
     return b;
   };
   /** Opens a conversation at the line of sequence `seq`, loading older history as needed. */
@@ -663,7 +667,10 @@ function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement, act: R
   if (e.replyTo !== undefined) {
     const orig = act.quote(e);
     const quoted = orig === undefined ? "an earlier message" : `${orig.from}: ${orig.text.slice(0, REPLY_QUOTE_CHARS)}${orig.text.length > REPLY_QUOTE_CHARS ? "…" : ""}`;
-    row.append(h("div", { class: "reply-quote" }, `↪ ${quoted}`));
+    // The quote opens the thread it belongs to (with the original, even when not loaded here).
+    const q = h("button", { type: "button", class: "reply-quote", title: "Open the thread" }, `↪ ${quoted}`);
+    q.addEventListener("click", () => act.thread(e));
+    row.append(q);
   }
   row.append(when, " ", h("strong", {}, e.from), " ", text);
   if (e.edited === true && e.deleted !== true) row.append(" ", h("span", { class: "edited" }, "(edited)"));

@@ -327,6 +327,12 @@ async function handle(r: Req): Promise<Req> {
     case "notifications":
       // The desktop notifications the page made (recorded by the init script below).
       return { notes: await current().evaluate("window.__conclaveNotes ?? []") };
+    case "click_quote": {
+      // The quote above a reply (it opens the thread).
+      const row = current().locator(".timeline .rows > .row").filter({ hasText: s(r, "text") }).last();
+      await row.locator(".reply-quote").click();
+      return {};
+    }
     case "click":
       // A button, by its accessible name.
       await current().getByRole("button", { name: s(r, "name"), exact: true }).click();

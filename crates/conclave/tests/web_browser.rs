@@ -892,6 +892,17 @@ fn web_user_searches_threads_names_receipts_mentions_and_blockcast() {
         "{nothing}"
     );
     web.op("press", json!({"key": "Escape"}));
+    // A reply's quote opens its thread, with the original that is not loaded in the timeline.
+    web.op(
+        "eval",
+        json!({"expr": "(async () => { const t = document.querySelector('.timeline'); for (let i = 0; i < 20; i++) { t.scrollTop = t.scrollHeight; await new Promise((r) => setTimeout(r, 50)); } return 0; })()"}),
+    );
+    web.op("click_quote", json!({"text": "or the blue one"}));
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-title", "text": "bob: which cable for the rack"}),
+    );
+    web.op("press", json!({"key": "Escape"}));
 
     // A display name, typing and away, seen by the JSON user.
     web.op("open_conv", json!({"name": "#lab"}));
