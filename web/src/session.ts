@@ -364,7 +364,7 @@ export class Session {
     this.state.status = "connected";
     await this.serial.run(async () => {
       await this.publishDevice();
-      await this.announceDevice();
+      await this.announceDevice(first);
       await this.takeHistory();
       await this.refreshRooms(logged.rooms);
       await this.joinMissingGroups();
@@ -1373,8 +1373,8 @@ export class Session {
   /** Tells the server about this device and learns which devices of the account wait. A new
    * device (no end-to-end history here yet), or one that asked before, asks the account's
    * other devices for history with its transfer key, signed by its own key, as a native new
-   * device does; the others show it with its safety number. */
-  private async announceDevice(): Promise<void> {
+   * device does at its start; the others show it with its safety number. */
+  private async announceDevice(first: boolean): Promise<void> {
     let key = await this.store.getJson<{ pub: string; priv: string }>("transfer-key");
     const empty = ![...this.state.convs.values()].some((c) => c.e2ee && c.entries.some((e) => !e.notice));
     if (key === undefined && empty) {
@@ -1385,8 +1385,10 @@ export class Session {
     let transferKey: Uint8Array = new Uint8Array();
     let signature: Uint8Array = new Uint8Array();
     const pub = key === undefined ? undefined : fromHex(key.pub);
-    if (key !== undefined && pub !== undefined) {
-      this.transferPrivate = fromHex(key.priv);
+    if (key !== undefined) this.transferPrivate = fromHex(key.priv);
+    // Asked once per sign-in (a reconnect only asks for the list, so other devices are not
+    // told again).
+    if (first && key !== undefined && pub !== undefined) {
       transferKey = pub;
       signature = await this.device.signRaw(concat([TRANSFER_KEY_LABEL, pub]));
     }
