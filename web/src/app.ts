@@ -3,16 +3,24 @@
 // "Message" that takes the terminal client's slash commands). Built with the DOM API only (no
 // inline script or style: the page runs under `default-src 'self'`).
 
-import { Session, errText, type ConvState, type Entry } from "./session.js";
+import { Session, errText, type ConvState, type Entry, type Hit } from "./session.js";
 import { HELP, parseCommand } from "./commands.js";
 import { Timeline } from "./timeline.js";
 import { sendFile, saveFile } from "./files.js";
 import { renderMarkdown } from "./markdown.js";
+import { keyFingerprint } from "./mls.js";
+
+function keyFingerprintOf(key: number[]): Promise<string> {
+  return keyFingerprint(Uint8Array.from(key));
+}
 
 /** Reactions offered by a line's "React" button. */
 export const QUICK_REACTIONS = ["👍", "❤️", "😂", "🎉", "👀"];
 /** Characters of the original shown above a reply. */
 export const REPLY_QUOTE_CHARS = 60;
+
+/** History pages loaded at most to reach a search result (as the terminal client). */
+export const MAX_REVEAL_PAGES = 20;
 
 /** What the composer's next line does to a line chosen with its buttons. */
 type Pending = { kind: "reply" | "edit"; key: string; msgId: string } | undefined;
@@ -121,15 +129,37 @@ function showMain(root: HTMLElement, s: Session): void {
   const marker = h("span", { class: "marker", id: "marker" });
   const status = h("p", { class: "status", role: "status" });
   const aboutButton = h("button", { type: "button", class: "secondary" }, "About");
+  const searchButton = h("button", { type: "button", class: "secondary", "aria-controls": "search-pane" }, "Search");
   const themeButton = h("button", { type: "button", class: "secondary" }, "Theme");
   const menuButton = h("button", { type: "button", class: "secondary menu", "aria-controls": "convs", "aria-expanded": "false" }, "Conversations");
   const topic = h("p", { class: "topic", id: "conv-topic" });
-  const header = h("header", {}, menuButton, title, marker, topic, status, themeButton, aboutButton);
+  const header = h("header", {}, menuButton, title, marker, topic, status, searchButton, themeButton, aboutButton);
   const typingLine = h("p", { class: "typing", "aria-live": "polite", id: "typing" });
   const readLine = h("p", { class: "readby", id: "read-by" });
   const pendingLine = h("p", { class: "pending", id: "pending" });
   const members = h("ul", {});
   const membersPane = h("aside", { "aria-label": "Members", class: "members" }, h("h2", {}, "Members"), members);
+
+  // The search pane: the server searches server-encrypted conversations, this device its own
+  // history of the end-to-end ones; a result opens its conversation at that line.
+  const searchBox = h("input", { type: "search", "aria-label": "Search messages", id: "search-box", autocomplete: "off", enterkeyhint: "search" }) as HTMLInputElement;
+  const searchForm = h("form", { role: "search", class: "search-form" }, searchBox, h("button", { type: "submit" }, "Find")) as HTMLFormElement;
+  const searchStatus = h("p", { role: "status", class: "pane-status", id: "search-status" });
+  const searchList = h("ul", { class: "hits", "aria-label": "Search results" });
+  const closeSearch = h("button", { type: "button", class: "secondary" }, "Close search");
+  const searchPane = h("aside", { "aria-label": "Search", class: "pane", id: "search-pane", hidden: "" },
+    h("div", { class: "pane-head" }, h("h2", {}, "Search"), closeSearch), searchForm, searchStatus, searchList);
+
+  // The thread pane: a message and its replies in order, live; what is typed there answers it.
+  const threadTitle = h("p", { class: "pane-status", id: "thread-title" });
+  const threadRoot = h("div", { class: "thread-root" });
+  const threadList = h("ol", { class: "thread-replies", "aria-label": "Replies" });
+  const threadBox = h("textarea", { "aria-label": "Reply in thread", rows: "2", placeholder: "Reply in the thread" }) as HTMLTextAreaElement;
+  const threadForm = h("form", { class: "thread-form" }, threadBox, h("button", { type: "submit" }, "Reply")) as HTMLFormElement;
+  const closeThread = h("button", { type: "button", class: "secondary" }, "Close thread");
+  const threadPane = h("aside", { "aria-label": "Thread", class: "pane", id: "thread-pane", hidden: "" },
+    h("div", { class: "pane-head" }, h("h2", {}, "Thread"), closeThread), threadTitle, threadRoot, threadList, threadForm);
+  let thread: { key: string; root: string } | undefined;
   let pending: Pending;
   let membersOf = "";
   let membersSeen = 0;
@@ -142,8 +172,124 @@ function showMain(root: HTMLElement, s: Session): void {
   const form = h("form", { class: "composer" }, composer, fileLabel, fileInput, sendButton, progress) as HTMLFormElement;
   const aboutDialog = h("dialog", { "aria-labelledby": "about-title" }) as HTMLDialogElement;
   nav.id = "convs";
+  // New devices of this account asking for its end-to-end history: approve (it is sent this
+  // browser's history, sealed to it) or reject (it is taken out of the account).
+  const devicesBox = h("section", { "aria-label": "Devices waiting", class: "devices", id: "devices-waiting", hidden: "" });
+  header.append(devicesBox);
   const mainArea = h("main", { class: "conv" }, header, log, typingLine, readLine, pendingLine, form);
-  root.replaceChildren(h("div", { class: "layout" }, nav, mainArea, membersPane), aboutDialog);
+  const side = h("div", { class: "side" }, membersPane, searchPane, threadPane);
+
+  const decideDevice = async (device: string, approve: boolean) => {
+    if (!approve) {
+      await s.rejectDevice(device);
+      return s.notice(undefined, `rejected your device ${device}: it is out of your account`);
+    }
+    progress.hidden = false;
+    try {
+      await s.approveDevice(device, (done, total) => {
+        progress.max = Math.max(total, 1);
+        progress.value = done;
+      });
+    } finally {
+      progress.hidden = true;
+    }
+  };
+  let devicesShown = "";
+  const drawDevices = () => {
+    const list = [...s.waiting.values()];
+    const sig = list.map((w) => w.device).join(",");
+    if (sig === devicesShown) return;
+    devicesShown = sig;
+    devicesBox.hidden = list.length === 0;
+    devicesBox.replaceChildren(
+      ...list.map((w) => {
+        const number = h("code", { class: "safety" }, "…");
+        void keyFingerprintOf(w.signature_key).then((f) => (number.textContent = f));
+        const approve = h("button", { type: "button" }, `Approve ${w.device}`);
+        const reject = h("button", { type: "button", class: "secondary" }, `Reject ${w.device}`);
+        approve.addEventListener("click", () => void decideDevice(w.device, true).catch((err: unknown) => s.notice(undefined, `the device was not approved: ${errText(err)}`)));
+        reject.addEventListener("click", () => void decideDevice(w.device, false).catch((err: unknown) => s.notice(undefined, `the device was not rejected: ${errText(err)}`)));
+        return h(
+          "div",
+          { class: "device-waiting" },
+          h("p", {}, `A new device of yours asks for your end-to-end history: device ${w.device}`, w.addr ? ` from ${w.addr}` : "", `, since ${new Date(w.since_ms).toLocaleString()}. Its safety number is `, number, ". Approve it only if that device shows the same number."),
+          approve,
+          " ",
+          reject,
+        );
+      }),
+    );
+  };
+  root.replaceChildren(h("div", { class: "layout" }, nav, mainArea, side), aboutDialog);
+
+  /** Shows one of the right-hand panes (the members pane when none). */
+  const showPane = (which: "members" | "search" | "thread") => {
+    membersPane.hidden = which !== "members";
+    searchPane.hidden = which !== "search";
+    threadPane.hidden = which !== "thread";
+    side.classList.toggle("open", which !== "members");
+    if (which !== "thread") thread = undefined;
+  };
+  const runSearch = async (query: string) => {
+    showPane("search");
+    searchBox.value = query;
+    if (query.trim() === "") return;
+    searchStatus.textContent = "Searching…";
+    searchList.replaceChildren();
+    const hits = await s.search(query);
+    searchStatus.textContent = hits.length === 0 ? `Nothing found for “${query}”.` : `${hits.length} result${hits.length === 1 ? "" : "s"} for “${query}”, newest first`;
+    searchList.replaceChildren(...hits.map((hit) => h("li", {}, hitButton(hit))));
+  };
+  const hitButton = (hit: Hit) => {
+    const e = hit.entry;
+    const when = new Date(e.ts);
+    const b = h(
+      "button",
+      { type: "button", class: "secondary hit" },
+      h("span", { class: "hit-where" }, `${hit.title} · ${e.from} · `, h("time", { datetime: when.toISOString() }, when.toLocaleString([], { dateStyle: "short", timeStyle: "short" }))),
+      h("span", { class: "hit-text" }, e.text),
+      ...(hit.local ? [h("span", { class: "hit-local" }, "from this device's history")] : []),
+    );
+    b.addEventListener("click", () => {
+      // On a phone's width the pane covers the timeline: it steps aside for the result.
+      if (matchMedia("(max-width: 700px)").matches) showPane("members");
+      void reveal(hit.key, e.seq).catch((err: unknown) => s.notice(hit.key, errText(err)));
+    });
+    return b;
+  };
+  /** Opens a conversation at the line of sequence `seq`, loading older history as needed. */
+  const reveal = async (key: string, seq: number) => {
+    s.state.current = key;
+    s.markRead(key);
+    render();
+    const find = () => s.state.convs.get(key)?.entries.find((x) => !x.notice && x.seq === seq);
+    for (let page = 0; page < MAX_REVEAL_PAGES && find() === undefined; page++) {
+      const c = s.state.convs.get(key);
+      if (c === undefined || c.complete || s.isE2ee(key)) break;
+      await s.loadHistory(key);
+    }
+    const e = find();
+    if (e === undefined) return s.notice(key, "that message is no longer in reach of this conversation's history");
+    timeline.reveal(e);
+  };
+  const openThread = (key: string, e: Entry) => {
+    // A reply's thread is the one it is in.
+    const root = e.replyTo ?? e.msgId;
+    if (root === undefined) return;
+    thread = { key, root };
+    showPane("thread");
+    drawThread();
+    threadBox.focus();
+    void s.loadThread(key, root).catch((err: unknown) => s.notice(key, `the thread could not be loaded: ${errText(err)}`));
+  };
+  const drawThread = () => {
+    if (thread === undefined) return;
+    const t = s.thread(thread.key, thread.root);
+    const first = t.root;
+    threadTitle.textContent = `${first === undefined ? "an earlier message" : `${first.from}: ${first.text.slice(0, REPLY_QUOTE_CHARS)}`} · ${t.replies.length} repl${t.replies.length === 1 ? "y" : "ies"}`;
+    threadRoot.replaceChildren(first === undefined ? h("p", { class: "row notice" }, "The first message is not on this device.") : threadRow(first, s));
+    threadList.replaceChildren(...t.replies.map((r) => h("li", {}, threadRow(r, s))));
+  };
 
   const choose = (kind: "reply" | "edit", e: Entry) => {
     const key = s.state.current;
@@ -165,6 +311,10 @@ function showMain(root: HTMLElement, s: Session): void {
       if (key === undefined || e.msgId === undefined) return;
       const mine = (e.reactions?.[emoji] ?? []).includes(s.state.user);
       s.act(key, e.msgId, { kind: mine ? "Unreact" : "React", emoji }).catch((err: unknown) => s.notice(key, errText(err)));
+    },
+    thread: (e) => {
+      const key = s.state.current;
+      if (key !== undefined) openThread(key, e);
     },
     quote: (e) => {
       const c = s.state.current ? s.state.convs.get(s.state.current) : undefined;
@@ -196,7 +346,8 @@ function showMain(root: HTMLElement, s: Session): void {
         render();
         composer.focus();
       });
-      items.push(h("li", {}, b, badge, desc));
+      const mentionBadge = c.mentions > 0 ? h("span", { class: "badge mention", "aria-hidden": "true", title: "mentions of you" }, `@${c.mentions}`) : "";
+      items.push(h("li", {}, b, badge, mentionBadge, desc));
     }
     navList.replaceChildren(...items);
     document.title = totalUnread > 0 ? `(${totalUnread}) Conclave` : "Conclave";
@@ -229,6 +380,9 @@ function showMain(root: HTMLElement, s: Session): void {
       topic.textContent = "";
     }
     timeline.show(c?.key ?? "", c?.entries ?? []);
+    drawDevices();
+    if (thread !== undefined && thread.key !== st.current) showPane("members");
+    drawThread();
   };
   let memberList: string[] = [];
   const drawMembers = () => {
@@ -341,7 +495,24 @@ function showMain(root: HTMLElement, s: Session): void {
         if (key !== undefined) await s.loadHistory(key);
         return;
       case "search":
-        return say(await s.search(c.query));
+        return runSearch(c.query);
+      case "thread": {
+        if (key === undefined) return say("/thread works in a conversation");
+        if (thread !== undefined) return showPane("members");
+        const lines = (s.state.convs.get(key)?.entries ?? []).filter((e) => !e.notice && e.msgId !== undefined && e.deleted !== true);
+        const last = lines.at(-1);
+        if (last === undefined) return say("there is no message here to open a thread of");
+        return openThread(key, last);
+      }
+      case "approve":
+      case "reject":
+        return decideDevice(c.device, c.cmd === "approve");
+      case "name":
+        await s.setDisplayName(c.name ?? null);
+        return say(c.name === undefined ? "your display name is removed" : `your display name is now ${c.name}`);
+      case "receipts":
+        await s.shareReads(c.on);
+        return say(c.on ? "others see how far you have read" : "your read markers are private now (others no longer see how far you have read)");
       case "kick":
       case "votekick": {
         const room = key?.startsWith("r:") ? key.slice(2) : undefined;
@@ -403,6 +574,10 @@ function showMain(root: HTMLElement, s: Session): void {
       e.preventDefault();
     } else if (e.key === "Escape" && aboutDialog.open) {
       aboutDialog.close();
+    } else if (e.key === "Escape" && membersPane.hidden) {
+      // Esc closes the search or thread pane.
+      showPane("members");
+      composer.focus();
     }
   });
   fileInput.addEventListener("change", () => {
@@ -411,6 +586,36 @@ function showMain(root: HTMLElement, s: Session): void {
     fileInput.value = "";
     if (f === undefined || key === undefined) return;
     sendFile(s, key, f, progress).catch((err: unknown) => s.notice(key, `the file was not sent: ${errText(err)}`));
+  });
+  searchButton.addEventListener("click", () => {
+    showPane("search");
+    searchBox.focus();
+  });
+  searchForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    runSearch(searchBox.value).catch((err: unknown) => (searchStatus.textContent = `The search failed: ${errText(err)}`));
+  });
+  closeSearch.addEventListener("click", () => {
+    showPane("members");
+    composer.focus();
+  });
+  closeThread.addEventListener("click", () => {
+    showPane("members");
+    composer.focus();
+  });
+  threadForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const text = threadBox.value;
+    const t = thread;
+    if (t === undefined || text.trim() === "") return;
+    threadBox.value = "";
+    s.send(t.key, text, [], { replyTo: t.root }).catch((err: unknown) => s.notice(t.key, errText(err)));
+  });
+  threadBox.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.altKey) {
+      e.preventDefault();
+      threadForm.requestSubmit();
+    }
   });
   themeButton.addEventListener("click", toggleTheme);
   aboutButton.addEventListener("click", () => void showAbout(aboutDialog));
@@ -445,6 +650,8 @@ interface RowActions {
   edit: (e: Entry) => void;
   del: (e: Entry) => void;
   react: (e: Entry, emoji: string) => void;
+  /** Opens the line's thread (a reply's: the thread it is in). */
+  thread: (e: Entry) => void;
   /** The line a reply answers, when loaded. */
   quote: (e: Entry) => Entry | undefined;
 }
@@ -460,7 +667,10 @@ function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement, act: R
   if (e.replyTo !== undefined) {
     const orig = act.quote(e);
     const quoted = orig === undefined ? "an earlier message" : `${orig.from}: ${orig.text.slice(0, REPLY_QUOTE_CHARS)}${orig.text.length > REPLY_QUOTE_CHARS ? "…" : ""}`;
-    row.append(h("div", { class: "reply-quote" }, `↪ ${quoted}`));
+    // The quote opens the thread it belongs to (with the original, even when not loaded here).
+    const q = h("button", { type: "button", class: "reply-quote", title: "Open the thread" }, `↪ ${quoted}`);
+    q.addEventListener("click", () => act.thread(e));
+    row.append(q);
   }
   row.append(when, " ", h("strong", {}, e.from), " ", text);
   if (e.edited === true && e.deleted !== true) row.append(" ", h("span", { class: "edited" }, "(edited)"));
@@ -482,6 +692,7 @@ function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement, act: R
       tools.append(b);
     };
     button("Reply", () => act.reply(e));
+    button("Thread", () => act.thread(e));
     if (e.from === s.state.user) {
       button("Edit", () => act.edit(e));
       button("Delete", () => act.del(e));
@@ -500,6 +711,20 @@ function renderEntry(e: Entry, s: Session, progress: HTMLProgressElement, act: R
     row.append(" ", tools);
   }
   return withFile(row, e, s, progress);
+}
+
+/** A line of the thread pane: who, when, the text (Markdown rendered safely), its state. */
+function threadRow(e: Entry, s: Session): HTMLElement {
+  const time = new Date(e.ts);
+  const text = h("span", { class: "text" });
+  if (e.markdown === true && e.deleted !== true) text.append(renderMarkdown(document, e.text));
+  else text.textContent = e.text;
+  const row = h("div", { class: `row${e.from === s.state.user ? " own" : ""}${e.deleted === true ? " deleted" : ""}` });
+  row.append(h("time", { datetime: time.toISOString() }, time.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })), " ", h("strong", {}, e.from), " ", text);
+  if (e.edited === true && e.deleted !== true) row.append(" ", h("span", { class: "edited" }, "(edited)"));
+  const reactions = Object.entries(e.reactions ?? {}).filter(([, who]) => who.length > 0);
+  if (reactions.length > 0) row.append(" ", h("span", { class: "reactions" }, reactions.map(([emoji, who]) => `${emoji} ${who.length}`).join(" ")));
+  return row;
 }
 
 /** A line that offers a file gets its Save button. */

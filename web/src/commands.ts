@@ -34,6 +34,10 @@ export type Command =
   | { cmd: "ban"; user: string; reason?: string }
   | { cmd: "unban"; user: string }
   | { cmd: "announce"; text: string }
+  | { cmd: "thread" }
+  | { cmd: "approve" | "reject"; device: string }
+  | { cmd: "name"; name?: string }
+  | { cmd: "receipts"; on: boolean }
   | { cmd: "error"; message: string };
 
 export const HELP =
@@ -41,7 +45,7 @@ export const HELP =
   "/msg user[,user…] text · /query user[,user…] · /except user[,user…] text · /who [room] · /rooms · " +
   "/devices [user] · /history [count] · /search words · /kick user [reason] · /votekick user · /file · " +
   "/me text · /md text · /reply text · /edit text · /delete · /react emoji · /unreact emoji · /topic text · /away [text] · /back · " +
-  "/ban user [reason] · /unban user · /announce text · /theme · /about · /quit";
+  "/thread · /approve device · /reject device · /name [display name] · /receipts on|off · /ban user [reason] · /unban user · /announce text · /theme · /about · /quit";
 
 /** Most messages `/history` loads at once (as the TUI). */
 export const MAX_HISTORY_COUNT = 500;
@@ -143,6 +147,17 @@ export function parseCommand(line: string): Command {
       return need(arg(0) !== undefined, "/ban user [reason]") ?? { cmd: "ban", user: arg(0) ?? "", reason: tail(1) || undefined };
     case "unban":
       return need(arg(0) !== undefined, "/unban user") ?? { cmd: "unban", user: arg(0) ?? "" };
+    case "thread":
+      return { cmd: "thread" };
+    case "approve":
+    case "reject":
+      return need(arg(0) !== undefined, `/${head.toLowerCase()} device`) ?? { cmd: head.toLowerCase() as "approve" | "reject", device: arg(0) ?? "" };
+    case "name":
+      return { cmd: "name", name: tail(0) || undefined };
+    case "receipts": {
+      const v = (arg(0) ?? "").toLowerCase();
+      return v === "on" || v === "off" ? { cmd: "receipts", on: v === "on" } : { cmd: "error", message: "usage: /receipts on|off" };
+    }
     case "announce":
       return need(tail(0) !== "", "/announce text") ?? { cmd: "announce", text: tail(0) };
     default:

@@ -233,6 +233,37 @@ export class MlsDevice {
     return this.sign.publicKey;
   }
 
+  /** Signs `message` as it is with this device's signature key (Ed25519; no MLS label), as
+   * the native device signs transfer keys and history chunks. */
+  signRaw(message: Uint8Array): Promise<Uint8Array> {
+    return this.cs.signature.sign(this.sign.signKey, message);
+  }
+
+  /** Whether `signature` is `publicKey`'s (Ed25519) signature over `message`. */
+  verifyRaw(publicKey: Uint8Array, message: Uint8Array, signature: Uint8Array): Promise<boolean> {
+    return this.cs.signature.verify(publicKey, message, signature).catch(() => false);
+  }
+
+  /** A new HPKE key pair of the ciphersuite (X25519): the raw public and private keys. */
+  async hpkeKeyPair(): Promise<{ public: Uint8Array; private: Uint8Array }> {
+    const kp = await this.cs.hpke.generateKeyPair();
+    return { public: await this.cs.hpke.exportPublicKey(kp.publicKey), private: await this.cs.hpke.exportPrivateKey(kp.privateKey) };
+  }
+
+  /** HPKE single-shot base-mode open, the other side of `hpkeSeal`. */
+  async hpkeOpen(privateKey: Uint8Array, kemOutput: Uint8Array, ciphertext: Uint8Array, info: Uint8Array, aad: Uint8Array): Promise<Uint8Array> {
+    const sk = await this.cs.hpke.importPrivateKey(privateKey);
+    return this.cs.hpke.open(sk, kemOutput, ciphertext, info, aad);
+  }
+
+  /** HPKE single-shot base-mode seal (RFC 9180) with the ciphersuite's configuration
+   * (X25519, HKDF-SHA256, AES-128-GCM), as OpenMLS's `hpke_seal`. */
+  async hpkeSeal(publicKey: Uint8Array, info: Uint8Array, aad: Uint8Array, plaintext: Uint8Array): Promise<{ kemOutput: Uint8Array; ciphertext: Uint8Array }> {
+    const pk = await this.cs.hpke.importPublicKey(publicKey);
+    const r = await this.cs.hpke.seal(pk, plaintext, info, aad);
+    return { kemOutput: r.enc, ciphertext: r.ct };
+  }
+
   fingerprint(): Promise<string> {
     return keyFingerprint(this.sign.publicKey);
   }

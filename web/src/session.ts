@@ -9,12 +9,14 @@
 
 import { applyShown, bodyText, describe, describeAct, ACT_DELETE, ACT_EDIT, ACT_REACT, ACT_UNREACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, CT_MARKDOWN_ACTION, type Shown } from "./acts.js";
 import { Connection, RequestError, bytesIn, bytesOut, convKey, variant, type Conv, type ConvRef, type Json, type Message, type Request } from "./protocol.js";
-import type { Refs, RoomInfo, Target, UserPresence } from "./generated/protocol.js";
+import type { Refs, RoomInfo, Target, UserPresence, WaitingDevice } from "./generated/protocol.js";
+import { chunkAad, chunkSigned, chunksOf, decodeChunk, decodeSealed, encodeChunk, encodeSealed, TRANSFER_INFO, TRANSFER_KEY_LABEL, type Row } from "./transfer.js";
 import { MlsDevice, type DeviceRecord, type Outgoing } from "./mls.js";
 import { decodePayload, encodePayload, type Payload } from "./payload.js";
 import { SealedStore, WrongPassword } from "./store.js";
-import { fromHex, toHex } from "./bytes.js";
+import { concat, fromHex, toHex } from "./bytes.js";
 import { xchacha20poly1305 } from "@noble/ciphers/chacha.js";
+import { matchesQuery, mentionIn, outsideCode, queryWords } from "./attention.js";
 
 export const CT_TEXT = "text/plain";
 export const CT_APP = "application/mls-app";
@@ -23,6 +25,9 @@ export const CT_PROPOSAL = "application/mls-proposal";
 
 /** Shortest time between two typing notices sent to one conversation (the server's default). */
 export const TYPING_INTERVAL_MS = 3_000;
+/** Shortest time between two read markers sent for one conversation (a little over the
+ * server's default `read_interval_ms`, 500). */
+export const READ_INTERVAL_MS = 600;
 /** How long "typing" shows after a notice (as the native clients). */
 export const TYPING_SHOWN_MS = 6_000;
 
@@ -46,6 +51,27 @@ export const MAX_SEALED_KEYS = 10_000;
 export const FILL_PAGE = 100;
 /** Most entries read to catch up one conversation at once. */
 export const MAX_FILL = 10_000;
+/** Attempts at storing one history chunk for a new device (its space on the server may be
+ * full until it takes what waits), one every PUT_RETRY_MS. */
+export const PUT_ATTEMPTS = 120;
+export const PUT_RETRY_MS = 500;
+/** Fetches of history chunks waiting for this device in one round (each bounded by the
+ * server). */
+export const MAX_FETCH_ROUNDS = 1_000;
+/** Devices of the account remembered as waiting. */
+export const MAX_WAITING = 64;
+/** Tries of one send whose connection dropped before the reply, and the wait for the
+ * connection to come back before each. */
+export const RESEND_ATTEMPTS = 5;
+export const RESEND_WAIT_MS = 60_000;
+/** Search results shown (as the terminal client), and asked of the server at once. */
+export const MAX_SEARCH_RESULTS = 100;
+/** Replies of a thread asked of the server at once (the server pages bigger threads). */
+export const THREAD_PAGE = 200;
+/** Server pages of one thread read at most. */
+export const MAX_THREAD_PAGES = 10;
+/** Threads of server-encrypted conversations kept in memory (the newest opened). */
+export const MAX_THREADS_KEPT = 16;
 
 export interface Entry {
   seq: number;
@@ -93,6 +119,15 @@ export interface ConvState {
   reads?: Map<string, number>;
 }
 
+/** One search result: a line of a conversation. */
+export interface Hit {
+  key: string;
+  title: string;
+  entry: Entry;
+  /** Found in this device's own history (an end-to-end conversation), not by the server. */
+  local: boolean;
+}
+
 export interface SessionState {
   user: string;
   admin: boolean;
@@ -105,6 +140,9 @@ export interface SessionState {
   device: string;
 }
 
+/** What the server says of a message it took. */
+type Sent = { seq: number; ts_ms: number; msg_id: string };
+
 export interface LoginOptions {
   url: string;
   user: string;
@@ -115,7 +153,6 @@ export interface LoginOptions {
 }
 
 const enc = new TextEncoder();
-const dec = new TextDecoder();
 
 function record2json(r: DeviceRecord): Json {
   return {
@@ -262,6 +299,29 @@ export class Session {
     return this.conn.request(req);
   }
 
+  /** A send, again with the same idempotency key when the connection dropped before its
+   * reply came (the server may have taken it: it answers a repeat with the same message, so
+   * nothing is sent twice and what was sent is shown here). */
+  private async sendOnce(req: Request): Promise<Sent> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const [, sent] = await this.request(req);
+        return sent as Sent;
+      } catch (e) {
+        if (!(e instanceof RequestError && (e.code === "Disconnected" || e.code === "Timeout")) || attempt >= RESEND_ATTEMPTS || this.stopped) throw e;
+        await this.waitConnected();
+      }
+    }
+  }
+
+  /** Waits (at most RESEND_WAIT_MS) until the session is connected again. */
+  private async waitConnected(): Promise<void> {
+    for (let waited = 0; waited < RESEND_WAIT_MS && !this.stopped; waited += 100) {
+      if (this.state.connected && this.conn !== undefined && !this.conn.closed) return;
+      await sleep(100);
+    }
+  }
+
   // --- connection ---------------------------------------------------------------------------
 
   private async connect(first: boolean): Promise<void> {
@@ -304,6 +364,8 @@ export class Session {
     this.state.status = "connected";
     await this.serial.run(async () => {
       await this.publishDevice();
+      await this.announceDevice(first);
+      await this.takeHistory();
       await this.refreshRooms(logged.rooms);
       await this.joinMissingGroups();
     });
@@ -346,7 +408,8 @@ export class Session {
 
   private async refreshRooms(rooms: string[]): Promise<void> {
     const [, list] = await this.request("Rooms");
-    const infos = list as { room: string; member: boolean; e2ee: boolean }[];
+    const infos = list as RoomInfo[];
+    this.noteOwners(infos);
     const e2ee = new Map(infos.map((r) => [r.room, r.e2ee]));
     for (const room of rooms) this.ensureConv({ Room: room }, e2ee.get(room) ?? false);
     for (const c of this.state.convs.values()) {
@@ -391,7 +454,10 @@ export class Session {
     if (live && !e.notice && e.from !== this.state.user) {
       const visible = this.state.current === c.key && this.isVisible();
       if (!visible) c.unread++;
-      if (e.text.includes(`@${this.state.user}`) || ("Direct" in c.conv && !visible)) {
+      const room = "Room" in c.conv ? c.conv.Room : undefined;
+      const fromOwner = room !== undefined && this.owners.get(room) === e.from;
+      const mention = mentionIn(e.markdown === true ? outsideCode(e.text) : e.text, this.state.user, fromOwner);
+      if (mention !== undefined || ("Direct" in c.conv && !visible)) {
         if (!visible) c.mentions++;
         this.onNotify(`${e.from} in ${c.title}`, e.text);
       }
@@ -432,6 +498,11 @@ export class Session {
    * timeline redraws that row). */
   private applyAct(c: ConvState, shown: Shown, by: string): void {
     if (shown.kind === "line") return;
+    for (const list of this.threads.values()) {
+      const k = list.findIndex((e) => e.msgId === shown.target);
+      const t = list[k];
+      if (t !== undefined) list[k] = applyShown(t, shown, by);
+    }
     const i = c.entries.findIndex((e) => !e.notice && e.msgId === shown.target);
     const target = c.entries[i];
     if (target !== undefined) {
@@ -629,6 +700,31 @@ export class Session {
         const a = body as { user: string; text: string | null };
         if (a.text === null) this.away.delete(a.user);
         else this.away.set(a.user, a.text);
+        break;
+      }
+      case "TransferReady": {
+        const t = body as { device: string };
+        if (t.device === this.device.device) await this.takeHistory();
+        break;
+      }
+      case "DeviceWaiting": {
+        const w = body as WaitingDevice;
+        if (w.device === this.device.device) break;
+        if (w.state === "waiting") {
+          if (this.waiting.size >= MAX_WAITING) this.waiting.clear();
+          const isNew = !this.waiting.has(w.device);
+          this.waiting.set(w.device, w);
+          if (isNew) this.notice(undefined, `a new device of yours (${w.device}) asks for your end-to-end history: compare its safety number, then approve or reject it`);
+        } else {
+          this.waiting.delete(w.device);
+          this.notice(undefined, `your device ${w.device} was ${w.state}`);
+        }
+        break;
+      }
+      case "DisplayName": {
+        const d = body as { user: string; name: string | null };
+        if (d.name === null) this.displayNames.delete(d.user);
+        else this.displayNames.set(d.user, d.name);
         break;
       }
       case "Announce": {
@@ -896,37 +992,72 @@ export class Session {
         const others = c.conv.Direct.filter((u) => u !== this.state.user);
         c.e2ee = await this.ensureDirectGroup(others.length === 0 ? [this.state.user] : others);
       }
-      if (c.e2ee && except.length > 0) throw new Error("leaving people out (/except) of an end-to-end room is not supported by the web client yet");
       const idem = crypto.randomUUID();
       if (!c.e2ee || !this.device.has(key)) {
-        const [, sent] = await this.request({ Send: { target, body: { content_type: contentType, data: bytesOut(body) }, idempotency_key: idem, refs } });
-        sentOk(c, sent as { seq: number; ts_ms: number; msg_id: string });
+        const sent = await this.sendOnce({ Send: { target, body: { content_type: contentType, data: bytesOut(body) }, idempotency_key: idem, refs } });
+        sentOk(c, sent);
         await this.saveHistory(c);
         return;
       }
-      for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
-        if (this.device.hasPendingProposals(key)) {
-          const out = await this.device.commitPending(key);
-          if (out !== undefined) await this.commit(c.conv, out).catch(() => undefined);
-          await this.catchUp(c.conv);
-          continue;
-        }
-        const data = await this.device.encrypt(key, encodePayload(payload));
-        // Saved before it leaves: a reload must never encrypt again under the same key.
-        await this.saveDevice();
-        try {
-          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs } });
-          sentOk(c, sent as { seq: number; ts_ms: number; msg_id: string });
-          await this.saveHistory(c);
-          return;
-        } catch (e) {
-          if (!(e instanceof RequestError && e.code === "StaleEpoch")) throw e;
-          await this.catchUp(c.conv);
-        }
-      }
-      throw new Error("the conversation's group kept changing; the message was not sent. Try again");
+      const sent =
+        except.length > 0 && "Room" in c.conv
+          ? await this.blockcast(c, c.conv.Room, except, contentType, body, refs)
+          : await this.sendMls(c.conv, target, payload, refs);
+      sentOk(c, sent);
+      await this.saveHistory(c);
     });
     this.onChange();
+  }
+
+  /** Encrypts a payload for a conversation's group and sends it, again after a commit moved
+   * the group on (StaleEpoch), committing pending removals first. Runs inside `serial`. */
+  private async sendMls(conv: Conv, target: Target, payload: Payload, refs: Refs | null): Promise<Sent> {
+    const key = convKey(conv);
+    const idem = crypto.randomUUID();
+    for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
+      if (this.device.hasPendingProposals(key)) {
+        const out = await this.device.commitPending(key);
+        if (out !== undefined) await this.commit(conv, out).catch(() => undefined);
+        await this.catchUp(conv);
+        continue;
+      }
+      const data = await this.device.encrypt(key, encodePayload(payload));
+      // Saved before it leaves: a reload must never encrypt again under the same key.
+      await this.saveDevice();
+      try {
+        return await this.sendOnce({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs } });
+      } catch (e) {
+        if (!(e instanceof RequestError && e.code === "StaleEpoch")) throw e;
+        await this.catchUp(conv);
+      }
+    }
+    throw new Error("the conversation's group kept changing; the message was not sent. Try again");
+  }
+
+  /** Blockcast in an end-to-end room, as the native client does it (conclave-client's
+   * e2ee.rs `blockcast`): the body is sealed under a fresh key (XChaCha20-Poly1305, the id as
+   * associated data); the key goes only to the intended members, in the end-to-end direct
+   * conversation of this user and them, and the sealed body to the room with the left-out
+   * members excepted. A left-out member's device never gets the key, so even a copy of the
+   * room's message is unreadable to it. Runs inside `serial`. */
+  private async blockcast(c: ConvState, room: string, except: string[], contentType: string, body: Uint8Array, refs: Refs | null): Promise<Sent> {
+    const me = this.state.user;
+    const intended = [...new Set((await this.device.members(c.key)).map((m) => m.user))].filter((u) => u !== me && !except.includes(u)).sort();
+    const id = crypto.getRandomValues(new Uint8Array(16));
+    const msgKey = crypto.getRandomValues(new Uint8Array(32));
+    const nonce = crypto.getRandomValues(new Uint8Array(24));
+    const ciphertext = xchacha20poly1305(msgKey, nonce, id).encrypt(encodePayload({ kind: "body", contentType, data: body }));
+    if (intended.length > 0) {
+      const all = [...new Set([...intended, me])].sort();
+      const dm: Conv = { Direct: all };
+      if (!this.device.has(convKey(dm)) && !(await this.ensureDirectGroup(intended))) {
+        throw new Error("a member has no end-to-end device; cannot leave others out here");
+      }
+      await this.sendMls(dm, { Users: { to: intended } }, { kind: "sealed_key", id, key: msgKey }, null);
+    }
+    // A reply keeps its reference (in clear, as for every message, for threads).
+    const kept = refs !== null && refs.acts_on === null ? refs : null;
+    return this.sendMls(c.conv, { Room: { room, except } }, { kind: "sealed", id, nonce, ciphertext }, kept);
   }
 
   async join(room: string, password?: string): Promise<void> {
@@ -942,6 +1073,8 @@ export class Session {
       });
       const c = this.ensureConv(conv, e2ee);
       this.state.current = c.key;
+      const [, rooms] = await this.request("Rooms");
+      this.noteOwners(rooms as RoomInfo[]);
       if (c.entries.length === 0 && !e2ee) await this.loadHistory(c.key);
       await this.saveIndex();
     });
@@ -960,6 +1093,7 @@ export class Session {
         await this.saveDevice();
       }
       const c = this.ensureConv(conv, !opts.server);
+      this.owners.set(room, this.state.user);
       c.complete = true;
       this.state.current = key;
       await this.saveIndex();
@@ -1018,9 +1152,17 @@ export class Session {
       else this.online.delete(u.user);
     }
     const [, rooms] = await this.request("Rooms");
+    this.noteOwners(rooms as RoomInfo[]);
     const info = (rooms as RoomInfo[]).find((r) => r.room === (c.conv as { Room: string }).Room);
     if (info !== undefined && info.topic !== null && c.topic === undefined) c.topic = info.topic;
     return list.map((u) => u.user);
+  }
+
+  /** Room → owner (for `@room`, which counts only from the owner; "" for none). */
+  owners = new Map<string, string>();
+
+  private noteOwners(rooms: RoomInfo[]): void {
+    for (const r of rooms) this.owners.set(r.room, r.owner ?? "");
   }
 
   /** Counts joins and parts seen (the members pane asks again when it moves). */
@@ -1055,20 +1197,85 @@ export class Session {
     return out.length === 0 ? `${user} has no end-to-end device` : out.join("; ");
   }
 
-  async search(query: string): Promise<string> {
-    const [, results] = await this.request({ Search: { query, room: null, limit: 20, before: null } });
-    const list = results as Message[];
-    const local: string[] = [];
-    const q = query.toLowerCase();
+  /** Searches what this account may see: the server searches the server-encrypted
+   * conversations (it cannot read the others), and this device its own history of the
+   * end-to-end ones, as the native client does. Newest first, at most MAX_SEARCH_RESULTS. */
+  async search(query: string): Promise<Hit[]> {
+    const words = queryWords(query);
+    const hits: Hit[] = [];
     for (const c of this.state.convs.values()) {
       if (!c.e2ee) continue;
-      for (const e of c.entries) if (!e.notice && e.text.toLowerCase().includes(q)) local.push(`${c.title} ${e.from}: ${e.text}`);
+      for (const e of c.entries) {
+        if (e.notice || e.deleted === true) continue;
+        if (matchesQuery(e.file !== undefined ? `${e.text} ${e.file.name}` : e.text, words)) hits.push({ key: c.key, title: c.title, entry: e, local: true });
+      }
     }
-    const remote = list
-      .filter((m) => m.body.content_type === CT_TEXT)
-      .map((m) => `${convKey(m.conv)} ${m.from}: ${dec.decode(Uint8Array.from(m.body.data))}`);
-    const all = [...local.slice(-20), ...remote];
-    return all.length === 0 ? "nothing found" : all.join("\n");
+    const [, results] = await this.request({ Search: { query, room: null, limit: MAX_SEARCH_RESULTS, before: null } });
+    for (const m of results as Message[]) {
+      if (isMls(m.body.content_type)) continue;
+      const shown = describe(m);
+      if (shown.kind !== "line") continue;
+      const key = convKey(m.conv);
+      const title = this.state.convs.get(key)?.title ?? this.titleOf(m.conv);
+      const entry: Entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id };
+      if (m.extra?.reply_to != null) entry.replyTo = m.extra.reply_to;
+      hits.push({ key, title, entry, local: false });
+    }
+    hits.sort((a, b) => b.entry.ts - a.entry.ts || b.entry.seq - a.entry.seq);
+    return hits.slice(0, MAX_SEARCH_RESULTS);
+  }
+
+  private titleOf(conv: Conv): string {
+    return "Room" in conv ? `#${conv.Room}` : conv.Direct.filter((u) => u !== this.state.user).join(", ") || this.state.user;
+  }
+
+  // --- threads ----------------------------------------------------------------------------
+
+  /** Threads of server-encrypted conversations as the server sent them: root id → lines. */
+  private threads = new Map<string, Entry[]>();
+
+  /** Loads a thread (a message and its replies): of a server-encrypted conversation from the
+   * server (then kept up to date from what arrives), of an end-to-end one from this device's
+   * own history (the server holds only ciphertext). */
+  async loadThread(key: string, root: string): Promise<void> {
+    const c = this.state.convs.get(key);
+    if (c === undefined || this.isE2ee(key)) return;
+    const got: Entry[] = [];
+    let after: number | null = null;
+    for (let page = 0; page < MAX_THREAD_PAGES; page++) {
+      const [, msgs] = await this.request({ Thread: { msg_id: root, limit: THREAD_PAGE, after } });
+      const list = msgs as Message[];
+      for (const m of list) {
+        const shown = describe(m);
+        if (shown.kind !== "line" || got.some((g) => g.seq === m.seq)) continue;
+        const reactions: Record<string, string[]> = {};
+        for (const r of m.extra?.state?.reactions ?? []) reactions[r.emoji] = [...r.users];
+        const e: Entry = { seq: m.seq, from: m.from, ts: m.ts_ms, text: shown.text, msgId: m.msg_id, reactions };
+        if (m.extra?.state?.deleted === true) e.deleted = true;
+        if (m.extra?.reply_to != null) e.replyTo = m.extra.reply_to;
+        if (m.body.content_type.startsWith(CT_MARKDOWN)) e.markdown = true;
+        got.push(e);
+      }
+      // The root comes with every page; a page without new replies is the end.
+      const last = list.filter((m) => m.msg_id !== root && (after === null || m.seq > after)).at(-1);
+      if (last === undefined) break;
+      after = last.seq;
+    }
+    this.threads.delete(root);
+    this.threads.set(root, got);
+    while (this.threads.size > MAX_THREADS_KEPT) this.threads.delete(this.threads.keys().next().value as string);
+    this.onChange();
+  }
+
+  /** A thread as shown: its first message (when known here) then its replies in order, in
+   * their current state (what the timeline has, else what the server sent). */
+  thread(key: string, root: string): { root: Entry | undefined; replies: Entry[] } {
+    const c = this.state.convs.get(key);
+    const bySeq = new Map<number, Entry>();
+    for (const e of this.threads.get(root) ?? []) bySeq.set(e.seq, e);
+    for (const e of c?.entries ?? []) if (!e.notice && (e.msgId === root || e.replyTo === root)) bySeq.set(e.seq, e);
+    const all = [...bySeq.values()].sort((a, b) => a.seq - b.seq);
+    return { root: all.find((e) => e.msgId === root), replies: all.filter((e) => e.msgId !== root) };
   }
 
   /** Sends an end-to-end file's description (name, size, hash, key) to the members. */
@@ -1078,13 +1285,13 @@ export class Session {
     const target: Target =
       "Room" in c.conv ? { Room: { room: c.conv.Room, except: [] } } : { Users: { to: c.conv.Direct.filter((u) => u !== this.state.user) } };
     const payload = encodePayload({ kind: "file", ...f });
+    const idem = crypto.randomUUID();
     await this.serial.run(async () => {
       for (let attempt = 0; attempt < SEND_ATTEMPTS; attempt++) {
         const data = await this.device.encrypt(key, payload);
         await this.saveDevice();
         try {
-          const [, sent] = await this.request({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: crypto.randomUUID(), refs: null } });
-          const s = sent as { seq: number; ts_ms: number };
+          const s = await this.sendOnce({ Send: { target, body: { content_type: CT_APP, data: bytesOut(data) }, idempotency_key: idem, refs: null } });
           this.addEntry(c, { seq: s.seq, from: this.state.user, ts: s.ts_ms, text: `sent the file ${f.name} (${f.size} bytes)` }, false);
           await this.saveHistory(c);
           return;
@@ -1121,18 +1328,269 @@ export class Session {
     return [...(c?.typing ?? new Map<string, number>())].filter(([, until]) => until > now).map(([u]) => u);
   }
 
-  /** Sends this user's read marker for what is shown of a conversation (when it moved). */
+  /** Sends this user's read marker for what is shown of a conversation (when it moved), at
+   * most once per READ_INTERVAL_MS per conversation (the server refuses faster ones): a
+   * marker that comes too soon, or that failed, goes out when the interval is over. */
   sendRead(key: string): void {
     const c = this.state.convs.get(key);
-    if (c === undefined || c.lastSeq <= (this.readSent.get(key) ?? 0)) return;
-    this.readSent.set(key, c.lastSeq);
-    this.request({ Read: { conv: this.convRef(c.conv), seq: c.lastSeq } }).catch(() => undefined);
+    if (c === undefined || c.lastSeq <= (this.readSent.get(key) ?? 0) || this.readTimers.has(key)) return;
+    const wait = (this.readSentAt.get(key) ?? 0) + READ_INTERVAL_MS - Date.now();
+    if (wait > 0) {
+      this.readTimers.set(
+        key,
+        setTimeout(() => {
+          this.readTimers.delete(key);
+          if (this.state.current === key && this.isVisible()) this.sendRead(key);
+        }, wait),
+      );
+      return;
+    }
+    const seq = c.lastSeq;
+    this.readSent.set(key, seq);
+    this.readSentAt.set(key, Date.now());
+    this.request({ Read: { conv: this.convRef(c.conv), seq } }).catch(() => {
+      if (this.readSent.get(key) === seq) this.readSent.delete(key);
+    });
   }
+
+  private readSentAt = new Map<string, number>();
+  private readTimers = new Map<string, ReturnType<typeof setTimeout>>();
 
   /** Who has read the line of sequence `seq` (besides its author and this user). */
   readBy(key: string, seq: number): string[] {
     const c = this.state.convs.get(key);
     return [...(c?.reads ?? new Map<string, number>())].filter(([u, s]) => s >= seq && u !== this.state.user).map(([u]) => u);
+  }
+
+  // --- new devices of this account ---------------------------------------------------------
+
+  /** Devices of this account waiting for a decision (not this one). */
+  waiting = new Map<string, WaitingDevice>();
+
+  /** This device's HPKE key pair for history sent to it (private half in the sealed store). */
+  private transferPrivate: Uint8Array | undefined;
+
+  /** Tells the server about this device and learns which devices of the account wait. A new
+   * device (no end-to-end history here yet), or one that asked before, asks the account's
+   * other devices for history with its transfer key, signed by its own key, as a native new
+   * device does at its start; the others show it with its safety number. */
+  private async announceDevice(first: boolean): Promise<void> {
+    let key = await this.store.getJson<{ pub: string; priv: string }>("transfer-key");
+    const empty = ![...this.state.convs.values()].some((c) => c.e2ee && c.entries.some((e) => !e.notice));
+    if (key === undefined && empty) {
+      const kp = await this.device.hpkeKeyPair();
+      key = { pub: toHex(kp.public), priv: toHex(kp.private) };
+      await this.store.putJson("transfer-key", key);
+    }
+    let transferKey: Uint8Array = new Uint8Array();
+    let signature: Uint8Array = new Uint8Array();
+    const pub = key === undefined ? undefined : fromHex(key.pub);
+    if (key !== undefined) this.transferPrivate = fromHex(key.priv);
+    // Asked once per sign-in (a reconnect only asks for the list, so other devices are not
+    // told again).
+    if (first && key !== undefined && pub !== undefined) {
+      transferKey = pub;
+      signature = await this.device.signRaw(concat([TRANSFER_KEY_LABEL, pub]));
+    }
+    try {
+      const [, list] = await this.request({ DeviceAnnounce: { transfer_key: bytesOut(transferKey), signature: bytesOut(signature) } });
+      this.waiting.clear();
+      for (const w of (list as WaitingDevice[]).slice(0, MAX_WAITING)) if (w.device !== this.device.device && w.state === "waiting") this.waiting.set(w.device, w);
+    } catch {
+      // An older server: no device approval there.
+    }
+  }
+
+  /** Takes the history chunks another device of the account sent this one: checks each is
+   * signed by a device of the account, opens it (HPKE, bound to this account, the two
+   * devices, the transfer and its position), adds its rows to the local history (a row this
+   * device read itself stays as it is), and acknowledges them, as the native client does. */
+  private async takeHistory(): Promise<void> {
+    const priv = this.transferPrivate;
+    if (priv === undefined) return;
+    let accountKeys: Set<string> | undefined;
+    let after = 0;
+    const counts = new Map<string, number>();
+    for (let round = 0; round < MAX_FETCH_ROUNDS; round++) {
+      const [, got] = await this.request({ TransferFetch: { after } }).catch(() => ["", []] as [string, unknown]);
+      const chunks = got as { id: number; from_device: string; transfer: string; index: number; data: number[] }[];
+      if (chunks.length === 0) return;
+      if (accountKeys === undefined) {
+        const [, devices] = await this.request({ E2eeDevices: { user: this.state.user } });
+        accountKeys = new Set((devices as { signature_key: number[] }[]).map((d) => toHex(bytesIn(d.signature_key))));
+      }
+      const touched = new Set<ConvState>();
+      for (const c of chunks) {
+        after = Math.max(after, c.id);
+        try {
+          const aad = chunkAad(this.state.user, c.from_device, this.device.device, c.transfer, c.index);
+          const sealed = decodeSealed(bytesIn(c.data));
+          if (!accountKeys.has(toHex(sealed.signerKey))) throw new Error("it is not signed by a device of this account");
+          if (!(await this.device.verifyRaw(sealed.signerKey, chunkSigned(aad, sealed.kemOutput, sealed.ciphertext), sealed.signature))) {
+            throw new Error("its signature is wrong");
+          }
+          const chunk = decodeChunk(await this.device.hpkeOpen(priv, sealed.kemOutput, sealed.ciphertext, TRANSFER_INFO, aad));
+          for (const r of chunk.rows) {
+            const cs = this.importRow(r);
+            if (cs !== undefined) touched.add(cs);
+          }
+          counts.set(c.transfer, (counts.get(c.transfer) ?? 0) + chunk.rows.length);
+          if (chunk.last) {
+            const { keyFingerprint } = await import("./mls.js");
+            this.notice(
+              undefined,
+              `history received from your device ${c.from_device} (safety number ${await keyFingerprint(sealed.signerKey)}): ${chunk.messages} messages of ${chunk.conversations} conversations`,
+            );
+          }
+        } catch (e) {
+          this.notice(undefined, `a history chunk from your device ${c.from_device} was dropped: ${errText(e)}`);
+        }
+      }
+      for (const cs of touched) await this.saveHistory(cs);
+      if (touched.size > 0) await this.saveIndex();
+      this.onChange();
+      await this.request({ TransferAck: { through: after } });
+    }
+  }
+
+  /** One row of another device's history as a line here; undefined when it is not one (or
+   * this device has that line already). */
+  private importRow(r: Row): ConvState | undefined {
+    const conv: Conv | undefined = r.conv.startsWith("r:")
+      ? { Room: r.conv.slice(2) }
+      : r.conv.startsWith("d:")
+        ? { Direct: r.conv.slice(2).split(",").filter((u) => u.length > 0) }
+        : undefined;
+    if (conv === undefined || convKey(conv) !== r.conv || !Number.isSafeInteger(r.seq) || r.seq <= 0) return undefined;
+    const p = decodePayload(r.payload);
+    let entry: Entry;
+    if (p?.kind === "body") {
+      entry = { seq: r.seq, from: r.sender, ts: r.tsMs, text: p.contentType === CT_DELETE ? "(deleted)" : bodyText(p.contentType, p.data, r.sender) };
+      if (p.contentType === CT_DELETE) entry.deleted = true;
+      if (p.contentType.startsWith(CT_MARKDOWN)) entry.markdown = true;
+    } else if (p?.kind === "file") {
+      entry = {
+        seq: r.seq,
+        from: r.sender,
+        ts: r.tsMs,
+        text: `offers the file ${p.name} (${p.size} bytes)`,
+        file: { fileId: p.fileId, name: p.name, size: p.size, sha256: toHex(p.sha256), key: toHex(p.key) },
+      };
+    } else {
+      return undefined;
+    }
+    if (r.state !== undefined) {
+      const st = r.state.state;
+      entry.msgId = r.state.msgId;
+      if (st.replyTo !== undefined) entry.replyTo = st.replyTo;
+      if ((st.edits > 0 || st.editedMs !== undefined) && !st.deleted) entry.edited = true;
+      if (st.deleted) {
+        entry.deleted = true;
+        entry.text = "(deleted)";
+        delete entry.file;
+      }
+      entry.reactions = Object.fromEntries(st.reactions.filter(([emoji, who]) => emoji.length > 0 && who.length > 0));
+    }
+    const c = this.ensureConv(conv, true);
+    return this.addEntry(c, entry, false) ? c : undefined;
+  }
+
+  /** Rejects a device of this account: the server takes it out of the account for good (it
+   * is sent no history and leaves the end-to-end groups). */
+  async rejectDevice(device: string): Promise<void> {
+    await this.request({ DeviceDecide: { device, approve: false } });
+    this.waiting.delete(device);
+    this.onChange();
+  }
+
+  /** Approves a device of this account and sends it this browser's end-to-end history, as a
+   * native device does: its transfer key's signature by the device is checked first, then the
+   * rows go in chunks sealed to that key (HPKE) and signed by this device. Returns what moved. */
+  async approveDevice(device: string, progress: (done: number, total: number) => void = () => {}): Promise<{ conversations: number; messages: number }> {
+    const [, list] = await this.request({ DeviceAnnounce: { transfer_key: [], signature: [] } });
+    const w = (list as WaitingDevice[]).find((x) => x.device === device);
+    if (w === undefined) throw new Error(`no device ${device} of yours is waiting for approval`);
+    const transferKey = bytesIn(w.transfer_key);
+    const signed = concat([TRANSFER_KEY_LABEL, transferKey]);
+    if (transferKey.length === 0 || !(await this.device.verifyRaw(bytesIn(w.signature_key), signed, bytesIn(w.signature)))) {
+      throw new Error(`device ${device}'s transfer key is not signed by its own key: it was not approved; ask it to sign in again`);
+    }
+    await this.request({ DeviceDecide: { device, approve: true } });
+    this.waiting.delete(device);
+    this.onChange();
+    const rows = this.historyRows();
+    const conversations = new Set(rows.map((r) => r.conv)).size;
+    const transfer = toHex(crypto.getRandomValues(new Uint8Array(16)));
+    const chunks = chunksOf(rows);
+    let index = 0;
+    let sent = 0;
+    const put = async (rowsOf: Row[], last: boolean) => {
+      const aad = chunkAad(this.state.user, this.device.device, device, transfer, index);
+      const plain = encodeChunk({ rows: rowsOf, last, replaces: false, conversations, messages: last ? sent : rows.length });
+      const sealed = await this.device.hpkeSeal(transferKey, TRANSFER_INFO, aad, plain);
+      const signature = await this.device.signRaw(chunkSigned(aad, sealed.kemOutput, sealed.ciphertext));
+      const data = encodeSealed({ ...sealed, signerKey: this.device.signaturePublicKey(), signature });
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await this.request({ TransferPut: { device, transfer, index, data: bytesOut(data) } });
+          break;
+        } catch (e) {
+          if (attempt >= PUT_ATTEMPTS) throw e;
+          await sleep(PUT_RETRY_MS);
+        }
+      }
+      index++;
+    };
+    for (const c of chunks) {
+      await put(c, false);
+      sent += c.length;
+      progress(sent, rows.length);
+    }
+    await put([], true);
+    this.notice(undefined, `sent ${sent} messages of ${conversations} conversations to your device ${device}`);
+    return { conversations, messages: sent };
+  }
+
+  /** This browser's end-to-end history as the native history store's rows (conversation,
+   * sequence, sender, time, the payload's encoding, the message's state). */
+  private historyRows(): Row[] {
+    const rows: Row[] = [];
+    for (const c of this.state.convs.values()) {
+      if (!c.e2ee) continue;
+      for (const e of c.entries) {
+        if (e.notice || e.seq <= 0) continue;
+        let payload: Payload;
+        const sha = e.file?.sha256 !== undefined ? fromHex(e.file.sha256) : undefined;
+        const fileKey = e.file?.key !== undefined ? fromHex(e.file.key) : undefined;
+        if (e.file !== undefined && sha?.length === 32 && fileKey?.length === 32) {
+          payload = { kind: "file", fileId: e.file.fileId, name: e.file.name, size: e.file.size, sha256: sha, key: fileKey };
+        } else if (e.deleted === true) {
+          payload = { kind: "body", contentType: CT_DELETE, data: new Uint8Array() };
+        } else {
+          // A `/me` line is shown as "* from text": it travels as the action it was.
+          const me = `* ${e.from} `;
+          const action = e.text.startsWith(me);
+          const text = action ? e.text.slice(me.length) : e.text;
+          const contentType = e.markdown === true ? (action ? CT_MARKDOWN_ACTION : CT_MARKDOWN) : action ? CT_ACTION : CT_TEXT;
+          payload = { kind: "body", contentType, data: enc.encode(text) };
+        }
+        const state =
+          e.msgId === undefined
+            ? undefined
+            : {
+                msgId: e.msgId,
+                state: {
+                  replyTo: e.replyTo,
+                  editedMs: e.edited === true ? e.ts : undefined,
+                  edits: e.edited === true ? 1 : 0,
+                  deleted: e.deleted === true,
+                  reactions: Object.entries(e.reactions ?? {}).filter(([, who]) => who.length > 0),
+                },
+              };
+        rows.push({ conv: c.key, seq: e.seq, sender: e.from, tsMs: e.ts, payload: encodePayload(payload), state });
+      }
+    }
+    return rows;
   }
 
   async setTopic(room: string, topic: string): Promise<void> {
@@ -1141,6 +1599,19 @@ export class Session {
     const c = this.ensureConv({ Room: room });
     c.topic = topic;
     this.onChange();
+  }
+
+  /** This account's display name (`null` removes it), shown beside the account name. */
+  async setDisplayName(name: string | null): Promise<void> {
+    await this.request({ SetDisplayName: { name } });
+    if (name === null) this.displayNames.delete(this.state.user);
+    else this.displayNames.set(this.state.user, name);
+    this.onChange();
+  }
+
+  /** Whether others see how far this account has read (kept by the server for the account). */
+  async shareReads(share: boolean): Promise<void> {
+    await this.request({ ShareReads: { share } });
   }
 
   async setAway(text: string | null): Promise<void> {

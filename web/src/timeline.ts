@@ -55,6 +55,20 @@ export class Timeline {
     this.schedule();
   }
 
+  /** Scrolls to a line and marks it for a moment (a search result). */
+  reveal(e: Entry): void {
+    const i = this.entries.indexOf(e);
+    if (i < 0) return;
+    let above = 0;
+    for (let k = 0; k < i; k++) above += this.height(this.entries[k] as Entry);
+    this.atBottom = false;
+    this.el.scrollTop = Math.max(0, above - this.el.clientHeight / 3);
+    this.highlighted = e;
+    this.schedule();
+  }
+
+  private highlighted: Entry | undefined;
+
   private schedule(): void {
     if (this.frame !== 0) return;
     this.frame = requestAnimationFrame(() => {
@@ -122,6 +136,7 @@ export class Timeline {
         this.rows.insertBefore(n, at);
       }
     }
+    for (const [k, n] of nodes.entries()) n.classList.toggle("found", slice[k] === this.highlighted);
     this.rendered = slice;
     this.renderedFrom = from;
     // Measure what is drawn; the spacers stand for the rest.

@@ -48,6 +48,31 @@ async function log(p: Page): Promise<string> {
   return (await p.getByRole("log").textContent()) ?? "";
 }
 
+/** Fills the sign-in form: user, password, and under "More options" the server password and
+ * the invite code when given. */
+async function fillSignIn(p: Page, r: Req): Promise<void> {
+  await p.getByLabel("User name").fill(s(r, "user"));
+  await p.getByLabel("Password", { exact: true }).fill(s(r, "password"));
+  if (typeof r.server_password === "string" || typeof r.invite === "string") {
+    const more = p.locator("details");
+    if ((await more.getAttribute("open")) === null) await p.getByText("More options").click();
+    if (typeof r.server_password === "string") await p.getByLabel("Server password").fill(r.server_password);
+    if (typeof r.invite === "string") await p.getByLabel("Invite code").fill(r.invite);
+  }
+}
+
+/** What the sign-in form says once it has refused (its buttons usable again). */
+async function refusal(p: Page): Promise<string> {
+  const deadline = Date.now() + WAIT_MS;
+  while (Date.now() < deadline) {
+    const busy = await p.getByRole("button", { name: "Sign in" }).isDisabled().catch(() => true);
+    const text = (await p.locator(".error").textContent().catch(() => "")) ?? "";
+    if (!busy && text !== "") return text;
+    await p.waitForTimeout(100);
+  }
+  throw new Error("the sign-in form never refused");
+}
+
 async function handle(r: Req): Promise<Req> {
   switch (s(r, "op")) {
     case "open":
@@ -56,8 +81,7 @@ async function handle(r: Req): Promise<Req> {
     case "sign_in":
     case "register": {
       const p = current();
-      await p.getByLabel("User name").fill(s(r, "user"));
-      await p.getByLabel("Password", { exact: true }).fill(s(r, "password"));
+      await fillSignIn(p, r);
       await p.getByRole("button", { name: s(r, "op") === "register" ? "Create account" : "Sign in" }).click();
       try {
         await p.getByRole("textbox", { name: "Message" }).waitFor();
@@ -66,6 +90,29 @@ async function handle(r: Req): Promise<Req> {
         throw new Error(`signing in did not reach the conversations; the page says: ${shown}`);
       }
       return {};
+    }
+    case "register_fails":
+    case "sign_in_fails": {
+      // The sign-in form says why it refused (returned); the page stays on the form.
+      const p = current();
+      await fillSignIn(p, r);
+      // What the form said before ("Signed out.") is not the answer.
+      await p.locator(".error").evaluate((e) => (e.textContent = ""));
+      await p.getByRole("button", { name: s(r, "op") === "register_fails" ? "Create account" : "Sign in" }).click();
+      return { error: await refusal(p) };
+    }
+    case "second_tab": {
+      // Another tab of this browser signs in: returns what its form says; the tab is closed.
+      const tab = await context.newPage();
+      tab.setDefaultTimeout(WAIT_MS);
+      try {
+        await tab.goto(url);
+        await fillSignIn(tab, r);
+        await tab.getByRole("button", { name: "Sign in" }).click();
+        return { error: await refusal(tab) };
+      } finally {
+        await tab.close();
+      }
     }
     case "type": {
       const box = current().getByRole("textbox", { name: "Message" });
@@ -225,6 +272,71 @@ async function handle(r: Req): Promise<Req> {
       if (s(r, "action") === "React") await row.getByRole("button", { name: `React with ${s(r, "emoji")}` }).click();
       return {};
     }
+    case "search": {
+      // Searches with the Search pane's box; the results' texts once the pane says how many.
+      const p = current();
+      const pane = p.getByRole("complementary", { name: "Search" });
+      if (await pane.isHidden()) await p.getByRole("button", { name: "Search", exact: true }).click();
+      const box = pane.getByRole("searchbox", { name: "Search messages" });
+      await box.fill(s(r, "query"));
+      await box.press("Enter");
+      const deadline = Date.now() + WAIT_MS;
+      while (Date.now() < deadline) {
+        const status = (await p.locator("#search-status").textContent()) ?? "";
+        if (/result|Nothing found/.test(status)) {
+          const hits = await pane.getByRole("list", { name: "Search results" }).locator("li").evaluateAll((ls) => ls.map((l) => l.textContent ?? ""));
+          return { status, hits };
+        }
+        await p.waitForTimeout(100);
+      }
+      throw new Error("the search never finished");
+    }
+    case "click_hit": {
+      // Opens a search result; returns the conversation then shown and the line marked.
+      const p = current();
+      await p.getByRole("list", { name: "Search results" }).getByRole("button").filter({ hasText: s(r, "text") }).first().click();
+      const found = p.locator(".timeline .row.found");
+      await found.waitFor();
+      return { title: (await p.locator("#conv-title").textContent()) ?? "", found: (await found.textContent()) ?? "" };
+    }
+    case "thread_reply": {
+      const box = current().getByRole("textbox", { name: "Reply in thread" });
+      await box.fill(s(r, "text"));
+      await box.press("Enter");
+      return {};
+    }
+    case "nav_item": {
+      // The conversation list's entry of a conversation, as text (name, unread, mentions).
+      const item = current().getByRole("navigation", { name: "Rooms" }).locator("li").filter({ has: current().getByRole("button", { name: s(r, "name"), exact: true }) });
+      const want = typeof r.contains === "string" ? r.contains : "";
+      const deadline = Date.now() + WAIT_MS;
+      let shown = "";
+      while (Date.now() < deadline) {
+        shown = (await item.textContent({ timeout: 200 }).catch(() => "")) ?? "";
+        if (shown.includes(want)) return { text: shown };
+        await current().waitForTimeout(100);
+      }
+      throw new Error(`the entry of ${s(r, "name")} never showed ${JSON.stringify(want)}: ${shown}`);
+    }
+    case "visibility": {
+      // Pretends the tab is hidden (or shown again), as switching tabs would (see the init
+      // script below).
+      await current().evaluate(`window.__conclaveHidden = ${r.hidden === true}; document.dispatchEvent(new Event("visibilitychange"));`);
+      return {};
+    }
+    case "notifications":
+      // The desktop notifications the page made (recorded by the init script below).
+      return { notes: await current().evaluate("window.__conclaveNotes ?? []") };
+    case "click_quote": {
+      // The quote above a reply (it opens the thread).
+      const row = current().locator(".timeline .rows > .row").filter({ hasText: s(r, "text") }).last();
+      await row.locator(".reply-quote").click();
+      return {};
+    }
+    case "click":
+      // A button, by its accessible name.
+      await current().getByRole("button", { name: s(r, "name"), exact: true }).click();
+      return {};
     case "rendered_rows":
       return { rows: await current().locator(".timeline .rows > .row").count() };
     case "eval": {
@@ -242,7 +354,28 @@ const browser: Browser = await chromium.launch({
   headless: true,
   args: ["--no-sandbox", "--disable-dev-shm-usage", "--enable-precise-memory-info"],
 });
-const context: BrowserContext = await browser.newContext({ ignoreHTTPSErrors: true, acceptDownloads: true, viewport: { width: 1100, height: 700 } });
+const context: BrowserContext = await browser.newContext({
+  ignoreHTTPSErrors: true,
+  acceptDownloads: true,
+  viewport: { width: 1100, height: 700 },
+  permissions: ["notifications"],
+});
+// Headless pages are always visible and show no notifications: this records each desktop
+// notification the page makes (window.__conclaveNotes) and lets the test hide the tab
+// (window.__conclaveHidden), in every page of the context, before the page's own script runs.
+await context.addInitScript(() => {
+  const w = window as unknown as Record<string, unknown>;
+  const Real = window.Notification;
+  class Recorded extends Real {
+    constructor(title: string, options?: NotificationOptions) {
+      const notes = (w.__conclaveNotes ??= []) as { title: string; body: string }[];
+      notes.push({ title, body: options?.body ?? "" });
+      super(title, options);
+    }
+  }
+  window.Notification = Recorded;
+  Object.defineProperty(document, "visibilityState", { get: () => (w.__conclaveHidden === true ? "hidden" : "visible") });
+});
 
 const rl = createInterface({ input: process.stdin });
 for await (const line of rl) {

@@ -11,6 +11,8 @@ import { open, seal, SEAL_CHUNK } from "../src/files.js";
 import { describe, describeAct, applyShown, type Actable, ACT_DELETE, ACT_EDIT, ACT_REACT, CT_ACTION, CT_DELETE, CT_MARKDOWN, MAX_EMOJI_BYTES } from "../src/acts.js";
 import { markdownTree, mdText, safeHref, MAX_MARKDOWN_CHARS, type MdNode } from "../src/markdown.js";
 import type { Message } from "../src/protocol.js";
+import { chunkAad, chunkSigned, chunksOf, decodeChunk, decodeSealed, encodeChunk, encodeSealed, MAX_CHUNK_ROWS, type Row } from "../src/transfer.js";
+import { matchesQuery, mentionIn, outsideCode, queryWords } from "../src/attention.js";
 
 test("slash commands parse as the terminal client's", () => {
   assert.deepEqual(parseCommand("hello"), { cmd: "say", text: "hello" });
@@ -180,3 +182,77 @@ test("Markdown (markdown-it tokens): a tree of known elements; HTML stays text a
   assert.deepEqual(markdownTree("*".repeat(MAX_MARKDOWN_CHARS + 1)), ["*".repeat(MAX_MARKDOWN_CHARS + 1)]);
 });
 
+
+test("mentions are whole names; @room counts only from the room's owner (as the native client)", () => {
+  assert.equal(mentionIn("hi @bob", "bob", false), "me");
+  assert.equal(mentionIn("hi @Bob.", "bob", false), "me");
+  assert.equal(mentionIn("hi @bobby", "bob", false), undefined);
+  assert.equal(mentionIn("mail bob@bob.org", "bob", false), undefined);
+  assert.equal(mentionIn("all: @room", "bob", true), "room");
+  assert.equal(mentionIn("all: @room", "bob", false), undefined);
+  assert.equal(mentionIn("@room and @bob", "bob", true), "me");
+  assert.equal(mentionIn(outsideCode("run `@bob --help` first"), "bob", false), undefined);
+  assert.equal(mentionIn(outsideCode("```\n@bob\n```\nnot here"), "bob", false), undefined);
+  assert.equal(mentionIn(outsideCode("`x` then @bob"), "bob", false), "me");
+});
+
+test("local search holds every word, ignoring case and accents", () => {
+  const w = queryWords("  Café   DEPLOY ");
+  assert.deepEqual(w, ["cafe", "deploy"]);
+  assert.equal(matchesQuery("the deploy is at the café", w), true);
+  assert.equal(matchesQuery("the deploy is at noon", w), false);
+  assert.equal(matchesQuery("anything", []), false);
+});
+
+test("the thread, display name and read-receipt commands parse", () => {
+  assert.deepEqual(parseCommand("/thread"), { cmd: "thread" });
+  assert.deepEqual(parseCommand("/name Alice A."), { cmd: "name", name: "Alice A." });
+  assert.deepEqual(parseCommand("/name"), { cmd: "name", name: undefined });
+  assert.deepEqual(parseCommand("/receipts off"), { cmd: "receipts", on: false });
+  assert.deepEqual(parseCommand("/receipts ON"), { cmd: "receipts", on: true });
+  assert.equal(parseCommand("/receipts maybe").cmd, "error");
+});
+
+test("history chunks for a new device are postcard as the native Chunk, bound and bounded", () => {
+  // Vec<Row> of one row, then last, replaces, conversations, messages.
+  const row: Row = {
+    conv: "r:a",
+    seq: 3,
+    sender: "b",
+    tsMs: 64,
+    payload: new Uint8Array([9]),
+    state: { msgId: "m", state: { replyTo: undefined, editedMs: undefined, edits: 0, deleted: false, reactions: [["x", ["b"]]] } },
+  };
+  assert.deepEqual(
+    Array.from(encodeChunk({ rows: [row], last: true, replaces: false, conversations: 1, messages: 1 })),
+    [1, 3, 0x72, 0x3a, 0x61, 3, 1, 0x62, 128, 1, 1, 9, 1, 1, 0x6d, 0, 0, 0, 0, 1, 1, 0x78, 1, 1, 0x62, 1, 0, 1, 1],
+  );
+  assert.equal(new TextDecoder().decode(chunkAad("alice", "d1", "d2", "t", 4)), "alice|d1|d2|t|4");
+  const signed = chunkSigned(new Uint8Array([1]), new Uint8Array([2, 2]), new Uint8Array(0));
+  assert.deepEqual(Array.from(signed.subarray(signed.length - 27)), [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0]);
+  const many = Array.from({ length: MAX_CHUNK_ROWS * 2 + 1 }, (_, i) => ({ ...row, seq: i + 1 }));
+  assert.deepEqual(chunksOf(many).map((c) => c.length), [MAX_CHUNK_ROWS, MAX_CHUNK_ROWS, 1]);
+});
+
+test("history chunks sent to this browser decode as they encode, and refuse what is malformed", () => {
+  const rows: Row[] = [
+    { conv: "d:a,b", seq: 7, sender: "a", tsMs: -5, payload: new Uint8Array([1, 2]), state: undefined },
+    {
+      conv: "r:lab",
+      seq: 2 ** 40,
+      sender: "b",
+      tsMs: 1_765_000_000_000,
+      payload: new Uint8Array(0),
+      state: { msgId: "m1", state: { replyTo: "m0", editedMs: 12, edits: 2, deleted: true, reactions: [["👍", ["a", "b"]]] } },
+    },
+  ];
+  const chunk = { rows, last: false, replaces: true, conversations: 2, messages: 9 };
+  const b = encodeChunk(chunk);
+  assert.deepEqual(decodeChunk(b), chunk);
+  assert.throws(() => decodeChunk(b.subarray(0, b.length - 1)));
+  assert.throws(() => decodeChunk(new Uint8Array([...b, 0])));
+  // A list longer than its bytes can hold ends at the bytes.
+  assert.throws(() => decodeChunk(new Uint8Array([0xff, 0xff, 0xff, 0x0f])));
+  const sealed = { kemOutput: new Uint8Array([1]), ciphertext: new Uint8Array([2, 3]), signerKey: new Uint8Array(32).fill(4), signature: new Uint8Array(64).fill(5) };
+  assert.deepEqual(decodeSealed(encodeSealed(sealed)), sealed);
+});

@@ -2,8 +2,11 @@
 //! from web/test/browser.ts) against the real `conclave serve`, with a `conclave client
 //! --json` user on the other side: an end-to-end room and direct messages both ways, a file
 //! both ways with its hash checked, a reload that keeps the device and the history, messages
-//! sent while the tab was closed arriving once, a kicked web user who can no longer read, and a
-//! server-encrypted room. Screenshots of the main screens go to docs/web/.
+//! sent while the tab was closed arriving once, a kicked web user who can no longer read, a
+//! server-encrypted room, everyday chat, the search and thread panes, display names, read
+//! receipts, mentions and notifications, a blockcast from the browser, new devices of the
+//! account approved and rejected in the page, invite codes, a second tab, password rooms and
+//! an admin's commands. Screenshots of the main screens go to docs/web/.
 //!
 //! Needs Node.js, `npm ci` in web/ and `apt-get install chromium chromium-driver` (CI's
 //! .ci/run does all three); without them this test fails and says what is missing.
@@ -504,6 +507,44 @@ fn web_user_reconnects_through_a_jittery_relay_without_loss_or_duplicates() {
         .filter(|v| v["event"] == "message" && v["text"] == "web is back 0")
         .count();
     assert_eq!(seen, 1, "bob got a web message twice");
+
+    // Edits and reactions through the relay, both ways, one of them across a cut.
+    bob.send(json!({"cmd": "send", "room": "net", "text": "bob over the relay", "id": 200}));
+    let bob_id = bob.ok(json!(200))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    web.op("wait_text", json!({"text": "bob over the relay"}));
+    web.op(
+        "row_action",
+        json!({"text": "bob over the relay", "action": "React", "emoji": "👍"}),
+    );
+    let r = bob.expect("dave's reaction", |v| {
+        v["event"] == "reaction" && v["from"] == "dave"
+    });
+    assert_eq!(r["msg_id"], bob_id.as_str(), "{r}");
+    web.op("type", json!({"text": "/edit web is back 2, edited"}));
+    let e = bob.expect("dave's edit", |v| {
+        v["event"] == "edited" && v["from"] == "dave"
+    });
+    assert_eq!(e["text"], "web is back 2, edited", "{e}");
+    assert!(relay.cut_all() > 0, "the browser's connection was cut");
+    bob.send(
+        json!({"cmd": "edit", "msg_id": bob_id, "text": "bob over the relay, edited", "id": 201}),
+    );
+    bob.ok(json!(201));
+    bob.send(json!({"cmd": "react", "msg_id": bob_id, "emoji": "🎉", "id": 202}));
+    bob.ok(json!(202));
+    let row = web.op(
+        "row",
+        json!({"text": "bob over the relay, edited", "contains": "🎉 1"}),
+    );
+    let text = row["text"].as_str().unwrap_or_default();
+    assert!(text.contains("(edited)") && text.contains("👍 1"), "{row}");
+    web.op(
+        "row",
+        json!({"text": "web is back 2, edited", "contains": "(edited)"}),
+    );
 }
 
 /// Everyday chat between a web user and a JSON user, end-to-end (edits, deletes, reactions,
@@ -700,4 +741,582 @@ fn web_user_and_json_user_everyday_chat_in_e2ee_and_server_rooms() {
     bob.send(json!({"cmd": "delete", "msg_id": plain_id, "id": 15}));
     bob.ok(json!(15));
     web.op("wait_no_text", json!({"text": "plain fixed"}));
+}
+
+/// Reads what `c` prints for `d` (bounded), for checks that something did *not* come.
+fn drain(c: &mut JsonClient, d: Duration) {
+    let end = std::time::Instant::now() + d;
+    for _ in 0..10_000 {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if let Polled::Closed = c.poll(left) {
+            break;
+        }
+    }
+}
+
+/// The search pane (the server's search in a server-encrypted room, the browser's own history
+/// in an end-to-end one), the thread pane (from the server and from local history, live,
+/// answering in it), a display name, typing and away seen by a JSON user, the read-receipts
+/// switch, `@room` counted only from the room's owner, a desktop notification on a mention,
+/// and a blockcast (`/except`) from the browser in an end-to-end room.
+#[test]
+fn web_user_searches_threads_names_receipts_mentions_and_blockcast() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let url = format!("https://127.0.0.1:{}/", server.port);
+    let bob_state = tempfile::tempdir().expect("tmp");
+    let mut bob = client(&server, "bob", bob_state.path());
+    let carol_state = tempfile::tempdir().expect("tmp");
+    let mut carol = client(&server, "carol", carol_state.path());
+
+    // A server-encrypted room of bob's with a thread whose start is older than the page a
+    // newcomer gets.
+    bob.send(json!({"cmd": "create_room", "room": "town", "e2ee": false, "id": 1}));
+    assert_eq!(bob.ok(json!(1))["e2ee"], false);
+    bob.send(json!({"cmd": "send", "room": "town", "text": "which cable for the rack", "id": 2}));
+    let cable_id = bob.ok(json!(2))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    bob.send(json!({"cmd": "send", "room": "town", "text": "the red one", "reply_to": cable_id, "id": 3}));
+    bob.ok(json!(3));
+    for i in 0..55 {
+        let text = format!("filler-{i:02}");
+        bob.send(json!({"cmd": "send", "room": "town", "text": text, "id": 100 + i}));
+        bob.ok(json!(100 + i));
+    }
+    bob.send(json!({"cmd": "send", "room": "town", "text": "or the blue one", "reply_to": cable_id, "id": 4}));
+    bob.ok(json!(4));
+
+    let mut web = Browser::start(&url);
+    web.op("open", json!({}));
+    web.op("register", json!({"user": "alice", "password": PW}));
+    web.op("type", json!({"text": "/create lab"}));
+    web.op("has_conv", json!({"name": "#lab"}));
+    for (who, c) in [("bob", &mut bob), ("carol", &mut carol)] {
+        web.op("type", json!({"text": format!("/invite {who}")}));
+        c.expect("joins lab's group", |v| {
+            v["event"] == "e2ee" && v["kind"] == "joined" && v["room"] == "lab"
+        });
+        c.send(json!({"cmd": "join", "room": "lab", "id": 5}));
+        c.ok(json!(5));
+    }
+
+    // A thread in the end-to-end room, from the browser's own history; answered in the pane.
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "the cable drawer is locked", "id": 6}));
+    bob.ok(json!(6));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "lunch at noon?", "id": 7}));
+    let lunch_id = bob.ok(json!(7))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "pizza", "reply_to": lunch_id, "id": 8}));
+    bob.ok(json!(8));
+    web.op("wait_text", json!({"text": "pizza"}));
+    web.op(
+        "row_action",
+        json!({"text": "lunch at noon?", "action": "Thread"}),
+    );
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-pane", "text": "pizza"}),
+    );
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-title", "text": "bob: lunch at noon? · 1 reply"}),
+    );
+    web.op("thread_reply", json!({"text": "yes please"}));
+    let m = bob.message("yes please");
+    assert_eq!(m["reply_to"], lunch_id.as_str(), "{m}");
+    assert_eq!(m["e2ee"], true, "{m}");
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-title", "text": "2 replies"}),
+    );
+
+    // A thread of the server-encrypted room: its start and first reply come from the server.
+    web.op("type", json!({"text": "/join town"}));
+    web.op("has_conv", json!({"name": "#town"}));
+    web.op("wait_text", json!({"text": "or the blue one"}));
+    assert_eq!(
+        web.op("count_text", json!({"text": "which cable for the rack"}))["count"],
+        0
+    );
+    web.op(
+        "row_action",
+        json!({"text": "or the blue one", "action": "Thread"}),
+    );
+    for t in ["which cable for the rack", "the red one", "or the blue one"] {
+        web.op("wait_in", json!({"selector": "#thread-pane", "text": t}));
+    }
+    // Live: a new reply shows in the open pane.
+    bob.send(json!({"cmd": "send", "room": "town", "text": "green is fine too", "reply_to": cable_id, "id": 9}));
+    bob.ok(json!(9));
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-pane", "text": "green is fine too"}),
+    );
+    web.op("thread_reply", json!({"text": "red it is"}));
+    let m = bob.message("red it is");
+    assert_eq!(m["reply_to"], cable_id.as_str(), "{m}");
+    assert_eq!(m["e2ee"], false, "{m}");
+    shot(&mut web, "thread", 1100, 700);
+
+    // Search: the server finds the server-encrypted lines, the browser its end-to-end ones.
+    let found = web.op("search", json!({"query": "cable"}));
+    let hits = found["hits"].to_string();
+    assert!(hits.contains("which cable for the rack"), "{found}");
+    assert!(
+        hits.contains("the cable drawer is locked") && hits.contains("from this device's history"),
+        "{found}"
+    );
+    shot(&mut web, "search", 1100, 700);
+    // A result older than what is loaded: the conversation opens at it.
+    web.op("open_conv", json!({"name": "#lab"}));
+    let shown = web.op("click_hit", json!({"text": "which cable for the rack"}));
+    assert_eq!(shown["title"], "#town", "{shown}");
+    assert!(
+        shown["found"]
+            .as_str()
+            .is_some_and(|t| t.contains("which cable for the rack")),
+        "{shown}"
+    );
+    let nothing = web.op("search", json!({"query": "zebra"}));
+    assert!(
+        nothing["status"]
+            .as_str()
+            .is_some_and(|t| t.contains("Nothing found")),
+        "{nothing}"
+    );
+    web.op("press", json!({"key": "Escape"}));
+    // A reply's quote opens its thread, with the original that is not loaded in the timeline.
+    web.op(
+        "eval",
+        json!({"expr": "(async () => { const t = document.querySelector('.timeline'); for (let i = 0; i < 20; i++) { t.scrollTop = t.scrollHeight; await new Promise((r) => setTimeout(r, 50)); } return 0; })()"}),
+    );
+    web.op("click_quote", json!({"text": "or the blue one"}));
+    web.op(
+        "wait_in",
+        json!({"selector": "#thread-title", "text": "bob: which cable for the rack"}),
+    );
+    web.op("press", json!({"key": "Escape"}));
+
+    // A display name, typing and away, seen by the JSON user.
+    web.op("open_conv", json!({"name": "#lab"}));
+    web.op("type", json!({"text": "/name Alice A."}));
+    let d = bob.expect("alice's display name", |v| {
+        v["event"] == "display_name" && v["user"] == "alice"
+    });
+    assert_eq!(d["name"], "Alice A.", "{d}");
+    web.op("type", json!({"text": "typed by hand"}));
+    let t = bob.expect("alice typing", |v| {
+        v["event"] == "typing" && v["user"] == "alice"
+    });
+    assert_eq!(t["room"], "lab", "{t}");
+    bob.message("typed by hand");
+    web.op("type", json!({"text": "/away at lunch"}));
+    let a = bob.expect("alice away", |v| {
+        v["event"] == "away" && v["user"] == "alice"
+    });
+    assert_eq!(a["text"], "at lunch", "{a}");
+    bob.send(json!({"cmd": "who", "room": "lab", "id": 10}));
+    let who = bob.ok(json!(10));
+    let me = who["users"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["user"] == "alice"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(me["display_name"], "Alice A.", "{who}");
+    web.op("type", json!({"text": "/back"}));
+    bob.expect("alice back", |v| {
+        v["event"] == "back" && v["user"] == "alice"
+    });
+
+    // Read markers: shared by default, private after `/receipts off`.
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "read me", "id": 11}));
+    let seq = bob.ok(json!(11))["seq"].as_u64().expect("seq");
+    web.op("wait_text", json!({"text": "read me"}));
+    bob.expect("alice's read marker", |v| {
+        v["event"] == "read"
+            && v["user"] == "alice"
+            && v["room"] == "lab"
+            && v["seq"].as_u64() >= Some(seq)
+    });
+    web.op("type", json!({"text": "/receipts off"}));
+    web.op(
+        "wait_text",
+        json!({"text": "your read markers are private now"}),
+    );
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "read me privately", "id": 12}));
+    let private_seq = bob.ok(json!(12))["seq"].as_u64().expect("seq");
+    web.op("wait_text", json!({"text": "read me privately"}));
+    drain(&mut bob, Duration::from_secs(2));
+    assert!(
+        !bob.seen.iter().any(|v| v["event"] == "read"
+            && v["user"] == "alice"
+            && v["room"] == "lab"
+            && v["seq"].as_u64() >= Some(private_seq)),
+        "a private read marker reached bob"
+    );
+
+    // `@room` counts only from the room's owner (bob owns town, carol does not).
+    carol.send(json!({"cmd": "join", "room": "town", "id": 13}));
+    carol.ok(json!(13));
+    carol
+        .send(json!({"cmd": "send", "room": "town", "text": "@room not from the owner", "id": 14}));
+    carol.ok(json!(14));
+    bob.send(json!({"cmd": "send", "room": "town", "text": "@room standup now", "id": 15}));
+    bob.ok(json!(15));
+    let item = web.op("nav_item", json!({"name": "#town", "contains": "@1"}));
+    std::thread::sleep(Duration::from_millis(500));
+    let item2 = web.op("nav_item", json!({"name": "#town"}));
+    assert!(
+        item2["text"].as_str().is_some_and(|t| t.contains("@1")),
+        "{item} then {item2}"
+    );
+
+    // A desktop notification for a mention while the tab is hidden.
+    web.op("visibility", json!({"hidden": true}));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "@alice look here", "id": 16}));
+    bob.ok(json!(16));
+    let mut notes = Value::Null;
+    for _ in 0..100 {
+        notes = web.op("notifications", json!({}))["notes"].clone();
+        if notes.to_string().contains("@alice look here") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let note = notes
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["body"] == "@alice look here"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(note["title"], "bob in #lab", "{notes}");
+    web.op("visibility", json!({"hidden": false}));
+
+    // Blockcast from the browser in the end-to-end room: carol is left out and reads nothing
+    // of it; bob reads it.
+    web.op("open_conv", json!({"name": "#lab"}));
+    web.op("type", json!({"text": "/except carol a secret for bob"}));
+    let m = bob.message("a secret for bob");
+    assert_eq!(m["e2ee"], true, "{m}");
+    assert_eq!(m["room"], "lab", "{m}");
+    web.op("wait_text", json!({"text": "a secret for bob"}));
+    web.op("type", json!({"text": "for all again"}));
+    carol.message("for all again");
+    bob.message("for all again");
+    assert!(
+        !carol.saw_message("a secret for bob"),
+        "a left-out member read a blockcast"
+    );
+}
+
+/// New devices of the web user's account: a native device that asks for history shows in the
+/// page with its safety number; approved there, it gets the browser's end-to-end history
+/// (sealed to it as a native approver seals it) and reads it; another one, rejected there, is
+/// out of the account.
+#[test]
+fn web_user_approves_and_rejects_new_devices_of_the_account() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"), &[], &[]);
+    let url = format!("https://127.0.0.1:{}/", server.port);
+    let bob_state = tempfile::tempdir().expect("tmp");
+    let mut bob = client(&server, "bob", bob_state.path());
+    let mut web = Browser::start(&url);
+    web.op("open", json!({}));
+    web.op("register", json!({"user": "alice", "password": PW}));
+    web.op("type", json!({"text": "/create lab"}));
+    web.op("has_conv", json!({"name": "#lab"}));
+    web.op("type", json!({"text": "/invite bob"}));
+    bob.expect("bob joins lab's group", |v| {
+        v["event"] == "e2ee" && v["kind"] == "joined" && v["room"] == "lab"
+    });
+    bob.send(json!({"cmd": "join", "room": "lab", "id": 1}));
+    bob.ok(json!(1));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "before the new device", "id": 2}));
+    bob.ok(json!(2));
+    web.op("wait_text", json!({"text": "before the new device"}));
+    web.op("type", json!({"text": "from the web before"}));
+    bob.message("from the web before");
+
+    // A second device of alice's (a native one) asks; the page shows it with its number.
+    let laptop_state = tempfile::tempdir().expect("tmp");
+    let mut cmd = client_cmd(&server.addr(), "alice", laptop_state.path(), PW);
+    cmd.args(["--fingerprint", &server.fingerprint]);
+    let mut laptop = JsonClient::connect("alice-laptop", cmd);
+    laptop.send(json!({"cmd": "devices", "id": 1}));
+    let me = laptop.ok(json!(1));
+    let device = me["device"].as_str().expect("device").to_string();
+    let number = me["fingerprint"].as_str().expect("fingerprint").to_string();
+    web.op(
+        "wait_in",
+        json!({"selector": "#devices-waiting", "text": device}),
+    );
+    web.op(
+        "wait_in",
+        json!({"selector": "#devices-waiting", "text": number}),
+    );
+    shot(&mut web, "new-device", 1100, 700);
+    web.op("click", json!({"name": format!("Approve {device}")}));
+    let got = laptop.expect("history_received", |v| {
+        v["event"] == "e2ee" && v["kind"] == "history_received"
+    });
+    assert_eq!(
+        (got["conversations"].clone(), got["messages"].clone()),
+        (json!(1), json!(2)),
+        "{got}"
+    );
+    laptop.send(json!({"cmd": "history", "room": "lab", "limit": 50, "id": 2}));
+    let h = laptop.ok(json!(2));
+    let texts: Vec<&str> = h["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(
+        texts,
+        ["before the new device", "from the web before"],
+        "{h}"
+    );
+    web.op(
+        "wait_text",
+        json!({"text": format!("sent 2 messages of 1 conversations to your device {device}")}),
+    );
+
+    // A third one, rejected in the page: it is out of the account.
+    let stranger_state = tempfile::tempdir().expect("tmp");
+    let mut cmd = client_cmd(&server.addr(), "alice", stranger_state.path(), PW);
+    cmd.args(["--fingerprint", &server.fingerprint]);
+    let mut stranger = JsonClient::connect("alice-stranger", cmd);
+    stranger.send(json!({"cmd": "devices", "id": 1}));
+    let other = stranger.ok(json!(1))["device"]
+        .as_str()
+        .expect("device")
+        .to_string();
+    web.op(
+        "wait_in",
+        json!({"selector": "#devices-waiting", "text": other}),
+    );
+    web.op("click", json!({"name": format!("Reject {other}")}));
+    let gone = stranger.expect("disconnected", |v| v["event"] == "disconnected");
+    assert_eq!(gone["reason"], "kicked", "{gone}");
+    stranger.proc.wait_exit(WAIT);
+    let out = stranger.proc.finish();
+    assert!(!out.stdout_text().contains("from the web before"));
+
+    // The other way: the browser is the new device of an account whose native device has
+    // history; approved there, the page gets that history (with its reactions and edits).
+    let erin_state = tempfile::tempdir().expect("tmp");
+    let mut erin = client(&server, "erin", erin_state.path());
+    erin.send(json!({"cmd": "create_room", "room": "notes", "id": 1}));
+    erin.ok(json!(1));
+    erin.send(json!({"cmd": "send", "room": "notes", "text": "erin's first note", "id": 2}));
+    let first = erin.ok(json!(2))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    erin.send(json!({"cmd": "send", "room": "notes", "text": "erin's typo", "id": 3}));
+    let typo = erin.ok(json!(3))["msg_id"]
+        .as_str()
+        .expect("msg_id")
+        .to_string();
+    erin.send(json!({"cmd": "react", "msg_id": first, "emoji": "👍", "id": 4}));
+    erin.ok(json!(4));
+    erin.send(json!({"cmd": "edit", "msg_id": typo, "text": "erin's second note", "id": 5}));
+    erin.ok(json!(5));
+    web.op("type", json!({"text": "/quit"}));
+    web.op("sign_in", json!({"user": "erin", "password": PW}));
+    let w = erin.expect("the browser's device waiting", |v| {
+        v["event"] == "e2ee" && v["kind"] == "device_waiting"
+    });
+    erin.send(json!({"cmd": "approve_device", "device": w["device"], "id": 6}));
+    let approved = erin.ok(json!(6));
+    assert_eq!(approved["conversations"], 1, "{approved}");
+    web.op("wait_text", json!({"text": "messages of 1 conversations"}));
+    web.op("open_conv", json!({"name": "#notes"}));
+    web.op(
+        "row",
+        json!({"text": "erin's first note", "contains": "👍 1"}),
+    );
+    web.op(
+        "row",
+        json!({"text": "erin's second note", "contains": "(edited)"}),
+    );
+    // And the page takes part from then on, end-to-end.
+    web.op("type", json!({"text": "from erin's browser"}));
+    let m = erin.message("from erin's browser");
+    assert_eq!(m["e2ee"], true, "{m}");
+    erin.send(json!({"cmd": "send", "room": "notes", "text": "erin's third note", "id": 7}));
+    erin.ok(json!(7));
+    web.op("wait_text", json!({"text": "erin's third note"}));
+}
+
+/// A `conclave user` command on the data directory (through the admin socket while serving).
+fn user_cmd(data: &Path, args: &[&str], password: Option<&str>) -> Finished {
+    let mut cmd = conclave(["user", "--data-dir"]);
+    cmd.arg(data).args(args).env_remove(PW_VAR);
+    if let Some(pw) = password {
+        cmd.env(PW_VAR, pw);
+    }
+    run("user", cmd)
+}
+
+/// A JSON client of an existing account on a server with a server password.
+fn gated_client(server: &Server, user: &str, state: &Path) -> Command {
+    let mut cmd = client_cmd(&server.addr(), user, state, PW);
+    cmd.args([
+        "--fingerprint",
+        &server.fingerprint,
+        "--server-password-env",
+        "CONCLAVE_TEST_SPW",
+    ])
+    .env("CONCLAVE_TEST_SPW", "gate");
+    cmd
+}
+
+/// A server with a server password and invite-only registration: the web registers with an
+/// invite code (and is refused without one), a second tab of the same account is refused,
+/// password rooms both ways (one of them end-to-end), and an admin's `/announce`, `/ban` and
+/// `/unban` from the browser.
+#[test]
+fn web_user_with_invite_code_password_rooms_second_tab_and_admin_commands() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    for (name, admin) in [("alice", true), ("bob", false), ("mallory", false)] {
+        let mut args = vec!["add", name, "--password-env", PW_VAR];
+        if admin {
+            args.push("--admin");
+        }
+        user_cmd(&data, &args, Some(PW)).assert_success();
+    }
+    let server = Server::start(
+        &data,
+        &[
+            "--registration",
+            "invite",
+            "--server-password-env",
+            "CONCLAVE_TEST_SPW",
+        ],
+        &[("CONCLAVE_TEST_SPW", "gate")],
+    );
+    let url = format!("https://127.0.0.1:{}/", server.port);
+    let bob_state = tempfile::tempdir().expect("tmp");
+    let mut bob = JsonClient::connect("bob", gated_client(&server, "bob", bob_state.path()));
+    let mut web = Browser::start(&url);
+    web.op("open", json!({}));
+
+    // Registration needs the server password and an invite code; a code registers once.
+    let no_code = web.op(
+        "register_fails",
+        json!({"user": "carol", "password": PW, "server_password": "gate"}),
+    );
+    assert!(
+        no_code["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invit")),
+        "{no_code}"
+    );
+    let f = user_cmd(&data, &["invite"], None);
+    f.assert_success();
+    let code = f.stdout[0].trim().to_string();
+    let wrong_gate = web.op(
+        "register_fails",
+        json!({"user": "carol", "password": PW, "server_password": "wrong", "invite": code}),
+    );
+    assert!(
+        wrong_gate["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{wrong_gate}"
+    );
+    web.op(
+        "register",
+        json!({"user": "carol", "password": PW, "server_password": "gate", "invite": code}),
+    );
+    web.op("type", json!({"text": "/quit"}));
+    let again = web.op(
+        "register_fails",
+        json!({"user": "dave", "password": PW, "server_password": "gate", "invite": code}),
+    );
+    assert!(
+        again["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invite code")),
+        "{again}"
+    );
+
+    // The admin signs in; a second tab of the same account is refused, saying why.
+    web.op(
+        "sign_in",
+        json!({"user": "alice", "password": PW, "server_password": "gate"}),
+    );
+    let second = web.op(
+        "second_tab",
+        json!({"user": "alice", "password": PW, "server_password": "gate"}),
+    );
+    assert!(
+        second["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("signed in in another tab")),
+        "{second}"
+    );
+    // The first tab goes on.
+    web.op("type", json!({"text": "/who"}));
+    web.op("wait_text", json!({"text": "bob"}));
+
+    // A password room of the JSON user's: refused without the password, joined with it.
+    bob.send(json!({"cmd": "create_room", "room": "vault", "password": "sesame", "id": 1}));
+    bob.ok(json!(1));
+    web.op("type", json!({"text": "/join vault"}));
+    web.op("wait_text", json!({"text": "needs a password"}));
+    web.op("type", json!({"text": "/join vault wrong"}));
+    web.op("wait_text", json!({"text": "wrong password"}));
+    web.op("type", json!({"text": "/join vault sesame"}));
+    web.op("has_conv", json!({"name": "#vault"}));
+    bob.send(json!({"cmd": "send", "room": "vault", "text": "inside the vault", "id": 2}));
+    bob.ok(json!(2));
+    web.op("wait_text", json!({"text": "inside the vault"}));
+    web.op("type", json!({"text": "the web is in the vault"}));
+    bob.message("the web is in the vault");
+
+    // An end-to-end password room made in the browser.
+    web.op("type", json!({"text": "/create den hunter2"}));
+    web.op("has_conv", json!({"name": "#den"}));
+    bob.send(json!({"cmd": "join", "room": "den", "id": 3}));
+    assert!(bob.reply(json!(3))["error"] != Value::Null);
+    bob.send(json!({"cmd": "join", "room": "den", "password": "hunter2", "id": 4}));
+    bob.ok(json!(4));
+    web.op("wait_text", json!({"text": "bob joined"}));
+    bob.send(json!({"cmd": "send", "room": "den", "text": "bob in the den", "id": 5}));
+    bob.ok(json!(5));
+    web.op("wait_text", json!({"text": "bob in the den"}));
+    web.op("type", json!({"text": "the web in the den"}));
+    let m = bob.message("the web in the den");
+    assert_eq!(m["e2ee"], true, "{m}");
+
+    // Admin commands from the browser.
+    web.op("type", json!({"text": "/announce maintenance at five"}));
+    let a = bob.expect("the announcement", |v| v["event"] == "announce");
+    assert_eq!(a["text"], "maintenance at five", "{a}");
+    assert_eq!(a["from"], "alice", "{a}");
+    let m_state = tempfile::tempdir().expect("tmp");
+    let mut mallory =
+        JsonClient::connect("mallory", gated_client(&server, "mallory", m_state.path()));
+    web.op("type", json!({"text": "/ban mallory spamming"}));
+    web.op("wait_text", json!({"text": "banned mallory"}));
+    let gone = mallory.expect("mallory's disconnect", |v| v["event"] == "disconnected");
+    assert_eq!(gone["reason"], "banned", "{gone}");
+    mallory.proc.wait_exit(WAIT);
+    let refused = client_fails(
+        "mallory, banned",
+        gated_client(&server, "mallory", m_state.path()),
+    );
+    assert!(refused.stderr.contains("ban"), "{refused:#?}");
+    web.op("type", json!({"text": "/unban mallory"}));
+    web.op("wait_text", json!({"text": "unbanned mallory"}));
+    let back = JsonClient::connect("mallory", gated_client(&server, "mallory", m_state.path()));
+    assert_eq!(back.connected["user"], "mallory");
 }
