@@ -334,9 +334,10 @@ function showMain(root: HTMLElement, s: Session): void {
     for (const key of st.order) {
       const c = st.convs.get(key);
       if (c === undefined) continue;
-      totalUnread += c.unread;
+      if (c.muted !== true) totalUnread += c.unread;
       const badge = c.unread > 0 ? h("span", { class: "badge", "aria-hidden": "true" }, String(c.unread)) : "";
-      const desc = h("span", { class: "visually-hidden", id: `unread-${idOf(key)}` }, c.unread > 0 ? `${c.unread} unread${c.mentions > 0 ? `, ${c.mentions} mentions` : ""}` : "");
+      const counts = c.unread > 0 ? `${c.unread} unread${c.mentions > 0 ? `, ${c.mentions} mentions` : ""}` : "";
+      const desc = h("span", { class: "visually-hidden", id: `unread-${idOf(key)}` }, c.muted === true ? `muted${counts ? `, ${counts}` : ""}` : counts);
       const b = h("button", { type: "button", class: key === st.current ? "current" : "", "aria-describedby": `unread-${idOf(key)}` }, c.title);
       if (key === st.current) b.setAttribute("aria-current", "page");
       b.addEventListener("click", () => {
@@ -347,7 +348,8 @@ function showMain(root: HTMLElement, s: Session): void {
         composer.focus();
       });
       const mentionBadge = c.mentions > 0 ? h("span", { class: "badge mention", "aria-hidden": "true", title: "mentions of you" }, `@${c.mentions}`) : "";
-      items.push(h("li", {}, b, badge, mentionBadge, desc));
+      const mutedMark = c.muted === true ? h("span", { class: "muted-mark", "aria-hidden": "true", title: "muted" }, "(muted)") : "";
+      items.push(h("li", {}, b, badge, mentionBadge, mutedMark, desc));
     }
     navList.replaceChildren(...items);
     document.title = totalUnread > 0 ? `(${totalUnread}) Conclave` : "Conclave";
@@ -510,6 +512,10 @@ function showMain(root: HTMLElement, s: Session): void {
       case "name":
         await s.setDisplayName(c.name ?? null);
         return say(c.name === undefined ? "your display name is removed" : `your display name is now ${c.name}`);
+      case "mute":
+        if (key === undefined) return say(`/${c.on ? "mute" : "unmute"} works in a conversation`);
+        await s.setMuted(key, c.on);
+        return say(c.on ? "muted: messages here are still counted, but make no notification and leave the tab's title alone (/unmute)" : "unmuted");
       case "receipts":
         await s.shareReads(c.on);
         return say(c.on ? "others see how far you have read" : "your read markers are private now (others no longer see how far you have read)");

@@ -38,6 +38,7 @@ export type Command =
   | { cmd: "approve" | "reject"; device: string }
   | { cmd: "name"; name?: string }
   | { cmd: "receipts"; on: boolean }
+  | { cmd: "mute"; on: boolean }
   | { cmd: "error"; message: string };
 
 export const HELP =
@@ -45,7 +46,7 @@ export const HELP =
   "/msg user[,user…] text · /query user[,user…] · /except user[,user…] text · /who [room] · /rooms · " +
   "/devices [user] · /history [count] · /search words · /kick user [reason] · /votekick user · /file · " +
   "/me text · /md text · /reply text · /edit text · /delete · /react emoji · /unreact emoji · /topic text · /away [text] · /back · " +
-  "/thread · /approve device · /reject device · /name [display name] · /receipts on|off · /ban user [reason] · /unban user · /announce text · /theme · /about · /quit";
+  "/thread · /approve device · /reject device · /name [display name] · /receipts on|off · /mute · /unmute · /ban user [reason] · /unban user · /announce text · /theme · /about · /quit";
 
 /** Most messages `/history` loads at once (as the TUI). */
 export const MAX_HISTORY_COUNT = 500;
@@ -158,6 +159,9 @@ export function parseCommand(line: string): Command {
       const v = (arg(0) ?? "").toLowerCase();
       return v === "on" || v === "off" ? { cmd: "receipts", on: v === "on" } : { cmd: "error", message: "usage: /receipts on|off" };
     }
+    case "mute":
+    case "unmute":
+      return { cmd: "mute", on: head.toLowerCase() === "mute" };
     case "announce":
       return need(tail(0) !== "", "/announce text") ?? { cmd: "announce", text: tail(0) };
     default:

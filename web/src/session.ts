@@ -107,6 +107,9 @@ export interface ConvState {
   entries: Entry[];
   unread: number;
   mentions: number;
+  /** Muted (`/mute`): its messages and mentions are still counted, but make no desktop
+   * notification and leave the tab's title alone, as the terminal client's mute. */
+  muted?: boolean;
   /** Highest sequence number seen (shown or processed). */
   lastSeq: number;
   /** The oldest history was loaded. */
@@ -205,6 +208,8 @@ export class Session {
   private stopped = false;
   /** Keys of blockcast messages (by id, hex), and sealed messages waiting for theirs. */
   private sealedKeys = new Map<string, Uint8Array>();
+  /** Conversations muted by `/mute` (by key), kept in the sealed store. */
+  private mutedKeys = new Set<string>();
   private sealedWaiting = new Map<string, { m: Message; p: Payload; live: boolean }>();
   /** MLS messages of conversations this device is joining, until it is in. */
   private early = new Map<string, Message[]>();
@@ -263,6 +268,9 @@ export class Session {
       const key = fromHex(v);
       if (key !== undefined) this.sealedKeys.set(k, key);
     }
+    for (const k of (await this.store.getJson<string[]>("muted")) ?? []) {
+      if (typeof k === "string") this.mutedKeys.add(k);
+    }
     const index = (await this.store.getJson<{ key: string; conv: Conv; e2ee: boolean }[]>("convs")) ?? [];
     for (const c of index) {
       const entries = (await this.store.getJson<Entry[]>(`history/${c.key}`)) ?? [];
@@ -279,6 +287,7 @@ export class Session {
     if (c === undefined) {
       const title = "Room" in conv ? `#${conv.Room}` : conv.Direct.filter((u) => u !== this.state.user).join(", ") || this.state.user;
       c = { key, conv, title, e2ee: e2ee ?? false, entries: [], unread: 0, mentions: 0, lastSeq: 0, complete: false };
+      if (this.mutedKeys.has(key)) c.muted = true;
       this.state.convs.set(key, c);
       this.state.order.push(key);
       this.state.current ??= key;
@@ -459,10 +468,20 @@ export class Session {
       const mention = mentionIn(e.markdown === true ? outsideCode(e.text) : e.text, this.state.user, fromOwner);
       if (mention !== undefined || ("Direct" in c.conv && !visible)) {
         if (!visible) c.mentions++;
-        this.onNotify(`${e.from} in ${c.title}`, e.text);
+        if (c.muted !== true) this.onNotify(`${e.from} in ${c.title}`, e.text);
       }
     }
     return true;
+  }
+
+  /** Mutes or unmutes a conversation; kept (sealed) for the next sign-in. */
+  async setMuted(key: string, on: boolean): Promise<void> {
+    if (on) this.mutedKeys.add(key);
+    else this.mutedKeys.delete(key);
+    const c = this.state.convs.get(key);
+    if (c !== undefined) c.muted = on;
+    await this.store.putJson("muted", [...this.mutedKeys]);
+    this.onChange();
   }
 
   notice(key: string | undefined, text: string): void {

@@ -211,6 +211,8 @@ test("the thread, display name and read-receipt commands parse", () => {
   assert.deepEqual(parseCommand("/receipts off"), { cmd: "receipts", on: false });
   assert.deepEqual(parseCommand("/receipts ON"), { cmd: "receipts", on: true });
   assert.equal(parseCommand("/receipts maybe").cmd, "error");
+  assert.deepEqual(parseCommand("/mute"), { cmd: "mute", on: true });
+  assert.deepEqual(parseCommand("/UNMUTE"), { cmd: "mute", on: false });
 });
 
 test("history chunks for a new device are postcard as the native Chunk, bound and bounded", () => {

@@ -998,6 +998,43 @@ fn web_user_searches_threads_names_receipts_mentions_and_blockcast() {
     assert_eq!(note["title"], "bob in #lab", "{notes}");
     web.op("visibility", json!({"hidden": false}));
 
+    // `/mute`: a mention in the muted room is still counted but makes no notification;
+    // `/unmute` brings them back.
+    web.op("open_conv", json!({"name": "#lab"}));
+    web.op("type", json!({"text": "/mute"}));
+    web.op("nav_item", json!({"name": "#lab", "contains": "(muted)"}));
+    web.op("visibility", json!({"hidden": true}));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "@alice while muted", "id": 161}));
+    bob.ok(json!(161));
+    web.op("wait_text", json!({"text": "@alice while muted"}));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "@alice unmute check", "id": 162}));
+    bob.ok(json!(162));
+    web.op("wait_text", json!({"text": "@alice unmute check"}));
+    let notes = web.op("notifications", json!({}))["notes"].clone();
+    assert!(
+        !notes.to_string().contains("while muted") && !notes.to_string().contains("unmute check"),
+        "a muted room notified: {notes}"
+    );
+    web.op("nav_item", json!({"name": "#lab", "contains": "@"}));
+    web.op("visibility", json!({"hidden": false}));
+    web.op("type", json!({"text": "/unmute"}));
+    web.op("visibility", json!({"hidden": true}));
+    bob.send(json!({"cmd": "send", "room": "lab", "text": "@alice after unmute", "id": 163}));
+    bob.ok(json!(163));
+    let mut notes = Value::Null;
+    for _ in 0..100 {
+        notes = web.op("notifications", json!({}))["notes"].clone();
+        if notes.to_string().contains("@alice after unmute") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        notes.to_string().contains("@alice after unmute"),
+        "no notification after /unmute: {notes}"
+    );
+    web.op("visibility", json!({"hidden": false}));
+
     // Blockcast from the browser in the end-to-end room: carol is left out and reads nothing
     // of it; bob reads it.
     web.op("open_conv", json!({"name": "#lab"}));
