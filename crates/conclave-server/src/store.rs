@@ -37,6 +37,7 @@ pub use chat::{ChatRows, ReadMoved};
 pub use devices::PutOutcome;
 pub use e2ee::{GroupRow, WelcomeRow};
 pub use files::{FileRow, RecipientState};
+pub(crate) use files::{open_meta as open_file_meta, seal_meta as seal_file_meta};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "conclave.db";
@@ -145,8 +146,8 @@ CREATE VIRTUAL TABLE search_index USING fts5(
     tokens, content = '', contentless_delete = 1, detail = none
 );
 ";
-const KEY_CHECK_AD: &[u8] = b"conclave-key-check-v1";
-const KEY_CHECK_PLAIN: &[u8] = b"conclave data key check";
+pub(crate) const KEY_CHECK_AD: &[u8] = b"conclave-key-check-v1";
+pub(crate) const KEY_CHECK_PLAIN: &[u8] = b"conclave data key check";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

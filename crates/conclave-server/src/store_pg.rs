@@ -1,8 +1,11 @@
 //! The PostgreSQL store for cluster mode (issue 24), in progress: [`PgDb`] implements the
-//! store's [`Accounts`], [`Rooms`] and [`Moderation`] with the same behaviour as SQLite's
-//! [`crate::store::Db`] (the conformance suite, `tests/store_conformance.rs`, runs the same tests
-//! on both). `Messages`, `Chat`, `Devices`, `Groups` and `FileMeta` are not implemented yet,
+//! store's [`Accounts`], [`Rooms`], [`Moderation`] and [`FileMeta`] with the same behaviour as
+//! SQLite's [`crate::store::Db`] (the conformance suite, `tests/store_conformance.rs`, runs the
+//! same tests on both). `Messages`, `Chat`, `Devices` and `Groups` are not implemented yet,
 //! so `PgDb` is no [`crate::store::Backend`] and `--store postgres://` is not wired.
+//!
+//! What `Db` seals under the data key, `PgDb` seals the same way (file names and hashes), so
+//! it is opened with the data key, and refuses a database whose key check another key wrote.
 //!
 //! Why the synchronous `postgres` crate: the store thread runs every operation synchronously
 //! on its own thread, one at a time, and `postgres` is exactly tokio-postgres (the client
@@ -28,18 +31,26 @@ use std::cell::RefCell;
 
 use postgres::{Client, NoTls, Transaction};
 
+use conclave_proto::Conv;
+
+use crate::at_rest::DataKey;
 use crate::guard::{Ban, BanTarget};
-use crate::store::{Accounts, Moderation, RoomRow, Rooms, StoreError, UserRow};
+use crate::store::{
+    Accounts, FileMeta, FileRow, KEY_CHECK_AD, KEY_CHECK_PLAIN, Moderation, RecipientState,
+    RoomRow, Rooms, StoreError, UserRow, conv_from_key, conv_key, open_file_meta, seal_file_meta,
+};
 
 /// The schema this build writes; a database at a higher version was written by a newer build.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Each version adds to the one before (a database at an older version is brought up to this
+/// one at connect).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Any two nodes opening the same database take this advisory lock (a fixed key:
 /// "conclave" in ASCII) while they check and create the schema, so they never race.
 const SCHEMA_LOCK: i64 = 0x636f_6e63_6c61_7665;
 
 /// Schema version 1: accounts, rooms, moderation, and the conversations and acknowledged
-/// positions that joining a room sets (the messages tables come with `Messages`, as version 2).
+/// positions that joining a room sets (the messages tables come with `Messages`, as version 3).
 const SCHEMA_V1: &str = r#"
 CREATE TABLE conclave_meta (
     key   TEXT COLLATE "C" PRIMARY KEY,
@@ -111,12 +122,42 @@ CREATE TABLE acks (
 );
 "#;
 
+/// Schema version 2: files (`FileMeta`), as SQLite's schema version 2 has them: the file rows
+/// (name and hash sealed in `meta`) and each recipient's state (0 offered, 1 declined,
+/// 2 received) and whether they wait for the relay copy.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE files (
+    file_id     TEXT COLLATE "C" PRIMARY KEY,
+    sender      TEXT COLLATE "C" NOT NULL,
+    conv        TEXT COLLATE "C" NOT NULL,
+    except_list TEXT NOT NULL,
+    meta        BYTEA NOT NULL,
+    size        BIGINT NOT NULL,
+    chunk_size  BIGINT NOT NULL,
+    created_ms  BIGINT NOT NULL,
+    expires_ms  BIGINT NOT NULL,
+    complete    BOOLEAN NOT NULL DEFAULT FALSE,
+    p2p         BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX files_sender ON files(sender);
+CREATE INDEX files_expires ON files(expires_ms);
+CREATE TABLE file_recipients (
+    file_id     TEXT COLLATE "C" NOT NULL REFERENCES files(file_id) ON DELETE CASCADE,
+    user_name   TEXT COLLATE "C" NOT NULL,
+    state       SMALLINT NOT NULL DEFAULT 0,
+    wants_relay BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (file_id, user_name)
+);
+CREATE INDEX file_recipients_user ON file_recipients(user_name, state);
+"#;
+
 /// A synchronous PostgreSQL store: one connection, used from one thread at a time.
 ///
 /// The client sits in a `RefCell` because the store's read methods take `&self` while every
 /// query needs the client mutably; `PgDb` is `Send` (the store thread owns it) and not `Sync`.
 pub struct PgDb {
     client: RefCell<Client>,
+    key: DataKey,
 }
 
 impl std::fmt::Debug for PgDb {
@@ -160,9 +201,10 @@ fn now_ms() -> i64 {
 
 impl PgDb {
     /// Connects with a libpq-style connection string (`host=/run/postgresql dbname=conclave`,
-    /// or `postgresql://…`), sets `synchronous_commit = on` for the session, and creates or
-    /// checks the schema.
-    pub fn connect(config: &str) -> Result<PgDb, StoreError> {
+    /// or `postgresql://…`), sets `synchronous_commit = on` for the session, creates, upgrades
+    /// or checks the schema, and checks that `key` is the data key this database was first
+    /// opened with (the first connect records it).
+    pub fn connect(config: &str, key: DataKey) -> Result<PgDb, StoreError> {
         let config: postgres::Config =
             config
                 .parse()
@@ -182,9 +224,10 @@ impl PgDb {
             }
         })?;
         client.batch_execute("SET synchronous_commit = on")?;
-        create_schema(&mut client)?;
+        create_schema(&mut client, &key)?;
         Ok(PgDb {
             client: RefCell::new(client),
+            key,
         })
     }
 
@@ -214,20 +257,53 @@ fn read_version(tx: &mut Transaction<'_>) -> Result<i64, StoreError> {
     })
 }
 
-/// Creates the schema in an empty database, or checks an existing one, under an advisory lock.
-fn create_schema(client: &mut Client) -> Result<(), StoreError> {
+/// Creates the schema in an empty database, brings an older one up to [`SCHEMA_VERSION`] or
+/// checks a current one, and checks the data key, all in one transaction under an advisory
+/// lock (a failed upgrade leaves the database as it was).
+fn create_schema(client: &mut Client, key: &DataKey) -> Result<(), StoreError> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
     let version = read_version(&mut tx)?;
     if version > SCHEMA_VERSION {
         return Err(StoreError::TooNew { found: version });
     }
-    if version == 0 {
+    if version < 1 {
         tx.batch_execute(SCHEMA_V1)?;
+    }
+    if version < 2 {
+        tx.batch_execute(SCHEMA_V2)?;
+    }
+    if version < SCHEMA_VERSION {
         tx.execute(
-            "INSERT INTO conclave_meta (key, value) VALUES ('schema_version', $1)",
+            "INSERT INTO conclave_meta (key, value) VALUES ('schema_version', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             &[&SCHEMA_VERSION.to_string()],
         )?;
+    }
+    // A wrong key must stop the server before it writes anything sealed under it.
+    let check = tx.query_opt(
+        "SELECT value FROM conclave_meta WHERE key = 'key_check'",
+        &[],
+    )?;
+    match check {
+        Some(row) => {
+            let sealed = hex::decode(col::<String>(&row, 0)?).unwrap_or_default();
+            if key.open(KEY_CHECK_AD, &sealed).ok().as_deref() != Some(KEY_CHECK_PLAIN) {
+                return Err(StoreError::Postgres {
+                    code: None,
+                    message: "the data key does not match this database: it was first opened \
+                              with another key (a wrong passphrase, or another node's data.key). \
+                              Nothing was changed; start again with the right key"
+                        .to_string(),
+                });
+            }
+        }
+        None => {
+            tx.execute(
+                "INSERT INTO conclave_meta (key, value) VALUES ('key_check', $1)",
+                &[&hex::encode(key.seal(KEY_CHECK_AD, KEY_CHECK_PLAIN))],
+            )?;
+        }
     }
     tx.commit()?;
     Ok(())
@@ -607,5 +683,198 @@ impl Moderation for PgDb {
             )?
         };
         Ok(n == 1)
+    }
+}
+
+/// The columns of a file row, in the order [`PgDb::file_row`] reads them.
+const FILE_COLUMNS: &str = "f.file_id, f.sender, f.conv, f.except_list, f.meta, f.size, \
+                            f.chunk_size, f.created_ms, f.expires_ms, f.complete, f.p2p";
+
+impl PgDb {
+    fn file_row(&self, r: &postgres::Row) -> Result<FileRow, StoreError> {
+        let file_id: String = col(r, 0)?;
+        let except: String = col(r, 3)?;
+        let sealed: Vec<u8> = col(r, 4)?;
+        let (name, sha256) = open_file_meta(&self.key, &file_id, &sealed)?;
+        let conv: String = col(r, 2)?;
+        let conv: Conv = conv_from_key(&conv);
+        Ok(FileRow {
+            sender: col(r, 1)?,
+            conv,
+            except: except
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            name,
+            sha256,
+            size: col::<i64>(r, 5)?.max(0) as u64,
+            chunk_size: u32::try_from(col::<i64>(r, 6)?).unwrap_or(0),
+            created_ms: col(r, 7)?,
+            expires_ms: col(r, 8)?,
+            complete: col(r, 9)?,
+            p2p: col(r, 10)?,
+            file_id,
+        })
+    }
+}
+
+fn state_from_i16(v: i16) -> RecipientState {
+    match v {
+        1 => RecipientState::Declined,
+        2 => RecipientState::Received,
+        _ => RecipientState::Offered,
+    }
+}
+
+impl FileMeta for PgDb {
+    fn create_file(&mut self, row: &FileRow, recipients: &[String]) -> Result<(), StoreError> {
+        let sealed = seal_file_meta(&self.key, row)?;
+        let mut tx = self.client.get_mut().transaction()?;
+        tx.execute(
+            "INSERT INTO files (file_id, sender, conv, except_list, meta, size, chunk_size,
+                                created_ms, expires_ms, complete, p2p)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &[
+                &row.file_id,
+                &row.sender,
+                &conv_key(&row.conv),
+                &row.except.join(","),
+                &sealed,
+                // As SQLite stores it (a size past i64::MAX reads back as 0).
+                &(row.size as i64),
+                &i64::from(row.chunk_size),
+                &row.created_ms,
+                &row.expires_ms,
+                &row.complete,
+                &row.p2p,
+            ],
+        )?;
+        for user in recipients {
+            tx.execute(
+                "INSERT INTO file_recipients (file_id, user_name) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING",
+                &[&row.file_id, user],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn file(&self, file_id: &str) -> Result<Option<FileRow>, StoreError> {
+        let row = self.client.borrow_mut().query_opt(
+            &format!("SELECT {FILE_COLUMNS} FROM files f WHERE f.file_id = $1"),
+            &[&file_id],
+        )?;
+        row.map(|r| self.file_row(&r)).transpose()
+    }
+
+    fn file_recipient(
+        &self,
+        file_id: &str,
+        user: &str,
+    ) -> Result<Option<RecipientState>, StoreError> {
+        let row = self.client.borrow_mut().query_opt(
+            "SELECT state FROM file_recipients WHERE file_id = $1 AND user_name = $2",
+            &[&file_id, &user],
+        )?;
+        row.map(|r| col::<i16>(&r, 0).map(state_from_i16))
+            .transpose()
+    }
+
+    fn set_file_recipient(
+        &mut self,
+        file_id: &str,
+        user: &str,
+        state: RecipientState,
+    ) -> Result<bool, StoreError> {
+        Ok(self.client.get_mut().execute(
+            "UPDATE file_recipients SET state = $3 WHERE file_id = $1 AND user_name = $2",
+            &[&file_id, &user, &(state as i16)],
+        )? > 0)
+    }
+
+    fn want_relay(&mut self, file_id: &str, user: &str) -> Result<bool, StoreError> {
+        Ok(self.client.get_mut().execute(
+            "UPDATE file_recipients SET wants_relay = TRUE WHERE file_id = $1 AND user_name = $2",
+            &[&file_id, &user],
+        )? > 0)
+    }
+
+    /// As `Db` does: the recipients still offered the file (neither declined nor received),
+    /// whether or not they called `want_relay`. Lists here come in a fixed order (names or
+    /// ids, bytewise) where `Db` promises none.
+    fn complete_file(&mut self, file_id: &str) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.client.get_mut().transaction()?;
+        tx.execute(
+            "UPDATE files SET complete = TRUE WHERE file_id = $1",
+            &[&file_id],
+        )?;
+        let rows = tx.query(
+            "SELECT user_name FROM file_recipients WHERE file_id = $1 AND state = 0
+             ORDER BY user_name",
+            &[&file_id],
+        )?;
+        tx.commit()?;
+        rows.iter().map(|r| col(r, 0)).collect()
+    }
+
+    fn pending_files(
+        &self,
+        user: &str,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<FileRow>, StoreError> {
+        let rows = self.client.borrow_mut().query(
+            &format!(
+                "SELECT {FILE_COLUMNS} FROM files f JOIN file_recipients r ON r.file_id = f.file_id
+                 WHERE r.user_name = $1 AND r.state = 0 AND f.expires_ms > $2
+                 ORDER BY f.created_ms, f.file_id LIMIT $3"
+            ),
+            &[&user, &now_ms, &i64::from(limit)],
+        )?;
+        rows.iter().map(|r| self.file_row(r)).collect()
+    }
+
+    fn file_bytes_of(&self, user: &str, now_ms: i64) -> Result<u64, StoreError> {
+        // sum() of BIGINT is NUMERIC; back to BIGINT as SQLite's integer sum.
+        let row = self.client.borrow_mut().query_one(
+            "SELECT coalesce(sum(size), 0)::BIGINT FROM files WHERE sender = $1 AND expires_ms > $2",
+            &[&user, &now_ms],
+        )?;
+        Ok(col::<i64>(&row, 0)?.max(0) as u64)
+    }
+
+    fn expire_files(&mut self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        // The recipients go with their file (ON DELETE CASCADE).
+        let rows = self.client.get_mut().query(
+            "DELETE FROM files WHERE expires_ms <= $1 RETURNING file_id",
+            &[&now_ms],
+        )?;
+        let mut ids: Vec<String> = rows.iter().map(|r| col(r, 0)).collect::<Result<_, _>>()?;
+        // In id order (`Db` promises no order; a fixed one is one of its).
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn delete_file(&mut self, file_id: &str) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.client.get_mut().transaction()?;
+        let rows = tx.query(
+            "SELECT user_name FROM file_recipients WHERE file_id = $1 AND state = $2
+             ORDER BY user_name",
+            &[&file_id, &(RecipientState::Offered as i16)],
+        )?;
+        let waiting = rows.iter().map(|r| col(r, 0)).collect::<Result<_, _>>()?;
+        tx.execute("DELETE FROM files WHERE file_id = $1", &[&file_id])?;
+        tx.commit()?;
+        Ok(waiting)
+    }
+
+    fn file_ids(&self) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .client
+            .borrow_mut()
+            .query("SELECT file_id FROM files ORDER BY file_id", &[])?;
+        rows.iter().map(|r| col(r, 0)).collect()
     }
 }

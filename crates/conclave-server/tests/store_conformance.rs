@@ -1,24 +1,28 @@
 //! The same behaviour from every storage backend: each test below is written once against the
-//! store's traits (`Accounts`, `Rooms`, `Moderation`) and run twice, on SQLite's `Db` in a
+//! store's traits (`Accounts`, `Rooms`, `Moderation`, `FileMeta`) and run twice, on SQLite's `Db` in a
 //! temporary directory (`sqlite::…`) and on `PgDb` against a throwaway PostgreSQL 15
 //! (`postgres::…`). A backend that differs from SQLite in a return value, an error or what a
 //! failed operation leaves behind fails here.
 //!
-//! After them, what only PostgreSQL has: a schema version checked at connect, two nodes
-//! spending one invite code at once, errors when the server is gone.
+//! After them, what only PostgreSQL has: a schema version checked at connect (and an older one
+//! brought up to date), the data key checked at connect, two nodes spending one invite code at
+//! once, errors when the server is gone.
 
 #[path = "common/postgres.rs"]
 mod postgres_kit;
 
+use conclave_proto::Conv;
 use conclave_server::at_rest::DataKey;
 use conclave_server::guard::{Ban, BanTarget};
-use conclave_server::store::{Accounts, Db, Moderation, RoomRow, Rooms, StoreError};
+use conclave_server::store::{
+    Accounts, Db, FileMeta, FileRow, Moderation, RecipientState, RoomRow, Rooms, StoreError,
+};
 use conclave_server::store_pg::{PgDb, SCHEMA_VERSION};
 use ipnet::IpNet;
 
 /// What the conformance tests need of a backend.
-trait Tested: Accounts + Rooms + Moderation {}
-impl<T: Accounts + Rooms + Moderation> Tested for T {}
+trait Tested: Accounts + Rooms + Moderation + FileMeta {}
+impl<T: Accounts + Rooms + Moderation + FileMeta> Tested for T {}
 
 fn net(s: &str) -> IpNet {
     s.parse().expect("a CIDR")
@@ -370,18 +374,276 @@ fn ip_rules(s: &mut dyn Tested) {
     assert_eq!(deny, [net("10.1.0.0/16")]);
 }
 
+/// A file record as the server makes one.
+fn file_row(
+    id: &str,
+    sender: &str,
+    conv: Conv,
+    size: u64,
+    created_ms: i64,
+    expires_ms: i64,
+) -> FileRow {
+    FileRow {
+        file_id: id.to_string(),
+        sender: sender.to_string(),
+        conv,
+        except: Vec::new(),
+        name: format!("{id}.bin"),
+        sha256: [id.len() as u8; 32],
+        size,
+        chunk_size: 65_536,
+        created_ms,
+        expires_ms,
+        complete: false,
+        p2p: false,
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn ids(files: &[FileRow]) -> Vec<&str> {
+    files.iter().map(|f| f.file_id.as_str()).collect()
+}
+
+/// File records round-trip (name and hash sealed, the direct conversation, the exceptions,
+/// the flags); a duplicate id is an error and changes nothing; duplicate recipients count
+/// once; a missing file or recipient is `None` or `false`.
+fn files_records(s: &mut dyn Tested) {
+    let mut row = file_row("f1", "alice", Conv::Room("lobby".into()), 1000, 10, 1_000);
+    row.except = strings(&["carol", "dave"]);
+    row.p2p = true;
+    s.create_file(&row, &strings(&["bob", "erin", "bob"]))
+        .expect("create f1");
+    assert_eq!(s.file("f1").expect("read"), Some(row.clone()));
+    let dm = file_row(
+        "f2",
+        "bob",
+        Conv::Direct(strings(&["alice", "bob"])),
+        5,
+        20,
+        1_000,
+    );
+    s.create_file(&dm, &strings(&["alice"])).expect("create f2");
+    assert_eq!(s.file("f2").expect("read"), Some(dm));
+    assert_eq!(s.file("nope").expect("read"), None);
+
+    let other = file_row("f1", "mallory", Conv::Room("x".into()), 1, 1, 2);
+    assert!(
+        s.create_file(&other, &strings(&["zed"])).is_err(),
+        "a duplicate file id is an error"
+    );
+    assert_eq!(
+        s.file("f1").expect("read"),
+        Some(row),
+        "a refused duplicate must leave the file as it was"
+    );
+    assert_eq!(s.file_recipient("f1", "zed").expect("read"), None);
+
+    assert_eq!(
+        s.file_recipient("f1", "bob").expect("read"),
+        Some(RecipientState::Offered)
+    );
+    assert_eq!(
+        s.file_recipient("f1", "alice").expect("read"),
+        None,
+        "the sender is no recipient"
+    );
+    assert_eq!(s.file_recipient("nope", "bob").expect("read"), None);
+    assert_eq!(sorted(s.file_ids().expect("ids")), ["f1", "f2"]);
+}
+
+/// Recipient states, the relay wait and completion; a missing file or recipient is `false`
+/// or nothing.
+fn files_recipient_states(s: &mut dyn Tested) {
+    let row = file_row("f1", "alice", Conv::Room("lobby".into()), 100, 10, 1_000);
+    s.create_file(&row, &strings(&["dave", "bob", "carol", "erin"]))
+        .expect("create");
+    assert!(
+        s.set_file_recipient("f1", "bob", RecipientState::Declined)
+            .expect("set")
+    );
+    assert!(
+        s.set_file_recipient("f1", "carol", RecipientState::Received)
+            .expect("set")
+    );
+    // Setting the state a recipient already has still finds them.
+    assert!(
+        s.set_file_recipient("f1", "carol", RecipientState::Received)
+            .expect("set again")
+    );
+    assert!(
+        !s.set_file_recipient("f1", "alice", RecipientState::Received)
+            .expect("set non-recipient")
+    );
+    assert!(
+        !s.set_file_recipient("nope", "bob", RecipientState::Received)
+            .expect("set missing file")
+    );
+    assert_eq!(
+        s.file_recipient("f1", "bob").expect("read"),
+        Some(RecipientState::Declined)
+    );
+    assert_eq!(
+        s.file_recipient("f1", "carol").expect("read"),
+        Some(RecipientState::Received)
+    );
+
+    assert!(s.want_relay("f1", "dave").expect("want"));
+    assert!(s.want_relay("f1", "dave").expect("want again"));
+    assert!(!s.want_relay("f1", "alice").expect("want non-recipient"));
+    assert!(!s.want_relay("nope", "dave").expect("want missing file"));
+
+    // What `Db` returns: every recipient still offered the file (whether or not they asked
+    // for the relay copy). Lists of ids and names come in no promised order (SQLite's depends
+    // on the index it picks), so they are compared sorted.
+    assert_eq!(
+        sorted(s.complete_file("f1").expect("complete")),
+        ["dave", "erin"]
+    );
+    assert!(s.file("f1").expect("read").expect("f1").complete);
+    assert!(s.file("f1").expect("read").expect("f1").offer().relay_ready);
+    assert!(
+        s.complete_file("nope")
+            .expect("complete missing")
+            .is_empty()
+    );
+    assert_eq!(s.file("nope").expect("read"), None);
+}
+
+/// Pending files: offered and unexpired only, oldest first, at most `limit`.
+fn files_pending(s: &mut dyn Tested) {
+    for (id, created, expires) in [
+        ("c", 30, 1_000),
+        ("a", 10, 1_000),
+        ("b", 20, 1_000),
+        ("old", 5, 100),
+    ] {
+        let row = file_row(
+            id,
+            "alice",
+            Conv::Room("lobby".into()),
+            10,
+            created,
+            expires,
+        );
+        s.create_file(&row, &strings(&["bob", "carol"]))
+            .expect("create");
+    }
+    assert_eq!(
+        ids(&s.pending_files("bob", 50, 10).expect("pending")),
+        ["old", "a", "b", "c"]
+    );
+    assert_eq!(
+        ids(&s.pending_files("bob", 100, 10).expect("pending")),
+        ["a", "b", "c"],
+        "expired at now is not pending"
+    );
+    assert_eq!(
+        ids(&s.pending_files("bob", 100, 2).expect("pending")),
+        ["a", "b"]
+    );
+    assert!(s.pending_files("bob", 100, 0).expect("pending").is_empty());
+    s.set_file_recipient("a", "bob", RecipientState::Received)
+        .expect("set");
+    s.set_file_recipient("b", "bob", RecipientState::Declined)
+        .expect("set");
+    let pending = s.pending_files("bob", 100, 10).expect("pending");
+    assert_eq!(ids(&pending), ["c"]);
+    assert_eq!(pending[0].name, "c.bin", "pending rows are whole rows");
+    assert_eq!(
+        ids(&s.pending_files("carol", 100, 10).expect("pending")),
+        ["a", "b", "c"]
+    );
+    assert!(
+        s.pending_files("alice", 0, 10).expect("pending").is_empty(),
+        "not the sender's"
+    );
+    assert!(
+        s.pending_files("nobody", 0, 10)
+            .expect("pending")
+            .is_empty()
+    );
+}
+
+/// Quota bytes count the sender's unexpired files; expiry removes the records (and their
+/// recipients) and returns their ids; deleting returns who still waited.
+fn files_quota_expiry_delete(s: &mut dyn Tested) {
+    assert_eq!(s.file_bytes_of("alice", 0).expect("bytes"), 0);
+    for (id, sender, size, expires) in [
+        ("f3", "alice", 300, 300),
+        ("f1", "alice", 100, 100),
+        ("f2", "alice", 200, 200),
+        ("g1", "bob", 7, 1_000),
+        ("big", "carol", 5_000_000_000, 1_000),
+    ] {
+        let row = file_row(id, sender, Conv::Room("lobby".into()), size, 1, expires);
+        s.create_file(&row, &strings(&["dave", "erin", "frank"]))
+            .expect("create");
+    }
+    assert_eq!(s.file_bytes_of("alice", 0).expect("bytes"), 600);
+    assert_eq!(
+        s.file_bytes_of("alice", 100).expect("bytes"),
+        500,
+        "expired at now does not count"
+    );
+    assert_eq!(s.file_bytes_of("alice", 300).expect("bytes"), 0);
+    assert_eq!(
+        s.file_bytes_of("carol", 0).expect("bytes"),
+        5_000_000_000,
+        "past 32 bits"
+    );
+    assert_eq!(s.file_bytes_of("nobody", 0).expect("bytes"), 0);
+
+    assert!(s.expire_files(99).expect("expire").is_empty());
+    assert_eq!(sorted(s.expire_files(200).expect("expire")), ["f1", "f2"]);
+    assert_eq!(s.file("f1").expect("read"), None);
+    assert_eq!(
+        s.file_recipient("f1", "dave").expect("read"),
+        None,
+        "recipients go with the file"
+    );
+    assert!(s.expire_files(200).expect("expire again").is_empty());
+    assert_eq!(sorted(s.file_ids().expect("ids")), ["big", "f3", "g1"]);
+
+    s.set_file_recipient("g1", "dave", RecipientState::Received)
+        .expect("set");
+    s.set_file_recipient("g1", "erin", RecipientState::Declined)
+        .expect("set");
+    assert_eq!(sorted(s.delete_file("g1").expect("delete")), ["frank"]);
+    assert_eq!(s.file("g1").expect("read"), None);
+    assert_eq!(s.file_recipient("g1", "frank").expect("read"), None);
+    assert!(s.delete_file("g1").expect("delete again").is_empty());
+    assert!(s.delete_file("nope").expect("delete missing").is_empty());
+    assert_eq!(
+        sorted(s.delete_file("f3").expect("delete")),
+        ["dave", "erin", "frank"]
+    );
+    assert_eq!(sorted(s.file_ids().expect("ids")), ["big"]);
+    // A deleted id can be used again.
+    let again = file_row("g1", "bob", Conv::Room("lobby".into()), 1, 2, 1_000);
+    s.create_file(&again, &[]).expect("recreate g1");
+    assert_eq!(s.file("g1").expect("read"), Some(again));
+    assert_eq!(s.file_recipient("g1", "frank").expect("read"), None);
+}
+
+/// The data key every test opens its store with.
+fn key() -> DataKey {
+    DataKey::from_bytes(&[7u8; 32]).expect("a 32-byte key")
+}
+
 /// SQLite's `Db` in a temporary data directory.
 fn sqlite() -> (tempfile::TempDir, Db) {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let key = DataKey::from_bytes(&[7u8; 32]).expect("a 32-byte key");
-    let db = Db::open(dir.path(), key).expect("open SQLite");
+    let db = Db::open(dir.path(), key()).expect("open SQLite");
     (dir, db)
 }
 
 /// `PgDb` on a new throwaway PostgreSQL, over loopback TCP.
 fn postgres() -> (postgres_kit::PgServer, PgDb) {
     let pg = postgres_kit::PgServer::start();
-    let db = PgDb::connect(&pg.tcp_config()).expect("connect to the throwaway PostgreSQL");
+    let db = PgDb::connect(&pg.tcp_config(), key()).expect("connect to the throwaway PostgreSQL");
     (pg, db)
 }
 
@@ -412,6 +674,10 @@ on_both!(
     room_bans_expire,
     server_bans,
     ip_rules,
+    files_records,
+    files_recipient_states,
+    files_pending,
+    files_quota_expiry_delete,
 );
 
 /// Connecting creates the schema once (over the Unix socket this time); a second connection,
@@ -420,12 +686,12 @@ on_both!(
 #[test]
 fn postgres_schema_is_versioned() {
     let pg = postgres_kit::PgServer::start();
-    let mut first = PgDb::connect(&pg.socket_config()).expect("connect over the socket");
+    let mut first = PgDb::connect(&pg.socket_config(), key()).expect("connect over the socket");
     assert_eq!(first.schema_version().expect("version"), SCHEMA_VERSION);
     first.create_user("alice", "h", true).expect("create");
     drop(first);
 
-    let second = PgDb::connect(&pg.tcp_config()).expect("connect again");
+    let second = PgDb::connect(&pg.tcp_config(), key()).expect("connect again");
     assert_eq!(second.schema_version().expect("version"), SCHEMA_VERSION);
     assert!(second.user("alice").expect("read").is_some());
     drop(second);
@@ -445,7 +711,7 @@ fn postgres_schema_is_versioned() {
             &[&(SCHEMA_VERSION + 1).to_string()],
         )
         .expect("pretend a newer build wrote it");
-    match PgDb::connect(&pg.tcp_config()) {
+    match PgDb::connect(&pg.tcp_config(), key()) {
         Err(StoreError::TooNew { found }) => assert_eq!(found, SCHEMA_VERSION + 1),
         other => panic!("a newer schema must be refused, got {other:?}"),
     }
@@ -455,7 +721,7 @@ fn postgres_schema_is_versioned() {
 #[test]
 fn postgres_invite_code_spent_once_across_nodes() {
     let pg = postgres_kit::PgServer::start();
-    let mut setup = PgDb::connect(&pg.tcp_config()).expect("connect");
+    let mut setup = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
     const ROUNDS: usize = 20;
     for i in 0..ROUNDS {
         setup
@@ -469,7 +735,7 @@ fn postgres_invite_code_spent_once_across_nodes() {
             let config = pg.tcp_config();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                let mut db = PgDb::connect(&config).expect("connect");
+                let mut db = PgDb::connect(&config, key()).expect("connect");
                 let mut won = Vec::new();
                 for i in 0..ROUNDS {
                     barrier.wait();
@@ -503,7 +769,7 @@ fn postgres_invite_code_spent_once_across_nodes() {
 #[test]
 fn postgres_down_is_an_error_not_a_panic() {
     let mut pg = postgres_kit::PgServer::start();
-    let mut db = PgDb::connect(&pg.tcp_config()).expect("connect");
+    let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
     db.create_user("alice", "h", false).expect("create");
     pg.stop();
     match db.create_user("bob", "h", false) {
@@ -512,17 +778,66 @@ fn postgres_down_is_an_error_not_a_panic() {
         }
         other => panic!("expected a PostgreSQL error, got {other:?}"),
     }
-    match PgDb::connect(&pg.tcp_config()) {
+    match PgDb::connect(&pg.tcp_config(), key()) {
         Err(StoreError::Postgres { message, .. }) => {
             assert!(message.contains("could not connect"), "{message}");
         }
         other => panic!("expected a connection error, got {other:?}"),
     }
     pg.restart();
-    let db = PgDb::connect(&pg.tcp_config()).expect("connect after restart");
+    let db = PgDb::connect(&pg.tcp_config(), key()).expect("connect after restart");
     assert!(
         db.user("alice").expect("read").is_some(),
         "the commit survived"
     );
     assert_eq!(db.user("bob").expect("read"), None);
+}
+
+/// A database at schema version 1 (before files) is brought up to the current version at
+/// connect, keeping its rows, and its files tables then work.
+#[test]
+fn postgres_schema_upgrades_from_version_1() {
+    let pg = postgres_kit::PgServer::start();
+    let mut first = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+    first.create_user("alice", "h", true).expect("create");
+    drop(first);
+    let mut admin =
+        ::postgres::Client::connect(&pg.tcp_config(), ::postgres::NoTls).expect("plain client");
+    admin
+        .batch_execute(
+            "DROP TABLE file_recipients; DROP TABLE files;
+             UPDATE conclave_meta SET value = '1' WHERE key = 'schema_version';",
+        )
+        .expect("make it a version 1 database");
+
+    let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect to version 1");
+    assert_eq!(db.schema_version().expect("version"), SCHEMA_VERSION);
+    assert!(
+        db.user("alice").expect("read").is_some(),
+        "rows survive the upgrade"
+    );
+    let row = file_row("f1", "alice", Conv::Room("lobby".into()), 10, 1, 1_000);
+    db.create_file(&row, &strings(&["bob"]))
+        .expect("create a file");
+    assert_eq!(db.file("f1").expect("read"), Some(row));
+}
+
+/// The first connect records a check of the data key; another key is refused before anything
+/// is written, and the right one still opens the database.
+#[test]
+fn postgres_wrong_data_key_is_refused() {
+    let pg = postgres_kit::PgServer::start();
+    let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+    let row = file_row("f1", "alice", Conv::Room("lobby".into()), 10, 1, 1_000);
+    db.create_file(&row, &[]).expect("create a file");
+    drop(db);
+    let other = DataKey::from_bytes(&[8u8; 32]).expect("a 32-byte key");
+    match PgDb::connect(&pg.tcp_config(), other) {
+        Err(StoreError::Postgres { message, .. }) => {
+            assert!(message.contains("data key does not match"), "{message}");
+        }
+        other => panic!("another data key must be refused, got {other:?}"),
+    }
+    let db = PgDb::connect(&pg.tcp_config(), key()).expect("the right key");
+    assert_eq!(db.file("f1").expect("read"), Some(row));
 }

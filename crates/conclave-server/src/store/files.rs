@@ -94,6 +94,28 @@ fn meta_ad(file_id: &str) -> Vec<u8> {
     format!("conclave-file-meta-v1|{file_id}").into_bytes()
 }
 
+/// A file's name and hash sealed under the data key, bound to its id (every backend stores
+/// them this way).
+pub(crate) fn seal_meta(
+    key: &crate::at_rest::DataKey,
+    row: &FileRow,
+) -> Result<Vec<u8>, StoreError> {
+    let meta = postcard::to_stdvec(&(&row.name, &row.sha256)).map_err(|_| StoreError::Corrupt)?;
+    Ok(key.seal(&meta_ad(&row.file_id), &meta))
+}
+
+/// The name and hash of a file, opened; a wrong key or an altered record is `Corrupt`.
+pub(crate) fn open_meta(
+    key: &crate::at_rest::DataKey,
+    file_id: &str,
+    sealed: &[u8],
+) -> Result<(String, [u8; 32]), StoreError> {
+    let meta = key
+        .open(&meta_ad(file_id), sealed)
+        .map_err(|_| StoreError::Corrupt)?;
+    postcard::from_bytes(&meta).map_err(|_| StoreError::Corrupt)
+}
+
 type RawRow = (
     String,
     String,
@@ -113,9 +135,7 @@ const ROW_COLUMNS: &str = "file_id, sender, conv, except_list, meta, size, chunk
 impl Db {
     /// Records a new file and its recipients (the sender is not one).
     pub fn create_file(&mut self, row: &FileRow, recipients: &[String]) -> Result<(), StoreError> {
-        let meta =
-            postcard::to_stdvec(&(&row.name, &row.sha256)).map_err(|_| StoreError::Corrupt)?;
-        let sealed = self.key.seal(&meta_ad(&row.file_id), &meta);
+        let sealed = seal_meta(&self.key, row)?;
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO files (file_id, sender, conv, except_list, meta, size, chunk_size,
@@ -159,12 +179,7 @@ impl Db {
             complete,
             p2p,
         ) = raw;
-        let meta = self
-            .key
-            .open(&meta_ad(&file_id), &sealed)
-            .map_err(|_| StoreError::Corrupt)?;
-        let (name, sha256): (String, [u8; 32]) =
-            postcard::from_bytes(&meta).map_err(|_| StoreError::Corrupt)?;
+        let (name, sha256) = open_meta(&self.key, &file_id, &sealed)?;
         Ok(FileRow {
             file_id,
             sender,
