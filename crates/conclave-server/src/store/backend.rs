@@ -360,8 +360,9 @@ pub trait FileMeta {
     ) -> Result<bool, StoreError>;
     /// Marks that `user` waits for the relay copy.
     fn want_relay(&mut self, file_id: &str, user: &str) -> Result<bool, StoreError>;
-    /// Marks a file's upload complete (its hash checked); returns the recipients who asked
-    /// for the relay copy and still want it.
+    /// Marks a file's upload complete (its hash checked); returns the recipients still waiting
+    /// for it (offered, neither taken nor declined): a relayed file is offered to them now; for
+    /// a peer-to-peer file they are told its relay copy is ready.
     fn complete_file(&mut self, file_id: &str) -> Result<Vec<String>, StoreError>;
     /// Files offered to `user` and not yet taken or declined, unexpired, oldest first.
     fn pending_files(

@@ -267,8 +267,9 @@ impl Db {
         )? > 0)
     }
 
-    /// Marks a file's upload complete (its hash checked); returns the recipients who asked
-    /// for the relay copy and still want it.
+    /// Marks a file's upload complete (its hash checked); returns the recipients still waiting
+    /// for it (offered, neither taken nor declined): a relayed file is offered to them now; for
+    /// a peer-to-peer file they are told its relay copy is ready.
     pub fn complete_file(&mut self, file_id: &str) -> Result<Vec<String>, StoreError> {
         self.conn.execute(
             "UPDATE files SET complete = 1 WHERE file_id = ?1",
