@@ -1816,12 +1816,10 @@ fn run<C: Send + 'static>(
                         .map(|(a, ctx)| Finish::Done(Done::Appended { result: Ok(a), ctx }))
                         .collect(),
                     Err(e) => {
-                        let error = if e.disk_full() {
-                            DISK_FULL.to_string()
-                        } else {
+                        if !e.disk_full() {
                             tracing::error!(error = %e, "message batch could not be stored");
-                            e.to_string()
-                        };
+                        }
+                        let error = refusal_text(&e);
                         ctxs.into_iter()
                             .map(|ctx| {
                                 Finish::Done(Done::Appended {
@@ -1920,6 +1918,8 @@ fn sync_run<C>(
             }
             _ => None,
         };
+        // What the senders of the batches this sync covered are told (once for all of them).
+        let refused = failed.as_ref().map(|e| refusal_text(&StoreError::sync(e)));
         for round in waiting.drain(..) {
             if let (Some(started), Some(observe), None) = (round.batch_started, &observer, &failed)
             {
@@ -1929,13 +1929,9 @@ fn sync_run<C>(
                 match finish {
                     Finish::Answer(answer) => answer(failed.as_ref().map(StoreError::sync)),
                     Finish::Done(done) => {
-                        let done = match (done, &failed) {
-                            (Done::Appended { result: Ok(_), ctx }, Some(e)) => Done::Appended {
-                                result: Err(if StoreError::sync(e).disk_full() {
-                                    DISK_FULL.to_string()
-                                } else {
-                                    StoreError::sync(e).to_string()
-                                }),
+                        let done = match (done, &refused) {
+                            (Done::Appended { result: Ok(_), ctx }, Some(text)) => Done::Appended {
+                                result: Err(text.clone()),
                                 ctx,
                             },
                             (done, _) => done,
@@ -1945,6 +1941,15 @@ fn sync_run<C>(
                 }
             }
         }
+    }
+}
+
+/// What the senders of a batch that could not be stored (or synced) are told.
+fn refusal_text(e: &StoreError) -> String {
+    if e.disk_full() {
+        DISK_FULL.to_string()
+    } else {
+        e.to_string()
     }
 }
 
