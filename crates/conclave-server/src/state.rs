@@ -143,12 +143,11 @@ impl Shared {
     /// Acts on alerts: counts, logs and audits each, keeps it for the monitor, and applies the ban
     /// it asks for (unless one is already in force).
     pub fn raise(&self, alerts: Vec<Alert>) {
-        let shared = self;
         for alert in alerts {
-            shared.metrics.alert(alert.rule);
+            self.metrics.alert(alert.rule);
             let ban = alert.ban.as_ref().and_then(|plan| {
                 let now = now_ms();
-                let guard = shared.guard();
+                let guard = self.guard();
                 let already = match &plan.target {
                     BanTarget::Net(net) => guard.ip_ban(net.network(), now).is_some(),
                     BanTarget::User(u) => guard.user_ban(u, now).is_some(),
@@ -167,12 +166,12 @@ impl Shared {
             };
             tracing::warn!(rule = alert.rule.as_str(), alert = %alert.describe(), action = %action, "anomaly");
             let record = AlertRecord {
-                id: shared.monitor.next_alert.fetch_add(1, Ordering::Relaxed),
+                id: self.monitor.next_alert.fetch_add(1, Ordering::Relaxed),
                 alert: alert.clone(),
                 action: action.clone(),
             };
             {
-                let mut recent = lock(&shared.monitor.alerts);
+                let mut recent = lock(&self.monitor.alerts);
                 if recent.len() >= RECENT_ALERTS {
                     recent.pop_front();
                 }
@@ -192,25 +191,22 @@ impl Shared {
                 Scope::User(u) => f = f.user(u),
                 Scope::Subnet(_) => {}
             }
-            shared.audit(Kind::Alert, f);
+            self.audit(Kind::Alert, f);
             if let Some(ban) = ban {
-                shared.apply_ban(ban);
+                self.apply_ban(ban);
             }
         }
     }
 
     /// Enforces a ban at once, audits it, and stores it in the background.
     fn apply_ban(&self, ban: Ban) {
-        let shared = self;
-        shared.guard().add_ban(ban.clone());
+        self.guard().add_ban(ban.clone());
         let message = ban_text(&ban, now_ms());
         match &ban.target {
-            BanTarget::Net(net) => {
-                shared
-                    .registry
-                    .close_net(net, DisconnectReason::Banned, &message)
-            }
-            BanTarget::User(u) => shared
+            BanTarget::Net(net) => self
+                .registry
+                .close_net(net, DisconnectReason::Banned, &message),
+            BanTarget::User(u) => self
                 .registry
                 .close_user(u, DisconnectReason::Banned, &message),
         };
@@ -223,8 +219,8 @@ impl Shared {
         if let BanTarget::User(u) = &ban.target {
             f = f.user(u);
         }
-        shared.audit(Kind::Ban, f);
-        let store = shared.store.clone();
+        self.audit(Kind::Ban, f);
+        let store = self.store.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Err(e) = store.call(move |db| db.add_ban(&ban)).await {
