@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::relay::{Relay, RelayConfig, Rng};
-use common::{TestServer, add_users};
+use common::{TestServer, add_users, full_history};
 use conclave_client::proto::{Body, Conv, ConvRef, Event, Message, Reply, Request, Target};
 use conclave_client::trust::{KnownServers, TrustError};
 use conclave_client::{Client, ClientError, ClientEvent, ConnectOptions, Events, Reconnect, Trust};
@@ -87,24 +87,6 @@ fn dm_send(to: &str, text: &str, key: String) -> Request {
         idempotency_key: Some(key),
         refs: None,
     }
-}
-
-/// Every message of a conversation, oldest first (paged, bounded).
-async fn full_history(client: &Client, conv: ConvRef) -> Vec<Message> {
-    let mut all = Vec::new();
-    let mut before = None;
-    for _ in 0..1000 {
-        let page = client
-            .history(conv.clone(), 100, before)
-            .await
-            .expect("history");
-        if page.is_empty() {
-            return all;
-        }
-        before = page.first().map(|m| m.seq);
-        all.splice(0..0, page);
-    }
-    panic!("history does not end");
 }
 
 /// Sends `n` messages from `client`, a few in flight at a time, alternating between the room

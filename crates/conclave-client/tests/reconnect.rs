@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, add_users};
+use common::{TestServer, add_users, full_history};
 use conclave_client::json::{self, JsonOptions};
 use conclave_client::proto::{
     Body, Conv, ConvRef, DisconnectReason, Event, Message, Reply, Request, Target,
@@ -119,24 +119,6 @@ fn room_send(text: &str, key: Option<String>) -> Request {
         idempotency_key: key,
         refs: None,
     }
-}
-
-/// Every message of a conversation, oldest first (paged, bounded).
-async fn full_history(client: &Client, conv: ConvRef) -> Vec<Message> {
-    let mut all = Vec::new();
-    let mut before = None;
-    for _ in 0..1000 {
-        let page = client
-            .history(conv.clone(), 100, before)
-            .await
-            .expect("history");
-        if page.is_empty() {
-            return all;
-        }
-        before = page.first().map(|m| m.seq);
-        all.splice(0..0, page);
-    }
-    panic!("history does not end");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,3 +192,24 @@ pub async fn none_for(
     })
     .await;
 }
+
+/// Every message of a conversation, oldest first (paged, bounded).
+pub async fn full_history(
+    client: &conclave_client::Client,
+    conv: conclave_client::proto::ConvRef,
+) -> Vec<conclave_client::proto::Message> {
+    let mut all = Vec::new();
+    let mut before = None;
+    for _ in 0..1000 {
+        let page = client
+            .history(conv.clone(), 100, before)
+            .await
+            .expect("history");
+        if page.is_empty() {
+            return all;
+        }
+        before = page.first().map(|m| m.seq);
+        all.splice(0..0, page);
+    }
+    panic!("history does not end");
+}
