@@ -177,6 +177,7 @@ impl Server {
                 e2ee,
                 certs: loaded.certs.clone(),
                 presence: Mutex::new(presence),
+                bus: None,
                 next_session: AtomicU64::new(1),
             }),
             listener,

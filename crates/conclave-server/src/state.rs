@@ -57,6 +57,9 @@ pub struct Shared {
     pub certs: Arc<crate::certs::Certs>,
     /// Topics, display names, away messages, read-marker privacy (lock after the hub's).
     pub presence: Mutex<crate::presence::Presence>,
+    /// Fan-out to the other nodes of a cluster (`--bus`); `None` for one node alone, which
+    /// then pays nothing for it.
+    pub bus: Option<Arc<dyn crate::bus::Bus>>,
     pub(crate) next_session: AtomicU64,
 }
 
