@@ -59,7 +59,25 @@ pub struct Room {
     pub banned_until: HashMap<String, i64>,
     /// Vote-kicks under way: target → (voter, when).
     pub votes: HashMap<String, Vec<(String, i64)>>,
+    /// The store ticket ([`next_ticket`]) of the newest store state applied to this room (a
+    /// write here, or a read after another node's change); an older read is not applied.
+    pub ticket: u64,
 }
+
+/// Store tickets: taken *on the store thread*, inside the closure of a room's write or read,
+/// so they count in the order the store ran them (one store thread, one connection). A
+/// cluster node reads a room again when another node changed it; the answer is applied only
+/// if nothing newer was (a local write, or a later read), whatever order the tasks resume in.
+static TICKETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The next store ticket. Call it inside a store closure.
+pub fn next_ticket() -> u64 {
+    TICKETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The most nodes a user can be online on at once, as this hub keeps it (a bound on what other
+/// nodes' presence can make it hold: accounts × this).
+pub const MAX_REMOTE_NODES: usize = 64;
 
 /// How vote-kicks are counted.
 #[derive(Debug, Clone)]
@@ -110,6 +128,9 @@ pub struct Hub<O> {
     /// Connection → (user, handle, live). A connection is live once it has caught up: only
     /// then does it receive new messages, so catch-up and live traffic never overlap.
     sessions: SessionMap<(String, O, bool)>,
+    /// Users online on other nodes of a cluster: user → node → until when (ms) that node's
+    /// word holds. Only known accounts, at most [`MAX_REMOTE_NODES`] nodes each.
+    remote: HashMap<String, HashMap<String, i64>>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -156,6 +177,7 @@ impl<O> Hub<O> {
                         votekick: r.votekick,
                         banned_until: HashMap::new(),
                         votes: HashMap::new(),
+                        ticket: 0,
                     },
                 )
             })
@@ -165,6 +187,7 @@ impl<O> Hub<O> {
             users,
             rooms,
             sessions: SessionMap::default(),
+            remote: HashMap::new(),
         }
     }
 
@@ -176,10 +199,16 @@ impl<O> Hub<O> {
     /// Forgets an account (deleted): its memberships and invitations.
     pub fn remove_user(&mut self, name: &str) {
         self.users.remove(name);
+        self.remote.remove(name);
         for r in self.rooms.values_mut() {
             r.members.remove(name);
             r.invited.remove(name);
         }
+    }
+
+    /// Every account this hub knows.
+    pub fn users_known(&self) -> Vec<String> {
+        self.users.keys().cloned().collect()
     }
 
     pub fn knows_user(&self, name: &str) -> bool {
@@ -223,8 +252,191 @@ impl<O> Hub<O> {
         Some((user, offline))
     }
 
+    /// Online here or on another node of the cluster.
     pub fn online(&self, user: &str) -> bool {
+        self.online_here(user) || self.remote.contains_key(user)
+    }
+
+    /// Has a connection on this node.
+    pub fn online_here(&self, user: &str) -> bool {
         self.users.get(user).is_some_and(|u| !u.sessions.is_empty())
+    }
+
+    /// Online on another node of the cluster.
+    pub fn online_elsewhere(&self, user: &str) -> bool {
+        self.remote.contains_key(user)
+    }
+
+    /// Users with a connection on this node, sorted.
+    pub fn users_online_here(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(_, u)| !u.sessions.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Node `node` says `user` is online there until `until_ms` (`Some`), or not any more
+    /// (`None`). Returns `Some(online)` when this changed whether the user is online anywhere
+    /// (so its peers here are told), `None` otherwise. Unknown accounts are ignored, and a user
+    /// already online on [`MAX_REMOTE_NODES`] other nodes is not added to another.
+    pub fn set_remote(&mut self, node: &str, user: &str, until_ms: Option<i64>) -> Option<bool> {
+        if !self.users.contains_key(user) {
+            return None;
+        }
+        let before = self.online(user);
+        match until_ms {
+            Some(until) => {
+                let nodes = self.remote.entry(user.to_string()).or_default();
+                if nodes.len() < MAX_REMOTE_NODES || nodes.contains_key(node) {
+                    let t = nodes.entry(node.to_string()).or_insert(until);
+                    *t = (*t).max(until);
+                }
+            }
+            None => {
+                if let Some(nodes) = self.remote.get_mut(user) {
+                    nodes.remove(node);
+                    if nodes.is_empty() {
+                        self.remote.remove(user);
+                    }
+                }
+            }
+        }
+        let after = self.online(user);
+        (before != after).then_some(after)
+    }
+
+    /// Forgets what `node` said (it is stopping): the users that went offline everywhere.
+    pub fn forget_node(&mut self, node: &str) -> Vec<String> {
+        self.expire_where(|n, _| n == node)
+    }
+
+    /// Forgets what other nodes said that was not repeated by `now_ms`: the users that went
+    /// offline everywhere.
+    pub fn expire_remote(&mut self, now_ms: i64) -> Vec<String> {
+        self.expire_where(|_, until| until <= now_ms)
+    }
+
+    fn expire_where(&mut self, gone: impl Fn(&str, i64) -> bool) -> Vec<String> {
+        let mut offline = Vec::new();
+        self.remote.retain(|user, nodes| {
+            nodes.retain(|n, until| !gone(n, *until));
+            if nodes.is_empty() {
+                offline.push(user.clone());
+            }
+            !nodes.is_empty()
+        });
+        offline.retain(|u| !self.online_here(u));
+        offline.sort();
+        offline
+    }
+
+    /// Replaces `name`'s stored state (what a store read at `ticket` found: `None`, no such
+    /// room) unless something newer was applied. Keeps the vote-kick bans and votes (not in
+    /// the row). Returns whether it was applied.
+    pub fn refresh_room(&mut self, name: &str, row: Option<RoomRow>, ticket: u64) -> bool {
+        match (self.rooms.get_mut(name), row) {
+            (Some(r), _) if r.ticket >= ticket => false,
+            (Some(r), Some(row)) => {
+                r.private = row.private;
+                r.pw_hash = row.pw_hash;
+                r.owner = row.owner;
+                r.members = row.members.into_iter().collect();
+                r.invited = row.invited.into_iter().collect();
+                if r.votekick && !row.votekick {
+                    r.votes.clear();
+                }
+                r.votekick = row.votekick;
+                r.ticket = ticket;
+                true
+            }
+            (None, Some(row)) => {
+                if self.rooms.len() >= self.limits.max_rooms.saturating_mul(2).max(1) {
+                    // The store holds more rooms than this node would ever make: refuse to
+                    // grow without bound on another node's word.
+                    return false;
+                }
+                self.rooms.insert(
+                    name.to_string(),
+                    Room {
+                        private: row.private,
+                        pw_hash: row.pw_hash,
+                        owner: row.owner,
+                        members: row.members.into_iter().collect(),
+                        invited: row.invited.into_iter().collect(),
+                        votekick: row.votekick,
+                        ticket,
+                        ..Default::default()
+                    },
+                );
+                true
+            }
+            (_, None) => false,
+        }
+    }
+
+    /// Records that a local write to `room` ran at store ticket `ticket`.
+    pub fn touch_room(&mut self, room: &str, ticket: u64) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.ticket = r.ticket.max(ticket);
+        }
+    }
+
+    /// Counts a vote cast on another node (`ClusterEvent::Vote`): only when vote-kick is on in
+    /// `room` and both are members, once per voter within `window_ms` of `now_ms`. Returns
+    /// whether it was counted. Never kicks: the node where the threshold is reached does.
+    pub fn record_remote_vote(
+        &mut self,
+        room: &str,
+        target: &str,
+        voter: &str,
+        at_ms: i64,
+        now_ms: i64,
+        window_ms: i64,
+    ) -> bool {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        if !r.votekick
+            || voter == target
+            || !r.members.contains(voter)
+            || !r.members.contains(target)
+        {
+            return false;
+        }
+        // A vote from the future counts from now; one outside the window not at all.
+        let at = at_ms.min(now_ms);
+        if now_ms - at > window_ms {
+            return false;
+        }
+        let votes = r.votes.entry(target.to_string()).or_default();
+        votes.retain(|(_, t)| now_ms - t <= window_ms);
+        if votes.iter().any(|(v, _)| v == voter) {
+            return false;
+        }
+        votes.push((voter.to_string(), at));
+        true
+    }
+
+    /// The caught-up connections of `users`' union with `room`'s members (a notice about a
+    /// change of members reaches those before and after it).
+    pub fn room_sessions_with<'a>(&'a self, room: &str, also: &'a BTreeSet<String>) -> Vec<&'a O> {
+        let mut users: BTreeSet<&str> = also.iter().map(String::as_str).collect();
+        if let Some(r) = self.rooms.get(room) {
+            users.extend(r.members.iter().map(String::as_str));
+        }
+        users
+            .into_iter()
+            .filter_map(|u| self.users.get(u))
+            .flat_map(|u| u.sessions.iter())
+            .filter_map(|s| match self.sessions.get(s) {
+                Some((_, o, true)) => Some(o),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn room(&self, name: &str) -> Option<&Room> {
@@ -753,7 +965,8 @@ impl<O> Hub<O> {
         let u = self.users.get(user);
         UserPresence {
             user: user.to_string(),
-            online: u.is_some_and(|u| !u.sessions.is_empty()),
+            online: self.online(user),
+            // This node's connections (another node's are not counted here).
             connections: u.map(|u| u.sessions.len() as u32).unwrap_or(0),
             admin: u.is_some_and(|u| u.admin),
             // Filled in from `presence::Presence` by the caller.
@@ -769,7 +982,7 @@ impl<O> Hub<O> {
                 let mut v: Vec<UserPresence> = self
                     .users
                     .iter()
-                    .filter(|(_, u)| !u.sessions.is_empty())
+                    .filter(|(n, u)| !u.sessions.is_empty() || self.remote.contains_key(*n))
                     .map(|(n, _)| self.presence(n))
                     .collect();
                 v.sort_by(|a, b| a.user.cmp(&b.user));
