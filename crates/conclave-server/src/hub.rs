@@ -1377,4 +1377,208 @@ mod tests {
         assert_eq!(h.disconnect(1), Some(("alice".into(), true)));
         assert!(!h.online("alice"));
     }
+
+    /// A hub whose users have no connection here (only other nodes' word counts).
+    fn quiet_hub() -> Hub<&'static str> {
+        let users = ["alice", "bob", "carol", "dave"]
+            .iter()
+            .map(|u| (u.to_string(), false));
+        Hub::new(
+            HubLimits {
+                max_message_bytes: 100,
+                max_recipients: 3,
+                max_rooms: 10,
+            },
+            users,
+            vec![],
+        )
+    }
+
+    #[test]
+    fn online_while_any_node_says_so_until_its_word_expires() {
+        let mut h = quiet_hub();
+        assert_eq!(h.set_remote("b", "bob", Some(100)), Some(true));
+        assert_eq!(h.set_remote("c", "bob", Some(50)), None, "already online");
+        assert!(h.online("bob") && h.online_elsewhere("bob") && !h.online_here("bob"));
+        // A heartbeat repeats it: it holds longer; an older one never shortens it.
+        assert_eq!(h.set_remote("b", "bob", Some(200)), None);
+        assert_eq!(h.set_remote("b", "bob", Some(150)), None);
+        assert_eq!(h.expire_remote(40), Vec::<String>::new(), "every word holds");
+        assert_eq!(h.set_remote("b", "bob", None), None, "c still says so");
+        assert_eq!(h.expire_remote(50), vec!["bob".to_string()]);
+        assert!(!h.online("bob"));
+        // A local connection keeps him online whatever the others say.
+        h.connect("carol", 1, "carol#1");
+        h.set_remote("b", "carol", Some(10));
+        assert_eq!(h.expire_remote(10), Vec::<String>::new());
+        assert!(h.online("carol"));
+        // Unknown accounts are not taken on another node's word.
+        assert_eq!(h.set_remote("b", "ghost", Some(i64::MAX)), None);
+        assert!(!h.online("ghost"));
+        // A node that says goodbye takes only its own word back.
+        h.set_remote("b", "dave", Some(1000));
+        h.set_remote("c", "alice", Some(1000));
+        assert_eq!(h.forget_node("b"), vec!["dave".to_string()]);
+        assert!(h.online("alice"));
+        let who: Vec<String> = h
+            .who("alice", None)
+            .expect("who")
+            .into_iter()
+            .map(|u| u.user)
+            .collect();
+        assert_eq!(who, vec!["alice".to_string(), "carol".to_string()]);
+    }
+
+    #[test]
+    fn remote_presence_is_bounded_per_user() {
+        let mut h = quiet_hub();
+        for n in 0..MAX_REMOTE_NODES + 10 {
+            h.set_remote(&format!("n{n}"), "bob", Some(100));
+        }
+        assert_eq!(
+            h.remote.get("bob").map(HashMap::len),
+            Some(MAX_REMOTE_NODES)
+        );
+        // A node it holds is still refreshed.
+        h.set_remote("n0", "bob", Some(500));
+        assert_eq!(h.remote["bob"]["n0"], 500);
+    }
+
+    /// Seeded random sequences of presence notices, heartbeats, goodbyes and expiries from
+    /// three nodes, against a model: online exactly when some node's word still holds, and
+    /// every change of that reported once.
+    #[test]
+    fn randomized_remote_presence_matches_a_model() {
+        use rand::{Rng, SeedableRng};
+        let users = ["alice", "bob", "carol", "dave"];
+        let nodes = ["x", "y", "z"];
+        for seed in 0..50u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut h = quiet_hub();
+            let mut model: HashMap<(&str, &str), i64> = HashMap::new();
+            let mut now = 0i64;
+            let online = |m: &HashMap<(&str, &str), i64>, u: &str| m.keys().any(|(mu, _)| *mu == u);
+            for _ in 0..400 {
+                let before: Vec<bool> = users.iter().map(|u| online(&model, u)).collect();
+                let mut reported: Vec<(String, bool)> = Vec::new();
+                let node = nodes[rng.random_range(0..nodes.len())];
+                let user = users[rng.random_range(0..users.len())];
+                match rng.random_range(0..10) {
+                    0..=4 => {
+                        let until = now + rng.random_range(1..50);
+                        let t = model.entry((user, node)).or_insert(until);
+                        *t = (*t).max(until);
+                        if let Some(o) = h.set_remote(node, user, Some(until)) {
+                            reported.push((user.to_string(), o));
+                        }
+                    }
+                    5..=6 => {
+                        model.remove(&(user, node));
+                        if let Some(o) = h.set_remote(node, user, None) {
+                            reported.push((user.to_string(), o));
+                        }
+                    }
+                    7 => {
+                        model.retain(|(_, n), _| *n != node);
+                        reported.extend(h.forget_node(node).into_iter().map(|u| (u, false)));
+                    }
+                    _ => {
+                        now += rng.random_range(0..20);
+                        model.retain(|_, until| *until > now);
+                        reported.extend(h.expire_remote(now).into_iter().map(|u| (u, false)));
+                    }
+                }
+                let mut expected: Vec<(String, bool)> = Vec::new();
+                for (i, u) in users.iter().enumerate() {
+                    let after = online(&model, u);
+                    assert_eq!(h.online(u), after, "seed {seed}: {u}");
+                    if after != before[i] {
+                        expected.push((u.to_string(), after));
+                    }
+                }
+                reported.sort();
+                assert_eq!(reported, expected, "seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_older_read_of_a_room_never_replaces_a_newer_state() {
+        let mut h = hub();
+        let row = |members: &[&str]| RoomRow {
+            name: "ops".into(),
+            private: true,
+            pw_hash: None,
+            owner: Some("bob".into()),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            invited: vec![],
+            votekick: false,
+        };
+        h.ban_from_room("ops", "mallory", 99);
+        assert!(h.refresh_room("ops", Some(row(&["bob", "carol", "dave"])), 10));
+        assert!(!h.refresh_room("ops", Some(row(&["bob"])), 9), "older");
+        assert!(!h.refresh_room("ops", Some(row(&["bob"])), 10), "the same");
+        let r = h.room("ops").expect("ops");
+        assert_eq!(r.members.len(), 3);
+        assert_eq!(r.banned_until.get("mallory"), Some(&99), "kept");
+        // A local write at a later ticket wins over a read that ran before it.
+        h.remove_member("ops", "dave");
+        h.touch_room("ops", 12);
+        assert!(!h.refresh_room("ops", Some(row(&["bob", "carol", "dave"])), 11));
+        assert!(!h.room("ops").expect("ops").members.contains("dave"));
+        // A room another node created; a read that finds none removes nothing.
+        assert!(h.refresh_room(
+            "new",
+            Some(RoomRow {
+                name: "new".into(),
+                ..row(&["alice"])
+            }),
+            1
+        ));
+        assert!(h.room("new").is_some_and(|r| r.members.contains("alice")));
+        assert!(!h.refresh_room("ops", None, 100));
+        assert!(h.room("ops").is_some());
+        // Tickets are taken in order.
+        let (t1, t2) = (next_ticket(), next_ticket());
+        assert!(t2 > t1);
+    }
+
+    #[test]
+    fn remote_votes_count_only_for_members_in_a_room_that_votes() {
+        let mut h = hub();
+        let w = 1000;
+        assert!(h.record_remote_vote("general", "dave", "bob", 10, 10, w));
+        assert!(
+            !h.record_remote_vote("general", "dave", "bob", 11, 11, w),
+            "once"
+        );
+        assert!(
+            !h.record_remote_vote("general", "dave", "mallory", 10, 10, w),
+            "not a member"
+        );
+        assert!(
+            !h.record_remote_vote("general", "dave", "dave", 10, 10, w),
+            "self"
+        );
+        assert!(
+            !h.record_remote_vote("ops", "carol", "bob", 10, 10, w),
+            "vote-kick off"
+        );
+        assert!(
+            !h.record_remote_vote("general", "carol", "bob", 0, 5000, w),
+            "too old"
+        );
+        assert!(!h.record_remote_vote("nowhere", "carol", "bob", 10, 10, w));
+        // A vote from the future counts from now, and a local vote adds to the remote one.
+        assert!(h.record_remote_vote("general", "dave", "carol", i64::MAX, 20, w));
+        let rules = VoteRules {
+            votes: 3,
+            fraction: 0.0,
+            window_ms: w,
+        };
+        let t = h
+            .vote("alice", "general", "dave", 30, &rules)
+            .expect("vote");
+        assert_eq!((t.votes, t.needed, t.kicked), (3, 3, true));
+    }
 }
