@@ -1403,7 +1403,11 @@ mod tests {
         // A heartbeat repeats it: it holds longer; an older one never shortens it.
         assert_eq!(h.set_remote("b", "bob", Some(200)), None);
         assert_eq!(h.set_remote("b", "bob", Some(150)), None);
-        assert_eq!(h.expire_remote(40), Vec::<String>::new(), "every word holds");
+        assert_eq!(
+            h.expire_remote(40),
+            Vec::<String>::new(),
+            "every word holds"
+        );
         assert_eq!(h.set_remote("b", "bob", None), None, "c still says so");
         assert_eq!(h.expire_remote(50), vec!["bob".to_string()]);
         assert!(!h.online("bob"));

@@ -705,3 +705,115 @@ async fn hostile_or_own_events_grant_nothing_and_applying_twice_changes_nothing(
     );
     a.srv.stop().await;
 }
+
+#[tokio::test]
+async fn after_a_reset_a_node_reads_the_store_again_and_asks_for_the_others_presence() {
+    // Heartbeats too slow to matter: only the reset brings B up to date.
+    let slow = Timing {
+        heartbeat: Duration::from_secs(600),
+        ttl: Duration::from_secs(1200),
+    };
+    let cluster = LocalCluster::default();
+    let a = node(&cluster, "a", slow).await;
+    let b = node(&cluster, "b", slow).await;
+    // B is cut off the bus while bob logs in on A and the store changes.
+    b.dead.store(true, Ordering::SeqCst);
+    let _bob = live(&a, "bob").await;
+    let row = RoomRow {
+        name: "late".into(),
+        private: false,
+        pw_hash: None,
+        owner: None,
+        members: vec!["bob".into()],
+        invited: vec![],
+        votekick: true,
+    };
+    mirror(b.srv.dir.path(), move |db| {
+        db.create_room(&row).expect("room");
+        assert!(db.delete_user("mallory").expect("deleted"));
+    });
+    b.dead.store(false, Ordering::SeqCst);
+    {
+        let hub = b.shared.hub.lock();
+        assert!(!hub.online("bob") && hub.room("late").is_none() && hub.knows_user("mallory"));
+    }
+    // A answers an ask at most once a second, and answered B's first one at its start.
+    tokio::time::sleep(Duration::from_millis(
+        cluster_events::ASK_ANSWER_INTERVAL_MS as u64 + 200,
+    ))
+    .await;
+    cluster_events::reset(&b.shared);
+    eventually("B read the store and heard A's users", || {
+        let hub = b.shared.hub.lock();
+        hub.online("bob") && hub.room("late").is_some() && !hub.knows_user("mallory")
+    })
+    .await;
+    a.srv.stop().await;
+    b.srv.stop().await;
+}
+
+#[tokio::test]
+async fn topics_names_away_and_typing_on_one_node_are_shown_on_another() {
+    let cluster = LocalCluster::default();
+    let a = node(&cluster, "a", FAST).await;
+    let b = node(&cluster, "b", FAST).await;
+    let mut alice = live(&a, "alice").await;
+    let mut bob = live(&b, "bob").await;
+    alice.event(presence_of("bob", true)).await;
+    // B knows alice is online (on A): an away message is only kept for someone online.
+    eventually("B sees alice", || b.shared.hub.lock().online("alice")).await;
+    alice
+        .request(Request::SetTopic {
+            room: "general".into(),
+            topic: "release on friday".into(),
+        })
+        .await
+        .expect("topic");
+    alice
+        .request(Request::SetDisplayName {
+            name: Some("Alice A.".into()),
+        })
+        .await
+        .expect("name");
+    alice
+        .request(Request::Away {
+            text: Some("at lunch".into()),
+        })
+        .await
+        .expect("away");
+    alice
+        .request(Request::Typing {
+            conv: ConvRef::Room("general".into()),
+        })
+        .await
+        .expect("typing");
+    bob.event(|e| matches!(e, Event::Topic { topic, by, .. } if topic == "release on friday" && by == "alice"))
+        .await;
+    bob.event(|e| matches!(e, Event::DisplayName { user, name: Some(n) } if user == "alice" && n == "Alice A."))
+        .await;
+    bob.event(
+        |e| matches!(e, Event::Away { user, text: Some(t) } if user == "alice" && t == "at lunch"),
+    )
+    .await;
+    bob.event(|e| matches!(e, Event::Typing { user, .. } if user == "alice"))
+        .await;
+    // B's own answers show them too.
+    let who = bob.request(Request::Who { room: None }).await;
+    let Ok(Reply::Users(users)) = who else {
+        panic!("who: {who:?}")
+    };
+    let alice_there = users
+        .iter()
+        .find(|u| u.user == "alice")
+        .expect("alice online");
+    assert_eq!(alice_there.display_name.as_deref(), Some("Alice A."));
+    assert_eq!(alice_there.away.as_deref(), Some("at lunch"));
+    let rooms = bob.request(Request::Rooms).await;
+    let Ok(Reply::Rooms(rooms)) = rooms else {
+        panic!("rooms: {rooms:?}")
+    };
+    let general = rooms.iter().find(|r| r.room == "general").expect("general");
+    assert_eq!(general.topic.as_deref(), Some("release on friday"));
+    a.srv.stop().await;
+    b.srv.stop().await;
+}
