@@ -216,7 +216,8 @@ pub enum ClusterEvent {
     /// An away message (`None`: back), shown to the user's peers.
     Away { user: String, text: Option<String> },
     /// An event for some connections on every node: file offers and their answers,
-    /// invitations, typing, read markers, vote counts. Only the kinds [`notice_allowed`]
+    /// invitations, typing, read markers, vote counts, a user's devices waiting for approval
+    /// and their transfers. Only the kinds [`notice_allowed`]
     /// names travel (never a message, a disconnect or anything that changes a session).
     Notify {
         to: Audience,
@@ -256,6 +257,8 @@ pub fn notice_allowed(event: &conclave_proto::Event) -> bool {
             | E::FileCancelled { .. }
             | E::Typing { .. }
             | E::Read { .. }
+            | E::DeviceWaiting(_)
+            | E::TransferReady { .. }
     )
 }
 
