@@ -817,3 +817,50 @@ async fn topics_names_away_and_typing_on_one_node_are_shown_on_another() {
     a.srv.stop().await;
     b.srv.stop().await;
 }
+
+/// Seeded random logins and disconnections of four users over three nodes: once the
+/// connections settle, every node says exactly who has a connection somewhere.
+#[tokio::test]
+async fn presence_converges_on_every_node_after_random_logins_and_logouts() {
+    use rand::{Rng, SeedableRng};
+    let users = ["alice", "bob", "carol", "mallory"];
+    for seed in [7u64, 24] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let cluster = LocalCluster::default();
+        let nodes = [
+            node(&cluster, "a", FAST).await,
+            node(&cluster, "b", FAST).await,
+            node(&cluster, "c", FAST).await,
+        ];
+        let mut open: Vec<(&str, Raw)> = Vec::new();
+        for _ in 0..24 {
+            if open.is_empty() || rng.random_bool(0.6) {
+                let user = users[rng.random_range(0..users.len())];
+                let n = &nodes[rng.random_range(0..nodes.len())];
+                open.push((user, Raw::login(&n.srv, user, "password123").await));
+            } else {
+                let i = rng.random_range(0..open.len());
+                let (_, mut c) = open.swap_remove(i);
+                if rng.random_bool(0.5) {
+                    let _ = c.request(Request::Quit).await;
+                }
+                drop(c);
+            }
+        }
+        let truth: HashSet<&str> = open.iter().map(|(u, _)| *u).collect();
+        for (i, n) in nodes.iter().enumerate() {
+            eventually(
+                &format!("seed {seed}: node {i} agrees on {truth:?}"),
+                || {
+                    let hub = n.shared.hub.lock();
+                    users.iter().all(|u| hub.online(u) == truth.contains(u))
+                },
+            )
+            .await;
+        }
+        drop(open);
+        for n in nodes {
+            n.srv.stop().await;
+        }
+    }
+}
