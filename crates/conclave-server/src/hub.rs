@@ -4,6 +4,11 @@
 //! It is plain state with no I/O, generic over the handle `O` used to reach a connection, so
 //! tests drive it directly with any handle type. The server keeps one `Hub` behind a mutex and
 //! writes every change through to the store before applying it here.
+//!
+//! In a cluster it also keeps what the other nodes said about presence (a user is online while
+//! any node's word holds: [`Hub::set_remote`], [`Hub::expire_remote`]), counts their votes
+//! ([`Hub::record_remote_vote`]), and takes rooms read again from the store only when nothing
+//! newer was applied ([`next_ticket`], [`Hub::refresh_room`]); `cluster_events` drives it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
