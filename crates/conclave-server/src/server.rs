@@ -227,6 +227,22 @@ impl Server {
         self.shared.shutdown.clone()
     }
 
+    /// Makes this server a node of a cluster over `bus` (before [`Server::run`]): what it
+    /// changes is published there (`cluster_events`). Whoever calls it also runs the node's
+    /// reader of the bus and its `cluster_events::presence_task` (in-process tests do).
+    pub fn set_bus(&mut self, bus: Arc<dyn crate::bus::Bus>) -> Result<(), StartError> {
+        let shared = Arc::get_mut(&mut self.shared).ok_or_else(|| {
+            start_err("the bus can only be set before the server is shared (before run)")
+        })?;
+        shared.bus = Some(bus);
+        Ok(())
+    }
+
+    /// The state every connection shares (for a cluster node's reader of the bus).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// Serves until the shutdown token is cancelled, then closes every connection with a
     /// reason, commits what is queued, and closes the database.
     pub async fn run(self) -> Result<(), StartError> {
