@@ -29,6 +29,9 @@
 
 use std::cell::RefCell;
 
+mod messages;
+pub use messages::APPEND_ATTEMPTS;
+
 use postgres::{Client, NoTls, Transaction};
 
 use conclave_proto::Conv;
@@ -43,7 +46,7 @@ use crate::store::{
 /// The schema this build writes; a database at a higher version was written by a newer build.
 /// Each version adds to the one before (a database at an older version is brought up to this
 /// one at connect).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Any two nodes opening the same database take this advisory lock (a fixed key:
 /// "conclave" in ASCII) while they check and create the schema, so they never race.
@@ -158,6 +161,8 @@ CREATE INDEX file_recipients_user ON file_recipients(user_name, state);
 pub struct PgDb {
     client: RefCell<Client>,
     key: DataKey,
+    /// `Messages`' search key, conversation ids and prepared statements.
+    msgs: messages::MessagesState,
 }
 
 impl std::fmt::Debug for PgDb {
@@ -227,6 +232,7 @@ impl PgDb {
         create_schema(&mut client, &key)?;
         Ok(PgDb {
             client: RefCell::new(client),
+            msgs: messages::MessagesState::new(&key),
             key,
         })
     }
@@ -272,6 +278,9 @@ fn create_schema(client: &mut Client, key: &DataKey) -> Result<(), StoreError> {
     }
     if version < 2 {
         tx.batch_execute(SCHEMA_V2)?;
+    }
+    if version < 3 {
+        tx.batch_execute(messages::SCHEMA_V3)?;
     }
     if version < SCHEMA_VERSION {
         tx.execute(
