@@ -25,6 +25,8 @@ use ipnet::IpNet;
 
 #[path = "store_conformance/messages.rs"]
 mod messages;
+#[path = "store_conformance/pg_messages.rs"]
+mod pg_messages;
 
 /// What the conformance tests need of a backend.
 trait Tested: Accounts + Rooms + Moderation + FileMeta + Messages {}
