@@ -19,7 +19,10 @@
 //! most [`APPEND_ATTEMPTS`] times, then a clear error). So is a batch that lost a race for an
 //! idempotency key to another node (the unique index `messages_idem`, `ON CONFLICT DO
 //! NOTHING`): the second attempt finds the first node's message and answers it as a duplicate.
-//! Nothing of a failed attempt is written (its transaction is rolled back).
+//! Nothing of a failed attempt is written (its transaction is rolled back). One case stays
+//! open, as with any database: a connection that breaks while the commit is under way leaves
+//! it unknown whether the batch committed; the error says the connection closed, and a client
+//! that sends again with its idempotency key gets its message once either way.
 //!
 //! Each batch costs a fixed number of round trips, whatever its size: the lookup of retries
 //! (only when a message carries a key), one statement per conversation, one insert of every
