@@ -28,8 +28,8 @@
 //! (only when a message carries a key), one statement per conversation, one insert of every
 //! message (`unnest` of arrays), one insert of every search token, the commit. Acts (edits,
 //! deletes, reactions) add a few statements each, applied in batch order as `Db` applies them.
-//! The statements of the hot paths (`append_batch`, `catch_up`, `conv_range`) are prepared
-//! once per connection and kept.
+//! The statements of the hot paths (`append_batch`, `catch_up`, `conv_range`, `history`) are
+//! prepared once per connection and kept.
 //!
 //! Bodies are sealed under the data key with the same associated data as `Db`'s
 //! ([`crate::store::seal_ad`]: message id, conversation key, sequence number), so a row opens
@@ -173,6 +173,7 @@ struct Statements {
     catch_up_convs: Statement,
     catch_up_rows: Statement,
     conv_range: Statement,
+    history: Statement,
 }
 
 impl Statements {
@@ -223,6 +224,13 @@ impl Statements {
                  JOIN convs c ON c.id = m.conv_id
                  WHERE c.key = $1 AND m.seq > $2 AND m.seq <= $3
                  ORDER BY m.seq LIMIT $4"
+            ))?,
+            // Acts the server applied are in their targets' state, not in history.
+            history: c.prepare(&format!(
+                "SELECT {STORED_COLS} FROM messages m
+                 WHERE m.conv_id = $1 AND m.seq < $2 AND NOT m.act_applied
+                   AND (m.except_list IS NULL OR strpos(m.except_list, ',' || $3 || ',') = 0)
+                 ORDER BY m.seq DESC LIMIT $4"
             ))?,
         })
     }
@@ -874,14 +882,9 @@ impl Messages for PgDb {
             return Ok(Vec::new());
         };
         let before = before.map(pos).unwrap_or(i64::MAX);
-        // Acts the server applied are in their targets' state, not in history.
+        let st = self.msgs.statements(self.client.get_mut())?;
         let rows = self.client.get_mut().query(
-            &format!(
-                "SELECT {STORED_COLS} FROM messages m
-                 WHERE m.conv_id = $1 AND m.seq < $2 AND NOT m.act_applied
-                   AND (m.except_list IS NULL OR strpos(m.except_list, ',' || $3 || ',') = 0)
-                 ORDER BY m.seq DESC LIMIT $4"
-            ),
+            &st.history,
             &[&conv_id, &before, &viewer, &i64::from(limit)],
         )?;
         let mut out = Vec::new();
