@@ -826,7 +826,7 @@ fn postgres_schema_upgrades_from_version_1() {
         ::postgres::Client::connect(&pg.tcp_config(), ::postgres::NoTls).expect("plain client");
     admin
         .batch_execute(
-            "DROP TABLE search_tokens; DROP TABLE messages; DROP TABLE conv_members;
+            "DROP TABLE search_index; DROP TABLE messages; DROP TABLE conv_members;
              DROP TABLE file_recipients; DROP TABLE files;
              UPDATE conclave_meta SET value = '1' WHERE key = 'schema_version';",
         )

@@ -26,7 +26,7 @@
 //!
 //! Each batch costs a fixed number of round trips, whatever its size: the lookup of retries
 //! (only when a message carries a key), one statement per conversation, one insert of every
-//! message (`unnest` of arrays), one insert of every search token, the commit. Acts (edits,
+//! message (`unnest` of arrays), one insert of every message's search tokens, the commit. Acts (edits,
 //! deletes, reactions) add a few statements each, applied in batch order as `Db` applies them.
 //! The statements of the hot paths (`append_batch`, `catch_up`, `conv_range`, `history`) are
 //! prepared once per connection and kept.
@@ -38,15 +38,17 @@
 //! # Search
 //!
 //! `Db`'s index holds, for each message, the HMAC tokens of its words under the search key
-//! ([`crate::search`]), never a word; so does `search_tokens` here: one row per (token,
-//! conversation, message), its primary key the lookup index. A query computes the tokens of its
-//! words, finds the messages that have all of them, then opens each candidate and checks the
-//! words are really there, as `Db` does. The tokens are written in the message's own
-//! transaction (one more statement per batch), so there is nothing waiting in memory:
-//! [`Messages::flush_index`] is a no-op, and so is [`Messages::optimize_index`] (PostgreSQL
-//! removes deleted rows itself; autovacuum makes their space reusable, and the tokens of
-//! edited or deleted messages are deleted rows like any other). A message's tokens go with it
-//! (`ON DELETE CASCADE`).
+//! ([`crate::search`]), never a word; so does `search_index` here: one row per message with
+//! its tokens as an array, under a GIN index (an inverted index from each token to the rows
+//! that have it, whose new entries go to a pending list merged in bulk, so an insert stays
+//! cheap as FTS5's segments keep SQLite's). A query computes the tokens of its words, finds
+//! through that index the messages that have all of them (`tokens @> query`), then opens each
+//! candidate and checks the words are really there, as `Db` does. The tokens are written in
+//! the message's own transaction (one more statement per batch), so there is nothing waiting
+//! in memory: [`Messages::flush_index`] is a no-op, and so is [`Messages::optimize_index`]
+//! (PostgreSQL merges the pending list itself, and the tokens of edited or deleted messages
+//! are deleted rows, whose space autovacuum reuses). A message's tokens go with it (`ON DELETE
+//! CASCADE`).
 //!
 //! # Catch-up
 //!
@@ -76,7 +78,8 @@ use crate::store::{
 };
 
 /// Schema version 3: messages (sealed bodies, replies and acts, as SQLite's schema version 4
-/// has them), the members of direct conversations, and the search tokens.
+/// has them), the members of direct conversations, and the search index (each message's
+/// tokens, under a GIN index).
 pub(super) const SCHEMA_V3: &str = r#"
 CREATE TABLE messages (
     gseq        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -106,13 +109,12 @@ CREATE TABLE conv_members (
     conv_id   BIGINT NOT NULL REFERENCES convs(id),
     PRIMARY KEY (user_name, conv_id)
 );
-CREATE TABLE search_tokens (
-    token   BIGINT NOT NULL,
+CREATE TABLE search_index (
+    gseq    BIGINT PRIMARY KEY REFERENCES messages(gseq) ON DELETE CASCADE,
     conv_id BIGINT NOT NULL,
-    gseq    BIGINT NOT NULL REFERENCES messages(gseq) ON DELETE CASCADE,
-    PRIMARY KEY (token, conv_id, gseq)
+    tokens  BIGINT[] NOT NULL
 );
-CREATE INDEX search_tokens_gseq ON search_tokens(gseq);
+CREATE INDEX search_index_tokens ON search_index USING gin (tokens);
 "#;
 
 /// Most attempts at one batch when PostgreSQL reports a deadlock or a serialization failure,
@@ -201,10 +203,12 @@ impl Statements {
                  ON CONFLICT (sender, idem_key) WHERE idem_key IS NOT NULL DO NOTHING
                  RETURNING msg_id, gseq",
             )?,
+            // Each message's tokens come as an array literal (`{1,2,3}`): `unnest` cannot
+            // take an array of arrays of different lengths.
             insert_tokens: c.prepare(
-                "INSERT INTO search_tokens (token, conv_id, gseq)
-                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])
-                 ON CONFLICT DO NOTHING",
+                "INSERT INTO search_index (gseq, conv_id, tokens)
+                 SELECT g, c, t::bigint[] FROM unnest($1::bigint[], $2::bigint[], $3::text[])
+                   AS u(g, c, t)",
             )?,
             catch_up_convs: c.prepare(
                 "SELECT c.id, c.key, c.last_seq, a.seq FROM convs c
@@ -307,6 +311,10 @@ impl From<StoreError> for AttemptError {
     }
 }
 
+/// A message's search tokens as written: its global number, its conversation, the tokens as an
+/// array literal.
+type Tokens = (i64, i64, String);
+
 /// Conversation keys and their ids, as a committed batch learned them.
 type ConvIds = Vec<(String, i64)>;
 
@@ -362,15 +370,18 @@ impl PgDb {
         self.key.seal(&reactions_ad(msg_id), &plain)
     }
 
-    /// The search tokens of a text body's words (none for other bodies).
-    fn tokens_of(&self, body: &Body) -> Vec<i64> {
-        match body.as_text() {
-            Some(text) => search::words(text)
-                .iter()
-                .map(|w| self.msgs.search.token(w))
-                .collect(),
-            None => Vec::new(),
+    /// The search tokens of a text body's words, as an array literal (`{1,2,3}`); `None` for
+    /// a body with no words.
+    fn tokens_of(&self, body: &Body) -> Option<String> {
+        let words = search::words(body.as_text()?);
+        if words.is_empty() {
+            return None;
         }
+        let tokens: Vec<String> = words
+            .iter()
+            .map(|w| self.msgs.search.token(w).to_string())
+            .collect();
+        Some(format!("{{{}}}", tokens.join(",")))
     }
 
     /// The [`Extra`] of a stored row; `with_state` for history (the message's current state).
@@ -590,15 +601,11 @@ impl PgDb {
         }
 
         // Search tokens, and acts applied in batch order.
-        let mut tokens: Vec<(i64, i64, i64)> = Vec::new();
+        let mut tokens: Vec<Tokens> = Vec::new();
         for (m, r) in &new {
             let gseq = gseqs.get(&r.msg_id).copied().unwrap_or(0);
             match acts_on(m) {
-                None => tokens.extend(
-                    self.tokens_of(&m.body)
-                        .into_iter()
-                        .map(|t| (t, r.conv_id, gseq)),
-                ),
+                None => tokens.extend(self.tokens_of(&m.body).map(|t| (gseq, r.conv_id, t))),
                 Some(act) if !is_mls(&m.body) => {
                     self.apply_act(&mut tx, m, r, act, &mut tokens)?;
                 }
@@ -606,16 +613,10 @@ impl PgDb {
             }
         }
         if !tokens.is_empty() {
-            let (t, c, g): (Vec<i64>, Vec<i64>, Vec<i64>) = tokens.into_iter().fold(
-                (Vec::new(), Vec::new(), Vec::new()),
-                |(mut t, mut c, mut g), (a, b, d)| {
-                    t.push(a);
-                    c.push(b);
-                    g.push(d);
-                    (t, c, g)
-                },
-            );
-            tx.execute(&st.insert_tokens, &[&t, &c, &g])?;
+            let g: Vec<i64> = tokens.iter().map(|t| t.0).collect();
+            let c: Vec<i64> = tokens.iter().map(|t| t.1).collect();
+            let t: Vec<&str> = tokens.iter().map(|t| t.2.as_str()).collect();
+            tx.execute(&st.insert_tokens, &[&g, &c, &t])?;
         }
         tx.commit()?;
 
@@ -652,7 +653,7 @@ impl PgDb {
         m: &NewMessage,
         r: &Row,
         act: &ActsOn,
-        tokens: &mut Vec<(i64, i64, i64)>,
+        tokens: &mut Vec<Tokens>,
     ) -> Result<(), StoreError> {
         let key = conv_key(&m.conv);
         let target = tx.query_opt(
@@ -673,8 +674,8 @@ impl PgDb {
             return Ok(());
         }
         let mut drop_tokens = |tx: &mut Transaction<'_>| -> Result<(), StoreError> {
-            tokens.retain(|(_, _, g)| *g != gseq);
-            tx.execute("DELETE FROM search_tokens WHERE gseq = $1", &[&gseq])?;
+            tokens.retain(|(g, _, _)| *g != gseq);
+            tx.execute("DELETE FROM search_index WHERE gseq = $1", &[&gseq])?;
             Ok(())
         };
         match act.kind {
@@ -688,11 +689,7 @@ impl PgDb {
                 // The earlier edits' text is obsolete: empty their bodies.
                 self.empty_acts(tx, &act.msg_id, r, &key, Some(1))?;
                 drop_tokens(tx)?;
-                tokens.extend(
-                    self.tokens_of(&m.body)
-                        .into_iter()
-                        .map(|t| (t, r.conv_id, gseq)),
-                );
+                tokens.extend(self.tokens_of(&m.body).map(|t| (gseq, r.conv_id, t)));
             }
             ActKind::Delete => {
                 let sealed = self.seal_body(&act.msg_id, &key, seq, &Body::text(""));
@@ -954,27 +951,17 @@ impl Messages for PgDb {
             .collect();
         tokens.sort_unstable();
         tokens.dedup();
-        let wanted = tokens.len() as i64;
         // The messages that have every token: found through the tokens' index, never a word.
         let rows = client.query(
             &format!(
                 "SELECT {STORED_COLS}, c.key FROM messages m
                  JOIN convs c ON c.id = m.conv_id
-                 WHERE m.gseq IN (
-                     SELECT gseq FROM search_tokens
-                     WHERE token = ANY($1) AND conv_id = ANY($2) AND gseq < $3
-                     GROUP BY gseq HAVING count(*) = $4)
-                   AND (m.except_list IS NULL OR strpos(m.except_list, ',' || $5 || ',') = 0)
-                 ORDER BY m.gseq DESC LIMIT $6"
+                 JOIN search_index s ON s.gseq = m.gseq
+                 WHERE s.tokens @> $1 AND s.conv_id = ANY($2) AND s.gseq < $3
+                   AND (m.except_list IS NULL OR strpos(m.except_list, ',' || $4 || ',') = 0)
+                 ORDER BY m.gseq DESC LIMIT $5"
             ),
-            &[
-                &tokens,
-                &conv_ids,
-                &before_gseq,
-                &wanted,
-                &viewer,
-                &i64::from(limit),
-            ],
+            &[&tokens, &conv_ids, &before_gseq, &viewer, &i64::from(limit)],
         )?;
         let mut out = Vec::new();
         let mut budget = PageBudget::default();

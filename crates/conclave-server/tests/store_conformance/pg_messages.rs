@@ -288,7 +288,7 @@ fn postgres_schema_upgrades_from_version_2() {
         ::postgres::Client::connect(&pg.tcp_config(), ::postgres::NoTls).expect("plain client");
     admin
         .batch_execute(
-            "DROP TABLE search_tokens; DROP TABLE messages; DROP TABLE conv_members;
+            "DROP TABLE search_index; DROP TABLE messages; DROP TABLE conv_members;
              UPDATE conclave_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .expect("make it a version 2 database");
