@@ -34,6 +34,7 @@ pub use backend::{
 };
 pub use chat::TargetRow;
 pub use chat::{ChatRows, ReadMoved};
+pub(crate) use chat::{columns as act_columns, is_mls, kind_of, reactions_ad};
 pub use devices::PutOutcome;
 pub use e2ee::{GroupRow, WelcomeRow};
 pub use files::{FileRow, RecipientState};
@@ -230,20 +231,20 @@ pub fn conv_from_key(key: &str) -> Conv {
 
 /// What a message adds to a reply besides its body (ids, names, conversation, numbers), at most
 /// for usual names; only used to keep pages under [`MAX_PAGE_BYTES`].
-const MESSAGE_OVERHEAD_BYTES: usize = 256;
+pub(crate) const MESSAGE_OVERHEAD_BYTES: usize = 256;
 
 /// Keeps a history or search page under [`MAX_PAGE_BYTES`], counted as its messages arrive
 /// newest first, so that the rows past the budget are neither read on nor decrypted. The
 /// newest are kept, so paging on from the page's oldest leaves no gap.
 #[derive(Default)]
-struct PageBudget {
+pub(crate) struct PageBudget {
     bytes: usize,
     taken: usize,
 }
 
 impl PageBudget {
     /// Whether a message with `body`, the next newest, still fits (the first always does).
-    fn admits(&mut self, body: &Body) -> bool {
+    pub(crate) fn admits(&mut self, body: &Body) -> bool {
         self.bytes += body.data.len() + body.content_type.len() + MESSAGE_OVERHEAD_BYTES;
         if self.taken > 0 && self.bytes > MAX_PAGE_BYTES {
             return false;
@@ -253,8 +254,19 @@ impl PageBudget {
     }
 }
 
-fn seal_ad(msg_id: &str, conv_key: &str, seq: u64) -> Vec<u8> {
+/// The associated data a message body is sealed under (both backends).
+pub(crate) fn seal_ad(msg_id: &str, conv_key: &str, seq: u64) -> Vec<u8> {
     format!("conclave-msg-v1|{msg_id}|{conv_key}|{seq}").into_bytes()
+}
+
+/// The names of a stored blockcast exception list (`,a,b,`; `None` when there is none).
+pub(crate) fn except_list(stored: Option<&str>) -> Vec<String> {
+    stored
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// An account as stored.
@@ -294,7 +306,13 @@ pub struct NewMessage {
 
 impl NewMessage {
     /// This message as stored under `msg_id` and `seq`.
-    fn appended(&self, msg_id: String, seq: u64, ts_ms: i64, duplicate: bool) -> Appended {
+    pub(crate) fn appended(
+        &self,
+        msg_id: String,
+        seq: u64,
+        ts_ms: i64,
+        duplicate: bool,
+    ) -> Appended {
         Appended {
             msg: Message {
                 msg_id,
@@ -1279,6 +1297,64 @@ impl Db {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// The messages of `conv` with a sequence number above `after` and at most `through`
+    /// (`None`: up to the newest), oldest first, at most `limit`, each with its blockcast
+    /// exceptions (`duplicate` is false); and whether more remain in that range. What a
+    /// cluster node reads when the bus lost a notice (`bus::Fetch`).
+    pub fn conv_range(
+        &mut self,
+        conv: &Conv,
+        after: u64,
+        through: Option<u64>,
+        limit: u32,
+    ) -> Result<(Vec<Appended>, bool), StoreError> {
+        let key = conv_key(conv);
+        let Some(conv_id) = self.existing_conv_id(&key)? else {
+            return Ok((Vec::new(), false));
+        };
+        let after = after.min(i64::MAX as u64) as i64;
+        let through = through
+            .map(|t| t.min(i64::MAX as u64) as i64)
+            .unwrap_or(i64::MAX);
+        // One more than asked: whether more remain.
+        let rows: Vec<(chat::StoredRow, Option<String>)> = {
+            let mut st = self.conn.prepare_cached(&format!(
+                "SELECT msg_id, seq, sender, ts_ms, body, {}, except_list FROM messages
+                 WHERE conv_id = ?1 AND seq > ?2 AND seq <= ?3
+                 ORDER BY seq LIMIT ?4",
+                chat::EXTRA_COLS
+            ))?;
+            st.query_map(
+                params![conv_id, after, through, i64::from(limit) + 1],
+                |r| Ok((chat::read_stored(r)?, r.get(12)?)),
+            )?
+            .collect::<Result<_, _>>()?
+        };
+        let more = rows.len() > limit as usize;
+        let mut out = Vec::with_capacity(rows.len().min(limit as usize));
+        for ((msg_id, seq, from, ts_ms, sealed, cols), except) in
+            rows.into_iter().take(limit as usize)
+        {
+            let body = self.open_body(&msg_id, &key, seq, &sealed)?;
+            // As live delivery has it: no state, the acts after it follow in order.
+            let extra = self.extra_of(&msg_id, cols, false)?;
+            out.push(Appended {
+                msg: Message {
+                    msg_id,
+                    conv: conv.clone(),
+                    from,
+                    seq: seq as u64,
+                    ts_ms,
+                    body,
+                    extra,
+                },
+                except: except_list(except.as_deref()),
+                duplicate: false,
+            });
+        }
+        Ok((out, more))
     }
 
     fn open_body(

@@ -1,19 +1,23 @@
 //! The PostgreSQL store for cluster mode (issue 24), in progress: [`PgDb`] implements the
-//! store's [`Accounts`], [`Rooms`], [`Moderation`] and [`FileMeta`] with the same behaviour as
-//! SQLite's [`crate::store::Db`] (the conformance suite, `tests/store_conformance.rs`, runs the
-//! same tests on both). `Messages`, `Chat`, `Devices` and `Groups` are not implemented yet,
-//! so `PgDb` is no [`crate::store::Backend`] and `--store postgres://` is not wired.
+//! store's [`Accounts`], [`Rooms`], [`Moderation`], [`FileMeta`] and
+//! [`Messages`](crate::store::Messages) (in [`messages`]: appends with sequence numbers per
+//! conversation assigned in PostgreSQL, safe with several nodes appending at once; history,
+//! search, acks, catch-up, retention, ranges) with the same behaviour as SQLite's
+//! [`crate::store::Db`] (the conformance suite, `tests/store_conformance.rs`, runs the same
+//! tests on both). `Chat`, `Devices` and `Groups` are not implemented yet, so `PgDb` is no
+//! [`crate::store::Backend`] and `--store postgres://` is not wired.
 //!
-//! What `Db` seals under the data key, `PgDb` seals the same way (file names and hashes), so
-//! it is opened with the data key, and refuses a database whose key check another key wrote.
+//! What `Db` seals under the data key, `PgDb` seals the same way (message bodies, reactions,
+//! file names and hashes, with the same associated data), so it is opened with the data key,
+//! and refuses a database whose key check another key wrote.
 //!
 //! Why the synchronous `postgres` crate: the store thread runs every operation synchronously
 //! on its own thread, one at a time, and `postgres` is exactly tokio-postgres (the client
 //! DEPENDENCIES.md names) driven by a small current-thread runtime that the client owns, the
 //! wrapper maintained with it rather than one of ours. One connection per store thread, so no
-//! pool yet: deadpool-postgres comes with the async readers that will want several. Each query
-//! is prepared when it runs (one more round trip over loopback); caching the prepared
-//! statements is left for when the hot paths (`Messages`) are here to measure.
+//! pool yet: deadpool-postgres comes with the async readers that will want several. The hot
+//! statements (appends, catch-up, ranges) are prepared once per connection and kept
+//! ([`messages`]); the others are prepared when they run (one more round trip over loopback).
 //!
 //! Never call it from async code: the client blocks on its own runtime, which on a tokio
 //! worker thread would panic. The store thread is a plain thread.
@@ -29,6 +33,8 @@
 
 use std::cell::RefCell;
 
+pub mod messages;
+
 use postgres::{Client, NoTls, Transaction};
 
 use conclave_proto::Conv;
@@ -43,14 +49,15 @@ use crate::store::{
 /// The schema this build writes; a database at a higher version was written by a newer build.
 /// Each version adds to the one before (a database at an older version is brought up to this
 /// one at connect).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Any two nodes opening the same database take this advisory lock (a fixed key:
 /// "conclave" in ASCII) while they check and create the schema, so they never race.
 const SCHEMA_LOCK: i64 = 0x636f_6e63_6c61_7665;
 
 /// Schema version 1: accounts, rooms, moderation, and the conversations and acknowledged
-/// positions that joining a room sets (the messages tables come with `Messages`, as version 3).
+/// positions that joining a room sets (the messages tables came with `Messages`, as version 3:
+/// [`messages::SCHEMA_V3`]).
 const SCHEMA_V1: &str = r#"
 CREATE TABLE conclave_meta (
     key   TEXT COLLATE "C" PRIMARY KEY,
@@ -158,6 +165,8 @@ CREATE INDEX file_recipients_user ON file_recipients(user_name, state);
 pub struct PgDb {
     client: RefCell<Client>,
     key: DataKey,
+    /// `Messages`' search key, conversation ids and prepared statements.
+    msgs: messages::MessagesState,
 }
 
 impl std::fmt::Debug for PgDb {
@@ -227,6 +236,7 @@ impl PgDb {
         create_schema(&mut client, &key)?;
         Ok(PgDb {
             client: RefCell::new(client),
+            msgs: messages::MessagesState::new(&key),
             key,
         })
     }
@@ -272,6 +282,9 @@ fn create_schema(client: &mut Client, key: &DataKey) -> Result<(), StoreError> {
     }
     if version < 2 {
         tx.batch_execute(SCHEMA_V2)?;
+    }
+    if version < 3 {
+        tx.batch_execute(messages::SCHEMA_V3)?;
     }
     if version < SCHEMA_VERSION {
         tx.execute(

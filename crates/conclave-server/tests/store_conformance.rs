@@ -1,12 +1,14 @@
 //! The same behaviour from every storage backend: each test below is written once against the
-//! store's traits (`Accounts`, `Rooms`, `Moderation`, `FileMeta`) and run twice, on SQLite's `Db` in a
+//! store's traits (`Accounts`, `Rooms`, `Moderation`, `FileMeta`, `Messages`) and run twice, on SQLite's `Db` in a
 //! temporary directory (`sqlite::…`) and on `PgDb` against a throwaway PostgreSQL 15
 //! (`postgres::…`). A backend that differs from SQLite in a return value, an error or what a
 //! failed operation leaves behind fails here.
 //!
 //! After them, what only PostgreSQL has: a schema version checked at connect (and an older one
 //! brought up to date), the data key checked at connect, two nodes spending one invite code at
-//! once, errors when the server is gone.
+//! once, two nodes appending to the same conversations at once (gap-free numbers, each message
+//! once) and racing one idempotency key, errors when the server is gone (and a batch it cut
+//! short left nothing behind).
 
 #[path = "common/postgres.rs"]
 mod postgres_kit;
@@ -15,14 +17,20 @@ use conclave_proto::Conv;
 use conclave_server::at_rest::DataKey;
 use conclave_server::guard::{Ban, BanTarget};
 use conclave_server::store::{
-    Accounts, Db, FileMeta, FileRow, Moderation, RecipientState, RoomRow, Rooms, StoreError,
+    Accounts, Db, FileMeta, FileRow, Messages, Moderation, RecipientState, RoomRow, Rooms,
+    StoreError,
 };
 use conclave_server::store_pg::{PgDb, SCHEMA_VERSION};
 use ipnet::IpNet;
 
+#[path = "store_conformance/messages.rs"]
+mod messages;
+#[path = "store_conformance/pg_messages.rs"]
+mod pg_messages;
+
 /// What the conformance tests need of a backend.
-trait Tested: Accounts + Rooms + Moderation + FileMeta {}
-impl<T: Accounts + Rooms + Moderation + FileMeta> Tested for T {}
+trait Tested: Accounts + Rooms + Moderation + FileMeta + Messages {}
+impl<T: Accounts + Rooms + Moderation + FileMeta + Messages> Tested for T {}
 
 fn net(s: &str) -> IpNet {
     s.parse().expect("a CIDR")
@@ -678,7 +686,20 @@ on_both!(
     files_recipient_states,
     files_pending,
     files_quota_expiry_delete,
+    messages_append_and_history,
+    messages_idempotency,
+    messages_ack_and_catch_up,
+    messages_catch_up_limits,
+    messages_search,
+    messages_acts,
+    messages_retention,
+    messages_conv_range,
 );
+use messages::{
+    messages_ack_and_catch_up, messages_acts, messages_append_and_history,
+    messages_catch_up_limits, messages_conv_range, messages_idempotency, messages_retention,
+    messages_search,
+};
 
 /// Connecting creates the schema once (over the Unix socket this time); a second connection,
 /// as a second node would open it, finds it and the rows in it; a database from a newer build
@@ -805,7 +826,8 @@ fn postgres_schema_upgrades_from_version_1() {
         ::postgres::Client::connect(&pg.tcp_config(), ::postgres::NoTls).expect("plain client");
     admin
         .batch_execute(
-            "DROP TABLE file_recipients; DROP TABLE files;
+            "DROP TABLE search_index; DROP TABLE messages; DROP TABLE conv_members;
+             DROP TABLE file_recipients; DROP TABLE files;
              UPDATE conclave_meta SET value = '1' WHERE key = 'schema_version';",
         )
         .expect("make it a version 1 database");

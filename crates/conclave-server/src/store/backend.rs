@@ -159,8 +159,20 @@ pub trait Messages {
         now_ms: i64,
         rule_for: &dyn Fn(&str) -> Retention,
     ) -> Result<u64, StoreError>;
-    /// Runs SQLite's own consistency check; "ok" when sound.
+    /// Checks the stored messages; "ok" when sound, else what is wrong. SQLite runs its own
+    /// consistency check; PostgreSQL checks what the store promises (see `store_pg::messages`).
     fn integrity_check(&self) -> Result<String, StoreError>;
+    /// The messages of `conv` with a sequence number above `after` and at most `through`
+    /// (`None`: up to the newest), oldest first, at most `limit`, each with its blockcast
+    /// exceptions (`duplicate` is false); and whether more remain in that range. What a
+    /// cluster node reads when the bus lost a notice (`bus::Fetch`).
+    fn conv_range(
+        &mut self,
+        conv: &Conv,
+        after: u64,
+        through: Option<u64>,
+        limit: u32,
+    ) -> Result<(Vec<Appended>, bool), StoreError>;
 }
 
 /// Topics, display names, read markers and their privacy; the targets of edits, deletes and reactions; threads.
@@ -522,6 +534,15 @@ impl Messages for Db {
     }
     fn integrity_check(&self) -> Result<String, StoreError> {
         Db::integrity_check(self)
+    }
+    fn conv_range(
+        &mut self,
+        conv: &Conv,
+        after: u64,
+        through: Option<u64>,
+        limit: u32,
+    ) -> Result<(Vec<Appended>, bool), StoreError> {
+        Db::conv_range(self, conv, after, through, limit)
     }
 }
 

@@ -238,7 +238,7 @@ pub(super) fn kind_code(k: ActKind) -> i64 {
     }
 }
 
-fn kind_of(code: i64) -> Option<ActKind> {
+pub(crate) fn kind_of(code: i64) -> Option<ActKind> {
     Some(match code {
         1 => ActKind::Edit,
         2 => ActKind::Delete,
@@ -248,12 +248,12 @@ fn kind_of(code: i64) -> Option<ActKind> {
     })
 }
 
-fn reactions_ad(msg_id: &str) -> Vec<u8> {
+pub(crate) fn reactions_ad(msg_id: &str) -> Vec<u8> {
     format!("conclave-reactions-v1|{msg_id}").into_bytes()
 }
 
 /// Whether a body is an end-to-end (MLS) payload, which the server cannot apply.
-pub(super) fn is_mls(body: &Body) -> bool {
+pub(crate) fn is_mls(body: &Body) -> bool {
     body.content_type.starts_with("application/mls-")
 }
 
@@ -634,7 +634,7 @@ impl Db {
 }
 
 /// The refs a stored act or reply carries, for the insert.
-pub(super) fn columns(refs: Option<&Refs>) -> (Option<&str>, Option<&str>, Option<i64>) {
+pub(crate) fn columns(refs: Option<&Refs>) -> (Option<&str>, Option<&str>, Option<i64>) {
     match refs {
         None => (None, None, None),
         Some(r) => (
