@@ -34,8 +34,10 @@ pub use backend::{
 };
 pub use chat::TargetRow;
 pub use chat::{ChatRows, ReadMoved};
+pub(crate) use chat::{ExtraCols, extra_of, open_reactions, topic_ad};
 pub use devices::PutOutcome;
-pub use e2ee::{GroupRow, WelcomeRow};
+pub(crate) use e2ee::state_ad;
+pub use e2ee::{GroupRow, MAX_KEY_PACKAGES, WelcomeRow};
 pub use files::{FileRow, RecipientState};
 pub(crate) use files::{open_meta as open_file_meta, seal_meta as seal_file_meta};
 
@@ -230,7 +232,7 @@ pub fn conv_from_key(key: &str) -> Conv {
 
 /// What a message adds to a reply besides its body (ids, names, conversation, numbers), at most
 /// for usual names; only used to keep pages under [`MAX_PAGE_BYTES`].
-const MESSAGE_OVERHEAD_BYTES: usize = 256;
+pub(crate) const MESSAGE_OVERHEAD_BYTES: usize = 256;
 
 /// Keeps a history or search page under [`MAX_PAGE_BYTES`], counted as its messages arrive
 /// newest first, so that the rows past the budget are neither read on nor decrypted. The
@@ -253,8 +255,23 @@ impl PageBudget {
     }
 }
 
-fn seal_ad(msg_id: &str, conv_key: &str, seq: u64) -> Vec<u8> {
+/// What a message body is sealed with: its id, conversation and sequence number.
+pub(crate) fn seal_ad(msg_id: &str, conv_key: &str, seq: u64) -> Vec<u8> {
     format!("conclave-msg-v1|{msg_id}|{conv_key}|{seq}").into_bytes()
+}
+
+/// Opens a stored message body sealed under [`seal_ad`] (both stores).
+pub(crate) fn open_body(
+    key: &DataKey,
+    msg_id: &str,
+    conv_key: &str,
+    seq: i64,
+    sealed: &[u8],
+) -> Result<Body, StoreError> {
+    let plain = key
+        .open(&seal_ad(msg_id, conv_key, seq as u64), sealed)
+        .map_err(|_| StoreError::Corrupt)?;
+    postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)
 }
 
 /// An account as stored.
@@ -1288,11 +1305,7 @@ impl Db {
         seq: i64,
         sealed: &[u8],
     ) -> Result<Body, StoreError> {
-        let plain = self
-            .key
-            .open(&seal_ad(msg_id, key, seq as u64), sealed)
-            .map_err(|_| StoreError::Corrupt)?;
-        postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)
+        open_body(&self.key, msg_id, key, seq, sealed)
     }
 
     /// Messages containing every word of `query_words` (normalised with [`search::words`]) in

@@ -313,7 +313,9 @@ pub trait Groups {
     ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError>;
     /// Every conversation's group.
     fn e2ee_groups(&self) -> Result<Vec<GroupRow>, StoreError>;
-    /// Saves a conversation's group (insert or replace).
+    /// Saves a conversation's group: inserts it, or replaces a stored state that is not
+    /// newer (`applied_seq` at most this one's); a newer stored state is kept (on several
+    /// nodes, the one that ordered more commits wins).
     fn e2ee_put_group(&mut self, g: &GroupRow) -> Result<(), StoreError>;
     /// Drops a conversation's group (when its room is deleted).
     fn e2ee_delete_group(&mut self, conv: &str) -> Result<(), StoreError>;
