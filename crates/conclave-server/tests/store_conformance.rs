@@ -1299,7 +1299,10 @@ fn groups_state(s: &mut dyn Tested) {
     );
     s.e2ee_delete_group("r:ops").expect("delete");
     s.e2ee_delete_group("r:nowhere").expect("delete missing");
-    assert_eq!(s.e2ee_groups().expect("groups"), std::slice::from_ref(&direct));
+    assert_eq!(
+        s.e2ee_groups().expect("groups"),
+        std::slice::from_ref(&direct)
+    );
     s.e2ee_put_group(&ops)
         .expect("a new group after the delete");
     assert_eq!(s.e2ee_groups().expect("groups"), [direct, ops]);
@@ -1898,4 +1901,216 @@ fn postgres_wrong_data_key_is_refused() {
     }
     let db = PgDb::connect(&pg.tcp_config(), key()).expect("the right key");
     assert_eq!(db.file("f1").expect("read"), Some(row));
+}
+
+/// A small seeded generator (SplitMix64) for the randomized tests: the same seed, the same run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// A number below `n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
+}
+
+/// Two nodes claiming key packages of the same devices at once, round after round: no package
+/// is given out twice, and every one is given out.
+#[test]
+fn postgres_key_packages_claimed_once_across_nodes() {
+    let pg = postgres_kit::PgServer::start();
+    let mut setup = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+    let mut published = Vec::new();
+    for device in ["laptop", "phone"] {
+        let kps: Vec<Vec<u8>> = (0..MAX_KEY_PACKAGES)
+            .map(|i| format!("{device}-{i}").into_bytes())
+            .collect();
+        setup
+            .e2ee_publish("alice", device, device.as_bytes(), &kps, 1)
+            .expect("publish");
+        published.extend(kps);
+    }
+    // Each round claims one per device on each node: more rounds than packages per device.
+    const ROUNDS: usize = MAX_KEY_PACKAGES * 3 / 4;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    // Connected before the threads start, and nothing in them panics between two waits: a
+    // failing node never leaves the other waiting for it.
+    let nodes: Vec<_> = (0..2)
+        .map(|_| {
+            let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                for _ in 0..ROUNDS {
+                    barrier.wait();
+                    got.push(db.e2ee_claim(&strings(&["alice"])));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    for t in nodes {
+        for claimed in t.join().expect("node thread") {
+            got.extend(claimed.expect("claim").into_iter().map(|(_, _, kp)| kp));
+        }
+    }
+    let claimed = got.len();
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), claimed, "a key package was given out twice");
+    published.sort();
+    assert_eq!(got, published, "every package given out once");
+    assert!(
+        setup
+            .e2ee_claim(&strings(&["alice"]))
+            .expect("claim")
+            .is_empty()
+    );
+}
+
+/// Two nodes saving states of the same group at once, each its own in a seeded random order:
+/// the stored group only moves forward, ends at the newest state, and its state and position
+/// always belong together.
+#[test]
+fn postgres_group_never_moves_back_across_nodes() {
+    const STATES: u64 = 60;
+    let pg = postgres_kit::PgServer::start();
+    let group = |seq: u64| GroupRow {
+        conv: "r:ops".into(),
+        group_id: b"gid".to_vec(),
+        state: format!("state-{seq}").into_bytes(),
+        applied_seq: seq,
+        group_info: format!("gi-{seq}").into_bytes(),
+        removal_epoch: seq / 10,
+        pending: Vec::new(),
+    };
+    for seed in [1u64, 2, 3] {
+        let mut setup = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+        setup.e2ee_delete_group("r:ops").expect("start afresh");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let nodes: Vec<_> = (0..2u64)
+            .map(|node| {
+                let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+                let barrier = barrier.clone();
+                // Node 0 saves the even states, node 1 the odd ones, each shuffled.
+                let mut mine: Vec<u64> = (1..=STATES).filter(|s| s % 2 == node).collect();
+                Rng(seed * 2 + node).shuffle(&mut mine);
+                // Nothing panics between two waits (see the key package test).
+                std::thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    for seq in mine {
+                        barrier.wait();
+                        let put = db.e2ee_put_group(&group(seq));
+                        seen.push((seq, put, db.e2ee_groups()));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        for t in nodes {
+            let mut newest = 0;
+            for (seq, put, stored) in t.join().expect("node thread") {
+                put.expect("put");
+                let stored = stored.expect("groups");
+                assert_eq!(stored.len(), 1);
+                let g = &stored[0];
+                assert_eq!(*g, group(g.applied_seq), "state and position together");
+                assert!(
+                    g.applied_seq >= seq.max(newest),
+                    "seed {seed}: the group moved back to {} after {seq} (seen {newest})",
+                    g.applied_seq
+                );
+                newest = g.applied_seq;
+            }
+        }
+        assert_eq!(
+            setup.e2ee_groups().expect("groups"),
+            [group(STATES)],
+            "seed {seed}"
+        );
+    }
+}
+
+/// Two nodes storing a chunk for the same device at once, round after round, with room for
+/// one: exactly one of the two is stored each round (the limit holds across nodes).
+#[test]
+fn postgres_transfer_limit_across_nodes() {
+    const CHUNK: usize = 10;
+    // Room for one chunk, not two.
+    const LIMIT: u64 = 15;
+    const ROUNDS: u32 = 50;
+    let pg = postgres_kit::PgServer::start();
+    let mut setup = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+    setup
+        .e2ee_publish("alice", "laptop", b"sig-l", &[], 1)
+        .expect("publish");
+    setup
+        .e2ee_publish("alice", "phone", b"sig-p", &[], 2)
+        .expect("publish");
+    setup
+        .device_announce("alice", "phone", b"tk", b"s", 3, "10.0.0.1")
+        .expect("announce");
+    setup
+        .device_decide("alice", "phone", true)
+        .expect("approve");
+    // This thread and the two nodes: the chunks are taken away between rounds.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let nodes: Vec<_> = ["node-a", "node-b"]
+        .into_iter()
+        .map(|node| {
+            let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+            let barrier = barrier.clone();
+            // Nothing panics between two waits (see the key package test).
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                for round in 0..ROUNDS {
+                    barrier.wait();
+                    outcomes.push(db.transfer_put(
+                        "alice",
+                        "phone",
+                        "laptop",
+                        node,
+                        round,
+                        &[7u8; CHUNK],
+                        LIMIT,
+                    ));
+                    barrier.wait();
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut cleared = Vec::new();
+    for _ in 0..ROUNDS {
+        barrier.wait();
+        barrier.wait();
+        cleared.push(setup.transfer_ack("alice", "phone", i64::MAX as u64));
+    }
+    for c in cleared {
+        c.expect("ack");
+    }
+    let outcomes: Vec<Vec<_>> = nodes
+        .into_iter()
+        .map(|t| t.join().expect("node thread"))
+        .collect();
+    for round in 0..ROUNDS as usize {
+        let stored = outcomes
+            .iter()
+            .map(|o| o[round].as_ref().expect("put"))
+            .filter(|&&o| o == PutOutcome::Stored)
+            .count();
+        assert_eq!(stored, 1, "round {round}: one chunk fits, not two");
+    }
 }
