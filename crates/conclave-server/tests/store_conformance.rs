@@ -2114,3 +2114,353 @@ fn postgres_transfer_limit_across_nodes() {
         assert_eq!(stored, 1, "round {round}: one chunk fits, not two");
     }
 }
+
+/// An answer as the two backends are compared: its value, or which error (`Exists`, or any
+/// other: SQLite's and PostgreSQL's texts differ).
+fn answer<T: std::fmt::Debug>(r: Result<T, StoreError>) -> String {
+    match r {
+        Ok(v) => format!("{v:?}"),
+        Err(StoreError::Exists) => "Err(Exists)".into(),
+        Err(_) => "Err".into(),
+    }
+}
+
+/// A transfer chunk without its id (ids are the backend's own: PostgreSQL's sequence may skip
+/// numbers SQLite's does not).
+fn chunks_without_ids(r: Result<Vec<conclave_proto::TransferChunk>, StoreError>) -> String {
+    answer(r.map(|v| {
+        v.into_iter()
+            .map(|c| (c.from_device, c.transfer, c.index, c.data))
+            .collect::<Vec<_>>()
+    }))
+}
+
+/// Seeded random runs of chat, device and group operations on SQLite and PostgreSQL side by
+/// side: every answer must be the same (ids compared by position, not value).
+#[test]
+fn random_operations_agree_on_both_backends() {
+    const SEEDS: u64 = 6;
+    const STEPS: usize = 500;
+    // How often each operation below (by its number) is picked: the device workflow (publish,
+    // ask, decide, then chunks) more than the rest, so that its later steps are reached.
+    const OP_WEIGHTS: [u64; 26] = [
+        3, 1, 2, 3, 1, 3, 1, 1, 5, 3, 1, 2, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1,
+    ];
+    const USERS: [&str; 4] = ["alice", "bob", "Carol", "ghost"];
+    const DEVICES: [&str; 3] = ["d1", "d2", "d3"];
+    // The reads whose answers must often have something in them.
+    const CHECKED: [&str; 12] = [
+        "announce",
+        "backup_fetch",
+        "claim",
+        "decide",
+        "devices",
+        "groups",
+        "requests",
+        "transfer_fetch",
+        "transfer_put",
+        "welcomes",
+        "read_markers",
+        "chat_load",
+    ];
+    const CONVS: [&str; 3] = ["r:lobby", "r:ops", "d:alice,bob"];
+    // Each kind of operation must have answered with something (a row, a count, a stored
+    // chunk) at least this often over all runs.
+    const MIN_INTERESTING: usize = 10;
+    let mut seen: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    let pg = postgres_kit::PgServer::start();
+    let mut admin =
+        ::postgres::Client::connect(&pg.tcp_config(), ::postgres::NoTls).expect("plain client");
+    for seed in 0..SEEDS {
+        admin
+            .batch_execute(&format!("CREATE DATABASE run{seed}"))
+            .expect("a database per run");
+        let config = pg
+            .tcp_config()
+            .replace("dbname=postgres", &format!("dbname=run{seed}"));
+        let mut p = PgDb::connect(&config, key()).expect("connect");
+        let (_dir, mut l) = sqlite();
+        let both: [&mut dyn Tested; 2] = [&mut l, &mut p];
+        let [l, p] = both;
+        // Three accounts ("ghost" has none), two rooms.
+        for s in [&mut *l, &mut *p] {
+            for u in &USERS[..3] {
+                s.create_user(u, "h", false).expect("create user");
+            }
+            for r in ["lobby", "ops"] {
+                s.ensure_public_room(r).expect("room");
+                s.add_member(r, "alice").expect("join");
+            }
+        }
+        let mut rng = Rng(seed);
+        let mut now = 1_000i64;
+        let mut last_put: Option<(&str, &str)> = None;
+        let mut approved: Vec<(&str, &str)> = Vec::new();
+        for step in 0..STEPS {
+            now += rng.below(3) as i64;
+            // Mostly a few accounts and devices, so that requests, decisions and chunks meet.
+            let user =
+                ["alice", "alice", "alice", "bob", "bob", "Carol", "ghost"][rng.below(7) as usize];
+            let device = ["d1", "d1", "d2", "d2", "d3"][rng.below(5) as usize];
+            let conv = CONVS[rng.below(3) as usize];
+            let bytes = |rng: &mut Rng, n: u64| -> Vec<u8> {
+                (0..rng.below(n)).map(|_| rng.below(256) as u8).collect()
+            };
+            let pairs = |rng: &mut Rng| -> Vec<(String, String)> {
+                (0..rng.below(4))
+                    .map(|_| {
+                        (
+                            USERS[rng.below(4) as usize].to_string(),
+                            DEVICES[rng.below(3) as usize].to_string(),
+                        )
+                    })
+                    .collect()
+            };
+            let op = {
+                let mut pick = rng.below(OP_WEIGHTS.iter().sum());
+                let mut op = 0;
+                while pick >= OP_WEIGHTS[op] {
+                    pick -= OP_WEIGHTS[op];
+                    op += 1;
+                }
+                op as u64
+            };
+            let (what, a, b) = match op {
+                0 => {
+                    let sig = [b"s1".to_vec(), b"s2".to_vec()][rng.below(2) as usize].clone();
+                    let kps: Vec<Vec<u8>> = (0..rng.below(4))
+                        .map(|i| format!("kp-{step}-{i}").into_bytes())
+                        .collect();
+                    let f =
+                        |s: &mut dyn Tested| answer(s.e2ee_publish(user, device, &sig, &kps, now));
+                    ("publish", f(l), f(p))
+                }
+                1 => {
+                    let f = |s: &mut dyn Tested| answer(s.e2ee_devices(user));
+                    ("devices", f(l), f(p))
+                }
+                2 => {
+                    let users: Vec<String> = (0..rng.below(4))
+                        .map(|_| USERS[rng.below(4) as usize].to_string())
+                        .collect();
+                    let f = |s: &mut dyn Tested| answer(s.e2ee_claim(&users));
+                    ("claim", f(l), f(p))
+                }
+                3 => {
+                    let (tk, sig) = (bytes(&mut rng, 4), bytes(&mut rng, 4));
+                    let addr = format!("10.0.0.{}", rng.below(3));
+                    let f = |s: &mut dyn Tested| {
+                        answer(s.device_announce(user, device, &tk, &sig, now, &addr))
+                    };
+                    ("announce", f(l), f(p))
+                }
+                4 => {
+                    let f = |s: &mut dyn Tested| answer(s.device_requests(user));
+                    ("requests", f(l), f(p))
+                }
+                5 => {
+                    let approve = rng.below(3) > 0;
+                    let f = |s: &mut dyn Tested| answer(s.device_decide(user, device, approve));
+                    let (a, b) = (f(l), f(p));
+                    if a.contains("\"approved\"") {
+                        approved.push((user, device));
+                    }
+                    ("decide", a, b)
+                }
+                6 => {
+                    // Rarely: a revoked device takes much of what the others need.
+                    if rng.below(4) > 0 {
+                        continue;
+                    }
+                    let f = |s: &mut dyn Tested| answer(s.device_revoke(user, device, now));
+                    ("revoke", f(l), f(p))
+                }
+                7 => {
+                    let asked = pairs(&mut rng);
+                    let f = |s: &mut dyn Tested| answer(s.devices_revoked(&asked));
+                    ("revoked", f(l), f(p))
+                }
+                8 => {
+                    // Mostly for a device that was approved.
+                    let (user, device) = match approved.len() as u64 {
+                        n if n > 0 && rng.below(4) > 0 => approved[rng.below(n) as usize],
+                        _ => (user, device),
+                    };
+                    let from = DEVICES[rng.below(3) as usize];
+                    let transfer = ["t1", "t2"][rng.below(2) as usize];
+                    let index = rng.below(4) as u32;
+                    let data = bytes(&mut rng, 9);
+                    let limit = [10, 20, 1_000][rng.below(3) as usize];
+                    let f = |s: &mut dyn Tested| {
+                        answer(s.transfer_put(user, device, from, transfer, index, &data, limit))
+                    };
+                    let (a, b) = (f(l), f(p));
+                    if a == "Stored" {
+                        last_put = Some((user, device));
+                    }
+                    ("transfer_put", a, b)
+                }
+                9 | 10 => {
+                    // Mostly where a chunk was last stored.
+                    let (user, device) = match last_put {
+                        Some(at) if rng.below(4) > 0 => at,
+                        _ => (user, device),
+                    };
+                    // A cursor by position in each backend's own list of waiting chunks.
+                    let k = rng.below(4) as usize;
+                    let max = [0, 1, 2, 3, 10][rng.below(5) as usize];
+                    let max_bytes = rng.below(20) as usize;
+                    let f = |s: &mut dyn Tested| {
+                        let all = s.transfer_fetch(user, device, 0, usize::MAX, usize::MAX);
+                        let id = match &all {
+                            Ok(v) if k > 0 => v.get(k - 1).map_or(i64::MAX as u64, |c| c.id),
+                            _ => 0,
+                        };
+                        if op == 9 {
+                            chunks_without_ids(s.transfer_fetch(user, device, id, max, max_bytes))
+                        } else {
+                            answer(s.transfer_ack(user, device, id))
+                        }
+                    };
+                    let what = if op == 9 {
+                        "transfer_fetch"
+                    } else {
+                        "transfer_ack"
+                    };
+                    (what, f(l), f(p))
+                }
+                11 => {
+                    let key_id = ["k1", "k2"][rng.below(2) as usize];
+                    let index = rng.below(5);
+                    let data = bytes(&mut rng, 9);
+                    let limit = [10, 30, 1_000][rng.below(3) as usize];
+                    let f = |s: &mut dyn Tested| {
+                        answer(s.backup_put(user, key_id, index, &data, limit))
+                    };
+                    ("backup_put", f(l), f(p))
+                }
+                12 => {
+                    let key_id = ["k1", "k2"][rng.below(2) as usize];
+                    let after = [None, Some(0), Some(1), Some(3)][rng.below(4) as usize];
+                    let (max, max_bytes) = (rng.below(4) as usize, rng.below(20) as usize);
+                    let f = |s: &mut dyn Tested| {
+                        answer(s.backup_fetch(user, key_id, after, max, max_bytes))
+                    };
+                    ("backup_fetch", f(l), f(p))
+                }
+                13 => {
+                    let keep = [None, Some("k1"), Some("k2")][rng.below(3) as usize];
+                    let f = |s: &mut dyn Tested| answer(s.backup_drop(user, keep));
+                    ("backup_drop", f(l), f(p))
+                }
+                14 => {
+                    let g = GroupRow {
+                        conv: conv.into(),
+                        group_id: bytes(&mut rng, 4),
+                        state: bytes(&mut rng, 9),
+                        applied_seq: rng.below(10),
+                        group_info: bytes(&mut rng, 9),
+                        removal_epoch: rng.below(3),
+                        pending: (0..rng.below(3))
+                            .map(|_| USERS[rng.below(4) as usize].to_string())
+                            .collect(),
+                    };
+                    let f = |s: &mut dyn Tested| answer(s.e2ee_put_group(&g));
+                    ("put_group", f(l), f(p))
+                }
+                15 => {
+                    let f = |s: &mut dyn Tested| answer(s.e2ee_groups());
+                    ("groups", f(l), f(p))
+                }
+                16 => {
+                    if rng.below(3) > 0 {
+                        continue;
+                    }
+                    let f = |s: &mut dyn Tested| answer(s.e2ee_delete_group(conv));
+                    ("delete_group", f(l), f(p))
+                }
+                17 => {
+                    let to = pairs(&mut rng);
+                    let (seq, welcome) = (rng.below(10), bytes(&mut rng, 5));
+                    let f = |s: &mut dyn Tested| {
+                        answer(
+                            s.e2ee_add_welcomes(&to, conv, seq, &welcome)
+                                .map(|v| v.into_iter().map(|(u, d, _)| (u, d)).collect::<Vec<_>>()),
+                        )
+                    };
+                    ("add_welcomes", f(l), f(p))
+                }
+                18 | 19 => {
+                    let k = rng.below(3) as usize;
+                    let f = |s: &mut dyn Tested| {
+                        let mine = s.e2ee_welcomes(user, device);
+                        if op == 18 {
+                            return answer(mine.map(|v| {
+                                v.into_iter()
+                                    .map(|w| (w.conv, w.seq, w.welcome))
+                                    .collect::<Vec<_>>()
+                            }));
+                        }
+                        let id = match &mine {
+                            Ok(v) => v.get(k).map_or(i64::MAX as u64, |w| w.id),
+                            Err(_) => 0,
+                        };
+                        answer(s.e2ee_welcome_done(user, device, id))
+                    };
+                    let what = if op == 18 { "welcomes" } else { "welcome_done" };
+                    (what, f(l), f(p))
+                }
+                20 => {
+                    let room = ["lobby", "ops", "nowhere"][rng.below(3) as usize];
+                    let topic = ["", "a", "b topic ✓"][rng.below(3) as usize];
+                    let f = |s: &mut dyn Tested| answer(s.set_topic(room, topic, user, now));
+                    ("set_topic", f(l), f(p))
+                }
+                21 => {
+                    let name = [None, Some("N"), Some("Другой")][rng.below(3) as usize];
+                    let f = |s: &mut dyn Tested| answer(s.set_display_name(user, name));
+                    ("set_display_name", f(l), f(p))
+                }
+                22 => {
+                    let share = rng.below(2) == 0;
+                    let f = |s: &mut dyn Tested| answer(s.set_share_reads(user, share));
+                    ("set_share_reads", f(l), f(p))
+                }
+                23 => {
+                    let f = |s: &mut dyn Tested| answer(s.chat_load());
+                    ("chat_load", f(l), f(p))
+                }
+                24 => {
+                    let seq = rng.below(2);
+                    let f = |s: &mut dyn Tested| answer(s.set_read(user, conv, seq, now));
+                    ("set_read", f(l), f(p))
+                }
+                _ => {
+                    let f = |s: &mut dyn Tested| answer(s.read_markers(conv));
+                    ("read_markers", f(l), f(p))
+                }
+            };
+            assert_eq!(
+                a, b,
+                "seed {seed}, step {step}: {what} (user {user}, device {device}, conv {conv}): \
+                 SQLite then PostgreSQL"
+            );
+            let tally = seen.entry(what).or_insert((0, 0));
+            tally.0 += 1;
+            if !matches!(
+                a.as_str(),
+                "[]" | "()" | "None" | "NotApproved" | "Full" | "Err" | "0"
+            ) {
+                tally.1 += 1;
+            }
+        }
+    }
+    // The runs must reach the interesting cases, or agreeing proves little.
+    for what in CHECKED {
+        let with_something = seen.get(what).map_or(0, |t| t.1);
+        assert!(
+            with_something >= MIN_INTERESTING,
+            "{what}: only {with_something} answers with something in them: {seen:?}"
+        );
+    }
+}
