@@ -3,11 +3,10 @@
 //! the read markers; and what reads the messages table: the target of an act or reply, and
 //! threads.
 //!
-//! `target` and `thread` read the `messages` and `convs` tables of the `Messages` half
-//! (schema version 3), with the columns SQLite's schema has: `messages(conv_id, seq, msg_id,
-//! sender, ts_ms, body, except_list, reply_to, act_on, act_kind, act_applied, edited_ms,
-//! edits, deleted, reactions)`. The flags are compared as `::int` and the counts read as
-//! `::BIGINT`, so they work whether that schema makes them booleans or integers.
+//! `target` and `thread` read the `messages` and `convs` tables of `Messages` (schema version
+//! 3, `store_pg::messages`), whose columns are SQLite's: `messages(conv_id, seq, msg_id, sender,
+//! ts_ms, body, except_list, reply_to, act_on, act_kind, act_applied, edited_ms, edits,
+//! deleted, reactions)`, the flags `BOOLEAN`, the numbers `BIGINT`.
 
 use conclave_proto::Message;
 use conclave_proto::chat::ReadMarker;
@@ -42,8 +41,8 @@ CREATE TABLE read_markers (
 "#;
 
 /// The [`ExtraCols`] as PostgreSQL selects them (prefixed with `m.`), in their order.
-const EXTRA_COLS: &str = "m.reply_to, m.act_on, m.act_kind::BIGINT, m.edited_ms::BIGINT, \
-                          m.edits::BIGINT, m.deleted::int <> 0, m.reactions";
+const EXTRA_COLS: &str =
+    "m.reply_to, m.act_on, m.act_kind, m.edited_ms, m.edits, m.deleted, m.reactions";
 
 fn extra_cols(r: &postgres::Row, i: usize) -> Result<ExtraCols, StoreError> {
     Ok(ExtraCols {
@@ -188,8 +187,8 @@ impl Chat for PgDb {
     fn target(&mut self, msg_id: &str, viewer: &str) -> Result<Option<TargetRow>, StoreError> {
         let client = self.client.get_mut();
         let row = client.query_opt(
-            "SELECT m.seq, m.sender, m.ts_ms, m.except_list, m.act_on, m.deleted::int <> 0,
-                    m.edits::BIGINT, m.reactions, c.key
+            "SELECT m.seq, m.sender, m.ts_ms, m.except_list, m.act_on, m.deleted, m.edits,
+                    m.reactions, c.key
              FROM messages m JOIN convs c ON c.id = m.conv_id WHERE m.msg_id = $1",
             &[&msg_id],
         )?;
@@ -215,7 +214,7 @@ impl Chat for PgDb {
                 let n: i64 = col(
                     &client.query_one(
                         "SELECT coalesce(sum(CASE act_kind WHEN 3 THEN 1 WHEN 4 THEN -1 ELSE 0 END), 0)::BIGINT
-                         FROM messages WHERE act_on = $1 AND act_applied::int = 0",
+                         FROM messages WHERE act_on = $1 AND NOT act_applied",
                         &[&msg_id],
                     )?,
                     0,
