@@ -1852,7 +1852,7 @@ fn postgres_schema_upgrades_from_versions_1_and_2() {
         let mut first = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
         first.create_user("alice", "h", true).expect("create");
         let row = file_row("f1", "alice", Conv::Room("lobby".into()), 10, 1, 1_000);
-        if version == 2 {
+        if version >= 2 {
             first.create_file(&row, &[]).expect("create a file");
         }
         drop(first);
