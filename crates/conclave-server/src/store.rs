@@ -36,8 +36,8 @@ pub use chat::TargetRow;
 pub use chat::{ChatRows, ReadMoved};
 pub(crate) use chat::{ExtraCols, extra_of, open_reactions, topic_ad};
 pub use devices::PutOutcome;
-pub(crate) use e2ee::state_ad;
 pub use e2ee::{GroupRow, MAX_KEY_PACKAGES, WelcomeRow};
+pub(crate) use e2ee::{SIGNER_AD, state_ad};
 pub use files::{FileRow, RecipientState};
 pub(crate) use files::{open_meta as open_file_meta, seal_meta as seal_file_meta};
 

@@ -1308,6 +1308,26 @@ fn groups_state(s: &mut dyn Tested) {
     assert_eq!(s.e2ee_groups().expect("groups"), [direct, ops]);
 }
 
+/// The server's signature key: made the first time, the same one after.
+fn groups_signer(s: &mut dyn Tested) {
+    let mut made = 0;
+    let first = s
+        .e2ee_signer(&mut || {
+            made += 1;
+            b"signer-1".to_vec()
+        })
+        .expect("signer");
+    assert_eq!(first, b"signer-1");
+    let again = s
+        .e2ee_signer(&mut || {
+            made += 1;
+            b"signer-2".to_vec()
+        })
+        .expect("signer");
+    assert_eq!(again, b"signer-1", "the stored key, not a new one");
+    assert_eq!(made, 1);
+}
+
 /// Each device's Welcome mailbox: oldest first, one removed at a time, by its own device only.
 fn groups_welcomes(s: &mut dyn Tested) {
     let pair = |u: &str, d: &str| (u.to_string(), d.to_string());
@@ -1689,6 +1709,7 @@ on_both!(
     groups_publish_and_claim,
     groups_state,
     groups_welcomes,
+    groups_signer,
 );
 
 /// The tests over stored messages, on SQLite only for now: once `PgDb` implements `Messages`
@@ -2463,4 +2484,36 @@ fn random_operations_agree_on_both_backends() {
             "{what}: only {with_something} answers with something in them: {seen:?}"
         );
     }
+}
+
+/// Two nodes starting on a new database at once: both use the signature key stored first, and
+/// a third connection reads it back (sealed under the data key: another key cannot).
+#[test]
+fn postgres_signer_is_shared_by_nodes() {
+    let pg = postgres_kit::PgServer::start();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let nodes: Vec<_> = ["node-a", "node-b"]
+        .into_iter()
+        .map(|node| {
+            let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                db.e2ee_signer(&mut || node.as_bytes().to_vec())
+            })
+        })
+        .collect();
+    let keys: Vec<Vec<u8>> = nodes
+        .into_iter()
+        .map(|t| t.join().expect("node thread").expect("signer"))
+        .collect();
+    assert_eq!(keys[0], keys[1], "one key for the cluster");
+    assert!(keys[0] == b"node-a" || keys[0] == b"node-b");
+    let mut third = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+    assert_eq!(
+        third
+            .e2ee_signer(&mut || b"node-c".to_vec())
+            .expect("signer"),
+        keys[0]
+    );
 }

@@ -293,6 +293,10 @@ pub trait Devices {
 
 /// End-to-end conversations: devices and key packages, public group state, Welcomes, the commit log.
 pub trait Groups {
+    /// The server's MLS signature key (sealed under the data key): made with `fresh` and
+    /// stored the first time, read back after (every node of a cluster reads the one stored
+    /// first).
+    fn e2ee_signer(&mut self, fresh: &mut dyn FnMut() -> Vec<u8>) -> Result<Vec<u8>, StoreError>;
     /// Registers a device (or confirms it) and stores key packages, up to the limit. Returns
     /// how many the device has.
     fn e2ee_publish(
@@ -673,6 +677,9 @@ impl Devices for Db {
 }
 
 impl Groups for Db {
+    fn e2ee_signer(&mut self, fresh: &mut dyn FnMut() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        Db::e2ee_signer_bytes(self, fresh)
+    }
     fn e2ee_publish(
         &mut self,
         user: &str,

@@ -41,6 +41,10 @@ CREATE TABLE e2ee_welcomes (
 CREATE INDEX e2ee_welcomes_device ON e2ee_welcomes(user, device);
 ";
 
+/// What the server's MLS signature key is sealed with (the PostgreSQL store seals it the
+/// same way).
+pub(crate) const SIGNER_AD: &[u8] = b"conclave-e2ee-signer-v1";
+
 /// Most key packages kept per device.
 pub const MAX_KEY_PACKAGES: usize = 100;
 
@@ -335,7 +339,7 @@ impl Db {
         &mut self,
         fresh: impl FnOnce() -> Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        const AD: &[u8] = b"conclave-e2ee-signer-v1";
+        const AD: &[u8] = SIGNER_AD;
         let sealed: Option<Vec<u8>> = self
             .conn
             .query_row(

@@ -1,7 +1,8 @@
 //! [`Groups`] on PostgreSQL: end-to-end devices and their key packages, each conversation's
 //! group (its state and GroupInfo sealed under the data key with the same additional data as
-//! `Db`'s, [`state_ad`]), the Welcome mailbox of each device, and the commit log (read from
-//! the messages table).
+//! `Db`'s, [`state_ad`]), the Welcome mailbox of each device, the commit log (read from the
+//! messages table), and the server's MLS signature key (sealed, in `conclave_meta`), which
+//! every node reads.
 //!
 //! Across nodes:
 //! - A group never moves back: [`Groups::e2ee_put_group`] replaces a stored state only if its
@@ -17,7 +18,7 @@
 
 use super::{PgDb, col};
 use crate::store::{
-    GroupRow, Groups, MAX_KEY_PACKAGES, StoreError, WelcomeRow, open_body, state_ad,
+    GroupRow, Groups, MAX_KEY_PACKAGES, SIGNER_AD, StoreError, WelcomeRow, open_body, state_ad,
 };
 
 /// Schema version 4, part three: as SQLite's `e2ee` tables.
@@ -57,6 +58,30 @@ CREATE INDEX e2ee_welcomes_device ON e2ee_welcomes(user_name, device);
 "#;
 
 impl Groups for PgDb {
+    /// In `conclave_meta` (hex, as the key check), sealed as `Db` seals it. Of two nodes
+    /// starting on a new database at once, the first to commit its key wins and the other
+    /// reads that one back.
+    fn e2ee_signer(&mut self, fresh: &mut dyn FnMut() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let client = self.client.get_mut();
+        const READ: &str = "SELECT value FROM conclave_meta WHERE key = 'e2ee_signer'";
+        let stored = match client.query_opt(READ, &[])? {
+            Some(row) => col::<String>(&row, 0)?,
+            None => {
+                let sealed = self.key.seal(SIGNER_AD, &fresh());
+                client.execute(
+                    "INSERT INTO conclave_meta (key, value) VALUES ('e2ee_signer', $1)
+                     ON CONFLICT (key) DO NOTHING",
+                    &[&hex::encode(sealed)],
+                )?;
+                col(&client.query_one(READ, &[])?, 0)?
+            }
+        };
+        let sealed = hex::decode(stored).map_err(|_| StoreError::Corrupt)?;
+        self.key
+            .open(SIGNER_AD, &sealed)
+            .map_err(|_| StoreError::Corrupt)
+    }
+
     fn e2ee_publish(
         &mut self,
         user: &str,
