@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use conclave_e2ee::ds::{GroupState, ServerSigner};
 
-use crate::store::{Db, GroupRow, StoreError};
+use crate::store::{GroupRow, Groups, StoreError};
 
 /// One conversation's group.
 pub struct ConvGroup {
@@ -55,9 +55,9 @@ pub struct E2ee {
 impl E2ee {
     /// Loads the signature key and every group, bringing each up to its log: commits stored
     /// after the state was last saved (a crash between the two) are applied again.
-    pub fn load(db: &mut Db) -> Result<E2ee, String> {
+    pub fn load(db: &mut dyn Groups) -> Result<E2ee, String> {
         let bytes = db
-            .e2ee_signer_bytes(|| {
+            .e2ee_signer(&mut || {
                 ServerSigner::generate()
                     .map(|s| s.to_bytes())
                     .unwrap_or_default()

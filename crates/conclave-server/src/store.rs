@@ -35,8 +35,10 @@ pub use backend::{
 pub use chat::TargetRow;
 pub use chat::{ChatRows, ReadMoved};
 pub(crate) use chat::{columns as act_columns, is_mls, kind_of, reactions_ad};
+pub(crate) use chat::{ExtraCols, extra_of, open_reactions, topic_ad};
 pub use devices::PutOutcome;
-pub use e2ee::{GroupRow, WelcomeRow};
+pub use e2ee::{GroupRow, MAX_KEY_PACKAGES, WelcomeRow};
+pub(crate) use e2ee::{SIGNER_AD, state_ad};
 pub use files::{FileRow, RecipientState};
 pub(crate) use files::{open_meta as open_file_meta, seal_meta as seal_file_meta};
 
@@ -267,6 +269,18 @@ pub(crate) fn except_list(stored: Option<&str>) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect()
+/// Opens a stored message body sealed under [`seal_ad`] (both stores).
+pub(crate) fn open_body(
+    key: &DataKey,
+    msg_id: &str,
+    conv_key: &str,
+    seq: i64,
+    sealed: &[u8],
+) -> Result<Body, StoreError> {
+    let plain = key
+        .open(&seal_ad(msg_id, conv_key, seq as u64), sealed)
+        .map_err(|_| StoreError::Corrupt)?;
+    postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)
 }
 
 /// An account as stored.
@@ -1364,11 +1378,7 @@ impl Db {
         seq: i64,
         sealed: &[u8],
     ) -> Result<Body, StoreError> {
-        let plain = self
-            .key
-            .open(&seal_ad(msg_id, key, seq as u64), sealed)
-            .map_err(|_| StoreError::Corrupt)?;
-        postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)
+        open_body(&self.key, msg_id, key, seq, sealed)
     }
 
     /// Messages containing every word of `query_words` (normalised with [`search::words`]) in

@@ -1,15 +1,14 @@
 //! The PostgreSQL store for cluster mode (issue 24), in progress: [`PgDb`] implements the
-//! store's [`Accounts`], [`Rooms`], [`Moderation`], [`FileMeta`] and
-//! [`Messages`](crate::store::Messages) (in [`messages`]: appends with sequence numbers per
+//! store's [`Accounts`], [`Rooms`], [`Moderation`], [`FileMeta`] and, in the submodules,
+//! [`Messages`](crate::store::Messages) ([`messages`]: appends with sequence numbers per
 //! conversation assigned in PostgreSQL, safe with several nodes appending at once; history,
-//! search, acks, catch-up, retention, ranges) with the same behaviour as SQLite's
-//! [`crate::store::Db`] (the conformance suite, `tests/store_conformance.rs`, runs the same
-//! tests on both). `Chat`, `Devices` and `Groups` are not implemented yet, so `PgDb` is no
-//! [`crate::store::Backend`] and `--store postgres://` is not wired.
+//! search, acks, catch-up, retention, ranges), `Chat` ([`chat`]), `Devices` ([`devices`]) and
+//! `Groups` ([`groups`]) with the same behaviour as SQLite's [`crate::store::Db`] (the
+//! conformance suite, `tests/store_conformance.rs`, runs the same tests on both).
 //!
-//! What `Db` seals under the data key, `PgDb` seals the same way (message bodies, reactions,
-//! file names and hashes, with the same associated data), so it is opened with the data key,
-//! and refuses a database whose key check another key wrote.
+//! What `Db` seals under the data key, `PgDb` seals the same way, with the same additional
+//! data (file names and hashes, room topics, E2EE group states and GroupInfos), so it is
+//! opened with the data key, and refuses a database whose key check another key wrote.
 //!
 //! Why the synchronous `postgres` crate: the store thread runs every operation synchronously
 //! on its own thread, one at a time, and `postgres` is exactly tokio-postgres (the client
@@ -34,6 +33,9 @@
 use std::cell::RefCell;
 
 pub mod messages;
+mod chat;
+mod devices;
+mod groups;
 
 use postgres::{Client, NoTls, Transaction};
 
@@ -49,7 +51,7 @@ use crate::store::{
 /// The schema this build writes; a database at a higher version was written by a newer build.
 /// Each version adds to the one before (a database at an older version is brought up to this
 /// one at connect).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Any two nodes opening the same database take this advisory lock (a fixed key:
 /// "conclave" in ASCII) while they check and create the schema, so they never race.
@@ -285,6 +287,12 @@ fn create_schema(client: &mut Client, key: &DataKey) -> Result<(), StoreError> {
     }
     if version < 3 {
         tx.batch_execute(messages::SCHEMA_V3)?;
+    }
+    if version < 4 {
+        // Chat, devices, end-to-end groups.
+        tx.batch_execute(chat::SCHEMA)?;
+        tx.batch_execute(devices::SCHEMA)?;
+        tx.batch_execute(groups::SCHEMA)?;
     }
     if version < SCHEMA_VERSION {
         tx.execute(

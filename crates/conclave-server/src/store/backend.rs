@@ -305,6 +305,10 @@ pub trait Devices {
 
 /// End-to-end conversations: devices and key packages, public group state, Welcomes, the commit log.
 pub trait Groups {
+    /// The server's MLS signature key (sealed under the data key): made with `fresh` and
+    /// stored the first time, read back after (every node of a cluster reads the one stored
+    /// first).
+    fn e2ee_signer(&mut self, fresh: &mut dyn FnMut() -> Vec<u8>) -> Result<Vec<u8>, StoreError>;
     /// Registers a device (or confirms it) and stores key packages, up to the limit. Returns
     /// how many the device has.
     fn e2ee_publish(
@@ -325,7 +329,9 @@ pub trait Groups {
     ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError>;
     /// Every conversation's group.
     fn e2ee_groups(&self) -> Result<Vec<GroupRow>, StoreError>;
-    /// Saves a conversation's group (insert or replace).
+    /// Saves a conversation's group: inserts it, or replaces a stored state that is not
+    /// newer (`applied_seq` at most this one's); a newer stored state is kept (on several
+    /// nodes, the one that ordered more commits wins).
     fn e2ee_put_group(&mut self, g: &GroupRow) -> Result<(), StoreError>;
     /// Drops a conversation's group (when its room is deleted).
     fn e2ee_delete_group(&mut self, conv: &str) -> Result<(), StoreError>;
@@ -692,6 +698,9 @@ impl Devices for Db {
 }
 
 impl Groups for Db {
+    fn e2ee_signer(&mut self, fresh: &mut dyn FnMut() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        Db::e2ee_signer_bytes(self, fresh)
+    }
     fn e2ee_publish(
         &mut self,
         user: &str,

@@ -28,6 +28,7 @@ use conclave_proto::{Body, Conv, Message};
 use rusqlite::{OptionalExtension, params};
 
 use super::{Db, StoreError, conv_from_key, seal_ad};
+use crate::at_rest::DataKey;
 
 pub(super) const CHAT_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS room_topics (
@@ -72,7 +73,8 @@ pub enum ReadMoved {
     Beyond { last_seq: u64 },
 }
 
-fn topic_ad(room: &str) -> Vec<u8> {
+/// What a room's topic is sealed with (the PostgreSQL store seals it the same way).
+pub(crate) fn topic_ad(room: &str) -> Vec<u8> {
     format!("conclave-topic-v1:{room}").into_bytes()
 }
 
@@ -277,7 +279,7 @@ pub struct TargetRow {
 }
 
 /// The columns of a stored row that become a message's [`Extra`].
-pub(super) struct ExtraCols {
+pub(crate) struct ExtraCols {
     pub reply_to: Option<String>,
     pub act_on: Option<String>,
     pub act_kind: Option<i64>,
@@ -391,16 +393,7 @@ impl Db {
     }
 
     fn open_reactions(&self, msg_id: &str, sealed: &[u8]) -> Result<Vec<Reaction>, StoreError> {
-        let plain = self
-            .key
-            .open(&reactions_ad(msg_id), sealed)
-            .map_err(|_| StoreError::Corrupt)?;
-        let list: Vec<(String, Vec<String>)> =
-            postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)?;
-        Ok(list
-            .into_iter()
-            .map(|(emoji, users)| Reaction { emoji, users })
-            .collect())
+        open_reactions(&self.key, msg_id, sealed)
     }
 
     fn seal_reactions(&self, msg_id: &str, reactions: &[Reaction]) -> Vec<u8> {
@@ -419,32 +412,7 @@ impl Db {
         cols: ExtraCols,
         with_state: bool,
     ) -> Result<Option<Box<Extra>>, StoreError> {
-        let acts_on = match (cols.act_on, cols.act_kind.and_then(kind_of)) {
-            (Some(id), Some(kind)) => Some(ActsOn { msg_id: id, kind }),
-            _ => None,
-        };
-        let state = if with_state && (cols.edits > 0 || cols.deleted || cols.reactions.is_some()) {
-            let reactions = match &cols.reactions {
-                Some(s) if !cols.deleted => self.open_reactions(msg_id, s)?,
-                _ => Vec::new(),
-            };
-            Some(MsgState {
-                edited_ms: cols.edited_ms,
-                edits: cols.edits.max(0) as u32,
-                deleted: cols.deleted,
-                reactions,
-            })
-        } else {
-            None
-        };
-        if cols.reply_to.is_none() && acts_on.is_none() && state.is_none() {
-            return Ok(None);
-        }
-        Ok(Some(Box::new(Extra {
-            reply_to: cols.reply_to,
-            acts_on,
-            state,
-        })))
+        extra_of(&self.key, msg_id, cols, with_state)
     }
 
     /// Applies an act stored at `act_gseq` (same transaction) to its target in a
@@ -631,6 +599,59 @@ impl Db {
         }
         Ok(Some(out))
     }
+}
+
+/// A message's reactions, opened (sealed under [`reactions_ad`]).
+pub(crate) fn open_reactions(
+    key: &DataKey,
+    msg_id: &str,
+    sealed: &[u8],
+) -> Result<Vec<Reaction>, StoreError> {
+    let plain = key
+        .open(&reactions_ad(msg_id), sealed)
+        .map_err(|_| StoreError::Corrupt)?;
+    let list: Vec<(String, Vec<String>)> =
+        postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)?;
+    Ok(list
+        .into_iter()
+        .map(|(emoji, users)| Reaction { emoji, users })
+        .collect())
+}
+
+/// The [`Extra`] of a stored row; `with_state` for history (the message's current state).
+/// Both stores build it here from the same columns.
+pub(crate) fn extra_of(
+    key: &DataKey,
+    msg_id: &str,
+    cols: ExtraCols,
+    with_state: bool,
+) -> Result<Option<Box<Extra>>, StoreError> {
+    let acts_on = match (cols.act_on, cols.act_kind.and_then(kind_of)) {
+        (Some(id), Some(kind)) => Some(ActsOn { msg_id: id, kind }),
+        _ => None,
+    };
+    let state = if with_state && (cols.edits > 0 || cols.deleted || cols.reactions.is_some()) {
+        let reactions = match &cols.reactions {
+            Some(s) if !cols.deleted => open_reactions(key, msg_id, s)?,
+            _ => Vec::new(),
+        };
+        Some(MsgState {
+            edited_ms: cols.edited_ms,
+            edits: cols.edits.max(0) as u32,
+            deleted: cols.deleted,
+            reactions,
+        })
+    } else {
+        None
+    };
+    if cols.reply_to.is_none() && acts_on.is_none() && state.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(Extra {
+        reply_to: cols.reply_to,
+        acts_on,
+        state,
+    })))
 }
 
 /// The refs a stored act or reply carries, for the insert.

@@ -41,11 +41,15 @@ CREATE TABLE e2ee_welcomes (
 CREATE INDEX e2ee_welcomes_device ON e2ee_welcomes(user, device);
 ";
 
+/// What the server's MLS signature key is sealed with (the PostgreSQL store seals it the
+/// same way).
+pub(crate) const SIGNER_AD: &[u8] = b"conclave-e2ee-signer-v1";
+
 /// Most key packages kept per device.
 pub const MAX_KEY_PACKAGES: usize = 100;
 
 /// A conversation's group as stored (state and GroupInfo opened).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRow {
     pub conv: String,
     pub group_id: Vec<u8>,
@@ -58,7 +62,7 @@ pub struct GroupRow {
 }
 
 /// A stored Welcome.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WelcomeRow {
     pub id: u64,
     pub conv: String,
@@ -66,7 +70,9 @@ pub struct WelcomeRow {
     pub welcome: Vec<u8>,
 }
 
-fn state_ad(conv: &str, what: &str) -> Vec<u8> {
+/// What a group's state and GroupInfo are sealed with (the PostgreSQL store seals them the
+/// same way).
+pub(crate) fn state_ad(conv: &str, what: &str) -> Vec<u8> {
     format!("conclave-e2ee-v1|{what}|{conv}").into_bytes()
 }
 
@@ -207,12 +213,20 @@ impl Db {
         Ok(out)
     }
 
-    /// Saves a conversation's group (insert or replace).
+    /// Saves a conversation's group (insert, or replace a state that is not newer: one
+    /// whose `applied_seq` is at most this one's). A group never moves back to an older
+    /// state: the PostgreSQL store, where two nodes may save the same group at once, keeps
+    /// the same rule, and on one node nothing saves an older state anyway.
     pub fn e2ee_put_group(&mut self, g: &GroupRow) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO e2ee_groups
+            "INSERT INTO e2ee_groups
                  (conv, group_id, state, applied_seq, group_info, removal_epoch, pending)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(conv) DO UPDATE SET group_id = excluded.group_id,
+                 state = excluded.state, applied_seq = excluded.applied_seq,
+                 group_info = excluded.group_info, removal_epoch = excluded.removal_epoch,
+                 pending = excluded.pending
+             WHERE applied_seq <= excluded.applied_seq",
             params![
                 g.conv,
                 g.group_id,
@@ -325,7 +339,7 @@ impl Db {
         &mut self,
         fresh: impl FnOnce() -> Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        const AD: &[u8] = b"conclave-e2ee-signer-v1";
+        const AD: &[u8] = SIGNER_AD;
         let sealed: Option<Vec<u8>> = self
             .conn
             .query_row(

@@ -284,14 +284,7 @@ fn postgres_schema_upgrades_from_version_2() {
     let mut first = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
     first.create_user("alice", "h", true).expect("create");
     drop(first);
-    let mut admin =
-        ::postgres::Client::connect(&pg.tcp_config(), ::postgres::NoTls).expect("plain client");
-    admin
-        .batch_execute(
-            "DROP TABLE search_index; DROP TABLE messages; DROP TABLE conv_members;
-             UPDATE conclave_meta SET value = '2' WHERE key = 'schema_version';",
-        )
-        .expect("make it a version 2 database");
+    super::downgrade(&pg.tcp_config(), 2);
     let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect to version 2");
     assert_eq!(db.schema_version().expect("version"), SCHEMA_VERSION);
     assert!(db.user("alice").expect("read").is_some(), "rows survive");
