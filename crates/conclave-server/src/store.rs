@@ -8,6 +8,11 @@
 //! Appends are answered in commit order on a separate channel (the commit sink), so the server
 //! fans messages out in exactly the order their sequence numbers were assigned.
 //!
+//! The store thread's time per message bounds the store's throughput, so what an append needs
+//! that depends on no database and on no sequence number (the body's encoding, its search
+//! tokens: [`Prepared`]) is computed by the sender's task in [`Store::append`]; the store
+//! thread assigns the id and sequence number, seals, and inserts.
+//!
 //! [`Db`] is the synchronous core (also used directly by `conclave user ...` on a data directory
 //! when no server runs); [`Store`] is the async handle. Keep this interface narrow: a
 //! PostgreSQL store will implement the same operations later.
