@@ -20,7 +20,7 @@
 use std::path::Path;
 
 use argon2::Argon2;
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInOut, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -38,6 +38,7 @@ const SALT_BYTES: usize = 16;
 const PASSPHRASE_MEMORY_KIB: u32 = 64 * 1024;
 const PASSPHRASE_PASSES: u32 = 3;
 const NONCE_BYTES: usize = 24;
+const TAG_BYTES: usize = 16;
 
 /// The key that seals records at rest.
 pub struct DataKey {
@@ -142,19 +143,23 @@ impl DataKey {
         // The thread's CSPRNG (ChaCha, seeded from the OS): no system call per record.
         let mut nonce_bytes = [0u8; NONCE_BYTES];
         rand::Rng::fill(&mut rand::rng(), &mut nonce_bytes[..]);
+        self.seal_with_nonce(nonce_bytes, ad, plain)
+    }
+
+    fn seal_with_nonce(&self, nonce_bytes: [u8; NONCE_BYTES], ad: &[u8], plain: &[u8]) -> Vec<u8> {
         let nonce = XNonce::from(nonce_bytes);
-        let mut out = Vec::with_capacity(NONCE_BYTES + plain.len() + 16);
-        out.extend_from_slice(nonce.as_slice());
+        // One buffer for the whole record, encrypted in place (the same construction and
+        // output as `Aead::encrypt`, which allocates the ciphertext apart and is copied).
+        let mut out = Vec::with_capacity(NONCE_BYTES + plain.len() + TAG_BYTES);
+        out.extend_from_slice(&nonce_bytes);
+        out.extend_from_slice(plain);
         // Encryption with a valid key and nonce only fails for inputs over 2^38 bytes, which
         // the frame limit excludes.
-        match self.cipher.encrypt(
-            &nonce,
-            Payload {
-                msg: plain,
-                aad: ad,
-            },
-        ) {
-            Ok(ct) => out.extend_from_slice(&ct),
+        match self
+            .cipher
+            .encrypt_inout_detached(&nonce, ad, (&mut out[NONCE_BYTES..]).into())
+        {
+            Ok(tag) => out.extend_from_slice(&tag),
             Err(_) => out.clear(),
         }
         out
@@ -162,7 +167,7 @@ impl DataKey {
 
     /// Opens a record sealed with [`DataKey::seal`] under the same `ad`.
     pub fn open(&self, ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
-        if sealed.len() < NONCE_BYTES + 16 {
+        if sealed.len() < NONCE_BYTES + TAG_BYTES {
             return Err(OpenError);
         }
         let (nonce, ct) = sealed.split_at(NONCE_BYTES);
@@ -201,6 +206,30 @@ mod tests {
             again.open(b"id1", &sealed).expect("same key"),
             b"secret words"
         );
+    }
+
+    #[test]
+    fn sealing_in_place_gives_the_records_sealed_before() {
+        // Records written by earlier versions (nonce, then `Aead::encrypt`'s output) and the
+        // in-place sealing must be the same bytes, or old databases would stop opening.
+        let k = DataKey::from_bytes(&[7; KEY_BYTES]).expect("key");
+        let nonce = [3u8; NONCE_BYTES];
+        for plain in [&b""[..], b"x", &[9u8; 1000][..]] {
+            let before = k
+                .cipher
+                .encrypt(
+                    &XNonce::from(nonce),
+                    Payload {
+                        msg: plain,
+                        aad: b"ad",
+                    },
+                )
+                .expect("encrypt");
+            let sealed = k.seal_with_nonce(nonce, b"ad", plain);
+            assert_eq!(&sealed[..NONCE_BYTES], &nonce[..]);
+            assert_eq!(&sealed[NONCE_BYTES..], &before[..]);
+            assert_eq!(k.open(b"ad", &sealed).expect("opens"), plain);
+        }
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub const MAX_WORDS_PER_MESSAGE: usize = 1024;
 pub const MAX_QUERY_WORDS: usize = 16;
 /// Longest query, in bytes.
 pub const MAX_QUERY_BYTES: usize = 512;
+/// Length of an index token as stored: 16 hex digits.
+pub const TOKEN_TEXT_LEN: usize = 16;
 
 /// The distinct normalised words of `text`, in first-seen order.
 pub fn words(text: &str) -> Vec<String> {
@@ -80,7 +82,18 @@ impl SearchKey {
 
     /// The index token of one normalised word, as the 16 hex digits stored in the index.
     pub fn token_text(&self, word: &str) -> String {
-        format!("{:016x}", self.token(word) as u64)
+        let mut out = String::with_capacity(TOKEN_TEXT_LEN);
+        self.push_token_text(word, &mut out);
+        out
+    }
+
+    /// Appends [`SearchKey::token_text`] of `word` to `out`.
+    pub fn push_token_text(&self, word: &str, out: &mut String) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let token = self.token(word) as u64;
+        for i in (0..TOKEN_TEXT_LEN).rev() {
+            out.push(char::from(HEX[((token >> (i * 4)) & 0xf) as usize]));
+        }
     }
 
     /// The index token of one normalised word.
@@ -134,5 +147,13 @@ mod tests {
         assert_eq!(a.token("deploy"), a.token("deploy"));
         assert_ne!(a.token("deploy"), b.token("deploy"));
         assert_ne!(a.token("deploy"), a.token("deplay"));
+    }
+
+    #[test]
+    fn token_text_is_the_tokens_16_hex_digits() {
+        let k = SearchKey::new(&[1; 32]);
+        for w in ["deploy", "a", "", "ünïcode"] {
+            assert_eq!(k.token_text(w), format!("{:016x}", k.token(w) as u64));
+        }
     }
 }

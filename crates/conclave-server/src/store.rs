@@ -8,6 +8,11 @@
 //! Appends are answered in commit order on a separate channel (the commit sink), so the server
 //! fans messages out in exactly the order their sequence numbers were assigned.
 //!
+//! The store thread's time per message bounds the store's throughput, so what an append needs
+//! that depends on no database and on no sequence number (the body's encoding, its search
+//! tokens: [`Prepared`]) is computed by the sender's task in [`Store::append`]; the store
+//! thread assigns the id and sequence number, seals, and inserts.
+//!
 //! [`Db`] is the synchronous core (also used directly by `conclave user ...` on a data directory
 //! when no server runs); [`Store`] is the async handle. Keep this interface narrow: a
 //! PostgreSQL store will implement the same operations later.
@@ -258,17 +263,193 @@ impl PageBudget {
 
 /// The associated data a message body is sealed under (both backends).
 pub(crate) fn seal_ad(msg_id: &str, conv_key: &str, seq: u64) -> Vec<u8> {
-    format!("conclave-msg-v1|{msg_id}|{conv_key}|{seq}").into_bytes()
+    let mut ad = Vec::new();
+    seal_ad_into(&mut ad, msg_id, conv_key, seq);
+    ad
+}
+
+/// [`seal_ad`] written into `ad` (reused from one message to the next).
+fn seal_ad_into(ad: &mut Vec<u8>, msg_id: &str, conv_key: &str, seq: u64) {
+    use std::io::Write as _;
+    ad.clear();
+    // Writing into a Vec cannot fail.
+    let _ = write!(ad, "conclave-msg-v1|{msg_id}|{conv_key}|{seq}");
+}
+
+/// The search index's tokens of a text body, separated by spaces (`None`: no words).
+fn tokens_of(key: &SearchKey, body: &Body) -> Option<String> {
+    let words = search::words(body.as_text()?);
+    if words.is_empty() {
+        return None;
+    }
+    let mut tokens = String::with_capacity(words.len() * (search::TOKEN_TEXT_LEN + 1));
+    for w in &words {
+        if !tokens.is_empty() {
+            tokens.push(' ');
+        }
+        key.push_token_text(w, &mut tokens);
+    }
+    Some(tokens)
+}
+
+/// The id of the conversation with storage key `key`, created if new; `cache` remembers it.
+fn conv_id_in(
+    conn: &Connection,
+    cache: &mut HashMap<String, i64>,
+    key: &str,
+) -> Result<i64, StoreError> {
+    if let Some(&id) = cache.get(key) {
+        return Ok(id);
+    }
+    let created = conn.execute("INSERT OR IGNORE INTO convs (key) VALUES (?1)", [key])? == 1;
+    let id: i64 = conn.query_row("SELECT id FROM convs WHERE key = ?1", [key], |r| r.get(0))?;
+    if created && let Conv::Direct(users) = conv_from_key(key) {
+        for u in users {
+            conn.execute(
+                "INSERT OR IGNORE INTO conv_members (user, conv_id) VALUES (?1, ?2)",
+                params![u, id],
+            )?;
+        }
+    }
+    cache.insert(key.to_string(), id);
+    Ok(id)
+}
+
+/// Where a retried send (the same sender and idempotency key) was stored, if it was.
+fn stored_retry(conn: &Connection, m: &NewMessage) -> Result<Option<Placed>, StoreError> {
+    let Some(idem) = &m.idempotency_key else {
+        return Ok(None);
+    };
+    Ok(conn
+        .prepare_cached(
+            "SELECT msg_id, seq, ts_ms FROM messages WHERE sender = ?1 AND idem_key = ?2",
+        )?
+        .query_row(params![m.from, idem], |r| {
+            Ok(Placed {
+                msg_id: r.get(0)?,
+                seq: r.get::<_, i64>(1)? as u64,
+                ts_ms: r.get(2)?,
+                duplicate: true,
+            })
+        })
+        .optional()?)
+}
+
+/// The next sequence number of conversation `conv_id` in this batch: read once per batch,
+/// then counted in `seqs` (written back at the batch's end).
+fn next_seq(
+    conn: &Connection,
+    seqs: &mut HashMap<i64, i64>,
+    conv_id: i64,
+) -> Result<i64, StoreError> {
+    if let Some(s) = seqs.get_mut(&conv_id) {
+        *s += 1;
+        return Ok(*s);
+    }
+    let last: i64 = conn
+        .prepare_cached("SELECT last_seq FROM convs WHERE id = ?1")?
+        .query_row([conv_id], |r| r.get(0))?;
+    seqs.insert(conv_id, last + 1);
+    Ok(last + 1)
+}
+
+/// The `except_list` column: `,name,name,` (searched with `instr`), or NULL for none.
+fn except_list(except: &[String]) -> Option<String> {
+    (!except.is_empty()).then(|| format!(",{},", except.join(",")))
+}
+
+/// Whether a message acts on an earlier one (edits, deletes, reactions).
+fn is_act(m: &NewMessage) -> bool {
+    m.refs.as_ref().is_some_and(|r| r.acts_on.is_some())
+}
+
+const INSERT_MESSAGE: &str =
+    "INSERT INTO messages (conv_id, seq, msg_id, sender, ts_ms, body, except_list, idem_key,
+                                       reply_to, act_on, act_kind, act_applied)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+/// The index rows waiting in memory as the JSON object `{"GSEQ": "TOKENS", ...}` that the
+/// index flush's one statement reads with `json_each`: each message once (the last entry for
+/// it wins, as an edit's tokens replace the text's), in ascending order (FTS5 writes a segment
+/// whenever a row id is lower than the one before). Written directly: tokens are hex digits
+/// and spaces, which need no escaping (anything else is escaped by `serde_json`).
+fn index_rows_json(pending: &[(i64, String)]) -> String {
+    let mut seen = std::collections::HashSet::with_capacity(pending.len());
+    let mut rows: Vec<(i64, &str)> = pending
+        .iter()
+        .rev()
+        .filter(|(g, _)| seen.insert(*g))
+        .map(|(g, t)| (*g, t.as_str()))
+        .collect();
+    rows.sort_unstable_by_key(|(g, _)| *g);
+    let mut out = String::with_capacity(2 + rows.iter().map(|(_, t)| t.len() + 26).sum::<usize>());
+    out.push('{');
+    for (i, (g, t)) in rows.into_iter().enumerate() {
+        use std::fmt::Write as _;
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "\"{g}\":");
+        if t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b' ') {
+            out.push('"');
+            out.push_str(t);
+            out.push('"');
+        } else {
+            out.push_str(&serde_json::Value::String(t.to_string()).to_string());
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// The part of an append that needs neither the database nor the message's sequence number:
+/// the body's plaintext encoding and its search tokens. [`Store::append`] computes it in the
+/// sender's task, before the request reaches the store thread, whose time per message bounds
+/// the store's throughput (docs/benchmarks.md, "The store thread's CPU per message"). A
+/// message that reaches [`Db::append_batch`] without it is prepared there.
+pub struct Prepared {
+    /// The body as it is sealed (postcard).
+    plain: Vec<u8>,
+    /// The index tokens of its text; `None` for no words and for acts (an edit indexes its
+    /// target's new text on the store thread).
+    tokens: Option<String>,
+}
+
+/// Prepares messages for SQLite's store (see [`Prepared`]): holds the search key.
+#[derive(Clone)]
+pub struct Preparer {
+    search: SearchKey,
+}
+
+impl Preparer {
+    /// What the store thread would otherwise compute for `m`.
+    pub fn prepare(&self, m: &NewMessage) -> Prepared {
+        prepare(&self.search, m)
+    }
+}
+
+fn prepare(search: &SearchKey, m: &NewMessage) -> Prepared {
+    let is_act = m.refs.as_ref().is_some_and(|r| r.acts_on.is_some());
+    Prepared {
+        plain: postcard::to_stdvec(&m.body).unwrap_or_default(),
+        tokens: if is_act {
+            None
+        } else {
+            tokens_of(search, &m.body)
+        },
+    }
 }
 
 /// The names of a stored blockcast exception list (`,a,b,`; `None` when there is none).
-pub(crate) fn except_list(stored: Option<&str>) -> Vec<String> {
+pub(crate) fn parse_except_list(stored: Option<&str>) -> Vec<String> {
     stored
         .unwrap_or("")
         .split(',')
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect()
+}
+
 /// Opens a stored message body sealed under [`seal_ad`] (both stores).
 pub(crate) fn open_body(
     key: &DataKey,
@@ -318,35 +499,61 @@ pub struct NewMessage {
     pub refs: Option<Box<conclave_proto::Refs>>,
 }
 
+/// Where an append was stored: its id, sequence number and time, and whether it was a retry
+/// of a message already stored.
+struct Placed {
+    msg_id: String,
+    seq: u64,
+    ts_ms: i64,
+    duplicate: bool,
+}
+
 impl NewMessage {
-    /// This message as stored under `msg_id` and `seq`.
-    pub(crate) fn appended(
+    /// This message as stored at `at`.
+    fn appended(&self, at: Placed) -> Appended {
+        self.clone().into_appended(at)
+    }
+
+    /// This message as stored under `msg_id` and `seq` (for the other backends).
+    pub(crate) fn appended_as(
         &self,
         msg_id: String,
         seq: u64,
         ts_ms: i64,
         duplicate: bool,
     ) -> Appended {
+        self.appended(Placed {
+            msg_id,
+            seq,
+            ts_ms,
+            duplicate,
+        })
+    }
+
+    /// This message as stored at `at`, without copying it.
+    fn into_appended(self, at: Placed) -> Appended {
+        let extra = self.refs.and_then(|r| {
+            let conclave_proto::Refs { reply_to, acts_on } = *r;
+            (reply_to.is_some() || acts_on.is_some()).then(|| {
+                Box::new(conclave_proto::Extra {
+                    reply_to,
+                    acts_on,
+                    state: None,
+                })
+            })
+        });
         Appended {
             msg: Message {
-                msg_id,
-                conv: self.conv.clone(),
-                from: self.from.clone(),
-                seq,
-                ts_ms,
-                body: self.body.clone(),
-                extra: self.refs.as_ref().and_then(|r| {
-                    (r.reply_to.is_some() || r.acts_on.is_some()).then(|| {
-                        Box::new(conclave_proto::Extra {
-                            reply_to: r.reply_to.clone(),
-                            acts_on: r.acts_on.clone(),
-                            state: None,
-                        })
-                    })
-                }),
+                msg_id: at.msg_id,
+                conv: self.conv,
+                from: self.from,
+                seq: at.seq,
+                ts_ms: at.ts_ms,
+                body: self.body,
+                extra,
             },
-            except: self.except.clone(),
-            duplicate,
+            except: self.except,
+            duplicate: at.duplicate,
         }
     }
 }
@@ -541,13 +748,7 @@ impl Db {
     }
 
     fn tokens_of(&self, body: &Body) -> Option<String> {
-        let text = body.as_text()?;
-        let tokens = search::words(text)
-            .iter()
-            .map(|w| self.search.token_text(w))
-            .collect::<Vec<_>>()
-            .join(" ");
-        (!tokens.is_empty()).then_some(tokens)
+        tokens_of(&self.search, body)
     }
 
     /// Writes the waiting search tokens in one transaction. It is not synced on its own: the
@@ -557,13 +758,7 @@ impl Db {
         let Some(last) = self.pending_index.iter().map(|(g, _)| *g).max() else {
             return Ok(());
         };
-        let rows = serde_json::Value::Object(
-            self.pending_index
-                .iter()
-                .map(|(g, t)| (g.to_string(), serde_json::Value::String(t.clone())))
-                .collect(),
-        )
-        .to_string();
+        let rows = index_rows_json(&self.pending_index);
         self.conn
             .execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")?;
         let result = (|| -> Result<(), rusqlite::Error> {
@@ -1077,26 +1272,7 @@ impl Db {
     }
 
     fn conv_id(&mut self, key: &str) -> Result<i64, StoreError> {
-        if let Some(&id) = self.conv_ids.get(key) {
-            return Ok(id);
-        }
-        let created = self
-            .conn
-            .execute("INSERT OR IGNORE INTO convs (key) VALUES (?1)", [key])?
-            == 1;
-        let id: i64 = self
-            .conn
-            .query_row("SELECT id FROM convs WHERE key = ?1", [key], |r| r.get(0))?;
-        if created && let Conv::Direct(users) = conv_from_key(key) {
-            for u in users {
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO conv_members (user, conv_id) VALUES (?1, ?2)",
-                    params![u, id],
-                )?;
-            }
-        }
-        self.conv_ids.insert(key.to_string(), id);
-        Ok(id)
+        conv_id_in(&self.conn, &mut self.conv_ids, key)
     }
 
     fn existing_conv_id(&mut self, key: &str) -> Result<Option<i64>, StoreError> {
@@ -1111,10 +1287,38 @@ impl Db {
 
     /// Appends messages in one transaction (one sync). Either all are stored or none.
     pub fn append_batch(&mut self, batch: &[NewMessage]) -> Result<Vec<Appended>, StoreError> {
+        let placed = self.append_placed(batch, Vec::new())?;
+        Ok(batch
+            .iter()
+            .zip(placed)
+            .map(|(m, at)| m.appended(at))
+            .collect())
+    }
+
+    /// [`Db::append_batch`] of messages the caller gives up, with what their senders prepared
+    /// (in order; `None`, or a shorter list, where nothing was): the store thread's way.
+    pub fn append_prepared(
+        &mut self,
+        batch: Vec<NewMessage>,
+        prepared: Vec<Option<Prepared>>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let placed = self.append_placed(&batch, prepared)?;
+        Ok(batch
+            .into_iter()
+            .zip(placed)
+            .map(|(m, at)| m.into_appended(at))
+            .collect())
+    }
+
+    fn append_placed(
+        &mut self,
+        batch: &[NewMessage],
+        prepared: Vec<Option<Prepared>>,
+    ) -> Result<Vec<Placed>, StoreError> {
         // A failed batch must not leave cached conversation ids that were rolled back.
         let cached = self.conv_ids.len();
         let started = std::time::Instant::now();
-        let result = self.append_batch_inner(batch);
+        let result = self.append_batch_inner(batch, prepared);
         if let (Ok(_), Some(observe)) = (&result, &self.on_commit) {
             observe(started.elapsed());
         }
@@ -1124,16 +1328,42 @@ impl Db {
         result
     }
 
-    fn append_batch_inner(&mut self, batch: &[NewMessage]) -> Result<Vec<Appended>, StoreError> {
+    fn append_batch_inner(
+        &mut self,
+        batch: &[NewMessage],
+        prepared: Vec<Option<Prepared>>,
+    ) -> Result<Vec<Placed>, StoreError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let mut prepared = prepared.into_iter();
         let mut out = Vec::with_capacity(batch.len());
         let mut index: Vec<(i64, String)> = Vec::new();
         // Each conversation's last sequence number is read once per batch, counted here, and
         // written back once at the end.
         let mut seqs: HashMap<i64, i64> = HashMap::new();
-        for m in batch {
-            match self.append_one(m, &mut seqs, &mut index) {
-                Ok(a) => out.push(a),
+        let mut rest = batch;
+        while let Some(first) = rest.first() {
+            // Runs of messages that act on no other go in through one held statement; an act
+            // (which reads and changes its target) goes alone.
+            let plain = rest.iter().take_while(|m| !is_act(m)).count();
+            let done = if plain == 0 {
+                let prep = prepared.next().flatten();
+                self.append_one(first, prep, &mut seqs, &mut index)
+                    .map(|placed| {
+                        out.push(placed);
+                        1
+                    })
+            } else {
+                self.append_plain(
+                    &rest[..plain],
+                    &mut prepared,
+                    &mut seqs,
+                    &mut index,
+                    &mut out,
+                )
+                .map(|()| plain)
+            };
+            match done {
+                Ok(n) => rest = &rest[n..],
                 Err(e) => {
                     let _ = self.conn.execute_batch("ROLLBACK");
                     return Err(e);
@@ -1166,83 +1396,106 @@ impl Db {
         Ok(out)
     }
 
-    fn append_one(
+    /// Appends messages that act on no other message, in order, with one prepared statement
+    /// held for all of them (the same rows as [`Db::append_one`] writes for each).
+    fn append_plain(
         &mut self,
-        m: &NewMessage,
+        run: &[NewMessage],
+        prepared: &mut impl Iterator<Item = Option<Prepared>>,
         seqs: &mut HashMap<i64, i64>,
         index: &mut Vec<(i64, String)>,
-    ) -> Result<Appended, StoreError> {
-        let key = conv_key(&m.conv);
-        if let Some(idem) = &m.idempotency_key {
-            let found = self
-                .conn
-                .prepare_cached(
-                    "SELECT msg_id, seq, ts_ms FROM messages WHERE sender = ?1 AND idem_key = ?2",
-                )?
-                .query_row(params![m.from, idem], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })
-                .optional()?;
-            if let Some((msg_id, seq, ts_ms)) = found {
-                return Ok(m.appended(msg_id, seq as u64, ts_ms, true));
+        out: &mut Vec<Placed>,
+    ) -> Result<(), StoreError> {
+        let mut insert = self.conn.prepare_cached(INSERT_MESSAGE)?;
+        let mut ad = Vec::new();
+        for m in run {
+            let prep = prepared.next().flatten();
+            if let Some(retry) = stored_retry(&self.conn, m)? {
+                out.push(retry);
+                continue;
             }
-        }
-        let conv_id = self.conv_id(&key)?;
-        let seq = match seqs.get_mut(&conv_id) {
-            Some(s) => {
-                *s += 1;
-                *s
-            }
-            None => {
-                let last: i64 = self
-                    .conn
-                    .prepare_cached("SELECT last_seq FROM convs WHERE id = ?1")?
-                    .query_row([conv_id], |r| r.get(0))?;
-                seqs.insert(conv_id, last + 1);
-                last + 1
-            }
-        };
-        let msg_id = uuid::Uuid::now_v7().to_string();
-        let ts_ms = now_ms();
-        let plain = postcard::to_stdvec(&m.body).unwrap_or_default();
-        let sealed = self.key.seal(&seal_ad(&msg_id, &key, seq as u64), &plain);
-        let except = if m.except.is_empty() {
-            None
-        } else {
-            Some(format!(",{},", m.except.join(",")))
-        };
-        let (reply_to, act_on, act_kind) = chat::columns(m.refs.as_deref());
-        let acts_on = m.refs.as_ref().and_then(|r| r.acts_on.as_ref());
-        // Acts in server-encrypted conversations are applied to their target here.
-        let applied = acts_on.is_some() && !chat::is_mls(&m.body);
-        self.conn
-            .prepare_cached(
-                "INSERT INTO messages (conv_id, seq, msg_id, sender, ts_ms, body, except_list, idem_key,
-                                       reply_to, act_on, act_kind, act_applied)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?
-            .execute(params![
+            let key = conv_key(&m.conv);
+            let conv_id = conv_id_in(&self.conn, &mut self.conv_ids, &key)?;
+            let seq = next_seq(&self.conn, seqs, conv_id)?;
+            let msg_id = uuid::Uuid::now_v7().to_string();
+            let ts_ms = now_ms();
+            let Prepared { plain, tokens } = match prep {
+                Some(p) => p,
+                None => prepare(&self.search, m),
+            };
+            seal_ad_into(&mut ad, &msg_id, &key, seq as u64);
+            let sealed = self.key.seal(&ad, &plain);
+            let (reply_to, act_on, act_kind) = chat::columns(m.refs.as_deref());
+            insert.execute(params![
                 conv_id,
                 seq,
                 msg_id,
                 m.from,
                 ts_ms,
                 sealed,
-                except,
+                except_list(&m.except),
                 m.idempotency_key,
                 reply_to,
                 act_on,
                 act_kind,
-                applied
+                false
             ])?;
+            if let Some(tokens) = tokens {
+                index.push((self.conn.last_insert_rowid(), tokens));
+            }
+            out.push(Placed {
+                msg_id,
+                seq: seq as u64,
+                ts_ms,
+                duplicate: false,
+            });
+        }
+        Ok(())
+    }
+
+    fn append_one(
+        &mut self,
+        m: &NewMessage,
+        prep: Option<Prepared>,
+        seqs: &mut HashMap<i64, i64>,
+        index: &mut Vec<(i64, String)>,
+    ) -> Result<Placed, StoreError> {
+        if let Some(retry) = stored_retry(&self.conn, m)? {
+            return Ok(retry);
+        }
+        let key = conv_key(&m.conv);
+        let conv_id = self.conv_id(&key)?;
+        let seq = next_seq(&self.conn, seqs, conv_id)?;
+        let msg_id = uuid::Uuid::now_v7().to_string();
+        let ts_ms = now_ms();
+        let Prepared { plain, tokens } = match prep {
+            Some(p) => p,
+            None => prepare(&self.search, m),
+        };
+        let sealed = self.key.seal(&seal_ad(&msg_id, &key, seq as u64), &plain);
+        let except = except_list(&m.except);
+        let (reply_to, act_on, act_kind) = chat::columns(m.refs.as_deref());
+        let acts_on = m.refs.as_ref().and_then(|r| r.acts_on.as_ref());
+        // Acts in server-encrypted conversations are applied to their target here.
+        let applied = acts_on.is_some() && !chat::is_mls(&m.body);
+        self.conn.prepare_cached(INSERT_MESSAGE)?.execute(params![
+            conv_id,
+            seq,
+            msg_id,
+            m.from,
+            ts_ms,
+            sealed,
+            except,
+            m.idempotency_key,
+            reply_to,
+            act_on,
+            act_kind,
+            applied
+        ])?;
         let gseq = self.conn.last_insert_rowid();
         match acts_on {
             None => {
-                if let Some(tokens) = self.tokens_of(&m.body) {
+                if let Some(tokens) = tokens {
                     index.push((gseq, tokens));
                 }
             }
@@ -1258,7 +1511,19 @@ impl Db {
             }
             Some(_) => {}
         }
-        Ok(m.appended(msg_id, seq as u64, ts_ms, false))
+        Ok(Placed {
+            msg_id,
+            seq: seq as u64,
+            ts_ms,
+            duplicate: false,
+        })
+    }
+
+    /// What [`Store::append`] prepares for this database (see [`Prepared`]).
+    pub fn preparer(&self) -> Preparer {
+        Preparer {
+            search: self.search.clone(),
+        }
     }
 
     /// A page of history for `viewer`, oldest first: up to `limit` messages before `before`
@@ -1364,7 +1629,7 @@ impl Db {
                     body,
                     extra,
                 },
-                except: except_list(except.as_deref()),
+                except: parse_except_list(except.as_deref()),
                 duplicate: false,
             });
         }
@@ -1603,7 +1868,8 @@ type Call = Box<dyn FnOnce(&mut dyn Backend) -> Answer + Send>;
 type Answer = Box<dyn FnOnce(Option<StoreError>) + Send>;
 
 enum Op<C> {
-    Append(AppendJob<C>),
+    /// An append, with what its sender prepared (see [`Prepared`]).
+    Append(AppendJob<C>, Option<Prepared>),
     CatchUp(CatchUpJob<C>),
     Call(Call),
     Stop,
@@ -1612,12 +1878,15 @@ enum Op<C> {
 /// The async handle to the store thread. Cheap to clone.
 pub struct Store<C> {
     tx: mpsc::Sender<Op<C>>,
+    /// What senders compute before queueing an append (the backend's [`Backend::preparer`]).
+    preparer: Option<Preparer>,
 }
 
 impl<C> Clone for Store<C> {
     fn clone(&self) -> Self {
         Store {
             tx: self.tx.clone(),
+            preparer: self.preparer.clone(),
         }
     }
 }
@@ -1654,12 +1923,13 @@ impl<C: Send + 'static> Store<C> {
         sink: mpsc::Sender<Done<C>>,
     ) -> (Store<C>, StoreThread) {
         let (tx, rx) = mpsc::channel(STORE_QUEUE);
+        let preparer = backend.preparer();
         let handle = std::thread::Builder::new()
             .name("conclave-store".into())
             .spawn(move || run(backend, rx, sink))
             .map(StoreThread);
         match handle {
-            Ok(h) => (Store { tx }, h),
+            Ok(h) => (Store { tx, preparer }, h),
             // Spawning a thread fails only when the OS is out of resources at start.
             Err(e) => panic!("cannot start the store thread: {e}"),
         }
@@ -1705,10 +1975,13 @@ impl<C: Send + 'static> Store<C> {
             .map_err(|_| StoreError::Stopped)
     }
 
-    /// Queues an append; its answer arrives on the commit sink.
+    /// Queues an append; its answer arrives on the commit sink. What the append needs that
+    /// depends on no database (the body's encoding, its search tokens) is computed here, by
+    /// the caller, so the store thread does not.
     pub async fn append(&self, job: AppendJob<C>) -> Result<(), StoreError> {
+        let prepared = self.preparer.as_ref().map(|p| p.prepare(&job.msg));
         self.tx
-            .send(Op::Append(job))
+            .send(Op::Append(job, prepared))
             .await
             .map_err(|_| StoreError::Stopped)
     }
@@ -1880,12 +2153,18 @@ fn run<C: Send + 'static>(
                     })],
                 }
             }
-            Op::Append(first) => {
+            Op::Append(first, prepared) => {
                 let started = std::time::Instant::now();
-                let mut jobs = vec![first];
-                while jobs.len() < MAX_BATCH {
+                let mut msgs = vec![first.msg];
+                let mut ctxs = vec![first.ctx];
+                let mut preps = vec![prepared];
+                while msgs.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(Op::Append(j)) => jobs.push(j),
+                        Ok(Op::Append(j, p)) => {
+                            msgs.push(j.msg);
+                            ctxs.push(j.ctx);
+                            preps.push(p);
+                        }
                         Ok(other) => {
                             pending = Some(other);
                             break;
@@ -1893,9 +2172,7 @@ fn run<C: Send + 'static>(
                         Err(_) => break,
                     }
                 }
-                let (msgs, ctxs): (Vec<_>, Vec<_>) =
-                    jobs.into_iter().map(|j| (j.msg, j.ctx)).unzip();
-                let answers = match db.append_batch(&msgs) {
+                let answers = match db.append_prepared(msgs, preps) {
                     Ok(done) => done
                         .into_iter()
                         .zip(ctxs)
@@ -1976,6 +2253,18 @@ impl Backend for Db {
     fn take_commit_observer(&mut self) -> Option<CommitObserver> {
         self.on_commit.take()
     }
+
+    fn preparer(&self) -> Option<Preparer> {
+        Some(Db::preparer(self))
+    }
+
+    fn append_prepared(
+        &mut self,
+        batch: Vec<NewMessage>,
+        prepared: Vec<Option<Prepared>>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        Db::append_prepared(self, batch, prepared)
+    }
 }
 
 /// The syncer: takes every round waiting, syncs the WAL once if any of them wrote, then
@@ -2022,7 +2311,11 @@ fn sync_run<C>(
                             },
                             (done, _) => done,
                         };
-                        let _ = sink.blocking_send(done);
+                        // Without waiting when there is room (most of the time): a
+                        // `blocking_send` costs a parker and a waker for every message.
+                        if let Err(mpsc::error::TrySendError::Full(done)) = sink.try_send(done) {
+                            let _ = sink.blocking_send(done);
+                        }
                     }
                 }
             }
@@ -2065,6 +2358,22 @@ mod tests {
             idempotency_key: idem.map(str::to_string),
             refs: None,
         }
+    }
+
+    #[test]
+    fn index_rows_are_each_message_once_in_order_with_its_last_tokens() {
+        let pending = vec![
+            (10, "aa bb".to_string()),
+            (9, "cc".to_string()),
+            (10, "dd".to_string()),
+            (100, "q\"\\".to_string()),
+        ];
+        let json = index_rows_json(&pending);
+        assert_eq!(json, r#"{"9":"cc","10":"dd","100":"q\"\\"}"#);
+        let parsed: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&json).expect("valid JSON");
+        assert_eq!(parsed.len(), 3);
+        assert_eq!(index_rows_json(&[]), "{}");
     }
 
     #[test]
@@ -2119,14 +2428,24 @@ mod tests {
         // Frames in the WAL now: only what came after its last restart. Every commit writes
         // at least two pages (the row and its index), so without restarts there would be
         // 2 * APPENDS or more.
-        // (Asked from a second connection: the store thread is idle between operations.)
+        // (Asked from a second connection. The store thread may be checkpointing itself just
+        // after the last answer; then this one is busy and reports -1, and is asked again.)
         let path = d.path().join(DB_FILE);
         let frames = tokio::task::spawn_blocking(move || {
-            Connection::open(path)
-                .and_then(|c| {
-                    c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
-                })
-                .expect("checkpoint")
+            let c = Connection::open(path).expect("second connection");
+            let mut tries = 0;
+            loop {
+                let (busy, frames) = c
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                    })
+                    .expect("checkpoint");
+                tries += 1;
+                if busy == 0 || tries == 100 {
+                    break frames;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         })
         .await
         .expect("checkpoint task");

@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use conclave_proto::{BackupChunk, Conv, Message, TransferChunk, WaitingDevice};
 
 use super::{
-    Appended, ChatRows, CommitObserver, Db, FileRow, GroupRow, NewMessage, PutOutcome, ReadMoved,
-    RecipientState, Retention, RoomRow, StoreError, TargetRow, UserRow, WelcomeRow,
+    Appended, ChatRows, CommitObserver, Db, FileRow, GroupRow, NewMessage, Prepared, Preparer,
+    PutOutcome, ReadMoved, RecipientState, Retention, RoomRow, StoreError, TargetRow, UserRow,
+    WelcomeRow,
 };
 
 /// How a backend's commits become durable.
@@ -42,6 +43,22 @@ pub trait Backend:
     fn close(&mut self);
     /// Who is told how long each batch of messages took to become durable.
     fn take_commit_observer(&mut self) -> Option<CommitObserver>;
+    /// What senders compute for each message before it reaches the store thread (work that
+    /// needs no database: [`Prepared`]); `None`, the default: nothing.
+    fn preparer(&self) -> Option<Preparer> {
+        None
+    }
+    /// [`Messages::append_batch`] of messages the store thread gives up, with what the
+    /// [`Backend::preparer`] computed for each (in order; `None` where nothing was). By
+    /// default the preparation is not used.
+    fn append_prepared(
+        &mut self,
+        batch: Vec<NewMessage>,
+        prepared: Vec<Option<Prepared>>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        drop(prepared);
+        self.append_batch(&batch)
+    }
 }
 
 /// Accounts, password hashes, invite codes.

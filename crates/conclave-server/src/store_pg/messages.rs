@@ -74,7 +74,7 @@ use crate::at_rest::DataKey;
 use crate::search::{self, SearchKey};
 use crate::store::{
     Appended, Messages, NewMessage, PageBudget, Retention, StoreError, act_columns, conv_from_key,
-    conv_key, except_list, is_mls, kind_of, reactions_ad, seal_ad,
+    conv_key, parse_except_list, is_mls, kind_of, reactions_ad, seal_ad,
 };
 
 /// Schema version 3: messages (sealed bodies, replies and acts, as SQLite's schema version 4
@@ -625,18 +625,18 @@ impl PgDb {
             .enumerate()
             .map(|(i, m)| {
                 if let Some(r) = &rows[i] {
-                    return m.appended(r.msg_id.clone(), r.seq as u64, r.ts_ms, false);
+                    return m.appended_as(r.msg_id.clone(), r.seq as u64, r.ts_ms, false);
                 }
                 if let Some(first) = repeat_of[i]
                     && let Some(r) = &rows[first]
                 {
-                    return m.appended(r.msg_id.clone(), r.seq as u64, r.ts_ms, true);
+                    return m.appended_as(r.msg_id.clone(), r.seq as u64, r.ts_ms, true);
                 }
                 let idem = m.idempotency_key.clone().unwrap_or_default();
                 match stored.get(&(m.from.clone(), idem)) {
-                    Some((msg_id, seq, ts)) => m.appended(msg_id.clone(), *seq as u64, *ts, true),
+                    Some((msg_id, seq, ts)) => m.appended_as(msg_id.clone(), *seq as u64, *ts, true),
                     // Unreachable: every message is new, a repeat, or stored.
-                    None => m.appended(String::new(), 0, ts_ms, true),
+                    None => m.appended_as(String::new(), 0, ts_ms, true),
                 }
             })
             .collect();
@@ -1133,7 +1133,7 @@ impl Messages for PgDb {
             let msg = self.message(stored(r)?, conv, &key, false)?;
             out.push(Appended {
                 msg,
-                except: except_list(except.as_deref()),
+                except: parse_except_list(except.as_deref()),
                 duplicate: false,
             });
         }
