@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::at_rest::DataKey;
 use crate::audit::{AuditLog, Fields, Kind};
-use crate::config::{Config, RegistrationPolicy};
+use crate::config::{ClusterPlan, Config, RegistrationPolicy};
 use crate::dispatch::{self};
 use crate::guard::{Guard, Refusal};
 use crate::hub::Hub;
@@ -59,6 +59,52 @@ pub struct Server {
     local_addr: SocketAddr,
     fingerprint: String,
     identity_created: bool,
+    cluster: Option<ClusterInfo>,
+}
+
+/// What a node in cluster mode runs with.
+#[derive(Debug, Clone)]
+pub struct ClusterInfo {
+    /// This node's name on the bus.
+    pub node: String,
+    /// Whether it has a bus (without one it is the only node on its store).
+    pub bus: bool,
+}
+
+/// Opens cluster mode's shared PostgreSQL store (the password from the environment or its
+/// file, never from the URL), for the store thread to run on.
+pub fn open_shared_store(
+    config: &Config,
+    plan: &ClusterPlan,
+) -> Result<Box<dyn crate::store::Backend>, StartError> {
+    let mut pg = plan.store.clone();
+    if let Some(pw) = config
+        .cluster
+        .pg_password()
+        .map_err(|e| start_err(e.to_string()))?
+    {
+        pg.password(pw);
+    }
+    drop(pg);
+    // `store_pg::PgDb` implements accounts, rooms, moderation and files but not messages, chat,
+    // devices and end-to-end groups yet, so it is no `Backend` and the store thread cannot run
+    // on it.
+    Err(start_err(
+        "cluster mode (--store postgres://…) is not available in this build: its PostgreSQL \
+         store does not keep messages yet. Run without --store (one node on SQLite)",
+    ))
+}
+
+/// Joins the bus of a cluster.
+pub async fn join_bus(plan: &ClusterPlan) -> Result<Option<Arc<dyn crate::bus::Bus>>, StartError> {
+    let Some(url) = &plan.bus else {
+        return Ok(None);
+    };
+    let cfg = crate::bus_nats::NatsConfig::new(url, &plan.cluster_name, &plan.node);
+    let bus = crate::bus_nats::NatsBus::connect(cfg)
+        .await
+        .map_err(|e| start_err(e.to_string()))?;
+    Ok(Some(Arc::new(bus)))
 }
 
 /// Opens (creating if needed) the data directory's database with its data key.
@@ -94,6 +140,13 @@ impl Server {
         let admin = crate::admin_socket::bind(&config.data_dir)
             .await
             .map_err(start_err)?;
+        let plan = config
+            .cluster
+            .check()
+            .map_err(|e| start_err(e.to_string()))?;
+        if let Some(plan) = &plan {
+            let _shared_store = open_shared_store(&config, plan)?;
+        }
         let mut db = open_db(&config)?;
         let loaded = crate::certs::Certs::load(&config).map_err(|e| start_err(e.to_string()))?;
         let acceptor = TlsAcceptor::from(
@@ -189,11 +242,20 @@ impl Server {
             local_addr,
             fingerprint: loaded.certs.fingerprint(),
             identity_created: loaded.identity_created,
+            cluster: plan.map(|p| ClusterInfo {
+                node: p.node,
+                bus: p.bus.is_some(),
+            }),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Cluster mode's node, when `--store` was given.
+    pub fn cluster(&self) -> Option<&ClusterInfo> {
+        self.cluster.as_ref()
     }
 
     /// Where the Prometheus endpoint listens, when it is on.
