@@ -110,6 +110,8 @@ pub struct Hub<O> {
     /// Connection → (user, handle, live). A connection is live once it has caught up: only
     /// then does it receive new messages, so catch-up and live traffic never overlap.
     sessions: SessionMap<(String, O, bool)>,
+    /// How many of `sessions` are not live yet.
+    waiting: usize,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -165,6 +167,7 @@ impl<O> Hub<O> {
             users,
             rooms,
             sessions: SessionMap::default(),
+            waiting: 0,
         }
     }
 
@@ -199,20 +202,29 @@ impl<O> Hub<O> {
     pub fn connect(&mut self, user: &str, sid: SessionId, outbox: O) -> bool {
         let u = self.users.entry(user.to_string()).or_default();
         u.sessions.push(sid);
-        self.sessions.insert(sid, (user.to_string(), outbox, false));
+        let old = self.sessions.insert(sid, (user.to_string(), outbox, false));
+        if !matches!(old, Some((_, _, false))) {
+            self.waiting += 1;
+        }
         u.sessions.len() == 1
     }
 
     /// Marks a connection as caught up: new messages go to it from now on.
     pub fn set_live(&mut self, sid: SessionId) {
-        if let Some(s) = self.sessions.get_mut(&sid) {
+        if let Some(s) = self.sessions.get_mut(&sid)
+            && !s.2
+        {
             s.2 = true;
+            self.waiting -= 1;
         }
     }
 
     /// Forgets a connection. Returns its user and whether the user went offline.
     pub fn disconnect(&mut self, sid: SessionId) -> Option<(String, bool)> {
-        let (user, _, _) = self.sessions.remove(&sid)?;
+        let (user, _, live) = self.sessions.remove(&sid)?;
+        if !live {
+            self.waiting -= 1;
+        }
         let offline = match self.users.get_mut(&user) {
             Some(u) => {
                 u.sessions.retain(|s| *s != sid);
@@ -729,6 +741,84 @@ impl<O> Hub<O> {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Every caught-up connection that receives a new message in `conv`, with its user (before
+    /// `except` and the sender's own connection are left out): a room's members, or a direct
+    /// conversation's participants.
+    pub fn live_audience(&self, conv: &Conv) -> Vec<(SessionId, &str, &O)> {
+        match conv {
+            Conv::Room(room) => self.room_audience(room),
+            Conv::Direct(users) => self.sessions_with(users, true),
+        }
+    }
+
+    /// Connections that logged in and have not caught up yet, with their users, among those
+    /// that receive a new message in `conv` (cluster mode keeps what reaches them meanwhile).
+    pub fn waiting_audience(&self, conv: &Conv) -> Vec<(SessionId, &str)> {
+        let users: Vec<String>;
+        let names = match conv {
+            Conv::Room(room) => match self.rooms.get(room) {
+                Some(r) => {
+                    users = r.members.iter().cloned().collect();
+                    &users
+                }
+                None => return Vec::new(),
+            },
+            Conv::Direct(users) => users,
+        };
+        self.sessions_with(names, false)
+            .into_iter()
+            .map(|(s, u, _)| (s, u))
+            .collect()
+    }
+
+    fn sessions_with<'a>(
+        &'a self,
+        users: &[String],
+        live: bool,
+    ) -> Vec<(SessionId, &'a str, &'a O)> {
+        users
+            .iter()
+            .filter_map(|m| self.users.get_key_value(m.as_str()))
+            .flat_map(|(m, u)| u.sessions.iter().map(move |s| (m.as_str(), *s)))
+            .filter_map(|(m, s)| match self.sessions.get(&s) {
+                Some((_, o, l)) if *l == live => Some((s, m, o)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How many connections logged in and have not caught up yet.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    /// Whether any connection of this node (caught up or not) receives new messages in `conv`.
+    pub fn has_local_audience(&self, conv: &Conv) -> bool {
+        let online = |u: &String| self.users.get(u).is_some_and(|u| !u.sessions.is_empty());
+        match conv {
+            Conv::Room(room) => self
+                .rooms
+                .get(room)
+                .is_some_and(|r| r.members.iter().any(online)),
+            Conv::Direct(users) => users.iter().any(online),
+        }
+    }
+
+    /// Whether connection `sid` is registered and caught up.
+    pub fn is_live(&self, sid: SessionId) -> bool {
+        self.sessions.get(&sid).is_some_and(|s| s.2)
+    }
+
+    /// The user of connection `sid`, if registered.
+    pub fn session_user(&self, sid: SessionId) -> Option<&str> {
+        self.sessions.get(&sid).map(|(u, _, _)| u.as_str())
+    }
+
+    /// Whether connection `sid` is still registered.
+    pub fn is_connected(&self, sid: SessionId) -> bool {
+        self.sessions.contains_key(&sid)
     }
 
     /// Connections of the users who share a room with `user` (not `user` itself): they see

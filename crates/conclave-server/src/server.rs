@@ -19,7 +19,7 @@ use crate::guard::{Guard, Refusal};
 use crate::hub::Hub;
 use crate::shared_hub::SharedHub;
 use crate::state::{SHUTDOWN_GRACE, Shared, hub_limits};
-use crate::store::{Db, Store, StoreThread};
+use crate::store::{Backend, Db, Store, StoreThread};
 
 use crate::{connection, fsutil};
 
@@ -144,24 +144,42 @@ impl Server {
             .cluster
             .check()
             .map_err(|e| start_err(e.to_string()))?;
-        if let Some(plan) = &plan {
-            let _shared_store = open_shared_store(&config, plan)?;
-        }
+        let mut shared_store = match &plan {
+            Some(plan) => Some(open_shared_store(&config, plan)?),
+            None => None,
+        };
+        let bus = match &plan {
+            Some(plan) => join_bus(plan).await?,
+            None => None,
+        };
+        // In cluster mode the data directory still holds the TLS identity, the data key, the
+        // audit log and the server's end-to-end signing key (in its SQLite database); the
+        // rest is read from the shared store.
         let mut db = open_db(&config)?;
         let loaded = crate::certs::Certs::load(&config).map_err(|e| start_err(e.to_string()))?;
         let acceptor = TlsAcceptor::from(
             crate::certs::server_config(loaded.certs.clone(), config.web.enabled)
                 .map_err(|e| start_err(e.to_string()))?,
         );
-        let users = db.users().map_err(|e| start_err(e.to_string()))?;
-        let rooms = db.rooms().map_err(|e| start_err(e.to_string()))?;
-        let bans = db
+        let source: &mut dyn Backend = match shared_store.as_deref_mut() {
+            Some(b) => b,
+            None => &mut db,
+        };
+        source
+            .ensure_public_room(&config.default_room)
+            .map_err(|e| start_err(e.to_string()))?;
+        let users = source.users().map_err(|e| start_err(e.to_string()))?;
+        let rooms = source.rooms().map_err(|e| start_err(e.to_string()))?;
+        let bans = source
             .bans(crate::store::now_ms())
             .map_err(|e| start_err(e.to_string()))?;
-        let (allow, deny) = db.ip_rules().map_err(|e| start_err(e.to_string()))?;
-        let room_bans = db
+        let (allow, deny) = source.ip_rules().map_err(|e| start_err(e.to_string()))?;
+        let room_bans = source
             .room_bans(crate::store::now_ms())
             .map_err(|e| start_err(e.to_string()))?;
+        let chat_rows = source
+            .chat_load()
+            .map_err(|e| start_err(format!("cannot load topics and display names: {e}")))?;
         let rules = config
             .security
             .rules(&allow, &deny)
@@ -200,39 +218,49 @@ impl Server {
                     config.data_dir.display()
                 ))
             })?;
-        let presence = crate::presence::Presence::from_rows(
-            db.chat_load()
-                .map_err(|e| start_err(format!("cannot load topics and display names: {e}")))?,
-        );
+        let presence = crate::presence::Presence::from_rows(chat_rows);
         let e2ee = crate::e2ee::E2ee::load(&mut db)
             .map_err(|e| start_err(format!("cannot load the end-to-end groups: {e}")))?;
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
-        let (store, store_thread) = Store::start(db, sink);
-        let dispatcher = tokio::spawn(dispatch::run(hub.clone(), commits, metrics.clone()));
+        let cluster_mode = shared_store.is_some();
+        let (store, store_thread) = match shared_store {
+            Some(backend) => Store::start_marking(backend, sink),
+            None => Store::start(db, sink),
+        };
+        let shared = Arc::new(Shared {
+            config: RwLock::new(Arc::new(config)),
+            local_addr,
+            hub,
+            guard: Mutex::new(Guard::new(rules, bans)),
+            registry: Default::default(),
+            started: std::time::Instant::now(),
+            audit,
+            hashing: Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
+            store,
+            shutdown: CancellationToken::new(),
+            metrics,
+            monitor: crate::alerts::Monitor::new(anomaly),
+            files: Arc::new(files),
+            files_cache: Default::default(),
+            e2ee,
+            certs: loaded.certs.clone(),
+            presence: Mutex::new(presence),
+            bus,
+            next_session: AtomicU64::new(1),
+        });
+        // One node: the store thread's order is the delivery order. A cluster node orders its
+        // own commits with the other nodes' notices (`cluster`).
+        let dispatcher = if cluster_mode {
+            tokio::spawn(crate::cluster::run(shared.clone(), commits))
+        } else {
+            tokio::spawn(dispatch::run(
+                shared.hub.clone(),
+                commits,
+                shared.metrics.clone(),
+            ))
+        };
         Ok(Server {
-            shared: Arc::new(Shared {
-                config: RwLock::new(Arc::new(config)),
-                local_addr,
-                hub,
-                guard: Mutex::new(Guard::new(rules, bans)),
-                registry: Default::default(),
-                started: std::time::Instant::now(),
-                audit,
-                hashing: Semaphore::new(
-                    std::thread::available_parallelism().map_or(2, |n| n.get()),
-                ),
-                store,
-                shutdown: CancellationToken::new(),
-                metrics,
-                monitor: crate::alerts::Monitor::new(anomaly),
-                files: Arc::new(files),
-                files_cache: Default::default(),
-                e2ee,
-                certs: loaded.certs.clone(),
-                presence: Mutex::new(presence),
-                bus: None,
-                next_session: AtomicU64::new(1),
-            }),
+            shared,
             listener,
             admin,
             metrics_listener,
