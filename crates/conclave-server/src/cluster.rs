@@ -266,7 +266,7 @@ impl Fanout {
                 let conv = a.msg.conv.clone();
                 let seq = a.msg.seq;
                 if !self.followed.contains(&conv) {
-                    self.start_following(conv.clone(), seq - 1, false);
+                    self.start_following(conv.clone(), seq.saturating_sub(1), false);
                 }
                 if self.follower.last(&conv).is_some_and(|last| last >= seq) {
                     // Passed over (this conversation was followed from a later notice): a read
@@ -310,7 +310,7 @@ impl Fanout {
             if !hub.lock().has_local_audience(&conv) {
                 return Vec::new();
             }
-            self.start_following(conv.clone(), commit.seq - 1, false);
+            self.start_following(conv.clone(), commit.seq.saturating_sub(1), false);
         }
         self.follower
             .notice(Item::from_commit(commit), &mut self.steps);

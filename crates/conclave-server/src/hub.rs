@@ -749,37 +749,29 @@ impl<O> Hub<O> {
     pub fn live_audience(&self, conv: &Conv) -> Vec<(SessionId, &str, &O)> {
         match conv {
             Conv::Room(room) => self.room_audience(room),
-            Conv::Direct(users) => self.sessions_with(users, true),
+            Conv::Direct(users) => self.sessions_with(users.iter(), true),
         }
     }
 
     /// Connections that logged in and have not caught up yet, with their users, among those
     /// that receive a new message in `conv` (cluster mode keeps what reaches them meanwhile).
     pub fn waiting_audience(&self, conv: &Conv) -> Vec<(SessionId, &str)> {
-        let users: Vec<String>;
-        let names = match conv {
+        let sessions = match conv {
             Conv::Room(room) => match self.rooms.get(room) {
-                Some(r) => {
-                    users = r.members.iter().cloned().collect();
-                    &users
-                }
+                Some(r) => self.sessions_with(r.members.iter(), false),
                 None => return Vec::new(),
             },
-            Conv::Direct(users) => users,
+            Conv::Direct(users) => self.sessions_with(users.iter(), false),
         };
-        self.sessions_with(names, false)
-            .into_iter()
-            .map(|(s, u, _)| (s, u))
-            .collect()
+        sessions.into_iter().map(|(s, u, _)| (s, u)).collect()
     }
 
-    fn sessions_with<'a>(
+    fn sessions_with<'a, 'b>(
         &'a self,
-        users: &[String],
+        users: impl Iterator<Item = &'b String>,
         live: bool,
     ) -> Vec<(SessionId, &'a str, &'a O)> {
         users
-            .iter()
             .filter_map(|m| self.users.get_key_value(m.as_str()))
             .flat_map(|(m, u)| u.sessions.iter().map(move |s| (m.as_str(), *s)))
             .filter_map(|(m, s)| match self.sessions.get(&s) {
@@ -958,6 +950,33 @@ mod tests {
             h.set_live(sid as u64);
         }
         h
+    }
+
+    #[test]
+    fn connections_catching_up_are_counted_and_found_apart_from_live_ones() {
+        let mut h = hub();
+        assert_eq!(h.waiting(), 0);
+        let ops = Conv::Room("ops".into());
+        let dm = Conv::Direct(vec!["carol".into(), "dave".into()]);
+        h.connect("carol", 10, "carol#2");
+        h.connect("dave", 11, "dave#2");
+        assert_eq!(h.waiting(), 2);
+        assert_eq!(h.waiting_audience(&ops), [(10, "carol")]);
+        assert_eq!(h.waiting_audience(&dm).len(), 2);
+        let live: Vec<SessionId> = h.live_audience(&ops).iter().map(|a| a.0).collect();
+        assert_eq!(live, [2, 3], "bob#1 and carol#1, not carol#2");
+        h.set_live(10);
+        h.set_live(10);
+        assert_eq!(h.waiting(), 1, "live once");
+        assert!(h.is_live(10) && !h.is_live(11));
+        h.disconnect(11);
+        assert_eq!(h.waiting(), 0);
+        assert!(!h.is_connected(11) && h.session_user(10) == Some("carol"));
+        assert!(h.has_local_audience(&ops));
+        h.disconnect(2);
+        h.disconnect(3);
+        h.disconnect(10);
+        assert!(!h.has_local_audience(&ops), "nobody of ops is connected");
     }
 
     fn route(h: &Hub<&'static str>, from: &str, t: Target, skip: SessionId) -> Vec<&'static str> {
