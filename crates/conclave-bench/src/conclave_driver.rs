@@ -91,6 +91,7 @@ pub struct ConclaveTarget {
 
 /// Runs the scenario against a Conclave server.
 pub async fn run(ctx: Arc<Ctx>, target: Arc<ConclaveTarget>) {
+    warm_up(&ctx, &target).await;
     if ctx.scn.is_idle() {
         idle(ctx, target).await
     } else {
@@ -164,6 +165,64 @@ async fn connect_lib(ctx: &Arc<Ctx>, t: &ConclaveTarget, i: usize) -> Option<Mem
                 .error(format!("connect {}: timed out", account(i)));
             None
         }
+    }
+}
+
+/// Before anything is measured (see `run::WARM_UP_ROOM`): the first two accounts log in,
+/// join a room of their own, one sends a message the other receives, both part and close.
+/// A failure is counted as an error: the run's figures would then include the one-off costs.
+async fn warm_up(ctx: &Arc<Ctx>, t: &ConclaveTarget) {
+    let attempt = async {
+        let mut clients = Vec::new();
+        for i in 0..2 {
+            let c = match Client::connect(options(t, i, t.register)).await {
+                Err(ClientError::Server(e)) if t.register && e.code == ErrorCode::NameTaken => {
+                    Client::connect(options(t, i, false)).await
+                }
+                other => other,
+            };
+            clients.push(c.map_err(|e| format!("connect {}: {e}", account(i)))?);
+        }
+        let room = crate::run::WARM_UP_ROOM;
+        for (client, _, _) in &clients {
+            let joined = match client.join(room, None).await {
+                Err(ClientError::Server(e)) if e.code == ErrorCode::NoSuchRoom => {
+                    match client.create_room(room, false, None).await {
+                        Err(ClientError::Server(e)) if e.code == ErrorCode::RoomExists => {}
+                        other => other.map_err(|e| format!("create {room}: {e}"))?,
+                    }
+                    client.join(room, None).await
+                }
+                other => other,
+            };
+            joined.map_err(|e| format!("join {room}: {e}"))?;
+        }
+        let sender = clients[0].0.clone();
+        let receiver = &mut clients[1].1;
+        sender
+            .send_to_room(room, "warm-up", &[])
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        loop {
+            match receiver.recv().await {
+                Some(ClientEvent::Server(Event::Message(m))) if m.from == account(0) => break,
+                Some(ClientEvent::Disconnected { message, .. }) => {
+                    return Err(format!("disconnected: {message}"));
+                }
+                Some(_) => {}
+                None => return Err("the connection ended".to_string()),
+            }
+        }
+        for (client, _, _) in &clients {
+            client.part(room).await.map_err(|e| format!("part: {e}"))?;
+            client.close();
+        }
+        Ok::<(), String>(())
+    };
+    match timeout_at(ctx.bounded(CONNECT_TIMEOUT + JOIN_TIMEOUT), attempt).await {
+        Ok(Ok(())) => tokio::time::sleep_until(ctx.bounded(crate::run::WARM_UP_SETTLE)).await,
+        Ok(Err(e)) => ctx.counters.error(format!("warm-up: {e}")),
+        Err(_) => ctx.counters.error("warm-up: timed out"),
     }
 }
 

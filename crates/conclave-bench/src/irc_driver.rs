@@ -270,9 +270,74 @@ async fn connect(ctx: &Arc<Ctx>, target: &IrcTarget, i: usize) -> Option<IrcConn
     }
 }
 
+/// Writes `lines` to `s` and reads until a line satisfies `until` (bounded in count).
+async fn exchange(s: &mut Stream, lines: &str, until: impl Fn(&str) -> bool) -> Result<(), String> {
+    s.write_all(lines.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    s.flush().await.map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    for _ in 0..MAX_REGISTRATION_LINES {
+        line.clear();
+        let n = s
+            .read_line(&mut line)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("the server closed the connection".into());
+        }
+        if until(line.trim_end()) {
+            return Ok(());
+        }
+    }
+    Err("no answer".into())
+}
+
+/// The same warm-up as the Conclave driver's (`run::WARM_UP_ROOM`): the first two nicks
+/// register, join a channel of their own, one sends a message the other receives, both part
+/// and quit.
+async fn warm_up(ctx: &Arc<Ctx>, target: &IrcTarget) {
+    let chan = format!("#{}", crate::run::WARM_UP_ROOM);
+    let attempt = async {
+        let mut a = register(target, 0).await?;
+        let mut b = register(target, 1).await?;
+        for (s, i) in [(&mut a, 0), (&mut b, 1)] {
+            let me = nick(i);
+            exchange(s, &format!("JOIN {chan}\r\n"), |l| {
+                parse_line(l).is_some_and(|p| p.command == "JOIN" && p.nick == Some(me.as_str()))
+            })
+            .await
+            .map_err(|e| format!("join {chan}: {e}"))?;
+        }
+        a.write_all(format!("PRIVMSG {chan} :warm-up\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        a.flush().await.map_err(|e| format!("write: {e}"))?;
+        exchange(&mut b, "", |l| {
+            parse_line(l).is_some_and(|p| p.command == "PRIVMSG")
+        })
+        .await
+        .map_err(|e| format!("receive: {e}"))?;
+        for s in [&mut a, &mut b] {
+            // QUIT: the server answers with ERROR and closes; either is the end.
+            let _ = exchange(s, &format!("PART {chan}\r\nQUIT :warm-up done\r\n"), |l| {
+                l.starts_with("ERROR")
+            })
+            .await;
+        }
+        Ok::<(), String>(())
+    };
+    match timeout_at(ctx.bounded(CONNECT_TIMEOUT + JOIN_TIMEOUT), attempt).await {
+        Ok(Ok(())) => tokio::time::sleep_until(ctx.bounded(crate::run::WARM_UP_SETTLE)).await,
+        Ok(Err(e)) => ctx.counters.error(format!("warm-up: {e}")),
+        Err(_) => ctx.counters.error("warm-up: timed out"),
+    }
+}
+
 /// Runs the scenario against an IRC server.
 pub async fn run(ctx: Arc<Ctx>, target: Arc<IrcTarget>) {
     let scn = ctx.scn.clone();
+    warm_up(&ctx, &target).await;
     ctx.mark(Phase::ConnectStart);
     let mut conns: Vec<(usize, Option<IrcConn>)> = futures_util::stream::iter(0..scn.clients)
         .map(|i| {

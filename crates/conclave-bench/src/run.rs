@@ -18,6 +18,14 @@ pub const SETTLE: Duration = Duration::from_millis(500);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on one join (or room creation).
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The room of the warm-up both drivers run before anything is measured: two connections
+/// log in, join it, exchange one message, part and close, so that what a server does once
+/// (the pages of its program first executed, its threads' allocator arenas, caches filled at
+/// the first login) is behind it when memory is first sampled. Memory per connection is then
+/// what connections add, for every server alike (docs/benchmarks.md, "Method").
+pub const WARM_UP_ROOM: &str = "bench-warm-up";
+/// Pause after the warm-up, so its connections are gone before the first sample.
+pub const WARM_UP_SETTLE: Duration = Duration::from_millis(500);
 /// How often waiting loops look at the counters.
 const POLL: Duration = Duration::from_millis(10);
 

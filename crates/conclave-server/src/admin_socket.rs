@@ -13,9 +13,11 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::bus::ClusterEvent;
+use crate::cluster_events;
 use crate::cmd::{admin, moderation, store_error};
 use crate::conn::broadcast;
-use crate::state::Shared;
+use crate::state::{Shared, clip};
 use crate::store::{StoreError, now_ms};
 use crate::{accounts, config};
 
@@ -226,13 +228,15 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
                         }
                         Some(true) => {}
                     }
-                    moderation::remove_from_room(shared, None, &room, &user, operator, &reason)
-                        .await?;
+                    moderation::remove_from_room(
+                        shared, None, &room, &user, operator, &reason, None,
+                    )
+                    .await?;
                     json!({"ok": true})
                 }
                 None => {
                     let n = admin::kick_from_server(shared, &user, operator, &reason);
-                    if n == 0 {
+                    if n == 0 && !shared.hub.lock().online(&user) {
                         return Err(ErrorBody::new(
                             ErrorCode::NoSuchUser,
                             format!("{user:?} is not connected"),
@@ -280,10 +284,16 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
                 hub.all_sessions(),
                 Event::Announce {
                     from: operator.to_string(),
-                    text,
+                    text: text.clone(),
                     ts_ms: now_ms(),
                 },
             );
+            drop(hub);
+            // Everyone online on every node.
+            shared.publish(ClusterEvent::Announce {
+                from: operator.to_string(),
+                text: clip(&text, crate::bus::MAX_ANNOUNCE_BYTES),
+            });
             json!({"ok": true})
         }
         "rooms" => {
@@ -377,9 +387,13 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
                 }
                 Err(e) => return Err(store_error(e)),
             }
-            let mut hub = shared.hub.lock();
-            hub.upsert_user(&name, is_admin);
-            hub.add_member(&room, &name);
+            {
+                let mut hub = shared.hub.lock();
+                hub.upsert_user(&name, is_admin);
+                hub.add_member(&room, &name);
+            }
+            shared.publish(ClusterEvent::AccountChanged { user: name.clone() });
+            cluster_events::room_changed(shared, &room, None, Vec::new());
             json!({"ok": true, "user": name, "admin": is_admin})
         }
         "user_del" => {
@@ -402,6 +416,8 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
                 "your account was deleted",
             );
             shared.hub.lock().remove_user(&name);
+            // Every node closes its connections and forgets it.
+            shared.publish(ClusterEvent::AccountChanged { user: name.clone() });
             json!({"ok": true})
         }
         "user_passwd" => {
@@ -447,6 +463,7 @@ async fn run_inner(shared: &Arc<Shared>, req: &Value) -> Result<Value, ErrorBody
             // The hub decides every permission, so the change holds at once, also for the
             // account's live sessions.
             shared.hub.lock().upsert_user(&name, is_admin);
+            shared.publish(ClusterEvent::AccountChanged { user: name.clone() });
             json!({"ok": true, "user": name, "admin": is_admin})
         }
         "user_invite" => {
@@ -503,8 +520,9 @@ async fn ip_rule(shared: &Arc<Shared>, action: &str, req: &Value) -> Result<Valu
                     format!("{net} is not in the stored {action} list"),
                 ));
             }
-            // Closes live connections the new lists refuse.
+            // Closes live connections the new lists refuse, on every node.
             shared.apply_rules(&shared.config()).await.map_err(bad)?;
+            shared.publish(ClusterEvent::IpRulesChanged);
             Ok(json!({"ok": true, "changed": changed}))
         }
         other => Err(bad(format!(

@@ -65,6 +65,35 @@ impl Counts {
             messages_in: c.counters.messages_in.load(Ordering::Relaxed),
         }
     }
+
+    fn to_array(self) -> [u64; 5] {
+        [
+            self.bytes_in,
+            self.bytes_out,
+            self.frames_in,
+            self.frames_out,
+            self.messages_in,
+        ]
+    }
+
+    fn from_array(a: [u64; 5]) -> Counts {
+        let [bytes_in, bytes_out, frames_in, frames_out, messages_in] = a;
+        Counts {
+            bytes_in,
+            bytes_out,
+            frames_in,
+            frames_out,
+            messages_in,
+        }
+    }
+
+    /// Reads a connection's counters and returns them with those of the previous sample,
+    /// which they replace.
+    pub(crate) fn sample(c: &ConnInfo) -> (Counts, Counts) {
+        let now = Counts::read(c);
+        let before = Counts::from_array(c.counters.swap_sample(now.to_array()));
+        (now, before)
+    }
 }
 
 /// Per-second rates over the last sample interval.
@@ -104,7 +133,8 @@ pub(crate) struct TotalRates {
 pub(crate) struct Sampled {
     pub(crate) at_ms: i64,
     pub(crate) interval_ms: i64,
-    pub(crate) counts: HashMap<SessionId, Counts>,
+    /// Connections whose rates were not all zero over the last interval (an idle connection
+    /// has no entry: the monitor shows it at zero).
     pub(crate) rates: HashMap<SessionId, Rates>,
     pub(crate) traffic: Counts,
     pub(crate) messages_stored: u64,

@@ -1,5 +1,5 @@
 //! Fan-out between the nodes of a cluster (issue 24): what one node tells the others after a
-//! commit, and the cluster-wide events (presence, kicks, bans, announcements).
+//! commit, and the cluster-wide events (presence, kicks, bans, announcements, rooms, accounts).
 //!
 //! The store (PostgreSQL in cluster mode) is the truth; the bus only carries *notices* so that
 //! a node can fan a message out to its own connections without a store read in the common case.
@@ -118,33 +118,153 @@ impl Sequenced for Commit {
 }
 
 /// What acts across the cluster besides messages. Every node applies these to its own
-/// connections; none of them is stored by the bus (the store keeps what must survive).
+/// connections, hub, guard and presence (`cluster_events::apply`); none of them is stored by the
+/// bus (the store keeps what must survive).
+///
+/// Safe for any input: an event never *grants* anything by its content. What takes away
+/// (kicks, bans, closed connections) and what is only shown (announcements, notices, topics,
+/// names) is applied as it comes; what could grant (a room's members, invitations and
+/// password, an account and its admin role, a lifted ban, the IP lists) is only a hint to read
+/// the store again (`RoomChanged`, `AccountChanged`, `BansChanged`, `IpRulesChanged`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClusterEvent {
-    /// `user` came online on (`online`) or left (`!online`) the publishing node: the user is
-    /// online while any node says so.
+    /// `user`'s first connection on the publishing node opened (`online`) or its last one
+    /// closed (`!online`): the user is online while any node says so.
     Presence { user: String, online: bool },
-    /// `user` was kicked from `room` (operator, owner or vote): its connections on every node
-    /// leave the room.
+    /// The publishing node's online users (at most [`MAX_NAMES`] per event: a node with more
+    /// sends several), every heartbeat interval. Each entry holds for `ttl_ms` (bounded by the
+    /// receiver to [`MAX_PRESENCE_TTL_MS`]); one not repeated in time expires, so the users of
+    /// a node that died go offline everywhere after at most that long. `ask`: the publisher
+    /// lost track (it just started, or its bus was reset) and asks every node to send its own
+    /// list now.
+    Online {
+        users: Vec<String>,
+        ttl_ms: u64,
+        ask: bool,
+    },
+    /// The publishing node is stopping: its users are not online there any more.
+    Leaving,
+    /// `user` was removed from `room` (by an operator, the owner, an admin, or a vote, `by`):
+    /// its connections on every node leave the room; a vote-kick keeps it out until
+    /// `banned_until_ms`.
     Kicked {
         room: String,
         user: String,
+        by: String,
+        reason: String,
+        banned_until_ms: Option<i64>,
+    },
+    /// Every connection of `user` closes (kicked off the server by `by`; it may reconnect).
+    KickedOff {
+        user: String,
+        by: String,
         reason: String,
     },
-    /// The account was banned: every node closes its connections.
-    Banned { user: String, reason: String },
+    /// The account was banned until `until_ms` (`None`: until lifted): every node's guard
+    /// refuses it and every node closes its connections.
+    Banned {
+        user: String,
+        until_ms: Option<i64>,
+        by: String,
+        reason: String,
+    },
     /// An address range was banned until `until_ms` (`None`: until lifted): every node's guard
-    /// refuses it.
+    /// refuses it and closes its connections from there.
     AddressBanned {
         net: ipnet::IpNet,
         until_ms: Option<i64>,
+        by: String,
+        reason: String,
     },
-    /// An operator's announcement to everyone online.
+    /// A ban was lifted: nodes read the bans from the store again.
+    BansChanged,
+    /// The stored allow/deny lists changed: nodes read them again (and close connections the
+    /// new lists refuse).
+    IpRulesChanged,
+    /// An operator's or admin's announcement to everyone online.
     Announce { from: String, text: String },
-    /// A room's members or settings changed in the store: nodes with members there read it
-    /// again.
-    RoomChanged { room: String },
+    /// A room was created or its members, invitations, owner, password or settings changed in
+    /// the store: every node reads it again, then shows `notice` (a join, a part, an
+    /// invitation) to the connections there of `to`, or when `to` is empty of the room's
+    /// members before and after the change. Shown after the read, so whoever sees it can act
+    /// on it on that node at once (join a room they were invited to).
+    RoomChanged {
+        room: String,
+        notice: Option<conclave_proto::Event>,
+        to: Vec<String>,
+    },
+    /// An account was created, deleted, or its admin role changed: every node reads it again
+    /// (a deleted one's connections close).
+    AccountChanged { user: String },
+    /// A vote to kick `target` out of `room`, cast on the publishing node at `at_ms`: every
+    /// node counts it (if `voter` and `target` are members there and vote-kick is on), so the
+    /// tally is the cluster's; the node where the threshold is reached removes the target.
+    Vote {
+        room: String,
+        target: String,
+        voter: String,
+        at_ms: i64,
+    },
+    /// A room's topic (`""`: cleared), shown to its members.
+    Topic {
+        room: String,
+        topic: String,
+        by: String,
+    },
+    /// A display name (`None`: cleared), shown to the user's peers.
+    DisplayName { user: String, name: Option<String> },
+    /// An away message (`None`: back), shown to the user's peers.
+    Away { user: String, text: Option<String> },
+    /// An event for some connections on every node: file offers and their answers,
+    /// invitations, typing, read markers, vote counts, a user's devices waiting for approval
+    /// and their transfers. Only the kinds [`notice_allowed`]
+    /// names travel (never a message, a disconnect or anything that changes a session).
+    Notify {
+        to: Audience,
+        event: conclave_proto::Event,
+    },
+    /// Whether `user`'s read markers are shown to others changed: `false` is applied as it
+    /// comes (it only hides); `true` makes nodes read the setting from the store.
+    ReadsShared { user: String, share: bool },
+    /// A file's record or recipients' states changed (answered, cancelled, completed): nodes
+    /// forget what they cached of the file and of these recipients.
+    FileChanged { file_id: String, users: Vec<String> },
 }
+
+/// Who on a node receives a [`ClusterEvent::Notify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Audience {
+    /// Every connection of these users.
+    Users(Vec<String>),
+    /// The caught-up connections of the room's members, minus `except`.
+    Room { room: String, except: Vec<String> },
+}
+
+/// The protocol events a [`ClusterEvent::Notify`] may carry: notices that are only shown.
+pub fn notice_allowed(event: &conclave_proto::Event) -> bool {
+    use conclave_proto::Event as E;
+    matches!(
+        event,
+        E::Join { .. }
+            | E::Part { .. }
+            | E::Invited { .. }
+            | E::VoteKick { .. }
+            | E::FileOffer(_)
+            | E::FileReady { .. }
+            | E::FileRelayWanted { .. }
+            | E::FileDeclined { .. }
+            | E::FileReceived { .. }
+            | E::FileCancelled { .. }
+            | E::Typing { .. }
+            | E::Read { .. }
+            | E::DeviceWaiting(_)
+            | E::TransferReady { .. }
+    )
+}
+
+/// The longest a node's word on its online users holds ([`ClusterEvent::Online`]'s `ttl_ms`
+/// is bounded to it on receipt).
+pub const MAX_PRESENCE_TTL_MS: u64 = 10 * 60 * 1000;
 
 /// What a node receives from the others.
 #[derive(Debug, Clone, PartialEq, Eq)]

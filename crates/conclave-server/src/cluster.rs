@@ -715,6 +715,7 @@ pub async fn run(shared: Arc<Shared>, mut done: mpsc::Receiver<Done<SendCtx>>) {
                 }
                 Some(Incoming::Reset(reason)) => {
                     tracing::info!(reason = ?reason, "the bus may have lost notices: reading every followed conversation from the store");
+                    crate::cluster_events::reset(&shared);
                     fanout.reset(&hub, &metrics)
                 }
                 None => {

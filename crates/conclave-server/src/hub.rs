@@ -4,6 +4,11 @@
 //! It is plain state with no I/O, generic over the handle `O` used to reach a connection, so
 //! tests drive it directly with any handle type. The server keeps one `Hub` behind a mutex and
 //! writes every change through to the store before applying it here.
+//!
+//! In a cluster it also keeps what the other nodes said about presence (a user is online while
+//! any node's word holds: [`Hub::set_remote`], [`Hub::expire_remote`]), counts their votes
+//! ([`Hub::record_remote_vote`]), and takes rooms read again from the store only when nothing
+//! newer was applied ([`next_ticket`], [`Hub::refresh_room`]); `cluster_events` drives it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -59,7 +64,25 @@ pub struct Room {
     pub banned_until: HashMap<String, i64>,
     /// Vote-kicks under way: target → (voter, when).
     pub votes: HashMap<String, Vec<(String, i64)>>,
+    /// The store ticket ([`next_ticket`]) of the newest store state applied to this room (a
+    /// write here, or a read after another node's change); an older read is not applied.
+    pub ticket: u64,
 }
+
+/// Store tickets: taken *on the store thread*, inside the closure of a room's write or read,
+/// so they count in the order the store ran them (one store thread, one connection). A
+/// cluster node reads a room again when another node changed it; the answer is applied only
+/// if nothing newer was (a local write, or a later read), whatever order the tasks resume in.
+static TICKETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The next store ticket. Call it inside a store closure.
+pub fn next_ticket() -> u64 {
+    TICKETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The most nodes a user can be online on at once, as this hub keeps it (a bound on what other
+/// nodes' presence can make it hold: accounts × this).
+pub const MAX_REMOTE_NODES: usize = 64;
 
 /// How vote-kicks are counted.
 #[derive(Debug, Clone)]
@@ -112,6 +135,9 @@ pub struct Hub<O> {
     sessions: SessionMap<(String, O, bool)>,
     /// How many of `sessions` are not live yet.
     waiting: usize,
+    /// Users online on other nodes of a cluster: user → node → until when (ms) that node's
+    /// word holds. Only known accounts, at most [`MAX_REMOTE_NODES`] nodes each.
+    remote: HashMap<String, HashMap<String, i64>>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -158,6 +184,7 @@ impl<O> Hub<O> {
                         votekick: r.votekick,
                         banned_until: HashMap::new(),
                         votes: HashMap::new(),
+                        ticket: 0,
                     },
                 )
             })
@@ -168,6 +195,7 @@ impl<O> Hub<O> {
             rooms,
             sessions: SessionMap::default(),
             waiting: 0,
+            remote: HashMap::new(),
         }
     }
 
@@ -179,10 +207,16 @@ impl<O> Hub<O> {
     /// Forgets an account (deleted): its memberships and invitations.
     pub fn remove_user(&mut self, name: &str) {
         self.users.remove(name);
+        self.remote.remove(name);
         for r in self.rooms.values_mut() {
             r.members.remove(name);
             r.invited.remove(name);
         }
+    }
+
+    /// Every account this hub knows.
+    pub fn users_known(&self) -> Vec<String> {
+        self.users.keys().cloned().collect()
     }
 
     pub fn knows_user(&self, name: &str) -> bool {
@@ -235,8 +269,191 @@ impl<O> Hub<O> {
         Some((user, offline))
     }
 
+    /// Online here or on another node of the cluster.
     pub fn online(&self, user: &str) -> bool {
+        self.online_here(user) || self.remote.contains_key(user)
+    }
+
+    /// Has a connection on this node.
+    pub fn online_here(&self, user: &str) -> bool {
         self.users.get(user).is_some_and(|u| !u.sessions.is_empty())
+    }
+
+    /// Online on another node of the cluster.
+    pub fn online_elsewhere(&self, user: &str) -> bool {
+        self.remote.contains_key(user)
+    }
+
+    /// Users with a connection on this node, sorted.
+    pub fn users_online_here(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(_, u)| !u.sessions.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Node `node` says `user` is online there until `until_ms` (`Some`), or not any more
+    /// (`None`). Returns `Some(online)` when this changed whether the user is online anywhere
+    /// (so its peers here are told), `None` otherwise. Unknown accounts are ignored, and a user
+    /// already online on [`MAX_REMOTE_NODES`] other nodes is not added to another.
+    pub fn set_remote(&mut self, node: &str, user: &str, until_ms: Option<i64>) -> Option<bool> {
+        if !self.users.contains_key(user) {
+            return None;
+        }
+        let before = self.online(user);
+        match until_ms {
+            Some(until) => {
+                let nodes = self.remote.entry(user.to_string()).or_default();
+                if nodes.len() < MAX_REMOTE_NODES || nodes.contains_key(node) {
+                    let t = nodes.entry(node.to_string()).or_insert(until);
+                    *t = (*t).max(until);
+                }
+            }
+            None => {
+                if let Some(nodes) = self.remote.get_mut(user) {
+                    nodes.remove(node);
+                    if nodes.is_empty() {
+                        self.remote.remove(user);
+                    }
+                }
+            }
+        }
+        let after = self.online(user);
+        (before != after).then_some(after)
+    }
+
+    /// Forgets what `node` said (it is stopping): the users that went offline everywhere.
+    pub fn forget_node(&mut self, node: &str) -> Vec<String> {
+        self.expire_where(|n, _| n == node)
+    }
+
+    /// Forgets what other nodes said that was not repeated by `now_ms`: the users that went
+    /// offline everywhere.
+    pub fn expire_remote(&mut self, now_ms: i64) -> Vec<String> {
+        self.expire_where(|_, until| until <= now_ms)
+    }
+
+    fn expire_where(&mut self, gone: impl Fn(&str, i64) -> bool) -> Vec<String> {
+        let mut offline = Vec::new();
+        self.remote.retain(|user, nodes| {
+            nodes.retain(|n, until| !gone(n, *until));
+            if nodes.is_empty() {
+                offline.push(user.clone());
+            }
+            !nodes.is_empty()
+        });
+        offline.retain(|u| !self.online_here(u));
+        offline.sort();
+        offline
+    }
+
+    /// Replaces `name`'s stored state (what a store read at `ticket` found: `None`, no such
+    /// room) unless something newer was applied. Keeps the vote-kick bans and votes (not in
+    /// the row). Returns whether it was applied.
+    pub fn refresh_room(&mut self, name: &str, row: Option<RoomRow>, ticket: u64) -> bool {
+        match (self.rooms.get_mut(name), row) {
+            (Some(r), _) if r.ticket >= ticket => false,
+            (Some(r), Some(row)) => {
+                r.private = row.private;
+                r.pw_hash = row.pw_hash;
+                r.owner = row.owner;
+                r.members = row.members.into_iter().collect();
+                r.invited = row.invited.into_iter().collect();
+                if r.votekick && !row.votekick {
+                    r.votes.clear();
+                }
+                r.votekick = row.votekick;
+                r.ticket = ticket;
+                true
+            }
+            (None, Some(row)) => {
+                if self.rooms.len() >= self.limits.max_rooms.saturating_mul(2).max(1) {
+                    // The store holds more rooms than this node would ever make: refuse to
+                    // grow without bound on another node's word.
+                    return false;
+                }
+                self.rooms.insert(
+                    name.to_string(),
+                    Room {
+                        private: row.private,
+                        pw_hash: row.pw_hash,
+                        owner: row.owner,
+                        members: row.members.into_iter().collect(),
+                        invited: row.invited.into_iter().collect(),
+                        votekick: row.votekick,
+                        ticket,
+                        ..Default::default()
+                    },
+                );
+                true
+            }
+            (_, None) => false,
+        }
+    }
+
+    /// Records that a local write to `room` ran at store ticket `ticket`.
+    pub fn touch_room(&mut self, room: &str, ticket: u64) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.ticket = r.ticket.max(ticket);
+        }
+    }
+
+    /// Counts a vote cast on another node (`ClusterEvent::Vote`): only when vote-kick is on in
+    /// `room` and both are members, once per voter within `window_ms` of `now_ms`. Returns
+    /// whether it was counted. Never kicks: the node where the threshold is reached does.
+    pub fn record_remote_vote(
+        &mut self,
+        room: &str,
+        target: &str,
+        voter: &str,
+        at_ms: i64,
+        now_ms: i64,
+        window_ms: i64,
+    ) -> bool {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        if !r.votekick
+            || voter == target
+            || !r.members.contains(voter)
+            || !r.members.contains(target)
+        {
+            return false;
+        }
+        // A vote from the future counts from now; one outside the window not at all.
+        let at = at_ms.min(now_ms);
+        if now_ms - at > window_ms {
+            return false;
+        }
+        let votes = r.votes.entry(target.to_string()).or_default();
+        votes.retain(|(_, t)| now_ms - t <= window_ms);
+        if votes.iter().any(|(v, _)| v == voter) {
+            return false;
+        }
+        votes.push((voter.to_string(), at));
+        true
+    }
+
+    /// The caught-up connections of `users`' union with `room`'s members (a notice about a
+    /// change of members reaches those before and after it).
+    pub fn room_sessions_with<'a>(&'a self, room: &str, also: &'a BTreeSet<String>) -> Vec<&'a O> {
+        let mut users: BTreeSet<&str> = also.iter().map(String::as_str).collect();
+        if let Some(r) = self.rooms.get(room) {
+            users.extend(r.members.iter().map(String::as_str));
+        }
+        users
+            .into_iter()
+            .filter_map(|u| self.users.get(u))
+            .flat_map(|u| u.sessions.iter())
+            .filter_map(|s| match self.sessions.get(s) {
+                Some((_, o, true)) => Some(o),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn room(&self, name: &str) -> Option<&Room> {
@@ -835,7 +1052,8 @@ impl<O> Hub<O> {
         let u = self.users.get(user);
         UserPresence {
             user: user.to_string(),
-            online: u.is_some_and(|u| !u.sessions.is_empty()),
+            online: self.online(user),
+            // This node's connections (another node's are not counted here).
             connections: u.map(|u| u.sessions.len() as u32).unwrap_or(0),
             admin: u.is_some_and(|u| u.admin),
             // Filled in from `presence::Presence` by the caller.
@@ -851,7 +1069,7 @@ impl<O> Hub<O> {
                 let mut v: Vec<UserPresence> = self
                     .users
                     .iter()
-                    .filter(|(_, u)| !u.sessions.is_empty())
+                    .filter(|(n, u)| !u.sessions.is_empty() || self.remote.contains_key(*n))
                     .map(|(n, _)| self.presence(n))
                     .collect();
                 v.sort_by(|a, b| a.user.cmp(&b.user));
@@ -1272,5 +1490,213 @@ mod tests {
         assert_eq!(h.disconnect(0), Some(("alice".into(), false)));
         assert_eq!(h.disconnect(1), Some(("alice".into(), true)));
         assert!(!h.online("alice"));
+    }
+
+    /// A hub whose users have no connection here (only other nodes' word counts).
+    fn quiet_hub() -> Hub<&'static str> {
+        let users = ["alice", "bob", "carol", "dave"]
+            .iter()
+            .map(|u| (u.to_string(), false));
+        Hub::new(
+            HubLimits {
+                max_message_bytes: 100,
+                max_recipients: 3,
+                max_rooms: 10,
+            },
+            users,
+            vec![],
+        )
+    }
+
+    #[test]
+    fn online_while_any_node_says_so_until_its_word_expires() {
+        let mut h = quiet_hub();
+        assert_eq!(h.set_remote("b", "bob", Some(100)), Some(true));
+        assert_eq!(h.set_remote("c", "bob", Some(50)), None, "already online");
+        assert!(h.online("bob") && h.online_elsewhere("bob") && !h.online_here("bob"));
+        // A heartbeat repeats it: it holds longer; an older one never shortens it.
+        assert_eq!(h.set_remote("b", "bob", Some(200)), None);
+        assert_eq!(h.set_remote("b", "bob", Some(150)), None);
+        assert_eq!(
+            h.expire_remote(40),
+            Vec::<String>::new(),
+            "every word holds"
+        );
+        assert_eq!(h.set_remote("b", "bob", None), None, "c still says so");
+        assert_eq!(h.expire_remote(50), vec!["bob".to_string()]);
+        assert!(!h.online("bob"));
+        // A local connection keeps him online whatever the others say.
+        h.connect("carol", 1, "carol#1");
+        h.set_remote("b", "carol", Some(10));
+        assert_eq!(h.expire_remote(10), Vec::<String>::new());
+        assert!(h.online("carol"));
+        // Unknown accounts are not taken on another node's word.
+        assert_eq!(h.set_remote("b", "ghost", Some(i64::MAX)), None);
+        assert!(!h.online("ghost"));
+        // A node that says goodbye takes only its own word back.
+        h.set_remote("b", "dave", Some(1000));
+        h.set_remote("c", "alice", Some(1000));
+        assert_eq!(h.forget_node("b"), vec!["dave".to_string()]);
+        assert!(h.online("alice"));
+        let who: Vec<String> = h
+            .who("alice", None)
+            .expect("who")
+            .into_iter()
+            .map(|u| u.user)
+            .collect();
+        assert_eq!(who, vec!["alice".to_string(), "carol".to_string()]);
+    }
+
+    #[test]
+    fn remote_presence_is_bounded_per_user() {
+        let mut h = quiet_hub();
+        for n in 0..MAX_REMOTE_NODES + 10 {
+            h.set_remote(&format!("n{n}"), "bob", Some(100));
+        }
+        assert_eq!(
+            h.remote.get("bob").map(HashMap::len),
+            Some(MAX_REMOTE_NODES)
+        );
+        // A node it holds is still refreshed.
+        h.set_remote("n0", "bob", Some(500));
+        assert_eq!(h.remote["bob"]["n0"], 500);
+    }
+
+    /// Seeded random sequences of presence notices, heartbeats, goodbyes and expiries from
+    /// three nodes, against a model: online exactly when some node's word still holds, and
+    /// every change of that reported once.
+    #[test]
+    fn randomized_remote_presence_matches_a_model() {
+        use rand::{Rng, SeedableRng};
+        let users = ["alice", "bob", "carol", "dave"];
+        let nodes = ["x", "y", "z"];
+        for seed in 0..50u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut h = quiet_hub();
+            let mut model: HashMap<(&str, &str), i64> = HashMap::new();
+            let mut now = 0i64;
+            let online = |m: &HashMap<(&str, &str), i64>, u: &str| m.keys().any(|(mu, _)| *mu == u);
+            for _ in 0..400 {
+                let before: Vec<bool> = users.iter().map(|u| online(&model, u)).collect();
+                let mut reported: Vec<(String, bool)> = Vec::new();
+                let node = nodes[rng.random_range(0..nodes.len())];
+                let user = users[rng.random_range(0..users.len())];
+                match rng.random_range(0..10) {
+                    0..=4 => {
+                        let until = now + rng.random_range(1..50);
+                        let t = model.entry((user, node)).or_insert(until);
+                        *t = (*t).max(until);
+                        if let Some(o) = h.set_remote(node, user, Some(until)) {
+                            reported.push((user.to_string(), o));
+                        }
+                    }
+                    5..=6 => {
+                        model.remove(&(user, node));
+                        if let Some(o) = h.set_remote(node, user, None) {
+                            reported.push((user.to_string(), o));
+                        }
+                    }
+                    7 => {
+                        model.retain(|(_, n), _| *n != node);
+                        reported.extend(h.forget_node(node).into_iter().map(|u| (u, false)));
+                    }
+                    _ => {
+                        now += rng.random_range(0..20);
+                        model.retain(|_, until| *until > now);
+                        reported.extend(h.expire_remote(now).into_iter().map(|u| (u, false)));
+                    }
+                }
+                let mut expected: Vec<(String, bool)> = Vec::new();
+                for (i, u) in users.iter().enumerate() {
+                    let after = online(&model, u);
+                    assert_eq!(h.online(u), after, "seed {seed}: {u}");
+                    if after != before[i] {
+                        expected.push((u.to_string(), after));
+                    }
+                }
+                reported.sort();
+                assert_eq!(reported, expected, "seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_older_read_of_a_room_never_replaces_a_newer_state() {
+        let mut h = hub();
+        let row = |members: &[&str]| RoomRow {
+            name: "ops".into(),
+            private: true,
+            pw_hash: None,
+            owner: Some("bob".into()),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            invited: vec![],
+            votekick: false,
+        };
+        h.ban_from_room("ops", "mallory", 99);
+        assert!(h.refresh_room("ops", Some(row(&["bob", "carol", "dave"])), 10));
+        assert!(!h.refresh_room("ops", Some(row(&["bob"])), 9), "older");
+        assert!(!h.refresh_room("ops", Some(row(&["bob"])), 10), "the same");
+        let r = h.room("ops").expect("ops");
+        assert_eq!(r.members.len(), 3);
+        assert_eq!(r.banned_until.get("mallory"), Some(&99), "kept");
+        // A local write at a later ticket wins over a read that ran before it.
+        h.remove_member("ops", "dave");
+        h.touch_room("ops", 12);
+        assert!(!h.refresh_room("ops", Some(row(&["bob", "carol", "dave"])), 11));
+        assert!(!h.room("ops").expect("ops").members.contains("dave"));
+        // A room another node created; a read that finds none removes nothing.
+        assert!(h.refresh_room(
+            "new",
+            Some(RoomRow {
+                name: "new".into(),
+                ..row(&["alice"])
+            }),
+            1
+        ));
+        assert!(h.room("new").is_some_and(|r| r.members.contains("alice")));
+        assert!(!h.refresh_room("ops", None, 100));
+        assert!(h.room("ops").is_some());
+        // Tickets are taken in order.
+        let (t1, t2) = (next_ticket(), next_ticket());
+        assert!(t2 > t1);
+    }
+
+    #[test]
+    fn remote_votes_count_only_for_members_in_a_room_that_votes() {
+        let mut h = hub();
+        let w = 1000;
+        assert!(h.record_remote_vote("general", "dave", "bob", 10, 10, w));
+        assert!(
+            !h.record_remote_vote("general", "dave", "bob", 11, 11, w),
+            "once"
+        );
+        assert!(
+            !h.record_remote_vote("general", "dave", "mallory", 10, 10, w),
+            "not a member"
+        );
+        assert!(
+            !h.record_remote_vote("general", "dave", "dave", 10, 10, w),
+            "self"
+        );
+        assert!(
+            !h.record_remote_vote("ops", "carol", "bob", 10, 10, w),
+            "vote-kick off"
+        );
+        assert!(
+            !h.record_remote_vote("general", "carol", "bob", 0, 5000, w),
+            "too old"
+        );
+        assert!(!h.record_remote_vote("nowhere", "carol", "bob", 10, 10, w));
+        // A vote from the future counts from now, and a local vote adds to the remote one.
+        assert!(h.record_remote_vote("general", "dave", "carol", i64::MAX, 20, w));
+        let rules = VoteRules {
+            votes: 3,
+            fraction: 0.0,
+            window_ms: w,
+        };
+        let t = h
+            .vote("alice", "general", "dave", 30, &rules)
+            .expect("vote");
+        assert_eq!((t.votes, t.needed, t.kicked), (3, 3, true));
     }
 }

@@ -21,7 +21,6 @@ use serde_json::{Value, json};
 use crate::alerts::{AlertRecord, Counts, RECENT_ALERTS, Rates, TotalRates, lock};
 use crate::anomaly::{Alert, Event, Settings};
 use crate::guard::Refused;
-use crate::hub::SessionId;
 use crate::registry::ConnInfo;
 use crate::state::Shared;
 use crate::store::now_ms;
@@ -107,9 +106,35 @@ pub async fn run(shared: Arc<Shared>) {
 
 /// Takes one sample; returns the alerts of the message-flood rule.
 fn sample(shared: &Shared, now: i64) -> Vec<Alert> {
-    let mut current: Vec<(SessionId, IpAddr, Option<String>, Counts)> = Vec::new();
+    let (first, interval_ms) = {
+        let s = lock(&shared.monitor.sampled);
+        let first = s.at_ms == 0;
+        let interval_ms = if first {
+            SAMPLE_INTERVAL.as_millis() as i64
+        } else {
+            (now - s.at_ms).max(1)
+        };
+        (first, interval_ms)
+    };
+    let secs = interval_ms as f64 / 1000.0;
+    // Each connection keeps its previous sample itself; only the non-zero rates and the
+    // senders are collected, so an idle connection costs a sample nothing but the reads.
+    let mut rates = HashMap::new();
+    let mut floods: Vec<(IpAddr, Option<String>, u32)> = Vec::new();
     shared.registry.with_each(|c| {
-        current.push((c.sid, c.peer.ip(), c.user.clone(), Counts::read(c)));
+        let (counts, before) = Counts::sample(c);
+        let r = Rates::between(&counts, &before, secs);
+        if r != Rates::default() {
+            rates.insert(c.sid, r);
+        }
+        let sent = counts.messages_in.saturating_sub(before.messages_in);
+        if sent > 0 {
+            floods.push((
+                c.peer.ip(),
+                c.user.clone(),
+                u32::try_from(sent).unwrap_or(u32::MAX),
+            ));
+        }
     });
     let traffic = shared.registry.totals();
     let traffic = Counts {
@@ -122,27 +147,8 @@ fn sample(shared: &Shared, now: i64) -> Vec<Alert> {
     let messages_stored = shared.metrics.messages_total();
     let deliveries = shared.metrics.deliveries_total();
     let commit = shared.metrics.store_commit.snapshot();
-    let mut floods: Vec<(IpAddr, Option<String>, u32)> = Vec::new();
     {
         let mut s = lock(&shared.monitor.sampled);
-        let first = s.at_ms == 0;
-        let interval_ms = if first {
-            SAMPLE_INTERVAL.as_millis() as i64
-        } else {
-            (now - s.at_ms).max(1)
-        };
-        let secs = interval_ms as f64 / 1000.0;
-        let mut counts = HashMap::with_capacity(current.len());
-        let mut rates = HashMap::with_capacity(current.len());
-        for (sid, ip, user, c) in current {
-            let before = s.counts.get(&sid).copied().unwrap_or_default();
-            rates.insert(sid, Rates::between(&c, &before, secs));
-            let sent = c.messages_in.saturating_sub(before.messages_in);
-            if sent > 0 {
-                floods.push((ip, user, u32::try_from(sent).unwrap_or(u32::MAX)));
-            }
-            counts.insert(sid, c);
-        }
         let per_s = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
         let commit_delta = commit.since(&s.commit);
         s.totals = if first {
@@ -158,7 +164,6 @@ fn sample(shared: &Shared, now: i64) -> Vec<Alert> {
         };
         s.at_ms = now;
         s.interval_ms = interval_ms;
-        s.counts = counts;
         s.rates = rates;
         s.traffic = traffic;
         s.messages_stored = messages_stored;

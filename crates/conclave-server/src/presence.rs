@@ -25,6 +25,12 @@ pub struct Presence {
     private_reads: HashSet<String>,
     /// Away messages of online users (cleared when their last connection closes).
     away: HashMap<String, String>,
+    /// In a cluster: how long this node's word on its online users holds on the others, in ms
+    /// (0: not in a cluster, or its presence task has not started).
+    pub cluster_ttl_ms: u64,
+    /// In a cluster: when this node last sent its online users because another node asked
+    /// (`ClusterEvent::Online` with `ask`), in ms; answers are at most one a second.
+    pub cluster_answered_ms: i64,
 }
 
 impl Presence {
@@ -35,6 +41,8 @@ impl Presence {
             display_names: rows.display_names.into_iter().collect(),
             private_reads: rows.private_reads.into_iter().collect(),
             away: HashMap::new(),
+            cluster_ttl_ms: 0,
+            cluster_answered_ms: 0,
         }
     }
 

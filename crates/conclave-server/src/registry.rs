@@ -31,6 +31,10 @@ pub struct Counters {
     /// When `rtt_us` was last sampled: ms since `created`, plus 1 (0: never).
     rtt_sampled: AtomicU64,
     created: Instant,
+    /// The counters as the monitor's last sample read them (bytes in, bytes out, frames in,
+    /// frames out, messages in): kept here rather than in a map beside the registry, so a
+    /// connection costs the monitor no entry of its own.
+    at_sample: [AtomicU64; 5],
 }
 
 impl Default for Counters {
@@ -43,6 +47,7 @@ impl Default for Counters {
             rtt_us: AtomicU32::new(0),
             rtt_sampled: AtomicU64::new(0),
             created: Instant::now(),
+            at_sample: Default::default(),
         }
     }
 }
@@ -56,6 +61,12 @@ impl Counters {
         if matches!(req, conclave_proto::Request::Send { .. }) {
             self.messages_in.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Stores `now` as the last sample's values and returns the ones it replaces (zeros at a
+    /// connection's first sample). Only the monitor's one sampling task calls it.
+    pub(crate) fn swap_sample(&self, now: [u64; 5]) -> [u64; 5] {
+        std::array::from_fn(|i| self.at_sample[i].swap(now[i], Ordering::Relaxed))
     }
 
     /// The round-trip time, if measured.
@@ -145,8 +156,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub user: Option<String>,
     pub since_ms: i64,
-    pub tls_version: String,
-    pub cipher: String,
+    pub tls_version: &'static str,
+    pub cipher: &'static str,
     /// The key exchange group, one of [`crate::tls::KX_GROUP_NAMES`].
     pub kx_group: &'static str,
     pub counters: Arc<Counters>,

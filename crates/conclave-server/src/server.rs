@@ -317,6 +317,22 @@ impl Server {
         self.shared.shutdown.clone()
     }
 
+    /// Makes this server a node of a cluster over `bus` (before [`Server::run`]): what it
+    /// changes is published there (`cluster_events`). Whoever calls it also runs the node's
+    /// reader of the bus and its `cluster_events::presence_task` (in-process tests do).
+    pub fn set_bus(&mut self, bus: Arc<dyn crate::bus::Bus>) -> Result<(), StartError> {
+        let shared = Arc::get_mut(&mut self.shared).ok_or_else(|| {
+            start_err("the bus can only be set before the server is shared (before run)")
+        })?;
+        shared.bus = Some(bus);
+        Ok(())
+    }
+
+    /// The state every connection shares (for a cluster node's reader of the bus).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// Serves until the shutdown token is cancelled, then closes every connection with a
     /// reason, commits what is queued, and closes the database.
     pub async fn run(self) -> Result<(), StartError> {
@@ -328,6 +344,7 @@ impl Server {
             acceptor,
             store_thread,
             dispatcher,
+            cluster,
             ..
         } = self;
         let connections = Arc::new(Semaphore::new(shared.config().limits.max_connections));
@@ -336,6 +353,12 @@ impl Server {
         tracker.spawn(index_task(shared.clone()));
         tracker.spawn(crate::admin_socket::serve(shared.clone(), admin));
         tracker.spawn(crate::monitor::run(shared.clone()));
+        if cluster.as_ref().is_some_and(|c| c.bus) {
+            tracker.spawn(crate::cluster_events::presence_task(
+                shared.clone(),
+                crate::cluster_events::DEFAULT_TIMING,
+            ));
+        }
         if let Some(l) = metrics_listener {
             tracker.spawn(crate::prometheus::serve(shared.clone(), l));
         }

@@ -36,9 +36,18 @@ pub struct TlsLink {
 
 /// What the registry and the audit log say about a connection's TLS.
 pub struct LinkParams {
-    pub tls_version: String,
-    pub cipher: String,
+    pub tls_version: &'static str,
+    pub cipher: &'static str,
     pub kx_group: &'static str,
+}
+
+/// How reports name a TLS version (static: a connection keeps no string of its own for it).
+fn tls_version_name(v: Option<rustls::ProtocolVersion>) -> &'static str {
+    match v {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3",
+        Some(v) => v.as_str().unwrap_or("?"),
+        None => "?",
+    }
 }
 
 impl TlsLink {
@@ -51,16 +60,11 @@ impl TlsLink {
     /// The TLS version, cipher suite and key exchange group negotiated.
     pub fn params(&self) -> LinkParams {
         self.reader.with_common(|state| LinkParams {
-            tls_version: state
-                .protocol_version()
-                .and_then(|v| v.as_str())
-                .unwrap_or("?")
-                .replace("TLSv1_3", "TLS 1.3"),
+            tls_version: tls_version_name(state.protocol_version()),
             cipher: state
                 .negotiated_cipher_suite()
                 .and_then(|c| c.suite().as_str())
-                .unwrap_or("?")
-                .to_string(),
+                .unwrap_or("?"),
             kx_group: crate::tls::kx_group_name(
                 state.negotiated_key_exchange_group().map(|g| g.name()),
             ),
@@ -253,8 +257,8 @@ pub async fn serve<S: FrameSource>(
         Kind::Connect,
         Fields::new()
             .ip(peer)
-            .with("tls", &tls_version)
-            .with("cipher", &cipher)
+            .with("tls", tls_version)
+            .with("cipher", cipher)
             .with("key_exchange", kx_group),
     );
     let connected_at = Instant::now();

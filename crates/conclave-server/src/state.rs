@@ -88,6 +88,21 @@ impl Shared {
         self.raise(alerts);
     }
 
+    /// Presence state (topics, names, away); lock after the hub when both are needed.
+    pub fn presence(&self) -> MutexGuard<'_, crate::presence::Presence> {
+        self.presence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the other nodes of a cluster, if any (`cluster_events` says what each event
+    /// does there). Never waits; an event the bus cannot queue is logged and counted by the
+    /// bus (what must survive is in the store).
+    pub fn publish(&self, event: crate::bus::ClusterEvent) {
+        let Some(bus) = &self.bus else { return };
+        if let Err(e) = bus.publish_event(event) {
+            tracing::warn!(error = %e, "a cluster event was not published");
+        }
+    }
+
     pub fn guard(&self) -> MutexGuard<'_, Guard> {
         self.guard.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -204,6 +219,7 @@ impl Shared {
     /// Enforces a ban at once, audits it, and stores it in the background.
     fn apply_ban(&self, ban: Ban) {
         self.guard().add_ban(ban.clone());
+        self.publish(ban_event(&ban));
         let message = ban_text(&ban, now_ms());
         match &ban.target {
             BanTarget::Net(net) => self
@@ -232,6 +248,36 @@ impl Shared {
             });
         }
     }
+}
+
+/// The cluster event that enforces `ban` on the other nodes.
+pub fn ban_event(ban: &Ban) -> crate::bus::ClusterEvent {
+    use crate::bus::{ClusterEvent, MAX_NODE_BYTES, MAX_REASON_BYTES};
+    let by = clip(&ban.by, MAX_NODE_BYTES);
+    let reason = clip(&ban.reason, MAX_REASON_BYTES);
+    match &ban.target {
+        BanTarget::User(u) => ClusterEvent::Banned {
+            user: u.clone(),
+            until_ms: ban.until_ms,
+            by,
+            reason,
+        },
+        BanTarget::Net(net) => ClusterEvent::AddressBanned {
+            net: *net,
+            until_ms: ban.until_ms,
+            by,
+            reason,
+        },
+    }
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn clip(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 /// The hub's limits from the configuration.

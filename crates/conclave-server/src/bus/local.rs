@@ -175,8 +175,12 @@ mod tests {
         assert!(a.take_incoming().is_none(), "one consumer per node");
         let mut b_in = b.take_incoming().expect("first take");
         a.publish_commit(commit(1)).expect("published");
-        b.publish_event(ClusterEvent::RoomChanged { room: "ops".into() })
-            .expect("published");
+        b.publish_event(ClusterEvent::RoomChanged {
+            room: "ops".into(),
+            notice: None,
+            to: vec![],
+        })
+        .expect("published");
         assert_eq!(
             next(&mut b_in).await,
             Incoming::Commit {
@@ -188,7 +192,11 @@ mod tests {
             next(&mut a_in).await,
             Incoming::Event {
                 node: "b".into(),
-                event: ClusterEvent::RoomChanged { room: "ops".into() }
+                event: ClusterEvent::RoomChanged {
+                    room: "ops".into(),
+                    notice: None,
+                    to: vec![],
+                }
             }
         );
         assert_eq!(a.counts().published, 1);

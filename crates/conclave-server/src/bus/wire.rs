@@ -19,12 +19,15 @@ use conclave_proto::{Conv, Event, FRAME_HEADER_BYTES, ServerFrame};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClusterEvent, Commit, MAX_ANNOUNCE_BYTES, MAX_MSG_ID_BYTES, MAX_NAMES, MAX_NODE_BYTES,
-    MAX_NOTICE_BYTES, MAX_REASON_BYTES,
+    Audience, ClusterEvent, Commit, MAX_ANNOUNCE_BYTES, MAX_MSG_ID_BYTES, MAX_NAMES,
+    MAX_NODE_BYTES, MAX_NOTICE_BYTES, MAX_REASON_BYTES,
 };
 
 /// The encoding's version, the first byte of every payload.
-pub const WIRE_VERSION: u8 = 1;
+///
+/// Version 2: the cluster events of `cluster_events` (presence heartbeats, votes, notices,
+/// store hints); version 1's events had other fields. Commit notices are unchanged.
+pub const WIRE_VERSION: u8 = 2;
 /// The largest sequence number a notice may carry (PostgreSQL's `bigint`), so that counting on
 /// from any received one cannot overflow.
 pub const MAX_SEQ: u64 = i64::MAX as u64;
@@ -284,24 +287,131 @@ fn check_text(text: &str, max: usize, what: &str) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Longest topic, display name or away message in an event, in bytes (the configured limits
+/// are in characters and far below it).
+pub const MAX_SHOWN_TEXT_BYTES: usize = 16 * 1024;
+
+fn check_ms(ms: Option<i64>, what: &str) -> Result<(), WireError> {
+    match ms {
+        Some(t) if t < 0 => Err(invalid(format!("{what} is before 1970"))),
+        _ => Ok(()),
+    }
+}
+
 fn check_event(event: &ClusterEvent) -> Result<(), WireError> {
     match event {
         ClusterEvent::Presence { user, .. } => check_name(user, "the user"),
-        ClusterEvent::Kicked { room, user, reason } => {
+        ClusterEvent::Online { users, .. } => check_names(users, "the online users"),
+        ClusterEvent::Leaving | ClusterEvent::BansChanged | ClusterEvent::IpRulesChanged => Ok(()),
+        ClusterEvent::Kicked {
+            room,
+            user,
+            by,
+            reason,
+            banned_until_ms,
+        } => {
             check_name(room, "the room")?;
             check_name(user, "the user")?;
-            check_text(reason, MAX_REASON_BYTES, "the reason")
+            check_text(by, MAX_NODE_BYTES, "who kicked")?;
+            check_text(reason, MAX_REASON_BYTES, "the reason")?;
+            check_ms(*banned_until_ms, "the room ban's end")
         }
-        ClusterEvent::Banned { user, reason } => {
+        ClusterEvent::KickedOff { user, by, reason } => {
             check_name(user, "the user")?;
+            check_text(by, MAX_NODE_BYTES, "who kicked")?;
             check_text(reason, MAX_REASON_BYTES, "the reason")
         }
-        ClusterEvent::AddressBanned { .. } => Ok(()),
+        ClusterEvent::Banned {
+            user,
+            until_ms,
+            by,
+            reason,
+        } => {
+            check_name(user, "the user")?;
+            check_ms(*until_ms, "the ban's end")?;
+            check_text(by, MAX_NODE_BYTES, "who banned")?;
+            check_text(reason, MAX_REASON_BYTES, "the reason")
+        }
+        ClusterEvent::AddressBanned {
+            until_ms,
+            by,
+            reason,
+            ..
+        } => {
+            check_ms(*until_ms, "the ban's end")?;
+            check_text(by, MAX_NODE_BYTES, "who banned")?;
+            check_text(reason, MAX_REASON_BYTES, "the reason")
+        }
         ClusterEvent::Announce { from, text } => {
             check_name(from, "the sender")?;
             check_text(text, MAX_ANNOUNCE_BYTES, "the announcement")
         }
-        ClusterEvent::RoomChanged { room } => check_name(room, "the room"),
+        ClusterEvent::RoomChanged { room, notice, to } => {
+            check_name(room, "the room")?;
+            check_names(to, "the notice's recipients")?;
+            match notice {
+                Some(e) if !super::notice_allowed(e) => {
+                    Err(invalid("the room's notice is not a kind that may travel"))
+                }
+                _ => Ok(()),
+            }
+        }
+        ClusterEvent::AccountChanged { user } => check_name(user, "the user"),
+        ClusterEvent::Vote {
+            room,
+            target,
+            voter,
+            at_ms,
+        } => {
+            check_name(room, "the room")?;
+            check_name(target, "the target")?;
+            check_name(voter, "the voter")?;
+            check_ms(Some(*at_ms), "the vote's time")
+        }
+        ClusterEvent::Topic { room, topic, by } => {
+            check_name(room, "the room")?;
+            check_name(by, "who set the topic")?;
+            check_text(topic, MAX_SHOWN_TEXT_BYTES, "the topic")
+        }
+        ClusterEvent::DisplayName { user, name } => {
+            check_name(user, "the user")?;
+            check_text(
+                name.as_deref().unwrap_or(""),
+                MAX_SHOWN_TEXT_BYTES,
+                "the display name",
+            )
+        }
+        ClusterEvent::Away { user, text } => {
+            check_name(user, "the user")?;
+            check_text(
+                text.as_deref().unwrap_or(""),
+                MAX_SHOWN_TEXT_BYTES,
+                "the away message",
+            )
+        }
+        ClusterEvent::Notify { to, event } => {
+            match to {
+                Audience::Users(users) => check_names(users, "the recipients")?,
+                Audience::Room { room, except } => {
+                    check_name(room, "the room")?;
+                    check_names(except, "the except list")?;
+                }
+            }
+            if super::notice_allowed(event) {
+                Ok(())
+            } else {
+                Err(invalid("the notice is not a kind that may travel"))
+            }
+        }
+        ClusterEvent::ReadsShared { user, .. } => check_name(user, "the user"),
+        ClusterEvent::FileChanged { file_id, users } => {
+            if file_id.is_empty() || file_id.len() > MAX_MSG_ID_BYTES {
+                return Err(invalid(format!(
+                    "a file id must have 1 to {MAX_MSG_ID_BYTES} bytes"
+                )));
+            }
+            check_names(users, "the recipients")
+        }
     }
 }
 
@@ -309,6 +419,7 @@ fn check_event(event: &ClusterEvent) -> Result<(), WireError> {
 mod tests {
     use super::*;
     use conclave_proto::{Body, Message};
+    use rand::{Rng, SeedableRng};
 
     fn message(seq: u64) -> Message {
         Message {
@@ -362,44 +473,237 @@ mod tests {
         assert_eq!(back, c);
     }
 
-    #[test]
-    fn an_event_round_trips() {
-        let events = [
+    /// One of every event.
+    fn every_event() -> Vec<ClusterEvent> {
+        vec![
             ClusterEvent::Presence {
                 user: "bob".into(),
                 online: true,
             },
+            ClusterEvent::Online {
+                users: vec!["alice".into(), "bob".into()],
+                ttl_ms: 30_000,
+                ask: true,
+            },
+            ClusterEvent::Leaving,
             ClusterEvent::Kicked {
                 room: "general".into(),
                 user: "mallory".into(),
+                by: "vote".into(),
                 reason: "spam".into(),
+                banned_until_ms: Some(7),
+            },
+            ClusterEvent::KickedOff {
+                user: "mallory".into(),
+                by: "operator".into(),
+                reason: "".into(),
             },
             ClusterEvent::Banned {
                 user: "mallory".into(),
+                until_ms: None,
+                by: "root".into(),
                 reason: "".into(),
             },
             ClusterEvent::AddressBanned {
                 net: "192.0.2.0/24".parse().expect("cidr"),
                 until_ms: Some(5),
+                by: "server".into(),
+                reason: "automatic".into(),
             },
+            ClusterEvent::BansChanged,
+            ClusterEvent::IpRulesChanged,
             ClusterEvent::Announce {
                 from: "root".into(),
                 text: "maintenance at 5".into(),
             },
-            ClusterEvent::RoomChanged { room: "ops".into() },
-        ];
-        for e in events {
+            ClusterEvent::RoomChanged {
+                room: "ops".into(),
+                notice: Some(Event::Join {
+                    room: "ops".into(),
+                    user: "bob".into(),
+                }),
+                to: vec![],
+            },
+            ClusterEvent::AccountChanged {
+                user: "carol".into(),
+            },
+            ClusterEvent::Vote {
+                room: "general".into(),
+                target: "mallory".into(),
+                voter: "bob".into(),
+                at_ms: 1,
+            },
+            ClusterEvent::Topic {
+                room: "ops".into(),
+                topic: "deploys".into(),
+                by: "bob".into(),
+            },
+            ClusterEvent::DisplayName {
+                user: "bob".into(),
+                name: Some("Bob B.".into()),
+            },
+            ClusterEvent::Away {
+                user: "bob".into(),
+                text: None,
+            },
+            ClusterEvent::Notify {
+                to: Audience::Room {
+                    room: "general".into(),
+                    except: vec!["bob".into()],
+                },
+                event: Event::Typing {
+                    conv: Conv::Room("general".into()),
+                    user: "alice".into(),
+                },
+            },
+            ClusterEvent::Notify {
+                to: Audience::Users(vec!["carol".into()]),
+                event: Event::FileReady {
+                    file_id: "f1".into(),
+                },
+            },
+            ClusterEvent::ReadsShared {
+                user: "bob".into(),
+                share: false,
+            },
+            ClusterEvent::FileChanged {
+                file_id: "f1".into(),
+                users: vec!["carol".into()],
+            },
+        ]
+    }
+
+    #[test]
+    fn an_event_round_trips() {
+        for e in every_event() {
             let bytes = encode_event("b", &e).expect("encodes");
             assert_eq!(decode_event(&bytes), Ok(("b".into(), e)));
+        }
+    }
+
+    /// The bytes a node that skips the checks would send.
+    fn unchecked(node: &str, event: &ClusterEvent) -> Vec<u8> {
+        let mut out = vec![WIRE_VERSION];
+        out.extend(postcard::to_stdvec(&EventRef { node, event }).expect("postcard"));
+        out
+    }
+
+    #[test]
+    fn hostile_events_are_refused_on_receipt() {
+        let message = Event::Message(message(1));
+        let hostile = [
+            // A message is never a notice: only the store delivers messages.
+            ClusterEvent::Notify {
+                to: Audience::Users(vec!["bob".into()]),
+                event: message.clone(),
+            },
+            ClusterEvent::Notify {
+                to: Audience::Users(vec!["bob".into()]),
+                event: Event::Disconnect {
+                    reason: conclave_proto::DisconnectReason::Banned,
+                    message: "fake".into(),
+                },
+            },
+            ClusterEvent::RoomChanged {
+                room: "ops".into(),
+                notice: Some(Event::Presence {
+                    user: "bob".into(),
+                    online: true,
+                }),
+                to: vec![],
+            },
+            ClusterEvent::Notify {
+                to: Audience::Users(vec!["Not A Name".into()]),
+                event: Event::FileReady {
+                    file_id: "f".into(),
+                },
+            },
+            ClusterEvent::Online {
+                users: vec!["bob".into(); MAX_NAMES + 1],
+                ttl_ms: 1,
+                ask: false,
+            },
+            ClusterEvent::Banned {
+                user: "bob".into(),
+                until_ms: Some(-1),
+                by: "root".into(),
+                reason: "".into(),
+            },
+            ClusterEvent::Topic {
+                room: "ops".into(),
+                topic: "x".repeat(MAX_SHOWN_TEXT_BYTES + 1),
+                by: "bob".into(),
+            },
+            ClusterEvent::FileChanged {
+                file_id: String::new(),
+                users: vec![],
+            },
+            ClusterEvent::Kicked {
+                room: "general".into(),
+                user: "bob".into(),
+                by: "x".repeat(MAX_NODE_BYTES + 1),
+                reason: "".into(),
+                banned_until_ms: None,
+            },
+        ];
+        for e in hostile {
+            assert!(encode_event("a", &e).is_err(), "the sender refuses {e:?}");
+            assert!(
+                matches!(
+                    decode_event(&unchecked("a", &e)),
+                    Err(WireError::Invalid(_))
+                ),
+                "the receiver refuses {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_and_damaged_event_payloads_never_panic() {
+        // Seeded, so a failure repeats.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+        let good: Vec<Vec<u8>> = every_event()
+            .iter()
+            .map(|e| encode_event("node-a", e).expect("encodes").to_vec())
+            .collect();
+        for round in 0..20_000u32 {
+            let mut b = good[round as usize % good.len()].clone();
+            match rng.random_range(0..3) {
+                0 => {
+                    let i = rng.random_range(0..b.len());
+                    b[i] = rng.random();
+                }
+                1 => {
+                    let cut = rng.random_range(0..b.len());
+                    b.truncate(cut);
+                }
+                _ => {
+                    let n = rng.random_range(0..64);
+                    b = (0..n).map(|_| rng.random()).collect();
+                    if !b.is_empty() {
+                        b[0] = WIRE_VERSION;
+                    }
+                }
+            }
+            if let Ok((node, e)) = decode_event(&b) {
+                // What decodes passed every check: it encodes again.
+                assert!(encode_event(&node, &e).is_ok(), "{e:?}");
+            }
         }
     }
 
     #[test]
     fn another_version_is_refused_by_name() {
         let mut bytes = encode_commit("a", &commit(1)).expect("encodes").to_vec();
-        bytes[0] = 2;
-        let err = decode_commit(&Bytes::from(bytes)).expect_err("refused");
-        assert_eq!(err, WireError::UnknownVersion(2));
+        bytes[0] = WIRE_VERSION + 1;
+        let err = decode_commit(&Bytes::from(bytes.clone())).expect_err("refused");
+        assert_eq!(err, WireError::UnknownVersion(WIRE_VERSION + 1));
+        bytes[0] = 1;
+        assert_eq!(
+            decode_commit(&Bytes::from(bytes)),
+            Err(WireError::UnknownVersion(1)),
+            "version 1 had other events: refused, not guessed"
+        );
         assert!(err.to_string().contains("upgrade"), "{err}");
     }
 
@@ -422,8 +726,15 @@ mod tests {
         let mut trailing = good.to_vec();
         trailing.push(0);
         assert!(decode_commit(&Bytes::from(trailing)).is_err());
-        let event =
-            encode_event("a", &ClusterEvent::RoomChanged { room: "x".into() }).expect("encodes");
+        let event = encode_event(
+            "a",
+            &ClusterEvent::RoomChanged {
+                room: "x".into(),
+                notice: None,
+                to: vec![],
+            },
+        )
+        .expect("encodes");
         for cut in 0..event.len() {
             assert!(decode_event(&event[..cut]).is_err());
         }

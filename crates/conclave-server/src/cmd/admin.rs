@@ -7,8 +7,9 @@ use conclave_proto::{DisconnectReason, ErrorBody, ErrorCode};
 
 use super::store_error;
 use crate::audit::{Fields, Kind};
+use crate::bus::{ClusterEvent, MAX_NODE_BYTES, MAX_REASON_BYTES};
 use crate::guard::{AutoBan, Ban, BanTarget, ban_text};
-use crate::state::Shared;
+use crate::state::{Shared, ban_event, clip};
 use crate::store::now_ms;
 
 /// [`ban_text`] at this moment.
@@ -20,6 +21,7 @@ pub fn ban_text_now(ban: &Ban) -> String {
 pub async fn persist_auto_ban(shared: &Arc<Shared>, auto: AutoBan) {
     tracing::warn!(target = %auto.ban.target.value(), reason = %auto.ban.reason, "automatic ban");
     audit_ban(shared, &auto.ban);
+    shared.publish(ban_event(&auto.ban));
     let ban = auto.ban.clone();
     if let Err(e) = shared.store.call(move |db| db.add_ban(&ban)).await {
         tracing::warn!(error = %e, "could not store an automatic ban");
@@ -94,6 +96,8 @@ pub async fn ban(
         .await
         .map_err(store_error)?;
     shared.guard().add_ban(ban.clone());
+    // Every node closes the connections it covers and refuses it from now on.
+    shared.publish(ban_event(&ban));
     let message = ban_text_now(&ban);
     match &ban.target {
         BanTarget::User(u) => shared
@@ -124,6 +128,8 @@ pub async fn unban(shared: &Arc<Shared>, by: &str, target: BanTarget) -> Result<
         .await
         .map_err(store_error)?;
     let live = shared.guard().remove_ban(&target);
+    // The other nodes read the bans from the store again.
+    shared.publish(ClusterEvent::BansChanged);
     if !stored && !live {
         return Err(ErrorBody::new(
             ErrorCode::NotFound,
@@ -153,12 +159,18 @@ fn audit_ban(shared: &Shared, ban: &Ban) {
     shared.audit(Kind::Ban, f);
 }
 
-/// Closes every connection of `user` (a kick from the server; they may reconnect).
+/// Closes every connection of `user` (a kick from the server; they may reconnect), on every
+/// node. Returns how many were closed on this one.
 pub fn kick_from_server(shared: &Shared, user: &str, by: &str, reason: &str) -> usize {
     shared.audit(
         Kind::Kick,
         Fields::new().user(user).with("by", by).reason(reason),
     );
+    shared.publish(ClusterEvent::KickedOff {
+        user: user.to_string(),
+        by: clip(by, MAX_NODE_BYTES),
+        reason: clip(reason, MAX_REASON_BYTES),
+    });
     shared.registry.close_user(
         user,
         DisconnectReason::Kicked,

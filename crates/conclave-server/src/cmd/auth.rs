@@ -5,6 +5,8 @@ use conclave_proto::{ErrorBody, ErrorCode, Event, Reply, names};
 use super::{hashing, store_error};
 use crate::accounts;
 use crate::audit::{Fields, Kind};
+use crate::bus::ClusterEvent;
+use crate::cluster_events;
 use crate::config::RegistrationPolicy;
 use crate::conn::{Conn, broadcast};
 use crate::dispatch::SendCtx;
@@ -252,13 +254,14 @@ pub async fn register(
         hub.add_member(&conn.shared.config().default_room, &name);
         let room = conn.shared.config().default_room.clone();
         let c = conclave_proto::Conv::Room(room.clone());
-        broadcast(
-            hub.recipients(&c, &[], None),
-            Event::Join {
-                room,
-                user: name.clone(),
-            },
-        );
+        let join = Event::Join {
+            room: room.clone(),
+            user: name.clone(),
+        };
+        broadcast(hub.recipients(&c, &[], None), join.clone());
+        conn.shared
+            .publish(ClusterEvent::AccountChanged { user: name.clone() });
+        cluster_events::room_changed(&conn.shared, &room, Some(join), Vec::new());
     }
     finish_login(conn, id, name, false, Vec::new()).await;
     Ok(())
@@ -307,8 +310,16 @@ async fn finish_login(
 fn connect(conn: &mut Conn, name: String, admin: bool) -> Reply {
     let mut hub = conn.shared.hub.lock();
     hub.upsert_user(&name, admin);
-    let came_online = hub.connect(&name, conn.sid, conn.outbox.clone());
-    if came_online {
+    let was_online = hub.online(&name);
+    let came_online_here = hub.connect(&name, conn.sid, conn.outbox.clone());
+    if came_online_here {
+        // Under the hub's lock, so this node's heartbeats and presence notices stay in order.
+        conn.shared.publish(ClusterEvent::Presence {
+            user: name.clone(),
+            online: true,
+        });
+    }
+    if !was_online {
         broadcast(
             hub.presence_audience(&name),
             Event::Presence {
@@ -337,11 +348,15 @@ fn connect(conn: &mut Conn, name: String, admin: bool) -> Reply {
 pub fn logout(conn: &Conn) {
     let mut hub = conn.shared.hub.lock();
     if let Some((user, true)) = hub.disconnect(conn.sid) {
-        conn.shared
-            .presence
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .went_offline(&user);
+        conn.shared.publish(ClusterEvent::Presence {
+            user: user.clone(),
+            online: false,
+        });
+        if hub.online_elsewhere(&user) {
+            // Still online on another node of the cluster: nothing changes for its peers.
+            return;
+        }
+        conn.shared.presence().went_offline(&user);
         broadcast(
             hub.presence_audience(&user),
             Event::Presence {

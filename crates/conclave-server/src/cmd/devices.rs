@@ -54,11 +54,15 @@ fn check_piece(data: &Bytes) -> Result<(), ErrorBody> {
 
 /// Tells the account's other connections about a device's request.
 fn tell_others(conn: &Conn, user: &str, w: conclave_proto::WaitingDevice) {
+    let event = Event::DeviceWaiting(w);
     let hub = conn.shared.hub.lock();
     broadcast(
         hub.sessions_of(std::iter::once(user), Some(conn.sid)),
-        Event::DeviceWaiting(w),
+        event.clone(),
     );
+    drop(hub);
+    // And its connections on the other nodes of a cluster.
+    crate::cluster_events::notify_users(&conn.shared, &[user.to_string()], &event);
 }
 
 pub async fn announce(
@@ -187,11 +191,14 @@ pub async fn put(
         .map_err(store_error)?;
     match outcome {
         PutOutcome::Stored => {
+            let event = Event::TransferReady { device };
             let hub = conn.shared.hub.lock();
             broadcast(
                 hub.sessions_of(std::iter::once(user), Some(conn.sid)),
-                Event::TransferReady { device },
+                event.clone(),
             );
+            drop(hub);
+            crate::cluster_events::notify_users(&conn.shared, &[user.to_string()], &event);
             Ok(Reply::Ok)
         }
         PutOutcome::NotApproved => Err(ErrorBody::new(

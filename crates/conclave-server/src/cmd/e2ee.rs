@@ -419,6 +419,8 @@ pub async fn commit(
                     continue;
                 }
                 conn.shared.hub.lock().add_member(room, &u);
+                // The other nodes read the room's members again.
+                crate::cluster_events::room_changed(&conn.shared, room, None, Vec::new());
                 joined.push(u);
             }
         }

@@ -10,6 +10,8 @@ use conclave_proto::{
 };
 
 use super::store_error;
+use crate::bus::ClusterEvent;
+use crate::cluster_events;
 use crate::conn::{Conn, broadcast};
 use crate::files::{FileError, FileStore, Progress, chunk_size_for, parse_id};
 use crate::store::{FileRow, RecipientState, now_ms};
@@ -248,10 +250,12 @@ pub async fn offer(
                 fingerprint: p.fingerprint,
                 token,
             });
-            broadcast(
-                hub.sessions_of(std::iter::once(r.as_str()), None),
-                Event::FileOffer(Box::new(offer)),
-            );
+            let event = Event::FileOffer(Box::new(offer));
+            if hub.online_elsewhere(r) {
+                // The recipient's connections on the other nodes get the same offer.
+                cluster_events::notify_users(&conn.shared, std::slice::from_ref(r), &event);
+            }
+            broadcast(hub.sessions_of(std::iter::once(r.as_str()), None), event);
         }
     }
     Ok(Reply::FileCreated {
@@ -266,11 +270,42 @@ pub async fn offer(
 
 /// Sends the (relay) offer of a complete file to those of `users` who are online.
 fn offer_to(conn: &Conn, row: &FileRow, users: &[String]) {
+    let event = Event::FileOffer(Box::new(row.offer()));
     let hub = conn.shared.hub.lock();
     broadcast(
         hub.sessions_of(users.iter().map(String::as_str), None),
-        Event::FileOffer(Box::new(row.offer())),
+        event.clone(),
     );
+    drop(hub);
+    // And on every other node (those offline everywhere get it at their next login).
+    cluster_events::notify_users(&conn.shared, users, &event);
+}
+
+/// Tells every user's connections on this node and the others.
+fn tell(conn: &Conn, users: &[String], event: Event) {
+    let hub = conn.shared.hub.lock();
+    broadcast(
+        hub.sessions_of(users.iter().map(String::as_str), None),
+        event.clone(),
+    );
+    drop(hub);
+    cluster_events::notify_users(&conn.shared, users, &event);
+}
+
+/// The other nodes forget what they cached of the file and of `users`' states.
+fn file_changed(conn: &Conn, file_id: &str, users: &[String]) {
+    for part in users.chunks(crate::bus::MAX_NAMES) {
+        conn.shared.publish(ClusterEvent::FileChanged {
+            file_id: file_id.to_string(),
+            users: part.to_vec(),
+        });
+    }
+    if users.is_empty() {
+        conn.shared.publish(ClusterEvent::FileChanged {
+            file_id: file_id.to_string(),
+            users: Vec::new(),
+        });
+    }
 }
 
 /// The sender: how much the server holds.
@@ -344,10 +379,11 @@ pub async fn chunk(
         tracing::info!(user, file_id, size = uploaded, "file upload complete");
         let mut done = row.clone();
         done.complete = true;
+        file_changed(conn, &done.file_id, &[]);
         if done.p2p {
-            let hub = conn.shared.hub.lock();
-            broadcast(
-                hub.sessions_of(waiting.iter().map(String::as_str), None),
+            tell(
+                conn,
+                &waiting,
                 Event::FileReady {
                     file_id: done.file_id.clone(),
                 },
@@ -454,6 +490,7 @@ pub async fn answer(
         .await
         .map_err(store_error)?;
     conn.shared.files_cache.forget_recipient(&id, user);
+    file_changed(conn, &id, &[user.to_string()]);
     let event = match received {
         Some(via_p2p) => Event::FileReceived {
             file_id: id,
@@ -465,11 +502,7 @@ pub async fn answer(
             by: user.to_string(),
         },
     };
-    let hub = conn.shared.hub.lock();
-    broadcast(
-        hub.sessions_of(std::iter::once(row.sender.as_str()), None),
-        event,
-    );
+    tell(conn, std::slice::from_ref(&row.sender), event);
     Ok(Reply::Ok)
 }
 
@@ -496,9 +529,10 @@ pub async fn cancel(conn: &Conn, user: &str, file_id: String) -> Result<Reply, E
     for u in &waiting {
         conn.shared.files_cache.forget_recipient(&id, u);
     }
-    let hub = conn.shared.hub.lock();
-    broadcast(
-        hub.sessions_of(waiting.iter().map(String::as_str), None),
+    file_changed(conn, &id, &waiting);
+    tell(
+        conn,
+        &waiting,
         Event::FileCancelled {
             file_id: id,
             by: user.to_string(),
@@ -542,8 +576,10 @@ pub async fn want_relay(conn: &Conn, user: &str, file_id: String) -> Result<Repl
             ),
         ));
     }
-    broadcast(
-        hub.sessions_of(std::iter::once(row.sender.as_str()), None),
+    drop(hub);
+    tell(
+        conn,
+        std::slice::from_ref(&row.sender),
         Event::FileRelayWanted {
             file_id: id,
             by: user.to_string(),

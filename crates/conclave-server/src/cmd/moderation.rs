@@ -4,10 +4,12 @@ use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply, names};
 
 use super::{admin, store_error};
 use crate::audit::{Fields, Kind};
+use crate::bus::{ClusterEvent, MAX_NODE_BYTES, MAX_REASON_BYTES};
+use crate::cluster_events;
 use crate::conn::{Conn, broadcast};
 use crate::guard::BanTarget;
 use crate::hub::{SessionId, VoteRules};
-use crate::state::Shared;
+use crate::state::{Shared, clip};
 use crate::store::now_ms;
 
 fn require_admin(conn: &Conn, user: &str, what: &str) -> Result<(), ErrorBody> {
@@ -21,8 +23,9 @@ fn require_admin(conn: &Conn, user: &str, what: &str) -> Result<(), ErrorBody> {
     }
 }
 
-/// Removes `target` from `room`: membership gone (stored), everyone concerned told.
-/// `origin` is the connection that asked (it gets a reply, not the event).
+/// Removes `target` from `room`: membership gone (stored), everyone concerned told, on every
+/// node (`banned_until_ms`: a vote-kick's room ban, already stored, that the other nodes
+/// enforce too). `origin` is the connection that asked (it gets a reply, not the event).
 pub async fn remove_from_room(
     shared: &Shared,
     origin: Option<SessionId>,
@@ -30,11 +33,15 @@ pub async fn remove_from_room(
     target: &str,
     by: &str,
     reason: &str,
+    banned_until_ms: Option<i64>,
 ) -> Result<(), ErrorBody> {
     let (r, t) = (room.to_string(), target.to_string());
-    shared
+    let ticket = shared
         .store
-        .call(move |db| db.remove_member(&r, &t))
+        .call(move |db| {
+            db.remove_member(&r, &t)?;
+            Ok(crate::hub::next_ticket())
+        })
         .await
         .map_err(store_error)?;
     let c = Conv::Room(room.to_string());
@@ -51,7 +58,15 @@ pub async fn remove_from_room(
             },
         );
         hub.remove_member(room, target);
+        hub.touch_room(room, ticket);
     }
+    shared.publish(ClusterEvent::Kicked {
+        room: room.to_string(),
+        user: target.to_string(),
+        by: clip(by, MAX_NODE_BYTES),
+        reason: clip(reason, MAX_REASON_BYTES),
+        banned_until_ms,
+    });
     // In an end-to-end encrypted room, the server proposes the removal of the target's
     // devices; nothing more is accepted there until a member commits it.
     super::e2ee::remove_user(shared, &c, target).await;
@@ -80,7 +95,16 @@ pub async fn kick(
     match room {
         Some(room) => {
             let (room, target) = conn.shared.hub.lock().check_kick(by, &room, &user)?;
-            remove_from_room(&conn.shared, Some(conn.sid), &room, &target, by, &reason).await?;
+            remove_from_room(
+                &conn.shared,
+                Some(conn.sid),
+                &room,
+                &target,
+                by,
+                &reason,
+                None,
+            )
+            .await?;
         }
         None => {
             require_admin(conn, by, "kick users off the server")?;
@@ -91,7 +115,9 @@ pub async fn kick(
                     "you cannot kick yourself",
                 ));
             }
-            if admin::kick_from_server(&conn.shared, &target, by, &reason) == 0 {
+            if admin::kick_from_server(&conn.shared, &target, by, &reason) == 0
+                && !conn.shared.hub.lock().online(&target)
+            {
                 return Err(ErrorBody::new(
                     ErrorCode::NoSuchUser,
                     format!("{target:?} is not connected"),
@@ -123,16 +149,22 @@ pub async fn votekick(
     {
         let hub = conn.shared.hub.lock();
         let c = Conv::Room(tally.room.clone());
-        broadcast(
-            hub.recipients(&c, &[], Some(conn.sid)),
-            Event::VoteKick {
-                room: tally.room.clone(),
-                target: tally.target.clone(),
-                voter: voter.to_string(),
-                votes: tally.votes,
-                needed: tally.needed,
-            },
-        );
+        let notice = Event::VoteKick {
+            room: tally.room.clone(),
+            target: tally.target.clone(),
+            voter: voter.to_string(),
+            votes: tally.votes,
+            needed: tally.needed,
+        };
+        broadcast(hub.recipients(&c, &[], Some(conn.sid)), notice.clone());
+        // Every node counts the vote (the tally is the cluster's) and shows it.
+        conn.shared.publish(ClusterEvent::Vote {
+            room: tally.room.clone(),
+            target: tally.target.clone(),
+            voter: voter.to_string(),
+            at_ms: now,
+        });
+        cluster_events::notify_room(&conn.shared, &tally.room, &[], &notice);
     }
     tracing::info!(room = %tally.room, target = %tally.target, voter, votes = tally.votes, needed = tally.needed, "vote-kick vote");
     conn.shared.audit(
@@ -177,6 +209,7 @@ pub async fn votekick(
             &tally.target,
             "vote",
             &reason,
+            Some(until),
         )
         .await?;
     }
@@ -244,12 +277,21 @@ pub async fn set_room(
     let name = conn.shared.hub.lock().check_set_room(by, &room)?;
     if let Some(on) = votekick {
         let n = name.clone();
-        conn.shared
+        let ticket = conn
+            .shared
             .store
-            .call(move |db| db.set_room_votekick(&n, on))
+            .call(move |db| {
+                db.set_room_votekick(&n, on)?;
+                Ok(crate::hub::next_ticket())
+            })
             .await
             .map_err(store_error)?;
-        conn.shared.hub.lock().set_votekick(&name, on);
+        {
+            let mut hub = conn.shared.hub.lock();
+            hub.set_votekick(&name, on);
+            hub.touch_room(&name, ticket);
+        }
+        cluster_events::room_changed(&conn.shared, &name, None, Vec::new());
     }
     Ok(Reply::Ok)
 }

@@ -17,6 +17,8 @@ use conclave_proto::{
 };
 
 use super::store_error;
+use crate::bus::ClusterEvent;
+use crate::cluster_events;
 use crate::conn::{Conn, broadcast};
 use crate::presence::{ConnBudget, check_text, rate_limited};
 use crate::store::{ReadMoved, conv_key, now_ms};
@@ -73,13 +75,13 @@ fn typing(conn: &mut Conn, user: &str, conv: ConvRef) -> Result<Reply, ErrorBody
         .map_err(|r| rate_limited("typing notices come", r))?;
     let me = [user.to_string()];
     let hub = conn.shared.hub.lock();
-    broadcast(
-        hub.recipients(&conv, &me, None),
-        Event::Typing {
-            conv: conv.clone(),
-            user: user.to_string(),
-        },
-    );
+    let event = Event::Typing {
+        conv: conv.clone(),
+        user: user.to_string(),
+    };
+    broadcast(hub.recipients(&conv, &me, None), event.clone());
+    drop(hub);
+    notify_conv(conn, &conv, user, event);
     Ok(Reply::Ok)
 }
 
@@ -116,13 +118,25 @@ async fn read(conn: &mut Conn, user: &str, conv: ConvRef, seq: u64) -> Result<Re
             };
             let hub = conn.shared.hub.lock();
             if shared {
-                broadcast(hub.recipients(&conv, &[], Some(conn.sid)), event);
+                broadcast(hub.recipients(&conv, &[], Some(conn.sid)), event.clone());
+                drop(hub);
+                // On the other nodes, every member (the reader's own connections too).
+                match &conv {
+                    Conv::Room(room) => {
+                        cluster_events::notify_room(&conn.shared, room, &[], &event)
+                    }
+                    Conv::Direct(users) => {
+                        cluster_events::notify_users(&conn.shared, users, &event)
+                    }
+                }
             } else {
                 // Private: only this account's other connections (its other devices).
                 broadcast(
                     hub.sessions_of(std::iter::once(user), Some(conn.sid)),
-                    event,
+                    event.clone(),
                 );
+                drop(hub);
+                cluster_events::notify_users(&conn.shared, &[user.to_string()], &event);
             }
             Ok(Reply::Ok)
         }
@@ -162,6 +176,10 @@ async fn share_reads(conn: &mut Conn, user: &str, share: bool) -> Result<Reply, 
         .await
         .map_err(store_error)?;
     presence(conn).set_share_reads(user, share);
+    conn.shared.publish(ClusterEvent::ReadsShared {
+        user: user.to_string(),
+        share,
+    });
     Ok(Reply::Ok)
 }
 
@@ -192,10 +210,15 @@ async fn set_topic(
         hub.sessions_of(members, Some(conn.sid)),
         Event::Topic {
             room: name.clone(),
-            topic,
+            topic: topic.clone(),
             by: user.to_string(),
         },
     );
+    conn.shared.publish(ClusterEvent::Topic {
+        room: name,
+        topic,
+        by: user.to_string(),
+    });
     Ok(Reply::Ok)
 }
 
@@ -212,9 +235,13 @@ fn away(conn: &mut Conn, user: &str, text: Option<String>) -> Result<Reply, Erro
     if presence(conn).set_away(user, text.as_deref()) {
         let event = Event::Away {
             user: user.to_string(),
-            text,
+            text: text.clone(),
         };
         tell_peers(conn, &hub, user, event);
+        conn.shared.publish(ClusterEvent::Away {
+            user: user.to_string(),
+            text,
+        });
     }
     Ok(Reply::Ok)
 }
@@ -243,10 +270,27 @@ async fn display_name(
     presence(conn).set_display_name(user, name.as_deref());
     let event = Event::DisplayName {
         user: user.to_string(),
-        name,
+        name: name.clone(),
     };
     tell_peers(conn, &hub, user, event);
+    conn.shared.publish(ClusterEvent::DisplayName {
+        user: user.to_string(),
+        name,
+    });
     Ok(Reply::Ok)
+}
+
+/// Shows `event` about `user` to `conv`'s members on the other nodes (but `user`).
+fn notify_conv(conn: &Conn, conv: &Conv, user: &str, event: Event) {
+    match conv {
+        Conv::Room(room) => {
+            cluster_events::notify_room(&conn.shared, room, &[user.to_string()], &event)
+        }
+        Conv::Direct(users) => {
+            let others: Vec<String> = users.iter().filter(|u| *u != user).cloned().collect();
+            cluster_events::notify_users(&conn.shared, &others, &event);
+        }
+    }
 }
 
 /// Those who see `user` come and go (room peers), and `user`'s other connections.

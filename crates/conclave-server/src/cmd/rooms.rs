@@ -5,6 +5,7 @@ use conclave_proto::{Conv, ErrorBody, ErrorCode, Event, Reply};
 use super::{hashing, store_error};
 use crate::accounts;
 use crate::audit::{Fields, Kind};
+use crate::cluster_events;
 use crate::conn::{Conn, broadcast};
 use crate::hub::{JoinCheck, Room};
 use crate::store::{RoomRow, StoreError};
@@ -42,8 +43,16 @@ pub async fn create(
         invited: vec![],
         votekick: conn.shared.config().votekick.enabled,
     };
-    match conn.shared.store.call(move |db| db.create_room(&row)).await {
-        Ok(()) => {}
+    let written = conn
+        .shared
+        .store
+        .call(move |db| {
+            db.create_room(&row)?;
+            Ok(crate::hub::next_ticket())
+        })
+        .await;
+    let ticket = match written {
+        Ok(t) => t,
         Err(StoreError::Exists) => {
             return Err(ErrorBody::new(
                 ErrorCode::RoomExists,
@@ -51,7 +60,7 @@ pub async fn create(
             ));
         }
         Err(e) => return Err(store_error(e)),
-    }
+    };
     let mut hub = conn.shared.hub.lock();
     hub.insert_room(
         &name,
@@ -61,18 +70,19 @@ pub async fn create(
             owner: Some(user.to_string()),
             members: [user.to_string()].into_iter().collect(),
             votekick: conn.shared.config().votekick.enabled,
+            ticket,
             ..Default::default()
         },
     );
-    // The creator's other connections learn of it too.
+    // The creator's other connections learn of it too, on every node.
     let c = Conv::Room(name.clone());
-    broadcast(
-        hub.recipients(&c, &[], Some(conn.sid)),
-        Event::Join {
-            room: name.clone(),
-            user: user.to_string(),
-        },
-    );
+    let join = Event::Join {
+        room: name.clone(),
+        user: user.to_string(),
+    };
+    broadcast(hub.recipients(&c, &[], Some(conn.sid)), join.clone());
+    drop(hub);
+    cluster_events::room_changed(&conn.shared, &name, Some(join), Vec::new());
     conn.shared.audit(
         Kind::Join,
         Fields::new()
@@ -119,11 +129,16 @@ pub async fn join(
             ));
         }
     }
+    let mut ticket = 0;
     if check != JoinCheck::AlreadyMember {
         let (n, u) = (name.clone(), user.to_string());
-        conn.shared
+        ticket = conn
+            .shared
             .store
-            .call(move |db| db.add_member(&n, &u))
+            .call(move |db| {
+                db.add_member(&n, &u)?;
+                Ok(crate::hub::next_ticket())
+            })
             .await
             .map_err(store_error)?;
     }
@@ -135,14 +150,14 @@ pub async fn join(
         let mut hub = conn.shared.hub.lock();
         if check != JoinCheck::AlreadyMember {
             hub.add_member(&name, user);
+            hub.touch_room(&name, ticket);
             let c = Conv::Room(name.clone());
-            broadcast(
-                hub.recipients(&c, &[], Some(conn.sid)),
-                Event::Join {
-                    room: name.clone(),
-                    user: user.to_string(),
-                },
-            );
+            let join = Event::Join {
+                room: name.clone(),
+                user: user.to_string(),
+            };
+            broadcast(hub.recipients(&c, &[], Some(conn.sid)), join.clone());
+            cluster_events::room_changed(&conn.shared, &name, Some(join), Vec::new());
         }
         hub.room(&name)
             .map(|r| r.members.iter().cloned().collect())
@@ -160,9 +175,13 @@ pub async fn join(
 pub async fn part(conn: &Conn, user: &str, room: String) -> Result<Reply, ErrorBody> {
     let name = conn.shared.hub.lock().check_part(user, &room)?;
     let (n, u) = (name.clone(), user.to_string());
-    conn.shared
+    let ticket = conn
+        .shared
         .store
-        .call(move |db| db.remove_member(&n, &u))
+        .call(move |db| {
+            db.remove_member(&n, &u)?;
+            Ok(crate::hub::next_ticket())
+        })
         .await
         .map_err(store_error)?;
     conn.shared
@@ -175,8 +194,10 @@ pub async fn part(conn: &Conn, user: &str, room: String) -> Result<Reply, ErrorB
             user: user.to_string(),
         };
         // Tell the members (before removal, so the parting user's other connections hear it too).
-        broadcast(hub.recipients(&c, &[], Some(conn.sid)), event);
+        broadcast(hub.recipients(&c, &[], Some(conn.sid)), event.clone());
         hub.remove_member(&name, user);
+        hub.touch_room(&name, ticket);
+        cluster_events::room_changed(&conn.shared, &name, Some(event), Vec::new());
     }
     super::e2ee::remove_user(&conn.shared, &c, user).await;
     Ok(Reply::Ok)
@@ -185,19 +206,28 @@ pub async fn part(conn: &Conn, user: &str, room: String) -> Result<Reply, ErrorB
 pub async fn invite(conn: &Conn, by: &str, room: String, user: String) -> Result<Reply, ErrorBody> {
     let (name, invitee) = conn.shared.hub.lock().check_invite(by, &room, &user)?;
     let (n, u) = (name.clone(), invitee.clone());
-    conn.shared
+    let ticket = conn
+        .shared
         .store
-        .call(move |db| db.add_room_invite(&n, &u))
+        .call(move |db| {
+            db.add_room_invite(&n, &u)?;
+            Ok(crate::hub::next_ticket())
+        })
         .await
         .map_err(store_error)?;
     let mut hub = conn.shared.hub.lock();
     hub.add_invite(&name, &invitee);
+    hub.touch_room(&name, ticket);
+    let invited = Event::Invited {
+        room: name.clone(),
+        by: by.to_string(),
+    };
     broadcast(
         hub.sessions_of(std::iter::once(invitee.as_str()), None),
-        Event::Invited {
-            room: name,
-            by: by.to_string(),
-        },
+        invited.clone(),
     );
+    drop(hub);
+    // Shown on the other nodes once they read the invitation, so the invitee can join there.
+    cluster_events::room_changed(&conn.shared, &name, Some(invited), vec![invitee]);
     Ok(Reply::Ok)
 }

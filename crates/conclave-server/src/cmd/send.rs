@@ -126,12 +126,17 @@ pub fn announce(conn: &Conn, user: &str, text: String) -> Result<Reply, ErrorBod
         hub.all_sessions(),
         Event::Announce {
             from: user.to_string(),
-            text,
+            text: text.clone(),
             ts_ms: crate::store::now_ms(),
         },
     );
     // After the hub is let go: recording may raise an alert, which may need the hub.
     drop(hub);
+    // Everyone online on every node.
+    conn.shared.publish(crate::bus::ClusterEvent::Announce {
+        from: user.to_string(),
+        text: crate::state::clip(&text, crate::bus::MAX_ANNOUNCE_BYTES),
+    });
     conn.shared.audit(
         crate::audit::Kind::Announce,
         crate::audit::Fields::new()
