@@ -492,6 +492,233 @@ pub struct FileConfig {
     pub presence: PresenceConfig,
     pub messages: MessagesConfig,
     pub devices: DevicesConfig,
+    /// Cluster mode: the shared store (`postgres://…`), see [`ClusterConfig`].
+    pub store: Option<String>,
+    /// Cluster mode: the bus between nodes (`nats://HOST:PORT`).
+    pub bus: Option<String>,
+    /// Cluster mode: this node's name (default: the host name).
+    pub node: Option<String>,
+    /// Cluster mode: a file (mode 0600) holding the PostgreSQL password.
+    pub store_password_file: Option<PathBuf>,
+    /// Cluster mode: the cluster's name on the bus (its subjects' second token).
+    pub cluster_name: Option<String>,
+}
+
+/// The environment variable that may hold the PostgreSQL password (never on the command line
+/// or in the store URL, where `ps` and shell histories would show it).
+pub const PG_PASSWORD_ENV: &str = "CONCLAVE_PG_PASSWORD";
+
+/// The cluster's name on the bus when none is given.
+pub const DEFAULT_CLUSTER_NAME: &str = "conclave";
+
+/// Cluster mode (issue 24): `store`, `bus`, `node`, `store_password_file` and `cluster_name`
+/// at the top of `conclave.toml`, or `--store`, `--bus`, `--node` (which override the file).
+/// Without a store, nothing of it is used: SQLite in the data directory, no bus.
+///
+/// What [`ClusterConfig::check`] accepts: a store URL without a password (the password comes
+/// from [`PG_PASSWORD_ENV`] or `store_password_file`), and PostgreSQL and NATS reached over a
+/// Unix socket or a loopback address only: this build speaks no TLS to either, and a
+/// plaintext connection across a network is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub store: Option<String>,
+    pub bus: Option<String>,
+    pub node: Option<String>,
+    pub store_password_file: Option<PathBuf>,
+    pub cluster_name: Option<String>,
+}
+
+/// A checked cluster configuration: what the server connects to.
+#[derive(Debug, Clone)]
+pub struct ClusterPlan {
+    /// The PostgreSQL connection (without its password, which [`ClusterConfig::pg_password`]
+    /// reads at start).
+    pub store: postgres::Config,
+    /// `nats://HOST:PORT[,…]`, when there is a bus.
+    pub bus: Option<String>,
+    pub node: String,
+    pub cluster_name: String,
+}
+
+fn loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// This machine's host name, if it has a usable one.
+pub fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..end]).ok()?.trim().to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode (a shared store) is asked for.
+    pub fn enabled(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Checks the settings; `None` when no store is given (one node on SQLite).
+    pub fn check(&self) -> Result<Option<ClusterPlan>, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let Some(url) = &self.store else {
+            if self.bus.is_some() {
+                return bad(
+                    "a bus (--bus, or bus in conclave.toml) needs a shared store: give --store postgres://… too (one node alone needs neither)"
+                        .into(),
+                );
+            }
+            return Ok(None);
+        };
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return bad(format!(
+                "the store {url:?} is not a PostgreSQL URL: write postgres://USER@HOST:PORT/DATABASE or postgres://USER@%2Frun%2Fpostgresql/DATABASE (a Unix socket)"
+            ));
+        }
+        let store: postgres::Config = url.parse().map_err(|e| {
+            ConfigError::Invalid(format!(
+                "the store URL is not valid ({e}); write postgres://USER@HOST:PORT/DATABASE"
+            ))
+        })?;
+        if store.get_password().is_some() {
+            return bad(format!(
+                "the store URL holds a password, which would show in `ps` and shell histories: remove it, and put it in the environment variable {PG_PASSWORD_ENV} or in a file named by store_password_file in conclave.toml (mode 0600)"
+            ));
+        }
+        if store.get_hosts().is_empty() {
+            return bad(
+                "the store URL names no host: write postgres://USER@127.0.0.1:5432/DATABASE, or a Unix socket's directory as the host (postgres://USER@%2Frun%2Fpostgresql/DATABASE)"
+                    .into(),
+            );
+        }
+        for host in store.get_hosts() {
+            if let postgres::config::Host::Tcp(h) = host
+                && !loopback_host(h)
+            {
+                return bad(format!(
+                    "PostgreSQL at {h:?} is not on this machine, and this build has no TLS to PostgreSQL: no plaintext transport across a network. Connect over a Unix socket or a loopback address (run the node on the database's machine, or tunnel it)"
+                ));
+            }
+        }
+        for addr in store.get_hostaddrs() {
+            if !addr.is_loopback() {
+                return bad(format!(
+                    "PostgreSQL at {addr} (hostaddr) is not a loopback address: no plaintext transport across a network; connect over a Unix socket or loopback"
+                ));
+            }
+        }
+        if store.get_ssl_mode() == postgres::config::SslMode::Require {
+            return bad(
+                "sslmode=require: this build has no TLS to PostgreSQL yet; connect over a Unix socket or loopback without sslmode"
+                    .into(),
+            );
+        }
+        let bus = match &self.bus {
+            Some(b) => Some(check_bus(b)?),
+            None => None,
+        };
+        let node = match &self.node {
+            Some(n) => n.clone(),
+            None => host_name().ok_or_else(|| {
+                ConfigError::Invalid(
+                    "this machine has no host name to name the node by: give --node NAME".into(),
+                )
+            })?,
+        };
+        crate::bus::wire::check_node(&node).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "the node name {node:?} is not usable ({e}); give --node NAME (1 to {} bytes, no control characters)",
+                crate::bus::MAX_NODE_BYTES
+            ))
+        })?;
+        let cluster_name = self
+            .cluster_name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CLUSTER_NAME.to_string());
+        Ok(Some(ClusterPlan {
+            store,
+            bus,
+            node,
+            cluster_name,
+        }))
+    }
+
+    /// The PostgreSQL password: from `store_password_file` (which must be mode 0600 or
+    /// stricter), or from [`PG_PASSWORD_ENV`]; `None` when neither is given (peer or trust
+    /// authentication over a Unix socket needs none). Both given is refused as ambiguous.
+    pub fn pg_password(&self) -> Result<Option<String>, ConfigError> {
+        let env = std::env::var(PG_PASSWORD_ENV)
+            .ok()
+            .filter(|p| !p.is_empty());
+        let Some(path) = &self.store_password_file else {
+            return Ok(env);
+        };
+        if env.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "both {PG_PASSWORD_ENV} and store_password_file give a PostgreSQL password: keep one"
+            )));
+        }
+        let read_err = |e: std::io::Error| ConfigError::Read {
+            path: path.clone(),
+            error: e.to_string(),
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+        if mode & 0o077 != 0 {
+            return Err(ConfigError::Invalid(format!(
+                "store_password_file {} can be read by other users (mode {:o}): chmod 600 it",
+                path.display(),
+                mode & 0o777
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let pw = text.trim_end_matches(['\n', '\r']).to_string();
+        if pw.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "store_password_file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Some(pw))
+    }
+}
+
+/// Checks `nats://HOST:PORT[,nats://HOST:PORT…]`: no credentials in it, loopback hosts only.
+fn check_bus(text: &str) -> Result<String, ConfigError> {
+    let bad = |m: String| Err(ConfigError::Invalid(m));
+    for url in text.split(',') {
+        let url = url.trim();
+        let Some(rest) = url.strip_prefix("nats://") else {
+            return bad(format!(
+                "the bus {url:?} is not nats://HOST:PORT (tls:// is not supported by this build yet)"
+            ));
+        };
+        if rest.contains('@') {
+            return bad(format!(
+                "the bus URL {url:?} holds credentials, which would show in `ps`: remove them (NATS authentication is not supported by this build yet; run nats-server on loopback)"
+            ));
+        }
+        let host = match rest.rsplit_once(':') {
+            Some((h, port)) if port.parse::<u16>().is_ok() => h,
+            _ => rest,
+        };
+        let host = host.trim_end_matches('/');
+        if !loopback_host(host) {
+            return bad(format!(
+                "NATS at {host:?} is not on this machine, and this build has no TLS to NATS: no plaintext transport across a network. Use a loopback address (nats://127.0.0.1:4222)"
+            ));
+        }
+    }
+    Ok(text.to_string())
 }
 
 /// Room left in a client's frame limit for what the server adds around a relayed frame (the
@@ -537,6 +764,8 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
     /// The registration policy came from the command line, which a reload does not override.
     pub registration_from_cli: bool,
+    /// Cluster mode (`--store`, `--bus`, `--node`); fixed while serving.
+    pub cluster: ClusterConfig,
 }
 
 impl Config {
@@ -567,6 +796,7 @@ impl Config {
             data_key_passphrase: None,
             config_file: None,
             registration_from_cli: false,
+            cluster: ClusterConfig::default(),
         }
     }
 
@@ -623,6 +853,13 @@ impl Config {
         self.presence = file.presence;
         self.messages = file.messages;
         self.devices = file.devices;
+        self.cluster = ClusterConfig {
+            store: file.store,
+            bus: file.bus,
+            node: file.node,
+            store_password_file: file.store_password_file,
+            cluster_name: file.cluster_name,
+        };
         Ok(())
     }
 
@@ -644,6 +881,7 @@ impl Config {
             new.registration = self.registration;
         }
         new.config_file = self.config_file.clone();
+        new.cluster = self.cluster.clone();
         Ok(new)
     }
 
@@ -737,6 +975,7 @@ impl Config {
             return bad("retention.interval_s must be above 0");
         }
         crate::anomaly::Settings::from_config(&self.anomaly).map_err(ConfigError::Invalid)?;
+        self.cluster.check()?;
         for room in self.retention.rooms.keys() {
             if conclave_proto::names::canonical_room(room).as_deref() != Ok(room.as_str()) {
                 return Err(ConfigError::Invalid(format!(
@@ -851,5 +1090,106 @@ mod tests {
     fn bad_listen_says_what_to_write() {
         let err = parse_listen("localhost").expect_err("refused").to_string();
         assert!(err.contains("ADDR:PORT"), "{err}");
+    }
+
+    fn cluster(store: Option<&str>, bus: Option<&str>) -> ClusterConfig {
+        ClusterConfig {
+            store: store.map(str::to_string),
+            bus: bus.map(str::to_string),
+            node: Some("node-a".into()),
+            ..ClusterConfig::default()
+        }
+    }
+
+    fn refusal(c: &ClusterConfig) -> String {
+        c.check().expect_err("must refuse").to_string()
+    }
+
+    #[test]
+    fn cluster_settings_come_from_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "store = \"postgres://conclave@127.0.0.1:5432/chat\"\nbus = \"nats://127.0.0.1:4222\"\nnode = \"n1\"\n",
+        )
+        .expect("write");
+        let config = Config::load(dir.path(), Some(&p)).expect("valid");
+        let plan = config
+            .cluster
+            .check()
+            .expect("valid")
+            .expect("cluster mode");
+        assert_eq!(plan.node, "n1");
+        assert_eq!(plan.cluster_name, DEFAULT_CLUSTER_NAME);
+        assert_eq!(plan.bus.as_deref(), Some("nats://127.0.0.1:4222"));
+        assert_eq!(plan.store.get_dbname(), Some("chat"));
+        // Without a store nothing is asked for; a bus alone is refused.
+        assert!(ClusterConfig::default().check().expect("valid").is_none());
+        assert!(refusal(&cluster(None, Some("nats://127.0.0.1:4222"))).contains("--store"));
+    }
+
+    #[test]
+    fn no_password_and_no_plaintext_across_a_network() {
+        let err = refusal(&cluster(Some("postgres://u:secret@127.0.0.1/db"), None));
+        assert!(
+            err.contains(PG_PASSWORD_ENV) && err.contains("store_password_file"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("secret"),
+            "the password is not repeated: {err}"
+        );
+        let err = refusal(&cluster(Some("postgres://u@db.example.org:5432/db"), None));
+        assert!(err.contains("no plaintext transport"), "{err}");
+        let err = refusal(&cluster(
+            Some("postgres://u@127.0.0.1/db?sslmode=require"),
+            None,
+        ));
+        assert!(err.contains("TLS"), "{err}");
+        let err = refusal(&cluster(Some("mysql://u@127.0.0.1/db"), None));
+        assert!(err.contains("postgres://"), "{err}");
+        let err = refusal(&cluster(
+            Some("postgres://u@127.0.0.1/db"),
+            Some("nats://10.0.0.5:4222"),
+        ));
+        assert!(err.contains("no plaintext transport"), "{err}");
+        let err = refusal(&cluster(
+            Some("postgres://u@127.0.0.1/db"),
+            Some("nats://me:pw@127.0.0.1:4222"),
+        ));
+        assert!(err.contains("credentials"), "{err}");
+        // A Unix socket, loopback names and addresses are accepted.
+        for store in [
+            "postgres://u@%2Frun%2Fpostgresql/db",
+            "postgres://u@localhost/db",
+            "postgresql://u@[::1]:5433/db",
+        ] {
+            cluster(Some(store), Some("nats://localhost:4222,nats://[::1]:4223"))
+                .check()
+                .unwrap_or_else(|e| panic!("{store}: {e}"));
+        }
+        let mut bad_node = cluster(Some("postgres://u@localhost/db"), None);
+        bad_node.node = Some("a\u{7}b".into());
+        assert!(refusal(&bad_node).contains("--node"));
+    }
+
+    #[test]
+    fn the_password_file_must_be_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("pgpass");
+        std::fs::write(&p, "hunter2\n").expect("write");
+        let mut c = cluster(Some("postgres://u@localhost/db"), None);
+        c.store_password_file = Some(p.clone());
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .expect("chmod");
+        let err = c.pg_password().expect_err("world-readable").to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        assert_eq!(
+            c.pg_password().expect("private").as_deref(),
+            Some("hunter2")
+        );
     }
 }

@@ -55,7 +55,7 @@ pub async fn run(
     while let Some(d) = done.recv().await {
         match d {
             Done::Appended { result, ctx } => appended(&hub, &mut audiences, result, ctx, &metrics),
-            Done::CaughtUp { result, ctx } => caught_up(&hub, result, ctx, &metrics),
+            Done::CaughtUp { result, ctx, .. } => caught_up(&hub, result, ctx, &metrics),
         }
     }
 }
@@ -130,20 +130,26 @@ fn appended(
                 duplicate: a.duplicate,
             })
         }
-        Err(e) if e == crate::store::DISK_FULL => {
-            metrics.storage_full("message");
-            Err(crate::replies::storage_full())
-        }
-        Err(_) => Err(ErrorBody::new(
-            ErrorCode::Internal,
-            "the message could not be stored; it was not sent. Try again",
-        )),
+        Err(e) => Err(refusal(&e, metrics)),
     };
     if !ctx.silent {
         ctx.outbox.send(&ServerFrame::Reply {
             id: ctx.req_id,
             result,
         });
+    }
+}
+
+/// What the sender of a message the store refused (`error`, the store's text) is told.
+pub(crate) fn refusal(error: &str, metrics: &Metrics) -> ErrorBody {
+    if error == crate::store::DISK_FULL {
+        metrics.storage_full("message");
+        crate::replies::storage_full()
+    } else {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            "the message could not be stored; it was not sent. Try again",
+        )
     }
 }
 

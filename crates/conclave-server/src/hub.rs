@@ -133,6 +133,8 @@ pub struct Hub<O> {
     /// Connection → (user, handle, live). A connection is live once it has caught up: only
     /// then does it receive new messages, so catch-up and live traffic never overlap.
     sessions: SessionMap<(String, O, bool)>,
+    /// How many of `sessions` are not live yet.
+    waiting: usize,
     /// Users online on other nodes of a cluster: user → node → until when (ms) that node's
     /// word holds. Only known accounts, at most [`MAX_REMOTE_NODES`] nodes each.
     remote: HashMap<String, HashMap<String, i64>>,
@@ -192,6 +194,7 @@ impl<O> Hub<O> {
             users,
             rooms,
             sessions: SessionMap::default(),
+            waiting: 0,
             remote: HashMap::new(),
         }
     }
@@ -233,20 +236,29 @@ impl<O> Hub<O> {
     pub fn connect(&mut self, user: &str, sid: SessionId, outbox: O) -> bool {
         let u = self.users.entry(user.to_string()).or_default();
         u.sessions.push(sid);
-        self.sessions.insert(sid, (user.to_string(), outbox, false));
+        let old = self.sessions.insert(sid, (user.to_string(), outbox, false));
+        if !matches!(old, Some((_, _, false))) {
+            self.waiting += 1;
+        }
         u.sessions.len() == 1
     }
 
     /// Marks a connection as caught up: new messages go to it from now on.
     pub fn set_live(&mut self, sid: SessionId) {
-        if let Some(s) = self.sessions.get_mut(&sid) {
+        if let Some(s) = self.sessions.get_mut(&sid)
+            && !s.2
+        {
             s.2 = true;
+            self.waiting -= 1;
         }
     }
 
     /// Forgets a connection. Returns its user and whether the user went offline.
     pub fn disconnect(&mut self, sid: SessionId) -> Option<(String, bool)> {
-        let (user, _, _) = self.sessions.remove(&sid)?;
+        let (user, _, live) = self.sessions.remove(&sid)?;
+        if !live {
+            self.waiting -= 1;
+        }
         let offline = match self.users.get_mut(&user) {
             Some(u) => {
                 u.sessions.retain(|s| *s != sid);
@@ -948,6 +960,76 @@ impl<O> Hub<O> {
             .collect()
     }
 
+    /// Every caught-up connection that receives a new message in `conv`, with its user (before
+    /// `except` and the sender's own connection are left out): a room's members, or a direct
+    /// conversation's participants.
+    pub fn live_audience(&self, conv: &Conv) -> Vec<(SessionId, &str, &O)> {
+        match conv {
+            Conv::Room(room) => self.room_audience(room),
+            Conv::Direct(users) => self.sessions_with(users.iter(), true),
+        }
+    }
+
+    /// Connections that logged in and have not caught up yet, with their users, among those
+    /// that receive a new message in `conv` (cluster mode keeps what reaches them meanwhile).
+    pub fn waiting_audience(&self, conv: &Conv) -> Vec<(SessionId, &str)> {
+        let sessions = match conv {
+            Conv::Room(room) => match self.rooms.get(room) {
+                Some(r) => self.sessions_with(r.members.iter(), false),
+                None => return Vec::new(),
+            },
+            Conv::Direct(users) => self.sessions_with(users.iter(), false),
+        };
+        sessions.into_iter().map(|(s, u, _)| (s, u)).collect()
+    }
+
+    fn sessions_with<'a, 'b>(
+        &'a self,
+        users: impl Iterator<Item = &'b String>,
+        live: bool,
+    ) -> Vec<(SessionId, &'a str, &'a O)> {
+        users
+            .filter_map(|m| self.users.get_key_value(m.as_str()))
+            .flat_map(|(m, u)| u.sessions.iter().map(move |s| (m.as_str(), *s)))
+            .filter_map(|(m, s)| match self.sessions.get(&s) {
+                Some((_, o, l)) if *l == live => Some((s, m, o)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How many connections logged in and have not caught up yet.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    /// Whether any connection of this node (caught up or not) receives new messages in `conv`.
+    pub fn has_local_audience(&self, conv: &Conv) -> bool {
+        let online = |u: &String| self.users.get(u).is_some_and(|u| !u.sessions.is_empty());
+        match conv {
+            Conv::Room(room) => self
+                .rooms
+                .get(room)
+                .is_some_and(|r| r.members.iter().any(online)),
+            Conv::Direct(users) => users.iter().any(online),
+        }
+    }
+
+    /// Whether connection `sid` is registered and caught up.
+    pub fn is_live(&self, sid: SessionId) -> bool {
+        self.sessions.get(&sid).is_some_and(|s| s.2)
+    }
+
+    /// The user of connection `sid`, if registered.
+    pub fn session_user(&self, sid: SessionId) -> Option<&str> {
+        self.sessions.get(&sid).map(|(u, _, _)| u.as_str())
+    }
+
+    /// Whether connection `sid` is still registered.
+    pub fn is_connected(&self, sid: SessionId) -> bool {
+        self.sessions.contains_key(&sid)
+    }
+
     /// Connections of the users who share a room with `user` (not `user` itself): they see
     /// `user` come and go.
     pub fn presence_audience(&self, user: &str) -> Vec<&O> {
@@ -1086,6 +1168,33 @@ mod tests {
             h.set_live(sid as u64);
         }
         h
+    }
+
+    #[test]
+    fn connections_catching_up_are_counted_and_found_apart_from_live_ones() {
+        let mut h = hub();
+        assert_eq!(h.waiting(), 0);
+        let ops = Conv::Room("ops".into());
+        let dm = Conv::Direct(vec!["carol".into(), "dave".into()]);
+        h.connect("carol", 10, "carol#2");
+        h.connect("dave", 11, "dave#2");
+        assert_eq!(h.waiting(), 2);
+        assert_eq!(h.waiting_audience(&ops), [(10, "carol")]);
+        assert_eq!(h.waiting_audience(&dm).len(), 2);
+        let live: Vec<SessionId> = h.live_audience(&ops).iter().map(|a| a.0).collect();
+        assert_eq!(live, [2, 3], "bob#1 and carol#1, not carol#2");
+        h.set_live(10);
+        h.set_live(10);
+        assert_eq!(h.waiting(), 1, "live once");
+        assert!(h.is_live(10) && !h.is_live(11));
+        h.disconnect(11);
+        assert_eq!(h.waiting(), 0);
+        assert!(!h.is_connected(11) && h.session_user(10) == Some("carol"));
+        assert!(h.has_local_audience(&ops));
+        h.disconnect(2);
+        h.disconnect(3);
+        h.disconnect(10);
+        assert!(!h.has_local_audience(&ops), "nobody of ops is connected");
     }
 
     fn route(h: &Hub<&'static str>, from: &str, t: Target, skip: SessionId) -> Vec<&'static str> {

@@ -15,6 +15,7 @@ pub mod bus;
 pub mod bus_nats;
 pub mod canary;
 pub mod certs;
+pub mod cluster;
 pub mod cluster_events;
 pub mod cmd;
 pub mod config;

@@ -13,13 +13,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::at_rest::DataKey;
 use crate::audit::{AuditLog, Fields, Kind};
-use crate::config::{Config, RegistrationPolicy};
+use crate::config::{ClusterPlan, Config, RegistrationPolicy};
 use crate::dispatch::{self};
 use crate::guard::{Guard, Refusal};
 use crate::hub::Hub;
 use crate::shared_hub::SharedHub;
 use crate::state::{SHUTDOWN_GRACE, Shared, hub_limits};
-use crate::store::{Db, Store, StoreThread};
+use crate::store::{Backend, Db, Store, StoreThread};
 
 use crate::{connection, fsutil};
 
@@ -59,6 +59,52 @@ pub struct Server {
     local_addr: SocketAddr,
     fingerprint: String,
     identity_created: bool,
+    cluster: Option<ClusterInfo>,
+}
+
+/// What a node in cluster mode runs with.
+#[derive(Debug, Clone)]
+pub struct ClusterInfo {
+    /// This node's name on the bus.
+    pub node: String,
+    /// Whether it has a bus (without one it is the only node on its store).
+    pub bus: bool,
+}
+
+/// Opens cluster mode's shared PostgreSQL store (the password from the environment or its
+/// file, never from the URL), for the store thread to run on.
+pub fn open_shared_store(
+    config: &Config,
+    plan: &ClusterPlan,
+) -> Result<Box<dyn crate::store::Backend>, StartError> {
+    let mut pg = plan.store.clone();
+    if let Some(pw) = config
+        .cluster
+        .pg_password()
+        .map_err(|e| start_err(e.to_string()))?
+    {
+        pg.password(pw);
+    }
+    drop(pg);
+    // `store_pg::PgDb` implements accounts, rooms, moderation and files but not messages, chat,
+    // devices and end-to-end groups yet, so it is no `Backend` and the store thread cannot run
+    // on it.
+    Err(start_err(
+        "cluster mode (--store postgres://…) is not available in this build: its PostgreSQL \
+         store does not keep messages yet. Run without --store (one node on SQLite)",
+    ))
+}
+
+/// Joins the bus of a cluster.
+pub async fn join_bus(plan: &ClusterPlan) -> Result<Option<Arc<dyn crate::bus::Bus>>, StartError> {
+    let Some(url) = &plan.bus else {
+        return Ok(None);
+    };
+    let cfg = crate::bus_nats::NatsConfig::new(url, &plan.cluster_name, &plan.node);
+    let bus = crate::bus_nats::NatsBus::connect(cfg)
+        .await
+        .map_err(|e| start_err(e.to_string()))?;
+    Ok(Some(Arc::new(bus)))
 }
 
 /// Opens (creating if needed) the data directory's database with its data key.
@@ -94,21 +140,46 @@ impl Server {
         let admin = crate::admin_socket::bind(&config.data_dir)
             .await
             .map_err(start_err)?;
+        let plan = config
+            .cluster
+            .check()
+            .map_err(|e| start_err(e.to_string()))?;
+        let mut shared_store = match &plan {
+            Some(plan) => Some(open_shared_store(&config, plan)?),
+            None => None,
+        };
+        let bus = match &plan {
+            Some(plan) => join_bus(plan).await?,
+            None => None,
+        };
+        // In cluster mode the data directory still holds the TLS identity, the data key, the
+        // audit log and the server's end-to-end signing key (in its SQLite database); the
+        // rest is read from the shared store.
         let mut db = open_db(&config)?;
         let loaded = crate::certs::Certs::load(&config).map_err(|e| start_err(e.to_string()))?;
         let acceptor = TlsAcceptor::from(
             crate::certs::server_config(loaded.certs.clone(), config.web.enabled)
                 .map_err(|e| start_err(e.to_string()))?,
         );
-        let users = db.users().map_err(|e| start_err(e.to_string()))?;
-        let rooms = db.rooms().map_err(|e| start_err(e.to_string()))?;
-        let bans = db
+        let source: &mut dyn Backend = match shared_store.as_deref_mut() {
+            Some(b) => b,
+            None => &mut db,
+        };
+        source
+            .ensure_public_room(&config.default_room)
+            .map_err(|e| start_err(e.to_string()))?;
+        let users = source.users().map_err(|e| start_err(e.to_string()))?;
+        let rooms = source.rooms().map_err(|e| start_err(e.to_string()))?;
+        let bans = source
             .bans(crate::store::now_ms())
             .map_err(|e| start_err(e.to_string()))?;
-        let (allow, deny) = db.ip_rules().map_err(|e| start_err(e.to_string()))?;
-        let room_bans = db
+        let (allow, deny) = source.ip_rules().map_err(|e| start_err(e.to_string()))?;
+        let room_bans = source
             .room_bans(crate::store::now_ms())
             .map_err(|e| start_err(e.to_string()))?;
+        let chat_rows = source
+            .chat_load()
+            .map_err(|e| start_err(format!("cannot load topics and display names: {e}")))?;
         let rules = config
             .security
             .rules(&allow, &deny)
@@ -147,39 +218,49 @@ impl Server {
                     config.data_dir.display()
                 ))
             })?;
-        let presence = crate::presence::Presence::from_rows(
-            db.chat_load()
-                .map_err(|e| start_err(format!("cannot load topics and display names: {e}")))?,
-        );
+        let presence = crate::presence::Presence::from_rows(chat_rows);
         let e2ee = crate::e2ee::E2ee::load(&mut db)
             .map_err(|e| start_err(format!("cannot load the end-to-end groups: {e}")))?;
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
-        let (store, store_thread) = Store::start(db, sink);
-        let dispatcher = tokio::spawn(dispatch::run(hub.clone(), commits, metrics.clone()));
+        let cluster_mode = shared_store.is_some();
+        let (store, store_thread) = match shared_store {
+            Some(backend) => Store::start_marking(backend, sink),
+            None => Store::start(db, sink),
+        };
+        let shared = Arc::new(Shared {
+            config: RwLock::new(Arc::new(config)),
+            local_addr,
+            hub,
+            guard: Mutex::new(Guard::new(rules, bans)),
+            registry: Default::default(),
+            started: std::time::Instant::now(),
+            audit,
+            hashing: Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
+            store,
+            shutdown: CancellationToken::new(),
+            metrics,
+            monitor: crate::alerts::Monitor::new(anomaly),
+            files: Arc::new(files),
+            files_cache: Default::default(),
+            e2ee,
+            certs: loaded.certs.clone(),
+            presence: Mutex::new(presence),
+            bus,
+            next_session: AtomicU64::new(1),
+        });
+        // One node: the store thread's order is the delivery order. A cluster node orders its
+        // own commits with the other nodes' notices (`cluster`).
+        let dispatcher = if cluster_mode {
+            tokio::spawn(crate::cluster::run(shared.clone(), commits))
+        } else {
+            tokio::spawn(dispatch::run(
+                shared.hub.clone(),
+                commits,
+                shared.metrics.clone(),
+            ))
+        };
         Ok(Server {
-            shared: Arc::new(Shared {
-                config: RwLock::new(Arc::new(config)),
-                local_addr,
-                hub,
-                guard: Mutex::new(Guard::new(rules, bans)),
-                registry: Default::default(),
-                started: std::time::Instant::now(),
-                audit,
-                hashing: Semaphore::new(
-                    std::thread::available_parallelism().map_or(2, |n| n.get()),
-                ),
-                store,
-                shutdown: CancellationToken::new(),
-                metrics,
-                monitor: crate::alerts::Monitor::new(anomaly),
-                files: Arc::new(files),
-                files_cache: Default::default(),
-                e2ee,
-                certs: loaded.certs.clone(),
-                presence: Mutex::new(presence),
-                bus: None,
-                next_session: AtomicU64::new(1),
-            }),
+            shared,
             listener,
             admin,
             metrics_listener,
@@ -189,11 +270,20 @@ impl Server {
             local_addr,
             fingerprint: loaded.certs.fingerprint(),
             identity_created: loaded.identity_created,
+            cluster: plan.map(|p| ClusterInfo {
+                node: p.node,
+                bus: p.bus.is_some(),
+            }),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Cluster mode's node, when `--store` was given.
+    pub fn cluster(&self) -> Option<&ClusterInfo> {
+        self.cluster.as_ref()
     }
 
     /// Where the Prometheus endpoint listens, when it is on.
@@ -254,6 +344,7 @@ impl Server {
             acceptor,
             store_thread,
             dispatcher,
+            cluster,
             ..
         } = self;
         let connections = Arc::new(Semaphore::new(shared.config().limits.max_connections));
@@ -262,6 +353,12 @@ impl Server {
         tracker.spawn(index_task(shared.clone()));
         tracker.spawn(crate::admin_socket::serve(shared.clone(), admin));
         tracker.spawn(crate::monitor::run(shared.clone()));
+        if cluster.as_ref().is_some_and(|c| c.bus) {
+            tracker.spawn(crate::cluster_events::presence_task(
+                shared.clone(),
+                crate::cluster_events::DEFAULT_TIMING,
+            ));
+        }
         if let Some(l) = metrics_listener {
             tracker.spawn(crate::prometheus::serve(shared.clone(), l));
         }

@@ -1526,6 +1526,69 @@ impl Db {
         }
     }
 
+    /// The messages of `conv` with a sequence number above `after` and at most `through`
+    /// (`None`: up to the newest), oldest first, at most `limit`, each with its blockcast
+    /// exceptions; and whether more remain in that range (see [`Messages::conv_range`]). As
+    /// live delivery has them: acts included, without their targets' state.
+    pub fn conv_range(
+        &mut self,
+        conv: &Conv,
+        after: u64,
+        through: Option<u64>,
+        limit: u32,
+    ) -> Result<(Vec<Appended>, bool), StoreError> {
+        let key = conv_key(conv);
+        let Some(conv_id) = self.existing_conv_id(&key)? else {
+            return Ok((Vec::new(), false));
+        };
+        let clamp = |s: u64| s.min(i64::MAX as u64) as i64;
+        let through = through.map_or(i64::MAX, clamp);
+        // One more than asked for says whether more remain.
+        let rows: Vec<(chat::StoredRow, Option<String>)> = {
+            let mut st = self.conn.prepare_cached(&format!(
+                "SELECT msg_id, seq, sender, ts_ms, body, {}, except_list FROM messages
+                 WHERE conv_id = ?1 AND seq > ?2 AND seq <= ?3
+                 ORDER BY seq LIMIT ?4",
+                chat::EXTRA_COLS
+            ))?;
+            st.query_map(
+                params![conv_id, clamp(after), through, i64::from(limit) + 1],
+                |r| Ok((chat::read_stored(r)?, r.get(12)?)),
+            )?
+            .collect::<Result<_, _>>()?
+        };
+        let more = rows.len() > limit as usize;
+        let mut out = Vec::with_capacity(rows.len().min(limit as usize));
+        for ((msg_id, seq, from, ts_ms, sealed, cols), except) in
+            rows.into_iter().take(limit as usize)
+        {
+            let body = self.open_body(&msg_id, &key, seq, &sealed)?;
+            let extra = self.extra_of(&msg_id, cols, false)?;
+            let except = except
+                .map(|e| {
+                    e.split(',')
+                        .filter(|u| !u.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Appended {
+                msg: Message {
+                    msg_id,
+                    conv: conv.clone(),
+                    from,
+                    seq: seq as u64,
+                    ts_ms,
+                    body,
+                    extra,
+                },
+                except,
+                duplicate: false,
+            });
+        }
+        Ok((out, more))
+    }
+
     /// A page of history for `viewer`, oldest first: up to `limit` messages before `before`
     /// (or the newest), fewer when their bodies pass [`MAX_PAGE_BYTES`]. Blockcast messages
     /// that excluded the viewer are left out.
@@ -1849,6 +1912,9 @@ pub enum Done<C> {
     /// comes after it on the sink.
     CaughtUp {
         result: Result<(Vec<Message>, bool), String>,
+        /// On a cluster node ([`Store::start_marking`]): the newest sequence number of each of
+        /// the user's rooms, read just before the catch-up (empty otherwise).
+        marks: Vec<(Conv, u64)>,
         ctx: C,
     },
 }
@@ -1922,11 +1988,30 @@ impl<C: Send + 'static> Store<C> {
         backend: Box<dyn Backend>,
         sink: mpsc::Sender<Done<C>>,
     ) -> (Store<C>, StoreThread) {
+        Self::spawn(backend, sink, false)
+    }
+
+    /// Starts the store thread of a cluster node: as [`Store::start_on`], and each catch-up
+    /// also reports the newest sequence number of the user's rooms, read before it
+    /// ([`Done::CaughtUp`]'s `marks`), where the node starts following the rooms it did not
+    /// follow yet.
+    pub fn start_marking(
+        backend: Box<dyn Backend>,
+        sink: mpsc::Sender<Done<C>>,
+    ) -> (Store<C>, StoreThread) {
+        Self::spawn(backend, sink, true)
+    }
+
+    fn spawn(
+        backend: Box<dyn Backend>,
+        sink: mpsc::Sender<Done<C>>,
+        marks: bool,
+    ) -> (Store<C>, StoreThread) {
         let (tx, rx) = mpsc::channel(STORE_QUEUE);
         let preparer = backend.preparer();
         let handle = std::thread::Builder::new()
             .name("conclave-store".into())
-            .spawn(move || run(backend, rx, sink))
+            .spawn(move || run(backend, rx, sink, marks))
             .map(StoreThread);
         match handle {
             Ok(h) => (Store { tx, preparer }, h),
@@ -2105,6 +2190,7 @@ fn run<C: Send + 'static>(
     mut db: Box<dyn Backend>,
     mut rx: mpsc::Receiver<Op<C>>,
     sink: mpsc::Sender<Done<C>>,
+    marks: bool,
 ) {
     let wal = match db.durability() {
         Durability::SyncFile(path) => Some(path),
@@ -2141,6 +2227,11 @@ fn run<C: Send + 'static>(
             }
             Op::Stop => break,
             Op::CatchUp(job) => {
+                let marks = if marks {
+                    room_marks(&mut *db, &job.user)
+                } else {
+                    Vec::new()
+                };
                 let result = db
                     .catch_up(&job.user, &job.resume, job.per_conv, job.total)
                     .map_err(|e| e.to_string());
@@ -2149,6 +2240,7 @@ fn run<C: Send + 'static>(
                     batch_started: None,
                     answers: vec![Finish::Done(Done::CaughtUp {
                         result,
+                        marks,
                         ctx: job.ctx,
                     })],
                 }
@@ -2209,6 +2301,37 @@ fn run<C: Send + 'static>(
     drop(rounds);
     let _ = syncer.join();
     db.close();
+}
+
+/// The newest sequence number of each room of `user` (rooms that cannot be read are left out:
+/// the node then follows them from the first notice it sees).
+fn room_marks(db: &mut dyn Backend, user: &str) -> Vec<(Conv, u64)> {
+    let rooms = match db.rooms_of_user(user) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read a user's rooms before a catch-up");
+            return Vec::new();
+        }
+    };
+    rooms
+        .into_iter()
+        .filter_map(|room| {
+            let conv = Conv::Room(room);
+            newest_seq(db, &conv).ok().map(|seq| (conv, seq))
+        })
+        .collect()
+}
+
+/// The newest sequence number of `conv` (0 before its first message), through the store's
+/// interface: moving a read marker to a number beyond every message writes nothing and answers
+/// [`ReadMoved::Beyond`] with the newest, as [`Chat::set_read`]'s contract says. (A method of
+/// its own on [`Messages`] would say it more plainly; this one needs no new backend code.)
+pub fn newest_seq(db: &mut dyn Backend, conv: &Conv) -> Result<u64, StoreError> {
+    match db.set_read("", &conv_key(conv), u64::MAX, 0)? {
+        ReadMoved::Beyond { last_seq } => Ok(last_seq),
+        // No message has number u64::MAX: never reached.
+        ReadMoved::Moved | ReadMoved::Unchanged => Err(StoreError::Corrupt),
+    }
 }
 
 impl Backend for Db {
@@ -2528,6 +2651,38 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].body.as_text(), Some("a"));
         assert_eq!(h[1].seq, 2);
+    }
+
+    #[test]
+    fn a_range_of_a_conversation_comes_in_pages_with_its_exceptions() {
+        let (_d, mut db) = db();
+        let room = Conv::Room("general".into());
+        let mut batch: Vec<NewMessage> = (1..=5)
+            .map(|i| msg(room.clone(), "alice", &format!("m{i}"), None))
+            .collect();
+        batch[2].except = vec!["bob".into(), "carol".into()];
+        batch.push(msg(Conv::Room("other".into()), "alice", "x", None));
+        db.append_batch(&batch).expect("append");
+        let seqs = |r: &(Vec<Appended>, bool)| r.0.iter().map(|a| a.msg.seq).collect::<Vec<_>>();
+        let all = db.conv_range(&room, 0, None, 10).expect("range");
+        assert_eq!((seqs(&all), all.1), (vec![1, 2, 3, 4, 5], false));
+        assert_eq!(all.0[2].except, ["bob", "carol"], "exceptions kept");
+        assert!(all.0[1].except.is_empty() && !all.0[1].duplicate);
+        assert_eq!(all.0[4].msg.body.as_text(), Some("m5"));
+        let page = db.conv_range(&room, 1, None, 2).expect("range");
+        assert_eq!((seqs(&page), page.1), (vec![2, 3], true), "cut short");
+        let bounded = db.conv_range(&room, 1, Some(3), 2).expect("range");
+        assert_eq!(
+            (seqs(&bounded), bounded.1),
+            (vec![2, 3], false),
+            "the range ends at 3"
+        );
+        let empty = db.conv_range(&room, 5, None, 10).expect("range");
+        assert_eq!((seqs(&empty), empty.1), (vec![], false));
+        let none = db
+            .conv_range(&Conv::Room("nowhere".into()), 0, None, 10)
+            .expect("range");
+        assert!(none.0.is_empty() && !none.1);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the server.
     #[command(
-        after_help = "Example:\n  conclave serve --data-dir ./conclave-data --listen 0.0.0.0:7667"
+        after_help = "Examples:\n  conclave serve --data-dir ./conclave-data --listen 0.0.0.0:7667\n  CONCLAVE_PG_PASSWORD=... conclave serve --store postgres://conclave@127.0.0.1:5432/conclave --bus nats://127.0.0.1:4222 --node n1   (cluster mode, docs/scaling.md)"
     )]
     Serve(ServeArgs),
     /// Print the server certificate's SHA-256 fingerprint (hex) and nothing else.
@@ -172,6 +172,18 @@ pub struct ServeArgs {
     /// The private key (PEM) of --tls-cert; keep it mode 0600.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Cluster mode: keep everything in this PostgreSQL database, shared by every node
+    /// (postgres://USER@HOST:PORT/DATABASE; a Unix socket or loopback host, and no password
+    /// in it: put that in CONCLAVE_PG_PASSWORD or in store_password_file in conclave.toml).
+    #[arg(long, value_name = "postgres://…")]
+    pub store: Option<String>,
+    /// Cluster mode: tell the other nodes about commits and events over this NATS server
+    /// (nats://HOST:PORT, loopback; several separated by commas). Needs --store.
+    #[arg(long, value_name = "nats://…", requires = "store")]
+    pub bus: Option<String>,
+    /// Cluster mode: this node's name as the others see it (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
 }
 
 #[derive(Args)]

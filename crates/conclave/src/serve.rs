@@ -80,6 +80,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.tls.key_file = Some(key.clone());
         config.tls_from_cli = true;
     }
+    if let Some(store) = &args.store {
+        config.cluster.store = Some(store.clone());
+    }
+    if let Some(bus) = &args.bus {
+        config.cluster.bus = Some(bus.clone());
+    }
+    if let Some(node) = &args.node {
+        config.cluster.node = Some(node.clone());
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         // Listen for signals before anything is announced: a SIGTERM right after the banner
@@ -96,6 +105,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             println!("WARNING: a benchmark build (bench-no-sync): messages are NOT synced to disk before delivery; never serve from it");
         }
         println!("TLS certificate SHA-256: {}", tls::display_fingerprint(&fp));
+        if let Some(c) = server.cluster() {
+            println!("Cluster node {} (store: PostgreSQL{})", c.node, if c.bus { ", bus: NATS" } else { ", no bus: one node" });
+        }
         if let Some(m) = server.metrics_addr() {
             println!("Metrics: http://{m}/metrics");
         }

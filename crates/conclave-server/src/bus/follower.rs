@@ -331,6 +331,27 @@ impl<M: Sequenced> Follower<M> {
         }
     }
 
+    /// Asks for everything after what was delivered in `conv` (as [`Follower::reset`] does
+    /// for every conversation): a conversation just followed whose earlier notices this node
+    /// did not take may have missed some.
+    pub fn resync(&mut self, conv: &Conv, out: &mut Vec<Step<M>>) {
+        let Some(t) = self.tracks.get_mut(conv) else {
+            return;
+        };
+        t.resync = true;
+        t.fruitless = 0;
+        t.failed = false;
+        settle(
+            conv,
+            t,
+            &mut self.held_total,
+            &mut self.next_fetch,
+            &self.limits,
+            &mut self.counts,
+            out,
+        );
+    }
+
     /// Asks again for what stalled conversations miss (after failed or fruitless reads); call
     /// it on a timer, at the pace the store can take.
     pub fn retry_stalled(&mut self, out: &mut Vec<Step<M>>) {
@@ -608,6 +629,26 @@ mod tests {
         // Nothing new in b: no further read.
         f.fetched(fs[1].id, &b, [], 0, false, &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_resync_reads_one_conversation_to_its_newest() {
+        let a = room("a");
+        let b = room("b");
+        let mut f = Follower::new(FollowerLimits::default());
+        f.follow(a.clone(), 3);
+        f.follow(b.clone(), 7);
+        let mut out = Vec::new();
+        f.resync(&a, &mut out);
+        f.resync(&room("not-followed"), &mut out);
+        let fs = fetches(&out);
+        assert_eq!(fs.len(), 1, "only the conversation asked for");
+        assert_eq!((&fs[0].conv, fs[0].after, fs[0].through), (&a, 3, None));
+        out.clear();
+        f.fetched(fs[0].id, &a, [item(&a, 4)], 4, false, &mut out);
+        assert_eq!(delivered(&out), [4]);
+        assert!(fetches(&out).is_empty(), "read to the newest: done");
+        assert_eq!(f.last(&b), Some(7));
     }
 
     #[test]

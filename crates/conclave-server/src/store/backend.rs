@@ -146,6 +146,17 @@ pub trait Messages {
     ) -> Result<(Vec<Message>, bool), StoreError>;
     /// Appends messages in one transaction (one sync). Either all are stored or none.
     fn append_batch(&mut self, batch: &[NewMessage]) -> Result<Vec<Appended>, StoreError>;
+    /// The messages of `conv` with a sequence number above `after` and at most `through`
+    /// (`None`: up to the newest), oldest first, at most `limit`, each with its blockcast
+    /// exceptions (`duplicate` is false); and whether more remain in that range. What a
+    /// cluster node reads when the bus lost a notice (`bus::Fetch`).
+    fn conv_range(
+        &mut self,
+        conv: &Conv,
+        after: u64,
+        through: Option<u64>,
+        limit: u32,
+    ) -> Result<(Vec<Appended>, bool), StoreError>;
     /// A page of history for `viewer`, oldest first: up to `limit` messages before `before`
     /// (or the newest), fewer when their bodies pass [`MAX_PAGE_BYTES`]. Blockcast messages
     /// that excluded the viewer are left out.
@@ -527,6 +538,15 @@ impl Messages for Db {
     }
     fn append_batch(&mut self, batch: &[NewMessage]) -> Result<Vec<Appended>, StoreError> {
         Db::append_batch(self, batch)
+    }
+    fn conv_range(
+        &mut self,
+        conv: &Conv,
+        after: u64,
+        through: Option<u64>,
+        limit: u32,
+    ) -> Result<(Vec<Appended>, bool), StoreError> {
+        Db::conv_range(self, conv, after, through, limit)
     }
     fn history(
         &mut self,
