@@ -229,6 +229,15 @@ pub enum ClusterEvent {
     /// A file's record or recipients' states changed (answered, cancelled, completed): nodes
     /// forget what they cached of the file and of these recipients.
     FileChanged { file_id: String, users: Vec<String> },
+    /// An end-to-end group was made for conversation `conv` (its storage key, `r:ROOM` or
+    /// `d:A,B,…`): a node that has none reads it from the store (its commits are read under
+    /// the group's cluster lock when it is next used).
+    E2eeGroup { conv: String },
+    /// Welcomes were stored for these devices (user, device, the Welcome's id): each node
+    /// reads them from the store for its connections of these users.
+    Welcomes {
+        welcomes: Vec<(String, String, u64)>,
+    },
 }
 
 /// Who on a node receives a [`ClusterEvent::Notify`].

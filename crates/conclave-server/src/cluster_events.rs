@@ -499,6 +499,69 @@ pub fn apply(shared: &Arc<Shared>, node: &str, event: ClusterEvent) {
                 shared.files_cache.forget_recipient(&file_id, u);
             }
         }
+        ClusterEvent::E2eeGroup { conv } => {
+            if shared.e2ee.is_e2ee(&conv) {
+                return;
+            }
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let k = conv.clone();
+                match shared.store.call(move |db| db.e2ee_group(&k)).await {
+                    Ok(Some(row)) => match crate::e2ee::ConvGroup::from_row(row) {
+                        Ok(g) => {
+                            shared.e2ee.get_or_insert(g);
+                        }
+                        Err(e) => tracing::error!(error = %e, "another node's end-to-end group"),
+                    },
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "reading another node's end-to-end group"),
+                }
+            });
+        }
+        ClusterEvent::Welcomes { welcomes } => {
+            // Only the devices of users with connections here are read.
+            let here: Vec<(String, String, u64)> = {
+                let hub = shared.hub.lock();
+                welcomes
+                    .into_iter()
+                    .take(MAX_NAMES)
+                    .filter(|(u, _, _)| {
+                        hub.sessions_of(std::iter::once(u.as_str()), None)
+                            .next()
+                            .is_some()
+                    })
+                    .collect()
+            };
+            if here.is_empty() {
+                return;
+            }
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                for (user, device, id) in here {
+                    let (u, d) = (user.clone(), device.clone());
+                    let rows = match shared.store.call(move |db| db.e2ee_welcomes(&u, &d)).await {
+                        Ok(rows) => rows,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading Welcomes stored by another node");
+                            continue;
+                        }
+                    };
+                    let hub = shared.hub.lock();
+                    for w in rows.into_iter().filter(|w| w.id == id) {
+                        broadcast(
+                            hub.sessions_of(std::iter::once(user.as_str()), None),
+                            Event::E2eeWelcome {
+                                id: w.id,
+                                device: device.clone(),
+                                conv: crate::store::conv_from_key(&w.conv),
+                                seq: w.seq,
+                                welcome: conclave_proto::Bytes::from(w.welcome),
+                            },
+                        );
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -46,6 +46,104 @@ impl ConvGroup {
 
 pub type GroupHandle = Arc<tokio::sync::Mutex<ConvGroup>>;
 
+/// What the store holds of a group past what a node has applied (cluster mode: another node
+/// ordered commits): the stored row when it is newer, and the commits after it in the log.
+pub struct Newer {
+    row: Option<GroupRow>,
+    commits: Vec<(u64, String, Vec<u8>)>,
+}
+
+impl Newer {
+    /// Reads, on the store thread, what is newer than `applied` for `conv`.
+    pub fn read(db: &mut dyn Groups, conv: &str, applied: u64) -> Result<Newer, StoreError> {
+        let row = db.e2ee_group(conv)?.filter(|r| r.applied_seq > applied);
+        let from = row.as_ref().map_or(applied, |r| r.applied_seq);
+        let commits = db.e2ee_commits_after(conv, from, conclave_e2ee::CT_COMMIT)?;
+        Ok(Newer { row, commits })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.row.is_none() && self.commits.is_empty()
+    }
+}
+
+impl ConvGroup {
+    /// A stored group as it was saved (not yet brought up to its log).
+    pub fn from_row(row: GroupRow) -> Result<ConvGroup, String> {
+        let state = GroupState::from_bytes(&row.group_id, &row.state)
+            .map_err(|e| format!("group of {}: {e}", row.conv))?;
+        // The epoch is kept beside the state (checking a message must not decode the
+        // group): read it once here, or every message after a restart would be refused as
+        // stale until the next commit.
+        let epoch = state
+            .epoch()
+            .map_err(|e| format!("group of {}: {e}", row.conv))?;
+        Ok(ConvGroup {
+            state,
+            conv: row.conv,
+            applied_seq: row.applied_seq,
+            epoch,
+            group_info: row.group_info,
+            membership_epoch: row.removal_epoch,
+            pending: row.pending.into_iter().collect(),
+        })
+    }
+
+    /// A stored group brought up to its log: commits stored after the state was last saved
+    /// (a crash between the two) are applied again, and the state saved.
+    pub fn from_store(db: &mut dyn Groups, row: GroupRow) -> Result<ConvGroup, String> {
+        let mut g = ConvGroup::from_row(row)?;
+        let missed = db
+            .e2ee_commits_after(&g.conv, g.applied_seq, conclave_e2ee::CT_COMMIT)
+            .map_err(|e| e.to_string())?;
+        if !missed.is_empty() {
+            g.apply_commits(missed)?;
+            let row = g.row()?;
+            db.e2ee_put_group(&row)
+                .map_err(|e: StoreError| e.to_string())?;
+            tracing::info!(conv = %g.conv, "end-to-end group brought up to its log");
+        }
+        Ok(g)
+    }
+
+    /// Takes what another node ordered (see [`Newer`]); true when anything changed.
+    pub fn catch_up(&mut self, newer: Newer) -> Result<bool, String> {
+        if newer.is_empty() {
+            return Ok(false);
+        }
+        if let Some(row) = newer.row {
+            *self = ConvGroup::from_row(row)?;
+        }
+        self.apply_commits(newer.commits)?;
+        Ok(true)
+    }
+
+    /// Applies stored commits in order (each was validated before it was stored; one that
+    /// no longer applies is logged and skipped, as at start).
+    fn apply_commits(&mut self, commits: Vec<(u64, String, Vec<u8>)>) -> Result<(), String> {
+        for (seq, from, bytes) in commits {
+            match self.state.validate_commit(&bytes, &from) {
+                Ok(v) => {
+                    let change = v.change.clone();
+                    self.state = v.into_state();
+                    self.applied_seq = seq;
+                    if !change.added.is_empty() || !change.removed.is_empty() {
+                        self.membership_epoch = change.epoch;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(conv = %self.conv, seq, error = %e, "stored commit does not apply");
+                }
+            }
+        }
+        self.epoch = self
+            .state
+            .epoch()
+            .map_err(|e| format!("group of {}: {e}", self.conv))?;
+        Ok(())
+    }
+}
+
 /// Every end-to-end encrypted conversation, and the server's signature key.
 pub struct E2ee {
     pub signer: ServerSigner,
@@ -66,44 +164,8 @@ impl E2ee {
         let signer = ServerSigner::from_bytes(&bytes).map_err(|e| e.to_string())?;
         let mut groups = HashMap::new();
         for row in db.e2ee_groups().map_err(|e| e.to_string())? {
-            let mut g = ConvGroup {
-                state: GroupState::from_bytes(&row.group_id, &row.state)
-                    .map_err(|e| format!("group of {}: {e}", row.conv))?,
-                conv: row.conv.clone(),
-                applied_seq: row.applied_seq,
-                epoch: 0,
-                group_info: row.group_info,
-                membership_epoch: row.removal_epoch,
-                pending: row.pending.into_iter().collect(),
-            };
-            let missed = db
-                .e2ee_commits_after(&row.conv, row.applied_seq, conclave_e2ee::CT_COMMIT)
-                .map_err(|e| e.to_string())?;
-            if !missed.is_empty() {
-                for (seq, from, bytes) in missed {
-                    match g.state.validate_commit(&bytes, &from) {
-                        Ok(v) => {
-                            g.state = v.into_state();
-                            g.applied_seq = seq;
-                        }
-                        Err(e) => {
-                            tracing::error!(conv = %row.conv, seq, error = %e, "stored commit does not apply");
-                        }
-                    }
-                }
-                let row = g.row()?;
-                db.e2ee_put_group(&row)
-                    .map_err(|e: StoreError| e.to_string())?;
-                tracing::info!(conv = %g.conv, "end-to-end group brought up to its log");
-            }
-            // The epoch is kept beside the state (checking a message must not decode the
-            // group): read it once here, or every message after a restart would be refused
-            // as stale until the next commit.
-            g.epoch = g
-                .state
-                .epoch()
-                .map_err(|e| format!("group of {}: {e}", row.conv))?;
-            groups.insert(row.conv.clone(), Arc::new(tokio::sync::Mutex::new(g)));
+            let g = ConvGroup::from_store(db, row)?;
+            groups.insert(g.conv.clone(), Arc::new(tokio::sync::Mutex::new(g)));
         }
         Ok(E2ee {
             signer,
@@ -142,6 +204,15 @@ impl E2ee {
             .collect();
         out.sort();
         out
+    }
+
+    /// The group of `conv`, registered as `g` if this node had none (a group another node
+    /// created or loaded from the store).
+    pub fn get_or_insert(&self, g: ConvGroup) -> GroupHandle {
+        self.map()
+            .entry(g.conv.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(g)))
+            .clone()
     }
 
     /// Registers a new group; false when the conversation has one already.

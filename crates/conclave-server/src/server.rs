@@ -72,11 +72,13 @@ pub struct ClusterInfo {
 }
 
 /// Opens cluster mode's shared PostgreSQL store (the password from the environment or its
-/// file, never from the URL), for the store thread to run on.
+/// file, never from the URL), for the store thread to run on. It is opened with this data
+/// directory's data key: every node must have the same one (a copy of the first node's data
+/// directory), and a node with another key is refused before it writes anything.
 pub fn open_shared_store(
     config: &Config,
     plan: &ClusterPlan,
-) -> Result<Box<dyn crate::store::Backend>, StartError> {
+) -> Result<crate::store_pg::PgDb, StartError> {
     let mut pg = plan.store.clone();
     if let Some(pw) = config
         .cluster
@@ -85,14 +87,17 @@ pub fn open_shared_store(
     {
         pg.password(pw);
     }
-    drop(pg);
-    // `store_pg::PgDb` implements accounts, rooms, moderation and files but not messages, chat,
-    // devices and end-to-end groups yet, so it is no `Backend` and the store thread cannot run
-    // on it.
-    Err(start_err(
-        "cluster mode (--store postgres://…) is not available in this build: its PostgreSQL \
-         store does not keep messages yet. Run without --store (one node on SQLite)",
-    ))
+    let key = load_data_key(config)?;
+    let mut db = crate::store_pg::PgDb::connect_config(&pg, key).map_err(|e| {
+        start_err(format!(
+            "cannot open the cluster's store (--store): {e}. Check that PostgreSQL runs, that \
+             the URL names its host, port, user and database, and that this node has the data \
+             key of the first node (copy its data directory)"
+        ))
+    })?;
+    crate::store::Rooms::ensure_public_room(&mut db, &config.default_room)
+        .map_err(|e| start_err(e.to_string()))?;
+    Ok(db)
 }
 
 /// Joins the bus of a cluster.
@@ -107,6 +112,24 @@ pub async fn join_bus(plan: &ClusterPlan) -> Result<Option<Arc<dyn crate::bus::B
     Ok(Some(Arc::new(bus)))
 }
 
+/// Runs `f` on a thread of its own and waits for it: the PostgreSQL store blocks on a runtime
+/// of its own, which cannot start on a thread that drives async tasks (start-up only).
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
+/// The data directory's data key (from its file, created if new, or from the passphrase).
+fn load_data_key(config: &Config) -> Result<DataKey, StartError> {
+    match &config.data_key_passphrase {
+        Some(p) => DataKey::from_passphrase(&config.data_dir, p),
+        None => DataKey::load_or_create(&config.data_dir),
+    }
+    .map_err(|e| start_err(e.to_string()))
+}
+
 /// Opens (creating if needed) the data directory's database with its data key.
 pub fn open_db(config: &Config) -> Result<Db, StartError> {
     fsutil::create_private_dir(&config.data_dir).map_err(|e| {
@@ -115,11 +138,7 @@ pub fn open_db(config: &Config) -> Result<Db, StartError> {
             config.data_dir.display()
         ))
     })?;
-    let key = match &config.data_key_passphrase {
-        Some(p) => DataKey::from_passphrase(&config.data_dir, p),
-        None => DataKey::load_or_create(&config.data_dir),
-    }
-    .map_err(|e| start_err(e.to_string()))?;
+    let key = load_data_key(config)?;
     let mut db = Db::open(&config.data_dir, key).map_err(|e| start_err(e.to_string()))?;
     db.ensure_public_room(&config.default_room)
         .map_err(|e| start_err(e.to_string()))?;
@@ -144,42 +163,44 @@ impl Server {
             .cluster
             .check()
             .map_err(|e| start_err(e.to_string()))?;
+        // In cluster mode the data directory still holds the TLS identity, the data key and
+        // the audit log; the rest is read from the shared store.
+        let mut db = open_db(&config)?;
         let mut shared_store = match &plan {
-            Some(plan) => Some(open_shared_store(&config, plan)?),
+            Some(plan) => Some(off_runtime(|| open_shared_store(&config, plan))?),
             None => None,
         };
         let bus = match &plan {
             Some(plan) => join_bus(plan).await?,
             None => None,
         };
-        // In cluster mode the data directory still holds the TLS identity, the data key, the
-        // audit log and the server's end-to-end signing key (in its SQLite database); the
-        // rest is read from the shared store.
-        let mut db = open_db(&config)?;
         let loaded = crate::certs::Certs::load(&config).map_err(|e| start_err(e.to_string()))?;
         let acceptor = TlsAcceptor::from(
             crate::certs::server_config(loaded.certs.clone(), config.web.enabled)
                 .map_err(|e| start_err(e.to_string()))?,
         );
-        let source: &mut dyn Backend = match shared_store.as_deref_mut() {
+        let source: &mut dyn Backend = match shared_store.as_mut() {
             Some(b) => b,
             None => &mut db,
         };
-        source
-            .ensure_public_room(&config.default_room)
-            .map_err(|e| start_err(e.to_string()))?;
-        let users = source.users().map_err(|e| start_err(e.to_string()))?;
-        let rooms = source.rooms().map_err(|e| start_err(e.to_string()))?;
-        let bans = source
-            .bans(crate::store::now_ms())
-            .map_err(|e| start_err(e.to_string()))?;
-        let (allow, deny) = source.ip_rules().map_err(|e| start_err(e.to_string()))?;
-        let room_bans = source
-            .room_bans(crate::store::now_ms())
-            .map_err(|e| start_err(e.to_string()))?;
-        let chat_rows = source
-            .chat_load()
-            .map_err(|e| start_err(format!("cannot load topics and display names: {e}")))?;
+        let (users, rooms, bans, (allow, deny), room_bans, chat_rows) =
+            off_runtime(|| -> Result<_, StartError> {
+                source
+                    .ensure_public_room(&config.default_room)
+                    .map_err(|e| start_err(e.to_string()))?;
+                let now = crate::store::now_ms();
+                let err = |e: crate::store::StoreError| start_err(e.to_string());
+                Ok((
+                    source.users().map_err(err)?,
+                    source.rooms().map_err(err)?,
+                    source.bans(now).map_err(err)?,
+                    source.ip_rules().map_err(err)?,
+                    source.room_bans(now).map_err(err)?,
+                    source.chat_load().map_err(|e| {
+                        start_err(format!("cannot load topics and display names: {e}"))
+                    })?,
+                ))
+            })?;
         let rules = config
             .security
             .rules(&allow, &deny)
@@ -205,7 +226,10 @@ impl Server {
         }
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let observed = metrics.clone();
-        db.on_commit(Box::new(move |d| observed.store_commit.observe(d)));
+        match shared_store.as_mut() {
+            Some(pg) => pg.on_commit(Box::new(move |d| observed.store_commit.observe(d))),
+            None => db.on_commit(Box::new(move |d| observed.store_commit.observe(d))),
+        }
         let metrics_listener = match config.metrics.listen {
             Some(addr) => Some(crate::prometheus::bind(addr).await.map_err(start_err)?),
             None => None,
@@ -219,12 +243,16 @@ impl Server {
                 ))
             })?;
         let presence = crate::presence::Presence::from_rows(chat_rows);
-        let e2ee = crate::e2ee::E2ee::load(&mut db)
+        let groups: &mut (dyn crate::store::Groups + Send) = match shared_store.as_mut() {
+            Some(pg) => pg,
+            None => &mut db,
+        };
+        let e2ee = off_runtime(|| crate::e2ee::E2ee::load(groups))
             .map_err(|e| start_err(format!("cannot load the end-to-end groups: {e}")))?;
         let (sink, commits) = mpsc::channel(COMMIT_QUEUE);
         let cluster_mode = shared_store.is_some();
         let (store, store_thread) = match shared_store {
-            Some(backend) => Store::start_marking(backend, sink),
+            Some(backend) => Store::start_marking(Box::new(backend), sink),
             None => Store::start(db, sink),
         };
         let shared = Arc::new(Shared {

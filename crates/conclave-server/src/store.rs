@@ -39,8 +39,8 @@ pub use backend::{
 };
 pub use chat::TargetRow;
 pub use chat::{ChatRows, ReadMoved};
-pub(crate) use chat::{columns as act_columns, is_mls, kind_of, reactions_ad};
 pub(crate) use chat::{ExtraCols, extra_of, open_reactions, topic_ad};
+pub(crate) use chat::{columns as act_columns, is_mls, kind_of, reactions_ad};
 pub use devices::PutOutcome;
 pub use e2ee::{GroupRow, MAX_KEY_PACKAGES, WelcomeRow};
 pub(crate) use e2ee::{SIGNER_AD, state_ad};
@@ -1526,69 +1526,6 @@ impl Db {
         }
     }
 
-    /// The messages of `conv` with a sequence number above `after` and at most `through`
-    /// (`None`: up to the newest), oldest first, at most `limit`, each with its blockcast
-    /// exceptions; and whether more remain in that range (see [`Messages::conv_range`]). As
-    /// live delivery has them: acts included, without their targets' state.
-    pub fn conv_range(
-        &mut self,
-        conv: &Conv,
-        after: u64,
-        through: Option<u64>,
-        limit: u32,
-    ) -> Result<(Vec<Appended>, bool), StoreError> {
-        let key = conv_key(conv);
-        let Some(conv_id) = self.existing_conv_id(&key)? else {
-            return Ok((Vec::new(), false));
-        };
-        let clamp = |s: u64| s.min(i64::MAX as u64) as i64;
-        let through = through.map_or(i64::MAX, clamp);
-        // One more than asked for says whether more remain.
-        let rows: Vec<(chat::StoredRow, Option<String>)> = {
-            let mut st = self.conn.prepare_cached(&format!(
-                "SELECT msg_id, seq, sender, ts_ms, body, {}, except_list FROM messages
-                 WHERE conv_id = ?1 AND seq > ?2 AND seq <= ?3
-                 ORDER BY seq LIMIT ?4",
-                chat::EXTRA_COLS
-            ))?;
-            st.query_map(
-                params![conv_id, clamp(after), through, i64::from(limit) + 1],
-                |r| Ok((chat::read_stored(r)?, r.get(12)?)),
-            )?
-            .collect::<Result<_, _>>()?
-        };
-        let more = rows.len() > limit as usize;
-        let mut out = Vec::with_capacity(rows.len().min(limit as usize));
-        for ((msg_id, seq, from, ts_ms, sealed, cols), except) in
-            rows.into_iter().take(limit as usize)
-        {
-            let body = self.open_body(&msg_id, &key, seq, &sealed)?;
-            let extra = self.extra_of(&msg_id, cols, false)?;
-            let except = except
-                .map(|e| {
-                    e.split(',')
-                        .filter(|u| !u.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(Appended {
-                msg: Message {
-                    msg_id,
-                    conv: conv.clone(),
-                    from,
-                    seq: seq as u64,
-                    ts_ms,
-                    body,
-                    extra,
-                },
-                except,
-                duplicate: false,
-            });
-        }
-        Ok((out, more))
-    }
-
     /// A page of history for `viewer`, oldest first: up to `limit` messages before `before`
     /// (or the newest), fewer when their bodies pass [`MAX_PAGE_BYTES`]. Blockcast messages
     /// that excluded the viewer are left out.
@@ -2040,6 +1977,29 @@ impl<C: Send + 'static> Store<C> {
             .await
             .map_err(|_| StoreError::Stopped)?;
         wait.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Queues `f` on the store thread without waiting for it (for a `Drop`): it runs after
+    /// everything queued before it. When the queue is full a task sends it.
+    pub fn call_detached(&self, f: impl FnOnce(&mut dyn Backend) + Send + 'static)
+    where
+        C: Send + 'static,
+    {
+        let op: Call = Box::new(move |db| {
+            f(db);
+            Box::new(|_| {})
+        });
+        match self.tx.try_send(Op::Call(op)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(op)) => {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let tx = self.tx.clone();
+                    rt.spawn(async move {
+                        let _ = tx.send(op).await;
+                    });
+                }
+            }
+        }
     }
 
     /// Operations waiting for the store thread.

@@ -31,11 +31,12 @@
 //! so lists come back in the same order whatever locale the database was created with.
 
 use std::cell::RefCell;
+use std::time::{Duration, Instant};
 
-pub mod messages;
 mod chat;
 mod devices;
 mod groups;
+pub mod messages;
 
 use postgres::{Client, NoTls, Transaction};
 
@@ -44,8 +45,9 @@ use conclave_proto::Conv;
 use crate::at_rest::DataKey;
 use crate::guard::{Ban, BanTarget};
 use crate::store::{
-    Accounts, FileMeta, FileRow, KEY_CHECK_AD, KEY_CHECK_PLAIN, Moderation, RecipientState,
-    RoomRow, Rooms, StoreError, UserRow, conv_from_key, conv_key, open_file_meta, seal_file_meta,
+    Accounts, Backend, CommitObserver, Durability, FileMeta, FileRow, KEY_CHECK_AD,
+    KEY_CHECK_PLAIN, Moderation, RecipientState, RoomRow, Rooms, StoreError, UserRow,
+    conv_from_key, conv_key, open_file_meta, seal_file_meta,
 };
 
 /// The schema this build writes; a database at a higher version was written by a newer build.
@@ -169,7 +171,19 @@ pub struct PgDb {
     key: DataKey,
     /// `Messages`' search key, conversation ids and prepared statements.
     msgs: messages::MessagesState,
+    /// How to connect again when PostgreSQL closed the connection (a restart, a failover).
+    config: postgres::Config,
+    /// When the last attempt to connect again was made (at most one a second).
+    last_reconnect: Option<Instant>,
+    /// Told how long each batch of messages took to commit (the store thread takes it).
+    on_commit: Option<CommitObserver>,
 }
+
+/// How long a connection attempt may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the store thread tries to connect again while PostgreSQL is unreachable.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for PgDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,26 +237,81 @@ impl PgDb {
                     code: None,
                     message: format!("the PostgreSQL connection string is not valid: {e}"),
                 })?;
-        let mut client = config.connect(NoTls).map_err(|e| {
-            let hosts = format!("{:?}", config.get_hosts());
-            let inner = StoreError::from(e);
-            StoreError::Postgres {
-                code: None,
-                message: format!(
-                    "could not connect to PostgreSQL at {hosts}: {inner}; is it running, and does \
-                     the connection string name the right host, port, user and database?"
-                ),
-            }
-        })?;
-        client.batch_execute("SET synchronous_commit = on")?;
+        PgDb::connect_config(&config, key)
+    }
+
+    /// [`PgDb::connect`] with a parsed configuration (cluster mode's `--store`, with the
+    /// password added from the environment or its file).
+    pub fn connect_config(config: &postgres::Config, key: DataKey) -> Result<PgDb, StoreError> {
+        let mut client = open_client(config)?;
         create_schema(&mut client, &key)?;
         Ok(PgDb {
             client: RefCell::new(client),
             msgs: messages::MessagesState::new(&key),
             key,
+            config: config.clone(),
+            last_reconnect: None,
+            on_commit: None,
         })
     }
 
+    /// Who is told how long each batch of messages took to commit.
+    pub fn on_commit(&mut self, observer: CommitObserver) {
+        self.on_commit = Some(observer);
+    }
+
+    /// When PostgreSQL closed the connection (it restarted, or a failover moved it), connects
+    /// again, at most once a second; the operations in between fail with a clear error and
+    /// nothing of them is stored. The statements prepared on the old connection are dropped.
+    fn reconnect_if_closed(&mut self) {
+        if !self.client.get_mut().is_closed() {
+            return;
+        }
+        if self
+            .last_reconnect
+            .is_some_and(|at| at.elapsed() < RECONNECT_EVERY)
+        {
+            return;
+        }
+        self.last_reconnect = Some(Instant::now());
+        match open_client(&self.config) {
+            Ok(client) => {
+                *self.client.get_mut() = client;
+                self.msgs.connection_replaced();
+                tracing::info!("connected to PostgreSQL again");
+            }
+            Err(e) => tracing::warn!(error = %e, "PostgreSQL is still unreachable"),
+        }
+    }
+
+    /// Whether the connection to PostgreSQL is open (it may still fail at the next statement).
+    pub fn is_connected(&self) -> bool {
+        !self.client.borrow().is_closed()
+    }
+}
+
+/// Opens a connection with `synchronous_commit = on` for the session.
+fn open_client(config: &postgres::Config) -> Result<Client, StoreError> {
+    let mut config = config.clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let mut client = config.connect(NoTls).map_err(|e| {
+        let hosts = format!("{:?}", config.get_hosts());
+        let inner = StoreError::from(e);
+        StoreError::Postgres {
+            code: None,
+            message: format!(
+                "could not connect to PostgreSQL at {hosts}: {inner}; is it running, and does \
+                     the connection string name the right host, port, user and database?"
+            ),
+        }
+    })?;
+    client.batch_execute("SET synchronous_commit = on")?;
+    Ok(client)
+}
+
+impl PgDb {
     /// The schema version stored in the database.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         let mut client = self.client.borrow_mut();
@@ -897,5 +966,29 @@ impl FileMeta for PgDb {
             .borrow_mut()
             .query("SELECT file_id FROM files ORDER BY file_id", &[])?;
         rows.iter().map(|r| col(r, 0)).collect()
+    }
+}
+
+/// The store thread runs on `PgDb` in cluster mode: every commit is durable when it returns
+/// (`synchronous_commit = on`), so there is no file to sync and no checkpoint to run; between
+/// operations it connects again if PostgreSQL closed the connection.
+impl Backend for PgDb {
+    fn durability(&mut self) -> Durability {
+        Durability::AtCommit
+    }
+
+    fn changes(&self) -> u64 {
+        // Only a backend that syncs a file after its commits needs to know what wrote.
+        0
+    }
+
+    fn maintain(&mut self, _waiting: bool) {
+        self.reconnect_if_closed();
+    }
+
+    fn close(&mut self) {}
+
+    fn take_commit_observer(&mut self) -> Option<CommitObserver> {
+        self.on_commit.take()
     }
 }

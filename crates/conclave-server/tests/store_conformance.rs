@@ -1735,7 +1735,6 @@ use messages::{
     messages_search,
 };
 
-
 /// Connecting creates the schema once (over the Unix socket this time); a second connection,
 /// as a second node would open it, finds it and the rows in it; a database from a newer build
 /// is refused.

@@ -1,9 +1,6 @@
 //! Cluster mode with the real binary: what `conclave serve --store/--bus/--node` refuses before
 //! it opens anything, each refusal saying what to do instead.
-//!
-//! (Nodes on a shared PostgreSQL and nats-server come with `store_pg::PgDb` as a `Backend`;
-//! until then a valid `--store` is refused as not available in this build, which is tested
-//! here too.)
+//! (Nodes on a shared PostgreSQL and nats-server: `cluster_nodes.rs`.)
 
 mod common;
 
@@ -84,8 +81,9 @@ fn cluster_flags_refuse_passwords_and_plaintext_and_say_what_to_do() {
         .assert_stderr_has("chmod 600");
     std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod");
-    // Every check passes; this build's PostgreSQL store cannot hold messages yet.
+    // Every check passes; nothing listens on port 5432 here, and the error says what to check.
     serve(&data, &["--config", &config], &[])
         .assert_failure()
-        .assert_stderr_has("not available in this build");
+        .assert_stderr_has("cannot open the cluster's store")
+        .assert_stderr_has("PostgreSQL");
 }

@@ -412,6 +412,38 @@ fn check_event(event: &ClusterEvent) -> Result<(), WireError> {
             }
             check_names(users, "the recipients")
         }
+        ClusterEvent::E2eeGroup { conv } => check_conv_key(conv),
+        ClusterEvent::Welcomes { welcomes } => {
+            if welcomes.len() > MAX_NAMES {
+                return Err(invalid(format!("more than {MAX_NAMES} Welcomes")));
+            }
+            for (user, device, _) in welcomes {
+                check_name(user, "a Welcome's user")?;
+                if device.is_empty() || device.len() > MAX_DEVICE_BYTES {
+                    return Err(invalid(format!(
+                        "a device name must have 1 to {MAX_DEVICE_BYTES} bytes"
+                    )));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Most bytes of a device name in a [`ClusterEvent::Welcomes`].
+const MAX_DEVICE_BYTES: usize = 256;
+
+/// A conversation's storage key (`r:ROOM` or `d:A,B,…`) of a bounded length.
+fn check_conv_key(conv: &str) -> Result<(), WireError> {
+    const MAX_CONV_KEY_BYTES: usize = 64 * 1024;
+    let ok = (conv.starts_with("r:") || conv.starts_with("d:"))
+        && conv.len() > 2
+        && conv.len() <= MAX_CONV_KEY_BYTES
+        && !conv.chars().any(char::is_control);
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("not a conversation's key"))
     }
 }
 
@@ -570,6 +602,12 @@ mod tests {
                 file_id: "f1".into(),
                 users: vec!["carol".into()],
             },
+            ClusterEvent::E2eeGroup {
+                conv: "d:alice,bob".into(),
+            },
+            ClusterEvent::Welcomes {
+                welcomes: vec![("bob".into(), "laptop".into(), 7)],
+            },
         ]
     }
 
@@ -637,6 +675,12 @@ mod tests {
             ClusterEvent::FileChanged {
                 file_id: String::new(),
                 users: vec![],
+            },
+            ClusterEvent::E2eeGroup {
+                conv: "x:nope".into(),
+            },
+            ClusterEvent::Welcomes {
+                welcomes: vec![("bob".into(), String::new(), 1)],
             },
             ClusterEvent::Kicked {
                 room: "general".into(),

@@ -11,9 +11,10 @@ use conclave_proto::{
 use tokio::sync::oneshot;
 
 use super::store_error;
+use crate::bus::ClusterEvent;
 use crate::conn::{Conn, broadcast};
 use crate::dispatch::SendCtx;
-use crate::e2ee::ConvGroup;
+use crate::e2ee::{ConvGroup, GroupHandle, Newer};
 use crate::state::Shared;
 use crate::store::{AppendJob, NewMessage, conv_key, now_ms};
 
@@ -23,6 +24,149 @@ pub const MAX_KEY_PACKAGES_PER_REQUEST: usize = 100;
 pub const MAX_CLAIM_USERS: usize = 100;
 /// Most end-to-end devices one account may register.
 pub const MAX_DEVICES_PER_ACCOUNT: usize = 20;
+
+/// How long a cluster node waits for another node to finish ordering a group's commit or
+/// message before the request is refused (to be sent again).
+const CLUSTER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Between two tries of the cluster-wide lock of a group.
+const CLUSTER_LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// A conversation's group, locked on this node and, in cluster mode, across the cluster (see
+/// [`lock_group`]); the cluster-wide lock is given back after everything this node queued
+/// on its store while holding it.
+pub struct GroupGuard {
+    g: tokio::sync::OwnedMutexGuard<ConvGroup>,
+    _cluster: Option<ClusterHold>,
+}
+
+impl std::ops::Deref for GroupGuard {
+    type Target = ConvGroup;
+    fn deref(&self) -> &ConvGroup {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for GroupGuard {
+    fn deref_mut(&mut self) -> &mut ConvGroup {
+        &mut self.g
+    }
+}
+
+/// A group's cluster-wide lock (`Groups::e2ee_try_lock`), held by this node. Dropped, it
+/// queues the unlock on the store thread, behind this node's operations queued before it
+/// (a message checked under the lock is stored before another node may order a commit).
+struct ClusterHold {
+    store: crate::store::Store<SendCtx>,
+    conv: String,
+}
+
+impl Drop for ClusterHold {
+    fn drop(&mut self) {
+        let conv = std::mem::take(&mut self.conv);
+        self.store.call_detached(move |db| {
+            if let Err(e) = db.e2ee_unlock(&conv) {
+                tracing::warn!(error = %e, conv = %conv, "giving back a group's cluster lock");
+            }
+        });
+    }
+}
+
+/// Whether other nodes may order this node's groups' commits too (cluster mode with a bus).
+fn clustered(shared: &Shared) -> bool {
+    shared.bus.is_some()
+}
+
+/// The group of conversation `key`: this node's, or (cluster mode) the one another node
+/// created, read from the store.
+async fn group_handle(shared: &Shared, key: &str) -> Result<Option<GroupHandle>, ErrorBody> {
+    if let Some(h) = shared.e2ee.get(key) {
+        return Ok(Some(h));
+    }
+    if !clustered(shared) {
+        return Ok(None);
+    }
+    let k = key.to_string();
+    let row = shared
+        .store
+        .call(move |db| db.e2ee_group(&k))
+        .await
+        .map_err(store_error)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let g = ConvGroup::from_row(row).map_err(internal)?;
+    Ok(Some(shared.e2ee.get_or_insert(g)))
+}
+
+/// Takes the cluster-wide lock of `conv` (waiting a bounded time for another node) and reads
+/// what the store has past `applied`. Runs as a task of its own, so a request given up while
+/// it waits still gives the lock back (the hold is dropped with the task's result).
+async fn cluster_lock(
+    shared: &Shared,
+    conv: String,
+    applied: u64,
+) -> Result<(ClusterHold, Newer), ErrorBody> {
+    let store = shared.store.clone();
+    let task = tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + CLUSTER_LOCK_WAIT;
+        loop {
+            let c = conv.clone();
+            let got = store
+                .call(move |db| {
+                    if !db.e2ee_try_lock(&c)? {
+                        return Ok(None);
+                    }
+                    match Newer::read(db, &c, applied) {
+                        Ok(n) => Ok(Some(n)),
+                        Err(e) => {
+                            let _ = db.e2ee_unlock(&c);
+                            Err(e)
+                        }
+                    }
+                })
+                .await;
+            match got {
+                Ok(Some(newer)) => {
+                    let hold = ClusterHold {
+                        store: store.clone(),
+                        conv,
+                    };
+                    return Ok((hold, newer));
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(CLUSTER_LOCK_RETRY).await;
+                }
+                Ok(None) => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::StaleEpoch,
+                        "another node is ordering this conversation's end-to-end changes; \
+                         process the log and try again",
+                    ));
+                }
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+    });
+    task.await
+        .map_err(|e| internal(format!("the cluster lock's task: {e}")))?
+}
+
+/// Locks a group on this node and, in cluster mode, across the cluster, bringing it up to
+/// what other nodes ordered (their commits are in the store's log).
+async fn lock_group(shared: &Shared, handle: GroupHandle) -> Result<GroupGuard, ErrorBody> {
+    let mut g = handle.lock_owned().await;
+    if !clustered(shared) {
+        return Ok(GroupGuard { g, _cluster: None });
+    }
+    let (hold, newer) = cluster_lock(shared, g.conv.clone(), g.applied_seq).await?;
+    if g.catch_up(newer).map_err(internal)? {
+        tracing::debug!(conv = %g.conv, seq = g.applied_seq, "end-to-end group brought up to another node's commits");
+    }
+    Ok(GroupGuard {
+        g,
+        _cluster: Some(hold),
+    })
+}
 
 fn refused(e: E2eeError) -> ErrorBody {
     match e {
@@ -214,12 +358,26 @@ pub async fn create(
         }
     }
     let key = conv_key(&conv);
-    if conn.shared.e2ee.is_e2ee(&key) {
-        return Err(ErrorBody::new(
+    let exists = || {
+        ErrorBody::new(
             ErrorCode::RoomExists,
             "this conversation is end-to-end encrypted already; join its group instead",
-        ));
+        )
+    };
+    if conn.shared.e2ee.is_e2ee(&key) {
+        return Err(exists());
     }
+    // In cluster mode another node may have made it: under the group's cluster lock, the
+    // store says.
+    let hold = if clustered(&conn.shared) {
+        let (hold, newer) = cluster_lock(&conn.shared, key.clone(), 0).await?;
+        if !newer.is_empty() || group_handle(&conn.shared, &key).await?.is_some() {
+            return Err(exists());
+        }
+        Some(hold)
+    } else {
+        None
+    };
     let state =
         GroupState::create(&group_info, user, conn.shared.e2ee.signer.public()).map_err(refused)?;
     let g = ConvGroup {
@@ -243,16 +401,19 @@ pub async fn create(
         .call(move |db| db.e2ee_put_group(&row))
         .await
         .map_err(store_error)?;
+    drop(hold);
+    conn.shared
+        .publish(ClusterEvent::E2eeGroup { conv: key.clone() });
     tracing::info!(conv = %key, "end-to-end group created");
     Ok(Reply::Ok)
 }
 
 pub async fn group_info(conn: &Conn, user: &str, conv: ConvRef) -> Result<Reply, ErrorBody> {
     let conv = conn.shared.hub.lock().check_history(user, &conv)?;
-    let Some(g) = conn.shared.e2ee.get(&conv_key(&conv)) else {
+    let Some(g) = group_handle(&conn.shared, &conv_key(&conv)).await? else {
         return Ok(Reply::E2eeGroupInfo(None));
     };
-    let g = g.lock().await;
+    let g = lock_group(&conn.shared, g).await?;
     Ok(Reply::E2eeGroupInfo(Some(GroupInfoData {
         group_info: Bytes::from(g.group_info.clone()),
         epoch: g.epoch,
@@ -291,7 +452,7 @@ pub async fn commit(
 ) -> Result<(), ErrorBody> {
     let conv = conn.shared.hub.lock().check_history(user, &conv)?;
     let key = conv_key(&conv);
-    let Some(handle) = conn.shared.e2ee.get(&key) else {
+    let Some(handle) = group_handle(&conn.shared, &key).await? else {
         return Err(ErrorBody::new(
             ErrorCode::NotFound,
             "this conversation is not end-to-end encrypted",
@@ -304,7 +465,7 @@ pub async fn commit(
             "the commit is too large",
         ));
     }
-    let mut g = handle.lock().await;
+    let mut g = lock_group(&conn.shared, handle).await?;
     let validated = g.state.validate_commit(&commit, user).map_err(refused)?;
     let change = validated.change.clone();
     for (u, _) in &change.added {
@@ -440,6 +601,10 @@ pub async fn commit(
             .await;
         match stored_welcomes {
             Ok((ids, bytes)) => {
+                // The added users' connections on other nodes read theirs from the store.
+                conn.shared.publish(ClusterEvent::Welcomes {
+                    welcomes: ids.clone(),
+                });
                 let hub = conn.shared.hub.lock();
                 for (u, device, wid) in ids {
                     broadcast(
@@ -547,10 +712,21 @@ async fn propose_removal(shared: &Shared, g: &mut ConvGroup, conv: &Conv, user: 
 /// refuses application messages until a member commits the server's removal.
 pub async fn remove_user(shared: &Shared, conv: &Conv, user: &str) {
     let key = conv_key(conv);
-    let Some(handle) = shared.e2ee.get(&key) else {
-        return;
+    let handle = match group_handle(shared, &key).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(error = %e.message, "a removal's group");
+            return;
+        }
     };
-    let mut g = handle.lock().await;
+    let mut g = match lock_group(shared, handle).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(error = %e.message, "a removal's group lock");
+            return;
+        }
+    };
     propose_removal(shared, &mut g, conv, user).await;
     save(shared, &g).await;
 }
@@ -563,7 +739,13 @@ pub async fn remove_device(shared: &Shared, user: &str, device: &str) -> usize {
     let entry = format!("{user}/{device}");
     let mut n = 0;
     for handle in shared.e2ee.handles() {
-        let mut g = handle.lock().await;
+        let mut g = match lock_group(shared, handle).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e.message, "a device removal's group lock");
+                continue;
+            }
+        };
         let there = g
             .state
             .members()
@@ -608,7 +790,13 @@ pub async fn check_send(
     body: &Body,
 ) -> Result<Option<GroupGuard>, ErrorBody> {
     let key = conv_key(conv);
-    let Some(handle) = shared.e2ee.get(&key) else {
+    let handle = if body.content_type.starts_with("application/mls-") {
+        // Only an end-to-end message needs to know of a group another node made.
+        group_handle(shared, &key).await?
+    } else {
+        shared.e2ee.get(&key)
+    };
+    let Some(handle) = handle else {
         if body.content_type.starts_with("application/mls-") {
             return Err(ErrorBody::new(
                 ErrorCode::BadRequest,
@@ -623,7 +811,7 @@ pub async fn check_send(
             "this conversation is end-to-end encrypted: the server does not take readable messages here",
         ));
     }
-    let g = handle.lock_owned().await;
+    let g = lock_group(shared, handle).await?;
     if !g.pending.is_empty() {
         return Err(ErrorBody::new(
             ErrorCode::StaleEpoch,
@@ -635,9 +823,6 @@ pub async fn check_send(
         .map_err(refused)?;
     Ok(Some(g))
 }
-
-/// A conversation's group, locked (see [`check_send`]).
-pub type GroupGuard = tokio::sync::OwnedMutexGuard<ConvGroup>;
 
 /// The end-to-end encrypted conversations `user` belongs to.
 pub fn convs(conn: &Conn, user: &str) -> Reply {
@@ -665,10 +850,12 @@ pub fn convs(conn: &Conn, user: &str) -> Reply {
 /// rejoin by external commit), or the rejoining device's own external commit replaces its old
 /// leaf first and the proposals go stale with that epoch.
 pub async fn rejoined(shared: &Shared, conv: &Conv, user: &str) {
-    let Some(handle) = shared.e2ee.get(&conv_key(conv)) else {
+    let Ok(Some(handle)) = group_handle(shared, &conv_key(conv)).await else {
         return;
     };
-    let mut g = handle.lock().await;
+    let Ok(mut g) = lock_group(shared, handle).await else {
+        return;
+    };
     if g.pending.remove(user) {
         save(shared, &g).await;
     }

@@ -190,17 +190,6 @@ pub trait Messages {
     /// Checks the stored messages; "ok" when sound, else what is wrong. SQLite runs its own
     /// consistency check; PostgreSQL checks what the store promises (see `store_pg::messages`).
     fn integrity_check(&self) -> Result<String, StoreError>;
-    /// The messages of `conv` with a sequence number above `after` and at most `through`
-    /// (`None`: up to the newest), oldest first, at most `limit`, each with its blockcast
-    /// exceptions (`duplicate` is false); and whether more remain in that range. What a
-    /// cluster node reads when the bus lost a notice (`bus::Fetch`).
-    fn conv_range(
-        &mut self,
-        conv: &Conv,
-        after: u64,
-        through: Option<u64>,
-        limit: u32,
-    ) -> Result<(Vec<Appended>, bool), StoreError>;
 }
 
 /// Topics, display names, read markers and their privacy; the targets of edits, deletes and reactions; threads.
@@ -357,6 +346,24 @@ pub trait Groups {
     ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError>;
     /// Every conversation's group.
     fn e2ee_groups(&self) -> Result<Vec<GroupRow>, StoreError>;
+    /// One conversation's group (the default reads them all: a single node reads it only
+    /// at start; a cluster's store reads the one row).
+    fn e2ee_group(&self, conv: &str) -> Result<Option<GroupRow>, StoreError> {
+        Ok(self.e2ee_groups()?.into_iter().find(|g| g.conv == conv))
+    }
+    /// Takes the cluster-wide lock of `conv`'s group if no other node holds it (true), so
+    /// that one node at a time validates and orders the group's commits and messages; each
+    /// success is undone by one [`Groups::e2ee_unlock`]. A node alone on its store needs none
+    /// (its in-memory lock per group is enough): the default is always true.
+    fn e2ee_try_lock(&mut self, conv: &str) -> Result<bool, StoreError> {
+        let _ = conv;
+        Ok(true)
+    }
+    /// Gives back a lock taken by [`Groups::e2ee_try_lock`].
+    fn e2ee_unlock(&mut self, conv: &str) -> Result<(), StoreError> {
+        let _ = conv;
+        Ok(())
+    }
     /// Saves a conversation's group: inserts it, or replaces a stored state that is not
     /// newer (`applied_seq` at most this one's); a newer stored state is kept (on several
     /// nodes, the one that ordered more commits wins).
@@ -577,15 +584,6 @@ impl Messages for Db {
     }
     fn integrity_check(&self) -> Result<String, StoreError> {
         Db::integrity_check(self)
-    }
-    fn conv_range(
-        &mut self,
-        conv: &Conv,
-        after: u64,
-        through: Option<u64>,
-        limit: u32,
-    ) -> Result<(Vec<Appended>, bool), StoreError> {
-        Db::conv_range(self, conv, after, through, limit)
     }
 }
 

@@ -57,6 +57,39 @@ CREATE TABLE e2ee_welcomes (
 CREATE INDEX e2ee_welcomes_device ON e2ee_welcomes(user_name, device);
 "#;
 
+/// The first key of the groups' advisory locks (the second is the conversation's hash): "gr".
+const GROUP_LOCK_SPACE: i32 = 0x6772;
+
+impl PgDb {
+    /// A row of `e2ee_groups` (conv, group_id, state, applied_seq, group_info, removal_epoch,
+    /// pending), opened.
+    fn group_row(&self, r: &postgres::Row) -> Result<GroupRow, StoreError> {
+        let conv: String = col(r, 0)?;
+        let state: Vec<u8> = col(r, 2)?;
+        let gi: Vec<u8> = col(r, 4)?;
+        let pending: String = col(r, 6)?;
+        Ok(GroupRow {
+            state: self
+                .key
+                .open(&state_ad(&conv, "state"), &state)
+                .map_err(|_| StoreError::Corrupt)?,
+            group_info: self
+                .key
+                .open(&state_ad(&conv, "group_info"), &gi)
+                .map_err(|_| StoreError::Corrupt)?,
+            group_id: col(r, 1)?,
+            applied_seq: col::<i64>(r, 3)? as u64,
+            removal_epoch: col::<i64>(r, 5)? as u64,
+            pending: pending
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            conv,
+        })
+    }
+}
+
 impl Groups for PgDb {
     /// In `conclave_meta` (hex, as the key check), sealed as `Db` seals it. Of two nodes
     /// starting on a new database at once, the first to commit its key wins and the other
@@ -181,33 +214,35 @@ impl Groups for PgDb {
              FROM e2ee_groups ORDER BY conv",
             &[],
         )?;
-        let mut out = Vec::new();
-        for r in rows {
-            let conv: String = col(&r, 0)?;
-            let state: Vec<u8> = col(&r, 2)?;
-            let gi: Vec<u8> = col(&r, 4)?;
-            let pending: String = col(&r, 6)?;
-            out.push(GroupRow {
-                state: self
-                    .key
-                    .open(&state_ad(&conv, "state"), &state)
-                    .map_err(|_| StoreError::Corrupt)?,
-                group_info: self
-                    .key
-                    .open(&state_ad(&conv, "group_info"), &gi)
-                    .map_err(|_| StoreError::Corrupt)?,
-                group_id: col(&r, 1)?,
-                applied_seq: col::<i64>(&r, 3)? as u64,
-                removal_epoch: col::<i64>(&r, 5)? as u64,
-                pending: pending
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-                conv,
-            });
-        }
-        Ok(out)
+        rows.iter().map(|r| self.group_row(r)).collect()
+    }
+
+    fn e2ee_group(&self, conv: &str) -> Result<Option<GroupRow>, StoreError> {
+        let row = self.client.borrow_mut().query_opt(
+            "SELECT conv, group_id, state, applied_seq, group_info, removal_epoch, pending
+             FROM e2ee_groups WHERE conv = $1",
+            &[&conv],
+        )?;
+        row.map(|r| self.group_row(&r)).transpose()
+    }
+
+    /// A session-level advisory lock in its own key space (`GROUP_LOCK_SPACE`), keyed by a
+    /// hash of the conversation: two conversations with the same hash only wait for each
+    /// other. PostgreSQL drops it if this node's connection dies.
+    fn e2ee_try_lock(&mut self, conv: &str) -> Result<bool, StoreError> {
+        let row = self.client.get_mut().query_one(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))",
+            &[&GROUP_LOCK_SPACE, &conv],
+        )?;
+        Ok(col(&row, 0)?)
+    }
+
+    fn e2ee_unlock(&mut self, conv: &str) -> Result<(), StoreError> {
+        self.client.get_mut().execute(
+            "SELECT pg_advisory_unlock($1, hashtext($2))",
+            &[&GROUP_LOCK_SPACE, &conv],
+        )?;
+        Ok(())
     }
 
     /// See the module doc: a newer stored state is kept.

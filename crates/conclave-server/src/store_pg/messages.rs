@@ -74,7 +74,7 @@ use crate::at_rest::DataKey;
 use crate::search::{self, SearchKey};
 use crate::store::{
     Appended, Messages, NewMessage, PageBudget, Retention, StoreError, act_columns, conv_from_key,
-    conv_key, parse_except_list, is_mls, kind_of, reactions_ad, seal_ad,
+    conv_key, is_mls, kind_of, parse_except_list, reactions_ad, seal_ad,
 };
 
 /// Schema version 3: messages (sealed bodies, replies and acts, as SQLite's schema version 4
@@ -151,6 +151,11 @@ impl MessagesState {
             conv_ids: HashMap::new(),
             statements: None,
         }
+    }
+
+    /// A new connection replaced the old one: its prepared statements are gone with it.
+    pub(super) fn connection_replaced(&mut self) {
+        self.statements = None;
     }
 
     /// The hot statements, prepared on first use on this connection.
@@ -634,7 +639,9 @@ impl PgDb {
                 }
                 let idem = m.idempotency_key.clone().unwrap_or_default();
                 match stored.get(&(m.from.clone(), idem)) {
-                    Some((msg_id, seq, ts)) => m.appended_as(msg_id.clone(), *seq as u64, *ts, true),
+                    Some((msg_id, seq, ts)) => {
+                        m.appended_as(msg_id.clone(), *seq as u64, *ts, true)
+                    }
                     // Unreachable: every message is new, a repeat, or stored.
                     None => m.appended_as(String::new(), 0, ts_ms, true),
                 }

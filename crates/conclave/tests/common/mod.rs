@@ -289,6 +289,16 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if thread::panicking() && std::env::var_os("CONCLAVE_TEST_STDERR").is_some() {
+            // Asked for (CONCLAVE_TEST_STDERR=1): the end of what the child wrote to stderr.
+            let err = self.stderr();
+            let tail = &err[err.len().saturating_sub(20_000)..];
+            eprintln!(
+                "---- stderr of {} (pid {}) ----\n{tail}",
+                self.name,
+                self.pid()
+            );
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();

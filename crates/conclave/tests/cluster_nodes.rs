@@ -1,0 +1,475 @@
+//! Cluster mode end to end: `conclave serve --store postgres://… --bus nats://… --node NAME`
+//! processes on one throwaway PostgreSQL 15 and one nats-server (Debian's packages, started by
+//! the test kits in temporary directories on loopback), the second node prepared by copying the
+//! first node's data directory, real JSON clients on different nodes.
+//!
+//! - two nodes: the four addressings (room, direct, several recipients, a room with `except`)
+//!   across nodes, each message once and in order, the same history on both;
+//! - three nodes, one killed with SIGKILL under a stream: the clients on it move to another
+//!   node (`--server A,B`), no acknowledged message is lost and none is shown twice;
+//! - nats-server restarted under a stream: the nodes notice the gap and read the rest from
+//!   PostgreSQL;
+//! - PostgreSQL stopped under a stream: sends are refused with a clear error while it is down,
+//!   and after it is back nothing acknowledged is lost.
+//!
+//! Every wait is bounded by a timeout and every loop by a count.
+
+mod common;
+
+#[path = "../../conclave-server/tests/common/nats.rs"]
+mod nats_kit;
+#[path = "../../conclave-server/tests/common/postgres.rs"]
+mod postgres_kit;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{JsonClient, PW, PW_VAR, Polled, Server, WAIT, client_cmd, conclave, run};
+use serde_json::{Value, json};
+
+/// Most lines read while waiting for messages.
+const MAX_LINES: usize = 20_000;
+
+/// A throwaway PostgreSQL and nats-server, and the nodes' data directories.
+struct Cluster {
+    pg: postgres_kit::PgServer,
+    nats: nats_kit::NatsServer,
+    tmp: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        Cluster {
+            pg: postgres_kit::PgServer::start(),
+            nats: nats_kit::NatsServer::start(),
+            tmp: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn store_url(&self) -> String {
+        format!(
+            "postgres://{}@127.0.0.1:{}/postgres",
+            postgres_kit::SUPERUSER,
+            self.pg.port
+        )
+    }
+
+    fn data_dir(&self, node: &str) -> PathBuf {
+        self.tmp.path().join(node)
+    }
+
+    fn start_node(&self, node: &str) -> Server {
+        let data = self.data_dir(node);
+        let (store, bus) = (self.store_url(), self.nats.url());
+        Server::start(
+            &data,
+            &["--store", &store, "--bus", &bus, "--node", node],
+            &[],
+        )
+    }
+
+    /// Starts the first node once (creating its TLS identity, data key and the shared schema),
+    /// adds the accounts through it, stops it, and copies its data directory for each other
+    /// node: a copy of the first node's data directory prepares another (DESIGN.md).
+    fn prepare(&self, nodes: &[&str], users: &[&str]) {
+        let first = self.start_node(nodes[0]);
+        for name in users {
+            let mut cmd = conclave(["user", "--data-dir"]);
+            cmd.arg(&first.data_dir)
+                .args(["add", name, "--password-env", PW_VAR])
+                .env(PW_VAR, PW);
+            run("user add", cmd).assert_success();
+        }
+        first.stop().assert_success();
+        for node in &nodes[1..] {
+            copy_dir(&self.data_dir(nodes[0]), &self.data_dir(node));
+        }
+    }
+}
+
+/// `cp -a`, leaving out the admin socket (a live server's, gone after a clean stop anyway).
+fn copy_dir(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "cp -a failed");
+    for entry in std::fs::read_dir(to).expect("read copy").flatten() {
+        if entry.file_type().is_ok_and(|t| {
+            use std::os::unix::fs::FileTypeExt;
+            t.is_socket()
+        }) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn json_client(pin: &str, list: &str, user: &str, state: &Path) -> JsonClient {
+    let mut cmd = client_cmd(list, user, state, PW);
+    cmd.args(["--fingerprint", pin, "--reconnect-for", "60"]);
+    let mut c = JsonClient::connect(user, cmd);
+    c.expect("caught_up", |v| v["event"] == "caught_up");
+    c
+}
+
+/// `quit`, tolerating reconnects seen before: the reply, a clean exit, only JSON on stdout.
+fn quit(mut c: JsonClient) {
+    c.send(json!({"cmd": "quit", "id": "bye"}));
+    c.ok(json!("bye"));
+    c.proc.wait_exit(WAIT);
+    let f = c.proc.finish();
+    c.check_all_json(&f);
+    f.assert_success();
+}
+
+/// What was acknowledged: text → (conversation, seq).
+type Sent = HashMap<String, (String, u64)>;
+
+fn conv_of(v: &Value) -> String {
+    match v.get("room").and_then(Value::as_str) {
+        Some(room) => format!("room {room}"),
+        None => {
+            let mut users: Vec<String> = v["to"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(from) = v["from"].as_str() {
+                users.push(from.to_string());
+            }
+            users.sort();
+            users.dedup();
+            format!("direct {}", users.join(","))
+        }
+    }
+}
+
+/// `who` sends `n` messages, the odd ones to bob directly, the even ones to the room, calling
+/// `at(i)` before message `i`; then collects every reply: each `ok`, no (conversation, seq)
+/// twice.
+fn stream(who: &mut JsonClient, n: usize, pause: Duration, mut at: impl FnMut(usize)) -> Sent {
+    let me = who.user.clone();
+    for i in 0..n {
+        at(i);
+        let text = format!("{me} {i:04}");
+        let cmd = if i % 2 == 1 {
+            json!({"cmd": "send", "to": ["bob"], "text": text, "id": i})
+        } else {
+            json!({"cmd": "send", "room": "general", "text": text, "id": i})
+        };
+        who.send(cmd);
+        std::thread::sleep(pause);
+    }
+    let mut sent = Sent::new();
+    let mut seqs = HashSet::new();
+    for i in 0..n {
+        let r = who.ok(json!(i));
+        let seq = r["seq"].as_u64().expect("seq");
+        let conv = if i % 2 == 1 { "direct" } else { "room" };
+        assert!(
+            seqs.insert((conv, seq)),
+            "{conv} seq {seq} acknowledged twice"
+        );
+        sent.insert(format!("{me} {i:04}"), (conv.to_string(), seq));
+    }
+    sent
+}
+
+/// `reader`'s `message` events from `from` until every text of `sent` came and no reconnect
+/// is under way, bounded by lines and time.
+fn read_messages(reader: &mut JsonClient, from: &str, sent: &Sent) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT * 4;
+    let mut messages: Vec<Value> = Vec::new();
+    let mut reconnecting = false;
+    for _ in 0..MAX_LINES {
+        let have = messages
+            .iter()
+            .filter(|m| {
+                m["from"] == from && m["text"].as_str().is_some_and(|t| sent.contains_key(t))
+            })
+            .count();
+        if (have >= sent.len() && !reconnecting) || Instant::now() > deadline {
+            break;
+        }
+        match reader.poll(Duration::from_millis(200)) {
+            Polled::Line(v) if v["event"] == "message" => messages.push(v),
+            Polled::Line(v) if v["event"] == "reconnected" => reconnecting = false,
+            Polled::Line(v) if v["event"] == "disconnected" => {
+                assert_eq!(v["reconnecting"], true, "the session ended: {v}");
+                reconnecting = true;
+            }
+            Polled::Line(_) | Polled::Quiet => {}
+            Polled::Closed => panic!("{}'s client ended", reader.user),
+        }
+    }
+    messages
+}
+
+/// Every message of `sent` came exactly once, with its acknowledged seq, in order per
+/// conversation.
+fn check_once_in_order(messages: &[Value], from: &str, sent: &Sent) {
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut texts = HashSet::new();
+    for m in messages.iter().filter(|m| m["from"] == from) {
+        let text = m["text"].as_str().expect("text").to_string();
+        let seq = m["seq"].as_u64().expect("seq");
+        let Some((conv, sent_seq)) = sent.get(&text) else {
+            continue;
+        };
+        assert_eq!(seq, *sent_seq, "{text}: delivered with another seq");
+        assert!(conv_of(m).starts_with(conv.as_str()), "{m}");
+        if let Some(prev) = last.insert(conv.clone(), seq) {
+            assert!(seq > prev, "{conv}: seq {seq} after {prev}");
+        }
+        assert!(texts.insert(text.clone()), "{text} delivered twice");
+    }
+    let missing: Vec<&String> = sent.keys().filter(|t| !texts.contains(*t)).collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+}
+
+/// The room's history as seen through `c`: (seq, text), oldest first.
+fn history(c: &mut JsonClient, id: &str) -> Vec<(u64, String)> {
+    c.send(json!({"cmd": "history", "room": "general", "limit": 500, "id": id}));
+    let h = c.ok(json!(id));
+    h["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_u64().expect("seq"),
+                m["text"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_nodes_deliver_every_addressing_across_nodes_once_and_in_order() {
+    let cluster = Cluster::start();
+    cluster.prepare(&["n1", "n2"], &["alice", "bob", "carol"]);
+    let n1 = cluster.start_node("n1");
+    let n2 = cluster.start_node("n2");
+    assert_eq!(
+        n1.fingerprint, n2.fingerprint,
+        "one TLS identity for the cluster"
+    );
+    let pin = n1.fingerprint.clone();
+    let state = tempfile::tempdir().expect("state");
+
+    let mut alice = json_client(&pin, &n1.addr(), "alice", state.path());
+    let mut bob = json_client(&pin, &n2.addr(), "bob", state.path());
+    let mut carol = json_client(&pin, &n1.addr(), "carol", state.path());
+
+    // The four addressings, from a node to the other and back.
+    let sends = [
+        json!({"cmd": "send", "room": "general", "text": "to the room", "id": "r"}),
+        json!({"cmd": "send", "to": ["bob"], "text": "to bob", "id": "d"}),
+        json!({"cmd": "send", "to": ["bob", "carol"], "text": "to both", "id": "m"}),
+        json!({"cmd": "send", "room": "general", "text": "not for carol", "except": ["carol"], "id": "b"}),
+    ];
+    for s in &sends {
+        alice.send(s.clone());
+        let id = s["id"].clone();
+        alice.ok(id);
+    }
+    for text in ["to the room", "to bob", "to both", "not for carol"] {
+        bob.message(text);
+    }
+    for text in ["to the room", "to both"] {
+        carol.message(text);
+    }
+    bob.send(json!({"cmd": "send", "to": ["alice"], "text": "bob answers", "id": "a"}));
+    bob.ok(json!("a"));
+    alice.message("bob answers");
+    // Carol (on alice's node) never got the blockcast message: after a marker sent later in
+    // the same room, it still has not come.
+    alice.send(json!({"cmd": "send", "room": "general", "text": "marker", "id": "k"}));
+    alice.ok(json!("k"));
+    carol.message("marker");
+    assert!(
+        !carol.saw_message("not for carol"),
+        "blockcast reached carol"
+    );
+
+    // A stream from n1 to n2, then from n2 to n1, interleaved in the room.
+    let sent = stream(&mut alice, 60, Duration::from_millis(2), |_| {});
+    check_once_in_order(&read_messages(&mut bob, "alice", &sent), "alice", &sent);
+    let back = stream(&mut bob, 40, Duration::from_millis(2), |_| {});
+    let room_back: Sent = back
+        .iter()
+        .filter(|(_, (c, _))| c == "room")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    check_once_in_order(
+        &read_messages(&mut carol, "bob", &room_back),
+        "bob",
+        &room_back,
+    );
+
+    // One history, the same on both nodes, with no gap.
+    let h1 = history(&mut alice, "h1");
+    let h2 = history(&mut bob, "h2");
+    assert_eq!(h1, h2, "the same history on both nodes");
+    for (k, (seq, _)) in h1.iter().enumerate() {
+        assert_eq!(*seq, k as u64 + 1, "history without a gap");
+    }
+
+    quit(alice);
+    quit(bob);
+    quit(carol);
+    n1.stop().assert_success();
+    n2.stop().assert_success();
+}
+
+#[test]
+fn a_node_killed_under_a_stream_loses_and_duplicates_nothing() {
+    const N: usize = 120;
+    let cluster = Cluster::start();
+    cluster.prepare(&["n1", "n2", "n3"], &["alice", "bob"]);
+    let mut n1 = cluster.start_node("n1");
+    let n2 = cluster.start_node("n2");
+    let n3 = cluster.start_node("n3");
+    let pin = n1.fingerprint.clone();
+    let state = tempfile::tempdir().expect("state");
+
+    // Both start on n1; bob would move to n2, alice to n3.
+    let mut bob = json_client(
+        &pin,
+        &format!("{},{}", n1.addr(), n2.addr()),
+        "bob",
+        state.path(),
+    );
+    let mut alice = json_client(
+        &pin,
+        &format!("{},{}", n1.addr(), n3.addr()),
+        "alice",
+        state.path(),
+    );
+    assert_eq!(bob.connected["server"], n1.addr());
+
+    let sent = stream(&mut alice, N, Duration::from_millis(5), |i| {
+        if i == N / 3 {
+            n1.proc.kill9();
+        }
+    });
+    let messages = read_messages(&mut bob, "alice", &sent);
+    check_once_in_order(&messages, "alice", &sent);
+
+    // After the move both are on live nodes, and the history has every message once.
+    let h = history(&mut bob, "h");
+    assert_eq!(h.len(), N / 2, "{h:?}");
+    let texts: HashSet<&String> = h.iter().map(|(_, t)| t).collect();
+    assert_eq!(texts.len(), N / 2, "no message stored twice");
+    quit(alice);
+    quit(bob);
+    n2.stop().assert_success();
+    n3.stop().assert_success();
+}
+
+#[test]
+fn a_nats_restart_under_a_stream_is_filled_from_postgres() {
+    const N: usize = 100;
+    let mut cluster = Cluster::start();
+    cluster.prepare(&["n1", "n2"], &["alice", "bob"]);
+    let n1 = cluster.start_node("n1");
+    let n2 = cluster.start_node("n2");
+    let pin = n1.fingerprint.clone();
+    let state = tempfile::tempdir().expect("state");
+    let mut alice = json_client(&pin, &n1.addr(), "alice", state.path());
+    let mut bob = json_client(&pin, &n2.addr(), "bob", state.path());
+
+    let sent = {
+        let nats = &mut cluster.nats;
+        stream(&mut alice, N, Duration::from_millis(5), |i| {
+            if i == N / 4 {
+                nats.kill();
+            }
+            if i == N / 2 {
+                nats.restart();
+            }
+        })
+    };
+    check_once_in_order(&read_messages(&mut bob, "alice", &sent), "alice", &sent);
+    // Live again after the restart.
+    alice.send(json!({"cmd": "send", "to": ["bob"], "text": "after nats", "id": "x"}));
+    alice.ok(json!("x"));
+    bob.message("after nats");
+    quit(alice);
+    quit(bob);
+    n1.stop().assert_success();
+    n2.stop().assert_success();
+}
+
+#[test]
+fn postgres_down_refuses_sends_clearly_and_loses_nothing() {
+    let mut cluster = Cluster::start();
+    cluster.prepare(&["n1", "n2"], &["alice", "bob"]);
+    let n1 = cluster.start_node("n1");
+    let n2 = cluster.start_node("n2");
+    let pin = n1.fingerprint.clone();
+    let state = tempfile::tempdir().expect("state");
+    let mut alice = json_client(&pin, &n1.addr(), "alice", state.path());
+    let mut bob = json_client(&pin, &n2.addr(), "bob", state.path());
+
+    let before = stream(&mut alice, 20, Duration::from_millis(2), |_| {});
+    check_once_in_order(&read_messages(&mut bob, "alice", &before), "alice", &before);
+
+    cluster.pg.stop();
+    // While PostgreSQL is down a send is refused, saying why; nothing is acknowledged.
+    alice.send(json!({"cmd": "send", "room": "general", "text": "while down", "id": "down"}));
+    let r = alice.reply(json!("down"));
+    assert!(r.get("seq").is_none(), "not acknowledged: {r}");
+    let error = r["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        error.contains("not sent") && error.contains("try again"),
+        "the refusal says what happened and what to do: {r}"
+    );
+
+    cluster.pg.restart();
+    // The node connects again on its own; sends work again (bounded retries while it does).
+    let deadline = Instant::now() + WAIT * 2;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let id = format!("retry{attempt}");
+        alice.send(json!({"cmd": "send", "room": "general", "text": "back", "id": id}));
+        let r = alice.reply(json!(id));
+        if r.get("error").is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && attempt < 100,
+            "sends still refused after PostgreSQL came back: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let after = stream(&mut alice, 20, Duration::from_millis(2), |_| {});
+    check_once_in_order(&read_messages(&mut bob, "alice", &after), "alice", &after);
+    let h = history(&mut bob, "h");
+    let texts: Vec<&str> = h.iter().map(|(_, t)| t.as_str()).collect();
+    assert!(!texts.contains(&"while down"), "a refused send was stored");
+    for t in before.keys().chain(after.keys()) {
+        if before
+            .get(t)
+            .or(after.get(t))
+            .is_some_and(|(c, _)| c == "room")
+        {
+            assert!(texts.contains(&t.as_str()), "{t} missing from history");
+        }
+    }
+    quit(alice);
+    quit(bob);
+    n1.stop().assert_success();
+    n2.stop().assert_success();
+}
