@@ -333,6 +333,10 @@ pub struct FilesConfig {
     pub chunks_per_second: u32,
     /// Most files offered to one user that are pending at once (sent at login).
     pub max_pending_offers: u32,
+    /// Where the contents of relayed files are kept (default: `files/` in the data directory).
+    /// In cluster mode every node must name the same directory on a shared filesystem, so a
+    /// file uploaded through one node can be fetched through another.
+    pub dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FilesConfig {
@@ -343,6 +347,7 @@ impl Default for FilesConfig {
             expiry_secs: 7 * 24 * 3600,
             chunks_per_second: 20_000,
             max_pending_offers: 200,
+            dir: None,
         }
     }
 }

@@ -239,7 +239,13 @@ fn record_ad(file_id: &str, index: u64) -> Vec<u8> {
 impl FileStore {
     /// Opens (creating) `files/` in the data directory.
     pub fn open(data_dir: &Path, key: DataKey) -> io::Result<FileStore> {
-        let dir = data_dir.join(FILES_DIR);
+        FileStore::open_in(&data_dir.join(FILES_DIR), key)
+    }
+
+    /// Opens the file store in `dir` itself (`[files] dir`: in cluster mode, a directory every
+    /// node shares), created private if missing.
+    pub fn open_in(dir: &Path, key: DataKey) -> io::Result<FileStore> {
+        let dir = dir.to_path_buf();
         crate::fsutil::create_private_dir(&dir)?;
         Ok(FileStore {
             dir,

@@ -235,13 +235,19 @@ impl Server {
             None => None,
         };
         let anomaly = crate::anomaly::Settings::from_config(&config.anomaly).map_err(start_err)?;
-        let files =
-            crate::files::FileStore::open(&config.data_dir, db.file_key()).map_err(|e| {
+        let files = {
+            let dir = config
+                .files
+                .dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join(crate::files::FILES_DIR));
+            crate::files::FileStore::open_in(&dir, db.file_key()).map_err(|e| {
                 start_err(format!(
-                    "cannot create the file store in {}: {e}",
-                    config.data_dir.display()
+                    "cannot create the file store in {}: {e}; check [files] dir",
+                    dir.display()
                 ))
-            })?;
+            })?
+        };
         let presence = crate::presence::Presence::from_rows(chat_rows);
         let groups: &mut (dyn crate::store::Groups + Send) = match shared_store.as_mut() {
             Some(pg) => pg,

@@ -62,9 +62,21 @@ impl Cluster {
     fn start_node(&self, node: &str) -> Server {
         let data = self.data_dir(node);
         let (store, bus) = (self.store_url(), self.nats.url());
+        // Every node keeps file contents in one shared directory (`[files] dir`); here a
+        // directory of this machine stands for the shared mount.
+        let config = self.tmp.path().join(format!("{node}.toml"));
+        let shared_files = self.tmp.path().join("shared-files");
+        std::fs::write(
+            &config,
+            format!("[files]\ndir = {:?}\n", shared_files.display().to_string()),
+        )
+        .expect("write the node's configuration");
+        let config = config.display().to_string();
         Server::start(
             &data,
-            &["--store", &store, "--bus", &bus, "--node", node],
+            &[
+                "--config", &config, "--store", &store, "--bus", &bus, "--node", node,
+            ],
             &[],
         )
     }
@@ -468,6 +480,87 @@ fn postgres_down_refuses_sends_clearly_and_loses_nothing() {
             assert!(texts.contains(&t.as_str()), "{t} missing from history");
         }
     }
+    quit(alice);
+    quit(bob);
+    n1.stop().assert_success();
+    n2.stop().assert_success();
+}
+
+#[test]
+fn two_nodes_share_files_and_end_to_end_rooms() {
+    let cluster = Cluster::start();
+    cluster.prepare(&["n1", "n2"], &["alice", "bob"]);
+    let n1 = cluster.start_node("n1");
+    let n2 = cluster.start_node("n2");
+    let pin = n1.fingerprint.clone();
+    let (sa, sb) = (
+        tempfile::tempdir().expect("state"),
+        tempfile::tempdir().expect("state"),
+    );
+    let mut alice = json_client(&pin, &n1.addr(), "alice", sa.path());
+    let mut bob = json_client(&pin, &n2.addr(), "bob", sb.path());
+
+    // An end-to-end room made on n1; bob, on n2, is invited: his device's Welcome comes
+    // through his node, and both read each other.
+    alice.send(json!({"cmd": "create_room", "room": "sec", "private": true, "id": 1}));
+    assert_eq!(alice.ok(json!(1))["e2ee"], true);
+    alice.send(json!({"cmd": "invite", "room": "sec", "user": "bob", "id": 2}));
+    alice.ok(json!(2));
+    bob.expect("joined the group", |v| {
+        v["event"] == "e2ee" && v["kind"] == "joined" && v["room"] == "sec"
+    });
+    alice.send(json!({"cmd": "send", "room": "sec", "text": "secret from n1", "id": 3}));
+    alice.ok(json!(3));
+    let m = bob.message("secret from n1");
+    assert_eq!(m["e2ee"], true, "{m}");
+    bob.send(json!({"cmd": "send", "room": "sec", "text": "secret from n2", "id": 4}));
+    bob.ok(json!(4));
+    assert_eq!(alice.message("secret from n2")["e2ee"], true);
+    // Several in a row each way: one order for both.
+    for i in 0..10 {
+        let (who, text) = if i % 2 == 0 {
+            (&mut alice, format!("a{i}"))
+        } else {
+            (&mut bob, format!("b{i}"))
+        };
+        who.send(json!({"cmd": "send", "room": "sec", "text": text, "id": 100 + i}));
+        who.ok(json!(100 + i));
+    }
+    bob.message("a8");
+    alice.message("b9");
+    let order = |c: &JsonClient| -> Vec<String> {
+        c.seen
+            .iter()
+            .filter(|v| v["event"] == "message" && v["room"] == "sec")
+            .filter_map(|v| v["text"].as_str().map(str::to_string))
+            .filter(|t| t.len() <= 3)
+            .collect()
+    };
+    let mine_a: Vec<String> = order(&alice);
+    let mine_b: Vec<String> = order(&bob);
+    // Each sees the other's, in the one order the store gave them.
+    let others_a: Vec<&String> = mine_a.iter().filter(|t| t.starts_with('b')).collect();
+    let others_b: Vec<&String> = mine_b.iter().filter(|t| t.starts_with('a')).collect();
+    assert_eq!(others_a.len(), 5, "{mine_a:?}");
+    assert_eq!(others_b.len(), 5, "{mine_b:?}");
+
+    // A file uploaded through n1 is fetched through n2.
+    let work = tempfile::tempdir().expect("work");
+    let src = work.path().join("report.bin");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src, &bytes).expect("write");
+    alice.send(json!({"cmd": "send_file", "path": src, "to": ["bob"], "id": 5}));
+    let sent = alice.ok(json!(5));
+    let file_id = sent["file_id"].as_str().expect("file_id").to_string();
+    let offer = bob.expect("a file offer", |v| v["event"] == "file_offer");
+    assert_eq!(offer["file_id"], file_id.as_str());
+    let down = tempfile::tempdir().expect("down");
+    bob.send(json!({"cmd": "accept_file", "file_id": file_id, "dir": down.path(), "id": 6}));
+    let got = bob.ok(json!(6));
+    let path = got["path"].as_str().expect("path").to_string();
+    assert_eq!(std::fs::read(&path).expect("read"), bytes);
+    alice.expect("file_received", |v| v["event"] == "file_received");
+
     quit(alice);
     quit(bob);
     n1.stop().assert_success();

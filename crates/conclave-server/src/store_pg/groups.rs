@@ -234,7 +234,7 @@ impl Groups for PgDb {
             "SELECT pg_try_advisory_lock($1, hashtext($2))",
             &[&GROUP_LOCK_SPACE, &conv],
         )?;
-        Ok(col(&row, 0)?)
+        col(&row, 0)
     }
 
     fn e2ee_unlock(&mut self, conv: &str) -> Result<(), StoreError> {
