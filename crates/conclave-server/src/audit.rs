@@ -1027,7 +1027,13 @@ struct Shared {
     pending_drops: AtomicU64,
     /// Records dropped since the log was opened.
     dropped: AtomicU64,
+    /// Told each record's line once it is written to the file (cluster mode: a copy in the
+    /// shared store, [`AuditLog::mirror`]).
+    mirror: std::sync::OnceLock<Mirror>,
 }
+
+/// What [`AuditLog::mirror`] calls with each written record's line (without its newline).
+pub type Mirror = Box<dyn Fn(&str) + Send + Sync>;
 
 struct Writer {
     dir: PathBuf,
@@ -1189,6 +1195,14 @@ impl Writer {
             .and_then(|()| self.file.write_all(&self.buf));
         match result {
             Ok(()) => {
+                if let Some(mirror) = self.shared.mirror.get() {
+                    for line in self.buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                        // Lines are built from JSON: always UTF-8.
+                        if let Ok(line) = std::str::from_utf8(line) {
+                            mirror(line);
+                        }
+                    }
+                }
                 self.file_bytes += (prefix.len() + self.buf.len()) as u64;
                 self.needs_newline = false;
                 self.written = self.chain;
@@ -1512,6 +1526,14 @@ impl AuditLog {
     pub fn close(self) {
         self.flush();
         self.inner.stop();
+    }
+
+    /// From now on each record written to the file is also given to `mirror` (once; a second
+    /// call is ignored). Cluster mode copies the records into the shared store, so the
+    /// cluster's audit is in one place; the file stays the tamper-evident chain of this node.
+    /// Called on the writer thread: it must not block for long.
+    pub fn mirror(&self, mirror: Mirror) {
+        let _ = self.inner.shared.mirror.set(mirror);
     }
 
     /// Records dropped since the log was opened (queue full, writer stopped, or write errors).

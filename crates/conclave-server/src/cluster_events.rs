@@ -200,6 +200,65 @@ pub fn reset(shared: &Arc<Shared>) {
     }
     send_online(shared, true);
     spawn_reload(shared.clone());
+    spawn_e2ee_resync(shared.clone());
+}
+
+/// After a bus reset, what end-to-end notices may have been lost: groups made on other nodes
+/// are read from the store, and every Welcome waiting for a device connected here is sent
+/// to it again (a client skips one it has used: it joined at or after that position).
+fn spawn_e2ee_resync(shared: Arc<Shared>) {
+    spawn(async move {
+        match shared.store.call(|db| db.e2ee_groups()).await {
+            Ok(rows) => {
+                for row in rows {
+                    if shared.e2ee.is_e2ee(&row.conv) {
+                        continue;
+                    }
+                    match crate::e2ee::ConvGroup::from_row(row) {
+                        Ok(g) => {
+                            shared.e2ee.get_or_insert(g);
+                        }
+                        Err(e) => tracing::error!(error = %e, "another node's end-to-end group"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the end-to-end groups after a bus reset"),
+        }
+        let mut devices: Vec<(String, String)> = shared
+            .registry
+            .snapshot()
+            .into_iter()
+            .filter_map(|c| Some((c.user?, c.device?)))
+            .collect();
+        devices.sort();
+        devices.dedup();
+        for (user, device) in devices {
+            let (u, d) = (user.clone(), device.clone());
+            let rows = match shared.store.call(move |db| db.e2ee_welcomes(&u, &d)).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading Welcomes after a bus reset");
+                    continue;
+                }
+            };
+            if rows.is_empty() {
+                continue;
+            }
+            let hub = shared.hub.lock();
+            for w in rows {
+                broadcast(
+                    hub.sessions_of(std::iter::once(user.as_str()), None),
+                    Event::E2eeWelcome {
+                        id: w.id,
+                        device: device.clone(),
+                        conv: crate::store::conv_from_key(&w.conv),
+                        seq: w.seq,
+                        welcome: conclave_proto::Bytes::from(w.welcome),
+                    },
+                );
+            }
+        }
+    });
 }
 
 fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) {

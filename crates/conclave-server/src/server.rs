@@ -261,6 +261,18 @@ impl Server {
             Some(backend) => Store::start_marking(Box::new(backend), sink),
             None => Store::start(db, sink),
         };
+        if let (true, Some(plan)) = (cluster_mode, &plan) {
+            // The cluster's audit in one place: each record is copied into the shared store.
+            let (copy_to, node) = (store.clone(), plan.node.clone());
+            audit.mirror(Box::new(move |line| {
+                let (node, line) = (node.clone(), line.to_string());
+                copy_to.call_detached(move |db| {
+                    if let Err(e) = db.audit_copy(&node, &line) {
+                        tracing::warn!(error = %e, "copying an audit record into the cluster's store");
+                    }
+                });
+            }));
+        }
         let shared = Arc::new(Shared {
             config: RwLock::new(Arc::new(config)),
             local_addr,

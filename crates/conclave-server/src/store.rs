@@ -1979,8 +1979,9 @@ impl<C: Send + 'static> Store<C> {
         wait.await.map_err(|_| StoreError::Stopped)?
     }
 
-    /// Queues `f` on the store thread without waiting for it (for a `Drop`): it runs after
-    /// everything queued before it. When the queue is full a task sends it.
+    /// Queues `f` on the store thread without waiting for it (for a `Drop`, or from a plain
+    /// thread): it runs after everything queued before it. When the queue is full a task
+    /// sends it (on a plain thread, this waits).
     pub fn call_detached(&self, f: impl FnOnce(&mut dyn Backend) + Send + 'static)
     where
         C: Send + 'static,
@@ -1997,6 +1998,9 @@ impl<C: Send + 'static> Store<C> {
                     rt.spawn(async move {
                         let _ = tx.send(op).await;
                     });
+                } else {
+                    // A plain thread (the audit log's writer) may wait.
+                    let _ = self.tx.blocking_send(op);
                 }
             }
         }

@@ -53,7 +53,19 @@ use crate::store::{
 /// The schema this build writes; a database at a higher version was written by a newer build.
 /// Each version adds to the one before (a database at an older version is brought up to this
 /// one at connect).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
+
+/// Schema version 5: the cluster's audit, a copy of each node's records (the node's file in
+/// its data directory stays the tamper-evident chain; each line carries its chain hash).
+const SCHEMA_V5: &str = r#"
+CREATE TABLE audit_copy (
+    id        BIGSERIAL PRIMARY KEY,
+    node      TEXT COLLATE "C" NOT NULL,
+    stored_ms BIGINT NOT NULL,
+    line      TEXT NOT NULL
+);
+CREATE INDEX audit_copy_node ON audit_copy (node, id);
+"#;
 
 /// Any two nodes opening the same database take this advisory lock (a fixed key:
 /// "conclave" in ASCII) while they check and create the schema, so they never race.
@@ -362,6 +374,9 @@ fn create_schema(client: &mut Client, key: &DataKey) -> Result<(), StoreError> {
         tx.batch_execute(chat::SCHEMA)?;
         tx.batch_execute(devices::SCHEMA)?;
         tx.batch_execute(groups::SCHEMA)?;
+    }
+    if version < 5 {
+        tx.batch_execute(SCHEMA_V5)?;
     }
     if version < SCHEMA_VERSION {
         tx.execute(
@@ -990,5 +1005,24 @@ impl Backend for PgDb {
 
     fn take_commit_observer(&mut self) -> Option<CommitObserver> {
         self.on_commit.take()
+    }
+
+    fn audit_copy(&mut self, node: &str, line: &str) -> Result<(), StoreError> {
+        self.client.get_mut().execute(
+            "INSERT INTO audit_copy (node, stored_ms, line) VALUES ($1, $2, $3)",
+            &[&node, &now_ms(), &line],
+        )?;
+        Ok(())
+    }
+}
+
+impl PgDb {
+    /// The audit records `node` copied into the store, oldest first, at most `limit`.
+    pub fn audit_lines(&self, node: &str, limit: i64) -> Result<Vec<String>, StoreError> {
+        let rows = self.client.borrow_mut().query(
+            "SELECT line FROM audit_copy WHERE node = $1 ORDER BY id LIMIT $2",
+            &[&node, &limit],
+        )?;
+        rows.iter().map(|r| col(r, 0)).collect()
     }
 }

@@ -1857,7 +1857,8 @@ const V4_TABLES: &str = "e2ee_welcomes, e2ee_groups, e2ee_key_packages, e2ee_dev
 /// later versions dropped, the version put back.
 fn downgrade(config: &str, version: i64) {
     let mut admin = ::postgres::Client::connect(config, ::postgres::NoTls).expect("plain client");
-    let mut sql = format!("DROP TABLE {V4_TABLES};");
+    // Version 5's table, then version 4's.
+    let mut sql = format!("DROP TABLE audit_copy; DROP TABLE {V4_TABLES};");
     if version < 3 {
         sql.push_str("DROP TABLE search_index, messages, conv_members;");
     }

@@ -163,6 +163,17 @@ fn conv_of(v: &Value) -> String {
     }
 }
 
+/// `from` sends one direct message to `to` (whose first one makes the conversation's
+/// end-to-end group: creation, commit and Welcome, requests that are not sent again after a
+/// reconnect) and `to` reads it, so a stream that follows is only sends, each sent again with
+/// its idempotency key when a connection breaks.
+fn warm_up(from: &mut JsonClient, to: &mut JsonClient) {
+    let to_name = to.user.clone();
+    from.send(json!({"cmd": "send", "to": [to_name], "text": "warm-up", "id": "warm"}));
+    from.ok(json!("warm"));
+    to.message("warm-up");
+}
+
 /// `who` sends `n` messages, the odd ones to bob directly, the even ones to the room, calling
 /// `at(i)` before message `i`; then collects every reply: each `ok`, no (conversation, seq)
 /// twice.
@@ -337,6 +348,35 @@ fn two_nodes_deliver_every_addressing_across_nodes_once_and_in_order() {
     quit(alice);
     quit(bob);
     quit(carol);
+
+    // The cluster's audit is in PostgreSQL too: each node's records, under its name.
+    let key = conclave_server::at_rest::DataKey::load_or_create(&cluster.data_dir("n1"))
+        .expect("the data key");
+    let db = conclave_server::store_pg::PgDb::connect(&cluster.pg.tcp_config(), key)
+        .expect("connect to the cluster's store");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n1_lines = db.audit_lines("n1", 10_000).expect("n1's audit");
+        let n2_lines = db.audit_lines("n2", 10_000).expect("n2's audit");
+        let login_of = |lines: &[String], user: &str| {
+            lines.iter().any(|l| {
+                serde_json::from_str::<Value>(l)
+                    .is_ok_and(|v| v["kind"] == "login_ok" && v["user"] == user)
+            })
+        };
+        if login_of(&n1_lines, "alice")
+            && login_of(&n1_lines, "carol")
+            && login_of(&n2_lines, "bob")
+        {
+            assert!(!login_of(&n1_lines, "bob"), "bob logged in on n2 only");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the logins are not in the cluster's audit: n1 {n1_lines:?}, n2 {n2_lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     n1.stop().assert_success();
     n2.stop().assert_success();
 }
@@ -366,6 +406,7 @@ fn a_node_killed_under_a_stream_loses_and_duplicates_nothing() {
         state.path(),
     );
     assert_eq!(bob.connected["server"], n1.addr());
+    warm_up(&mut alice, &mut bob);
 
     let sent = stream(&mut alice, N, Duration::from_millis(5), |i| {
         if i == N / 3 {
@@ -397,6 +438,7 @@ fn a_nats_restart_under_a_stream_is_filled_from_postgres() {
     let state = tempfile::tempdir().expect("state");
     let mut alice = json_client(&pin, &n1.addr(), "alice", state.path());
     let mut bob = json_client(&pin, &n2.addr(), "bob", state.path());
+    warm_up(&mut alice, &mut bob);
 
     let sent = {
         let nats = &mut cluster.nats;
@@ -431,6 +473,7 @@ fn postgres_down_refuses_sends_clearly_and_loses_nothing() {
     let mut alice = json_client(&pin, &n1.addr(), "alice", state.path());
     let mut bob = json_client(&pin, &n2.addr(), "bob", state.path());
 
+    warm_up(&mut alice, &mut bob);
     let before = stream(&mut alice, 20, Duration::from_millis(2), |_| {});
     check_once_in_order(&read_messages(&mut bob, "alice", &before), "alice", &before);
 

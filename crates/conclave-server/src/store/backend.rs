@@ -48,6 +48,13 @@ pub trait Backend:
     fn preparer(&self) -> Option<Preparer> {
         None
     }
+    /// Keeps a copy of an audit record's line written by `node` (cluster mode: the cluster's
+    /// audit in the shared store). A store on one node keeps none: the data directory's audit
+    /// log is the record.
+    fn audit_copy(&mut self, node: &str, line: &str) -> Result<(), StoreError> {
+        let _ = (node, line);
+        Ok(())
+    }
     /// [`Messages::append_batch`] of messages the store thread gives up, with what the
     /// [`Backend::preparer`] computed for each (in order; `None` where nothing was). By
     /// default the preparation is not used.
