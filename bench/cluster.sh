@@ -69,7 +69,7 @@ PG_PORT=$(free_port)
 mkdir -p "$WORK/pg" "$WORK/pgsock"
 if [ "$(id -u)" -eq 0 ]; then chown postgres "$WORK/pg" "$WORK/pgsock"; fi
 as_pg "$PG_BIN/initdb" -D "$WORK/pg" -U conclave --auth=trust -N >/dev/null
-as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w start \
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pgsock/pg.log" -w start \
     -o "-p $PG_PORT -k $WORK/pgsock -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c max_connections=50" >/dev/null
 PG_MAIN=$(head -1 "$WORK/pg/postmaster.pid")
 STORE="postgres://conclave@127.0.0.1:$PG_PORT/postgres"
@@ -163,13 +163,13 @@ run() { # label preset servers...
     after_pg=$(cpu_ticks $(pg_pids))
     after_nats=$(cpu_ticks "$NATS_PID")
     after_nodes=$(cpu_ticks "${NODE_PIDS[@]}")
-    jq -c --arg label "$label" --arg preset "$preset" --argjson nodes "${#NODE_PIDS[@]}" \
+    jq -c --arg lbl "$label" --arg preset "$preset" --argjson nodes "${#NODE_PIDS[@]}" \
         --argjson pg "$(( after_pg - before_pg ))" --argjson nats "$(( after_nats - before_nats ))" \
         --argjson all "$(( after_nodes - before_nodes ))" --argjson hz "$TICKS" \
-        '{label:$label, preset:$preset, nodes:$nodes, accepted, deliveries, traffic_s,
+        '{"label": $lbl, "preset": $preset, "nodes": $nodes, accepted, deliveries, traffic_s,
           deliveries_per_sec, latency_ms, socket_latency_ms, server_rss_kib_per_conn,
           clients_connected, errors, complete,
-          pg_cpu_s: ($pg/$hz), nats_cpu_s: ($nats/$hz), nodes_cpu_s: ($all/$hz)}' \
+          "pg_cpu_s": ($pg/$hz), "nats_cpu_s": ($nats/$hz), "nodes_cpu_s": ($all/$hz)}' \
         "$WORK/run.json" >>"$RESULTS"
 }
 EXTRA=()
@@ -210,17 +210,36 @@ run "two nodes" paced-100 "${NODE_ADDRS[@]}"
 run "two nodes" fanout-100 "${NODE_ADDRS[@]}"
 stop_nodes
 
+# PostgreSQL's own group commit, without the server: batches of 1, 10 and 100 messages from
+# one connection (the store thread's), durable.
+PG_APPEND=${PG_APPEND:-target/release/examples/pg_append}
+if [ -x "$PG_APPEND" ]; then
+    say "pg_append"
+    CONCLAVE_PG="host=$WORK/pgsock port=$PG_PORT user=conclave dbname=postgres" "$PG_APPEND" \
+        >"$WORK/pg_append.txt" 2>&1 || true
+fi
+
 {
     echo "# Cluster figures, $DATE"
     echo
     echo "\`bench/cluster.sh\` on $(nproc) CPUs ($(uname -m)), $(as_pg "$PG_BIN/postgres" --version), $(nats-server --version 2>&1 | head -1); nodes unpinned."
     echo
-    echo "| run | preset | durable msg/s | deliveries/s | latency p50 / p99 ms | socket p50 / p99 ms | node CPU µs/msg | PostgreSQL CPU µs/msg | NATS CPU µs/msg | KiB/conn | complete |"
+    echo "CPU columns: the whole run (connections and logins included), all nodes together, per acknowledged message (and for the nodes also per delivery); KiB/conn: node 1's memory per connection, one-node runs only."
+    echo
+    echo "| run | preset | durable msg/s | deliveries/s | latency p50 / p99 ms | socket p50 / p99 ms | nodes CPU µs/msg (/delivery) | PostgreSQL CPU µs/msg | NATS CPU µs/msg | KiB/conn | complete |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|"
     jq -r '
       def r(x): if x == null then "–" else (x * 100 | round / 100 | tostring) end;
       def per(x): if .accepted > 0 then r(x * 1000000 / .accepted) else "–" end;
-      "| \(.label) | \(.preset) | \(if .traffic_s != null and .traffic_s > 0 then r(.accepted / .traffic_s) else "–" end) | \(r(.deliveries_per_sec)) | \(r(.latency_ms.p50)) / \(r(.latency_ms.p99)) | \(r(.socket_latency_ms.p50)) / \(r(.socket_latency_ms.p99)) | \(per(.nodes_cpu_s)) | \(per(.pg_cpu_s)) | \(per(.nats_cpu_s)) | \(r(.server_rss_kib_per_conn)) | \(.complete) |"
+      "| \(.label) | \(.preset) | \(if .traffic_s != null and .traffic_s > 0 then r(.accepted / .traffic_s) else "–" end) | \(r(.deliveries_per_sec)) | \(r(.latency_ms.p50)) / \(r(.latency_ms.p99)) | \(r(.socket_latency_ms.p50)) / \(r(.socket_latency_ms.p99)) | \(per(.nodes_cpu_s)) (\(if .deliveries > 0 then r(.nodes_cpu_s * 1000000 / .deliveries) else "–" end)) | \(per(.pg_cpu_s)) | \(per(.nats_cpu_s)) | \(if .nodes == 1 then r(.server_rss_kib_per_conn) else "–" end) | \(.complete) |"
     ' "$RESULTS"
+    if [ -s "$WORK/pg_append.txt" ]; then
+        echo
+        echo "\`pg_append\` (one connection, durable batches, no server):"
+        echo
+        echo '```'
+        cat "$WORK/pg_append.txt"
+        echo '```'
+    fi
 } | tee "$OUT"
 say "written to $OUT"

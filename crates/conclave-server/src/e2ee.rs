@@ -56,7 +56,11 @@ pub struct Newer {
 impl Newer {
     /// Reads, on the store thread, what is newer than `applied` for `conv`.
     pub fn read(db: &mut dyn Groups, conv: &str, applied: u64) -> Result<Newer, StoreError> {
-        let row = db.e2ee_group(conv)?.filter(|r| r.applied_seq > applied);
+        // The state is read (and opened) only when another node saved a newer one.
+        let row = match db.e2ee_group_seq(conv)? {
+            Some(seq) if seq > applied => db.e2ee_group(conv)?.filter(|r| r.applied_seq > applied),
+            _ => None,
+        };
         let from = row.as_ref().map_or(applied, |r| r.applied_seq);
         let commits = db.e2ee_commits_after(conv, from, conclave_e2ee::CT_COMMIT)?;
         Ok(Newer { row, commits })

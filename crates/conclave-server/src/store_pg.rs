@@ -53,7 +53,7 @@ use crate::store::{
 /// The schema this build writes; a database at a higher version was written by a newer build.
 /// Each version adds to the one before (a database at an older version is brought up to this
 /// one at connect).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Schema version 5: the cluster's audit, a copy of each node's records (the node's file in
 /// its data directory stays the tamper-evident chain; each line carries its chain hash).
@@ -66,6 +66,36 @@ CREATE TABLE audit_copy (
 );
 CREATE INDEX audit_copy_node ON audit_copy (node, id);
 "#;
+
+/// Schema version 6: end-to-end commits marked in `messages`, under an index of their own.
+const SCHEMA_V6: &str = r#"
+ALTER TABLE messages ADD COLUMN mls_commit BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE INDEX messages_mls_commits ON messages (conv_id, seq) WHERE mls_commit;
+"#;
+
+/// At the upgrade to version 6: marks the commits already stored, in the conversations that
+/// have an end-to-end group (their bodies are sealed: each is opened to read its type).
+fn mark_commits(tx: &mut Transaction<'_>, key: &DataKey) -> Result<(), StoreError> {
+    let rows = tx.query(
+        "SELECT m.gseq, m.msg_id, m.seq, c.key, m.body FROM messages m
+         JOIN convs c ON c.id = m.conv_id
+         WHERE c.key IN (SELECT conv FROM e2ee_groups)",
+        &[],
+    )?;
+    for r in rows {
+        let (gseq, msg_id, seq, conv): (i64, String, i64, String) =
+            (col(&r, 0)?, col(&r, 1)?, col(&r, 2)?, col(&r, 3)?);
+        let sealed: Vec<u8> = col(&r, 4)?;
+        let body = crate::store::open_body(key, &msg_id, &conv, seq, &sealed)?;
+        if body.content_type == conclave_e2ee::CT_COMMIT {
+            tx.execute(
+                "UPDATE messages SET mls_commit = TRUE WHERE gseq = $1",
+                &[&gseq],
+            )?;
+        }
+    }
+    Ok(())
+}
 
 /// Any two nodes opening the same database take this advisory lock (a fixed key:
 /// "conclave" in ASCII) while they check and create the schema, so they never race.
@@ -377,6 +407,10 @@ fn create_schema(client: &mut Client, key: &DataKey) -> Result<(), StoreError> {
     }
     if version < 5 {
         tx.batch_execute(SCHEMA_V5)?;
+    }
+    if version < 6 {
+        tx.batch_execute(SCHEMA_V6)?;
+        mark_commits(&mut tx, key)?;
     }
     if version < SCHEMA_VERSION {
         tx.execute(

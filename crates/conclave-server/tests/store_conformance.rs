@@ -1857,8 +1857,11 @@ const V4_TABLES: &str = "e2ee_welcomes, e2ee_groups, e2ee_key_packages, e2ee_dev
 /// later versions dropped, the version put back.
 fn downgrade(config: &str, version: i64) {
     let mut admin = ::postgres::Client::connect(config, ::postgres::NoTls).expect("plain client");
-    // Version 5's table, then version 4's.
-    let mut sql = format!("DROP TABLE audit_copy; DROP TABLE {V4_TABLES};");
+    // Version 6's column, version 5's table, then version 4's.
+    let mut sql = format!(
+        "ALTER TABLE messages DROP COLUMN mls_commit; DROP TABLE audit_copy; \
+         DROP TABLE {V4_TABLES};"
+    );
     if version < 3 {
         sql.push_str("DROP TABLE search_index, messages, conv_members;");
     }
@@ -1874,6 +1877,77 @@ fn downgrade(config: &str, version: i64) {
 }
 
 /// A database at schema version 1 (before files) or 2 (before chat, devices and groups) is
+/// A cluster node reads a group's commits without opening every message after its state:
+/// commits are marked at insert, and a database from before the mark (version 5) gets its
+/// stored commits marked at the upgrade.
+#[test]
+fn postgres_commits_are_marked_and_marked_at_the_upgrade() {
+    let pg = postgres_kit::PgServer::start();
+    let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect");
+    db.create_user("alice", "h", true).expect("create");
+    let conv = messages::lobby();
+    let commit = |n: u8| NewMessage {
+        conv: conv.clone(),
+        from: "alice".into(),
+        body: Body {
+            content_type: "application/mls-commit".into(),
+            data: vec![n; 8],
+        },
+        except: Vec::new(),
+        idempotency_key: None,
+        refs: None,
+    };
+    let app = NewMessage {
+        body: Body {
+            content_type: "application/mls-message".into(),
+            data: vec![9; 8],
+        },
+        ..commit(0)
+    };
+    db.append_batch(&[commit(1), app.clone(), app.clone(), commit(2), app.clone()])
+        .expect("append");
+    db.e2ee_put_group(&GroupRow {
+        conv: "r:lobby".into(),
+        group_id: b"g".to_vec(),
+        state: b"s".to_vec(),
+        applied_seq: 0,
+        group_info: b"gi".to_vec(),
+        removal_epoch: 0,
+        pending: Vec::new(),
+    })
+    .expect("a group");
+    let want = vec![
+        (1, "alice".to_string(), vec![1u8; 8]),
+        (4, "alice".to_string(), vec![2u8; 8]),
+    ];
+    assert_eq!(
+        db.e2ee_commits_after("r:lobby", 0, "application/mls-commit")
+            .expect("commits"),
+        want
+    );
+    assert_eq!(
+        db.e2ee_commits_after("r:lobby", 1, "application/mls-commit")
+            .expect("commits"),
+        want[1..]
+    );
+    drop(db);
+    let mut admin =
+        ::postgres::Client::connect(&pg.tcp_config(), ::postgres::NoTls).expect("plain client");
+    admin
+        .batch_execute(
+            "ALTER TABLE messages DROP COLUMN mls_commit;
+             UPDATE conclave_meta SET value = '5' WHERE key = 'schema_version';",
+        )
+        .expect("make it a version 5 database");
+    let mut db = PgDb::connect(&pg.tcp_config(), key()).expect("connect to version 5");
+    assert_eq!(db.schema_version().expect("version"), SCHEMA_VERSION);
+    assert_eq!(
+        db.e2ee_commits_after("r:lobby", 0, "application/mls-commit")
+            .expect("commits after the upgrade"),
+        want
+    );
+}
+
 /// brought up to the current version at connect, keeping its rows, and the new tables then
 /// work.
 #[test]

@@ -358,6 +358,11 @@ pub trait Groups {
     fn e2ee_group(&self, conv: &str) -> Result<Option<GroupRow>, StoreError> {
         Ok(self.e2ee_groups()?.into_iter().find(|g| g.conv == conv))
     }
+    /// The `applied_seq` of one conversation's stored group, without reading (and opening)
+    /// its state: what a cluster node checks before each end-to-end message.
+    fn e2ee_group_seq(&self, conv: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.e2ee_group(conv)?.map(|g| g.applied_seq))
+    }
     /// Takes the cluster-wide lock of `conv`'s group if no other node holds it (true), so
     /// that one node at a time validates and orders the group's commits and messages; each
     /// success is undone by one [`Groups::e2ee_unlock`]. A node alone on its store needs none

@@ -226,6 +226,14 @@ impl Groups for PgDb {
         row.map(|r| self.group_row(&r)).transpose()
     }
 
+    fn e2ee_group_seq(&self, conv: &str) -> Result<Option<u64>, StoreError> {
+        let row = self.client.borrow_mut().query_opt(
+            "SELECT applied_seq FROM e2ee_groups WHERE conv = $1",
+            &[&conv],
+        )?;
+        row.map(|r| col::<i64>(&r, 0).map(|s| s as u64)).transpose()
+    }
+
     /// A session-level advisory lock in its own key space (`GROUP_LOCK_SPACE`), keyed by a
     /// hash of the conversation: two conversations with the same hash only wait for each
     /// other. PostgreSQL drops it if this node's connection dies.
@@ -333,10 +341,18 @@ impl Groups for PgDb {
         after: u64,
         commit_type: &str,
     ) -> Result<Vec<(u64, String, Vec<u8>)>, StoreError> {
+        // Commits are marked at insert (schema version 6): only they are read and opened.
+        let only_commits = if commit_type == conclave_e2ee::CT_COMMIT {
+            "AND m.mls_commit"
+        } else {
+            ""
+        };
         let rows = self.client.get_mut().query(
-            "SELECT m.msg_id, m.seq, m.sender, m.body FROM messages m
-             JOIN convs c ON c.id = m.conv_id
-             WHERE c.key = $1 AND m.seq > $2 ORDER BY m.seq",
+            &format!(
+                "SELECT m.msg_id, m.seq, m.sender, m.body FROM messages m
+                 JOIN convs c ON c.id = m.conv_id
+                 WHERE c.key = $1 AND m.seq > $2 {only_commits} ORDER BY m.seq"
+            ),
             &[&conv, &(after as i64)],
         )?;
         let mut out = Vec::new();

@@ -201,10 +201,12 @@ impl Statements {
             )?,
             insert_messages: c.prepare(
                 "INSERT INTO messages (conv_id, seq, msg_id, sender, ts_ms, body, except_list,
-                                       idem_key, reply_to, act_on, act_kind, act_applied)
+                                       idem_key, reply_to, act_on, act_kind, act_applied,
+                                       mls_commit)
                  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[],
                                       $5::bigint[], $6::bytea[], $7::text[], $8::text[],
-                                      $9::text[], $10::text[], $11::bigint[], $12::bool[])
+                                      $9::text[], $10::text[], $11::bigint[], $12::bool[],
+                                      $13::bool[])
                  ON CONFLICT (sender, idem_key) WHERE idem_key IS NOT NULL DO NOTHING
                  RETURNING msg_id, gseq",
             )?,
@@ -585,11 +587,17 @@ impl PgDb {
                 .iter()
                 .map(|(m, _)| acts_on(m).is_some() && !is_mls(&m.body))
                 .collect();
+            // End-to-end commits are marked, so a cluster node finds a group's commits without
+            // opening every message after its state (`Groups::e2ee_commits_after`).
+            let commits: Vec<bool> = new
+                .iter()
+                .map(|(m, _)| m.body.content_type == conclave_e2ee::CT_COMMIT)
+                .collect();
             for r in tx.query(
                 &st.insert_messages,
                 &[
                     &conv_ids, &seqs, &msg_ids, &senders, &times, &bodies, &excepts, &idem,
-                    &reply_to, &act_on, &act_kind, &applied,
+                    &reply_to, &act_on, &act_kind, &applied, &commits,
                 ],
             )? {
                 gseqs.insert(col(&r, 0)?, col(&r, 1)?);
