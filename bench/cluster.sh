@@ -215,7 +215,10 @@ stop_nodes
 PG_APPEND=${PG_APPEND:-target/release/examples/pg_append}
 if [ -x "$PG_APPEND" ]; then
     say "pg_append"
-    CONCLAVE_PG="host=$WORK/pgsock port=$PG_PORT user=conclave dbname=postgres" "$PG_APPEND" \
+    # A database of its own: pg_append opens it with a key of its own.
+    as_pg "$PG_BIN/psql" -h "$WORK/pgsock" -p "$PG_PORT" -U conclave -d postgres -q \
+        -c "CREATE DATABASE pg_append" >/dev/null
+    CONCLAVE_PG="host=$WORK/pgsock port=$PG_PORT user=conclave dbname=pg_append" "$PG_APPEND" \
         >"$WORK/pg_append.txt" 2>&1 || true
 fi
 
