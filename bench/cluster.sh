@@ -167,7 +167,7 @@ run() { # label preset servers...
         --argjson pg "$(( after_pg - before_pg ))" --argjson nats "$(( after_nats - before_nats ))" \
         --argjson all "$(( after_nodes - before_nodes ))" --argjson hz "$TICKS" \
         '{"label": $lbl, "preset": $preset, "nodes": $nodes, accepted, deliveries, traffic_s,
-          deliveries_per_sec, latency_ms, socket_latency_ms, server_rss_kib_per_conn,
+          deliveries_per_sec, latency_ms, socket_latency_ms, latency_by_node, server_rss_kib_per_conn,
           clients_connected, errors, complete,
           "pg_cpu_s": ($pg/$hz), "nats_cpu_s": ($nats/$hz), "nodes_cpu_s": ($all/$hz)}' \
         "$WORK/run.json" >>"$RESULTS"
@@ -235,6 +235,16 @@ fi
       def r(x): if x == null then "–" else (x * 100 | round / 100 | tostring) end;
       def per(x): if .accepted > 0 then r(x * 1000000 / .accepted) else "–" end;
       "| \(.label) | \(.preset) | \(if .traffic_s != null and .traffic_s > 0 then r(.accepted / .traffic_s) else "–" end) | \(r(.deliveries_per_sec)) | \(r(.latency_ms.p50)) / \(r(.latency_ms.p99)) | \(r(.socket_latency_ms.p50)) / \(r(.socket_latency_ms.p99)) | \(per(.nodes_cpu_s)) (\(if .deliveries > 0 then r(.nodes_cpu_s * 1000000 / .deliveries) else "–" end)) | \(per(.pg_cpu_s)) | \(per(.nats_cpu_s)) | \(if .nodes == 1 then r(.server_rss_kib_per_conn) else "–" end) | \(.complete) |"
+    ' "$RESULTS"
+    echo
+    echo "Two nodes, split by whether a delivery crossed nodes (the sender's and the receiver's connections on different nodes):"
+    echo
+    echo "| preset | same node p50 / p99 ms | across nodes p50 / p99 ms | same node, socket | across nodes, socket |"
+    echo "|---|---|---|---|---|"
+    jq -r '
+      def r(x): if x == null then "–" else (x * 100 | round / 100 | tostring) end;
+      select(.latency_by_node != null) | .latency_by_node as $s |
+      "| \(.preset) | \(r($s.same_node_ms.p50)) / \(r($s.same_node_ms.p99)) | \(r($s.cross_node_ms.p50)) / \(r($s.cross_node_ms.p99)) | \(r($s.same_node_socket_ms.p50)) / \(r($s.same_node_socket_ms.p99)) | \(r($s.cross_node_socket_ms.p50)) / \(r($s.cross_node_socket_ms.p99)) |"
     ' "$RESULTS"
     if [ -s "$WORK/pg_append.txt" ]; then
         echo

@@ -91,6 +91,10 @@ pub struct ConclaveTarget {
 
 /// Runs the scenario against a Conclave server.
 pub async fn run(ctx: Arc<Ctx>, target: Arc<ConclaveTarget>) {
+    if let Ok(list) = conclave_client::ServerList::parse(&target.server) {
+        ctx.servers
+            .store(list.len().max(1), std::sync::atomic::Ordering::Relaxed);
+    }
     warm_up(&ctx, &target).await;
     if ctx.scn.is_idle() {
         idle(ctx, target).await
@@ -153,7 +157,7 @@ async fn connect_lib(ctx: &Arc<Ctx>, t: &ConclaveTarget, i: usize) -> Option<Mem
     match timeout_at(ctx.bounded(CONNECT_TIMEOUT), attempt).await {
         Ok(Ok((client, events, _session))) => {
             ctx.connected.fetch_add(1, Ordering::Relaxed);
-            let receiver = tokio::spawn(receive(events, ctx.clone()));
+            let receiver = tokio::spawn(receive(events, ctx.clone(), ctx.node_of(i)));
             Some(Member::Lib { client, receiver })
         }
         Ok(Err(e)) => {
@@ -274,7 +278,7 @@ async fn connect_raw(
     match timeout_at(ctx.bounded(CONNECT_TIMEOUT + JOIN_TIMEOUT), attempt).await {
         Ok(Ok(conn)) => {
             ctx.joined[room].fetch_add(1, Ordering::Relaxed);
-            let receiver = tokio::spawn(raw_loop(conn, ctx.clone()));
+            let receiver = tokio::spawn(raw_loop(conn, ctx.clone(), ctx.node_of(i)));
             Some(Member::Raw { receiver })
         }
         Ok(Err(e)) => {
@@ -290,7 +294,7 @@ async fn connect_raw(
 }
 
 /// Drains a member's events until the run stops, recording this run's messages.
-async fn receive(mut events: Events, ctx: Arc<Ctx>) -> Recorder {
+async fn receive(mut events: Events, ctx: Arc<Ctx>, node: Option<usize>) -> Recorder {
     let mut rec = Recorder::default();
     loop {
         let event = tokio::select! {
@@ -301,7 +305,7 @@ async fn receive(mut events: Events, ctx: Arc<Ctx>) -> Recorder {
         match event {
             Some(ClientEvent::Server(Event::Message(m))) => {
                 // The library reads the socket itself: no kernel stamp here.
-                record(&ctx, &mut rec, m.body.as_text(), None);
+                record(&ctx, &mut rec, node, m.body.as_text(), None);
             }
             Some(ClientEvent::Disconnected {
                 reason, message, ..
@@ -319,19 +323,35 @@ async fn receive(mut events: Events, ctx: Arc<Ctx>) -> Recorder {
     rec
 }
 
-fn record(ctx: &Ctx, rec: &mut Recorder, text: Option<&str>, arrived_ago_ns: Option<u64>) {
+fn record(
+    ctx: &Ctx,
+    rec: &mut Recorder,
+    node: Option<usize>,
+    text: Option<&str>,
+    arrived_ago_ns: Option<u64>,
+) {
     record_bytes(
         ctx,
         rec,
+        node,
         text.map(str::as_bytes).unwrap_or_default(),
         arrived_ago_ns,
     );
 }
 
-fn record_bytes(ctx: &Ctx, rec: &mut Recorder, text: &[u8], arrived_ago_ns: Option<u64>) {
-    match parse_stamp_bytes(ctx.run_id, text) {
-        Some(sent_ns) => {
-            rec.record(sent_ns, arrived_ago_ns);
+/// Records a delivery to a receiver whose connection starts at server address `node` (with
+/// several addresses): the stamp says the sender's, so whether the message crossed nodes.
+fn record_bytes(
+    ctx: &Ctx,
+    rec: &mut Recorder,
+    node: Option<usize>,
+    text: &[u8],
+    arrived_ago_ns: Option<u64>,
+) {
+    match crate::measure::parse_stamp_from(ctx.run_id, text) {
+        Some((sent_ns, from)) => {
+            let crossed = node.zip(from).map(|(mine, theirs)| mine != theirs);
+            rec.record_split(sent_ns, arrived_ago_ns, crossed);
             ctx.counters.delivered.fetch_add(1, Ordering::Relaxed);
         }
         None => {
@@ -465,6 +485,7 @@ async fn join_rooms(ctx: &Arc<Ctx>, members: &[Option<Member>]) {
 /// One sender: `messages` sends to its room, at most `window` awaiting acknowledgement, paced
 /// when a rate is set.
 async fn send_loop(client: Client, ctx: Arc<Ctx>, room: usize, k: usize) {
+    let node = ctx.node_of(ctx.scn.sender_client(k));
     let scn = &ctx.scn;
     let name = ctx.room_name(room, false);
     let pacer = Pacer::new(scn.rate, scn.sender_phase(k));
@@ -497,7 +518,7 @@ async fn send_loop(client: Client, ctx: Arc<Ctx>, room: usize, k: usize) {
         if ctx.past_deadline() {
             break;
         }
-        let text = stamp_text(ctx.run_id, now_ns(), scn.size_bytes);
+        let text = crate::measure::stamp_text_from(ctx.run_id, now_ns(), scn.size_bytes, node);
         let req = Request::Send {
             target: Target::Room {
                 room: name.clone(),
@@ -669,7 +690,7 @@ async fn raw_request(
 
 /// Keeps one raw connection until the run stops: records this run's messages, drops everything
 /// else, pings now and then.
-async fn raw_loop(mut conn: RawConn, ctx: Arc<Ctx>) -> Recorder {
+async fn raw_loop(mut conn: RawConn, ctx: Arc<Ctx>, node: Option<usize>) -> Recorder {
     let mut rec = Recorder::default();
     let arrival = conn.get_ref().get_ref().0.arrival();
     let mut next_ping = Instant::now() + IDLE_PING_EVERY;
@@ -680,9 +701,9 @@ async fn raw_loop(mut conn: RawConn, ctx: Arc<Ctx>) -> Recorder {
             _ = ctx.stop.cancelled() => break,
             frame = conn.next() => match frame {
                 Some(Ok(bytes)) => if let Some(text) = crate::wire_view::message_text(&bytes) {
-                    record_bytes(&ctx, &mut rec, text, arrival.age_ns());
+                    record_bytes(&ctx, &mut rec, node, text, arrival.age_ns());
                 } else { match decode_server(&bytes) {
-                    Ok(ServerFrame::Event(Event::Message(m))) => record(&ctx, &mut rec, m.body.as_text(), arrival.age_ns()),
+                    Ok(ServerFrame::Event(Event::Message(m))) => record(&ctx, &mut rec, node, m.body.as_text(), arrival.age_ns()),
                     Ok(ServerFrame::Event(Event::Disconnect { reason, message })) => {
                         ctx.counters.disconnect(format!("disconnected ({}): {message}", reason.as_str()));
                         break;
@@ -733,7 +754,7 @@ async fn idle_connect(
     {
         Ok(Ok(conn)) => {
             ctx.connected.fetch_add(1, Ordering::Relaxed);
-            Some(tokio::spawn(raw_loop(conn, ctx.clone())))
+            Some(tokio::spawn(raw_loop(conn, ctx.clone(), ctx.node_of(i))))
         }
         Ok(Err((_, e))) => {
             ctx.counters.error(format!("connect {}: {e}", account(i)));

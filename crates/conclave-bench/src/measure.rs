@@ -30,7 +30,22 @@ pub fn now_ns() -> u64 {
 /// The text of a message: `cb RUN T_NS ` then padding to `size` bytes. `RUN` tells this run's
 /// messages from those of an earlier run that a server may still deliver (catch-up).
 pub fn stamp_text(run: u32, t_ns: u64, size: usize) -> String {
+    stamp_text_from(run, t_ns, size, None)
+}
+
+/// Most server addresses a stamp can name (`a` to `p`).
+pub const MAX_STAMP_NODES: usize = 16;
+
+/// [`stamp_text`] that also names the server address the sender uses (its index in a
+/// `--server` list, below [`MAX_STAMP_NODES`]) in the first byte of the padding, when there
+/// is room: a receiver then knows whether the message crossed from another node.
+pub fn stamp_text_from(run: u32, t_ns: u64, size: usize, node: Option<usize>) -> String {
     let mut s = format!("cb {run:08x} {t_ns} ");
+    if let Some(n) = node.filter(|n| *n < MAX_STAMP_NODES)
+        && s.len() < size
+    {
+        s.push(char::from(b'a' + n as u8));
+    }
     while s.len() < size {
         s.push('x');
     }
@@ -45,6 +60,12 @@ pub fn parse_stamp(run: u32, text: &str) -> Option<u64> {
 /// [`parse_stamp`] on the raw bytes of a text (a receiver need not check the whole text is
 /// UTF-8 to read its header).
 pub fn parse_stamp_bytes(run: u32, text: &[u8]) -> Option<u64> {
+    parse_stamp_from(run, text).map(|(t, _)| t)
+}
+
+/// [`parse_stamp_bytes`], and the sender's address index when the stamp names it
+/// ([`stamp_text_from`]).
+pub fn parse_stamp_from(run: u32, text: &[u8]) -> Option<(u64, Option<usize>)> {
     let rest = text.strip_prefix(b"cb ")?;
     let (r, rest) = (rest.get(..8)?, rest.get(8..)?);
     let mut got = 0u32;
@@ -65,7 +86,14 @@ pub fn parse_stamp_bytes(run: u32, text: &[u8]) -> Option<u64> {
         t = t.checked_mul(10)?.checked_add(u64::from(d))?;
         digits += 1;
     }
-    (digits > 0 && rest.get(digits) == Some(&b' ')).then_some(t)
+    if digits == 0 || rest.get(digits) != Some(&b' ') {
+        return None;
+    }
+    let node = rest
+        .get(digits + 1)
+        .filter(|b| (b'a'..b'a' + MAX_STAMP_NODES as u8).contains(b))
+        .map(|b| usize::from(b - b'a'));
+    Some((t, node))
 }
 
 /// Counters shared by every task of a run.
@@ -120,6 +148,21 @@ impl Counters {
 pub struct Recorder {
     app: Option<Box<Histogram<u64>>>,
     socket: Option<Box<Histogram<u64>>>,
+    /// With several server addresses: the same, for messages sent through the receiver's own
+    /// address (`same_*`) and through another (`cross_*`).
+    same_app: Option<Box<Histogram<u64>>>,
+    same_socket: Option<Box<Histogram<u64>>>,
+    cross_app: Option<Box<Histogram<u64>>>,
+    cross_socket: Option<Box<Histogram<u64>>>,
+}
+
+/// Latencies split by whether a message crossed nodes (see [`Recorder::record_split`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeSplit {
+    pub same_node_ms: Latency,
+    pub cross_node_ms: Latency,
+    pub same_node_socket_ms: Latency,
+    pub cross_node_socket_ms: Latency,
 }
 
 fn histogram() -> Box<Histogram<u64>> {
@@ -154,17 +197,57 @@ impl Recorder {
     /// Records a message sent at `sent_ns` and received now. `arrived_ago_ns`: how long ago
     /// its bytes reached the receiving socket, when the kernel said.
     pub fn record(&mut self, sent_ns: u64, arrived_ago_ns: Option<u64>) {
+        self.record_split(sent_ns, arrived_ago_ns, None);
+    }
+
+    /// [`Recorder::record`], counted also as a message that came through the receiver's own
+    /// node (`crossed` false) or from another one (true), when that is known.
+    pub fn record_split(
+        &mut self,
+        sent_ns: u64,
+        arrived_ago_ns: Option<u64>,
+        crossed: Option<bool>,
+    ) {
         let total = now_ns().saturating_sub(sent_ns);
         add(&mut self.app, total / 1000);
-        if let Some(ago) = arrived_ago_ns {
-            add(&mut self.socket, total.saturating_sub(ago) / 1000);
+        let (app, socket) = match crossed {
+            Some(true) => (Some(&mut self.cross_app), Some(&mut self.cross_socket)),
+            Some(false) => (Some(&mut self.same_app), Some(&mut self.same_socket)),
+            None => (None, None),
+        };
+        if let Some(h) = app {
+            add(h, total / 1000);
         }
+        if let Some(ago) = arrived_ago_ns {
+            let at_socket = total.saturating_sub(ago) / 1000;
+            add(&mut self.socket, at_socket);
+            if let Some(h) = socket {
+                add(h, at_socket);
+            }
+        }
+    }
+
+    /// The latencies split by node, when any message was counted so.
+    pub fn split(&self) -> Option<NodeSplit> {
+        if self.same_app.is_none() && self.cross_app.is_none() {
+            return None;
+        }
+        Some(NodeSplit {
+            same_node_ms: summary(self.same_app.as_deref()),
+            cross_node_ms: summary(self.cross_app.as_deref()),
+            same_node_socket_ms: summary(self.same_socket.as_deref()),
+            cross_node_socket_ms: summary(self.cross_socket.as_deref()),
+        })
     }
 
     pub fn merge(&mut self, other: &Recorder) {
         for (into, from) in [
             (&mut self.app, &other.app),
             (&mut self.socket, &other.socket),
+            (&mut self.same_app, &other.same_app),
+            (&mut self.same_socket, &other.same_socket),
+            (&mut self.cross_app, &other.cross_app),
+            (&mut self.cross_socket, &other.cross_socket),
         ] {
             if let Some(from) = from {
                 // Same bounds on both sides: adding cannot fail.
@@ -253,6 +336,36 @@ pub fn self_cpu() -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamps_name_the_senders_node_when_there_is_room() {
+        let t = stamp_text_from(7, 42, 64, Some(3));
+        assert_eq!(t.len(), 64);
+        assert_eq!(parse_stamp_from(7, t.as_bytes()), Some((42, Some(3))));
+        assert_eq!(parse_stamp_bytes(7, t.as_bytes()), Some(42));
+        // No node, or no room for it: the plain stamp.
+        let plain = stamp_text(7, 42, 64);
+        assert_eq!(parse_stamp_from(7, plain.as_bytes()), Some((42, None)));
+        let tight = stamp_text_from(7, 42, 0, Some(3));
+        assert_eq!(parse_stamp_from(7, tight.as_bytes()), Some((42, None)));
+        assert_eq!(
+            parse_stamp_from(
+                7,
+                stamp_text_from(7, 1, 64, Some(MAX_STAMP_NODES)).as_bytes()
+            ),
+            Some((1, None))
+        );
+        // Split latencies: counted in the whole and in their side.
+        let mut r = Recorder::default();
+        r.record_split(now_ns(), None, Some(true));
+        r.record_split(now_ns(), None, Some(false));
+        r.record_split(now_ns(), None, Some(false));
+        let split = r.split().expect("split");
+        assert_eq!(r.count(), 3);
+        assert_eq!(split.cross_node_ms.samples, 1);
+        assert_eq!(split.same_node_ms.samples, 2);
+        assert!(Recorder::default().split().is_none());
+    }
 
     #[test]
     fn stamps_round_trip_and_other_runs_are_ignored() {

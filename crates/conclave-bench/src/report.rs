@@ -47,6 +47,10 @@ pub struct Report {
     /// From send to the receiving socket (kernel receive stamps): without the time messages
     /// wait for the generator's CPU after arriving.
     pub socket_latency_ms: Latency,
+    /// With several server addresses: the latencies of messages that came through the
+    /// receiver's own node and of those that crossed from another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_by_node: Option<crate::measure::NodeSplit>,
     pub server_cpu_s: Option<f64>,
     pub server_cpu_us_per_delivery: Option<f64>,
     /// Server CPU use during the traffic, as a fraction of one CPU.
@@ -90,6 +94,7 @@ impl Report {
             deliveries: Counters::get(&c.delivered),
             latency_ms: ctx.latency(),
             socket_latency_ms: ctx.socket_latency(),
+            latency_by_node: ctx.latency_by_node(),
             generator_cpus,
             errors: Counters::get(&c.errors),
             disconnects: Counters::get(&c.disconnects),
@@ -296,10 +301,19 @@ impl Report {
                     f2(self.traffic_s)
                 ),
             );
-            for (what, l) in [
+            let mut latencies = vec![
                 ("latency ms p50 / p90 / p99 / max", &self.latency_ms),
                 ("  to the socket (kernel stamp)", &self.socket_latency_ms),
-            ] {
+            ];
+            if let Some(split) = &self.latency_by_node {
+                latencies.extend([
+                    ("  same node", &split.same_node_ms),
+                    ("  across nodes", &split.cross_node_ms),
+                    ("  same node, to the socket", &split.same_node_socket_ms),
+                    ("  across nodes, to the socket", &split.cross_node_socket_ms),
+                ]);
+            }
+            for (what, l) in latencies {
                 row(
                     what,
                     format!(

@@ -70,6 +70,8 @@ pub struct Ctx {
     pub accepted: Vec<AtomicU64>,
     /// Connections open and logged in.
     pub connected: AtomicU64,
+    /// Server addresses the connections are spread over (a cluster's nodes; 1 otherwise).
+    pub servers: std::sync::atomic::AtomicUsize,
     marks: Mutex<Vec<(Phase, Mark)>>,
     latency: Mutex<Recorder>,
     /// When the delivery count last grew (seen by [`Ctx::await_deliveries`]): the end of the
@@ -89,6 +91,7 @@ impl Ctx {
             joined: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
             accepted: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
             connected: AtomicU64::new(0),
+            servers: std::sync::atomic::AtomicUsize::new(1),
             marks: Mutex::new(Vec::new()),
             latency: Mutex::new(Recorder::default()),
             last_delivery: Mutex::new(None),
@@ -132,6 +135,20 @@ impl Ctx {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .summary()
+    }
+
+    /// Latencies split by whether a message crossed nodes (several server addresses only).
+    pub fn latency_by_node(&self) -> Option<crate::measure::NodeSplit> {
+        self.latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .split()
+    }
+
+    /// The server address connection `i` starts at, when there are several.
+    pub fn node_of(&self, i: usize) -> Option<usize> {
+        let n = self.servers.load(std::sync::atomic::Ordering::Relaxed);
+        (n > 1).then(|| i % n)
     }
 
     pub fn socket_latency(&self) -> crate::measure::Latency {
