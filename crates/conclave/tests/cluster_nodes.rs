@@ -9,6 +9,8 @@
 //!   node (`--server A,B`), no acknowledged message is lost and none is shown twice;
 //! - nats-server restarted under a stream: the nodes notice the gap and read the rest from
 //!   PostgreSQL;
+//! - an announcement, a kick and a ban made through one node act on the other node's
+//!   connections;
 //! - PostgreSQL stopped and started again under a stream: sends are refused with a clear error
 //!   while it is down, the node connects again by itself, nothing acknowledged is lost or
 //!   shown twice.
@@ -86,12 +88,20 @@ impl Cluster {
     /// adds the accounts through it, stops it, and copies its data directory for each other
     /// node: a copy of the first node's data directory prepares another (DESIGN.md).
     fn prepare(&self, nodes: &[&str], users: &[&str]) {
+        self.prepare_with_admins(nodes, users, &[]);
+    }
+
+    /// [`Cluster::prepare`], `admins` with the admin role.
+    fn prepare_with_admins(&self, nodes: &[&str], users: &[&str], admins: &[&str]) {
         let first = self.start_node(nodes[0]);
         for name in users {
             let mut cmd = conclave(["user", "--data-dir"]);
             cmd.arg(&first.data_dir)
                 .args(["add", name, "--password-env", PW_VAR])
                 .env(PW_VAR, PW);
+            if admins.contains(name) {
+                cmd.arg("--admin");
+            }
             run("user add", cmd).assert_success();
         }
         first.stop().assert_success();
@@ -667,6 +677,75 @@ fn two_nodes_share_files_and_end_to_end_rooms() {
 
     quit(alice);
     quit(bob);
+    n1.stop().assert_success();
+    n2.stop().assert_success();
+}
+
+#[test]
+fn announcements_kicks_and_bans_act_on_every_node() {
+    let cluster = Cluster::start();
+    cluster.prepare_with_admins(&["n1", "n2"], &["alice", "bob", "carol"], &["alice"]);
+    let n1 = cluster.start_node("n1");
+    let n2 = cluster.start_node("n2");
+    let pin = n1.fingerprint.clone();
+    let state = tempfile::tempdir().expect("state");
+    let mut alice = json_client(&pin, &n1.addr(), "alice", state.path());
+    let mut bob = json_client(&pin, &n2.addr(), "bob", state.path());
+    let mut carol = json_client(&pin, &n2.addr(), "carol", state.path());
+
+    // The operator's announcement on n1 reaches n2's connections.
+    let mut cmd = conclave(["admin", "--data-dir"]);
+    cmd.arg(cluster.data_dir("n1"))
+        .args(["announce", "maintenance at five"]);
+    run("admin announce", cmd).assert_success();
+    for c in [&mut bob, &mut carol] {
+        let a = c.expect("the announcement", |v| v["event"] == "announce");
+        assert_eq!(a["text"], "maintenance at five");
+    }
+
+    // An admin on n1 removes bob from the room: bob and carol, on n2, see it, and bob's
+    // sends to the room are refused there.
+    alice.send(
+        json!({"cmd": "kick", "room": "general", "user": "bob", "reason": "test", "id": "k"}),
+    );
+    alice.ok(json!("k"));
+    for c in [&mut bob, &mut carol] {
+        let k = c.expect("the kick", |v| v["event"] == "kicked");
+        assert_eq!(k["room"], "general");
+        assert_eq!(k["user"], "bob");
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        bob.send(json!({"cmd": "send", "room": "general", "text": "still here?", "id": "s"}));
+        let r = bob.reply(json!("s"));
+        if r.get("error").is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bob still sends to the room on n2: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A ban through n1's operator console closes bob's connection on n2 and refuses his
+    // next login there.
+    let mut cmd = conclave(["admin", "--data-dir"]);
+    cmd.arg(cluster.data_dir("n1"))
+        .args(["ban", "bob", "--for", "1h", "--reason", "test"]);
+    run("admin ban", cmd).assert_success();
+    let d = bob.expect("the ban's disconnect", |v| v["event"] == "disconnected");
+    assert_eq!(d["reason"], "banned", "{d}");
+    let mut again = client_cmd(&n2.addr(), "bob", state.path(), PW);
+    again.args(["--fingerprint", &pin]);
+    let f = common::client_fails("bob again", again);
+    assert!(
+        f.stdout_text().contains("banned") || f.stderr.contains("banned"),
+        "bob's login on n2 is refused as banned: {f:#?}"
+    );
+
+    quit(alice);
+    quit(carol);
     n1.stop().assert_success();
     n2.stop().assert_success();
 }
