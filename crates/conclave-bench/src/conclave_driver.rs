@@ -36,7 +36,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::measure::{Recorder, now_ns, parse_stamp_bytes, stamp_text};
+use crate::measure::{Recorder, now_ns, parse_stamp_from, stamp_text_from};
 use crate::net::{self, CertCheck};
 use crate::run::{CONNECT_TIMEOUT, Ctx, JOIN_TIMEOUT, Pacer, Phase, SETTLE};
 use crate::stamped::StampedTcp;
@@ -348,7 +348,7 @@ fn record_bytes(
     text: &[u8],
     arrived_ago_ns: Option<u64>,
 ) {
-    match crate::measure::parse_stamp_from(ctx.run_id, text) {
+    match parse_stamp_from(ctx.run_id, text) {
         Some((sent_ns, from)) => {
             let crossed = node.zip(from).map(|(mine, theirs)| mine != theirs);
             rec.record_split(sent_ns, arrived_ago_ns, crossed);
@@ -518,7 +518,7 @@ async fn send_loop(client: Client, ctx: Arc<Ctx>, room: usize, k: usize) {
         if ctx.past_deadline() {
             break;
         }
-        let text = crate::measure::stamp_text_from(ctx.run_id, now_ns(), scn.size_bytes, node);
+        let text = stamp_text_from(ctx.run_id, now_ns(), scn.size_bytes, node);
         let req = Request::Send {
             target: Target::Room {
                 room: name.clone(),
