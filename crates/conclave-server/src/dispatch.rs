@@ -145,6 +145,14 @@ pub(crate) fn refusal(error: &str, metrics: &Metrics) -> ErrorBody {
     if error == crate::store::DISK_FULL {
         metrics.storage_full("message");
         crate::replies::storage_full()
+    } else if error.starts_with("PostgreSQL: error communicating") {
+        // The connection broke while the batch was under way, perhaps during its commit.
+        ErrorBody::new(
+            ErrorCode::Internal,
+            "the connection to the cluster's database broke while the message was being \
+             stored, so it may or may not be stored; try again with the same idempotency key \
+             and it is stored once either way",
+        )
     } else {
         ErrorBody::new(
             ErrorCode::Internal,
