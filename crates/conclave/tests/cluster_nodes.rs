@@ -10,7 +10,7 @@
 //! - nats-server restarted under a stream: the nodes notice the gap and read the rest from
 //!   PostgreSQL;
 //! - an announcement, a kick and a ban made through one node act on the other node's
-//!   connections;
+//!   connections, and a vote-kick counts the votes cast on both nodes;
 //! - PostgreSQL stopped and started again under a stream: sends are refused with a clear error
 //!   while it is down, the node connects again by itself, nothing acknowledged is lost or
 //!   shown twice.
@@ -760,6 +760,59 @@ fn announcements_kicks_and_bans_act_on_every_node() {
 
     quit(alice);
     quit(carol);
+    n1.stop().assert_success();
+    n2.stop().assert_success();
+}
+
+#[test]
+fn a_vote_kick_counts_the_votes_of_every_node() {
+    let cluster = Cluster::start();
+    cluster.prepare(&["n1", "n2"], &["alice", "carol", "mallory"]);
+    let n1 = cluster.start_node("n1");
+    let n2 = cluster.start_node("n2");
+    let pin = n1.fingerprint.clone();
+    let state = tempfile::tempdir().expect("state");
+    let mut alice = json_client(&pin, &n1.addr(), "alice", state.path());
+    let mut carol = json_client(&pin, &n2.addr(), "carol", state.path());
+    let mut mallory = json_client(&pin, &n2.addr(), "mallory", state.path());
+
+    // One vote on n1: not enough (2 needed).
+    alice.send(json!({"cmd": "votekick", "room": "general", "user": "mallory", "id": "v1"}));
+    let r = alice.ok(json!("v1"));
+    assert_eq!(r["votes"], 1, "{r}");
+    assert_eq!(r["kicked"], false, "{r}");
+    // The second on n2 counts the first: mallory is voted out there.
+    let deadline = Instant::now() + WAIT;
+    let kicked = loop {
+        carol.send(json!({"cmd": "votekick", "room": "general", "user": "mallory", "id": "v2"}));
+        let r = carol.reply(json!("v2"));
+        assert!(r.get("error").is_none(), "{r}");
+        if r["kicked"] == true {
+            break r;
+        }
+        // n1's vote has not reached n2 yet: a vote again is the same vote.
+        assert!(
+            Instant::now() < deadline,
+            "n1's vote never counted on n2: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(kicked["votes"], 2, "{kicked}");
+    let k = mallory.expect("the vote's kick", |v| v["event"] == "kicked");
+    assert_eq!(k["by"], "vote", "{k}");
+    // And n1 sees it too.
+    let k = alice.expect("the kick on n1", |v| v["event"] == "kicked");
+    assert_eq!(k["user"], "mallory");
+    mallory.send(json!({"cmd": "send", "room": "general", "text": "back?", "id": "s"}));
+    let r = mallory.reply(json!("s"));
+    assert!(
+        r.get("error").is_some(),
+        "a voted-out user still sends to the room: {r}"
+    );
+
+    quit(alice);
+    quit(carol);
+    quit(mallory);
     n1.stop().assert_success();
     n2.stop().assert_success();
 }

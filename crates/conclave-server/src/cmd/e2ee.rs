@@ -754,7 +754,9 @@ pub async fn remove_device(shared: &Shared, user: &str, device: &str) -> usize {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "reading the end-to-end groups for a device removal"),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the end-to-end groups for a device removal")
+            }
         }
     }
     for handle in shared.e2ee.handles() {
