@@ -206,24 +206,58 @@ pub fn reset(shared: &Arc<Shared>) {
 /// After a bus reset, what end-to-end notices may have been lost: groups made on other nodes
 /// are read from the store, and every Welcome waiting for a device connected here is sent
 /// to it again (a client skips one it has used: it joined at or after that position).
-fn spawn_e2ee_resync(shared: Arc<Shared>) {
-    spawn(async move {
-        match shared.store.call(|db| db.e2ee_groups()).await {
-            Ok(rows) => {
-                for row in rows {
-                    if shared.e2ee.is_e2ee(&row.conv) {
-                        continue;
+/// Reads the end-to-end groups other nodes made that this node has not met yet.
+pub async fn read_groups_made_elsewhere(shared: &Shared) {
+    match shared.store.call(|db| db.e2ee_groups()).await {
+        Ok(rows) => {
+            for row in rows {
+                if shared.e2ee.is_e2ee(&row.conv) {
+                    continue;
+                }
+                match crate::e2ee::ConvGroup::from_row(row) {
+                    Ok(g) => {
+                        shared.e2ee.get_or_insert(g);
                     }
-                    match crate::e2ee::ConvGroup::from_row(row) {
-                        Ok(g) => {
-                            shared.e2ee.get_or_insert(g);
-                        }
-                        Err(e) => tracing::error!(error = %e, "another node's end-to-end group"),
-                    }
+                    Err(e) => tracing::error!(error = %e, "another node's end-to-end group"),
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "reading the end-to-end groups after a bus reset"),
         }
+        Err(e) => tracing::warn!(error = %e, "reading the end-to-end groups other nodes made"),
+    }
+}
+
+/// Sends `user`'s connections here the Welcomes stored for `device` (only the one with id
+/// `only`, when given).
+async fn send_welcomes(shared: &Shared, user: &str, device: &str, only: Option<u64>) {
+    let (u, d) = (user.to_string(), device.to_string());
+    let rows = match shared.store.call(move |db| db.e2ee_welcomes(&u, &d)).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading Welcomes stored by another node");
+            return;
+        }
+    };
+    let hub = shared.hub.lock();
+    for w in rows
+        .into_iter()
+        .filter(|w| only.is_none_or(|id| w.id == id))
+    {
+        broadcast(
+            hub.sessions_of(std::iter::once(user), None),
+            Event::E2eeWelcome {
+                id: w.id,
+                device: device.to_string(),
+                conv: crate::store::conv_from_key(&w.conv),
+                seq: w.seq,
+                welcome: conclave_proto::Bytes::from(w.welcome),
+            },
+        );
+    }
+}
+
+fn spawn_e2ee_resync(shared: Arc<Shared>) {
+    spawn(async move {
+        read_groups_made_elsewhere(&shared).await;
         let mut devices: Vec<(String, String)> = shared
             .registry
             .snapshot()
@@ -233,30 +267,7 @@ fn spawn_e2ee_resync(shared: Arc<Shared>) {
         devices.sort();
         devices.dedup();
         for (user, device) in devices {
-            let (u, d) = (user.clone(), device.clone());
-            let rows = match shared.store.call(move |db| db.e2ee_welcomes(&u, &d)).await {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading Welcomes after a bus reset");
-                    continue;
-                }
-            };
-            if rows.is_empty() {
-                continue;
-            }
-            let hub = shared.hub.lock();
-            for w in rows {
-                broadcast(
-                    hub.sessions_of(std::iter::once(user.as_str()), None),
-                    Event::E2eeWelcome {
-                        id: w.id,
-                        device: device.clone(),
-                        conv: crate::store::conv_from_key(&w.conv),
-                        seq: w.seq,
-                        welcome: conclave_proto::Bytes::from(w.welcome),
-                    },
-                );
-            }
+            send_welcomes(&shared, &user, &device, None).await;
         }
     });
 }
@@ -597,27 +608,7 @@ pub fn apply(shared: &Arc<Shared>, node: &str, event: ClusterEvent) {
             let shared = shared.clone();
             tokio::spawn(async move {
                 for (user, device, id) in here {
-                    let (u, d) = (user.clone(), device.clone());
-                    let rows = match shared.store.call(move |db| db.e2ee_welcomes(&u, &d)).await {
-                        Ok(rows) => rows,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "reading Welcomes stored by another node");
-                            continue;
-                        }
-                    };
-                    let hub = shared.hub.lock();
-                    for w in rows.into_iter().filter(|w| w.id == id) {
-                        broadcast(
-                            hub.sessions_of(std::iter::once(user.as_str()), None),
-                            Event::E2eeWelcome {
-                                id: w.id,
-                                device: device.clone(),
-                                conv: crate::store::conv_from_key(&w.conv),
-                                seq: w.seq,
-                                welcome: conclave_proto::Bytes::from(w.welcome),
-                            },
-                        );
-                    }
+                    send_welcomes(&shared, &user, &device, Some(id)).await;
                 }
             });
         }

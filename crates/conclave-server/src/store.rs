@@ -40,7 +40,7 @@ pub use backend::{
 pub use chat::TargetRow;
 pub use chat::{ChatRows, ReadMoved};
 pub(crate) use chat::{ExtraCols, extra_of, open_reactions, topic_ad};
-pub(crate) use chat::{columns as act_columns, is_mls, kind_of, reactions_ad};
+pub(crate) use chat::{columns as act_columns, is_mls, reactions_ad};
 pub use devices::PutOutcome;
 pub use e2ee::{GroupRow, MAX_KEY_PACKAGES, WelcomeRow};
 pub(crate) use e2ee::{SIGNER_AD, state_ad};

@@ -740,24 +740,7 @@ pub async fn remove_device(shared: &Shared, user: &str, device: &str) -> usize {
     let mut n = 0;
     if clustered(shared) {
         // Groups made on other nodes and not met here yet have leaves to remove too.
-        match shared.store.call(|db| db.e2ee_groups()).await {
-            Ok(rows) => {
-                for row in rows {
-                    if shared.e2ee.is_e2ee(&row.conv) {
-                        continue;
-                    }
-                    match ConvGroup::from_row(row) {
-                        Ok(g) => {
-                            shared.e2ee.get_or_insert(g);
-                        }
-                        Err(e) => tracing::error!(error = %e, "another node's end-to-end group"),
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the end-to-end groups for a device removal")
-            }
-        }
+        crate::cluster_events::read_groups_made_elsewhere(shared).await;
     }
     for handle in shared.e2ee.handles() {
         let mut g = match lock_group(shared, handle).await {

@@ -65,7 +65,7 @@
 
 use std::collections::HashMap;
 
-use conclave_proto::chat::{ActKind, ActsOn, Extra, MsgState, Reaction, apply_reaction};
+use conclave_proto::chat::{ActKind, ActsOn, Reaction, apply_reaction};
 use conclave_proto::{Body, Conv, Message};
 use postgres::{Client, IsolationLevel, Statement, Transaction};
 
@@ -73,8 +73,9 @@ use super::{PgDb, col};
 use crate::at_rest::DataKey;
 use crate::search::{self, SearchKey};
 use crate::store::{
-    Appended, Messages, NewMessage, PageBudget, Retention, StoreError, act_columns, conv_from_key,
-    conv_key, is_mls, kind_of, parse_except_list, reactions_ad, seal_ad,
+    Appended, ExtraCols, Messages, NewMessage, PageBudget, Retention, StoreError, act_columns,
+    conv_from_key, conv_key, extra_of, is_mls, open_body, open_reactions, parse_except_list,
+    reactions_ad, seal_ad,
 };
 
 /// Schema version 3: messages (sealed bodies, replies and acts, as SQLite's schema version 4
@@ -247,17 +248,6 @@ impl Statements {
     }
 }
 
-/// The columns of a stored row that become a message's [`Extra`].
-struct ExtraCols {
-    reply_to: Option<String>,
-    act_on: Option<String>,
-    act_kind: Option<i64>,
-    edited_ms: Option<i64>,
-    edits: i64,
-    deleted: bool,
-    reactions: Option<Vec<u8>>,
-}
-
 /// A row read with [`STORED_COLS`]: id, number, sender, time, sealed body, the extra columns.
 struct Stored {
     msg_id: String,
@@ -336,36 +326,9 @@ struct Row {
 }
 
 impl PgDb {
-    fn open_body(
-        &self,
-        msg_id: &str,
-        key: &str,
-        seq: i64,
-        sealed: &[u8],
-    ) -> Result<Body, StoreError> {
-        let plain = self
-            .key
-            .open(&seal_ad(msg_id, key, seq as u64), sealed)
-            .map_err(|_| StoreError::Corrupt)?;
-        postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)
-    }
-
     fn seal_body(&self, msg_id: &str, key: &str, seq: i64, body: &Body) -> Vec<u8> {
         let plain = postcard::to_stdvec(body).unwrap_or_default();
         self.key.seal(&seal_ad(msg_id, key, seq as u64), &plain)
-    }
-
-    fn open_reactions(&self, msg_id: &str, sealed: &[u8]) -> Result<Vec<Reaction>, StoreError> {
-        let plain = self
-            .key
-            .open(&reactions_ad(msg_id), sealed)
-            .map_err(|_| StoreError::Corrupt)?;
-        let list: Vec<(String, Vec<String>)> =
-            postcard::from_bytes(&plain).map_err(|_| StoreError::Corrupt)?;
-        Ok(list
-            .into_iter()
-            .map(|(emoji, users)| Reaction { emoji, users })
-            .collect())
     }
 
     fn seal_reactions(&self, msg_id: &str, reactions: &[Reaction]) -> Vec<u8> {
@@ -391,41 +354,6 @@ impl PgDb {
         Some(format!("{{{}}}", tokens.join(",")))
     }
 
-    /// The [`Extra`] of a stored row; `with_state` for history (the message's current state).
-    fn extra_of(
-        &self,
-        msg_id: &str,
-        cols: ExtraCols,
-        with_state: bool,
-    ) -> Result<Option<Box<Extra>>, StoreError> {
-        let acts_on = match (cols.act_on, cols.act_kind.and_then(kind_of)) {
-            (Some(id), Some(kind)) => Some(ActsOn { msg_id: id, kind }),
-            _ => None,
-        };
-        let state = if with_state && (cols.edits > 0 || cols.deleted || cols.reactions.is_some()) {
-            let reactions = match &cols.reactions {
-                Some(s) if !cols.deleted => self.open_reactions(msg_id, s)?,
-                _ => Vec::new(),
-            };
-            Some(MsgState {
-                edited_ms: cols.edited_ms,
-                edits: cols.edits.max(0) as u32,
-                deleted: cols.deleted,
-                reactions,
-            })
-        } else {
-            None
-        };
-        if cols.reply_to.is_none() && acts_on.is_none() && state.is_none() {
-            return Ok(None);
-        }
-        Ok(Some(Box::new(Extra {
-            reply_to: cols.reply_to,
-            acts_on,
-            state,
-        })))
-    }
-
     /// A stored row as a message of conversation `conv` (its storage key `key`).
     fn message(
         &self,
@@ -434,8 +362,8 @@ impl PgDb {
         key: &str,
         with_state: bool,
     ) -> Result<Message, StoreError> {
-        let body = self.open_body(&row.msg_id, key, row.seq, &row.sealed)?;
-        let extra = self.extra_of(&row.msg_id, row.cols, with_state)?;
+        let body = open_body(&self.key, &row.msg_id, key, row.seq, &row.sealed)?;
+        let extra = extra_of(&self.key, &row.msg_id, row.cols, with_state)?;
         Ok(Message {
             msg_id: row.msg_id,
             conv: conv.clone(),
@@ -721,7 +649,7 @@ impl PgDb {
                     return Ok(());
                 };
                 let mut list = match &sealed_reactions {
-                    Some(s) => self.open_reactions(&act.msg_id, s)?,
+                    Some(s) => open_reactions(&self.key, &act.msg_id, s)?,
                     None => Vec::new(),
                 };
                 if apply_reaction(&mut list, emoji, &m.from, act.kind == ActKind::React) {
@@ -903,11 +831,11 @@ impl Messages for PgDb {
         let mut budget = PageBudget::default();
         for r in &rows {
             let row = stored(r)?;
-            let body = self.open_body(&row.msg_id, &key, row.seq, &row.sealed)?;
+            let body = open_body(&self.key, &row.msg_id, &key, row.seq, &row.sealed)?;
             if !budget.admits(&body) {
                 break;
             }
-            let extra = self.extra_of(&row.msg_id, row.cols, true)?;
+            let extra = extra_of(&self.key, &row.msg_id, row.cols, true)?;
             out.push(Message {
                 msg_id: row.msg_id,
                 conv: conv_from_key(&key),
@@ -983,7 +911,7 @@ impl Messages for PgDb {
         for r in &rows {
             let key: String = col(r, 12)?;
             let row = stored(r)?;
-            let body = self.open_body(&row.msg_id, &key, row.seq, &row.sealed)?;
+            let body = open_body(&self.key, &row.msg_id, &key, row.seq, &row.sealed)?;
             // Truncated tokens can collide; the opened text decides.
             if !body
                 .as_text()
@@ -994,7 +922,7 @@ impl Messages for PgDb {
             if !budget.admits(&body) {
                 break;
             }
-            let extra = self.extra_of(&row.msg_id, row.cols, true)?;
+            let extra = extra_of(&self.key, &row.msg_id, row.cols, true)?;
             out.push(Message {
                 msg_id: row.msg_id,
                 conv: conv_from_key(&key),
@@ -1101,10 +1029,10 @@ impl Messages for PgDb {
                     Option<Vec<u8>>,
                     String,
                 ) = (col(r, 1)?, col(r, 2)?, col(r, 3)?, col(r, 4)?, col(r, 5)?);
-                let opens = self.open_body(&msg_id, &key, seq, &sealed).is_ok()
+                let opens = open_body(&self.key, &msg_id, &key, seq, &sealed).is_ok()
                     && reactions
                         .as_deref()
-                        .is_none_or(|s| self.open_reactions(&msg_id, s).is_ok());
+                        .is_none_or(|s| open_reactions(&self.key, &msg_id, s).is_ok());
                 if !opens {
                     unreadable += 1;
                     if problems.len() < CHECK_MAX_PROBLEMS {
