@@ -28,8 +28,8 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1023,6 +1023,8 @@ enum Msg {
 /// Counters shared by the handles and the writer.
 #[derive(Default)]
 struct Shared {
+    /// Records queued and not yet taken by the writer (at most `queue_records`).
+    queued: AtomicUsize,
     /// Records dropped since the last `audit_dropped` record was queued.
     pending_drops: AtomicU64,
     /// Records dropped since the log was opened.
@@ -1381,7 +1383,10 @@ impl Writer {
     /// Takes one message; true to stop.
     fn handle(&mut self, msg: Msg, flushes: &mut Vec<SyncSender<()>>) -> bool {
         match msg {
-            Msg::Record { ts, kind, fields } => self.append(ts, kind, *fields),
+            Msg::Record { ts, kind, fields } => {
+                self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+                self.append(ts, kind, *fields)
+            }
             Msg::Flush(reply) => {
                 self.note_drops();
                 flushes.push(reply);
@@ -1408,7 +1413,13 @@ fn dropped_fields(count: u64) -> Fields {
 // ---------------------------------------------------------------------------------------------
 
 struct Inner {
-    tx: SyncSender<Msg>,
+    /// Unbounded as a channel, bounded by `queue_records` through `Shared::queued`: a
+    /// `sync_channel` allocates (and initialises) every slot of its capacity at creation,
+    /// 2.6 MB for the default 65,536 records, resident for the server's whole life; this one
+    /// allocates blocks as records wait and frees them as they are written.
+    tx: Sender<Msg>,
+    /// Most records waiting at once.
+    capacity: usize,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -1467,7 +1478,7 @@ impl AuditLog {
             });
         }
         writer.sync();
-        let (tx, rx) = mpsc::sync_channel(queue);
+        let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || writer.run(rx))
@@ -1475,6 +1486,7 @@ impl AuditLog {
         Ok(AuditLog {
             inner: Arc::new(Inner {
                 tx,
+                capacity: queue,
                 shared,
                 thread: Mutex::new(Some(thread)),
             }),
@@ -1506,10 +1518,16 @@ impl AuditLog {
             kind,
             fields: Box::new(fields),
         };
-        match self.inner.tx.try_send(msg) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        let queued = &self.inner.shared.queued;
+        if queued.fetch_add(1, Ordering::AcqRel) >= self.inner.capacity {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
         }
+        if self.inner.tx.send(msg).is_err() {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
     }
 
     /// Blocks until everything recorded so far is written and fsynced. Returns at once after
