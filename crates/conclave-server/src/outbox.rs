@@ -57,7 +57,11 @@ struct Inner {
 
 #[derive(Default)]
 struct Queue {
+    /// Encoded frames in order; one entry may hold several frames back to back (see
+    /// [`Outbox::push_run`]).
     frames: VecDeque<Bytes>,
+    /// How many frames the entries of `frames` hold.
+    count: usize,
     /// Frames the writer has taken and not finished writing: they count against the
     /// capacity too, so a connection never holds more than `capacity` frames in all.
     taken: usize,
@@ -76,7 +80,7 @@ impl OutboxQueue {
     pub(crate) fn take(&self) -> VecDeque<Bytes> {
         let mut q = self.inner.lock_queue();
         let frames = std::mem::take(&mut q.frames);
-        q.taken = frames.len();
+        q.taken = std::mem::take(&mut q.count);
         frames
     }
 
@@ -96,6 +100,7 @@ impl Drop for OutboxQueue {
         let mut q = self.inner.lock_queue();
         q.writer_gone = true;
         q.frames = VecDeque::new();
+        q.count = 0;
     }
 }
 
@@ -132,26 +137,60 @@ impl Outbox {
         if q.writer_gone {
             return;
         }
-        if q.frames.len() + q.taken >= self.inner.capacity {
+        if q.count + q.taken >= self.inner.capacity {
             drop(q);
-            self.close(
-                DisconnectReason::SlowConsumer,
-                format!(
-                    "your connection fell behind: {} messages were waiting to be sent to you; reconnect to catch up",
-                    self.inner.capacity
-                ),
-            );
+            self.fell_behind();
             return;
         }
         let was_empty = q.frames.is_empty();
         q.frames.push_back(frame);
+        q.count += 1;
         drop(q);
-        self.inner.queued.fetch_add(1, Ordering::Relaxed);
+        self.queued(1, was_empty);
+    }
+
+    /// Queues a run of frames, `frames` in order, as one entry: `joined` is the same frames
+    /// back to back (one buffer shared by every recipient of the run, so a recipient costs one
+    /// queue entry, one reference count and one wake-up for the whole run, and its writer one
+    /// write). When the run does not fit in the capacity, the frames are queued one by one as
+    /// [`Outbox::push`] does, so the connection gets as many as fit before it is closed.
+    pub fn push_run(&self, joined: &Bytes, frames: &[Bytes]) {
+        let mut q = self.inner.lock_queue();
+        if q.writer_gone {
+            return;
+        }
+        if q.count + q.taken + frames.len() > self.inner.capacity {
+            drop(q);
+            for f in frames {
+                self.push(f.clone());
+            }
+            return;
+        }
+        let was_empty = q.frames.is_empty();
+        q.frames.push_back(joined.clone());
+        q.count += frames.len();
+        drop(q);
+        self.queued(frames.len() as u64, was_empty);
+    }
+
+    /// Counts `n` frames queued and wakes the writer if the queue was empty before them.
+    fn queued(&self, n: u64, was_empty: bool) {
+        self.inner.queued.fetch_add(n, Ordering::Relaxed);
         // The writer empties the whole queue each time it wakes: when frames were already
-        // waiting, it has been woken for them and will take this one too.
+        // waiting, it has been woken for them and will take these too.
         if was_empty {
             self.inner.ready.notify_one();
         }
+    }
+
+    fn fell_behind(&self) {
+        self.close(
+            DisconnectReason::SlowConsumer,
+            format!(
+                "your connection fell behind: {} messages were waiting to be sent to you; reconnect to catch up",
+                self.inner.capacity
+            ),
+        );
     }
 
     /// Encodes and queues a frame.
@@ -172,7 +211,7 @@ impl Outbox {
     /// Frames waiting to be written (including those the writer is writing).
     pub fn depth(&self) -> usize {
         let q = self.inner.lock_queue();
-        q.frames.len() + q.taken
+        q.count + q.taken
     }
 
     /// Frames queued since the connection opened.
@@ -351,6 +390,32 @@ mod tests {
             outbox.is_closed(),
             "three held by the writer and two queued overflow a capacity of four"
         );
+    }
+
+    #[tokio::test]
+    async fn a_run_counts_as_its_frames_and_does_not_overflow_as_one() {
+        let root = CancellationToken::new();
+        let (outbox, queue) = Outbox::new(5, &root);
+        let frames: Vec<Bytes> = (1..=3).map(|n| frame(n, 4)).collect();
+        let joined: Bytes = frames.concat().into();
+        outbox.push(frame(0, 4));
+        outbox.push_run(&joined, &frames);
+        assert_eq!(outbox.depth(), 4, "one frame and a run of three");
+        assert_eq!(outbox.frames_queued(), 4);
+        let held = queue.take();
+        assert_eq!(held.len(), 2, "the run is one entry");
+        assert_eq!(outbox.depth(), 4, "taken frames count until written");
+        // Three more do not fit next to the four held: queued one by one, the first fits and
+        // the second closes the connection, as pushing them alone would.
+        outbox.push_run(&joined, &frames);
+        assert!(outbox.is_closed());
+        assert_eq!(outbox.reason().0, DisconnectReason::SlowConsumer);
+        assert_eq!(outbox.depth(), 5);
+        let mut written = Vec::new();
+        write_frames(&mut written, &mut held.clone()).await.unwrap();
+        write_frames(&mut written, &mut queue.take()).await.unwrap();
+        let expected: Vec<u8> = [0u8, 1, 2, 3, 1].iter().flat_map(|n| vec![*n; 4]).collect();
+        assert_eq!(written, expected);
     }
 
     #[tokio::test]
