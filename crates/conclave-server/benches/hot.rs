@@ -91,5 +91,27 @@ fn seal(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fanout, seal);
+/// A message's search-index tokens (computed once per message, in the sender's task).
+fn tokens(c: &mut Criterion) {
+    let key = conclave_server::search::SearchKey::new(&[9u8; 32]);
+    let mut g = c.benchmark_group("search");
+    // A chat line of ten distinct words (one twice), and 64 bytes of the bench's stamped text.
+    for (name, text) in [
+        (
+            "tokens_chat_line",
+            "Deploying the new build to staging at five, deploy ok?",
+        ),
+        (
+            "tokens_stamp_64",
+            "cb 0000002a 1796689814388535161 axxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        ),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| key.tokens_text(std::hint::black_box(text)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fanout, seal, tokens);
 criterion_main!(benches);

@@ -32,9 +32,18 @@ pub const TOKEN_TEXT_LEN: usize = 16;
 
 /// The distinct normalised words of `text`, in first-seen order.
 pub fn words(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for_each_word(text, |w| out.push(w.to_string()));
+    out
+}
+
+/// Calls `f` with each distinct normalised word of `text` (what [`words`] returns), in
+/// first-seen order, without an allocation per word: every message's text goes through this
+/// once for its index tokens (docs/benchmarks.md, "Fan-out of a group commit's run as one
+/// buffer", found it a few percent of a busy room's server time as one `String` per word).
+pub fn for_each_word(text: &str, mut f: impl FnMut(&str)) {
     // ASCII is its own NFKD form, has no combining marks, and lowercases to ASCII: the fast
-    // path gives the same words without the Unicode machinery (most chat text is ASCII, and
-    // every stored message is tokenised on the store thread).
+    // path gives the same words without the Unicode machinery (most chat text is ASCII).
     let folded: String = if text.is_ascii() {
         text.to_ascii_lowercase()
     } else {
@@ -43,20 +52,23 @@ pub fn words(text: &str) -> Vec<String> {
             .flat_map(char::to_lowercase)
             .collect()
     };
-    let mut out: Vec<String> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
     for w in folded.split(|c: char| !c.is_alphanumeric()) {
         if w.is_empty() {
             continue;
         }
-        let w: String = w.chars().take(MAX_WORD_CHARS).collect();
-        if !out.contains(&w) {
-            out.push(w);
-            if out.len() >= MAX_WORDS_PER_MESSAGE {
+        let w = match w.char_indices().nth(MAX_WORD_CHARS) {
+            Some((cut, _)) => &w[..cut],
+            None => w,
+        };
+        if !seen.contains(&w) {
+            seen.push(w);
+            f(w);
+            if seen.len() >= MAX_WORDS_PER_MESSAGE {
                 break;
             }
         }
     }
-    out
 }
 
 /// Whether `text` contains every word of `query_words` (both normalised by [`words`]).
@@ -78,6 +90,20 @@ impl SearchKey {
         let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         SearchKey { mac }
+    }
+
+    /// The index tokens of `text`'s words, as stored in SQLite's index: each one's 16 hex
+    /// digits, separated by spaces; `None` when the text has no word.
+    pub fn tokens_text(&self, text: &str) -> Option<String> {
+        // Room for eight tokens (most chat lines) before it grows.
+        let mut tokens = String::with_capacity(8 * (TOKEN_TEXT_LEN + 1));
+        for_each_word(text, |w| {
+            if !tokens.is_empty() {
+                tokens.push(' ');
+            }
+            self.push_token_text(w, &mut tokens);
+        });
+        (!tokens.is_empty()).then_some(tokens)
     }
 
     /// The index token of one normalised word, as the 16 hex digits stored in the index.
@@ -138,6 +164,31 @@ mod tests {
             words("Deploy the BUILD_42 at 5pm: deploy-now, ok?"),
             vec!["deploy", "the", "build", "42", "at", "5pm", "now", "ok"]
         );
+    }
+
+    #[test]
+    fn long_words_are_cut_and_counted_once_by_their_cut() {
+        let long = "é".repeat(MAX_WORD_CHARS + 5);
+        let cut = "e".repeat(MAX_WORD_CHARS);
+        assert_eq!(
+            words(&format!("{long} {cut} x")),
+            vec![cut.clone(), "x".into()]
+        );
+        let ascii = "a".repeat(MAX_WORD_CHARS + 1);
+        assert_eq!(words(&ascii), vec!["a".repeat(MAX_WORD_CHARS)]);
+        let many: String = (0..MAX_WORDS_PER_MESSAGE + 10)
+            .map(|i| format!("w{i} "))
+            .collect();
+        assert_eq!(words(&many).len(), MAX_WORDS_PER_MESSAGE);
+    }
+
+    #[test]
+    fn tokens_text_is_each_words_token_once_in_order() {
+        let k = SearchKey::new(&[3; 32]);
+        let text = "Deploy the build, deploy NOW";
+        let expected: Vec<String> = words(text).iter().map(|w| k.token_text(w)).collect();
+        assert_eq!(k.tokens_text(text), Some(expected.join(" ")));
+        assert_eq!(k.tokens_text(" ... "), None);
     }
 
     #[test]

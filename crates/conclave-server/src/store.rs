@@ -278,18 +278,7 @@ fn seal_ad_into(ad: &mut Vec<u8>, msg_id: &str, conv_key: &str, seq: u64) {
 
 /// The search index's tokens of a text body, separated by spaces (`None`: no words).
 fn tokens_of(key: &SearchKey, body: &Body) -> Option<String> {
-    let words = search::words(body.as_text()?);
-    if words.is_empty() {
-        return None;
-    }
-    let mut tokens = String::with_capacity(words.len() * (search::TOKEN_TEXT_LEN + 1));
-    for w in &words {
-        if !tokens.is_empty() {
-            tokens.push(' ');
-        }
-        key.push_token_text(w, &mut tokens);
-    }
-    Some(tokens)
+    key.tokens_text(body.as_text()?)
 }
 
 /// The id of the conversation with storage key `key`, created if new; `cache` remembers it.

@@ -343,15 +343,16 @@ impl PgDb {
     /// The search tokens of a text body's words, as an array literal (`{1,2,3}`); `None` for
     /// a body with no words.
     fn tokens_of(&self, body: &Body) -> Option<String> {
-        let words = search::words(body.as_text()?);
-        if words.is_empty() {
-            return None;
-        }
-        let tokens: Vec<String> = words
-            .iter()
-            .map(|w| self.msgs.search.token(w).to_string())
-            .collect();
-        Some(format!("{{{}}}", tokens.join(",")))
+        use std::fmt::Write as _;
+        let mut out = String::from("{");
+        search::for_each_word(body.as_text()?, |w| {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            let _ = write!(out, "{}", self.msgs.search.token(w));
+        });
+        out.push('}');
+        (out.len() > 2).then_some(out)
     }
 
     /// A stored row as a message of conversation `conv` (its storage key `key`).
