@@ -32,6 +32,35 @@ pub fn encode(frame: &ServerFrame) -> Bytes {
     b.freeze()
 }
 
+/// The frames of one queued entry, each with its length prefix: the entry itself, or each
+/// frame of a run queued by [`Outbox::push_run`]. For writers that handle frames one at a
+/// time (the WebSocket writer transcodes each to JSON); the native writer sends entries as
+/// they are. Entries are made by [`encode`], so they always split whole; bytes that do not
+/// (never expected) are logged and left out rather than sent as a broken frame.
+pub fn frames_of(entry: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
+    let mut rest = entry.clone();
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let len = rest
+            .get(..FRAME_HEADER_BYTES)
+            .and_then(|h| <[u8; FRAME_HEADER_BYTES]>::try_from(h).ok())
+            .map(|h| FRAME_HEADER_BYTES + u32::from_be_bytes(h) as usize);
+        match len {
+            Some(end) if end <= rest.len() => Some(rest.split_to(end)),
+            _ => {
+                tracing::warn!(
+                    bytes = rest.len(),
+                    "a queued entry ended inside a frame; its rest was not sent"
+                );
+                rest.clear();
+                None
+            }
+        }
+    })
+}
+
 /// A handle to queue frames for one connection, and to close it with a reason.
 ///
 /// The queue is a plain `VecDeque` behind a mutex rather than a channel: the writer takes
@@ -416,6 +445,29 @@ mod tests {
         write_frames(&mut written, &mut queue.take()).await.unwrap();
         let expected: Vec<u8> = [0u8, 1, 2, 3, 1].iter().flat_map(|n| vec![*n; 4]).collect();
         assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn an_entry_splits_into_its_frames() {
+        let frames: Vec<Bytes> = ["a", "bb", ""]
+            .iter()
+            .map(|t| {
+                encode(&ServerFrame::Event(Event::Typing {
+                    conv: conclave_proto::Conv::Room(t.to_string()),
+                    user: "u".into(),
+                }))
+            })
+            .collect();
+        let joined: Bytes = frames.concat().into();
+        assert_eq!(frames_of(&joined).collect::<Vec<_>>(), frames);
+        assert_eq!(
+            frames_of(&frames[1]).collect::<Vec<_>>(),
+            vec![frames[1].clone()]
+        );
+        // A cut entry gives its whole frames and nothing of the broken one.
+        let cut = joined.slice(..joined.len() - 1);
+        assert_eq!(frames_of(&cut).collect::<Vec<_>>(), frames[..2].to_vec());
+        assert_eq!(frames_of(&Bytes::from_static(&[0, 0])).count(), 0);
     }
 
     #[tokio::test]

@@ -801,6 +801,66 @@ async fn through_a_delaying_relay_order_holds_and_a_reconnect_catches_up_once() 
     srv.stop().await;
 }
 
+/// A busy room: native senders pipeline their sends, so that group commits hold runs of their
+/// messages, which the dispatcher queues for the web client as one buffer each (docs/
+/// benchmarks.md, "Fan-out of a group commit's run as one buffer"). The web client must still
+/// get every message once, in order, as its own JSON text.
+#[tokio::test]
+async fn a_web_client_gets_every_message_of_a_busy_room_once_in_order() {
+    let srv = TestServer::start(|c| {
+        c.limits.requests_per_second = 100_000;
+        c.limits.request_burst = 100_000;
+    })
+    .await;
+    let mut web = WebClient::connect(&srv).await;
+    let r = web
+        .request(
+            json!({"Register": {"user": "alice", "password": "password123",
+            "server_password": null, "invite_code": null}}),
+        )
+        .await;
+    assert!(r["Ok"].get("LoggedIn").is_some(), "{r}");
+    let mut senders = Vec::new();
+    for name in ["bob", "carol", "dave"] {
+        senders.push(Raw::register(&srv, name).await);
+    }
+    const EACH: usize = 40;
+    // Every send written before any reply is read, all three senders at once.
+    let sends = senders.iter_mut().enumerate().map(|(s, raw)| async move {
+        let mut ids = Vec::new();
+        for i in 0..EACH {
+            ids.push(
+                raw.send_frame(Request::Send {
+                    target: Target::Room {
+                        room: "general".into(),
+                        except: vec![],
+                    },
+                    body: Body::text(format!("s{s}-{i}")),
+                    idempotency_key: None,
+                    refs: None,
+                })
+                .await,
+            );
+        }
+        for id in ids {
+            assert!(raw.reply_to(id).await.is_ok(), "send {id} stored");
+        }
+    });
+    futures_util::future::join_all(sends).await;
+    let got = messages(&mut web, 3 * EACH).await;
+    let seqs: Vec<u64> = got.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    assert_eq!(seqs.len(), 3 * EACH);
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order, without a gap: {seqs:?}"
+    );
+    let mut texts: Vec<String> = got.iter().map(text_of).collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), 3 * EACH, "each once");
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn with_the_web_client_off_a_browsers_handshake_is_refused_and_native_clients_are_served() {
     let srv = TestServer::start(|c| c.web.enabled = false).await;

@@ -146,8 +146,8 @@ async fn write_loop(sink: &mut Sink, queue: &OutboxQueue) -> Result<(), axum::Er
             queue.wait().await;
             continue;
         }
-        for f in &frames {
-            if let Some(m) = to_text(f) {
+        for f in frames.iter().flat_map(crate::outbox::frames_of) {
+            if let Some(m) = to_text(&f) {
                 sink.feed(m).await?;
             }
         }
@@ -160,8 +160,8 @@ async fn goodbye(sink: &mut Sink, queue: OutboxQueue, outbox: &Outbox) {
     let (reason, message) = outbox.reason();
     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
         if reason != DisconnectReason::SlowConsumer {
-            for f in &queue.take() {
-                if let Some(m) = to_text(f) {
+            for f in queue.take().iter().flat_map(crate::outbox::frames_of) {
+                if let Some(m) = to_text(&f) {
                     sink.feed(m).await?;
                 }
             }
