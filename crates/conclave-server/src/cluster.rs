@@ -52,10 +52,10 @@ use crate::bus::{
     Bus, Commit, DEFAULT_MAX_INLINE_FRAME_BYTES, Fetch, Follower, FollowerLimits, Incoming,
     Sequenced, Step,
 };
-use crate::dispatch::{SendCtx, refusal};
+use crate::dispatch::{SendCtx, answer, message_frame, refusal};
 use crate::hub::SessionId;
 use crate::metrics::Metrics;
-use crate::outbox::{self, Outbox};
+use crate::outbox::Outbox;
 use crate::shared_hub::SharedHub;
 use crate::state::Shared;
 use crate::store::{Appended, Done, StoreError};
@@ -104,7 +104,7 @@ impl Item {
     }
 
     fn from_stored(a: Appended) -> Item {
-        let frame = outbox::encode(&ServerFrame::Event(Event::Message(a.msg.clone())));
+        let frame = message_frame(&a.msg);
         Item {
             conv: a.msg.conv,
             seq: a.msg.seq,
@@ -232,7 +232,7 @@ impl Fanout {
                     Ok(a) => a,
                     Err(e) => {
                         let error = refusal(&e, metrics);
-                        answer(ctx, Err(error));
+                        answer(&ctx, Err(error));
                         return Vec::new();
                     }
                 };
@@ -245,10 +245,10 @@ impl Fanout {
                 };
                 if a.duplicate {
                     // A retry of a message stored before: fanned out then.
-                    answer(ctx, Ok(reply));
+                    answer(&ctx, Ok(reply));
                     return Vec::new();
                 }
-                let frame = outbox::encode(&ServerFrame::Event(Event::Message(a.msg.clone())));
+                let frame = message_frame(&a.msg);
                 if let Some(bus) = bus {
                     let notice = Commit::new(
                         &a.msg,
@@ -281,7 +281,7 @@ impl Fanout {
                         }
                     }
                     drop(h);
-                    answer(ctx, Ok(reply));
+                    answer(&ctx, Ok(reply));
                     return Vec::new();
                 }
                 self.origins
@@ -579,7 +579,7 @@ impl Fanout {
                     break;
                 }
                 let o = entry.remove();
-                answer(o.ctx, Ok(o.reply));
+                answer(&o.ctx, Ok(o.reply));
             }
             if waiting.is_empty() {
                 self.origins.remove(&c);
@@ -665,18 +665,8 @@ impl Fanout {
         self.counts.queued += recipients as u64;
         metrics.message(&item.conv, recipients);
         if let Some(o) = origin {
-            answer(o.ctx, Ok(o.reply));
+            answer(&o.ctx, Ok(o.reply));
         }
-    }
-}
-
-/// Answers a sender (unless the message was the server's own).
-fn answer(ctx: SendCtx, result: Result<Reply, conclave_proto::ErrorBody>) {
-    if !ctx.silent {
-        ctx.outbox.send(&ServerFrame::Reply {
-            id: ctx.req_id,
-            result,
-        });
     }
 }
 

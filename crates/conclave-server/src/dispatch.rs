@@ -54,6 +54,9 @@ struct Audiences {
 /// Most store reports taken at once, and so the longest run of messages fanned out together.
 const MAX_REPORTS: usize = 64;
 
+/// A stored message and who its report is for.
+type Stored = (crate::store::Appended, SendCtx);
+
 /// Runs until the store thread stops.
 ///
 /// Takes every report waiting (up to [`MAX_REPORTS`]) and handles them in order. Consecutive
@@ -66,7 +69,7 @@ pub async fn run(
 ) {
     let mut audiences = Audiences::default();
     let mut reports = Vec::with_capacity(MAX_REPORTS);
-    let mut group: Vec<(crate::store::Appended, SendCtx)> = Vec::new();
+    let mut group: Vec<Stored> = Vec::new();
     while done.recv_many(&mut reports, MAX_REPORTS).await > 0 {
         for d in reports.drain(..) {
             match d {
@@ -100,7 +103,7 @@ fn runs_with_others(a: &crate::store::Appended) -> bool {
 }
 
 /// Whether `a` extends the run `group` (same room; a run is never empty once started).
-fn joins_run(group: &[(crate::store::Appended, SendCtx)], a: &crate::store::Appended) -> bool {
+fn joins_run(group: &[Stored], a: &crate::store::Appended) -> bool {
     runs_with_others(a) && group.first().is_some_and(|(g, _)| g.msg.conv == a.msg.conv)
 }
 
@@ -108,14 +111,13 @@ fn joins_run(group: &[(crate::store::Appended, SendCtx)], a: &crate::store::Appe
 fn flush_run(
     hub: &SharedHub,
     audiences: &mut Audiences,
-    group: &mut Vec<(crate::store::Appended, SendCtx)>,
+    group: &mut Vec<Stored>,
     metrics: &Metrics,
 ) {
     match group.first().map(|(a, _)| &a.msg.conv) {
         Some(Conv::Room(room)) if group.len() > 1 => {
             let room = room.clone();
             fan_out_run(hub, audiences, &room, group, metrics);
-            group.clear();
         }
         _ => {
             for (a, ctx) in group.drain(..) {
@@ -151,7 +153,8 @@ fn audience<'a>(
 }
 
 /// Fans out a run of messages to one room (each new, leaving nobody out), then answers their
-/// senders, with what each connection receives in the same order as one by one would give.
+/// senders, with what each connection receives in the same order as one by one would give;
+/// leaves `group` empty.
 ///
 /// A connection that sent none of them gets the run's frames as one buffer (one queue entry
 /// and one wake-up for the run, not one per message). The connections that sent some of them
@@ -161,13 +164,10 @@ fn fan_out_run(
     hub: &SharedHub,
     audiences: &mut Audiences,
     room: &str,
-    group: &mut [(crate::store::Appended, SendCtx)],
+    group: &mut Vec<Stored>,
     metrics: &Metrics,
 ) {
-    let frames: Vec<bytes::Bytes> = group
-        .iter()
-        .map(|(a, _)| outbox::encode(&ServerFrame::Event(Event::Message(a.msg.clone()))))
-        .collect();
+    let frames: Vec<bytes::Bytes> = group.iter().map(|(a, _)| message_frame(&a.msg)).collect();
     let mut joined = bytes::BytesMut::with_capacity(frames.iter().map(bytes::Bytes::len).sum());
     for f in &frames {
         joined.extend_from_slice(f);
@@ -187,7 +187,7 @@ fn fan_out_run(
             others += 1;
         }
     }
-    for ((a, ctx), frame) in group.iter_mut().zip(&frames) {
+    for ((a, mut ctx), frame) in group.drain(..).zip(&frames) {
         let mut recipients = others;
         for (sid, o) in &senders {
             if *sid != ctx.origin {
@@ -200,17 +200,32 @@ fn fan_out_run(
         if let Some(n) = ctx.notify.take() {
             let _ = n.send(Some(a.msg.clone()));
         }
-        if !ctx.silent {
-            ctx.outbox.send(&ServerFrame::Reply {
-                id: ctx.req_id,
-                result: Ok(Reply::Sent {
-                    msg_id: a.msg.msg_id.clone(),
-                    seq: a.msg.seq,
-                    ts_ms: a.msg.ts_ms,
-                    duplicate: false,
-                }),
-            });
-        }
+        answer(&ctx, Ok(sent(a)));
+    }
+}
+
+/// The event frame of a stored message, encoded once for all its recipients.
+pub(crate) fn message_frame(msg: &conclave_proto::Message) -> bytes::Bytes {
+    outbox::encode(&ServerFrame::Event(Event::Message(msg.clone())))
+}
+
+/// The reply to a send that was stored.
+fn sent(a: crate::store::Appended) -> Reply {
+    Reply::Sent {
+        msg_id: a.msg.msg_id,
+        seq: a.msg.seq,
+        ts_ms: a.msg.ts_ms,
+        duplicate: a.duplicate,
+    }
+}
+
+/// Answers the sender (unless the server itself sent the message).
+pub(crate) fn answer(ctx: &SendCtx, result: Result<Reply, ErrorBody>) {
+    if !ctx.silent {
+        ctx.outbox.send(&ServerFrame::Reply {
+            id: ctx.req_id,
+            result,
+        });
     }
 }
 
@@ -257,25 +272,15 @@ fn appended(
         Ok(a) => {
             metrics.storage_ok();
             if !a.duplicate {
-                let frame = outbox::encode(&ServerFrame::Event(Event::Message(a.msg.clone())));
+                let frame = message_frame(&a.msg);
                 let recipients = fan_out(hub, audiences, &a.msg, &a.except, ctx.origin, &frame);
                 metrics.message(&a.msg.conv, recipients);
             }
-            Ok(Reply::Sent {
-                msg_id: a.msg.msg_id,
-                seq: a.msg.seq,
-                ts_ms: a.msg.ts_ms,
-                duplicate: a.duplicate,
-            })
+            Ok(sent(a))
         }
         Err(e) => Err(refusal(&e, metrics)),
     };
-    if !ctx.silent {
-        ctx.outbox.send(&ServerFrame::Reply {
-            id: ctx.req_id,
-            result,
-        });
-    }
+    answer(&ctx, result);
 }
 
 /// What the sender of a message the store refused (`error`, the store's text) is told.
