@@ -121,17 +121,7 @@ async fn catching_up_while_others_send_loses_and_doubles_nothing() {
     let sender = tokio::spawn(async move {
         let mut ids = Vec::new();
         for i in 0..N {
-            let id = alice
-                .send_frame(Request::Send {
-                    target: Target::Room {
-                        room: "general".into(),
-                        except: vec![],
-                    },
-                    body: Body::text(format!("s{i}")),
-                    idempotency_key: None,
-                    refs: None,
-                })
-                .await;
+            let id = alice.send_room_frame("general", &format!("s{i}")).await;
             ids.push(id);
             if i % 50 == 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -799,15 +799,7 @@ async fn a_message_flood_alerts_and_bans_the_user_but_chatting_does_not() {
     // Mallory floods (within the per-connection rate limit's burst).
     for i in 0..40 {
         mallory
-            .send_frame(Request::Send {
-                target: Target::Room {
-                    room: "general".into(),
-                    except: vec![],
-                },
-                body: Body::text(format!("spam {i}")),
-                idempotency_key: None,
-                refs: None,
-            })
+            .send_room_frame("general", &format!("spam {i}"))
             .await;
     }
     let alert = expect_alert(&srv, metrics, "message_flood").await;

@@ -203,6 +203,13 @@ struct WebClient {
 }
 
 impl WebClient {
+    /// Registers `user` (password `password123`) over this WebSocket; the server's answer.
+    async fn register(&mut self, user: &str) -> Value {
+        self.request(json!({"Register": {"user": user, "password": "password123",
+            "server_password": null, "invite_code": null}}))
+            .await
+    }
+
     async fn connect(srv: &TestServer) -> WebClient {
         Self::connect_at(srv.addr, &srv.fingerprint).await
     }
@@ -317,12 +324,7 @@ async fn the_web_client_talks_with_a_native_client_through_the_same_protocol() {
     let r = web.request(json!("Rooms")).await;
     assert_eq!(r["Err"]["code"], json!("NotLoggedIn"), "{r}");
 
-    let r = web
-        .request(
-            json!({"Register": {"user": "alice", "password": "password123",
-            "server_password": null, "invite_code": null}}),
-        )
-        .await;
+    let r = web.register("alice").await;
     assert_eq!(r["Ok"]["LoggedIn"]["user"], json!("alice"), "{r}");
 
     let r = web
@@ -728,12 +730,7 @@ async fn through_a_delaying_relay_order_holds_and_a_reconnect_catches_up_once() 
     let via: std::net::SocketAddr = relay.addr().parse().expect("relay address");
     let mut bob = Raw::register(&srv, "bob").await;
     let mut web = WebClient::connect_at(via, &srv.fingerprint).await;
-    let r = web
-        .request(
-            json!({"Register": {"user": "alice", "password": "password123",
-            "server_password": null, "invite_code": null}}),
-        )
-        .await;
+    let r = web.register("alice").await;
     assert!(r["Ok"].get("LoggedIn").is_some(), "{r}");
 
     // Native to web, 40 messages: in order, each once.
@@ -813,12 +810,7 @@ async fn a_web_client_gets_every_message_of_a_busy_room_once_in_order() {
     })
     .await;
     let mut web = WebClient::connect(&srv).await;
-    let r = web
-        .request(
-            json!({"Register": {"user": "alice", "password": "password123",
-            "server_password": null, "invite_code": null}}),
-        )
-        .await;
+    let r = web.register("alice").await;
     assert!(r["Ok"].get("LoggedIn").is_some(), "{r}");
     let mut senders = Vec::new();
     for name in ["bob", "carol", "dave"] {
@@ -829,18 +821,7 @@ async fn a_web_client_gets_every_message_of_a_busy_room_once_in_order() {
     let sends = senders.iter_mut().enumerate().map(|(s, raw)| async move {
         let mut ids = Vec::new();
         for i in 0..EACH {
-            ids.push(
-                raw.send_frame(Request::Send {
-                    target: Target::Room {
-                        room: "general".into(),
-                        except: vec![],
-                    },
-                    body: Body::text(format!("s{s}-{i}")),
-                    idempotency_key: None,
-                    refs: None,
-                })
-                .await,
-            );
+            ids.push(raw.send_room_frame("general", &format!("s{s}-{i}")).await);
         }
         for id in ids {
             assert!(raw.reply_to(id).await.is_ok(), "send {id} stored");

@@ -356,16 +356,13 @@ impl Raw {
     }
 
     pub async fn send_room(&mut self, room: &str, text: &str) -> Result<Reply, ErrorBody> {
-        self.request(Request::Send {
-            target: Target::Room {
-                room: room.into(),
-                except: vec![],
-            },
-            body: Body::text(text),
-            idempotency_key: None,
-            refs: None,
-        })
-        .await
+        self.request(room_text(room, text)).await
+    }
+
+    /// Writes a text message to `room` without waiting for its reply (pipelining); returns
+    /// the request id to wait on with [`Raw::reply_to`].
+    pub async fn send_room_frame(&mut self, room: &str, text: &str) -> u64 {
+        self.send_frame(room_text(room, text)).await
     }
 
     /// Reads until the server's disconnect event (or the end); returns it.
@@ -379,6 +376,19 @@ impl Raw {
                 None => return None,
             }
         }
+    }
+}
+
+/// A plain text message to everyone in `room`.
+pub fn room_text(room: &str, text: &str) -> Request {
+    Request::Send {
+        target: Target::Room {
+            room: room.into(),
+            except: vec![],
+        },
+        body: Body::text(text),
+        idempotency_key: None,
+        refs: None,
     }
 }
 
