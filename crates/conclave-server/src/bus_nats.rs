@@ -7,9 +7,9 @@
 //! may have missed some:
 //! - **a reconnect**: async-nats reconnects on its own (forever, back-off up to
 //!   `max_reconnect_delay_ms`) and subscribes again; once the server has the subscriptions back
-//!   (a flush after the `Connected` event: PING after the re-sent SUBs), the stream yields
+//!   (a round trip after the `Connected` event, see [`confirm`]), the stream yields
 //!   [`Incoming::Reset`], so the follower reads everything after what it delivered. A notice
-//!   published after that flush is received; one published before it was committed before
+//!   published after that round trip is received; one published before it was committed before
 //!   the read, so the read has it.
 //! - **a slow consumer**: async-nats drops messages when a subscription's buffer
 //!   (`subscription_capacity`) is full, and reports it; that is a reset too. (The server's own
@@ -47,8 +47,8 @@ pub const DEFAULT_PUBLISH_QUEUE: usize = 16_384;
 pub const DEFAULT_MAX_OWED: usize = 4096;
 /// Resets waiting for the consumer; more are the same reset.
 const RESET_QUEUE: usize = 16;
-/// Longest wait for the server to confirm the subscriptions after a reconnect.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the server to confirm the subscriptions (see [`confirm`]).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest cluster name (it is a subject token).
 pub const MAX_CLUSTER_CHARS: usize = 32;
 
@@ -71,7 +71,8 @@ pub struct NatsConfig {
     pub client_capacity: usize,
     /// Time allowed for each connection attempt.
     pub connect_timeout_ms: u64,
-    /// Longest pause between reconnection attempts (the first is after 50 ms, growing).
+    /// Longest pause between reconnection attempts (the first goes at once, the second after
+    /// 50 ms, each next one 50 ms later).
     pub max_reconnect_delay_ms: u64,
     /// How often the client pings the server (a dead server is noticed after two).
     pub ping_interval_ms: u64,
@@ -155,7 +156,7 @@ fn check_cluster(cluster: &str) -> bool {
 }
 
 impl NatsBus {
-    /// Connects to NATS and subscribes; when it returns, the server has the subscriptions, so
+    /// Connects to NATS and subscribes; when it returns, the server has the subscriptions ([`confirm`]), so
     /// every notice published after it is received (or followed by a reset).
     pub async fn connect(cfg: NatsConfig) -> Result<NatsBus, NatsError> {
         if !check_cluster(&cfg.cluster) {
@@ -185,7 +186,10 @@ impl NatsBus {
             .ping_interval(Duration::from_millis(cfg.ping_interval_ms.max(1)))
             .max_reconnects(None)
             .reconnect_delay_callback(move |attempts| {
-                (Duration::from_millis(50) * attempts.min(1000) as u32).min(max_delay)
+                // async-nats counts the first attempt of a series as 1: that one goes at once
+                // (as its default does), the next ones back off.
+                (Duration::from_millis(50) * attempts.saturating_sub(1).min(1000) as u32)
+                    .min(max_delay)
             })
             .event_callback(move |event| {
                 let reset_tx = reset_tx.clone();
@@ -215,10 +219,13 @@ impl NatsBus {
         };
         let commits = subscribe(cfg.subject("commit")).await?;
         let events = subscribe(cfg.subject("event")).await?;
-        client.flush().await.map_err(|e| NatsError::Connect {
-            url: cfg.url.clone(),
-            reason: format!("the subscriptions were not confirmed: {e}"),
-        })?;
+        let confirm_subject = cfg.subject("confirm");
+        confirm(&client, &confirm_subject)
+            .await
+            .map_err(|reason| NatsError::Connect {
+                url: cfg.url.clone(),
+                reason: format!("the subscriptions were not confirmed: {reason}"),
+            })?;
 
         let commits = {
             let counters = counters.clone();
@@ -244,17 +251,16 @@ impl NatsBus {
             stream::unfold(reset_rx, move |mut rx| {
                 let client = client.clone();
                 let counters = counters.clone();
+                let confirm_subject = confirm_subject.clone();
                 async move {
                     let reason = rx.recv().await?;
                     if reason == ResetReason::Reconnected {
-                        // The SUBs are re-sent before anything queued after the reconnect:
-                        // once this PING is answered, the server has them.
-                        match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => {
-                                tracing::warn!(error = %e, "NATS flush after reconnect failed")
-                            }
-                            Err(_) => tracing::warn!("NATS flush after reconnect timed out"),
+                        // The SUBs are re-sent before anything queued after the reconnect.
+                        if let Err(reason) = confirm(&client, &confirm_subject).await {
+                            tracing::warn!(
+                                %reason,
+                                "NATS did not confirm the subscriptions after a reconnect"
+                            )
                         }
                     }
                     Counters::add(&counters.resets);
@@ -286,6 +292,26 @@ impl NatsBus {
             counters,
             incoming: Mutex::new(Some(incoming)),
         })
+    }
+}
+
+/// Waits until the server has processed everything this connection sent before (the SUBs).
+///
+/// `Client::flush` only writes the socket: the server may still route another connection's
+/// message before it reads our SUB, and core NATS drops what has no subscriber then. The server
+/// reads one connection's commands in order, so the answer to a request sent after the SUBs
+/// (nobody subscribes to the subject: the server's own "no responders" status) proves they are
+/// in place.
+async fn confirm(client: &async_nats::Client, subject: &str) -> Result<(), String> {
+    use async_nats::client::RequestErrorKind;
+    let request = async_nats::Request::new().timeout(Some(CONFIRM_TIMEOUT));
+    match client.send_request(subject.to_string(), request).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+        Err(e) if e.kind() == RequestErrorKind::TimedOut => {
+            Err(format!("no answer within {CONFIRM_TIMEOUT:?}"))
+        }
+        Err(e) => Err(e.to_string()),
     }
 }
 
