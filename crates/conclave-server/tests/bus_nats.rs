@@ -429,3 +429,40 @@ async fn a_notice_published_right_after_joining_is_received() {
         }
     }
 }
+
+/// A subscriber on the check's subject that never answers (an operator watching
+/// `conclave.>`) does not stop a node from joining: after the check's timeout it goes on, and
+/// notices flow as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscriber_on_the_check_does_not_stop_a_node_joining() {
+    let server = NatsServer::start();
+    let store = FakeStore::default();
+    let general = room("general");
+    let watcher = async_nats::connect(server.url()).await.expect("watcher");
+    let mut watching = watcher.subscribe("conclave.>").await.expect("subscribe");
+    watcher.flush().await.expect("flush");
+    let quick = |node: &str| {
+        let mut cfg = config(&server, node);
+        cfg.confirm_timeout_ms = 300;
+        cfg
+    };
+    let joined = tokio::time::timeout(WAIT, async {
+        let a = bus(quick("node-a")).await;
+        let b = bus(quick("node-b")).await;
+        (a, b)
+    })
+    .await
+    .expect("both nodes joined despite the silent subscriber");
+    let mut a = Node::new(joined.0, &store, std::slice::from_ref(&general));
+    let mut b = Node::new(joined.1, &store, std::slice::from_ref(&general));
+    // The watcher did see the checks: it is why no "no responders" answer came.
+    let seen = tokio::time::timeout(Duration::from_secs(5), watching.next())
+        .await
+        .expect("the watcher saw a message")
+        .expect("a message");
+    assert_eq!(seen.subject.as_str(), "conclave.test.confirm");
+    for _ in 0..20 {
+        a.send(&general);
+    }
+    b.until("the 20 notices", |n| n.has_all(&general, 20)).await;
+}
