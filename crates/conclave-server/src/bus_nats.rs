@@ -7,7 +7,8 @@
 //! may have missed some:
 //! - **a reconnect**: async-nats reconnects on its own (forever, back-off up to
 //!   `max_reconnect_delay_ms`) and subscribes again; once the server has the subscriptions back
-//!   (a round trip after the `Connected` event, see [`confirm`]), the stream yields
+//!   (a round trip after the `Connected` event, see [`confirm`]; or its timeout, with a
+//!   warning), the stream yields
 //!   [`Incoming::Reset`], so the follower reads everything after what it delivered. A notice
 //!   published after that round trip is received; one published before it was committed before
 //!   the read, so the read has it.
@@ -157,8 +158,8 @@ fn check_cluster(cluster: &str) -> bool {
 }
 
 impl NatsBus {
-    /// Connects to NATS and subscribes; when it returns, the server has the subscriptions ([`confirm`]), so
-    /// every notice published after it is received (or followed by a reset).
+    /// Connects to NATS and subscribes; when it returns, the server has the subscriptions
+    /// ([`confirm`]), so every notice published after it is received (or followed by a reset).
     pub async fn connect(cfg: NatsConfig) -> Result<NatsBus, NatsError> {
         if !check_cluster(&cfg.cluster) {
             return Err(NatsError::BadCluster(cfg.cluster));
